@@ -1,0 +1,291 @@
+//! Opus at 48 kHz mono: a decoder with packet-loss concealment (PLC) and in-band FEC (LBRR),
+//! and a VOIP encoder with in-band FEC that writes 20 ms frames into a caller-provided buffer.
+
+use std::time::Duration;
+
+use crate::pcm::{FRAME_SAMPLES, OPUS_RATE, samples_to_duration};
+
+/// Largest Opus packet duration: 120 ms at 48 kHz.
+pub const MAX_PACKET_SAMPLES: usize = 5_760;
+/// Largest single-frame Opus packet (RFC 6716 §3.4). An `out` buffer of this size always fits
+/// one 20 ms frame from [`OpusEncoder::encode`]; 1500 bytes (an MTU) is a comfortable choice.
+pub const MAX_FRAME_BYTES: usize = 1_275;
+
+/// Errors of the codec layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// libopus returned an error (bad packet, buffer too small, bad argument).
+    #[error("opus {op}: {source}")]
+    Opus {
+        /// What we were doing.
+        op: &'static str,
+        /// libopus' error.
+        #[source]
+        source: opus::Error,
+    },
+    /// The encoder only takes whole 20 ms frames.
+    #[error("encode needs exactly {expected} samples (20 ms at 48 kHz), got {got}")]
+    FrameSize {
+        /// Samples given.
+        got: usize,
+        /// Samples required.
+        expected: usize,
+    },
+    /// An empty payload was given to decode (a loss is concealed with `conceal` instead).
+    #[error("empty opus packet")]
+    EmptyPacket,
+    /// An encoder setting is out of range.
+    #[error("invalid encoder setting `{key}`: {reason}")]
+    InvalidSetting {
+        /// The config key.
+        key: &'static str,
+        /// What is allowed.
+        reason: &'static str,
+    },
+}
+
+fn opus_err(op: &'static str) -> impl FnOnce(opus::Error) -> CodecError {
+    move |source| CodecError::Opus { op, source }
+}
+
+/// True when `packet` carries in-band FEC (LBRR) data for the frame before it.
+pub fn packet_has_fec(packet: &[u8]) -> bool {
+    if packet.is_empty() || packet.len() > i32::MAX as usize {
+        return false;
+    }
+    // SAFETY: `packet` is a live, non-empty slice and `len` is its exact length, so libopus'
+    // reads (TOC byte, then `opus_packet_parse`, which bounds-checks against `len`) stay
+    // inside it. The function keeps no pointer after returning.
+    let r = unsafe { opusic_sys::opus_packet_has_lbrr(packet.as_ptr(), packet.len() as i32) };
+    r == 1
+}
+
+/// Duration of `packet` in 48 kHz samples, or `None` when its header is invalid.
+pub fn packet_samples(packet: &[u8]) -> Option<usize> {
+    match opus::packet::get_nb_samples(packet, OPUS_RATE) {
+        Ok(n) if n > 0 && n <= MAX_PACKET_SAMPLES => Some(n),
+        _ => None,
+    }
+}
+
+/// Opus decoder, 48 kHz mono.
+pub struct OpusDecoder {
+    dec: opus::Decoder,
+}
+
+impl std::fmt::Debug for OpusDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpusDecoder").finish_non_exhaustive()
+    }
+}
+
+impl OpusDecoder {
+    /// A fresh decoder.
+    pub fn new() -> Result<Self, CodecError> {
+        let dec = opus::Decoder::new(OPUS_RATE, opus::Channels::Mono).map_err(opus_err("decoder_create"))?;
+        Ok(Self { dec })
+    }
+
+    /// Decodes one packet into `out` (which should hold [`MAX_PACKET_SAMPLES`]); returns samples
+    /// written. An empty `packet` is an error here (libopus would take it as a loss).
+    pub fn decode(&mut self, packet: &[u8], out: &mut [i16]) -> Result<usize, CodecError> {
+        if packet.is_empty() {
+            return Err(CodecError::EmptyPacket);
+        }
+        self.dec.decode(packet, out, false).map_err(opus_err("decode"))
+    }
+
+    /// Conceals `samples` of lost audio (PLC) into `out[..samples]`. `samples` must be a
+    /// multiple of 2.5 ms (120 samples) and at most [`MAX_PACKET_SAMPLES`].
+    pub fn conceal(&mut self, samples: usize, out: &mut [i16]) -> Result<usize, CodecError> {
+        let n = samples.min(out.len());
+        self.dec.decode(&[], &mut out[..n], false).map_err(opus_err("plc"))
+    }
+
+    /// Recovers the `samples` lost just before `next_packet` from its in-band FEC data
+    /// (libopus falls back to PLC when the packet has none). `next_packet` must then still be
+    /// decoded normally with [`OpusDecoder::decode`].
+    pub fn decode_fec(&mut self, next_packet: &[u8], samples: usize, out: &mut [i16]) -> Result<usize, CodecError> {
+        let n = samples.min(out.len());
+        if next_packet.is_empty() {
+            return self.conceal(n, out);
+        }
+        self.dec.decode(next_packet, &mut out[..n], true).map_err(opus_err("decode_fec"))
+    }
+
+    /// Back to the initial state (after a stream discontinuity).
+    pub fn reset(&mut self) {
+        // Only fails on a corrupt state pointer, which `opus::Decoder` never hands out.
+        let _ = self.dec.reset_state();
+    }
+}
+
+/// Encoder settings. Defaults: 32 kbps, complexity 5, in-band FEC on, 10 % expected loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EncoderConfig {
+    /// Target bitrate in bits per second (6000..=510000). Default 32000.
+    pub bitrate_bps: u32,
+    /// 0 (fastest) ..= 10 (best). Default 5.
+    pub complexity: u8,
+    /// In-band FEC (LBRR): each packet carries a low-bitrate copy of the previous frame.
+    pub fec: bool,
+    /// Expected loss in percent (0..=100); libopus only spends bits on FEC when this is > 0.
+    pub expected_loss_pct: u8,
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        Self { bitrate_bps: 32_000, complexity: 5, fec: true, expected_loss_pct: 10 }
+    }
+}
+
+/// Opus encoder, 48 kHz mono, `Application::Voip`, 20 ms frames.
+pub struct OpusEncoder {
+    enc: opus::Encoder,
+    cfg: EncoderConfig,
+}
+
+impl std::fmt::Debug for OpusEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpusEncoder").field("cfg", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+impl OpusEncoder {
+    /// Builds an encoder with `cfg` (validated).
+    pub fn new(cfg: EncoderConfig) -> Result<Self, CodecError> {
+        if !(6_000..=510_000).contains(&cfg.bitrate_bps) {
+            return Err(CodecError::InvalidSetting { key: "bitrate_bps", reason: "must be 6000..=510000" });
+        }
+        if cfg.complexity > 10 {
+            return Err(CodecError::InvalidSetting { key: "complexity", reason: "must be 0..=10" });
+        }
+        if cfg.expected_loss_pct > 100 {
+            return Err(CodecError::InvalidSetting { key: "expected_loss_pct", reason: "must be 0..=100" });
+        }
+        let mut enc = opus::Encoder::new(OPUS_RATE, opus::Channels::Mono, opus::Application::Voip)
+            .map_err(opus_err("encoder_create"))?;
+        enc.set_bitrate(opus::Bitrate::Bits(cfg.bitrate_bps as i32)).map_err(opus_err("set_bitrate"))?;
+        enc.set_complexity(i32::from(cfg.complexity)).map_err(opus_err("set_complexity"))?;
+        enc.set_inband_fec(cfg.fec).map_err(opus_err("set_inband_fec"))?;
+        enc.set_packet_loss_perc(i32::from(cfg.expected_loss_pct)).map_err(opus_err("set_packet_loss_perc"))?;
+        enc.set_signal(opus::Signal::Voice).map_err(opus_err("set_signal"))?;
+        Ok(Self { enc, cfg })
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> EncoderConfig {
+        self.cfg
+    }
+
+    /// Encodes exactly one 20 ms frame (960 samples) into `out`; returns the packet length.
+    /// `out` of [`MAX_FRAME_BYTES`] always suffices. No allocation.
+    pub fn encode(&mut self, pcm: &[i16], out: &mut [u8]) -> Result<usize, CodecError> {
+        if pcm.len() != FRAME_SAMPLES {
+            return Err(CodecError::FrameSize { got: pcm.len(), expected: FRAME_SAMPLES });
+        }
+        self.enc.encode(pcm, out).map_err(opus_err("encode"))
+    }
+
+    /// Encoder lookahead (6.5 ms for VOIP at 48 kHz).
+    pub fn lookahead(&mut self) -> Duration {
+        let n = self.enc.get_lookahead().unwrap_or(0).max(0);
+        samples_to_duration(n as u64, OPUS_RATE)
+    }
+
+    /// Back to the initial state (start of a new talk spurt after `clear`).
+    pub fn reset(&mut self) {
+        // Only fails on a corrupt state pointer, which `opus::Encoder` never hands out.
+        let _ = self.enc.reset_state();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tone(n: usize, offset: usize) -> Vec<i16> {
+        (0..n)
+            .map(|i| (8000.0 * (2.0 * std::f64::consts::PI * 220.0 * (i + offset) as f64 / 48_000.0).sin()) as i16)
+            .collect()
+    }
+
+    #[test]
+    fn encode_decode_round_trip_keeps_energy() {
+        let mut enc = OpusEncoder::new(EncoderConfig::default()).expect("encoder");
+        let mut dec = OpusDecoder::new().expect("decoder");
+        let mut pkt = [0u8; 1500];
+        let mut out = vec![0i16; MAX_PACKET_SAMPLES];
+        let (mut e_in, mut e_out) = (0f64, 0f64);
+        for k in 0..50 {
+            let pcm = tone(FRAME_SAMPLES, k * FRAME_SAMPLES);
+            let len = enc.encode(&pcm, &mut pkt).expect("encode");
+            assert!(len > 0 && len <= MAX_FRAME_BYTES);
+            assert_eq!(packet_samples(&pkt[..len]), Some(FRAME_SAMPLES));
+            let n = dec.decode(&pkt[..len], &mut out).expect("decode");
+            assert_eq!(n, FRAME_SAMPLES);
+            if k >= 5 {
+                e_in += pcm.iter().map(|&s| f64::from(s).powi(2)).sum::<f64>();
+                e_out += out[..n].iter().map(|&s| f64::from(s).powi(2)).sum::<f64>();
+            }
+        }
+        let ratio = e_out / e_in;
+        assert!((0.7..1.3).contains(&ratio), "decoded energy ratio {ratio}");
+    }
+
+    #[test]
+    fn encoder_emits_fec_when_loss_expected() {
+        let mut enc = OpusEncoder::new(EncoderConfig::default()).expect("encoder");
+        let mut pkt = [0u8; 1500];
+        let mut with_fec = 0;
+        for k in 0..50 {
+            let len = enc.encode(&tone(FRAME_SAMPLES, k * FRAME_SAMPLES), &mut pkt).expect("encode");
+            with_fec += usize::from(packet_has_fec(&pkt[..len]));
+        }
+        assert!(with_fec > 40, "only {with_fec}/50 packets carry LBRR");
+        let mut enc = OpusEncoder::new(EncoderConfig { fec: false, ..EncoderConfig::default() }).expect("encoder");
+        let mut with_fec = 0;
+        for k in 0..50 {
+            let len = enc.encode(&tone(FRAME_SAMPLES, k * FRAME_SAMPLES), &mut pkt).expect("encode");
+            with_fec += usize::from(packet_has_fec(&pkt[..len]));
+        }
+        assert_eq!(with_fec, 0, "FEC off must not produce LBRR");
+    }
+
+    #[test]
+    fn encoder_rejects_wrong_frame_and_bad_settings() {
+        let mut enc = OpusEncoder::new(EncoderConfig::default()).expect("encoder");
+        let mut pkt = [0u8; 1500];
+        assert!(matches!(enc.encode(&[0; 480], &mut pkt), Err(CodecError::FrameSize { got: 480, .. })));
+        assert!(OpusEncoder::new(EncoderConfig { complexity: 11, ..EncoderConfig::default() }).is_err());
+        assert!(OpusEncoder::new(EncoderConfig { bitrate_bps: 10, ..EncoderConfig::default() }).is_err());
+        let la = enc.lookahead();
+        assert!(la >= Duration::from_micros(2_500) && la <= Duration::from_micros(6_500), "lookahead {la:?}");
+    }
+
+    #[test]
+    fn hostile_bytes_do_not_panic() {
+        let mut dec = OpusDecoder::new().expect("decoder");
+        let mut out = vec![0i16; MAX_PACKET_SAMPLES];
+        assert!(dec.decode(&[], &mut out).is_err());
+        assert!(!packet_has_fec(&[]));
+        assert_eq!(packet_samples(&[]), None);
+        let big = vec![0xffu8; 1 << 20];
+        let _ = dec.decode(&big, &mut out);
+        let _ = packet_has_fec(&big);
+        let mut seed = 7u32;
+        for len in 1..300 {
+            let pkt: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    (seed >> 16) as u8
+                })
+                .collect();
+            let _ = dec.decode(&pkt, &mut out);
+            let _ = packet_has_fec(&pkt);
+            let _ = packet_samples(&pkt);
+        }
+        assert_eq!(dec.conceal(FRAME_SAMPLES, &mut out).expect("plc"), FRAME_SAMPLES);
+    }
+}

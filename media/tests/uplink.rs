@@ -1,0 +1,336 @@
+//! Uplink behaviour on virtual time with real libopus, libfvad and rubato.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use media::codec::{EncoderConfig, packet_has_fec};
+use media::pcm::{FRAME, FRAME_SAMPLES};
+use media::{Uplink, UplinkConfig, UplinkEvent, UplinkStats};
+
+#[derive(Default, Debug)]
+struct Heard {
+    audio: Vec<i16>,
+    starts: Vec<Duration>,
+    stops: Vec<Duration>,
+    /// Index into `audio` at which each edge was yielded.
+    edge_offsets: Vec<usize>,
+}
+
+fn drain(up: &mut Uplink, h: &mut Heard) {
+    let rate = up.config().output_rate_hz;
+    while let Some(ev) = up.poll() {
+        match ev {
+            UplinkEvent::Audio(pcm) => {
+                assert_eq!(pcm.rate_hz, rate);
+                h.audio.extend_from_slice(pcm.samples);
+            }
+            UplinkEvent::SpeechStarted { at } => {
+                h.starts.push(at);
+                h.edge_offsets.push(h.audio.len());
+            }
+            UplinkEvent::SpeechStopped { at } => {
+                h.stops.push(at);
+                h.edge_offsets.push(h.audio.len());
+            }
+        }
+    }
+}
+
+/// Feeds `(seq, payload)` at one packet per 20 ms of `now`.
+fn run(cfg: UplinkConfig, packets: &[(u16, &[u8])]) -> (Heard, UplinkStats, Uplink) {
+    let mut up = Uplink::new(cfg).expect("uplink");
+    let mut h = Heard::default();
+    for (i, (seq, p)) in packets.iter().enumerate() {
+        up.push_rtp(FRAME * i as u32, *seq, p);
+        drain(&mut up, &mut h);
+    }
+    let s = up.stats();
+    (h, s, up)
+}
+
+fn cfg(rate: u32) -> UplinkConfig {
+    UplinkConfig { output_rate_hz: rate, ..UplinkConfig::default() }
+}
+
+/// 10 ms RMS envelope.
+fn envelope(x: &[i16], rate: u32) -> Vec<f64> {
+    x.chunks((rate / 100) as usize).map(rms).collect()
+}
+
+/// Best normalized correlation of two envelopes over lags 0..=max_lag frames.
+fn envelope_similarity(a: &[f64], b: &[f64], max_lag: usize) -> f64 {
+    let mut best = f64::MIN;
+    for lag in 0..=max_lag {
+        let n = a.len().min(b.len().saturating_sub(lag));
+        let (x, y) = (&a[..n], &b[lag..lag + n]);
+        let mx = x.iter().sum::<f64>() / n as f64;
+        let my = y.iter().sum::<f64>() / n as f64;
+        let cov: f64 = x.iter().zip(y).map(|(p, q)| (p - mx) * (q - my)).sum();
+        let vx: f64 = x.iter().map(|p| (p - mx).powi(2)).sum();
+        let vy: f64 = y.iter().map(|q| (q - my).powi(2)).sum();
+        best = best.max(cov / (vx * vy).sqrt());
+    }
+    best
+}
+
+#[test]
+fn speech_round_trips_through_opus_and_resampler_at_24k_16k_and_48k() {
+    let speech = pad(&user_question().samples, 48_000, ms(300), ms(700));
+    let packets = encode_packets(&speech, EncoderConfig::default());
+    let list: Vec<(u16, &[u8])> = packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect();
+    let in_secs = packets.len() as f64 * 0.02;
+    let in_rms = rms(&speech);
+    for rate in [24_000u32, 16_000, 48_000] {
+        let (h, s, up) = run(cfg(rate), &list);
+        let out_secs = h.audio.len() as f64 / f64::from(rate);
+        assert!(
+            (out_secs - in_secs).abs() / in_secs < 0.10,
+            "{rate} Hz: heard {out_secs:.3} s of {in_secs:.3} s"
+        );
+        // Only one 10 ms chunk may sit in the resampler.
+        assert!(in_secs - out_secs <= 0.0101, "{rate} Hz: {out_secs} s out of {in_secs} s");
+        let out_rms = rms(&h.audio);
+        assert!(
+            (out_rms - in_rms).abs() / in_rms < 0.10,
+            "{rate} Hz: rms {out_rms:.1} vs input {in_rms:.1}"
+        );
+        let sim = envelope_similarity(&envelope(&speech, 48_000), &envelope(&h.audio, rate), 3);
+        assert!(sim > 0.95, "{rate} Hz: heard envelope correlates only {sim:.3} with the speech");
+        assert_eq!(s.lost + s.plc_frames + s.fec_frames + s.decode_errors + s.late_or_duplicate, 0, "{s:?}");
+        assert_eq!(s.decoded, FRAME * packets.len() as u32);
+        let expect_delay = if rate == 48_000 { Duration::ZERO } else { ms(5) };
+        assert_eq!(up.resampler_delay(), expect_delay);
+    }
+}
+
+#[test]
+fn vad_on_uplink_marks_one_utterance_around_the_speech() {
+    let speech = pad(&user_question().samples, 48_000, ms(1000), ms(1500));
+    let (first, last) = energy_envelope(&speech, 48_000, 100.0);
+    let packets = encode_packets(&speech, EncoderConfig::default());
+    let list: Vec<(u16, &[u8])> = packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect();
+    let (h, s, up) = run(cfg(24_000), &list);
+    assert_eq!(h.starts.len(), 1, "starts {:?}", h.starts);
+    assert_eq!(h.stops.len(), 1, "stops {:?}", h.stops);
+    let (start, stop) = (h.starts[0], h.stops[0]);
+    assert!(start.abs_diff(first) <= ms(150), "start {start:?} vs speech onset {first:?}");
+    assert!(stop.abs_diff(last) <= ms(150), "stop {stop:?} vs speech end {last:?}");
+    assert!(!up.is_speaking());
+    assert_eq!(s.utterances, 1);
+    assert!(s.speech > ms(2500) && s.speech < ms(4400), "voiced {:?}", s.speech);
+    // Edges are yielded in stream order with the audio (24 kHz offsets ~ stream position).
+    let start_off = h.edge_offsets[0] as f64 / 24_000.0;
+    assert!((start_off - (start + ms(100)).as_secs_f64()).abs() < 0.05, "start yielded at {start_off} s");
+}
+
+fn lossy(packets: &[Vec<u8>], loss: f64, seed: u64) -> (Vec<(u16, &[u8])>, u64, u64) {
+    let mut rng = Rng(seed);
+    let mut out = Vec::new();
+    let (mut dropped, mut fec_expected) = (0u64, 0u64);
+    let mut run_len = 0;
+    let mut gap_open = false;
+    for (i, p) in packets.iter().enumerate() {
+        // Never drop the first/last packet, and keep bursts within the 100 ms concealment cap.
+        let drop = i > 0 && i + 1 < packets.len() && run_len < 4 && rng.unit() < loss;
+        if drop {
+            dropped += 1;
+            run_len += 1;
+            gap_open = true;
+        } else {
+            if gap_open && packet_has_fec(p) {
+                fec_expected += 1;
+            }
+            gap_open = false;
+            run_len = 0;
+            out.push((i as u16, p.as_slice()));
+        }
+    }
+    (out, dropped, fec_expected)
+}
+
+#[test]
+fn loss_of_1_3_and_10_percent_is_concealed_with_plc_and_fec() {
+    let speech = pad(&user_question().samples, 48_000, ms(200), ms(200));
+    let packets = encode_packets(&speech, EncoderConfig::default());
+    let (clean, _, _) = run(cfg(48_000), &packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect::<Vec<_>>());
+    for (loss, seed) in [(0.01, 1u64), (0.03, 2), (0.10, 3)] {
+        let (list, dropped, fec_expected) = lossy(&packets, loss, seed);
+        assert!(dropped > 0, "seed {seed} dropped nothing");
+        let (h, s, _) = run(cfg(48_000), &list);
+        assert_eq!(h.audio.len(), packets.len() * FRAME_SAMPLES, "{loss}: output duration must equal input duration");
+        assert_eq!(s.decoded, FRAME * packets.len() as u32);
+        assert_eq!(s.lost, dropped, "{loss}: {s:?}");
+        assert_eq!(s.plc_frames + s.fec_frames, dropped, "{loss}: {s:?}");
+        assert_eq!(s.fec_frames, fec_expected, "{loss}: FEC used exactly when the next packet had LBRR");
+        assert!(s.fec_frames > 0, "{loss}: default encoder sends LBRR, FEC must be used");
+        assert_eq!(s.concealed, FRAME * dropped as u32);
+        let ratio = energy(&h.audio) / energy(&clean.audio);
+        assert!((0.75..1.25).contains(&ratio), "{loss}: energy ratio {ratio:.3} vs lossless");
+        // Every concealed frame inside loud speech is itself audible.
+        for (idx, _) in packets.iter().enumerate().filter(|(i, _)| !list.iter().any(|(s, _)| usize::from(*s) == *i)) {
+            let r = idx * FRAME_SAMPLES..(idx + 1) * FRAME_SAMPLES;
+            if rms(&clean.audio[r.clone()]) > 1000.0 {
+                assert!(rms(&h.audio[r]) > 30.0, "{loss}: concealed frame {idx} is silent");
+            }
+        }
+    }
+}
+
+#[test]
+fn fec_recovers_lost_frames_better_than_plc() {
+    let speech = pad(&user_question().samples, 48_000, ms(100), ms(100));
+    let mut err = [0f64; 2];
+    for (k, fec) in [true, false].into_iter().enumerate() {
+        let packets = encode_packets(&speech, EncoderConfig { fec, ..EncoderConfig::default() });
+        let all: Vec<(u16, &[u8])> = packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect();
+        let (clean, _, _) = run(cfg(48_000), &all);
+        let list: Vec<(u16, &[u8])> = all.iter().copied().filter(|(s, _)| s % 7 != 3).collect();
+        let lost = (all.len() - list.len()) as u64;
+        let (h, s, _) = run(cfg(48_000), &list);
+        assert_eq!(s.lost, lost);
+        if fec {
+            assert_eq!(s.fec_frames, lost, "{s:?}");
+        } else {
+            assert_eq!((s.fec_frames, s.plc_frames), (0, lost), "{s:?}");
+        }
+        // Error energy in the lost frames vs the lossless decode.
+        for i in (0..all.len()).filter(|i| i % 7 == 3) {
+            let r = i * FRAME_SAMPLES..(i + 1) * FRAME_SAMPLES;
+            err[k] += clean.audio[r.clone()].iter().zip(&h.audio[r]).map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2)).sum::<f64>();
+        }
+    }
+    assert!(err[0] < 0.5 * err[1], "FEC error {:.3e} should be well below PLC error {:.3e}", err[0], err[1]);
+}
+
+fn seqs_for(packets: &[Vec<u8>], seqs: &[u16]) -> Vec<(u16, Vec<u8>)> {
+    seqs.iter().enumerate().map(|(i, s)| (*s, packets[i % packets.len()].clone())).collect()
+}
+
+fn run_owned(cfg: UplinkConfig, list: &[(u16, Vec<u8>)]) -> (Heard, UplinkStats) {
+    let l: Vec<(u16, &[u8])> = list.iter().map(|(s, p)| (*s, p.as_slice())).collect();
+    let (h, s, _) = run(cfg, &l);
+    (h, s)
+}
+
+fn speech_packets() -> Vec<Vec<u8>> {
+    encode_packets(&user_question().samples[..48_000], EncoderConfig::default())
+}
+
+#[test]
+fn sequence_wraparound_is_continuous() {
+    let p = speech_packets();
+    let seqs: Vec<u16> = (0..20u16).map(|i| 65_530u16.wrapping_add(i)).collect();
+    let (h, s) = run_owned(cfg(48_000), &seqs_for(&p, &seqs));
+    assert_eq!((s.lost, s.late_or_duplicate, s.plc_frames, s.resets), (0, 0, 0, 0), "{s:?}");
+    assert_eq!(h.audio.len(), 20 * FRAME_SAMPLES);
+    // A loss right across the wrap is one lost packet.
+    let (_, s) = run_owned(cfg(48_000), &seqs_for(&p, &[65_533, 65_534, 65_535, 1, 2]));
+    assert_eq!((s.lost, s.plc_frames + s.fec_frames, s.resets), (1, 1, 0), "{s:?}");
+}
+
+#[test]
+fn duplicates_and_reordered_packets_are_dropped_and_counted() {
+    let p = speech_packets();
+    let (h, s) = run_owned(cfg(48_000), &seqs_for(&p, &[10, 11, 12, 12, 14, 13, 15, 11, 16]));
+    assert_eq!(s.late_or_duplicate, 3, "12 again, 13 after 14, 11 again: {s:?}");
+    assert_eq!(s.lost, 1, "13 was missing when 14 arrived: {s:?}");
+    assert_eq!(s.plc_frames + s.fec_frames, 1);
+    // 10, 11, 12, concealed 13, 14, 15, 16.
+    assert_eq!(h.audio.len(), 7 * FRAME_SAMPLES);
+    assert_eq!(s.packets, 9);
+}
+
+#[test]
+fn huge_sequence_jump_resets_without_a_plc_flood() {
+    let p = speech_packets();
+    let mut seqs: Vec<u16> = (0..10).collect();
+    seqs.extend(30_000..30_010);
+    seqs.extend(29_000..29_010); // far behind: another restart, not "late"
+    let (h, s) = run_owned(cfg(48_000), &seqs_for(&p, &seqs));
+    assert_eq!(s.resets, 2, "{s:?}");
+    assert_eq!((s.plc_frames, s.fec_frames, s.lost), (0, 0, 0), "{s:?}");
+    assert_eq!(h.audio.len(), 30 * FRAME_SAMPLES);
+}
+
+#[test]
+fn long_gap_concealment_is_capped_at_100_ms() {
+    let p = speech_packets();
+    let mut seqs: Vec<u16> = (0..5).collect();
+    seqs.extend(50..55); // 45 packets (900 ms) missing
+    let (h, s) = run_owned(cfg(48_000), &seqs_for(&p, &seqs));
+    assert_eq!(s.lost, 45);
+    assert_eq!(s.plc_frames + s.fec_frames, 5, "100 ms cap = 5 frames: {s:?}");
+    assert_eq!(s.concealed, ms(100));
+    assert_eq!(h.audio.len(), 15 * FRAME_SAMPLES);
+}
+
+#[test]
+fn hostile_payloads_never_panic_and_are_counted() {
+    let p = speech_packets();
+    let mut rng = Rng(99);
+    let mut list: Vec<(u16, Vec<u8>)> = Vec::new();
+    let mut seq = 0u16;
+    let mut push = |payload: Vec<u8>, list: &mut Vec<(u16, Vec<u8>)>| {
+        list.push((seq, payload));
+        seq = seq.wrapping_add(1);
+    };
+    push(p[0].clone(), &mut list);
+    push(Vec::new(), &mut list); // empty
+    push(vec![0xfc; 1 << 20], &mut list); // 1 MiB
+    push(vec![0x00; 1 << 20], &mut list); // 1 MiB, different TOC
+    for k in 0..40 {
+        let len = 1 + rng.below(400) as usize;
+        push((0..len).map(|_| rng.next_u64() as u8).collect(), &mut list);
+        let real = &p[1 + k % (p.len() - 1)];
+        push(real[..1 + rng.below(real.len() as u64 - 1) as usize].to_vec(), &mut list); // truncated
+        push(vec![0xff, 0xff, 0xff], &mut list); // code 3, bogus count
+    }
+    push(p[1].clone(), &mut list);
+    let mut up = Uplink::new(cfg(24_000)).expect("uplink");
+    let mut h = Heard::default();
+    for (i, (s, pl)) in list.iter().enumerate() {
+        let before = up.stats();
+        up.push_rtp(FRAME * i as u32, *s, pl);
+        drain(&mut up, &mut h);
+        let after = up.stats();
+        assert!(after.decoded > before.decoded, "packet {i} ({} bytes) produced no audio", pl.len());
+        assert!(after.decoded - before.decoded <= ms(120));
+    }
+    let s = up.stats();
+    assert!(s.decode_errors >= 3 + 40, "empty, 2 x 1 MiB and the bogus code-3 packets are errors: {s:?}");
+    assert_eq!(s.packets, list.len() as u64);
+    assert_eq!(s.lost, 0);
+    // The stream still works: a fresh valid packet decodes to 20 ms.
+    let before = up.stats().decoded;
+    up.push_rtp(ms(10_000), seq, &p[2]);
+    drain(&mut up, &mut h);
+    assert_eq!(up.stats().decoded - before, FRAME);
+}
+
+#[test]
+fn unpolled_output_is_discarded_and_counted() {
+    let p = speech_packets();
+    let mut up = Uplink::new(cfg(48_000)).expect("uplink");
+    up.push_rtp(ms(0), 0, &p[0]);
+    up.push_rtp(ms(20), 1, &p[1]);
+    assert_eq!(up.stats().discarded_samples, FRAME_SAMPLES as u64);
+    let mut n = 0;
+    while let Some(ev) = up.poll() {
+        if let UplinkEvent::Audio(a) = ev {
+            n += a.samples.len();
+        }
+    }
+    assert_eq!(n, FRAME_SAMPLES);
+}
+
+#[test]
+fn invalid_output_rate_is_rejected_with_the_key() {
+    for rate in [0, 7_999, 96_000] {
+        match Uplink::new(cfg(rate)) {
+            Err(media::MediaError::InvalidConfig { key, .. }) => assert_eq!(key, "uplink.output_rate_hz"),
+            other => panic!("rate {rate}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,584 @@
+//! The data-channel (and WebSocket fallback) message schema: the one definition of every event.
+//!
+//! Every message, in both directions, is one UTF-8 JSON object whose `"type"` field names the
+//! variant (`#[serde(tag = "type")]`). Names and fields are fixed by API v1; new variants and new
+//! optional fields may be added, nothing may be renamed or removed.
+//!
+//! * [`ServerEvent`]: server -> client; serialise with [`ServerEvent::to_json`].
+//! * [`ClientEvent`]: client -> server; parse with [`parse_client_message`], which returns
+//!   `Ok(None)` for a well-formed object of an unknown type (ignored, forward compatible) and a
+//!   typed [`EventError`] (whose [`EventError::code`] becomes the `error` event's `code`) for
+//!   anything malformed. A malformed message changes nothing.
+//!
+//! Golden fixtures for every variant live in `signaling/tests/fixtures/events/`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Version of the data-channel protocol, sent as `protocol` in `session.ready`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest client message accepted, in bytes (16 KiB). Checked before any parsing.
+pub const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
+
+/// Server -> client events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+#[non_exhaustive]
+pub enum ServerEvent {
+    /// Sent once, when the `events` channel opens: which session, protocol, character and provider.
+    #[serde(rename = "session.ready")]
+    SessionReady {
+        /// The session this channel belongs to.
+        session_id: String,
+        /// Always [`PROTOCOL_VERSION`] for this schema.
+        protocol: u32,
+        /// Character id.
+        character: String,
+        /// Provider name.
+        provider: String,
+    },
+    /// The agent's state changed.
+    #[serde(rename = "state")]
+    State {
+        /// The new state.
+        state: AgentState,
+    },
+    /// Voice activity detection saw the user start speaking.
+    #[serde(rename = "user.speech_started")]
+    UserSpeechStarted {
+        /// Milliseconds since the session started.
+        at_ms: u64,
+    },
+    /// Voice activity detection saw the user stop speaking.
+    #[serde(rename = "user.speech_stopped")]
+    UserSpeechStopped {
+        /// Milliseconds since the session started.
+        at_ms: u64,
+    },
+    /// Transcript of an utterance: partials carry the cumulative text (`final: false`), then
+    /// exactly one final per utterance.
+    #[serde(rename = "transcript")]
+    Transcript {
+        /// Who spoke.
+        role: Role,
+        /// The conversation item (utterance) this text belongs to.
+        item_id: String,
+        /// Cumulative text so far (or the final text).
+        text: String,
+        /// `true` exactly once per utterance, on the last message.
+        #[serde(rename = "final")]
+        is_final: bool,
+    },
+    /// The character's emotion changed.
+    #[serde(rename = "emotion")]
+    Emotion {
+        /// The new emotion.
+        emotion: Emotion,
+        /// The agent item the emotion belongs to, when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        item_id: Option<String>,
+    },
+    /// A mouth shape for lip sync, timed relative to the start of that item's audio.
+    #[serde(rename = "viseme")]
+    Viseme {
+        /// The agent item whose audio this viseme belongs to.
+        item_id: String,
+        /// The mouth shape.
+        viseme: Viseme,
+        /// Start, in milliseconds from the start of the item's audio.
+        start_ms: u64,
+        /// Duration in milliseconds.
+        duration_ms: u64,
+    },
+    /// Barge-in cut the agent's speech; only `played_ms` of the item's audio was sent.
+    #[serde(rename = "agent.interrupted")]
+    AgentInterrupted {
+        /// The interrupted agent item.
+        item_id: String,
+        /// Milliseconds of that item's audio that were actually played out.
+        played_ms: u64,
+    },
+    /// Something the client should know went wrong (e.g. a malformed client message).
+    #[serde(rename = "error")]
+    Error {
+        /// Machine-readable code, e.g. `bad_message`, `message_too_large`.
+        code: String,
+        /// Human-readable explanation.
+        message: String,
+    },
+    /// Reply to a client `ping`.
+    #[serde(rename = "pong")]
+    Pong,
+}
+
+impl ServerEvent {
+    /// `session.ready` with `protocol` set to [`PROTOCOL_VERSION`].
+    pub fn session_ready(
+        session_id: impl Into<String>,
+        character: impl Into<String>,
+        provider: impl Into<String>,
+    ) -> Self {
+        ServerEvent::SessionReady {
+            session_id: session_id.into(),
+            protocol: PROTOCOL_VERSION,
+            character: character.into(),
+            provider: provider.into(),
+        }
+    }
+
+    /// The wire `type` of this event, e.g. `"session.ready"`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ServerEvent::SessionReady { .. } => "session.ready",
+            ServerEvent::State { .. } => "state",
+            ServerEvent::UserSpeechStarted { .. } => "user.speech_started",
+            ServerEvent::UserSpeechStopped { .. } => "user.speech_stopped",
+            ServerEvent::Transcript { .. } => "transcript",
+            ServerEvent::Emotion { .. } => "emotion",
+            ServerEvent::Viseme { .. } => "viseme",
+            ServerEvent::AgentInterrupted { .. } => "agent.interrupted",
+            ServerEvent::Error { .. } => "error",
+            ServerEvent::Pong => "pong",
+        }
+    }
+
+    /// One JSON object, ready to send as a data-channel text message.
+    pub fn to_json(&self) -> String {
+        // Serialisation cannot fail for these types (string keys only, infallible Serialize
+        // impls); the fallback keeps this function total anyway.
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","code":"internal","message":"event serialisation failed"}"#
+                .to_owned()
+        })
+    }
+}
+
+/// Client -> server events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+#[non_exhaustive]
+pub enum ClientEvent {
+    /// A typed user message, handled like a spoken turn.
+    #[serde(rename = "text")]
+    Text {
+        /// The message text.
+        text: String,
+    },
+    /// Stop the agent now (barge-in without speech).
+    #[serde(rename = "interrupt")]
+    Interrupt,
+    /// Liveness check; the server answers `pong`.
+    #[serde(rename = "ping")]
+    Ping,
+}
+
+impl ClientEvent {
+    /// Every client `type` this schema knows.
+    pub const TYPES: &'static [&'static str] = &["text", "interrupt", "ping"];
+
+    /// The wire `type` of this event.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ClientEvent::Text { .. } => "text",
+            ClientEvent::Interrupt => "interrupt",
+            ClientEvent::Ping => "ping",
+        }
+    }
+
+    /// One JSON object (used by test clients and the WebSocket fallback).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self)
+            .unwrap_or_else(|_| format!(r#"{{"type":"{}"}}"#, self.type_name()))
+    }
+}
+
+/// Why a client message was rejected. Each maps to the `code` of the `error` event sent back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EventError {
+    /// Larger than [`MAX_CLIENT_MESSAGE`]; not parsed at all.
+    #[error("message of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Size of the message received.
+        len: usize,
+        /// The limit ([`MAX_CLIENT_MESSAGE`]).
+        limit: usize,
+    },
+    /// Not valid UTF-8.
+    #[error("message is not valid UTF-8")]
+    NotUtf8,
+    /// Not valid JSON.
+    #[error("message is not valid JSON: {0}")]
+    NotJson(String),
+    /// Valid JSON but not an object.
+    #[error("message is not a JSON object")]
+    NotObject,
+    /// No `type` field.
+    #[error("message has no \"type\" field")]
+    MissingType,
+    /// `type` is present but not a string.
+    #[error("message \"type\" is not a string")]
+    TypeNotString,
+    /// A known `type` with missing or ill-typed fields.
+    #[error("bad \"{kind}\" message: {reason}")]
+    BadFields {
+        /// The message type.
+        kind: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+impl EventError {
+    /// The `code` of the `error` event answering this message.
+    pub fn code(&self) -> &'static str {
+        match self {
+            EventError::TooLarge { .. } => "message_too_large",
+            EventError::NotUtf8 => "invalid_utf8",
+            EventError::NotJson(_) => "invalid_json",
+            EventError::NotObject => "not_an_object",
+            EventError::MissingType => "missing_type",
+            EventError::TypeNotString => "invalid_type",
+            EventError::BadFields { .. } => "bad_message",
+        }
+    }
+
+    /// The `error` event to send back to the client.
+    pub fn to_server_event(&self) -> ServerEvent {
+        ServerEvent::Error {
+            code: self.code().to_owned(),
+            message: self.to_string(),
+        }
+    }
+}
+
+/// Parse one client message.
+///
+/// * `Ok(Some(event))`: a known, well-formed event.
+/// * `Ok(None)`: a well-formed object whose `type` this server does not know; ignore it.
+/// * `Err(_)`: malformed; answer with [`EventError::to_server_event`] and change nothing.
+///
+/// Unknown extra fields on known types are ignored (forward compatibility).
+pub fn parse_client_message(bytes: &[u8]) -> Result<Option<ClientEvent>, EventError> {
+    if bytes.len() > MAX_CLIENT_MESSAGE {
+        return Err(EventError::TooLarge {
+            len: bytes.len(),
+            limit: MAX_CLIENT_MESSAGE,
+        });
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| EventError::NotUtf8)?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| EventError::NotJson(e.to_string()))?;
+    let object = value.as_object().ok_or(EventError::NotObject)?;
+    let kind = match object.get("type") {
+        None => return Err(EventError::MissingType),
+        Some(serde_json::Value::String(kind)) => kind.clone(),
+        Some(_) => return Err(EventError::TypeNotString),
+    };
+    if !ClientEvent::TYPES.contains(&kind.as_str()) {
+        return Ok(None);
+    }
+    serde_json::from_value(value)
+        .map(Some)
+        .map_err(|e| EventError::BadFields {
+            kind,
+            reason: e.to_string(),
+        })
+}
+
+/// The agent's conversational state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    /// Session set up, provider connecting; not listening yet.
+    Initializing,
+    /// Waiting for the user.
+    Listening,
+    /// The user's turn ended; the agent is preparing an answer.
+    Thinking,
+    /// Agent audio is playing.
+    Speaking,
+}
+
+/// Who produced a piece of conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The human.
+    User,
+    /// The AI character.
+    Agent,
+}
+
+/// The character's emotion.
+///
+/// The documented set is serialised in lowercase: `neutral`, `happy`, `sad`, `angry`,
+/// `surprised`, `fearful`, `disgusted`, `thinking`, `relaxed`. The set is open: a provider may
+/// name another emotion, which is kept verbatim as [`Emotion::Other`] rather than lost; clients
+/// should render an emotion they do not know as `neutral`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Emotion {
+    /// `neutral`
+    Neutral,
+    /// `happy`
+    Happy,
+    /// `sad`
+    Sad,
+    /// `angry`
+    Angry,
+    /// `surprised`
+    Surprised,
+    /// `fearful`
+    Fearful,
+    /// `disgusted`
+    Disgusted,
+    /// `thinking`
+    Thinking,
+    /// `relaxed`
+    Relaxed,
+    /// Any other name (never one of the names above; use [`Emotion::from_str`] to build one).
+    Other(String),
+}
+
+impl Emotion {
+    /// The documented emotions, in order.
+    pub const KNOWN: [Emotion; 9] = [
+        Emotion::Neutral,
+        Emotion::Happy,
+        Emotion::Sad,
+        Emotion::Angry,
+        Emotion::Surprised,
+        Emotion::Fearful,
+        Emotion::Disgusted,
+        Emotion::Thinking,
+        Emotion::Relaxed,
+    ];
+
+    /// The wire name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Emotion::Neutral => "neutral",
+            Emotion::Happy => "happy",
+            Emotion::Sad => "sad",
+            Emotion::Angry => "angry",
+            Emotion::Surprised => "surprised",
+            Emotion::Fearful => "fearful",
+            Emotion::Disgusted => "disgusted",
+            Emotion::Thinking => "thinking",
+            Emotion::Relaxed => "relaxed",
+            Emotion::Other(name) => name,
+        }
+    }
+}
+
+impl FromStr for Emotion {
+    type Err = std::convert::Infallible;
+
+    /// Known names match case-insensitively; anything else becomes [`Emotion::Other`].
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.to_ascii_lowercase();
+        Ok(Emotion::KNOWN
+            .into_iter()
+            .find(|e| e.as_str() == lower)
+            .unwrap_or_else(|| Emotion::Other(s.to_owned())))
+    }
+}
+
+impl fmt::Display for Emotion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Emotion {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Emotion {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        if name.is_empty() {
+            return Err(D::Error::custom("emotion must not be empty"));
+        }
+        let Ok(emotion) = name.parse();
+        Ok(emotion)
+    }
+}
+
+/// A mouth shape: the 15 Oculus/Meta Lipsync visemes, serialised with exactly these names.
+///
+/// | index | name | sounds |
+/// |---|---|---|
+/// | 0 | `sil` | silence |
+/// | 1 | `PP` | p, b, m |
+/// | 2 | `FF` | f, v |
+/// | 3 | `TH` | th |
+/// | 4 | `DD` | t, d |
+/// | 5 | `kk` | k, g |
+/// | 6 | `CH` | ch, j, sh |
+/// | 7 | `SS` | s, z |
+/// | 8 | `nn` | n, l |
+/// | 9 | `RR` | r |
+/// | 10 | `aa` | a (father) |
+/// | 11 | `E` | e (bed) |
+/// | 12 | `ih` | i (tip) |
+/// | 13 | `oh` | o (toe) |
+/// | 14 | `ou` | u (book) |
+///
+/// The set is closed: an unknown name fails to deserialise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Viseme {
+    /// Silence / neutral mouth.
+    #[serde(rename = "sil")]
+    Sil,
+    /// p, b, m.
+    #[serde(rename = "PP")]
+    PP,
+    /// f, v.
+    #[serde(rename = "FF")]
+    FF,
+    /// th.
+    #[serde(rename = "TH")]
+    TH,
+    /// t, d.
+    #[serde(rename = "DD")]
+    DD,
+    /// k, g.
+    #[serde(rename = "kk")]
+    Kk,
+    /// ch, j, sh.
+    #[serde(rename = "CH")]
+    CH,
+    /// s, z.
+    #[serde(rename = "SS")]
+    SS,
+    /// n, l.
+    #[serde(rename = "nn")]
+    Nn,
+    /// r.
+    #[serde(rename = "RR")]
+    RR,
+    /// a as in "father".
+    #[serde(rename = "aa")]
+    Aa,
+    /// e as in "bed".
+    #[serde(rename = "E")]
+    E,
+    /// i as in "tip".
+    #[serde(rename = "ih")]
+    Ih,
+    /// o as in "toe".
+    #[serde(rename = "oh")]
+    Oh,
+    /// u as in "book".
+    #[serde(rename = "ou")]
+    Ou,
+}
+
+impl Viseme {
+    /// All 15 visemes in Oculus index order.
+    pub const ALL: [Viseme; 15] = [
+        Viseme::Sil,
+        Viseme::PP,
+        Viseme::FF,
+        Viseme::TH,
+        Viseme::DD,
+        Viseme::Kk,
+        Viseme::CH,
+        Viseme::SS,
+        Viseme::Nn,
+        Viseme::RR,
+        Viseme::Aa,
+        Viseme::E,
+        Viseme::Ih,
+        Viseme::Oh,
+        Viseme::Ou,
+    ];
+
+    /// The wire name (`sil`, `PP`, ..., `ou`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Viseme::Sil => "sil",
+            Viseme::PP => "PP",
+            Viseme::FF => "FF",
+            Viseme::TH => "TH",
+            Viseme::DD => "DD",
+            Viseme::Kk => "kk",
+            Viseme::CH => "CH",
+            Viseme::SS => "SS",
+            Viseme::Nn => "nn",
+            Viseme::RR => "RR",
+            Viseme::Aa => "aa",
+            Viseme::E => "E",
+            Viseme::Ih => "ih",
+            Viseme::Oh => "oh",
+            Viseme::Ou => "ou",
+        }
+    }
+
+    /// The Oculus viseme index, 0 (`sil`) to 14 (`ou`).
+    pub fn index(self) -> u8 {
+        self as u8
+    }
+}
+
+impl fmt::Display for Viseme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn viseme_names_and_indices_match_the_oculus_table() {
+        let names: Vec<&str> = Viseme::ALL.iter().map(|v| v.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "ih", "oh",
+                "ou"
+            ]
+        );
+        for (i, v) in Viseme::ALL.iter().enumerate() {
+            assert_eq!(usize::from(v.index()), i, "index of {v}");
+            let json = serde_json::to_string(v).expect("a unit variant serialises");
+            assert_eq!(json, format!("\"{}\"", v.as_str()), "serde name of {v:?}");
+        }
+    }
+
+    #[test]
+    fn emotion_keeps_unknown_names_and_normalises_known_ones() {
+        assert_eq!("HAPPY".parse::<Emotion>(), Ok(Emotion::Happy));
+        assert_eq!(
+            "excited".parse::<Emotion>(),
+            Ok(Emotion::Other("excited".into()))
+        );
+        let e: Emotion = serde_json::from_str("\"Sad\"").expect("a string is an emotion");
+        assert_eq!(e, Emotion::Sad);
+        assert!(serde_json::from_str::<Emotion>("\"\"").is_err(), "empty emotion must be rejected");
+    }
+
+    #[test]
+    fn client_types_list_matches_the_enum() {
+        for kind in ClientEvent::TYPES {
+            let json = match *kind {
+                "text" => r#"{"type":"text","text":"x"}"#.to_owned(),
+                other => format!(r#"{{"type":"{other}"}}"#),
+            };
+            let event = parse_client_message(json.as_bytes())
+                .unwrap_or_else(|e| panic!("{kind} should parse: {e}"))
+                .unwrap_or_else(|| panic!("{kind} should be known"));
+            assert_eq!(event.type_name(), *kind);
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The seam between the HTTP API and whoever hosts sessions (`src/` implements it).
+//!
+//! The router does everything that is about HTTP: authentication, content types, body limits,
+//! SDP and sdpfrag validation, token issue, ids, status codes and headers. The host does
+//! everything that is about sessions: creating them, answering offers, adding candidates,
+//! ending them and reporting on them. It answers with [`ApiError`] where the outcome is an HTTP
+//! error the contract names (404 unknown session or peer, 409, 412, 422, 503...).
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::events::Role;
+use crate::ice::IceServer;
+use crate::id::new_id;
+use crate::problem::ApiError;
+use crate::sdp::{SdpFrag, ValidOffer};
+
+/// Whoever hosts sessions. Object safe (`Arc<dyn SessionHost>`).
+#[async_trait]
+pub trait SessionHost: Send + Sync + 'static {
+    /// Whether new sessions are accepted now; false while draining or not yet ready
+    /// (`/readyz` is 503 and `POST /v1/sessions` is 503 + `Retry-After`). Must be cheap.
+    fn accepting(&self) -> bool;
+
+    /// The characters clients may pick (`GET /v1/characters`).
+    async fn characters(&self) -> Vec<CharacterInfo>;
+
+    /// Create a session (`POST /v1/sessions`). The host picks the id with
+    /// [`crate::id::new_session_id`] (CSPRNG, URL safe) and the ICE servers for this client.
+    /// Errors: [`ApiError::unknown_character`] (404), unknown provider (404 or 422),
+    /// [`ApiError::unavailable`] (503) when it cannot take more sessions.
+    async fn create_session(&self, request: CreateSessionRequest)
+    -> Result<CreatedSession, ApiError>;
+
+    /// Answer a validated offer (`POST /v1/sessions/{id}/offer`). The answer carries all of the
+    /// server's ICE candidates. Errors: [`ApiError::unknown_session`] (404), 409 when the
+    /// session already has a peer or has ended.
+    async fn offer(&self, session_id: &str, offer: ValidOffer) -> Result<OfferAnswer, ApiError>;
+
+    /// Trickle ICE or ICE restart on a peer (`PATCH .../peers/{peer_id}`). For
+    /// [`TrickleRequest::Candidates`] the host compares `if_match` with the peer's current ETag
+    /// ([`ApiError::stale_etag`], 412). For [`TrickleRequest::IceRestart`] it may answer
+    /// [`ApiError::ice_restart_unsupported`] (422). Errors: 404 unknown session or peer.
+    async fn trickle(
+        &self,
+        session_id: &str,
+        peer_id: &str,
+        request: TrickleRequest,
+    ) -> Result<TrickleOutcome, ApiError>;
+
+    /// End the session (`DELETE /v1/sessions/{id}`, or `.../peers/{peer_id}` with `peer_id`):
+    /// media stops, the provider is closed. Errors: 404 unknown session or peer, and
+    /// [`ApiError::session_already_ended`] (404) when it has already ended.
+    async fn end(&self, session_id: &str, peer_id: Option<&str>) -> Result<(), ApiError>;
+
+    /// Report on a session, live or ended (`GET /v1/sessions/{id}`). Errors: 404.
+    async fn session(&self, session_id: &str) -> Result<SessionInfo, ApiError>;
+
+    /// The session's transcript so far, in `seq` order (`GET .../transcript`). Errors: 404.
+    async fn transcript(&self, session_id: &str) -> Result<Vec<TranscriptEntry>, ApiError>;
+}
+
+/// A character in `GET /v1/characters`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CharacterInfo {
+    /// Id used in `POST /v1/sessions` `character`.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// BCP 47 language tag, e.g. `en-US`.
+    pub language: String,
+    /// Voice name (provider specific).
+    pub voice: String,
+    /// Any further fields (description, avatar...), flattened into the object.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Body of `POST /v1/sessions`; an empty body is the default (server's default character and
+/// provider). Unknown fields are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateSessionRequest {
+    /// Character id; `None` = the default character.
+    #[serde(default)]
+    pub character: Option<String>,
+    /// Provider name; `None` = the configured provider.
+    #[serde(default)]
+    pub provider: Option<String>,
+}
+
+/// What the host made for `POST /v1/sessions`; the router adds the token and URLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedSession {
+    /// The new session's id (URL safe; see [`crate::id::is_valid_id`]).
+    pub session_id: String,
+    /// ICE servers for this client.
+    pub ice_servers: Vec<IceServer>,
+}
+
+/// The answer to an offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferAnswer {
+    /// SDP answer (audio sendrecv), with all server candidates.
+    pub sdp: String,
+    /// Id of the new peer (URL safe), used in its `Location`.
+    pub peer_id: String,
+    /// The peer's current ETag.
+    pub etag: ETag,
+}
+
+/// A strong entity tag for a peer's ICE state (WHIP). Holds the opaque part; the header value
+/// is it in double quotes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ETag(String);
+
+impl ETag {
+    /// A fresh random tag.
+    pub fn generate() -> Self {
+        ETag(new_id(""))
+    }
+
+    /// A tag from its opaque part; `None` unless 1..=128 visible ASCII characters without `"`
+    /// (RFC 9110 `etagc`, restricted to ASCII).
+    pub fn new(opaque: impl Into<String>) -> Option<Self> {
+        let opaque = opaque.into();
+        let ok = !opaque.is_empty()
+            && opaque.len() <= 128
+            && opaque.bytes().all(|b| b == 0x21 || (0x23..=0x7e).contains(&b));
+        ok.then_some(ETag(opaque))
+    }
+
+    /// The opaque part, without quotes.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The `ETag` header value: `"<opaque>"`.
+    pub fn header_value(&self) -> String {
+        format!("\"{}\"", self.0)
+    }
+}
+
+/// A parsed `If-Match` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfMatch {
+    /// `If-Match: *`.
+    Any,
+    /// The strong entity tags listed (opaque parts, without quotes). Weak tags (`W/"..."`)
+    /// never match under the strong comparison If-Match uses, so they are dropped.
+    Tags(Vec<String>),
+}
+
+impl IfMatch {
+    /// Parse a header value; bare tokens without quotes are accepted as opaque tags.
+    pub fn parse(value: &str) -> IfMatch {
+        let value = value.trim();
+        if value == "*" {
+            return IfMatch::Any;
+        }
+        let tags = value
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && !t.starts_with("W/"))
+            .map(|t| {
+                t.strip_prefix('"')
+                    .and_then(|t| t.strip_suffix('"'))
+                    .unwrap_or(t)
+                    .to_owned()
+            })
+            .collect();
+        IfMatch::Tags(tags)
+    }
+
+    /// Whether this precondition holds for a peer whose current tag is `current`.
+    pub fn matches(&self, current: &ETag) -> bool {
+        match self {
+            IfMatch::Any => true,
+            IfMatch::Tags(tags) => tags.iter().any(|t| t == current.as_str()),
+        }
+    }
+}
+
+/// What a PATCH asks of a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrickleRequest {
+    /// Add the client's candidates to the current ICE session. The host must check `if_match`
+    /// against the peer's ETag and answer 412 when it does not match.
+    Candidates {
+        /// The request's `If-Match`.
+        if_match: IfMatch,
+        /// The fragment (candidates, maybe end-of-candidates).
+        frag: SdpFrag,
+    },
+    /// `If-Match: *` with a new ufrag/pwd: restart ICE (RFC 9725 §4.3.2).
+    IceRestart {
+        /// The client's new credentials and candidates.
+        frag: SdpFrag,
+    },
+}
+
+/// What the host did with a PATCH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrickleOutcome {
+    /// Candidates added: 204.
+    Added,
+    /// ICE restarted: 200 with the server's sdpfrag and the peer's new ETag.
+    Restarted {
+        /// The server's new ICE credentials and candidates (`application/trickle-ice-sdpfrag`).
+        sdpfrag: String,
+        /// The peer's new ETag.
+        etag: ETag,
+    },
+}
+
+/// Lifecycle of a session, as reported by `GET /v1/sessions/{id}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SessionState {
+    /// Created, waiting for the offer.
+    Created,
+    /// Offer answered, ICE/DTLS in progress.
+    Connecting,
+    /// Media and data channel up.
+    Connected,
+    /// Over; see `end_reason`.
+    Ended,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum EndReason {
+    /// The client sent DELETE.
+    ClientRequest,
+    /// The client never sent an offer before its token expired.
+    NeverConnected,
+    /// ICE/DTLS failed or the peer went away.
+    PeerDisconnected,
+    /// No activity for too long.
+    IdleTimeout,
+    /// Reached the maximum session duration.
+    MaxDuration,
+    /// The model provider failed.
+    ProviderError,
+    /// The server shut down.
+    ServerShutdown,
+    /// A server bug or unexpected failure.
+    InternalError,
+}
+
+/// `GET /v1/sessions/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Session id.
+    pub session_id: String,
+    /// Lifecycle state.
+    pub state: SessionState,
+    /// Character id.
+    pub character: String,
+    /// Provider name.
+    pub provider: String,
+    /// Creation time (RFC 3339).
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// End time (RFC 3339), when ended.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ended_at: Option<OffsetDateTime>,
+    /// Why it ended, when ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<EndReason>,
+}
+
+/// One entry of `GET /v1/sessions/{id}/transcript`: a final utterance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TranscriptEntry {
+    /// Position in the conversation, from 0, strictly increasing.
+    pub seq: u64,
+    /// Who spoke.
+    pub role: Role,
+    /// What was said (for an interrupted agent item, what was heard).
+    pub text: String,
+    /// The agent was cut off by barge-in.
+    pub interrupted: bool,
+    /// When the utterance ended (RFC 3339).
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_match_parsing() {
+        assert_eq!(IfMatch::parse("*"), IfMatch::Any);
+        assert_eq!(IfMatch::parse(" \"abc\" "), IfMatch::Tags(vec!["abc".into()]));
+        assert_eq!(
+            IfMatch::parse("\"a\", W/\"b\", c"),
+            IfMatch::Tags(vec!["a".into(), "c".into()])
+        );
+        let tag = ETag::new("a").expect("valid tag");
+        assert!(IfMatch::parse("\"x\", \"a\"").matches(&tag));
+        assert!(!IfMatch::parse("W/\"a\"").matches(&tag), "weak tags never match");
+        assert!(IfMatch::Any.matches(&tag));
+    }
+
+    #[test]
+    fn etag_rejects_quotes_and_controls() {
+        assert!(ETag::new("ok-tag_1").is_some());
+        for bad in ["", "a\"b", "a b", "é", "a\n"] {
+            assert!(ETag::new(bad).is_none(), "{bad:?}");
+        }
+        let g = ETag::generate();
+        assert_eq!(g.header_value(), format!("\"{}\"", g.as_str()));
+        assert!(ETag::new(g.as_str()).is_some(), "generated tags are valid");
+    }
+}

@@ -1,0 +1,388 @@
+//! Configuration: `kotodama.toml` (optional) overridden by environment variables, validated at
+//! start. Every error names the key and the fix; the defaults run offline on one machine.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration error: names the key and says how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {key}: {problem}; {fix}")]
+pub struct ConfigError {
+    /// The key (`bind`, `KOTODAMA_BIND`, `media.vad_mode`, ...).
+    pub key: String,
+    /// What is wrong.
+    pub problem: String,
+    /// What to do about it.
+    pub fix: String,
+}
+
+fn err(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.to_owned(), problem: problem.into(), fix: fix.into() }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// HTTP bind address (`KOTODAMA_BIND`).
+    pub bind: SocketAddr,
+    /// Address advertised in ICE candidates (`KOTODAMA_PUBLIC_IP`); default: the bind address.
+    pub public_ip: Option<IpAddr>,
+    /// API keys that may create sessions (`KOTODAMA_API_KEYS`, comma-separated).
+    pub api_keys: Vec<String>,
+    /// Provider for new sessions (`KOTODAMA_PROVIDER`).
+    pub provider: Option<String>,
+    /// Secret for session tokens (`KOTODAMA_TOKEN_SECRET`); random per start when unset.
+    pub token_secret: Option<String>,
+    /// Storage URL (`KOTODAMA_DATABASE_URL`).
+    pub database_url: String,
+    /// Redis URL (`KOTODAMA_REDIS_URL`); unset: single node.
+    pub redis_url: Option<String>,
+    /// Directory of the web demo served at `/`.
+    pub web_demo_dir: PathBuf,
+    /// Session limits.
+    pub session: SessionLimits,
+    /// Audio pipeline settings.
+    pub media: MediaSettings,
+    /// The scripted provider's settings.
+    pub scripted: ScriptedSettings,
+    /// Characters offered by `GET /v1/characters` (a built-in one when empty).
+    pub characters: Vec<Character>,
+}
+
+/// Limits on sessions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionLimits {
+    /// Time a session token allows to connect, seconds.
+    pub token_ttl_secs: u64,
+    /// Maximum length of one session, seconds.
+    pub max_duration_secs: u64,
+    /// Maximum concurrent sessions on this node (each holds one UDP socket).
+    pub max_sessions: usize,
+    /// How long a session may wait for its offer after creation, seconds.
+    pub connect_timeout_secs: u64,
+    /// Grace given to live sessions on shutdown, seconds.
+    pub drain_grace_secs: u64,
+}
+
+/// Audio pipeline settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaSettings {
+    /// webrtc-vad aggressiveness 0..=3.
+    pub vad_mode: u8,
+    /// Minimum speech before a speech start is reported, ms.
+    pub min_speech_ms: u64,
+    /// Silence that ends an utterance, ms.
+    pub min_silence_ms: u64,
+    /// Opus bitrate of the character's voice, bits/s.
+    pub opus_bitrate: u32,
+    /// Opus encoder complexity 0..=10.
+    pub opus_complexity: u8,
+}
+
+/// The scripted provider's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScriptedSettings {
+    /// Simulated model time before a reply, ms.
+    pub response_delay_ms: u64,
+}
+
+/// A character.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Character {
+    /// Stable id used in the API.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Language tag.
+    #[serde(default = "default_language")]
+    pub language: String,
+    /// Voice name (provider-specific).
+    #[serde(default = "default_voice")]
+    pub voice: String,
+    /// Persona: the system instructions.
+    #[serde(default)]
+    pub persona: String,
+}
+
+fn default_language() -> String {
+    "en-US".into()
+}
+fn default_voice() -> String {
+    "aiko".into()
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_ip: None,
+            api_keys: Vec::new(),
+            provider: None,
+            token_secret: None,
+            database_url: "sqlite://data/kotodama.db".into(),
+            redis_url: None,
+            web_demo_dir: PathBuf::from("web-demo"),
+            session: SessionLimits::default(),
+            media: MediaSettings::default(),
+            scripted: ScriptedSettings::default(),
+            characters: Vec::new(),
+        }
+    }
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            token_ttl_secs: 600,
+            max_duration_secs: 3600,
+            max_sessions: 500,
+            connect_timeout_secs: 600,
+            drain_grace_secs: 10,
+        }
+    }
+}
+
+impl Default for MediaSettings {
+    fn default() -> Self {
+        Self { vad_mode: 2, min_speech_ms: 100, min_silence_ms: 500, opus_bitrate: 32_000, opus_complexity: 5 }
+    }
+}
+
+impl Default for ScriptedSettings {
+    fn default() -> Self {
+        Self { response_delay_ms: 150 }
+    }
+}
+
+impl SessionLimits {
+    /// The token lifetime.
+    pub fn token_ttl(&self) -> Duration {
+        Duration::from_secs(self.token_ttl_secs)
+    }
+    /// The maximum session duration.
+    pub fn max_duration(&self) -> Duration {
+        Duration::from_secs(self.max_duration_secs)
+    }
+}
+
+/// Names of the providers this build knows.
+pub const KNOWN_PROVIDERS: &[&str] = &["scripted"];
+
+impl Config {
+    /// Load `path` (or `kotodama.toml` when present), apply environment overrides, validate.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let default_path = Path::new("kotodama.toml");
+        let path = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None if default_path.exists() => Some(default_path.to_path_buf()),
+            None => None,
+        };
+        let mut cfg = match &path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    err("--config", format!("cannot read {}: {e}", p.display()), "pass a readable TOML file")
+                })?;
+                Self::from_toml(&text)?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse a TOML document (no environment, no validation).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            err("kotodama.toml", e.message().to_owned(), "fix the key named above (see README, Configuration)")
+        })
+    }
+
+    /// Apply `KOTODAMA_*` (and provider) environment overrides read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let non_empty = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        if let Some(v) = non_empty("KOTODAMA_BIND") {
+            self.bind = v.trim().parse().map_err(|_| {
+                err("KOTODAMA_BIND", format!("`{v}` is not host:port"), "use e.g. 127.0.0.1:8080 or 0.0.0.0:8080")
+            })?;
+        }
+        if let Some(v) = non_empty("KOTODAMA_PUBLIC_IP") {
+            self.public_ip = Some(v.trim().parse().map_err(|_| {
+                err("KOTODAMA_PUBLIC_IP", format!("`{v}` is not an IP address"), "use the address clients reach, e.g. 203.0.113.7")
+            })?);
+        }
+        if let Some(v) = non_empty("KOTODAMA_API_KEYS") {
+            self.api_keys = v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+        }
+        if let Some(v) = non_empty("KOTODAMA_PROVIDER") {
+            self.provider = Some(v.trim().to_owned());
+        }
+        if let Some(v) = non_empty("KOTODAMA_TOKEN_SECRET") {
+            self.token_secret = Some(v);
+        }
+        if let Some(v) = non_empty("KOTODAMA_DATABASE_URL") {
+            self.database_url = v.trim().to_owned();
+        }
+        if let Some(v) = non_empty("KOTODAMA_REDIS_URL") {
+            self.redis_url = Some(v.trim().to_owned());
+        }
+        if self.provider.is_none() && non_empty("OPENAI_API_KEY").is_some() {
+            // The contract says OPENAI_API_KEY alone selects OpenAI Realtime. That provider is not in
+            // this build yet, so say so plainly rather than silently answering with another one.
+            self.provider = Some("openai".into());
+        }
+        Ok(())
+    }
+
+    /// Check everything that can be checked before binding sockets.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.bind.ip().is_loopback() && self.api_keys.is_empty() {
+            return Err(err(
+                "KOTODAMA_API_KEYS",
+                format!("bind {} is not loopback and no API key is configured (anyone could open sessions)", self.bind),
+                "set KOTODAMA_API_KEYS=<key>[,<key>...] or bind to 127.0.0.1",
+            ));
+        }
+        if self.api_keys.iter().any(|k| k.len() < 16) {
+            return Err(err("KOTODAMA_API_KEYS", "an API key is shorter than 16 characters", "use long random keys, e.g. `openssl rand -hex 24`"));
+        }
+        if let Some(s) = &self.token_secret
+            && s.len() < 32
+        {
+            return Err(err("KOTODAMA_TOKEN_SECRET", "shorter than 32 bytes", "use e.g. `openssl rand -hex 32`, or unset it for a random secret per start"));
+        }
+        if let Some(p) = &self.provider
+            && !KNOWN_PROVIDERS.contains(&p.as_str())
+        {
+            return Err(err(
+                "KOTODAMA_PROVIDER",
+                format!("provider `{p}` is not available in this build (known: {})", KNOWN_PROVIDERS.join(", ")),
+                "set KOTODAMA_PROVIDER=scripted (or unset OPENAI_API_KEY until the OpenAI provider lands)",
+            ));
+        }
+        if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres://") || self.database_url.starts_with("postgresql://")) {
+            return Err(err("KOTODAMA_DATABASE_URL", format!("unsupported URL `{}`", self.database_url), "use sqlite://path/to/file.db or postgres://user@host/db"));
+        }
+        if self.media.vad_mode > 3 {
+            return Err(err("media.vad_mode", format!("{} is out of range", self.media.vad_mode), "use 0 (quality) .. 3 (very aggressive)"));
+        }
+        if self.media.opus_complexity > 10 {
+            return Err(err("media.opus_complexity", "out of range", "use 0..=10"));
+        }
+        if !(6_000..=510_000).contains(&self.media.opus_bitrate) {
+            return Err(err("media.opus_bitrate", "out of range", "use 6000..=510000 bits/s"));
+        }
+        if self.media.min_speech_ms < 10 || self.media.min_silence_ms < 10 {
+            return Err(err("media.min_speech_ms", "below one 10 ms VAD frame", "use at least 10"));
+        }
+        if self.session.max_sessions == 0 {
+            return Err(err("session.max_sessions", "zero", "use a positive number"));
+        }
+        if self.session.token_ttl_secs == 0 || self.session.max_duration_secs == 0 {
+            return Err(err("session.token_ttl_secs", "zero", "use a positive number of seconds"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.characters {
+            if c.id.is_empty() || !c.id.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
+                return Err(err("characters.id", format!("`{}` is not a valid id", c.id), "use letters, digits, - and _"));
+            }
+            if !seen.insert(c.id.clone()) {
+                return Err(err("characters.id", format!("`{}` appears twice", c.id), "give each character its own id"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The provider for new sessions.
+    pub fn provider_name(&self) -> &str {
+        self.provider.as_deref().unwrap_or("scripted")
+    }
+
+    /// The address put in ICE candidates.
+    pub fn advertised_ip(&self) -> IpAddr {
+        match self.public_ip {
+            Some(ip) => ip,
+            None if self.bind.ip().is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+            None => self.bind.ip(),
+        }
+    }
+
+    /// Configured characters, or the built-in one.
+    pub fn characters(&self) -> Vec<Character> {
+        if !self.characters.is_empty() {
+            return self.characters.clone();
+        }
+        vec![Character {
+            id: "aiko".into(),
+            name: "Aiko".into(),
+            language: default_language(),
+            voice: default_voice(),
+            persona: "You are Aiko, a cheerful and curious companion. Speak briefly and warmly.".into(),
+        }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn defaults_validate_and_run_offline_on_loopback() {
+        let c = Config::default();
+        c.validate().expect("defaults must be valid");
+        assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.provider_name(), "scripted");
+        assert_eq!(c.advertised_ip().to_string(), "127.0.0.1");
+    }
+
+    #[test]
+    fn public_bind_without_api_key_is_refused_naming_the_key() {
+        let mut c = Config::default();
+        c.apply_env(env(&[("KOTODAMA_BIND", "0.0.0.0:8080")])).unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "KOTODAMA_API_KEYS");
+        assert!(e.to_string().contains("KOTODAMA_API_KEYS="), "{e}");
+    }
+
+    #[test]
+    fn bad_bind_names_the_variable() {
+        let mut c = Config::default();
+        let e = c.apply_env(env(&[("KOTODAMA_BIND", "localhost")])).unwrap_err();
+        assert_eq!(e.key, "KOTODAMA_BIND");
+    }
+
+    #[test]
+    fn unknown_toml_key_is_named() {
+        let e = Config::from_toml("bnid = \"127.0.0.1:1\"").unwrap_err();
+        assert!(e.problem.contains("bnid"), "{e}");
+    }
+
+    #[test]
+    fn openai_key_alone_selects_openai_which_this_build_reports_missing() {
+        let mut c = Config::default();
+        c.apply_env(env(&[("OPENAI_API_KEY", "sk-test")])).unwrap();
+        assert_eq!(c.provider.as_deref(), Some("openai"));
+        assert_eq!(c.validate().unwrap_err().key, "KOTODAMA_PROVIDER");
+    }
+
+    #[test]
+    fn env_overrides_toml() {
+        let mut c = Config::from_toml("bind = \"127.0.0.1:9000\"\n[media]\nvad_mode = 3\n").unwrap();
+        c.apply_env(env(&[("KOTODAMA_BIND", "127.0.0.1:9100")])).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.bind.port(), 9100);
+        assert_eq!(c.media.vad_mode, 3);
+    }
+}

@@ -1,0 +1,357 @@
+//! The webrtc-rs peer of one session.
+//!
+//! [`Peer::answer`] takes the client's offer and returns the answer with all of the server's ICE
+//! candidates in it (the server does not trickle). The peer's callbacks do no work: they forward
+//! RTP packets, data-channel messages and state changes into the session task's bounded channel
+//! as [`PeerEvent`]s, and count what they had to drop when it is full. The session task writes
+//! the character's voice with [`Peer::write_opus`], one packet per 20 ms frame, with RTP
+//! timestamps from the playout clock (so pauses between replies are pauses on the wire too).
+//!
+//! Ports: webrtc-rs 0.21 binds one UDP socket per peer connection (its async layer has no ICE UDP
+//! mux), on the advertised interface and an ephemeral port, so a node holds one socket per live
+//! session; `session.max_sessions` caps them.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
+    RtpCodecKind,
+};
+use tokio::sync::{mpsc, oneshot};
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState,
+    RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
+    register_default_interceptors,
+};
+
+/// The data channel the client opens for events.
+pub const EVENTS_LABEL: &str = "events";
+/// Opus RTP clock.
+const OPUS_CLOCK_HZ: u32 = 48_000;
+/// Largest data-channel message the server accepts from a client (events are small).
+const MAX_DC_MESSAGE: u32 = 64 * 1024;
+/// How long the answer waits for local candidate gathering.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the peer forwards to its session task.
+pub enum PeerEvent {
+    /// An RTP packet of the client's audio.
+    Rtp {
+        /// When it arrived (for uplink latency accounting).
+        arrival: Instant,
+        /// RTP sequence number.
+        seq: u16,
+        /// RTP timestamp.
+        timestamp: u32,
+        /// Opus payload.
+        payload: Bytes,
+    },
+    /// The `events` data channel opened.
+    ChannelOpen(Arc<dyn DataChannel>),
+    /// A message on the `events` channel.
+    Message(BytesMut),
+    /// The `events` channel closed.
+    ChannelClosed,
+    /// The connection state changed.
+    State(RTCPeerConnectionState),
+}
+
+/// Why a peer could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// The offer was rejected by the WebRTC stack.
+    #[error("offer rejected: {0}")]
+    Offer(String),
+    /// Local setup failed (sockets, codecs).
+    #[error("peer setup failed: {0}")]
+    Setup(String),
+}
+
+/// Counters the forwarding callbacks keep (they never block; when the session's channel is full
+/// they drop and count).
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    /// RTP packets forwarded.
+    pub rtp_in: AtomicU64,
+    /// RTP packets dropped because the session task was behind.
+    pub rtp_dropped: AtomicU64,
+    /// Data-channel messages dropped (session behind or message too large).
+    pub messages_dropped: AtomicU64,
+}
+
+/// Settings shared by every peer of a node.
+#[derive(Debug, Clone)]
+pub struct PeerSettings {
+    /// The interface to bind UDP on.
+    pub bind_ip: IpAddr,
+    /// The address to advertise in candidates (NAT 1:1) when different from `bind_ip`.
+    pub public_ip: IpAddr,
+}
+
+/// One live peer connection.
+pub struct Peer {
+    pc: Arc<dyn PeerConnection>,
+    track: Arc<TrackLocalStaticRTP>,
+    ssrc: u32,
+    payload_type: u8,
+    seq: u16,
+    counters: Arc<PeerCounters>,
+}
+
+impl Peer {
+    /// Answer `offer_sdp`: returns the peer and the SDP answer (with all candidates).
+    pub async fn answer(
+        settings: &PeerSettings,
+        offer_sdp: String,
+        events: mpsc::Sender<PeerEvent>,
+    ) -> Result<(Peer, String), PeerError> {
+        let setup = |e: webrtc::error::Error| PeerError::Setup(e.to_string());
+        let mut media_engine = MediaEngine::default();
+        let opus = RTCRtpCodec {
+            mime_type: "audio/opus".to_owned(),
+            clock_rate: OPUS_CLOCK_HZ,
+            channels: 2,
+            sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+            rtcp_feedback: vec![],
+        };
+        media_engine
+            .register_codec(
+                RTCRtpCodecParameters { rtp_codec: opus.clone(), payload_type: 111, ..Default::default() },
+                RtpCodecKind::Audio,
+            )
+            .map_err(setup)?;
+        let registry = register_default_interceptors(Registry::new(), &mut media_engine).map_err(setup)?;
+
+        let mut se = SettingEngineBuilder::new()
+            .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(MAX_DC_MESSAGE))
+            .with_include_loopback_candidate(settings.bind_ip.is_loopback());
+        if settings.public_ip != settings.bind_ip {
+            se = se.with_nat_1to1_ips(vec![settings.public_ip.to_string()], RTCIceCandidateType::Host);
+        }
+
+        let (gathered_tx, gathered_rx) = oneshot::channel();
+        let counters = Arc::new(PeerCounters::default());
+        let handler = Arc::new(Forwarder {
+            events: events.clone(),
+            gathered: std::sync::Mutex::new(Some(gathered_tx)),
+            counters: Arc::clone(&counters),
+        });
+        let pc = PeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(media_engine)
+            .with_setting_engine(se.build())
+            .with_interceptor_registry(registry)
+            .with_handler(handler)
+            .with_udp_addrs(vec![std::net::SocketAddr::new(settings.bind_ip, 0)])
+            .with_data_channel_send_buffer_limit(1024 * 1024)
+            .build()
+            .await
+            .map_err(setup)?;
+        let pc: Arc<dyn PeerConnection> = Arc::new(pc);
+
+        let ssrc: u32 = rand::random();
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            "kotodama".to_owned(),
+            "agent-voice".to_owned(),
+            "agent-voice".to_owned(),
+            RtpCodecKind::Audio,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+                codec: opus,
+                ..Default::default()
+            }],
+        )));
+
+        let result = async {
+            let offer = RTCSessionDescription::offer(offer_sdp).map_err(|e| PeerError::Offer(e.to_string()))?;
+            pc.set_remote_description(offer).await.map_err(|e| PeerError::Offer(e.to_string()))?;
+            pc.add_track(Arc::clone(&track) as Arc<dyn TrackLocal>).await.map_err(setup)?;
+            let answer = pc.create_answer(None).await.map_err(|e| PeerError::Offer(e.to_string()))?;
+            pc.set_local_description(answer).await.map_err(setup)?;
+            // The answer must carry every candidate: wait for gathering (host candidates only,
+            // so this is quick), bounded.
+            let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered_rx).await;
+            let local = pc
+                .local_description()
+                .await
+                .ok_or_else(|| PeerError::Setup("no local description".into()))?;
+            Ok::<String, PeerError>(local.sdp)
+        }
+        .await;
+        let answer = match result {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = pc.close().await;
+                return Err(e);
+            }
+        };
+        let payload_type = opus_payload_type(&answer).unwrap_or(111);
+        Ok((Peer { pc, track, ssrc, payload_type, seq: rand::random(), counters }, answer))
+    }
+
+    /// Send one Opus frame of the character's voice. `timestamp` is in 48 kHz units of the
+    /// playout clock; `marker` starts a talk spurt.
+    pub async fn write_opus(&mut self, payload: &[u8], timestamp: u32, marker: bool) -> Result<(), PeerError> {
+        self.seq = self.seq.wrapping_add(1);
+        let packet = rtp::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                marker,
+                payload_type: self.payload_type,
+                sequence_number: self.seq,
+                timestamp,
+                ssrc: self.ssrc,
+                ..Default::default()
+            },
+            payload: Bytes::copy_from_slice(payload),
+        };
+        self.track.write_rtp(packet).await.map_err(|e| PeerError::Setup(e.to_string()))
+    }
+
+    /// Add a remote candidate trickled by the client.
+    pub async fn add_candidate(&self, candidate: RTCIceCandidateInit) -> Result<(), PeerError> {
+        self.pc.add_ice_candidate(candidate).await.map_err(|e| PeerError::Offer(e.to_string()))
+    }
+
+    /// The ICE ufrag of the client's current offer (for trickle validation).
+    pub async fn remote_ufrag(&self) -> Option<String> {
+        let sdp = self.pc.remote_description().await?.sdp;
+        sdp.lines().find_map(|l| l.trim().strip_prefix("a=ice-ufrag:").map(|s| s.trim().to_owned()))
+    }
+
+    /// The forwarding counters.
+    pub fn counters(&self) -> &Arc<PeerCounters> {
+        &self.counters
+    }
+
+    /// Close the connection (idempotent).
+    pub async fn close(&self) {
+        let _ = self.pc.close().await;
+    }
+}
+
+/// The `a=rtpmap:<pt> opus/48000` payload type of an SDP.
+fn opus_payload_type(sdp: &str) -> Option<u8> {
+    sdp.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("a=rtpmap:")?;
+        let (pt, codec) = rest.split_once(' ')?;
+        codec.to_ascii_lowercase().starts_with("opus/48000").then(|| pt.parse().ok()).flatten()
+    })
+}
+
+/// The peer's event handler: forwards, never computes, never blocks.
+struct Forwarder {
+    events: mpsc::Sender<PeerEvent>,
+    gathered: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+    counters: Arc<PeerCounters>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Forwarder {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete
+            && let Some(tx) = self.gathered.lock().unwrap_or_else(|p| p.into_inner()).take()
+        {
+            let _ = tx.send(());
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        // State changes are rare and must not be lost, but the driver must never wait on the
+        // session task: hand the send to a task of its own.
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let _ = events.send(PeerEvent::State(state)).await;
+        });
+    }
+
+    async fn on_data_channel(&self, dc: Arc<dyn DataChannel>) {
+        // Everything that talks to the driver happens in a task: awaiting it here would stall it.
+        let events = self.events.clone();
+        let counters = Arc::clone(&self.counters);
+        tokio::spawn(async move {
+            let label = dc.label().await.unwrap_or_default();
+            if label != EVENTS_LABEL {
+                tracing::debug!(%label, "ignoring data channel with an unknown label");
+                return;
+            }
+            while let Some(ev) = dc.poll().await {
+                match ev {
+                    DataChannelEvent::OnOpen => {
+                        if events.send(PeerEvent::ChannelOpen(Arc::clone(&dc))).await.is_err() {
+                            break;
+                        }
+                    }
+                    DataChannelEvent::OnMessage(msg) => {
+                        if events.try_send(PeerEvent::Message(msg.data)).is_err() {
+                            counters.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    DataChannelEvent::OnClose => {
+                        let _ = events.send(PeerEvent::ChannelClosed).await;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let events = self.events.clone();
+        let counters = Arc::clone(&self.counters);
+        tokio::spawn(async move {
+            if track.kind().await != RtpCodecKind::Audio {
+                return;
+            }
+            while let Some(ev) = track.poll().await {
+                match ev {
+                    TrackRemoteEvent::OnRtpPacket(p) => {
+                        let ev = PeerEvent::Rtp {
+                            arrival: Instant::now(),
+                            seq: p.header.sequence_number,
+                            timestamp: p.header.timestamp,
+                            payload: p.payload,
+                        };
+                        match events.try_send(ev) {
+                            Ok(()) => {
+                                counters.rtp_in.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                counters.rtp_dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => break,
+                        }
+                    }
+                    TrackRemoteEvent::OnEnded => break,
+                    _ => {}
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_negotiated_opus_payload_type() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 109 0\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:109 opus/48000/2\r\n";
+        assert_eq!(opus_payload_type(sdp), Some(109));
+        assert_eq!(opus_payload_type("v=0\r\n"), None);
+    }
+}

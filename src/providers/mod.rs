@@ -1,0 +1,196 @@
+//! Realtime model sessions behind one trait.
+//!
+//! A provider turns the user's audio (and typed text) into the character's speech. Every provider,
+//! whether a speech-to-speech WebSocket API or a local cascade, is driven the same way: the session
+//! task sends [`ProviderCommand`]s and receives [`ProviderEvent`]s over two bounded channels. What a
+//! provider can do (server-side turn detection, truncation, transcripts, tools, a maximum session
+//! length) is declared in [`Capabilities`], so the session task decides, for example, whether our
+//! own VAD commits the user's turn.
+//!
+//! Provider sessions are fallible and may end at any time; the session task treats
+//! [`ProviderEvent::Closed`] and a closed event channel alike.
+
+pub mod scripted;
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+
+/// Capacity of the command channel into a provider session. Audio is sent every 20 ms; when the
+/// provider falls behind by more than this many commands, the session task drops uplink audio and
+/// counts it (it never blocks the media path).
+pub const COMMAND_CHANNEL_CAPACITY: usize = 64;
+/// Capacity of the event channel out of a provider session. A provider that produces audio faster
+/// than real time is held back here: the session task only reads events while playout has room.
+pub const EVENT_CHANNEL_CAPACITY: usize = 32;
+
+pub use media::Pcm;
+
+/// The audio format a provider takes as input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AudioFormat {
+    /// Samples per second, mono s16.
+    pub rate_hz: u32,
+}
+
+/// What a provider can do; the session task adapts to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The provider detects the end of the user's turn itself. When false, our VAD commits turns
+    /// with [`ProviderCommand::CommitTurn`].
+    pub server_vad: bool,
+    /// The provider can truncate the agent's last item to what the user heard.
+    pub truncation: bool,
+    /// The provider transcribes the user's speech.
+    pub user_transcripts: bool,
+    /// The provider can call tools.
+    pub tools: bool,
+    /// The longest a provider session may last before it must be recycled (None: unbounded).
+    pub max_session: Option<Duration>,
+}
+
+/// The configuration a provider session starts with.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// The kotodama session id (for logs and provider-side tracing).
+    pub session_id: String,
+    /// The character's id.
+    pub character_id: String,
+    /// The character's display name.
+    pub character_name: String,
+    /// System instructions (persona).
+    pub instructions: String,
+    /// The voice to speak with.
+    pub voice: String,
+    /// Language tag, e.g. `en-US`.
+    pub language: String,
+}
+
+/// Commands from the session task to a provider session.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ProviderCommand {
+    /// User audio at the provider's input rate.
+    AppendAudio(Pcm),
+    /// Our VAD decided the user's turn ended: answer it.
+    CommitTurn,
+    /// A typed user message: answer it.
+    Text(String),
+    /// Stop generating the current response (barge-in or the client's `interrupt`).
+    Cancel,
+    /// Cut the agent item to what the user heard, so the model's context holds only that.
+    Truncate {
+        /// The agent item that was cut.
+        item_id: String,
+        /// Milliseconds of that item's audio the user actually received.
+        audio_end: Duration,
+    },
+    /// End the provider session.
+    Close,
+}
+
+/// Who said something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaker {
+    /// The human.
+    User,
+    /// The character.
+    Agent,
+}
+
+/// Events from a provider session to the session task.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ProviderEvent {
+    /// The provider session is ready for audio.
+    Ready,
+    /// A chunk of the agent's speech for `item_id`.
+    AudioDelta {
+        /// The agent item (one reply) this audio belongs to.
+        item_id: String,
+        /// The audio, at whatever rate the provider produces.
+        pcm: Pcm,
+    },
+    /// The agent item's audio is complete.
+    AudioDone {
+        /// The finished item.
+        item_id: String,
+    },
+    /// Transcript text (cumulative for partials).
+    Transcript {
+        /// Whose words.
+        speaker: Speaker,
+        /// The item the text belongs to.
+        item_id: String,
+        /// Cumulative text so far, or the final text.
+        text: String,
+        /// Whether this is the one final transcript of the utterance.
+        is_final: bool,
+    },
+    /// The character's emotion changed.
+    Emotion {
+        /// The item it belongs to, if any.
+        item_id: Option<String>,
+        /// An emotion name from the documented set.
+        emotion: String,
+    },
+    /// The provider's own VAD heard the user start speaking (barge-in when we have not already).
+    UserSpeechStarted,
+    /// The provider's response for `item_id` is complete (audio and text).
+    ResponseDone {
+        /// The finished item.
+        item_id: String,
+    },
+    /// Something went wrong; `retryable` says whether reconnecting may help.
+    Error {
+        /// Short machine-readable code.
+        code: String,
+        /// Human-readable message.
+        message: String,
+        /// Whether a reconnect may help.
+        retryable: bool,
+    },
+    /// The provider session ended.
+    Closed,
+}
+
+/// The two ends of a live provider session.
+pub struct ProviderSession {
+    /// Commands into the provider.
+    pub commands: mpsc::Sender<ProviderCommand>,
+    /// Events out of the provider.
+    pub events: mpsc::Receiver<ProviderEvent>,
+}
+
+/// Why a provider session could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderError {
+    /// The provider is misconfigured (missing key, bad URL): not retryable.
+    #[error("provider configuration: {0}")]
+    Config(String),
+    /// The provider could not be reached or failed: retryable.
+    #[error("provider unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl ProviderError {
+    /// Whether trying again later may succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(self, ProviderError::Unavailable(_))
+    }
+}
+
+/// A realtime speech model: makes provider sessions.
+pub trait RealtimeProvider: Send + Sync {
+    /// The provider's name as used in the API (`scripted`, `openai`, ...).
+    fn name(&self) -> &str;
+    /// What this provider can do.
+    fn capabilities(&self) -> Capabilities;
+    /// The input audio format it expects.
+    fn input_format(&self) -> AudioFormat;
+    /// Open a provider session.
+    fn connect(&self, cfg: SessionConfig)
+    -> BoxFuture<'static, Result<ProviderSession, ProviderError>>;
+}

@@ -1,0 +1,626 @@
+//! Sessions: the registry of this node's sessions and the task that runs each live one.
+//!
+//! A session is created by `POST /v1/sessions` (state `created`), becomes live when its offer is
+//! answered (a [`task::SessionTask`] is spawned, `connecting` then `connected`), and ends exactly
+//! once with an [`EndReason`] (`ended`). Ended sessions stay queryable for a while
+//! (`GET /v1/sessions/{id}`, transcript) and are then evicted; durable storage is its own layer.
+
+pub(crate) mod task;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use signaling::events::{AgentState, Role};
+use tokio::sync::{mpsc, oneshot};
+use webrtc::peer_connection::RTCIceCandidateInit;
+
+use crate::config::{Character, Config};
+use crate::peer::{Peer, PeerSettings};
+use crate::providers::{RealtimeProvider, SessionConfig};
+
+/// Capacity of the channel from the peer's callbacks to the session task: ~1 s of RTP plus
+/// data-channel messages. When full, the callbacks drop RTP and count it.
+const PEER_CHANNEL_CAPACITY: usize = 64;
+/// Capacity of the control channel (end, trickled candidates).
+const CONTROL_CHANNEL_CAPACITY: usize = 32;
+/// Ended sessions stay queryable this long.
+const ENDED_RETENTION: Duration = Duration::from_secs(3600);
+/// At most this many candidates per trickle request.
+const MAX_TRICKLE_CANDIDATES: usize = 64;
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EndReason {
+    /// The client sent DELETE.
+    ClientEnded,
+    /// The peer connection failed (ICE consent expired or DTLS failed).
+    PeerFailed,
+    /// The peer closed the connection.
+    PeerClosed,
+    /// The session reached its maximum duration.
+    MaxDuration,
+    /// No offer arrived in time.
+    ConnectTimeout,
+    /// The provider session ended and could not continue.
+    ProviderClosed,
+    /// The server shut down.
+    Shutdown,
+}
+
+impl EndReason {
+    /// The `end_reason` string of the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::ClientEnded => "client_ended",
+            EndReason::PeerFailed => "peer_failed",
+            EndReason::PeerClosed => "peer_closed",
+            EndReason::MaxDuration => "max_duration",
+            EndReason::ConnectTimeout => "connect_timeout",
+            EndReason::ProviderClosed => "provider_closed",
+            EndReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Commands to a live session task.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// End the session.
+    End(EndReason),
+    /// A remote ICE candidate from PATCH.
+    Trickle(RTCIceCandidateInit),
+}
+
+/// The lifecycle phase of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Created, waiting for the offer.
+    Created,
+    /// Offer answered, ICE/DTLS in progress.
+    Connecting,
+    /// Media flowing.
+    Connected,
+    /// Over.
+    Ended,
+}
+
+impl Phase {
+    /// The `state` string of `GET /v1/sessions/{id}`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Created => "created",
+            Phase::Connecting => "connecting",
+            Phase::Connected => "connected",
+            Phase::Ended => "ended",
+        }
+    }
+}
+
+/// One stored turn of the transcript.
+#[derive(Debug, Clone)]
+pub struct Turn {
+    /// Sequence number within the session, from 1.
+    pub seq: u64,
+    /// Who spoke.
+    pub role: Role,
+    /// What was said (for an interrupted agent turn: what was heard).
+    pub text: String,
+    /// Whether barge-in cut the turn.
+    pub interrupted: bool,
+    /// When it was stored.
+    pub at: SystemTime,
+}
+
+/// What the manager and the session task share about one session.
+#[derive(Debug)]
+pub struct SessionShared {
+    /// Session id.
+    pub id: String,
+    /// Character id.
+    pub character: String,
+    /// Provider name.
+    pub provider: String,
+    /// Creation time.
+    pub created_at: SystemTime,
+    created_instant: Instant,
+    state: Mutex<SharedState>,
+}
+
+#[derive(Debug)]
+struct SharedState {
+    phase: Phase,
+    agent_state: AgentState,
+    ended_at: Option<SystemTime>,
+    ended_instant: Option<Instant>,
+    end_reason: Option<EndReason>,
+    turns: Vec<Turn>,
+    /// The live task's handles, while live.
+    live: Option<LiveHandle>,
+}
+
+#[derive(Debug)]
+struct LiveHandle {
+    peer_id: String,
+    etag: String,
+    control: mpsc::Sender<Control>,
+    done: Option<oneshot::Receiver<()>>,
+}
+
+/// A snapshot of a session for the API.
+#[derive(Debug, Clone)]
+pub struct SessionSnapshot {
+    /// Session id.
+    pub id: String,
+    /// Lifecycle phase.
+    pub phase: Phase,
+    /// The agent's conversational state.
+    pub agent_state: AgentState,
+    /// Character id.
+    pub character: String,
+    /// Provider name.
+    pub provider: String,
+    /// Creation time.
+    pub created_at: SystemTime,
+    /// End time.
+    pub ended_at: Option<SystemTime>,
+    /// Why it ended.
+    pub end_reason: Option<EndReason>,
+}
+
+impl SessionShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SharedState> {
+        // Only plain data is behind this lock; a panic while holding it cannot break invariants
+        // that matter more than keeping the node up.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_agent_state(&self, s: AgentState) {
+        self.lock().agent_state = s;
+    }
+
+    pub(crate) fn mark_connected(&self) {
+        let mut st = self.lock();
+        if st.phase == Phase::Connecting {
+            st.phase = Phase::Connected;
+        }
+    }
+
+    /// Store a final utterance (empty text is not stored).
+    pub(crate) fn push_turn(&self, role: Role, text: &str, interrupted: bool) {
+        let text = text.trim();
+        if text.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        let seq = st.turns.len() as u64 + 1;
+        st.turns.push(Turn { seq, role, text: text.to_owned(), interrupted, at: SystemTime::now() });
+    }
+
+    fn end(&self, reason: EndReason) -> bool {
+        let mut st = self.lock();
+        if st.phase == Phase::Ended {
+            return false;
+        }
+        st.phase = Phase::Ended;
+        st.end_reason = Some(reason);
+        st.ended_at = Some(SystemTime::now());
+        st.ended_instant = Some(Instant::now());
+        st.live = None;
+        true
+    }
+
+    /// A snapshot for the API.
+    pub fn snapshot(&self) -> SessionSnapshot {
+        let st = self.lock();
+        SessionSnapshot {
+            id: self.id.clone(),
+            phase: st.phase,
+            agent_state: st.agent_state,
+            character: self.character.clone(),
+            provider: self.provider.clone(),
+            created_at: self.created_at,
+            ended_at: st.ended_at,
+            end_reason: st.end_reason,
+        }
+    }
+
+    /// The stored transcript.
+    pub fn turns(&self) -> Vec<Turn> {
+        self.lock().turns.clone()
+    }
+}
+
+/// Errors of session operations, mapped to HTTP statuses by the API layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// No such session.
+    #[error("unknown session")]
+    NotFound,
+    /// The session has ended.
+    #[error("session already ended")]
+    Ended,
+    /// The session is already connected (or connecting).
+    #[error("session already connected")]
+    AlreadyConnected,
+    /// No such character.
+    #[error("unknown character `{0}`")]
+    UnknownCharacter(String),
+    /// No such provider.
+    #[error("unknown provider `{0}`")]
+    UnknownProvider(String),
+    /// The node is draining.
+    #[error("server is shutting down")]
+    Draining,
+    /// The node is at its session limit.
+    #[error("server is at its session limit")]
+    AtCapacity,
+    /// The WebRTC stack rejected the offer.
+    #[error("offer rejected: {0}")]
+    BadOffer(String),
+    /// The provider could not be reached.
+    #[error("model provider unavailable: {0}")]
+    ProviderUnavailable(String),
+    /// Local failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The peer id or ETag does not match.
+    #[error("unknown peer")]
+    UnknownPeer,
+    /// If-Match does not match the current ETag.
+    #[error("stale ETag")]
+    StaleEtag,
+    /// ICE restart is not supported yet.
+    #[error("ICE restart is not supported yet")]
+    IceRestartUnsupported,
+}
+
+/// Media pipeline settings for new sessions, derived from the configuration.
+#[derive(Debug, Clone)]
+struct MediaDefaults {
+    vad: media::VadConfig,
+    encoder: media::EncoderConfig,
+}
+
+/// This node's sessions.
+pub struct SessionManager {
+    config: Arc<Config>,
+    characters: Vec<Character>,
+    providers: HashMap<String, Arc<dyn RealtimeProvider>>,
+    default_provider: String,
+    sessions: Mutex<HashMap<String, Arc<SessionShared>>>,
+    draining: AtomicBool,
+    peer_settings: PeerSettings,
+    media: MediaDefaults,
+}
+
+impl SessionManager {
+    /// A manager for `config` with these providers (by name).
+    pub fn new(config: Arc<Config>, providers: Vec<Arc<dyn RealtimeProvider>>) -> Arc<Self> {
+        let providers: HashMap<String, Arc<dyn RealtimeProvider>> =
+            providers.into_iter().map(|p| (p.name().to_owned(), p)).collect();
+        let default_provider = config.provider_name().to_owned();
+        let peer_settings = PeerSettings { bind_ip: config.bind.ip(), public_ip: config.advertised_ip() };
+        let m = &config.media;
+        let media = MediaDefaults {
+            vad: media::VadConfig {
+                mode: match m.vad_mode {
+                    0 => media::VadMode::Quality,
+                    1 => media::VadMode::LowBitrate,
+                    2 => media::VadMode::Aggressive,
+                    _ => media::VadMode::VeryAggressive,
+                },
+                min_speech: Duration::from_millis(m.min_speech_ms),
+                min_silence: Duration::from_millis(m.min_silence_ms),
+                ..Default::default()
+            },
+            encoder: media::EncoderConfig { bitrate_bps: m.opus_bitrate, complexity: m.opus_complexity, ..Default::default() },
+        };
+        Arc::new(Self {
+            characters: config.characters(),
+            config,
+            providers,
+            default_provider,
+            sessions: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            peer_settings,
+            media,
+        })
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<SessionShared>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The configured characters.
+    pub fn characters(&self) -> &[Character] {
+        &self.characters
+    }
+
+    /// Whether new sessions are accepted.
+    pub fn accepting(&self) -> bool {
+        !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Sessions not yet ended.
+    pub fn live_count(&self) -> usize {
+        self.map().values().filter(|s| s.lock().phase != Phase::Ended).count()
+    }
+
+    /// Look a session up.
+    pub fn get(&self, id: &str) -> Option<Arc<SessionShared>> {
+        self.map().get(id).cloned()
+    }
+
+    /// Create a session (state `created`).
+    pub fn create(&self, character: Option<&str>, provider: Option<&str>) -> Result<Arc<SessionShared>, SessionError> {
+        if !self.accepting() {
+            return Err(SessionError::Draining);
+        }
+        let character = match character {
+            Some(id) => self
+                .characters
+                .iter()
+                .find(|c| c.id == id)
+                .ok_or_else(|| SessionError::UnknownCharacter(id.to_owned()))?,
+            None => self.characters.first().ok_or_else(|| SessionError::UnknownCharacter(String::new()))?,
+        };
+        let provider = provider.unwrap_or(&self.default_provider);
+        if !self.providers.contains_key(provider) {
+            return Err(SessionError::UnknownProvider(provider.to_owned()));
+        }
+        self.sweep();
+        if self.live_count() >= self.config.session.max_sessions {
+            return Err(SessionError::AtCapacity);
+        }
+        let shared = Arc::new(SessionShared {
+            id: signaling::id::new_session_id(),
+            character: character.id.clone(),
+            provider: provider.to_owned(),
+            created_at: SystemTime::now(),
+            created_instant: Instant::now(),
+            state: Mutex::new(SharedState {
+                phase: Phase::Created,
+                agent_state: AgentState::Initializing,
+                ended_at: None,
+                ended_instant: None,
+                end_reason: None,
+                turns: Vec::new(),
+                live: None,
+            }),
+        });
+        self.map().insert(shared.id.clone(), Arc::clone(&shared));
+        Ok(shared)
+    }
+
+    /// Expire sessions that never connected and forget long-ended ones.
+    pub fn sweep(&self) {
+        let connect_timeout = Duration::from_secs(self.config.session.connect_timeout_secs);
+        let mut map = self.map();
+        map.retain(|_, s| {
+            let mut st = s.lock();
+            if st.phase == Phase::Created && s.created_instant.elapsed() > connect_timeout {
+                drop(st);
+                s.end(EndReason::ConnectTimeout);
+                return true;
+            }
+            if st.phase == Phase::Ended {
+                let old = st.ended_instant.is_some_and(|t| t.elapsed() > ENDED_RETENTION);
+                st.live = None;
+                return !old;
+            }
+            true
+        });
+    }
+
+    /// Answer the offer of session `id`: starts the live session task.
+    /// Returns (answer SDP, peer id, ETag).
+    pub async fn offer(self: &Arc<Self>, id: &str, offer_sdp: String) -> Result<(String, String, String), SessionError> {
+        let shared = self.get(id).ok_or(SessionError::NotFound)?;
+        {
+            let mut st = shared.lock();
+            match st.phase {
+                Phase::Created => st.phase = Phase::Connecting,
+                Phase::Ended => return Err(SessionError::Ended),
+                Phase::Connecting | Phase::Connected => return Err(SessionError::AlreadyConnected),
+            }
+        }
+        match self.start_live(&shared, offer_sdp).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // Let the client try again with a corrected offer.
+                let mut st = shared.lock();
+                if st.phase == Phase::Connecting && st.live.is_none() {
+                    st.phase = Phase::Created;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_live(
+        self: &Arc<Self>,
+        shared: &Arc<SessionShared>,
+        offer_sdp: String,
+    ) -> Result<(String, String, String), SessionError> {
+        let provider = self
+            .providers
+            .get(&shared.provider)
+            .cloned()
+            .ok_or_else(|| SessionError::UnknownProvider(shared.provider.clone()))?;
+        let character = self
+            .characters
+            .iter()
+            .find(|c| c.id == shared.character)
+            .cloned()
+            .ok_or_else(|| SessionError::UnknownCharacter(shared.character.clone()))?;
+        let input_rate_hz = provider.input_format().rate_hz;
+        let uplink = media::Uplink::new(media::UplinkConfig { output_rate_hz: input_rate_hz, vad: self.media.vad, ..Default::default() })
+            .map_err(|e| SessionError::Internal(e.to_string()))?;
+        let playout = media::Playout::new(media::PlayoutConfig { encoder: self.media.encoder, ..Default::default() })
+            .map_err(|e| SessionError::Internal(e.to_string()))?;
+
+        let (peer_tx, peer_rx) = mpsc::channel(PEER_CHANNEL_CAPACITY);
+        let cfg = SessionConfig {
+            session_id: shared.id.clone(),
+            character_id: character.id.clone(),
+            character_name: character.name.clone(),
+            instructions: character.persona.clone(),
+            voice: character.voice.clone(),
+            language: character.language.clone(),
+        };
+        // Open the model session and the peer concurrently: the client waits for both.
+        let (provider_session, answered) =
+            tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer_sdp, peer_tx));
+        let (peer, answer) = answered.map_err(|e| match e {
+            crate::peer::PeerError::Offer(m) => SessionError::BadOffer(m),
+            other => SessionError::Internal(other.to_string()),
+        })?;
+        let provider_session = match provider_session {
+            Ok(p) => p,
+            Err(e) => {
+                peer.close().await;
+                return Err(SessionError::ProviderUnavailable(e.to_string()));
+            }
+        };
+
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
+        let (done_tx, done_rx) = oneshot::channel();
+        let peer_id = signaling::id::new_peer_id();
+        let etag = format!("\"{}\"", signaling::id::new_id("e"));
+        let start = Instant::now();
+        let task = task::SessionTask {
+            shared: Arc::clone(shared),
+            start,
+            deadline: shared.created_instant + self.config.session.max_duration(),
+            peer,
+            peer_rx,
+            control_rx,
+            provider: provider_session,
+            provider_name: provider.name().to_owned(),
+            caps: provider.capabilities(),
+            uplink,
+            playout,
+            barge_in: media::BargeIn::default(),
+        };
+        {
+            let mut st = shared.lock();
+            if st.phase == Phase::Ended {
+                // Ended (DELETE or shutdown) while we were connecting.
+                drop(st);
+                let _ = control_tx.try_send(Control::End(EndReason::ClientEnded));
+                tokio::spawn(task.run());
+                return Err(SessionError::Ended);
+            }
+            st.live = Some(LiveHandle { peer_id: peer_id.clone(), etag: etag.clone(), control: control_tx, done: Some(done_rx) });
+        }
+        let shared2 = Arc::clone(shared);
+        tokio::spawn(async move {
+            let reason = task.run().await;
+            shared2.end(reason);
+            let _ = done_tx.send(());
+        });
+        tracing::info!(session_id = %shared.id, peer_id = %peer_id, provider = %shared.provider, "session live");
+        Ok((answer, peer_id, etag))
+    }
+
+    /// End session `id` (optionally only if `peer_id` matches) and wait, bounded, until its task
+    /// has released everything.
+    pub async fn end(&self, id: &str, peer_id: Option<&str>, reason: EndReason) -> Result<(), SessionError> {
+        let shared = self.get(id).ok_or(SessionError::NotFound)?;
+        let (control, done) = {
+            let mut st = shared.lock();
+            if st.phase == Phase::Ended {
+                return Err(SessionError::Ended);
+            }
+            match st.live.as_mut() {
+                Some(live) => {
+                    if peer_id.is_some_and(|p| p != live.peer_id) {
+                        return Err(SessionError::UnknownPeer);
+                    }
+                    (Some(live.control.clone()), live.done.take())
+                }
+                None => (None, None),
+            }
+        };
+        match control {
+            Some(control) => {
+                let _ = control.send(Control::End(reason)).await;
+                if let Some(done) = done {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
+                }
+                // The task marks the end itself; make sure even if it was stuck.
+                shared.end(reason);
+            }
+            None => {
+                if peer_id.is_some() {
+                    return Err(SessionError::UnknownPeer);
+                }
+                shared.end(reason);
+            }
+        }
+        Ok(())
+    }
+
+    /// Hand trickled candidates to a live session. `if_match` is the client's ETag.
+    pub async fn trickle(
+        &self,
+        id: &str,
+        peer_id: &str,
+        if_match: &str,
+        candidates: Vec<RTCIceCandidateInit>,
+    ) -> Result<(), SessionError> {
+        let shared = self.get(id).ok_or(SessionError::NotFound)?;
+        let control = {
+            let st = shared.lock();
+            if st.phase == Phase::Ended {
+                return Err(SessionError::NotFound);
+            }
+            let live = st.live.as_ref().ok_or(SessionError::UnknownPeer)?;
+            if live.peer_id != peer_id {
+                return Err(SessionError::UnknownPeer);
+            }
+            if if_match.trim() == "*" {
+                return Err(SessionError::IceRestartUnsupported);
+            }
+            if !etag_matches(if_match, &live.etag) {
+                return Err(SessionError::StaleEtag);
+            }
+            live.control.clone()
+        };
+        for c in candidates.into_iter().take(MAX_TRICKLE_CANDIDATES) {
+            if control.try_send(Control::Trickle(c)).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Start draining: refuse new sessions, end live ones, wait up to `grace` for them.
+    pub async fn drain(&self, grace: Duration) {
+        self.draining.store(true, Ordering::SeqCst);
+        let ids: Vec<String> = self.map().keys().cloned().collect();
+        let ends = ids.iter().map(|id| self.end(id, None, EndReason::Shutdown));
+        let _ = tokio::time::timeout(grace, futures::future::join_all(ends)).await;
+    }
+}
+
+/// `If-Match` may list several ETags, weak or strong.
+fn etag_matches(if_match: &str, etag: &str) -> bool {
+    if_match.split(',').map(|t| t.trim().trim_start_matches("W/")).any(|t| t == etag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_match_accepts_lists_and_weak_tags() {
+        assert!(etag_matches("\"a\"", "\"a\""));
+        assert!(etag_matches("\"x\", W/\"a\"", "\"a\""));
+        assert!(!etag_matches("\"b\"", "\"a\""));
+    }
+}

@@ -1,0 +1,393 @@
+//! The task that owns one live session.
+//!
+//! It owns, by value, the uplink pipeline (decode, VAD, resample), the playout (resample, encode,
+//! pacing), the provider session and the peer, and `select!`s over: control (end, trickle), the
+//! playout clock, the peer's forwarded events, the provider's events and the session deadline.
+//! Provider events are only read while playout has room, so a provider that streams faster than
+//! real time is held back by its bounded channel instead of filling memory.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use media::{BargeIn, Playout, Uplink, UplinkEvent};
+use signaling::events::{AgentState, ClientEvent, Role, ServerEvent};
+use tokio::sync::mpsc;
+use webrtc::data_channel::DataChannel;
+use webrtc::peer_connection::RTCPeerConnectionState;
+
+use super::{Control, EndReason, SessionShared};
+use crate::peer::{Peer, PeerEvent};
+use crate::providers::{Capabilities, Pcm, ProviderCommand, ProviderEvent, ProviderSession, Speaker};
+
+/// Largest Opus frame we produce (20 ms at <= 510 kbit/s is < 1300 bytes).
+const MAX_OPUS_FRAME: usize = 1500;
+/// Playout holds at most this much audio before the provider is held back.
+const PLAYOUT_HEADROOM: Duration = Duration::from_millis(500);
+
+/// Everything the task needs, built by the manager when the offer is answered.
+pub(crate) struct SessionTask {
+    pub shared: Arc<SessionShared>,
+    pub start: Instant,
+    pub deadline: Instant,
+    pub peer: Peer,
+    pub peer_rx: mpsc::Receiver<PeerEvent>,
+    pub control_rx: mpsc::Receiver<Control>,
+    pub provider: ProviderSession,
+    pub provider_name: String,
+    pub caps: Capabilities,
+    pub uplink: Uplink,
+    pub playout: Playout,
+    pub barge_in: BargeIn,
+}
+
+/// Mutable per-session state outside the media parts.
+struct Conversation {
+    dc: Option<Arc<dyn DataChannel>>,
+    ready_sent: bool,
+    provider_ready: bool,
+    state: AgentState,
+    /// The agent item currently being played, with the transcript released so far.
+    agent_item: Option<String>,
+    agent_text: String,
+    /// An item we cut: its late audio and transcript are dropped.
+    cancelled_item: Option<String>,
+    /// The provider said the response is complete; we go back to listening when playout drains.
+    response_done: bool,
+    uplink_dropped: u64,
+    events_dropped: u64,
+}
+
+impl SessionTask {
+    /// Run until the session ends; returns why it ended.
+    pub async fn run(mut self) -> EndReason {
+        let mut conv = Conversation {
+            dc: None,
+            ready_sent: false,
+            provider_ready: false,
+            state: AgentState::Initializing,
+            agent_item: None,
+            agent_text: String::new(),
+            cancelled_item: None,
+            response_done: false,
+            uplink_dropped: 0,
+            events_dropped: 0,
+        };
+        let mut frame = [0u8; MAX_OPUS_FRAME];
+        let deadline = tokio::time::Instant::from_std(self.deadline);
+        let reason = loop {
+            let next_due = self.playout.next_due().map(|d| tokio::time::Instant::from_std(self.start + d));
+            let provider_room = self.playout.has_room_for(PLAYOUT_HEADROOM);
+            tokio::select! {
+                biased;
+                ctl = self.control_rx.recv() => match ctl {
+                    Some(Control::End(reason)) => break reason,
+                    Some(Control::Trickle(c)) => {
+                        if let Err(e) = self.peer.add_candidate(c).await {
+                            tracing::debug!(session_id = %self.shared.id, error = %e, "trickled candidate rejected");
+                        }
+                    }
+                    None => break EndReason::Shutdown,
+                },
+                _ = sleep_until_opt(next_due) => {
+                    self.pace(&mut conv, &mut frame).await;
+                }
+                ev = self.peer_rx.recv() => {
+                    let Some(ev) = ev else { break EndReason::PeerFailed };
+                    if let Some(reason) = self.on_peer_event(&mut conv, ev).await { break reason; }
+                }
+                ev = self.provider.events.recv(), if provider_room => {
+                    match ev {
+                        Some(ev) => self.on_provider_event(&mut conv, ev).await,
+                        None => break EndReason::ProviderClosed,
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => break EndReason::MaxDuration,
+            }
+        };
+        let _ = self.provider.commands.try_send(ProviderCommand::Close);
+        if let Some(dc) = conv.dc.take() {
+            let _ = dc.close().await;
+        }
+        self.peer.close().await;
+        let c = self.peer.counters();
+        tracing::info!(
+            session_id = %self.shared.id,
+            reason = reason.as_str(),
+            rtp_in = c.rtp_in.load(Ordering::Relaxed),
+            rtp_dropped = c.rtp_dropped.load(Ordering::Relaxed),
+            uplink_to_provider_dropped = conv.uplink_dropped,
+            events_dropped = conv.events_dropped,
+            "session ended"
+        );
+        reason
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl SessionTask {
+    /// Media time: since the session's start.
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn ms(d: Duration) -> u64 {
+        d.as_millis() as u64
+    }
+
+    /// Send an event on the data channel; never blocks (a full channel drops and counts).
+    async fn emit(&mut self, conv: &mut Conversation, ev: ServerEvent) {
+        let Some(dc) = &conv.dc else { return };
+        if dc.try_send_text(&ev.to_json()).await.is_err() {
+            conv.events_dropped += 1;
+        }
+    }
+
+    async fn set_state(&mut self, conv: &mut Conversation, state: AgentState) {
+        if conv.state != state {
+            conv.state = state;
+            self.shared.set_agent_state(state);
+            self.emit(conv, ServerEvent::State { state }).await;
+        }
+    }
+
+    /// Send `session.ready` and go to listening once both the channel and the provider are up.
+    async fn maybe_ready(&mut self, conv: &mut Conversation) {
+        if conv.ready_sent || conv.dc.is_none() {
+            return;
+        }
+        conv.ready_sent = true;
+        let ready = ServerEvent::SessionReady {
+            session_id: self.shared.id.clone(),
+            protocol: signaling::events::PROTOCOL_VERSION,
+            character: self.shared.character.clone(),
+            provider: self.provider_name.clone(),
+        };
+        self.emit(conv, ready).await;
+        self.emit(conv, ServerEvent::State { state: AgentState::Initializing }).await;
+        if conv.provider_ready {
+            self.set_state(conv, AgentState::Listening).await;
+        }
+    }
+
+    /// Write the frame that is due, if any.
+    async fn pace(&mut self, conv: &mut Conversation, buf: &mut [u8]) {
+        let now = self.now();
+        let Some(frame) = self.playout.poll(now, buf) else {
+            self.after_playout_progress(conv).await;
+            return;
+        };
+        let ts = (frame.due.as_micros() as u64 * 48 / 1000) as u32;
+        let marker = frame.talkspurt_start;
+        let len = frame.len;
+        if let Err(e) = self.peer.write_opus(&buf[..len], ts, marker).await {
+            tracing::debug!(session_id = %self.shared.id, error = %e, "writing agent audio failed");
+        }
+        if conv.state != AgentState::Speaking {
+            self.set_state(conv, AgentState::Speaking).await;
+        }
+        self.after_playout_progress(conv).await;
+    }
+
+    /// Back to listening once the reply is complete and fully played.
+    async fn after_playout_progress(&mut self, conv: &mut Conversation) {
+        if conv.response_done && !self.playout.is_active() {
+            conv.response_done = false;
+            conv.agent_item = None;
+            conv.agent_text.clear();
+            if conv.state == AgentState::Speaking || conv.state == AgentState::Thinking {
+                self.set_state(conv, AgentState::Listening).await;
+            }
+        }
+    }
+
+    /// Cut the agent off: playout cleared, client told, provider told what was heard.
+    async fn interrupt(&mut self, conv: &mut Conversation) {
+        let cut = self.barge_in.interrupt(&mut self.playout);
+        let item_id = match (&cut, &conv.agent_item) {
+            (Some(c), _) => Some((c.item_id.clone(), c.played)),
+            (None, Some(item)) => Some((item.clone(), Duration::ZERO)),
+            (None, None) => None,
+        };
+        let _ = self.provider.commands.try_send(ProviderCommand::Cancel);
+        if let Some((item_id, played)) = item_id {
+            if self.caps.truncation {
+                let _ = self
+                    .provider
+                    .commands
+                    .try_send(ProviderCommand::Truncate { item_id: item_id.clone(), audio_end: played });
+            }
+            let interrupted = ServerEvent::AgentInterrupted { item_id: item_id.clone(), played_ms: Self::ms(played) };
+            self.emit(conv, interrupted).await;
+            // The agent's turn ends with the words that were released while it played.
+            let text = std::mem::take(&mut conv.agent_text);
+            self.shared.push_turn(Role::Agent, &text, true);
+            self.emit(conv, ServerEvent::Transcript { role: Role::Agent, item_id: item_id.clone(), text, is_final: true })
+                .await;
+            conv.cancelled_item = Some(item_id);
+        }
+        conv.agent_item = None;
+        conv.response_done = false;
+        self.set_state(conv, AgentState::Listening).await;
+    }
+
+    async fn on_peer_event(&mut self, conv: &mut Conversation, ev: PeerEvent) -> Option<EndReason> {
+        match ev {
+            PeerEvent::Rtp { seq, payload, .. } => {
+                let now = self.now();
+                self.uplink.push_rtp(now, seq, &payload);
+                self.drain_uplink(conv).await;
+            }
+            PeerEvent::ChannelOpen(dc) => {
+                conv.dc = Some(dc);
+                self.maybe_ready(conv).await;
+            }
+            PeerEvent::Message(bytes) => self.on_client_message(conv, &bytes).await,
+            PeerEvent::ChannelClosed => {
+                conv.dc = None;
+            }
+            PeerEvent::State(state) => match state {
+                RTCPeerConnectionState::Connected => self.shared.mark_connected(),
+                RTCPeerConnectionState::Failed => return Some(EndReason::PeerFailed),
+                RTCPeerConnectionState::Closed => return Some(EndReason::PeerClosed),
+                _ => {}
+            },
+        }
+        None
+    }
+
+    /// Hand everything the uplink produced to the provider and the client.
+    async fn drain_uplink(&mut self, conv: &mut Conversation) {
+        let mut started = false;
+        let mut stopped = None;
+        let mut started_at = Duration::ZERO;
+        while let Some(ev) = self.uplink.poll() {
+            match ev {
+                UplinkEvent::Audio(pcm) => {
+                    let cmd = ProviderCommand::AppendAudio(Pcm { rate_hz: pcm.rate_hz, samples: pcm.samples.to_vec() });
+                    if self.provider.commands.try_send(cmd).is_err() {
+                        conv.uplink_dropped += 1;
+                    }
+                }
+                UplinkEvent::SpeechStarted { at } => {
+                    started = true;
+                    started_at = at;
+                }
+                UplinkEvent::SpeechStopped { at } => stopped = Some(at),
+            }
+        }
+        if started {
+            self.emit(conv, ServerEvent::UserSpeechStarted { at_ms: Self::ms(started_at) }).await;
+            if self.playout.is_active() || conv.state == AgentState::Speaking {
+                self.interrupt(conv).await;
+            }
+        }
+        if let Some(at) = stopped {
+            self.emit(conv, ServerEvent::UserSpeechStopped { at_ms: Self::ms(at) }).await;
+            if !self.caps.server_vad {
+                let _ = self.provider.commands.try_send(ProviderCommand::CommitTurn);
+                self.set_state(conv, AgentState::Thinking).await;
+            }
+        }
+    }
+
+    async fn on_client_message(&mut self, conv: &mut Conversation, bytes: &[u8]) {
+        match signaling::events::parse_client_message(bytes) {
+            Ok(Some(ClientEvent::Ping)) => self.emit(conv, ServerEvent::Pong).await,
+            Ok(Some(ClientEvent::Interrupt)) => {
+                if self.playout.is_active() || conv.agent_item.is_some() {
+                    self.interrupt(conv).await;
+                }
+            }
+            Ok(Some(ClientEvent::Text { text })) => {
+                if self.playout.is_active() {
+                    self.interrupt(conv).await;
+                }
+                self.shared.push_turn(Role::User, &text, false);
+                if self.provider.commands.try_send(ProviderCommand::Text(text)).is_err() {
+                    let ev = ServerEvent::Error { code: "busy".into(), message: "the model is busy; try again".into() };
+                    self.emit(conv, ev).await;
+                } else {
+                    self.set_state(conv, AgentState::Thinking).await;
+                }
+            }
+            Ok(Some(_)) | Ok(None) => {}
+            Err(e) => {
+                let ev = ServerEvent::Error { code: e.code().to_owned(), message: e.to_string() };
+                self.emit(conv, ev).await;
+            }
+        }
+    }
+
+    async fn on_provider_event(&mut self, conv: &mut Conversation, ev: ProviderEvent) {
+        match ev {
+            ProviderEvent::Ready => {
+                conv.provider_ready = true;
+                if conv.ready_sent {
+                    self.set_state(conv, AgentState::Listening).await;
+                }
+            }
+            ProviderEvent::AudioDelta { item_id, pcm } => {
+                if conv.cancelled_item.as_deref() == Some(item_id.as_str()) {
+                    return;
+                }
+                conv.agent_item = Some(item_id.clone());
+                if let Err(e) = self.playout.push(&item_id, media::PcmRef { rate_hz: pcm.rate_hz, samples: &pcm.samples }) {
+                    tracing::warn!(session_id = %self.shared.id, error = %e, "agent audio dropped");
+                }
+            }
+            ProviderEvent::AudioDone { item_id } => {
+                if conv.cancelled_item.as_deref() != Some(item_id.as_str()) {
+                    self.playout.finish_item(&item_id);
+                }
+            }
+            ProviderEvent::Transcript { speaker, item_id, text, is_final } => {
+                if conv.cancelled_item.as_deref() == Some(item_id.as_str()) {
+                    return;
+                }
+                let role = match speaker {
+                    Speaker::User => Role::User,
+                    Speaker::Agent => Role::Agent,
+                };
+                if role == Role::Agent {
+                    conv.agent_text = text.clone();
+                }
+                if is_final {
+                    self.shared.push_turn(role, &text, false);
+                }
+                self.emit(conv, ServerEvent::Transcript { role, item_id, text, is_final }).await;
+            }
+            ProviderEvent::Emotion { item_id, emotion } => {
+                if item_id.is_some() && item_id == conv.cancelled_item {
+                    return;
+                }
+                self.emit(conv, ServerEvent::Emotion { emotion: emotion.parse().unwrap_or(signaling::events::Emotion::Neutral), item_id }).await;
+            }
+            ProviderEvent::UserSpeechStarted => {
+                if self.playout.is_active() {
+                    self.interrupt(conv).await;
+                }
+            }
+            ProviderEvent::ResponseDone { item_id } => {
+                if conv.cancelled_item.as_deref() != Some(item_id.as_str()) {
+                    conv.response_done = true;
+                    self.after_playout_progress(conv).await;
+                }
+            }
+            ProviderEvent::Error { code, message, retryable } => {
+                tracing::warn!(session_id = %self.shared.id, %code, %message, retryable, "provider error");
+                self.emit(conv, ServerEvent::Error { code, message }).await;
+            }
+            ProviderEvent::Closed => {
+                let ev = ServerEvent::Error { code: "provider_closed".into(), message: "the model session ended".into() };
+                self.emit(conv, ev).await;
+            }
+        }
+    }
+}

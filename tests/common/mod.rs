@@ -1,0 +1,399 @@
+//! Test harness: the kotodama server in-process on loopback, and a real webrtc-rs client peer
+//! that speaks Opus (real libopus) and records what it hears and every event it receives.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kotodama::config::Config;
+use kotodama::providers::RealtimeProvider;
+use kotodama::providers::scripted::{ScriptRecorder, ScriptedConfig, ScriptedProvider};
+use kotodama::server::RunningServer;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
+    register_default_interceptors,
+};
+
+pub const SAMPLE_RATE: u32 = 48_000;
+pub const FRAME: usize = 960; // 20 ms at 48 kHz
+
+/// Read a 16-bit mono WAV from tests/data.
+pub fn wav(name: &str) -> (u32, Vec<i16>) {
+    let path = format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    let pcm = media::wav::parse(&bytes).unwrap_or_else(|e| panic!("parsing {path}: {e}"));
+    (pcm.rate_hz, pcm.samples)
+}
+
+/// RMS of a slice.
+pub fn rms(s: &[i16]) -> f64 {
+    if s.is_empty() {
+        return 0.0;
+    }
+    (s.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / s.len() as f64).sqrt()
+}
+
+/// The loudest 100 ms window's RMS.
+pub fn peak_rms(s: &[i16], rate_hz: u32) -> f64 {
+    let w = (rate_hz / 10) as usize;
+    s.chunks(w).map(rms).fold(0.0, f64::max)
+}
+
+/// Start of the first and end of the last 20 ms window whose RMS passes `threshold`.
+pub fn speech_span(s: &[i16], rate_hz: u32, threshold: f64) -> Option<(Duration, Duration)> {
+    let w = (rate_hz / 50) as usize;
+    let voiced: Vec<usize> = s.chunks(w).enumerate().filter(|(_, c)| rms(c) > threshold).map(|(i, _)| i).collect();
+    let first = *voiced.first()?;
+    let last = *voiced.last()?;
+    Some((Duration::from_millis(first as u64 * 20), Duration::from_millis((last as u64 + 1) * 20)))
+}
+
+/// A server in-process with the scripted provider and a recorder of what the provider received.
+pub struct TestServer {
+    pub server: RunningServer,
+    pub recorder: Arc<ScriptRecorder>,
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = Config { bind: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
+        config.scripted.response_delay_ms = 100;
+        tweak(&mut config);
+        config.validate().expect("test config valid");
+        let recorder = Arc::new(ScriptRecorder::default());
+        let mut script = ScriptedConfig::builtin().expect("builtin script");
+        script.response_delay = Duration::from_millis(config.scripted.response_delay_ms);
+        let provider: Arc<dyn RealtimeProvider> =
+            Arc::new(ScriptedProvider::new(script).with_recorder(Arc::clone(&recorder)));
+        let server = kotodama::server::start(config, vec![provider]).await.expect("server starts");
+        let base = format!("http://{}", server.addr());
+        TestServer { server, recorder, base, http: reqwest::Client::new() }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    /// POST /v1/sessions: (session_id, token, offer_url).
+    pub async fn create_session(&self) -> (String, String, String) {
+        let res = self.http.post(format!("{}/v1/sessions", self.base)).json(&serde_json::json!({})).send().await.unwrap();
+        assert_eq!(res.status(), 201, "POST /v1/sessions");
+        let v: Value = res.json().await.unwrap();
+        (
+            v["session_id"].as_str().unwrap().to_owned(),
+            v["token"].as_str().unwrap().to_owned(),
+            v["offer_url"].as_str().unwrap().to_owned(),
+        )
+    }
+}
+
+/// What the client received, in arrival order.
+#[derive(Debug, Clone)]
+pub enum Received {
+    /// An agent audio packet, decoded.
+    Audio { at: Instant, samples: usize, rms: f64, marker: bool },
+    /// A data-channel event.
+    Event { at: Instant, event: Value },
+}
+
+#[derive(Default)]
+pub struct Inbox {
+    pub log: Vec<Received>,
+    pub agent_pcm: Vec<i16>,
+}
+
+/// A real WebRTC client peer.
+pub struct TestClient {
+    pub pc: Arc<dyn PeerConnection>,
+    pub dc: Arc<dyn DataChannel>,
+    pub inbox: Arc<Mutex<Inbox>>,
+    track: Arc<TrackLocalStaticRTP>,
+    ssrc: u32,
+    pt: u8,
+    seq: u16,
+    ts: u32,
+    encoder: opus::Encoder,
+    pub answer: String,
+    pub location: String,
+    pub etag: String,
+    pub sent_samples: usize,
+}
+
+struct ClientHandler {
+    inbox: Arc<Mutex<Inbox>>,
+    gathered: Mutex<Option<oneshot::Sender<()>>>,
+    state_tx: mpsc::UnboundedSender<RTCPeerConnectionState>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for ClientHandler {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete
+            && let Some(tx) = self.gathered.lock().unwrap().take()
+        {
+            let _ = tx.send(());
+        }
+    }
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let _ = self.state_tx.send(state);
+    }
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let inbox = Arc::clone(&self.inbox);
+        tokio::spawn(async move {
+            let mut decoder = opus::Decoder::new(SAMPLE_RATE, opus::Channels::Mono).unwrap();
+            let mut pcm = vec![0i16; 5760];
+            while let Some(ev) = track.poll().await {
+                if let TrackRemoteEvent::OnRtpPacket(p) = ev {
+                    let n = decoder.decode(&p.payload, &mut pcm, false).unwrap_or(0);
+                    let mut ib = inbox.lock().unwrap();
+                    let r = rms(&pcm[..n]);
+                    ib.agent_pcm.extend_from_slice(&pcm[..n]);
+                    ib.log.push(Received::Audio { at: Instant::now(), samples: n, rms: r, marker: p.header.marker });
+                }
+            }
+        });
+    }
+}
+
+pub fn opus_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: "audio/opus".to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+        rtcp_feedback: vec![],
+    }
+}
+
+/// Build a client peer and its offer (with candidates). `with_audio` / `with_dc` allow building
+/// offers the server must reject.
+pub async fn client_offer(
+    with_audio: bool,
+    with_dc: bool,
+) -> (Arc<dyn PeerConnection>, Option<Arc<dyn DataChannel>>, Option<Arc<TrackLocalStaticRTP>>, u32, Arc<Mutex<Inbox>>, String) {
+    let mut me = MediaEngine::default();
+    me.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111, ..Default::default() }, RtpCodecKind::Audio)
+        .unwrap();
+    let registry = register_default_interceptors(Registry::new(), &mut me).unwrap();
+    let inbox = Arc::new(Mutex::new(Inbox::default()));
+    let (gtx, grx) = oneshot::channel();
+    let (state_tx, _state_rx) = mpsc::unbounded_channel();
+    let handler = Arc::new(ClientHandler { inbox: Arc::clone(&inbox), gathered: Mutex::new(Some(gtx)), state_tx });
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(me)
+        .with_setting_engine(SettingEngineBuilder::new().with_include_loopback_candidate(true).build())
+        .with_interceptor_registry(registry)
+        .with_handler(handler)
+        .with_udp_addrs(vec!["127.0.0.1:0".parse::<SocketAddr>().unwrap()])
+        .build()
+        .await
+        .unwrap();
+    let pc: Arc<dyn PeerConnection> = Arc::new(pc);
+    let ssrc: u32 = rand::random();
+    let track = if with_audio {
+        let t = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            "mic".into(),
+            "mic".into(),
+            "mic".into(),
+            RtpCodecKind::Audio,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+                codec: opus_codec(),
+                ..Default::default()
+            }],
+        )));
+        pc.add_track(Arc::clone(&t) as Arc<dyn TrackLocal>).await.unwrap();
+        Some(t)
+    } else {
+        None
+    };
+    let dc = if with_dc { Some(pc.create_data_channel("events", None).await.unwrap()) } else { None };
+    let offer = pc.create_offer(None).await.unwrap();
+    pc.set_local_description(offer).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(3), grx).await;
+    let sdp = pc.local_description().await.unwrap().sdp;
+    (pc, dc, track, ssrc, inbox, sdp)
+}
+
+impl TestClient {
+    /// Create a session on `ts` and connect to it; returns once the offer is answered.
+    pub async fn connect(ts: &TestServer, offer_url: &str, token: &str) -> TestClient {
+        let (pc, dc, track, ssrc, inbox, sdp) = client_offer(true, true).await;
+        let dc = dc.unwrap();
+        let url = format!("{}{}", ts.base, offer_url);
+        let res = ts
+            .http
+            .post(&url)
+            .header("Content-Type", "application/sdp")
+            .header("Authorization", format!("Bearer {token}"))
+            .body(sdp)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        let location = res.headers().get("location").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        let etag = res.headers().get("etag").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        let answer = res.text().await.unwrap();
+        assert_eq!(status, 201, "offer answered: {answer}");
+        pc.set_remote_description(RTCSessionDescription::answer(answer.clone()).unwrap()).await.unwrap();
+
+        // Data-channel reader.
+        let dc2 = Arc::clone(&dc);
+        let inbox2 = Arc::clone(&inbox);
+        tokio::spawn(async move {
+            while let Some(ev) = dc2.poll().await {
+                if let DataChannelEvent::OnMessage(m) = ev {
+                    let v: Value = serde_json::from_slice(&m.data).unwrap_or(Value::Null);
+                    inbox2.lock().unwrap().log.push(Received::Event { at: Instant::now(), event: v });
+                }
+            }
+        });
+        let pt = answer
+            .lines()
+            .find_map(|l| {
+                let rest = l.trim().strip_prefix("a=rtpmap:")?;
+                let (pt, codec) = rest.split_once(' ')?;
+                codec.to_ascii_lowercase().starts_with("opus/48000").then(|| pt.parse().ok()).flatten()
+            })
+            .unwrap_or(111);
+        let mut encoder = opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip).unwrap();
+        encoder.set_inband_fec(true).unwrap();
+        TestClient {
+            pc,
+            dc,
+            inbox,
+            track: track.unwrap(),
+            ssrc,
+            pt,
+            seq: rand::random(),
+            ts: rand::random(),
+            encoder,
+            answer,
+            location,
+            etag,
+            sent_samples: 0,
+        }
+    }
+
+    /// Wait until an event matching `pred` has arrived; returns it.
+    pub async fn wait_event(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.events().into_iter().find(|v| pred(v)) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; events so far: {:#?}", self.events());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Events received so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.inbox
+            .lock()
+            .unwrap()
+            .log
+            .iter()
+            .filter_map(|r| match r {
+                Received::Event { event, .. } => Some(event.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Encode and send one 20 ms frame (960 samples at 48 kHz) as RTP.
+    pub async fn send_frame(&mut self, frame: &[i16]) {
+        let mut out = [0u8; 1500];
+        let n = self.encoder.encode(frame, &mut out).expect("encode");
+        self.send_payload(Bytes::copy_from_slice(&out[..n])).await;
+        self.sent_samples += frame.len();
+    }
+
+    /// Send a raw payload as the next RTP packet (for hostile-input tests).
+    pub async fn send_payload(&mut self, payload: Bytes) {
+        self.seq = self.seq.wrapping_add(1);
+        self.ts = self.ts.wrapping_add(FRAME as u32);
+        let packet = rtp::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                payload_type: self.pt,
+                sequence_number: self.seq,
+                timestamp: self.ts,
+                ssrc: self.ssrc,
+                ..Default::default()
+            },
+            payload,
+        };
+        let _ = self.track.write_rtp(packet).await;
+    }
+
+    /// Send `samples` (48 kHz) in real time, one frame per 20 ms (padded with silence).
+    pub async fn speak(&mut self, samples: &[i16]) {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        for chunk in samples.chunks(FRAME) {
+            tick.tick().await;
+            let mut frame = [0i16; FRAME];
+            frame[..chunk.len()].copy_from_slice(chunk);
+            self.send_frame(&frame).await;
+        }
+    }
+
+    /// Send silence in real time.
+    pub async fn silence(&mut self, d: Duration) {
+        let n = (d.as_millis() as usize / 20) * FRAME;
+        self.speak(&vec![0i16; n]).await;
+    }
+
+    /// Send silence until `pred` holds for the received events (or `timeout`).
+    pub async fn silence_until(&mut self, what: &str, timeout: Duration, pred: impl Fn(&[Value]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            if pred(&self.events()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; events so far: {:#?}", self.events());
+            tick.tick().await;
+            self.send_frame(&[0i16; FRAME]).await;
+        }
+    }
+
+    pub async fn send_text(&self, text: &str) {
+        self.dc.send_text(text).await.expect("data channel send");
+    }
+
+    pub fn log(&self) -> Vec<Received> {
+        self.inbox.lock().unwrap().log.clone()
+    }
+
+    pub async fn close(&self) {
+        let _ = self.pc.close().await;
+    }
+}
+
+/// Number of open file descriptors of this process (sockets included).
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
