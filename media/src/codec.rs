@@ -234,23 +234,28 @@ mod tests {
         assert!((0.7..1.3).contains(&ratio), "decoded energy ratio {ratio}");
     }
 
-    #[test]
-    fn encoder_emits_fec_when_loss_expected() {
-        let mut enc = OpusEncoder::new(EncoderConfig::default()).expect("encoder");
+    fn speech_fec_count(cfg: EncoderConfig) -> (usize, usize) {
+        let pcm = crate::wav::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/user_question.wav")).expect("fixture");
+        let mut enc = OpusEncoder::new(cfg).expect("encoder");
         let mut pkt = [0u8; 1500];
-        let mut with_fec = 0;
-        for k in 0..50 {
-            let len = enc.encode(&tone(FRAME_SAMPLES, k * FRAME_SAMPLES), &mut pkt).expect("encode");
+        let (mut with_fec, mut total) = (0, 0);
+        for frame in pcm.samples.chunks_exact(FRAME_SAMPLES) {
+            let len = enc.encode(frame, &mut pkt).expect("encode");
             with_fec += usize::from(packet_has_fec(&pkt[..len]));
+            total += 1;
         }
-        assert!(with_fec > 40, "only {with_fec}/50 packets carry LBRR");
-        let mut enc = OpusEncoder::new(EncoderConfig { fec: false, ..EncoderConfig::default() }).expect("encoder");
-        let mut with_fec = 0;
-        for k in 0..50 {
-            let len = enc.encode(&tone(FRAME_SAMPLES, k * FRAME_SAMPLES), &mut pkt).expect("encode");
-            with_fec += usize::from(packet_has_fec(&pkt[..len]));
-        }
+        (with_fec, total)
+    }
+
+    #[test]
+    fn encoder_emits_fec_for_speech_only_when_enabled() {
+        let (with_fec, total) = speech_fec_count(EncoderConfig::default());
+        // Silence and the first frames carry no LBRR; the voiced majority does.
+        assert!(with_fec * 10 > total * 6, "only {with_fec}/{total} speech packets carry LBRR");
+        let (with_fec, _) = speech_fec_count(EncoderConfig { fec: false, ..EncoderConfig::default() });
         assert_eq!(with_fec, 0, "FEC off must not produce LBRR");
+        let (with_fec, _) = speech_fec_count(EncoderConfig { expected_loss_pct: 0, ..EncoderConfig::default() });
+        assert_eq!(with_fec, 0, "libopus spends no bits on LBRR at 0 % expected loss");
     }
 
     #[test]

@@ -41,8 +41,8 @@ use crate::ice::IceServer;
 use crate::id::is_valid_id;
 use crate::problem::{ApiError, Reason};
 use crate::sdp::{
-    APPLICATION_SDP, MAX_OFFER_BYTES, MAX_SDPFRAG_BYTES, TRICKLE_ICE_SDPFRAG, parse_trickle_sdpfrag,
-    validate_offer,
+    APPLICATION_SDP, MAX_OFFER_BYTES, MAX_SDPFRAG_BYTES, TRICKLE_ICE_SDPFRAG,
+    parse_trickle_sdpfrag, validate_offer,
 };
 use crate::token::{TokenError, TokenIssuer, VerifyMode};
 
@@ -208,9 +208,7 @@ async fn create_session(
         if !is_json(&headers) {
             return Err(ApiError::unsupported_media_type("application/json"));
         }
-        serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::bad_request("bad_json", format!("invalid session request: {e}"))
-        })?
+        parse_session_request(&bytes)?
     };
     let created = st.host.create_session(request).await?;
     if !is_valid_id(&created.session_id) {
@@ -234,6 +232,17 @@ async fn create_session(
     insert_header(&mut response, LOCATION, &location)?;
     no_store(&mut response);
     Ok(response)
+}
+
+/// A JSON object only: serde would also accept a struct written as an array.
+fn parse_session_request(bytes: &[u8]) -> Result<crate::host::CreateSessionRequest, ApiError> {
+    let bad = |detail: String| ApiError::bad_request("bad_json", detail);
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid session request: {e}")))?;
+    if !value.is_object() {
+        return Err(bad("session request must be a JSON object".to_owned()));
+    }
+    serde_json::from_value(value).map_err(|e| bad(format!("invalid session request: {e}")))
 }
 
 async fn offer(
@@ -281,17 +290,18 @@ async fn trickle(
     let (id, peer_id) = peer_path(path)?;
     authorize_token(&st, &headers, &id, VerifyMode::Manage)?;
     require_content_type(&headers, TRICKLE_ICE_SDPFRAG)?;
-    let if_match = match headers.get(IF_MATCH) {
-        None => {
-            return Err(ApiError::PreconditionRequired(Reason::new(
-                "if_match_required",
-                "PATCH requires If-Match with the peer's ETag (or \"*\" for an ICE restart)",
-            )));
-        }
-        Some(value) => IfMatch::parse(value.to_str().map_err(|_| {
-            ApiError::bad_request("bad_if_match", "If-Match is not visible ASCII")
-        })?),
-    };
+    let if_match =
+        match headers.get(IF_MATCH) {
+            None => {
+                return Err(ApiError::PreconditionRequired(Reason::new(
+                    "if_match_required",
+                    "PATCH requires If-Match with the peer's ETag (or \"*\" for an ICE restart)",
+                )));
+            }
+            Some(value) => IfMatch::parse(value.to_str().map_err(|_| {
+                ApiError::bad_request("bad_if_match", "If-Match is not visible ASCII")
+            })?),
+        };
     let bytes = read_body(body, &headers, st.limits.max_sdpfrag_bytes).await?;
     let frag = parse_trickle_sdpfrag(&bytes)?;
     let request = if if_match == IfMatch::Any && frag.has_credentials() {

@@ -97,7 +97,10 @@ mod tests {
         for wrong in ["", "k", "k12", "key-twO", "key-two "] {
             assert!(!keys.contains(wrong), "{wrong:?} must not match");
         }
-        assert!(!ApiKeys::default().contains(""), "no keys means nothing matches");
+        assert!(
+            !ApiKeys::default().contains(""),
+            "no keys means nothing matches"
+        );
         assert!(!format!("{keys:?}").contains("k1"), "Debug leaked a key");
     }
 

@@ -565,7 +565,10 @@ mod tests {
         );
         let e: Emotion = serde_json::from_str("\"Sad\"").expect("a string is an emotion");
         assert_eq!(e, Emotion::Sad);
-        assert!(serde_json::from_str::<Emotion>("\"\"").is_err(), "empty emotion must be rejected");
+        assert!(
+            serde_json::from_str::<Emotion>("\"\"").is_err(),
+            "empty emotion must be rejected"
+        );
     }
 
     #[test]

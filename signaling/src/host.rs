@@ -30,8 +30,10 @@ pub trait SessionHost: Send + Sync + 'static {
     /// [`crate::id::new_session_id`] (CSPRNG, URL safe) and the ICE servers for this client.
     /// Errors: [`ApiError::unknown_character`] (404), unknown provider (404 or 422),
     /// [`ApiError::unavailable`] (503) when it cannot take more sessions.
-    async fn create_session(&self, request: CreateSessionRequest)
-    -> Result<CreatedSession, ApiError>;
+    async fn create_session(
+        &self,
+        request: CreateSessionRequest,
+    ) -> Result<CreatedSession, ApiError>;
 
     /// Answer a validated offer (`POST /v1/sessions/{id}/offer`). The answer carries all of the
     /// server's ICE candidates. Errors: [`ApiError::unknown_session`] (404), 409 when the
@@ -126,7 +128,9 @@ impl ETag {
         let opaque = opaque.into();
         let ok = !opaque.is_empty()
             && opaque.len() <= 128
-            && opaque.bytes().all(|b| b == 0x21 || (0x23..=0x7e).contains(&b));
+            && opaque
+                .bytes()
+                .all(|b| b == 0x21 || (0x23..=0x7e).contains(&b));
         ok.then_some(ETag(opaque))
     }
 
@@ -300,14 +304,20 @@ mod tests {
     #[test]
     fn if_match_parsing() {
         assert_eq!(IfMatch::parse("*"), IfMatch::Any);
-        assert_eq!(IfMatch::parse(" \"abc\" "), IfMatch::Tags(vec!["abc".into()]));
+        assert_eq!(
+            IfMatch::parse(" \"abc\" "),
+            IfMatch::Tags(vec!["abc".into()])
+        );
         assert_eq!(
             IfMatch::parse("\"a\", W/\"b\", c"),
             IfMatch::Tags(vec!["a".into(), "c".into()])
         );
         let tag = ETag::new("a").expect("valid tag");
         assert!(IfMatch::parse("\"x\", \"a\"").matches(&tag));
-        assert!(!IfMatch::parse("W/\"a\"").matches(&tag), "weak tags never match");
+        assert!(
+            !IfMatch::parse("W/\"a\"").matches(&tag),
+            "weak tags never match"
+        );
         assert!(IfMatch::Any.matches(&tag));
     }
 

@@ -49,7 +49,10 @@ impl std::fmt::Debug for IceServer {
         f.debug_struct("IceServer")
             .field("urls", &self.urls)
             .field("username", &self.username)
-            .field("credential", &self.credential.as_ref().map(|_| "<redacted>"))
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -79,6 +82,9 @@ mod tests {
         );
         let back: IceServer = serde_json::from_str(&json).expect("round trip");
         assert_eq!(back, server);
-        assert!(!format!("{server:?}").contains("c2VjcmV0"), "credential leaked into Debug");
+        assert!(
+            !format!("{server:?}").contains("c2VjcmV0"),
+            "credential leaked into Debug"
+        );
     }
 }

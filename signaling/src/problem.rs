@@ -294,7 +294,9 @@ impl IntoResponse for ApiError {
         let problem = self.to_problem();
         match &self {
             ApiError::Internal(cause) => tracing::error!(%cause, "internal error"),
-            other => tracing::debug!(status = problem.status, code = ?problem.code, "request failed: {}", other),
+            other => {
+                tracing::debug!(status = problem.status, code = ?problem.code, "request failed: {}", other)
+            }
         }
         let body = serde_json::to_vec(&problem).unwrap_or_else(|_| {
             br#"{"type":"about:blank","title":"Internal Server Error","status":500}"#.to_vec()

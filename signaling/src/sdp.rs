@@ -209,7 +209,8 @@ pub fn validate_offer(body: &[u8]) -> Result<ValidOffer, SdpError> {
     }
     let desc = parse(text)?;
 
-    let enabled = |m: &&MediaDescription| m.media_name.port.value != 0 || m.has_attribute("bundle-only");
+    let enabled =
+        |m: &&MediaDescription| m.media_name.port.value != 0 || m.has_attribute("bundle-only");
     let audio: Vec<&MediaDescription> = desc
         .media_descriptions
         .iter()
@@ -240,7 +241,9 @@ pub fn validate_offer(body: &[u8]) -> Result<ValidOffer, SdpError> {
     check_fingerprints(&desc)?;
 
     let has = |key: &str| {
-        desc.attributes.iter().any(|a| a.key == key && a.value.is_some())
+        desc.attributes
+            .iter()
+            .any(|a| a.key == key && a.value.is_some())
             || audio.attribute(key).flatten().is_some()
     };
     if !has("ice-ufrag") || !has("ice-pwd") {
@@ -507,7 +510,10 @@ mod tests {
         let ok = format!("sha-256 {}", vec!["AB"; 32].join(":"));
         assert!(parse_fingerprint(&ok).is_ok());
         assert_eq!(parse_fingerprint("sha-256"), Err(SdpError::BadFingerprint));
-        assert_eq!(parse_fingerprint("md5 AB:CD"), Err(SdpError::BadFingerprint));
+        assert_eq!(
+            parse_fingerprint("md5 AB:CD"),
+            Err(SdpError::BadFingerprint)
+        );
         let short = format!("sha-256 {}", vec!["AB"; 31].join(":"));
         assert_eq!(parse_fingerprint(&short), Err(SdpError::BadFingerprint));
         let nonhex = format!("sha-1 {}", vec!["ZZ"; 20].join(":"));

@@ -470,7 +470,14 @@ mod tests {
     #[test]
     fn garbage_is_malformed() {
         let i = issuer();
-        for bad in ["abc", "a.b", "a.b.c", "a.b.c.d.e", "!!!.???.***", "e30.e30.e30"] {
+        for bad in [
+            "abc",
+            "a.b",
+            "a.b.c",
+            "a.b.c.d.e",
+            "!!!.???.***",
+            "e30.e30.e30",
+        ] {
             assert_eq!(
                 i.verify(bad, SID, VerifyMode::Connect),
                 Err(TokenError::Malformed),
@@ -505,7 +512,11 @@ mod tests {
     #[test]
     fn alg_none_is_rejected() {
         let n = now().unix_timestamp();
-        for header in [r#"{"alg":"none","typ":"JWT"}"#, r#"{"alg":"None"}"#, r#"{"alg":"HS256 "}"#] {
+        for header in [
+            r#"{"alg":"none","typ":"JWT"}"#,
+            r#"{"alg":"None"}"#,
+            r#"{"alg":"HS256 "}"#,
+        ] {
             let token = format!("{}.{}.", b64(header), b64(&claims_json(n)));
             assert_eq!(
                 issuer().verify(&token, SID, VerifyMode::Connect),
@@ -635,8 +646,13 @@ mod tests {
             "exp itself is already expired"
         );
         assert!(
-            i.verify_at(t.token.expose(), SID, VerifyMode::Connect, exp - time::Duration::seconds(1))
-                .is_ok()
+            i.verify_at(
+                t.token.expose(),
+                SID,
+                VerifyMode::Connect,
+                exp - time::Duration::seconds(1)
+            )
+            .is_ok()
         );
         let end_of_grace = exp + time::Duration::hours(1);
         assert_eq!(
@@ -655,9 +671,12 @@ mod tests {
             i.verify(t.token.expose(), SID, VerifyMode::Connect),
             Err(TokenError::NotYetValid)
         );
-        let slightly = i.issue_at(SID, now() + time::Duration::seconds(2)).expect("issue");
+        let slightly = i
+            .issue_at(SID, now() + time::Duration::seconds(2))
+            .expect("issue");
         assert!(
-            i.verify(slightly.token.expose(), SID, VerifyMode::Connect).is_ok(),
+            i.verify(slightly.token.expose(), SID, VerifyMode::Connect)
+                .is_ok(),
             "2 s of clock skew is within the nbf leeway"
         );
     }

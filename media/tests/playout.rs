@@ -1,0 +1,360 @@
+//! Playout pacing, clear() accounting, backpressure and barge-in, on virtual time.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use media::codec::{MAX_PACKET_SAMPLES, OpusDecoder};
+use media::pcm::{FRAME, FRAME_SAMPLES, PcmRef};
+use media::{BargeIn, BargeInConfig, InterruptReason, Playout, PlayoutConfig};
+
+#[derive(Debug, Clone)]
+struct Sent {
+    at: Duration,
+    item: String,
+    offset: Duration,
+    due: Duration,
+    spurt: bool,
+    bytes: Vec<u8>,
+}
+
+fn poll_once(p: &mut Playout, now: Duration, out: &mut Vec<Sent>) -> bool {
+    let mut buf = [0u8; 1500];
+    match p.poll(now, &mut buf) {
+        Some(f) => {
+            out.push(Sent {
+                at: now,
+                item: f.item_id.to_owned(),
+                offset: f.item_offset,
+                due: f.due,
+                spurt: f.talkspurt_start,
+                bytes: buf[..f.len].to_vec(),
+            });
+            true
+        }
+        None => false,
+    }
+}
+
+/// The ideal caller: sleeps exactly until `next_due`, polls until `None`.
+fn drain_ideal(p: &mut Playout, mut now: Duration, out: &mut Vec<Sent>) -> Duration {
+    while let Some(due) = p.next_due() {
+        now = now.max(due);
+        while poll_once(p, now, out) {}
+    }
+    now
+}
+
+fn agent_3s() -> Vec<i16> {
+    agent_reply().samples[..72_000].to_vec()
+}
+
+fn assert_no_burst(sent: &[Sent], min_gap: Duration) {
+    for w in sent.windows(2) {
+        assert!(
+            w[1].at >= w[0].at + min_gap,
+            "two frames {:?} apart (at {:?} and {:?})",
+            w[1].at - w[0].at,
+            w[0].at,
+            w[1].at
+        );
+    }
+}
+
+#[test]
+fn ideal_clock_sends_one_frame_every_20_ms_for_exactly_the_audio() {
+    let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+    let pcm = agent_3s();
+    assert_eq!(p.push("a", PcmRef::new(24_000, &pcm)).expect("push"), pcm.len());
+    assert!(p.finish_item("a"));
+    let mut sent = Vec::new();
+    drain_ideal(&mut p, ms(1000), &mut sent);
+    assert_eq!(sent.len(), 150, "3 s of audio = 150 frames");
+    for (k, s) in sent.iter().enumerate() {
+        assert_eq!(s.at, ms(1000) + FRAME * k as u32, "frame {k} sent off-grid");
+        assert_eq!(s.offset, FRAME * k as u32);
+        assert_eq!(s.spurt, k == 0);
+        assert_eq!(s.item, "a");
+    }
+    let st = p.stats();
+    assert_eq!((st.frames_out, st.late_frames, st.stalls, st.underruns), (150, 0, 0, 0));
+    assert!(!p.is_active());
+    assert_eq!(p.next_due(), None);
+}
+
+#[test]
+fn jittery_polls_and_a_200_ms_stall_never_burst_and_send_all_audio() {
+    let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+    let pcm = agent_3s();
+    p.push("a", PcmRef::new(24_000, &pcm)).expect("push");
+    p.finish_item("a");
+    let mut rng = Rng(42);
+    let mut now = ms(0);
+    let mut sent = Vec::new();
+    let mut stalled = false;
+    while p.is_active() {
+        // Irregular wakeups: 1..=9 ms, microsecond resolution, several polls per wakeup.
+        now += Duration::from_micros(1_000 + rng.below(8_000));
+        if !stalled && sent.len() == 60 {
+            now += ms(200);
+            stalled = true;
+        }
+        let before = sent.len();
+        for _ in 0..3 {
+            poll_once(&mut p, now, &mut sent);
+        }
+        assert!(sent.len() - before <= 1, "more than one frame at one `now`");
+        assert!(now < ms(10_000), "playout stuck");
+    }
+    assert_no_burst(&sent, FRAME);
+    assert_eq!(sent.len(), 150, "frames_out x 20 ms must equal the 3 s of audio");
+    assert_eq!(p.stats().frames_out * 20, 3_000);
+    // The stall is counted, and the frame after it resumes at real-time rate.
+    let st = p.stats();
+    assert!(st.stalls >= 1 && st.late_frames >= 1 && st.max_lateness >= ms(200), "{st:?}");
+    let i = sent.iter().position(|s| s.at - s.due >= ms(200)).expect("the stalled frame");
+    assert!(sent[i + 1].at - sent[i].at >= FRAME && sent[i + 1].at - sent[i].at < FRAME + ms(10));
+    // Offsets stay contiguous across the stall: nothing skipped, nothing repeated.
+    for (k, s) in sent.iter().enumerate() {
+        assert_eq!(s.offset, FRAME * k as u32);
+    }
+}
+
+#[test]
+fn tolerance_lets_a_consistently_late_timer_hold_the_grid() {
+    // A timer that always fires 1.3 ms late (tokio rounds sleeps up to the next ms).
+    let run = |tol: Duration| {
+        let mut p = Playout::new(PlayoutConfig { jitter_tolerance: tol, ..PlayoutConfig::default() }).expect("playout");
+        let pcm = agent_3s();
+        p.push("a", PcmRef::new(24_000, &pcm)).expect("push");
+        p.finish_item("a");
+        let mut sent = Vec::new();
+        let mut now = ms(0);
+        while let Some(due) = p.next_due() {
+            now = now.max(due + Duration::from_micros(1_300));
+            while poll_once(&mut p, now, &mut sent) {}
+        }
+        (sent, p.stats())
+    };
+    let (strict, st) = run(Duration::ZERO);
+    assert_no_burst(&strict, FRAME);
+    // Strict spacing: each frame inherits the previous lateness; the grid slips and re-anchors.
+    assert!(st.stalls >= 1, "{st:?}");
+    let (tolerant, st) = run(ms(2));
+    assert_no_burst(&tolerant, FRAME - ms(2));
+    assert_eq!((st.stalls, st.late_frames), (0, 0), "{st:?}");
+    let last = tolerant.last().expect("frames");
+    assert_eq!(last.due, FRAME * 149, "grid held: frame 149 due at 2.98 s");
+    assert!(last.at - last.due <= ms(2));
+}
+
+#[test]
+fn sent_frames_decode_to_the_pushed_speech() {
+    let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+    let reply = agent_reply();
+    let mut offered = 0;
+    let mut now = ms(0);
+    let mut sent = Vec::new();
+    // Provider-like: deltas of 100 ms, pushed as room allows.
+    for chunk in reply.samples.chunks(2_400) {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let n = p.push("r1", PcmRef::new(24_000, rest)).expect("push");
+            offered += n;
+            rest = &rest[n..];
+            if n == 0 {
+                now = now.max(p.next_due().expect("queue full means frames are due"));
+                poll_once(&mut p, now, &mut sent);
+            }
+        }
+    }
+    assert_eq!(offered, reply.samples.len());
+    p.finish_item("r1");
+    drain_ideal(&mut p, now, &mut sent);
+    let frames = (reply.samples.len() * 2).div_ceil(FRAME_SAMPLES);
+    assert_eq!(sent.len(), frames);
+    let mut dec = OpusDecoder::new().expect("decoder");
+    let mut pcm = vec![0i16; MAX_PACKET_SAMPLES];
+    let mut heard = Vec::new();
+    for s in &sent {
+        let n = dec.decode(&s.bytes, &mut pcm).expect("decodable");
+        heard.extend_from_slice(&pcm[..n]);
+    }
+    let dur = heard.len() as f64 / 48_000.0;
+    let want = reply.samples.len() as f64 / 24_000.0;
+    assert!((dur - want).abs() < 0.021, "heard {dur} s of {want} s");
+    let (ri, ro) = (rms(&reply.samples), rms(&heard));
+    assert!((ro - ri).abs() / ri < 0.10, "rms {ro:.1} vs {ri:.1}");
+    // Same speech, in time: 10 ms envelopes line up (opus lookahead < 1 frame).
+    let env_in: Vec<f64> = reply.samples.chunks(240).map(rms).collect();
+    let env_out: Vec<f64> = heard.chunks(480).map(rms).collect();
+    let n = env_in.len().min(env_out.len());
+    let corr = pearson(&env_in[..n], &env_out[..n]);
+    assert!(corr > 0.95, "envelope correlation {corr:.3}");
+}
+
+fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let cov: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let vx: f64 = x.iter().map(|a| (a - mx).powi(2)).sum();
+    let vy: f64 = y.iter().map(|b| (b - my).powi(2)).sum();
+    cov / (vx * vy).sqrt()
+}
+
+#[test]
+fn clear_reports_frames_emitted_for_the_current_item_and_next_item_starts_clean() {
+    let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+    let pcm = agent_3s();
+    p.push("a", PcmRef::new(24_000, &pcm[..48_000])).expect("push"); // 2 s, still open
+    let mut sent = Vec::new();
+    let mut now = ms(500);
+    for _ in 0..37 {
+        now = now.max(p.next_due().expect("due"));
+        assert!(poll_once(&mut p, now, &mut sent));
+    }
+    let c = p.clear().expect("active");
+    assert_eq!(c.item_id, "a");
+    assert_eq!(c.played, FRAME * 37);
+    assert_eq!(c.played, FRAME * sent.len() as u32);
+    assert!(!p.is_active());
+    assert_eq!(p.buffered(), Duration::ZERO);
+    assert_eq!(p.next_due(), None);
+    assert!(p.stats().dropped >= ms(1_200), "{:?}", p.stats());
+    assert!(p.clear().is_none(), "nothing left to clear");
+    // Stragglers for the cleared item are swallowed.
+    assert_eq!(p.push("a", PcmRef::new(24_000, &pcm[..2_400])).expect("push"), 2_400);
+    assert!(!p.is_active());
+    assert!(!p.finish_item("a"));
+    // The next item starts cleanly: new spurt, offset 0, not before 20 ms after the last frame.
+    p.push("b", PcmRef::new(24_000, &pcm[..12_000])).expect("push");
+    p.finish_item("b");
+    let first_b = sent.len();
+    drain_ideal(&mut p, now, &mut sent);
+    let b = &sent[first_b..];
+    assert_eq!(b.len(), 25);
+    assert!(b[0].spurt && b[0].item == "b" && b[0].offset == Duration::ZERO);
+    assert_eq!(b[0].at, now + FRAME, "min spacing holds across clear()");
+    assert!(b.iter().all(|s| s.item == "b"));
+    assert_no_burst(&sent, FRAME);
+}
+
+#[test]
+fn items_in_sequence_have_their_own_offsets_and_played_accounting() {
+    let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+    let pcm = agent_3s();
+    p.push("a", PcmRef::new(24_000, &pcm[..24_000])).expect("push"); // 1 s
+    // No finish_item("a"): the next id finishes it.
+    p.push("b", PcmRef::new(24_000, &pcm[..12_168])).expect("push"); // 507 ms -> padded to 520
+    p.push("b", PcmRef::new(16_000, &vec![1000; 1_600])).expect("push rate change"); // +100 ms at 16 kHz
+    p.finish_item("b");
+    assert!(p.push("b", PcmRef::new(24_000, &pcm[..10])).is_err(), "b is finished");
+    let mut sent = Vec::new();
+    let now = drain_ideal(&mut p, ms(0), &mut sent);
+    let a: Vec<_> = sent.iter().filter(|s| s.item == "a").collect();
+    let b: Vec<_> = sent.iter().filter(|s| s.item == "b").collect();
+    assert_eq!(a.len(), 50);
+    assert_eq!(b.len(), 31, "607 ms padded to 620 ms");
+    assert!(sent[..50].iter().all(|s| s.item == "a"), "items play in order");
+    for (k, s) in b.iter().enumerate() {
+        assert_eq!(s.offset, FRAME * k as u32);
+    }
+    assert!(!b[0].spurt, "back-to-back items are one talk spurt");
+    assert_eq!(now, FRAME * 80);
+    // Clear in the middle of a second run reports that item's own count.
+    p.push("c", PcmRef::new(48_000, &vec![500; 48_000])).expect("push");
+    let mut now = now;
+    for _ in 0..4 {
+        now = now.max(p.next_due().expect("due"));
+        poll_once(&mut p, now, &mut sent);
+    }
+    let c = p.clear().expect("c active");
+    assert_eq!((c.item_id.as_str(), c.played), ("c", ms(80)));
+    assert_eq!(p.stats().items, 3);
+}
+
+#[test]
+fn queue_is_bounded_and_push_reports_partial_acceptance() {
+    let cfg = PlayoutConfig { max_buffered: ms(1_000), ..PlayoutConfig::default() };
+    let mut p = Playout::new(cfg).expect("playout");
+    let pcm = agent_3s();
+    let n = p.push("a", PcmRef::new(24_000, &pcm)).expect("push");
+    assert!(n < pcm.len(), "3 s cannot fit in a 1 s queue");
+    assert!((22_000..=24_000).contains(&n), "accepted {n} samples (~1 s at 24 kHz)");
+    assert!(p.buffered() <= ms(1_000));
+    assert!(!p.has_room_for(ms(100)));
+    assert_eq!(p.push("a", PcmRef::new(24_000, &pcm[n..])).expect("push"), 0, "still full");
+    // Sending 10 frames frees 200 ms.
+    let mut sent = Vec::new();
+    let mut now = ms(0);
+    for _ in 0..10 {
+        now = now.max(p.next_due().expect("due"));
+        poll_once(&mut p, now, &mut sent);
+    }
+    assert!(p.has_room_for(ms(150)));
+    let mut off = n;
+    while off < pcm.len() {
+        let k = p.push("a", PcmRef::new(24_000, &pcm[off..])).expect("push");
+        off += k;
+        assert!(p.buffered() <= ms(1_000));
+        if k == 0 {
+            now = now.max(p.next_due().expect("due"));
+            poll_once(&mut p, now, &mut sent);
+        }
+    }
+    p.finish_item("a");
+    drain_ideal(&mut p, now, &mut sent);
+    assert_eq!(sent.len(), 150, "nothing lost to backpressure");
+    assert_no_burst(&sent, FRAME);
+}
+
+#[test]
+fn underrun_mid_item_is_counted_and_resumes_as_a_new_talkspurt() {
+    let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+    let pcm = agent_3s();
+    p.push("a", PcmRef::new(24_000, &pcm[..4_800])).expect("push"); // 200 ms, item open
+    let mut sent = Vec::new();
+    let now = drain_ideal(&mut p, ms(0), &mut sent);
+    assert_eq!(sent.len(), 10);
+    assert!(p.is_active(), "open item keeps the playout active");
+    // The provider is slow: the next delta arrives 300 ms later.
+    let now = now + ms(300);
+    p.push("a", PcmRef::new(24_000, &pcm[4_800..9_600])).expect("push");
+    p.finish_item("a");
+    drain_ideal(&mut p, now, &mut sent);
+    assert_eq!(sent.len(), 20);
+    assert!(sent[10].spurt, "resumes as a new talk spurt");
+    assert_eq!(sent[10].offset, ms(200));
+    assert_eq!(p.stats().underruns, 1);
+    assert_eq!(p.stats().stalls, 0, "a dry queue is not a stall");
+}
+
+#[test]
+fn barge_in_clears_active_playout_and_reports_played_ms() {
+    let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+    let mut b = BargeIn::new(BargeInConfig::default());
+    assert!(b.on_speech_started(ms(5), &mut p).is_none(), "nothing playing");
+    let pcm = agent_3s();
+    p.push("resp_1", PcmRef::new(24_000, &pcm)).expect("push");
+    let mut sent = Vec::new();
+    let mut now = ms(0);
+    for _ in 0..23 {
+        now = now.max(p.next_due().expect("due"));
+        poll_once(&mut p, now, &mut sent);
+    }
+    let i = b.on_speech_started(ms(1234), &mut p).expect("interrupts");
+    assert_eq!(i.item_id, "resp_1");
+    assert_eq!(i.played_ms(), 460);
+    assert_eq!(i.reason, InterruptReason::UserSpeech { at: ms(1234) });
+    assert!(!p.is_active());
+    assert!(p.poll(now + ms(100), &mut [0u8; 1500]).is_none(), "no agent packet after the decision");
+    // Disabled barge-in ignores speech but honours an explicit interrupt.
+    let mut off = BargeIn::new(BargeInConfig { enabled: false });
+    p.push("resp_2", PcmRef::new(24_000, &pcm[..24_000])).expect("push");
+    assert!(off.on_speech_started(ms(2000), &mut p).is_none());
+    assert!(p.is_active());
+    let i = off.interrupt(&mut p).expect("explicit interrupt");
+    assert_eq!((i.item_id.as_str(), i.played_ms(), i.reason), ("resp_2", 0, InterruptReason::ClientRequest));
+    assert_eq!(b.interruptions() + off.interruptions(), 2);
+}

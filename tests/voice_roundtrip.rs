@@ -1,0 +1,193 @@
+//! The whole voice path over a real WebRTC connection on loopback: a webrtc-rs client speaks real
+//! speech (Opus, real libopus) to the in-process server with the scripted provider, and we check
+//! what the provider heard, what the client heard, the events and their order, barge-in, and that
+//! DELETE frees the session's resources.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn types(events: &[Value]) -> Vec<String> {
+    events.iter().map(|e| e["type"].as_str().unwrap_or("?").to_owned()).collect()
+}
+
+fn agent_packets_between(log: &[Received], from: Instant, to: Instant) -> usize {
+    log.iter().filter(|r| matches!(r, Received::Audio { at, .. } if *at > from && *at < to)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speech_round_trip_barge_in_and_delete() {
+    let fds_before = open_fds();
+    let ts = TestServer::start().await;
+    let (session_id, token, offer_url) = ts.create_session().await;
+    let mut client = TestClient::connect(&ts, &offer_url, &token).await;
+    assert!(client.location.starts_with(&format!("/v1/sessions/{session_id}/")), "Location: {}", client.location);
+    assert!(client.etag.starts_with('"'), "ETag is quoted: {}", client.etag);
+    assert!(client.answer.contains("a=candidate:"), "the answer carries the server's candidates");
+
+    client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
+    client.wait_event("listening", Duration::from_secs(5), |e| e["type"] == "state" && e["state"] == "listening").await;
+
+    // --- Turn 1: the user asks; the character answers in full. ---
+    let (rate, question) = wav("user_question.wav");
+    assert_eq!(rate, 48_000);
+    let (speech_start, speech_end) = speech_span(&question, rate, 300.0).expect("the WAV has speech");
+    client.silence(Duration::from_millis(300)).await;
+    client.speak(&question).await;
+    let sent_at_commit_min = client.sent_samples;
+    client
+        .silence_until("the agent's final transcript", Duration::from_secs(30), |evs| {
+            evs.iter().any(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
+        })
+        .await;
+    client
+        .silence_until("back to listening", Duration::from_secs(15), |evs| {
+            let t: Vec<&Value> = evs.iter().filter(|e| e["type"] == "state").collect();
+            t.last().is_some_and(|e| e["state"] == "listening") && t.iter().any(|e| e["state"] == "speaking")
+        })
+        .await;
+
+    // The provider heard the user's audio at its input rate, as long as it was sent, not silent.
+    let turns = ts.recorder.turns();
+    assert_eq!(turns.len(), 1, "one committed user turn");
+    assert_eq!(turns[0].rates_hz, vec![24_000], "audio reaches the provider at its input rate");
+    let heard = turns[0].total_samples as f64 / 24_000.0;
+    // The turn is committed after min_silence (500 ms) of silence following the speech.
+    let sent_before_commit = sent_at_commit_min as f64 / 48_000.0;
+    assert!(
+        heard >= sent_before_commit * 0.9 && heard <= (sent_before_commit + 1.0) * 1.1,
+        "provider heard {heard:.2} s; the client had sent {sent_before_commit:.2} s of speech before the commit"
+    );
+    let user_peak = peak_rms(&turns[0].samples, 24_000);
+    assert!(user_peak > 1000.0, "the provider's audio is speech, peak RMS {user_peak:.0}");
+
+    // VAD edges bracket the speech: their distance is the speech's length.
+    let evs = client.events();
+    let started = evs.iter().find(|e| e["type"] == "user.speech_started").expect("speech_started");
+    let stopped = evs.iter().find(|e| e["type"] == "user.speech_stopped").expect("speech_stopped");
+    let vad_len = stopped["at_ms"].as_u64().unwrap() as i64 - started["at_ms"].as_u64().unwrap() as i64;
+    let true_len = (speech_end - speech_start).as_millis() as i64;
+    assert!((vad_len - true_len).abs() < 400, "VAD saw {vad_len} ms of speech; the WAV has {true_len} ms");
+
+    // The client heard the whole scripted reply: 7.49 s, not silent.
+    let (reply_rate, reply) = {
+        let pcm = media::wav::parse(include_bytes!("../src/providers/scripted_reply.wav")).unwrap();
+        (pcm.rate_hz, pcm.samples)
+    };
+    let reply_secs = reply.len() as f64 / f64::from(reply_rate);
+    let (heard_samples, agent_pcm) = {
+        let ib = client.inbox.lock().unwrap();
+        (ib.agent_pcm.len(), ib.agent_pcm.clone())
+    };
+    let heard_secs = heard_samples as f64 / 48_000.0;
+    assert!(
+        (heard_secs - reply_secs).abs() <= reply_secs * 0.1,
+        "client decoded {heard_secs:.2} s of agent audio; the reply is {reply_secs:.2} s"
+    );
+    assert!(peak_rms(&agent_pcm, 48_000) > 1000.0, "the agent's audio is speech");
+
+    // Events in a sane order.
+    let ty = types(&evs);
+    assert_eq!(ty[0], "session.ready", "session.ready comes first: {ty:?}");
+    let states: Vec<&str> = evs.iter().filter(|e| e["type"] == "state").map(|e| e["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["initializing", "listening", "thinking", "speaking", "listening"], "state sequence");
+    let pos = |pred: &dyn Fn(&Value) -> bool| evs.iter().position(pred).unwrap();
+    assert!(pos(&|e| e["type"] == "user.speech_started") < pos(&|e| e["type"] == "user.speech_stopped"));
+    assert!(pos(&|e| e["type"] == "user.speech_stopped") < pos(&|e| e["state"] == "thinking"));
+    let finals: Vec<&Value> = evs.iter().filter(|e| e["type"] == "transcript" && e["final"] == true).collect();
+    assert_eq!(finals.len(), 1, "exactly one final for the reply");
+    assert!(finals[0]["text"].as_str().unwrap().starts_with("Hi! I am Aiko."), "{}", finals[0]);
+    assert!(evs.iter().any(|e| e["type"] == "emotion" && e["emotion"] == "happy"));
+
+    // --- Turn 2: the user asks again and barges in while the character answers. ---
+    client.speak(&question).await;
+    client
+        .silence_until("the second reply to start", Duration::from_secs(20), |evs| {
+            evs.iter().filter(|e| e["type"] == "state" && e["state"] == "speaking").count() >= 2
+        })
+        .await;
+    client.silence(Duration::from_millis(1000)).await;
+    let barge_in_from = client.log().len();
+    client.speak(&question).await;
+    let interrupted = client.wait_event("agent.interrupted", Duration::from_secs(5), |e| e["type"] == "agent.interrupted").await;
+    client
+        .silence_until("the barge-in utterance to end", Duration::from_secs(10), |evs| {
+            evs.iter().filter(|e| e["type"] == "user.speech_stopped").count() >= 3
+        })
+        .await;
+    let log = client.log();
+    let at_of = |pred: &dyn Fn(&Value) -> bool| {
+        log[barge_in_from..].iter().find_map(|r| match r {
+            Received::Event { at, event } if pred(event) => Some(*at),
+            _ => None,
+        })
+    };
+    let t_int = at_of(&|e| e["type"] == "agent.interrupted").unwrap();
+    let t_stop = at_of(&|e| e["type"] == "user.speech_stopped").unwrap();
+    let late = agent_packets_between(&log, t_int, t_stop);
+    eprintln!(
+        "measured: provider heard {heard:.2} s (sent {sent_before_commit:.2} s), VAD {vad_len} ms vs WAV {true_len} ms, \
+         client heard {heard_secs:.2} s of a {reply_secs:.2} s reply, {late} packets after agent.interrupted, played_ms {}",
+        interrupted["played_ms"]
+    );
+    assert!(late <= 2, "{late} agent packets arrived after agent.interrupted (at most 2 allowed)");
+
+    let played_ms = interrupted["played_ms"].as_u64().unwrap();
+    assert!(played_ms >= 800 && played_ms < 7000, "played_ms {played_ms} matches ~1 s of reply + reaction time");
+    let truncs = ts.recorder.truncations();
+    assert_eq!(truncs.len(), 1, "the provider was told to truncate once");
+    assert_eq!(truncs[0].0, interrupted["item_id"].as_str().unwrap());
+    assert_eq!(truncs[0].1.as_millis() as u64, played_ms, "truncated at what was played");
+    assert!(ts.recorder.cancels() >= 1, "the provider was told to cancel");
+
+    // The interrupted turn is stored as interrupted with the heard text.
+    let tr: Value = ts
+        .http
+        .get(format!("{}/v1/sessions/{session_id}/transcript", ts.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows = tr.as_array().unwrap();
+    assert!(rows.iter().any(|r| r["role"] == "agent" && r["interrupted"] == true), "transcript: {tr}");
+    assert!(rows.iter().any(|r| r["role"] == "agent" && r["interrupted"] == false), "transcript: {tr}");
+
+    // --- DELETE ends the session and frees everything. ---
+    let url = format!("{}{}", ts.base, client.location);
+    let res = ts.http.delete(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let res = ts.http.delete(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(res.status(), 404, "DELETE twice");
+    let info: Value = ts
+        .http
+        .get(format!("{}/v1/sessions/{session_id}", ts.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["state"], "ended", "{info}");
+    assert_eq!(info["end_reason"], "client_request", "{info}");
+    assert_eq!(ts.server.manager().live_count(), 0);
+    client.close().await;
+    drop(client);
+    ts.server.shutdown().await.unwrap();
+    // Every socket and file the session opened is closed again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now_fds = open_fds();
+        if now_fds <= fds_before + 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "file descriptors leaked: {fds_before} before, {now_fds} after");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
