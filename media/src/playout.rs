@@ -100,12 +100,15 @@ pub struct Cleared {
 pub struct PlayoutStats {
     /// Frames sent.
     pub frames_out: u64,
-    /// Frames sent more than [`LATE_THRESHOLD`] after their due time.
+    /// Frames sent more than [`LATE_THRESHOLD`] after their due time (`next_due`).
     pub late_frames: u64,
     /// Frames sent a whole frame or more late (grid re-anchored, no catch-up).
     pub stalls: u64,
-    /// Largest lateness seen.
+    /// Largest lateness (`now - due`) seen.
     pub max_lateness: Duration,
+    /// How far the grid slipped because a frame polled late pushed the next one out by the
+    /// minimum spacing (see `jitter_tolerance`): the send rate fell behind real time by this much.
+    pub slip: Duration,
     /// Times the queue ran dry while an item was still open.
     pub underruns: u64,
     /// Audio dropped by `clear`.
@@ -263,11 +266,7 @@ impl Playout {
             return None;
         }
         let earliest = self.earliest_after_last();
-        if self.in_spurt {
-            Some(self.grid_due().max(earliest))
-        } else {
-            Some(earliest)
-        }
+        if self.in_spurt { Some(self.spurt_due()) } else { Some(earliest) }
     }
 
     /// Emits at most one 20 ms frame into `out` if one is due at `now` (`out` of
@@ -276,7 +275,7 @@ impl Playout {
     pub fn poll<'a>(&'a mut self, now: Duration, out: &mut [u8]) -> Option<OutFrame<'a>> {
         self.pop_done();
         if !self.frame_ready() {
-            if self.in_spurt && now >= self.grid_due() {
+            if self.in_spurt && now >= self.spurt_due() {
                 // Nothing to send in this slot: the spurt ends here.
                 if self.items.back().is_some_and(|i| !i.finished) {
                     self.stats.underruns += 1;
@@ -289,7 +288,7 @@ impl Playout {
             return None;
         }
         let mut talkspurt_start = false;
-        if self.in_spurt && self.dry && now >= self.grid_due() + FRAME {
+        if self.in_spurt && self.dry && now >= self.spurt_due().saturating_add(FRAME) {
             // The queue ran dry and this frame came a slot or more too late: a new spurt.
             if self.items.front().is_some_and(|i| i.frames > 0) {
                 self.stats.underruns += 1;
@@ -297,9 +296,15 @@ impl Playout {
             self.in_spurt = false;
         }
         let due = if self.in_spurt {
-            let due = self.grid_due();
+            let grid = self.grid_due();
+            let due = self.spurt_due();
             if now < due {
                 return None;
+            }
+            if due > grid {
+                // Minimum spacing pushed this frame off the grid: the grid slips with it.
+                self.stats.slip += due - grid;
+                self.anchor += due - grid;
             }
             let late = now - due;
             self.stats.max_lateness = self.stats.max_lateness.max(late);
@@ -407,11 +412,17 @@ impl Playout {
     }
 
     fn grid_due(&self) -> Duration {
-        self.anchor + FRAME * self.k
+        self.anchor.saturating_add(FRAME * self.k)
+    }
+
+    /// Due time of the next frame of the current spurt: the grid, unless the minimum spacing
+    /// after the previous frame is later.
+    fn spurt_due(&self) -> Duration {
+        self.grid_due().max(self.earliest_after_last())
     }
 
     fn earliest_after_last(&self) -> Duration {
-        self.last_emit.map_or(Duration::ZERO, |t| t + FRAME - self.cfg.jitter_tolerance)
+        self.last_emit.map_or(Duration::ZERO, |t| t.saturating_add(FRAME - self.cfg.jitter_tolerance))
     }
 
     /// Samples queued plus samples the resampler still owes, plus one frame of padding.
@@ -454,7 +465,7 @@ impl Playout {
     }
 
     fn finish_open_item(&mut self) {
-        if !self.items.back().is_some_and(|i| !i.finished) {
+        if self.items.back().is_none_or(|i| i.finished) {
             return;
         }
         self.flush_resampler();

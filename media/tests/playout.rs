@@ -112,8 +112,9 @@ fn jittery_polls_and_a_200_ms_stall_never_burst_and_send_all_audio() {
     assert_eq!(p.stats().frames_out * 20, 3_000);
     // The stall is counted, and the frame after it resumes at real-time rate.
     let st = p.stats();
-    assert!(st.stalls >= 1 && st.late_frames >= 1 && st.max_lateness >= ms(200), "{st:?}");
-    let i = sent.iter().position(|s| s.at - s.due >= ms(200)).expect("the stalled frame");
+    assert!(st.stalls == 1 && st.max_lateness >= ms(170), "{st:?}");
+    assert!(st.late_frames >= 1, "{st:?}");
+    let i = sent.iter().position(|s| s.at - s.due >= ms(170)).expect("the stalled frame");
     assert!(sent[i + 1].at - sent[i].at >= FRAME && sent[i + 1].at - sent[i].at < FRAME + ms(10));
     // Offsets stay contiguous across the stall: nothing skipped, nothing repeated.
     for (k, s) in sent.iter().enumerate() {
@@ -139,13 +140,17 @@ fn tolerance_lets_a_consistently_late_timer_hold_the_grid() {
     };
     let (strict, st) = run(Duration::ZERO);
     assert_no_burst(&strict, FRAME);
-    // Strict spacing: each frame inherits the previous lateness; the grid slips and re-anchors.
-    assert!(st.stalls >= 1, "{st:?}");
+    // Strict spacing: each frame inherits the previous lateness, so the send rate slips by
+    // 1.3 ms per frame (6.5 % slower than real time) while every frame is "on time".
+    assert_eq!((st.stalls, st.late_frames), (0, 0), "{st:?}");
+    assert_eq!(st.slip, Duration::from_micros(1_300) * 148, "{st:?}");
+    let span = strict[149].at - strict[0].at;
+    assert_eq!(span, Duration::from_micros(21_300) * 149);
     let (tolerant, st) = run(ms(2));
     assert_no_burst(&tolerant, FRAME - ms(2));
-    assert_eq!((st.stalls, st.late_frames), (0, 0), "{st:?}");
+    assert_eq!((st.stalls, st.late_frames, st.slip), (0, 0, Duration::ZERO), "{st:?}");
     let last = tolerant.last().expect("frames");
-    assert_eq!(last.due, FRAME * 149, "grid held: frame 149 due at 2.98 s");
+    assert_eq!(last.due, tolerant[0].at + FRAME * 149, "grid held at real-time rate");
     assert!(last.at - last.due <= ms(2));
 }
 
@@ -316,7 +321,8 @@ fn underrun_mid_item_is_counted_and_resumes_as_a_new_talkspurt() {
     p.push("a", PcmRef::new(24_000, &pcm[..4_800])).expect("push"); // 200 ms, item open
     let mut sent = Vec::new();
     let now = drain_ideal(&mut p, ms(0), &mut sent);
-    assert_eq!(sent.len(), 10);
+    // The 10th frame is still partly in the resampler (5 ms delay) while the item is open.
+    assert_eq!(sent.len(), 9);
     assert!(p.is_active(), "open item keeps the playout active");
     // The provider is slow: the next delta arrives 300 ms later.
     let now = now + ms(300);
@@ -324,8 +330,8 @@ fn underrun_mid_item_is_counted_and_resumes_as_a_new_talkspurt() {
     p.finish_item("a");
     drain_ideal(&mut p, now, &mut sent);
     assert_eq!(sent.len(), 20);
-    assert!(sent[10].spurt, "resumes as a new talk spurt");
-    assert_eq!(sent[10].offset, ms(200));
+    assert!(sent[9].spurt, "resumes as a new talk spurt");
+    assert_eq!(sent[9].offset, ms(180));
     assert_eq!(p.stats().underruns, 1);
     assert_eq!(p.stats().stalls, 0, "a dry queue is not a stall");
 }

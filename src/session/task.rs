@@ -117,6 +117,8 @@ impl SessionTask {
             rtp_in = c.rtp_in.load(Ordering::Relaxed),
             rtp_dropped = c.rtp_dropped.load(Ordering::Relaxed),
             uplink_to_provider_dropped = conv.uplink_dropped,
+            uplink = ?self.uplink.stats(),
+            playout = ?self.playout.stats(),
             events_dropped = conv.events_dropped,
             "session ended"
         );

@@ -1,0 +1,112 @@
+//! No per-frame heap allocation on the hot paths after warm-up, checked with a counting
+//! global allocator (per thread, so parallel tests do not interfere).
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use common::*;
+use media::codec::EncoderConfig;
+use media::pcm::{FRAME, PcmRef};
+use media::{Playout, PlayoutConfig, Uplink, UplinkConfig, UplinkEvent};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; only adds a thread-local counter bump.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocs() -> u64 {
+    ALLOCS.with(Cell::get)
+}
+
+#[test]
+fn uplink_steady_state_does_not_allocate_even_with_loss_and_garbage() {
+    let b = allocs();
+    drop(std::hint::black_box(vec![1u8; 10]));
+    assert_eq!(allocs(), b + 1, "the counting allocator must see allocations");
+    let speech = user_question().samples;
+    let packets = encode_packets(&speech, EncoderConfig::default());
+    let garbage = vec![0xfcu8; 1 << 20];
+    for rate in [24_000, 16_000, 48_000] {
+        let mut up = Uplink::new(UplinkConfig { output_rate_hz: rate, ..UplinkConfig::default() }).expect("uplink");
+        let mut sink = 0usize;
+        let mut run = |up: &mut Uplink, range: std::ops::Range<usize>| {
+            for i in range {
+                if i % 9 == 4 {
+                    continue; // loss -> PLC / FEC
+                }
+                let payload: &[u8] = if i % 31 == 0 { &garbage } else if i % 37 == 0 { &[] } else { &packets[i] };
+                up.push_rtp(FRAME * i as u32, i as u16, payload);
+                while let Some(ev) = up.poll() {
+                    if let UplinkEvent::Audio(a) = ev {
+                        sink += a.samples.len();
+                    }
+                }
+            }
+        };
+        run(&mut up, 0..40);
+        let before = allocs();
+        run(&mut up, 40..packets.len());
+        let n = allocs() - before;
+        assert_eq!(n, 0, "{rate} Hz: {n} allocations over {} packets", packets.len() - 40);
+        assert!(up.stats().utterances >= 1 && sink > 0);
+    }
+}
+
+#[test]
+fn playout_steady_state_does_not_allocate() {
+    let reply = agent_reply().samples;
+    let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+    let mut buf = [0u8; 1500];
+    let mut now = FRAME;
+    let mut frames = 0;
+    let mut step = |p: &mut Playout, chunk: &[i16], now: &mut std::time::Duration| {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let n = p.push("item", PcmRef::new(24_000, rest)).expect("push");
+            rest = &rest[n..];
+            *now += FRAME;
+            if p.poll(*now, &mut buf).is_some() {
+                frames += 1;
+            }
+        }
+        *now += FRAME;
+        if p.poll(*now, &mut buf).is_some() {
+            frames += 1;
+        }
+    };
+    let mut chunks = reply.chunks(480); // 20 ms deltas at 24 kHz
+    for c in chunks.by_ref().take(10) {
+        step(&mut p, c, &mut now);
+    }
+    let before = allocs();
+    for c in chunks {
+        step(&mut p, c, &mut now);
+    }
+    let n = allocs() - before;
+    assert_eq!(n, 0, "{n} allocations while pushing and sending");
+    assert!(frames > 300);
+}

@@ -1,0 +1,81 @@
+//! The `kotodama` binary as operators run it: `serve`, a clean exit on SIGTERM, and a one-line
+//! reason with a non-zero exit on a bad configuration.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kotodama"));
+    c.env_remove("OPENAI_API_KEY").env_remove("KOTODAMA_PROVIDER").env_remove("KOTODAMA_API_KEYS");
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn help_lists_the_command_and_environment() {
+    let out = bin().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for needle in ["kotodama serve", "--config", "KOTODAMA_BIND", "KOTODAMA_PUBLIC_IP", "KOTODAMA_API_KEYS", "OPENAI_API_KEY"] {
+        assert!(text.contains(needle), "--help mentions {needle}");
+    }
+}
+
+#[test]
+fn bad_configuration_exits_non_zero_naming_the_key() {
+    let out = bin().arg("serve").env("KOTODAMA_BIND", "0.0.0.0:0").output().unwrap();
+    assert!(!out.status.success(), "a public bind without API keys must refuse to start");
+    let err = String::from_utf8(out.stderr).unwrap();
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains("KOTODAMA_API_KEYS"), "the reason names the key: {err}");
+
+    let out = bin().arg("serve").env("KOTODAMA_BIND", "not-an-address").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8(out.stderr).unwrap().contains("KOTODAMA_BIND"));
+
+    let dir = std::env::temp_dir().join(format!("kotodama-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, "[media]\nvad_mode = 9\n").unwrap();
+    let out = bin().args(["serve", "--config"]).arg(&cfg).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8(out.stderr).unwrap().contains("media.vad_mode"));
+}
+
+#[test]
+fn serve_answers_then_exits_zero_on_sigterm() {
+    let port = free_port();
+    let mut child = bin()
+        .arg("serve")
+        .env("KOTODAMA_BIND", format!("127.0.0.1:{port}"))
+        .env("KOTODAMA_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ok = loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+            let mut resp = String::new();
+            let _ = s.read_to_string(&mut resp);
+            break resp.starts_with("HTTP/1.1 200");
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(ok, "GET /healthz answered 200; log: {log}");
+    assert_eq!(out.status.code(), Some(0), "clean exit on SIGTERM; log: {log}");
+    assert!(log.contains(&format!("127.0.0.1:{port}")), "the start-up log shows the URL: {log}");
+    assert!(log.contains("stopped cleanly"), "{log}");
+}
