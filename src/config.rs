@@ -216,7 +216,11 @@ impl Config {
         }
         if let Some(v) = non_empty("KOTODAMA_PUBLIC_IP") {
             self.public_ip = Some(v.trim().parse().map_err(|_| {
-                err("KOTODAMA_PUBLIC_IP", format!("`{v}` is not an IP address"), "use the address clients reach, e.g. 203.0.113.7")
+                err(
+                    "KOTODAMA_PUBLIC_IP",
+                    format!("`{v}` is not an IP address"),
+                    "use the address clients reach, e.g. 203.0.113.7",
+                )
             })?);
         }
         if let Some(v) = non_empty("KOTODAMA_API_KEYS") {
@@ -252,12 +256,20 @@ impl Config {
             ));
         }
         if self.api_keys.iter().any(|k| k.len() < 16) {
-            return Err(err("KOTODAMA_API_KEYS", "an API key is shorter than 16 characters", "use long random keys, e.g. `openssl rand -hex 24`"));
+            return Err(err(
+                "KOTODAMA_API_KEYS",
+                "an API key is shorter than 16 characters",
+                "use long random keys, e.g. `openssl rand -hex 24`",
+            ));
         }
         if let Some(s) = &self.token_secret
             && s.len() < 32
         {
-            return Err(err("KOTODAMA_TOKEN_SECRET", "shorter than 32 bytes", "use e.g. `openssl rand -hex 32`, or unset it for a random secret per start"));
+            return Err(err(
+                "KOTODAMA_TOKEN_SECRET",
+                "shorter than 32 bytes",
+                "use e.g. `openssl rand -hex 32`, or unset it for a random secret per start",
+            ));
         }
         if let Some(p) = &self.provider
             && !KNOWN_PROVIDERS.contains(&p.as_str())
@@ -268,11 +280,22 @@ impl Config {
                 "set KOTODAMA_PROVIDER=scripted (or unset OPENAI_API_KEY until the OpenAI provider lands)",
             ));
         }
-        if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres://") || self.database_url.starts_with("postgresql://")) {
-            return Err(err("KOTODAMA_DATABASE_URL", format!("unsupported URL `{}`", self.database_url), "use sqlite://path/to/file.db or postgres://user@host/db"));
+        if !(self.database_url.starts_with("sqlite:")
+            || self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://"))
+        {
+            return Err(err(
+                "KOTODAMA_DATABASE_URL",
+                format!("unsupported URL `{}`", self.database_url),
+                "use sqlite://path/to/file.db or postgres://user@host/db",
+            ));
         }
         if self.media.vad_mode > 3 {
-            return Err(err("media.vad_mode", format!("{} is out of range", self.media.vad_mode), "use 0 (quality) .. 3 (very aggressive)"));
+            return Err(err(
+                "media.vad_mode",
+                format!("{} is out of range", self.media.vad_mode),
+                "use 0 (quality) .. 3 (very aggressive)",
+            ));
         }
         if self.media.opus_complexity > 10 {
             return Err(err("media.opus_complexity", "out of range", "use 0..=10"));
@@ -292,10 +315,18 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for c in &self.characters {
             if c.id.is_empty() || !c.id.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
-                return Err(err("characters.id", format!("`{}` is not a valid id", c.id), "use letters, digits, - and _"));
+                return Err(err(
+                    "characters.id",
+                    format!("`{}` is not a valid id", c.id),
+                    "use letters, digits, - and _",
+                ));
             }
             if !seen.insert(c.id.clone()) {
-                return Err(err("characters.id", format!("`{}` appears twice", c.id), "give each character its own id"));
+                return Err(err(
+                    "characters.id",
+                    format!("`{}` appears twice", c.id),
+                    "give each character its own id",
+                ));
             }
         }
         Ok(())

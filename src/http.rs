@@ -51,8 +51,12 @@ fn to_api(e: SessionError) -> ApiError {
         }
         SessionError::Draining => ApiError::unavailable("server is shutting down; retry on another node", RETRY_AFTER),
         SessionError::AtCapacity => ApiError::unavailable("server is at its session limit", RETRY_AFTER),
-        SessionError::BadOffer(m) => ApiError::bad_request("bad_sdp", format!("the WebRTC stack rejected the offer: {m}")),
-        SessionError::ProviderUnavailable(m) => ApiError::unavailable(format!("model provider unavailable: {m}"), RETRY_AFTER),
+        SessionError::BadOffer(m) => {
+            ApiError::bad_request("bad_sdp", format!("the WebRTC stack rejected the offer: {m}"))
+        }
+        SessionError::ProviderUnavailable(m) => {
+            ApiError::unavailable(format!("model provider unavailable: {m}"), RETRY_AFTER)
+        }
         SessionError::UnknownPeer => ApiError::unknown_peer(),
         SessionError::StaleEtag => ApiError::stale_etag(),
         SessionError::IceRestartUnsupported => ApiError::ice_restart_unsupported(),
@@ -106,7 +110,12 @@ impl SessionHost for Host {
         Ok(OfferAnswer { sdp, peer_id, etag })
     }
 
-    async fn trickle(&self, session_id: &str, peer_id: &str, request: TrickleRequest) -> Result<TrickleOutcome, ApiError> {
+    async fn trickle(
+        &self,
+        session_id: &str,
+        peer_id: &str,
+        request: TrickleRequest,
+    ) -> Result<TrickleOutcome, ApiError> {
         match request {
             TrickleRequest::IceRestart { .. } => {
                 // Validate the session and peer first so a stale URL still gets its 404.
@@ -161,7 +170,13 @@ impl SessionHost for Host {
         let s = self.manager.get(session_id).ok_or_else(ApiError::unknown_session)?;
         Ok(s.turns()
             .into_iter()
-            .map(|t| TranscriptEntry { seq: t.seq, role: t.role, text: t.text, interrupted: t.interrupted, at: to_time(t.at) })
+            .map(|t| TranscriptEntry {
+                seq: t.seq,
+                role: t.role,
+                text: t.text,
+                interrupted: t.interrupted,
+                at: to_time(t.at),
+            })
             .collect())
     }
 }

@@ -21,8 +21,7 @@ use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
-    RtpCodecKind,
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
 use tokio::sync::{mpsc, oneshot};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
@@ -30,10 +29,9 @@ use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
-    RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState,
-    RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
-    register_default_interceptors,
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription,
+    Registry, SettingEngineBuilder, register_default_interceptors,
 };
 
 /// The data channel the client opens for events.
@@ -128,10 +126,7 @@ impl Peer {
             rtcp_feedback: vec![],
         };
         media_engine
-            .register_codec(
-                RTCRtpCodecParameters { rtp_codec: opus.clone(), payload_type: 111, ..Default::default() },
-                RtpCodecKind::Audio,
-            )
+            .register_codec(RTCRtpCodecParameters { rtp_codec: opus.clone(), payload_type: 111 }, RtpCodecKind::Audio)
             .map_err(setup)?;
         let registry = register_default_interceptors(Registry::new(), &mut media_engine).map_err(setup)?;
 
@@ -184,10 +179,7 @@ impl Peer {
             // The answer must carry every candidate: wait for gathering (host candidates only,
             // so this is quick), bounded.
             let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered_rx).await;
-            let local = pc
-                .local_description()
-                .await
-                .ok_or_else(|| PeerError::Setup("no local description".into()))?;
+            let local = pc.local_description().await.ok_or_else(|| PeerError::Setup("no local description".into()))?;
             Ok::<String, PeerError>(local.sdp)
         }
         .await;
@@ -289,6 +281,8 @@ impl PeerConnectionEventHandler for Forwarder {
                 return;
             }
             while let Some(ev) = dc.poll().await {
+                // Side effects in match guards would hide them; keep the sends in the arms.
+                #[allow(clippy::collapsible_match)]
                 match ev {
                     DataChannelEvent::OnOpen => {
                         if events.send(PeerEvent::ChannelOpen(Arc::clone(&dc))).await.is_err() {

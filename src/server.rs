@@ -111,7 +111,11 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
 pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     let providers = providers_for(&config)?;
     let provider = config.provider_name().to_owned();
-    let storage = if config.database_url.starts_with("sqlite:") { "sqlite (in-memory until persistence lands)" } else { "postgres" };
+    let storage = if config.database_url.starts_with("sqlite:") {
+        "sqlite (in-memory until persistence lands)"
+    } else {
+        "postgres"
+    };
     let auth = if config.api_keys.is_empty() { "open (loopback, no API key)" } else { "API key required" };
     let server = start(config, providers).await?;
     tracing::info!(

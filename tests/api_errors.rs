@@ -38,27 +38,65 @@ async fn offer_errors_are_specific() {
     };
     let bearer = format!("Bearer {token}");
 
-    assert_problem(post("text/plain", Some(bearer.clone()), good_offer.clone()).await.unwrap(), 415, "wrong content type").await;
-    assert_problem(post("application/sdp", Some(bearer.clone()), "x".repeat(65 * 1024)).await.unwrap(), 413, "65 KiB body").await;
+    assert_problem(
+        post("text/plain", Some(bearer.clone()), good_offer.clone()).await.unwrap(),
+        415,
+        "wrong content type",
+    )
+    .await;
+    assert_problem(
+        post("application/sdp", Some(bearer.clone()), "x".repeat(65 * 1024)).await.unwrap(),
+        413,
+        "65 KiB body",
+    )
+    .await;
     assert_problem(post("application/sdp", None, good_offer.clone()).await.unwrap(), 401, "no token").await;
-    assert_problem(post("application/sdp", Some(bearer.clone()), "garbage, not SDP".into()).await.unwrap(), 400, "garbage SDP").await;
+    assert_problem(
+        post("application/sdp", Some(bearer.clone()), "garbage, not SDP".into()).await.unwrap(),
+        400,
+        "garbage SDP",
+    )
+    .await;
 
     let (_pc2, _d2, _t2, _s2, _i2, no_audio) = client_offer(false, true).await;
-    assert_problem(post("application/sdp", Some(bearer.clone()), no_audio).await.unwrap(), 422, "offer without audio").await;
+    assert_problem(post("application/sdp", Some(bearer.clone()), no_audio).await.unwrap(), 422, "offer without audio")
+        .await;
     let (_pc3, _d3, _t3, _s3, _i3, no_dc) = client_offer(true, false).await;
-    assert_problem(post("application/sdp", Some(bearer.clone()), no_dc).await.unwrap(), 422, "offer without a data channel").await;
-    let no_fp: String = good_offer.lines().filter(|l| !l.starts_with("a=fingerprint")).map(|l| format!("{l}\r\n")).collect();
-    assert_problem(post("application/sdp", Some(bearer.clone()), no_fp).await.unwrap(), 422, "offer without DTLS fingerprint").await;
+    assert_problem(
+        post("application/sdp", Some(bearer.clone()), no_dc).await.unwrap(),
+        422,
+        "offer without a data channel",
+    )
+    .await;
+    let no_fp: String =
+        good_offer.lines().filter(|l| !l.starts_with("a=fingerprint")).map(|l| format!("{l}\r\n")).collect();
+    assert_problem(
+        post("application/sdp", Some(bearer.clone()), no_fp).await.unwrap(),
+        422,
+        "offer without DTLS fingerprint",
+    )
+    .await;
 
     // A token for another session.
     let (_other_id, other_token, _) = ts.create_session().await;
-    assert_problem(post("application/sdp", Some(format!("Bearer {other_token}")), good_offer.clone()).await.unwrap(), 401, "token for another session").await;
+    assert_problem(
+        post("application/sdp", Some(format!("Bearer {other_token}")), good_offer.clone()).await.unwrap(),
+        401,
+        "token for another session",
+    )
+    .await;
 
     // alg:none with the right subject.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let claims = serde_json::json!({"sub": id, "scope": "session", "exp": now + 600, "nbf": now - 1, "iat": now, "jti": "x"});
+    let claims =
+        serde_json::json!({"sub": id, "scope": "session", "exp": now + 600, "nbf": now - 1, "iat": now, "jti": "x"});
     let none = format!("{}.{}.", b64(&serde_json::json!({"alg": "none", "typ": "JWT"})), b64(&claims));
-    assert_problem(post("application/sdp", Some(format!("Bearer {none}")), good_offer.clone()).await.unwrap(), 401, "alg:none").await;
+    assert_problem(
+        post("application/sdp", Some(format!("Bearer {none}")), good_offer.clone()).await.unwrap(),
+        401,
+        "alg:none",
+    )
+    .await;
 
     // An expired token, signed with the server's real secret (a server configured with a known one).
     let secret = "k".repeat(40);
@@ -84,13 +122,26 @@ async fn offer_errors_are_specific() {
 
     // Unknown session (token valid for it is impossible to get; a valid token for another id -> 401,
     // an unknown id in the URL with the right token -> 401 as well: the token names its session).
-    let res = ts.http.post(format!("{}/v1/sessions/sess_unknown/offer", ts.base)).header("Content-Type", "application/sdp").bearer_auth(&token).body(good_offer.clone()).send().await.unwrap();
+    let res = ts
+        .http
+        .post(format!("{}/v1/sessions/sess_unknown/offer", ts.base))
+        .header("Content-Type", "application/sdp")
+        .bearer_auth(&token)
+        .body(good_offer.clone())
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, 401, "token does not name that session").await;
 
     // The good offer succeeds once, then 409.
     let res = post("application/sdp", Some(bearer.clone()), good_offer.clone()).await.unwrap();
     assert_eq!(res.status(), 201, "good offer: {}", res.text().await.unwrap());
-    assert_problem(post("application/sdp", Some(bearer.clone()), good_offer.clone()).await.unwrap(), 409, "second offer").await;
+    assert_problem(
+        post("application/sdp", Some(bearer.clone()), good_offer.clone()).await.unwrap(),
+        409,
+        "second offer",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,20 +163,46 @@ async fn trickle_and_delete_errors_are_specific() {
     assert_problem(patch("application/trickle-ice-sdpfrag", Some("\"stale\"")).await.unwrap(), 412, "stale ETag").await;
     let res = patch("application/trickle-ice-sdpfrag", Some(&client.etag)).await.unwrap();
     assert_eq!(res.status(), 204, "candidates added: {}", res.text().await.unwrap());
-    let res = ts.http.patch(&peer_url).header("Content-Type", "application/trickle-ice-sdpfrag").header("If-Match", "*").bearer_auth(&token)
-        .body("a=ice-ufrag:new1\r\na=ice-pwd:newpasswordnewpassword12\r\n").send().await.unwrap();
+    let res = ts
+        .http
+        .patch(&peer_url)
+        .header("Content-Type", "application/trickle-ice-sdpfrag")
+        .header("If-Match", "*")
+        .bearer_auth(&token)
+        .body("a=ice-ufrag:new1\r\na=ice-pwd:newpasswordnewpassword12\r\n")
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, 422, "ICE restart (not yet supported)").await;
-    let res = ts.http.patch(format!("{}/v1/sessions/{id}/peers/peer_nope", ts.base)).header("Content-Type", "application/trickle-ice-sdpfrag")
-        .header("If-Match", client.etag.clone()).bearer_auth(&token).body(frag).send().await.unwrap();
+    let res = ts
+        .http
+        .patch(format!("{}/v1/sessions/{id}/peers/peer_nope", ts.base))
+        .header("Content-Type", "application/trickle-ice-sdpfrag")
+        .header("If-Match", client.etag.clone())
+        .bearer_auth(&token)
+        .body(frag)
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, 404, "unknown peer").await;
 
     // GET / DELETE need the token.
-    assert_problem(ts.http.get(format!("{}/v1/sessions/{id}", ts.base)).send().await.unwrap(), 401, "GET without token").await;
+    assert_problem(
+        ts.http.get(format!("{}/v1/sessions/{id}", ts.base)).send().await.unwrap(),
+        401,
+        "GET without token",
+    )
+    .await;
     assert_problem(ts.http.delete(&peer_url).send().await.unwrap(), 401, "DELETE without token").await;
     let res = ts.http.delete(&peer_url).bearer_auth(&token).send().await.unwrap();
     assert_eq!(res.status(), 200);
     assert_problem(ts.http.delete(&peer_url).bearer_auth(&token).send().await.unwrap(), 404, "DELETE twice").await;
-    assert_problem(ts.http.delete(format!("{}/v1/sessions/{id}", ts.base)).bearer_auth(&token).send().await.unwrap(), 404, "DELETE session after end").await;
+    assert_problem(
+        ts.http.delete(format!("{}/v1/sessions/{id}", ts.base)).bearer_auth(&token).send().await.unwrap(),
+        404,
+        "DELETE session after end",
+    )
+    .await;
     client.close().await;
 }
 
@@ -134,10 +211,32 @@ async fn session_creation_errors_are_specific() {
     let ts = TestServer::start_with(|c| c.api_keys = vec!["test-key-0123456789abcdef".into()]).await;
     let url = format!("{}/v1/sessions", ts.base);
     assert_problem(ts.http.post(&url).json(&serde_json::json!({})).send().await.unwrap(), 401, "missing API key").await;
-    assert_problem(ts.http.post(&url).bearer_auth("wrong-key-0123456789abcdef").json(&serde_json::json!({})).send().await.unwrap(), 401, "wrong API key").await;
+    assert_problem(
+        ts.http.post(&url).bearer_auth("wrong-key-0123456789abcdef").json(&serde_json::json!({})).send().await.unwrap(),
+        401,
+        "wrong API key",
+    )
+    .await;
     let key = "test-key-0123456789abcdef";
-    assert_problem(ts.http.post(&url).bearer_auth(key).header("Content-Type", "application/json").body("{not json").send().await.unwrap(), 400, "bad JSON").await;
-    assert_problem(ts.http.post(&url).bearer_auth(key).json(&serde_json::json!({"character": "nobody"})).send().await.unwrap(), 404, "unknown character").await;
+    assert_problem(
+        ts.http
+            .post(&url)
+            .bearer_auth(key)
+            .header("Content-Type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "bad JSON",
+    )
+    .await;
+    assert_problem(
+        ts.http.post(&url).bearer_auth(key).json(&serde_json::json!({"character": "nobody"})).send().await.unwrap(),
+        404,
+        "unknown character",
+    )
+    .await;
     let res = ts.http.post(&url).bearer_auth(key).json(&serde_json::json!({"character": "aiko"})).send().await.unwrap();
     assert_eq!(res.status(), 201);
     let v: Value = res.json().await.unwrap();
@@ -153,7 +252,8 @@ async fn session_creation_errors_are_specific() {
     }
     assert_eq!(ts.http.get(format!("{}/healthz", ts.base)).send().await.unwrap().status(), 200);
     assert_eq!(ts.http.get(format!("{}/readyz", ts.base)).send().await.unwrap().status(), 200);
-    assert_problem(ts.http.get(format!("{}/v1/nothing-here", ts.base)).send().await.unwrap(), 404, "unknown route").await;
+    assert_problem(ts.http.get(format!("{}/v1/nothing-here", ts.base)).send().await.unwrap(), 404, "unknown route")
+        .await;
 
     // Draining: readyz 503 and new sessions 503 with Retry-After.
     let manager = ts.server.manager().clone();

@@ -19,7 +19,9 @@ fn help_lists_the_command_and_environment() {
     let out = bin().arg("--help").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    for needle in ["kotodama serve", "--config", "KOTODAMA_BIND", "KOTODAMA_PUBLIC_IP", "KOTODAMA_API_KEYS", "OPENAI_API_KEY"] {
+    for needle in
+        ["kotodama serve", "--config", "KOTODAMA_BIND", "KOTODAMA_PUBLIC_IP", "KOTODAMA_API_KEYS", "OPENAI_API_KEY"]
+    {
         assert!(text.contains(needle), "--help mentions {needle}");
     }
 }
@@ -48,7 +50,7 @@ fn bad_configuration_exits_non_zero_naming_the_key() {
 #[test]
 fn serve_answers_then_exits_zero_on_sigterm() {
     let port = free_port();
-    let mut child = bin()
+    let child = bin()
         .arg("serve")
         .env("KOTODAMA_BIND", format!("127.0.0.1:{port}"))
         .env("KOTODAMA_LOG", "info")

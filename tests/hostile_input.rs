@@ -13,18 +13,34 @@ async fn garbage_on_the_data_channel_and_in_opus_does_not_break_the_session() {
     let ts = TestServer::start().await;
     let (session_id, token, offer_url) = ts.create_session().await;
     let mut client = TestClient::connect(&ts, &offer_url, &token).await;
-    client.wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening").await;
+    client
+        .wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening")
+        .await;
 
     // Malformed messages get `error` events with specific codes.
     client.send_text("this is not json").await;
-    client.wait_event("invalid_json error", Duration::from_secs(5), |e| e["type"] == "error" && e["code"] == "invalid_json").await;
+    client
+        .wait_event("invalid_json error", Duration::from_secs(5), |e| {
+            e["type"] == "error" && e["code"] == "invalid_json"
+        })
+        .await;
     client.send_text("[1,2,3]").await;
-    client.wait_event("not_an_object error", Duration::from_secs(5), |e| e["type"] == "error" && e["code"] == "not_an_object").await;
+    client
+        .wait_event("not_an_object error", Duration::from_secs(5), |e| {
+            e["type"] == "error" && e["code"] == "not_an_object"
+        })
+        .await;
     client.send_text(r#"{"type":"text","text":42}"#).await;
-    client.wait_event("bad_message error", Duration::from_secs(5), |e| e["type"] == "error" && e["code"] == "bad_message").await;
+    client
+        .wait_event("bad_message error", Duration::from_secs(5), |e| e["type"] == "error" && e["code"] == "bad_message")
+        .await;
     let big = format!(r#"{{"type":"text","text":"{}"}}"#, "a".repeat(20 * 1024));
     client.send_text(&big).await;
-    client.wait_event("message_too_large error", Duration::from_secs(5), |e| e["type"] == "error" && e["code"] == "message_too_large").await;
+    client
+        .wait_event("message_too_large error", Duration::from_secs(5), |e| {
+            e["type"] == "error" && e["code"] == "message_too_large"
+        })
+        .await;
     // Unknown types are ignored (no error), random binary is rejected.
     client.send_text(r#"{"type":"from.the.future","x":1}"#).await;
     let random: Vec<u8> = (0..4096).map(|_| rand::random::<u8>()).collect();
@@ -37,9 +53,9 @@ async fn garbage_on_the_data_channel_and_in_opus_does_not_break_the_session() {
     for i in 0..50u32 {
         let payload: Vec<u8> = match i % 4 {
             0 => vec![],
-            1 => vec![0xfc],                                           // TOC only, no frame data
-            2 => (0..200).map(|_| rand::random::<u8>()).collect(),     // random bytes
-            _ => vec![0xff; 1400],                                     // code 3 with nonsense counts
+            1 => vec![0xfc],                                       // TOC only, no frame data
+            2 => (0..200).map(|_| rand::random::<u8>()).collect(), // random bytes
+            _ => vec![0xff; 1400],                                 // code 3 with nonsense counts
         };
         client.send_payload(Bytes::from(payload)).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -54,10 +70,11 @@ async fn garbage_on_the_data_channel_and_in_opus_does_not_break_the_session() {
         "the unknown type produced no error"
     );
     client.send_text(r#"{"type":"text","text":"Hello Aiko"}"#).await;
-    client.wait_event("a user transcript of the typed text", Duration::from_secs(5), |e| {
-        e["type"] == "transcript" && e["role"] == "user" && e["text"] == "Hello Aiko" && e["final"] == true
-    })
-    .await;
+    client
+        .wait_event("a user transcript of the typed text", Duration::from_secs(5), |e| {
+            e["type"] == "transcript" && e["role"] == "user" && e["text"] == "Hello Aiko" && e["final"] == true
+        })
+        .await;
     client
         .silence_until("the spoken reply", Duration::from_secs(20), |evs| {
             evs.iter().any(|e| {
@@ -65,7 +82,7 @@ async fn garbage_on_the_data_channel_and_in_opus_does_not_break_the_session() {
                     && e["role"] == "agent"
                     && e["final"] == true
                     && e["text"].as_str().is_some_and(|t| t.starts_with("Hi! I am Aiko"))
-            }) && evs.iter().filter(|e| e["type"] == "state").last().is_some_and(|e| e["state"] == "listening")
+            }) && evs.iter().rfind(|e| e["type"] == "state").is_some_and(|e| e["state"] == "listening")
         })
         .await;
     assert!(!client.events().iter().any(|e| e["type"] == "agent.interrupted"), "nothing interrupted the reply");

@@ -68,9 +68,8 @@ fn downlink(c: &mut Criterion) {
                 item += 1;
                 pos = 0;
             }
-            let pushed = p
-                .push(ids[(item % 2) as usize], PcmRef::new(24_000, &reply.samples[pos..pos + 480]))
-                .expect("push");
+            let pushed =
+                p.push(ids[(item % 2) as usize], PcmRef::new(24_000, &reply.samples[pos..pos + 480])).expect("push");
             pos += pushed;
             now += FRAME;
             black_box(p.poll(now, &mut buf).map(|f| f.len))

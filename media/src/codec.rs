@@ -235,7 +235,8 @@ mod tests {
     }
 
     fn speech_fec_count(cfg: EncoderConfig) -> (usize, usize) {
-        let pcm = crate::wav::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/user_question.wav")).expect("fixture");
+        let pcm =
+            crate::wav::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/user_question.wav")).expect("fixture");
         let mut enc = OpusEncoder::new(cfg).expect("encoder");
         let mut pkt = [0u8; 1500];
         let (mut with_fec, mut total) = (0, 0);

@@ -219,11 +219,7 @@ impl Resampler {
 
     /// Resamples `input`, calling `sink` with each block of output as it becomes available
     /// (zero or more calls). Input not filling a whole chunk is kept for the next call.
-    pub fn process(
-        &mut self,
-        mut input: &[i16],
-        sink: &mut impl FnMut(&[i16]),
-    ) -> Result<(), ResampleError> {
+    pub fn process(&mut self, mut input: &[i16], sink: &mut impl FnMut(&[i16])) -> Result<(), ResampleError> {
         self.in_total += input.len() as u64;
         if self.fft.is_none() {
             if !input.is_empty() {
@@ -276,8 +272,7 @@ impl Resampler {
         self.in_fill = 0;
         // Buffer sizes were taken from the resampler itself, so these cannot fail;
         // map the error anyway instead of panicking.
-        let inp = InterleavedSlice::new(&self.in_buf[..], 1, self.chunk_in)
-            .map_err(|_| ResampleError::BufferSize)?;
+        let inp = InterleavedSlice::new(&self.in_buf[..], 1, self.chunk_in).map_err(|_| ResampleError::BufferSize)?;
         let mut outp = InterleavedSlice::new_mut(&mut self.out_buf[..], 1, self.chunk_out)
             .map_err(|_| ResampleError::BufferSize)?;
         let (_read, written) = fft.process_into_buffer(&inp, &mut outp, None)?;
@@ -314,9 +309,7 @@ mod tests {
 
     fn sine(rate: u32, freq: f64, secs: f64, amp: f64) -> Vec<i16> {
         let n = (f64::from(rate) * secs) as usize;
-        (0..n)
-            .map(|i| (amp * (2.0 * std::f64::consts::PI * freq * i as f64 / f64::from(rate)).sin()) as i16)
-            .collect()
+        (0..n).map(|i| (amp * (2.0 * std::f64::consts::PI * freq * i as f64 / f64::from(rate)).sin()) as i16).collect()
     }
 
     /// Goertzel power of `freq` relative to total power; ~1.0 for a pure tone at `freq`.

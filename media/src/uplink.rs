@@ -136,7 +136,8 @@ impl Uplink {
         let rs = Resampler::new(OPUS_RATE, cfg.output_rate_hz, Alignment::Stream)?;
         // Worst case per push: the concealment cap (rounded up to one max packet) + one FEC frame
         // + the packet itself + a partial 10 ms carry, at 48 kHz; the output rate is <= 48 kHz.
-        let max_in = duration_to_samples(cfg.max_concealment, OPUS_RATE) as usize + 3 * MAX_PACKET_SAMPLES + CHUNK_SAMPLES;
+        let max_in =
+            duration_to_samples(cfg.max_concealment, OPUS_RATE) as usize + 3 * MAX_PACKET_SAMPLES + CHUNK_SAMPLES;
         let out_cap = max_in + rs.chunk_out().max(CHUNK_SAMPLES);
         Ok(Self {
             cfg,

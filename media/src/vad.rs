@@ -206,11 +206,7 @@ impl Hysteresis {
 
     /// Back to silence at position zero.
     pub fn reset(&mut self) {
-        *self = Self::new(
-            self.frame * self.min_speech_frames,
-            self.frame * self.min_silence_frames,
-            self.frame,
-        );
+        *self = Self::new(self.frame * self.min_speech_frames, self.frame * self.min_silence_frames, self.frame);
     }
 }
 
@@ -225,10 +221,7 @@ pub struct Vad {
 
 impl std::fmt::Debug for Vad {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vad")
-            .field("rate_hz", &self.rate_hz)
-            .field("hysteresis", &self.hyst)
-            .finish_non_exhaustive()
+        f.debug_struct("Vad").field("rate_hz", &self.rate_hz).field("hysteresis", &self.hyst).finish_non_exhaustive()
     }
 }
 
@@ -250,7 +243,12 @@ impl Vad {
             16_000 => webrtc_vad::SampleRate::Rate16kHz,
             32_000 => webrtc_vad::SampleRate::Rate32kHz,
             48_000 => webrtc_vad::SampleRate::Rate48kHz,
-            _ => return Err(MediaError::InvalidConfig { key: "vad rate", reason: "must be 8000, 16000, 32000 or 48000 Hz" }),
+            _ => {
+                return Err(MediaError::InvalidConfig {
+                    key: "vad rate",
+                    reason: "must be 8000, 16000, 32000 or 48000 Hz",
+                });
+            }
         };
         let fvad = webrtc_vad::Vad::new_with_rate_and_mode(rate, fvad_mode(cfg.mode));
         let floor = 32768.0 * 10f64.powf(f64::from(cfg.energy_floor_dbfs) / 20.0);

@@ -58,7 +58,13 @@ fn uplink_steady_state_does_not_allocate_even_with_loss_and_garbage() {
                 if i % 9 == 4 {
                     continue; // loss -> PLC / FEC
                 }
-                let payload: &[u8] = if i % 31 == 0 { &garbage } else if i % 37 == 0 { &[] } else { &packets[i] };
+                let payload: &[u8] = if i % 31 == 0 {
+                    &garbage
+                } else if i % 37 == 0 {
+                    &[]
+                } else {
+                    &packets[i]
+                };
                 up.push_rtp(FRAME * i as u32, i as u16, payload);
                 while let Some(ev) = up.poll() {
                     if let UplinkEvent::Audio(a) = ev {

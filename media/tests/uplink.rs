@@ -85,17 +85,11 @@ fn speech_round_trips_through_opus_and_resampler_at_24k_16k_and_48k() {
     for rate in [24_000u32, 16_000, 48_000] {
         let (h, s, up) = run(cfg(rate), &list);
         let out_secs = h.audio.len() as f64 / f64::from(rate);
-        assert!(
-            (out_secs - in_secs).abs() / in_secs < 0.10,
-            "{rate} Hz: heard {out_secs:.3} s of {in_secs:.3} s"
-        );
+        assert!((out_secs - in_secs).abs() / in_secs < 0.10, "{rate} Hz: heard {out_secs:.3} s of {in_secs:.3} s");
         // Only one 10 ms chunk may sit in the resampler.
         assert!(in_secs - out_secs <= 0.0101, "{rate} Hz: {out_secs} s out of {in_secs} s");
         let out_rms = rms(&h.audio);
-        assert!(
-            (out_rms - in_rms).abs() / in_rms < 0.10,
-            "{rate} Hz: rms {out_rms:.1} vs input {in_rms:.1}"
-        );
+        assert!((out_rms - in_rms).abs() / in_rms < 0.10, "{rate} Hz: rms {out_rms:.1} vs input {in_rms:.1}");
         let sim = envelope_similarity(&envelope(&speech, 48_000), &envelope(&h.audio, rate), 3);
         assert!(sim > 0.95, "{rate} Hz: heard envelope correlates only {sim:.3} with the speech");
         assert_eq!(s.lost + s.plc_frames + s.fec_frames + s.decode_errors + s.late_or_duplicate, 0, "{s:?}");
@@ -154,7 +148,8 @@ fn lossy(packets: &[Vec<u8>], loss: f64, seed: u64) -> (Vec<(u16, &[u8])>, u64, 
 fn loss_of_1_3_and_10_percent_is_concealed_with_plc_and_fec() {
     let speech = pad(&user_question().samples, 48_000, ms(200), ms(200));
     let packets = encode_packets(&speech, EncoderConfig::default());
-    let (clean, _, _) = run(cfg(48_000), &packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect::<Vec<_>>());
+    let (clean, _, _) =
+        run(cfg(48_000), &packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect::<Vec<_>>());
     for (loss, seed) in [(0.01, 1u64), (0.03, 2), (0.10, 3)] {
         let (list, dropped, fec_expected) = lossy(&packets, loss, seed);
         assert!(dropped > 0, "seed {seed} dropped nothing");
@@ -189,7 +184,8 @@ fn fec_recovers_lost_frames_better_than_plc() {
         let packets = encode_packets(&speech, EncoderConfig { fec, ..EncoderConfig::default() });
         let all: Vec<(u16, &[u8])> = packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect();
         let (clean, _, _) = run(cfg(48_000), &all);
-        let list: Vec<(u16, &[u8])> = all.iter().copied().filter(|(s, _)| s % 7 != 3 || usize::from(*s) + 1 == all.len()).collect();
+        let list: Vec<(u16, &[u8])> =
+            all.iter().copied().filter(|(s, _)| s % 7 != 3 || usize::from(*s) + 1 == all.len()).collect();
         let lost = (all.len() - list.len()) as u64;
         // Lost frames whose successor carries LBRR (with FEC on), measured on those only.
         let recoverable: Vec<usize> =
@@ -207,7 +203,11 @@ fn fec_recovers_lost_frames_better_than_plc() {
         // Error energy in the recoverable lost frames vs the lossless decode.
         for &i in &measured {
             let r = i * FRAME_SAMPLES..(i + 1) * FRAME_SAMPLES;
-            err[k] += clean.audio[r.clone()].iter().zip(&h.audio[r]).map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2)).sum::<f64>();
+            err[k] += clean.audio[r.clone()]
+                .iter()
+                .zip(&h.audio[r])
+                .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+                .sum::<f64>();
         }
     }
     assert!(err[0] < 0.5 * err[1], "FEC error {:.3e} should be well below PLC error {:.3e}", err[0], err[1]);

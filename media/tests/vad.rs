@@ -79,7 +79,10 @@ fn short_voiced_bursts_below_min_speech_never_start() {
         let x = bursts(&speech[48 * 150..48 * (150 + burst_ms)], 400, 12);
         let (starts, _, vad) = edges(VadConfig::default(), &x);
         assert!(starts.is_empty(), "{burst_ms} ms bursts started speech at {starts:?}");
-        assert!(vad.voiced() > Duration::ZERO || burst_ms <= 10, "{burst_ms} ms bursts were never voiced (vacuous test)");
+        assert!(
+            vad.voiced() > Duration::ZERO || burst_ms <= 10,
+            "{burst_ms} ms bursts were never voiced (vacuous test)"
+        );
     }
     // Why the energy gate exists: without it libfvad's 60-90 ms hangover over the room noise
     // turns even 30 ms bursts into more than min_speech of "voice".

@@ -41,8 +41,7 @@ use crate::ice::IceServer;
 use crate::id::is_valid_id;
 use crate::problem::{ApiError, Reason};
 use crate::sdp::{
-    APPLICATION_SDP, MAX_OFFER_BYTES, MAX_SDPFRAG_BYTES, TRICKLE_ICE_SDPFRAG,
-    parse_trickle_sdpfrag, validate_offer,
+    APPLICATION_SDP, MAX_OFFER_BYTES, MAX_SDPFRAG_BYTES, TRICKLE_ICE_SDPFRAG, parse_trickle_sdpfrag, validate_offer,
 };
 use crate::token::{TokenError, TokenIssuer, VerifyMode};
 
@@ -99,12 +98,7 @@ impl std::fmt::Debug for ApiState {
 impl ApiState {
     /// State with no API keys and default limits.
     pub fn new(host: Arc<dyn SessionHost>, tokens: TokenIssuer) -> Self {
-        ApiState {
-            host,
-            tokens: Arc::new(tokens),
-            api_keys: Arc::new(ApiKeys::default()),
-            limits: Limits::default(),
-        }
+        ApiState { host, tokens: Arc::new(tokens), api_keys: Arc::new(ApiKeys::default()), limits: Limits::default() }
     }
 
     /// With these API keys.
@@ -131,10 +125,7 @@ pub fn routes(state: ApiState) -> Router {
         .route("/v1/sessions/{id}", get(get_session).delete(delete_session))
         .route("/v1/sessions/{id}/offer", post(offer))
         .route("/v1/sessions/{id}/transcript", get(transcript))
-        .route(
-            "/v1/sessions/{id}/peers/{peer_id}",
-            patch(trickle).delete(delete_peer),
-        )
+        .route("/v1/sessions/{id}/peers/{peer_id}", patch(trickle).delete(delete_peer))
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
@@ -151,10 +142,7 @@ pub async fn not_found() -> ApiError {
 
 /// Fallback for a known route with another method: 405 problem+json (axum adds `Allow`).
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed(Reason::new(
-        "method_not_allowed",
-        "method not allowed on this route",
-    ))
+    ApiError::MethodNotAllowed(Reason::new("method_not_allowed", "method not allowed on this route"))
 }
 
 async fn healthz() -> Response {
@@ -163,15 +151,9 @@ async fn healthz() -> Response {
 
 async fn readyz(State(st): State<ApiState>) -> Result<Response, ApiError> {
     if !st.host.accepting() {
-        return Err(ApiError::unavailable(
-            "not accepting sessions (draining or starting)",
-            st.limits.retry_after,
-        ));
+        return Err(ApiError::unavailable("not accepting sessions (draining or starting)", st.limits.retry_after));
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &serde_json::json!({"status": "ready"}),
-    ))
+    Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})))
 }
 
 async fn characters(State(st): State<ApiState>) -> Response {
@@ -189,17 +171,10 @@ struct CreateSessionResponse {
     offer_url: String,
 }
 
-async fn create_session(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
+async fn create_session(State(st): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     require_api_key(&st, &headers)?;
     if !st.host.accepting() {
-        return Err(ApiError::unavailable(
-            "not accepting new sessions (draining)",
-            st.limits.retry_after,
-        ));
+        return Err(ApiError::unavailable("not accepting new sessions (draining)", st.limits.retry_after));
     }
     let bytes = read_body(body, &headers, st.limits.max_json_bytes).await?;
     let request = if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -212,14 +187,9 @@ async fn create_session(
     };
     let created = st.host.create_session(request).await?;
     if !is_valid_id(&created.session_id) {
-        return Err(ApiError::internal(
-            "host returned a session id that is not URL safe",
-        ));
+        return Err(ApiError::internal("host returned a session id that is not URL safe"));
     }
-    let issued = st
-        .tokens
-        .issue(&created.session_id)
-        .map_err(ApiError::internal)?;
+    let issued = st.tokens.issue(&created.session_id).map_err(ApiError::internal)?;
     let location = format!("/v1/sessions/{}", created.session_id);
     let body = CreateSessionResponse {
         offer_url: format!("{location}/offer"),
@@ -263,19 +233,11 @@ async fn offer(
     let offer = validate_offer(&bytes)?;
     let answer = st.host.offer(&id, offer).await?;
     if !is_valid_id(&answer.peer_id) {
-        return Err(ApiError::internal(
-            "host returned a peer id that is not URL safe",
-        ));
+        return Err(ApiError::internal("host returned a peer id that is not URL safe"));
     }
     let mut response = (StatusCode::CREATED, answer.sdp).into_response();
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(APPLICATION_SDP));
-    insert_header(
-        &mut response,
-        LOCATION,
-        &format!("/v1/sessions/{id}/peers/{}", answer.peer_id),
-    )?;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(APPLICATION_SDP));
+    insert_header(&mut response, LOCATION, &format!("/v1/sessions/{id}/peers/{}", answer.peer_id))?;
     insert_header(&mut response, ETAG, &answer.etag.header_value())?;
     no_store(&mut response);
     Ok(response)
@@ -290,18 +252,17 @@ async fn trickle(
     let (id, peer_id) = peer_path(path)?;
     authorize_token(&st, &headers, &id, VerifyMode::Manage)?;
     require_content_type(&headers, TRICKLE_ICE_SDPFRAG)?;
-    let if_match =
-        match headers.get(IF_MATCH) {
-            None => {
-                return Err(ApiError::PreconditionRequired(Reason::new(
-                    "if_match_required",
-                    "PATCH requires If-Match with the peer's ETag (or \"*\" for an ICE restart)",
-                )));
-            }
-            Some(value) => IfMatch::parse(value.to_str().map_err(|_| {
-                ApiError::bad_request("bad_if_match", "If-Match is not visible ASCII")
-            })?),
-        };
+    let if_match = match headers.get(IF_MATCH) {
+        None => {
+            return Err(ApiError::PreconditionRequired(Reason::new(
+                "if_match_required",
+                "PATCH requires If-Match with the peer's ETag (or \"*\" for an ICE restart)",
+            )));
+        }
+        Some(value) => IfMatch::parse(
+            value.to_str().map_err(|_| ApiError::bad_request("bad_if_match", "If-Match is not visible ASCII"))?,
+        ),
+    };
     let bytes = read_body(body, &headers, st.limits.max_sdpfrag_bytes).await?;
     let frag = parse_trickle_sdpfrag(&bytes)?;
     let request = if if_match == IfMatch::Any && frag.has_credentials() {
@@ -313,9 +274,7 @@ async fn trickle(
         TrickleOutcome::Added => Ok(StatusCode::NO_CONTENT.into_response()),
         TrickleOutcome::Restarted { sdpfrag, etag } => {
             let mut response = (StatusCode::OK, sdpfrag).into_response();
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static(TRICKLE_ICE_SDPFRAG));
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(TRICKLE_ICE_SDPFRAG));
             insert_header(&mut response, ETAG, &etag.header_value())?;
             no_store(&mut response);
             Ok(response)
@@ -346,10 +305,7 @@ async fn delete_peer(
 }
 
 fn ended_response(id: &str) -> Response {
-    json_response(
-        StatusCode::OK,
-        &serde_json::json!({"session_id": id, "state": SessionState::Ended}),
-    )
+    json_response(StatusCode::OK, &serde_json::json!({"session_id": id, "state": SessionState::Ended}))
 }
 
 async fn get_session(
@@ -387,9 +343,7 @@ fn session_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiEr
     }
 }
 
-fn peer_path(
-    path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<(String, String), ApiError> {
+fn peer_path(path: Result<Path<(String, String)>, PathRejection>) -> Result<(String, String), ApiError> {
     match path {
         Ok(Path((id, peer))) if is_valid_id(&id) => {
             if is_valid_id(&peer) {
@@ -407,21 +361,13 @@ fn require_api_key(st: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
         return Ok(());
     }
     match bearer(headers) {
-        None => Err(ApiError::unauthorized(
-            "api_key_missing",
-            "an API key is required (Authorization: Bearer <key>)",
-        )),
+        None => Err(ApiError::unauthorized("api_key_missing", "an API key is required (Authorization: Bearer <key>)")),
         Some(key) if st.api_keys.contains(key) => Ok(()),
         Some(_) => Err(ApiError::unauthorized("api_key_invalid", "invalid API key")),
     }
 }
 
-fn authorize_token(
-    st: &ApiState,
-    headers: &HeaderMap,
-    session_id: &str,
-    mode: VerifyMode,
-) -> Result<(), ApiError> {
+fn authorize_token(st: &ApiState, headers: &HeaderMap, session_id: &str, mode: VerifyMode) -> Result<(), ApiError> {
     let token = bearer(headers).ok_or(TokenError::Missing)?;
     st.tokens.verify(token, session_id, mode)?;
     Ok(())
@@ -429,17 +375,12 @@ fn authorize_token(
 
 /// The session's own token, or (for operators) an API key. With no API keys configured only
 /// the token works: open mode opens session creation, not other sessions' data.
-fn authorize_token_or_key(
-    st: &ApiState,
-    headers: &HeaderMap,
-    session_id: &str,
-) -> Result<(), ApiError> {
+fn authorize_token_or_key(st: &ApiState, headers: &HeaderMap, session_id: &str) -> Result<(), ApiError> {
     let credentials = bearer(headers).ok_or(TokenError::Missing)?;
     if !st.api_keys.is_empty() && st.api_keys.contains(credentials) {
         return Ok(());
     }
-    st.tokens
-        .verify(credentials, session_id, VerifyMode::Manage)?;
+    st.tokens.verify(credentials, session_id, VerifyMode::Manage)?;
     Ok(())
 }
 
@@ -459,26 +400,20 @@ fn require_content_type(headers: &HeaderMap, expected: &'static str) -> Result<(
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
-    media_type(headers).is_some_and(|m| {
-        m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
-    })
+    media_type(headers)
+        .is_some_and(|m| m == "application/json" || (m.starts_with("application/") && m.ends_with("+json")))
 }
 
 /// Read the whole body, refusing (413) as soon as it would exceed `limit`, without trusting
 /// `Content-Length` to be honest (but using it to refuse early).
 async fn read_body(mut body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, ApiError> {
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::payload_too_large(limit));
     }
     let mut buf = Vec::new();
     while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        let frame = frame.map_err(|_| {
-            ApiError::bad_request("body_unreadable", "could not read the request body")
-        })?;
+        let frame = frame.map_err(|_| ApiError::bad_request("body_unreadable", "could not read the request body"))?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 return Err(ApiError::payload_too_large(limit));
@@ -493,20 +428,14 @@ fn json_response<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Respon
     match serde_json::to_vec(value) {
         Ok(body) => {
             let mut response = (status, body).into_response();
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             response
         }
         Err(e) => ApiError::internal(format!("response serialisation failed: {e}")).into_response(),
     }
 }
 
-fn insert_header(
-    response: &mut Response,
-    name: http::HeaderName,
-    value: &str,
-) -> Result<(), ApiError> {
+fn insert_header(response: &mut Response, name: http::HeaderName, value: &str) -> Result<(), ApiError> {
     let value = HeaderValue::from_str(value)
         .map_err(|_| ApiError::internal(format!("invalid {name} header value from host")))?;
     response.headers_mut().insert(name, value);
@@ -514,7 +443,5 @@ fn insert_header(
 }
 
 fn no_store(response: &mut Response) {
-    response
-        .headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }

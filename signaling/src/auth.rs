@@ -26,11 +26,7 @@ impl ApiKeys {
         S: AsRef<str>,
     {
         ApiKeys {
-            keys: keys
-                .into_iter()
-                .map(|k| k.as_ref().trim().as_bytes().to_vec())
-                .filter(|k| !k.is_empty())
-                .collect(),
+            keys: keys.into_iter().map(|k| k.as_ref().trim().as_bytes().to_vec()).filter(|k| !k.is_empty()).collect(),
         }
     }
 
@@ -97,10 +93,7 @@ mod tests {
         for wrong in ["", "k", "k12", "key-twO", "key-two "] {
             assert!(!keys.contains(wrong), "{wrong:?} must not match");
         }
-        assert!(
-            !ApiKeys::default().contains(""),
-            "no keys means nothing matches"
-        );
+        assert!(!ApiKeys::default().contains(""), "no keys means nothing matches");
         assert!(!format!("{keys:?}").contains("k1"), "Debug leaked a key");
     }
 

@@ -151,8 +151,7 @@ impl ServerEvent {
         // Serialisation cannot fail for these types (string keys only, infallible Serialize
         // impls); the fallback keeps this function total anyway.
         serde_json::to_string(self).unwrap_or_else(|_| {
-            r#"{"type":"error","code":"internal","message":"event serialisation failed"}"#
-                .to_owned()
+            r#"{"type":"error","code":"internal","message":"event serialisation failed"}"#.to_owned()
         })
     }
 }
@@ -191,8 +190,7 @@ impl ClientEvent {
 
     /// One JSON object (used by test clients and the WebSocket fallback).
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self)
-            .unwrap_or_else(|_| format!(r#"{{"type":"{}"}}"#, self.type_name()))
+        serde_json::to_string(self).unwrap_or_else(|_| format!(r#"{{"type":"{}"}}"#, self.type_name()))
     }
 }
 
@@ -249,10 +247,7 @@ impl EventError {
 
     /// The `error` event to send back to the client.
     pub fn to_server_event(&self) -> ServerEvent {
-        ServerEvent::Error {
-            code: self.code().to_owned(),
-            message: self.to_string(),
-        }
+        ServerEvent::Error { code: self.code().to_owned(), message: self.to_string() }
     }
 }
 
@@ -265,14 +260,10 @@ impl EventError {
 /// Unknown extra fields on known types are ignored (forward compatibility).
 pub fn parse_client_message(bytes: &[u8]) -> Result<Option<ClientEvent>, EventError> {
     if bytes.len() > MAX_CLIENT_MESSAGE {
-        return Err(EventError::TooLarge {
-            len: bytes.len(),
-            limit: MAX_CLIENT_MESSAGE,
-        });
+        return Err(EventError::TooLarge { len: bytes.len(), limit: MAX_CLIENT_MESSAGE });
     }
     let text = std::str::from_utf8(bytes).map_err(|_| EventError::NotUtf8)?;
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| EventError::NotJson(e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| EventError::NotJson(e.to_string()))?;
     let object = value.as_object().ok_or(EventError::NotObject)?;
     let kind = match object.get("type") {
         None => return Err(EventError::MissingType),
@@ -282,12 +273,7 @@ pub fn parse_client_message(bytes: &[u8]) -> Result<Option<ClientEvent>, EventEr
     if !ClientEvent::TYPES.contains(&kind.as_str()) {
         return Ok(None);
     }
-    serde_json::from_value(value)
-        .map(Some)
-        .map_err(|e| EventError::BadFields {
-            kind,
-            reason: e.to_string(),
-        })
+    serde_json::from_value(value).map(Some).map_err(|e| EventError::BadFields { kind, reason: e.to_string() })
 }
 
 /// The agent's conversational state.
@@ -382,10 +368,7 @@ impl FromStr for Emotion {
     /// Known names match case-insensitively; anything else becomes [`Emotion::Other`].
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let lower = s.to_ascii_lowercase();
-        Ok(Emotion::KNOWN
-            .into_iter()
-            .find(|e| e.as_str() == lower)
-            .unwrap_or_else(|| Emotion::Other(s.to_owned())))
+        Ok(Emotion::KNOWN.into_iter().find(|e| e.as_str() == lower).unwrap_or_else(|| Emotion::Other(s.to_owned())))
     }
 }
 
@@ -542,13 +525,7 @@ mod tests {
     #[test]
     fn viseme_names_and_indices_match_the_oculus_table() {
         let names: Vec<&str> = Viseme::ALL.iter().map(|v| v.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "ih", "oh",
-                "ou"
-            ]
-        );
+        assert_eq!(names, ["sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "ih", "oh", "ou"]);
         for (i, v) in Viseme::ALL.iter().enumerate() {
             assert_eq!(usize::from(v.index()), i, "index of {v}");
             let json = serde_json::to_string(v).expect("a unit variant serialises");
@@ -559,16 +536,10 @@ mod tests {
     #[test]
     fn emotion_keeps_unknown_names_and_normalises_known_ones() {
         assert_eq!("HAPPY".parse::<Emotion>(), Ok(Emotion::Happy));
-        assert_eq!(
-            "excited".parse::<Emotion>(),
-            Ok(Emotion::Other("excited".into()))
-        );
+        assert_eq!("excited".parse::<Emotion>(), Ok(Emotion::Other("excited".into())));
         let e: Emotion = serde_json::from_str("\"Sad\"").expect("a string is an emotion");
         assert_eq!(e, Emotion::Sad);
-        assert!(
-            serde_json::from_str::<Emotion>("\"\"").is_err(),
-            "empty emotion must be rejected"
-        );
+        assert!(serde_json::from_str::<Emotion>("\"\"").is_err(), "empty emotion must be rejected");
     }
 
     #[test]

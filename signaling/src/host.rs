@@ -30,10 +30,7 @@ pub trait SessionHost: Send + Sync + 'static {
     /// [`crate::id::new_session_id`] (CSPRNG, URL safe) and the ICE servers for this client.
     /// Errors: [`ApiError::unknown_character`] (404), unknown provider (404 or 422),
     /// [`ApiError::unavailable`] (503) when it cannot take more sessions.
-    async fn create_session(
-        &self,
-        request: CreateSessionRequest,
-    ) -> Result<CreatedSession, ApiError>;
+    async fn create_session(&self, request: CreateSessionRequest) -> Result<CreatedSession, ApiError>;
 
     /// Answer a validated offer (`POST /v1/sessions/{id}/offer`). The answer carries all of the
     /// server's ICE candidates. Errors: [`ApiError::unknown_session`] (404), 409 when the
@@ -128,9 +125,7 @@ impl ETag {
         let opaque = opaque.into();
         let ok = !opaque.is_empty()
             && opaque.len() <= 128
-            && opaque
-                .bytes()
-                .all(|b| b == 0x21 || (0x23..=0x7e).contains(&b));
+            && opaque.bytes().all(|b| b == 0x21 || (0x23..=0x7e).contains(&b));
         ok.then_some(ETag(opaque))
     }
 
@@ -166,12 +161,7 @@ impl IfMatch {
             .split(',')
             .map(str::trim)
             .filter(|t| !t.is_empty() && !t.starts_with("W/"))
-            .map(|t| {
-                t.strip_prefix('"')
-                    .and_then(|t| t.strip_suffix('"'))
-                    .unwrap_or(t)
-                    .to_owned()
-            })
+            .map(|t| t.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(t).to_owned())
             .collect();
         IfMatch::Tags(tags)
     }
@@ -270,11 +260,7 @@ pub struct SessionInfo {
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     /// End time (RFC 3339), when ended.
-    #[serde(
-        default,
-        with = "time::serde::rfc3339::option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<OffsetDateTime>,
     /// Why it ended, when ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -304,20 +290,11 @@ mod tests {
     #[test]
     fn if_match_parsing() {
         assert_eq!(IfMatch::parse("*"), IfMatch::Any);
-        assert_eq!(
-            IfMatch::parse(" \"abc\" "),
-            IfMatch::Tags(vec!["abc".into()])
-        );
-        assert_eq!(
-            IfMatch::parse("\"a\", W/\"b\", c"),
-            IfMatch::Tags(vec!["a".into(), "c".into()])
-        );
+        assert_eq!(IfMatch::parse(" \"abc\" "), IfMatch::Tags(vec!["abc".into()]));
+        assert_eq!(IfMatch::parse("\"a\", W/\"b\", c"), IfMatch::Tags(vec!["a".into(), "c".into()]));
         let tag = ETag::new("a").expect("valid tag");
         assert!(IfMatch::parse("\"x\", \"a\"").matches(&tag));
-        assert!(
-            !IfMatch::parse("W/\"a\"").matches(&tag),
-            "weak tags never match"
-        );
+        assert!(!IfMatch::parse("W/\"a\"").matches(&tag), "weak tags never match");
         assert!(IfMatch::Any.matches(&tag));
     }
 

@@ -22,24 +22,12 @@ pub struct IceServer {
 impl IceServer {
     /// A STUN server (no credentials).
     pub fn stun(url: impl Into<String>) -> Self {
-        IceServer {
-            urls: vec![url.into()],
-            username: None,
-            credential: None,
-        }
+        IceServer { urls: vec![url.into()], username: None, credential: None }
     }
 
     /// A TURN server with credentials.
-    pub fn turn(
-        urls: Vec<String>,
-        username: impl Into<String>,
-        credential: impl Into<String>,
-    ) -> Self {
-        IceServer {
-            urls,
-            username: Some(username.into()),
-            credential: Some(credential.into()),
-        }
+    pub fn turn(urls: Vec<String>, username: impl Into<String>, credential: impl Into<String>) -> Self {
+        IceServer { urls, username: Some(username.into()), credential: Some(credential.into()) }
     }
 }
 
@@ -49,10 +37,7 @@ impl std::fmt::Debug for IceServer {
         f.debug_struct("IceServer")
             .field("urls", &self.urls)
             .field("username", &self.username)
-            .field(
-                "credential",
-                &self.credential.as_ref().map(|_| "<redacted>"),
-            )
+            .field("credential", &self.credential.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -63,18 +48,14 @@ mod tests {
 
     #[test]
     fn stun_server_omits_username_and_credential() {
-        let json = serde_json::to_string(&IceServer::stun("stun:stun.example.org:3478"))
-            .expect("serialises");
+        let json = serde_json::to_string(&IceServer::stun("stun:stun.example.org:3478")).expect("serialises");
         assert_eq!(json, r#"{"urls":["stun:stun.example.org:3478"]}"#);
     }
 
     #[test]
     fn turn_server_has_all_three_fields() {
-        let server = IceServer::turn(
-            vec!["turn:turn.example.org:3478?transport=udp".into()],
-            "1700000000:sess_x",
-            "c2VjcmV0",
-        );
+        let server =
+            IceServer::turn(vec!["turn:turn.example.org:3478?transport=udp".into()], "1700000000:sess_x", "c2VjcmV0");
         let json = serde_json::to_string(&server).expect("serialises");
         assert_eq!(
             json,
@@ -82,9 +63,6 @@ mod tests {
         );
         let back: IceServer = serde_json::from_str(&json).expect("round trip");
         assert_eq!(back, server);
-        assert!(
-            !format!("{server:?}").contains("c2VjcmV0"),
-            "credential leaked into Debug"
-        );
+        assert!(!format!("{server:?}").contains("c2VjcmV0"), "credential leaked into Debug");
     }
 }

@@ -23,11 +23,7 @@ pub fn new_id(prefix: &str) -> String {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
     let random = URL_SAFE_NO_PAD.encode(bytes);
-    if prefix.is_empty() {
-        random
-    } else {
-        format!("{prefix}_{random}")
-    }
+    if prefix.is_empty() { random } else { format!("{prefix}_{random}") }
 }
 
 /// A new session id (`sess_...`).
@@ -45,11 +41,7 @@ pub fn new_peer_id() -> String {
 /// The router answers 404 for anything else without asking the host, and refuses (500) to hand
 /// out a host-chosen id that would not survive a URL unescaped.
 pub fn is_valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !id.is_empty() && id.len() <= MAX_ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 #[cfg(test)]

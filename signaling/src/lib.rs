@@ -70,8 +70,8 @@ pub use api::{ApiState, Limits, router, routes};
 pub use auth::ApiKeys;
 pub use events::{ClientEvent, EventError, ServerEvent, parse_client_message};
 pub use host::{
-    CharacterInfo, CreateSessionRequest, CreatedSession, ETag, EndReason, IfMatch, OfferAnswer,
-    SessionHost, SessionInfo, SessionState, TranscriptEntry, TrickleOutcome, TrickleRequest,
+    CharacterInfo, CreateSessionRequest, CreatedSession, ETag, EndReason, IfMatch, OfferAnswer, SessionHost,
+    SessionInfo, SessionState, TranscriptEntry, TrickleOutcome, TrickleRequest,
 };
 pub use ice::IceServer;
 pub use id::new_id;

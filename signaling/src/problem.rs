@@ -48,10 +48,7 @@ pub struct Reason {
 impl Reason {
     /// A reason from a code and a detail.
     pub fn new(code: impl Into<Cow<'static, str>>, detail: impl Into<Cow<'static, str>>) -> Self {
-        Reason {
-            code: code.into(),
-            detail: detail.into(),
-        }
+        Reason { code: code.into(), detail: detail.into() }
     }
 }
 
@@ -112,26 +109,17 @@ pub enum ApiError {
 
 impl ApiError {
     /// 400.
-    pub fn bad_request(
-        code: impl Into<Cow<'static, str>>,
-        detail: impl Into<Cow<'static, str>>,
-    ) -> Self {
+    pub fn bad_request(code: impl Into<Cow<'static, str>>, detail: impl Into<Cow<'static, str>>) -> Self {
         ApiError::BadRequest(Reason::new(code, detail))
     }
 
     /// 401.
-    pub fn unauthorized(
-        code: impl Into<Cow<'static, str>>,
-        detail: impl Into<Cow<'static, str>>,
-    ) -> Self {
+    pub fn unauthorized(code: impl Into<Cow<'static, str>>, detail: impl Into<Cow<'static, str>>) -> Self {
         ApiError::Unauthorized(Reason::new(code, detail))
     }
 
     /// 404.
-    pub fn not_found(
-        code: impl Into<Cow<'static, str>>,
-        detail: impl Into<Cow<'static, str>>,
-    ) -> Self {
+    pub fn not_found(code: impl Into<Cow<'static, str>>, detail: impl Into<Cow<'static, str>>) -> Self {
         ApiError::NotFound(Reason::new(code, detail))
     }
 
@@ -156,10 +144,7 @@ impl ApiError {
     }
 
     /// 409.
-    pub fn conflict(
-        code: impl Into<Cow<'static, str>>,
-        detail: impl Into<Cow<'static, str>>,
-    ) -> Self {
+    pub fn conflict(code: impl Into<Cow<'static, str>>, detail: impl Into<Cow<'static, str>>) -> Self {
         ApiError::Conflict(Reason::new(code, detail))
     }
 
@@ -188,10 +173,7 @@ impl ApiError {
 
     /// 413.
     pub fn payload_too_large(limit: usize) -> Self {
-        ApiError::PayloadTooLarge(Reason::new(
-            "body_too_large",
-            format!("request body exceeds {limit} bytes"),
-        ))
+        ApiError::PayloadTooLarge(Reason::new("body_too_large", format!("request body exceeds {limit} bytes")))
     }
 
     /// 415.
@@ -203,27 +185,18 @@ impl ApiError {
     }
 
     /// 422.
-    pub fn unprocessable(
-        code: impl Into<Cow<'static, str>>,
-        detail: impl Into<Cow<'static, str>>,
-    ) -> Self {
+    pub fn unprocessable(code: impl Into<Cow<'static, str>>, detail: impl Into<Cow<'static, str>>) -> Self {
         ApiError::Unprocessable(Reason::new(code, detail))
     }
 
     /// 503 + `Retry-After`.
     pub fn unavailable(detail: impl Into<Cow<'static, str>>, retry_after: Duration) -> Self {
-        ApiError::Unavailable {
-            reason: Reason::new("unavailable", detail),
-            retry_after,
-        }
+        ApiError::Unavailable { reason: Reason::new("unavailable", detail), retry_after }
     }
 
     /// 429 + `Retry-After`.
     pub fn too_many_requests(detail: impl Into<Cow<'static, str>>, retry_after: Duration) -> Self {
-        ApiError::TooManyRequests {
-            reason: Reason::new("rate_limited", detail),
-            retry_after,
-        }
+        ApiError::TooManyRequests { reason: Reason::new("rate_limited", detail), retry_after }
     }
 
     /// 500; `cause` is logged, not sent.
@@ -298,9 +271,8 @@ impl IntoResponse for ApiError {
                 tracing::debug!(status = problem.status, code = ?problem.code, "request failed: {}", other)
             }
         }
-        let body = serde_json::to_vec(&problem).unwrap_or_else(|_| {
-            br#"{"type":"about:blank","title":"Internal Server Error","status":500}"#.to_vec()
-        });
+        let body = serde_json::to_vec(&problem)
+            .unwrap_or_else(|_| br#"{"type":"about:blank","title":"Internal Server Error","status":500}"#.to_vec());
         let mut response = (self.status(), body).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
@@ -308,8 +280,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ApiError::TooManyRequests { retry_after, .. }
-            | ApiError::Unavailable { retry_after, .. } => {
+            ApiError::TooManyRequests { retry_after, .. } | ApiError::Unavailable { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, retry_after_value(*retry_after));
             }
             _ => {}

@@ -125,13 +125,7 @@ pub enum SdpError {
 impl SdpError {
     /// True for 400 (not SDP at all), false for 422 (SDP we will not negotiate).
     pub fn is_unparsable(&self) -> bool {
-        matches!(
-            self,
-            SdpError::NotUtf8
-                | SdpError::NotSdp
-                | SdpError::Unparsable(_)
-                | SdpError::BadFragLine { .. }
-        )
+        matches!(self, SdpError::NotUtf8 | SdpError::NotSdp | SdpError::Unparsable(_) | SdpError::BadFragLine { .. })
     }
 
     /// Stable problem `code`.
@@ -209,14 +203,9 @@ pub fn validate_offer(body: &[u8]) -> Result<ValidOffer, SdpError> {
     }
     let desc = parse(text)?;
 
-    let enabled =
-        |m: &&MediaDescription| m.media_name.port.value != 0 || m.has_attribute("bundle-only");
-    let audio: Vec<&MediaDescription> = desc
-        .media_descriptions
-        .iter()
-        .filter(|m| m.media_name.media == "audio")
-        .filter(enabled)
-        .collect();
+    let enabled = |m: &&MediaDescription| m.media_name.port.value != 0 || m.has_attribute("bundle-only");
+    let audio: Vec<&MediaDescription> =
+        desc.media_descriptions.iter().filter(|m| m.media_name.media == "audio").filter(enabled).collect();
     let audio = match audio.as_slice() {
         [] => return Err(SdpError::NoAudio),
         [one] => *one,
@@ -241,10 +230,7 @@ pub fn validate_offer(body: &[u8]) -> Result<ValidOffer, SdpError> {
     check_fingerprints(&desc)?;
 
     let has = |key: &str| {
-        desc.attributes
-            .iter()
-            .any(|a| a.key == key && a.value.is_some())
-            || audio.attribute(key).flatten().is_some()
+        desc.attributes.iter().any(|a| a.key == key && a.value.is_some()) || audio.attribute(key).flatten().is_some()
     };
     if !has("ice-ufrag") || !has("ice-pwd") {
         return Err(SdpError::NoIceCredentials);
@@ -261,9 +247,7 @@ pub fn validate_offer(body: &[u8]) -> Result<ValidOffer, SdpError> {
 fn parse(text: &str) -> Result<SessionDescription, SdpError> {
     // rtc-sdp returns errors for bad input; the catch_unwind only guarantees that a parser bug
     // on hostile input becomes a 400 rather than a dead request task.
-    let result = std::panic::catch_unwind(|| {
-        SessionDescription::unmarshal(&mut Cursor::new(text.as_bytes()))
-    });
+    let result = std::panic::catch_unwind(|| SessionDescription::unmarshal(&mut Cursor::new(text.as_bytes())));
     match result {
         Ok(Ok(desc)) => Ok(desc),
         Ok(Err(e)) => Err(SdpError::Unparsable(truncate(&e.to_string(), 200))),
@@ -279,15 +263,11 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 fn direction_of(m: &MediaDescription) -> Option<Direction> {
-    m.attributes
-        .iter()
-        .find_map(|a| Direction::from_attribute(&a.key))
+    m.attributes.iter().find_map(|a| Direction::from_attribute(&a.key))
 }
 
 fn session_direction(desc: &SessionDescription) -> Option<Direction> {
-    desc.attributes
-        .iter()
-        .find_map(|a| Direction::from_attribute(&a.key))
+    desc.attributes.iter().find_map(|a| Direction::from_attribute(&a.key))
 }
 
 fn opus_payload_type(audio: &MediaDescription) -> Option<u8> {
@@ -302,29 +282,18 @@ fn opus_payload_type(audio: &MediaDescription) -> Option<u8> {
         let clock = parts.next()?;
         let is_opus = name.eq_ignore_ascii_case("opus") && clock == "48000";
         let listed = audio.media_name.formats.iter().any(|f| f == pt);
-        if is_opus && listed {
-            pt.parse::<u8>().ok()
-        } else {
-            None
-        }
+        if is_opus && listed { pt.parse::<u8>().ok() } else { None }
     })
 }
 
 fn is_sctp_data_channel(m: &MediaDescription) -> bool {
     m.media_name.media == "application"
         && m.media_name.protos.iter().any(|p| p == "SCTP")
-        && m.media_name
-            .formats
-            .iter()
-            .any(|f| f == "webrtc-datachannel")
+        && m.media_name.formats.iter().any(|f| f == "webrtc-datachannel")
 }
 
 fn check_fingerprints(desc: &SessionDescription) -> Result<(), SdpError> {
-    let session = desc
-        .attributes
-        .iter()
-        .filter(|a| a.key == "fingerprint")
-        .map(|a| a.value.as_deref());
+    let session = desc.attributes.iter().filter(|a| a.key == "fingerprint").map(|a| a.value.as_deref());
     let media = desc
         .media_descriptions
         .iter()
@@ -362,10 +331,8 @@ fn parse_fingerprint(value: &str) -> Result<(String, String), SdpError> {
         _ => return Err(SdpError::BadFingerprint),
     };
     let pairs: Vec<&str> = digest.split(':').collect();
-    let well_formed = pairs.len() == bytes
-        && pairs
-            .iter()
-            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    let well_formed =
+        pairs.len() == bytes && pairs.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
     if !well_formed {
         return Err(SdpError::BadFingerprint);
     }
@@ -432,11 +399,7 @@ pub fn parse_trickle_sdpfrag(body: &[u8]) -> Result<SdpFrag, SdpError> {
     let mut section: Vec<String> = Vec::new();
     let mut mid: Option<String> = None;
     let flush = |frag: &mut SdpFrag, section: &mut Vec<String>, mid: &Option<String>| {
-        frag.candidates
-            .extend(section.drain(..).map(|candidate| TrickleCandidate {
-                mid: mid.clone(),
-                candidate,
-            }));
+        frag.candidates.extend(section.drain(..).map(|candidate| TrickleCandidate { mid: mid.clone(), candidate }));
     };
     for (index, raw) in text.split('\n').enumerate() {
         let line = raw.strip_suffix('\r').unwrap_or(raw).trim_end();
@@ -445,16 +408,10 @@ pub fn parse_trickle_sdpfrag(body: &[u8]) -> Result<SdpFrag, SdpError> {
             continue;
         }
         let Some((kind, value)) = line.split_once('=') else {
-            return Err(SdpError::BadFragLine {
-                line: number,
-                reason: "expected <type>=<value>",
-            });
+            return Err(SdpError::BadFragLine { line: number, reason: "expected <type>=<value>" });
         };
         if kind.len() != 1 || !kind.bytes().all(|b| b.is_ascii_lowercase()) {
-            return Err(SdpError::BadFragLine {
-                line: number,
-                reason: "type must be one lowercase letter",
-            });
+            return Err(SdpError::BadFragLine { line: number, reason: "type must be one lowercase letter" });
         }
         match kind {
             "m" => {
@@ -493,10 +450,7 @@ pub fn parse_trickle_sdpfrag(body: &[u8]) -> Result<SdpFrag, SdpError> {
 fn non_empty(value: &str, line: usize) -> Result<String, SdpError> {
     let value = value.trim();
     if value.is_empty() || value.contains(char::is_whitespace) {
-        return Err(SdpError::BadFragLine {
-            line,
-            reason: "empty or spaced ICE credential",
-        });
+        return Err(SdpError::BadFragLine { line, reason: "empty or spaced ICE credential" });
     }
     Ok(value.to_owned())
 }
@@ -510,10 +464,7 @@ mod tests {
         let ok = format!("sha-256 {}", vec!["AB"; 32].join(":"));
         assert!(parse_fingerprint(&ok).is_ok());
         assert_eq!(parse_fingerprint("sha-256"), Err(SdpError::BadFingerprint));
-        assert_eq!(
-            parse_fingerprint("md5 AB:CD"),
-            Err(SdpError::BadFingerprint)
-        );
+        assert_eq!(parse_fingerprint("md5 AB:CD"), Err(SdpError::BadFingerprint));
         let short = format!("sha-256 {}", vec!["AB"; 31].join(":"));
         assert_eq!(parse_fingerprint(&short), Err(SdpError::BadFingerprint));
         let nonhex = format!("sha-1 {}", vec!["ZZ"; 20].join(":"));

@@ -53,10 +53,7 @@ impl TokenSecret {
     pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, TokenConfigError> {
         let bytes = bytes.into();
         if bytes.len() < MIN_SECRET_LEN {
-            return Err(TokenConfigError::SecretTooShort {
-                len: bytes.len(),
-                min: MIN_SECRET_LEN,
-            });
+            return Err(TokenConfigError::SecretTooShort { len: bytes.len(), min: MIN_SECRET_LEN });
         }
         Ok(TokenSecret(bytes))
     }
@@ -89,11 +86,7 @@ pub struct TokenConfig {
 
 impl Default for TokenConfig {
     fn default() -> Self {
-        TokenConfig {
-            secret: None,
-            ttl: DEFAULT_TOKEN_TTL,
-            manage_grace: DEFAULT_MANAGE_GRACE,
-        }
+        TokenConfig { secret: None, ttl: DEFAULT_TOKEN_TTL, manage_grace: DEFAULT_MANAGE_GRACE }
     }
 }
 
@@ -102,9 +95,7 @@ impl Default for TokenConfig {
 #[non_exhaustive]
 pub enum TokenConfigError {
     /// The configured secret is too short for HS256.
-    #[error(
-        "token secret is {len} bytes; it must be at least {min} bytes (or leave it unset for a random one)"
-    )]
+    #[error("token secret is {len} bytes; it must be at least {min} bytes (or leave it unset for a random one)")]
     SecretTooShort {
         /// Bytes given.
         len: usize,
@@ -260,11 +251,7 @@ impl TokenIssuer {
 
     /// Defaults ([`DEFAULT_TOKEN_TTL`], [`DEFAULT_MANAGE_GRACE`]) with a random secret.
     pub fn random() -> Self {
-        Self::from_parts(
-            &TokenSecret::random(),
-            DEFAULT_TOKEN_TTL,
-            DEFAULT_MANAGE_GRACE,
-        )
+        Self::from_parts(&TokenSecret::random(), DEFAULT_TOKEN_TTL, DEFAULT_MANAGE_GRACE)
     }
 
     fn from_parts(secret: &TokenSecret, ttl: Duration, manage_grace: Duration) -> Self {
@@ -287,22 +274,12 @@ impl TokenIssuer {
     }
 
     /// [`TokenIssuer::issue`] at an explicit `now` (tests, virtual time).
-    pub fn issue_at(
-        &self,
-        session_id: &str,
-        now: OffsetDateTime,
-    ) -> Result<IssuedToken, TokenIssueError> {
+    pub fn issue_at(&self, session_id: &str, now: OffsetDateTime) -> Result<IssuedToken, TokenIssueError> {
         let iat = now.unix_timestamp();
         let ttl = i64::try_from(self.ttl.as_secs()).map_err(|_| TokenIssueError)?;
         let exp = iat.checked_add(ttl).ok_or(TokenIssueError)?;
-        let claims = Claims {
-            sub: session_id.to_owned(),
-            scope: SESSION_SCOPE.to_owned(),
-            iat,
-            nbf: iat,
-            exp,
-            jti: new_id(""),
-        };
+        let claims =
+            Claims { sub: session_id.to_owned(), scope: SESSION_SCOPE.to_owned(), iat, nbf: iat, exp, jti: new_id("") };
         self.sign(&claims).map(|token| IssuedToken {
             token,
             expires_at: OffsetDateTime::from_unix_timestamp(exp).unwrap_or(now),
@@ -318,12 +295,7 @@ impl TokenIssuer {
     }
 
     /// Verify `token` for the session `expected_session_id`.
-    pub fn verify(
-        &self,
-        token: &str,
-        expected_session_id: &str,
-        mode: VerifyMode,
-    ) -> Result<Claims, TokenError> {
+    pub fn verify(&self, token: &str, expected_session_id: &str, mode: VerifyMode) -> Result<Claims, TokenError> {
         self.verify_at(token, expected_session_id, mode, OffsetDateTime::now_utc())
     }
 
@@ -346,15 +318,13 @@ impl TokenIssuer {
         validation.validate_exp = false;
         validation.validate_nbf = false;
         validation.required_spec_claims.clear();
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).map_err(
-            |e| match e.kind() {
-                ErrorKind::InvalidSignature => TokenError::BadSignature,
-                ErrorKind::InvalidAlgorithm
-                | ErrorKind::UnsupportedAlgorithm
-                | ErrorKind::InvalidAlgorithmName => TokenError::BadAlgorithm,
-                _ => TokenError::Malformed,
-            },
-        )?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).map_err(|e| match e.kind() {
+            ErrorKind::InvalidSignature => TokenError::BadSignature,
+            ErrorKind::InvalidAlgorithm | ErrorKind::UnsupportedAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                TokenError::BadAlgorithm
+            }
+            _ => TokenError::Malformed,
+        })?;
         let claims = data.claims;
 
         if claims.scope != SESSION_SCOPE {
@@ -397,11 +367,8 @@ fn check_header(token: &str) -> Result<(), TokenError> {
     else {
         return Err(TokenError::Malformed);
     };
-    let bytes = URL_SAFE_NO_PAD
-        .decode(header)
-        .map_err(|_| TokenError::Malformed)?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)?;
+    let bytes = URL_SAFE_NO_PAD.decode(header).map_err(|_| TokenError::Malformed)?;
+    let header: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)?;
     let object = header.as_object().ok_or(TokenError::Malformed)?;
     match object.get("alg") {
         Some(serde_json::Value::String(alg)) if alg == "HS256" => {}
@@ -434,10 +401,7 @@ mod tests {
     }
 
     fn claims_json(now: i64) -> String {
-        format!(
-            r#"{{"sub":"{SID}","scope":"session","iat":{now},"nbf":{now},"exp":{},"jti":"j"}}"#,
-            now + 600
-        )
+        format!(r#"{{"sub":"{SID}","scope":"session","iat":{now},"nbf":{now},"exp":{},"jti":"j"}}"#, now + 600)
     }
 
     fn now() -> OffsetDateTime {
@@ -448,9 +412,7 @@ mod tests {
     fn issued_token_verifies_for_its_session() {
         let i = issuer();
         let t = i.issue(SID).expect("issue");
-        let claims = i
-            .verify(t.token.expose(), SID, VerifyMode::Connect)
-            .expect("fresh token must verify");
+        let claims = i.verify(t.token.expose(), SID, VerifyMode::Connect).expect("fresh token must verify");
         assert_eq!(claims.sub, SID);
         assert_eq!(claims.scope, "session");
         assert_eq!(claims.exp - claims.iat, 600, "default ttl is 10 minutes");
@@ -461,28 +423,14 @@ mod tests {
 
     #[test]
     fn missing_token_is_missing() {
-        assert_eq!(
-            issuer().verify("", SID, VerifyMode::Connect),
-            Err(TokenError::Missing)
-        );
+        assert_eq!(issuer().verify("", SID, VerifyMode::Connect), Err(TokenError::Missing));
     }
 
     #[test]
     fn garbage_is_malformed() {
         let i = issuer();
-        for bad in [
-            "abc",
-            "a.b",
-            "a.b.c",
-            "a.b.c.d.e",
-            "!!!.???.***",
-            "e30.e30.e30",
-        ] {
-            assert_eq!(
-                i.verify(bad, SID, VerifyMode::Connect),
-                Err(TokenError::Malformed),
-                "{bad:?}"
-            );
+        for bad in ["abc", "a.b", "a.b.c", "a.b.c.d.e", "!!!.???.***", "e30.e30.e30"] {
+            assert_eq!(i.verify(bad, SID, VerifyMode::Connect), Err(TokenError::Malformed), "{bad:?}");
         }
     }
 
@@ -490,10 +438,7 @@ mod tests {
     fn token_from_another_key_has_bad_signature() {
         let other = TokenIssuer::new(TokenConfig::default()).expect("random key");
         let t = other.issue(SID).expect("issue");
-        assert_eq!(
-            issuer().verify(t.token.expose(), SID, VerifyMode::Connect),
-            Err(TokenError::BadSignature)
-        );
+        assert_eq!(issuer().verify(t.token.expose(), SID, VerifyMode::Connect), Err(TokenError::BadSignature));
     }
 
     #[test]
@@ -503,26 +448,15 @@ mod tests {
         let mut parts: Vec<String> = t.token.expose().split('.').map(str::to_owned).collect();
         parts[1] = b64(&claims_json(now().unix_timestamp()).replace(SID, "sess_other"));
         let forged = parts.join(".");
-        assert_eq!(
-            i.verify(&forged, "sess_other", VerifyMode::Connect),
-            Err(TokenError::BadSignature)
-        );
+        assert_eq!(i.verify(&forged, "sess_other", VerifyMode::Connect), Err(TokenError::BadSignature));
     }
 
     #[test]
     fn alg_none_is_rejected() {
         let n = now().unix_timestamp();
-        for header in [
-            r#"{"alg":"none","typ":"JWT"}"#,
-            r#"{"alg":"None"}"#,
-            r#"{"alg":"HS256 "}"#,
-        ] {
+        for header in [r#"{"alg":"none","typ":"JWT"}"#, r#"{"alg":"None"}"#, r#"{"alg":"HS256 "}"#] {
             let token = format!("{}.{}.", b64(header), b64(&claims_json(n)));
-            assert_eq!(
-                issuer().verify(&token, SID, VerifyMode::Connect),
-                Err(TokenError::BadAlgorithm),
-                "{header}"
-            );
+            assert_eq!(issuer().verify(&token, SID, VerifyMode::Connect), Err(TokenError::BadAlgorithm), "{header}");
         }
     }
 
@@ -535,30 +469,17 @@ mod tests {
             let payload = b64(&claims_json(n));
             // A signature that would be valid if the HMAC key were (mis)used for this alg.
             let token = format!("{header}.{payload}.{}", b64("sig"));
-            assert_eq!(
-                i.verify(&token, SID, VerifyMode::Connect),
-                Err(TokenError::BadAlgorithm),
-                "{alg}"
-            );
+            assert_eq!(i.verify(&token, SID, VerifyMode::Connect), Err(TokenError::BadAlgorithm), "{alg}");
         }
         let numeric = format!("{}.{}.x", b64(r#"{"alg":256}"#), b64(&claims_json(n)));
-        assert_eq!(
-            i.verify(&numeric, SID, VerifyMode::Connect),
-            Err(TokenError::BadAlgorithm)
-        );
+        assert_eq!(i.verify(&numeric, SID, VerifyMode::Connect), Err(TokenError::BadAlgorithm));
     }
 
     #[test]
     fn crit_header_is_rejected() {
-        let token = format!(
-            "{}.{}.x",
-            b64(r#"{"alg":"HS256","crit":["exp"]}"#),
-            b64(&claims_json(now().unix_timestamp()))
-        );
-        assert_eq!(
-            issuer().verify(&token, SID, VerifyMode::Connect),
-            Err(TokenError::Malformed)
-        );
+        let token =
+            format!("{}.{}.x", b64(r#"{"alg":"HS256","crit":["exp"]}"#), b64(&claims_json(now().unix_timestamp())));
+        assert_eq!(issuer().verify(&token, SID, VerifyMode::Connect), Err(TokenError::Malformed));
     }
 
     #[test]
@@ -566,20 +487,14 @@ mod tests {
         // `+`/`/`/`=` are not base64url.
         let header = STANDARD.encode(r#"{"alg":"HS256","typ":"JWT","x":"??>>"}"#);
         let token = format!("{header}.e30.x");
-        assert_eq!(
-            issuer().verify(&token, SID, VerifyMode::Connect),
-            Err(TokenError::Malformed)
-        );
+        assert_eq!(issuer().verify(&token, SID, VerifyMode::Connect), Err(TokenError::Malformed));
     }
 
     #[test]
     fn token_for_another_session_is_wrong_session() {
         let i = issuer();
         let t = i.issue("sess_other").expect("issue");
-        assert_eq!(
-            i.verify(t.token.expose(), SID, VerifyMode::Manage),
-            Err(TokenError::WrongSession)
-        );
+        assert_eq!(i.verify(t.token.expose(), SID, VerifyMode::Manage), Err(TokenError::WrongSession));
     }
 
     #[test]
@@ -587,19 +502,9 @@ mod tests {
         let i = issuer();
         let n = now().unix_timestamp();
         let t = i
-            .sign(&Claims {
-                sub: SID.into(),
-                scope: "admin".into(),
-                iat: n,
-                nbf: n,
-                exp: n + 600,
-                jti: "j".into(),
-            })
+            .sign(&Claims { sub: SID.into(), scope: "admin".into(), iat: n, nbf: n, exp: n + 600, jti: "j".into() })
             .expect("sign");
-        assert_eq!(
-            i.verify(t.expose(), SID, VerifyMode::Connect),
-            Err(TokenError::WrongScope)
-        );
+        assert_eq!(i.verify(t.expose(), SID, VerifyMode::Connect), Err(TokenError::WrongScope));
     }
 
     #[test]
@@ -612,17 +517,11 @@ mod tests {
         }
         let token = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &Partial {
-                sub: SID,
-                exp: now().unix_timestamp() + 60,
-            },
+            &Partial { sub: SID, exp: now().unix_timestamp() + 60 },
             &i.encoding,
         )
         .expect("sign");
-        assert_eq!(
-            i.verify(&token, SID, VerifyMode::Connect),
-            Err(TokenError::Malformed)
-        );
+        assert_eq!(i.verify(&token, SID, VerifyMode::Connect), Err(TokenError::Malformed));
     }
 
     #[test]
@@ -645,15 +544,7 @@ mod tests {
             Err(TokenError::Expired),
             "exp itself is already expired"
         );
-        assert!(
-            i.verify_at(
-                t.token.expose(),
-                SID,
-                VerifyMode::Connect,
-                exp - time::Duration::seconds(1)
-            )
-            .is_ok()
-        );
+        assert!(i.verify_at(t.token.expose(), SID, VerifyMode::Connect, exp - time::Duration::seconds(1)).is_ok());
         let end_of_grace = exp + time::Duration::hours(1);
         assert_eq!(
             i.verify_at(t.token.expose(), SID, VerifyMode::Manage, end_of_grace),
@@ -667,16 +558,10 @@ mod tests {
         let i = issuer();
         let future = now() + time::Duration::minutes(5);
         let t = i.issue_at(SID, future).expect("issue");
-        assert_eq!(
-            i.verify(t.token.expose(), SID, VerifyMode::Connect),
-            Err(TokenError::NotYetValid)
-        );
-        let slightly = i
-            .issue_at(SID, now() + time::Duration::seconds(2))
-            .expect("issue");
+        assert_eq!(i.verify(t.token.expose(), SID, VerifyMode::Connect), Err(TokenError::NotYetValid));
+        let slightly = i.issue_at(SID, now() + time::Duration::seconds(2)).expect("issue");
         assert!(
-            i.verify(slightly.token.expose(), SID, VerifyMode::Connect)
-                .is_ok(),
+            i.verify(slightly.token.expose(), SID, VerifyMode::Connect).is_ok(),
             "2 s of clock skew is within the nbf leeway"
         );
     }

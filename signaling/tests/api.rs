@@ -23,9 +23,9 @@ use signaling::id::{new_peer_id, new_session_id};
 use signaling::sdp::TrickleCandidate;
 use signaling::token::{TokenConfig, TokenSecret};
 use signaling::{
-    ApiError, ApiKeys, ApiState, CharacterInfo, CreateSessionRequest, CreatedSession, ETag,
-    EndReason, IceServer, IfMatch, OfferAnswer, Problem, SessionHost, SessionInfo, SessionState,
-    TokenIssuer, TranscriptEntry, TrickleOutcome, TrickleRequest, ValidOffer, VerifyMode, router,
+    ApiError, ApiKeys, ApiState, CharacterInfo, CreateSessionRequest, CreatedSession, ETag, EndReason, IceServer,
+    IfMatch, OfferAnswer, Problem, SessionHost, SessionInfo, SessionState, TokenIssuer, TranscriptEntry,
+    TrickleOutcome, TrickleRequest, ValidOffer, VerifyMode, router,
 };
 
 // ---- an in-memory host that records its calls ------------------------------------------------
@@ -36,19 +36,9 @@ const RESTART_FRAG: &str = "a=ice-ufrag:srv2\r\na=ice-pwd:serverpassword00000000
 #[derive(Debug, Clone, PartialEq)]
 enum Call {
     Create(CreateSessionRequest),
-    Offer {
-        session: String,
-        opus_pt: u8,
-    },
-    Trickle {
-        session: String,
-        peer: String,
-        request: TrickleRequest,
-    },
-    End {
-        session: String,
-        peer: Option<String>,
-    },
+    Offer { session: String, opus_pt: u8 },
+    Trickle { session: String, peer: String, request: TrickleRequest },
+    End { session: String, peer: Option<String> },
 }
 
 struct FakeSession {
@@ -91,11 +81,7 @@ impl FakeHost {
     }
 
     fn candidates(&self, session: &str) -> Vec<TrickleCandidate> {
-        self.lock()
-            .sessions
-            .get(session)
-            .map(|s| s.candidates.clone())
-            .unwrap_or_default()
+        self.lock().sessions.get(session).map(|s| s.candidates.clone()).unwrap_or_default()
     }
 }
 
@@ -126,10 +112,7 @@ impl SessionHost for FakeHost {
         ]
     }
 
-    async fn create_session(
-        &self,
-        request: CreateSessionRequest,
-    ) -> Result<CreatedSession, ApiError> {
+    async fn create_session(&self, request: CreateSessionRequest) -> Result<CreatedSession, ApiError> {
         self.lock().calls.push(Call::Create(request.clone()));
         if self.fail_internally.load(Ordering::SeqCst) {
             return Err(ApiError::internal("database password hunter2 rejected"));
@@ -164,15 +147,7 @@ impl SessionHost for FakeHost {
                 at: OffsetDateTime::now_utc(),
             },
         ];
-        self.lock().sessions.insert(
-            id.clone(),
-            FakeSession {
-                info,
-                peer: None,
-                candidates: vec![],
-                transcript,
-            },
-        );
+        self.lock().sessions.insert(id.clone(), FakeSession { info, peer: None, candidates: vec![], transcript });
         Ok(CreatedSession {
             session_id: id,
             ice_servers: vec![
@@ -188,14 +163,8 @@ impl SessionHost for FakeHost {
 
     async fn offer(&self, session_id: &str, offer: ValidOffer) -> Result<OfferAnswer, ApiError> {
         let mut state = self.lock();
-        state.calls.push(Call::Offer {
-            session: session_id.into(),
-            opus_pt: offer.opus_payload_type(),
-        });
-        let session = state
-            .sessions
-            .get_mut(session_id)
-            .ok_or_else(ApiError::unknown_session)?;
+        state.calls.push(Call::Offer { session: session_id.into(), opus_pt: offer.opus_payload_type() });
+        let session = state.sessions.get_mut(session_id).ok_or_else(ApiError::unknown_session)?;
         if session.info.state == SessionState::Ended {
             return Err(ApiError::offer_after_end());
         }
@@ -206,11 +175,7 @@ impl SessionHost for FakeHost {
         let etag = ETag::generate();
         session.peer = Some((peer_id.clone(), etag.clone()));
         session.info.state = SessionState::Connecting;
-        Ok(OfferAnswer {
-            sdp: ANSWER.into(),
-            peer_id,
-            etag,
-        })
+        Ok(OfferAnswer { sdp: ANSWER.into(), peer_id, etag })
     }
 
     async fn trickle(
@@ -221,15 +186,8 @@ impl SessionHost for FakeHost {
     ) -> Result<TrickleOutcome, ApiError> {
         let ice_restart = self.ice_restart.load(Ordering::SeqCst);
         let mut state = self.lock();
-        state.calls.push(Call::Trickle {
-            session: session_id.into(),
-            peer: peer_id.into(),
-            request: request.clone(),
-        });
-        let session = state
-            .sessions
-            .get_mut(session_id)
-            .ok_or_else(ApiError::unknown_session)?;
+        state.calls.push(Call::Trickle { session: session_id.into(), peer: peer_id.into(), request: request.clone() });
+        let session = state.sessions.get_mut(session_id).ok_or_else(ApiError::unknown_session)?;
         let Some((peer, etag)) = session.peer.as_mut() else {
             return Err(ApiError::unknown_peer());
         };
@@ -244,29 +202,18 @@ impl SessionHost for FakeHost {
                 session.candidates.extend(frag.candidates);
                 Ok(TrickleOutcome::Added)
             }
-            TrickleRequest::IceRestart { .. } if !ice_restart => {
-                Err(ApiError::ice_restart_unsupported())
-            }
+            TrickleRequest::IceRestart { .. } if !ice_restart => Err(ApiError::ice_restart_unsupported()),
             TrickleRequest::IceRestart { .. } => {
                 *etag = ETag::generate();
-                Ok(TrickleOutcome::Restarted {
-                    sdpfrag: RESTART_FRAG.into(),
-                    etag: etag.clone(),
-                })
+                Ok(TrickleOutcome::Restarted { sdpfrag: RESTART_FRAG.into(), etag: etag.clone() })
             }
         }
     }
 
     async fn end(&self, session_id: &str, peer_id: Option<&str>) -> Result<(), ApiError> {
         let mut state = self.lock();
-        state.calls.push(Call::End {
-            session: session_id.into(),
-            peer: peer_id.map(str::to_owned),
-        });
-        let session = state
-            .sessions
-            .get_mut(session_id)
-            .ok_or_else(ApiError::unknown_session)?;
+        state.calls.push(Call::End { session: session_id.into(), peer: peer_id.map(str::to_owned) });
+        let session = state.sessions.get_mut(session_id).ok_or_else(ApiError::unknown_session)?;
         if session.info.state == SessionState::Ended {
             return Err(ApiError::session_already_ended());
         }
@@ -282,19 +229,11 @@ impl SessionHost for FakeHost {
     }
 
     async fn session(&self, session_id: &str) -> Result<SessionInfo, ApiError> {
-        self.lock()
-            .sessions
-            .get(session_id)
-            .map(|s| s.info.clone())
-            .ok_or_else(ApiError::unknown_session)
+        self.lock().sessions.get(session_id).map(|s| s.info.clone()).ok_or_else(ApiError::unknown_session)
     }
 
     async fn transcript(&self, session_id: &str) -> Result<Vec<TranscriptEntry>, ApiError> {
-        self.lock()
-            .sessions
-            .get(session_id)
-            .map(|s| s.transcript.clone())
-            .ok_or_else(ApiError::unknown_session)
+        self.lock().sessions.get(session_id).map(|s| s.transcript.clone()).ok_or_else(ApiError::unknown_session)
     }
 }
 
@@ -321,56 +260,30 @@ impl Harness {
         })
         .expect("token config");
         let state = ApiState::new(host.clone(), tokens.clone()).with_api_keys(ApiKeys::new(keys));
-        Harness {
-            host,
-            tokens,
-            app: router(state),
-        }
+        Harness { host, tokens, app: router(state) }
     }
 
     async fn send(&self, request: Request<Body>) -> Resp {
-        let response = self
-            .app
-            .clone()
-            .oneshot(request)
-            .await
-            .unwrap_or_else(|e| match e {});
+        let response = self.app.clone().oneshot(request).await.unwrap_or_else(|e| match e {});
         let status = response.status();
         let headers = response.headers().clone();
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .expect("response body readable")
-            .to_vec();
-        Resp {
-            status,
-            headers,
-            body,
-        }
+        let body =
+            axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("response body readable").to_vec();
+        Resp { status, headers, body }
     }
 
     /// POST /v1/sessions with `{}`; returns (session_id, token).
     async fn create(&self) -> (String, String) {
-        let r = self
-            .send(json_post("/v1/sessions", "{}", Some(API_KEY)))
-            .await;
+        let r = self.send(json_post("/v1/sessions", "{}", Some(API_KEY))).await;
         assert_eq!(r.status, StatusCode::CREATED, "create failed: {}", r.text());
         let v = r.json();
-        (
-            v["session_id"].as_str().expect("session_id").to_owned(),
-            v["token"].as_str().expect("token").to_owned(),
-        )
+        (v["session_id"].as_str().expect("session_id").to_owned(), v["token"].as_str().expect("token").to_owned())
     }
 
     /// Create a session and POST the Chrome offer; returns (session, token, peer url, etag).
     async fn connect(&self) -> (String, String, String, String) {
         let (id, token) = self.create().await;
-        let r = self
-            .send(offer_request(
-                &id,
-                Some(&token),
-                &fixture("chrome_offer.sdp"),
-            ))
-            .await;
+        let r = self.send(offer_request(&id, Some(&token), &fixture("chrome_offer.sdp"))).await;
         assert_eq!(r.status, StatusCode::CREATED, "offer failed: {}", r.text());
         let location = r.header(header::LOCATION).expect("Location").to_owned();
         let etag = r.header(header::ETAG).expect("ETag").to_owned();
@@ -390,8 +303,7 @@ impl Resp {
     }
 
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
     }
 
     fn header(&self, name: header::HeaderName) -> Option<&str> {
@@ -401,29 +313,19 @@ impl Resp {
     /// Assert an RFC 9457 problem with `status` (and `code` when given); return it.
     #[track_caller]
     fn problem(&self, status: StatusCode, code: Option<&str>) -> Problem {
-        assert_eq!(
-            self.status,
-            status,
-            "expected {status}, got {} with body {}",
-            self.status,
-            self.text()
-        );
+        assert_eq!(self.status, status, "expected {status}, got {} with body {}", self.status, self.text());
         assert_eq!(
             self.header(header::CONTENT_TYPE),
             Some("application/problem+json"),
             "error {status} must be problem+json"
         );
-        let problem: Problem = serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not a problem body ({e}): {}", self.text()));
+        let problem: Problem =
+            serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not a problem body ({e}): {}", self.text()));
         assert_eq!(problem.status, status.as_u16(), "problem.status");
         assert_eq!(problem.type_, "about:blank");
         assert!(!problem.title.is_empty() && !problem.detail.is_empty());
         if let Some(code) = code {
-            assert_eq!(
-                problem.code.as_deref(),
-                Some(code),
-                "problem code: {problem:?}"
-            );
+            assert_eq!(problem.code.as_deref(), Some(code), "problem code: {problem:?}");
         }
         if status == StatusCode::UNAUTHORIZED {
             assert_eq!(
@@ -437,9 +339,7 @@ impl Resp {
 }
 
 fn fixture(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/sdp")
-        .join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sdp").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -459,9 +359,7 @@ fn json_post(uri: &str, body: &str, bearer: Option<&str>) -> Request<Body> {
 }
 
 fn empty(method: &str, uri: &str, bearer: Option<&str>) -> Request<Body> {
-    request(method, uri, bearer)
-        .body(Body::empty())
-        .expect("request")
+    request(method, uri, bearer).body(Body::empty()).expect("request")
 }
 
 fn offer_request(id: &str, token: Option<&str>, sdp: &str) -> Request<Body> {
@@ -472,8 +370,7 @@ fn offer_request(id: &str, token: Option<&str>, sdp: &str) -> Request<Body> {
 }
 
 fn patch(location: &str, token: &str, if_match: Option<&str>, frag: &str) -> Request<Body> {
-    let mut b = request("PATCH", location, Some(token))
-        .header(header::CONTENT_TYPE, "application/trickle-ice-sdpfrag");
+    let mut b = request("PATCH", location, Some(token)).header(header::CONTENT_TYPE, "application/trickle-ice-sdpfrag");
     if let Some(tag) = if_match {
         b = b.header(header::IF_MATCH, tag);
     }
@@ -481,20 +378,14 @@ fn patch(location: &str, token: &str, if_match: Option<&str>, frag: &str) -> Req
 }
 
 fn keys(v: &Value) -> Vec<String> {
-    let mut k: Vec<String> = v
-        .as_object()
-        .unwrap_or_else(|| panic!("expected an object, got {v}"))
-        .keys()
-        .cloned()
-        .collect();
+    let mut k: Vec<String> =
+        v.as_object().unwrap_or_else(|| panic!("expected an object, got {v}")).keys().cloned().collect();
     k.sort();
     k
 }
 
 fn remove_lines(sdp: &str, drop: impl Fn(&str) -> bool) -> String {
-    sdp.split_inclusive('\n')
-        .filter(|l| !drop(l.trim_end()))
-        .collect()
+    sdp.split_inclusive('\n').filter(|l| !drop(l.trim_end())).collect()
 }
 
 fn remove_section(sdp: &str, prefix: &str) -> String {
@@ -516,19 +407,13 @@ fn remove_section(sdp: &str, prefix: &str) -> String {
 #[tokio::test]
 async fn healthz_is_200() {
     let h = Harness::open();
-    assert_eq!(
-        h.send(empty("GET", "/healthz", None)).await.status,
-        StatusCode::OK
-    );
+    assert_eq!(h.send(empty("GET", "/healthz", None)).await.status, StatusCode::OK);
 }
 
 #[tokio::test]
 async fn readyz_is_200_while_accepting_and_503_with_retry_after_while_draining() {
     let h = Harness::open();
-    assert_eq!(
-        h.send(empty("GET", "/readyz", None)).await.status,
-        StatusCode::OK
-    );
+    assert_eq!(h.send(empty("GET", "/readyz", None)).await.status, StatusCode::OK);
     h.host.accepting.store(false, Ordering::SeqCst);
     let r = h.send(empty("GET", "/readyz", None)).await;
     r.problem(StatusCode::SERVICE_UNAVAILABLE, Some("unavailable"));
@@ -556,41 +441,16 @@ async fn characters_lists_id_name_language_voice_and_extras() {
 #[tokio::test]
 async fn create_session_returns_201_with_the_contract_fields() {
     let h = Harness::with_keys(&[API_KEY]);
-    let r = h
-        .send(json_post(
-            "/v1/sessions",
-            r#"{"character":"kenji","provider":"openai"}"#,
-            Some(API_KEY),
-        ))
-        .await;
+    let r = h.send(json_post("/v1/sessions", r#"{"character":"kenji","provider":"openai"}"#, Some(API_KEY))).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
     assert_eq!(r.header(header::CONTENT_TYPE), Some("application/json"));
-    assert_eq!(
-        r.header(header::CACHE_CONTROL),
-        Some("no-store"),
-        "body carries a token"
-    );
+    assert_eq!(r.header(header::CACHE_CONTROL), Some("no-store"), "body carries a token");
     let v = r.json();
-    assert_eq!(
-        keys(&v),
-        [
-            "expires_at",
-            "ice_servers",
-            "offer_url",
-            "session_id",
-            "token"
-        ]
-    );
+    assert_eq!(keys(&v), ["expires_at", "ice_servers", "offer_url", "session_id", "token"]);
     let id = v["session_id"].as_str().expect("session_id is a string");
-    assert!(
-        id.starts_with("sess_") && id.len() >= 27,
-        "128-bit id: {id}"
-    );
+    assert!(id.starts_with("sess_") && id.len() >= 27, "128-bit id: {id}");
     assert_eq!(v["offer_url"], format!("/v1/sessions/{id}/offer"));
-    assert_eq!(
-        r.header(header::LOCATION),
-        Some(format!("/v1/sessions/{id}").as_str())
-    );
+    assert_eq!(r.header(header::LOCATION), Some(format!("/v1/sessions/{id}").as_str()));
     assert_eq!(
         v["ice_servers"],
         json!([
@@ -598,23 +458,18 @@ async fn create_session_returns_201_with_the_contract_fields() {
             {"urls":["turn:turn.example.org:3478?transport=udp"],"username":"1700000000:user","credential":"credential"}
         ])
     );
-    let expires = OffsetDateTime::parse(v["expires_at"].as_str().expect("string"), &Rfc3339)
-        .expect("expires_at is RFC 3339");
+    let expires =
+        OffsetDateTime::parse(v["expires_at"].as_str().expect("string"), &Rfc3339).expect("expires_at is RFC 3339");
     let ttl = expires - OffsetDateTime::now_utc();
     assert!(
         ttl > time::Duration::minutes(9) && ttl <= time::Duration::minutes(10),
         "default token ttl is 10 minutes, got {ttl}"
     );
     let token = v["token"].as_str().expect("token");
-    h.tokens
-        .verify(token, id, VerifyMode::Connect)
-        .expect("the issued token is a session token for this session");
+    h.tokens.verify(token, id, VerifyMode::Connect).expect("the issued token is a session token for this session");
     assert_eq!(
         h.host.calls(),
-        [Call::Create(CreateSessionRequest {
-            character: Some("kenji".into()),
-            provider: Some("openai".into())
-        })]
+        [Call::Create(CreateSessionRequest { character: Some("kenji".into()), provider: Some("openai".into()) })]
     );
 }
 
@@ -623,10 +478,7 @@ async fn create_session_with_an_empty_body_uses_defaults() {
     let h = Harness::open();
     let r = h.send(empty("POST", "/v1/sessions", None)).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
-    assert_eq!(
-        h.host.calls(),
-        [Call::Create(CreateSessionRequest::default())]
-    );
+    assert_eq!(h.host.calls(), [Call::Create(CreateSessionRequest::default())]);
 }
 
 #[tokio::test]
@@ -636,49 +488,31 @@ async fn create_session_with_bad_json_is_400() {
         let r = h.send(json_post("/v1/sessions", body, None)).await;
         r.problem(StatusCode::BAD_REQUEST, Some("bad_json"));
     }
-    assert!(
-        h.host.calls().is_empty(),
-        "the host must not see bad requests"
-    );
+    assert!(h.host.calls().is_empty(), "the host must not see bad requests");
 }
 
 #[tokio::test]
 async fn create_session_with_a_non_json_body_is_415() {
     let h = Harness::open();
-    for content_type in [
-        Some("text/plain"),
-        Some("application/x-www-form-urlencoded"),
-        None,
-    ] {
+    for content_type in [Some("text/plain"), Some("application/x-www-form-urlencoded"), None] {
         let mut b = request("POST", "/v1/sessions", None);
         if let Some(ct) = content_type {
             b = b.header(header::CONTENT_TYPE, ct);
         }
-        let r = h
-            .send(b.body(Body::from("character=aoi")).expect("request"))
-            .await;
-        r.problem(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Some("unsupported_media_type"),
-        );
+        let r = h.send(b.body(Body::from("character=aoi")).expect("request")).await;
+        r.problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("unsupported_media_type"));
     }
     let ok = request("POST", "/v1/sessions", None)
         .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
         .body(Body::from("{}"))
         .expect("request");
-    assert_eq!(
-        h.send(ok).await.status,
-        StatusCode::CREATED,
-        "parameters are allowed"
-    );
+    assert_eq!(h.send(ok).await.status, StatusCode::CREATED, "parameters are allowed");
 }
 
 #[tokio::test]
 async fn create_session_without_or_with_a_wrong_api_key_is_401() {
     let h = Harness::with_keys(&[API_KEY, "second-key"]);
-    h.send(json_post("/v1/sessions", "{}", None))
-        .await
-        .problem(StatusCode::UNAUTHORIZED, Some("api_key_missing"));
+    h.send(json_post("/v1/sessions", "{}", None)).await.problem(StatusCode::UNAUTHORIZED, Some("api_key_missing"));
     h.send(json_post("/v1/sessions", "{}", Some("wrong-key")))
         .await
         .problem(StatusCode::UNAUTHORIZED, Some("api_key_invalid"));
@@ -686,13 +520,9 @@ async fn create_session_without_or_with_a_wrong_api_key_is_401() {
         .header(header::AUTHORIZATION, format!("Basic {API_KEY}"))
         .body(Body::empty())
         .expect("request");
-    h.send(basic)
-        .await
-        .problem(StatusCode::UNAUTHORIZED, Some("api_key_missing"));
+    h.send(basic).await.problem(StatusCode::UNAUTHORIZED, Some("api_key_missing"));
     assert!(h.host.calls().is_empty());
-    let r = h
-        .send(json_post("/v1/sessions", "{}", Some("second-key")))
-        .await;
+    let r = h.send(json_post("/v1/sessions", "{}", Some("second-key"))).await;
     assert_eq!(r.status, StatusCode::CREATED, "any configured key works");
 }
 
@@ -710,25 +540,17 @@ async fn create_session_while_draining_is_503_with_retry_after() {
     h.host.accepting.store(false, Ordering::SeqCst);
     let r = h.send(json_post("/v1/sessions", "{}", None)).await;
     r.problem(StatusCode::SERVICE_UNAVAILABLE, None);
-    let retry: u64 = r
-        .header(header::RETRY_AFTER)
-        .expect("503 must carry Retry-After")
-        .parse()
-        .expect("Retry-After in seconds");
+    let retry: u64 =
+        r.header(header::RETRY_AFTER).expect("503 must carry Retry-After").parse().expect("Retry-After in seconds");
     assert!(retry >= 1);
-    assert!(
-        h.host.calls().is_empty(),
-        "a draining server must not create sessions"
-    );
+    assert!(h.host.calls().is_empty(), "a draining server must not create sessions");
 }
 
 #[tokio::test]
 async fn create_session_with_an_oversized_body_is_413() {
     let h = Harness::open();
     let body = format!(r#"{{"character":"{}"}}"#, "a".repeat(17 * 1024));
-    h.send(json_post("/v1/sessions", &body, None))
-        .await
-        .problem(StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"));
+    h.send(json_post("/v1/sessions", &body, None)).await.problem(StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"));
 }
 
 #[tokio::test]
@@ -746,13 +568,7 @@ async fn internal_host_errors_are_500_without_the_cause() {
 async fn offer_returns_201_with_answer_location_and_etag() {
     let h = Harness::open();
     let (id, token) = h.create().await;
-    let r = h
-        .send(offer_request(
-            &id,
-            Some(&token),
-            &fixture("chrome_offer.sdp"),
-        ))
-        .await;
+    let r = h.send(offer_request(&id, Some(&token), &fixture("chrome_offer.sdp"))).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
     assert_eq!(r.header(header::CONTENT_TYPE), Some("application/sdp"));
     assert_eq!(r.text(), ANSWER);
@@ -762,14 +578,8 @@ async fn offer_returns_201_with_answer_location_and_etag() {
         .unwrap_or_else(|| panic!("Location {location} is not a peer of {id}"));
     assert!(peer.starts_with("peer_"));
     let etag = r.header(header::ETAG).expect("ETag");
-    assert!(
-        etag.len() > 2 && etag.starts_with('"') && etag.ends_with('"'),
-        "strong quoted ETag: {etag}"
-    );
-    assert!(h.host.calls().contains(&Call::Offer {
-        session: id.clone(),
-        opus_pt: 111
-    }));
+    assert!(etag.len() > 2 && etag.starts_with('"') && etag.ends_with('"'), "strong quoted ETag: {etag}");
+    assert!(h.host.calls().contains(&Call::Offer { session: id.clone(), opus_pt: 111 }));
 }
 
 #[tokio::test]
@@ -795,17 +605,12 @@ async fn offer_with_another_content_type_is_415() {
             .header(header::CONTENT_TYPE, ct)
             .body(Body::from(fixture("chrome_offer.sdp")))
             .expect("request");
-        h.send(req).await.problem(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Some("unsupported_media_type"),
-        );
+        h.send(req).await.problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("unsupported_media_type"));
     }
     let no_ct = request("POST", &format!("/v1/sessions/{id}/offer"), Some(&token))
         .body(Body::from(fixture("chrome_offer.sdp")))
         .expect("request");
-    h.send(no_ct)
-        .await
-        .problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, None);
+    h.send(no_ct).await.problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, None);
 }
 
 #[tokio::test]
@@ -817,23 +622,16 @@ async fn offer_body_over_64_kib_is_413_problem_json() {
         sdp.push_str("a=x-padding:0123456789abcdef0123456789abcdef0123456789abcdef\r\n");
     }
     // Streamed without Content-Length: the limit is enforced while reading.
-    h.send(offer_request(&id, Some(&token), &sdp))
-        .await
-        .problem(StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"));
+    h.send(offer_request(&id, Some(&token), &sdp)).await.problem(StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"));
     // With an honest Content-Length: refused before reading.
     let req = request("POST", &format!("/v1/sessions/{id}/offer"), Some(&token))
         .header(header::CONTENT_TYPE, "application/sdp")
         .header(header::CONTENT_LENGTH, sdp.len())
         .body(Body::from(sdp))
         .expect("request");
-    h.send(req)
-        .await
-        .problem(StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"));
+    h.send(req).await.problem(StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"));
     assert!(
-        !h.host
-            .calls()
-            .iter()
-            .any(|c| matches!(c, Call::Offer { .. })),
+        !h.host.calls().iter().any(|c| matches!(c, Call::Offer { .. })),
         "the host must not see an oversized offer"
     );
 }
@@ -855,21 +653,14 @@ async fn offer_of_exactly_64_kib_is_not_413() {
 async fn garbage_sdp_is_400() {
     let h = Harness::open();
     let (id, token) = h.create().await;
-    for (body, code) in [
-        ("hello, I am not SDP", "not_sdp"),
-        ("v=0\r\nthis is garbage\r\n", "sdp_unparsable"),
-    ] {
-        h.send(offer_request(&id, Some(&token), body))
-            .await
-            .problem(StatusCode::BAD_REQUEST, Some(code));
+    for (body, code) in [("hello, I am not SDP", "not_sdp"), ("v=0\r\nthis is garbage\r\n", "sdp_unparsable")] {
+        h.send(offer_request(&id, Some(&token), body)).await.problem(StatusCode::BAD_REQUEST, Some(code));
     }
     let req = request("POST", &format!("/v1/sessions/{id}/offer"), Some(&token))
         .header(header::CONTENT_TYPE, "application/sdp")
         .body(Body::from(b"v=0\r\n\xff\xfe".to_vec()))
         .expect("request");
-    h.send(req)
-        .await
-        .problem(StatusCode::BAD_REQUEST, Some("sdp_not_utf8"));
+    h.send(req).await.problem(StatusCode::BAD_REQUEST, Some("sdp_not_utf8"));
 }
 
 #[tokio::test]
@@ -877,9 +668,7 @@ async fn offer_without_audio_is_422() {
     let h = Harness::open();
     let (id, token) = h.create().await;
     let sdp = remove_section(&fixture("chrome_offer.sdp"), "m=audio");
-    h.send(offer_request(&id, Some(&token), &sdp))
-        .await
-        .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("no_audio"));
+    h.send(offer_request(&id, Some(&token), &sdp)).await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("no_audio"));
 }
 
 #[tokio::test]
@@ -896,9 +685,7 @@ async fn offer_without_a_data_channel_is_422() {
 async fn offer_without_a_fingerprint_is_422() {
     let h = Harness::open();
     let (id, token) = h.create().await;
-    let sdp = remove_lines(&fixture("chrome_offer.sdp"), |l| {
-        l.starts_with("a=fingerprint")
-    });
+    let sdp = remove_lines(&fixture("chrome_offer.sdp"), |l| l.starts_with("a=fingerprint"));
     h.send(offer_request(&id, Some(&token), &sdp))
         .await
         .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("no_fingerprint"));
@@ -913,16 +700,8 @@ async fn recvonly_audio_or_no_opus_is_422() {
         .await
         .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("audio_not_sendrecv"));
     let no_opus = remove_lines(&fixture("chrome_offer.sdp"), |l| l.contains("opus/48000"));
-    h.send(offer_request(&id, Some(&token), &no_opus))
-        .await
-        .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("no_opus"));
-    assert!(
-        !h.host
-            .calls()
-            .iter()
-            .any(|c| matches!(c, Call::Offer { .. })),
-        "invalid offers must not reach the host"
-    );
+    h.send(offer_request(&id, Some(&token), &no_opus)).await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("no_opus"));
+    assert!(!h.host.calls().iter().any(|c| matches!(c, Call::Offer { .. })), "invalid offers must not reach the host");
 }
 
 #[tokio::test]
@@ -939,30 +718,19 @@ async fn offer_with_a_token_for_another_session_is_401() {
     let h = Harness::open();
     let (id, _) = h.create().await;
     let (_, other_token) = h.create().await;
-    h.send(offer_request(
-        &id,
-        Some(&other_token),
-        &fixture("chrome_offer.sdp"),
-    ))
-    .await
-    .problem(StatusCode::UNAUTHORIZED, Some("token_wrong_session"));
+    h.send(offer_request(&id, Some(&other_token), &fixture("chrome_offer.sdp")))
+        .await
+        .problem(StatusCode::UNAUTHORIZED, Some("token_wrong_session"));
 }
 
 #[tokio::test]
 async fn offer_with_an_expired_token_is_401() {
     let h = Harness::open();
     let (id, _) = h.create().await;
-    let old = h
-        .tokens
-        .issue_at(&id, OffsetDateTime::now_utc() - time::Duration::minutes(11))
-        .expect("issue");
-    h.send(offer_request(
-        &id,
-        Some(old.token.expose()),
-        &fixture("chrome_offer.sdp"),
-    ))
-    .await
-    .problem(StatusCode::UNAUTHORIZED, Some("token_expired"));
+    let old = h.tokens.issue_at(&id, OffsetDateTime::now_utc() - time::Duration::minutes(11)).expect("issue");
+    h.send(offer_request(&id, Some(old.token.expose()), &fixture("chrome_offer.sdp")))
+        .await
+        .problem(StatusCode::UNAUTHORIZED, Some("token_expired"));
 }
 
 #[tokio::test]
@@ -971,18 +739,12 @@ async fn offer_with_an_alg_none_token_is_401() {
     let (id, _) = h.create().await;
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
-    let claims = URL_SAFE_NO_PAD.encode(format!(
-        r#"{{"sub":"{id}","scope":"session","iat":{now},"nbf":{now},"exp":{},"jti":"x"}}"#,
-        now + 600
-    ));
+    let claims = URL_SAFE_NO_PAD
+        .encode(format!(r#"{{"sub":"{id}","scope":"session","iat":{now},"nbf":{now},"exp":{},"jti":"x"}}"#, now + 600));
     let forged = format!("{header}.{claims}.");
-    h.send(offer_request(
-        &id,
-        Some(&forged),
-        &fixture("chrome_offer.sdp"),
-    ))
-    .await
-    .problem(StatusCode::UNAUTHORIZED, Some("token_bad_algorithm"));
+    h.send(offer_request(&id, Some(&forged), &fixture("chrome_offer.sdp")))
+        .await
+        .problem(StatusCode::UNAUTHORIZED, Some("token_bad_algorithm"));
 }
 
 #[tokio::test]
@@ -990,13 +752,9 @@ async fn offer_with_a_token_signed_by_another_key_is_401() {
     let h = Harness::open();
     let (id, _) = h.create().await;
     let foreign = TokenIssuer::random().issue(&id).expect("issue");
-    h.send(offer_request(
-        &id,
-        Some(foreign.token.expose()),
-        &fixture("chrome_offer.sdp"),
-    ))
-    .await
-    .problem(StatusCode::UNAUTHORIZED, Some("token_bad_signature"));
+    h.send(offer_request(&id, Some(foreign.token.expose()), &fixture("chrome_offer.sdp")))
+        .await
+        .problem(StatusCode::UNAUTHORIZED, Some("token_bad_signature"));
 }
 
 #[tokio::test]
@@ -1004,50 +762,28 @@ async fn offer_for_an_unknown_session_is_404() {
     let h = Harness::open();
     let ghost = new_session_id();
     let token = h.tokens.issue(&ghost).expect("issue");
-    h.send(offer_request(
-        &ghost,
-        Some(token.token.expose()),
-        &fixture("chrome_offer.sdp"),
-    ))
-    .await
-    .problem(StatusCode::NOT_FOUND, Some("unknown_session"));
-    h.send(offer_request(
-        "bad%20id",
-        Some(token.token.expose()),
-        &fixture("chrome_offer.sdp"),
-    ))
-    .await
-    .problem(StatusCode::NOT_FOUND, Some("unknown_session"));
+    h.send(offer_request(&ghost, Some(token.token.expose()), &fixture("chrome_offer.sdp")))
+        .await
+        .problem(StatusCode::NOT_FOUND, Some("unknown_session"));
+    h.send(offer_request("bad%20id", Some(token.token.expose()), &fixture("chrome_offer.sdp")))
+        .await
+        .problem(StatusCode::NOT_FOUND, Some("unknown_session"));
 }
 
 #[tokio::test]
 async fn second_offer_is_409_and_offer_after_end_is_409() {
     let h = Harness::open();
     let (id, token, _, _) = h.connect().await;
-    h.send(offer_request(
-        &id,
-        Some(&token),
-        &fixture("chrome_offer.sdp"),
-    ))
-    .await
-    .problem(StatusCode::CONFLICT, Some("already_connected"));
+    h.send(offer_request(&id, Some(&token), &fixture("chrome_offer.sdp")))
+        .await
+        .problem(StatusCode::CONFLICT, Some("already_connected"));
 
     let (id2, token2) = h.create().await;
-    let r = h
-        .send(empty(
-            "DELETE",
-            &format!("/v1/sessions/{id2}"),
-            Some(&token2),
-        ))
-        .await;
+    let r = h.send(empty("DELETE", &format!("/v1/sessions/{id2}"), Some(&token2))).await;
     assert_eq!(r.status, StatusCode::OK);
-    h.send(offer_request(
-        &id2,
-        Some(&token2),
-        &fixture("chrome_offer.sdp"),
-    ))
-    .await
-    .problem(StatusCode::CONFLICT, Some("session_ended"));
+    h.send(offer_request(&id2, Some(&token2), &fixture("chrome_offer.sdp")))
+        .await
+        .problem(StatusCode::CONFLICT, Some("session_ended"));
 }
 
 // ---- PATCH peer ------------------------------------------------------------------------------
@@ -1056,22 +792,11 @@ async fn second_offer_is_409_and_offer_after_end_is_409() {
 async fn patch_with_matching_etag_adds_candidates_204() {
     let h = Harness::open();
     let (id, token, location, etag) = h.connect().await;
-    let r = h
-        .send(patch(
-            &location,
-            &token,
-            Some(&etag),
-            &fixture("trickle_chrome.sdpfrag"),
-        ))
-        .await;
+    let r = h.send(patch(&location, &token, Some(&etag), &fixture("trickle_chrome.sdpfrag"))).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
     assert!(r.body.is_empty());
     let candidates = h.host.candidates(&id);
-    assert_eq!(
-        candidates.len(),
-        3,
-        "all trickled candidates reach the host"
-    );
+    assert_eq!(candidates.len(), 3, "all trickled candidates reach the host");
     assert_eq!(candidates[0].mid.as_deref(), Some("0"));
 }
 
@@ -1079,28 +804,18 @@ async fn patch_with_matching_etag_adds_candidates_204() {
 async fn patch_without_if_match_is_428() {
     let h = Harness::open();
     let (_, token, location, _) = h.connect().await;
-    h.send(patch(
-        &location,
-        &token,
-        None,
-        &fixture("trickle_chrome.sdpfrag"),
-    ))
-    .await
-    .problem(StatusCode::PRECONDITION_REQUIRED, Some("if_match_required"));
+    h.send(patch(&location, &token, None, &fixture("trickle_chrome.sdpfrag")))
+        .await
+        .problem(StatusCode::PRECONDITION_REQUIRED, Some("if_match_required"));
 }
 
 #[tokio::test]
 async fn patch_with_a_stale_etag_is_412() {
     let h = Harness::open();
     let (_, token, location, _) = h.connect().await;
-    h.send(patch(
-        &location,
-        &token,
-        Some("\"stale\""),
-        &fixture("trickle_chrome.sdpfrag"),
-    ))
-    .await
-    .problem(StatusCode::PRECONDITION_FAILED, Some("etag_mismatch"));
+    h.send(patch(&location, &token, Some("\"stale\""), &fixture("trickle_chrome.sdpfrag")))
+        .await
+        .problem(StatusCode::PRECONDITION_FAILED, Some("etag_mismatch"));
 }
 
 #[tokio::test]
@@ -1112,10 +827,7 @@ async fn patch_with_another_content_type_is_415() {
         .header(header::IF_MATCH, etag)
         .body(Body::from(fixture("trickle_chrome.sdpfrag")))
         .expect("request");
-    h.send(req).await.problem(
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        Some("unsupported_media_type"),
-    );
+    h.send(req).await.problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("unsupported_media_type"));
 }
 
 #[tokio::test]
@@ -1127,93 +839,45 @@ async fn patch_without_a_token_is_401_and_for_an_unknown_peer_is_404() {
         .header(header::IF_MATCH, etag.clone())
         .body(Body::from(fixture("trickle_chrome.sdpfrag")))
         .expect("request");
-    h.send(req)
-        .await
-        .problem(StatusCode::UNAUTHORIZED, Some("token_missing"));
+    h.send(req).await.problem(StatusCode::UNAUTHORIZED, Some("token_missing"));
     let unknown = format!("/v1/sessions/{id}/peers/{}", new_peer_id());
-    h.send(patch(
-        &unknown,
-        &token,
-        Some(&etag),
-        &fixture("trickle_chrome.sdpfrag"),
-    ))
-    .await
-    .problem(StatusCode::NOT_FOUND, Some("unknown_peer"));
+    h.send(patch(&unknown, &token, Some(&etag), &fixture("trickle_chrome.sdpfrag")))
+        .await
+        .problem(StatusCode::NOT_FOUND, Some("unknown_peer"));
 }
 
 #[tokio::test]
 async fn patch_with_a_broken_sdpfrag_is_400() {
     let h = Harness::open();
     let (_, token, location, etag) = h.connect().await;
-    h.send(patch(
-        &location,
-        &token,
-        Some(&etag),
-        "this is not an sdpfrag",
-    ))
-    .await
-    .problem(StatusCode::BAD_REQUEST, Some("sdpfrag_unparsable"));
+    h.send(patch(&location, &token, Some(&etag), "this is not an sdpfrag"))
+        .await
+        .problem(StatusCode::BAD_REQUEST, Some("sdpfrag_unparsable"));
 }
 
 #[tokio::test]
 async fn ice_restart_is_422_when_the_host_cannot_and_200_with_a_new_etag_when_it_can() {
     let h = Harness::open();
     let (_, token, location, etag) = h.connect().await;
-    h.send(patch(
-        &location,
-        &token,
-        Some("*"),
-        &fixture("ice_restart.sdpfrag"),
-    ))
-    .await
-    .problem(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        Some("ice_restart_unsupported"),
-    );
+    h.send(patch(&location, &token, Some("*"), &fixture("ice_restart.sdpfrag")))
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("ice_restart_unsupported"));
     assert!(
-        h.host.calls().iter().any(|c| matches!(
-            c,
-            Call::Trickle {
-                request: TrickleRequest::IceRestart { .. },
-                ..
-            }
-        )),
+        h.host.calls().iter().any(|c| matches!(c, Call::Trickle { request: TrickleRequest::IceRestart { .. }, .. })),
         "If-Match * with new credentials must reach the host as an ICE restart"
     );
 
     h.host.ice_restart.store(true, Ordering::SeqCst);
-    let r = h
-        .send(patch(
-            &location,
-            &token,
-            Some("*"),
-            &fixture("ice_restart.sdpfrag"),
-        ))
-        .await;
+    let r = h.send(patch(&location, &token, Some("*"), &fixture("ice_restart.sdpfrag"))).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    assert_eq!(
-        r.header(header::CONTENT_TYPE),
-        Some("application/trickle-ice-sdpfrag")
-    );
+    assert_eq!(r.header(header::CONTENT_TYPE), Some("application/trickle-ice-sdpfrag"));
     assert_eq!(r.text(), RESTART_FRAG);
     let new_etag = r.header(header::ETAG).expect("new ETag").to_owned();
     assert_ne!(new_etag, etag, "ICE restart must change the ETag");
-    h.send(patch(
-        &location,
-        &token,
-        Some(&etag),
-        &fixture("trickle_chrome.sdpfrag"),
-    ))
-    .await
-    .problem(StatusCode::PRECONDITION_FAILED, None);
-    let ok = h
-        .send(patch(
-            &location,
-            &token,
-            Some(&new_etag),
-            &fixture("trickle_chrome.sdpfrag"),
-        ))
-        .await;
+    h.send(patch(&location, &token, Some(&etag), &fixture("trickle_chrome.sdpfrag")))
+        .await
+        .problem(StatusCode::PRECONDITION_FAILED, None);
+    let ok = h.send(patch(&location, &token, Some(&new_etag), &fixture("trickle_chrome.sdpfrag"))).await;
     assert_eq!(ok.status, StatusCode::NO_CONTENT);
 }
 
@@ -1226,13 +890,7 @@ async fn if_match_star_without_new_credentials_is_a_plain_trickle() {
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
     assert!(h.host.calls().iter().any(|c| matches!(
         c,
-        Call::Trickle {
-            request: TrickleRequest::Candidates {
-                if_match: IfMatch::Any,
-                ..
-            },
-            ..
-        }
+        Call::Trickle { request: TrickleRequest::Candidates { if_match: IfMatch::Any, .. }, .. }
     )));
 }
 
@@ -1258,13 +916,8 @@ async fn delete_peer_location_ends_the_session() {
     let r = h.send(empty("DELETE", &location, Some(&token))).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let peer = location.rsplit('/').next().map(str::to_owned);
-    assert!(h.host.calls().contains(&Call::End {
-        session: id.clone(),
-        peer
-    }));
-    h.send(empty("DELETE", &location, Some(&token)))
-        .await
-        .problem(StatusCode::NOT_FOUND, None);
+    assert!(h.host.calls().contains(&Call::End { session: id.clone(), peer }));
+    h.send(empty("DELETE", &location, Some(&token))).await.problem(StatusCode::NOT_FOUND, None);
 }
 
 #[tokio::test]
@@ -1273,12 +926,8 @@ async fn delete_without_or_with_a_foreign_token_is_401() {
     let (id, _) = h.create().await;
     let (_, other) = h.create().await;
     let uri = format!("/v1/sessions/{id}");
-    h.send(empty("DELETE", &uri, None))
-        .await
-        .problem(StatusCode::UNAUTHORIZED, Some("token_missing"));
-    h.send(empty("DELETE", &uri, Some(&other)))
-        .await
-        .problem(StatusCode::UNAUTHORIZED, Some("token_wrong_session"));
+    h.send(empty("DELETE", &uri, None)).await.problem(StatusCode::UNAUTHORIZED, Some("token_missing"));
+    h.send(empty("DELETE", &uri, Some(&other))).await.problem(StatusCode::UNAUTHORIZED, Some("token_wrong_session"));
     assert!(
         !h.host.calls().iter().any(|c| matches!(c, Call::End { .. })),
         "unauthorised DELETE must not reach the host"
@@ -1290,60 +939,29 @@ async fn delete_of_an_unknown_session_is_404() {
     let h = Harness::open();
     let ghost = new_session_id();
     let token = h.tokens.issue(&ghost).expect("issue");
-    h.send(empty(
-        "DELETE",
-        &format!("/v1/sessions/{ghost}"),
-        Some(token.token.expose()),
-    ))
-    .await
-    .problem(StatusCode::NOT_FOUND, Some("unknown_session"));
+    h.send(empty("DELETE", &format!("/v1/sessions/{ghost}"), Some(token.token.expose())))
+        .await
+        .problem(StatusCode::NOT_FOUND, Some("unknown_session"));
 }
 
 #[tokio::test]
 async fn an_expired_token_still_ends_its_session_within_the_grace() {
     let h = Harness::open();
     let (id, _) = h.create().await;
-    let old = h
-        .tokens
-        .issue_at(&id, OffsetDateTime::now_utc() - time::Duration::minutes(30))
-        .expect("issue");
-    let r = h
-        .send(empty(
-            "DELETE",
-            &format!("/v1/sessions/{id}"),
-            Some(old.token.expose()),
-        ))
-        .await;
-    assert_eq!(
-        r.status,
-        StatusCode::OK,
-        "manage mode accepts an expired token: {}",
-        r.text()
-    );
-    let ancient = h
-        .tokens
-        .issue_at(&id, OffsetDateTime::now_utc() - time::Duration::minutes(75))
-        .expect("issue");
-    h.send(empty(
-        "GET",
-        &format!("/v1/sessions/{id}"),
-        Some(ancient.token.expose()),
-    ))
-    .await
-    .problem(StatusCode::UNAUTHORIZED, Some("token_expired"));
+    let old = h.tokens.issue_at(&id, OffsetDateTime::now_utc() - time::Duration::minutes(30)).expect("issue");
+    let r = h.send(empty("DELETE", &format!("/v1/sessions/{id}"), Some(old.token.expose()))).await;
+    assert_eq!(r.status, StatusCode::OK, "manage mode accepts an expired token: {}", r.text());
+    let ancient = h.tokens.issue_at(&id, OffsetDateTime::now_utc() - time::Duration::minutes(75)).expect("issue");
+    h.send(empty("GET", &format!("/v1/sessions/{id}"), Some(ancient.token.expose())))
+        .await
+        .problem(StatusCode::UNAUTHORIZED, Some("token_expired"));
 }
 
 #[tokio::test]
 async fn an_api_key_can_end_a_session() {
     let h = Harness::with_keys(&[API_KEY]);
     let (id, _) = h.create().await;
-    let r = h
-        .send(empty(
-            "DELETE",
-            &format!("/v1/sessions/{id}"),
-            Some(API_KEY),
-        ))
-        .await;
+    let r = h.send(empty("DELETE", &format!("/v1/sessions/{id}"), Some(API_KEY))).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 }
 
@@ -1358,24 +976,19 @@ async fn get_session_with_token_or_api_key_returns_the_contract_fields() {
         let r = h.send(empty("GET", &uri, Some(credential))).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
         let v = r.json();
-        assert_eq!(
-            keys(&v),
-            ["character", "created_at", "provider", "session_id", "state"]
-        );
+        assert_eq!(keys(&v), ["character", "created_at", "provider", "session_id", "state"]);
         assert_eq!(v["session_id"], id.as_str());
         assert_eq!(v["state"], "created");
         assert_eq!(v["character"], "aoi");
         assert_eq!(v["provider"], "scripted");
-        OffsetDateTime::parse(v["created_at"].as_str().expect("string"), &Rfc3339)
-            .expect("created_at is RFC 3339");
+        OffsetDateTime::parse(v["created_at"].as_str().expect("string"), &Rfc3339).expect("created_at is RFC 3339");
     }
     let r = h.send(empty("DELETE", &uri, Some(&token))).await;
     assert_eq!(r.status, StatusCode::OK);
     let v = h.send(empty("GET", &uri, Some(&token))).await.json();
     assert_eq!(v["state"], "ended");
     assert_eq!(v["end_reason"], "client_request");
-    OffsetDateTime::parse(v["ended_at"].as_str().expect("ended_at present"), &Rfc3339)
-        .expect("ended_at is RFC 3339");
+    OffsetDateTime::parse(v["ended_at"].as_str().expect("ended_at present"), &Rfc3339).expect("ended_at is RFC 3339");
 }
 
 #[tokio::test]
@@ -1385,50 +998,33 @@ async fn get_session_without_credentials_is_401_and_unknown_is_404() {
     h.send(empty("GET", &format!("/v1/sessions/{id}"), None))
         .await
         .problem(StatusCode::UNAUTHORIZED, Some("token_missing"));
-    h.send(empty(
-        "GET",
-        &format!("/v1/sessions/{id}"),
-        Some("not-a-key-nor-token"),
-    ))
-    .await
-    .problem(StatusCode::UNAUTHORIZED, Some("token_malformed"));
-    h.send(empty(
-        "GET",
-        &format!("/v1/sessions/{}", new_session_id()),
-        Some(API_KEY),
-    ))
-    .await
-    .problem(StatusCode::NOT_FOUND, Some("unknown_session"));
+    h.send(empty("GET", &format!("/v1/sessions/{id}"), Some("not-a-key-nor-token")))
+        .await
+        .problem(StatusCode::UNAUTHORIZED, Some("token_malformed"));
+    h.send(empty("GET", &format!("/v1/sessions/{}", new_session_id()), Some(API_KEY)))
+        .await
+        .problem(StatusCode::NOT_FOUND, Some("unknown_session"));
 }
 
 #[tokio::test]
 async fn open_mode_does_not_open_other_sessions() {
     let h = Harness::open();
     let (id, _) = h.create().await;
-    h.send(empty("GET", &format!("/v1/sessions/{id}/transcript"), None))
-        .await
-        .problem(StatusCode::UNAUTHORIZED, None);
+    h.send(empty("GET", &format!("/v1/sessions/{id}/transcript"), None)).await.problem(StatusCode::UNAUTHORIZED, None);
 }
 
 #[tokio::test]
 async fn transcript_returns_entries_with_the_contract_fields() {
     let h = Harness::open();
     let (id, token) = h.create().await;
-    let r = h
-        .send(empty(
-            "GET",
-            &format!("/v1/sessions/{id}/transcript"),
-            Some(&token),
-        ))
-        .await;
+    let r = h.send(empty("GET", &format!("/v1/sessions/{id}/transcript"), Some(&token))).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let v = r.json();
     let entries = v.as_array().expect("a JSON array");
     assert_eq!(entries.len(), 2);
     for entry in entries {
         assert_eq!(keys(entry), ["at", "interrupted", "role", "seq", "text"]);
-        OffsetDateTime::parse(entry["at"].as_str().expect("string"), &Rfc3339)
-            .expect("at is RFC 3339");
+        OffsetDateTime::parse(entry["at"].as_str().expect("string"), &Rfc3339).expect("at is RFC 3339");
     }
     assert_eq!(entries[0]["role"], "user");
     assert_eq!(entries[1]["role"], "agent");
@@ -1442,9 +1038,7 @@ async fn transcript_returns_entries_with_the_contract_fields() {
 async fn unknown_route_is_404_problem() {
     let h = Harness::open();
     for uri in ["/nope", "/v1/sessions/x/y/z", "/v2/sessions"] {
-        h.send(empty("GET", uri, None))
-            .await
-            .problem(StatusCode::NOT_FOUND, Some("no_route"));
+        h.send(empty("GET", uri, None)).await.problem(StatusCode::NOT_FOUND, Some("no_route"));
     }
 }
 

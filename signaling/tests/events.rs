@@ -7,14 +7,12 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use signaling::events::{
-    AgentState, ClientEvent, Emotion, EventError, MAX_CLIENT_MESSAGE, PROTOCOL_VERSION, Role,
-    ServerEvent, Viseme, parse_client_message,
+    AgentState, ClientEvent, Emotion, EventError, MAX_CLIENT_MESSAGE, PROTOCOL_VERSION, Role, ServerEvent, Viseme,
+    parse_client_message,
 };
 
 fn fixture_dir(direction: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/events")
-        .join(direction)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/events").join(direction)
 }
 
 fn fixture(direction: &str, kind: &str) -> String {
@@ -29,12 +27,7 @@ fn fixture_names(direction: &str) -> BTreeSet<String> {
     std::fs::read_dir(fixture_dir(direction))
         .expect("fixture dir exists")
         .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".json"))
-                .map(str::to_owned)
-        })
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_owned))
         .collect()
 }
 
@@ -42,9 +35,7 @@ fn fixture_names(direction: &str) -> BTreeSet<String> {
 fn server_samples() -> Vec<ServerEvent> {
     vec![
         ServerEvent::session_ready("sess_4pQeR2vX9kLmN0aB1cD2eF", "aoi", "openai"),
-        ServerEvent::State {
-            state: AgentState::Speaking,
-        },
+        ServerEvent::State { state: AgentState::Speaking },
         ServerEvent::UserSpeechStarted { at_ms: 12840 },
         ServerEvent::UserSpeechStopped { at_ms: 14120 },
         ServerEvent::Transcript {
@@ -53,48 +44,23 @@ fn server_samples() -> Vec<ServerEvent> {
             text: "Hello! How can I help?".into(),
             is_final: true,
         },
-        ServerEvent::Emotion {
-            emotion: Emotion::Happy,
-            item_id: Some("item_7".into()),
-        },
-        ServerEvent::Viseme {
-            item_id: "item_7".into(),
-            viseme: Viseme::Aa,
-            start_ms: 120,
-            duration_ms: 80,
-        },
-        ServerEvent::AgentInterrupted {
-            item_id: "item_7".into(),
-            played_ms: 1460,
-        },
-        ServerEvent::Error {
-            code: "bad_message".into(),
-            message: "bad \"text\" message: missing field `text`".into(),
-        },
+        ServerEvent::Emotion { emotion: Emotion::Happy, item_id: Some("item_7".into()) },
+        ServerEvent::Viseme { item_id: "item_7".into(), viseme: Viseme::Aa, start_ms: 120, duration_ms: 80 },
+        ServerEvent::AgentInterrupted { item_id: "item_7".into(), played_ms: 1460 },
+        ServerEvent::Error { code: "bad_message".into(), message: "bad \"text\" message: missing field `text`".into() },
         ServerEvent::Pong,
     ]
 }
 
 fn client_samples() -> Vec<ClientEvent> {
-    vec![
-        ClientEvent::Text {
-            text: "What is the weather like?".into(),
-        },
-        ClientEvent::Interrupt,
-        ClientEvent::Ping,
-    ]
+    vec![ClientEvent::Text { text: "What is the weather like?".into() }, ClientEvent::Interrupt, ClientEvent::Ping]
 }
 
 #[test]
 fn every_server_event_serialises_to_its_golden_fixture() {
     for event in server_samples() {
         let expected = fixture("server", event.type_name());
-        assert_eq!(
-            event.to_json(),
-            expected,
-            "server event {} does not match its fixture",
-            event.type_name()
-        );
+        assert_eq!(event.to_json(), expected, "server event {} does not match its fixture", event.type_name());
     }
 }
 
@@ -104,28 +70,18 @@ fn every_server_fixture_deserialises_to_the_sample() {
         let parsed: ServerEvent = serde_json::from_str(&fixture("server", event.type_name()))
             .unwrap_or_else(|e| panic!("fixture {} must parse: {e}", event.type_name()));
         assert_eq!(parsed, event);
-        let again: ServerEvent =
-            serde_json::from_str(&parsed.to_json()).expect("round trip parses");
+        let again: ServerEvent = serde_json::from_str(&parsed.to_json()).expect("round trip parses");
         assert_eq!(again, event, "round trip of {}", event.type_name());
     }
 }
 
 #[test]
 fn fixtures_cover_every_event_type_and_nothing_else() {
-    let server: BTreeSet<String> = server_samples()
-        .iter()
-        .map(|e| e.type_name().to_owned())
-        .collect();
+    let server: BTreeSet<String> = server_samples().iter().map(|e| e.type_name().to_owned()).collect();
     assert_eq!(server.len(), 10, "one sample per server event type");
     assert_eq!(fixture_names("server"), server);
-    let client: BTreeSet<String> = client_samples()
-        .iter()
-        .map(|e| e.type_name().to_owned())
-        .collect();
-    assert_eq!(
-        client,
-        ClientEvent::TYPES.iter().map(|s| s.to_string()).collect()
-    );
+    let client: BTreeSet<String> = client_samples().iter().map(|e| e.type_name().to_owned()).collect();
+    assert_eq!(client, ClientEvent::TYPES.iter().map(|s| s.to_string()).collect());
     assert_eq!(fixture_names("client"), client);
 }
 
@@ -137,12 +93,7 @@ fn every_client_fixture_parses_and_round_trips() {
             .unwrap_or_else(|e| panic!("{} fixture must parse: {e}", event.type_name()))
             .unwrap_or_else(|| panic!("{} must be a known type", event.type_name()));
         assert_eq!(parsed, event);
-        assert_eq!(
-            event.to_json(),
-            golden,
-            "client event {} serialises",
-            event.type_name()
-        );
+        assert_eq!(event.to_json(), golden, "client event {} serialises", event.type_name());
     }
 }
 
@@ -150,17 +101,13 @@ fn every_client_fixture_parses_and_round_trips() {
 fn session_ready_carries_protocol_1() {
     assert_eq!(PROTOCOL_VERSION, 1);
     let json: serde_json::Value =
-        serde_json::from_str(&ServerEvent::session_ready("s", "c", "p").to_json())
-            .expect("valid JSON");
+        serde_json::from_str(&ServerEvent::session_ready("s", "c", "p").to_json()).expect("valid JSON");
     assert_eq!(json["protocol"], 1);
 }
 
 #[test]
 fn emotion_without_item_id_omits_the_field_and_unknown_names_survive() {
-    let event = ServerEvent::Emotion {
-        emotion: "excited".parse().expect("infallible"),
-        item_id: None,
-    };
+    let event = ServerEvent::Emotion { emotion: "excited".parse().expect("infallible"), item_id: None };
     assert_eq!(event.to_json(), r#"{"type":"emotion","emotion":"excited"}"#);
     let back: ServerEvent = serde_json::from_str(&event.to_json()).expect("parses");
     assert_eq!(back, event);
@@ -175,36 +122,19 @@ fn every_agent_state_and_role_uses_the_contract_names() {
         (AgentState::Speaking, "speaking"),
     ];
     for (state, name) in states {
-        assert_eq!(
-            ServerEvent::State { state }.to_json(),
-            format!(r#"{{"type":"state","state":"{name}"}}"#)
-        );
+        assert_eq!(ServerEvent::State { state }.to_json(), format!(r#"{{"type":"state","state":"{name}"}}"#));
     }
     assert_eq!(serde_json::to_string(&Role::User).expect("ok"), r#""user""#);
-    assert_eq!(
-        serde_json::to_string(&Role::Agent).expect("ok"),
-        r#""agent""#
-    );
+    assert_eq!(serde_json::to_string(&Role::Agent).expect("ok"), r#""agent""#);
 }
 
 #[test]
 fn every_viseme_round_trips_in_a_viseme_event() {
     for viseme in Viseme::ALL {
-        let event = ServerEvent::Viseme {
-            item_id: "i".into(),
-            viseme,
-            start_ms: 0,
-            duration_ms: 40,
-        };
+        let event = ServerEvent::Viseme { item_id: "i".into(), viseme, start_ms: 0, duration_ms: 40 };
         let json = event.to_json();
-        assert!(
-            json.contains(&format!(r#""viseme":"{}""#, viseme.as_str())),
-            "{json}"
-        );
-        assert_eq!(
-            serde_json::from_str::<ServerEvent>(&json).expect("parses"),
-            event
-        );
+        assert!(json.contains(&format!(r#""viseme":"{}""#, viseme.as_str())), "{json}");
+        assert_eq!(serde_json::from_str::<ServerEvent>(&json).expect("parses"), event);
     }
     assert!(
         serde_json::from_str::<ServerEvent>(
@@ -217,18 +147,12 @@ fn every_viseme_round_trips_in_a_viseme_event() {
 
 #[test]
 fn unknown_client_type_is_ignored() {
-    assert_eq!(
-        parse_client_message(br#"{"type":"response.create","foo":1}"#),
-        Ok(None)
-    );
+    assert_eq!(parse_client_message(br#"{"type":"response.create","foo":1}"#), Ok(None));
 }
 
 #[test]
 fn known_client_type_ignores_extra_fields() {
-    assert_eq!(
-        parse_client_message(br#"{"type":"ping","id":42}"#),
-        Ok(Some(ClientEvent::Ping))
-    );
+    assert_eq!(parse_client_message(br#"{"type":"ping","id":42}"#), Ok(Some(ClientEvent::Ping)));
 }
 
 #[test]
@@ -245,16 +169,9 @@ fn malformed_client_messages_get_specific_codes() {
         (br#"{"type":"text","text":5}"#, "bad_message"),
     ];
     for (input, code) in cases {
-        let err = parse_client_message(input).expect_err(&format!(
-            "{:?} must be rejected",
-            String::from_utf8_lossy(input)
-        ));
-        assert_eq!(
-            err.code(),
-            code,
-            "for {:?}: {err}",
-            String::from_utf8_lossy(input)
-        );
+        let err =
+            parse_client_message(input).expect_err(&format!("{:?} must be rejected", String::from_utf8_lossy(input)));
+        assert_eq!(err.code(), code, "for {:?}: {err}", String::from_utf8_lossy(input));
         match err.to_server_event() {
             ServerEvent::Error { code: c, .. } => assert_eq!(c, code),
             other => panic!("expected an error event, got {other:?}"),
@@ -268,30 +185,18 @@ fn oversized_message_is_rejected_before_parsing() {
     let big = vec![b'x'; MAX_CLIENT_MESSAGE + 1];
     assert_eq!(
         parse_client_message(&big),
-        Err(EventError::TooLarge {
-            len: MAX_CLIENT_MESSAGE + 1,
-            limit: MAX_CLIENT_MESSAGE
-        })
+        Err(EventError::TooLarge { len: MAX_CLIENT_MESSAGE + 1, limit: MAX_CLIENT_MESSAGE })
     );
-    assert_eq!(
-        parse_client_message(&big).map_err(|e| e.code()),
-        Err("message_too_large")
-    );
+    assert_eq!(parse_client_message(&big).map_err(|e| e.code()), Err("message_too_large"));
     // Exactly at the limit is parsed.
     let pad = MAX_CLIENT_MESSAGE - r#"{"type":"text","text":""}"#.len();
     let at_limit = format!(r#"{{"type":"text","text":"{}"}}"#, "a".repeat(pad));
     assert_eq!(at_limit.len(), MAX_CLIENT_MESSAGE);
-    assert!(matches!(
-        parse_client_message(at_limit.as_bytes()),
-        Ok(Some(ClientEvent::Text { .. }))
-    ));
+    assert!(matches!(parse_client_message(at_limit.as_bytes()), Ok(Some(ClientEvent::Text { .. }))));
 }
 
 #[test]
 fn deeply_nested_json_is_an_error_not_a_crash() {
     let nested = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
-    assert_eq!(
-        parse_client_message(nested.as_bytes()).map_err(|e| e.code()),
-        Err("invalid_json")
-    );
+    assert_eq!(parse_client_message(nested.as_bytes()).map_err(|e| e.code()), Err("invalid_json"));
 }

@@ -6,23 +6,15 @@ use std::path::PathBuf;
 use signaling::sdp::{Direction, SdpError, parse_trickle_sdpfrag, validate_offer};
 
 fn fixture(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/sdp")
-        .join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sdp").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-const OFFERS: [&str; 3] = [
-    "chrome_offer.sdp",
-    "firefox_offer.sdp",
-    "webrtc_rs_offer.sdp",
-];
+const OFFERS: [&str; 3] = ["chrome_offer.sdp", "firefox_offer.sdp", "webrtc_rs_offer.sdp"];
 
 /// Remove every line for which `drop` is true (keeps CRLF line ends).
 fn without_lines(sdp: &str, drop: impl Fn(&str) -> bool) -> String {
-    sdp.split_inclusive('\n')
-        .filter(|l| !drop(l.trim_end()))
-        .collect()
+    sdp.split_inclusive('\n').filter(|l| !drop(l.trim_end())).collect()
 }
 
 /// Remove an entire m-section whose m= line starts with `prefix`.
@@ -47,16 +39,11 @@ fn expect_err(sdp: &str, expected: SdpError, what: &str) {
 #[test]
 fn real_browser_and_webrtc_rs_offers_are_accepted() {
     for (name, opus_pt) in OFFERS.iter().zip([111u8, 109, 111]) {
-        let offer = validate_offer(fixture(name).as_bytes())
-            .unwrap_or_else(|e| panic!("{name} must be accepted: {e}"));
+        let offer = validate_offer(fixture(name).as_bytes()).unwrap_or_else(|e| panic!("{name} must be accepted: {e}"));
         assert_eq!(offer.opus_payload_type(), opus_pt, "{name}");
         assert_eq!(offer.audio_mid(), Some("0"), "{name}");
         assert_eq!(offer.data_channel_mid(), Some("1"), "{name}");
-        assert_eq!(
-            offer.sdp(),
-            fixture(name),
-            "{name}: the offer is passed on unchanged"
-        );
+        assert_eq!(offer.sdp(), fixture(name), "{name}: the offer is passed on unchanged");
     }
 }
 
@@ -75,12 +62,7 @@ fn non_utf8_is_400() {
 
 #[test]
 fn not_starting_with_v0_is_400() {
-    for body in [
-        "",
-        "hello",
-        "{\"sdp\":\"v=0\"}",
-        "o=- 1 1 IN IP4 0.0.0.0\r\nv=0\r\n",
-    ] {
+    for body in ["", "hello", "{\"sdp\":\"v=0\"}", "o=- 1 1 IN IP4 0.0.0.0\r\nv=0\r\n"] {
         let err = validate_offer(body.as_bytes()).expect_err(body);
         assert_eq!(err, SdpError::NotSdp, "{body:?}");
         assert!(err.is_unparsable());
@@ -96,10 +78,7 @@ fn garbage_after_v0_is_400() {
         "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio notaport UDP/TLS/RTP/SAVPF 111\r\n",
     ] {
         let err = validate_offer(body.as_bytes()).expect_err(body);
-        assert!(
-            matches!(err, SdpError::Unparsable(_)),
-            "{body:?} should be unparsable, got {err:?}"
-        );
+        assert!(matches!(err, SdpError::Unparsable(_)), "{body:?} should be unparsable, got {err:?}");
         assert!(err.is_unparsable());
     }
 }
@@ -145,24 +124,16 @@ fn audio_without_opus_is_422() {
 fn opus_at_the_wrong_rate_or_not_listed_on_the_m_line_is_422() {
     let wrong_rate = fixture("webrtc_rs_offer.sdp").replace("opus/48000/2", "opus/16000/1");
     expect_err(&wrong_rate, SdpError::NoOpus, "opus/16000");
-    let unlisted = fixture("webrtc_rs_offer.sdp").replace(
-        "m=audio 9 UDP/TLS/RTP/SAVPF 111 9 0 8",
-        "m=audio 9 UDP/TLS/RTP/SAVPF 9 0 8",
-    );
-    expect_err(
-        &unlisted,
-        SdpError::NoOpus,
-        "rtpmap for a payload type not on the m-line",
-    );
+    let unlisted = fixture("webrtc_rs_offer.sdp")
+        .replace("m=audio 9 UDP/TLS/RTP/SAVPF 111 9 0 8", "m=audio 9 UDP/TLS/RTP/SAVPF 9 0 8");
+    expect_err(&unlisted, SdpError::NoOpus, "rtpmap for a payload type not on the m-line");
 }
 
 #[test]
 fn audio_must_be_sendrecv() {
-    for (attr, dir) in [
-        ("a=recvonly", Direction::RecvOnly),
-        ("a=sendonly", Direction::SendOnly),
-        ("a=inactive", Direction::Inactive),
-    ] {
+    for (attr, dir) in
+        [("a=recvonly", Direction::RecvOnly), ("a=sendonly", Direction::SendOnly), ("a=inactive", Direction::Inactive)]
+    {
         let sdp = fixture("chrome_offer.sdp").replacen("a=sendrecv", attr, 1);
         expect_err(&sdp, SdpError::AudioDirection(dir), attr);
         let err = validate_offer(sdp.as_bytes()).expect_err(attr);
@@ -173,16 +144,9 @@ fn audio_must_be_sendrecv() {
 #[test]
 fn missing_direction_defaults_to_sendrecv_and_session_level_direction_applies() {
     let no_dir = without_lines(&fixture("chrome_offer.sdp"), |l| l == "a=sendrecv");
-    assert!(
-        validate_offer(no_dir.as_bytes()).is_ok(),
-        "absent direction = sendrecv"
-    );
+    assert!(validate_offer(no_dir.as_bytes()).is_ok(), "absent direction = sendrecv");
     let session_recvonly = no_dir.replacen("t=0 0\r\n", "t=0 0\r\na=recvonly\r\n", 1);
-    expect_err(
-        &session_recvonly,
-        SdpError::AudioDirection(Direction::RecvOnly),
-        "session-level recvonly",
-    );
+    expect_err(&session_recvonly, SdpError::AudioDirection(Direction::RecvOnly), "session-level recvonly");
 }
 
 #[test]
@@ -195,10 +159,8 @@ fn offer_without_data_channel_is_422() {
 
 #[test]
 fn non_sctp_application_section_is_not_a_data_channel() {
-    let sdp = fixture("firefox_offer.sdp").replace(
-        "m=application 9 UDP/DTLS/SCTP webrtc-datachannel",
-        "m=application 9 UDP/BFCP *",
-    );
+    let sdp = fixture("firefox_offer.sdp")
+        .replace("m=application 9 UDP/DTLS/SCTP webrtc-datachannel", "m=application 9 UDP/BFCP *");
     expect_err(&sdp, SdpError::NoDataChannel, "BFCP is not SCTP");
 }
 
@@ -212,23 +174,12 @@ fn offer_without_fingerprint_is_422() {
 
 #[test]
 fn malformed_or_conflicting_fingerprints_are_422() {
-    let bad = fixture("firefox_offer.sdp").replacen(
-        "a=fingerprint:sha-256 ",
-        "a=fingerprint:sha-256 ZZ:",
-        1,
-    );
+    let bad = fixture("firefox_offer.sdp").replacen("a=fingerprint:sha-256 ", "a=fingerprint:sha-256 ZZ:", 1);
     expect_err(&bad, SdpError::BadFingerprint, "non-hex fingerprint");
     let other = format!("sha-256 {}", vec!["AB"; 32].join(":"));
-    let conflicting = fixture("firefox_offer.sdp").replacen(
-        "a=mid:1\r\n",
-        &format!("a=mid:1\r\na=fingerprint:{other}\r\n"),
-        1,
-    );
-    expect_err(
-        &conflicting,
-        SdpError::ConflictingFingerprints,
-        "two sha-256 digests",
-    );
+    let conflicting =
+        fixture("firefox_offer.sdp").replacen("a=mid:1\r\n", &format!("a=mid:1\r\na=fingerprint:{other}\r\n"), 1);
+    expect_err(&conflicting, SdpError::ConflictingFingerprints, "two sha-256 digests");
 }
 
 #[test]
@@ -239,33 +190,21 @@ fn offer_without_ice_credentials_is_422() {
 
 #[test]
 fn video_sections_are_tolerated() {
-    let video = "m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\na=recvonly\r\na=rtpmap:96 VP8/90000\r\n";
+    let video =
+        "m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\na=recvonly\r\na=rtpmap:96 VP8/90000\r\n";
     let sdp = format!("{}{video}", fixture("firefox_offer.sdp"));
     assert!(validate_offer(sdp.as_bytes()).is_ok());
 }
 
 #[test]
 fn chrome_trickle_fragment_parses() {
-    let frag = parse_trickle_sdpfrag(fixture("trickle_chrome.sdpfrag").as_bytes())
-        .expect("RFC 8840 fragment parses");
+    let frag = parse_trickle_sdpfrag(fixture("trickle_chrome.sdpfrag").as_bytes()).expect("RFC 8840 fragment parses");
     assert_eq!(frag.ice_ufrag.as_deref(), Some("ETEn"));
     assert_eq!(frag.ice_pwd.as_deref(), Some("OtSK0WpNtpUjkY4+86js7ZQl"));
     assert_eq!(frag.candidates.len(), 3);
-    assert!(
-        frag.candidates
-            .iter()
-            .all(|c| c.mid.as_deref() == Some("0"))
-    );
-    assert!(
-        frag.candidates[0]
-            .candidate
-            .starts_with("candidate:1387637174 1 udp 2122260223 192.0.2.1 61764 typ host")
-    );
-    assert!(
-        frag.candidates[2]
-            .candidate
-            .contains("typ srflx raddr 192.0.2.1")
-    );
+    assert!(frag.candidates.iter().all(|c| c.mid.as_deref() == Some("0")));
+    assert!(frag.candidates[0].candidate.starts_with("candidate:1387637174 1 udp 2122260223 192.0.2.1 61764 typ host"));
+    assert!(frag.candidates[2].candidate.contains("typ srflx raddr 192.0.2.1"));
     assert!(frag.end_of_candidates);
 }
 
@@ -305,11 +244,7 @@ fn broken_fragments_are_400() {
         b"a=ice-ufrag:",
     ] {
         let err = parse_trickle_sdpfrag(body).expect_err(&String::from_utf8_lossy(body));
-        assert!(
-            err.is_unparsable(),
-            "{:?} -> {err:?}",
-            String::from_utf8_lossy(body)
-        );
+        assert!(err.is_unparsable(), "{:?} -> {err:?}", String::from_utf8_lossy(body));
     }
 }
 

@@ -191,6 +191,5 @@ pub trait RealtimeProvider: Send + Sync {
     /// The input audio format it expects.
     fn input_format(&self) -> AudioFormat;
     /// Open a provider session.
-    fn connect(&self, cfg: SessionConfig)
-    -> BoxFuture<'static, Result<ProviderSession, ProviderError>>;
+    fn connect(&self, cfg: SessionConfig) -> BoxFuture<'static, Result<ProviderSession, ProviderError>>;
 }

@@ -15,9 +15,8 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::{
-    AudioFormat, COMMAND_CHANNEL_CAPACITY, Capabilities, EVENT_CHANNEL_CAPACITY, Pcm,
-    ProviderCommand, ProviderError, ProviderEvent, ProviderSession, RealtimeProvider,
-    SessionConfig, Speaker,
+    AudioFormat, COMMAND_CHANNEL_CAPACITY, Capabilities, EVENT_CHANNEL_CAPACITY, Pcm, ProviderCommand, ProviderError,
+    ProviderEvent, ProviderSession, RealtimeProvider, SessionConfig, Speaker,
 };
 
 /// The built-in reply: espeak-ng speech, 24 kHz mono.
@@ -57,11 +56,7 @@ impl ScriptedConfig {
         let audio = media::wav::parse(DEFAULT_REPLY_WAV)
             .map_err(|e| ProviderError::Config(format!("built-in scripted reply: {e}")))?;
         Ok(Self {
-            replies: vec![ScriptedReply {
-                text: DEFAULT_REPLY_TEXT.to_owned(),
-                emotion: "happy".to_owned(),
-                audio,
-            }],
+            replies: vec![ScriptedReply { text: DEFAULT_REPLY_TEXT.to_owned(), emotion: "happy".to_owned(), audio }],
             response_delay: Duration::from_millis(150),
             input_rate_hz: 24_000,
         })
@@ -161,23 +156,14 @@ impl RealtimeProvider for ScriptedProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            server_vad: false,
-            truncation: true,
-            user_transcripts: false,
-            tools: false,
-            max_session: None,
-        }
+        Capabilities { server_vad: false, truncation: true, user_transcripts: false, tools: false, max_session: None }
     }
 
     fn input_format(&self) -> AudioFormat {
         AudioFormat { rate_hz: self.config.input_rate_hz }
     }
 
-    fn connect(
-        &self,
-        cfg: SessionConfig,
-    ) -> BoxFuture<'static, Result<ProviderSession, ProviderError>> {
+    fn connect(&self, cfg: SessionConfig) -> BoxFuture<'static, Result<ProviderSession, ProviderError>> {
         let config = Arc::clone(&self.config);
         let recorder = self.recorder.clone();
         async move {
@@ -306,10 +292,7 @@ impl ReplyState {
         let r = &config.replies[self.reply];
         if !self.emotion_sent {
             self.emotion_sent = true;
-            return Some(ProviderEvent::Emotion {
-                item_id: Some(self.item_id.clone()),
-                emotion: r.emotion.clone(),
-            });
+            return Some(ProviderEvent::Emotion { item_id: Some(self.item_id.clone()), emotion: r.emotion.clone() });
         }
         let words: Vec<&str> = r.text.split_whitespace().collect();
         let total = r.audio.samples.len().max(1);

@@ -317,7 +317,11 @@ impl SessionManager {
                 min_silence: Duration::from_millis(m.min_silence_ms),
                 ..Default::default()
             },
-            encoder: media::EncoderConfig { bitrate_bps: m.opus_bitrate, complexity: m.opus_complexity, ..Default::default() },
+            encoder: media::EncoderConfig {
+                bitrate_bps: m.opus_bitrate,
+                complexity: m.opus_complexity,
+                ..Default::default()
+            },
         };
         Arc::new(Self {
             characters: config.characters(),
@@ -418,7 +422,11 @@ impl SessionManager {
 
     /// Answer the offer of session `id`: starts the live session task.
     /// Returns (answer SDP, peer id, ETag).
-    pub async fn offer(self: &Arc<Self>, id: &str, offer_sdp: String) -> Result<(String, String, String), SessionError> {
+    pub async fn offer(
+        self: &Arc<Self>,
+        id: &str,
+        offer_sdp: String,
+    ) -> Result<(String, String, String), SessionError> {
         let shared = self.get(id).ok_or(SessionError::NotFound)?;
         {
             let mut st = shared.lock();
@@ -458,8 +466,12 @@ impl SessionManager {
             .cloned()
             .ok_or_else(|| SessionError::UnknownCharacter(shared.character.clone()))?;
         let input_rate_hz = provider.input_format().rate_hz;
-        let uplink = media::Uplink::new(media::UplinkConfig { output_rate_hz: input_rate_hz, vad: self.media.vad, ..Default::default() })
-            .map_err(|e| SessionError::Internal(e.to_string()))?;
+        let uplink = media::Uplink::new(media::UplinkConfig {
+            output_rate_hz: input_rate_hz,
+            vad: self.media.vad,
+            ..Default::default()
+        })
+        .map_err(|e| SessionError::Internal(e.to_string()))?;
         let playout = media::Playout::new(media::PlayoutConfig { encoder: self.media.encoder, ..Default::default() })
             .map_err(|e| SessionError::Internal(e.to_string()))?;
 
@@ -515,7 +527,12 @@ impl SessionManager {
                 tokio::spawn(task.run());
                 return Err(SessionError::Ended);
             }
-            st.live = Some(LiveHandle { peer_id: peer_id.clone(), etag: etag.clone(), control: control_tx, done: Some(done_rx) });
+            st.live = Some(LiveHandle {
+                peer_id: peer_id.clone(),
+                etag: etag.clone(),
+                control: control_tx,
+                done: Some(done_rx),
+            });
         }
         let shared2 = Arc::clone(shared);
         tokio::spawn(async move {

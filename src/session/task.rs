@@ -230,8 +230,11 @@ impl SessionTask {
             // The agent's turn ends with the words that were released while it played.
             let text = std::mem::take(&mut conv.agent_text);
             self.shared.push_turn(Role::Agent, &text, true);
-            self.emit(conv, ServerEvent::Transcript { role: Role::Agent, item_id: item_id.clone(), text, is_final: true })
-                .await;
+            self.emit(
+                conv,
+                ServerEvent::Transcript { role: Role::Agent, item_id: item_id.clone(), text, is_final: true },
+            )
+            .await;
             conv.cancelled_item = Some(item_id);
         }
         conv.agent_item = None;
@@ -340,7 +343,9 @@ impl SessionTask {
                     return;
                 }
                 conv.agent_item = Some(item_id.clone());
-                if let Err(e) = self.playout.push(&item_id, media::PcmRef { rate_hz: pcm.rate_hz, samples: &pcm.samples }) {
+                if let Err(e) =
+                    self.playout.push(&item_id, media::PcmRef { rate_hz: pcm.rate_hz, samples: &pcm.samples })
+                {
                     tracing::warn!(session_id = %self.shared.id, error = %e, "agent audio dropped");
                 }
             }
@@ -369,7 +374,14 @@ impl SessionTask {
                 if item_id.is_some() && item_id == conv.cancelled_item {
                     return;
                 }
-                self.emit(conv, ServerEvent::Emotion { emotion: emotion.parse().unwrap_or(signaling::events::Emotion::Neutral), item_id }).await;
+                self.emit(
+                    conv,
+                    ServerEvent::Emotion {
+                        emotion: emotion.parse().unwrap_or(signaling::events::Emotion::Neutral),
+                        item_id,
+                    },
+                )
+                .await;
             }
             ProviderEvent::UserSpeechStarted => {
                 if self.playout.is_active() {
@@ -387,7 +399,8 @@ impl SessionTask {
                 self.emit(conv, ServerEvent::Error { code, message }).await;
             }
             ProviderEvent::Closed => {
-                let ev = ServerEvent::Error { code: "provider_closed".into(), message: "the model session ended".into() };
+                let ev =
+                    ServerEvent::Error { code: "provider_closed".into(), message: "the model session ended".into() };
                 self.emit(conv, ev).await;
             }
         }

@@ -96,7 +96,8 @@ impl TestServer {
 
     /// POST /v1/sessions: (session_id, token, offer_url).
     pub async fn create_session(&self) -> (String, String, String) {
-        let res = self.http.post(format!("{}/v1/sessions", self.base)).json(&serde_json::json!({})).send().await.unwrap();
+        let res =
+            self.http.post(format!("{}/v1/sessions", self.base)).json(&serde_json::json!({})).send().await.unwrap();
         assert_eq!(res.status(), 201, "POST /v1/sessions");
         let v: Value = res.json().await.unwrap();
         (
@@ -190,9 +191,16 @@ pub fn opus_codec() -> RTCRtpCodec {
 pub async fn client_offer(
     with_audio: bool,
     with_dc: bool,
-) -> (Arc<dyn PeerConnection>, Option<Arc<dyn DataChannel>>, Option<Arc<TrackLocalStaticRTP>>, u32, Arc<Mutex<Inbox>>, String) {
+) -> (
+    Arc<dyn PeerConnection>,
+    Option<Arc<dyn DataChannel>>,
+    Option<Arc<TrackLocalStaticRTP>>,
+    u32,
+    Arc<Mutex<Inbox>>,
+    String,
+) {
     let mut me = MediaEngine::default();
-    me.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111, ..Default::default() }, RtpCodecKind::Audio)
+    me.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio)
         .unwrap();
     let registry = register_default_interceptors(Registry::new(), &mut me).unwrap();
     let inbox = Arc::new(Mutex::new(Inbox::default()));
