@@ -123,9 +123,32 @@ fn stages(c: &mut Criterion) {
     }
 }
 
+fn probe(c: &mut Criterion) {
+    let (pcm48, _) = speech_packets();
+    let mut buf = [0u8; 1500];
+    let variants = [
+        ("default", EncoderConfig::default()),
+        ("nofec", EncoderConfig { fec: false, ..EncoderConfig::default() }),
+        ("loss0", EncoderConfig { expected_loss_pct: 0, ..EncoderConfig::default() }),
+        ("c3", EncoderConfig { complexity: 3, ..EncoderConfig::default() }),
+        ("c4", EncoderConfig { complexity: 4, ..EncoderConfig::default() }),
+        ("b24k", EncoderConfig { bitrate_bps: 24_000, ..EncoderConfig::default() }),
+    ];
+    for (name, cfg) in variants {
+        let mut enc = OpusEncoder::new(cfg).expect("encoder");
+        let mut j = 0;
+        c.bench_function(&format!("probe/{name}"), |b| {
+            b.iter(|| {
+                j = (j + FRAME_SAMPLES) % (pcm48.len() - FRAME_SAMPLES);
+                black_box(enc.encode(&pcm48[j..j + FRAME_SAMPLES], &mut buf).expect("encode"))
+            })
+        });
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = uplink, downlink, stages
+    targets = uplink, downlink, stages, probe
 }
 criterion_main!(benches);

@@ -1,0 +1,48 @@
+# Shared by run.sh, test.sh and .ci/run: install what a fresh Debian machine lacks. Sourced.
+export PATH="$HOME/.cargo/bin:$PATH"
+export DEBIAN_FRONTEND=noninteractive
+APT_UPDATED=""
+
+apt_install() {
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "installing: ${missing[*]}"
+  if [ "$(id -u)" != 0 ]; then echo "need root to apt-get install ${missing[*]}" >&2; return 1; fi
+  [ -n "$APT_UPDATED" ] || { apt-get update -qq; APT_UPDATED=1; }
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+setup_build_deps() {
+  # gcc for the C parts (libfvad via webrtc-vad), cmake for libopus (the opus crate's bundled source).
+  apt_install build-essential cmake pkg-config ca-certificates
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "no Rust toolchain: install Rust >= 1.88 (rustup) and run this again" >&2
+    return 1
+  fi
+}
+
+setup_test_deps() {
+  apt_install redis-server postgresql procps
+}
+
+start_services() {
+  if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    echo "starting redis"
+    mkdir -p /var/lib/redis /var/log/redis
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+      --dir /var/lib/redis --logfile /var/log/redis/kotodama-test.log
+  fi
+  if ! pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1; then
+    echo "starting postgresql"
+    local v; v="$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)"
+    if [ -n "$v" ]; then
+      pg_ctlcluster --skip-systemctl-redirect "$v" main start || true
+    fi
+  fi
+  for _ in $(seq 1 50); do
+    redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  echo "warning: redis or postgresql did not come up (only the storage tests need them)" >&2
+}

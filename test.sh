@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Quick start, part 2: install what is missing, start Redis and PostgreSQL if they are not running,
+# and run every test (unit, integration with real WebRTC peers, signaling).
+set -euo pipefail
+cd "$(dirname "$0")"
+source ./.ci/setup.sh
+setup_build_deps
+setup_test_deps
+start_services
+cargo test --workspace --locked "$@"
