@@ -67,6 +67,8 @@ pub struct SessionLimits {
     pub connect_timeout_secs: u64,
     /// Grace given to live sessions on shutdown, seconds.
     pub drain_grace_secs: u64,
+    /// A peer silent this long (no ICE traffic; consent lost) ends its session, seconds (>= 6).
+    pub peer_timeout_secs: u64,
 }
 
 /// Audio pipeline settings.
@@ -146,6 +148,7 @@ impl Default for SessionLimits {
             max_sessions: 500,
             connect_timeout_secs: 600,
             drain_grace_secs: 10,
+            peer_timeout_secs: 15,
         }
     }
 }
@@ -305,6 +308,13 @@ impl Config {
         }
         if self.media.min_speech_ms < 10 || self.media.min_silence_ms < 10 {
             return Err(err("media.min_speech_ms", "below one 10 ms VAD frame", "use at least 10"));
+        }
+        if self.session.peer_timeout_secs < 6 {
+            return Err(err(
+                "session.peer_timeout_secs",
+                "below 6 s",
+                "use 6 or more (ICE declares a peer disconnected after 5 s)",
+            ));
         }
         if self.session.max_sessions == 0 {
             return Err(err("session.max_sessions", "zero", "use a positive number"));

@@ -97,6 +97,8 @@ pub struct PeerSettings {
     pub bind_ip: IpAddr,
     /// The address to advertise in candidates (NAT 1:1) when different from `bind_ip`.
     pub public_ip: IpAddr,
+    /// No ICE traffic for this long fails the connection (5 s to `disconnected`, the rest to `failed`).
+    pub peer_timeout: Duration,
 }
 
 /// One live peer connection.
@@ -130,7 +132,13 @@ impl Peer {
             .map_err(setup)?;
         let registry = register_default_interceptors(Registry::new(), &mut media_engine).map_err(setup)?;
 
+        let disconnected = Duration::from_secs(5);
         let mut se = SettingEngineBuilder::new()
+            .with_ice_timeouts(
+                Some(disconnected),
+                Some(settings.peer_timeout.saturating_sub(disconnected).max(Duration::from_secs(1))),
+                Some(Duration::from_secs(2)),
+            )
             .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(MAX_DC_MESSAGE))
             .with_include_loopback_candidate(settings.bind_ip.is_loopback());
         if settings.public_ip != settings.bind_ip {

@@ -303,7 +303,11 @@ impl SessionManager {
         let providers: HashMap<String, Arc<dyn RealtimeProvider>> =
             providers.into_iter().map(|p| (p.name().to_owned(), p)).collect();
         let default_provider = config.provider_name().to_owned();
-        let peer_settings = PeerSettings { bind_ip: config.bind.ip(), public_ip: config.advertised_ip() };
+        let peer_settings = PeerSettings {
+            bind_ip: config.bind.ip(),
+            public_ip: config.advertised_ip(),
+            peer_timeout: Duration::from_secs(config.session.peer_timeout_secs),
+        };
         let m = &config.media;
         let media = MediaDefaults {
             vad: media::VadConfig {

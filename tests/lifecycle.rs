@@ -1,0 +1,88 @@
+//! How sessions end other than by DELETE: maximum duration, the peer going away, never connecting,
+//! and the server draining. Each ends exactly once, with its reason, and frees the session.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+async fn wait_ended(ts: &TestServer, id: &str, token: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let v: Value = ts
+            .http
+            .get(format!("{}/v1/sessions/{id}", ts.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["state"] == "ended" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "session did not end within {within:?}: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_at_its_maximum_duration() {
+    let ts = TestServer::start_with(|c| c.session.max_duration_secs = 2).await;
+    let (id, token, offer_url) = ts.create_session().await;
+    let client = TestClient::connect(&ts, &offer_url, &token).await;
+    client.wait_event("session.ready", Duration::from_secs(5), |e| e["type"] == "session.ready").await;
+    let v = wait_ended(&ts, &id, &token, Duration::from_secs(10)).await;
+    assert_eq!(v["end_reason"], "max_duration", "{v}");
+    assert_eq!(ts.server.manager().live_count(), 0);
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_the_client_closes_its_peer() {
+    let ts = TestServer::start_with(|c| c.session.peer_timeout_secs = 6).await;
+    let (id, token, offer_url) = ts.create_session().await;
+    let client = TestClient::connect(&ts, &offer_url, &token).await;
+    client.wait_event("session.ready", Duration::from_secs(5), |e| e["type"] == "session.ready").await;
+    let connected: Value = ts
+        .http
+        .get(format!("{}/v1/sessions/{id}", ts.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(connected["state"], "connected", "{connected}");
+    client.close().await;
+    let v = wait_ended(&ts, &id, &token, Duration::from_secs(15)).await;
+    assert_eq!(v["end_reason"], "peer_disconnected", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_never_connects_expires() {
+    let ts = TestServer::start_with(|c| c.session.connect_timeout_secs = 1).await;
+    let (id, token, _) = ts.create_session().await;
+    let v = wait_ended(&ts, &id, &token, Duration::from_secs(10)).await;
+    assert_eq!(v["end_reason"], "never_connected", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_ends_live_sessions_and_refuses_new_ones() {
+    let ts = TestServer::start().await;
+    let (id, token, offer_url) = ts.create_session().await;
+    let client = TestClient::connect(&ts, &offer_url, &token).await;
+    client.wait_event("session.ready", Duration::from_secs(5), |e| e["type"] == "session.ready").await;
+    let manager = ts.server.manager().clone();
+    manager.drain(Duration::from_secs(5)).await;
+    assert_eq!(manager.live_count(), 0, "drain ended the live session");
+    let v = wait_ended(&ts, &id, &token, Duration::from_secs(1)).await;
+    assert_eq!(v["end_reason"], "server_shutdown", "{v}");
+    let res = ts.http.post(format!("{}/v1/sessions", ts.base)).json(&serde_json::json!({})).send().await.unwrap();
+    assert_eq!(res.status(), 503);
+    client.close().await;
+}
