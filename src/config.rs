@@ -85,6 +85,8 @@ pub struct MediaSettings {
     pub opus_bitrate: u32,
     /// Opus encoder complexity 0..=10.
     pub opus_complexity: u8,
+    /// UDP port range for media, `"40000-40999"` (`KOTODAMA_UDP_PORTS`); unset: ephemeral ports.
+    pub udp_ports: Option<String>,
 }
 
 /// The scripted provider's settings.
@@ -155,7 +157,14 @@ impl Default for SessionLimits {
 
 impl Default for MediaSettings {
     fn default() -> Self {
-        Self { vad_mode: 2, min_speech_ms: 100, min_silence_ms: 500, opus_bitrate: 32_000, opus_complexity: 5 }
+        Self {
+            vad_mode: 2,
+            min_speech_ms: 100,
+            min_silence_ms: 500,
+            opus_bitrate: 32_000,
+            opus_complexity: 5,
+            udp_ports: None,
+        }
     }
 }
 
@@ -238,6 +247,9 @@ impl Config {
         if let Some(v) = non_empty("KOTODAMA_DATABASE_URL") {
             self.database_url = v.trim().to_owned();
         }
+        if let Some(v) = non_empty("KOTODAMA_UDP_PORTS") {
+            self.media.udp_ports = Some(v.trim().to_owned());
+        }
         if let Some(v) = non_empty("KOTODAMA_REDIS_URL") {
             self.redis_url = Some(v.trim().to_owned());
         }
@@ -309,6 +321,16 @@ impl Config {
         if self.media.min_speech_ms < 10 || self.media.min_silence_ms < 10 {
             return Err(err("media.min_speech_ms", "below one 10 ms VAD frame", "use at least 10"));
         }
+        if let Some((min, max)) = self.udp_port_range()? {
+            let size = usize::from(max - min) + 1;
+            if size < self.session.max_sessions {
+                return Err(err(
+                    "media.udp_ports",
+                    format!("{size} ports for session.max_sessions = {}", self.session.max_sessions),
+                    "widen the range (one UDP port per live session) or lower session.max_sessions",
+                ));
+            }
+        }
         if self.session.peer_timeout_secs < 6 {
             return Err(err(
                 "session.peer_timeout_secs",
@@ -340,6 +362,19 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The media UDP port range, if configured.
+    pub fn udp_port_range(&self) -> Result<Option<(u16, u16)>, ConfigError> {
+        let Some(spec) = &self.media.udp_ports else { return Ok(None) };
+        let bad =
+            || err("media.udp_ports", format!("`{spec}` is not a range"), "use e.g. 40000-40999 (KOTODAMA_UDP_PORTS)");
+        let (a, b) = spec.split_once('-').ok_or_else(bad)?;
+        let (min, max): (u16, u16) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        if min == 0 || min > max {
+            return Err(bad());
+        }
+        Ok(Some((min, max)))
     }
 
     /// The provider for new sessions.
@@ -416,6 +451,18 @@ mod tests {
         c.apply_env(env(&[("OPENAI_API_KEY", "sk-test")])).unwrap();
         assert_eq!(c.provider.as_deref(), Some("openai"));
         assert_eq!(c.validate().unwrap_err().key, "KOTODAMA_PROVIDER");
+    }
+
+    #[test]
+    fn udp_port_range_is_parsed_and_must_hold_max_sessions() {
+        let mut c = Config::default();
+        c.apply_env(env(&[("KOTODAMA_UDP_PORTS", "40000-40999")])).unwrap();
+        assert_eq!(c.udp_port_range().unwrap(), Some((40000, 40999)));
+        c.validate().unwrap();
+        c.session.max_sessions = 5000;
+        assert_eq!(c.validate().unwrap_err().key, "media.udp_ports");
+        c.media.udp_ports = Some("9-1".into());
+        assert_eq!(c.udp_port_range().unwrap_err().key, "media.udp_ports");
     }
 
     #[test]

@@ -99,6 +99,37 @@ pub struct PeerSettings {
     pub public_ip: IpAddr,
     /// No ICE traffic for this long fails the connection (5 s to `disconnected`, the rest to `failed`).
     pub peer_timeout: Duration,
+    /// UDP ports for media; `None`: ephemeral ports.
+    pub ports: Option<Arc<PortRange>>,
+}
+
+/// A range of UDP ports handed out round-robin to new peers (for firewalls and TURN allow-lists).
+#[derive(Debug)]
+pub struct PortRange {
+    min: u16,
+    max: u16,
+    next: std::sync::atomic::AtomicU32,
+}
+
+impl PortRange {
+    /// Ports `min..=max`.
+    pub fn new(min: u16, max: u16) -> Self {
+        Self { min, max, next: std::sync::atomic::AtomicU32::new(0) }
+    }
+
+    /// A port of the range that is free on `ip` right now (probed by binding it), or `None` when
+    /// every port is taken.
+    pub fn pick(&self, ip: IpAddr) -> Option<u16> {
+        let size = u32::from(self.max - self.min) + 1;
+        for _ in 0..size {
+            let offset = self.next.fetch_add(1, Ordering::Relaxed) % size;
+            let port = self.min + offset as u16;
+            if std::net::UdpSocket::bind((ip, port)).is_ok() {
+                return Some(port);
+            }
+        }
+        None
+    }
 }
 
 /// One live peer connection.
@@ -152,13 +183,19 @@ impl Peer {
             gathered: std::sync::Mutex::new(Some(gathered_tx)),
             counters: Arc::clone(&counters),
         });
+        let port = match &settings.ports {
+            Some(range) => range
+                .pick(settings.bind_ip)
+                .ok_or_else(|| PeerError::Setup("every UDP port of media.udp_ports is in use".into()))?,
+            None => 0,
+        };
         let pc = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(media_engine)
             .with_setting_engine(se.build())
             .with_interceptor_registry(registry)
             .with_handler(handler)
-            .with_udp_addrs(vec![std::net::SocketAddr::new(settings.bind_ip, 0)])
+            .with_udp_addrs(vec![std::net::SocketAddr::new(settings.bind_ip, port)])
             .with_data_channel_send_buffer_limit(1024 * 1024)
             .build()
             .await
@@ -349,6 +386,24 @@ impl PeerConnectionEventHandler for Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_range_hands_out_free_ports_round_robin_and_skips_taken_ones() {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let base = probe.local_addr().unwrap().port();
+        drop(probe);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let range = PortRange::new(base, base.saturating_add(2));
+        let taken = std::net::UdpSocket::bind((ip, base + 1));
+        let a = range.pick(ip).unwrap();
+        let b = range.pick(ip).unwrap();
+        assert!((base..=base + 2).contains(&a) && (base..=base + 2).contains(&b));
+        if taken.is_ok() {
+            assert_ne!(a, base + 1);
+            assert_ne!(b, base + 1);
+        }
+        assert_ne!(a, b, "round robin");
+    }
 
     #[test]
     fn finds_the_negotiated_opus_payload_type() {

@@ -86,3 +86,28 @@ async fn draining_ends_live_sessions_and_refuses_new_ones() {
     assert_eq!(res.status(), 503);
     client.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_uses_the_configured_udp_port_range() {
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let base = probe.local_addr().unwrap().port().min(65_000);
+    drop(probe);
+    let range = format!("{base}-{}", base + 9);
+    let ts = TestServer::start_with(|c| {
+        c.media.udp_ports = Some(range.clone());
+        c.session.max_sessions = 10;
+    })
+    .await;
+    let (_id, token, offer_url) = ts.create_session().await;
+    let client = TestClient::connect(&ts, &offer_url, &token).await;
+    let ports: Vec<u16> = client
+        .answer
+        .lines()
+        .filter(|l| l.starts_with("a=candidate:"))
+        .filter_map(|l| l.split_whitespace().nth(5)?.parse().ok())
+        .collect();
+    assert!(!ports.is_empty(), "the answer has candidates");
+    assert!(ports.iter().all(|p| (base..=base + 9).contains(p)), "candidate ports {ports:?} within {range}");
+    client.wait_event("session.ready", Duration::from_secs(5), |e| e["type"] == "session.ready").await;
+    client.close().await;
+}

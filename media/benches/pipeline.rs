@@ -123,42 +123,9 @@ fn stages(c: &mut Criterion) {
     }
 }
 
-fn probe(c: &mut Criterion) {
-    let reply = media::wav::read(AGENT).expect("agent");
-    let mut rs = Resampler::new(24_000, 48_000, Alignment::Stream).expect("rs");
-    let mut pcm48 = Vec::new();
-    rs.process(&reply.samples, &mut |s: &[i16]| pcm48.extend_from_slice(s)).expect("rs");
-    let mut buf = [0u8; 1500];
-    for (name, bw) in
-        [("fb", opus::Bandwidth::Fullband), ("swb", opus::Bandwidth::Superwideband), ("wb", opus::Bandwidth::Wideband)]
-    {
-        for (n2, fec) in [("fec", true), ("nofec", false)] {
-            let mut enc = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip).unwrap();
-            enc.set_bitrate(opus::Bitrate::Bits(32_000)).unwrap();
-            enc.set_complexity(5).unwrap();
-            enc.set_inband_fec(fec).unwrap();
-            enc.set_packet_loss_perc(10).unwrap();
-            enc.set_max_bandwidth(bw).unwrap();
-            let mut j = 0;
-            let mut bytes = 0usize;
-            let mut n = 0usize;
-            c.bench_function(&format!("probe/{name}-{n2}"), |b| {
-                b.iter(|| {
-                    j = (j + FRAME_SAMPLES) % (pcm48.len() - FRAME_SAMPLES);
-                    let l = enc.encode(&pcm48[j..j + FRAME_SAMPLES], &mut buf).expect("encode");
-                    bytes += l;
-                    n += 1;
-                    black_box(l)
-                })
-            });
-            eprintln!("{name}-{n2}: avg {} bytes, bw {:?}", bytes / n.max(1), opus::packet::get_bandwidth(&buf[..4]));
-        }
-    }
-}
-
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = uplink, downlink, stages, probe
+    targets = uplink, downlink, stages
 }
 criterion_main!(benches);

@@ -202,7 +202,7 @@ impl Uplink {
             }
             _ => {
                 self.stats.decode_errors += 1;
-                self.conceal_frames(1, self.last_packet_samples, None);
+                self.plc(self.last_packet_samples);
             }
         }
     }
@@ -257,41 +257,42 @@ impl Uplink {
 
     fn conceal_gap(&mut self, lost: u64, next: &[u8]) {
         self.stats.lost += lost;
-        let frame = packet_samples(next).unwrap_or(self.last_packet_samples);
+        // The missing packets are assumed as long as the last good one; the FEC frame is as
+        // long as the packet carrying it (what libopus expects for `decode_fec`).
+        let plc_frame = self.last_packet_samples;
         let cap = duration_to_samples(self.cfg.max_concealment, OPUS_RATE) as usize;
-        let max_frames = (cap / frame).max(1) as u64;
-        let n = lost.min(max_frames) as usize;
-        let fec = if packet_has_fec(next) { Some(next) } else { None };
-        self.conceal_frames(n, frame, fec);
-    }
-
-    /// `n` frames of `frame` samples: PLC, except the last from `fec` when given.
-    fn conceal_frames(&mut self, n: usize, frame: usize, fec: Option<&[u8]>) {
+        let n = lost.min((cap / plc_frame).max(1) as u64) as usize;
+        let fec = if packet_has_fec(next) { packet_samples(next).map(|len| (next, len)) } else { None };
         for i in 0..n {
-            let r = match fec {
-                Some(pkt) if i + 1 == n => {
-                    let r = self.dec.decode_fec(pkt, frame, &mut self.pcm48);
-                    if r.is_ok() {
-                        self.stats.fec_frames += 1;
+            match fec {
+                Some((pkt, len)) if i + 1 == n => {
+                    match self.dec.decode_fec(pkt, len, &mut self.pcm48) {
+                        Ok(got) if got > 0 => {
+                            self.stats.fec_frames += 1;
+                            self.emit_concealed(got);
+                        }
+                        _ => self.stats.decode_errors += 1,
                     }
-                    r
                 }
-                _ => {
-                    let r = self.dec.conceal(frame, &mut self.pcm48);
-                    if r.is_ok() {
-                        self.stats.plc_frames += 1;
-                    }
-                    r
-                }
-            };
-            match r {
-                Ok(got) if got > 0 => {
-                    self.stats.concealed += samples_to_duration(got as u64, OPUS_RATE);
-                    self.feed_decoded(got);
-                }
-                _ => self.stats.decode_errors += 1,
+                _ => self.plc(plc_frame),
             }
         }
+    }
+
+    /// One frame of packet-loss concealment.
+    fn plc(&mut self, frame: usize) {
+        match self.dec.conceal(frame, &mut self.pcm48) {
+            Ok(got) if got > 0 => {
+                self.stats.plc_frames += 1;
+                self.emit_concealed(got);
+            }
+            _ => self.stats.decode_errors += 1,
+        }
+    }
+
+    fn emit_concealed(&mut self, n: usize) {
+        self.stats.concealed += samples_to_duration(n as u64, OPUS_RATE);
+        self.feed_decoded(n);
     }
 
     /// Runs `pcm48[..n]` through 10 ms framing, VAD and the resampler.

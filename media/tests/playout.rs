@@ -364,3 +364,24 @@ fn barge_in_clears_active_playout_and_reports_played_ms() {
     assert_eq!((i.item_id.as_str(), i.played_ms(), i.reason), ("resp_2", 0, InterruptReason::ClientRequest));
     assert_eq!(b.interruptions() + off.interruptions(), 2);
 }
+
+#[test]
+fn extreme_now_values_and_empty_pushes_do_not_panic() {
+    let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+    assert_eq!(p.push("a", PcmRef::new(24_000, &[])).expect("empty push"), 0);
+    assert!(p.push("a", PcmRef::new(0, &[1, 2, 3])).is_err(), "rate 0 is rejected");
+    p.push("a", PcmRef::new(8_000, &vec![300; 8_000])).expect("push");
+    p.finish_item("a");
+    let mut buf = [0u8; 1500];
+    let big = Duration::MAX - ms(1);
+    assert!(p.poll(big, &mut buf).is_some());
+    assert!(p.poll(big, &mut buf).is_none(), "one frame per now");
+    assert!(p.poll(Duration::ZERO, &mut buf).is_none(), "time going backwards sends nothing");
+    let _ = p.next_due();
+    // A tiny `out` buffer is an encode error, counted, not a panic.
+    let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+    p.push("b", PcmRef::new(48_000, &vec![3000; 960])).expect("push");
+    p.finish_item("b");
+    assert!(p.poll(ms(0), &mut [0u8; 1]).is_none());
+    assert_eq!(p.stats().encode_errors, 1);
+}

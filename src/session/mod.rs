@@ -307,6 +307,8 @@ impl SessionManager {
             bind_ip: config.bind.ip(),
             public_ip: config.advertised_ip(),
             peer_timeout: Duration::from_secs(config.session.peer_timeout_secs),
+            // Validated at start: a bad range never reaches here.
+            ports: config.udp_port_range().ok().flatten().map(|(a, b)| Arc::new(crate::peer::PortRange::new(a, b))),
         };
         let m = &config.media;
         let media = MediaDefaults {
