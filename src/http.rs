@@ -10,8 +10,8 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use signaling::host::{
-    CharacterInfo, CreateSessionRequest, CreatedSession, ETag, EndReason as ApiEndReason, IfMatch, OfferAnswer,
-    SessionHost, SessionInfo, SessionState, TranscriptEntry, TrickleOutcome, TrickleRequest,
+    CharacterInfo, CreateSessionRequest, CreatedSession, ETag, IfMatch, OfferAnswer, SessionHost, SessionInfo,
+    SessionState, TranscriptEntry, TrickleOutcome, TrickleRequest,
 };
 use signaling::problem::ApiError;
 use signaling::sdp::ValidOffer;
@@ -66,17 +66,6 @@ fn to_api(e: SessionError) -> ApiError {
 
 fn to_time(t: SystemTime) -> OffsetDateTime {
     OffsetDateTime::from(t)
-}
-
-fn api_end_reason(r: EndReason) -> ApiEndReason {
-    match r {
-        EndReason::ClientEnded => ApiEndReason::ClientRequest,
-        EndReason::PeerFailed | EndReason::PeerClosed => ApiEndReason::PeerDisconnected,
-        EndReason::MaxDuration => ApiEndReason::MaxDuration,
-        EndReason::ConnectTimeout => ApiEndReason::NeverConnected,
-        EndReason::ProviderClosed => ApiEndReason::ProviderError,
-        EndReason::Shutdown => ApiEndReason::ServerShutdown,
-    }
 }
 
 #[async_trait]
@@ -162,7 +151,7 @@ impl SessionHost for Host {
             provider: snap.provider,
             created_at: to_time(snap.created_at),
             ended_at: snap.ended_at.map(to_time),
-            end_reason: snap.end_reason.map(api_end_reason),
+            end_reason: snap.end_reason.map(EndReason::api),
         })
     }
 

@@ -37,6 +37,11 @@ async fn a_session_ends_at_its_maximum_duration() {
     client.wait_event("session.ready", Duration::from_secs(5), |e| e["type"] == "session.ready").await;
     let v = wait_ended(&ts, &id, &token, Duration::from_secs(10)).await;
     assert_eq!(v["end_reason"], "max_duration", "{v}");
+    client
+        .wait_event("session.ended", Duration::from_secs(2), |e| {
+            e["type"] == "session.ended" && e["reason"] == "max_duration"
+        })
+        .await;
     assert_eq!(ts.server.manager().live_count(), 0);
     client.close().await;
 }
@@ -82,6 +87,11 @@ async fn draining_ends_live_sessions_and_refuses_new_ones() {
     assert_eq!(manager.live_count(), 0, "drain ended the live session");
     let v = wait_ended(&ts, &id, &token, Duration::from_secs(1)).await;
     assert_eq!(v["end_reason"], "server_shutdown", "{v}");
+    client
+        .wait_event("session.ended", Duration::from_secs(2), |e| {
+            e["type"] == "session.ended" && e["reason"] == "server_shutdown"
+        })
+        .await;
     let res = ts.http.post(format!("{}/v1/sessions", ts.base)).json(&serde_json::json!({})).send().await.unwrap();
     assert_eq!(res.status(), 503);
     client.close().await;

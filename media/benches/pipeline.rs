@@ -171,9 +171,38 @@ fn stages(c: &mut Criterion) {
     }
 }
 
+fn probe(c: &mut Criterion) {
+    let reply = media::wav::read(AGENT).expect("agent").samples;
+    let mut buf = [0u8; 1500];
+    for rate in [24_000u32, 48_000] {
+        let input: Vec<i16> = if rate == 24_000 {
+            reply.clone()
+        } else {
+            let mut rs = Resampler::new(24_000, 48_000, Alignment::Stream).expect("rs");
+            let mut v = Vec::new();
+            rs.process(&reply, &mut |s: &[i16]| v.extend_from_slice(s)).expect("rs");
+            v
+        };
+        for (name, fec, cx) in [("c5fec", true, 5), ("c5nofec", false, 5), ("c4fec", true, 4)] {
+            let mut enc = opus::Encoder::new(rate, opus::Channels::Mono, opus::Application::Voip).unwrap();
+            enc.set_bitrate(opus::Bitrate::Bits(32_000)).unwrap();
+            enc.set_complexity(cx).unwrap();
+            enc.set_inband_fec(fec).unwrap();
+            enc.set_packet_loss_perc(10).unwrap();
+            enc.set_signal(opus::Signal::Voice).unwrap();
+            let n = (rate / 50) as usize;
+            let mut j = 0;
+            cpu_bench(c, &format!("probe/{rate} {name}"), || {
+                j = (j + n) % (input.len() - n);
+                black_box(enc.encode(&input[j..j + n], &mut buf).expect("encode"));
+            });
+        }
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
-    targets = pipeline, stages
+    targets = pipeline, stages, probe
 }
 criterion_main!(benches);

@@ -265,15 +265,13 @@ impl Uplink {
         let fec = if packet_has_fec(next) { packet_samples(next).map(|len| (next, len)) } else { None };
         for i in 0..n {
             match fec {
-                Some((pkt, len)) if i + 1 == n => {
-                    match self.dec.decode_fec(pkt, len, &mut self.pcm48) {
-                        Ok(got) if got > 0 => {
-                            self.stats.fec_frames += 1;
-                            self.emit_concealed(got);
-                        }
-                        _ => self.stats.decode_errors += 1,
+                Some((pkt, len)) if i + 1 == n => match self.dec.decode_fec(pkt, len, &mut self.pcm48) {
+                    Ok(got) if got > 0 => {
+                        self.stats.fec_frames += 1;
+                        self.emit_concealed(got);
                     }
-                }
+                    _ => self.stats.decode_errors += 1,
+                },
                 _ => self.plc(plc_frame),
             }
         }

@@ -113,6 +113,13 @@ pub enum ServerEvent {
     /// Reply to a client `ping`.
     #[serde(rename = "pong")]
     Pong,
+    /// The session is ending (extension of api-v1): sent just before the server closes the
+    /// connection, so the client can tell a shutdown or a time limit from a network failure.
+    #[serde(rename = "session.ended")]
+    SessionEnded {
+        /// Why, as in `GET /v1/sessions/{id}`'s `end_reason` (e.g. `server_shutdown`, `max_duration`).
+        reason: String,
+    },
 }
 
 impl ServerEvent {
@@ -143,6 +150,7 @@ impl ServerEvent {
             ServerEvent::AgentInterrupted { .. } => "agent.interrupted",
             ServerEvent::Error { .. } => "error",
             ServerEvent::Pong => "pong",
+            ServerEvent::SessionEnded { .. } => "session.ended",
         }
     }
 

@@ -49,6 +49,7 @@ fn server_samples() -> Vec<ServerEvent> {
         ServerEvent::AgentInterrupted { item_id: "item_7".into(), played_ms: 1460 },
         ServerEvent::Error { code: "bad_message".into(), message: "bad \"text\" message: missing field `text`".into() },
         ServerEvent::Pong,
+        ServerEvent::SessionEnded { reason: "server_shutdown".into() },
     ]
 }
 

@@ -51,17 +51,22 @@ pub enum EndReason {
 }
 
 impl EndReason {
-    /// The `end_reason` string of the API.
-    pub fn as_str(self) -> &'static str {
+    /// The `end_reason` of the API (`GET /v1/sessions/{id}`, `session.ended`).
+    pub fn api(self) -> signaling::host::EndReason {
+        use signaling::host::EndReason as Api;
         match self {
-            EndReason::ClientEnded => "client_ended",
-            EndReason::PeerFailed => "peer_failed",
-            EndReason::PeerClosed => "peer_closed",
-            EndReason::MaxDuration => "max_duration",
-            EndReason::ConnectTimeout => "connect_timeout",
-            EndReason::ProviderClosed => "provider_closed",
-            EndReason::Shutdown => "shutdown",
+            EndReason::ClientEnded => Api::ClientRequest,
+            EndReason::PeerFailed | EndReason::PeerClosed => Api::PeerDisconnected,
+            EndReason::MaxDuration => Api::MaxDuration,
+            EndReason::ConnectTimeout => Api::NeverConnected,
+            EndReason::ProviderClosed => Api::ProviderError,
+            EndReason::Shutdown => Api::ServerShutdown,
         }
+    }
+
+    /// The API's `end_reason` string.
+    pub fn as_str(self) -> String {
+        serde_json::to_value(self.api()).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
     }
 }
 

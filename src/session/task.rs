@@ -106,14 +106,25 @@ impl SessionTask {
             }
         };
         let _ = self.provider.commands.try_send(ProviderCommand::Close);
+        if !matches!(reason, EndReason::PeerFailed | EndReason::PeerClosed) {
+            self.emit(&mut conv, ServerEvent::SessionEnded { reason: reason.as_str() }).await;
+        }
         if let Some(dc) = conv.dc.take() {
+            // Let the last events (session.ended) reach the client before the close: wait, bounded,
+            // until SCTP has them acknowledged.
+            for _ in 0..50 {
+                if dc.outstanding_bytes().await.map_or(true, |n| n == 0) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             let _ = dc.close().await;
         }
         self.peer.close().await;
         let c = self.peer.counters();
         tracing::info!(
             session_id = %self.shared.id,
-            reason = reason.as_str(),
+            reason = %reason.as_str(),
             rtp_in = c.rtp_in.load(Ordering::Relaxed),
             rtp_dropped = c.rtp_dropped.load(Ordering::Relaxed),
             uplink_to_provider_dropped = conv.uplink_dropped,
