@@ -154,6 +154,21 @@ impl ServerEvent {
         }
     }
 
+    /// Every server `type` this schema knows.
+    pub const TYPES: &'static [&'static str] = &[
+        "session.ready",
+        "state",
+        "user.speech_started",
+        "user.speech_stopped",
+        "transcript",
+        "emotion",
+        "viseme",
+        "agent.interrupted",
+        "error",
+        "pong",
+        "session.ended",
+    ];
+
     /// One JSON object, ready to send as a data-channel text message.
     pub fn to_json(&self) -> String {
         // Serialisation cannot fail for these types (string keys only, infallible Serialize

@@ -79,7 +79,7 @@ fn every_server_fixture_deserialises_to_the_sample() {
 #[test]
 fn fixtures_cover_every_event_type_and_nothing_else() {
     let server: BTreeSet<String> = server_samples().iter().map(|e| e.type_name().to_owned()).collect();
-    assert_eq!(server.len(), 10, "one sample per server event type");
+    assert_eq!(server, ServerEvent::TYPES.iter().map(|s| s.to_string()).collect(), "one sample per server event type");
     assert_eq!(fixture_names("server"), server);
     let client: BTreeSet<String> = client_samples().iter().map(|e| e.type_name().to_owned()).collect();
     assert_eq!(client, ClientEvent::TYPES.iter().map(|s| s.to_string()).collect());
