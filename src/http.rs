@@ -172,6 +172,7 @@ impl SessionHost for Host {
 
 /// The whole HTTP app.
 pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>) -> Router {
+    let prometheus = crate::telemetry::install();
     signaling::api::router(api)
         .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
         .route("/index.html", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
@@ -180,21 +181,39 @@ pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>) -> Route
             "/metrics",
             get(move || {
                 let m = Arc::clone(&manager);
-                async move { metrics(&m).into_response() }
+                let p = prometheus.clone();
+                async move { metrics(&m, p.as_ref()).into_response() }
             }),
         )
+        .layer(axum::middleware::from_fn(count_requests))
 }
 
-fn metrics(m: &SessionManager) -> impl IntoResponse {
-    let body = format!(
-        "# HELP kotodama_sessions_live Sessions not yet ended on this node.\n\
-         # TYPE kotodama_sessions_live gauge\n\
-         kotodama_sessions_live {}\n\
-         # HELP kotodama_accepting Whether this node accepts new sessions.\n\
+/// Count requests by matched route (never the raw path: ids would explode cardinality) and status.
+async fn count_requests(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let start = std::time::Instant::now();
+    let res = next.run(req).await;
+    let status = res.status().as_u16().to_string();
+    metrics::counter!(crate::telemetry::HTTP_REQUESTS, "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!(crate::telemetry::HTTP_DURATION, "route" => route).record(start.elapsed().as_secs_f64());
+    res
+}
+
+fn metrics(
+    m: &SessionManager,
+    prometheus: Option<&metrics_exporter_prometheus::PrometheusHandle>,
+) -> impl IntoResponse {
+    metrics::gauge!(crate::telemetry::SESSIONS_LIVE).set(m.live_count() as f64);
+    let mut body = prometheus.map(|p| p.render()).unwrap_or_default();
+    body.push_str(&format!(
+        "# HELP kotodama_accepting Whether this node accepts new sessions.\n\
          # TYPE kotodama_accepting gauge\n\
          kotodama_accepting {}\n",
-        m.live_count(),
         u8::from(m.accepting()),
-    );
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }

@@ -178,6 +178,25 @@ async fn speech_round_trip_barge_in_and_delete() {
     assert_eq!(info["state"], "ended", "{info}");
     assert_eq!(info["end_reason"], "client_request", "{info}");
     assert_eq!(ts.server.manager().live_count(), 0);
+
+    // The conversation is visible in /metrics: each stage's latency was observed.
+    let metrics = ts.http.get(format!("{}/metrics", ts.base)).send().await.unwrap().text().await.unwrap();
+    let count = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(count("kotodama_uplink_latency_seconds_count") > 200.0, "uplink latency observed per packet:\n{metrics}");
+    assert!(count("kotodama_turn_latency_seconds_count{part=\"total\"}") >= 2.0, "two turns timed");
+    assert!(count("kotodama_barge_in_latency_seconds_count") >= 1.0, "the barge-in timed");
+    assert!(count("kotodama_pacing_lateness_seconds_count") > 300.0, "every agent frame's lateness observed");
+    assert!(count("kotodama_rtp_packets_total{direction=\"in\"}") > 500.0, "inbound packets counted");
+    assert!(count("kotodama_sessions_ended_total{reason=\"client_request\"}") >= 1.0);
+    let sum = count("kotodama_barge_in_latency_seconds_sum");
+    eprintln!("measured: barge-in onset -> audio stop {:.0} ms (min_speech 100 ms)", sum * 1000.0);
     client.close().await;
     drop(client);
     ts.server.shutdown().await.unwrap();

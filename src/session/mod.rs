@@ -214,6 +214,7 @@ impl SessionShared {
         st.ended_at = Some(SystemTime::now());
         st.ended_instant = Some(Instant::now());
         st.live = None;
+        crate::telemetry::add_with(crate::telemetry::SESSIONS_ENDED, "reason", reason.as_str(), 1);
         true
     }
 
@@ -408,6 +409,7 @@ impl SessionManager {
             }),
         });
         self.map().insert(shared.id.clone(), Arc::clone(&shared));
+        crate::telemetry::add(crate::telemetry::SESSIONS_CREATED, 1);
         Ok(shared)
     }
 
@@ -502,6 +504,9 @@ impl SessionManager {
             crate::peer::PeerError::Offer(m) => SessionError::BadOffer(m),
             other => SessionError::Internal(other.to_string()),
         })?;
+        let result = if provider_session.is_ok() { "ok" } else { "error" };
+        metrics::counter!(crate::telemetry::PROVIDER_CONNECTS, "provider" => provider.name().to_owned(), "result" => result)
+            .increment(1);
         let provider_session = match provider_session {
             Ok(p) => p,
             Err(e) => {

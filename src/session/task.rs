@@ -19,6 +19,7 @@ use webrtc::peer_connection::RTCPeerConnectionState;
 use super::{Control, EndReason, SessionShared};
 use crate::peer::{Peer, PeerEvent};
 use crate::providers::{Capabilities, Pcm, ProviderCommand, ProviderEvent, ProviderSession, Speaker};
+use crate::telemetry;
 
 /// Largest Opus frame we produce (20 ms at <= 510 kbit/s is < 1300 bytes).
 const MAX_OPUS_FRAME: usize = 1500;
@@ -56,6 +57,31 @@ struct Conversation {
     response_done: bool,
     uplink_dropped: u64,
     events_dropped: u64,
+    /// Session time of the first RTP packet: stream positions (VAD edges) are relative to it.
+    first_rtp: Option<Duration>,
+    /// Provider audio arrived while playout was idle at this instant (downlink latency start).
+    idle_audio_at: Option<Instant>,
+    /// The user's turn in flight: when it was committed, the silence waited, first provider audio.
+    turn: Option<TurnTiming>,
+    /// Counters already exported (the task exports deltas).
+    exported: Exported,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TurnTiming {
+    committed_at: Instant,
+    silence: Duration,
+    first_audio_at: Option<Instant>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Exported {
+    uplink: media::UplinkStats,
+    playout: media::PlayoutStats,
+    uplink_dropped: u64,
+    events_dropped: u64,
+    rtp_dropped: u64,
+    messages_dropped: u64,
 }
 
 impl SessionTask {
@@ -72,7 +98,13 @@ impl SessionTask {
             response_done: false,
             uplink_dropped: 0,
             events_dropped: 0,
+            first_rtp: None,
+            idle_audio_at: None,
+            turn: None,
+            exported: Exported::default(),
         };
+        let mut flush = tokio::time::interval(Duration::from_secs(1));
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut frame = [0u8; MAX_OPUS_FRAME];
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let reason = loop {
@@ -103,8 +135,10 @@ impl SessionTask {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => break EndReason::MaxDuration,
+                _ = flush.tick() => self.export_stats(&mut conv),
             }
         };
+        self.export_stats(&mut conv);
         let _ = self.provider.commands.try_send(ProviderCommand::Close);
         if !matches!(reason, EndReason::PeerFailed | EndReason::PeerClosed) {
             self.emit(&mut conv, ServerEvent::SessionEnded { reason: reason.as_str() }).await;
@@ -199,8 +233,21 @@ impl SessionTask {
         let ts = (frame.due.as_micros() as u64 * 48 / 1000) as u32;
         let marker = frame.talkspurt_start;
         let len = frame.len;
+        let lateness = now.saturating_sub(frame.due);
         if let Err(e) = self.peer.write_opus(&buf[..len], ts, marker).await {
             tracing::debug!(session_id = %self.shared.id, error = %e, "writing agent audio failed");
+        }
+        telemetry::observe(telemetry::PACING_LATENESS, lateness);
+        if let Some(t) = conv.idle_audio_at.take() {
+            telemetry::observe(telemetry::DOWNLINK_LATENCY, t.elapsed());
+        }
+        if let Some(turn) = conv.turn.take() {
+            let out = Instant::now();
+            let first_audio = turn.first_audio_at.unwrap_or(out);
+            telemetry::observe_with(telemetry::TURN_LATENCY, "part", "silence", turn.silence);
+            telemetry::observe_with(telemetry::TURN_LATENCY, "part", "model", first_audio - turn.committed_at);
+            telemetry::observe_with(telemetry::TURN_LATENCY, "part", "server", out - first_audio);
+            telemetry::observe_with(telemetry::TURN_LATENCY, "part", "total", turn.silence + (out - turn.committed_at));
         }
         if conv.state != AgentState::Speaking {
             self.set_state(conv, AgentState::Speaking).await;
@@ -255,10 +302,13 @@ impl SessionTask {
 
     async fn on_peer_event(&mut self, conv: &mut Conversation, ev: PeerEvent) -> Option<EndReason> {
         match ev {
-            PeerEvent::Rtp { seq, payload, .. } => {
+            PeerEvent::Rtp { seq, payload, arrival, .. } => {
                 let now = self.now();
+                conv.first_rtp.get_or_insert(now);
                 self.uplink.push_rtp(now, seq, &payload);
-                self.drain_uplink(conv).await;
+                if self.drain_uplink(conv).await {
+                    telemetry::observe(telemetry::UPLINK_LATENCY, arrival.elapsed());
+                }
             }
             PeerEvent::ChannelOpen(dc) => {
                 conv.dc = Some(dc);
@@ -278,8 +328,10 @@ impl SessionTask {
         None
     }
 
-    /// Hand everything the uplink produced to the provider and the client.
-    async fn drain_uplink(&mut self, conv: &mut Conversation) {
+    /// Hand everything the uplink produced to the provider and the client; true when audio went
+    /// to the provider.
+    async fn drain_uplink(&mut self, conv: &mut Conversation) -> bool {
+        let mut sent_audio = false;
         let mut started = false;
         let mut stopped = None;
         let mut started_at = Duration::ZERO;
@@ -289,6 +341,8 @@ impl SessionTask {
                     let cmd = ProviderCommand::AppendAudio(Pcm { rate_hz: pcm.rate_hz, samples: pcm.samples.to_vec() });
                     if self.provider.commands.try_send(cmd).is_err() {
                         conv.uplink_dropped += 1;
+                    } else {
+                        sent_audio = true;
                     }
                 }
                 UplinkEvent::SpeechStarted { at } => {
@@ -298,19 +352,59 @@ impl SessionTask {
                 UplinkEvent::SpeechStopped { at } => stopped = Some(at),
             }
         }
+        let base = conv.first_rtp.unwrap_or_default();
+        // How long ago, in stream time, a stream position was (the latest packet is "now").
+        let position = self.uplink.position();
+        let ago = |at: Duration| position.saturating_sub(at);
         if started {
-            self.emit(conv, ServerEvent::UserSpeechStarted { at_ms: Self::ms(started_at) }).await;
+            let onset_ago = ago(started_at);
+            self.emit(conv, ServerEvent::UserSpeechStarted { at_ms: Self::ms(base + started_at) }).await;
             if self.playout.is_active() || conv.state == AgentState::Speaking {
                 self.interrupt(conv).await;
+                telemetry::observe(telemetry::BARGE_IN_LATENCY, onset_ago);
             }
         }
         if let Some(at) = stopped {
-            self.emit(conv, ServerEvent::UserSpeechStopped { at_ms: Self::ms(at) }).await;
+            let silence = ago(at);
+            self.emit(conv, ServerEvent::UserSpeechStopped { at_ms: Self::ms(base + at) }).await;
             if !self.caps.server_vad {
                 let _ = self.provider.commands.try_send(ProviderCommand::CommitTurn);
+                conv.turn = Some(TurnTiming { committed_at: Instant::now(), silence, first_audio_at: None });
                 self.set_state(conv, AgentState::Thinking).await;
             }
         }
+        sent_audio
+    }
+
+    /// Export counter deltas since the last call.
+    fn export_stats(&self, conv: &mut Conversation) {
+        use telemetry::{add, add_with};
+        let up = self.uplink.stats();
+        let po = self.playout.stats();
+        let c = self.peer.counters();
+        let rtp_dropped = c.rtp_dropped.load(Ordering::Relaxed);
+        let messages_dropped = c.messages_dropped.load(Ordering::Relaxed);
+        let e = &conv.exported;
+        add_with(telemetry::RTP_PACKETS, "direction", "in".into(), up.packets - e.uplink.packets);
+        add_with(telemetry::RTP_PACKETS, "direction", "out".into(), po.frames_out - e.playout.frames_out);
+        add(telemetry::RTP_LOST, up.lost - e.uplink.lost);
+        add(telemetry::RTP_LATE, up.late_or_duplicate - e.uplink.late_or_duplicate);
+        add(telemetry::PLC_FRAMES, up.plc_frames - e.uplink.plc_frames);
+        add(telemetry::FEC_FRAMES, up.fec_frames - e.uplink.fec_frames);
+        add(telemetry::DECODE_ERRORS, up.decode_errors - e.uplink.decode_errors);
+        add(telemetry::LATE_FRAMES, po.late_frames - e.playout.late_frames);
+        add_with(telemetry::QUEUE_DROPS, "queue", "uplink_to_provider".into(), conv.uplink_dropped - e.uplink_dropped);
+        add_with(telemetry::QUEUE_DROPS, "queue", "events_to_client".into(), conv.events_dropped - e.events_dropped);
+        add_with(telemetry::QUEUE_DROPS, "queue", "rtp_to_session".into(), rtp_dropped - e.rtp_dropped);
+        add_with(telemetry::QUEUE_DROPS, "queue", "messages_to_session".into(), messages_dropped - e.messages_dropped);
+        conv.exported = Exported {
+            uplink: up,
+            playout: po,
+            uplink_dropped: conv.uplink_dropped,
+            events_dropped: conv.events_dropped,
+            rtp_dropped,
+            messages_dropped,
+        };
     }
 
     async fn on_client_message(&mut self, conv: &mut Conversation, bytes: &[u8]) {
@@ -406,6 +500,7 @@ impl SessionTask {
                 }
             }
             ProviderEvent::Error { code, message, retryable } => {
+                telemetry::add_with(telemetry::PROVIDER_ERRORS, "provider", self.provider_name.clone(), 1);
                 tracing::warn!(session_id = %self.shared.id, %code, %message, retryable, "provider error");
                 self.emit(conv, ServerEvent::Error { code, message }).await;
             }
