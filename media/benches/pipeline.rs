@@ -44,7 +44,9 @@ fn cpu_bench(c: &mut Criterion, name: &str, mut f: impl FnMut()) {
 
 fn speech_packets() -> (Vec<i16>, Vec<Vec<u8>>) {
     let pcm = media::wav::read(USER).expect("tests/data/user_question.wav");
-    let mut enc = OpusEncoder::new(EncoderConfig::default()).expect("encoder");
+    // Browser-like sender: in-band FEC with loss reported, so packets carry LBRR.
+    let mut enc =
+        OpusEncoder::new(EncoderConfig { expected_loss_pct: 10, ..EncoderConfig::default() }).expect("encoder");
     let mut buf = [0u8; 1500];
     let packets = pcm
         .samples
@@ -97,9 +99,10 @@ struct DownlinkRig {
 const IDS: [&str; 2] = ["item-a", "item-b"];
 
 impl DownlinkRig {
-    fn new() -> Self {
+    fn new(expected_loss_pct: u8) -> Self {
         let reply = media::wav::read(AGENT).expect("tests/data/agent_reply.wav").samples;
-        let p = Playout::new(PlayoutConfig::default()).expect("playout");
+        let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+        p.set_expected_loss(expected_loss_pct).expect("loss");
         Self { p, reply, buf: [0; 1500], now: Duration::ZERO, pos: 0, item: 0 }
     }
     fn frame(&mut self) {
@@ -118,10 +121,18 @@ impl DownlinkRig {
 fn pipeline(c: &mut Criterion) {
     let mut up = UplinkRig::new();
     cpu_bench(c, "uplink/frame (decode + vad + 48k->24k)", || up.frame());
-    let mut down = DownlinkRig::new();
+    let mut down = DownlinkRig::new(0);
     cpu_bench(c, "downlink/frame (24k->48k + opus encode)", || down.frame());
-    let (mut up, mut down) = (UplinkRig::new(), DownlinkRig::new());
+    let (mut up, mut down) = (UplinkRig::new(), DownlinkRig::new(0));
     cpu_bench(c, "duplex/frame (uplink + downlink)", || {
+        up.frame();
+        down.frame();
+    });
+    // The same with the client reporting loss: the encoder then codes LBRR (FEC) every frame.
+    let mut down = DownlinkRig::new(10);
+    cpu_bench(c, "downlink/frame with FEC coded (10% loss reported)", || down.frame());
+    let (mut up, mut down) = (UplinkRig::new(), DownlinkRig::new(10));
+    cpu_bench(c, "duplex/frame with FEC coded (10% loss reported)", || {
         up.frame();
         down.frame();
     });
@@ -139,9 +150,9 @@ fn stages(c: &mut Criterion) {
     let mut buf = [0u8; 1500];
     let variants = [
         ("c5 default", EncoderConfig::default()),
+        ("c5 fec coded (10% loss)", EncoderConfig { expected_loss_pct: 10, ..EncoderConfig::default() }),
         ("c0", EncoderConfig { complexity: 0, ..EncoderConfig::default() }),
         ("c10", EncoderConfig { complexity: 10, ..EncoderConfig::default() }),
-        ("c5 no fec", EncoderConfig { fec: false, ..EncoderConfig::default() }),
     ];
     for (name, cfg) in variants {
         let mut enc = OpusEncoder::new(cfg).expect("encoder");
@@ -171,38 +182,9 @@ fn stages(c: &mut Criterion) {
     }
 }
 
-fn probe(c: &mut Criterion) {
-    let reply = media::wav::read(AGENT).expect("agent").samples;
-    let mut buf = [0u8; 1500];
-    for rate in [48_000u32] {
-        let input: Vec<i16> = if rate == 24_000 {
-            reply.clone()
-        } else {
-            let mut rs = Resampler::new(24_000, 48_000, Alignment::Stream).expect("rs");
-            let mut v = Vec::new();
-            rs.process(&reply, &mut |s: &[i16]| v.extend_from_slice(s)).expect("rs");
-            v
-        };
-        for (name, fec, cx) in [("c5fec", true, 5), ("c6fec", true, 6), ("c7fec", true, 7), ("c3fec", true, 3), ("c6nofec", false, 6)] {
-            let mut enc = opus::Encoder::new(rate, opus::Channels::Mono, opus::Application::Voip).unwrap();
-            enc.set_bitrate(opus::Bitrate::Bits(32_000)).unwrap();
-            enc.set_complexity(cx).unwrap();
-            enc.set_inband_fec(fec).unwrap();
-            enc.set_packet_loss_perc(10).unwrap();
-            enc.set_signal(opus::Signal::Voice).unwrap();
-            let n = (rate / 50) as usize;
-            let mut j = 0;
-            cpu_bench(c, &format!("probe/{rate} {name}"), || {
-                j = (j + n) % (input.len() - n);
-                black_box(enc.encode(&input[j..j + n], &mut buf).expect("encode"));
-            });
-        }
-    }
-}
-
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
-    targets = pipeline, stages, probe
+    targets = pipeline, stages
 }
 criterion_main!(benches);

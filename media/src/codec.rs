@@ -121,7 +121,13 @@ impl OpusDecoder {
     }
 }
 
-/// Encoder settings. Defaults: 32 kbps, complexity 5, in-band FEC on, 10 % expected loss.
+/// Encoder settings. Defaults: 32 kbps, complexity 5, in-band FEC on, 0 % expected loss.
+///
+/// In-band FEC is enabled, but libopus only codes LBRR (and spends its CPU and bits) while the
+/// expected loss is above zero. Like libwebrtc, feed the loss the client reports in RTCP
+/// receiver reports through [`OpusEncoder::set_expected_loss`] (or `Playout::set_expected_loss`):
+/// FEC then engages exactly when the path is lossy. Coding LBRR costs ~45 us per frame on
+/// the 2-core dev machines (see BENCHMARKS.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EncoderConfig {
     /// Target bitrate in bits per second (6000..=510000). Default 32000.
@@ -130,13 +136,14 @@ pub struct EncoderConfig {
     pub complexity: u8,
     /// In-band FEC (LBRR): each packet carries a low-bitrate copy of the previous frame.
     pub fec: bool,
-    /// Expected loss in percent (0..=100); libopus only spends bits on FEC when this is > 0.
+    /// Expected loss in percent (0..=100); libopus only codes FEC (LBRR) when this is > 0.
+    /// Default 0: set it from RTCP loss reports at run time.
     pub expected_loss_pct: u8,
 }
 
 impl Default for EncoderConfig {
     fn default() -> Self {
-        Self { bitrate_bps: 32_000, complexity: 5, fec: true, expected_loss_pct: 10 }
+        Self { bitrate_bps: 32_000, complexity: 5, fec: true, expected_loss_pct: 0 }
     }
 }
 
@@ -186,6 +193,15 @@ impl OpusEncoder {
             return Err(CodecError::FrameSize { got: pcm.len(), expected: FRAME_SAMPLES });
         }
         self.enc.encode(pcm, out).map_err(opus_err("encode"))
+    }
+
+    /// Updates the expected loss (0..=100 %, clamped), e.g. from the fraction lost in the
+    /// client's RTCP receiver reports; with FEC enabled, LBRR is coded while this is above zero.
+    pub fn set_expected_loss(&mut self, pct: u8) -> Result<(), CodecError> {
+        let pct = pct.min(100);
+        self.enc.set_packet_loss_perc(i32::from(pct)).map_err(opus_err("set_packet_loss_perc"))?;
+        self.cfg.expected_loss_pct = pct;
+        Ok(())
     }
 
     /// Encoder lookahead (6.5 ms for VOIP at 48 kHz).
@@ -250,13 +266,14 @@ mod tests {
 
     #[test]
     fn encoder_emits_fec_for_speech_only_when_enabled() {
-        let (with_fec, total) = speech_fec_count(EncoderConfig::default());
+        let lossy = EncoderConfig { expected_loss_pct: 10, ..EncoderConfig::default() };
+        let (with_fec, total) = speech_fec_count(lossy);
         // Silence and the first frames carry no LBRR; the voiced majority does.
         assert!(with_fec * 10 > total * 6, "only {with_fec}/{total} speech packets carry LBRR");
-        let (with_fec, _) = speech_fec_count(EncoderConfig { fec: false, ..EncoderConfig::default() });
+        let (with_fec, _) = speech_fec_count(EncoderConfig { fec: false, ..lossy });
         assert_eq!(with_fec, 0, "FEC off must not produce LBRR");
-        let (with_fec, _) = speech_fec_count(EncoderConfig { expected_loss_pct: 0, ..EncoderConfig::default() });
-        assert_eq!(with_fec, 0, "libopus spends no bits on LBRR at 0 % expected loss");
+        let (with_fec, _) = speech_fec_count(EncoderConfig::default());
+        assert_eq!(with_fec, 0, "libopus codes no LBRR at the default 0 % expected loss");
     }
 
     #[test]

@@ -241,7 +241,7 @@ impl Playout {
         };
         let ring = &mut self.ring;
         rs.process(&pcm.samples[..take], &mut |s: &[i16]| {
-            ring.extend(s.iter().copied());
+            ring.extend(s);
             item.queued += s.len();
         })?;
         Ok(take)
@@ -330,9 +330,12 @@ impl Playout {
 
         // Take the frame from the front item: `pop_done` + `frame_ready` put it at index 0
         // and guarantee it holds a whole frame at the front of the ring.
-        for (d, s) in self.frame.iter_mut().zip(self.ring.drain(..FRAME_SAMPLES.min(self.ring.len()))) {
-            *d = s;
-        }
+        let take = FRAME_SAMPLES.min(self.ring.len());
+        let (a, b) = self.ring.as_slices();
+        let from_a = take.min(a.len());
+        self.frame[..from_a].copy_from_slice(&a[..from_a]);
+        self.frame[from_a..take].copy_from_slice(&b[..take - from_a]);
+        self.ring.drain(..take);
         let enc = self.enc.encode(&self.frame, out);
         let (item_offset, ok) = match self.items.front_mut() {
             Some(item) => {
@@ -406,6 +409,12 @@ impl Playout {
         self.items.iter().find(|i| !i.done()).map(|i| (i.id.as_str(), FRAME * i.frames as u32))
     }
 
+    /// Expected downlink loss (percent, from the client's RTCP receiver reports): with FEC
+    /// enabled in the encoder config, LBRR is coded while this is above zero.
+    pub fn set_expected_loss(&mut self, pct: u8) -> Result<(), MediaError> {
+        Ok(self.enc.set_expected_loss(pct)?)
+    }
+
     /// Counters.
     pub fn stats(&self) -> PlayoutStats {
         self.stats
@@ -459,7 +468,7 @@ impl Playout {
         let ring = &mut self.ring;
         // Sizes are fixed at construction; on the impossible error we lose a tail of a few ms.
         let _ = rs.flush(&mut |s: &[i16]| {
-            ring.extend(s.iter().copied());
+            ring.extend(s);
             item.queued += s.len();
         });
     }

@@ -7,7 +7,6 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use common::*;
-use media::codec::EncoderConfig;
 use media::pcm::{FRAME, PcmRef};
 use media::{Playout, PlayoutConfig, Uplink, UplinkConfig, UplinkEvent};
 
@@ -48,7 +47,7 @@ fn uplink_steady_state_does_not_allocate_even_with_loss_and_garbage() {
     drop(std::hint::black_box(vec![1u8; 10]));
     assert_eq!(allocs(), b + 1, "the counting allocator must see allocations");
     let speech = user_question().samples;
-    let packets = encode_packets(&speech, EncoderConfig::default());
+    let packets = encode_packets(&speech, client_encoder());
     let garbage = vec![0xfcu8; 1 << 20];
     for rate in [24_000, 16_000, 48_000] {
         let mut up = Uplink::new(UplinkConfig { output_rate_hz: rate, ..UplinkConfig::default() }).expect("uplink");

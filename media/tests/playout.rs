@@ -386,3 +386,22 @@ fn extreme_now_values_and_empty_pushes_do_not_panic() {
     assert!(p.poll(ms(0), &mut []).is_none());
     assert_eq!(p.stats().encode_errors, 1);
 }
+
+#[test]
+fn fec_is_coded_once_loss_is_reported() {
+    let count_fec = |loss: Option<u8>| {
+        let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+        if let Some(l) = loss {
+            p.set_expected_loss(l).expect("set loss");
+        }
+        let pcm = agent_3s();
+        p.push("a", PcmRef::new(24_000, &pcm)).expect("push");
+        p.finish_item("a");
+        let mut sent = Vec::new();
+        drain_ideal(&mut p, ms(0), &mut sent);
+        sent.iter().filter(|s| media::codec::packet_has_fec(&s.bytes)).count()
+    };
+    assert_eq!(count_fec(None), 0, "no LBRR until loss is reported");
+    let with = count_fec(Some(10));
+    assert!(with > 75, "only {with}/150 frames carry LBRR at 10 % reported loss");
+}

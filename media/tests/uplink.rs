@@ -78,7 +78,7 @@ fn envelope_similarity(a: &[f64], b: &[f64], max_lag: usize) -> f64 {
 #[test]
 fn speech_round_trips_through_opus_and_resampler_at_24k_16k_and_48k() {
     let speech = pad(&user_question().samples, 48_000, ms(300), ms(700));
-    let packets = encode_packets(&speech, EncoderConfig::default());
+    let packets = encode_packets(&speech, client_encoder());
     let list: Vec<(u16, &[u8])> = packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect();
     let in_secs = packets.len() as f64 * 0.02;
     let in_rms = rms(&speech);
@@ -103,7 +103,7 @@ fn speech_round_trips_through_opus_and_resampler_at_24k_16k_and_48k() {
 fn vad_on_uplink_marks_one_utterance_around_the_speech() {
     let speech = pad(&user_question().samples, 48_000, ms(1000), ms(1500));
     let (first, last) = energy_envelope(&speech, 48_000, 100.0);
-    let packets = encode_packets(&speech, EncoderConfig::default());
+    let packets = encode_packets(&speech, client_encoder());
     let list: Vec<(u16, &[u8])> = packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect();
     let (h, s, up) = run(cfg(24_000), &list);
     assert_eq!(h.starts.len(), 1, "starts {:?}", h.starts);
@@ -147,7 +147,7 @@ fn lossy(packets: &[Vec<u8>], loss: f64, seed: u64) -> (Vec<(u16, &[u8])>, u64, 
 #[test]
 fn loss_of_1_3_and_10_percent_is_concealed_with_plc_and_fec() {
     let speech = pad(&user_question().samples, 48_000, ms(200), ms(200));
-    let packets = encode_packets(&speech, EncoderConfig::default());
+    let packets = encode_packets(&speech, client_encoder());
     let (clean, _, _) =
         run(cfg(48_000), &packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect::<Vec<_>>());
     for (loss, seed) in [(0.01, 1u64), (0.03, 2), (0.10, 3)] {
@@ -160,7 +160,7 @@ fn loss_of_1_3_and_10_percent_is_concealed_with_plc_and_fec() {
         assert_eq!(s.plc_frames + s.fec_frames, dropped, "{loss}: {s:?}");
         assert_eq!(s.fec_frames, fec_expected, "{loss}: FEC used exactly when the next packet had LBRR");
         if loss >= 0.03 {
-            assert!(s.fec_frames > 0, "{loss}: default encoder sends LBRR, FEC must be used");
+            assert!(s.fec_frames > 0, "{loss}: the client encoder sends LBRR, FEC must be used");
         }
         assert_eq!(s.concealed, FRAME * dropped as u32);
         let ratio = energy(&h.audio) / energy(&clean.audio);
@@ -181,7 +181,7 @@ fn fec_recovers_lost_frames_better_than_plc() {
     let mut err = [0f64; 2];
     let mut measured: Vec<usize> = Vec::new();
     for (k, fec) in [true, false].into_iter().enumerate() {
-        let packets = encode_packets(&speech, EncoderConfig { fec, ..EncoderConfig::default() });
+        let packets = encode_packets(&speech, EncoderConfig { fec, ..client_encoder() });
         let all: Vec<(u16, &[u8])> = packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect();
         let (clean, _, _) = run(cfg(48_000), &all);
         let list: Vec<(u16, &[u8])> =
@@ -224,7 +224,7 @@ fn run_owned(cfg: UplinkConfig, list: &[(u16, Vec<u8>)]) -> (Heard, UplinkStats)
 }
 
 fn speech_packets() -> Vec<Vec<u8>> {
-    encode_packets(&user_question().samples[..48_000], EncoderConfig::default())
+    encode_packets(&user_question().samples[..48_000], client_encoder())
 }
 
 #[test]

@@ -26,6 +26,11 @@ pub fn pad(samples: &[i16], rate: u32, before: Duration, after: Duration) -> Vec
     v
 }
 
+/// A browser-like sender: in-band FEC with 10 % expected loss, so packets carry LBRR.
+pub fn client_encoder() -> EncoderConfig {
+    EncoderConfig { expected_loss_pct: 10, ..EncoderConfig::default() }
+}
+
 /// Encodes 48 kHz audio into 20 ms Opus packets (the tail zero-padded to a frame).
 pub fn encode_packets(samples: &[i16], cfg: EncoderConfig) -> Vec<Vec<u8>> {
     let mut enc = OpusEncoder::new(cfg).expect("encoder");
