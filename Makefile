@@ -10,3 +10,5 @@ clippy:
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 fmt:
 	cargo fmt --all
+capacity:
+	./.ci/capacity.sh

@@ -65,6 +65,16 @@ struct Conversation {
     turn: Option<TurnTiming>,
     /// Counters already exported (the task exports deltas).
     exported: Exported,
+    /// Provider audio the playout had no room for yet; no provider event is read until it is in.
+    pending: Option<PendingAudio>,
+}
+
+/// The part of an audio delta still waiting for room in the playout queue.
+struct PendingAudio {
+    item_id: String,
+    pcm: Pcm,
+    /// Samples of `pcm` already accepted.
+    offset: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +112,7 @@ impl SessionTask {
             idle_audio_at: None,
             turn: None,
             exported: Exported::default(),
+            pending: None,
         };
         let mut flush = tokio::time::interval(Duration::from_secs(1));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -109,7 +120,7 @@ impl SessionTask {
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let reason = loop {
             let next_due = self.playout.next_due().map(|d| tokio::time::Instant::from_std(self.start + d));
-            let provider_room = self.playout.has_room_for(PLAYOUT_HEADROOM);
+            let provider_room = conv.pending.is_none() && self.playout.has_room_for(PLAYOUT_HEADROOM);
             tokio::select! {
                 biased;
                 ctl = self.control_rx.recv() => match ctl {
@@ -123,6 +134,7 @@ impl SessionTask {
                 },
                 _ = sleep_until_opt(next_due) => {
                     self.pace(&mut conv, &mut frame).await;
+                    self.push_pending(&mut conv);
                 }
                 ev = self.peer_rx.recv() => {
                     let Some(ev) = ev else { break EndReason::PeerFailed };
@@ -297,6 +309,7 @@ impl SessionTask {
         }
         conv.agent_item = None;
         conv.response_done = false;
+        conv.pending = None;
         self.set_state(conv, AgentState::Listening).await;
     }
 
@@ -376,6 +389,25 @@ impl SessionTask {
         sent_audio
     }
 
+    /// Move pending provider audio into the playout as far as it has room (backpressure: the
+    /// provider's events are not read while audio is pending).
+    fn push_pending(&mut self, conv: &mut Conversation) {
+        let Some(p) = conv.pending.as_mut() else { return };
+        let rest = &p.pcm.samples[p.offset..];
+        match self.playout.push(&p.item_id, media::PcmRef { rate_hz: p.pcm.rate_hz, samples: rest }) {
+            Ok(accepted) => {
+                p.offset += accepted;
+                if p.offset >= p.pcm.samples.len() {
+                    conv.pending = None;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(session_id = %self.shared.id, error = %e, "agent audio dropped");
+                conv.pending = None;
+            }
+        }
+    }
+
     /// Export counter deltas since the last call.
     fn export_stats(&self, conv: &mut Conversation) {
         use telemetry::{add, add_with};
@@ -448,11 +480,14 @@ impl SessionTask {
                     return;
                 }
                 conv.agent_item = Some(item_id.clone());
-                if let Err(e) =
-                    self.playout.push(&item_id, media::PcmRef { rate_hz: pcm.rate_hz, samples: &pcm.samples })
-                {
-                    tracing::warn!(session_id = %self.shared.id, error = %e, "agent audio dropped");
+                if !self.playout.is_active() {
+                    conv.idle_audio_at = Some(Instant::now());
                 }
+                if let Some(turn) = conv.turn.as_mut() {
+                    turn.first_audio_at.get_or_insert_with(Instant::now);
+                }
+                conv.pending = Some(PendingAudio { item_id, pcm, offset: 0 });
+                self.push_pending(conv);
             }
             ProviderEvent::AudioDone { item_id } => {
                 if conv.cancelled_item.as_deref() != Some(item_id.as_str()) {

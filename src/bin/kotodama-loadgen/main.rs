@@ -1,0 +1,237 @@
+//! `kotodama-loadgen`: how many live voice sessions does one machine hold?
+//!
+//! It starts a kotodama server (or targets a running one), then ramps the number of concurrent
+//! WebRTC client sessions (10, 20, 40, ...). Each client is a real webrtc-rs peer sending real Opus
+//! speech in a loop of turns, a quarter of them barging in; the server answers through its
+//! `scripted` provider after a configurable model delay. Every step is held and measured: agent
+//! packet lateness and loss as the clients receive them, turn and barge-in latency, the server's own
+//! per-stage latency histograms (scraped from `/metrics`), and the server's CPU and RSS (from
+//! `/proc`). It stops when p99 lateness passes the bound or loss appears, prints a table, and writes
+//! JSON and a PNG plot.
+
+mod client;
+mod plot;
+mod report;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use client::{Client, Probe, Speech};
+use report::StepReport;
+
+const USAGE: &str = "\
+kotodama-loadgen — ramp concurrent WebRTC voice sessions against kotodama and measure
+
+USAGE: kotodama-loadgen [options]
+  --url <http://host:port>   target a running server (default: start one)
+  --server-pid <pid>         with --url: the server's pid, for CPU and RSS
+  --steps <n,n,...>          concurrent sessions per step (default 10,20,40,80,120,160,200,240)
+  --hold <secs>              measurement time per step (default 15)
+  --model-delay-ms <ms>      the scripted provider's response delay (default 200; 0: server-only)
+  --barge <fraction>         share of turns that barge in (default 0.25)
+  --max-lateness-ms <ms>     stop when p99 lateness passes this (default 20)
+  --server-cpus <list>       pin a started server to these CPUs (taskset syntax, e.g. 1)
+  --api-key <key>            API key for session creation
+  --json <file>              write the report as JSON (default loadgen.json)
+  --png <file>               write a plot (default loadgen.png)
+";
+
+struct Opts {
+    url: Option<String>,
+    server_pid: Option<u32>,
+    steps: Vec<usize>,
+    hold: Duration,
+    model_delay_ms: u64,
+    barge: f64,
+    max_lateness_ms: f64,
+    server_cpus: Option<String>,
+    api_key: Option<String>,
+    json: PathBuf,
+    png: PathBuf,
+}
+
+fn parse_args() -> anyhow::Result<Opts> {
+    let mut o = Opts {
+        url: None,
+        server_pid: None,
+        steps: vec![10, 20, 40, 80, 120, 160, 200, 240],
+        hold: Duration::from_secs(15),
+        model_delay_ms: 200,
+        barge: 0.25,
+        max_lateness_ms: 20.0,
+        server_cpus: None,
+        api_key: None,
+        json: "loadgen.json".into(),
+        png: "loadgen.png".into(),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let val = |i: usize| args.get(i + 1).cloned().with_context(|| format!("{} needs a value", args[i]));
+        match args[i].as_str() {
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--url" => o.url = Some(val(i)?),
+            "--server-pid" => o.server_pid = Some(val(i)?.parse()?),
+            "--steps" => o.steps = val(i)?.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?,
+            "--hold" => o.hold = Duration::from_secs(val(i)?.parse()?),
+            "--model-delay-ms" => o.model_delay_ms = val(i)?.parse()?,
+            "--barge" => o.barge = val(i)?.parse()?,
+            "--max-lateness-ms" => o.max_lateness_ms = val(i)?.parse()?,
+            "--server-cpus" => o.server_cpus = Some(val(i)?),
+            "--api-key" => o.api_key = Some(val(i)?),
+            "--json" => o.json = val(i)?.into(),
+            "--png" => o.png = val(i)?.into(),
+            other => anyhow::bail!("unknown argument `{other}` (see --help)"),
+        }
+        i += 2;
+    }
+    anyhow::ensure!(!o.steps.is_empty(), "--steps is empty");
+    anyhow::ensure!((0.0..=1.0).contains(&o.barge), "--barge must be within 0..1");
+    Ok(o)
+}
+
+/// Start `kotodama serve` next to this binary on a free port with the scripted provider.
+fn spawn_server(o: &Opts, max_sessions: usize) -> anyhow::Result<(Child, String)> {
+    let exe = std::env::current_exe()?.with_file_name("kotodama");
+    anyhow::ensure!(exe.exists(), "{} not found: build it (cargo build --release --bins)", exe.display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let dir = std::env::temp_dir().join(format!("kotodama-loadgen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cfg = dir.join("kotodama.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "provider = \"scripted\"\n[session]\nmax_sessions = {}\n[scripted]\nresponse_delay_ms = {}\n",
+            max_sessions + 16,
+            o.model_delay_ms
+        ),
+    )?;
+    let mut cmd = match &o.server_cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus]).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .env("KOTODAMA_BIND", format!("127.0.0.1:{port}"))
+        .env("KOTODAMA_LOG", "warn")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("KOTODAMA_PROVIDER")
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let child = cmd.spawn().context("starting the server")?;
+    Ok((child, format!("http://127.0.0.1:{port}")))
+}
+
+fn main() -> anyhow::Result<()> {
+    let opts = parse_args()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(opts))
+}
+
+async fn run(o: Opts) -> anyhow::Result<()> {
+    let max_n = *o.steps.iter().max().unwrap_or(&10);
+    let (mut child, base, pid) = match &o.url {
+        Some(u) => (None, u.trim_end_matches('/').to_owned(), o.server_pid),
+        None => {
+            let (c, b) = spawn_server(&o, max_n)?;
+            let pid = c.id();
+            (Some(c), b, Some(pid))
+        }
+    };
+    let http = reqwest::Client::new();
+    let ready_deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{base}/readyz")).send().await.map(|r| r.status().as_u16() != 200).unwrap_or(true) {
+        anyhow::ensure!(Instant::now() < ready_deadline, "server at {base} not ready after 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let wav = include_bytes!("../../../tests/data/user_question.wav");
+    let pcm = media::wav::parse(wav)?;
+    let speech = Arc::new(Speech::encode(&pcm.samples)?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut probes: Vec<Probe> = Vec::new();
+    let mut tasks = Vec::new();
+    let mut reports: Vec<StepReport> = Vec::new();
+    let idle = report::server_sample(&http, &base, pid).await;
+
+    let total_secs = o.steps.len() as u64 * (o.hold.as_secs() + 5);
+    let bar = ProgressBar::new(total_secs);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    for &n in &o.steps {
+        bar.set_message(format!("ramping to {n} sessions"));
+        let mut failed = 0usize;
+        while probes.len() < n {
+            match Client::connect(&http, &base, o.api_key.as_deref()).await {
+                Ok(c) => {
+                    probes.push(c.probe());
+                    tasks.push(tokio::spawn(c.talk(Arc::clone(&speech), o.barge, Arc::clone(&stop))));
+                }
+                Err(e) => {
+                    failed += 1;
+                    bar.println(format!("session {} failed to connect: {e:#}", probes.len() + 1));
+                    if failed > 5 {
+                        break;
+                    }
+                }
+            }
+        }
+        // Let the new sessions settle into their talk loop, then measure.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        bar.inc(5);
+        for p in &probes {
+            p.take(true);
+        }
+        let before = report::server_sample(&http, &base, pid).await;
+        bar.set_message(format!("holding {n} sessions"));
+        for _ in 0..o.hold.as_secs() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            bar.inc(1);
+        }
+        let after = report::server_sample(&http, &base, pid).await;
+        let samples: Vec<client::Sample> = probes.iter().map(|p| p.take(true)).collect();
+        let step = StepReport::build(probes.len(), &samples, &before, &after, &idle, o.model_delay_ms);
+        bar.println(step.row());
+        let stop_now = step.lateness_p99_ms > o.max_lateness_ms || step.lost > 0 || failed > 5;
+        reports.push(step);
+        if stop_now {
+            bar.println("a bound broke: stopping the ramp");
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+
+    println!("{}", StepReport::header());
+    for r in &reports {
+        println!("{}", r.row());
+    }
+    std::fs::write(&o.json, serde_json::to_string_pretty(&reports)?)?;
+    plot::draw(&o.png, &reports)?;
+    println!("wrote {} and {}", o.json.display(), o.png.display());
+    if let Some(c) = child.as_mut() {
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = c.wait();
+    }
+    Ok(())
+}
