@@ -96,7 +96,8 @@ fn init_tracing() {
     let json = std::env::var("KOTODAMA_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     if json {
-        builder.json().init();
+        // JSON lines with the current span's fields (session_id, trace_id, turn) flattened in.
+        builder.json().with_current_span(true).with_span_list(false).init();
     } else {
         builder.init();
     }

@@ -557,11 +557,18 @@ impl SessionManager {
             });
         }
         let shared2 = Arc::clone(shared);
-        tokio::spawn(async move {
-            let reason = task.run().await;
-            shared2.end(reason);
-            let _ = done_tx.send(());
-        });
+        // Every log line of this session carries its id, a W3C-style trace id and the turn number.
+        let trace_id = format!("{:032x}", rand::random::<u128>());
+        let span =
+            tracing::info_span!("session", session_id = %shared.id, trace_id = %trace_id, turn = tracing::field::Empty);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let reason = task.run().await;
+                shared2.end(reason);
+                let _ = done_tx.send(());
+            },
+            span,
+        ));
         tracing::info!(session_id = %shared.id, peer_id = %peer_id, provider = %shared.provider, "session live");
         Ok((answer, peer_id, etag))
     }

@@ -67,6 +67,8 @@ struct Conversation {
     exported: Exported,
     /// Provider audio the playout had no room for yet; no provider event is read until it is in.
     pending: Option<PendingAudio>,
+    /// User turns so far (the `turn` field of this session's log lines).
+    turns: u64,
 }
 
 /// The part of an audio delta still waiting for room in the playout queue.
@@ -113,6 +115,7 @@ impl SessionTask {
             turn: None,
             exported: Exported::default(),
             pending: None,
+            turns: 0,
         };
         let mut flush = tokio::time::interval(Duration::from_secs(1));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -383,6 +386,9 @@ impl SessionTask {
             if !self.caps.server_vad {
                 let _ = self.provider.commands.try_send(ProviderCommand::CommitTurn);
                 conv.turn = Some(TurnTiming { committed_at: Instant::now(), silence, first_audio_at: None });
+                conv.turns += 1;
+                tracing::Span::current().record("turn", conv.turns);
+                tracing::debug!(silence_ms = silence.as_millis() as u64, "user turn committed");
                 self.set_state(conv, AgentState::Thinking).await;
             }
         }
