@@ -31,7 +31,7 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
     RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription,
-    Registry, SettingEngineBuilder, register_default_interceptors,
+    Registry, SettingEngineBuilder, configure_rtcp_reports,
 };
 
 /// The data channel the client opens for events.
@@ -161,7 +161,10 @@ impl Peer {
         media_engine
             .register_codec(RTCRtpCodecParameters { rtp_codec: opus.clone(), payload_type: 111 }, RtpCodecKind::Audio)
             .map_err(setup)?;
-        let registry = register_default_interceptors(Registry::new(), &mut media_engine).map_err(setup)?;
+        // Voice only needs RTCP sender/receiver reports (A/V sync, loss stats). NACK retransmission
+        // is not used for Opus (FEC/PLC cover loss) and TWCC feeds bandwidth estimation we do not
+        // do at a fixed 32 kbit/s: both cost per-packet work and timers on every session.
+        let registry = configure_rtcp_reports(Registry::new());
 
         let disconnected = Duration::from_secs(5);
         let mut se = SettingEngineBuilder::new()
