@@ -50,8 +50,10 @@ pub mod codec;
 pub mod pcm;
 pub mod playout;
 pub mod resample;
+pub mod timeline;
 pub mod uplink;
 pub mod vad;
+pub mod viseme;
 pub mod wav;
 
 pub use barge_in::{BargeIn, BargeInConfig, InterruptReason, Interruption};
@@ -59,8 +61,10 @@ pub use codec::{CodecError, EncoderConfig, OpusDecoder, OpusEncoder};
 pub use pcm::{FRAME, OPUS_RATE, Pcm, PcmRef};
 pub use playout::{Cleared, OutFrame, Playout, PlayoutConfig, PlayoutStats};
 pub use resample::{Alignment, ResampleError, Resampler};
+pub use timeline::Timeline;
 pub use uplink::{Uplink, UplinkConfig, UplinkEvent, UplinkStats};
 pub use vad::{Vad, VadConfig, VadEdge, VadMode};
+pub use viseme::{MouthShape, ShapeRun, VisemeEstimator};
 pub use wav::WavError;
 
 /// Errors of the media crate.
