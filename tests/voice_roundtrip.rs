@@ -89,6 +89,51 @@ async fn speech_round_trip_barge_in_and_delete() {
     );
     assert!(peak_rms(&agent_pcm, 48_000) > 1000.0, "the agent's audio is speech");
 
+    // Words and visemes travel with the audio they belong to: an event about offset `start_ms` of
+    // the reply arrives when the audio at that offset does (first agent packet + start_ms), within
+    // one frame late and 100 ms early (plus loopback jitter).
+    let log = client.log();
+    let first_audio = log
+        .iter()
+        .find_map(|r| match r {
+            Received::Audio { at, .. } => Some(*at),
+            _ => None,
+        })
+        .expect("agent audio arrived");
+    let mut skews = Vec::new();
+    let mut starts = Vec::new();
+    for r in &log {
+        if let Received::Event { at, event } = r
+            && event["type"] == "viseme"
+        {
+            let start = event["start_ms"].as_u64().unwrap();
+            starts.push(start);
+            let arrived = at.saturating_duration_since(first_audio).as_millis() as i64;
+            skews.push(arrived - start as i64);
+        }
+    }
+    assert!(starts.len() > 50, "visemes while the agent speaks: {}", starts.len());
+    assert!(starts.windows(2).all(|w| w[0] < w[1]), "viseme start_ms increases");
+    assert!(*starts.last().unwrap() as f64 >= reply_secs * 1000.0 * 0.9, "visemes cover the reply");
+    skews.sort();
+    let (skew_min, skew_p50, skew_max) = (skews[0], skews[skews.len() / 2], skews[skews.len() - 1]);
+    assert!(skew_min >= -120 && skew_max <= 60, "viseme arrival vs. its audio: {skew_min}..{skew_max} ms");
+    let partials: Vec<(std::time::Instant, usize)> = log
+        .iter()
+        .filter_map(|r| match r {
+            Received::Event { at, event }
+                if event["type"] == "transcript" && event["role"] == "agent" && event["final"] == false =>
+            {
+                Some((*at, event["text"].as_str().unwrap().split_whitespace().count()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(partials.len() >= 10, "agent words released one by one: {} partials", partials.len());
+    assert!(partials.windows(2).all(|w| w[0].1 < w[1].1), "partials grow word by word");
+    let spread = partials.last().unwrap().0 - partials[0].0;
+    assert!(spread.as_secs_f64() > reply_secs * 0.6, "words spread over the reply ({spread:?}), not sent at once");
+
     // Events in a sane order.
     let ty = types(&evs);
     assert_eq!(ty[0], "session.ready", "session.ready comes first: {ty:?}");
@@ -131,7 +176,8 @@ async fn speech_round_trip_barge_in_and_delete() {
     let late = agent_packets_between(&log, t_int, t_stop);
     eprintln!(
         "measured: provider heard {heard:.2} s (sent {sent_before_commit:.2} s), VAD {vad_len} ms vs WAV {true_len} ms, \
-         client heard {heard_secs:.2} s of a {reply_secs:.2} s reply, {late} packets after agent.interrupted, played_ms {}",
+         client heard {heard_secs:.2} s of a {reply_secs:.2} s reply, {late} packets after agent.interrupted, played_ms {}, \
+         viseme skew min/p50/max {skew_min}/{skew_p50}/{skew_max} ms",
         interrupted["played_ms"]
     );
     assert!(late <= 2, "{late} agent packets arrived after agent.interrupted (at most 2 allowed)");

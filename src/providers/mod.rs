@@ -135,6 +135,18 @@ pub enum ProviderEvent {
         /// An emotion name from the documented set.
         emotion: String,
     },
+    /// A mouth shape with its position in the item's audio (from TTS phoneme timings). Providers
+    /// without timings send none; the session estimates visemes from the audio instead.
+    Viseme {
+        /// The agent item.
+        item_id: String,
+        /// The viseme.
+        viseme: signaling::events::Viseme,
+        /// Offset in the item's audio.
+        start: Duration,
+        /// How long the shape holds.
+        duration: Duration,
+    },
     /// The provider's own VAD heard the user start speaking (barge-in when we have not already).
     UserSpeechStarted,
     /// The provider's response for `item_id` is complete (audio and text).

@@ -5,6 +5,7 @@
 //! once with an [`EndReason`] (`ended`). Ended sessions stay queryable for a while
 //! (`GET /v1/sessions/{id}`, transcript) and are then evicted; durable storage is its own layer.
 
+pub mod speech;
 pub(crate) mod task;
 
 use std::collections::HashMap;
@@ -539,6 +540,7 @@ impl SessionManager {
             uplink,
             playout,
             barge_in: media::BargeIn::default(),
+            speech: speech::AgentSpeech::new(true),
         };
         {
             let mut st = shared.lock();

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use webrtc::data_channel::DataChannel;
 use webrtc::peer_connection::RTCPeerConnectionState;
 
+use super::speech::AgentSpeech;
 use super::{Control, EndReason, SessionShared};
 use crate::peer::{Peer, PeerEvent};
 use crate::providers::{Capabilities, Pcm, ProviderCommand, ProviderEvent, ProviderSession, Speaker};
@@ -40,6 +41,7 @@ pub(crate) struct SessionTask {
     pub uplink: Uplink,
     pub playout: Playout,
     pub barge_in: BargeIn,
+    pub speech: AgentSpeech,
 }
 
 /// Mutable per-session state outside the media parts.
@@ -48,9 +50,8 @@ struct Conversation {
     ready_sent: bool,
     provider_ready: bool,
     state: AgentState,
-    /// The agent item currently being played, with the transcript released so far.
+    /// The agent item currently being played or prepared.
     agent_item: Option<String>,
-    agent_text: String,
     /// An item we cut: its late audio and transcript are dropped.
     cancelled_item: Option<String>,
     /// The provider said the response is complete; we go back to listening when playout drains.
@@ -69,6 +70,8 @@ struct Conversation {
     pending: Option<PendingAudio>,
     /// User turns so far (the `turn` field of this session's log lines).
     turns: u64,
+    /// Timed events due now (reused buffer).
+    due: Vec<ServerEvent>,
 }
 
 /// The part of an audio delta still waiting for room in the playout queue.
@@ -105,7 +108,6 @@ impl SessionTask {
             provider_ready: false,
             state: AgentState::Initializing,
             agent_item: None,
-            agent_text: String::new(),
             cancelled_item: None,
             response_done: false,
             uplink_dropped: 0,
@@ -116,6 +118,7 @@ impl SessionTask {
             exported: Exported::default(),
             pending: None,
             turns: 0,
+            due: Vec::with_capacity(16),
         };
         let mut flush = tokio::time::interval(Duration::from_secs(1));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -248,6 +251,8 @@ impl SessionTask {
         let ts = (frame.due.as_micros() as u64 * 48 / 1000) as u32;
         let marker = frame.talkspurt_start;
         let len = frame.len;
+        // The words, visemes and emotions this frame reaches leave with it.
+        self.speech.on_frame(frame.item_id, frame.item_offset, media::FRAME, &mut conv.due);
         let lateness = now.saturating_sub(frame.due);
         if let Err(e) = self.peer.write_opus(&buf[..len], ts, marker).await {
             tracing::debug!(session_id = %self.shared.id, error = %e, "writing agent audio failed");
@@ -267,15 +272,29 @@ impl SessionTask {
         if conv.state != AgentState::Speaking {
             self.set_state(conv, AgentState::Speaking).await;
         }
+        self.emit_due(conv).await;
         self.after_playout_progress(conv).await;
     }
 
-    /// Back to listening once the reply is complete and fully played.
+    /// Send the timed events that are due, in order.
+    async fn emit_due(&mut self, conv: &mut Conversation) {
+        let mut due = std::mem::take(&mut conv.due);
+        for ev in due.drain(..) {
+            self.emit(conv, ev).await;
+        }
+        conv.due = due;
+    }
+
+    /// Back to listening once the reply is complete and fully played; its final transcript (and
+    /// anything not yet sent) goes out, and the turn is stored.
     async fn after_playout_progress(&mut self, conv: &mut Conversation) {
         if conv.response_done && !self.playout.is_active() {
             conv.response_done = false;
             conv.agent_item = None;
-            conv.agent_text.clear();
+            if let Some((_, text)) = self.speech.finish(&mut conv.due) {
+                self.shared.push_turn(Role::Agent, &text, false);
+            }
+            self.emit_due(conv).await;
             if conv.state == AgentState::Speaking || conv.state == AgentState::Thinking {
                 self.set_state(conv, AgentState::Listening).await;
             }
@@ -301,7 +320,7 @@ impl SessionTask {
             let interrupted = ServerEvent::AgentInterrupted { item_id: item_id.clone(), played_ms: Self::ms(played) };
             self.emit(conv, interrupted).await;
             // The agent's turn ends with the words that were released while it played.
-            let text = std::mem::take(&mut conv.agent_text);
+            let text = self.speech.cut().map(|(_, heard)| heard).unwrap_or_default();
             self.shared.push_turn(Role::Agent, &text, true);
             self.emit(
                 conv,
@@ -492,12 +511,14 @@ impl SessionTask {
                 if let Some(turn) = conv.turn.as_mut() {
                     turn.first_audio_at.get_or_insert_with(Instant::now);
                 }
+                self.speech.on_audio(&item_id, pcm.as_ref(), &mut conv.due);
                 conv.pending = Some(PendingAudio { item_id, pcm, offset: 0 });
                 self.push_pending(conv);
             }
             ProviderEvent::AudioDone { item_id } => {
                 if conv.cancelled_item.as_deref() != Some(item_id.as_str()) {
                     self.playout.finish_item(&item_id);
+                    self.speech.on_audio_done(&item_id);
                 }
             }
             ProviderEvent::Transcript { speaker, item_id, text, is_final } => {
@@ -509,25 +530,38 @@ impl SessionTask {
                     Speaker::Agent => Role::Agent,
                 };
                 if role == Role::Agent {
-                    conv.agent_text = text.clone();
+                    // Agent words are sent as they are spoken (see `speech`), the final when the
+                    // reply has been played.
+                    conv.agent_item.get_or_insert_with(|| item_id.clone());
+                    self.speech.on_text(&item_id, &text, is_final, &mut conv.due);
+                } else {
+                    if is_final {
+                        self.shared.push_turn(role, &text, false);
+                    }
+                    self.emit(conv, ServerEvent::Transcript { role, item_id, text, is_final }).await;
                 }
-                if is_final {
-                    self.shared.push_turn(role, &text, false);
-                }
-                self.emit(conv, ServerEvent::Transcript { role, item_id, text, is_final }).await;
+                self.emit_due(conv).await;
             }
             ProviderEvent::Emotion { item_id, emotion } => {
                 if item_id.is_some() && item_id == conv.cancelled_item {
                     return;
                 }
-                self.emit(
-                    conv,
-                    ServerEvent::Emotion {
-                        emotion: emotion.parse().unwrap_or(signaling::events::Emotion::Neutral),
-                        item_id,
-                    },
-                )
-                .await;
+                let emotion = emotion.parse().unwrap_or(signaling::events::Emotion::Neutral);
+                match item_id {
+                    // An emotion inside a reply changes the face when the voice gets there.
+                    Some(item) => {
+                        conv.agent_item.get_or_insert_with(|| item.clone());
+                        self.speech.on_emotion(&item, emotion, &mut conv.due);
+                    }
+                    None => self.emit(conv, ServerEvent::Emotion { emotion, item_id: None }).await,
+                }
+                self.emit_due(conv).await;
+            }
+            ProviderEvent::Viseme { item_id, viseme, start, duration } => {
+                if conv.cancelled_item.as_deref() != Some(item_id.as_str()) {
+                    self.speech.on_viseme(&item_id, viseme, start, duration, &mut conv.due);
+                    self.emit_due(conv).await;
+                }
             }
             ProviderEvent::UserSpeechStarted => {
                 if self.playout.is_active() {
