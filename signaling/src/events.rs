@@ -25,7 +25,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
 
 /// Server -> client events.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type")]
 #[non_exhaustive]
 pub enum ServerEvent {
@@ -180,7 +180,7 @@ impl ServerEvent {
 }
 
 /// Client -> server events.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type")]
 #[non_exhaustive]
 pub enum ClientEvent {
@@ -300,7 +300,7 @@ pub fn parse_client_message(bytes: &[u8]) -> Result<Option<ClientEvent>, EventEr
 }
 
 /// The agent's conversational state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AgentState {
     /// Session set up, provider connecting; not listening yet.
@@ -314,7 +314,7 @@ pub enum AgentState {
 }
 
 /// Who produced a piece of conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// The human.
@@ -407,6 +407,20 @@ impl Serialize for Emotion {
     }
 }
 
+impl schemars::JsonSchema for Emotion {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Emotion".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // An open set: the documented names, or any other non-empty string.
+        let known: Vec<&str> = Emotion::KNOWN.iter().map(Emotion::as_str).collect();
+        schemars::json_schema!({
+            "anyOf": [{ "type": "string", "enum": known }, { "type": "string", "minLength": 1 }]
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for Emotion {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let name = String::deserialize(deserializer)?;
@@ -439,7 +453,7 @@ impl<'de> Deserialize<'de> for Emotion {
 /// | 14 | `ou` | u (book) |
 ///
 /// The set is closed: an unknown name fails to deserialise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Viseme {
     /// Silence / neutral mouth.
     #[serde(rename = "sil")]

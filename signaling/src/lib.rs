@@ -58,6 +58,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod codegen;
 pub mod events;
 pub mod host;
 pub mod ice;

@@ -1,0 +1,148 @@
+// Generated from signaling::events (the Rust schema) by signaling::codegen. Do not edit:
+// run `KOTODAMA_BLESS=1 cargo test -p signaling --test codegen` after changing the schema.
+
+/** The agent's conversational state. */
+export type AgentState = "initializing" | "listening" | "thinking" | "speaking";
+
+export type Emotion = "neutral" | "happy" | "sad" | "angry" | "surprised" | "fearful" | "disgusted" | "thinking" | "relaxed" | (string & {});
+
+/** Who produced a piece of conversation. */
+export type Role = "user" | "agent";
+
+/** A mouth shape: the 15 Oculus/Meta Lipsync visemes, serialised with exactly these names. */
+export type Viseme = "sil" | "PP" | "FF" | "TH" | "DD" | "kk" | "CH" | "SS" | "nn" | "RR" | "aa" | "E" | "ih" | "oh" | "ou";
+
+/** Sent once, when the `events` channel opens: which session, protocol, character and provider. */
+export interface SessionReadyEvent {
+  type: "session.ready";
+  /** Character id. */
+  character: string;
+  /** Always [`PROTOCOL_VERSION`] for this schema. */
+  protocol: number;
+  /** Provider name. */
+  provider: string;
+  /** The session this channel belongs to. */
+  session_id: string;
+}
+
+/** The agent's state changed. */
+export interface StateEvent {
+  type: "state";
+  /** The new state. */
+  state: AgentState;
+}
+
+/** Voice activity detection saw the user start speaking. */
+export interface UserSpeechStartedEvent {
+  type: "user.speech_started";
+  /** Milliseconds since the session started. */
+  at_ms: number;
+}
+
+/** Voice activity detection saw the user stop speaking. */
+export interface UserSpeechStoppedEvent {
+  type: "user.speech_stopped";
+  /** Milliseconds since the session started. */
+  at_ms: number;
+}
+
+/** Transcript of an utterance: partials carry the cumulative text (`final: false`), then exactly one final per utterance. */
+export interface TranscriptEvent {
+  type: "transcript";
+  /** `true` exactly once per utterance, on the last message. */
+  final: boolean;
+  /** The conversation item (utterance) this text belongs to. */
+  item_id: string;
+  /** Who spoke. */
+  role: Role;
+  /** Cumulative text so far (or the final text). */
+  text: string;
+}
+
+/** The character's emotion changed. */
+export interface EmotionEvent {
+  type: "emotion";
+  /** The new emotion. */
+  emotion: Emotion;
+  /** The agent item the emotion belongs to, when known. */
+  item_id?: string | null;
+}
+
+/** A mouth shape for lip sync, timed relative to the start of that item's audio. */
+export interface VisemeEvent {
+  type: "viseme";
+  /** Duration in milliseconds. */
+  duration_ms: number;
+  /** The agent item whose audio this viseme belongs to. */
+  item_id: string;
+  /** Start, in milliseconds from the start of the item's audio. */
+  start_ms: number;
+  /** The mouth shape. */
+  viseme: Viseme;
+}
+
+/** Barge-in cut the agent's speech; only `played_ms` of the item's audio was sent. */
+export interface AgentInterruptedEvent {
+  type: "agent.interrupted";
+  /** The interrupted agent item. */
+  item_id: string;
+  /** Milliseconds of that item's audio that were actually played out. */
+  played_ms: number;
+}
+
+/** Something the client should know went wrong (e.g. a malformed client message). */
+export interface ErrorEvent {
+  type: "error";
+  /** Machine-readable code, e.g. `bad_message`, `message_too_large`. */
+  code: string;
+  /** Human-readable explanation. */
+  message: string;
+}
+
+/** Reply to a client `ping`. */
+export interface PongEvent {
+  type: "pong";
+}
+
+/** The session is ending (extension of api-v1): sent just before the server closes the connection, so the client can tell a shutdown or a time limit from a network failure. */
+export interface SessionEndedEvent {
+  type: "session.ended";
+  /** Why, as in `GET /v1/sessions/{id}`'s `end_reason` (e.g. `server_shutdown`, `max_duration`). */
+  reason: string;
+}
+
+export type ServerEvent =
+  | SessionReadyEvent
+  | StateEvent
+  | UserSpeechStartedEvent
+  | UserSpeechStoppedEvent
+  | TranscriptEvent
+  | EmotionEvent
+  | VisemeEvent
+  | AgentInterruptedEvent
+  | ErrorEvent
+  | PongEvent
+  | SessionEndedEvent;
+
+/** A typed user message, handled like a spoken turn. */
+export interface ClientTextEvent {
+  type: "text";
+  /** The message text. */
+  text: string;
+}
+
+/** Stop the agent now (barge-in without speech). */
+export interface ClientInterruptEvent {
+  type: "interrupt";
+}
+
+/** Liveness check; the server answers `pong`. */
+export interface ClientPingEvent {
+  type: "ping";
+}
+
+export type ClientEvent =
+  | ClientTextEvent
+  | ClientInterruptEvent
+  | ClientPingEvent;
+
