@@ -23,7 +23,11 @@ setup_build_deps() {
 }
 
 setup_test_deps() {
-  apt_install redis-server postgresql procps
+  apt_install redis-server postgresql procps chromium
+  # Node for the browser tests: the machine's own when present, else Debian's.
+  command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+  # puppeteer-core drives the installed Chromium: it never downloads a browser.
+  npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 }
 
 start_services() {

@@ -26,6 +26,8 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// The web demo, embedded so the binary serves it from any working directory.
 const INDEX_HTML: &str = include_str!("../web-demo/index.html");
 const APP_JS: &str = include_str!("../web-demo/app.js");
+const SCHEMA_JS: &str = include_str!("../web-demo/schema.js");
+const EVENTS_DTS: &str = include_str!("../web-demo/events.d.ts");
 
 /// [`SessionHost`] for the HTTP layer, backed by the session manager.
 pub struct Host {
@@ -177,6 +179,8 @@ pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>) -> Route
         .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
         .route("/index.html", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
         .route("/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], APP_JS) }))
+        .route("/schema.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], SCHEMA_JS) }))
+        .route("/events.d.ts", get(|| async { ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], EVENTS_DTS) }))
         .route(
             "/metrics",
             get(move || {

@@ -1,18 +1,233 @@
-// kotodama minimal web client: API v1 (POST /v1/sessions, POST offer), one audio track and the
-// `events` data channel. No build step.
-"use strict";
-const $ = (id) => document.getElementById(id);
-let pc = null, dc = null, session = null, peerUrl = null;
-const partials = new Map();
+// kotodama web demo: API v1 over WebRTC, no build step.
+// Event names and value sets come from schema.js, generated from the server's Rust schema.
+// @ts-check
+import { CLIENT_EVENT_TYPES, EMOTIONS, PROTOCOL_VERSION, VISEMES } from "./schema.js";
 
-function log(cls, text, key) {
-  let el = key && partials.get(key);
-  if (!el) { el = document.createElement("div"); $("log").appendChild(el); if (key) partials.set(key, el); }
+/** @typedef {import("./events").ServerEvent} ServerEvent */
+
+const $ = (/** @type {string} */ id) => /** @type {any} */ (document.getElementById(id));
+
+/** Mouth openings per viseme: [width, height] in face units. */
+const MOUTH = {
+  sil: [40, 2], PP: [34, 0], FF: [38, 4], TH: [40, 6], DD: [40, 10], kk: [42, 12], CH: [32, 12], SS: [44, 5],
+  nn: [40, 8], RR: [30, 10], aa: [44, 26], E: [48, 16], ih: [50, 10], oh: [30, 22], ou: [22, 14],
+};
+/** Expression per emotion: smile (mouth corners), brow lift, inner brow tilt, eye height. */
+const FACE = {
+  neutral: [0, 0, 0, 9], happy: [7, 3, 0, 7], sad: [-6, 0, 5, 8], angry: [-3, -3, -6, 8], surprised: [0, 8, 0, 12],
+  fearful: [-3, 5, 5, 11], disgusted: [-5, -2, -3, 6], thinking: [-1, 4, 2, 8], relaxed: [3, 1, 0, 6],
+};
+
+/** What the page saw, for humans and for the browser tests. */
+const state = {
+  /** @type {{t: number, event: ServerEvent}[]} */ events: [],
+  /** @type {{t: number, mic: number, voice: number}[]} */ levels: [],
+  /** @type {number[]} */ latencies: [],
+  /** @type {{t: number, viseme: string}[]} */ visemeRenders: [],
+  viseme: "sil", emotion: "neutral", visemeChanges: 0, connected: false, error: "",
+  /** Receiver-side delay between a packet's arrival and its sound (jitter buffer), ms. */
+  renderDelay: 0,
+};
+// @ts-ignore: exposed for tests and debugging
+window.kotodama = state;
+
+let pc = /** @type {RTCPeerConnection|null} */ (null);
+let dc = /** @type {RTCDataChannel|null} */ (null);
+let session = /** @type {any} */ (null);
+let peerUrl = /** @type {string|null} */ (null);
+let mic = /** @type {MediaStream|null} */ (null);
+let audioCtx = /** @type {AudioContext|null} */ (null);
+let visemeTimer = 0;
+let lastMicVoice = 0, turnEnd = 0, awaitingReply = false;
+const bubbles = new Map();
+
+function note(text, cls = "note") {
+  const el = document.createElement("div");
   el.className = cls; el.textContent = text;
+  $("log").appendChild(el); $("log").scrollTop = $("log").scrollHeight;
+}
+function showError(msg) { state.error = msg; $("error").textContent = msg; if (msg) note(msg, "note error"); }
+
+function drawFace() {
+  const [w, h] = MOUTH[state.viseme] || MOUTH.sil;
+  const [smile, lift, tilt, eye] = FACE[state.emotion] || FACE.neutral;
+  const l = 100 - w / 2, r = 100 + w / 2, y = 140 - smile;
+  $("mouth").setAttribute("d", `M ${l} ${y} Q 100 ${140 + smile * 0.6 - 2} ${r} ${y} Q 100 ${140 + h + smile * 0.3} ${l} ${y} Z`);
+  $("brow-l").setAttribute("y1", 70 - lift + tilt); $("brow-l").setAttribute("y2", 70 - lift - tilt);
+  $("brow-r").setAttribute("y1", 70 - lift - tilt); $("brow-r").setAttribute("y2", 70 - lift + tilt);
+  $("eye-l").setAttribute("ry", eye); $("eye-r").setAttribute("ry", eye);
+  $("viseme").textContent = state.viseme; $("emotion").textContent = state.emotion;
+}
+
+function setViseme(v, ms) {
+  if (!VISEMES.includes(v)) v = "sil";
+  if (v !== state.viseme) state.visemeChanges++;
+  state.viseme = v; drawFace();
+  clearTimeout(visemeTimer);
+  // Close the mouth if no newer shape arrives in time.
+  visemeTimer = setTimeout(() => { state.viseme = "sil"; drawFace(); }, ms + 60);
+}
+
+function setState(s) { $("state").textContent = s; $("state").dataset.state = s; }
+
+function transcript(ev) {
+  const key = ev.role + ":" + ev.item_id;
+  let el = bubbles.get(key);
+  if (!el) {
+    el = document.createElement("div"); bubbles.set(key, el); $("log").appendChild(el);
+  }
+  el.className = `msg ${ev.role}${ev.final ? "" : " partial"}`;
+  el.textContent = ev.text;
   $("log").scrollTop = $("log").scrollHeight;
 }
-function setState(s) { $("state").textContent = s; $("state").dataset.state = s; }
-function showError(msg) { $("error").textContent = msg; }
+
+/** @param {ServerEvent} ev */
+function onEvent(ev) {
+  state.events.push({ t: performance.now(), event: ev });
+  switch (ev.type) {
+    case "session.ready":
+      if (ev.protocol !== PROTOCOL_VERSION) showError(`server speaks protocol ${ev.protocol}, this page ${PROTOCOL_VERSION}`);
+      note(`connected to ${ev.character} (${ev.provider})`); break;
+    case "state":
+      setState(ev.state);
+      if (ev.state === "thinking") { turnEnd = lastMicVoice || performance.now(); awaitingReply = true; }
+      break;
+    case "transcript": transcript(ev); break;
+    case "emotion": state.emotion = EMOTIONS.includes(ev.emotion) ? ev.emotion : "neutral"; drawFace(); break;
+    case "viseme":
+      // Events arrive with their audio packets; the sound comes out after the jitter buffer.
+      setTimeout(() => {
+        setViseme(ev.viseme, ev.duration_ms);
+        if (state.visemeRenders.length < 5000) state.visemeRenders.push({ t: performance.now(), viseme: ev.viseme });
+      }, state.renderDelay);
+      break;
+    case "agent.interrupted": {
+      const el = bubbles.get("agent:" + ev.item_id); if (el) el.classList.add("interrupted");
+      setViseme("sil", 0); break;
+    }
+    case "error": note(`${ev.code}: ${ev.message}`, "note error"); break;
+    case "session.ended": note(`session ended: ${ev.reason}`); break;
+  }
+}
+
+function level(analyser, buf) {
+  analyser.getFloatTimeDomainData(buf);
+  let sum = 0; for (const x of buf) sum += x * x;
+  return Math.sqrt(sum / buf.length);
+}
+
+/** Mic and voice levels every 10 ms: the latency readout and the browser tests use them. */
+function meter(remote) {
+  audioCtx = new AudioContext();
+  const a = audioCtx.createAnalyser(), b = audioCtx.createAnalyser();
+  a.fftSize = b.fftSize = 512;
+  if (mic) audioCtx.createMediaStreamSource(mic).connect(a);
+  audioCtx.createMediaStreamSource(remote).connect(b);
+  const ba = new Float32Array(a.fftSize), bb = new Float32Array(b.fftSize);
+  const tick = () => {
+    if (!audioCtx) return;
+    const t = performance.now(), m = level(a, ba), v = level(b, bb);
+    if (m > 0.02) lastMicVoice = t;
+    if (awaitingReply && v > 0.02 && t > turnEnd) {
+      const ms = Math.round(t - turnEnd); awaitingReply = false;
+      state.latencies.push(ms); $("latency").textContent = `${ms} ms (end of your speech → first voice)`;
+    }
+    if (state.levels.length < 20000) state.levels.push({ t, mic: m, voice: v });
+    setTimeout(tick, 10);
+  };
+  tick();
+}
+
+/** Follow the receiver's jitter-buffer delay so visemes show when their sound plays. */
+function trackRenderDelay(receiver) {
+  let last = { delay: 0, count: 0 };
+  const poll = async () => {
+    if (!pc) return;
+    const stats = await receiver.getStats().catch(() => null);
+    stats && stats.forEach((r) => {
+      if (r.type === "inbound-rtp" && r.jitterBufferEmittedCount > last.count) {
+        const d = (r.jitterBufferDelay - last.delay) / (r.jitterBufferEmittedCount - last.count);
+        state.renderDelay = Math.max(0, Math.min(300, Math.round(d * 1000)));
+        last = { delay: r.jitterBufferDelay, count: r.jitterBufferEmittedCount };
+      }
+    });
+    setTimeout(poll, 500);
+  };
+  poll();
+}
+
+function send(obj) {
+  if (!CLIENT_EVENT_TYPES.includes(obj.type)) throw new Error(`unknown client event ${obj.type}`);
+  if (dc && dc.readyState === "open") dc.send(JSON.stringify(obj));
+}
+
+async function problem(res) {
+  const body = await res.json().catch(() => ({}));
+  return `${res.status} ${body.title || ""}${body.detail ? ": " + body.detail : ""}`;
+}
+
+async function connect() {
+  showError(""); $("connect").disabled = true;
+  try {
+    try {
+      mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
+    } catch (e) {
+      throw new Error(`Microphone denied or unavailable (${e.name}). Allow the microphone and try again.`);
+    }
+    let res;
+    try {
+      res = await fetch("/v1/sessions", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ character: $("character").value || undefined }) });
+    } catch (e) {
+      throw new Error("Server unreachable: is kotodama running?");
+    }
+    if (!res.ok) throw new Error(`The server refused the session: ${await problem(res)}`);
+    session = await res.json();
+    pc = new RTCPeerConnection({ iceServers: session.ice_servers });
+    pc.addTransceiver(mic.getAudioTracks()[0], { direction: "sendrecv" });
+    pc.ontrack = (e) => {
+      const stream = e.streams[0] || new MediaStream([e.track]);
+      $("voice").srcObject = stream; meter(stream);
+      trackRenderDelay(e.receiver);
+    };
+    pc.onconnectionstatechange = () => {
+      if (!pc) return;
+      if (pc.connectionState === "connected") state.connected = true;
+      if (pc.connectionState === "failed") showError("ICE failed: no network path to the server (a TURN server may be needed).");
+    };
+    dc = pc.createDataChannel("events", { ordered: true });
+    dc.onmessage = (m) => { try { onEvent(JSON.parse(m.data)); } catch (_) { /* not JSON: ignore */ } };
+    await pc.setLocalDescription(await pc.createOffer());
+    await new Promise((resolve) => {
+      if (!pc || pc.iceGatheringState === "complete") return resolve(null);
+      const t = setTimeout(resolve, 2000);
+      pc.onicegatheringstatechange = () => { if (pc && pc.iceGatheringState === "complete") { clearTimeout(t); resolve(null); } };
+    });
+    const ans = await fetch(session.offer_url, { method: "POST",
+      headers: { "Content-Type": "application/sdp", "Authorization": "Bearer " + session.token },
+      body: pc.localDescription ? pc.localDescription.sdp : "" });
+    if (!ans.ok) throw new Error(`The server refused the offer: ${await problem(ans)}`);
+    peerUrl = ans.headers.get("Location");
+    await pc.setRemoteDescription({ type: "answer", sdp: await ans.text() });
+    for (const id of ["disconnect", "interrupt", "text", "send"]) $(id).disabled = false;
+  } catch (e) {
+    showError(e.message); await disconnect(false);
+  }
+}
+
+async function disconnect(clearError = true) {
+  if (session) {
+    fetch(peerUrl || `/v1/sessions/${session.session_id}`, { method: "DELETE",
+      headers: { "Authorization": "Bearer " + session.token } }).catch(() => {});
+  }
+  if (pc) pc.close();
+  if (mic) mic.getTracks().forEach((t) => t.stop());
+  if (audioCtx) audioCtx.close();
+  pc = dc = session = peerUrl = mic = audioCtx = null; setState("idle"); state.connected = false;
+  if (clearError) $("error").textContent = "";
+  $("connect").disabled = false;
+  for (const id of ["disconnect", "interrupt", "text", "send"]) $(id).disabled = true;
+}
 
 async function loadCharacters() {
   try {
@@ -21,79 +236,16 @@ async function loadCharacters() {
       const o = document.createElement("option"); o.value = c.id; o.textContent = `${c.name} (${c.language})`;
       $("character").appendChild(o);
     }
-  } catch (e) { showError("Server unreachable: " + e.message); }
-}
-
-function onEvent(ev) {
-  switch (ev.type) {
-    case "session.ready": log("meta", `session ${ev.session_id} ready (${ev.character} via ${ev.provider})`); break;
-    case "state": setState(ev.state); break;
-    case "transcript": {
-      const key = ev.role + ":" + ev.item_id;
-      log(ev.role + (ev.final ? "" : " partial"), (ev.role === "user" ? "You: " : "Agent: ") + ev.text, key);
-      if (ev.final) partials.delete(key);
-      break;
-    }
-    case "emotion": log("meta", `emotion: ${ev.emotion}`); break;
-    case "agent.interrupted": log("meta", `interrupted after ${ev.played_ms} ms`); break;
-    case "user.speech_started": log("meta", "(you started speaking)"); break;
-    case "error": log("error", `error ${ev.code}: ${ev.message}`); break;
-  }
-}
-
-async function connect() {
-  showError(""); $("connect").disabled = true;
-  try {
-    let mic;
-    try { mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } }); }
-    catch (e) { throw new Error("Microphone denied or unavailable: " + e.message); }
-    const res = await fetch("/v1/sessions", { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ character: $("character").value || undefined }) });
-    if (!res.ok) throw new Error(`Session refused: ${res.status} ${(await res.json().catch(() => ({}))).detail || ""}`);
-    session = await res.json();
-    pc = new RTCPeerConnection({ iceServers: session.ice_servers });
-    pc.addTransceiver(mic.getAudioTracks()[0], { direction: "sendrecv" });
-    pc.ontrack = (e) => { $("voice").srcObject = e.streams[0] || new MediaStream([e.track]); };
-    pc.onconnectionstatechange = () => {
-      if (pc && pc.connectionState === "failed") showError("ICE failed: no network path to the server (TURN needed?)");
-    };
-    dc = pc.createDataChannel("events", { ordered: true });
-    dc.onmessage = (m) => { try { onEvent(JSON.parse(m.data)); } catch (_) {} };
-    await pc.setLocalDescription(await pc.createOffer());
-    await new Promise((resolve) => {
-      if (pc.iceGatheringState === "complete") return resolve();
-      const t = setTimeout(resolve, 2000);
-      pc.onicegatheringstatechange = () => { if (pc.iceGatheringState === "complete") { clearTimeout(t); resolve(); } };
-    });
-    const ans = await fetch(session.offer_url, { method: "POST",
-      headers: { "Content-Type": "application/sdp", "Authorization": "Bearer " + session.token },
-      body: pc.localDescription.sdp });
-    if (!ans.ok) throw new Error(`Offer refused: ${ans.status} ${(await ans.json().catch(() => ({}))).detail || ""}`);
-    peerUrl = ans.headers.get("Location");
-    await pc.setRemoteDescription({ type: "answer", sdp: await ans.text() });
-    for (const id of ["disconnect", "interrupt", "text", "send"]) $(id).disabled = false;
-  } catch (e) {
-    showError(e.message); await disconnect();
-  }
-}
-
-async function disconnect() {
-  if (session) {
-    fetch(peerUrl || `/v1/sessions/${session.session_id}`, { method: "DELETE",
-      headers: { "Authorization": "Bearer " + session.token } }).catch(() => {});
-  }
-  if (pc) pc.close();
-  pc = dc = session = peerUrl = null; setState("idle");
-  $("connect").disabled = false;
-  for (const id of ["disconnect", "interrupt", "text", "send"]) $(id).disabled = true;
+  } catch (e) { showError("Server unreachable: is kotodama running?"); }
 }
 
 $("connect").onclick = connect;
-$("disconnect").onclick = disconnect;
-$("interrupt").onclick = () => dc && dc.readyState === "open" && dc.send(JSON.stringify({ type: "interrupt" }));
-$("say").onsubmit = (e) => {
+$("disconnect").onclick = () => disconnect();
+$("interrupt").onclick = () => send({ type: "interrupt" });
+$("say").onsubmit = (/** @type {Event} */ e) => {
   e.preventDefault();
   const text = $("text").value.trim();
-  if (text && dc && dc.readyState === "open") { dc.send(JSON.stringify({ type: "text", text })); $("text").value = ""; }
+  if (text) { send({ type: "text", text }); $("text").value = ""; }
 };
+drawFace();
 loadCharacters();

@@ -1,0 +1,142 @@
+//! The web demo in real Chromium (Debian's, driven by puppeteer-core; the microphone is a WAV file)
+//! against the in-process server with the scripted provider: the page connects, the agent's reply
+//! is heard (WebAudio level above silence), its transcript appears, visemes move the mouth, the
+//! emotion changes the face, the latency readout works. A screenshot is kept in target/browser/.
+//!
+//! Needs `chromium` and the npm packages of tests/browser (./test.sh installs both).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+fn write_wav(path: &std::path::Path, rate: u32, samples: &[i16]) {
+    std::fs::write(path, media::wav::to_bytes(media::PcmRef::new(rate, samples))).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_demo_talks_in_chromium() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let runner = root.join("tests/browser/run.mjs");
+    assert!(
+        root.join("tests/browser/node_modules/puppeteer-core").exists(),
+        "tests/browser/node_modules is missing: run ./test.sh (or `npm ci --prefix tests/browser`)"
+    );
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&chromium).exists(),
+        "{chromium} is missing: run ./test.sh (apt-get install chromium)"
+    );
+
+    let out_dir = root.join("target/browser");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    // The fake microphone loops its file: the question, then enough silence for the whole reply.
+    let (rate, question) = wav("user_question.wav");
+    let mut mic = vec![0i16; rate as usize / 2];
+    mic.extend_from_slice(&question);
+    mic.extend(std::iter::repeat_n(0i16, rate as usize * 14));
+    let mic_path = out_dir.join("mic.wav");
+    write_wav(&mic_path, rate, &mic);
+
+    let ts = TestServer::start().await;
+    let shot = out_dir.join("web-demo-scripted.png");
+    let base = ts.base.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(runner)
+            .arg(&base)
+            .arg(&mic_path)
+            .arg(&shot)
+            .arg("45000")
+            .env("CHROMIUM", chromium)
+            .output()
+            .expect("node runs")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let page: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!("runner output is JSON ({e}): {stdout}\n{}", String::from_utf8_lossy(&output.stderr))
+    });
+    assert_eq!(page["ok"], true, "the page finished a conversation turn: {}\nlog: {}", page["error"], page["log"]);
+    assert_eq!(page["pageError"], "", "the page showed no error");
+
+    let events: Vec<&Value> = page["events"].as_array().unwrap().iter().map(|e| &e["event"]).collect();
+    let has = |t: &str| events.iter().any(|e| e["type"] == t);
+    for t in ["session.ready", "user.speech_started", "user.speech_stopped", "viseme", "emotion"] {
+        assert!(has(t), "the page received `{t}`");
+    }
+    let log = page["log"].as_str().unwrap();
+    assert!(log.contains("Hi! I am Aiko"), "the agent's reply is in the transcript: {log}");
+    assert_eq!(page["state"], "listening");
+    assert_eq!(page["emotion"], "happy", "the emotion reached the face");
+    assert!(page["visemeChanges"].as_u64().unwrap() > 20, "visemes moved the mouth: {}", page["visemeChanges"]);
+
+    // Agent audio was heard: the received track's level rose above silence for seconds.
+    let levels = page["levels"].as_array().unwrap();
+    let loud: Vec<f64> =
+        levels.iter().filter(|l| l["voice"].as_f64().unwrap() > 0.02).map(|l| l["t"].as_f64().unwrap()).collect();
+    assert!(loud.len() > 200, "voice above silence for {} of {} samples", loud.len(), levels.len());
+    let latency = page["latencies"][0].as_f64().expect("the latency readout measured the reply");
+    assert!(latency > 400.0 && latency < 3000.0, "end of speech -> first voice {latency} ms (500 ms silence + model)");
+
+    // Skew between the mouth and the voice: when the page shows the reply's first open viseme
+    // (after the receiver's jitter-buffer delay, as a scheduling client does) against the first
+    // rise of the received level.
+    let first_open = page["visemeRenders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["viseme"] != "sil")
+        .and_then(|r| r["t"].as_f64())
+        .expect("an open viseme was rendered");
+    let first_arrival = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"]["type"] == "viseme" && e["event"]["viseme"] != "sil")
+        .and_then(|e| e["t"].as_f64())
+        .unwrap();
+    let first_voice = loud[0];
+    let skew = first_open - first_voice;
+    eprintln!(
+        "measured: browser viseme-vs-voice skew {skew:.0} ms rendered ({:.0} ms on arrival; jitter buffer {} ms), reply latency {latency:.0} ms",
+        first_arrival - first_voice,
+        page["renderDelay"]
+    );
+    assert!(skew.abs() < 250.0, "the mouth moves with the voice (skew {skew:.0} ms)");
+
+    // Over the whole reply: the lag that best lines the mouth's openness up with the voice's level
+    // envelope (10 ms steps, Pearson correlation).
+    let renders: Vec<(f64, f64)> = page["visemeRenders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["t"].as_f64().unwrap(), if r["viseme"] == "sil" || r["viseme"] == "PP" { 0.0 } else { 1.0 }))
+        .collect();
+    let series: Vec<(f64, f64)> =
+        levels.iter().map(|l| (l["t"].as_f64().unwrap(), l["voice"].as_f64().unwrap())).collect();
+    let (t0, t1) = (renders[0].0, renders.last().unwrap().0);
+    let open_at = |t: f64| renders.iter().rev().find(|r| r.0 <= t).map_or(0.0, |r| r.1);
+    let voice_at = |t: f64| series.iter().rev().find(|s| s.0 <= t).map_or(0.0, |s| s.1);
+    let corr = |lag: f64| {
+        let pts: Vec<(f64, f64)> = (0..((t1 - t0) / 10.0) as usize)
+            .map(|i| t0 + i as f64 * 10.0)
+            .map(|t| (open_at(t), voice_at(t + lag)))
+            .collect();
+        let n = pts.len() as f64;
+        let (ma, mb) = (pts.iter().map(|p| p.0).sum::<f64>() / n, pts.iter().map(|p| p.1).sum::<f64>() / n);
+        let cov: f64 = pts.iter().map(|p| (p.0 - ma) * (p.1 - mb)).sum();
+        let va: f64 = pts.iter().map(|p| (p.0 - ma).powi(2)).sum();
+        let vb: f64 = pts.iter().map(|p| (p.1 - mb).powi(2)).sum();
+        cov / (va.sqrt() * vb.sqrt()).max(1e-12)
+    };
+    let (best_lag, best) = (-30..=30)
+        .map(|k| (k as f64 * 10.0, corr(k as f64 * 10.0)))
+        .fold((0.0, f64::MIN), |a, b| if b.1 > a.1 { b } else { a });
+    eprintln!("measured: mouth-vs-voice lag {best_lag:.0} ms (voice later when positive), correlation {best:.2}");
+    assert!(best > 0.3, "the mouth follows the voice (correlation {best:.2} at lag {best_lag} ms)");
+}
