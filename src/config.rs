@@ -114,6 +114,10 @@ pub struct Character {
     /// Persona: the system instructions.
     #[serde(default)]
     pub persona: String,
+    /// Avatar expression per emotion (`happy = "grin"`), for clients that render this character;
+    /// served in `GET /v1/characters`. Keys are emotions of the documented set.
+    #[serde(default)]
+    pub expressions: std::collections::BTreeMap<String, String>,
 }
 
 fn default_language() -> String {
@@ -353,6 +357,15 @@ impl Config {
                     "use letters, digits, - and _",
                 ));
             }
+            for emotion in c.expressions.keys() {
+                if !signaling::events::Emotion::KNOWN.iter().any(|e| e.as_str() == emotion) {
+                    return Err(err(
+                        "characters.expressions",
+                        format!("`{emotion}` (character `{}`) is not an emotion of the documented set", c.id),
+                        "use neutral, happy, sad, angry, surprised, fearful, disgusted, thinking or relaxed",
+                    ));
+                }
+            }
             if !seen.insert(c.id.clone()) {
                 return Err(err(
                     "characters.id",
@@ -402,6 +415,7 @@ impl Config {
             language: default_language(),
             voice: default_voice(),
             persona: "You are Aiko, a cheerful and curious companion. Speak briefly and warmly.".into(),
+            expressions: Default::default(),
         }]
     }
 }
@@ -463,6 +477,18 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().key, "media.udp_ports");
         c.media.udp_ports = Some("9-1".into());
         assert_eq!(c.udp_port_range().unwrap_err().key, "media.udp_ports");
+    }
+
+    #[test]
+    fn character_expressions_must_name_documented_emotions() {
+        let ok = "[[characters]]\nid = \"mika\"\nname = \"Mika\"\nexpressions = { happy = \"grin\", sad = \"pout\" }\n";
+        let c = Config::from_toml(ok).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.characters()[0].expressions["happy"], "grin");
+        let bad = "[[characters]]\nid = \"mika\"\nname = \"Mika\"\nexpressions = { hungry = \"x\" }\n";
+        let e = Config::from_toml(bad).unwrap().validate().unwrap_err();
+        assert_eq!(e.key, "characters.expressions");
+        assert!(e.to_string().contains("hungry"), "{e}");
     }
 
     #[test]

@@ -85,7 +85,13 @@ impl SessionHost for Host {
                 name: c.name.clone(),
                 language: c.language.clone(),
                 voice: c.voice.clone(),
-                extra: serde_json::Map::new(),
+                extra: if c.expressions.is_empty() {
+                    serde_json::Map::new()
+                } else {
+                    let mut m = serde_json::Map::new();
+                    m.insert("expressions".into(), serde_json::json!(c.expressions));
+                    m
+                },
             })
             .collect()
     }

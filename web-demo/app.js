@@ -27,6 +27,8 @@ const state = {
   viseme: "sil", emotion: "neutral", visemeChanges: 0, connected: false, error: "",
   /** Receiver-side delay between a packet's arrival and its sound (jitter buffer), ms. */
   renderDelay: 0,
+  /** The selected character's emotion -> expression mapping. */
+  /** @type {Record<string, string>} */ expressions: {},
 };
 // @ts-ignore: exposed for tests and debugging
 window.kotodama = state;
@@ -50,7 +52,9 @@ function showError(msg) { state.error = msg; $("error").textContent = msg; if (m
 
 function drawFace() {
   const [w, h] = MOUTH[state.viseme] || MOUTH.sil;
-  const [smile, lift, tilt, eye] = FACE[state.emotion] || FACE.neutral;
+  // A character may map an emotion to another of the face's expressions (GET /v1/characters).
+  const face = (state.expressions && state.expressions[state.emotion]) || state.emotion;
+  const [smile, lift, tilt, eye] = FACE[face] || FACE.neutral;
   const l = 100 - w / 2, r = 100 + w / 2, y = 140 - smile;
   $("mouth").setAttribute("d", `M ${l} ${y} Q 100 ${140 + smile * 0.6 - 2} ${r} ${y} Q 100 ${140 + h + smile * 0.3} ${l} ${y} Z`);
   $("brow-l").setAttribute("y1", 70 - lift + tilt); $("brow-l").setAttribute("y2", 70 - lift - tilt);
@@ -232,10 +236,13 @@ async function disconnect(clearError = true) {
 async function loadCharacters() {
   try {
     const res = await fetch("/v1/characters");
-    for (const c of await res.json()) {
+    const list = await res.json();
+    for (const c of list) {
       const o = document.createElement("option"); o.value = c.id; o.textContent = `${c.name} (${c.language})`;
       $("character").appendChild(o);
     }
+    const pick = () => { const c = list.find((x) => x.id === $("character").value); state.expressions = (c && c.expressions) || {}; };
+    $("character").onchange = pick; pick();
   } catch (e) { showError("Server unreachable: is kotodama running?"); }
 }
 

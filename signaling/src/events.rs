@@ -383,6 +383,28 @@ impl Emotion {
             Emotion::Other(name) => name,
         }
     }
+
+    /// Map what models and TTS markup say (`joy`, `smiling`, `laughs`, `mad`, `scared`, `hmm`,
+    /// `calm`, ...) onto the documented set; `None` for words that are no emotion.
+    pub fn normalize(word: &str) -> Option<Emotion> {
+        let w = word.trim().trim_matches(|c: char| !c.is_alphanumeric()).to_ascii_lowercase();
+        let e = match w.as_str() {
+            "neutral" | "normal" | "plain" => Emotion::Neutral,
+            "happy" | "joy" | "joyful" | "glad" | "smile" | "smiles" | "smiling" | "laugh" | "laughs" | "laughing"
+            | "excited" | "cheerful" | "delighted" => Emotion::Happy,
+            "sad" | "sadness" | "unhappy" | "sorrow" | "cry" | "cries" | "crying" | "sigh" | "sighs" => Emotion::Sad,
+            "angry" | "anger" | "mad" | "annoyed" | "furious" | "frustrated" => Emotion::Angry,
+            "surprised" | "surprise" | "shocked" | "amazed" | "astonished" | "wow" | "gasp" | "gasps" => {
+                Emotion::Surprised
+            }
+            "fearful" | "fear" | "afraid" | "scared" | "nervous" | "anxious" | "worried" => Emotion::Fearful,
+            "disgusted" | "disgust" | "gross" | "eww" => Emotion::Disgusted,
+            "thinking" | "think" | "thoughtful" | "pondering" | "curious" | "hmm" | "confused" => Emotion::Thinking,
+            "relaxed" | "calm" | "content" | "peaceful" | "relieved" => Emotion::Relaxed,
+            _ => return None,
+        };
+        Some(e)
+    }
 }
 
 impl FromStr for Emotion {
@@ -558,6 +580,18 @@ impl fmt::Display for Viseme {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emotion_words_normalise_to_the_documented_set() {
+        assert_eq!(Emotion::normalize("Laughs"), Some(Emotion::Happy));
+        assert_eq!(Emotion::normalize("*sighs*"), Some(Emotion::Sad));
+        assert_eq!(Emotion::normalize("hmm"), Some(Emotion::Thinking));
+        assert_eq!(Emotion::normalize("scared"), Some(Emotion::Fearful));
+        assert_eq!(Emotion::normalize("table"), None);
+        for e in Emotion::KNOWN {
+            assert_eq!(Emotion::normalize(e.as_str()), Some(e.clone()), "every documented name maps to itself");
+        }
+    }
 
     #[test]
     fn viseme_names_and_indices_match_the_oculus_table() {

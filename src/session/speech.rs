@@ -35,6 +35,8 @@ struct Item {
     at: Vec<Duration>,
     /// Words already released (heard).
     released: usize,
+    /// Tokens of the cumulative text already placed (words and stage directions).
+    tokens: usize,
     final_text: Option<String>,
     emotion: Option<Emotion>,
     provider_visemes: bool,
@@ -48,6 +50,16 @@ pub struct AgentSpeech {
     estimator: Option<VisemeEstimator>,
     estimate_visemes: bool,
     item: Option<Item>,
+}
+
+/// A stage direction rather than a spoken word: `[laughs]`, `(sighs)`, `*smiles*`, `<happy>`.
+fn is_tag(token: &str) -> bool {
+    let pairs = [('[', ']'), ('(', ')'), ('*', '*'), ('<', '>')];
+    token.chars().count() >= 3
+        && pairs.iter().any(|&(a, b)| {
+            let t = token.trim_end_matches(['.', ',', '!', '?']);
+            t.starts_with(a) && t.ends_with(b)
+        })
 }
 
 fn viseme_named(name: &str) -> Viseme {
@@ -88,6 +100,7 @@ impl AgentSpeech {
                 words: Vec::new(),
                 at: Vec::new(),
                 released: 0,
+                tokens: 0,
                 final_text: None,
                 emotion: None,
                 provider_visemes: false,
@@ -142,32 +155,45 @@ impl AgentSpeech {
         self.retime_words();
     }
 
-    /// Cumulative agent text of `item_id` (a partial, or the final).
+    /// Cumulative agent text of `item_id` (a partial, or the final). Stage directions in the text
+    /// (`[laughs]`, `(sighs)`, `*smiles*`, `<happy>`) are not spoken: they are removed, and those
+    /// that name an emotion change the face at that point of the speech.
     pub fn on_text(&mut self, item_id: &str, text: &str, is_final: bool, out: &mut Vec<ServerEvent>) {
         let item = self.item(item_id, out);
-        let words: Vec<&str> = text.split_whitespace().collect();
+        let tokens: Vec<&str> = text.split_whitespace().collect();
         if is_final {
-            item.final_text = Some(text.to_owned());
+            let spoken: Vec<&str> = tokens.iter().copied().filter(|t| !is_tag(t)).collect();
+            item.final_text = Some(spoken.join(" "));
         }
         // Only ever extend: a provider correcting earlier words is rare and the user heard them.
-        let known = item.words.len();
-        if words.len() <= known {
+        if tokens.len() <= item.tokens {
             return;
         }
         let mut t = match (item.at.last(), item.words.last()) {
             (Some(&at), Some(w)) => at + Duration::from_secs_f64((w.chars().count() + 1) as f64 / CHARS_PER_SECOND),
             _ => Duration::ZERO,
         };
-        let mut placed = Vec::with_capacity(words.len() - known);
-        for w in &words[known..] {
-            item.words.push((*w).to_owned());
+        let mut placed = Vec::with_capacity(tokens.len() - item.tokens);
+        let mut moods = Vec::new();
+        for tok in &tokens[item.tokens..] {
+            if is_tag(tok) {
+                if let Some(e) = Emotion::normalize(tok) {
+                    moods.push((t, e));
+                }
+                continue;
+            }
+            item.words.push((*tok).to_owned());
             item.at.push(t);
             placed.push((t, item.words.len()));
-            t += Duration::from_secs_f64((w.chars().count() + 1) as f64 / CHARS_PER_SECOND);
+            t += Duration::from_secs_f64((tok.chars().count() + 1) as f64 / CHARS_PER_SECOND);
         }
+        item.tokens = tokens.len();
         let (id, audio_done) = (item.id.clone(), item.audio_done);
         for (t, n) in placed {
             self.words.push(&id, t, n);
+        }
+        for (t, e) in moods {
+            self.marks.push(&id, t, ServerEvent::Emotion { emotion: e, item_id: Some(id.clone()) });
         }
         if audio_done {
             self.retime_words();
@@ -349,6 +375,28 @@ mod tests {
         let (item, heard) = s.cut().unwrap();
         assert_eq!((item.as_str(), heard.as_str()), ("a", "alpha beta"));
         assert!(play(&mut s, "a", Duration::from_secs(3)).is_empty(), "nothing of the cut item is sent later");
+    }
+
+    #[test]
+    fn stage_directions_are_not_spoken_and_emotion_tags_change_the_face_in_place() {
+        let mut s = AgentSpeech::new(false);
+        let mut out = Vec::new();
+        s.on_text("a", "[happy] Hello there! (laughs) That is *sighs* sad.", true, &mut out);
+        s.on_audio("a", PcmRef::new(24_000, &vec![0i16; 24_000 * 4]), &mut out);
+        let evs = play(&mut s, "a", Duration::from_secs(4));
+        let moods: Vec<&Emotion> = evs
+            .iter()
+            .filter_map(|e| match e {
+                ServerEvent::Emotion { emotion, .. } => Some(emotion),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(moods, [&Emotion::Happy, &Emotion::Happy, &Emotion::Sad]);
+        let said = texts(&evs).pop().unwrap();
+        assert_eq!(said, "Hello there! That is sad.");
+        let mut out = Vec::new();
+        let (_, final_text) = s.finish(&mut out).unwrap();
+        assert_eq!(final_text, "Hello there! That is sad.", "the stored text has no stage directions");
     }
 
     #[test]

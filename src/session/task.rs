@@ -546,7 +546,8 @@ impl SessionTask {
                 if item_id.is_some() && item_id == conv.cancelled_item {
                     return;
                 }
-                let emotion = emotion.parse().unwrap_or(signaling::events::Emotion::Neutral);
+                let emotion = signaling::events::Emotion::normalize(&emotion)
+                    .unwrap_or_else(|| emotion.parse().unwrap_or(signaling::events::Emotion::Neutral));
                 match item_id {
                     // An emotion inside a reply changes the face when the voice gets there.
                     Some(item) => {
