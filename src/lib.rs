@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod http;
+pub mod otlp;
 pub mod peer;
 pub mod providers;
 pub mod server;

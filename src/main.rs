@@ -27,6 +27,7 @@ ENVIRONMENT (overrides the file):
     KOTODAMA_REDIS_URL     redis://... (unset: single node, in-process state)
     KOTODAMA_LOG           log filter, e.g. info or kotodama=debug (default info)
     KOTODAMA_LOG_FORMAT    `json` for JSON lines
+    KOTODAMA_OTLP_ENDPOINT OpenTelemetry collector (OTLP/HTTP), e.g. http://127.0.0.1:4318; unset: off
     OPENAI_API_KEY, OPENAI_REALTIME_URL, OPENAI_REALTIME_MODEL   the OpenAI Realtime provider
 ";
 
@@ -66,7 +67,13 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
 
-    init_tracing();
+    let telemetry = match init_tracing() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("kotodama: {e}");
+            return ExitCode::from(78);
+        }
+    };
     let config = match Config::load(config_path.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -81,7 +88,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(kotodama::server::serve_until_signal(config)) {
+    let result = runtime.block_on(kotodama::server::serve_until_signal(config));
+    if let Some(t) = &telemetry.traces {
+        // Send what is batched before exiting.
+        let _ = t.force_flush();
+        let _ = t.shutdown();
+    }
+    drop(telemetry);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kotodama: {e:#}");
@@ -90,15 +104,44 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// What must live until exit for logs and traces to be flushed.
+struct Telemetry {
+    traces: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    _logs: tracing_appender::non_blocking::WorkerGuard,
+}
+
+/// Logs to stdout (text or JSON lines) and, when an OTLP endpoint is configured, spans to it.
+///
+/// Log lines go through a bounded, lossy, non-blocking writer: a slow reader of stdout (a full
+/// pipe, a stalled log shipper) makes the server drop log lines, never stall its media tasks.
+fn init_tracing() -> Result<Telemetry, String> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let filter = EnvFilter::try_from_env("KOTODAMA_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,webrtc=warn,rtc=warn,rtc_ice=warn,rtc_dtls=warn,rtc_sctp=warn"));
     let json = std::env::var("KOTODAMA_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    if json {
-        // JSON lines with the current span's fields (session_id, trace_id, turn) flattened in.
-        builder.json().with_current_span(true).with_span_list(false).init();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(64 * 1024)
+        .finish(std::io::stdout());
+    let fmt = if json {
+        // JSON lines with the current span's fields (session_id, trace_id, turn).
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(writer)
+            .boxed()
     } else {
-        builder.init();
-    }
+        tracing_subscriber::fmt::layer().with_target(false).with_writer(writer).boxed()
+    };
+    let provider = match kotodama::otlp::endpoint_from_env() {
+        Some(endpoint) => Some(kotodama::otlp::provider(&endpoint)?),
+        None => None,
+    };
+    let otel = provider.as_ref().map(|p| kotodama::otlp::layer(p));
+    tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).init();
+    Ok(Telemetry { traces: provider, _logs: guard })
 }
