@@ -141,7 +141,7 @@ fn init_tracing() -> Result<Telemetry, String> {
         Some(endpoint) => Some(kotodama::otlp::provider(&endpoint)?),
         None => None,
     };
-    let otel = provider.as_ref().map(|p| kotodama::otlp::layer(p));
+    let otel = provider.as_ref().map(kotodama::otlp::layer);
     tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).init();
     Ok(Telemetry { traces: provider, _logs: guard })
 }
