@@ -39,6 +39,8 @@ pub(crate) struct SessionTask {
     pub uplink: Uplink,
     pub playout: Playout,
     pub barge_in: BargeIn,
+    /// Instructions for a reply the character speaks first, once the client and the model are up.
+    pub greeting: Option<String>,
 }
 
 /// Mutable per-session state outside the media parts.
@@ -50,6 +52,10 @@ struct Conversation {
     /// The agent item currently being played, with the transcript released so far.
     agent_item: Option<String>,
     agent_text: String,
+    /// Audio of `agent_item` received from the provider (the transcript is cut in proportion).
+    agent_audio: Duration,
+    /// The greeting was asked for.
+    greeted: bool,
     /// An item we cut: its late audio and transcript are dropped.
     cancelled_item: Option<String>,
     /// The provider said the response is complete; we go back to listening when playout drains.
@@ -68,6 +74,8 @@ impl SessionTask {
             state: AgentState::Initializing,
             agent_item: None,
             agent_text: String::new(),
+            agent_audio: Duration::ZERO,
+            greeted: false,
             cancelled_item: None,
             response_done: false,
             uplink_dropped: 0,
@@ -186,6 +194,20 @@ impl SessionTask {
         self.emit(conv, ServerEvent::State { state: AgentState::Initializing }).await;
         if conv.provider_ready {
             self.set_state(conv, AgentState::Listening).await;
+            self.maybe_greet(conv).await;
+        }
+    }
+
+    /// Speak first (the character's greeting) once the client listens and the model is ready.
+    async fn maybe_greet(&mut self, conv: &mut Conversation) {
+        if conv.greeted || !conv.ready_sent || !conv.provider_ready {
+            return;
+        }
+        let Some(instructions) = self.greeting.clone() else { return };
+        conv.greeted = true;
+        let cmd = ProviderCommand::GenerateReply { instructions: Some(instructions) };
+        if self.provider.commands.try_send(cmd).is_ok() {
+            self.set_state(conv, AgentState::Thinking).await;
         }
     }
 
@@ -213,7 +235,10 @@ impl SessionTask {
         if conv.response_done && !self.playout.is_active() {
             conv.response_done = false;
             conv.agent_item = None;
-            conv.agent_text.clear();
+            // Played to the end: the agent's turn is stored whole (once; a cut turn is stored by
+            // `interrupt` instead).
+            let text = std::mem::take(&mut conv.agent_text);
+            self.shared.push_turn(Role::Agent, &text, false);
             if conv.state == AgentState::Speaking || conv.state == AgentState::Thinking {
                 self.set_state(conv, AgentState::Listening).await;
             }
@@ -238,8 +263,10 @@ impl SessionTask {
             }
             let interrupted = ServerEvent::AgentInterrupted { item_id: item_id.clone(), played_ms: Self::ms(played) };
             self.emit(conv, interrupted).await;
-            // The agent's turn ends with the words that were released while it played.
-            let text = std::mem::take(&mut conv.agent_text);
+            // The agent's turn ends with the words heard: providers send the transcript ahead of the
+            // audio, so it is cut in proportion to the audio played.
+            let text = crate::providers::resilient::cut_to_heard(&conv.agent_text, played, conv.agent_audio);
+            conv.agent_text.clear();
             self.shared.push_turn(Role::Agent, &text, true);
             self.emit(
                 conv,
@@ -347,12 +374,17 @@ impl SessionTask {
                 conv.provider_ready = true;
                 if conv.ready_sent {
                     self.set_state(conv, AgentState::Listening).await;
+                    self.maybe_greet(conv).await;
                 }
             }
             ProviderEvent::AudioDelta { item_id, pcm } => {
                 if conv.cancelled_item.as_deref() == Some(item_id.as_str()) {
                     return;
                 }
+                if conv.agent_item.as_deref() != Some(item_id.as_str()) {
+                    conv.agent_audio = Duration::ZERO;
+                }
+                conv.agent_audio += Duration::from_secs_f64(pcm.samples.len() as f64 / f64::from(pcm.rate_hz.max(1)));
                 conv.agent_item = Some(item_id.clone());
                 if let Err(e) =
                     self.playout.push(&item_id, media::PcmRef { rate_hz: pcm.rate_hz, samples: &pcm.samples })
@@ -376,7 +408,7 @@ impl SessionTask {
                 if role == Role::Agent {
                     conv.agent_text = text.clone();
                 }
-                if is_final {
+                if is_final && role == Role::User {
                     self.shared.push_turn(role, &text, false);
                 }
                 self.emit(conv, ServerEvent::Transcript { role, item_id, text, is_final }).await;
@@ -407,6 +439,10 @@ impl SessionTask {
             }
             ProviderEvent::Error { code, message, retryable } => {
                 tracing::warn!(session_id = %self.shared.id, %code, %message, retryable, "provider error");
+                self.emit(conv, ServerEvent::Error { code, message }).await;
+            }
+            ProviderEvent::Notice { code, message } => {
+                tracing::info!(session_id = %self.shared.id, %code, %message, "provider notice");
                 self.emit(conv, ServerEvent::Error { code, message }).await;
             }
             ProviderEvent::Closed => {
