@@ -122,6 +122,8 @@ pub struct ResilienceSettings {
     pub recycle_lead_ms: u64,
     /// Silence from the user required for a recycle swap, ms.
     pub quiet_ms: u64,
+    /// A requested reply (greeting, typed text) that does not start within this is given up, ms.
+    pub reply_timeout_ms: u64,
 }
 
 impl Default for ResilienceSettings {
@@ -134,6 +136,7 @@ impl Default for ResilienceSettings {
             max_session_ms: None,
             recycle_lead_ms: 60_000,
             quiet_ms: 1_500,
+            reply_timeout_ms: 15_000,
         }
     }
 }
@@ -149,6 +152,7 @@ impl ResilienceSettings {
             max_session: self.max_session_ms.map(Duration::from_millis),
             recycle_lead: Duration::from_millis(self.recycle_lead_ms),
             quiet_for: Duration::from_millis(self.quiet_ms),
+            reply_timeout: Duration::from_millis(self.reply_timeout_ms.max(1)),
         }
     }
 }
@@ -176,6 +180,9 @@ pub struct Character {
     /// Providers in order of preference (failover); empty: the session's provider.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub providers: Vec<String>,
+    /// Tools the model may call (unset: every built-in tool; `[]`: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<String>>,
 }
 
 fn default_language() -> String {
@@ -423,6 +430,14 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for c in &self.characters {
+            let builtin = crate::providers::tools::ToolRegistry::builtin();
+            if let Some(t) = c.tools.iter().flatten().find(|t| !builtin.contains(t)) {
+                return Err(err(
+                    "characters.tools",
+                    format!("character `{}` lists unknown tool `{t}`", c.id),
+                    format!("use tools from: {}", builtin.names().join(", ")),
+                ));
+            }
             if let Some(p) = c.providers.iter().find(|p| !KNOWN_PROVIDERS.contains(&p.as_str())) {
                 return Err(err(
                     "characters.providers",
@@ -530,6 +545,7 @@ impl Config {
             persona: "You are Aiko, a cheerful and curious companion. Speak briefly and warmly.".into(),
             greeting: None,
             providers: Vec::new(),
+            tools: None,
         }]
     }
 }
@@ -615,6 +631,9 @@ mod tests {
         let c = Config::from_toml("[[characters]]\nid = \"a\"\nname = \"A\"\nproviders = [\"scripted\", \"nope\"]\n")
             .unwrap();
         assert_eq!(c.validate().unwrap_err().key, "characters.providers");
+        let c =
+            Config::from_toml("[[characters]]\nid = \"a\"\nname = \"A\"\ntools = [\"get_time\", \"nuke\"]\n").unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "characters.tools");
     }
 
     #[test]

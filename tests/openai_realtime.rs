@@ -260,6 +260,7 @@ async fn greeting_and_tool_calls_round_trip_and_failures_never_stall_the_turn() 
             persona: "You are Kai.".into(),
             greeting: Some("Greet the user warmly.".into()),
             providers: vec![],
+            tools: None,
         }];
     })
     .await;
@@ -500,6 +501,7 @@ async fn failover_moves_the_session_to_the_next_provider_with_the_context() {
             persona: "You are Aiko.".into(),
             greeting: None,
             providers: vec!["openai".into(), "scripted".into()],
+            tools: Some(vec![]),
         }];
         c.provider = None;
     })
@@ -515,6 +517,7 @@ async fn failover_moves_the_session_to_the_next_provider_with_the_context() {
         })
         .await;
     assert_eq!(fake.conns().len(), 1, "reconnects to openai were refused");
+    assert_eq!(fake.conn(0).of_type("session.update")[0]["session"]["tools"], serde_json::json!([]), "tools = []");
     let histories = ts.recorder.histories();
     assert_eq!(histories.len(), 1, "the scripted provider was connected once");
     let h = &histories[0];
@@ -536,5 +539,33 @@ async fn failover_moves_the_session_to_the_next_provider_with_the_context() {
         .find(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
         .unwrap();
     assert!(last["text"].as_str().unwrap().starts_with("Hi! I am Aiko."), "{last}");
+    ts.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requested_reply_that_never_starts_times_out_and_the_agent_listens_again() {
+    let ts = TestServer::start_with(|c| {
+        c.scripted.response_delay_ms = 60_000;
+        c.resilience.reply_timeout_ms = 1_000;
+    })
+    .await;
+    let (_sid, _token, client) = connect(&ts).await;
+    client.send_text(r#"{"type":"text","text":"Are you there?"}"#).await;
+    let e = client
+        .wait_event("reply_timeout", Duration::from_secs(10), |e| e["type"] == "error" && e["code"] == "reply_timeout")
+        .await;
+    assert!(e["message"].as_str().unwrap().contains("did not answer"), "{e}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let evs = client.events();
+        let states: Vec<&str> =
+            evs.iter().filter(|e| e["type"] == "state").map(|e| e["state"].as_str().unwrap()).collect();
+        if states.ends_with(&["thinking", "listening"]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent did not return to listening: {states:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ts.recorder.cancels(), 1, "the late reply was cancelled");
     ts.server.shutdown().await.unwrap();
 }

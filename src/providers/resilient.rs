@@ -74,6 +74,9 @@ pub struct ResiliencePolicy {
     pub recycle_lead: Duration,
     /// Silence required before a recycle swap.
     pub quiet_for: Duration,
+    /// A requested reply (`GenerateReply`, `Text`) that shows no sign of life this long is given
+    /// up: the client gets a `reply_timeout` error and the agent listens again.
+    pub reply_timeout: Duration,
 }
 
 impl Default for ResiliencePolicy {
@@ -86,6 +89,7 @@ impl Default for ResiliencePolicy {
             max_session: None,
             recycle_lead: Duration::from_secs(60),
             quiet_for: Duration::from_millis(1500),
+            reply_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -246,6 +250,8 @@ struct Supervisor {
     opening: Option<Opening>,
     /// After a failed pre-open, do not try again before this.
     open_not_before: Option<Instant>,
+    /// A requested reply must show a sign of life before this.
+    reply_deadline: Option<Instant>,
 }
 
 impl Supervisor {
@@ -293,6 +299,7 @@ impl Supervisor {
             next: None,
             opening: None,
             open_not_before: None,
+            reply_deadline: None,
         }
     }
 
@@ -339,6 +346,7 @@ impl Supervisor {
                 _ = sleep_until_opt(open_at) => self.start_opening_next(),
                 _ = sleep_until_opt(limit) => {}
                 _ = sleep_until_opt(self.reconnect_at) => self.reconnect().await,
+                _ = sleep_until_opt(self.reply_deadline) => self.on_reply_timeout().await,
             }
             if self.live.is_none() && self.reconnect_at.is_none() {
                 break;
@@ -407,12 +415,14 @@ impl Supervisor {
                 self.reply_audio_seen = false;
             }
             ProviderCommand::Text(t) => {
+                self.reply_deadline = Some(Instant::now() + self.policy.reply_timeout);
                 self.push_context(HistoryItem::User(t.clone()));
                 self.text_echo = Some(t.clone());
                 self.responding = true;
                 self.reply_audio_seen = false;
             }
             ProviderCommand::GenerateReply { .. } => {
+                self.reply_deadline = Some(Instant::now() + self.policy.reply_timeout);
                 self.responding = true;
                 self.reply_audio_seen = false;
             }
@@ -478,6 +488,15 @@ impl Supervisor {
     // --- events from the inner session ---
 
     async fn on_inner_event(&mut self, ev: ProviderEvent) {
+        if matches!(
+            ev,
+            ProviderEvent::AudioDelta { .. }
+                | ProviderEvent::Transcript { speaker: Speaker::Agent, .. }
+                | ProviderEvent::ResponseDone { .. }
+                | ProviderEvent::Error { .. }
+        ) {
+            self.reply_deadline = None;
+        }
         match &ev {
             ProviderEvent::Ready => {
                 if let Some(live) = self.live.as_mut()
@@ -569,6 +588,23 @@ impl Supervisor {
         self.attempt = 0;
         self.first_idx_of_outage = live.idx;
         self.schedule_reconnect(live.idx);
+    }
+
+    /// A requested reply never started: say so, stop waiting, and cancel it in case it is late.
+    async fn on_reply_timeout(&mut self) {
+        self.reply_deadline = None;
+        self.responding = false;
+        tracing::warn!(session_id = %self.cfg.session_id, "requested reply did not start in time");
+        if let Some(live) = &self.live {
+            let _ = live.session.commands.try_send(ProviderCommand::Cancel);
+        }
+        self.emit(ProviderEvent::Error {
+            code: "reply_timeout".into(),
+            message: format!("the model did not answer within {} s", self.policy.reply_timeout.as_secs()),
+            retryable: true,
+        })
+        .await;
+        self.emit(ProviderEvent::ResponseDone { item_id: String::new() }).await;
     }
 
     fn schedule_reconnect(&mut self, idx: usize) {

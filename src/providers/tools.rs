@@ -137,6 +137,23 @@ impl ToolRegistry {
         self.tools.insert(tool.spec.name.clone(), tool);
     }
 
+    /// Whether a tool of this name is registered.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tools.contains_key(name)
+    }
+
+    /// The registered names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        self.tools.keys().map(String::as_str).collect()
+    }
+
+    /// Only the named tools (a character's selection); unknown names are skipped.
+    pub fn only<S: AsRef<str>>(&self, names: &[S]) -> Self {
+        let tools =
+            names.iter().filter_map(|n| self.tools.get(n.as_ref())).map(|t| (t.spec.name.clone(), t.clone())).collect();
+        Self { tools }
+    }
+
     /// Declarations for the model.
     pub fn specs(&self) -> Vec<ToolSpec> {
         self.tools.values().map(|t| t.spec.clone()).collect()
@@ -183,6 +200,15 @@ mod tests {
         let bad = r.call("set_emotion", r#"{"emotion":"smug"}"#).await;
         assert!(bad.failed && bad.output.contains("unknown emotion"), "{bad:?}");
         assert!(bad.effects.is_empty());
+    }
+
+    #[test]
+    fn a_character_selects_its_tools() {
+        let r = ToolRegistry::builtin();
+        assert_eq!(r.names(), ["get_time", "set_emotion"]);
+        let only = r.only(&["set_emotion", "unknown"]);
+        assert_eq!(only.names(), ["set_emotion"]);
+        assert!(r.only::<&str>(&[]).is_empty());
     }
 
     #[tokio::test]

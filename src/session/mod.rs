@@ -511,7 +511,10 @@ impl SessionManager {
             voice: character.voice.clone(),
             language: character.language.clone(),
             history: Vec::new(),
-            tools: Arc::clone(&self.tools),
+            tools: match &character.tools {
+                Some(names) => Arc::new(self.tools.only(names)),
+                None => Arc::clone(&self.tools),
+            },
         };
         // Open the model session and the peer concurrently: the client waits for both.
         let (provider_session, answered) =
