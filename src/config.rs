@@ -627,6 +627,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_configuration_parses_and_validates() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("# kotodama.toml").expect("README has the example");
+        let end = start + readme[start..].find("```").expect("the example block ends");
+        let c = Config::from_toml(&readme[start..end]).unwrap_or_else(|e| panic!("README example: {e}"));
+        c.validate().unwrap();
+        assert_eq!(c.resilience.reply_timeout_ms, 15_000);
+        assert_eq!(c.openai.turn_detection, crate::providers::openai::protocol::TurnDetection::ServerVad);
+    }
+
+    #[test]
     fn character_provider_lists_must_name_known_providers() {
         let c = Config::from_toml("[[characters]]\nid = \"a\"\nname = \"A\"\nproviders = [\"scripted\", \"nope\"]\n")
             .unwrap();
