@@ -569,3 +569,47 @@ async fn a_requested_reply_that_never_starts_times_out_and_the_agent_listens_aga
     assert_eq!(ts.recorder.cancels(), 1, "the late reply was cancelled");
     ts.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_provider_session_is_replaced_and_the_conversation_goes_on() {
+    let (ta, aa) = short_speech(1.0);
+    let (tb, ab) = short_speech(1.5);
+    let script = vec![Reply::Speech { text: ta.clone(), audio: aa }, Reply::Speech { text: tb.clone(), audio: ab }];
+    let fake = FakeOpenAi::start(FakeOptions::default(), script).await;
+    fake.expire(0, Duration::from_secs(8));
+    let ts = TestServer::start_openai(&fake.url(), |c| {
+        c.openai.turn_detection = kotodama::providers::openai::protocol::TurnDetection::Local;
+        c.resilience.backoff_base_ms = 50;
+    })
+    .await;
+    let (_sid, _token, mut client) = connect(&ts).await;
+    client.silence(Duration::from_millis(200)).await;
+    ask_and_wait_reply(&mut client, 1).await;
+    client
+        .silence_until("the expired session to be replaced", Duration::from_secs(15), |evs| {
+            evs.iter().any(|e| e["type"] == "error" && e["code"] == "provider_reconnected")
+        })
+        .await;
+    let evs = client.events();
+    assert!(
+        !evs.iter().any(|e| e["type"] == "error" && e["code"] == "session_expired"),
+        "expiry is handled, not shown"
+    );
+    assert!(evs.iter().any(|e| e["type"] == "error" && e["code"] == "provider_reconnecting"));
+    ask_and_wait_reply(&mut client, 2).await;
+    let c1 = fake.conn(1);
+    let replayed: Vec<String> = c1
+        .of_type("conversation.item.create")
+        .iter()
+        .map(|v| v["item"]["content"][0]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(replayed, vec!["What is the weather like?".to_owned(), ta], "context replayed");
+    assert_eq!(c1.of_type("response.create").len(), 1, "only the new turn is answered");
+    let last = client
+        .events()
+        .into_iter()
+        .rev()
+        .find(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true);
+    assert_eq!(last.unwrap()["text"], tb.as_str());
+    ts.server.shutdown().await.unwrap();
+}
