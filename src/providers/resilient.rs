@@ -22,8 +22,9 @@
 //!   context as history and is **never** asked to repeat an agent turn. Only a user turn that got
 //!   no agent audio at all is answered again (`GenerateReply`), so no turn is lost either. Attempts
 //!   back off with jitter (base x 2^n, x0.5..1.5, capped); after
-//!   [`ResiliencePolicy::attempts_per_provider`] failures the next provider is tried
-//!   (`provider_failover`); when none is left the session gets a final error and `Closed`.
+//!   [`ResiliencePolicy::attempts_per_provider`] failed attempts, or as many drops within
+//!   [`FLAPPING_WINDOW`], the next provider is tried (`provider_failover`); when none is left the
+//!   session gets a final error and `Closed`.
 //! - User audio during the gap is buffered up to [`ResiliencePolicy::gap_buffer`] (oldest dropped
 //!   first and counted) and sent to the new session; other commands are queued (bounded).
 //! - Recycling: [`ResiliencePolicy::recycle_lead`] before the inner provider's `max_session`, the
@@ -54,6 +55,8 @@ pub const MAX_CONTEXT_ITEMS: usize = 40;
 pub const MAX_CONTEXT_CHARS: usize = 16_000;
 /// Commands (other than audio) queued while reconnecting.
 const MAX_QUEUED_COMMANDS: usize = 16;
+/// Drops of one provider within this window count towards failing over from it.
+const FLAPPING_WINDOW: Duration = Duration::from_secs(120);
 /// Uplink audio louder than this (RMS) counts as the user making a sound.
 const VOICE_RMS: f64 = 500.0;
 
@@ -239,6 +242,8 @@ struct Supervisor {
     pending_idx: usize,
     /// The provider that was live when the outage began (a different one is a failover).
     first_idx_of_outage: usize,
+    /// Recent drops of the live provider: one that keeps dropping is failed over from.
+    drops: VecDeque<Instant>,
     reconnect_at: Option<Instant>,
     gap_audio: VecDeque<Pcm>,
     gap_audio_len: Duration,
@@ -290,6 +295,7 @@ impl Supervisor {
             attempt: 0,
             pending_idx: idx,
             first_idx_of_outage: idx,
+            drops: VecDeque::new(),
             reconnect_at: None,
             gap_audio: VecDeque::new(),
             gap_audio_len: Duration::ZERO,
@@ -587,7 +593,18 @@ impl Supervisor {
         .await;
         self.attempt = 0;
         self.first_idx_of_outage = live.idx;
-        self.schedule_reconnect(live.idx);
+        // A provider that connects but keeps dropping fails "repeatedly": move on when there is
+        // somewhere to go.
+        let now = Instant::now();
+        self.drops.retain(|t| now.duration_since(*t) < FLAPPING_WINDOW);
+        self.drops.push_back(now);
+        let flapping = self.drops.len() as u32 >= self.policy.attempts_per_provider;
+        if flapping && live.idx + 1 < self.chain.len() {
+            self.drops.clear();
+            self.schedule_reconnect(live.idx + 1);
+        } else {
+            self.schedule_reconnect(live.idx);
+        }
     }
 
     /// A requested reply never started: say so, stop waiting, and cancel it in case it is late.
