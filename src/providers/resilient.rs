@@ -327,7 +327,13 @@ impl Supervisor {
             let open_at = recycle
                 .filter(|_| self.next.is_none() && self.opening.is_none())
                 .map(|(at, _)| self.open_not_before.map_or(at, |nb| nb.max(at)));
-            let limit = recycle.map(|(_, l)| l).filter(|_| self.next.is_some());
+            // With the next session ready, wake at the limit and at the forced-swap time (the
+            // quiet condition changes with uplink audio, which wakes the loop anyway). Only future
+            // instants: a past one would spin the loop.
+            let now = Instant::now();
+            let limit = recycle
+                .filter(|_| self.next.is_some())
+                .and_then(|(_, l)| [l, l + self.policy.recycle_lead].into_iter().find(|t| *t > now));
             tokio::select! {
                 biased;
                 cmd = commands.recv() => match cmd {
