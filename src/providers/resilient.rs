@@ -248,6 +248,8 @@ struct Supervisor {
     gap_audio: VecDeque<Pcm>,
     gap_audio_len: Duration,
     gap_dropped: u64,
+    /// Uplink chunks the live inner session had no room for.
+    audio_dropped: u64,
     queued: VecDeque<ProviderCommand>,
     answer_after_reconnect: bool,
     // Recycling state.
@@ -300,6 +302,7 @@ impl Supervisor {
             gap_audio: VecDeque::new(),
             gap_audio_len: Duration::ZERO,
             gap_dropped: 0,
+            audio_dropped: 0,
             queued: VecDeque::new(),
             answer_after_reconnect: false,
             next: None,
@@ -374,8 +377,13 @@ impl Supervisor {
         if let Some(opening) = self.opening.take() {
             opening.abort();
         }
-        if self.gap_dropped > 0 {
-            tracing::info!(session_id = %self.cfg.session_id, dropped_chunks = self.gap_dropped, "user audio dropped while reconnecting");
+        if self.gap_dropped > 0 || self.audio_dropped > 0 {
+            tracing::info!(
+                session_id = %self.cfg.session_id,
+                dropped_while_reconnecting = self.gap_dropped,
+                dropped_provider_full = self.audio_dropped,
+                "user audio chunks dropped"
+            );
         }
     }
 
@@ -459,7 +467,9 @@ impl Supervisor {
                 // Audio may be dropped when the inner provider falls behind (the task does the same);
                 // every other command must arrive.
                 if let ProviderCommand::AppendAudio(_) = cmd {
-                    let _ = live.session.commands.try_send(cmd);
+                    if live.session.commands.try_send(cmd).is_err() {
+                        self.audio_dropped += 1;
+                    }
                 } else if live.session.commands.send(cmd).await.is_err() {
                     self.on_drop("the model session stopped taking commands").await;
                 }
