@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::providers::openai::{OpenAiSettings, Secret};
+
 /// A configuration error: names the key and says how to fix it.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {key}: {problem}; {fix}")]
@@ -49,6 +51,10 @@ pub struct Config {
     pub media: MediaSettings,
     /// The scripted provider's settings.
     pub scripted: ScriptedSettings,
+    /// The OpenAI Realtime provider's settings (`[openai]`, `OPENAI_*`).
+    pub openai: OpenAiSettings,
+    /// Reconnect, recycling and failover of provider sessions.
+    pub resilience: ResilienceSettings,
     /// Characters offered by `GET /v1/characters` (a built-in one when empty).
     pub characters: Vec<Character>,
 }
@@ -97,8 +103,62 @@ pub struct ScriptedSettings {
     pub response_delay_ms: u64,
 }
 
+/// Reconnect, recycling and failover of provider sessions (`[resilience]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResilienceSettings {
+    /// Connect attempts per provider before failing over to the next one.
+    pub attempts_per_provider: u32,
+    /// First reconnect delay, ms (doubled per attempt, jittered).
+    pub backoff_base_ms: u64,
+    /// Longest reconnect delay, ms.
+    pub backoff_max_ms: u64,
+    /// User audio kept while reconnecting, ms.
+    pub gap_buffer_ms: u64,
+    /// Recycle every provider session after this long, ms (unset: each provider's own limit,
+    /// e.g. `openai.max_session_secs`).
+    pub max_session_ms: Option<u64>,
+    /// Open the next session this long before the limit, ms.
+    pub recycle_lead_ms: u64,
+    /// Silence from the user required for a recycle swap, ms.
+    pub quiet_ms: u64,
+    /// A requested reply (greeting, typed text) that does not start within this is given up, ms.
+    pub reply_timeout_ms: u64,
+}
+
+impl Default for ResilienceSettings {
+    fn default() -> Self {
+        Self {
+            attempts_per_provider: 3,
+            backoff_base_ms: 250,
+            backoff_max_ms: 5_000,
+            gap_buffer_ms: 5_000,
+            max_session_ms: None,
+            recycle_lead_ms: 60_000,
+            quiet_ms: 1_500,
+            reply_timeout_ms: 15_000,
+        }
+    }
+}
+
+impl ResilienceSettings {
+    /// The policy the provider wrapper applies.
+    pub fn policy(&self) -> crate::providers::resilient::ResiliencePolicy {
+        crate::providers::resilient::ResiliencePolicy {
+            attempts_per_provider: self.attempts_per_provider.max(1),
+            backoff_base: Duration::from_millis(self.backoff_base_ms),
+            backoff_max: Duration::from_millis(self.backoff_max_ms),
+            gap_buffer: Duration::from_millis(self.gap_buffer_ms),
+            max_session: self.max_session_ms.map(Duration::from_millis),
+            recycle_lead: Duration::from_millis(self.recycle_lead_ms),
+            quiet_for: Duration::from_millis(self.quiet_ms),
+            reply_timeout: Duration::from_millis(self.reply_timeout_ms.max(1)),
+        }
+    }
+}
+
 /// A character.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Character {
     /// Stable id used in the API.
@@ -118,6 +178,15 @@ pub struct Character {
     /// served in `GET /v1/characters`. Keys are emotions of the documented set.
     #[serde(default)]
     pub expressions: std::collections::BTreeMap<String, String>,
+    /// Instructions for a first reply spoken on connect (unset: the character waits for the user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub greeting: Option<String>,
+    /// Providers in order of preference (failover); empty: the session's provider.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<String>,
+    /// Tools the model may call (unset: every built-in tool; `[]`: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<String>>,
 }
 
 fn default_language() -> String {
@@ -141,6 +210,8 @@ impl Default for Config {
             session: SessionLimits::default(),
             media: MediaSettings::default(),
             scripted: ScriptedSettings::default(),
+            openai: OpenAiSettings::default(),
+            resilience: ResilienceSettings::default(),
             characters: Vec::new(),
         }
     }
@@ -190,7 +261,7 @@ impl SessionLimits {
 }
 
 /// Names of the providers this build knows.
-pub const KNOWN_PROVIDERS: &[&str] = &["scripted"];
+pub const KNOWN_PROVIDERS: &[&str] = &["scripted", "openai"];
 
 impl Config {
     /// Load `path` (or `kotodama.toml` when present), apply environment overrides, validate.
@@ -257,9 +328,17 @@ impl Config {
         if let Some(v) = non_empty("KOTODAMA_REDIS_URL") {
             self.redis_url = Some(v.trim().to_owned());
         }
+        if let Some(v) = non_empty("OPENAI_API_KEY") {
+            self.openai.api_key = Some(Secret::new(v.trim()));
+        }
+        if let Some(v) = non_empty("OPENAI_REALTIME_URL") {
+            self.openai.url = v.trim().to_owned();
+        }
+        if let Some(v) = non_empty("OPENAI_REALTIME_MODEL") {
+            self.openai.model = v.trim().to_owned();
+        }
         if self.provider.is_none() && non_empty("OPENAI_API_KEY").is_some() {
-            // The contract says OPENAI_API_KEY alone selects OpenAI Realtime. That provider is not in
-            // this build yet, so say so plainly rather than silently answering with another one.
+            // The contract: OPENAI_API_KEY alone selects OpenAI Realtime for new sessions.
             self.provider = Some("openai".into());
         }
         Ok(())
@@ -296,8 +375,13 @@ impl Config {
             return Err(err(
                 "KOTODAMA_PROVIDER",
                 format!("provider `{p}` is not available in this build (known: {})", KNOWN_PROVIDERS.join(", ")),
-                "set KOTODAMA_PROVIDER=scripted (or unset OPENAI_API_KEY until the OpenAI provider lands)",
+                "set KOTODAMA_PROVIDER to one of the known providers",
             ));
+        }
+        let uses_openai = self.provider.as_deref() == Some("openai")
+            || self.characters.iter().any(|c| c.providers.iter().any(|p| p == "openai"));
+        if uses_openai {
+            self.validate_openai()?;
         }
         if !(self.database_url.starts_with("sqlite:")
             || self.database_url.starts_with("postgres://")
@@ -350,6 +434,21 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for c in &self.characters {
+            let builtin = crate::providers::tools::ToolRegistry::builtin();
+            if let Some(t) = c.tools.iter().flatten().find(|t| !builtin.contains(t)) {
+                return Err(err(
+                    "characters.tools",
+                    format!("character `{}` lists unknown tool `{t}`", c.id),
+                    format!("use tools from: {}", builtin.names().join(", ")),
+                ));
+            }
+            if let Some(p) = c.providers.iter().find(|p| !KNOWN_PROVIDERS.contains(&p.as_str())) {
+                return Err(err(
+                    "characters.providers",
+                    format!("character `{}` lists unknown provider `{p}`", c.id),
+                    format!("use providers from: {}", KNOWN_PROVIDERS.join(", ")),
+                ));
+            }
             if c.id.is_empty() || !c.id.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
                 return Err(err(
                     "characters.id",
@@ -373,6 +472,48 @@ impl Config {
                     "give each character its own id",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Whether the OpenAI provider has what it needs to be offered (a key, or a non-OpenAI URL
+    /// such as a self-hosted compatible server).
+    pub fn openai_configured(&self) -> bool {
+        self.openai.api_key.as_ref().is_some_and(|k| !k.is_empty()) || !self.openai.url.contains("api.openai.com")
+    }
+
+    fn validate_openai(&self) -> Result<(), ConfigError> {
+        let o = &self.openai;
+        if !(o.url.starts_with("wss://") || o.url.starts_with("ws://")) {
+            return Err(err(
+                "openai.url",
+                format!("`{}` is not a WebSocket URL", o.url),
+                "use wss://host/path (OPENAI_REALTIME_URL)",
+            ));
+        }
+        if !self.openai_configured() {
+            return Err(err(
+                "OPENAI_API_KEY",
+                "the openai provider is selected but no API key is set",
+                "set OPENAI_API_KEY (or openai.api_key), or KOTODAMA_PROVIDER=scripted",
+            ));
+        }
+        if o.model.trim().is_empty() {
+            return Err(err(
+                "openai.model",
+                "empty",
+                "set a realtime model, e.g. gpt-realtime (OPENAI_REALTIME_MODEL)",
+            ));
+        }
+        if !matches!(o.input_rate_hz, 16_000 | 24_000) {
+            return Err(err(
+                "openai.input_rate_hz",
+                format!("{} Hz", o.input_rate_hz),
+                "use 24000 (OpenAI) or 16000 (Qwen-Omni)",
+            ));
+        }
+        if o.max_session_secs < 60 {
+            return Err(err("openai.max_session_secs", "below 60 s", "use 60..=3600 (OpenAI ends sessions at 60 min)"));
         }
         Ok(())
     }
@@ -416,6 +557,9 @@ impl Config {
             voice: default_voice(),
             persona: "You are Aiko, a cheerful and curious companion. Speak briefly and warmly.".into(),
             expressions: Default::default(),
+            greeting: None,
+            providers: Vec::new(),
+            tools: None,
         }]
     }
 }
@@ -460,11 +604,61 @@ mod tests {
     }
 
     #[test]
-    fn openai_key_alone_selects_openai_which_this_build_reports_missing() {
+    fn openai_key_alone_selects_openai() {
         let mut c = Config::default();
         c.apply_env(env(&[("OPENAI_API_KEY", "sk-test")])).unwrap();
         assert_eq!(c.provider.as_deref(), Some("openai"));
-        assert_eq!(c.validate().unwrap_err().key, "KOTODAMA_PROVIDER");
+        c.validate().unwrap();
+        assert_eq!(c.openai.api_key.as_ref().map(Secret::expose), Some("sk-test"));
+        assert!(!format!("{c:?}").contains("sk-test"), "the key never shows in Debug output");
+        assert_eq!(c.openai.full_url(), "wss://api.openai.com/v1/realtime?model=gpt-realtime");
+    }
+
+    #[test]
+    fn openai_env_overrides_url_and_model() {
+        let mut c = Config::default();
+        c.apply_env(env(&[
+            ("OPENAI_API_KEY", "k"),
+            ("OPENAI_REALTIME_URL", "wss://example.test/v1/realtime"),
+            ("OPENAI_REALTIME_MODEL", "gpt-realtime-mini"),
+        ]))
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.openai.full_url(), "wss://example.test/v1/realtime?model=gpt-realtime-mini");
+    }
+
+    #[test]
+    fn openai_selected_without_key_names_the_variable() {
+        let mut c = Config::default();
+        c.apply_env(env(&[("KOTODAMA_PROVIDER", "openai")])).unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "OPENAI_API_KEY");
+        let mut c = Config::from_toml("[openai]\napi_key = \"k\"\ninput_rate_hz = 44100\n").unwrap();
+        c.provider = Some("openai".into());
+        assert_eq!(c.validate().unwrap_err().key, "openai.input_rate_hz");
+        let c = Config::from_toml("[openai]\ndialect = \"beta\"\nturn_detection = \"semantic_vad\"\n").unwrap();
+        assert_eq!(c.openai.dialect, crate::providers::openai::protocol::Dialect::Beta);
+        assert!(Config::from_toml("[openai]\nturn_detection = \"magic\"\n").is_err());
+    }
+
+    #[test]
+    fn the_readme_example_configuration_parses_and_validates() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("# kotodama.toml").expect("README has the example");
+        let end = start + readme[start..].find("```").expect("the example block ends");
+        let c = Config::from_toml(&readme[start..end]).unwrap_or_else(|e| panic!("README example: {e}"));
+        c.validate().unwrap();
+        assert_eq!(c.resilience.reply_timeout_ms, 15_000);
+        assert_eq!(c.openai.turn_detection, crate::providers::openai::protocol::TurnDetection::ServerVad);
+    }
+
+    #[test]
+    fn character_provider_lists_must_name_known_providers() {
+        let c = Config::from_toml("[[characters]]\nid = \"a\"\nname = \"A\"\nproviders = [\"scripted\", \"nope\"]\n")
+            .unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "characters.providers");
+        let c =
+            Config::from_toml("[[characters]]\nid = \"a\"\nname = \"A\"\ntools = [\"get_time\", \"nuke\"]\n").unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "characters.tools");
     }
 
     #[test]

@@ -17,7 +17,11 @@ use crate::session::SessionManager;
 pub fn providers_for(config: &Config) -> anyhow::Result<Vec<Arc<dyn RealtimeProvider>>> {
     let mut script = ScriptedConfig::builtin()?;
     script.response_delay = Duration::from_millis(config.scripted.response_delay_ms);
-    Ok(vec![Arc::new(ScriptedProvider::new(script))])
+    let mut providers: Vec<Arc<dyn RealtimeProvider>> = vec![Arc::new(ScriptedProvider::new(script))];
+    if config.openai_configured() {
+        providers.push(Arc::new(crate::providers::openai::OpenAiProvider::new(config.openai.clone())));
+    }
+    Ok(providers)
 }
 
 /// A node serving HTTP in the background.

@@ -10,8 +10,12 @@
 //! Provider sessions are fallible and may end at any time; the session task treats
 //! [`ProviderEvent::Closed`] and a closed event channel alike.
 
+pub mod openai;
+pub mod resilient;
 pub mod scripted;
+pub mod tools;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -65,6 +69,20 @@ pub struct SessionConfig {
     pub voice: String,
     /// Language tag, e.g. `en-US`.
     pub language: String,
+    /// The conversation so far, replayed into a fresh provider session (reconnect, recycling,
+    /// failover). Agent turns hold what the user heard, never more.
+    pub history: Vec<HistoryItem>,
+    /// The tools the model may call.
+    pub tools: Arc<tools::ToolRegistry>,
+}
+
+/// A past turn, replayed into a fresh provider session as context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryItem {
+    /// What the user said.
+    User(String),
+    /// What the agent said, as heard.
+    Agent(String),
 }
 
 /// Commands from the session task to a provider session.
@@ -77,6 +95,11 @@ pub enum ProviderCommand {
     CommitTurn,
     /// A typed user message: answer it.
     Text(String),
+    /// Speak now without user input (a greeting), with optional per-reply instructions.
+    GenerateReply {
+        /// Instructions for this reply only.
+        instructions: Option<String>,
+    },
     /// Stop generating the current response (barge-in or the client's `interrupt`).
     Cancel,
     /// Cut the agent item to what the user heard, so the model's context holds only that.
@@ -86,6 +109,9 @@ pub enum ProviderCommand {
         /// Milliseconds of that item's audio the user actually received.
         audio_end: Duration,
     },
+    /// Add turns to the model's context without answering (used when a pre-opened session takes
+    /// over and turns happened after its history was taken).
+    AppendHistory(Vec<HistoryItem>),
     /// End the provider session.
     Close,
 }
@@ -162,6 +188,15 @@ pub enum ProviderEvent {
         message: String,
         /// Whether a reconnect may help.
         retryable: bool,
+    },
+    /// Something the client should know that is not a failure of its request: the provider
+    /// session was reconnected, recycled or failed over (codes `provider_reconnecting`,
+    /// `provider_reconnected`, `provider_recycled`, `provider_failover`).
+    Notice {
+        /// Short machine-readable code.
+        code: String,
+        /// Human-readable message.
+        message: String,
     },
     /// The provider session ended.
     Closed,

@@ -15,8 +15,8 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::{
-    AudioFormat, COMMAND_CHANNEL_CAPACITY, Capabilities, EVENT_CHANNEL_CAPACITY, Pcm, ProviderCommand, ProviderError,
-    ProviderEvent, ProviderSession, RealtimeProvider, SessionConfig, Speaker,
+    AudioFormat, COMMAND_CHANNEL_CAPACITY, Capabilities, EVENT_CHANNEL_CAPACITY, HistoryItem, Pcm, ProviderCommand,
+    ProviderError, ProviderEvent, ProviderSession, RealtimeProvider, SessionConfig, Speaker,
 };
 
 /// The built-in reply: espeak-ng speech, 24 kHz mono.
@@ -87,6 +87,7 @@ struct RecorderState {
     truncations: Vec<(String, Duration)>,
     cancels: usize,
     texts: Vec<String>,
+    histories: Vec<Vec<HistoryItem>>,
 }
 
 impl ScriptRecorder {
@@ -105,6 +106,10 @@ impl ScriptRecorder {
     /// How many `Cancel` commands arrived.
     pub fn cancels(&self) -> usize {
         self.lock().cancels
+    }
+    /// The history each session of this provider was opened with, in connect order.
+    pub fn histories(&self) -> Vec<Vec<HistoryItem>> {
+        self.lock().histories.clone()
     }
     /// Typed texts received.
     pub fn texts(&self) -> Vec<String> {
@@ -170,6 +175,9 @@ impl RealtimeProvider for ScriptedProvider {
             if config.replies.is_empty() {
                 return Err(ProviderError::Config("scripted provider has no replies".into()));
             }
+            if let Some(rec) = &recorder {
+                rec.lock().histories.push(cfg.history.clone());
+            }
             let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
             let (ev_tx, ev_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
             tokio::spawn(run(config, recorder, cfg.session_id, cmd_rx, ev_tx));
@@ -208,7 +216,7 @@ async fn run(
                     ProviderCommand::AppendAudio(pcm) => {
                         if let Some(rec) = &recorder { rec.record_audio(&pcm); }
                     }
-                    ProviderCommand::CommitTurn | ProviderCommand::Text(_) => {
+                    ProviderCommand::CommitTurn | ProviderCommand::Text(_) | ProviderCommand::GenerateReply { .. } => {
                         if let ProviderCommand::Text(t) = &cmd {
                             if let Some(rec) = &recorder { rec.lock().texts.push(t.clone()); }
                             let ev = ProviderEvent::Transcript {
@@ -218,7 +226,7 @@ async fn run(
                                 is_final: true,
                             };
                             if events.send(ev).await.is_err() { break; }
-                        } else if let Some(rec) = &recorder {
+                        } else if let (ProviderCommand::CommitTurn, Some(rec)) = (&cmd, &recorder) {
                             rec.commit();
                         }
                         let idx = turn_no % config.replies.len();
@@ -235,6 +243,13 @@ async fn run(
                     }
                     ProviderCommand::Truncate { item_id, audio_end } => {
                         if let Some(rec) = &recorder { rec.lock().truncations.push((item_id, audio_end)); }
+                    }
+                    ProviderCommand::AppendHistory(items) => {
+                        if let Some(rec) = &recorder
+                            && let Some(h) = rec.lock().histories.last_mut()
+                        {
+                            h.extend(items);
+                        }
                     }
                     ProviderCommand::Close => break,
                 }

@@ -302,6 +302,8 @@ pub struct SessionManager {
     draining: AtomicBool,
     peer_settings: PeerSettings,
     media: MediaDefaults,
+    /// The tools every character's model may call (built-ins for now).
+    tools: Arc<crate::providers::tools::ToolRegistry>,
 }
 
 impl SessionManager {
@@ -345,6 +347,7 @@ impl SessionManager {
             draining: AtomicBool::new(false),
             peer_settings,
             media,
+            tools: Arc::new(crate::providers::tools::ToolRegistry::builtin()),
         })
     }
 
@@ -385,7 +388,10 @@ impl SessionManager {
                 .ok_or_else(|| SessionError::UnknownCharacter(id.to_owned()))?,
             None => self.characters.first().ok_or_else(|| SessionError::UnknownCharacter(String::new()))?,
         };
-        let provider = provider.unwrap_or(&self.default_provider);
+        let provider = match provider {
+            Some(p) => p,
+            None => character.providers.first().map(String::as_str).unwrap_or(&self.default_provider),
+        };
         if !self.providers.contains_key(provider) {
             return Err(SessionError::UnknownProvider(provider.to_owned()));
         }
@@ -468,17 +474,27 @@ impl SessionManager {
         shared: &Arc<SessionShared>,
         offer_sdp: String,
     ) -> Result<(String, String, String), SessionError> {
-        let provider = self
-            .providers
-            .get(&shared.provider)
-            .cloned()
-            .ok_or_else(|| SessionError::UnknownProvider(shared.provider.clone()))?;
         let character = self
             .characters
             .iter()
             .find(|c| c.id == shared.character)
             .cloned()
             .ok_or_else(|| SessionError::UnknownCharacter(shared.character.clone()))?;
+        // The session's provider first, then the character's other providers (failover), each once;
+        // providers this node does not offer (e.g. openai without a key) are skipped.
+        let mut chain: Vec<Arc<dyn RealtimeProvider>> = Vec::new();
+        for name in std::iter::once(&shared.provider).chain(character.providers.iter()) {
+            if let Some(p) = self.providers.get(name)
+                && !chain.iter().any(|c| c.name() == name)
+            {
+                chain.push(Arc::clone(p));
+            }
+        }
+        if chain.is_empty() {
+            return Err(SessionError::UnknownProvider(shared.provider.clone()));
+        }
+        let provider = crate::providers::resilient::ResilientProvider::new(chain, self.config.resilience.policy())
+            .map_err(|e| SessionError::Internal(e.to_string()))?;
         let input_rate_hz = provider.input_format().rate_hz;
         let uplink = media::Uplink::new(media::UplinkConfig {
             output_rate_hz: input_rate_hz,
@@ -503,6 +519,11 @@ impl SessionManager {
             instructions: character.persona.clone(),
             voice: character.voice.clone(),
             language: character.language.clone(),
+            history: Vec::new(),
+            tools: match &character.tools {
+                Some(names) => Arc::new(self.tools.only(names)),
+                None => Arc::clone(&self.tools),
+            },
         };
         // Open the model session and the peer concurrently: the client waits for both.
         let (provider_session, answered) =
@@ -541,6 +562,7 @@ impl SessionManager {
             playout,
             barge_in: media::BargeIn::default(),
             speech: speech::AgentSpeech::new(true),
+            greeting: character.greeting.clone(),
         };
         {
             let mut st = shared.lock();

@@ -278,19 +278,26 @@ impl AgentSpeech {
         }
     }
 
-    /// The item was fully played: release what is left and return (item id, final text).
-    pub fn finish(&mut self, out: &mut Vec<ServerEvent>) -> Option<(String, String)> {
+    /// The item's playout is over: release what is left and return (item id, final text, whether
+    /// the reply was complete). A reply whose audio never completed (the provider went away
+    /// mid-reply) ends with the words that were heard, like a barge-in.
+    pub fn finish(&mut self, out: &mut Vec<ServerEvent>) -> Option<(String, String, bool)> {
         let item = self.item.take()?;
         self.marks.flush_item(&item.id, out);
         self.words.drop_item(&item.id);
-        let text = item.final_text.unwrap_or_else(|| item.words.join(" "));
+        let complete = item.audio_done || item.audio.is_zero();
+        let text = if complete {
+            item.final_text.unwrap_or_else(|| item.words.join(" "))
+        } else {
+            item.words[..item.released].join(" ")
+        };
         out.push(ServerEvent::Transcript {
             role: Role::Agent,
             item_id: item.id.clone(),
             text: text.clone(),
             is_final: true,
         });
-        Some((item.id, text))
+        Some((item.id, text, complete))
     }
 
     /// Barge-in: drop everything not yet reached; returns (item id, the text the user heard).
@@ -395,8 +402,21 @@ mod tests {
         let said = texts(&evs).pop().unwrap();
         assert_eq!(said, "Hello there! That is sad.");
         let mut out = Vec::new();
-        let (_, final_text) = s.finish(&mut out).unwrap();
+        let (_, final_text, _) = s.finish(&mut out).unwrap();
         assert_eq!(final_text, "Hello there! That is sad.", "the stored text has no stage directions");
+    }
+
+    #[test]
+    fn a_reply_whose_audio_never_completed_ends_with_what_was_heard() {
+        let mut s = AgentSpeech::new(false);
+        let mut out = Vec::new();
+        s.on_text("a", "one two three four five six", true, &mut out);
+        s.on_audio("a", PcmRef::new(24_000, &vec![0i16; 24_000]), &mut out);
+        play(&mut s, "a", Duration::from_millis(300));
+        let mut out = Vec::new();
+        let (_, text, complete) = s.finish(&mut out).unwrap();
+        assert!(!complete);
+        assert_eq!(text, "one two", "only the heard words");
     }
 
     #[test]
@@ -405,8 +425,9 @@ mod tests {
         let mut out = Vec::new();
         s.on_emotion("a", Emotion::Happy, &mut out);
         s.on_text("a", "hi there", true, &mut out);
-        let (_, text) = s.finish(&mut out).unwrap();
+        let (_, text, complete) = s.finish(&mut out).unwrap();
         assert_eq!(text, "hi there");
+        assert!(complete, "a text-only reply is complete");
         assert!(matches!(out[0], ServerEvent::Emotion { .. }));
         assert!(matches!(&out[1], ServerEvent::Transcript { is_final: true, .. }));
     }

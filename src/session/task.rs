@@ -42,6 +42,8 @@ pub(crate) struct SessionTask {
     pub playout: Playout,
     pub barge_in: BargeIn,
     pub speech: AgentSpeech,
+    /// Instructions for a reply the character speaks first, once the client and the model are up.
+    pub greeting: Option<String>,
 }
 
 /// Mutable per-session state outside the media parts.
@@ -52,6 +54,8 @@ struct Conversation {
     state: AgentState,
     /// The agent item currently being played or prepared.
     agent_item: Option<String>,
+    /// The greeting was asked for.
+    greeted: bool,
     /// An item we cut: its late audio and transcript are dropped.
     cancelled_item: Option<String>,
     /// The provider said the response is complete; we go back to listening when playout drains.
@@ -108,6 +112,7 @@ impl SessionTask {
             provider_ready: false,
             state: AgentState::Initializing,
             agent_item: None,
+            greeted: false,
             cancelled_item: None,
             response_done: false,
             uplink_dropped: 0,
@@ -238,6 +243,20 @@ impl SessionTask {
         self.emit(conv, ServerEvent::State { state: AgentState::Initializing }).await;
         if conv.provider_ready {
             self.set_state(conv, AgentState::Listening).await;
+            self.maybe_greet(conv).await;
+        }
+    }
+
+    /// Speak first (the character's greeting) once the client listens and the model is ready.
+    async fn maybe_greet(&mut self, conv: &mut Conversation) {
+        if conv.greeted || !conv.ready_sent || !conv.provider_ready {
+            return;
+        }
+        let Some(instructions) = self.greeting.clone() else { return };
+        conv.greeted = true;
+        let cmd = ProviderCommand::GenerateReply { instructions: Some(instructions) };
+        if self.provider.commands.try_send(cmd).is_ok() {
+            self.set_state(conv, AgentState::Thinking).await;
         }
     }
 
@@ -291,8 +310,8 @@ impl SessionTask {
         if conv.response_done && !self.playout.is_active() {
             conv.response_done = false;
             conv.agent_item = None;
-            if let Some((_, text)) = self.speech.finish(&mut conv.due) {
-                self.shared.push_turn(Role::Agent, &text, false);
+            if let Some((_, text, complete)) = self.speech.finish(&mut conv.due) {
+                self.shared.push_turn(Role::Agent, &text, !complete);
             }
             self.emit_due(conv).await;
             if conv.state == AgentState::Speaking || conv.state == AgentState::Thinking {
@@ -498,6 +517,7 @@ impl SessionTask {
                 conv.provider_ready = true;
                 if conv.ready_sent {
                     self.set_state(conv, AgentState::Listening).await;
+                    self.maybe_greet(conv).await;
                 }
             }
             ProviderEvent::AudioDelta { item_id, pcm } => {
@@ -578,6 +598,10 @@ impl SessionTask {
             ProviderEvent::Error { code, message, retryable } => {
                 telemetry::add_with(telemetry::PROVIDER_ERRORS, "provider", self.provider_name.clone(), 1);
                 tracing::warn!(session_id = %self.shared.id, %code, %message, retryable, "provider error");
+                self.emit(conv, ServerEvent::Error { code, message }).await;
+            }
+            ProviderEvent::Notice { code, message } => {
+                tracing::info!(session_id = %self.shared.id, %code, %message, "provider notice");
                 self.emit(conv, ServerEvent::Error { code, message }).await;
             }
             ProviderEvent::Closed => {

@@ -2,6 +2,8 @@
 //! that speaks Opus (real libopus) and records what it hears and every event it receives.
 #![allow(dead_code)]
 
+pub mod fake_openai;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,9 +87,26 @@ impl TestServer {
         script.response_delay = Duration::from_millis(config.scripted.response_delay_ms);
         let provider: Arc<dyn RealtimeProvider> =
             Arc::new(ScriptedProvider::new(script).with_recorder(Arc::clone(&recorder)));
-        let server = kotodama::server::start(config, vec![provider]).await.expect("server starts");
+        let mut providers = vec![provider];
+        if config.openai_configured() {
+            providers.push(Arc::new(kotodama::providers::openai::OpenAiProvider::new(config.openai.clone())));
+        }
+        let server = kotodama::server::start(config, providers).await.expect("server starts");
         let base = format!("http://{}", server.addr());
         TestServer { server, recorder, base, http: reqwest::Client::new() }
+    }
+
+    /// A server whose sessions use the OpenAI provider pointed at `url` (a fake), the scripted
+    /// provider also available (failover); `tweak` adjusts the rest.
+    pub async fn start_openai(url: &str, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let url = url.to_owned();
+        Self::start_with(move |c| {
+            c.openai.url = url;
+            c.openai.api_key = Some(kotodama::config::Secret::new("sk-test-key"));
+            c.provider = Some("openai".into());
+            tweak(c);
+        })
+        .await
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -112,7 +131,7 @@ impl TestServer {
 #[derive(Debug, Clone)]
 pub enum Received {
     /// An agent audio packet, decoded.
-    Audio { at: Instant, samples: usize, rms: f64, marker: bool },
+    Audio { at: Instant, samples: usize, rms: f64, marker: bool, rtp_ts: u32 },
     /// A data-channel event.
     Event { at: Instant, event: Value },
 }
@@ -169,7 +188,13 @@ impl PeerConnectionEventHandler for ClientHandler {
                     let mut ib = inbox.lock().unwrap();
                     let r = rms(&pcm[..n]);
                     ib.agent_pcm.extend_from_slice(&pcm[..n]);
-                    ib.log.push(Received::Audio { at: Instant::now(), samples: n, rms: r, marker: p.header.marker });
+                    ib.log.push(Received::Audio {
+                        at: Instant::now(),
+                        samples: n,
+                        rms: r,
+                        marker: p.header.marker,
+                        rtp_ts: p.header.timestamp,
+                    });
                 }
             }
         });

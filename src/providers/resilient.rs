@@ -1,0 +1,809 @@
+//! Resilience above the provider trait: reconnect, make-before-break recycling and failover, once
+//! for every provider.
+//!
+//! [`ResilientProvider`] wraps an ordered list of providers (the first is preferred; the rest are
+//! failover targets) and is itself a [`RealtimeProvider`], so the session task sees one logical
+//! provider session whatever happens underneath. One supervisor task per session owns the live
+//! inner session and `select!`s over: commands from the session task, the inner session's events,
+//! the next session being opened in the background (recycling), and the reconnect timer.
+//!
+//! What it keeps, as the single owner:
+//! - the conversation context: user finals, agent text *as heard* (a `Truncate` cuts the agent
+//!   turn by transcript timing, in proportion to the audio heard), bounded to the most recent
+//!   [`MAX_CONTEXT_ITEMS`] items / [`MAX_CONTEXT_CHARS`] characters (older turns are dropped, not
+//!   summarised);
+//! - whether a reply is in flight (a turn was committed or text sent, until `ResponseDone`) and
+//!   when the user last made a sound (from the uplink audio's energy).
+//!
+//! Invariants:
+//! - Reconnect (socket dropped, `Closed`, or a `session_expired` error): the WebRTC leg stays up;
+//!   the client gets a `provider_reconnecting` notice; a reply cut mid-way is closed for the task
+//!   (`AudioDone` + `ResponseDone`) and kept in the context as heard; the new session gets the
+//!   context as history and is **never** asked to repeat an agent turn. Only a user turn that got
+//!   no agent audio at all is answered again (`GenerateReply`), so no turn is lost either. Attempts
+//!   back off with jitter (base x 2^n, x0.5..1.5, capped); after
+//!   [`ResiliencePolicy::attempts_per_provider`] failed attempts, or as many drops within
+//!   [`FLAPPING_WINDOW`], the next provider is tried (`provider_failover`); when none is left the
+//!   session gets a final error and `Closed`.
+//! - User audio during the gap is buffered up to [`ResiliencePolicy::gap_buffer`] (oldest dropped
+//!   first and counted) and sent to the new session; other commands are queued (bounded).
+//! - Recycling: [`ResiliencePolicy::recycle_lead`] before the inner provider's `max_session`, the
+//!   next session is opened in the background with the context so far; it replaces the live one at
+//!   the first turn boundary (no reply in flight and the user quiet for
+//!   [`ResiliencePolicy::quiet_for`]), with the turns added meanwhile appended as history. A reply
+//!   in flight is never cut by a swap, and an utterance only when it runs a whole lead time past
+//!   the limit.
+//!   Audio already handed to the session task keeps playing, so the user hears no gap.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{
+    AudioFormat, COMMAND_CHANNEL_CAPACITY, Capabilities, EVENT_CHANNEL_CAPACITY, HistoryItem, Pcm, ProviderCommand,
+    ProviderError, ProviderEvent, ProviderSession, RealtimeProvider, SessionConfig, Speaker,
+};
+
+/// Context items kept for replay.
+pub const MAX_CONTEXT_ITEMS: usize = 40;
+/// Characters of context kept for replay.
+pub const MAX_CONTEXT_CHARS: usize = 16_000;
+/// Commands (other than audio) queued while reconnecting.
+const MAX_QUEUED_COMMANDS: usize = 16;
+/// Drops of one provider within this window count towards failing over from it.
+const FLAPPING_WINDOW: Duration = Duration::from_secs(120);
+/// Uplink audio louder than this (RMS) counts as the user making a sound.
+const VOICE_RMS: f64 = 500.0;
+
+/// How the wrapper reacts to trouble.
+#[derive(Debug, Clone)]
+pub struct ResiliencePolicy {
+    /// Connect attempts per provider before failing over to the next.
+    pub attempts_per_provider: u32,
+    /// First reconnect delay.
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// User audio kept while reconnecting.
+    pub gap_buffer: Duration,
+    /// Override of the providers' `max_session` (None: each provider's own).
+    pub max_session: Option<Duration>,
+    /// Open the next session this long before the limit.
+    pub recycle_lead: Duration,
+    /// Silence required before a recycle swap.
+    pub quiet_for: Duration,
+    /// A requested reply (`GenerateReply`, `Text`) that shows no sign of life this long is given
+    /// up: the client gets a `reply_timeout` error and the agent listens again.
+    pub reply_timeout: Duration,
+}
+
+impl Default for ResiliencePolicy {
+    fn default() -> Self {
+        Self {
+            attempts_per_provider: 3,
+            backoff_base: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(5),
+            gap_buffer: Duration::from_secs(5),
+            max_session: None,
+            recycle_lead: Duration::from_secs(60),
+            quiet_for: Duration::from_millis(1500),
+            reply_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// A provider list with reconnect, recycling and failover.
+pub struct ResilientProvider {
+    chain: Vec<Arc<dyn RealtimeProvider>>,
+    policy: ResiliencePolicy,
+}
+
+impl ResilientProvider {
+    /// Wrap `chain` (non-empty; every provider must take the first one's input rate).
+    pub fn new(chain: Vec<Arc<dyn RealtimeProvider>>, policy: ResiliencePolicy) -> Result<Self, ProviderError> {
+        let first = chain.first().ok_or_else(|| ProviderError::Config("no provider to wrap".into()))?;
+        let rate = first.input_format().rate_hz;
+        if let Some(p) = chain.iter().find(|p| p.input_format().rate_hz != rate) {
+            return Err(ProviderError::Config(format!(
+                "failover provider `{}` takes {} Hz input but `{}` takes {rate} Hz; list providers with one input rate",
+                p.name(),
+                p.input_format().rate_hz,
+                first.name()
+            )));
+        }
+        Ok(Self { chain, policy })
+    }
+}
+
+impl RealtimeProvider for ResilientProvider {
+    fn name(&self) -> &str {
+        self.chain[0].name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            // The session task always reports the end of the user's turn; the supervisor passes it
+            // on only to inner providers without their own turn detection.
+            server_vad: false,
+            truncation: true,
+            user_transcripts: self.chain.iter().any(|p| p.capabilities().user_transcripts),
+            tools: self.chain.iter().any(|p| p.capabilities().tools),
+            max_session: None,
+        }
+    }
+
+    fn input_format(&self) -> AudioFormat {
+        self.chain[0].input_format()
+    }
+
+    fn connect(&self, cfg: SessionConfig) -> BoxFuture<'static, Result<ProviderSession, ProviderError>> {
+        let chain = self.chain.clone();
+        let policy = self.policy.clone();
+        async move {
+            // The first session: each provider once, in order (the client is waiting for its answer).
+            let mut last_err = None;
+            for (idx, p) in chain.iter().enumerate() {
+                match p.connect(cfg.clone()).await {
+                    Ok(inner) => {
+                        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
+                        let (ev_tx, ev_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+                        let sup = Supervisor::new(chain, policy, cfg, idx, inner, ev_tx);
+                        if idx > 0 {
+                            let notice = failover_notice(&sup.chain[0..idx], sup.chain[idx].name());
+                            let _ = sup.events.try_send(notice);
+                        }
+                        tokio::spawn(sup.run(cmd_rx));
+                        return Ok(ProviderSession { commands: cmd_tx, events: ev_rx });
+                    }
+                    Err(e) => {
+                        tracing::warn!(session_id = %cfg.session_id, provider = %p.name(), error = %e, "provider connect failed");
+                        last_err = Some(e);
+                    }
+                }
+            }
+            Err(last_err.unwrap_or_else(|| ProviderError::Config("no provider".into())))
+        }
+        .boxed()
+    }
+}
+
+fn failover_notice(failed: &[Arc<dyn RealtimeProvider>], to: &str) -> ProviderEvent {
+    let from: Vec<&str> = failed.iter().map(|p| p.name()).collect();
+    ProviderEvent::Notice {
+        code: "provider_failover".into(),
+        message: format!("model provider {} unavailable; continuing with {to}", from.join(", ")),
+    }
+}
+
+/// Cut `text` to the part heard: the share of its words equal to `heard / total` audio.
+pub fn cut_to_heard(text: &str, heard: Duration, total: Duration) -> String {
+    if total.is_zero() || heard >= total {
+        return text.trim().to_owned();
+    }
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let n = ((words.len() as f64) * heard.as_secs_f64() / total.as_secs_f64()).round() as usize;
+    words[..n.min(words.len())].join(" ")
+}
+
+/// The agent reply being received.
+#[derive(Debug, Default)]
+struct AgentReply {
+    item_id: String,
+    text: String,
+    audio: Duration,
+    /// Already stored in the context (final or truncation).
+    stored: bool,
+}
+
+struct Live {
+    session: ProviderSession,
+    idx: usize,
+    started: Instant,
+    server_vad: bool,
+    truncation: bool,
+    /// Its `Ready` is not forwarded again after a swap.
+    swallow_ready: bool,
+}
+
+/// The next session being opened in the background (a task, so the supervisor stays `Sync`-free
+/// of futures and the attempt is aborted with it).
+type Opening = tokio::task::JoinHandle<(usize, Result<ProviderSession, ProviderError>)>;
+
+struct Supervisor {
+    chain: Vec<Arc<dyn RealtimeProvider>>,
+    policy: ResiliencePolicy,
+    cfg: SessionConfig,
+    events: mpsc::Sender<ProviderEvent>,
+    live: Option<Live>,
+    context: VecDeque<HistoryItem>,
+    /// Context items appended since the next session's snapshot was taken.
+    added_since_snapshot: Vec<HistoryItem>,
+    reply: Option<AgentReply>,
+    /// A user turn is waiting for (or getting) its reply.
+    responding: bool,
+    /// Agent audio of the current reply has been forwarded.
+    reply_audio_seen: bool,
+    /// Text sent by the client, to recognise the provider's echo of it as a user transcript.
+    text_echo: Option<String>,
+    /// Audio time since the session started, by uplink samples (the wrapper's clock for quiet).
+    uplink_time: Duration,
+    last_voice: Duration,
+    /// The user spoke since the last end of turn: the live session's input buffer holds an
+    /// utterance a swap would lose.
+    uncommitted_speech: bool,
+    // Reconnect state.
+    attempt: u32,
+    /// The provider to try next.
+    pending_idx: usize,
+    /// The provider that was live when the outage began (a different one is a failover).
+    first_idx_of_outage: usize,
+    /// Recent drops of the live provider: one that keeps dropping is failed over from.
+    drops: VecDeque<Instant>,
+    reconnect_at: Option<Instant>,
+    gap_audio: VecDeque<Pcm>,
+    gap_audio_len: Duration,
+    gap_dropped: u64,
+    /// Uplink chunks the live inner session had no room for.
+    audio_dropped: u64,
+    queued: VecDeque<ProviderCommand>,
+    answer_after_reconnect: bool,
+    // Recycling state.
+    next: Option<(usize, ProviderSession)>,
+    opening: Option<Opening>,
+    /// After a failed pre-open, do not try again before this.
+    open_not_before: Option<Instant>,
+    /// A requested reply must show a sign of life before this.
+    reply_deadline: Option<Instant>,
+}
+
+impl Supervisor {
+    fn new(
+        chain: Vec<Arc<dyn RealtimeProvider>>,
+        policy: ResiliencePolicy,
+        cfg: SessionConfig,
+        idx: usize,
+        inner: ProviderSession,
+        events: mpsc::Sender<ProviderEvent>,
+    ) -> Self {
+        let caps = chain[idx].capabilities();
+        let context = cfg.history.iter().cloned().collect();
+        Self {
+            live: Some(Live {
+                session: inner,
+                idx,
+                started: Instant::now(),
+                server_vad: caps.server_vad,
+                truncation: caps.truncation,
+                swallow_ready: false,
+            }),
+            chain,
+            policy,
+            cfg,
+            events,
+            context,
+            added_since_snapshot: Vec::new(),
+            reply: None,
+            responding: false,
+            reply_audio_seen: false,
+            text_echo: None,
+            uplink_time: Duration::ZERO,
+            last_voice: Duration::ZERO,
+            uncommitted_speech: false,
+            attempt: 0,
+            pending_idx: idx,
+            first_idx_of_outage: idx,
+            drops: VecDeque::new(),
+            reconnect_at: None,
+            gap_audio: VecDeque::new(),
+            gap_audio_len: Duration::ZERO,
+            gap_dropped: 0,
+            audio_dropped: 0,
+            queued: VecDeque::new(),
+            answer_after_reconnect: false,
+            next: None,
+            opening: None,
+            open_not_before: None,
+            reply_deadline: None,
+        }
+    }
+
+    fn max_session(&self, idx: usize) -> Option<Duration> {
+        self.policy.max_session.or(self.chain[idx].capabilities().max_session)
+    }
+
+    /// When to start opening the next session, and the hard limit.
+    fn recycle_times(&self) -> Option<(Instant, Instant)> {
+        let live = self.live.as_ref()?;
+        let max = self.max_session(live.idx)?;
+        let limit = live.started + max;
+        Some((limit - self.policy.recycle_lead.min(max / 2), limit))
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<ProviderCommand>) {
+        loop {
+            let recycle = self.recycle_times();
+            let open_at = recycle
+                .filter(|_| self.next.is_none() && self.opening.is_none())
+                .map(|(at, _)| self.open_not_before.map_or(at, |nb| nb.max(at)));
+            // With the next session ready, wake at the limit and at the forced-swap time (the
+            // quiet condition changes with uplink audio, which wakes the loop anyway). Only future
+            // instants: a past one would spin the loop.
+            let now = Instant::now();
+            let limit = recycle
+                .filter(|_| self.next.is_some())
+                .and_then(|(_, l)| [l, l + self.policy.recycle_lead].into_iter().find(|t| *t > now));
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => match cmd {
+                    None | Some(ProviderCommand::Close) => break,
+                    Some(cmd) => self.on_command(cmd).await,
+                },
+                ev = recv_live(&mut self.live) => match ev {
+                    Some(ev) => self.on_inner_event(ev).await,
+                    None => self.on_drop("the model session ended").await,
+                },
+                (idx, res) = poll_opt(&mut self.opening) => {
+                    self.opening = None;
+                    match res {
+                        Ok(s) => self.next = Some((idx, s)),
+                        Err(e) => {
+                            // Try again at the next turn; the live session is still fine.
+                            tracing::warn!(session_id = %self.cfg.session_id, error = %e, "opening the next provider session failed");
+                            self.open_not_before = Some(Instant::now() + self.policy.recycle_lead / 4);
+                        }
+                    }
+                }
+                _ = sleep_until_opt(open_at) => self.start_opening_next(),
+                _ = sleep_until_opt(limit) => {}
+                _ = sleep_until_opt(self.reconnect_at) => self.reconnect().await,
+                _ = sleep_until_opt(self.reply_deadline) => self.on_reply_timeout().await,
+            }
+            if self.live.is_none() && self.reconnect_at.is_none() {
+                break;
+            }
+            self.maybe_swap().await;
+        }
+        if let Some(live) = self.live.take() {
+            let _ = live.session.commands.try_send(ProviderCommand::Close);
+        }
+        if let Some((_, next)) = self.next.take() {
+            let _ = next.commands.try_send(ProviderCommand::Close);
+        }
+        if let Some(opening) = self.opening.take() {
+            opening.abort();
+        }
+        if self.gap_dropped > 0 || self.audio_dropped > 0 {
+            tracing::info!(
+                session_id = %self.cfg.session_id,
+                dropped_while_reconnecting = self.gap_dropped,
+                dropped_provider_full = self.audio_dropped,
+                "user audio chunks dropped"
+            );
+        }
+    }
+
+    fn push_context(&mut self, item: HistoryItem) {
+        let text_len = |i: &HistoryItem| match i {
+            HistoryItem::User(t) | HistoryItem::Agent(t) => t.len(),
+        };
+        if text_len(&item) == 0 {
+            return;
+        }
+        self.added_since_snapshot.push(item.clone());
+        if self.added_since_snapshot.len() > MAX_CONTEXT_ITEMS {
+            self.added_since_snapshot.remove(0);
+        }
+        self.context.push_back(item);
+        while self.context.len() > MAX_CONTEXT_ITEMS
+            || self.context.iter().map(text_len).sum::<usize>() > MAX_CONTEXT_CHARS
+        {
+            self.context.pop_front();
+        }
+    }
+
+    fn history(&self) -> Vec<HistoryItem> {
+        self.context.iter().cloned().collect()
+    }
+
+    async fn emit(&self, ev: ProviderEvent) {
+        let _ = self.events.send(ev).await;
+    }
+
+    // --- commands from the session task ---
+
+    async fn on_command(&mut self, cmd: ProviderCommand) {
+        match &cmd {
+            ProviderCommand::AppendAudio(pcm) => {
+                self.uplink_time += Duration::from_secs_f64(pcm.samples.len() as f64 / f64::from(pcm.rate_hz.max(1)));
+                if rms(&pcm.samples) > VOICE_RMS {
+                    self.last_voice = self.uplink_time;
+                    self.uncommitted_speech = true;
+                }
+            }
+            ProviderCommand::CommitTurn => {
+                // Our VAD saw the end of the turn (a server VAD commits at about the same time).
+                self.uncommitted_speech = false;
+                if self.live.as_ref().is_some_and(|l| l.server_vad) {
+                    return;
+                }
+                self.responding = true;
+                self.reply_audio_seen = false;
+            }
+            ProviderCommand::Text(t) => {
+                self.reply_deadline = Some(Instant::now() + self.policy.reply_timeout);
+                self.push_context(HistoryItem::User(t.clone()));
+                self.text_echo = Some(t.clone());
+                self.responding = true;
+                self.reply_audio_seen = false;
+            }
+            ProviderCommand::GenerateReply { .. } => {
+                self.reply_deadline = Some(Instant::now() + self.policy.reply_timeout);
+                self.responding = true;
+                self.reply_audio_seen = false;
+            }
+            ProviderCommand::Truncate { item_id, audio_end } => {
+                if let Some(r) = self.reply.as_mut().filter(|r| &r.item_id == item_id && !r.stored) {
+                    r.stored = true;
+                    let heard = cut_to_heard(&r.text, *audio_end, r.audio);
+                    self.push_context(HistoryItem::Agent(heard));
+                }
+                self.responding = false;
+                if self.live.as_ref().is_some_and(|l| !l.truncation) {
+                    return;
+                }
+            }
+            ProviderCommand::Cancel => {
+                self.responding = false;
+            }
+            ProviderCommand::Close | ProviderCommand::AppendHistory(_) => {}
+        }
+        match &self.live {
+            Some(live) => {
+                // Audio may be dropped when the inner provider falls behind (the task does the same);
+                // every other command must arrive.
+                if let ProviderCommand::AppendAudio(_) = cmd {
+                    if live.session.commands.try_send(cmd).is_err() {
+                        self.audio_dropped += 1;
+                    }
+                } else if live.session.commands.send(cmd).await.is_err() {
+                    self.on_drop("the model session stopped taking commands").await;
+                }
+            }
+            None => self.queue_during_gap(cmd),
+        }
+    }
+
+    fn queue_during_gap(&mut self, cmd: ProviderCommand) {
+        match cmd {
+            ProviderCommand::AppendAudio(pcm) => {
+                let d = Duration::from_secs_f64(pcm.samples.len() as f64 / f64::from(pcm.rate_hz.max(1)));
+                self.gap_audio.push_back(pcm);
+                self.gap_audio_len += d;
+                while self.gap_audio_len > self.policy.gap_buffer {
+                    if let Some(old) = self.gap_audio.pop_front() {
+                        self.gap_audio_len = self.gap_audio_len.saturating_sub(Duration::from_secs_f64(
+                            old.samples.len() as f64 / f64::from(old.rate_hz.max(1)),
+                        ));
+                        self.gap_dropped += 1;
+                    } else {
+                        break;
+                    }
+                }
+            }
+            // Nothing to cancel or cut in a session that does not exist yet.
+            ProviderCommand::Cancel | ProviderCommand::Truncate { .. } => {}
+            other => {
+                if self.queued.len() < MAX_QUEUED_COMMANDS {
+                    self.queued.push_back(other);
+                } else {
+                    self.gap_dropped += 1;
+                }
+            }
+        }
+    }
+
+    // --- events from the inner session ---
+
+    async fn on_inner_event(&mut self, ev: ProviderEvent) {
+        if matches!(
+            ev,
+            ProviderEvent::AudioDelta { .. }
+                | ProviderEvent::Transcript { speaker: Speaker::Agent, .. }
+                | ProviderEvent::ResponseDone { .. }
+                | ProviderEvent::Error { .. }
+        ) {
+            self.reply_deadline = None;
+        }
+        match &ev {
+            ProviderEvent::Ready => {
+                if let Some(live) = self.live.as_mut()
+                    && live.swallow_ready
+                {
+                    live.swallow_ready = false;
+                    return;
+                }
+            }
+            ProviderEvent::AudioDelta { item_id, pcm } => {
+                self.reply_audio_seen = true;
+                self.responding = true;
+                let reply =
+                    self.reply.get_or_insert_with(|| AgentReply { item_id: item_id.clone(), ..Default::default() });
+                if &reply.item_id != item_id {
+                    *reply = AgentReply { item_id: item_id.clone(), ..Default::default() };
+                }
+                reply.audio += Duration::from_secs_f64(pcm.samples.len() as f64 / f64::from(pcm.rate_hz.max(1)));
+            }
+            ProviderEvent::Transcript { speaker: Speaker::Agent, item_id, text, is_final } => {
+                let reply =
+                    self.reply.get_or_insert_with(|| AgentReply { item_id: item_id.clone(), ..Default::default() });
+                if &reply.item_id != item_id {
+                    *reply = AgentReply { item_id: item_id.clone(), ..Default::default() };
+                }
+                reply.text = text.clone();
+                if *is_final && !reply.stored {
+                    reply.stored = true;
+                    self.push_context(HistoryItem::Agent(text.clone()));
+                }
+            }
+            ProviderEvent::Transcript { speaker: Speaker::User, text, is_final: true, .. } => {
+                if self.text_echo.as_deref() == Some(text.as_str()) {
+                    self.text_echo = None;
+                } else {
+                    self.push_context(HistoryItem::User(text.clone()));
+                    if self.live.as_ref().is_some_and(|l| l.server_vad) {
+                        // With server turn detection the transcript is our first sign of a user turn.
+                        self.responding = true;
+                    }
+                }
+            }
+            ProviderEvent::ResponseDone { .. } => {
+                self.responding = false;
+            }
+            ProviderEvent::Error { code, .. } if code == "session_expired" => {
+                self.on_drop("the model session expired").await;
+                return;
+            }
+            ProviderEvent::Closed => {
+                self.on_drop("the model session closed").await;
+                return;
+            }
+            _ => {}
+        }
+        self.emit(ev).await;
+    }
+
+    /// The live session is gone: close the reply for the task, plan a reconnect.
+    async fn on_drop(&mut self, why: &str) {
+        let Some(live) = self.live.take() else { return };
+        let name = self.chain[live.idx].name().to_owned();
+        tracing::warn!(session_id = %self.cfg.session_id, provider = %name, reason = %why, "provider session lost; reconnecting");
+        if let Some(r) = self.reply.take() {
+            if !r.stored && !r.text.is_empty() {
+                // What was handed to playout will be heard: keep it as said.
+                self.push_context(HistoryItem::Agent(r.text.clone()));
+            }
+            self.emit(ProviderEvent::AudioDone { item_id: r.item_id.clone() }).await;
+            self.emit(ProviderEvent::ResponseDone { item_id: r.item_id }).await;
+        } else if self.responding {
+            self.emit(ProviderEvent::ResponseDone { item_id: String::new() }).await;
+        }
+        // A user turn that got no agent audio is answered by the new session; one that did is not
+        // repeated.
+        self.answer_after_reconnect = self.responding && !self.reply_audio_seen;
+        self.responding = false;
+        if let Some((_, next)) = self.next.take() {
+            // A pre-opened session lacks nothing but the latest turns: use it right away.
+            self.live = Some(self.adopt(live.idx, next, true));
+            self.after_swap("provider_reconnected", "the model session was replaced".into()).await;
+            return;
+        }
+        self.emit(ProviderEvent::Notice {
+            code: "provider_reconnecting".into(),
+            message: format!("the connection to {name} dropped ({why}); reconnecting"),
+        })
+        .await;
+        self.attempt = 0;
+        self.first_idx_of_outage = live.idx;
+        // A provider that connects but keeps dropping fails "repeatedly": move on when there is
+        // somewhere to go.
+        let now = Instant::now();
+        self.drops.retain(|t| now.duration_since(*t) < FLAPPING_WINDOW);
+        self.drops.push_back(now);
+        let flapping = self.drops.len() as u32 >= self.policy.attempts_per_provider;
+        if flapping && live.idx + 1 < self.chain.len() {
+            self.drops.clear();
+            self.schedule_reconnect(live.idx + 1);
+        } else {
+            self.schedule_reconnect(live.idx);
+        }
+    }
+
+    /// A requested reply never started: say so, stop waiting, and cancel it in case it is late.
+    async fn on_reply_timeout(&mut self) {
+        self.reply_deadline = None;
+        self.responding = false;
+        tracing::warn!(session_id = %self.cfg.session_id, "requested reply did not start in time");
+        if let Some(live) = &self.live {
+            let _ = live.session.commands.try_send(ProviderCommand::Cancel);
+        }
+        self.emit(ProviderEvent::Error {
+            code: "reply_timeout".into(),
+            message: format!("the model did not answer within {} s", self.policy.reply_timeout.as_secs()),
+            retryable: true,
+        })
+        .await;
+        self.emit(ProviderEvent::ResponseDone { item_id: String::new() }).await;
+    }
+
+    fn schedule_reconnect(&mut self, idx: usize) {
+        let exp = self.policy.backoff_base.saturating_mul(1u32 << self.attempt.min(10));
+        let jitter = 0.5 + rand::random::<f64>();
+        let delay = exp.mul_f64(jitter).min(self.policy.backoff_max);
+        self.reconnect_at = Some(Instant::now() + delay);
+        self.pending_idx = idx;
+    }
+
+    async fn reconnect(&mut self) {
+        self.reconnect_at = None;
+        let idx = self.pending_idx;
+        let mut cfg = self.cfg.clone();
+        cfg.history = self.history();
+        let res = self.chain[idx].connect(cfg).await;
+        match res {
+            Ok(session) => {
+                self.added_since_snapshot.clear();
+                let failover = idx != self.first_idx_of_outage;
+                self.live = Some(self.adopt(idx, session, true));
+                let (code, message) = if failover {
+                    ("provider_failover", format!("continuing with {}", self.chain[idx].name()))
+                } else {
+                    ("provider_reconnected", format!("reconnected to {}", self.chain[idx].name()))
+                };
+                self.after_swap(code, message).await;
+            }
+            Err(e) => {
+                self.attempt += 1;
+                tracing::warn!(session_id = %self.cfg.session_id, provider = %self.chain[idx].name(), attempt = self.attempt, error = %e, "reconnect failed");
+                if self.attempt < self.policy.attempts_per_provider && e.retryable() {
+                    self.schedule_reconnect(idx);
+                } else if idx + 1 < self.chain.len() {
+                    self.attempt = 0;
+                    self.schedule_reconnect(idx + 1);
+                    self.reconnect_at = Some(Instant::now());
+                } else {
+                    self.emit(ProviderEvent::Error {
+                        code: "provider_unavailable".into(),
+                        message: format!("no model provider could be reached: {e}"),
+                        retryable: false,
+                    })
+                    .await;
+                    self.emit(ProviderEvent::Closed).await;
+                }
+            }
+        }
+    }
+
+    fn adopt(&self, idx: usize, session: ProviderSession, swallow_ready: bool) -> Live {
+        let caps = self.chain[idx].capabilities();
+        Live {
+            session,
+            idx,
+            started: Instant::now(),
+            server_vad: caps.server_vad,
+            truncation: caps.truncation,
+            swallow_ready,
+        }
+    }
+
+    /// After a new session took over: say so, flush what the gap held, answer a lost turn.
+    async fn after_swap(&mut self, code: &str, message: String) {
+        self.emit(ProviderEvent::Notice { code: code.into(), message }).await;
+        let Some(live) = &self.live else { return };
+        let tx = live.session.commands.clone();
+        if !self.added_since_snapshot.is_empty() {
+            let _ = tx.send(ProviderCommand::AppendHistory(std::mem::take(&mut self.added_since_snapshot))).await;
+        }
+        while let Some(pcm) = self.gap_audio.pop_front() {
+            let _ = tx.try_send(ProviderCommand::AppendAudio(pcm));
+        }
+        self.gap_audio_len = Duration::ZERO;
+        let queued: Vec<ProviderCommand> = self.queued.drain(..).collect();
+        let mut asked = false;
+        for cmd in queued {
+            asked |= matches!(
+                cmd,
+                ProviderCommand::CommitTurn | ProviderCommand::Text(_) | ProviderCommand::GenerateReply { .. }
+            );
+            let _ = tx.send(cmd).await;
+        }
+        if std::mem::take(&mut self.answer_after_reconnect) && !asked {
+            self.responding = true;
+            let _ = tx.send(ProviderCommand::GenerateReply { instructions: None }).await;
+        }
+    }
+
+    // --- recycling ---
+
+    fn start_opening_next(&mut self) {
+        let Some(live) = &self.live else { return };
+        let idx = live.idx;
+        let mut cfg = self.cfg.clone();
+        cfg.history = self.history();
+        self.added_since_snapshot.clear();
+        let provider = Arc::clone(&self.chain[idx]);
+        tracing::info!(session_id = %self.cfg.session_id, provider = %provider.name(), "opening the next provider session (recycling)");
+        self.opening = Some(tokio::spawn(async move { (idx, provider.connect(cfg).await) }));
+    }
+
+    async fn maybe_swap(&mut self) {
+        if self.next.is_none() || self.responding {
+            return;
+        }
+        let Some((_, limit)) = self.recycle_times() else { return };
+        // Never mid-utterance (the old session holds the uncommitted audio), unless the user has
+        // talked past the limit by a whole lead time.
+        let quiet = self.uplink_time.saturating_sub(self.last_voice) >= self.policy.quiet_for;
+        if (!quiet || self.uncommitted_speech) && Instant::now() < limit + self.policy.recycle_lead {
+            return;
+        }
+        let Some((idx, next)) = self.next.take() else { return };
+        if let Some(old) = self.live.take() {
+            let _ = old.session.commands.try_send(ProviderCommand::Close);
+        }
+        self.live = Some(self.adopt(idx, next, true));
+        self.reply = None;
+        self.open_not_before = None;
+        tracing::info!(session_id = %self.cfg.session_id, "provider session recycled at a turn boundary");
+        self.after_swap("provider_recycled", "the model session was renewed before its time limit".into()).await;
+    }
+}
+
+fn rms(s: &[i16]) -> f64 {
+    if s.is_empty() {
+        return 0.0;
+    }
+    (s.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / s.len() as f64).sqrt()
+}
+
+async fn recv_live(live: &mut Option<Live>) -> Option<ProviderEvent> {
+    match live {
+        Some(l) => l.session.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_opt(f: &mut Option<Opening>) -> (usize, Result<ProviderSession, ProviderError>) {
+    match f {
+        Some(f) => match f.await {
+            Ok(r) => r,
+            Err(e) => (0, Err(ProviderError::Unavailable(format!("opening task failed: {e}")))),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heard_text_is_cut_in_proportion_to_the_audio_heard() {
+        let t = "one two three four five six seven eight nine ten";
+        assert_eq!(cut_to_heard(t, Duration::from_secs(1), Duration::from_secs(5)), "one two");
+        assert_eq!(cut_to_heard(t, Duration::from_secs(5), Duration::from_secs(5)), t);
+        assert_eq!(cut_to_heard(t, Duration::ZERO, Duration::from_secs(5)), "");
+        assert_eq!(cut_to_heard(t, Duration::from_secs(1), Duration::ZERO), t);
+    }
+}
