@@ -49,6 +49,8 @@ pub struct Config {
     pub media: MediaSettings,
     /// The scripted provider's settings.
     pub scripted: ScriptedSettings,
+    /// The offline engines (provider `local`).
+    pub local: LocalSettings,
     /// Characters offered by `GET /v1/characters` (a built-in one when empty).
     pub characters: Vec<Character>,
 }
@@ -97,6 +99,28 @@ pub struct ScriptedSettings {
     pub response_delay_ms: u64,
 }
 
+/// The offline engines of the `local` provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalSettings {
+    /// PocketSphinx model directory (Debian's `pocketsphinx-en-us`).
+    pub sphinx_model_dir: PathBuf,
+    /// Most PocketSphinx decoders alive at once (each ~30 MB; concurrent user turns beyond this wait).
+    pub max_decoders: usize,
+    /// Prompt budget per reply, estimated tokens (persona + memory summary + recent turns).
+    pub token_budget: usize,
+}
+
+impl Default for LocalSettings {
+    fn default() -> Self {
+        Self {
+            sphinx_model_dir: PathBuf::from("/usr/share/pocketsphinx/model/en-us"),
+            max_decoders: 4,
+            token_budget: 2000,
+        }
+    }
+}
+
 /// A character.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -114,6 +138,9 @@ pub struct Character {
     /// Persona: the system instructions.
     #[serde(default)]
     pub persona: String,
+    /// Per-avatar viseme overrides: eSpeak phoneme -> viseme name (`{ "h" = "sil" }`).
+    #[serde(default, skip_serializing_if = "std::collections::HashMap::is_empty")]
+    pub visemes: std::collections::HashMap<String, String>,
 }
 
 fn default_language() -> String {
@@ -137,6 +164,7 @@ impl Default for Config {
             session: SessionLimits::default(),
             media: MediaSettings::default(),
             scripted: ScriptedSettings::default(),
+            local: LocalSettings::default(),
             characters: Vec::new(),
         }
     }
@@ -186,7 +214,14 @@ impl SessionLimits {
 }
 
 /// Names of the providers this build knows.
+#[cfg(feature = "local")]
+pub const KNOWN_PROVIDERS: &[&str] = &["local", "scripted"];
+/// Names of the providers this build knows.
+#[cfg(not(feature = "local"))]
 pub const KNOWN_PROVIDERS: &[&str] = &["scripted"];
+
+/// The provider used when none is configured: the offline cascade when this build has it.
+pub const DEFAULT_PROVIDER: &str = if cfg!(feature = "local") { "local" } else { "scripted" };
 
 impl Config {
     /// Load `path` (or `kotodama.toml` when present), apply environment overrides, validate.
@@ -292,7 +327,9 @@ impl Config {
             return Err(err(
                 "KOTODAMA_PROVIDER",
                 format!("provider `{p}` is not available in this build (known: {})", KNOWN_PROVIDERS.join(", ")),
-                "set KOTODAMA_PROVIDER=scripted (or unset OPENAI_API_KEY until the OpenAI provider lands)",
+                format!(
+                    "set KOTODAMA_PROVIDER={DEFAULT_PROVIDER} (or unset OPENAI_API_KEY until the OpenAI provider lands)"
+                ),
             ));
         }
         if !(self.database_url.starts_with("sqlite:")
@@ -344,8 +381,17 @@ impl Config {
         if self.session.token_ttl_secs == 0 || self.session.max_duration_secs == 0 {
             return Err(err("session.token_ttl_secs", "zero", "use a positive number of seconds"));
         }
+        if self.local.max_decoders == 0 {
+            return Err(err("local.max_decoders", "zero", "use at least 1"));
+        }
+        if self.local.token_budget < 200 {
+            return Err(err("local.token_budget", "below 200 tokens", "use e.g. 2000"));
+        }
         let mut seen = std::collections::HashSet::new();
         for c in &self.characters {
+            if let Err(problem) = crate::providers::cascade::viseme_overrides(&c.visemes) {
+                return Err(err(&format!("characters.{}.visemes", c.id), problem, "fix the viseme name"));
+            }
             if c.id.is_empty() || !c.id.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
                 return Err(err(
                     "characters.id",
@@ -379,7 +425,7 @@ impl Config {
 
     /// The provider for new sessions.
     pub fn provider_name(&self) -> &str {
-        self.provider.as_deref().unwrap_or("scripted")
+        self.provider.as_deref().unwrap_or(DEFAULT_PROVIDER)
     }
 
     /// The address put in ICE candidates.
@@ -402,6 +448,7 @@ impl Config {
             language: default_language(),
             voice: default_voice(),
             persona: "You are Aiko, a cheerful and curious companion. Speak briefly and warmly.".into(),
+            visemes: Default::default(),
         }]
     }
 }
@@ -419,7 +466,8 @@ mod tests {
         let c = Config::default();
         c.validate().expect("defaults must be valid");
         assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.provider_name(), "scripted");
+        assert_eq!(c.provider_name(), DEFAULT_PROVIDER);
+        assert_eq!(DEFAULT_PROVIDER, if cfg!(feature = "local") { "local" } else { "scripted" });
         assert_eq!(c.advertised_ip().to_string(), "127.0.0.1");
     }
 
@@ -463,6 +511,17 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().key, "media.udp_ports");
         c.media.udp_ports = Some("9-1".into());
         assert_eq!(c.udp_port_range().unwrap_err().key, "media.udp_ports");
+    }
+
+    #[test]
+    fn bad_viseme_override_names_the_character() {
+        let c = Config::from_toml(
+            "[[characters]]\nid = \"mio\"\nname = \"Mio\"\nvisemes = { h = \"sil\", p = \"lips\" }\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "characters.mio.visemes");
+        assert!(e.problem.contains("lips"), "{e}");
     }
 
     #[test]

@@ -13,11 +13,26 @@ use crate::providers::RealtimeProvider;
 use crate::providers::scripted::{ScriptedConfig, ScriptedProvider};
 use crate::session::SessionManager;
 
-/// The providers a configuration asks for.
+/// The providers a configuration asks for. The offline engines are loaded here, before the
+/// server listens, so a missing model fails the start with the package to install.
 pub fn providers_for(config: &Config) -> anyhow::Result<Vec<Arc<dyn RealtimeProvider>>> {
     let mut script = ScriptedConfig::builtin()?;
     script.response_delay = Duration::from_millis(config.scripted.response_delay_ms);
-    Ok(vec![Arc::new(ScriptedProvider::new(script))])
+    #[allow(unused_mut)]
+    let mut providers: Vec<Arc<dyn RealtimeProvider>> = vec![Arc::new(ScriptedProvider::new(script))];
+    #[cfg(feature = "local")]
+    {
+        use crate::providers::cascade::{CascadeProvider, local};
+        let settings = local::LocalSettings {
+            sphinx_model_dir: config.local.sphinx_model_dir.clone(),
+            max_decoders: config.local.max_decoders,
+        };
+        let engines = local::stages(&settings).context("the offline engines (provider `local`; local.*)")?;
+        let mut cascade = engines.cascade("local");
+        cascade.token_budget = config.local.token_budget;
+        providers.push(Arc::new(CascadeProvider::new(cascade)?));
+    }
+    Ok(providers)
 }
 
 /// A node serving HTTP in the background.

@@ -10,6 +10,7 @@
 //! Provider sessions are fallible and may end at any time; the session task treats
 //! [`ProviderEvent::Closed`] and a closed event channel alike.
 
+pub mod cascade;
 pub mod scripted;
 
 use std::time::Duration;
@@ -65,6 +66,8 @@ pub struct SessionConfig {
     pub voice: String,
     /// Language tag, e.g. `en-US`.
     pub language: String,
+    /// The character's phoneme -> viseme overrides (providers that know phonemes use them).
+    pub viseme_overrides: std::collections::HashMap<String, signaling::events::Viseme>,
 }
 
 /// Commands from the session task to a provider session.
@@ -134,6 +137,18 @@ pub enum ProviderEvent {
         item_id: Option<String>,
         /// An emotion name from the documented set.
         emotion: String,
+    },
+    /// A mouth shape of the agent's speech, timed against the item's audio (providers whose
+    /// speech synthesis reports phoneme timings).
+    Viseme {
+        /// The agent item.
+        item_id: String,
+        /// The mouth shape.
+        viseme: signaling::events::Viseme,
+        /// Offset from the start of the item's audio.
+        start: Duration,
+        /// How long the shape holds.
+        duration: Duration,
     },
     /// The provider's own VAD heard the user start speaking (barge-in when we have not already).
     UserSpeechStarted,

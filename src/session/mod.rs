@@ -494,6 +494,8 @@ impl SessionManager {
             instructions: character.persona.clone(),
             voice: character.voice.clone(),
             language: character.language.clone(),
+            // Validated at start (config::validate): an invalid name never reaches here.
+            viseme_overrides: crate::providers::cascade::viseme_overrides(&character.visemes).unwrap_or_default(),
         };
         // Open the model session and the peer concurrently: the client waits for both.
         let (provider_session, answered) =

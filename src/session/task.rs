@@ -394,6 +394,13 @@ impl SessionTask {
                 )
                 .await;
             }
+            ProviderEvent::Viseme { item_id, viseme, start, duration } => {
+                if conv.cancelled_item.as_deref() == Some(item_id.as_str()) {
+                    return;
+                }
+                let ev = ServerEvent::Viseme { item_id, viseme, start_ms: Self::ms(start), duration_ms: Self::ms(duration) };
+                self.emit(conv, ev).await;
+            }
             ProviderEvent::UserSpeechStarted => {
                 if self.playout.is_active() {
                     self.interrupt(conv).await;
