@@ -7,11 +7,8 @@
 
 use std::path::Path;
 
-const LIBS: &[(&str, &str)] = &[
-    ("espeak-ng", "libespeak-ng-dev"),
-    ("pocketsphinx", "libpocketsphinx-dev"),
-    ("sphinxbase", "libsphinxbase-dev"),
-];
+const LIBS: &[(&str, &str)] =
+    &[("espeak-ng", "libespeak-ng-dev"), ("pocketsphinx", "libpocketsphinx-dev"), ("sphinxbase", "libsphinxbase-dev")];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -398,7 +398,8 @@ impl SessionTask {
                 if conv.cancelled_item.as_deref() == Some(item_id.as_str()) {
                     return;
                 }
-                let ev = ServerEvent::Viseme { item_id, viseme, start_ms: Self::ms(start), duration_ms: Self::ms(duration) };
+                let ev =
+                    ServerEvent::Viseme { item_id, viseme, start_ms: Self::ms(start), duration_ms: Self::ms(duration) };
                 self.emit(conv, ev).await;
             }
             ProviderEvent::UserSpeechStarted => {

@@ -35,9 +35,9 @@
 pub mod error;
 pub mod failover;
 pub mod llm;
-pub mod openai;
 #[cfg(feature = "local")]
 pub mod local;
+pub mod openai;
 pub mod prompt;
 pub mod sentence;
 pub mod structured;
@@ -155,9 +155,15 @@ impl RealtimeProvider for CascadeProvider {
 enum Job {
     Idle,
     /// Finishing the STT stream of a committed turn (with failover).
-    Transcribing { user_item: String, task: JoinHandle<Result<String, StageError>> },
+    Transcribing {
+        user_item: String,
+        task: JoinHandle<Result<String, StageError>>,
+    },
     /// Generating and speaking a reply.
-    Replying { item_id: String, task: JoinHandle<()> },
+    Replying {
+        item_id: String,
+        task: JoinHandle<()>,
+    },
 }
 
 /// A sentence the reply task started to speak, at `start` of the item's audio.
@@ -264,7 +270,12 @@ impl Session {
                 self.abort_job().await;
                 self.turn_no += 1;
                 let user_item = self.user_item(self.turn_no);
-                let ev = ProviderEvent::Transcript { speaker: Speaker::User, item_id: user_item, text: text.clone(), is_final: true };
+                let ev = ProviderEvent::Transcript {
+                    speaker: Speaker::User,
+                    item_id: user_item,
+                    text: text.clone(),
+                    is_final: true,
+                };
                 if self.events.send(ev).await.is_err() {
                     return false;
                 }
@@ -617,13 +628,19 @@ async fn speak(ctx: &ReplyCtx, mut sentences: mpsc::Receiver<String>) {
         let _ = ctx.events.send(ProviderEvent::AudioDone { item_id: ctx.item_id.clone() }).await;
     }
     if !said.is_empty() {
-        let ev = ProviderEvent::Transcript { speaker: Speaker::Agent, item_id: ctx.item_id.clone(), text: said, is_final: true };
+        let ev = ProviderEvent::Transcript {
+            speaker: Speaker::Agent,
+            item_id: ctx.item_id.clone(),
+            text: said,
+            is_final: true,
+        };
         let _ = ctx.events.send(ev).await;
     }
 }
 
 async fn send_viseme(ctx: &ReplyCtx, v: viseme::TimedViseme) -> bool {
-    let ev = ProviderEvent::Viseme { item_id: ctx.item_id.clone(), viseme: v.viseme, start: v.start, duration: v.duration };
+    let ev =
+        ProviderEvent::Viseme { item_id: ctx.item_id.clone(), viseme: v.viseme, start: v.start, duration: v.duration };
     ctx.events.send(ev).await.is_ok()
 }
 
@@ -651,7 +668,10 @@ async fn speak_sentence(
                             said.push(' ');
                         }
                         said.push_str(sentence);
-                        let _ = ctx.spoken.send(Spoken { item_id: ctx.item_id.clone(), start: offset, text: sentence.to_owned() }).await;
+                        let _ = ctx
+                            .spoken
+                            .send(Spoken { item_id: ctx.item_id.clone(), start: offset, text: sentence.to_owned() })
+                            .await;
                         let ev = ProviderEvent::Transcript {
                             speaker: Speaker::Agent,
                             item_id: ctx.item_id.clone(),
@@ -702,9 +722,11 @@ async fn speak_sentence(
 pub fn viseme_overrides(map: &HashMap<String, String>) -> Result<HashMap<String, signaling::events::Viseme>, String> {
     map.iter()
         .map(|(p, v)| {
-            viseme::parse_viseme(v)
-                .map(|v| (p.clone(), v))
-                .ok_or_else(|| format!("`{v}` (for phoneme `{p}`) is not a viseme; use one of sil PP FF TH DD kk CH SS nn RR aa E ih oh ou"))
+            viseme::parse_viseme(v).map(|v| (p.clone(), v)).ok_or_else(|| {
+                format!(
+                    "`{v}` (for phoneme `{p}`) is not a viseme; use one of sil PP FF TH DD kk CH SS nn RR aa E ih oh ou"
+                )
+            })
         })
         .collect()
 }

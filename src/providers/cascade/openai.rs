@@ -406,11 +406,17 @@ impl TextToSpeech for OpenAiSpeech {
                         let next = tokio::time::timeout(ep.timeout, body.next()).await;
                         match next {
                             Err(_) => {
-                                return Some((Err(StageError::Timeout(format!("{}: audio stalled", ep.base_url))), None));
+                                return Some((
+                                    Err(StageError::Timeout(format!("{}: audio stalled", ep.base_url))),
+                                    None,
+                                ));
                             }
                             Ok(Some(Ok(bytes))) => match dec.feed(&bytes) {
                                 Ok(Some(pcm)) => {
-                                    return Some((Ok(SpeechChunk { pcm, phonemes: Vec::new() }), Some((ep, body, dec))));
+                                    return Some((
+                                        Ok(SpeechChunk { pcm, phonemes: Vec::new() }),
+                                        Some((ep, body, dec)),
+                                    ));
                                 }
                                 Ok(None) => {}
                                 Err(e) => return Some((Err(e), None)),

@@ -92,7 +92,11 @@ impl PromptManager {
     /// The last agent turn was cut: keep only `heard`.
     pub fn truncate_last_agent(&mut self, heard: &str) {
         if let Some(m) = self.window.iter_mut().rev().find(|m| m.role == ChatRole::Assistant) {
-            m.content = if heard.trim().is_empty() { "(interrupted before speaking)".into() } else { heard.trim().to_owned() + " (interrupted)" };
+            m.content = if heard.trim().is_empty() {
+                "(interrupted before speaking)".into()
+            } else {
+                heard.trim().to_owned() + " (interrupted)"
+            };
         }
     }
 

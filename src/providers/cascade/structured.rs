@@ -278,8 +278,13 @@ mod tests {
 
     #[test]
     fn json_streams_text_and_emotion_first() {
-        let (p, bad) =
-            run(&["{\"emo", "tion\": \"happy\", \"te", "xt\": \"Hel", "lo \\\"you\\\"", "!\\n\\u00e9\", \"gesture\":\"wave\"}"]);
+        let (p, bad) = run(&[
+            "{\"emo",
+            "tion\": \"happy\", \"te",
+            "xt\": \"Hel",
+            "lo \\\"you\\\"",
+            "!\\n\\u00e9\", \"gesture\":\"wave\"}",
+        ]);
         assert!(!bad);
         assert_eq!(p[0], Piece::Emotion("happy".into()));
         assert_eq!(text(&p), "Hello \"you\"!\né");

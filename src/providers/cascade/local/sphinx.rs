@@ -67,7 +67,9 @@ impl Pool {
     fn load(&self) -> Result<Decoder, StageError> {
         let mut argv: Vec<*mut std::os::raw::c_char> = self.args.iter().map(|a| a.as_ptr().cast_mut()).collect();
         // SAFETY: argv points at NUL-terminated strings that outlive the call; cmd_ln copies them.
-        let config = unsafe { ffi::cmd_ln_parse_r(std::ptr::null_mut(), ffi::ps_args(), argv.len() as i32, argv.as_mut_ptr(), 1) };
+        let config = unsafe {
+            ffi::cmd_ln_parse_r(std::ptr::null_mut(), ffi::ps_args(), argv.len() as i32, argv.as_mut_ptr(), 1)
+        };
         if config.is_null() {
             return Err(StageError::Config("pocketsphinx rejected its arguments".into()));
         }
@@ -126,7 +128,8 @@ impl Sphinx {
                 )));
             }
         }
-        let path = |p: &PathBuf| CString::new(p.to_string_lossy().as_bytes()).map_err(|e| StageError::Config(e.to_string()));
+        let path =
+            |p: &PathBuf| CString::new(p.to_string_lossy().as_bytes()).map_err(|e| StageError::Config(e.to_string()));
         let args = vec![
             CString::new("-hmm").unwrap_or_default(),
             path(&hmm)?,
