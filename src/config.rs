@@ -51,6 +51,8 @@ pub struct Config {
     pub scripted: ScriptedSettings,
     /// The offline engines (provider `local`).
     pub local: LocalSettings,
+    /// The HTTP cascade (provider `cascade`): OpenAI-compatible STT, LLM and TTS servers.
+    pub cascade: CascadeSettings,
     /// Characters offered by `GET /v1/characters` (a built-in one when empty).
     pub characters: Vec<Character>,
 }
@@ -121,6 +123,68 @@ impl Default for LocalSettings {
     }
 }
 
+/// The `cascade` provider: failover lists of OpenAI-compatible servers per stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CascadeSettings {
+    /// Speech-to-text servers (`POST /v1/audio/transcriptions`), in order of preference.
+    pub stt: Vec<EndpointSettings>,
+    /// Chat models (`POST /v1/chat/completions`, streamed), in order of preference.
+    pub llm: Vec<EndpointSettings>,
+    /// Text-to-speech servers (`POST /v1/audio/speech`, streamed), in order of preference.
+    pub tts: Vec<EndpointSettings>,
+    /// Append the offline engines to every list (last resort; and the stage's only adapter
+    /// when its list is empty).
+    pub local_fallback: bool,
+    /// Deadline for a response head and between streamed chunks, ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for CascadeSettings {
+    fn default() -> Self {
+        Self { stt: Vec::new(), llm: Vec::new(), tts: Vec::new(), local_fallback: true, timeout_ms: 10_000 }
+    }
+}
+
+impl CascadeSettings {
+    /// Whether any server is configured.
+    pub fn configured(&self) -> bool {
+        !(self.stt.is_empty() && self.llm.is_empty() && self.tts.is_empty())
+    }
+}
+
+/// One OpenAI-compatible server.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSettings {
+    /// Base URL, e.g. `http://127.0.0.1:11434` (Ollama) or `https://api.openai.com`.
+    pub base_url: String,
+    /// Model name.
+    pub model: String,
+    /// Bearer key, if the server needs one (never logged).
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// TTS: voice (default: the character's voice).
+    #[serde(default)]
+    pub voice: Option<String>,
+    /// TTS: `pcm` (raw s16le) or `wav`.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// TTS: sample rate of raw `pcm` (default 24000).
+    #[serde(default)]
+    pub sample_rate: Option<u32>,
+}
+
+impl std::fmt::Debug for EndpointSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointSettings")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 /// A character.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -165,6 +229,7 @@ impl Default for Config {
             media: MediaSettings::default(),
             scripted: ScriptedSettings::default(),
             local: LocalSettings::default(),
+            cascade: CascadeSettings::default(),
             characters: Vec::new(),
         }
     }
@@ -215,10 +280,10 @@ impl SessionLimits {
 
 /// Names of the providers this build knows.
 #[cfg(feature = "local")]
-pub const KNOWN_PROVIDERS: &[&str] = &["local", "scripted"];
+pub const KNOWN_PROVIDERS: &[&str] = &["local", "cascade", "scripted"];
 /// Names of the providers this build knows.
 #[cfg(not(feature = "local"))]
-pub const KNOWN_PROVIDERS: &[&str] = &["scripted"];
+pub const KNOWN_PROVIDERS: &[&str] = &["cascade", "scripted"];
 
 /// The provider used when none is configured: the offline cascade when this build has it.
 pub const DEFAULT_PROVIDER: &str = if cfg!(feature = "local") { "local" } else { "scripted" };
@@ -287,6 +352,33 @@ impl Config {
         }
         if let Some(v) = non_empty("KOTODAMA_REDIS_URL") {
             self.redis_url = Some(v.trim().to_owned());
+        }
+        for (stage, list) in
+            [("STT", &mut self.cascade.stt), ("LLM", &mut self.cascade.llm), ("TTS", &mut self.cascade.tts)]
+        {
+            if let Some(url) = non_empty(&format!("KOTODAMA_{stage}_URL")) {
+                let model = non_empty(&format!("KOTODAMA_{stage}_MODEL")).ok_or_else(|| {
+                    err(
+                        &format!("KOTODAMA_{stage}_MODEL"),
+                        format!("KOTODAMA_{stage}_URL is set but no model"),
+                        format!("set KOTODAMA_{stage}_MODEL to the server's model name"),
+                    )
+                })?;
+                list.insert(
+                    0,
+                    EndpointSettings {
+                        base_url: url.trim().to_owned(),
+                        model: model.trim().to_owned(),
+                        api_key: non_empty(&format!("KOTODAMA_{stage}_API_KEY")),
+                        voice: None,
+                        format: None,
+                        sample_rate: None,
+                    },
+                );
+            }
+        }
+        if self.provider.is_none() && self.cascade.configured() {
+            self.provider = Some("cascade".into());
         }
         if self.provider.is_none() && non_empty("OPENAI_API_KEY").is_some() {
             // The contract says OPENAI_API_KEY alone selects OpenAI Realtime. That provider is not in
@@ -380,6 +472,37 @@ impl Config {
         }
         if self.session.token_ttl_secs == 0 || self.session.max_duration_secs == 0 {
             return Err(err("session.token_ttl_secs", "zero", "use a positive number of seconds"));
+        }
+        for (stage, list) in [("stt", &self.cascade.stt), ("llm", &self.cascade.llm), ("tts", &self.cascade.tts)] {
+            for e in list {
+                if !(e.base_url.starts_with("http://") || e.base_url.starts_with("https://")) {
+                    return Err(err(
+                        &format!("cascade.{stage}.base_url"),
+                        format!("`{}` is not an http(s) URL", e.base_url),
+                        "use e.g. http://127.0.0.1:11434",
+                    ));
+                }
+                if e.model.trim().is_empty() {
+                    return Err(err(&format!("cascade.{stage}.model"), "empty", "name the server's model"));
+                }
+                if let Some(f) = &e.format
+                    && f != "pcm"
+                    && f != "wav"
+                {
+                    return Err(err(&format!("cascade.{stage}.format"), format!("`{f}`"), "use pcm or wav"));
+                }
+            }
+            let local = self.cascade.local_fallback && cfg!(feature = "local");
+            if self.provider.as_deref() == Some("cascade") && list.is_empty() && !local {
+                return Err(err(
+                    &format!("cascade.{stage}"),
+                    "no server configured and no offline fallback",
+                    format!("add a [[cascade.{stage}]] server (or KOTODAMA_{}_URL)", stage.to_uppercase()),
+                ));
+            }
+        }
+        if self.cascade.timeout_ms < 100 {
+            return Err(err("cascade.timeout_ms", "below 100 ms", "use e.g. 10000"));
         }
         if self.local.max_decoders == 0 {
             return Err(err("local.max_decoders", "zero", "use at least 1"));
@@ -522,6 +645,24 @@ mod tests {
         let e = c.validate().unwrap_err();
         assert_eq!(e.key, "characters.mio.visemes");
         assert!(e.problem.contains("lips"), "{e}");
+    }
+
+    #[test]
+    fn llm_url_selects_the_cascade_and_needs_a_model() {
+        let mut c = Config::default();
+        let e = c.apply_env(env(&[("KOTODAMA_LLM_URL", "http://127.0.0.1:11434")])).unwrap_err();
+        assert_eq!(e.key, "KOTODAMA_LLM_MODEL");
+        let mut c = Config::default();
+        c.apply_env(env(&[("KOTODAMA_LLM_URL", "http://127.0.0.1:11434"), ("KOTODAMA_LLM_MODEL", "llama3")])).unwrap();
+        assert_eq!(c.provider_name(), "cascade");
+        assert_eq!(c.cascade.llm[0].model, "llama3");
+        c.validate().unwrap();
+        c.cascade.llm[0].base_url = "ftp://x".into();
+        assert_eq!(c.validate().unwrap_err().key, "cascade.llm.base_url");
+        assert!(
+            !format!("{:?}", EndpointSettings { api_key: Some("sk-x".into()), ..c.cascade.llm[0].clone() })
+                .contains("sk-x")
+        );
     }
 
     #[test]

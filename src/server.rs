@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::providers::RealtimeProvider;
+use crate::providers::cascade::{CascadeConfig, CascadeProvider};
 use crate::providers::scripted::{ScriptedConfig, ScriptedProvider};
 use crate::session::SessionManager;
 
@@ -18,11 +19,10 @@ use crate::session::SessionManager;
 pub fn providers_for(config: &Config) -> anyhow::Result<Vec<Arc<dyn RealtimeProvider>>> {
     let mut script = ScriptedConfig::builtin()?;
     script.response_delay = Duration::from_millis(config.scripted.response_delay_ms);
-    #[allow(unused_mut)]
     let mut providers: Vec<Arc<dyn RealtimeProvider>> = vec![Arc::new(ScriptedProvider::new(script))];
     #[cfg(feature = "local")]
-    {
-        use crate::providers::cascade::{CascadeProvider, local};
+    let local = {
+        use crate::providers::cascade::local;
         let settings = local::LocalSettings {
             sphinx_model_dir: config.local.sphinx_model_dir.clone(),
             max_decoders: config.local.max_decoders,
@@ -30,9 +30,48 @@ pub fn providers_for(config: &Config) -> anyhow::Result<Vec<Arc<dyn RealtimeProv
         let engines = local::stages(&settings).context("the offline engines (provider `local`; local.*)")?;
         let mut cascade = engines.cascade("local");
         cascade.token_budget = config.local.token_budget;
-        providers.push(Arc::new(CascadeProvider::new(cascade)?));
+        providers.push(Arc::new(CascadeProvider::new(cascade.clone_stages())?));
+        Some(cascade)
+    };
+    #[cfg(not(feature = "local"))]
+    let local: Option<CascadeConfig> = None;
+    if config.cascade.configured() || config.provider_name() == "cascade" {
+        providers.push(Arc::new(http_cascade(config, local.as_ref())?));
     }
     Ok(providers)
+}
+
+/// The `cascade` provider: the configured servers, then (local_fallback) the offline engines.
+fn http_cascade(config: &Config, local: Option<&CascadeConfig>) -> anyhow::Result<CascadeProvider> {
+    use crate::providers::cascade::openai::{Endpoint, OpenAiChat, OpenAiSpeech, OpenAiStt, client};
+    let c = &config.cascade;
+    let http = client();
+    let endpoint = |e: &crate::config::EndpointSettings| {
+        let mut ep = Endpoint::new(&e.base_url, &e.model);
+        ep.api_key = e.api_key.clone();
+        ep.voice = e.voice.clone();
+        ep.audio_format = e.format.clone().unwrap_or_else(|| "pcm".into());
+        ep.pcm_rate_hz = e.sample_rate.unwrap_or(24_000);
+        ep.timeout = Duration::from_millis(c.timeout_ms);
+        ep
+    };
+    let language = config.characters().first().map(|ch| ch.language.split('-').next().unwrap_or("en").to_owned());
+    let mut cfg = CascadeConfig {
+        name: "cascade".into(),
+        stt: c.stt.iter().map(|e| Arc::new(OpenAiStt::new(endpoint(e), http.clone(), language.clone())) as _).collect(),
+        llm: c.llm.iter().map(|e| Arc::new(OpenAiChat::new(endpoint(e), http.clone())) as _).collect(),
+        tts: c.tts.iter().map(|e| Arc::new(OpenAiSpeech::new(endpoint(e), http.clone())) as _).collect(),
+        token_budget: config.local.token_budget,
+        max_reply_tokens: 300,
+    };
+    if c.local_fallback
+        && let Some(l) = local
+    {
+        cfg.stt.extend(l.stt.iter().cloned());
+        cfg.llm.extend(l.llm.iter().cloned());
+        cfg.tts.extend(l.tts.iter().cloned());
+    }
+    CascadeProvider::new(cfg).context("provider `cascade` (cascade.*)")
 }
 
 /// A node serving HTTP in the background.

@@ -2,6 +2,8 @@
 //! that speaks Opus (real libopus) and records what it hears and every event it receives.
 #![allow(dead_code)]
 
+pub mod fake_openai;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

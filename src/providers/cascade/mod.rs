@@ -91,6 +91,20 @@ pub struct CascadeConfig {
     pub max_reply_tokens: u32,
 }
 
+impl CascadeConfig {
+    /// A copy sharing the same adapters.
+    pub fn clone_stages(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            stt: self.stt.clone(),
+            llm: self.llm.clone(),
+            tts: self.tts.clone(),
+            token_budget: self.token_budget,
+            max_reply_tokens: self.max_reply_tokens,
+        }
+    }
+}
+
 struct Stages {
     name: String,
     stt: Failover<dyn SpeechToText>,
