@@ -26,8 +26,7 @@ impl SentenceSplitter {
     pub fn push(&mut self, delta: &str) -> Vec<String> {
         self.buf.push_str(delta);
         let mut out = Vec::new();
-        loop {
-            let Some(end) = self.boundary() else { break };
+        while let Some(end) = self.boundary() {
             let sentence: String = self.buf[..end].trim().to_owned();
             self.buf.drain(..end);
             if !sentence.is_empty() {
