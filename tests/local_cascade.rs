@@ -67,6 +67,14 @@ async fn local_cascade_hears_answers_speaks_and_moves_the_mouth() {
         .find(|e| e["type"] == "transcript" && e["role"] == "user" && e["final"] == true)
         .expect("a final user transcript");
     let heard = user["text"].as_str().unwrap().to_lowercase();
+    // PocketSphinx's partial hypotheses arrived while the user spoke, for the same item.
+    assert!(
+        evs.iter().any(|e| e["type"] == "transcript"
+            && e["role"] == "user"
+            && e["final"] == false
+            && e["item_id"] == user["item_id"]),
+        "user transcript partials before the final"
+    );
     assert!(
         ["hello", "what", "name"].iter().any(|w| heard.split_whitespace().any(|h| h == *w)),
         "PocketSphinx heard `{heard}`"

@@ -485,6 +485,9 @@ async fn transcribe(
             }
         }
     }
+    if audio.is_empty() {
+        return Ok(String::new()); // a commit with no audio at all: nothing was said
+    }
     let pcm = Pcm { rate_hz: STT_RATE_HZ, samples: audio };
     for (i, adapter) in stages.stt.order(Instant::now()).into_iter().filter(|(i, _)| Some(*i) != live) {
         let attempt = async {
