@@ -163,7 +163,9 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
 
 /// Run until SIGINT or SIGTERM, then drain and stop.
 pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
-    let providers = providers_for(&config)?;
+    // Loading the offline engines blocks for about a second: not on a runtime worker.
+    let cfg = config.clone();
+    let providers = tokio::task::spawn_blocking(move || providers_for(&cfg)).await.context("loading providers")??;
     let provider = config.provider_name().to_owned();
     let storage = if config.database_url.starts_with("sqlite:") {
         "sqlite (in-memory until persistence lands)"
