@@ -2,6 +2,7 @@
 //! server running the `local` cascade (PocketSphinx -> persona responder -> eSpeak NG), and we
 //! check what PocketSphinx heard, that the persona answered, that the client decoded the spoken
 //! reply, and that the visemes cover the reply's audio in order.
+#![cfg(feature = "local")]
 
 mod common;
 

@@ -6,6 +6,7 @@
 //! the first decoded agent packet with speech energy. The difference includes the VAD's silence
 //! threshold (media.min_silence_ms, 500 ms by default), which is reported separately. Each reply
 //! is cut with the client's `interrupt` once it started, to keep the run short.
+#![cfg(feature = "local")]
 
 mod common;
 
