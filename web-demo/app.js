@@ -11,7 +11,28 @@ function log(cls, text, key) {
   el.className = cls; el.textContent = text;
   $("log").scrollTop = $("log").scrollHeight;
 }
-function setState(s) { $("state").textContent = s; $("state").dataset.state = s; }
+// Visemes are timed from the start of their item's audio; the demo takes the moment the agent
+// starts speaking as that start (good to a jitter buffer, enough to watch the mouth move).
+// Visemes that arrive before the audio starts wait for it.
+let speakingSince = null;
+const mouthTimers = [], pendingVisemes = [];
+function clearMouth() {
+  while (mouthTimers.length) clearTimeout(mouthTimers.pop());
+  $("mouth").textContent = "sil";
+}
+function scheduleViseme(ev) {
+  if (speakingSince === null) { if (pendingVisemes.length < 2000) pendingVisemes.push(ev); return; }
+  const wait = speakingSince + ev.start_ms - performance.now();
+  mouthTimers.push(setTimeout(() => { $("mouth").textContent = ev.viseme; }, Math.max(0, wait)));
+}
+function setState(s) {
+  if (s === "speaking" && speakingSince === null) {
+    speakingSince = performance.now();
+    pendingVisemes.splice(0).forEach(scheduleViseme);
+  }
+  if (s === "listening" || s === "idle") { speakingSince = null; pendingVisemes.length = 0; clearMouth(); }
+  $("state").textContent = s; $("state").dataset.state = s;
+}
 function showError(msg) { $("error").textContent = msg; }
 
 async function loadCharacters() {
@@ -35,6 +56,7 @@ function onEvent(ev) {
       break;
     }
     case "emotion": log("meta", `emotion: ${ev.emotion}`); break;
+    case "viseme": scheduleViseme(ev); break;
     case "agent.interrupted": log("meta", `interrupted after ${ev.played_ms} ms`); break;
     case "user.speech_started": log("meta", "(you started speaking)"); break;
     case "error": log("error", `error ${ev.code}: ${ev.message}`); break;
