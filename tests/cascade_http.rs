@@ -228,6 +228,25 @@ async fn barge_in_cancels_the_reply_in_flight_and_nothing_of_it_follows_the_cut(
     assert_eq!(started_after_cut, 0, "no sentence of the cut reply is synthesised after the cut");
     assert!(f.tts.len() < 8, "the reply's later sentences were never requested: {}", f.tts.len());
     assert!(f.tts_cancelled >= 1, "the speech stream in flight was dropped (cancelled {})", f.tts_cancelled);
+
+    // The barge-in turn's request holds only what the user heard of the cut reply.
+    let played_ms = log[from..]
+        .iter()
+        .find_map(|r| match r {
+            Received::Event { event, .. } if event["type"] == "agent.interrupted" => event["played_ms"].as_u64(),
+            _ => None,
+        })
+        .unwrap();
+    client.silence_until("the next model request", Duration::from_secs(10), |_| fake.log().llm.len() >= 2).await;
+    let req = fake.log().llm[1].1.clone();
+    let msgs = req["messages"].as_array().unwrap();
+    let cut = msgs.iter().rev().find(|m| m["role"] == "assistant").expect("the cut reply is in the context");
+    let cut = cut["content"].as_str().unwrap();
+    assert!(cut.ends_with("(interrupted)"), "marked as interrupted: {cut}");
+    // Each sentence is 35 characters = 1.75 s of the fake TTS: the user heard played_ms of them.
+    let heard_sentences = cut.matches("This is a long answer that goes on.").count() as u64;
+    let started = played_ms / 1750 + 1;
+    assert_eq!(heard_sentences, started, "context keeps the sentences started within {played_ms} ms: {cut}");
     client.close().await;
     ts.server.shutdown().await.unwrap();
 }
