@@ -15,7 +15,10 @@ apt_install() {
 
 setup_build_deps() {
   # gcc for the C parts (libfvad via webrtc-vad), cmake for libopus (the opus crate's bundled source).
-  apt_install build-essential cmake pkg-config ca-certificates
+  # The offline default provider (`local`, cargo feature `local`): eSpeak NG and PocketSphinx with its
+  # US English model, linked from the system.
+  apt_install build-essential cmake pkg-config ca-certificates \
+    libespeak-ng-dev libpocketsphinx-dev libsphinxbase-dev pocketsphinx-en-us
   if ! command -v cargo >/dev/null 2>&1; then
     echo "no Rust toolchain: install Rust >= 1.88 (rustup) and run this again" >&2
     return 1

@@ -98,6 +98,7 @@ async fn run() {
         language: "en-US".into(),
         history: vec![],
         tools: Arc::new(ToolRegistry::builtin()),
+        viseme_overrides: Default::default(),
     };
     let mut session = provider.connect(cfg).await.unwrap();
     assert!(matches!(session.events.recv().await, Some(ProviderEvent::Ready)));

@@ -55,6 +55,10 @@ pub struct Config {
     pub openai: OpenAiSettings,
     /// Reconnect, recycling and failover of provider sessions.
     pub resilience: ResilienceSettings,
+    /// The offline engines (provider `local`).
+    pub local: LocalSettings,
+    /// The HTTP cascade (provider `cascade`): OpenAI-compatible STT, LLM and TTS servers.
+    pub cascade: CascadeSettings,
     /// Characters offered by `GET /v1/characters` (a built-in one when empty).
     pub characters: Vec<Character>,
 }
@@ -141,6 +145,28 @@ impl Default for ResilienceSettings {
     }
 }
 
+/// The offline engines of the `local` provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalSettings {
+    /// PocketSphinx model directory (Debian's `pocketsphinx-en-us`).
+    pub sphinx_model_dir: PathBuf,
+    /// Most PocketSphinx decoders alive at once (each ~30 MB; concurrent user turns beyond this wait).
+    pub max_decoders: usize,
+    /// Prompt budget per reply, estimated tokens (persona + memory summary + recent turns).
+    pub token_budget: usize,
+}
+
+impl Default for LocalSettings {
+    fn default() -> Self {
+        Self {
+            sphinx_model_dir: PathBuf::from("/usr/share/pocketsphinx/model/en-us"),
+            max_decoders: 4,
+            token_budget: 2000,
+        }
+    }
+}
+
 impl ResilienceSettings {
     /// The policy the provider wrapper applies.
     pub fn policy(&self) -> crate::providers::resilient::ResiliencePolicy {
@@ -154,6 +180,68 @@ impl ResilienceSettings {
             quiet_for: Duration::from_millis(self.quiet_ms),
             reply_timeout: Duration::from_millis(self.reply_timeout_ms.max(1)),
         }
+    }
+}
+
+/// The `cascade` provider: failover lists of OpenAI-compatible servers per stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CascadeSettings {
+    /// Speech-to-text servers (`POST /v1/audio/transcriptions`), in order of preference.
+    pub stt: Vec<EndpointSettings>,
+    /// Chat models (`POST /v1/chat/completions`, streamed), in order of preference.
+    pub llm: Vec<EndpointSettings>,
+    /// Text-to-speech servers (`POST /v1/audio/speech`, streamed), in order of preference.
+    pub tts: Vec<EndpointSettings>,
+    /// Append the offline engines to every list (last resort; and the stage's only adapter
+    /// when its list is empty).
+    pub local_fallback: bool,
+    /// Deadline for a response head and between streamed chunks, ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for CascadeSettings {
+    fn default() -> Self {
+        Self { stt: Vec::new(), llm: Vec::new(), tts: Vec::new(), local_fallback: true, timeout_ms: 10_000 }
+    }
+}
+
+impl CascadeSettings {
+    /// Whether any server is configured.
+    pub fn configured(&self) -> bool {
+        !(self.stt.is_empty() && self.llm.is_empty() && self.tts.is_empty())
+    }
+}
+
+/// One OpenAI-compatible server.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSettings {
+    /// Base URL, e.g. `http://127.0.0.1:11434` (Ollama) or `https://api.openai.com`.
+    pub base_url: String,
+    /// Model name.
+    pub model: String,
+    /// Bearer key, if the server needs one (never logged).
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// TTS: voice (default: the character's voice).
+    #[serde(default)]
+    pub voice: Option<String>,
+    /// TTS: `pcm` (raw s16le) or `wav`.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// TTS: sample rate of raw `pcm` (default 24000).
+    #[serde(default)]
+    pub sample_rate: Option<u32>,
+}
+
+impl std::fmt::Debug for EndpointSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointSettings")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
     }
 }
 
@@ -187,6 +275,9 @@ pub struct Character {
     /// Tools the model may call (unset: every built-in tool; `[]`: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<Vec<String>>,
+    /// Per-avatar viseme overrides: eSpeak phoneme -> viseme name (`{ "h" = "sil" }`).
+    #[serde(default, skip_serializing_if = "std::collections::HashMap::is_empty")]
+    pub visemes: std::collections::HashMap<String, String>,
 }
 
 fn default_language() -> String {
@@ -212,6 +303,8 @@ impl Default for Config {
             scripted: ScriptedSettings::default(),
             openai: OpenAiSettings::default(),
             resilience: ResilienceSettings::default(),
+            local: LocalSettings::default(),
+            cascade: CascadeSettings::default(),
             characters: Vec::new(),
         }
     }
@@ -261,7 +354,14 @@ impl SessionLimits {
 }
 
 /// Names of the providers this build knows.
-pub const KNOWN_PROVIDERS: &[&str] = &["scripted", "openai"];
+#[cfg(feature = "local")]
+pub const KNOWN_PROVIDERS: &[&str] = &["local", "cascade", "scripted", "openai"];
+/// Names of the providers this build knows.
+#[cfg(not(feature = "local"))]
+pub const KNOWN_PROVIDERS: &[&str] = &["cascade", "scripted", "openai"];
+
+/// The provider used when none is configured: the offline cascade when this build has it.
+pub const DEFAULT_PROVIDER: &str = if cfg!(feature = "local") { "local" } else { "scripted" };
 
 impl Config {
     /// Load `path` (or `kotodama.toml` when present), apply environment overrides, validate.
@@ -336,6 +436,33 @@ impl Config {
         }
         if let Some(v) = non_empty("OPENAI_REALTIME_MODEL") {
             self.openai.model = v.trim().to_owned();
+        }
+        for (stage, list) in
+            [("STT", &mut self.cascade.stt), ("LLM", &mut self.cascade.llm), ("TTS", &mut self.cascade.tts)]
+        {
+            if let Some(url) = non_empty(&format!("KOTODAMA_{stage}_URL")) {
+                let model = non_empty(&format!("KOTODAMA_{stage}_MODEL")).ok_or_else(|| {
+                    err(
+                        &format!("KOTODAMA_{stage}_MODEL"),
+                        format!("KOTODAMA_{stage}_URL is set but no model"),
+                        format!("set KOTODAMA_{stage}_MODEL to the server's model name"),
+                    )
+                })?;
+                list.insert(
+                    0,
+                    EndpointSettings {
+                        base_url: url.trim().to_owned(),
+                        model: model.trim().to_owned(),
+                        api_key: non_empty(&format!("KOTODAMA_{stage}_API_KEY")),
+                        voice: None,
+                        format: None,
+                        sample_rate: None,
+                    },
+                );
+            }
+        }
+        if self.provider.is_none() && self.cascade.configured() {
+            self.provider = Some("cascade".into());
         }
         if self.provider.is_none() && non_empty("OPENAI_API_KEY").is_some() {
             // The contract: OPENAI_API_KEY alone selects OpenAI Realtime for new sessions.
@@ -432,6 +559,43 @@ impl Config {
         if self.session.token_ttl_secs == 0 || self.session.max_duration_secs == 0 {
             return Err(err("session.token_ttl_secs", "zero", "use a positive number of seconds"));
         }
+        for (stage, list) in [("stt", &self.cascade.stt), ("llm", &self.cascade.llm), ("tts", &self.cascade.tts)] {
+            for e in list {
+                if !(e.base_url.starts_with("http://") || e.base_url.starts_with("https://")) {
+                    return Err(err(
+                        &format!("cascade.{stage}.base_url"),
+                        format!("`{}` is not an http(s) URL", e.base_url),
+                        "use e.g. http://127.0.0.1:11434",
+                    ));
+                }
+                if e.model.trim().is_empty() {
+                    return Err(err(&format!("cascade.{stage}.model"), "empty", "name the server's model"));
+                }
+                if let Some(f) = &e.format
+                    && f != "pcm"
+                    && f != "wav"
+                {
+                    return Err(err(&format!("cascade.{stage}.format"), format!("`{f}`"), "use pcm or wav"));
+                }
+            }
+            let local = self.cascade.local_fallback && cfg!(feature = "local");
+            if self.provider.as_deref() == Some("cascade") && list.is_empty() && !local {
+                return Err(err(
+                    &format!("cascade.{stage}"),
+                    "no server configured and no offline fallback",
+                    format!("add a [[cascade.{stage}]] server (or KOTODAMA_{}_URL)", stage.to_uppercase()),
+                ));
+            }
+        }
+        if self.cascade.timeout_ms < 100 {
+            return Err(err("cascade.timeout_ms", "below 100 ms", "use e.g. 10000"));
+        }
+        if self.local.max_decoders == 0 {
+            return Err(err("local.max_decoders", "zero", "use at least 1"));
+        }
+        if self.local.token_budget < 200 {
+            return Err(err("local.token_budget", "below 200 tokens", "use e.g. 2000"));
+        }
         let mut seen = std::collections::HashSet::new();
         for c in &self.characters {
             let builtin = crate::providers::tools::ToolRegistry::builtin();
@@ -448,6 +612,9 @@ impl Config {
                     format!("character `{}` lists unknown provider `{p}`", c.id),
                     format!("use providers from: {}", KNOWN_PROVIDERS.join(", ")),
                 ));
+            }
+            if let Err(problem) = crate::providers::cascade::viseme_overrides(&c.visemes) {
+                return Err(err(&format!("characters.{}.visemes", c.id), problem, "fix the viseme name"));
             }
             if c.id.is_empty() || !c.id.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
                 return Err(err(
@@ -533,7 +700,7 @@ impl Config {
 
     /// The provider for new sessions.
     pub fn provider_name(&self) -> &str {
-        self.provider.as_deref().unwrap_or("scripted")
+        self.provider.as_deref().unwrap_or(DEFAULT_PROVIDER)
     }
 
     /// The address put in ICE candidates.
@@ -560,6 +727,7 @@ impl Config {
             greeting: None,
             providers: Vec::new(),
             tools: None,
+            visemes: Default::default(),
         }]
     }
 }
@@ -577,7 +745,8 @@ mod tests {
         let c = Config::default();
         c.validate().expect("defaults must be valid");
         assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.provider_name(), "scripted");
+        assert_eq!(c.provider_name(), DEFAULT_PROVIDER);
+        assert_eq!(DEFAULT_PROVIDER, if cfg!(feature = "local") { "local" } else { "scripted" });
         assert_eq!(c.advertised_ip().to_string(), "127.0.0.1");
     }
 
@@ -683,6 +852,35 @@ mod tests {
         let e = Config::from_toml(bad).unwrap().validate().unwrap_err();
         assert_eq!(e.key, "characters.expressions");
         assert!(e.to_string().contains("hungry"), "{e}");
+    }
+
+    #[test]
+    fn bad_viseme_override_names_the_character() {
+        let c = Config::from_toml(
+            "[[characters]]\nid = \"mio\"\nname = \"Mio\"\nvisemes = { h = \"sil\", p = \"lips\" }\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "characters.mio.visemes");
+        assert!(e.problem.contains("lips"), "{e}");
+    }
+
+    #[test]
+    fn llm_url_selects_the_cascade_and_needs_a_model() {
+        let mut c = Config::default();
+        let e = c.apply_env(env(&[("KOTODAMA_LLM_URL", "http://127.0.0.1:11434")])).unwrap_err();
+        assert_eq!(e.key, "KOTODAMA_LLM_MODEL");
+        let mut c = Config::default();
+        c.apply_env(env(&[("KOTODAMA_LLM_URL", "http://127.0.0.1:11434"), ("KOTODAMA_LLM_MODEL", "llama3")])).unwrap();
+        assert_eq!(c.provider_name(), "cascade");
+        assert_eq!(c.cascade.llm[0].model, "llama3");
+        c.validate().unwrap();
+        c.cascade.llm[0].base_url = "ftp://x".into();
+        assert_eq!(c.validate().unwrap_err().key, "cascade.llm.base_url");
+        assert!(
+            !format!("{:?}", EndpointSettings { api_key: Some("sk-x".into()), ..c.cascade.llm[0].clone() })
+                .contains("sk-x")
+        );
     }
 
     #[test]

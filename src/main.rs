@@ -21,7 +21,7 @@ ENVIRONMENT (overrides the file):
     KOTODAMA_BIND          host:port of HTTP (default 127.0.0.1:8080)
     KOTODAMA_PUBLIC_IP     address advertised in ICE candidates (default: the bind address)
     KOTODAMA_API_KEYS      comma-separated API keys (required on a non-loopback bind)
-    KOTODAMA_PROVIDER      provider for new sessions (default: scripted)
+    KOTODAMA_PROVIDER      provider for new sessions (default: local, the offline cascade)
     KOTODAMA_TOKEN_SECRET  session-token secret, >= 32 bytes (default: random per start)
     KOTODAMA_DATABASE_URL  sqlite://... (default sqlite://data/kotodama.db) or postgres://...
     KOTODAMA_REDIS_URL     redis://... (unset: single node, in-process state)

@@ -10,10 +10,12 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::providers::RealtimeProvider;
+use crate::providers::cascade::{CascadeConfig, CascadeProvider};
 use crate::providers::scripted::{ScriptedConfig, ScriptedProvider};
 use crate::session::SessionManager;
 
-/// The providers a configuration asks for.
+/// The providers a configuration asks for. The offline engines are loaded here, before the
+/// server listens, so a missing model fails the start with the package to install.
 pub fn providers_for(config: &Config) -> anyhow::Result<Vec<Arc<dyn RealtimeProvider>>> {
     let mut script = ScriptedConfig::builtin()?;
     script.response_delay = Duration::from_millis(config.scripted.response_delay_ms);
@@ -21,7 +23,58 @@ pub fn providers_for(config: &Config) -> anyhow::Result<Vec<Arc<dyn RealtimeProv
     if config.openai_configured() {
         providers.push(Arc::new(crate::providers::openai::OpenAiProvider::new(config.openai.clone())));
     }
+    #[cfg(feature = "local")]
+    let local = {
+        use crate::providers::cascade::local;
+        let settings = local::LocalSettings {
+            sphinx_model_dir: config.local.sphinx_model_dir.clone(),
+            max_decoders: config.local.max_decoders,
+        };
+        let engines = local::stages(&settings).context("the offline engines (provider `local`; local.*)")?;
+        let mut cascade = engines.cascade("local");
+        cascade.token_budget = config.local.token_budget;
+        providers.push(Arc::new(CascadeProvider::new(cascade.clone_stages())?));
+        Some(cascade)
+    };
+    #[cfg(not(feature = "local"))]
+    let local: Option<CascadeConfig> = None;
+    if config.cascade.configured() || config.provider_name() == "cascade" {
+        providers.push(Arc::new(http_cascade(config, local.as_ref())?));
+    }
     Ok(providers)
+}
+
+/// The `cascade` provider: the configured servers, then (local_fallback) the offline engines.
+fn http_cascade(config: &Config, local: Option<&CascadeConfig>) -> anyhow::Result<CascadeProvider> {
+    use crate::providers::cascade::openai::{Endpoint, OpenAiChat, OpenAiSpeech, OpenAiStt, client};
+    let c = &config.cascade;
+    let http = client();
+    let endpoint = |e: &crate::config::EndpointSettings| {
+        let mut ep = Endpoint::new(&e.base_url, &e.model);
+        ep.api_key = e.api_key.clone();
+        ep.voice = e.voice.clone();
+        ep.audio_format = e.format.clone().unwrap_or_else(|| "pcm".into());
+        ep.pcm_rate_hz = e.sample_rate.unwrap_or(24_000);
+        ep.timeout = Duration::from_millis(c.timeout_ms);
+        ep
+    };
+    let language = config.characters().first().map(|ch| ch.language.split('-').next().unwrap_or("en").to_owned());
+    let mut cfg = CascadeConfig {
+        name: "cascade".into(),
+        stt: c.stt.iter().map(|e| Arc::new(OpenAiStt::new(endpoint(e), http.clone(), language.clone())) as _).collect(),
+        llm: c.llm.iter().map(|e| Arc::new(OpenAiChat::new(endpoint(e), http.clone())) as _).collect(),
+        tts: c.tts.iter().map(|e| Arc::new(OpenAiSpeech::new(endpoint(e), http.clone())) as _).collect(),
+        token_budget: config.local.token_budget,
+        max_reply_tokens: 300,
+    };
+    if c.local_fallback
+        && let Some(l) = local
+    {
+        cfg.stt.extend(l.stt.iter().cloned());
+        cfg.llm.extend(l.llm.iter().cloned());
+        cfg.tts.extend(l.tts.iter().cloned());
+    }
+    CascadeProvider::new(cfg).context("provider `cascade` (cascade.*)")
 }
 
 /// A node serving HTTP in the background.
@@ -113,7 +166,9 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
 
 /// Run until SIGINT or SIGTERM, then drain and stop.
 pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
-    let providers = providers_for(&config)?;
+    // Loading the offline engines blocks for about a second: not on a runtime worker.
+    let cfg = config.clone();
+    let providers = tokio::task::spawn_blocking(move || providers_for(&cfg)).await.context("loading providers")??;
     let provider = config.provider_name().to_owned();
     let storage = if config.database_url.starts_with("sqlite:") {
         "sqlite (in-memory until persistence lands)"

@@ -29,8 +29,10 @@ async fn offer_errors_are_specific() {
     let (id, token, offer_url) = ts.create_session().await;
     let url = format!("{}{}", ts.base, offer_url);
     let (_pc, _dc, _t, _ssrc, _inbox, good_offer) = client_offer(true, true).await;
+    // `Connection: close`: the server answers 413 without reading the body and drops the
+    // connection; a pooled keep-alive connection would then fail the next request at random.
     let post = |ct: &'static str, auth: Option<String>, body: String| {
-        let mut r = ts.http.post(&url).header("Content-Type", ct).body(body);
+        let mut r = ts.http.post(&url).header("Content-Type", ct).header("Connection", "close").body(body);
         if let Some(a) = auth {
             r = r.header("Authorization", a);
         }

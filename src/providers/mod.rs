@@ -10,6 +10,7 @@
 //! Provider sessions are fallible and may end at any time; the session task treats
 //! [`ProviderEvent::Closed`] and a closed event channel alike.
 
+pub mod cascade;
 pub mod openai;
 pub mod resilient;
 pub mod scripted;
@@ -74,6 +75,8 @@ pub struct SessionConfig {
     pub history: Vec<HistoryItem>,
     /// The tools the model may call.
     pub tools: Arc<tools::ToolRegistry>,
+    /// The character's phoneme -> viseme overrides (providers that know phonemes use them).
+    pub viseme_overrides: std::collections::HashMap<String, signaling::events::Viseme>,
 }
 
 /// A past turn, replayed into a fresh provider session as context.

@@ -524,6 +524,8 @@ impl SessionManager {
                 Some(names) => Arc::new(self.tools.only(names)),
                 None => Arc::clone(&self.tools),
             },
+            // Validated at start (config::validate): an invalid name never reaches here.
+            viseme_overrides: crate::providers::cascade::viseme_overrides(&character.visemes).unwrap_or_default(),
         };
         // Open the model session and the peer concurrently: the client waits for both.
         let (provider_session, answered) =

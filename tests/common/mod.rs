@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_openai;
+pub mod fake_openai_http;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -77,23 +78,45 @@ impl TestServer {
         Self::start_with(|_| {}).await
     }
 
+    /// The scripted provider (with a recorder) as the default provider; `tweak` adjusts the config.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let recorder = Arc::new(ScriptRecorder::default());
+        let rec = Arc::clone(&recorder);
+        let mut ts = Self::start_with_providers(
+            |config| {
+                config.provider = Some("scripted".into());
+                config.scripted.response_delay_ms = 100;
+                tweak(config);
+            },
+            move |config| {
+                let mut script = ScriptedConfig::builtin().expect("builtin script");
+                script.response_delay = Duration::from_millis(config.scripted.response_delay_ms);
+                let mut providers =
+                    vec![Arc::new(ScriptedProvider::new(script).with_recorder(rec)) as Arc<dyn RealtimeProvider>];
+                if config.openai_configured() {
+                    providers.push(Arc::new(kotodama::providers::openai::OpenAiProvider::new(config.openai.clone())));
+                }
+                providers
+            },
+        )
+        .await;
+        ts.recorder = recorder;
+        ts
+    }
+
+    /// A server with the providers `make` builds from the (tweaked) config; new sessions use
+    /// `config.provider` (set it to one of them).
+    pub async fn start_with_providers(
+        tweak: impl FnOnce(&mut Config),
+        make: impl FnOnce(&Config) -> Vec<Arc<dyn RealtimeProvider>>,
+    ) -> TestServer {
         let mut config = Config { bind: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
-        config.scripted.response_delay_ms = 100;
         tweak(&mut config);
         config.validate().expect("test config valid");
-        let recorder = Arc::new(ScriptRecorder::default());
-        let mut script = ScriptedConfig::builtin().expect("builtin script");
-        script.response_delay = Duration::from_millis(config.scripted.response_delay_ms);
-        let provider: Arc<dyn RealtimeProvider> =
-            Arc::new(ScriptedProvider::new(script).with_recorder(Arc::clone(&recorder)));
-        let mut providers = vec![provider];
-        if config.openai_configured() {
-            providers.push(Arc::new(kotodama::providers::openai::OpenAiProvider::new(config.openai.clone())));
-        }
+        let providers = make(&config);
         let server = kotodama::server::start(config, providers).await.expect("server starts");
         let base = format!("http://{}", server.addr());
-        TestServer { server, recorder, base, http: reqwest::Client::new() }
+        TestServer { server, recorder: Arc::new(ScriptRecorder::default()), base, http: reqwest::Client::new() }
     }
 
     /// A server whose sessions use the OpenAI provider pointed at `url` (a fake), the scripted
