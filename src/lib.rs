@@ -14,3 +14,4 @@ pub mod peer;
 pub mod providers;
 pub mod server;
 pub mod session;
+pub mod store;

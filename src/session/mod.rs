@@ -2,13 +2,18 @@
 //!
 //! A session is created by `POST /v1/sessions` (state `created`), becomes live when its offer is
 //! answered (a [`task::SessionTask`] is spawned, `connecting` then `connected`), and ends exactly
-//! once with an [`EndReason`] (`ended`). Ended sessions stay queryable for a while
-//! (`GET /v1/sessions/{id}`, transcript) and are then evicted; durable storage is its own layer.
+//! once with an [`EndReason`] (`ended`). Ended sessions stay in memory for a while and are then
+//! evicted; the store ([`crate::store`]) keeps them for good.
+//!
+//! Persistence: the row is inserted before `POST /v1/sessions` answers; `connected`, every final
+//! utterance and `ended` go to the node's [`StoreWriter`] with `try_write` as they happen (the
+//! session task never waits on the database). A write refused by a full queue marks the session
+//! dirty, and its transcript and end are rewritten (idempotently) once the session has ended.
 
 pub(crate) mod task;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,6 +24,9 @@ use webrtc::peer_connection::RTCIceCandidateInit;
 use crate::config::{Character, Config};
 use crate::peer::{Peer, PeerSettings};
 use crate::providers::{RealtimeProvider, SessionConfig};
+use crate::store::redis::Redis;
+use crate::store::writer::{StoreWriter, Write};
+use crate::store::{Store, StoredSession, StoredState, StoredTurn};
 
 /// Capacity of the channel from the peer's callbacks to the session task: ~1 s of RTP plus
 /// data-channel messages. When full, the callbacks drop RTP and count it.
@@ -48,6 +56,8 @@ pub enum EndReason {
     ProviderClosed,
     /// The server shut down.
     Shutdown,
+    /// An operator or another node ended it (admin API, cross-node control).
+    Admin,
 }
 
 impl EndReason {
@@ -61,6 +71,7 @@ impl EndReason {
             EndReason::ConnectTimeout => Api::NeverConnected,
             EndReason::ProviderClosed => Api::ProviderError,
             EndReason::Shutdown => Api::ServerShutdown,
+            EndReason::Admin => Api::ClientRequest,
         }
     }
 
@@ -77,6 +88,8 @@ pub(crate) enum Control {
     End(EndReason),
     /// A remote ICE candidate from PATCH.
     Trickle(RTCIceCandidateInit),
+    /// A user text turn from outside the client (admin API, another node).
+    Inject(String),
 }
 
 /// The lifecycle phase of a session.
@@ -130,8 +143,18 @@ pub struct SessionShared {
     pub provider: String,
     /// Creation time.
     pub created_at: SystemTime,
+    /// The application's user id, if given at creation.
+    pub user_id: Option<String>,
+    /// Short id of the API key that created it, if any.
+    pub api_key_id: Option<String>,
     created_instant: Instant,
     state: Mutex<SharedState>,
+    writer: StoreWriter,
+    redis: Option<Redis>,
+    /// A store write was refused by a full queue: rewrite everything once ended.
+    dirty: AtomicBool,
+    /// Sequence numbers of turns, from 1.
+    next_seq: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -190,31 +213,90 @@ impl SessionShared {
         let mut st = self.lock();
         if st.phase == Phase::Connecting {
             st.phase = Phase::Connected;
+            drop(st);
+            self.queue(Write::Connected { id: self.id.clone(), at: SystemTime::now() });
         }
     }
 
-    /// Store a final utterance (empty text is not stored).
+    /// Queue a store write without waiting; a refusal marks the session for a rewrite at its end.
+    fn queue(&self, w: Write) {
+        if !self.writer.try_write(w) && !self.dirty.swap(true, Ordering::Relaxed) {
+            tracing::warn!(session_id = %self.id, "store queue full; this session is rewritten when it ends");
+        }
+    }
+
+    /// Record a final utterance (empty text is not recorded) and queue it for the store.
     pub(crate) fn push_turn(&self, role: Role, text: &str, interrupted: bool) {
         let text = text.trim();
         if text.is_empty() {
             return;
         }
-        let mut st = self.lock();
-        let seq = st.turns.len() as u64 + 1;
-        st.turns.push(Turn { seq, role, text: text.to_owned(), interrupted, at: SystemTime::now() });
+        let turn = {
+            let mut st = self.lock();
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            let turn = Turn { seq, role, text: text.to_owned(), interrupted, at: SystemTime::now() };
+            st.turns.push(turn.clone());
+            turn
+        };
+        self.queue(Write::Turn(self.stored_turn(&turn)));
+    }
+
+    fn stored_turn(&self, t: &Turn) -> StoredTurn {
+        StoredTurn {
+            session_id: self.id.clone(),
+            seq: t.seq,
+            role: t.role,
+            text: t.text.clone(),
+            interrupted: t.interrupted,
+            started_at: None,
+            ended_at: t.at,
+            tool_calls: None,
+        }
     }
 
     fn end(&self, reason: EndReason) -> bool {
-        let mut st = self.lock();
-        if st.phase == Phase::Ended {
-            return false;
+        let at = SystemTime::now();
+        {
+            let mut st = self.lock();
+            if st.phase == Phase::Ended {
+                return false;
+            }
+            st.phase = Phase::Ended;
+            st.end_reason = Some(reason);
+            st.ended_at = Some(at);
+            st.ended_instant = Some(Instant::now());
+            st.live = None;
         }
-        st.phase = Phase::Ended;
-        st.end_reason = Some(reason);
-        st.ended_at = Some(SystemTime::now());
-        st.ended_instant = Some(Instant::now());
-        st.live = None;
+        self.queue(Write::Ended { id: self.id.clone(), at, reason: reason.as_str() });
+        if let Some(redis) = self.redis.clone() {
+            // Off this (possibly audio) path; an entry left behind expires with its TTL.
+            let id = self.id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = redis.unregister(&id).await {
+                    tracing::warn!(session_id = %id, error = %e, "registry entry not removed (it expires)");
+                }
+            });
+        }
         true
+    }
+
+    /// After the end: if any write was refused by a full queue, rewrite the whole record
+    /// (waiting for room; turn writes are idempotent).
+    pub(crate) async fn persist_after_end(&self) {
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let (turns, end) = {
+            let st = self.lock();
+            (st.turns.clone(), st.end_reason.zip(st.ended_at))
+        };
+        for t in &turns {
+            self.writer.write(Write::Turn(self.stored_turn(t))).await;
+        }
+        if let Some((reason, at)) = end {
+            self.writer.write(Write::Ended { id: self.id.clone(), at, reason: reason.as_str() }).await;
+        }
+        tracing::info!(session_id = %self.id, turns = turns.len(), "session rewritten to the store after queue overflow");
     }
 
     /// A snapshot for the API.
@@ -257,6 +339,9 @@ pub enum SessionError {
     /// No such provider.
     #[error("unknown provider `{0}`")]
     UnknownProvider(String),
+    /// The store refused the write that must precede the answer.
+    #[error("storage unavailable: {0}")]
+    Storage(String),
     /// The node is draining.
     #[error("server is shutting down")]
     Draining,
@@ -300,11 +385,44 @@ pub struct SessionManager {
     draining: AtomicBool,
     peer_settings: PeerSettings,
     media: MediaDefaults,
+    store: Arc<dyn Store>,
+    writer: StoreWriter,
+    node_id: String,
+    advertise_url: String,
+    redis: Option<Redis>,
+}
+
+/// Where a node keeps what outlives its sessions' tasks.
+#[derive(Clone)]
+pub struct Backends {
+    /// Durable store.
+    pub store: Arc<dyn Store>,
+    /// The node's writer to it.
+    pub writer: StoreWriter,
+    /// This node's id in the store.
+    pub node_id: String,
+    /// The URL other nodes redirect to for this node's sessions.
+    pub advertise_url: String,
+    /// Redis (cluster state), when configured.
+    pub redis: Option<Redis>,
+}
+
+/// Who asks for a new session, and for whom.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Character id (`None`: the first configured).
+    pub character: Option<String>,
+    /// Provider name (`None`: the configured default).
+    pub provider: Option<String>,
+    /// The application's user id (privacy export/delete).
+    pub user_id: Option<String>,
+    /// Short id of the creating API key.
+    pub api_key_id: Option<String>,
 }
 
 impl SessionManager {
-    /// A manager for `config` with these providers (by name).
-    pub fn new(config: Arc<Config>, providers: Vec<Arc<dyn RealtimeProvider>>) -> Arc<Self> {
+    /// A manager for `config` with these providers (by name), persisting through `backends`.
+    pub fn new(config: Arc<Config>, providers: Vec<Arc<dyn RealtimeProvider>>, backends: Backends) -> Arc<Self> {
         let providers: HashMap<String, Arc<dyn RealtimeProvider>> =
             providers.into_iter().map(|p| (p.name().to_owned(), p)).collect();
         let default_provider = config.provider_name().to_owned();
@@ -343,7 +461,58 @@ impl SessionManager {
             draining: AtomicBool::new(false),
             peer_settings,
             media,
+            store: backends.store,
+            writer: backends.writer,
+            node_id: backends.node_id,
+            advertise_url: backends.advertise_url,
+            redis: backends.redis,
         })
+    }
+
+    /// Redis, when configured.
+    pub fn redis(&self) -> Option<&Redis> {
+        self.redis.as_ref()
+    }
+
+    /// The URL other nodes send this node's clients to.
+    pub fn advertise_url(&self) -> &str {
+        &self.advertise_url
+    }
+
+    /// Drop an ended session from memory (after a privacy delete).
+    pub fn forget(&self, id: &str) {
+        self.map().remove(id);
+    }
+
+    /// Hand a user text turn to live session `id` (admin API, cross-node control).
+    pub fn inject(&self, id: &str, text: String) -> Result<(), SessionError> {
+        let shared = self.get(id).ok_or(SessionError::NotFound)?;
+        let st = shared.lock();
+        if st.phase == Phase::Ended {
+            return Err(SessionError::Ended);
+        }
+        let live = st.live.as_ref().ok_or(SessionError::NotFound)?;
+        live.control.try_send(Control::Inject(text)).map_err(|_| SessionError::Internal("session busy".into()))
+    }
+
+    /// The durable store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The store writer.
+    pub fn writer(&self) -> &StoreWriter {
+        &self.writer
+    }
+
+    /// This node's id (`sessions.node_id`).
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Ids of the sessions not yet ended.
+    pub fn live_ids(&self) -> Vec<String> {
+        self.map().values().filter(|s| s.lock().phase != Phase::Ended).map(|s| s.id.clone()).collect()
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<SessionShared>>> {
@@ -370,8 +539,9 @@ impl SessionManager {
         self.map().get(id).cloned()
     }
 
-    /// Create a session (state `created`).
-    pub fn create(&self, character: Option<&str>, provider: Option<&str>) -> Result<Arc<SessionShared>, SessionError> {
+    /// Create a session (state `created`), stored before it is returned.
+    pub async fn create(&self, options: CreateOptions) -> Result<Arc<SessionShared>, SessionError> {
+        let (character, provider) = (options.character.as_deref(), options.provider.as_deref());
         if !self.accepting() {
             return Err(SessionError::Draining);
         }
@@ -396,7 +566,13 @@ impl SessionManager {
             character: character.id.clone(),
             provider: provider.to_owned(),
             created_at: SystemTime::now(),
+            user_id: options.user_id.clone(),
+            api_key_id: options.api_key_id.clone(),
             created_instant: Instant::now(),
+            writer: self.writer.clone(),
+            redis: self.redis.clone(),
+            dirty: AtomicBool::new(false),
+            next_seq: AtomicU64::new(1),
             state: Mutex::new(SharedState {
                 phase: Phase::Created,
                 agent_state: AgentState::Initializing,
@@ -407,6 +583,23 @@ impl SessionManager {
                 live: None,
             }),
         });
+        let record = StoredSession {
+            id: shared.id.clone(),
+            character: shared.character.clone(),
+            provider: shared.provider.clone(),
+            user_id: shared.user_id.clone(),
+            api_key_id: shared.api_key_id.clone(),
+            node_id: self.node_id.clone(),
+            state: StoredState::Created,
+            end_reason: None,
+            created_at: shared.created_at,
+            connected_at: None,
+            ended_at: None,
+        };
+        self.store.create_session(&record).await.map_err(|e| SessionError::Storage(e.to_string()))?;
+        if let Some(redis) = &self.redis {
+            redis.register(&shared.id, &self.advertise_url).await.map_err(|e| SessionError::Storage(e.to_string()))?;
+        }
         self.map().insert(shared.id.clone(), Arc::clone(&shared));
         Ok(shared)
     }
@@ -549,6 +742,7 @@ impl SessionManager {
         tokio::spawn(async move {
             let reason = task.run().await;
             shared2.end(reason);
+            shared2.persist_after_end().await;
             let _ = done_tx.send(());
         });
         tracing::info!(session_id = %shared.id, peer_id = %peer_id, provider = %shared.provider, "session live");

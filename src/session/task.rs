@@ -56,6 +56,8 @@ struct Conversation {
     response_done: bool,
     uplink_dropped: u64,
     events_dropped: u64,
+    /// The last typed user turn, already recorded: its echo as a provider transcript is not.
+    typed_pending: Option<String>,
 }
 
 impl SessionTask {
@@ -72,6 +74,7 @@ impl SessionTask {
             response_done: false,
             uplink_dropped: 0,
             events_dropped: 0,
+            typed_pending: None,
         };
         let mut frame = [0u8; MAX_OPUS_FRAME];
         let deadline = tokio::time::Instant::from_std(self.deadline);
@@ -82,6 +85,7 @@ impl SessionTask {
                 biased;
                 ctl = self.control_rx.recv() => match ctl {
                     Some(Control::End(reason)) => break reason,
+                    Some(Control::Inject(text)) => self.user_text(&mut conv, text).await,
                     Some(Control::Trickle(c)) => {
                         if let Err(e) = self.peer.add_candidate(c).await {
                             tracing::debug!(session_id = %self.shared.id, error = %e, "trickled candidate rejected");
@@ -321,23 +325,28 @@ impl SessionTask {
                     self.interrupt(conv).await;
                 }
             }
-            Ok(Some(ClientEvent::Text { text })) => {
-                if self.playout.is_active() {
-                    self.interrupt(conv).await;
-                }
-                self.shared.push_turn(Role::User, &text, false);
-                if self.provider.commands.try_send(ProviderCommand::Text(text)).is_err() {
-                    let ev = ServerEvent::Error { code: "busy".into(), message: "the model is busy; try again".into() };
-                    self.emit(conv, ev).await;
-                } else {
-                    self.set_state(conv, AgentState::Thinking).await;
-                }
-            }
+            Ok(Some(ClientEvent::Text { text })) => self.user_text(conv, text).await,
             Ok(Some(_)) | Ok(None) => {}
             Err(e) => {
                 let ev = ServerEvent::Error { code: e.code().to_owned(), message: e.to_string() };
                 self.emit(conv, ev).await;
             }
+        }
+    }
+
+    /// A typed (or injected) user turn: recorded at once, then handed to the provider.
+    async fn user_text(&mut self, conv: &mut Conversation, text: String) {
+        if self.playout.is_active() {
+            self.interrupt(conv).await;
+        }
+        self.shared.push_turn(Role::User, &text, false);
+        // A provider that echoes typed text as a user transcript must not record it twice.
+        conv.typed_pending = Some(text.trim().to_owned());
+        if self.provider.commands.try_send(ProviderCommand::Text(text)).is_err() {
+            let ev = ServerEvent::Error { code: "busy".into(), message: "the model is busy; try again".into() };
+            self.emit(conv, ev).await;
+        } else {
+            self.set_state(conv, AgentState::Thinking).await;
         }
     }
 
@@ -377,7 +386,12 @@ impl SessionTask {
                     conv.agent_text = text.clone();
                 }
                 if is_final {
-                    self.shared.push_turn(role, &text, false);
+                    let echo = role == Role::User && conv.typed_pending.as_deref() == Some(text.trim());
+                    if echo {
+                        conv.typed_pending = None;
+                    } else {
+                        self.shared.push_turn(role, &text, false);
+                    }
                 }
                 self.emit(conv, ServerEvent::Transcript { role, item_id, text, is_final }).await;
             }
