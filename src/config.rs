@@ -115,6 +115,9 @@ pub struct SessionLimits {
     pub drain_grace_secs: u64,
     /// A peer silent this long (no ICE traffic; consent lost) ends its session, seconds (>= 6).
     pub peer_timeout_secs: u64,
+    /// A live session with no user speech, client message or agent audio for this long ends
+    /// (`idle_timeout`), seconds; 0: never.
+    pub idle_timeout_secs: u64,
     /// Sessions one API key may create per minute (0: no limit).
     pub create_per_minute_per_key: u32,
     /// Sessions one client IP may create per minute when the API is open (0: no limit).
@@ -206,6 +209,7 @@ impl Default for SessionLimits {
             connect_timeout_secs: 600,
             drain_grace_secs: 10,
             peer_timeout_secs: 15,
+            idle_timeout_secs: 300,
             create_per_minute_per_key: 600,
             create_per_minute_per_ip: 120,
         }

@@ -200,6 +200,40 @@ impl SessionHost for Host {
         self.manager.end(session_id, peer_id, EndReason::ClientEnded).await.map_err(to_api)
     }
 
+    async fn inject(&self, session_id: &str, text: String) -> Result<(), ApiError> {
+        if self.manager.get(session_id).is_some() {
+            return self.manager.inject(session_id, text).map_err(|e| match e {
+                SessionError::NotFound => ApiError::conflict("not_live", "the session has not connected yet"),
+                SessionError::Internal(_) => ApiError::unavailable("the session is busy", RETRY_AFTER),
+                other => to_api(other),
+            });
+        }
+        // Live on another node: deliver over pub/sub (callers need not follow redirects).
+        if let Some(redis) = self.manager.redis()
+            && let Some(owner) = redis.owner(session_id).await.map_err(storage_error)?
+            && owner != self.manager.advertise_url()
+        {
+            let msg = crate::store::redis::ControlMessage::Inject { session_id: session_id.to_owned(), text };
+            let receivers = redis.publish(&owner, &msg).await.map_err(storage_error)?;
+            if receivers == 0 {
+                return Err(ApiError::unavailable("the node hosting this session is not listening", RETRY_AFTER));
+            }
+            return Ok(());
+        }
+        let stored = self
+            .manager
+            .store()
+            .session(session_id)
+            .await
+            .map_err(storage_error)?
+            .ok_or_else(ApiError::unknown_session)?;
+        Err(if stored.state == StoredState::Ended {
+            ApiError::session_already_ended()
+        } else {
+            ApiError::unknown_session()
+        })
+    }
+
     async fn export_user(&self, user_id: &str, scope: UserScope) -> Result<serde_json::Value, ApiError> {
         // Everything queued so far is in the export.
         self.manager.writer().flush().await;

@@ -89,6 +89,21 @@ async fn two_nodes_redirect_share_history_and_obey_cross_node_control() {
     client.send_text(r#"{"type":"text","text":"Hello across nodes."}"#).await;
     client.wait_event("the reply", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "speaking").await;
 
+    // A message injected on the other node reaches the session over pub/sub.
+    let r = http
+        .post(format!("{}/v1/sessions/{id}/messages", b.base))
+        .bearer_auth(USER_KEY)
+        .json(&serde_json::json!({"text": "A result from a tool on node B."}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    client
+        .wait_event("the injected turn", Duration::from_secs(10), |e| {
+            e["type"] == "transcript" && e["role"] == "user" && e["text"] == "A result from a tool on node B."
+        })
+        .await;
+
     // PATCH and DELETE of the peer on the other node: 307 to the peer URL at the owner.
     let peer_url = client.location.clone();
     let r = http
@@ -131,6 +146,10 @@ async fn two_nodes_redirect_share_history_and_obey_cross_node_control() {
     assert!(
         tr.as_array().unwrap().iter().any(|t| t["role"] == "user" && t["text"] == "Hello across nodes."),
         "the typed turn is in the shared store: {tr}"
+    );
+    assert!(
+        tr.as_array().unwrap().iter().any(|t| t["role"] == "user" && t["text"] == "A result from a tool on node B."),
+        "the injected turn is stored: {tr}"
     );
     // The user key sees only what it created; the admin sees it too. Export first.
     let export: Value = http

@@ -11,6 +11,7 @@
 //! | `DELETE /v1/sessions/{id}/peers/{peer_id}`, `DELETE /v1/sessions/{id}` | session token (manage) or API key | 200 JSON |
 //! | `GET /v1/sessions/{id}` | session token (manage) or API key | 200 JSON |
 //! | `GET /v1/sessions/{id}/transcript` | session token (manage) or API key | 200 JSON array |
+//! | `POST /v1/sessions/{id}/messages` | session token (manage) or API key | 202: `{"text"}` handed to the live session as a user turn |
 //! | `GET /v1/users/{user_id}/data` | API key (admin: any user; user key: what it created) | 200 JSON export |
 //! | `DELETE /v1/users/{user_id}/data` | API key (as above) | 200 JSON: what was deleted |
 //!
@@ -169,6 +170,7 @@ pub fn routes(state: ApiState) -> Router {
         .route("/v1/sessions/{id}/offer", post(offer))
         .route("/v1/sessions/{id}/transcript", get(transcript))
         .route("/v1/sessions/{id}/peers/{peer_id}", patch(trickle).delete(delete_peer))
+        .route("/v1/sessions/{id}/messages", post(inject))
         .route("/v1/users/{user_id}/data", get(export_user).delete(delete_user))
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -611,6 +613,37 @@ fn authorize_token(
 ) -> Result<crate::token::Claims, ApiError> {
     let token = bearer(headers).ok_or(TokenError::Missing)?;
     Ok(st.tokens.verify(token, session_id, mode)?)
+}
+
+/// Largest injected text.
+pub const MAX_INJECT_TEXT: usize = 4096;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectRequest {
+    text: String,
+}
+
+async fn inject(
+    State(st): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = session_id(path)?;
+    authorize_token_or_key(&st, &headers, &id)?;
+    if !is_json(&headers) {
+        return Err(ApiError::unsupported_media_type("application/json"));
+    }
+    let bytes = read_body(body, &headers, st.limits.max_json_bytes).await?;
+    let request: InjectRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request("bad_json", format!("expected {{\"text\": \"...\"}}: {e}")))?;
+    let text = request.text.trim();
+    if text.is_empty() || text.len() > MAX_INJECT_TEXT {
+        return Err(ApiError::unprocessable("bad_text", format!("text must be 1..={MAX_INJECT_TEXT} bytes")));
+    }
+    st.host.inject(&id, text.to_owned()).await?;
+    Ok(json_response(StatusCode::ACCEPTED, &serde_json::json!({"session_id": id, "accepted": true})))
 }
 
 fn user_scope(identity: &ApiKeyIdentity) -> UserScope {

@@ -59,6 +59,13 @@ pub trait SessionHost: Send + Sync + 'static {
     /// The session's transcript so far, in `seq` order (`GET .../transcript`). Errors: 404.
     async fn transcript(&self, session_id: &str) -> Result<Vec<TranscriptEntry>, ApiError>;
 
+    /// Hand a user text turn to a live session (`POST /v1/sessions/{id}/messages`): a tool
+    /// result, an operator note. The host may deliver it to another node. Default: 422.
+    async fn inject(&self, session_id: &str, text: String) -> Result<(), ApiError> {
+        let _ = (session_id, text);
+        Err(ApiError::unprocessable("inject_unsupported", "this server cannot inject messages"))
+    }
+
     /// Everything held for `user_id` within `scope` (`GET /v1/users/{user_id}/data`), as JSON.
     /// Default: 404 (a host without durable user data).
     async fn export_user(&self, user_id: &str, scope: UserScope) -> Result<serde_json::Value, ApiError> {

@@ -1247,3 +1247,21 @@ async fn a_session_on_another_node_is_a_307_to_the_same_path_there() {
     let p: Problem = serde_json::from_slice(&body).expect("problem+json body");
     assert_eq!(p.code.as_deref(), Some("session_elsewhere"));
 }
+
+#[tokio::test]
+async fn injected_messages_are_checked_before_the_host_sees_them() {
+    let h = Harness::with_keys(&[API_KEY]);
+    let (id, token) = h.create().await;
+    let uri = format!("/v1/sessions/{id}/messages");
+    h.send(json_post(&uri, r#"{"text":"hi"}"#, None)).await.problem(StatusCode::UNAUTHORIZED, Some("token_missing"));
+    h.send(json_post(&uri, r#"{"txt":"hi"}"#, Some(&token))).await.problem(StatusCode::BAD_REQUEST, Some("bad_json"));
+    h.send(json_post(&uri, r#"{"text":"   "}"#, Some(&token)))
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("bad_text"));
+    let long = format!(r#"{{"text":"{}"}}"#, "a".repeat(5000));
+    h.send(json_post(&uri, &long, Some(API_KEY))).await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("bad_text"));
+    // The fake host cannot inject: its default answer.
+    h.send(json_post(&uri, r#"{"text":"hi"}"#, Some(&token)))
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("inject_unsupported"));
+}

@@ -58,6 +58,8 @@ pub enum EndReason {
     Shutdown,
     /// An operator or another node ended it (admin API, cross-node control).
     Admin,
+    /// Nobody spoke or wrote for `session.idle_timeout_secs`.
+    IdleTimeout,
 }
 
 impl EndReason {
@@ -72,6 +74,7 @@ impl EndReason {
             EndReason::ProviderClosed => Api::ProviderError,
             EndReason::Shutdown => Api::ServerShutdown,
             EndReason::Admin => Api::ClientRequest,
+            EndReason::IdleTimeout => Api::IdleTimeout,
         }
     }
 
@@ -712,6 +715,8 @@ impl SessionManager {
             shared: Arc::clone(shared),
             start,
             deadline: shared.created_instant + self.config.session.max_duration(),
+            idle_timeout: (self.config.session.idle_timeout_secs > 0)
+                .then(|| Duration::from_secs(self.config.session.idle_timeout_secs)),
             peer,
             peer_rx,
             control_rx,
@@ -838,6 +843,127 @@ fn etag_matches(if_match: &str, etag: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::sql::SqlStore;
+    use crate::store::{StoreError, StoredCharacter, UserData};
+
+    /// The real SQLite store behind a gate that holds every turn write until opened: a
+    /// database that has stalled.
+    struct Stalled {
+        inner: SqlStore,
+        open: tokio::sync::watch::Receiver<bool>,
+    }
+
+    impl Stalled {
+        async fn wait(&self) {
+            let mut open = self.open.clone();
+            let _ = open.wait_for(|o| *o).await;
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Stalled {
+        fn backend(&self) -> &'static str {
+            "stalled"
+        }
+        async fn upsert_characters(&self, c: &[StoredCharacter]) -> Result<(), StoreError> {
+            self.inner.upsert_characters(c).await
+        }
+        async fn create_session(&self, s: &StoredSession) -> Result<(), StoreError> {
+            self.inner.create_session(s).await
+        }
+        async fn mark_connected(&self, id: &str, at: SystemTime) -> Result<(), StoreError> {
+            self.inner.mark_connected(id, at).await
+        }
+        async fn mark_ended(&self, id: &str, at: SystemTime, reason: &str) -> Result<(), StoreError> {
+            self.inner.mark_ended(id, at, reason).await
+        }
+        async fn put_turn(&self, t: &StoredTurn) -> Result<(), StoreError> {
+            self.wait().await;
+            self.inner.put_turn(t).await
+        }
+        async fn session(&self, id: &str) -> Result<Option<StoredSession>, StoreError> {
+            self.inner.session(id).await
+        }
+        async fn turns(&self, id: &str) -> Result<Vec<StoredTurn>, StoreError> {
+            self.inner.turns(id).await
+        }
+        async fn end_orphans(&self, n: &str, at: SystemTime, r: &str) -> Result<u64, StoreError> {
+            self.inner.end_orphans(n, at, r).await
+        }
+        async fn user_data(&self, u: &str, k: Option<&str>) -> Result<UserData, StoreError> {
+            self.inner.user_data(u, k).await
+        }
+        async fn delete_user(&self, u: &str, k: Option<&str>) -> Result<Vec<String>, StoreError> {
+            self.inner.delete_user(u, k).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_store_queue_never_blocks_and_loses_nothing_once_the_session_ends() {
+        let dir =
+            std::env::temp_dir().join(format!("kotodama-overflow-{}-{}", std::process::id(), rand::random::<u64>()));
+        let inner = SqlStore::connect(&format!("sqlite://{}/k.db", dir.display())).await.expect("sqlite");
+        let (open_tx, open_rx) = tokio::sync::watch::channel(false);
+        let store: Arc<dyn Store> = Arc::new(Stalled { inner: inner.clone(), open: open_rx });
+        let (writer, _task) = StoreWriter::spawn_with_capacity(Arc::clone(&store), None, 2);
+        let now = SystemTime::now();
+        let record = StoredSession {
+            id: "sess_overflow".into(),
+            character: "aiko".into(),
+            provider: "scripted".into(),
+            user_id: None,
+            api_key_id: None,
+            node_id: "n".into(),
+            state: StoredState::Created,
+            end_reason: None,
+            created_at: now,
+            connected_at: None,
+            ended_at: None,
+        };
+        store.create_session(&record).await.unwrap();
+        let shared = SessionShared {
+            id: record.id.clone(),
+            character: "aiko".into(),
+            provider: "scripted".into(),
+            created_at: now,
+            user_id: None,
+            api_key_id: None,
+            created_instant: Instant::now(),
+            state: Mutex::new(SharedState {
+                phase: Phase::Connecting,
+                agent_state: AgentState::Listening,
+                ended_at: None,
+                ended_instant: None,
+                end_reason: None,
+                turns: Vec::new(),
+                live: None,
+            }),
+            writer: writer.clone(),
+            redis: None,
+            dirty: AtomicBool::new(false),
+            next_seq: AtomicU64::new(1),
+        };
+        // The database stalls: the first write waits in the writer, two fill the queue, the
+        // rest are refused at once (push_turn returns; the caller never waits).
+        for i in 0..8 {
+            shared.push_turn(if i % 2 == 0 { Role::User } else { Role::Agent }, &format!("turn {i}"), false);
+        }
+        assert!(writer.stats().dropped.load(Ordering::Relaxed) >= 5, "{:?}", writer.stats());
+        assert!(shared.dirty.load(Ordering::Relaxed), "the session knows it must be rewritten");
+        assert!(shared.end(EndReason::ClientEnded));
+        // The database recovers; the end of the session rewrites everything it holds.
+        open_tx.send(true).unwrap();
+        shared.persist_after_end().await;
+        writer.flush().await;
+        let turns = inner.turns("sess_overflow").await.unwrap();
+        let got: Vec<(u64, String)> = turns.into_iter().map(|t| (t.seq, t.text)).collect();
+        let want: Vec<(u64, String)> = (0..8).map(|i| (i + 1, format!("turn {i}"))).collect();
+        assert_eq!(got, want, "every turn stored once, in order");
+        let stored = inner.session("sess_overflow").await.unwrap().unwrap();
+        assert_eq!((stored.state, stored.end_reason.as_deref()), (StoredState::Ended, Some("client_request")));
+        inner.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn if_match_accepts_lists_and_weak_tags() {

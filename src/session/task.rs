@@ -30,6 +30,8 @@ pub(crate) struct SessionTask {
     pub shared: Arc<SessionShared>,
     pub start: Instant,
     pub deadline: Instant,
+    /// End the session after this long without activity (speech, messages, agent audio).
+    pub idle_timeout: Option<Duration>,
     pub peer: Peer,
     pub peer_rx: mpsc::Receiver<PeerEvent>,
     pub control_rx: mpsc::Receiver<Control>,
@@ -58,6 +60,8 @@ struct Conversation {
     events_dropped: u64,
     /// The last typed user turn, already recorded: its echo as a provider transcript is not.
     typed_pending: Option<String>,
+    /// Last user speech onset, client message or agent audio frame (idle timeout).
+    last_activity: Instant,
 }
 
 impl SessionTask {
@@ -75,12 +79,14 @@ impl SessionTask {
             uplink_dropped: 0,
             events_dropped: 0,
             typed_pending: None,
+            last_activity: Instant::now(),
         };
         let mut frame = [0u8; MAX_OPUS_FRAME];
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let reason = loop {
             let next_due = self.playout.next_due().map(|d| tokio::time::Instant::from_std(self.start + d));
             let provider_room = self.playout.has_room_for(PLAYOUT_HEADROOM);
+            let idle_at = self.idle_timeout.map(|t| tokio::time::Instant::from_std(conv.last_activity + t));
             tokio::select! {
                 biased;
                 ctl = self.control_rx.recv() => match ctl {
@@ -107,6 +113,13 @@ impl SessionTask {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => break EndReason::MaxDuration,
+                _ = sleep_until_opt(idle_at) => {
+                    if self.playout.is_active() {
+                        conv.last_activity = Instant::now();
+                    } else {
+                        break EndReason::IdleTimeout;
+                    }
+                }
             }
         };
         let _ = self.provider.commands.try_send(ProviderCommand::Close);
@@ -296,6 +309,7 @@ impl SessionTask {
                     }
                 }
                 UplinkEvent::SpeechStarted { at } => {
+                    conv.last_activity = Instant::now();
                     started = true;
                     started_at = at;
                 }
@@ -318,6 +332,7 @@ impl SessionTask {
     }
 
     async fn on_client_message(&mut self, conv: &mut Conversation, bytes: &[u8]) {
+        conv.last_activity = Instant::now();
         match signaling::events::parse_client_message(bytes) {
             Ok(Some(ClientEvent::Ping)) => self.emit(conv, ServerEvent::Pong).await,
             Ok(Some(ClientEvent::Interrupt)) => {
@@ -336,6 +351,7 @@ impl SessionTask {
 
     /// A typed (or injected) user turn: recorded at once, then handed to the provider.
     async fn user_text(&mut self, conv: &mut Conversation, text: String) {
+        conv.last_activity = Instant::now();
         if self.playout.is_active() {
             self.interrupt(conv).await;
         }

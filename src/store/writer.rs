@@ -81,7 +81,16 @@ impl StoreWriter {
     /// Start the writer task for `store`. It ends when every handle is dropped.
     /// With `redis`, each stored turn is also pushed onto its session's recent window.
     pub fn spawn(store: Arc<dyn Store>, redis: Option<Redis>) -> (StoreWriter, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        Self::spawn_with_capacity(store, redis, QUEUE_CAPACITY)
+    }
+
+    /// [`StoreWriter::spawn`] with another queue capacity (tests of the overflow policy).
+    pub fn spawn_with_capacity(
+        store: Arc<dyn Store>,
+        redis: Option<Redis>,
+        capacity: usize,
+    ) -> (StoreWriter, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
         let stats = Arc::new(WriterStats::default());
         let join = tokio::spawn(run(store, redis, rx, Arc::clone(&stats)));
         (StoreWriter { tx, stats }, join)
