@@ -183,9 +183,7 @@ fn probe(c: &mut Criterion) {
             rs.process(&reply, &mut |s: &[i16]| v.extend_from_slice(s)).expect("rs");
             v
         };
-        for (name, fec, cx) in
-            [("c5fec", true, 5), ("c6fec", true, 6), ("c7fec", true, 7), ("c3fec", true, 3), ("c6nofec", false, 6)]
-        {
+        for (name, fec, cx) in [("c5fec", true, 5), ("c6fec", true, 6), ("c7fec", true, 7), ("c3fec", true, 3), ("c6nofec", false, 6)] {
             let mut enc = opus::Encoder::new(rate, opus::Channels::Mono, opus::Application::Voip).unwrap();
             enc.set_bitrate(opus::Bitrate::Bits(32_000)).unwrap();
             enc.set_complexity(cx).unwrap();
