@@ -136,3 +136,43 @@ async fn store_contract_on_postgres() {
     let db = PgTestDb::create().await;
     store_contract(&db.url).await;
 }
+
+/// Write latency and throughput of one node's store, printed (a measurement, not a check:
+/// `cargo test --test store -- --ignored --nocapture`).
+#[tokio::test]
+#[ignore]
+async fn measure_turn_write_latency() {
+    use std::time::Instant;
+    let dir = temp_dir("store-bench");
+    let pg = PgTestDb::create().await;
+    for (name, url) in [("sqlite", format!("sqlite://{}/k.db", dir.display())), ("postgres", pg.url.clone())] {
+        let store = SqlStore::connect(&url).await.unwrap();
+        store.create_session(&session("bench", "n", None, None, SystemTime::now())).await.unwrap();
+        let mut lat = Vec::new();
+        let start = Instant::now();
+        for seq in 1..=500u64 {
+            let t = Instant::now();
+            store
+                .put_turn(&turn(
+                    "bench",
+                    seq,
+                    Role::User,
+                    "a typical utterance of a dozen words or so, said once",
+                    SystemTime::now(),
+                ))
+                .await
+                .unwrap();
+            lat.push(t.elapsed());
+        }
+        let total = start.elapsed();
+        lat.sort();
+        eprintln!(
+            "{name}: 500 turns in {total:?} ({:.0}/s); per write p50 {:?} p99 {:?}",
+            500.0 / total.as_secs_f64(),
+            lat[250],
+            lat[495]
+        );
+        store.close().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
