@@ -63,6 +63,7 @@ impl RunningServer {
     /// pending store write, then stop HTTP and close the database.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         self.manager.drain(self.drain_grace).await;
+        self.manager.unregister_all().await;
         self.writer.flush().await;
         let s = self.writer.stats();
         tracing::info!(
@@ -195,8 +196,14 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
         .end_orphans(&node_id, std::time::SystemTime::now(), "crash")
         .await
         .context("marking sessions left open by a crash")?;
-    if orphans > 0 {
-        tracing::warn!(node_id = %node_id, sessions = orphans, "sessions left open by a crash marked ended (crash)");
+    if !orphans.is_empty() {
+        tracing::warn!(node_id = %node_id, sessions = orphans.len(), "sessions left open by a crash marked ended (crash)");
+        if let Some(redis) = &redis {
+            for id in &orphans {
+                // Other nodes would otherwise redirect to this node until the entries expire.
+                let _ = redis.unregister(id).await;
+            }
+        }
     }
     let (writer, _writer_task) = StoreWriter::spawn(Arc::new(store.clone()) as Arc<dyn Store>, redis.clone());
     let manager = SessionManager::new(

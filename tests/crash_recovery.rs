@@ -34,6 +34,14 @@ fn binary_copy(dir: &std::path::Path) -> std::path::PathBuf {
         std::fs::copy(env!("CARGO_BIN_EXE_kotodama"), &copy).expect("copy the binary");
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // Where several worktrees share one target directory, the file may be another checkout's
+    // build: say so instead of failing obscurely.
+    let help = Command::new(&copy).arg("--help").output().expect("run --help");
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("KOTODAMA_NODE_ID"),
+        "{} is not this checkout's build (a shared CARGO_TARGET_DIR rebuilt by another checkout?); rebuild and rerun",
+        env!("CARGO_BIN_EXE_kotodama")
+    );
     copy
 }
 

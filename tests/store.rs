@@ -89,8 +89,8 @@ async fn store_contract(url: &str) {
     assert_eq!(s1.ended_at, Some(t0 + Duration::from_secs(9)));
 
     // Restart of node-a: its open sessions (s2, s3) end with `crash`; node-b's s4 is untouched.
-    let n = store.end_orphans("node-a", t0 + Duration::from_secs(20), "crash").await.unwrap();
-    assert_eq!(n, 2, "s2 and s3 were open on node-a");
+    let ended = store.end_orphans("node-a", t0 + Duration::from_secs(20), "crash").await.unwrap();
+    assert_eq!(ended, ["s2", "s3"], "s2 and s3 were open on node-a");
     for id in ["s2", "s3"] {
         let s = store.session(id).await.unwrap().unwrap();
         assert_eq!((s.state, s.end_reason.as_deref()), (StoredState::Ended, Some("crash")), "{id}");

@@ -482,6 +482,18 @@ impl SessionManager {
         &self.advertise_url
     }
 
+    /// Remove this node's sessions from the Redis registry (at the end of a drain: the spawned
+    /// removals of ended sessions may not run before the process exits).
+    pub async fn unregister_all(&self) {
+        let Some(redis) = &self.redis else { return };
+        let ids: Vec<String> = self.map().keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = redis.unregister(&id).await {
+                tracing::warn!(session_id = %id, error = %e, "registry entry not removed (it expires)");
+            }
+        }
+    }
+
     /// Drop an ended session from memory (after a privacy delete).
     pub fn forget(&self, id: &str) {
         self.map().remove(id);
@@ -887,7 +899,7 @@ mod tests {
         async fn turns(&self, id: &str) -> Result<Vec<StoredTurn>, StoreError> {
             self.inner.turns(id).await
         }
-        async fn end_orphans(&self, n: &str, at: SystemTime, r: &str) -> Result<u64, StoreError> {
+        async fn end_orphans(&self, n: &str, at: SystemTime, r: &str) -> Result<Vec<String>, StoreError> {
             self.inner.end_orphans(n, at, r).await
         }
         async fn user_data(&self, u: &str, k: Option<&str>) -> Result<UserData, StoreError> {

@@ -205,8 +205,8 @@ pub trait Store: Send + Sync + 'static {
     async fn turns(&self, session_id: &str) -> Result<Vec<StoredTurn>, StoreError>;
 
     /// Mark every session of `node_id` not yet ended as ended with `reason` (`crash` at start);
-    /// returns how many.
-    async fn end_orphans(&self, node_id: &str, at: SystemTime, reason: &str) -> Result<u64, StoreError>;
+    /// returns their ids.
+    async fn end_orphans(&self, node_id: &str, at: SystemTime, reason: &str) -> Result<Vec<String>, StoreError>;
 
     /// Everything held for `user_id`; with `api_key_id`, only what that key created.
     async fn user_data(&self, user_id: &str, api_key_id: Option<&str>) -> Result<UserData, StoreError>;

@@ -328,17 +328,21 @@ impl Store for SqlStore {
         rows.iter().map(turn_from_row).collect()
     }
 
-    async fn end_orphans(&self, node_id: &str, at: SystemTime, reason: &str) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "UPDATE sessions SET state = 'ended', ended_at = $2, end_reason = $3 WHERE node_id = $1 AND state <> 'ended'",
+    async fn end_orphans(&self, node_id: &str, at: SystemTime, reason: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE sessions SET state = 'ended', ended_at = $2, end_reason = $3 \
+             WHERE node_id = $1 AND state <> 'ended' RETURNING id",
         )
         .bind(node_id)
         .bind(to_ms(at))
         .bind(reason)
-        .execute(&self.pool)
+        .fetch_all(&self.pool)
         .await
         .map_err(query_err)?;
-        Ok(done.rows_affected())
+        let mut ids: Vec<String> =
+            rows.iter().map(|r| r.try_get::<String, _>("id")).collect::<Result<_, _>>().map_err(query_err)?;
+        ids.sort();
+        Ok(ids)
     }
 
     async fn user_data(&self, user_id: &str, api_key_id: Option<&str>) -> Result<UserData, StoreError> {
