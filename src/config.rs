@@ -167,6 +167,12 @@ pub struct Character {
     /// Persona: the system instructions.
     #[serde(default)]
     pub persona: String,
+    /// Avatar mapping for clients (a model or image id), listed in `GET /v1/characters`.
+    #[serde(default)]
+    pub avatar: Option<String>,
+    /// Provider this character prefers when a session names none.
+    #[serde(default)]
+    pub provider: Option<String>,
 }
 
 fn default_language() -> String {
@@ -522,6 +528,15 @@ impl Config {
                     "use letters, digits, - and _",
                 ));
             }
+            if let Some(p) = &c.provider
+                && !KNOWN_PROVIDERS.contains(&p.as_str())
+            {
+                return Err(err(
+                    "characters.provider",
+                    format!("character `{}` prefers provider `{p}`, which this build does not have", c.id),
+                    format!("use one of: {}", KNOWN_PROVIDERS.join(", ")),
+                ));
+            }
             if !seen.insert(c.id.clone()) {
                 return Err(err(
                     "characters.id",
@@ -571,6 +586,8 @@ impl Config {
             language: default_language(),
             voice: default_voice(),
             persona: "You are Aiko, a cheerful and curious companion. Speak briefly and warmly.".into(),
+            avatar: None,
+            provider: None,
         }]
     }
 }

@@ -126,7 +126,7 @@ impl SessionHost for Host {
                 name: c.name.clone(),
                 language: c.language.clone(),
                 voice: c.voice.clone(),
-                extra: serde_json::Map::new(),
+                extra: c.avatar.iter().map(|a| ("avatar".to_owned(), serde_json::Value::String(a.clone()))).collect(),
             })
             .collect()
     }

@@ -170,8 +170,8 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
             language: c.language,
             voice: c.voice,
             persona: c.persona,
-            avatar: None,
-            provider: None,
+            avatar: c.avatar,
+            provider: c.provider,
         })
         .collect();
     store.upsert_characters(&characters).await.context("storing the configured characters")?;
@@ -197,7 +197,13 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
         .await
         .context("marking sessions left open by a crash")?;
     if !orphans.is_empty() {
-        tracing::warn!(node_id = %node_id, sessions = orphans.len(), "sessions left open by a crash marked ended (crash)");
+        let shown: Vec<&str> = orphans.iter().take(20).map(String::as_str).collect();
+        tracing::warn!(
+            node_id = %node_id,
+            sessions = orphans.len(),
+            ids = ?shown,
+            "sessions left open by a crash marked ended (crash)"
+        );
         if let Some(redis) = &redis {
             for id in &orphans {
                 // Other nodes would otherwise redirect to this node until the entries expire.

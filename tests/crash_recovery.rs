@@ -180,6 +180,13 @@ async fn kill_mid_conversation_then_restart(db_url: &str) {
     let _ = Command::new("kill").arg("-TERM").arg(node.child.id().to_string()).status();
     let status = node.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{}", std::fs::read_to_string(&node.log).unwrap_or_default());
+    // Tokens never reach the logs (both runs logged at debug level for kotodama).
+    for run in [1, 2] {
+        let log = std::fs::read_to_string(dir.join(format!("node-{run}.log"))).unwrap();
+        assert!(log.contains(&id), "node {run} logged the session");
+        assert!(!log.contains(&token), "node {run}'s log holds the session token");
+        assert!(!log.contains(token.split('.').nth(2).unwrap()), "node {run}'s log holds the token's signature");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -568,7 +568,7 @@ impl SessionManager {
                 .ok_or_else(|| SessionError::UnknownCharacter(id.to_owned()))?,
             None => self.characters.first().ok_or_else(|| SessionError::UnknownCharacter(String::new()))?,
         };
-        let provider = provider.unwrap_or(&self.default_provider);
+        let provider = provider.or(character.provider.as_deref()).unwrap_or(&self.default_provider);
         if !self.providers.contains_key(provider) {
             return Err(SessionError::UnknownProvider(provider.to_owned()));
         }
