@@ -233,7 +233,7 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
     let mut api = signaling::api::ApiState::new(host, tokens).with_api_keys(api_keys).with_limits(limits);
     if let Some(redis) = &redis {
         api = api.with_short_term(Arc::new(redis.clone()));
-        spawn_cluster_tasks(&manager, redis);
+        spawn_cluster_tasks(&manager, redis).await;
     }
     let app = crate::http::app(api, Arc::clone(&manager));
 
@@ -272,7 +272,7 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
 }
 
 /// With Redis: keep this node's registry entries alive, and obey control messages sent to it.
-fn spawn_cluster_tasks(manager: &Arc<SessionManager>, redis: &Redis) {
+async fn spawn_cluster_tasks(manager: &Arc<SessionManager>, redis: &Redis) {
     let weak = Arc::downgrade(manager);
     let r = redis.clone();
     tokio::spawn(async move {
@@ -286,7 +286,7 @@ fn spawn_cluster_tasks(manager: &Arc<SessionManager>, redis: &Redis) {
         }
     });
     let weak = Arc::downgrade(manager);
-    let mut control = redis.subscribe(manager.advertise_url());
+    let mut control = redis.subscribe(manager.advertise_url()).await;
     tokio::spawn(async move {
         while let Some(msg) = control.recv().await {
             let Some(m) = weak.upgrade() else { break };

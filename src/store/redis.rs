@@ -200,8 +200,12 @@ impl Redis {
     /// Subscribe to this node's control channel and [`ALL_NODES`]: messages arrive on the returned receiver
     /// (bounded, [`CONTROL_QUEUE`]; a full queue drops and logs). Resubscribes after a lost
     /// connection, with backoff, until the receiver is dropped.
-    pub fn subscribe(&self, node_id: &str) -> mpsc::Receiver<ControlMessage> {
+    /// Returns once the first subscription is in place (or failed; it is then retried), so
+    /// messages published after this call are received.
+    pub async fn subscribe(&self, node_id: &str) -> mpsc::Receiver<ControlMessage> {
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut ready_tx = Some(ready_tx);
         let client = self.client.clone();
         let channels = [self.key(&format!("control:{node_id}")), self.key(&format!("control:{ALL_NODES}"))];
         tokio::spawn(async move {
@@ -222,6 +226,9 @@ impl Redis {
                     continue;
                 }
                 backoff = Duration::from_millis(100);
+                if let Some(ready) = ready_tx.take() {
+                    let _ = ready.send(());
+                }
                 let mut stream = pubsub.on_message();
                 loop {
                     tokio::select! {
@@ -242,6 +249,9 @@ impl Redis {
                 }
             }
         });
+        if tokio::time::timeout(Duration::from_secs(5), ready_rx).await.is_err() {
+            tracing::warn!("redis control subscription not ready yet; retrying in the background");
+        }
         rx
     }
 }
