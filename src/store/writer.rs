@@ -148,10 +148,14 @@ async fn run(store: Arc<dyn Store>, redis: Option<Redis>, mut rx: mpsc::Receiver
                 Ok(()) => {
                     stats.written.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(session_id = %id, write = what, "stored");
-                    if let (Some(redis), Write::Turn(t)) = (&redis, &w)
-                        && let Err(e) = redis.push_recent(t).await
-                    {
-                        tracing::debug!(session_id = %id, error = %e, "recent-turns window not updated");
+                    if let (Some(redis), Write::Turn(t)) = (&redis, &w) {
+                        // Best effort and never in the way of the durable writes behind it.
+                        let (redis, t) = (redis.clone(), t.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = redis.push_recent(&t).await {
+                                tracing::debug!(session_id = %t.session_id, error = %e, "recent-turns window not updated");
+                            }
+                        });
                     }
                     break;
                 }
