@@ -89,6 +89,28 @@ async fn two_nodes_redirect_share_history_and_obey_cross_node_control() {
     client.send_text(r#"{"type":"text","text":"Hello across nodes."}"#).await;
     client.wait_event("the reply", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "speaking").await;
 
+    // Redis holds the live session's recent turns (newest first), and who hosts it.
+    let mut redis =
+        redis::Client::open("redis://127.0.0.1:6379").unwrap().get_multiplexed_async_connection().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let recent: Vec<String> = redis::cmd("LRANGE")
+            .arg(format!("{prefix}recent:{id}"))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if recent.iter().any(|t| t.contains("Hello across nodes.")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "recent turns in Redis: {recent:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let owner: Option<String> =
+        redis::cmd("GET").arg(format!("{prefix}session:{id}")).query_async(&mut redis).await.unwrap();
+    assert_eq!(owner.as_deref(), Some(a.base.as_str()), "the registry names the owner");
+
     // A message injected on the other node reaches the session over pub/sub.
     let r = http
         .post(format!("{}/v1/sessions/{id}/messages", b.base))
@@ -171,6 +193,8 @@ async fn two_nodes_redirect_share_history_and_obey_cross_node_control() {
         let r = http.get(format!("{}/v1/sessions/{id}", node.base)).bearer_auth(&token).send().await.unwrap();
         assert_eq!(r.status(), 404, "deleted everywhere ({})", node.base);
     }
+    let left: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*{id}*")).query_async(&mut redis).await.unwrap();
+    assert!(left.is_empty(), "no Redis key of the deleted session remains: {left:?}");
     let r = http.get(format!("{}/v1/users/user-7/data", a.base)).bearer_auth(ADMIN_KEY).send().await.unwrap();
     assert_eq!(r.status(), 404, "nothing left to export");
     client.close().await;
