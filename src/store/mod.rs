@@ -33,8 +33,8 @@ use signaling::events::Role;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The database could not be reached or opened.
-    #[error("cannot open the database: {0}")]
+    /// The database (or Redis) could not be reached or opened.
+    #[error("cannot connect: {0}")]
     Connect(String),
     /// Applying the migrations failed.
     #[error("database migration failed: {0}")]

@@ -96,7 +96,13 @@ impl Redis {
     /// Connect (and check with a PING).
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(redis_err)?;
-        let mut conn = client.get_connection_manager().await.map_err(redis_err)?;
+        // Bounded waits: a request that needs Redis fails (503) rather than hanging, and a node
+        // pointed at an unreachable Redis says so within seconds.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(2)
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        let mut conn = client.get_connection_manager_with_config(config).await.map_err(redis_err)?;
         let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(redis_err)?;
         Ok(Redis { client, conn, prefix: prefix.to_owned() })
     }

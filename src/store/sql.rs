@@ -57,6 +57,13 @@ impl SqlStore {
         } else {
             return Err(StoreError::Connect("the URL must start with sqlite: or postgres://".into()));
         };
+        // One direct connection first: its error says why (refused, auth, no such database),
+        // where the pool would only report a timeout after ACQUIRE_TIMEOUT.
+        let probe = tokio::time::timeout(ACQUIRE_TIMEOUT, <sqlx::AnyConnection as sqlx::Connection>::connect(&url))
+            .await
+            .map_err(|_| StoreError::Connect(format!("no answer within {ACQUIRE_TIMEOUT:?}")))?
+            .map_err(|e| StoreError::Connect(e.to_string()))?;
+        let _ = sqlx::Connection::close(probe).await;
         let mut options = AnyPoolOptions::new().max_connections(MAX_CONNECTIONS).acquire_timeout(ACQUIRE_TIMEOUT);
         if backend == Backend::Sqlite {
             options = options.after_connect(|conn, _meta| {
