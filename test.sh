@@ -7,4 +7,5 @@ source ./.ci/setup.sh
 setup_build_deps
 setup_test_deps
 start_services
+setup_test_database
 cargo test --workspace --locked "$@"

@@ -53,3 +53,24 @@ start_services() {
   done
   echo "warning: redis or postgresql did not come up (only the storage tests need them)" >&2
 }
+
+# The storage tests connect as postgres@127.0.0.1 to the database `test` (trust auth on loopback,
+# as on the CI and developer machines) and create a fresh database per run inside it. A stock
+# Debian cluster asks for a password on TCP: allow loopback trust once, and create `test`.
+setup_test_database() {
+  psql -h 127.0.0.1 -U postgres -d test -Atc 'select 1' >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" != 0 ]; then
+    echo "warning: postgres@127.0.0.1/test unreachable; the Postgres tests will fail" >&2
+    return 0
+  fi
+  local hba; hba="$(ls /etc/postgresql/*/main/pg_hba.conf 2>/dev/null | sort -V | tail -1 || true)"
+  if [ -n "$hba" ] && ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+    echo "allowing trust auth for postgres on 127.0.0.1 (test machine)"
+    sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+    local v; v="$(basename "$(dirname "$(dirname "$hba")")")"
+    pg_ctlcluster --skip-systemctl-redirect "$v" main reload || true
+    sleep 1
+  fi
+  su postgres -c "psql -Atc \"select 1 from pg_database where datname='test'\"" 2>/dev/null | grep -q 1 \
+    || su postgres -c "createdb test" || true
+}

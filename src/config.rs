@@ -33,8 +33,13 @@ pub struct Config {
     pub bind: SocketAddr,
     /// Address advertised in ICE candidates (`KOTODAMA_PUBLIC_IP`); default: the bind address.
     pub public_ip: Option<IpAddr>,
-    /// API keys that may create sessions (`KOTODAMA_API_KEYS`, comma-separated).
+    /// API keys that may create sessions (`KOTODAMA_API_KEYS`, comma-separated): each a key
+    /// (>= 16 characters, hashed at start) or `sha256:<64 hex>` of one.
     pub api_keys: Vec<String>,
+    /// Admin API keys (`KOTODAMA_ADMIN_API_KEYS`), same forms: also every user's data.
+    pub admin_api_keys: Vec<String>,
+    /// Session-token keys beyond the default HS256 secret.
+    pub tokens: TokenSettings,
     /// Provider for new sessions (`KOTODAMA_PROVIDER`).
     pub provider: Option<String>,
     /// Secret for session tokens (`KOTODAMA_TOKEN_SECRET`); random per start when unset.
@@ -43,6 +48,15 @@ pub struct Config {
     pub database_url: String,
     /// Redis URL (`KOTODAMA_REDIS_URL`); unset: single node.
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel (`KOTODAMA_REDIS_PREFIX`), so several deployments
+    /// (or test runs) can share one Redis.
+    pub redis_prefix: String,
+    /// The URL other nodes redirect clients to for this node's sessions
+    /// (`KOTODAMA_ADVERTISE_URL`, e.g. `https://node-1.example.com`); default `http://<bind>`.
+    pub advertise_url: Option<String>,
+    /// This node's stable id in the store (`KOTODAMA_NODE_ID`); default: the advertised URL.
+    /// A restarted node must keep its id so it can mark the sessions its crash left open.
+    pub node_id: Option<String>,
     /// Directory of the web demo served at `/`.
     pub web_demo_dir: PathBuf,
     /// Session limits.
@@ -63,6 +77,38 @@ pub struct Config {
     pub characters: Vec<Character>,
 }
 
+/// Session-token signing keys (`[tokens]`). Unset: HS256 with `token_secret`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenSettings {
+    /// `HS256` (default), `RS256` or `EdDSA` (`KOTODAMA_TOKEN_ALG`).
+    pub algorithm: Option<String>,
+    /// `kid` of the signing key (`KOTODAMA_TOKEN_KID`); required for RS256/EdDSA.
+    pub kid: Option<String>,
+    /// PEM private key for RS256/EdDSA (`KOTODAMA_TOKEN_PRIVATE_KEY_FILE`).
+    pub private_key_file: Option<PathBuf>,
+    /// PEM public key for RS256/EdDSA (`KOTODAMA_TOKEN_PUBLIC_KEY_FILE`).
+    pub public_key_file: Option<PathBuf>,
+    /// Keys still accepted for verification during a rotation.
+    pub previous: Vec<PreviousTokenKey>,
+}
+
+/// A verify-only token key (`[[tokens.previous]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousTokenKey {
+    /// Its `kid`.
+    pub kid: String,
+    /// `RS256`, `EdDSA` or `HS256`.
+    pub algorithm: String,
+    /// PEM public key (RS256/EdDSA).
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+    /// The secret (HS256).
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
 /// Limits on sessions.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -79,6 +125,13 @@ pub struct SessionLimits {
     pub drain_grace_secs: u64,
     /// A peer silent this long (no ICE traffic; consent lost) ends its session, seconds (>= 6).
     pub peer_timeout_secs: u64,
+    /// A live session with no user speech, client message or agent audio for this long ends
+    /// (`idle_timeout`), seconds; 0: never.
+    pub idle_timeout_secs: u64,
+    /// Sessions one API key may create per minute (0: no limit).
+    pub create_per_minute_per_key: u32,
+    /// Sessions one client IP may create per minute when the API is open (0: no limit).
+    pub create_per_minute_per_ip: u32,
 }
 
 /// Audio pipeline settings.
@@ -278,6 +331,12 @@ pub struct Character {
     /// Per-avatar viseme overrides: eSpeak phoneme -> viseme name (`{ "h" = "sil" }`).
     #[serde(default, skip_serializing_if = "std::collections::HashMap::is_empty")]
     pub visemes: std::collections::HashMap<String, String>,
+    /// Avatar mapping for clients (a model or image id), listed in `GET /v1/characters`.
+    #[serde(default)]
+    pub avatar: Option<String>,
+    /// Provider this character prefers when a session names none.
+    #[serde(default)]
+    pub provider: Option<String>,
 }
 
 fn default_language() -> String {
@@ -293,10 +352,15 @@ impl Default for Config {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             public_ip: None,
             api_keys: Vec::new(),
+            admin_api_keys: Vec::new(),
+            tokens: TokenSettings::default(),
             provider: None,
             token_secret: None,
             database_url: "sqlite://data/kotodama.db".into(),
             redis_url: None,
+            redis_prefix: "kotodama:".into(),
+            advertise_url: None,
+            node_id: None,
             web_demo_dir: PathBuf::from("web-demo"),
             session: SessionLimits::default(),
             media: MediaSettings::default(),
@@ -319,6 +383,9 @@ impl Default for SessionLimits {
             connect_timeout_secs: 600,
             drain_grace_secs: 10,
             peer_timeout_secs: 15,
+            idle_timeout_secs: 300,
+            create_per_minute_per_key: 600,
+            create_per_minute_per_ip: 120,
         }
     }
 }
@@ -413,6 +480,21 @@ impl Config {
         if let Some(v) = non_empty("KOTODAMA_API_KEYS") {
             self.api_keys = v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
         }
+        if let Some(v) = non_empty("KOTODAMA_ADMIN_API_KEYS") {
+            self.admin_api_keys = v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+        }
+        if let Some(v) = non_empty("KOTODAMA_TOKEN_ALG") {
+            self.tokens.algorithm = Some(v.trim().to_owned());
+        }
+        if let Some(v) = non_empty("KOTODAMA_TOKEN_KID") {
+            self.tokens.kid = Some(v.trim().to_owned());
+        }
+        if let Some(v) = non_empty("KOTODAMA_TOKEN_PRIVATE_KEY_FILE") {
+            self.tokens.private_key_file = Some(PathBuf::from(v.trim()));
+        }
+        if let Some(v) = non_empty("KOTODAMA_TOKEN_PUBLIC_KEY_FILE") {
+            self.tokens.public_key_file = Some(PathBuf::from(v.trim()));
+        }
         if let Some(v) = non_empty("KOTODAMA_PROVIDER") {
             self.provider = Some(v.trim().to_owned());
         }
@@ -464,6 +546,15 @@ impl Config {
         if self.provider.is_none() && self.cascade.configured() {
             self.provider = Some("cascade".into());
         }
+        if let Some(v) = non_empty("KOTODAMA_REDIS_PREFIX") {
+            self.redis_prefix = v.trim().to_owned();
+        }
+        if let Some(v) = non_empty("KOTODAMA_ADVERTISE_URL") {
+            self.advertise_url = Some(v.trim().trim_end_matches('/').to_owned());
+        }
+        if let Some(v) = non_empty("KOTODAMA_NODE_ID") {
+            self.node_id = Some(v.trim().to_owned());
+        }
         if self.provider.is_none() && non_empty("OPENAI_API_KEY").is_some() {
             // The contract: OPENAI_API_KEY alone selects OpenAI Realtime for new sessions.
             self.provider = Some("openai".into());
@@ -480,12 +571,67 @@ impl Config {
                 "set KOTODAMA_API_KEYS=<key>[,<key>...] or bind to 127.0.0.1",
             ));
         }
-        if self.api_keys.iter().any(|k| k.len() < 16) {
-            return Err(err(
-                "KOTODAMA_API_KEYS",
-                "an API key is shorter than 16 characters",
-                "use long random keys, e.g. `openssl rand -hex 24`",
-            ));
+        for (key, list) in [("KOTODAMA_API_KEYS", &self.api_keys), ("KOTODAMA_ADMIN_API_KEYS", &self.admin_api_keys)] {
+            if let Err(e) = signaling::ApiKeys::default().parse(signaling::KeyRole::User, list.iter()) {
+                return Err(err(
+                    key,
+                    format!("entry {} is shorter than 16 characters and not sha256:<64 hex digits>", e.index + 1),
+                    "use long random keys (e.g. `openssl rand -hex 24`) or their digests \
+                     (`printf %s KEY | sha256sum` -> sha256:<hex>)",
+                ));
+            }
+        }
+        let alg = self.tokens.algorithm.as_deref().unwrap_or("HS256");
+        match alg {
+            "HS256" => {
+                if self.tokens.private_key_file.is_some() || self.tokens.public_key_file.is_some() {
+                    return Err(err(
+                        "KOTODAMA_TOKEN_ALG",
+                        "key files are set but the algorithm is HS256",
+                        "set KOTODAMA_TOKEN_ALG=RS256 or EdDSA, or remove the key files",
+                    ));
+                }
+            }
+            "RS256" | "EdDSA" => {
+                if self.tokens.private_key_file.is_none() || self.tokens.public_key_file.is_none() {
+                    return Err(err(
+                        "KOTODAMA_TOKEN_PRIVATE_KEY_FILE",
+                        format!("{alg} needs a private and a public key file"),
+                        "set KOTODAMA_TOKEN_PRIVATE_KEY_FILE and KOTODAMA_TOKEN_PUBLIC_KEY_FILE (PEM)",
+                    ));
+                }
+                if self.tokens.kid.as_deref().is_none_or(str::is_empty) {
+                    return Err(err(
+                        "KOTODAMA_TOKEN_KID",
+                        format!("{alg} keys need a kid (so they can be rotated)"),
+                        "set KOTODAMA_TOKEN_KID, e.g. 2026-11",
+                    ));
+                }
+            }
+            other => {
+                return Err(err(
+                    "KOTODAMA_TOKEN_ALG",
+                    format!("`{other}` is not supported"),
+                    "use HS256 (default), RS256 or EdDSA",
+                ));
+            }
+        }
+        for p in &self.tokens.previous {
+            let ok = match p.algorithm.as_str() {
+                "HS256" => p.secret.as_ref().is_some_and(|s| s.len() >= 32),
+                "RS256" | "EdDSA" => p.public_key_file.is_some(),
+                _ => false,
+            };
+            if !ok || p.kid.is_empty() {
+                return Err(err(
+                    "tokens.previous",
+                    format!(
+                        "key `{}` needs a kid and, for its algorithm, a public_key_file (RS256/EdDSA) or a secret of >= 32 bytes (HS256)",
+                        p.kid
+                    ),
+                    "fix or remove the entry",
+                ));
+            }
         }
         if let Some(s) = &self.token_secret
             && s.len() < 32
@@ -519,6 +665,35 @@ impl Config {
                 format!("unsupported URL `{}`", self.database_url),
                 "use sqlite://path/to/file.db or postgres://user@host/db",
             ));
+        }
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(err(
+                "KOTODAMA_REDIS_URL",
+                format!("unsupported URL `{url}`"),
+                "use redis://host:6379 (or rediss:// for TLS), or unset it for a single node",
+            ));
+        }
+        if self.redis_url.is_some() && self.token_secret.is_none() && alg == "HS256" {
+            return Err(err(
+                "KOTODAMA_TOKEN_SECRET",
+                "unset while KOTODAMA_REDIS_URL makes this node part of a cluster (a random secret per node \
+                 would make other nodes refuse its session tokens)",
+                "set the same KOTODAMA_TOKEN_SECRET (>= 32 bytes, e.g. `openssl rand -hex 32`) on every node",
+            ));
+        }
+        if let Some(url) = &self.advertise_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(err(
+                "KOTODAMA_ADVERTISE_URL",
+                format!("`{url}` is not an http(s) URL"),
+                "use the URL clients reach this node at, e.g. https://node-1.example.com",
+            ));
+        }
+        if self.node_id.as_ref().is_some_and(|n| n.is_empty() || n.len() > 200) {
+            return Err(err("KOTODAMA_NODE_ID", "empty or longer than 200 characters", "use a short stable name"));
         }
         if self.media.vad_mode > 3 {
             return Err(err(
@@ -632,6 +807,15 @@ impl Config {
                     ));
                 }
             }
+            if let Some(p) = &c.provider
+                && !KNOWN_PROVIDERS.contains(&p.as_str())
+            {
+                return Err(err(
+                    "characters.provider",
+                    format!("character `{}` prefers provider `{p}`, which this build does not have", c.id),
+                    format!("use one of: {}", KNOWN_PROVIDERS.join(", ")),
+                ));
+            }
             if !seen.insert(c.id.clone()) {
                 return Err(err(
                     "characters.id",
@@ -728,6 +912,8 @@ impl Config {
             providers: Vec::new(),
             tools: None,
             visemes: Default::default(),
+            avatar: None,
+            provider: None,
         }]
     }
 }

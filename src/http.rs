@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use signaling::host::{
     CharacterInfo, CreateSessionRequest, CreatedSession, ETag, IfMatch, OfferAnswer, SessionHost, SessionInfo,
-    SessionState, TranscriptEntry, TrickleOutcome, TrickleRequest,
+    SessionState, TranscriptEntry, TrickleOutcome, TrickleRequest, UserScope,
 };
 use signaling::problem::ApiError;
 use signaling::sdp::ValidOffer;
@@ -19,6 +19,7 @@ use time::OffsetDateTime;
 use webrtc::peer_connection::RTCIceCandidateInit;
 
 use crate::session::{EndReason, Phase, SessionError, SessionManager};
+use crate::store::{StoredSession, StoredState};
 
 /// Retry-After for 503s.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -60,6 +61,10 @@ fn to_api(e: SessionError) -> ApiError {
             ApiError::unavailable(format!("model provider unavailable: {m}"), RETRY_AFTER)
         }
         SessionError::UnknownPeer => ApiError::unknown_peer(),
+        SessionError::Storage(m) => {
+            tracing::error!(error = %m, "storage unavailable");
+            ApiError::unavailable("session storage is unavailable", RETRY_AFTER)
+        }
         SessionError::StaleEtag => ApiError::stale_etag(),
         SessionError::IceRestartUnsupported => ApiError::ice_restart_unsupported(),
         other => ApiError::internal(other),
@@ -68,6 +73,44 @@ fn to_api(e: SessionError) -> ApiError {
 
 fn to_time(t: SystemTime) -> OffsetDateTime {
     OffsetDateTime::from(t)
+}
+
+fn storage_error(e: crate::store::StoreError) -> ApiError {
+    to_api(SessionError::Storage(e.to_string()))
+}
+
+/// A stored `end_reason` string as the API enum (unknown strings are dropped, not invented).
+fn parse_end_reason(s: &str) -> Option<signaling::host::EndReason> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+}
+
+impl Host {
+    /// A session this node does not hold in memory: 307 to its owner when it is live on
+    /// another node, else the stored record (404 when there is none).
+    async fn stored(&self, session_id: &str) -> Result<StoredSession, ApiError> {
+        self.redirect_if_elsewhere(session_id).await?;
+        self.manager.store().session(session_id).await.map_err(storage_error)?.ok_or_else(ApiError::unknown_session)
+    }
+
+    /// `Err(307)` when the registry says another node hosts `session_id`.
+    async fn redirect_if_elsewhere(&self, session_id: &str) -> Result<(), ApiError> {
+        let Some(redis) = self.manager.redis() else { return Ok(()) };
+        match redis.owner(session_id).await {
+            Ok(Some(owner)) if owner != self.manager.advertise_url() => Err(ApiError::elsewhere(owner)),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %e, "session registry unavailable");
+                Err(ApiError::unavailable("session registry unavailable", RETRY_AFTER))
+            }
+        }
+    }
+
+    fn scope_key(scope: &UserScope) -> Option<&str> {
+        match scope {
+            UserScope::CreatedBy(k) => Some(k.as_str()),
+            _ => None,
+        }
+    }
 }
 
 #[async_trait]
@@ -85,11 +128,14 @@ impl SessionHost for Host {
                 name: c.name.clone(),
                 language: c.language.clone(),
                 voice: c.voice.clone(),
-                extra: if c.expressions.is_empty() {
-                    serde_json::Map::new()
-                } else {
+                extra: {
                     let mut m = serde_json::Map::new();
-                    m.insert("expressions".into(), serde_json::json!(c.expressions));
+                    if let Some(a) = &c.avatar {
+                        m.insert("avatar".into(), serde_json::Value::String(a.clone()));
+                    }
+                    if !c.expressions.is_empty() {
+                        m.insert("expressions".into(), serde_json::json!(c.expressions));
+                    }
                     m
                 },
             })
@@ -97,11 +143,20 @@ impl SessionHost for Host {
     }
 
     async fn create_session(&self, request: CreateSessionRequest) -> Result<CreatedSession, ApiError> {
-        let s = self.manager.create(request.character.as_deref(), request.provider.as_deref()).map_err(to_api)?;
+        let options = crate::session::CreateOptions {
+            character: request.character,
+            provider: request.provider,
+            user_id: request.user_id,
+            api_key_id: request.api_key_id,
+        };
+        let s = self.manager.create(options).await.map_err(to_api)?;
         Ok(CreatedSession { session_id: s.id.clone(), ice_servers: self.ice_servers.clone() })
     }
 
     async fn offer(&self, session_id: &str, offer: ValidOffer) -> Result<OfferAnswer, ApiError> {
+        if self.manager.get(session_id).is_none() {
+            self.stored(session_id).await?;
+        }
         let (sdp, peer_id, etag) = self.manager.offer(session_id, offer.into_sdp()).await.map_err(to_api)?;
         let etag = ETag::new(etag.trim_matches('"')).ok_or_else(|| ApiError::internal("generated ETag invalid"))?;
         Ok(OfferAnswer { sdp, peer_id, etag })
@@ -114,6 +169,10 @@ impl SessionHost for Host {
         request: TrickleRequest,
     ) -> Result<TrickleOutcome, ApiError> {
         match request {
+            _ if self.manager.get(session_id).is_none() => {
+                self.stored(session_id).await?;
+                Err(ApiError::unknown_session())
+            }
             TrickleRequest::IceRestart { .. } => {
                 // Validate the session and peer first so a stale URL still gets its 404.
                 self.manager.trickle(session_id, peer_id, "*", Vec::new()).await.map_err(to_api)?;
@@ -141,11 +200,132 @@ impl SessionHost for Host {
     }
 
     async fn end(&self, session_id: &str, peer_id: Option<&str>) -> Result<(), ApiError> {
+        if self.manager.get(session_id).is_none() {
+            let stored = self.stored(session_id).await?;
+            return Err(if stored.state == StoredState::Ended {
+                ApiError::session_already_ended()
+            } else {
+                ApiError::unknown_session()
+            });
+        }
         self.manager.end(session_id, peer_id, EndReason::ClientEnded).await.map_err(to_api)
     }
 
+    async fn inject(&self, session_id: &str, text: String) -> Result<(), ApiError> {
+        if self.manager.get(session_id).is_some() {
+            return self.manager.inject(session_id, text).map_err(|e| match e {
+                SessionError::NotFound => ApiError::conflict("not_live", "the session has not connected yet"),
+                SessionError::Internal(_) => ApiError::unavailable("the session is busy", RETRY_AFTER),
+                other => to_api(other),
+            });
+        }
+        // Live on another node: deliver over pub/sub (callers need not follow redirects).
+        if let Some(redis) = self.manager.redis()
+            && let Some(owner) = redis.owner(session_id).await.map_err(storage_error)?
+            && owner != self.manager.advertise_url()
+        {
+            let msg = crate::store::redis::ControlMessage::Inject { session_id: session_id.to_owned(), text };
+            let receivers = redis.publish(&owner, &msg).await.map_err(storage_error)?;
+            if receivers == 0 {
+                return Err(ApiError::unavailable("the node hosting this session is not listening", RETRY_AFTER));
+            }
+            return Ok(());
+        }
+        let stored = self
+            .manager
+            .store()
+            .session(session_id)
+            .await
+            .map_err(storage_error)?
+            .ok_or_else(ApiError::unknown_session)?;
+        Err(if stored.state == StoredState::Ended {
+            ApiError::session_already_ended()
+        } else {
+            ApiError::unknown_session()
+        })
+    }
+
+    async fn export_user(&self, user_id: &str, scope: UserScope) -> Result<serde_json::Value, ApiError> {
+        // Everything queued so far is in the export.
+        self.manager.writer().flush().await;
+        let data = self.manager.store().user_data(user_id, Self::scope_key(&scope)).await.map_err(storage_error)?;
+        if data.sessions.is_empty() {
+            return Err(ApiError::not_found("no_user_data", "no data for this user"));
+        }
+        let mut value = serde_json::to_value(&data).map_err(ApiError::internal)?;
+        // Short-term data too: the recent-turns windows of live sessions, where kept.
+        if let Some(redis) = self.manager.redis() {
+            for s in value["sessions"].as_array_mut().into_iter().flatten() {
+                let id = s["id"].as_str().unwrap_or_default().to_owned();
+                if s["state"] != "ended" {
+                    s["recent_turns"] = serde_json::Value::Array(redis.recent(&id).await.unwrap_or_default());
+                }
+            }
+        }
+        Ok(value)
+    }
+
+    async fn delete_user(&self, user_id: &str, scope: UserScope) -> Result<serde_json::Value, ApiError> {
+        let key = Self::scope_key(&scope);
+        let data = self.manager.store().user_data(user_id, key).await.map_err(storage_error)?;
+        if data.sessions.is_empty() {
+            return Err(ApiError::not_found("no_user_data", "no data for this user"));
+        }
+        // Live sessions end first, so no write lands after the delete.
+        let mut remote_live = 0;
+        for s in data.sessions.iter().filter(|s| s.session.state != StoredState::Ended) {
+            let id = &s.session.id;
+            if self.manager.get(id).is_some() {
+                let _ = self.manager.end(id, None, EndReason::Admin).await;
+            } else if let Some(redis) = self.manager.redis()
+                && let Ok(Some(owner)) = redis.owner(id).await
+                && owner != self.manager.advertise_url()
+            {
+                let msg = crate::store::redis::ControlMessage::End { session_id: id.clone() };
+                if let Err(e) = redis.publish(&owner, &msg).await {
+                    tracing::warn!(session_id = %id, error = %e, "cross-node end not sent");
+                }
+                remote_live += 1;
+            }
+        }
+        if remote_live > 0 {
+            return Err(ApiError::conflict(
+                "sessions_live_elsewhere",
+                format!("{remote_live} live session(s) of this user on other nodes were told to end; retry the delete"),
+            ));
+        }
+        self.manager.writer().flush().await;
+        let deleted = self.manager.store().delete_user(user_id, key).await.map_err(storage_error)?;
+        for id in &deleted {
+            self.manager.forget(id);
+        }
+        if let Some(redis) = self.manager.redis() {
+            let msg = crate::store::redis::ControlMessage::Forget { session_ids: deleted.clone() };
+            if let Err(e) = redis.publish(crate::store::redis::ALL_NODES, &msg).await {
+                tracing::warn!(error = %e, "other nodes not told to forget deleted sessions (they age out)");
+            }
+        }
+        tracing::info!(sessions = deleted.len(), "user data deleted");
+        Ok(serde_json::json!({ "user_id": user_id, "deleted_sessions": deleted }))
+    }
+
     async fn session(&self, session_id: &str) -> Result<SessionInfo, ApiError> {
-        let s = self.manager.get(session_id).ok_or_else(ApiError::unknown_session)?;
+        let Some(s) = self.manager.get(session_id) else {
+            let stored = self.stored(session_id).await?;
+            return Ok(SessionInfo {
+                session_id: stored.id,
+                state: match stored.state {
+                    StoredState::Created => SessionState::Created,
+                    StoredState::Connected => SessionState::Connected,
+                    StoredState::Ended => SessionState::Ended,
+                },
+                character: stored.character,
+                provider: stored.provider,
+                created_at: to_time(stored.created_at),
+                ended_at: stored.ended_at.map(to_time),
+                end_reason: stored.end_reason.as_deref().and_then(parse_end_reason),
+            });
+        };
         let snap = s.snapshot();
         Ok(SessionInfo {
             session_id: snap.id,
@@ -164,7 +344,20 @@ impl SessionHost for Host {
     }
 
     async fn transcript(&self, session_id: &str) -> Result<Vec<TranscriptEntry>, ApiError> {
-        let s = self.manager.get(session_id).ok_or_else(ApiError::unknown_session)?;
+        let Some(s) = self.manager.get(session_id) else {
+            self.stored(session_id).await?;
+            let turns = self.manager.store().turns(session_id).await.map_err(storage_error)?;
+            return Ok(turns
+                .into_iter()
+                .map(|t| TranscriptEntry {
+                    seq: t.seq,
+                    role: t.role,
+                    text: t.text,
+                    interrupted: t.interrupted,
+                    at: to_time(t.ended_at),
+                })
+                .collect());
+        };
         Ok(s.turns()
             .into_iter()
             .map(|t| TranscriptEntry {
@@ -224,6 +417,19 @@ fn metrics(
          # TYPE kotodama_accepting gauge\n\
          kotodama_accepting {}\n",
         u8::from(m.accepting()),
+    ));
+    use std::sync::atomic::Ordering;
+    let w = m.writer().stats();
+    body.push_str(&format!(
+        "# HELP kotodama_store_writes_total Session and transcript writes by outcome (dropped: queue full, \
+         rewritten at the session's end; failed: lost after retries).\n\
+         # TYPE kotodama_store_writes_total counter\n\
+         kotodama_store_writes_total{{result=\"written\"}} {}\n\
+         kotodama_store_writes_total{{result=\"dropped\"}} {}\n\
+         kotodama_store_writes_total{{result=\"failed\"}} {}\n",
+        w.written.load(Ordering::Relaxed),
+        w.dropped.load(Ordering::Relaxed),
+        w.failed.load(Ordering::Relaxed),
     ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }

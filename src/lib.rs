@@ -6,7 +6,12 @@
 //! ([`providers`]). Events (transcripts, state, emotions, interruptions) go to the client on the
 //! `events` data channel.
 //!
-//! [`server::Server`] wires it together; `main.rs` only parses the command line.
+//! What outlives a session task lives in [`store`]: sessions and transcripts in SQLite or
+//! Postgres (written by one writer task per node, off the audio path), and, with Redis, the
+//! cluster's short-term state (session registry, used token ids, idempotency, rate limits,
+//! recent turns, cross-node control).
+//!
+//! [`server::start`] wires it together; `main.rs` only parses the command line.
 
 pub mod config;
 pub mod http;
@@ -15,4 +20,5 @@ pub mod peer;
 pub mod providers;
 pub mod server;
 pub mod session;
+pub mod store;
 pub mod telemetry;

@@ -20,11 +20,17 @@ OPTIONS:
 ENVIRONMENT (overrides the file):
     KOTODAMA_BIND          host:port of HTTP (default 127.0.0.1:8080)
     KOTODAMA_PUBLIC_IP     address advertised in ICE candidates (default: the bind address)
-    KOTODAMA_API_KEYS      comma-separated API keys (required on a non-loopback bind)
+    KOTODAMA_API_KEYS      comma-separated API keys or sha256:<hex> digests (required on a non-loopback bind)
+    KOTODAMA_ADMIN_API_KEYS  admin keys (also every user's data), same forms
     KOTODAMA_PROVIDER      provider for new sessions (default: local, the offline cascade)
     KOTODAMA_TOKEN_SECRET  session-token secret, >= 32 bytes (default: random per start)
     KOTODAMA_DATABASE_URL  sqlite://... (default sqlite://data/kotodama.db) or postgres://...
+    KOTODAMA_TOKEN_ALG     HS256 (default), RS256 or EdDSA; with KOTODAMA_TOKEN_KID and
+                           KOTODAMA_TOKEN_PRIVATE_KEY_FILE / KOTODAMA_TOKEN_PUBLIC_KEY_FILE (PEM)
     KOTODAMA_REDIS_URL     redis://... (unset: single node, in-process state)
+    KOTODAMA_REDIS_PREFIX  prefix of every Redis key (default kotodama:)
+    KOTODAMA_ADVERTISE_URL URL other nodes redirect this node's clients to (default http://<bind>)
+    KOTODAMA_NODE_ID       stable node id in the store (default: the advertise URL)
     KOTODAMA_LOG           log filter, e.g. info or kotodama=debug (default info)
     KOTODAMA_LOG_FORMAT    `json` for JSON lines
     KOTODAMA_OTLP_ENDPOINT OpenTelemetry collector (OTLP/HTTP), e.g. http://127.0.0.1:4318; unset: off

@@ -29,10 +29,11 @@ async fn offer_errors_are_specific() {
     let (id, token, offer_url) = ts.create_session().await;
     let url = format!("{}{}", ts.base, offer_url);
     let (_pc, _dc, _t, _ssrc, _inbox, good_offer) = client_offer(true, true).await;
-    // `Connection: close`: the server answers 413 without reading the body and drops the
-    // connection; a pooled keep-alive connection would then fail the next request at random.
+    // One connection per request: after an early 413 the server closes the connection without
+    // reading the body, and a pooled connection could be reused just as it closes.
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
     let post = |ct: &'static str, auth: Option<String>, body: String| {
-        let mut r = ts.http.post(&url).header("Content-Type", ct).header("Connection", "close").body(body);
+        let mut r = http.post(&url).header("Content-Type", ct).body(body);
         if let Some(a) = auth {
             r = r.header("Authorization", a);
         }

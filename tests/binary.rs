@@ -81,3 +81,40 @@ fn serve_answers_then_exits_zero_on_sigterm() {
     assert!(log.contains(&format!("127.0.0.1:{port}")), "the start-up log shows the URL: {log}");
     assert!(log.contains("stopped cleanly"), "{log}");
 }
+
+#[test]
+fn unreachable_database_or_redis_stops_the_start_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("kotodama-unreachable-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (key, value, extra) in [
+        ("KOTODAMA_DATABASE_URL", "postgres://nobody:hunter2@127.0.0.1:1/none", None),
+        (
+            "KOTODAMA_REDIS_URL",
+            "redis://:hunter2@127.0.0.1:1",
+            Some(("KOTODAMA_TOKEN_SECRET", "0123456789abcdef0123456789abcdef")),
+        ),
+    ] {
+        let mut cmd = bin();
+        cmd.arg("serve").current_dir(&dir).env("KOTODAMA_BIND", format!("127.0.0.1:{}", free_port())).env(key, value);
+        if let Some((k, v)) = extra {
+            cmd.env(k, v);
+        }
+        let started = Instant::now();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("kotodama kept running with {key} unreachable");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "{key} unreachable must stop the start");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(last.contains(key), "the reason names {key}: {err}");
+        assert!(!err.contains("hunter2"), "the password is not shown: {err}");
+        eprintln!("{key}: refused after {:?}", started.elapsed());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -121,3 +121,20 @@ async fn media_uses_the_configured_udp_port_range() {
     client.wait_event("session.ready", Duration::from_secs(5), |e| e["type"] == "session.ready").await;
     client.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_session_ends_at_its_idle_timeout() {
+    let ts = TestServer::start_with(|c| c.session.idle_timeout_secs = 1).await;
+    let (id, token, offer_url) = ts.create_session().await;
+    let mut client = TestClient::connect(&ts, &offer_url, &token).await;
+    client.wait_event("session.ready", Duration::from_secs(5), |e| e["type"] == "session.ready").await;
+    // Silence keeps flowing as RTP, but nobody speaks or writes.
+    client
+        .silence_until("session.ended", Duration::from_secs(10), |evs| evs.iter().any(|e| e["type"] == "session.ended"))
+        .await;
+    let v = wait_ended(&ts, &id, &token, Duration::from_secs(5)).await;
+    assert_eq!(v["end_reason"], "idle_timeout", "{v}");
+    let ended = client.events().into_iter().find(|e| e["type"] == "session.ended").unwrap();
+    assert_eq!(ended["reason"], "idle_timeout");
+    client.close().await;
+}

@@ -11,6 +11,18 @@
 //! | `DELETE /v1/sessions/{id}/peers/{peer_id}`, `DELETE /v1/sessions/{id}` | session token (manage) or API key | 200 JSON |
 //! | `GET /v1/sessions/{id}` | session token (manage) or API key | 200 JSON |
 //! | `GET /v1/sessions/{id}/transcript` | session token (manage) or API key | 200 JSON array |
+//! | `POST /v1/sessions/{id}/messages` | session token (manage) or API key | 202: `{"text"}` handed to the live session as a user turn |
+//! | `GET /v1/users/{user_id}/data` | API key (admin: any user; user key: what it created) | 200 JSON export |
+//! | `DELETE /v1/users/{user_id}/data` | API key (as above) | 200 JSON: what was deleted |
+//!
+//! Beyond the contract (extensions): the offer is single-use per token (a second offer with a
+//! token whose `jti` already connected is 401 `token_replayed`, after the 404/409 checks of the
+//! session's own state, so a sequential second offer still gets the contract's 409 and the
+//! replay guard decides only races and hosts that would accept again); `Idempotency-Key` on
+//! `POST /v1/sessions` (same key and body: the same 201 again; another body: 409); rate limits
+//! on session creation per API key, or per client IP when open (429 + `Retry-After`); and a
+//! host may answer that a session lives on another node, which becomes `307` to the same path
+//! there (the WHIP rule), with the method and body preserved.
 //!
 //! Checks run in this order, so the first failing one decides the status: path ids (404 for
 //! ids that cannot be ours), credentials (401), `Content-Type` (415), `If-Match` (428), body
@@ -20,6 +32,7 @@
 //! [`ApiError`]. Responses that carry a token or session data are `Cache-Control: no-store`.
 //! Nothing here logs headers, bodies or tokens.
 
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,16 +46,19 @@ use axum::routing::{get, patch, post};
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_MATCH, LOCATION};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::Serialize;
+use sha2::Digest as _;
 use time::OffsetDateTime;
 
-use crate::auth::{ApiKeys, bearer};
-use crate::host::{IfMatch, SessionHost, SessionState, TrickleOutcome, TrickleRequest};
+use crate::auth::{ApiKeyIdentity, ApiKeys, KeyRole, bearer};
+use crate::host::{IfMatch, SessionHost, SessionState, TrickleOutcome, TrickleRequest, UserScope};
 use crate::ice::IceServer;
 use crate::id::is_valid_id;
+use crate::problem::RedirectBase;
 use crate::problem::{ApiError, Reason};
 use crate::sdp::{
     APPLICATION_SDP, MAX_OFFER_BYTES, MAX_SDPFRAG_BYTES, TRICKLE_ICE_SDPFRAG, parse_trickle_sdpfrag, validate_offer,
 };
+use crate::short_term::{MemoryShortTerm, ShortTermError, ShortTermStore};
 use crate::token::{TokenError, TokenIssuer, VerifyMode};
 
 /// Largest `POST /v1/sessions` JSON body (16 KiB).
@@ -59,6 +75,12 @@ pub struct Limits {
     pub max_json_bytes: usize,
     /// `Retry-After` when not accepting sessions (readyz, POST /v1/sessions).
     pub retry_after: Duration,
+    /// Sessions one API key may create per minute (0: unlimited).
+    pub sessions_per_minute_per_key: u32,
+    /// Sessions one client IP may create per minute without an API key (0: unlimited).
+    pub sessions_per_minute_per_ip: u32,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_ttl: Duration,
 }
 
 impl Default for Limits {
@@ -68,9 +90,17 @@ impl Default for Limits {
             max_sdpfrag_bytes: MAX_SDPFRAG_BYTES,
             max_json_bytes: MAX_JSON_BYTES,
             retry_after: Duration::from_secs(5),
+            sessions_per_minute_per_key: 600,
+            sessions_per_minute_per_ip: 120,
+            idempotency_ttl: Duration::from_secs(600),
         }
     }
 }
+
+/// Largest `Idempotency-Key` accepted.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+/// Largest `user_id` accepted.
+pub const MAX_USER_ID_LEN: usize = 128;
 
 /// Everything the handlers share.
 #[derive(Clone)]
@@ -83,6 +113,8 @@ pub struct ApiState {
     pub api_keys: Arc<ApiKeys>,
     /// Limits.
     pub limits: Limits,
+    /// Used token ids, idempotency records, rate-limit counters.
+    pub short_term: Arc<dyn ShortTermStore>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -98,7 +130,19 @@ impl std::fmt::Debug for ApiState {
 impl ApiState {
     /// State with no API keys and default limits.
     pub fn new(host: Arc<dyn SessionHost>, tokens: TokenIssuer) -> Self {
-        ApiState { host, tokens: Arc::new(tokens), api_keys: Arc::new(ApiKeys::default()), limits: Limits::default() }
+        ApiState {
+            host,
+            tokens: Arc::new(tokens),
+            api_keys: Arc::new(ApiKeys::default()),
+            limits: Limits::default(),
+            short_term: Arc::new(MemoryShortTerm::new()),
+        }
+    }
+
+    /// With this short-term store (Redis for a cluster).
+    pub fn with_short_term(mut self, store: Arc<dyn ShortTermStore>) -> Self {
+        self.short_term = store;
+        self
     }
 
     /// With these API keys.
@@ -126,8 +170,11 @@ pub fn routes(state: ApiState) -> Router {
         .route("/v1/sessions/{id}/offer", post(offer))
         .route("/v1/sessions/{id}/transcript", get(transcript))
         .route("/v1/sessions/{id}/peers/{peer_id}", patch(trickle).delete(delete_peer))
+        .route("/v1/sessions/{id}/messages", post(inject))
+        .route("/v1/users/{user_id}/data", get(export_user).delete(delete_user))
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn(redirect_location))
 }
 
 /// The complete API v1 router: [`routes`] plus problem+json 404 and 405 fallbacks.
@@ -171,13 +218,127 @@ struct CreateSessionResponse {
     offer_url: String,
 }
 
-async fn create_session(State(st): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    require_api_key(&st, &headers)?;
+/// `Location` for a [`ApiError::Elsewhere`] answer: the owner's base URL plus this request's
+/// path and query.
+async fn redirect_location(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = request.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let mut response = next.run(request).await;
+    if let Some(RedirectBase(base)) = response.extensions_mut().remove::<RedirectBase>()
+        && let Ok(value) = HeaderValue::from_str(&format!("{}{path}", base.trim_end_matches('/')))
+    {
+        response.headers_mut().insert(LOCATION, value);
+    }
+    response
+}
+
+fn short_term_error(e: ShortTermError) -> ApiError {
+    tracing::error!(error = %e, "short-term state unavailable");
+    ApiError::unavailable("session state is unavailable; retry shortly", Duration::from_secs(2))
+}
+
+/// The rate-limit bucket of a creation request: its API key, else its client IP.
+async fn rate_limit(st: &ApiState, key: Option<&ApiKeyIdentity>, ip: Option<IpAddr>) -> Result<(), ApiError> {
+    let (bucket, limit) = match (key, ip) {
+        (Some(k), _) => (format!("rl:key:{}", k.id), st.limits.sessions_per_minute_per_key),
+        (None, Some(ip)) => (format!("rl:ip:{ip}"), st.limits.sessions_per_minute_per_ip),
+        (None, None) => return Ok(()),
+    };
+    if limit == 0 {
+        return Ok(());
+    }
+    let (count, left) = st.short_term.hit(&bucket, Duration::from_secs(60)).await.map_err(short_term_error)?;
+    if count > u64::from(limit) {
+        return Err(ApiError::too_many_requests(
+            format!("at most {limit} sessions per minute; retry later"),
+            left.max(Duration::from_secs(1)),
+        ));
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What an `Idempotency-Key` record holds: `P<fingerprint>` while the first request runs,
+/// `D<fingerprint>\n<Location>\n<body>` once it answered 201.
+enum Idempotent {
+    /// First use: go ahead, then record under this key.
+    Fresh { key: String, fingerprint: String },
+    /// Same key, same body, already answered: answer the same.
+    Replay(Response),
+}
+
+async fn idempotency(
+    st: &ApiState,
+    headers: &HeaderMap,
+    scope: &str,
+    body: &[u8],
+) -> Result<Option<Idempotent>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key =
+        value.to_str().ok().map(str::trim).filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY_LEN).ok_or_else(
+            || {
+                ApiError::bad_request(
+                    "bad_idempotency_key",
+                    format!("Idempotency-Key must be 1..={MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
+                )
+            },
+        )?;
+    let fingerprint = hex(&sha2::Sha256::digest(body));
+    let record_key = format!("idem:{scope}:{}", hex(&sha2::Sha256::digest(key.as_bytes())));
+    let pending = format!("P{fingerprint}");
+    match st.short_term.set_nx(&record_key, pending.as_bytes(), st.limits.idempotency_ttl).await {
+        Err(e) => Err(short_term_error(e)),
+        Ok(None) => Ok(Some(Idempotent::Fresh { key: record_key, fingerprint })),
+        Ok(Some(existing)) => {
+            let existing = String::from_utf8_lossy(&existing).into_owned();
+            let reused = || {
+                ApiError::conflict(
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with a different request body",
+                )
+            };
+            if let Some(fp) = existing.strip_prefix('P') {
+                if fp != fingerprint {
+                    return Err(reused());
+                }
+                return Err(ApiError::conflict(
+                    "idempotency_in_progress",
+                    "a request with this Idempotency-Key is still being processed; retry shortly",
+                ));
+            }
+            let rest = existing.strip_prefix('D').ok_or_else(|| ApiError::internal("bad idempotency record"))?;
+            let mut parts = rest.splitn(3, '\n');
+            let (Some(fp), Some(location), Some(body)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(ApiError::internal("bad idempotency record"));
+            };
+            if fp != fingerprint {
+                return Err(reused());
+            }
+            let mut response = (StatusCode::CREATED, body.to_owned()).into_response();
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            insert_header(&mut response, LOCATION, location)?;
+            response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+            no_store(&mut response);
+            Ok(Some(Idempotent::Replay(response)))
+        }
+    }
+}
+
+async fn create_session(
+    State(st): State<ApiState>,
+    connect: Option<axum::Extension<axum::extract::ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let identity = require_api_key(&st, &headers)?;
     if !st.host.accepting() {
         return Err(ApiError::unavailable("not accepting new sessions (draining)", st.limits.retry_after));
     }
+    let ip = connect.map(|c| c.0.0.ip());
     let bytes = read_body(body, &headers, st.limits.max_json_bytes).await?;
-    let request = if bytes.iter().all(u8::is_ascii_whitespace) {
+    let mut request: crate::host::CreateSessionRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
         Default::default()
     } else {
         if !is_json(&headers) {
@@ -185,6 +346,55 @@ async fn create_session(State(st): State<ApiState>, headers: HeaderMap, body: Bo
         }
         parse_session_request(&bytes)?
     };
+    if let Some(user_id) = &request.user_id
+        && (user_id.is_empty()
+            || user_id.len() > MAX_USER_ID_LEN
+            || !user_id.bytes().all(|b| (0x21..=0x7e).contains(&b)))
+    {
+        return Err(ApiError::bad_request(
+            "bad_user_id",
+            format!("user_id must be 1..={MAX_USER_ID_LEN} visible ASCII characters"),
+        ));
+    }
+    let scope = match (&identity, ip) {
+        (Some(k), _) => format!("key:{}", k.id),
+        (None, Some(ip)) => format!("ip:{ip}"),
+        (None, None) => "open".to_owned(),
+    };
+    let idem = match idempotency(&st, &headers, &scope, &bytes).await? {
+        Some(Idempotent::Replay(response)) => return Ok(response),
+        Some(Idempotent::Fresh { key, fingerprint }) => Some((key, fingerprint)),
+        None => None,
+    };
+    // A replayed request does not count against the limit; a fresh one does.
+    let outcome = async {
+        rate_limit(&st, identity.as_ref(), ip).await?;
+        request.api_key_id = identity.as_ref().map(|k| k.id.clone());
+        create_and_issue(&st, request).await
+    }
+    .await;
+    match (outcome, idem) {
+        (Ok((response, location, body)), Some((key, fingerprint))) => {
+            let record = format!("D{fingerprint}\n{location}\n{body}");
+            st.short_term.set(&key, record.as_bytes(), st.limits.idempotency_ttl).await.map_err(short_term_error)?;
+            Ok(response)
+        }
+        (Ok((response, ..)), None) => Ok(response),
+        (Err(e), idem) => {
+            if let Some((key, _)) = idem {
+                // Nothing was created: the client may retry with the same key.
+                let _ = st.short_term.delete(&key).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Create the session and issue its token: (response, Location, body).
+async fn create_and_issue(
+    st: &ApiState,
+    request: crate::host::CreateSessionRequest,
+) -> Result<(Response, String, String), ApiError> {
     let created = st.host.create_session(request).await?;
     if !is_valid_id(&created.session_id) {
         return Err(ApiError::internal("host returned a session id that is not URL safe"));
@@ -198,10 +408,12 @@ async fn create_session(State(st): State<ApiState>, headers: HeaderMap, body: Bo
         expires_at: issued.expires_at,
         ice_servers: created.ice_servers,
     };
-    let mut response = json_response(StatusCode::CREATED, &body);
+    let body = serde_json::to_string(&body).map_err(|e| ApiError::internal(format!("serialising: {e}")))?;
+    let mut response = (StatusCode::CREATED, body.clone()).into_response();
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     insert_header(&mut response, LOCATION, &location)?;
     no_store(&mut response);
-    Ok(response)
+    Ok((response, location, body))
 }
 
 /// A JSON object only: serde would also accept a struct written as an array.
@@ -222,16 +434,35 @@ async fn offer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let id = session_id(path)?;
-    authorize_token(&st, &headers, &id, VerifyMode::Connect)?;
+    let claims = authorize_token(&st, &headers, &id, VerifyMode::Connect)?;
     require_content_type(&headers, APPLICATION_SDP)?;
     let bytes = read_body(body, &headers, st.limits.max_offer_bytes).await?;
     // Existence first: no point telling a client to fix the SDP of a session that is gone.
     let session = st.host.session(&id).await?;
-    if session.state == SessionState::Ended {
-        return Err(ApiError::offer_after_end());
+    match session.state {
+        SessionState::Ended => return Err(ApiError::offer_after_end()),
+        SessionState::Connecting | SessionState::Connected => return Err(ApiError::already_connected()),
+        _ => {}
     }
     let offer = validate_offer(&bytes)?;
-    let answer = st.host.offer(&id, offer).await?;
+    // Single use: claim the token's jti until it expires (plus the clock leeway).
+    let jti_key = format!("jti:{}", claims.jti);
+    let left = claims.exp.saturating_sub(OffsetDateTime::now_utc().unix_timestamp()).max(0) as u64;
+    let ttl = Duration::from_secs(left) + crate::token::NBF_LEEWAY;
+    if st.short_term.set_nx(&jti_key, b"1", ttl).await.map_err(short_term_error)?.is_some() {
+        return Err(TokenError::Replayed.into());
+    }
+    let answer = match st.host.offer(&id, offer).await {
+        Ok(a) => a,
+        Err(e) => {
+            // The offer did not take: the token may try again (a corrected offer, a retry after
+            // 503). A 409 means another offer won; the claim stays.
+            if !matches!(e, ApiError::Conflict(_)) {
+                let _ = st.short_term.delete(&jti_key).await;
+            }
+            return Err(e);
+        }
+    };
     if !is_valid_id(&answer.peer_id) {
         return Err(ApiError::internal("host returned a peer id that is not URL safe"));
     }
@@ -356,21 +587,101 @@ fn peer_path(path: Result<Path<(String, String)>, PathRejection>) -> Result<(Str
     }
 }
 
-fn require_api_key(st: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// `None` when the API is open (no key configured).
+fn require_api_key(st: &ApiState, headers: &HeaderMap) -> Result<Option<ApiKeyIdentity>, ApiError> {
     if st.api_keys.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
+    strict_api_key(st, headers).map(Some)
+}
+
+/// An API key, whether or not the API is open.
+fn strict_api_key(st: &ApiState, headers: &HeaderMap) -> Result<ApiKeyIdentity, ApiError> {
     match bearer(headers) {
         None => Err(ApiError::unauthorized("api_key_missing", "an API key is required (Authorization: Bearer <key>)")),
-        Some(key) if st.api_keys.contains(key) => Ok(()),
-        Some(_) => Err(ApiError::unauthorized("api_key_invalid", "invalid API key")),
+        Some(key) => {
+            st.api_keys.identify(key).ok_or_else(|| ApiError::unauthorized("api_key_invalid", "invalid API key"))
+        }
     }
 }
 
-fn authorize_token(st: &ApiState, headers: &HeaderMap, session_id: &str, mode: VerifyMode) -> Result<(), ApiError> {
+fn authorize_token(
+    st: &ApiState,
+    headers: &HeaderMap,
+    session_id: &str,
+    mode: VerifyMode,
+) -> Result<crate::token::Claims, ApiError> {
     let token = bearer(headers).ok_or(TokenError::Missing)?;
-    st.tokens.verify(token, session_id, mode)?;
-    Ok(())
+    Ok(st.tokens.verify(token, session_id, mode)?)
+}
+
+/// Largest injected text.
+pub const MAX_INJECT_TEXT: usize = 4096;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectRequest {
+    text: String,
+}
+
+async fn inject(
+    State(st): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = session_id(path)?;
+    authorize_token_or_key(&st, &headers, &id)?;
+    if !is_json(&headers) {
+        return Err(ApiError::unsupported_media_type("application/json"));
+    }
+    let bytes = read_body(body, &headers, st.limits.max_json_bytes).await?;
+    let request: InjectRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request("bad_json", format!("expected {{\"text\": \"...\"}}: {e}")))?;
+    let text = request.text.trim();
+    if text.is_empty() || text.len() > MAX_INJECT_TEXT {
+        return Err(ApiError::unprocessable("bad_text", format!("text must be 1..={MAX_INJECT_TEXT} bytes")));
+    }
+    st.host.inject(&id, text.to_owned()).await?;
+    Ok(json_response(StatusCode::ACCEPTED, &serde_json::json!({"session_id": id, "accepted": true})))
+}
+
+fn user_scope(identity: &ApiKeyIdentity) -> UserScope {
+    match identity.role {
+        KeyRole::Admin => UserScope::All,
+        _ => UserScope::CreatedBy(identity.id.clone()),
+    }
+}
+
+fn user_path(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    match path {
+        Ok(Path(u)) if !u.is_empty() && u.len() <= MAX_USER_ID_LEN => Ok(u),
+        _ => Err(ApiError::not_found("no_user_data", "no data for this user")),
+    }
+}
+
+async fn export_user(
+    State(st): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let identity = strict_api_key(&st, &headers)?;
+    let user_id = user_path(path)?;
+    let data = st.host.export_user(&user_id, user_scope(&identity)).await?;
+    let mut response = json_response(StatusCode::OK, &data);
+    no_store(&mut response);
+    Ok(response)
+}
+
+async fn delete_user(
+    State(st): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let identity = strict_api_key(&st, &headers)?;
+    let user_id = user_path(path)?;
+    let report = st.host.delete_user(&user_id, user_scope(&identity)).await?;
+    Ok(json_response(StatusCode::OK, &report))
 }
 
 /// The session's own token, or (for operators) an API key. With no API keys configured only

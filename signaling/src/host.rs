@@ -58,6 +58,37 @@ pub trait SessionHost: Send + Sync + 'static {
 
     /// The session's transcript so far, in `seq` order (`GET .../transcript`). Errors: 404.
     async fn transcript(&self, session_id: &str) -> Result<Vec<TranscriptEntry>, ApiError>;
+
+    /// Hand a user text turn to a live session (`POST /v1/sessions/{id}/messages`): a tool
+    /// result, an operator note. The host may deliver it to another node. Default: 422.
+    async fn inject(&self, session_id: &str, text: String) -> Result<(), ApiError> {
+        let _ = (session_id, text);
+        Err(ApiError::unprocessable("inject_unsupported", "this server cannot inject messages"))
+    }
+
+    /// Everything held for `user_id` within `scope` (`GET /v1/users/{user_id}/data`), as JSON.
+    /// Default: 404 (a host without durable user data).
+    async fn export_user(&self, user_id: &str, scope: UserScope) -> Result<serde_json::Value, ApiError> {
+        let _ = (user_id, scope);
+        Err(ApiError::not_found("no_user_data", "no data for this user"))
+    }
+
+    /// Hard-delete everything held for `user_id` within `scope`, ending its live sessions first
+    /// (`DELETE /v1/users/{user_id}/data`); answers what was deleted. Default: 404.
+    async fn delete_user(&self, user_id: &str, scope: UserScope) -> Result<serde_json::Value, ApiError> {
+        let _ = (user_id, scope);
+        Err(ApiError::not_found("no_user_data", "no data for this user"))
+    }
+}
+
+/// Whose data a privacy request may reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UserScope {
+    /// Everything (an admin key).
+    All,
+    /// Only sessions created with this API key (its short id).
+    CreatedBy(String),
 }
 
 /// A character in `GET /v1/characters`.
@@ -86,6 +117,14 @@ pub struct CreateSessionRequest {
     /// Provider name; `None` = the configured provider.
     #[serde(default)]
     pub provider: Option<String>,
+    /// The application's id for the end user (extension): what privacy export and delete
+    /// (`/v1/users/{user_id}`) find. 1..=128 visible ASCII characters.
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// Short id of the API key that authenticated the request (set by the router, never read
+    /// from the body); `None` when the API is open.
+    #[serde(skip)]
+    pub api_key_id: Option<String>,
 }
 
 /// What the host made for `POST /v1/sessions`; the router adds the token and URLs.
@@ -243,6 +282,8 @@ pub enum EndReason {
     ServerShutdown,
     /// A server bug or unexpected failure.
     InternalError,
+    /// The node hosting it stopped without draining (crash, `kill -9`); found at its restart.
+    Crash,
 }
 
 /// `GET /v1/sessions/{id}`.

@@ -29,11 +29,14 @@
 //! * [`api`]: the axum router ([`router`]), its state ([`ApiState`]) and limits.
 //! * [`host`]: the [`SessionHost`] trait and the types it exchanges with the router.
 //! * [`events`]: every data-channel message, with the emotion set and the 15 visemes.
-//! * [`token`]: HS256 session JWTs ([`TokenIssuer`]), algorithm pinned, redacted in `Debug`.
+//! * [`token`]: session JWTs ([`TokenIssuer`]): HS256, RS256 or EdDSA with `kid` rotation,
+//!   the algorithm pinned per key, redacted in `Debug`.
+//! * [`short_term`]: used token ids, idempotency records, rate-limit counters
+//!   ([`ShortTermStore`]; in process or, from `src/`, on Redis).
 //! * [`sdp`]: offer validation and RFC 8840 trickle fragments.
 //! * [`problem`]: RFC 9457 problem+json and [`ApiError`], one variant per status.
 //! * [`ice`]: [`IceServer`] as clients receive it.
-//! * [`auth`]: API keys (constant-time compare) and bearer parsing.
+//! * [`auth`]: API keys held as SHA-256 digests with roles (user, admin), bearer parsing.
 //! * [`id`]: 128-bit CSPRNG ids for sessions, peers, ETags and token ids.
 //!
 //! ## Visemes
@@ -65,17 +68,19 @@ pub mod ice;
 pub mod id;
 pub mod problem;
 pub mod sdp;
+pub mod short_term;
 pub mod token;
 
 pub use api::{ApiState, Limits, router, routes};
-pub use auth::ApiKeys;
+pub use auth::{ApiKeyIdentity, ApiKeys, KeyRole};
 pub use events::{ClientEvent, EventError, ServerEvent, parse_client_message};
 pub use host::{
     CharacterInfo, CreateSessionRequest, CreatedSession, ETag, EndReason, IfMatch, OfferAnswer, SessionHost,
-    SessionInfo, SessionState, TranscriptEntry, TrickleOutcome, TrickleRequest,
+    SessionInfo, SessionState, TranscriptEntry, TrickleOutcome, TrickleRequest, UserScope,
 };
 pub use ice::IceServer;
 pub use id::new_id;
 pub use problem::{ApiError, Problem};
 pub use sdp::{SdpError, SdpFrag, ValidOffer};
-pub use token::{IssuedToken, TokenError, TokenIssuer, VerifyMode};
+pub use short_term::{MemoryShortTerm, ShortTermError, ShortTermStore};
+pub use token::{IssuedToken, KeyMaterial, TokenError, TokenIssuer, TokenKey, TokenKeys, VerifyMode};

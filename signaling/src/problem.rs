@@ -105,7 +105,16 @@ pub enum ApiError {
     /// 500: a bug or an unexpected failure. The detail is logged, never sent.
     #[error("500 internal error: {0}")]
     Internal(String),
+    /// 307: the session lives on another node; the router sends the client to the same path
+    /// under this base URL (`Location`), method and body preserved.
+    #[error("307 session hosted elsewhere: {0}")]
+    Elsewhere(String),
 }
+
+/// Response extension carrying an [`ApiError::Elsewhere`] base URL to the router's middleware,
+/// which knows the request path and writes `Location`.
+#[derive(Debug, Clone)]
+pub struct RedirectBase(pub String);
 
 impl ApiError {
     /// 400.
@@ -199,6 +208,11 @@ impl ApiError {
         ApiError::TooManyRequests { reason: Reason::new("rate_limited", detail), retry_after }
     }
 
+    /// 307 to the node at `base_url` (e.g. `http://10.0.0.2:8080`).
+    pub fn elsewhere(base_url: impl Into<String>) -> Self {
+        ApiError::Elsewhere(base_url.into())
+    }
+
     /// 500; `cause` is logged, not sent.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         ApiError::Internal(cause.to_string())
@@ -220,6 +234,7 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Elsewhere(_) => StatusCode::TEMPORARY_REDIRECT,
         }
     }
 
@@ -240,6 +255,7 @@ impl ApiError {
             | ApiError::TooManyRequests { reason: r, .. }
             | ApiError::Unavailable { reason: r, .. } => (&r.code, &r.detail),
             ApiError::Internal(_) => ("internal", "internal error"),
+            ApiError::Elsewhere(_) => ("session_elsewhere", "this session is hosted by another node; follow Location"),
         };
         Problem {
             type_: "about:blank".to_owned(),
@@ -282,6 +298,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::TooManyRequests { retry_after, .. } | ApiError::Unavailable { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, retry_after_value(*retry_after));
+            }
+            ApiError::Elsewhere(base) => {
+                response.extensions_mut().insert(RedirectBase(base.clone()));
             }
             _ => {}
         }

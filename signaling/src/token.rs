@@ -1,12 +1,17 @@
-//! Session tokens: short-lived HS256 JWTs scoped to one session.
+//! Session tokens: short-lived JWTs scoped to one session (HS256 by default; RS256 or EdDSA
+//! with configured keys, identified by `kid` so keys can be rotated).
 //!
 //! `POST /v1/sessions` issues one; every later call about that session presents it as
 //! `Authorization: Bearer <token>`. Claims: `sub` = session id, `scope` = `"session"`, `iat`,
 //! `nbf`, `exp` (default 10 minutes after issue) and a random `jti`.
 //!
-//! Verification pins the algorithm to HS256 by reading the header itself before any crypto:
-//! `alg: none`, RS256/ES256 (the HS/RS key-confusion attack) and anything else are
-//! [`TokenError::BadAlgorithm`]. Then the signature, `scope`, `sub` (must equal the session id
+//! Keys: one signing key and any number of verify-only keys (the previous ones, during a
+//! rotation), each with its own algorithm and an optional `kid`. Verification reads the header
+//! itself before any crypto, picks the key by `kid` (no `kid`: the key configured without
+//! one) and requires the header's `alg` to be exactly that key's algorithm: `alg: none`, an
+//! HS256 token presented against an RSA key (the HS/RS key-confusion attack: the public key
+//! used as an HMAC secret) and anything else are [`TokenError::BadAlgorithm`]; an unknown `kid`
+//! is [`TokenError::UnknownKey`]. Then the signature, `scope`, `sub` (must equal the session id
 //! in the path), `nbf` (5 s clock-skew leeway for multi-node clocks) and `exp`:
 //!
 //! * [`VerifyMode::Connect`] (`POST .../offer`): `exp` is strict, no leeway. The token is a
@@ -73,11 +78,73 @@ impl fmt::Debug for TokenSecret {
     }
 }
 
+/// Key material of one token key. `Debug` redacts secrets and private keys.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum KeyMaterial {
+    /// HS256 with a shared secret.
+    Hs256(TokenSecret),
+    /// RS256: PEM public key, and the PEM private key (PKCS#1 or PKCS#8) when it signs.
+    Rs256 {
+        /// Private key PEM (signing key only).
+        private_pem: Option<Vec<u8>>,
+        /// Public key PEM.
+        public_pem: Vec<u8>,
+    },
+    /// EdDSA (Ed25519): PEM public key, and the PKCS#8 PEM private key when it signs.
+    EdDsa {
+        /// Private key PEM (signing key only).
+        private_pem: Option<Vec<u8>>,
+        /// Public key PEM.
+        public_pem: Vec<u8>,
+    },
+}
+
+impl KeyMaterial {
+    fn algorithm(&self) -> Algorithm {
+        match self {
+            KeyMaterial::Hs256(_) => Algorithm::HS256,
+            KeyMaterial::Rs256 { .. } => Algorithm::RS256,
+            KeyMaterial::EdDsa { .. } => Algorithm::EdDSA,
+        }
+    }
+}
+
+impl fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyMaterial::Hs256(_) => f.write_str("Hs256(<redacted>)"),
+            KeyMaterial::Rs256 { .. } => f.write_str("Rs256(<redacted>)"),
+            KeyMaterial::EdDsa { .. } => f.write_str("EdDsa(<redacted>)"),
+        }
+    }
+}
+
+/// One token key: its `kid` (put in the header of tokens it signs) and material.
+#[derive(Debug, Clone)]
+pub struct TokenKey {
+    /// Key id; `None` only for a single un-rotated key.
+    pub kid: Option<String>,
+    /// The key.
+    pub material: KeyMaterial,
+}
+
+/// A key set: the current signing key and the verify-only keys still accepted.
+#[derive(Debug, Clone)]
+pub struct TokenKeys {
+    /// Signs new tokens (needs its private key) and verifies them.
+    pub signing: TokenKey,
+    /// Verify only: tokens signed by previous keys stay valid until they expire.
+    pub previous: Vec<TokenKey>,
+}
+
 /// Token settings.
 #[derive(Debug, Clone)]
 pub struct TokenConfig {
-    /// Signing secret; `None` = [`TokenSecret::random`].
+    /// HS256 signing secret when `keys` is `None`; `None` = [`TokenSecret::random`].
     pub secret: Option<TokenSecret>,
+    /// An explicit key set (RS256/EdDSA/HS256 with `kid`s); overrides `secret`.
+    pub keys: Option<TokenKeys>,
     /// Lifetime of a token for connecting (`exp - iat`).
     pub ttl: Duration,
     /// How long past `exp` a token still works in [`VerifyMode::Manage`].
@@ -86,7 +153,7 @@ pub struct TokenConfig {
 
 impl Default for TokenConfig {
     fn default() -> Self {
-        TokenConfig { secret: None, ttl: DEFAULT_TOKEN_TTL, manage_grace: DEFAULT_MANAGE_GRACE }
+        TokenConfig { secret: None, keys: None, ttl: DEFAULT_TOKEN_TTL, manage_grace: DEFAULT_MANAGE_GRACE }
     }
 }
 
@@ -105,6 +172,17 @@ pub enum TokenConfigError {
     /// TTL of zero or too large to represent.
     #[error("token ttl must be between 1 second and 1 year")]
     BadTtl,
+    /// A key could not be loaded.
+    #[error("token key {kid}: {reason}")]
+    BadKey {
+        /// The key's `kid` (or `(none)`).
+        kid: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Two keys share a `kid` (or two keys have none).
+    #[error("two token keys have the kid {0}")]
+    DuplicateKid(String),
 }
 
 /// An encoded session token. `Debug` redacts it; read it with [`SessionToken::expose`].
@@ -198,9 +276,15 @@ pub enum TokenError {
     /// `scope` is not `session`.
     #[error("token has the wrong scope")]
     WrongScope,
-    /// `alg` is not HS256 (`none`, RS256, ...).
+    /// `alg` is not the algorithm of the key it names (`none`, HS256 against an RSA key, ...).
     #[error("token algorithm not accepted")]
     BadAlgorithm,
+    /// `kid` names no configured key.
+    #[error("token signed by an unknown key")]
+    UnknownKey,
+    /// The token's single-use offer was already made (`jti` seen before).
+    #[error("token already used to connect")]
+    Replayed,
 }
 
 impl TokenError {
@@ -215,15 +299,27 @@ impl TokenError {
             TokenError::WrongSession => "token_wrong_session",
             TokenError::WrongScope => "token_wrong_scope",
             TokenError::BadAlgorithm => "token_bad_algorithm",
+            TokenError::UnknownKey => "token_unknown_key",
+            TokenError::Replayed => "token_replayed",
         }
     }
 }
 
-/// Issues and verifies session tokens. `Debug` redacts the key.
+/// A key that verifies.
+#[derive(Clone)]
+struct Verifier {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// Issues and verifies session tokens. `Debug` redacts the keys.
 #[derive(Clone)]
 pub struct TokenIssuer {
     encoding: EncodingKey,
-    decoding: DecodingKey,
+    sign_alg: Algorithm,
+    sign_kid: Option<String>,
+    verifiers: Vec<Verifier>,
     ttl: Duration,
     manage_grace: Duration,
 }
@@ -232,9 +328,41 @@ impl fmt::Debug for TokenIssuer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenIssuer")
             .field("key", &"<redacted>")
+            .field("alg", &self.sign_alg)
+            .field("kid", &self.sign_kid)
+            .field("verify_keys", &self.verifiers.len())
             .field("ttl", &self.ttl)
             .field("manage_grace", &self.manage_grace)
             .finish()
+    }
+}
+
+fn bad_key(kid: &Option<String>, reason: impl fmt::Display) -> TokenConfigError {
+    TokenConfigError::BadKey { kid: kid.clone().unwrap_or_else(|| "(none)".into()), reason: reason.to_string() }
+}
+
+fn decoding_key(key: &TokenKey) -> Result<DecodingKey, TokenConfigError> {
+    match &key.material {
+        KeyMaterial::Hs256(secret) => Ok(DecodingKey::from_secret(&secret.0)),
+        KeyMaterial::Rs256 { public_pem, .. } => {
+            DecodingKey::from_rsa_pem(public_pem).map_err(|e| bad_key(&key.kid, format!("RSA public key: {e}")))
+        }
+        KeyMaterial::EdDsa { public_pem, .. } => {
+            DecodingKey::from_ed_pem(public_pem).map_err(|e| bad_key(&key.kid, format!("Ed25519 public key: {e}")))
+        }
+    }
+}
+
+fn encoding_key(key: &TokenKey) -> Result<EncodingKey, TokenConfigError> {
+    let missing = || bad_key(&key.kid, "the signing key needs its private key");
+    match &key.material {
+        KeyMaterial::Hs256(secret) => Ok(EncodingKey::from_secret(&secret.0)),
+        KeyMaterial::Rs256 { private_pem, .. } => {
+            EncodingKey::from_rsa_pem(private_pem.as_deref().ok_or_else(missing)?)
+                .map_err(|e| bad_key(&key.kid, format!("RSA private key: {e}")))
+        }
+        KeyMaterial::EdDsa { private_pem, .. } => EncodingKey::from_ed_pem(private_pem.as_deref().ok_or_else(missing)?)
+            .map_err(|e| bad_key(&key.kid, format!("Ed25519 private key: {e}"))),
     }
 }
 
@@ -245,8 +373,32 @@ impl TokenIssuer {
         if config.ttl.is_zero() || config.ttl > ONE_YEAR || config.manage_grace > ONE_YEAR {
             return Err(TokenConfigError::BadTtl);
         }
-        let secret = config.secret.unwrap_or_else(TokenSecret::random);
-        Ok(Self::from_parts(&secret, config.ttl, config.manage_grace))
+        let Some(keys) = config.keys else {
+            let secret = config.secret.unwrap_or_else(TokenSecret::random);
+            return Ok(Self::from_parts(&secret, config.ttl, config.manage_grace));
+        };
+        let encoding = encoding_key(&keys.signing)?;
+        let mut verifiers: Vec<Verifier> = Vec::new();
+        for key in std::iter::once(&keys.signing).chain(&keys.previous) {
+            if verifiers.iter().any(|v| v.kid == key.kid) {
+                return Err(TokenConfigError::DuplicateKid(key.kid.clone().unwrap_or_else(|| "(none)".into())));
+            }
+            verifiers.push(Verifier { kid: key.kid.clone(), alg: key.material.algorithm(), key: decoding_key(key)? });
+        }
+        let issuer = TokenIssuer {
+            encoding,
+            sign_alg: keys.signing.material.algorithm(),
+            sign_kid: keys.signing.kid.clone(),
+            verifiers,
+            ttl: config.ttl,
+            manage_grace: config.manage_grace,
+        };
+        // The private and public halves must belong together: sign and verify once.
+        let probe = issuer.issue("probe").map_err(|_| bad_key(&keys.signing.kid, "cannot sign"))?;
+        issuer
+            .verify(probe.token.expose(), "probe", VerifyMode::Connect)
+            .map_err(|_| bad_key(&keys.signing.kid, "the public key does not match the private key"))?;
+        Ok(issuer)
     }
 
     /// Defaults ([`DEFAULT_TOKEN_TTL`], [`DEFAULT_MANAGE_GRACE`]) with a random secret.
@@ -257,7 +409,9 @@ impl TokenIssuer {
     fn from_parts(secret: &TokenSecret, ttl: Duration, manage_grace: Duration) -> Self {
         TokenIssuer {
             encoding: EncodingKey::from_secret(&secret.0),
-            decoding: DecodingKey::from_secret(&secret.0),
+            sign_alg: Algorithm::HS256,
+            sign_kid: None,
+            verifiers: vec![Verifier { kid: None, alg: Algorithm::HS256, key: DecodingKey::from_secret(&secret.0) }],
             ttl,
             manage_grace,
         }
@@ -289,9 +443,9 @@ impl TokenIssuer {
 
     /// Sign arbitrary claims with this issuer's key (tests use it to craft bad tokens).
     pub fn sign(&self, claims: &Claims) -> Result<SessionToken, TokenIssueError> {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
-            .map(SessionToken)
-            .map_err(|_| TokenIssueError)
+        let mut header = Header::new(self.sign_alg);
+        header.kid = self.sign_kid.clone();
+        jsonwebtoken::encode(&header, claims, &self.encoding).map(SessionToken).map_err(|_| TokenIssueError)
     }
 
     /// Verify `token` for the session `expected_session_id`.
@@ -310,15 +464,20 @@ impl TokenIssuer {
         if token.is_empty() {
             return Err(TokenError::Missing);
         }
-        check_header(token)?;
+        let (alg, kid) = check_header(token)?;
+        let verifier = self.verifiers.iter().find(|v| v.kid == kid).ok_or(TokenError::UnknownKey)?;
+        if alg != alg_name(verifier.alg) {
+            return Err(TokenError::BadAlgorithm);
+        }
 
         // Signature (and shape) only: time and subject are checked below against our own
         // clock and mode, which the library cannot express.
-        let mut validation = Validation::new(Algorithm::HS256);
+        let mut validation = Validation::new(verifier.alg);
         validation.validate_exp = false;
         validation.validate_nbf = false;
+        validation.validate_aud = false;
         validation.required_spec_claims.clear();
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).map_err(|e| match e.kind() {
+        let data = jsonwebtoken::decode::<Claims>(token, &verifier.key, &validation).map_err(|e| match e.kind() {
             ErrorKind::InvalidSignature => TokenError::BadSignature,
             ErrorKind::InvalidAlgorithm | ErrorKind::UnsupportedAlgorithm | ErrorKind::InvalidAlgorithmName => {
                 TokenError::BadAlgorithm
@@ -358,9 +517,18 @@ fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
+fn alg_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::RS256 => "RS256",
+        Algorithm::EdDSA => "EdDSA",
+        _ => "HS256",
+    }
+}
+
 /// Read the JOSE header ourselves so that the algorithm decision never depends on what the
-/// library knows how to parse: `alg` must be exactly `HS256`, and no `crit` extensions.
-fn check_header(token: &str) -> Result<(), TokenError> {
+/// library knows how to parse: returns `alg` (a string; the caller compares it with the key's)
+/// and `kid`; no `crit` extensions.
+fn check_header(token: &str) -> Result<(String, Option<String>), TokenError> {
     let mut parts = token.split('.');
     let (Some(header), Some(_payload), Some(_signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -370,15 +538,20 @@ fn check_header(token: &str) -> Result<(), TokenError> {
     let bytes = URL_SAFE_NO_PAD.decode(header).map_err(|_| TokenError::Malformed)?;
     let header: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)?;
     let object = header.as_object().ok_or(TokenError::Malformed)?;
-    match object.get("alg") {
-        Some(serde_json::Value::String(alg)) if alg == "HS256" => {}
+    let alg = match object.get("alg") {
+        Some(serde_json::Value::String(alg)) if ["HS256", "RS256", "EdDSA"].contains(&alg.as_str()) => alg.clone(),
         Some(_) => return Err(TokenError::BadAlgorithm),
         None => return Err(TokenError::Malformed),
-    }
+    };
+    let kid = match object.get("kid") {
+        None => None,
+        Some(serde_json::Value::String(k)) => Some(k.clone()),
+        Some(_) => return Err(TokenError::Malformed),
+    };
     if object.contains_key("crit") {
         return Err(TokenError::Malformed);
     }
-    Ok(())
+    Ok((alg, kid))
 }
 
 #[cfg(test)]
@@ -574,6 +747,128 @@ mod tests {
         assert!(!debug.contains(t.token.expose()), "token leaked: {debug}");
         assert!(debug.contains("<redacted>"));
         assert!(!debug.contains("kkkk"), "secret leaked: {debug}");
+    }
+
+    const RSA_A: &[u8] = include_bytes!("../tests/fixtures/keys/rsa_a.pem");
+    const RSA_A_PUB: &[u8] = include_bytes!("../tests/fixtures/keys/rsa_a.pub.pem");
+    const RSA_B: &[u8] = include_bytes!("../tests/fixtures/keys/rsa_b.pem");
+    const RSA_B_PUB: &[u8] = include_bytes!("../tests/fixtures/keys/rsa_b.pub.pem");
+    const ED_A: &[u8] = include_bytes!("../tests/fixtures/keys/ed_a.pem");
+    const ED_A_PUB: &[u8] = include_bytes!("../tests/fixtures/keys/ed_a.pub.pem");
+
+    fn rsa(kid: &str, private: &[u8], public: &[u8]) -> TokenKey {
+        TokenKey {
+            kid: Some(kid.into()),
+            material: KeyMaterial::Rs256 { private_pem: Some(private.to_vec()), public_pem: public.to_vec() },
+        }
+    }
+
+    fn keyed(signing: TokenKey, previous: Vec<TokenKey>) -> TokenIssuer {
+        TokenIssuer::new(TokenConfig { keys: Some(TokenKeys { signing, previous }), ..TokenConfig::default() })
+            .expect("valid key set")
+    }
+
+    fn header_of(token: &str) -> serde_json::Value {
+        let h = token.split('.').next().unwrap();
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn rs256_and_eddsa_tokens_carry_their_kid_and_verify() {
+        let r = keyed(rsa("r1", RSA_A, RSA_A_PUB), vec![]);
+        let t = r.issue(SID).expect("issue");
+        assert_eq!(header_of(t.token.expose())["alg"], "RS256");
+        assert_eq!(header_of(t.token.expose())["kid"], "r1");
+        assert!(r.verify(t.token.expose(), SID, VerifyMode::Connect).is_ok());
+
+        let ed = TokenKey {
+            kid: Some("e1".into()),
+            material: KeyMaterial::EdDsa { private_pem: Some(ED_A.to_vec()), public_pem: ED_A_PUB.to_vec() },
+        };
+        let e = keyed(ed, vec![]);
+        let t = e.issue(SID).expect("issue");
+        assert_eq!(header_of(t.token.expose())["alg"], "EdDSA");
+        assert!(e.verify(t.token.expose(), SID, VerifyMode::Connect).is_ok());
+        assert_eq!(r.verify(t.token.expose(), SID, VerifyMode::Connect), Err(TokenError::UnknownKey));
+    }
+
+    #[test]
+    fn rotation_keeps_previous_keys_valid_and_refuses_unknown_kids() {
+        let old = keyed(rsa("2026-10", RSA_A, RSA_A_PUB), vec![]);
+        let old_token = old.issue(SID).expect("issue");
+        let previous = TokenKey {
+            kid: Some("2026-10".into()),
+            material: KeyMaterial::Rs256 { private_pem: None, public_pem: RSA_A_PUB.to_vec() },
+        };
+        let new = keyed(rsa("2026-11", RSA_B, RSA_B_PUB), vec![previous]);
+        assert!(new.verify(old_token.token.expose(), SID, VerifyMode::Connect).is_ok(), "old tokens stay valid");
+        let new_token = new.issue(SID).expect("issue");
+        assert_eq!(header_of(new_token.token.expose())["kid"], "2026-11", "new tokens use the new key");
+        assert_eq!(
+            old.verify(new_token.token.expose(), SID, VerifyMode::Connect),
+            Err(TokenError::UnknownKey),
+            "a node that does not know the new kid refuses"
+        );
+        // Key b claiming to be key a: signature fails.
+        let impostor = keyed(rsa("2026-10", RSA_B, RSA_B_PUB), vec![]);
+        let forged = impostor.issue(SID).expect("issue");
+        assert_eq!(new.verify(forged.token.expose(), SID, VerifyMode::Connect), Err(TokenError::BadSignature));
+        // A token without kid when every key has one.
+        assert_eq!(
+            new.verify(issuer().issue(SID).unwrap().token.expose(), SID, VerifyMode::Connect),
+            Err(TokenError::UnknownKey)
+        );
+    }
+
+    #[test]
+    fn hs256_signed_with_the_rsa_public_key_is_refused() {
+        // The classic confusion: the attacker knows the public key and signs HS256 with it.
+        let r = keyed(rsa("r1", RSA_A, RSA_A_PUB), vec![]);
+        let n = now().unix_timestamp();
+        let claims =
+            Claims { sub: SID.into(), scope: SESSION_SCOPE.into(), iat: n, nbf: n, exp: n + 600, jti: "j".into() };
+        for kid in [Some("r1".to_owned()), None] {
+            let mut header = Header::new(Algorithm::HS256);
+            header.kid = kid.clone();
+            let forged = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(RSA_A_PUB)).unwrap();
+            let expected = if kid.is_some() { TokenError::BadAlgorithm } else { TokenError::UnknownKey };
+            assert_eq!(r.verify(&forged, SID, VerifyMode::Connect), Err(expected), "kid {kid:?}");
+        }
+        // And the other way round: an RS256 header against the HS256 default key.
+        let hs = issuer();
+        let rs_token = r.issue(SID).unwrap();
+        let mut parts: Vec<&str> = rs_token.token.expose().split('.').collect();
+        let no_kid = b64(r#"{"alg":"RS256","typ":"JWT"}"#);
+        parts[0] = &no_kid;
+        assert_eq!(hs.verify(&parts.join("."), SID, VerifyMode::Connect), Err(TokenError::BadAlgorithm));
+    }
+
+    #[test]
+    fn mismatched_or_missing_key_halves_are_refused_at_start() {
+        let mismatched = TokenIssuer::new(TokenConfig {
+            keys: Some(TokenKeys { signing: rsa("x", RSA_A, RSA_B_PUB), previous: vec![] }),
+            ..TokenConfig::default()
+        });
+        assert!(matches!(mismatched, Err(TokenConfigError::BadKey { .. })), "{mismatched:?}");
+        let no_private = TokenKey {
+            kid: Some("x".into()),
+            material: KeyMaterial::Rs256 { private_pem: None, public_pem: RSA_A_PUB.to_vec() },
+        };
+        let r = TokenIssuer::new(TokenConfig {
+            keys: Some(TokenKeys { signing: no_private, previous: vec![] }),
+            ..TokenConfig::default()
+        });
+        assert!(matches!(r, Err(TokenConfigError::BadKey { .. })));
+        let dup = TokenIssuer::new(TokenConfig {
+            keys: Some(TokenKeys { signing: rsa("x", RSA_A, RSA_A_PUB), previous: vec![rsa("x", RSA_B, RSA_B_PUB)] }),
+            ..TokenConfig::default()
+        });
+        assert!(matches!(dup, Err(TokenConfigError::DuplicateKid(_))));
+        let garbage = TokenIssuer::new(TokenConfig {
+            keys: Some(TokenKeys { signing: rsa("x", b"not a pem", RSA_A_PUB), previous: vec![] }),
+            ..TokenConfig::default()
+        });
+        assert!(matches!(garbage, Err(TokenConfigError::BadKey { .. })));
     }
 
     #[test]

@@ -467,10 +467,9 @@ async fn create_session_returns_201_with_the_contract_fields() {
     );
     let token = v["token"].as_str().expect("token");
     h.tokens.verify(token, id, VerifyMode::Connect).expect("the issued token is a session token for this session");
-    assert_eq!(
-        h.host.calls(),
-        [Call::Create(CreateSessionRequest { character: Some("kenji".into()), provider: Some("openai".into()) })]
-    );
+    let calls = h.host.calls();
+    let [Call::Create(req)] = &calls[..] else { panic!("one create call: {calls:?}") };
+    assert_eq!((req.character.as_deref(), req.provider.as_deref()), (Some("kenji"), Some("openai")));
 }
 
 #[tokio::test]
@@ -1050,4 +1049,219 @@ async fn wrong_method_is_405_problem_with_allow() {
     assert_eq!(r.header(header::ALLOW), Some("POST"));
     let r = h.send(empty("POST", "/v1/characters", None)).await;
     r.problem(StatusCode::METHOD_NOT_ALLOWED, None);
+}
+
+// ---- single-use offers, idempotency, rate limits, roles, redirects ---------------------------
+
+#[tokio::test]
+async fn a_tokens_offer_is_single_use_even_if_the_host_would_accept_again() {
+    let h = Harness::open();
+    let (id, token, ..) = h.connect().await;
+    // A host that would take a second offer (the peer went away, the session is reusable):
+    // the token already connected once, so it may not again.
+    {
+        let mut state = h.host.lock();
+        let s = state.sessions.get_mut(&id).expect("session");
+        s.peer = None;
+        s.info.state = SessionState::Created;
+    }
+    h.send(offer_request(&id, Some(&token), &fixture("chrome_offer.sdp")))
+        .await
+        .problem(StatusCode::UNAUTHORIZED, Some("token_replayed"));
+    // A new token for the session connects.
+    let fresh = h.tokens.issue(&id).expect("issue");
+    let r = h.send(offer_request(&id, Some(fresh.token.expose()), &fixture("chrome_offer.sdp"))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    // Sequentially, the contract's 409 still comes first for a connected session.
+    h.send(offer_request(&id, Some(fresh.token.expose()), &fixture("chrome_offer.sdp")))
+        .await
+        .problem(StatusCode::CONFLICT, Some("already_connected"));
+}
+
+#[tokio::test]
+async fn a_failed_offer_does_not_use_up_the_token() {
+    let h = Harness::open();
+    let (id, token) = h.create().await;
+    // Unparsable SDP is refused before the token is used up.
+    h.send(offer_request(&id, Some(&token), "v=0\r\nnot sdp")).await.problem(StatusCode::BAD_REQUEST, None);
+    let r = h.send(offer_request(&id, Some(&token), &fixture("chrome_offer.sdp"))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "the same token still connects: {}", r.text());
+}
+
+fn with_key(mut req: Request<Body>, name: &str, value: &str) -> Request<Body> {
+    req.headers_mut().insert(header::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+    req
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_the_same_201_and_refuses_another_body() {
+    let h = Harness::with_keys(&[API_KEY]);
+    let first = h
+        .send(with_key(json_post("/v1/sessions", r#"{"character":"aoi"}"#, Some(API_KEY)), "Idempotency-Key", "k-1"))
+        .await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
+    let again = h
+        .send(with_key(json_post("/v1/sessions", r#"{"character":"aoi"}"#, Some(API_KEY)), "Idempotency-Key", "k-1"))
+        .await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.text());
+    assert_eq!(again.body, first.body, "the same 201 body, token included");
+    assert_eq!(again.header(header::LOCATION), first.header(header::LOCATION));
+    assert_eq!(again.header(header::CACHE_CONTROL), Some("no-store"));
+    let creates = h.host.calls().iter().filter(|c| matches!(c, Call::Create(_))).count();
+    assert_eq!(creates, 1, "the host created one session");
+
+    h.send(with_key(json_post("/v1/sessions", r#"{"character":"kenji"}"#, Some(API_KEY)), "Idempotency-Key", "k-1"))
+        .await
+        .problem(StatusCode::CONFLICT, Some("idempotency_key_reused"));
+    // Another key, or no key: new sessions.
+    let other = h
+        .send(with_key(json_post("/v1/sessions", r#"{"character":"aoi"}"#, Some(API_KEY)), "Idempotency-Key", "k-2"))
+        .await;
+    assert_eq!(other.status, StatusCode::CREATED);
+    assert_ne!(other.json()["session_id"], first.json()["session_id"]);
+    h.send(with_key(json_post("/v1/sessions", "{}", Some(API_KEY)), "Idempotency-Key", ""))
+        .await
+        .problem(StatusCode::BAD_REQUEST, Some("bad_idempotency_key"));
+    // A failed creation does not burn the key.
+    let bad = h
+        .send(with_key(json_post("/v1/sessions", r#"{"character":"nobody"}"#, Some(API_KEY)), "Idempotency-Key", "k-3"))
+        .await;
+    assert_eq!(bad.status, StatusCode::NOT_FOUND);
+    let bad_again = h
+        .send(with_key(json_post("/v1/sessions", r#"{"character":"nobody"}"#, Some(API_KEY)), "Idempotency-Key", "k-3"))
+        .await;
+    assert_eq!(bad_again.status, StatusCode::NOT_FOUND, "retried, not replayed as 409");
+}
+
+#[tokio::test]
+async fn session_creation_is_rate_limited_per_key_with_retry_after() {
+    let host = FakeHost::new();
+    let limits = signaling::Limits { sessions_per_minute_per_key: 2, ..signaling::Limits::default() };
+    let state = ApiState::new(host.clone(), TokenIssuer::random())
+        .with_api_keys(ApiKeys::new([API_KEY, "second-key-0123456789"]))
+        .with_limits(limits);
+    let app = router(state);
+    let send = |req: Request<Body>| {
+        let app = app.clone();
+        async move { app.oneshot(req).await.unwrap_or_else(|e| match e {}) }
+    };
+    for _ in 0..2 {
+        assert_eq!(send(json_post("/v1/sessions", "{}", Some(API_KEY))).await.status(), StatusCode::CREATED);
+    }
+    let limited = send(json_post("/v1/sessions", "{}", Some(API_KEY))).await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = limited.headers()[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert_eq!(
+        send(json_post("/v1/sessions", "{}", Some("second-key-0123456789"))).await.status(),
+        StatusCode::CREATED,
+        "another key has its own budget"
+    );
+}
+
+#[tokio::test]
+async fn user_data_routes_need_an_api_key_and_pass_the_scope() {
+    let h = Harness::with_keys(&[API_KEY]);
+    h.send(empty("GET", "/v1/users/u1/data", None)).await.problem(StatusCode::UNAUTHORIZED, Some("api_key_missing"));
+    let (_, token) = h.create().await;
+    h.send(empty("GET", "/v1/users/u1/data", Some(&token)))
+        .await
+        .problem(StatusCode::UNAUTHORIZED, Some("api_key_invalid"));
+    // The fake host holds no user data: the default answer is 404.
+    h.send(empty("GET", "/v1/users/u1/data", Some(API_KEY))).await.problem(StatusCode::NOT_FOUND, Some("no_user_data"));
+    h.send(empty("DELETE", "/v1/users/u1/data", Some(API_KEY)))
+        .await
+        .problem(StatusCode::NOT_FOUND, Some("no_user_data"));
+    h.send(json_post("/v1/sessions", r#"{"user_id":"has space"}"#, Some(API_KEY)))
+        .await
+        .problem(StatusCode::BAD_REQUEST, Some("bad_user_id"));
+    let r = h.send(json_post("/v1/sessions", r#"{"user_id":"user-42"}"#, Some(API_KEY))).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let created = h.host.calls().into_iter().rev().find_map(|c| match c {
+        Call::Create(req) => Some(req),
+        _ => None,
+    });
+    let created = created.expect("create call");
+    assert_eq!(created.user_id.as_deref(), Some("user-42"));
+    assert_eq!(
+        created.api_key_id.as_deref(),
+        Some(&signaling::auth::key_digest(API_KEY).iter().take(6).map(|b| format!("{b:02x}")).collect::<String>()[..]),
+        "the host learns which key created the session, by its short digest id"
+    );
+}
+
+struct ElsewhereHost;
+
+#[async_trait]
+impl SessionHost for ElsewhereHost {
+    fn accepting(&self) -> bool {
+        true
+    }
+    async fn characters(&self) -> Vec<CharacterInfo> {
+        vec![]
+    }
+    async fn create_session(&self, _: CreateSessionRequest) -> Result<CreatedSession, ApiError> {
+        Err(ApiError::elsewhere("http://node-b.example:8080"))
+    }
+    async fn offer(&self, _: &str, _: ValidOffer) -> Result<OfferAnswer, ApiError> {
+        Err(ApiError::elsewhere("http://node-b.example:8080"))
+    }
+    async fn trickle(&self, _: &str, _: &str, _: TrickleRequest) -> Result<TrickleOutcome, ApiError> {
+        Err(ApiError::elsewhere("http://node-b.example:8080"))
+    }
+    async fn end(&self, _: &str, _: Option<&str>) -> Result<(), ApiError> {
+        Err(ApiError::elsewhere("http://node-b.example:8080/"))
+    }
+    async fn session(&self, _: &str) -> Result<SessionInfo, ApiError> {
+        Err(ApiError::elsewhere("http://node-b.example:8080"))
+    }
+    async fn transcript(&self, _: &str) -> Result<Vec<TranscriptEntry>, ApiError> {
+        Err(ApiError::elsewhere("http://node-b.example:8080"))
+    }
+}
+
+#[tokio::test]
+async fn a_session_on_another_node_is_a_307_to_the_same_path_there() {
+    let tokens = TokenIssuer::random();
+    let app = router(ApiState::new(Arc::new(ElsewhereHost), tokens.clone()));
+    let id = new_session_id();
+    let token = tokens.issue(&id).unwrap().token.expose().to_owned();
+    for (method, path) in [
+        ("GET", format!("/v1/sessions/{id}")),
+        ("GET", format!("/v1/sessions/{id}/transcript")),
+        ("DELETE", format!("/v1/sessions/{id}")),
+        ("DELETE", format!("/v1/sessions/{id}/peers/{}", new_peer_id())),
+    ] {
+        let r = app.clone().oneshot(empty(method, &path, Some(&token))).await.unwrap_or_else(|e| match e {});
+        assert_eq!(r.status(), StatusCode::TEMPORARY_REDIRECT, "{method} {path}");
+        assert_eq!(r.headers()[header::LOCATION], format!("http://node-b.example:8080{path}"), "{method} {path}");
+    }
+    let r = app
+        .clone()
+        .oneshot(offer_request(&id, Some(&token), &fixture("chrome_offer.sdp")))
+        .await
+        .unwrap_or_else(|e| match e {});
+    assert_eq!(r.status(), StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(r.headers()[header::LOCATION], format!("http://node-b.example:8080/v1/sessions/{id}/offer"));
+    let body = axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap();
+    let p: Problem = serde_json::from_slice(&body).expect("problem+json body");
+    assert_eq!(p.code.as_deref(), Some("session_elsewhere"));
+}
+
+#[tokio::test]
+async fn injected_messages_are_checked_before_the_host_sees_them() {
+    let h = Harness::with_keys(&[API_KEY]);
+    let (id, token) = h.create().await;
+    let uri = format!("/v1/sessions/{id}/messages");
+    h.send(json_post(&uri, r#"{"text":"hi"}"#, None)).await.problem(StatusCode::UNAUTHORIZED, Some("token_missing"));
+    h.send(json_post(&uri, r#"{"txt":"hi"}"#, Some(&token))).await.problem(StatusCode::BAD_REQUEST, Some("bad_json"));
+    h.send(json_post(&uri, r#"{"text":"   "}"#, Some(&token)))
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("bad_text"));
+    let long = format!(r#"{{"text":"{}"}}"#, "a".repeat(5000));
+    h.send(json_post(&uri, &long, Some(API_KEY))).await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("bad_text"));
+    // The fake host cannot inject: its default answer.
+    h.send(json_post(&uri, r#"{"text":"hi"}"#, Some(&token)))
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("inject_unsupported"));
 }

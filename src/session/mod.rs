@@ -2,14 +2,19 @@
 //!
 //! A session is created by `POST /v1/sessions` (state `created`), becomes live when its offer is
 //! answered (a [`task::SessionTask`] is spawned, `connecting` then `connected`), and ends exactly
-//! once with an [`EndReason`] (`ended`). Ended sessions stay queryable for a while
-//! (`GET /v1/sessions/{id}`, transcript) and are then evicted; durable storage is its own layer.
+//! once with an [`EndReason`] (`ended`). Ended sessions stay in memory for a while and are then
+//! evicted; the store ([`crate::store`]) keeps them for good.
+//!
+//! Persistence: the row is inserted before `POST /v1/sessions` answers; `connected`, every final
+//! utterance and `ended` go to the node's [`StoreWriter`] with `try_write` as they happen (the
+//! session task never waits on the database). A write refused by a full queue marks the session
+//! dirty, and its transcript and end are rewritten (idempotently) once the session has ended.
 
 pub mod speech;
 pub(crate) mod task;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +25,9 @@ use webrtc::peer_connection::RTCIceCandidateInit;
 use crate::config::{Character, Config};
 use crate::peer::{Peer, PeerSettings};
 use crate::providers::{RealtimeProvider, SessionConfig};
+use crate::store::redis::Redis;
+use crate::store::writer::{StoreWriter, Write};
+use crate::store::{Store, StoredSession, StoredState, StoredTurn};
 
 /// Capacity of the channel from the peer's callbacks to the session task: ~1 s of RTP plus
 /// data-channel messages. When full, the callbacks drop RTP and count it.
@@ -49,6 +57,10 @@ pub enum EndReason {
     ProviderClosed,
     /// The server shut down.
     Shutdown,
+    /// An operator or another node ended it (admin API, cross-node control).
+    Admin,
+    /// Nobody spoke or wrote for `session.idle_timeout_secs`.
+    IdleTimeout,
 }
 
 impl EndReason {
@@ -62,6 +74,8 @@ impl EndReason {
             EndReason::ConnectTimeout => Api::NeverConnected,
             EndReason::ProviderClosed => Api::ProviderError,
             EndReason::Shutdown => Api::ServerShutdown,
+            EndReason::Admin => Api::ClientRequest,
+            EndReason::IdleTimeout => Api::IdleTimeout,
         }
     }
 
@@ -78,6 +92,8 @@ pub(crate) enum Control {
     End(EndReason),
     /// A remote ICE candidate from PATCH.
     Trickle(RTCIceCandidateInit),
+    /// A user text turn from outside the client (admin API, another node).
+    Inject(String),
 }
 
 /// The lifecycle phase of a session.
@@ -131,8 +147,18 @@ pub struct SessionShared {
     pub provider: String,
     /// Creation time.
     pub created_at: SystemTime,
+    /// The application's user id, if given at creation.
+    pub user_id: Option<String>,
+    /// Short id of the API key that created it, if any.
+    pub api_key_id: Option<String>,
     created_instant: Instant,
     state: Mutex<SharedState>,
+    writer: StoreWriter,
+    redis: Option<Redis>,
+    /// A store write was refused by a full queue: rewrite everything once ended.
+    dirty: AtomicBool,
+    /// Sequence numbers of turns, from 1.
+    next_seq: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -191,32 +217,91 @@ impl SessionShared {
         let mut st = self.lock();
         if st.phase == Phase::Connecting {
             st.phase = Phase::Connected;
+            drop(st);
+            self.queue(Write::Connected { id: self.id.clone(), at: SystemTime::now() });
         }
     }
 
-    /// Store a final utterance (empty text is not stored).
+    /// Queue a store write without waiting; a refusal marks the session for a rewrite at its end.
+    fn queue(&self, w: Write) {
+        if !self.writer.try_write(w) && !self.dirty.swap(true, Ordering::Relaxed) {
+            tracing::warn!(session_id = %self.id, "store queue full; this session is rewritten when it ends");
+        }
+    }
+
+    /// Record a final utterance (empty text is not recorded) and queue it for the store.
     pub(crate) fn push_turn(&self, role: Role, text: &str, interrupted: bool) {
         let text = text.trim();
         if text.is_empty() {
             return;
         }
-        let mut st = self.lock();
-        let seq = st.turns.len() as u64 + 1;
-        st.turns.push(Turn { seq, role, text: text.to_owned(), interrupted, at: SystemTime::now() });
+        let turn = {
+            let mut st = self.lock();
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            let turn = Turn { seq, role, text: text.to_owned(), interrupted, at: SystemTime::now() };
+            st.turns.push(turn.clone());
+            turn
+        };
+        self.queue(Write::Turn(self.stored_turn(&turn)));
+    }
+
+    fn stored_turn(&self, t: &Turn) -> StoredTurn {
+        StoredTurn {
+            session_id: self.id.clone(),
+            seq: t.seq,
+            role: t.role,
+            text: t.text.clone(),
+            interrupted: t.interrupted,
+            started_at: None,
+            ended_at: t.at,
+            tool_calls: None,
+        }
     }
 
     fn end(&self, reason: EndReason) -> bool {
-        let mut st = self.lock();
-        if st.phase == Phase::Ended {
-            return false;
+        let at = SystemTime::now();
+        {
+            let mut st = self.lock();
+            if st.phase == Phase::Ended {
+                return false;
+            }
+            st.phase = Phase::Ended;
+            st.end_reason = Some(reason);
+            st.ended_at = Some(at);
+            st.ended_instant = Some(Instant::now());
+            st.live = None;
         }
-        st.phase = Phase::Ended;
-        st.end_reason = Some(reason);
-        st.ended_at = Some(SystemTime::now());
-        st.ended_instant = Some(Instant::now());
-        st.live = None;
+        self.queue(Write::Ended { id: self.id.clone(), at, reason: reason.as_str() });
+        if let Some(redis) = self.redis.clone() {
+            // Off this (possibly audio) path; an entry left behind expires with its TTL.
+            let id = self.id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = redis.unregister(&id).await {
+                    tracing::warn!(session_id = %id, error = %e, "registry entry not removed (it expires)");
+                }
+            });
+        }
         crate::telemetry::add_with(crate::telemetry::SESSIONS_ENDED, "reason", reason.as_str(), 1);
         true
+    }
+
+    /// After the end: if any write was refused by a full queue, rewrite the whole record
+    /// (waiting for room; turn writes are idempotent).
+    pub(crate) async fn persist_after_end(&self) {
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let (turns, end) = {
+            let st = self.lock();
+            (st.turns.clone(), st.end_reason.zip(st.ended_at))
+        };
+        for t in &turns {
+            self.writer.write(Write::Turn(self.stored_turn(t))).await;
+        }
+        if let Some((reason, at)) = end {
+            self.writer.write(Write::Ended { id: self.id.clone(), at, reason: reason.as_str() }).await;
+        }
+        tracing::info!(session_id = %self.id, turns = turns.len(), "session rewritten to the store after queue overflow");
     }
 
     /// A snapshot for the API.
@@ -259,6 +344,9 @@ pub enum SessionError {
     /// No such provider.
     #[error("unknown provider `{0}`")]
     UnknownProvider(String),
+    /// The store refused the write that must precede the answer.
+    #[error("storage unavailable: {0}")]
+    Storage(String),
     /// The node is draining.
     #[error("server is shutting down")]
     Draining,
@@ -304,11 +392,44 @@ pub struct SessionManager {
     media: MediaDefaults,
     /// The tools every character's model may call (built-ins for now).
     tools: Arc<crate::providers::tools::ToolRegistry>,
+    store: Arc<dyn Store>,
+    writer: StoreWriter,
+    node_id: String,
+    advertise_url: String,
+    redis: Option<Redis>,
+}
+
+/// Where a node keeps what outlives its sessions' tasks.
+#[derive(Clone)]
+pub struct Backends {
+    /// Durable store.
+    pub store: Arc<dyn Store>,
+    /// The node's writer to it.
+    pub writer: StoreWriter,
+    /// This node's id in the store.
+    pub node_id: String,
+    /// The URL other nodes redirect to for this node's sessions.
+    pub advertise_url: String,
+    /// Redis (cluster state), when configured.
+    pub redis: Option<Redis>,
+}
+
+/// Who asks for a new session, and for whom.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Character id (`None`: the first configured).
+    pub character: Option<String>,
+    /// Provider name (`None`: the configured default).
+    pub provider: Option<String>,
+    /// The application's user id (privacy export/delete).
+    pub user_id: Option<String>,
+    /// Short id of the creating API key.
+    pub api_key_id: Option<String>,
 }
 
 impl SessionManager {
-    /// A manager for `config` with these providers (by name).
-    pub fn new(config: Arc<Config>, providers: Vec<Arc<dyn RealtimeProvider>>) -> Arc<Self> {
+    /// A manager for `config` with these providers (by name), persisting through `backends`.
+    pub fn new(config: Arc<Config>, providers: Vec<Arc<dyn RealtimeProvider>>, backends: Backends) -> Arc<Self> {
         let providers: HashMap<String, Arc<dyn RealtimeProvider>> =
             providers.into_iter().map(|p| (p.name().to_owned(), p)).collect();
         let default_provider = config.provider_name().to_owned();
@@ -348,7 +469,70 @@ impl SessionManager {
             peer_settings,
             media,
             tools: Arc::new(crate::providers::tools::ToolRegistry::builtin()),
+            store: backends.store,
+            writer: backends.writer,
+            node_id: backends.node_id,
+            advertise_url: backends.advertise_url,
+            redis: backends.redis,
         })
+    }
+
+    /// Redis, when configured.
+    pub fn redis(&self) -> Option<&Redis> {
+        self.redis.as_ref()
+    }
+
+    /// The URL other nodes send this node's clients to.
+    pub fn advertise_url(&self) -> &str {
+        &self.advertise_url
+    }
+
+    /// Remove this node's sessions from the Redis registry (at the end of a drain: the spawned
+    /// removals of ended sessions may not run before the process exits).
+    pub async fn unregister_all(&self) {
+        let Some(redis) = &self.redis else { return };
+        let ids: Vec<String> = self.map().keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = redis.unregister(&id).await {
+                tracing::warn!(session_id = %id, error = %e, "registry entry not removed (it expires)");
+            }
+        }
+    }
+
+    /// Drop an ended session from memory (after a privacy delete).
+    pub fn forget(&self, id: &str) {
+        self.map().remove(id);
+    }
+
+    /// Hand a user text turn to live session `id` (admin API, cross-node control).
+    pub fn inject(&self, id: &str, text: String) -> Result<(), SessionError> {
+        let shared = self.get(id).ok_or(SessionError::NotFound)?;
+        let st = shared.lock();
+        if st.phase == Phase::Ended {
+            return Err(SessionError::Ended);
+        }
+        let live = st.live.as_ref().ok_or(SessionError::NotFound)?;
+        live.control.try_send(Control::Inject(text)).map_err(|_| SessionError::Internal("session busy".into()))
+    }
+
+    /// The durable store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The store writer.
+    pub fn writer(&self) -> &StoreWriter {
+        &self.writer
+    }
+
+    /// This node's id (`sessions.node_id`).
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Ids of the sessions not yet ended.
+    pub fn live_ids(&self) -> Vec<String> {
+        self.map().values().filter(|s| s.lock().phase != Phase::Ended).map(|s| s.id.clone()).collect()
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<SessionShared>>> {
@@ -375,8 +559,9 @@ impl SessionManager {
         self.map().get(id).cloned()
     }
 
-    /// Create a session (state `created`).
-    pub fn create(&self, character: Option<&str>, provider: Option<&str>) -> Result<Arc<SessionShared>, SessionError> {
+    /// Create a session (state `created`), stored before it is returned.
+    pub async fn create(&self, options: CreateOptions) -> Result<Arc<SessionShared>, SessionError> {
+        let (character, provider) = (options.character.as_deref(), options.provider.as_deref());
         if !self.accepting() {
             return Err(SessionError::Draining);
         }
@@ -388,10 +573,10 @@ impl SessionManager {
                 .ok_or_else(|| SessionError::UnknownCharacter(id.to_owned()))?,
             None => self.characters.first().ok_or_else(|| SessionError::UnknownCharacter(String::new()))?,
         };
-        let provider = match provider {
-            Some(p) => p,
-            None => character.providers.first().map(String::as_str).unwrap_or(&self.default_provider),
-        };
+        let provider = provider
+            .or(character.provider.as_deref())
+            .or(character.providers.first().map(String::as_str))
+            .unwrap_or(&self.default_provider);
         if !self.providers.contains_key(provider) {
             return Err(SessionError::UnknownProvider(provider.to_owned()));
         }
@@ -404,7 +589,13 @@ impl SessionManager {
             character: character.id.clone(),
             provider: provider.to_owned(),
             created_at: SystemTime::now(),
+            user_id: options.user_id.clone(),
+            api_key_id: options.api_key_id.clone(),
             created_instant: Instant::now(),
+            writer: self.writer.clone(),
+            redis: self.redis.clone(),
+            dirty: AtomicBool::new(false),
+            next_seq: AtomicU64::new(1),
             state: Mutex::new(SharedState {
                 phase: Phase::Created,
                 agent_state: AgentState::Initializing,
@@ -415,6 +606,23 @@ impl SessionManager {
                 live: None,
             }),
         });
+        let record = StoredSession {
+            id: shared.id.clone(),
+            character: shared.character.clone(),
+            provider: shared.provider.clone(),
+            user_id: shared.user_id.clone(),
+            api_key_id: shared.api_key_id.clone(),
+            node_id: self.node_id.clone(),
+            state: StoredState::Created,
+            end_reason: None,
+            created_at: shared.created_at,
+            connected_at: None,
+            ended_at: None,
+        };
+        self.store.create_session(&record).await.map_err(|e| SessionError::Storage(e.to_string()))?;
+        if let Some(redis) = &self.redis {
+            redis.register(&shared.id, &self.advertise_url).await.map_err(|e| SessionError::Storage(e.to_string()))?;
+        }
         self.map().insert(shared.id.clone(), Arc::clone(&shared));
         crate::telemetry::add(crate::telemetry::SESSIONS_CREATED, 1);
         Ok(shared)
@@ -554,6 +762,8 @@ impl SessionManager {
             shared: Arc::clone(shared),
             start,
             deadline: shared.created_instant + self.config.session.max_duration(),
+            idle_timeout: (self.config.session.idle_timeout_secs > 0)
+                .then(|| Duration::from_secs(self.config.session.idle_timeout_secs)),
             peer,
             peer_rx,
             control_rx,
@@ -591,6 +801,7 @@ impl SessionManager {
             async move {
                 let reason = task.run().await;
                 shared2.end(reason);
+                shared2.persist_after_end().await;
                 let _ = done_tx.send(());
             },
             span,
@@ -688,6 +899,127 @@ fn etag_matches(if_match: &str, etag: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::sql::SqlStore;
+    use crate::store::{StoreError, StoredCharacter, UserData};
+
+    /// The real SQLite store behind a gate that holds every turn write until opened: a
+    /// database that has stalled.
+    struct Stalled {
+        inner: SqlStore,
+        open: tokio::sync::watch::Receiver<bool>,
+    }
+
+    impl Stalled {
+        async fn wait(&self) {
+            let mut open = self.open.clone();
+            let _ = open.wait_for(|o| *o).await;
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Stalled {
+        fn backend(&self) -> &'static str {
+            "stalled"
+        }
+        async fn upsert_characters(&self, c: &[StoredCharacter]) -> Result<(), StoreError> {
+            self.inner.upsert_characters(c).await
+        }
+        async fn create_session(&self, s: &StoredSession) -> Result<(), StoreError> {
+            self.inner.create_session(s).await
+        }
+        async fn mark_connected(&self, id: &str, at: SystemTime) -> Result<(), StoreError> {
+            self.inner.mark_connected(id, at).await
+        }
+        async fn mark_ended(&self, id: &str, at: SystemTime, reason: &str) -> Result<(), StoreError> {
+            self.inner.mark_ended(id, at, reason).await
+        }
+        async fn put_turn(&self, t: &StoredTurn) -> Result<(), StoreError> {
+            self.wait().await;
+            self.inner.put_turn(t).await
+        }
+        async fn session(&self, id: &str) -> Result<Option<StoredSession>, StoreError> {
+            self.inner.session(id).await
+        }
+        async fn turns(&self, id: &str) -> Result<Vec<StoredTurn>, StoreError> {
+            self.inner.turns(id).await
+        }
+        async fn end_orphans(&self, n: &str, at: SystemTime, r: &str) -> Result<Vec<String>, StoreError> {
+            self.inner.end_orphans(n, at, r).await
+        }
+        async fn user_data(&self, u: &str, k: Option<&str>) -> Result<UserData, StoreError> {
+            self.inner.user_data(u, k).await
+        }
+        async fn delete_user(&self, u: &str, k: Option<&str>) -> Result<Vec<String>, StoreError> {
+            self.inner.delete_user(u, k).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_store_queue_never_blocks_and_loses_nothing_once_the_session_ends() {
+        let dir =
+            std::env::temp_dir().join(format!("kotodama-overflow-{}-{}", std::process::id(), rand::random::<u64>()));
+        let inner = SqlStore::connect(&format!("sqlite://{}/k.db", dir.display())).await.expect("sqlite");
+        let (open_tx, open_rx) = tokio::sync::watch::channel(false);
+        let store: Arc<dyn Store> = Arc::new(Stalled { inner: inner.clone(), open: open_rx });
+        let (writer, _task) = StoreWriter::spawn_with_capacity(Arc::clone(&store), None, 2);
+        let now = SystemTime::now();
+        let record = StoredSession {
+            id: "sess_overflow".into(),
+            character: "aiko".into(),
+            provider: "scripted".into(),
+            user_id: None,
+            api_key_id: None,
+            node_id: "n".into(),
+            state: StoredState::Created,
+            end_reason: None,
+            created_at: now,
+            connected_at: None,
+            ended_at: None,
+        };
+        store.create_session(&record).await.unwrap();
+        let shared = SessionShared {
+            id: record.id.clone(),
+            character: "aiko".into(),
+            provider: "scripted".into(),
+            created_at: now,
+            user_id: None,
+            api_key_id: None,
+            created_instant: Instant::now(),
+            state: Mutex::new(SharedState {
+                phase: Phase::Connecting,
+                agent_state: AgentState::Listening,
+                ended_at: None,
+                ended_instant: None,
+                end_reason: None,
+                turns: Vec::new(),
+                live: None,
+            }),
+            writer: writer.clone(),
+            redis: None,
+            dirty: AtomicBool::new(false),
+            next_seq: AtomicU64::new(1),
+        };
+        // The database stalls: the first write waits in the writer, two fill the queue, the
+        // rest are refused at once (push_turn returns; the caller never waits).
+        for i in 0..8 {
+            shared.push_turn(if i % 2 == 0 { Role::User } else { Role::Agent }, &format!("turn {i}"), false);
+        }
+        assert!(writer.stats().dropped.load(Ordering::Relaxed) >= 5, "{:?}", writer.stats());
+        assert!(shared.dirty.load(Ordering::Relaxed), "the session knows it must be rewritten");
+        assert!(shared.end(EndReason::ClientEnded));
+        // The database recovers; the end of the session rewrites everything it holds.
+        open_tx.send(true).unwrap();
+        shared.persist_after_end().await;
+        writer.flush().await;
+        let turns = inner.turns("sess_overflow").await.unwrap();
+        let got: Vec<(u64, String)> = turns.into_iter().map(|t| (t.seq, t.text)).collect();
+        let want: Vec<(u64, String)> = (0..8).map(|i| (i + 1, format!("turn {i}"))).collect();
+        assert_eq!(got, want, "every turn stored once, in order");
+        let stored = inner.session("sess_overflow").await.unwrap().unwrap();
+        assert_eq!((stored.state, stored.end_reason.as_deref()), (StoredState::Ended, Some("client_request")));
+        inner.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn if_match_accepts_lists_and_weak_tags() {

@@ -32,6 +32,8 @@ pub(crate) struct SessionTask {
     pub shared: Arc<SessionShared>,
     pub start: Instant,
     pub deadline: Instant,
+    /// End the session after this long without activity (speech, messages, agent audio).
+    pub idle_timeout: Option<Duration>,
     pub peer: Peer,
     pub peer_rx: mpsc::Receiver<PeerEvent>,
     pub control_rx: mpsc::Receiver<Control>,
@@ -76,6 +78,10 @@ struct Conversation {
     turns: u64,
     /// Timed events due now (reused buffer).
     due: Vec<ServerEvent>,
+    /// The last typed user turn, already recorded: its echo as a provider transcript is not.
+    typed_pending: Option<String>,
+    /// Last user speech onset, client message or agent audio frame (idle timeout).
+    last_activity: Instant,
 }
 
 /// The part of an audio delta still waiting for room in the playout queue.
@@ -124,6 +130,8 @@ impl SessionTask {
             pending: None,
             turns: 0,
             due: Vec::with_capacity(16),
+            typed_pending: None,
+            last_activity: Instant::now(),
         };
         let mut flush = tokio::time::interval(Duration::from_secs(1));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -132,10 +140,12 @@ impl SessionTask {
         let reason = loop {
             let next_due = self.playout.next_due().map(|d| tokio::time::Instant::from_std(self.start + d));
             let provider_room = conv.pending.is_none() && self.playout.has_room_for(PLAYOUT_HEADROOM);
+            let idle_at = self.idle_timeout.map(|t| tokio::time::Instant::from_std(conv.last_activity + t));
             tokio::select! {
                 biased;
                 ctl = self.control_rx.recv() => match ctl {
                     Some(Control::End(reason)) => break reason,
+                    Some(Control::Inject(text)) => self.user_text(&mut conv, text).await,
                     Some(Control::Trickle(c)) => {
                         if let Err(e) = self.peer.add_candidate(c).await {
                             tracing::debug!(session_id = %self.shared.id, error = %e, "trickled candidate rejected");
@@ -159,6 +169,13 @@ impl SessionTask {
                 }
                 _ = tokio::time::sleep_until(deadline) => break EndReason::MaxDuration,
                 _ = flush.tick() => self.export_stats(&mut conv),
+                _ = sleep_until_opt(idle_at) => {
+                    if self.playout.is_active() {
+                        conv.last_activity = Instant::now();
+                    } else {
+                        break EndReason::IdleTimeout;
+                    }
+                }
             }
         };
         self.export_stats(&mut conv);
@@ -400,6 +417,7 @@ impl SessionTask {
                     }
                 }
                 UplinkEvent::SpeechStarted { at } => {
+                    conv.last_activity = Instant::now();
                     started = true;
                     started_at = at;
                 }
@@ -484,6 +502,7 @@ impl SessionTask {
     }
 
     async fn on_client_message(&mut self, conv: &mut Conversation, bytes: &[u8]) {
+        conv.last_activity = Instant::now();
         match signaling::events::parse_client_message(bytes) {
             Ok(Some(ClientEvent::Ping)) => self.emit(conv, ServerEvent::Pong).await,
             Ok(Some(ClientEvent::Interrupt)) => {
@@ -491,23 +510,29 @@ impl SessionTask {
                     self.interrupt(conv).await;
                 }
             }
-            Ok(Some(ClientEvent::Text { text })) => {
-                if self.playout.is_active() {
-                    self.interrupt(conv).await;
-                }
-                self.shared.push_turn(Role::User, &text, false);
-                if self.provider.commands.try_send(ProviderCommand::Text(text)).is_err() {
-                    let ev = ServerEvent::Error { code: "busy".into(), message: "the model is busy; try again".into() };
-                    self.emit(conv, ev).await;
-                } else {
-                    self.set_state(conv, AgentState::Thinking).await;
-                }
-            }
+            Ok(Some(ClientEvent::Text { text })) => self.user_text(conv, text).await,
             Ok(Some(_)) | Ok(None) => {}
             Err(e) => {
                 let ev = ServerEvent::Error { code: e.code().to_owned(), message: e.to_string() };
                 self.emit(conv, ev).await;
             }
+        }
+    }
+
+    /// A typed (or injected) user turn: recorded at once, then handed to the provider.
+    async fn user_text(&mut self, conv: &mut Conversation, text: String) {
+        conv.last_activity = Instant::now();
+        if self.playout.is_active() {
+            self.interrupt(conv).await;
+        }
+        self.shared.push_turn(Role::User, &text, false);
+        // A provider that echoes typed text as a user transcript must not record it twice.
+        conv.typed_pending = Some(text.trim().to_owned());
+        if self.provider.commands.try_send(ProviderCommand::Text(text)).is_err() {
+            let ev = ServerEvent::Error { code: "busy".into(), message: "the model is busy; try again".into() };
+            self.emit(conv, ev).await;
+        } else {
+            self.set_state(conv, AgentState::Thinking).await;
         }
     }
 
@@ -556,7 +581,13 @@ impl SessionTask {
                     self.speech.on_text(&item_id, &text, is_final, &mut conv.due);
                 } else {
                     if is_final {
-                        self.shared.push_turn(role, &text, false);
+                        // A typed turn is recorded when typed; its echo from the provider is not.
+                        let echo = conv.typed_pending.as_deref() == Some(text.trim());
+                        if echo {
+                            conv.typed_pending = None;
+                        } else {
+                            self.shared.push_turn(role, &text, false);
+                        }
                     }
                     self.emit(conv, ServerEvent::Transcript { role, item_id, text, is_final }).await;
                 }

@@ -65,6 +65,63 @@ pub fn speech_span(s: &[i16], rate_hz: u32, threshold: f64) -> Option<(Duration,
     Some((Duration::from_millis(first as u64 * 20), Duration::from_millis((last as u64 + 1) * 20)))
 }
 
+/// A fresh directory under the system temp dir (left for the OS to clean: tests may be killed).
+pub fn temp_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "kotodama-test-{what}-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A fresh Postgres database on the machine's server (`KOTODAMA_TEST_POSTGRES_URL`, default
+/// `postgres://postgres@127.0.0.1:5432/test`), dropped when this value is dropped.
+pub struct PgTestDb {
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl PgTestDb {
+    pub async fn create() -> PgTestDb {
+        sqlx::any::install_default_drivers();
+        let admin_url = std::env::var("KOTODAMA_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let name = format!("kotodama_t_{:016x}", rand::random::<u64>());
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("Postgres at {admin_url} (./test.sh starts it): {e}"));
+        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str()).await.expect("create database");
+        let _ = sqlx::Connection::close(conn).await;
+        let base = admin_url.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or(admin_url.clone());
+        PgTestDb { url: format!("{base}/{name}"), admin_url, name }
+    }
+}
+
+impl Drop for PgTestDb {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // A runtime of its own: Drop may run inside or outside one.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                if let Ok(mut conn) = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin_url).await {
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::Executor::execute(&mut conn, sql.as_str()).await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// A random key prefix for Redis, so parallel tests never see each other's keys.
+pub fn redis_prefix() -> String {
+    format!("kotodama-test-{:016x}:", rand::random::<u64>())
+}
+
 /// A server in-process with the scripted provider and a recorder of what the provider received.
 pub struct TestServer {
     pub server: RunningServer,
@@ -110,7 +167,12 @@ impl TestServer {
         tweak: impl FnOnce(&mut Config),
         make: impl FnOnce(&Config) -> Vec<Arc<dyn RealtimeProvider>>,
     ) -> TestServer {
-        let mut config = Config { bind: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
+        let mut config = Config {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            database_url: format!("sqlite://{}/kotodama.db", temp_dir("store").display()),
+            ..Config::default()
+        };
+        config.scripted.response_delay_ms = 100;
         tweak(&mut config);
         config.validate().expect("test config valid");
         let providers = make(&config);
@@ -295,11 +357,15 @@ pub async fn client_offer(
 impl TestClient {
     /// Create a session on `ts` and connect to it; returns once the offer is answered.
     pub async fn connect(ts: &TestServer, offer_url: &str, token: &str) -> TestClient {
+        Self::connect_to(&ts.base, &ts.http, offer_url, token).await
+    }
+
+    /// Connect to the session of `offer_url` on the server at `base` (any process).
+    pub async fn connect_to(base: &str, http: &reqwest::Client, offer_url: &str, token: &str) -> TestClient {
         let (pc, dc, track, ssrc, inbox, sdp) = client_offer(true, true).await;
         let dc = dc.unwrap();
-        let url = format!("{}{}", ts.base, offer_url);
-        let res = ts
-            .http
+        let url = format!("{base}{offer_url}");
+        let res = http
             .post(&url)
             .header("Content-Type", "application/sdp")
             .header("Authorization", format!("Bearer {token}"))

@@ -1,0 +1,184 @@
+//! The node's store writer: one task that applies session and transcript writes in order, so
+//! the session tasks (which own the audio path) never wait on the database.
+//!
+//! Run loop: receive a [`Write`] from the bounded queue, apply it (retrying transient failures
+//! with backoff), repeat; a [`Write::Flush`] is answered once everything queued before it is
+//! applied. One task means the writes of one session reach the database in the order they
+//! were made (`connected`, turns, `ended`).
+//!
+//! Queue policy ([`QUEUE_CAPACITY`] writes): the session task only ever calls
+//! [`StoreWriter::try_write`]. When the queue is full the write is dropped *from the queue*,
+//! counted (`dropped`), and the caller marks its session dirty; when that session ends, its
+//! whole transcript and end are rewritten with [`StoreWriter::write`] (which waits for room,
+//! off the audio path). Turn writes are idempotent by `(session_id, seq)`, so the rewrite is
+//! harmless. A crash while the queue was full can lose those turns: the count says so.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::redis::Redis;
+use super::{Store, StoreError, StoredTurn};
+
+/// Writes queued per node before [`StoreWriter::try_write`] refuses.
+pub const QUEUE_CAPACITY: usize = 4096;
+/// Attempts per write when the database fails transiently.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// One write.
+#[derive(Debug)]
+pub enum Write {
+    /// The session's media flowed.
+    Connected {
+        /// Session id.
+        id: String,
+        /// When.
+        at: SystemTime,
+    },
+    /// A final utterance.
+    Turn(StoredTurn),
+    /// The session ended.
+    Ended {
+        /// Session id.
+        id: String,
+        /// When.
+        at: SystemTime,
+        /// The API's end reason.
+        reason: String,
+    },
+    /// Answer when everything queued before this is applied.
+    Flush(oneshot::Sender<()>),
+}
+
+/// Counters of the writer.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Writes applied.
+    pub written: AtomicU64,
+    /// Writes refused by a full queue (rewritten at the session's end).
+    pub dropped: AtomicU64,
+    /// Writes that failed after every retry.
+    pub failed: AtomicU64,
+}
+
+/// Handle to the node's writer task. Cheap to clone.
+#[derive(Clone)]
+pub struct StoreWriter {
+    tx: mpsc::Sender<Write>,
+    stats: Arc<WriterStats>,
+}
+
+impl std::fmt::Debug for StoreWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreWriter").field("stats", &self.stats).finish()
+    }
+}
+
+impl StoreWriter {
+    /// Start the writer task for `store`. It ends when every handle is dropped.
+    /// With `redis`, each stored turn is also pushed onto its session's recent window.
+    pub fn spawn(store: Arc<dyn Store>, redis: Option<Redis>) -> (StoreWriter, JoinHandle<()>) {
+        Self::spawn_with_capacity(store, redis, QUEUE_CAPACITY)
+    }
+
+    /// [`StoreWriter::spawn`] with another queue capacity (tests of the overflow policy).
+    pub fn spawn_with_capacity(
+        store: Arc<dyn Store>,
+        redis: Option<Redis>,
+        capacity: usize,
+    ) -> (StoreWriter, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let stats = Arc::new(WriterStats::default());
+        let join = tokio::spawn(run(store, redis, rx, Arc::clone(&stats)));
+        (StoreWriter { tx, stats }, join)
+    }
+
+    /// Queue `w` without waiting; false (and counted) when the queue is full or the writer is gone.
+    pub fn try_write(&self, w: Write) -> bool {
+        match self.tx.try_send(w) {
+            Ok(()) => true,
+            Err(_) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Queue `w`, waiting for room (never on the audio path).
+    pub async fn write(&self, w: Write) {
+        if self.tx.send(w).await.is_err() {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Wait until everything queued so far is applied (or failed for good).
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Write::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+}
+
+async fn run(store: Arc<dyn Store>, redis: Option<Redis>, mut rx: mpsc::Receiver<Write>, stats: Arc<WriterStats>) {
+    while let Some(w) = rx.recv().await {
+        let (what, id) = match &w {
+            Write::Flush(_) => {
+                if let Write::Flush(done) = w {
+                    let _ = done.send(());
+                }
+                continue;
+            }
+            Write::Connected { id, .. } => ("connected", id.clone()),
+            Write::Turn(t) => ("turn", t.session_id.clone()),
+            Write::Ended { id, .. } => ("ended", id.clone()),
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match apply(store.as_ref(), &w).await {
+                Ok(()) => {
+                    stats.written.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(session_id = %id, write = what, "stored");
+                    if let (Some(redis), Write::Turn(t)) = (&redis, &w) {
+                        // Best effort and never in the way of the durable writes behind it.
+                        let (redis, t) = (redis.clone(), t.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = redis.push_recent(&t).await {
+                                tracing::debug!(session_id = %t.session_id, error = %e, "recent-turns window not updated");
+                            }
+                        });
+                    }
+                    break;
+                }
+                Err(e) if e.retryable() && attempt < MAX_ATTEMPTS => {
+                    tracing::warn!(session_id = %id, write = what, attempt, error = %e, "store write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * 4u64.pow(attempt - 1)).min(Duration::from_secs(2)))
+                        .await;
+                }
+                Err(e) => {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(session_id = %id, write = what, error = %e, "store write lost");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn apply(store: &dyn Store, w: &Write) -> Result<(), StoreError> {
+    match w {
+        Write::Connected { id, at } => store.mark_connected(id, *at).await,
+        Write::Turn(t) => store.put_turn(t).await,
+        Write::Ended { id, at, reason } => store.mark_ended(id, *at, reason).await,
+        Write::Flush(_) => Ok(()),
+    }
+}
