@@ -33,6 +33,7 @@ use webrtc::peer_connection::{
     RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription,
     Registry, SettingEngineBuilder, configure_rtcp_reports,
 };
+use webrtc::rtp_transceiver::RtpSender;
 
 /// The data channel the client opens for events.
 pub const EVENTS_LABEL: &str = "events";
@@ -136,6 +137,7 @@ impl PortRange {
 pub struct Peer {
     pc: Arc<dyn PeerConnection>,
     track: Arc<TrackLocalStaticRTP>,
+    sender: Arc<dyn RtpSender>,
     ssrc: u32,
     payload_type: u8,
     seq: u16,
@@ -221,17 +223,17 @@ impl Peer {
         let result = async {
             let offer = RTCSessionDescription::offer(offer_sdp).map_err(|e| PeerError::Offer(e.to_string()))?;
             pc.set_remote_description(offer).await.map_err(|e| PeerError::Offer(e.to_string()))?;
-            pc.add_track(Arc::clone(&track) as Arc<dyn TrackLocal>).await.map_err(setup)?;
+            let sender = pc.add_track(Arc::clone(&track) as Arc<dyn TrackLocal>).await.map_err(setup)?;
             let answer = pc.create_answer(None).await.map_err(|e| PeerError::Offer(e.to_string()))?;
             pc.set_local_description(answer).await.map_err(setup)?;
             // The answer must carry every candidate: wait for gathering (host candidates only,
             // so this is quick), bounded.
             let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered_rx).await;
             let local = pc.local_description().await.ok_or_else(|| PeerError::Setup("no local description".into()))?;
-            Ok::<String, PeerError>(local.sdp)
+            Ok::<(String, Arc<dyn RtpSender>), PeerError>((local.sdp, sender))
         }
         .await;
-        let answer = match result {
+        let (answer, sender) = match result {
             Ok(a) => a,
             Err(e) => {
                 let _ = pc.close().await;
@@ -239,7 +241,7 @@ impl Peer {
             }
         };
         let payload_type = opus_payload_type(&answer).unwrap_or(111);
-        Ok((Peer { pc, track, ssrc, payload_type, seq: rand::random(), counters }, answer))
+        Ok((Peer { pc, track, sender, ssrc, payload_type, seq: rand::random(), counters }, answer))
     }
 
     /// Send one Opus frame of the character's voice. `timestamp` is in 48 kHz units of the
@@ -259,6 +261,15 @@ impl Peer {
             payload: Bytes::copy_from_slice(payload),
         };
         self.track.write_rtp(packet).await.map_err(|e| PeerError::Setup(e.to_string()))
+    }
+
+    /// The share of our packets the client reports lost (RTCP receiver reports), 0.0..=1.0.
+    pub async fn remote_fraction_lost(&self) -> Option<f64> {
+        let report = self.sender.get_stats(Instant::now()).await.ok()?;
+        report.iter().find_map(|e| match e {
+            webrtc::peer_connection::RTCStatsReportEntry::RemoteInboundRtp(r) => Some(r.fraction_lost),
+            _ => None,
+        })
     }
 
     /// Add a remote candidate trickled by the client.

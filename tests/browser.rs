@@ -10,15 +10,20 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
+use std::sync::Arc;
+
 use common::*;
 use serde_json::Value;
+
+/// The browser scenarios run one at a time (each is a Chromium and a server on 2 cores).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn write_wav(path: &std::path::Path, rate: u32, samples: &[i16]) {
     std::fs::write(path, media::wav::to_bytes(media::PcmRef::new(rate, samples))).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_web_demo_talks_in_chromium() {
+/// Run the page against `ts` with `mic` (48 kHz) as the microphone; returns what the page saw.
+async fn run_page(ts: &TestServer, mic: &[i16], name: &str) -> Value {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let runner = root.join("tests/browser/run.mjs");
     assert!(
@@ -30,19 +35,11 @@ async fn the_web_demo_talks_in_chromium() {
         std::path::Path::new(&chromium).exists(),
         "{chromium} is missing: run ./test.sh (apt-get install chromium)"
     );
-
     let out_dir = root.join("target/browser");
     std::fs::create_dir_all(&out_dir).unwrap();
-    // The fake microphone loops its file: the question, then enough silence for the whole reply.
-    let (rate, question) = wav("user_question.wav");
-    let mut mic = vec![0i16; rate as usize / 2];
-    mic.extend_from_slice(&question);
-    mic.extend(std::iter::repeat_n(0i16, rate as usize * 14));
-    let mic_path = out_dir.join("mic.wav");
-    write_wav(&mic_path, rate, &mic);
-
-    let ts = TestServer::start().await;
-    let shot = out_dir.join("web-demo-scripted.png");
+    let mic_path = out_dir.join(format!("mic-{name}.wav"));
+    write_wav(&mic_path, 48_000, mic);
+    let shot = out_dir.join(format!("web-demo-{name}.png"));
     let base = ts.base.clone();
     let output = tokio::task::spawn_blocking(move || {
         Command::new("node")
@@ -61,8 +58,31 @@ async fn the_web_demo_talks_in_chromium() {
     let page: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
         panic!("runner output is JSON ({e}): {stdout}\n{}", String::from_utf8_lossy(&output.stderr))
     });
-    assert_eq!(page["ok"], true, "the page finished a conversation turn: {}\nlog: {}", page["error"], page["log"]);
-    assert_eq!(page["pageError"], "", "the page showed no error");
+    assert_eq!(
+        page["ok"], true,
+        "[{name}] the page finished a conversation turn: {}\nlog: {}",
+        page["error"], page["log"]
+    );
+    assert_eq!(page["pageError"], "", "[{name}] the page showed no error");
+    page
+}
+
+/// The microphone file: half a second of silence, `speech`, then enough silence for the reply
+/// (Chromium loops the file).
+fn mic(speech: &[i16]) -> Vec<i16> {
+    let mut m = vec![0i16; 24_000];
+    m.extend_from_slice(speech);
+    m.extend(std::iter::repeat_n(0i16, 48_000 * 14));
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_demo_talks_in_chromium_with_the_scripted_provider() {
+    let (rate, question) = wav("user_question.wav");
+    assert_eq!(rate, 48_000);
+    let ts = TestServer::start().await;
+    let _serial = SERIAL.lock().await;
+    let page = run_page(&ts, &mic(&question), "scripted").await;
 
     let events: Vec<&Value> = page["events"].as_array().unwrap().iter().map(|e| &e["event"]).collect();
     let has = |t: &str| events.iter().any(|e| e["type"] == t);
@@ -139,4 +159,52 @@ async fn the_web_demo_talks_in_chromium() {
         .fold((0.0, f64::MIN), |a, b| if b.1 > a.1 { b } else { a });
     eprintln!("measured: mouth-vs-voice lag {best_lag:.0} ms (voice later when positive), correlation {best:.2}");
     assert!(best > 0.3, "the mouth follows the voice (correlation {best:.2} at lag {best_lag} ms)");
+}
+
+/// The offline default in the browser: PocketSphinx's transcript of what the fake microphone said
+/// and the persona's spoken reply appear in the page, and the mouth moves with eSpeak's visemes.
+#[cfg(feature = "local")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_demo_talks_in_chromium_with_the_local_provider() {
+    use kotodama::providers::RealtimeProvider;
+    use kotodama::providers::cascade::CascadeProvider;
+    use kotodama::providers::cascade::local::{self, espeak::Espeak};
+    let question = tokio::task::spawn_blocking(|| {
+        let (pcm, _) =
+            Espeak::global().expect("espeak-ng").synthesize_blocking("Hello. What is your name?", "en-us").unwrap();
+        let mut r = media::Resampler::new(pcm.rate_hz, 48_000, media::Alignment::Trimmed).unwrap();
+        let mut out = Vec::new();
+        r.process(&pcm.samples, &mut |s: &[i16]| out.extend_from_slice(s)).unwrap();
+        r.flush(&mut |s: &[i16]| out.extend_from_slice(s)).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    let engines =
+        tokio::task::spawn_blocking(|| local::stages(&local::LocalSettings::default())).await.unwrap().unwrap();
+    let provider: Arc<dyn RealtimeProvider> = Arc::new(CascadeProvider::new(engines.cascade("local")).unwrap());
+    let ts = TestServer::start_with_providers(|c| c.provider = Some("local".into()), move |_| vec![provider]).await;
+    // Both browser scenarios share the machine: do not overlap with the scripted one.
+    let _serial = SERIAL.lock().await;
+    let page = run_page(&ts, &mic(&question), "local").await;
+    let events: Vec<&Value> = page["events"].as_array().unwrap().iter().map(|e| &e["event"]).collect();
+    assert!(events.iter().any(|e| e["type"] == "session.ready" && e["provider"] == "local"));
+    let user = events
+        .iter()
+        .find(|e| e["type"] == "transcript" && e["role"] == "user" && e["final"] == true)
+        .expect("PocketSphinx's transcript reached the page");
+    assert!(!user["text"].as_str().unwrap().trim().is_empty(), "{user}");
+    let agent = events
+        .iter()
+        .find(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
+        .expect("the persona's reply reached the page");
+    let log = page["log"].as_str().unwrap();
+    assert!(log.contains(agent["text"].as_str().unwrap()), "the reply is shown: {log}");
+    assert!(
+        page["visemeChanges"].as_u64().unwrap() > 10,
+        "eSpeak's visemes moved the mouth: {}",
+        page["visemeChanges"]
+    );
+    let loud = page["levels"].as_array().unwrap().iter().filter(|l| l["voice"].as_f64().unwrap() > 0.02).count();
+    assert!(loud > 50, "the reply was heard: {loud} loud samples");
 }

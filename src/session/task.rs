@@ -78,6 +78,9 @@ struct Conversation {
     turns: u64,
     /// Timed events due now (reused buffer).
     due: Vec<ServerEvent>,
+    /// Flush ticks so far, and the loss the encoder's FEC is set for (percent).
+    fec_ticks: u64,
+    fec_loss_pct: u8,
     /// The last typed user turn, already recorded: its echo as a provider transcript is not.
     typed_pending: Option<String>,
     /// Last user speech onset, client message or agent audio frame (idle timeout).
@@ -130,6 +133,8 @@ impl SessionTask {
             pending: None,
             turns: 0,
             due: Vec::with_capacity(16),
+            fec_ticks: 0,
+            fec_loss_pct: 0,
             typed_pending: None,
             last_activity: Instant::now(),
         };
@@ -168,7 +173,10 @@ impl SessionTask {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => break EndReason::MaxDuration,
-                _ = flush.tick() => self.export_stats(&mut conv),
+                _ = flush.tick() => {
+                    self.export_stats(&mut conv);
+                    self.adapt_fec(&mut conv).await;
+                }
                 _ = sleep_until_opt(idle_at) => {
                     if self.playout.is_active() {
                         conv.last_activity = Instant::now();
@@ -466,6 +474,24 @@ impl SessionTask {
             Err(e) => {
                 tracing::warn!(session_id = %self.shared.id, error = %e, "agent audio dropped");
                 conv.pending = None;
+            }
+        }
+    }
+
+    /// In-band FEC follows the loss the client reports (as libwebrtc does): libopus spends bits
+    /// and ~50 us per frame on it only while packets are being lost. Checked every 5 s.
+    async fn adapt_fec(&mut self, conv: &mut Conversation) {
+        conv.fec_ticks += 1;
+        if conv.fec_ticks % 5 != 0 {
+            return;
+        }
+        let Some(lost) = self.peer.remote_fraction_lost().await else { return };
+        // Round up and cap: libopus wants a percentage; 0 turns LBRR off.
+        let pct = ((lost * 100.0).ceil() as u8).min(30);
+        if pct != conv.fec_loss_pct {
+            conv.fec_loss_pct = pct;
+            if let Err(e) = self.playout.set_expected_loss(pct) {
+                tracing::debug!(error = %e, "setting the encoder's expected loss failed");
             }
         }
     }
