@@ -482,7 +482,7 @@ impl SessionTask {
     /// and ~50 us per frame on it only while packets are being lost. Checked every 5 s.
     async fn adapt_fec(&mut self, conv: &mut Conversation) {
         conv.fec_ticks += 1;
-        if conv.fec_ticks % 5 != 0 {
+        if !conv.fec_ticks.is_multiple_of(5) {
             return;
         }
         let Some(lost) = self.peer.remote_fraction_lost().await else { return };
