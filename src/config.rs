@@ -397,7 +397,7 @@ impl Default for MediaSettings {
             min_speech_ms: 100,
             min_silence_ms: 500,
             opus_bitrate: 32_000,
-            opus_complexity: 5,
+            opus_complexity: 1,
             udp_ports: None,
         }
     }

@@ -119,6 +119,10 @@ async fn speech_starts_at_the_first_sentence_and_structured_output_is_read() {
 
     // Structured output: emotion event, the text only (no JSON) in the transcript, all of it heard.
     assert!(evs.iter().any(|e| e["type"] == "emotion" && e["emotion"] == "happy"));
+    assert!(
+        evs.iter().any(|e| e["type"] == "gesture" && e["gesture"] == "nod"),
+        "the model's gesture reaches the client as an event"
+    );
     assert_eq!(finals(&evs, "agent"), ["The sun is out today. It will rain later."]);
     let pcm = client.inbox.lock().unwrap().agent_pcm.clone();
     let expected = (21 + 19) as f64 * 0.050;

@@ -111,6 +111,7 @@ function onEvent(ev) {
     }
     case "error": note(`${ev.code}: ${ev.message}`, "note error"); break;
     case "session.ended": note(`session ended: ${ev.reason}`); break;
+    case "gesture": note(`*${ev.gesture}*`); break;
   }
 }
 

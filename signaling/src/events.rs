@@ -113,6 +113,16 @@ pub enum ServerEvent {
     /// Reply to a client `ping`.
     #[serde(rename = "pong")]
     Pong,
+    /// The character makes a gesture (extension of api-v1): `nod`, `wave`, `shrug`, ... as the
+    /// model names it; released with the speech it accompanies.
+    #[serde(rename = "gesture")]
+    Gesture {
+        /// The gesture's name.
+        gesture: String,
+        /// The agent item it belongs to, when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        item_id: Option<String>,
+    },
     /// The session is ending (extension of api-v1): sent just before the server closes the
     /// connection, so the client can tell a shutdown or a time limit from a network failure.
     #[serde(rename = "session.ended")]
@@ -151,6 +161,7 @@ impl ServerEvent {
             ServerEvent::Error { .. } => "error",
             ServerEvent::Pong => "pong",
             ServerEvent::SessionEnded { .. } => "session.ended",
+            ServerEvent::Gesture { .. } => "gesture",
         }
     }
 
@@ -167,6 +178,7 @@ impl ServerEvent {
         "error",
         "pong",
         "session.ended",
+        "gesture",
     ];
 
     /// One JSON object, ready to send as a data-channel text message.

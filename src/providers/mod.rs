@@ -176,6 +176,13 @@ pub enum ProviderEvent {
         /// How long the shape holds.
         duration: Duration,
     },
+    /// The character makes a gesture (structured output), at the current point of its speech.
+    Gesture {
+        /// The agent item.
+        item_id: String,
+        /// The gesture's name.
+        gesture: String,
+    },
     /// The provider's own VAD heard the user start speaking (barge-in when we have not already).
     UserSpeechStarted,
     /// The provider's response for `item_id` is complete (audio and text).

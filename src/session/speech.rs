@@ -228,6 +228,15 @@ impl AgentSpeech {
         self.marks.push(&id, at, ServerEvent::Emotion { emotion, item_id: Some(id.clone()) });
     }
 
+    /// A gesture, at the current end of the item's audio (it goes out with the speech it
+    /// accompanies).
+    pub fn on_gesture(&mut self, item_id: &str, gesture: String, out: &mut Vec<ServerEvent>) {
+        let item = self.item(item_id, out);
+        let at = item.audio;
+        let id = item.id.clone();
+        self.marks.push(&id, at, ServerEvent::Gesture { gesture, item_id: Some(id.clone()) });
+    }
+
     /// A viseme timed by the provider (TTS phonemes): audio estimation stops for this item.
     pub fn on_viseme(
         &mut self,

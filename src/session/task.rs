@@ -635,6 +635,13 @@ impl SessionTask {
                 }
                 self.emit_due(conv).await;
             }
+            ProviderEvent::Gesture { item_id, gesture } => {
+                if conv.cancelled_item.as_deref() != Some(item_id.as_str()) {
+                    conv.agent_item.get_or_insert_with(|| item_id.clone());
+                    self.speech.on_gesture(&item_id, gesture, &mut conv.due);
+                    self.emit_due(conv).await;
+                }
+            }
             ProviderEvent::Viseme { item_id, viseme, start, duration } => {
                 if conv.cancelled_item.as_deref() != Some(item_id.as_str()) {
                     self.speech.on_viseme(&item_id, viseme, start, duration, &mut conv.due);

@@ -37,6 +37,7 @@ USAGE: kotodama-loadgen [options]
   --barge <fraction>         share of turns that barge in (default 0.25)
   --max-lateness-ms <ms>     stop when p99 lateness passes this (default 20)
   --server-cpus <list>       pin a started server to these CPUs (taskset syntax, e.g. 1)
+  --opus-complexity <0..10>  a started server's encoder complexity (default: the server's default)
   --api-key <key>            API key for session creation
   --json <file>              write the report as JSON (default loadgen.json)
   --png <file>               write a plot (default loadgen.png)
@@ -51,6 +52,7 @@ struct Opts {
     barge: f64,
     max_lateness_ms: f64,
     server_cpus: Option<String>,
+    opus_complexity: Option<u8>,
     api_key: Option<String>,
     json: PathBuf,
     png: PathBuf,
@@ -66,6 +68,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         barge: 0.25,
         max_lateness_ms: 20.0,
         server_cpus: None,
+        opus_complexity: None,
         api_key: None,
         json: "loadgen.json".into(),
         png: "loadgen.png".into(),
@@ -87,6 +90,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--barge" => o.barge = val(i)?.parse()?,
             "--max-lateness-ms" => o.max_lateness_ms = val(i)?.parse()?,
             "--server-cpus" => o.server_cpus = Some(val(i)?),
+            "--opus-complexity" => o.opus_complexity = Some(val(i)?.parse()?),
             "--api-key" => o.api_key = Some(val(i)?),
             "--json" => o.json = val(i)?.into(),
             "--png" => o.png = val(i)?.into(),
@@ -110,9 +114,10 @@ fn spawn_server(o: &Opts, max_sessions: usize) -> anyhow::Result<(Child, String)
     std::fs::write(
         &cfg,
         format!(
-            "provider = \"scripted\"\n[session]\nmax_sessions = {}\n[scripted]\nresponse_delay_ms = {}\n",
+            "provider = \"scripted\"\n[session]\nmax_sessions = {}\n[scripted]\nresponse_delay_ms = {}\n{}",
             max_sessions + 16,
-            o.model_delay_ms
+            o.model_delay_ms,
+            o.opus_complexity.map(|c| format!("[media]\nopus_complexity = {c}\n")).unwrap_or_default()
         ),
     )?;
     let mut cmd = match &o.server_cpus {

@@ -633,7 +633,12 @@ async fn handle_piece(
                 return false;
             }
         }
-        Piece::Gesture(g) => tracing::debug!(item_id = %ctx.item_id, gesture = %g, "model gesture"),
+        Piece::Gesture(g) => {
+            let ev = ProviderEvent::Gesture { item_id: ctx.item_id.clone(), gesture: g };
+            if ctx.events.send(ev).await.is_err() {
+                return false;
+            }
+        }
         Piece::Actions(a) => tracing::debug!(item_id = %ctx.item_id, actions = %a, "model actions (not executed)"),
     }
     true
