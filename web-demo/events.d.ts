@@ -104,6 +104,15 @@ export interface PongEvent {
   type: "pong";
 }
 
+/** The character makes a gesture (extension of api-v1): `nod`, `wave`, `shrug`, ... as the model names it; released with the speech it accompanies. */
+export interface GestureEvent {
+  type: "gesture";
+  /** The gesture's name. */
+  gesture: string;
+  /** The agent item it belongs to, when known. */
+  item_id?: string | null;
+}
+
 /** The session is ending (extension of api-v1): sent just before the server closes the connection, so the client can tell a shutdown or a time limit from a network failure. */
 export interface SessionEndedEvent {
   type: "session.ended";
@@ -122,6 +131,7 @@ export type ServerEvent =
   | AgentInterruptedEvent
   | ErrorEvent
   | PongEvent
+  | GestureEvent
   | SessionEndedEvent;
 
 /** A typed user message, handled like a spoken turn. */
