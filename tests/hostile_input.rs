@@ -90,16 +90,7 @@ async fn garbage_on_the_data_channel_and_in_opus_does_not_break_the_session() {
     assert!(heard > 6.5, "the reply was heard after the garbage: {heard:.2} s");
     assert_eq!(ts.recorder.texts(), vec!["Hello Aiko".to_owned()]);
 
-    let info: serde_json::Value = ts
-        .http
-        .get(format!("{}/v1/sessions/{session_id}", ts.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: serde_json::Value = ts.session_json(&session_id, &token).await;
     assert_eq!(info["state"], "connected", "{info}");
     client.close().await;
 }

@@ -11,16 +11,7 @@ use serde_json::Value;
 async fn wait_ended(ts: &TestServer, id: &str, token: &str, within: Duration) -> Value {
     let deadline = Instant::now() + within;
     loop {
-        let v: Value = ts
-            .http
-            .get(format!("{}/v1/sessions/{id}", ts.base))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = ts.session_json(&id, token).await;
         if v["state"] == "ended" {
             return v;
         }
@@ -52,16 +43,7 @@ async fn a_session_ends_when_the_client_closes_its_peer() {
     let (id, token, offer_url) = ts.create_session().await;
     let client = TestClient::connect(&ts, &offer_url, &token).await;
     client.wait_event("session.ready", Duration::from_secs(5), |e| e["type"] == "session.ready").await;
-    let connected: Value = ts
-        .http
-        .get(format!("{}/v1/sessions/{id}", ts.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let connected: Value = ts.session_json(&id, &token).await;
     assert_eq!(connected["state"], "connected", "{connected}");
     client.close().await;
     let v = wait_ended(&ts, &id, &token, Duration::from_secs(15)).await;

@@ -10,7 +10,41 @@ use std::time::{Duration, Instant};
 use prost::Message;
 
 use common::*;
-use webrtc::peer_connection::RTCSessionDescription;
+use webrtc::peer_connection::{PeerConnection, RTCSessionDescription};
+
+/// Wait for a spawned server, create a session and connect a client peer to it:
+/// (session id, token, peer URL, the peer).
+async fn connect(http: &reqwest::Client, base: &str) -> (String, String, String, std::sync::Arc<dyn PeerConnection>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http.get(format!("{base}/healthz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v: serde_json::Value = http
+        .post(format!("{base}/v1/sessions"))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id, token, offer_url) =
+        (v["session_id"].as_str().unwrap(), v["token"].as_str().unwrap(), v["offer_url"].as_str().unwrap());
+    let (pc, _dc, _track, _ssrc, _inbox, offer) = client_offer(true, true).await;
+    let res = http
+        .post(format!("{base}{offer_url}"))
+        .header("Content-Type", "application/sdp")
+        .bearer_auth(token)
+        .body(offer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let location = res.headers()["location"].to_str().unwrap().to_owned();
+    pc.set_remote_description(RTCSessionDescription::answer(res.text().await.unwrap()).unwrap()).await.unwrap();
+    (id.to_owned(), token.to_owned(), location, pc)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_session_and_trace_ids_and_never_tokens() {
@@ -40,34 +74,8 @@ async fn json_logs_carry_session_and_trace_ids_and_never_tokens() {
     let err_reader = drain(Box::new(child.stderr.take().unwrap()));
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let v: serde_json::Value = http
-        .post(format!("{base}/v1/sessions"))
-        .json(&serde_json::json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (id, token, offer_url) =
-        (v["session_id"].as_str().unwrap(), v["token"].as_str().unwrap(), v["offer_url"].as_str().unwrap());
-    let (pc, _dc, _track, _ssrc, _inbox, offer) = client_offer(true, true).await;
-    let res = http
-        .post(format!("{base}{offer_url}"))
-        .header("Content-Type", "application/sdp")
-        .bearer_auth(token)
-        .body(offer)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    let location = res.headers()["location"].to_str().unwrap().to_owned();
-    pc.set_remote_description(RTCSessionDescription::answer(res.text().await.unwrap()).unwrap()).await.unwrap();
+    let (id, token, location, pc) = connect(&http, &base).await;
+    let (id, token) = (id.as_str(), token.as_str());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // A bad token, too: it must not be echoed into the logs either.
     let _ = http.delete(format!("{base}{location}")).bearer_auth("not.a.token-SECRETMARK").send().await.unwrap();
@@ -136,33 +144,8 @@ async fn sessions_are_exported_as_otlp_spans_when_configured() {
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let v: serde_json::Value = http
-        .post(format!("{base}/v1/sessions"))
-        .json(&serde_json::json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (id, token, offer_url) =
-        (v["session_id"].as_str().unwrap(), v["token"].as_str().unwrap(), v["offer_url"].as_str().unwrap());
-    let (pc, _dc, _track, _ssrc, _inbox, offer) = client_offer(true, true).await;
-    let res = http
-        .post(format!("{base}{offer_url}"))
-        .header("Content-Type", "application/sdp")
-        .bearer_auth(token)
-        .body(offer)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    pc.set_remote_description(RTCSessionDescription::answer(res.text().await.unwrap()).unwrap()).await.unwrap();
+    let (id, token, _location, pc) = connect(&http, &base).await;
+    let (id, token) = (id.as_str(), token.as_str());
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(http.delete(format!("{base}/v1/sessions/{id}")).bearer_auth(token).send().await.unwrap().status(), 200);
     let _ = pc.close().await;

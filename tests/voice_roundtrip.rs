@@ -211,16 +211,7 @@ async fn speech_round_trip_barge_in_and_delete() {
     assert_eq!(res.status(), 200);
     let res = ts.http.delete(&url).bearer_auth(&token).send().await.unwrap();
     assert_eq!(res.status(), 404, "DELETE twice");
-    let info: Value = ts
-        .http
-        .get(format!("{}/v1/sessions/{session_id}", ts.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = ts.session_json(&session_id, &token).await;
     assert_eq!(info["state"], "ended", "{info}");
     assert_eq!(info["end_reason"], "client_request", "{info}");
     assert_eq!(ts.server.manager().live_count(), 0);

@@ -198,6 +198,12 @@ impl TestServer {
         self.server.addr()
     }
 
+    /// GET /v1/sessions/{id} with the session's token, as JSON.
+    pub async fn session_json(&self, id: &str, token: &str) -> Value {
+        let res = self.http.get(format!("{}/v1/sessions/{id}", self.base)).bearer_auth(token).send().await.unwrap();
+        res.json().await.unwrap()
+    }
+
     /// POST /v1/sessions: (session_id, token, offer_url).
     pub async fn create_session(&self) -> (String, String, String) {
         let res =
