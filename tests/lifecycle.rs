@@ -11,7 +11,7 @@ use serde_json::Value;
 async fn wait_ended(ts: &TestServer, id: &str, token: &str, within: Duration) -> Value {
     let deadline = Instant::now() + within;
     loop {
-        let v: Value = ts.session_json(&id, token).await;
+        let v: Value = ts.session_json(id, token).await;
         if v["state"] == "ended" {
             return v;
         }
