@@ -774,6 +774,8 @@ impl SessionManager {
             playout,
             barge_in: media::BargeIn::default(),
             speech: speech::AgentSpeech::new(true),
+            pacing_hist: metrics::histogram!(crate::telemetry::PACING_LATENESS),
+            uplink_hist: metrics::histogram!(crate::telemetry::UPLINK_LATENCY),
             greeting: character.greeting.clone(),
         };
         {

@@ -44,6 +44,9 @@ pub(crate) struct SessionTask {
     pub playout: Playout,
     pub barge_in: BargeIn,
     pub speech: AgentSpeech,
+    /// Per-packet histograms, resolved once (no registry lookup on the 20 ms path).
+    pub pacing_hist: metrics::Histogram,
+    pub uplink_hist: metrics::Histogram,
     /// Instructions for a reply the character speaks first, once the client and the model are up.
     pub greeting: Option<String>,
 }
@@ -301,7 +304,7 @@ impl SessionTask {
         if let Err(e) = self.peer.write_opus(&buf[..len], ts, marker).await {
             tracing::debug!(session_id = %self.shared.id, error = %e, "writing agent audio failed");
         }
-        telemetry::observe(telemetry::PACING_LATENESS, lateness);
+        self.pacing_hist.record(lateness.as_secs_f64());
         if let Some(t) = conv.idle_audio_at.take() {
             telemetry::observe(telemetry::DOWNLINK_LATENCY, t.elapsed());
         }
@@ -386,7 +389,7 @@ impl SessionTask {
                 conv.first_rtp.get_or_insert(now);
                 self.uplink.push_rtp(now, seq, &payload);
                 if self.drain_uplink(conv).await {
-                    telemetry::observe(telemetry::UPLINK_LATENCY, arrival.elapsed());
+                    self.uplink_hist.record(arrival.elapsed().as_secs_f64());
                 }
             }
             PeerEvent::ChannelOpen(dc) => {
