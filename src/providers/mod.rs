@@ -88,6 +88,15 @@ pub enum HistoryItem {
     Agent(String),
 }
 
+impl HistoryItem {
+    /// The turn's text.
+    pub fn text(&self) -> &str {
+        match self {
+            HistoryItem::User(t) | HistoryItem::Agent(t) => t,
+        }
+    }
+}
+
 /// Commands from the session task to a provider session.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -111,6 +120,10 @@ pub enum ProviderCommand {
         item_id: String,
         /// Milliseconds of that item's audio the user actually received.
         audio_end: Duration,
+        /// The words of that item the user heard (released with the frames played), as the
+        /// session recorded them: layers that keep text context use this, never re-derive it
+        /// (as LiveKit's `truncate(..., audio_transcript)`).
+        heard: String,
     },
     /// Add turns to the model's context without answering (used when a pre-opened session takes
     /// over and turns happened after its history was taken).

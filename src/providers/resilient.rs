@@ -8,8 +8,8 @@
 //! the next session being opened in the background (recycling), and the reconnect timer.
 //!
 //! What it keeps, as the single owner:
-//! - the conversation context: user finals, agent text *as heard* (a `Truncate` cuts the agent
-//!   turn by transcript timing, in proportion to the audio heard), bounded to the most recent
+//! - the conversation context: user finals, agent text *as heard* (a `Truncate` carries the
+//!   words the session released with the frames played; they are taken as they are), bounded to the most recent
 //!   [`MAX_CONTEXT_ITEMS`] items / [`MAX_CONTEXT_CHARS`] characters (older turns are dropped, not
 //!   summarised);
 //! - whether a reply is in flight (a turn was committed or text sent, until `ResponseDone`) and
@@ -180,22 +180,11 @@ fn failover_notice(failed: &[Arc<dyn RealtimeProvider>], to: &str) -> ProviderEv
     }
 }
 
-/// Cut `text` to the part heard: the share of its words equal to `heard / total` audio.
-pub fn cut_to_heard(text: &str, heard: Duration, total: Duration) -> String {
-    if total.is_zero() || heard >= total {
-        return text.trim().to_owned();
-    }
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let n = ((words.len() as f64) * heard.as_secs_f64() / total.as_secs_f64()).round() as usize;
-    words[..n.min(words.len())].join(" ")
-}
-
 /// The agent reply being received.
 #[derive(Debug, Default)]
 struct AgentReply {
     item_id: String,
     text: String,
-    audio: Duration,
     /// Already stored in the context (final or truncation).
     stored: bool,
 }
@@ -446,11 +435,11 @@ impl Supervisor {
                 self.responding = true;
                 self.reply_audio_seen = false;
             }
-            ProviderCommand::Truncate { item_id, audio_end } => {
+            ProviderCommand::Truncate { item_id, heard, .. } => {
+                // The session says what was heard; it is not re-derived here.
                 if let Some(r) = self.reply.as_mut().filter(|r| &r.item_id == item_id && !r.stored) {
                     r.stored = true;
-                    let heard = cut_to_heard(&r.text, *audio_end, r.audio);
-                    self.push_context(HistoryItem::Agent(heard));
+                    self.push_context(HistoryItem::Agent(heard.clone()));
                 }
                 self.responding = false;
                 if self.live.as_ref().is_some_and(|l| !l.truncation) {
@@ -528,7 +517,7 @@ impl Supervisor {
                     return;
                 }
             }
-            ProviderEvent::AudioDelta { item_id, pcm } => {
+            ProviderEvent::AudioDelta { item_id, .. } => {
                 self.reply_audio_seen = true;
                 self.responding = true;
                 let reply =
@@ -536,7 +525,6 @@ impl Supervisor {
                 if &reply.item_id != item_id {
                     *reply = AgentReply { item_id: item_id.clone(), ..Default::default() };
                 }
-                reply.audio += Duration::from_secs_f64(pcm.samples.len() as f64 / f64::from(pcm.rate_hz.max(1)));
             }
             ProviderEvent::Transcript { speaker: Speaker::Agent, item_id, text, is_final } => {
                 let reply =
@@ -791,19 +779,5 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heard_text_is_cut_in_proportion_to_the_audio_heard() {
-        let t = "one two three four five six seven eight nine ten";
-        assert_eq!(cut_to_heard(t, Duration::from_secs(1), Duration::from_secs(5)), "one two");
-        assert_eq!(cut_to_heard(t, Duration::from_secs(5), Duration::from_secs(5)), t);
-        assert_eq!(cut_to_heard(t, Duration::ZERO, Duration::from_secs(5)), "");
-        assert_eq!(cut_to_heard(t, Duration::from_secs(1), Duration::ZERO), t);
     }
 }

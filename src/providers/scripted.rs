@@ -241,7 +241,7 @@ async fn run(
                             if events.send(done).await.is_err() { break; }
                         }
                     }
-                    ProviderCommand::Truncate { item_id, audio_end } => {
+                    ProviderCommand::Truncate { item_id, audio_end, .. } => {
                         if let Some(rec) = &recorder { rec.lock().truncations.push((item_id, audio_end)); }
                     }
                     ProviderCommand::AppendHistory(items) => {

@@ -9,9 +9,60 @@
 //! utterance and `ended` go to the node's [`StoreWriter`] with `try_write` as they happen (the
 //! session task never waits on the database). A write refused by a full queue marks the session
 //! dirty, and its transcript and end are rewritten (idempotently) once the session has ended.
+//!
+//! ## Layers of a live session
+//!
+//! ```text
+//!   client ── ClientLink (transport + EventCodec dialect) ──┐
+//!                                                          task (select!, IO only) ── ProviderSession
+//!   registry (SessionManager) ── SessionBuilder ──> builds ┘      │
+//!                                                          Conversation (sans-IO: every decision)
+//! ```
+//!
+//! - [`conversation::Conversation`] holds every decision (turn-taking, barge-in through
+//!   `media::BargeIn`, agent state, echo suppression, idle, greeting, history, heard text) and the
+//!   media parts; it is driven as `handle_input(now, input)` / `poll_output()` and tested on
+//!   virtual time.
+//! - [`task::SessionTask`] `select!`s over the link, the provider, control and the core's timeout,
+//!   and carries out the core's outputs. It is generic over its link.
+//! - [`link::ClientLink`] is "a connected client": audio in (Opus today, PCM next), paced audio
+//!   out, events in and out through an [`link::EventCodec`] (one per dialect), state. The WebRTC
+//!   peer ([`webrtc_link::WebRtcLink`]) with api-v1 events ([`link::ApiV1`]) is the first.
+//! - [`builder::SessionBuilder`] assembles provider chain, media parts, core, link and task; the
+//!   manager is only the registry (map, phases, end, sweep, drain).
+//!
+//! **Adding a transport or a dialect** is a new file: a WebSocket transport implements
+//! [`link::ClientLink`] (its `recv` yields [`link::LinkEvent`]s, `send_audio` writes the playout's
+//! frames, `send_event` encodes with its codec) and the builder gets a constructor for it; a
+//! dialect (RTVI, oai-events, N.E.K.O.) implements [`link::EventCodec`]:
+//!
+//! ```ignore
+//! pub trait EventCodec: Send {
+//!     fn name(&self) -> &'static str;
+//!     /// Zero or more wire messages for one server event (stateful: ids, handshakes).
+//!     fn encode(&mut self, ev: &ServerEvent, out: &mut Vec<String>);
+//!     /// One client message; Ok(None) for a well-formed message the server ignores.
+//!     fn decode(&mut self, msg: &[u8]) -> Result<Option<ClientEvent>, EventError>;
+//! }
+//! pub trait ClientLink: Send {
+//!     async fn recv(&mut self) -> Option<LinkEvent>;          // audio, events, open/close, state
+//!     async fn send_audio(&mut self, frame: &AudioFrame<'_>) -> Result<(), LinkError>;
+//!     async fn send_event(&mut self, ev: &ServerEvent);       // never blocks; drops and counts
+//!     async fn add_candidate(&mut self, c: RTCIceCandidateInit) -> Result<(), LinkError>;
+//!     async fn loss_fraction(&mut self) -> Option<f64>;
+//!     fn stats(&self) -> LinkStats;
+//!     async fn close(&mut self, grace: Duration);
+//! }
+//! ```
+//!
+//! Neither the conversation core nor the task changes for a new link or codec.
 
+pub(crate) mod builder;
+pub mod conversation;
+pub mod link;
 pub mod speech;
 pub(crate) mod task;
+pub mod webrtc_link;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,17 +74,11 @@ use tokio::sync::{mpsc, oneshot};
 use webrtc::peer_connection::RTCIceCandidateInit;
 
 use crate::config::{Character, Config};
-use crate::peer::{Peer, PeerSettings};
-use crate::providers::{RealtimeProvider, SessionConfig};
+use crate::providers::RealtimeProvider;
 use crate::store::redis::Redis;
 use crate::store::writer::{StoreWriter, Write};
 use crate::store::{Store, StoredSession, StoredState, StoredTurn};
 
-/// Capacity of the channel from the peer's callbacks to the session task: ~1 s of RTP plus
-/// data-channel messages. When full, the callbacks drop RTP and count it.
-const PEER_CHANNEL_CAPACITY: usize = 64;
-/// Capacity of the control channel (end, trickled candidates).
-const CONTROL_CHANNEL_CAPACITY: usize = 32;
 /// Ended sessions stay queryable this long.
 const ENDED_RETENTION: Duration = Duration::from_secs(3600);
 /// At most this many candidates per trickle request.
@@ -373,25 +418,14 @@ pub enum SessionError {
     IceRestartUnsupported,
 }
 
-/// Media pipeline settings for new sessions, derived from the configuration.
-#[derive(Debug, Clone)]
-struct MediaDefaults {
-    vad: media::VadConfig,
-    encoder: media::EncoderConfig,
-}
-
 /// This node's sessions.
 pub struct SessionManager {
     config: Arc<Config>,
     characters: Vec<Character>,
-    providers: HashMap<String, Arc<dyn RealtimeProvider>>,
     default_provider: String,
     sessions: Mutex<HashMap<String, Arc<SessionShared>>>,
     draining: AtomicBool,
-    peer_settings: PeerSettings,
-    media: MediaDefaults,
-    /// The tools every character's model may call (built-ins for now).
-    tools: Arc<crate::providers::tools::ToolRegistry>,
+    builder: builder::SessionBuilder,
     store: Arc<dyn Store>,
     writer: StoreWriter,
     node_id: String,
@@ -430,45 +464,15 @@ pub struct CreateOptions {
 impl SessionManager {
     /// A manager for `config` with these providers (by name), persisting through `backends`.
     pub fn new(config: Arc<Config>, providers: Vec<Arc<dyn RealtimeProvider>>, backends: Backends) -> Arc<Self> {
-        let providers: HashMap<String, Arc<dyn RealtimeProvider>> =
-            providers.into_iter().map(|p| (p.name().to_owned(), p)).collect();
         let default_provider = config.provider_name().to_owned();
-        let peer_settings = PeerSettings {
-            bind_ip: config.bind.ip(),
-            public_ip: config.advertised_ip(),
-            peer_timeout: Duration::from_secs(config.session.peer_timeout_secs),
-            // Validated at start: a bad range never reaches here.
-            ports: config.udp_port_range().ok().flatten().map(|(a, b)| Arc::new(crate::peer::PortRange::new(a, b))),
-        };
-        let m = &config.media;
-        let media = MediaDefaults {
-            vad: media::VadConfig {
-                mode: match m.vad_mode {
-                    0 => media::VadMode::Quality,
-                    1 => media::VadMode::LowBitrate,
-                    2 => media::VadMode::Aggressive,
-                    _ => media::VadMode::VeryAggressive,
-                },
-                min_speech: Duration::from_millis(m.min_speech_ms),
-                min_silence: Duration::from_millis(m.min_silence_ms),
-                ..Default::default()
-            },
-            encoder: media::EncoderConfig {
-                bitrate_bps: m.opus_bitrate,
-                complexity: m.opus_complexity,
-                ..Default::default()
-            },
-        };
+        let builder = builder::SessionBuilder::new(Arc::clone(&config), providers);
         Arc::new(Self {
             characters: config.characters(),
             config,
-            providers,
             default_provider,
             sessions: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
-            peer_settings,
-            media,
-            tools: Arc::new(crate::providers::tools::ToolRegistry::builtin()),
+            builder,
             store: backends.store,
             writer: backends.writer,
             node_id: backends.node_id,
@@ -577,7 +581,7 @@ impl SessionManager {
             .or(character.provider.as_deref())
             .or(character.providers.first().map(String::as_str))
             .unwrap_or(&self.default_provider);
-        if !self.providers.contains_key(provider) {
+        if !self.builder.has_provider(provider) {
             return Err(SessionError::UnknownProvider(provider.to_owned()));
         }
         self.sweep();
@@ -686,130 +690,31 @@ impl SessionManager {
             .characters
             .iter()
             .find(|c| c.id == shared.character)
-            .cloned()
             .ok_or_else(|| SessionError::UnknownCharacter(shared.character.clone()))?;
-        // The session's provider first, then the character's other providers (failover), each once;
-        // providers this node does not offer (e.g. openai without a key) are skipped.
-        let mut chain: Vec<Arc<dyn RealtimeProvider>> = Vec::new();
-        for name in std::iter::once(&shared.provider).chain(character.providers.iter()) {
-            if let Some(p) = self.providers.get(name)
-                && !chain.iter().any(|c| c.name() == name)
-            {
-                chain.push(Arc::clone(p));
-            }
-        }
-        if chain.is_empty() {
-            return Err(SessionError::UnknownProvider(shared.provider.clone()));
-        }
-        let provider = crate::providers::resilient::ResilientProvider::new(chain, self.config.resilience.policy())
-            .map_err(|e| SessionError::Internal(e.to_string()))?;
-        let input_rate_hz = provider.input_format().rate_hz;
-        let uplink = media::Uplink::new(media::UplinkConfig {
-            output_rate_hz: input_rate_hz,
-            vad: self.media.vad,
-            ..Default::default()
-        })
-        .map_err(|e| SessionError::Internal(e.to_string()))?;
-        let playout = media::Playout::new(media::PlayoutConfig {
-            encoder: self.media.encoder,
-            // tokio timers wake up to ~1 ms late; a 2 ms tolerance keeps the 20 ms grid at real time
-            // instead of letting each late wake-up push every later frame back (measured slip ~6%).
-            jitter_tolerance: Duration::from_millis(2),
-            ..Default::default()
-        })
-        .map_err(|e| SessionError::Internal(e.to_string()))?;
-
-        let (peer_tx, peer_rx) = mpsc::channel(PEER_CHANNEL_CAPACITY);
-        let cfg = SessionConfig {
-            session_id: shared.id.clone(),
-            character_id: character.id.clone(),
-            character_name: character.name.clone(),
-            instructions: character.persona.clone(),
-            voice: character.voice.clone(),
-            language: character.language.clone(),
-            history: Vec::new(),
-            tools: match &character.tools {
-                Some(names) => Arc::new(self.tools.only(names)),
-                None => Arc::clone(&self.tools),
-            },
-            // Validated at start (config::validate): an invalid name never reaches here.
-            viseme_overrides: crate::providers::cascade::viseme_overrides(&character.visemes).unwrap_or_default(),
-        };
-        // Open the model session and the peer concurrently: the client waits for both.
-        let (provider_session, answered) =
-            tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer_sdp, peer_tx));
-        let (peer, answer) = answered.map_err(|e| match e {
-            crate::peer::PeerError::Offer(m) => SessionError::BadOffer(m),
-            other => SessionError::Internal(other.to_string()),
-        })?;
-        let result = if provider_session.is_ok() { "ok" } else { "error" };
-        metrics::counter!(crate::telemetry::PROVIDER_CONNECTS, "provider" => provider.name().to_owned(), "result" => result)
-            .increment(1);
-        let provider_session = match provider_session {
-            Ok(p) => p,
-            Err(e) => {
-                peer.close().await;
-                return Err(SessionError::ProviderUnavailable(e.to_string()));
-            }
-        };
-
-        let (control_tx, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
+        let built = self.builder.webrtc(shared, character, offer_sdp).await?;
         let (done_tx, done_rx) = oneshot::channel();
         let peer_id = signaling::id::new_peer_id();
         let etag = format!("\"{}\"", signaling::id::new_id("e"));
-        let start = Instant::now();
-        let task = task::SessionTask {
-            shared: Arc::clone(shared),
-            start,
-            deadline: shared.created_instant + self.config.session.max_duration(),
-            idle_timeout: (self.config.session.idle_timeout_secs > 0)
-                .then(|| Duration::from_secs(self.config.session.idle_timeout_secs)),
-            peer,
-            peer_rx,
-            control_rx,
-            provider: provider_session,
-            provider_name: provider.name().to_owned(),
-            caps: provider.capabilities(),
-            uplink,
-            playout,
-            barge_in: media::BargeIn::default(),
-            speech: speech::AgentSpeech::new(true),
-            pacing_hist: metrics::histogram!(crate::telemetry::PACING_LATENESS),
-            uplink_hist: metrics::histogram!(crate::telemetry::UPLINK_LATENCY),
-            greeting: character.greeting.clone(),
-        };
         {
             let mut st = shared.lock();
             if st.phase == Phase::Ended {
                 // Ended (DELETE or shutdown) while we were connecting.
                 drop(st);
-                let _ = control_tx.try_send(Control::End(EndReason::ClientEnded));
-                tokio::spawn(task.run());
+                let _ = built.control.try_send(Control::End(EndReason::ClientEnded));
+                tokio::spawn(built.task.run());
                 return Err(SessionError::Ended);
             }
-            st.live = Some(LiveHandle {
+            let live = LiveHandle {
                 peer_id: peer_id.clone(),
                 etag: etag.clone(),
-                control: control_tx,
+                control: built.control,
                 done: Some(done_rx),
-            });
+            };
+            st.live = Some(live);
         }
-        let shared2 = Arc::clone(shared);
-        // Every log line of this session carries its id, a W3C-style trace id and the turn number.
-        let trace_id = format!("{:032x}", rand::random::<u128>());
-        let span =
-            tracing::info_span!("session", session_id = %shared.id, trace_id = %trace_id, turn = tracing::field::Empty);
-        tokio::spawn(tracing::Instrument::instrument(
-            async move {
-                let reason = task.run().await;
-                shared2.end(reason);
-                shared2.persist_after_end().await;
-                let _ = done_tx.send(());
-            },
-            span,
-        ));
+        spawn_task(Arc::clone(shared), built.task, done_tx);
         tracing::info!(session_id = %shared.id, peer_id = %peer_id, provider = %shared.provider, "session live");
-        Ok((answer, peer_id, etag))
+        Ok((built.answer, peer_id, etag))
     }
 
     /// End session `id` (optionally only if `peer_id` matches) and wait, bounded, until its task
@@ -891,6 +796,27 @@ impl SessionManager {
         let ends = ids.iter().map(|id| self.end(id, None, EndReason::Shutdown));
         let _ = tokio::time::timeout(grace, futures::future::join_all(ends)).await;
     }
+}
+
+/// Run a live session's task; its end is recorded and persisted, then `done` fires.
+fn spawn_task<L: link::ClientLink + 'static>(
+    shared: Arc<SessionShared>,
+    task: task::SessionTask<L>,
+    done: oneshot::Sender<()>,
+) {
+    // Every log line of this session carries its id, a W3C-style trace id and the turn number.
+    let trace_id = format!("{:032x}", rand::random::<u128>());
+    let span =
+        tracing::info_span!("session", session_id = %shared.id, trace_id = %trace_id, turn = tracing::field::Empty);
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let reason = task.run().await;
+            shared.end(reason);
+            shared.persist_after_end().await;
+            let _ = done.send(());
+        },
+        span,
+    ));
 }
 
 /// `If-Match` may list several ETags, weak or strong.

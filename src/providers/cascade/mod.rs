@@ -322,7 +322,7 @@ impl Session {
                 }
             }
             ProviderCommand::Cancel => self.abort_job().await,
-            ProviderCommand::Truncate { item_id, audio_end } => {
+            ProviderCommand::Truncate { item_id, audio_end, .. } => {
                 while let Ok(s) = self.spoken_rx.try_recv() {
                     self.spoken.push(s);
                 }

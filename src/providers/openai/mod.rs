@@ -353,7 +353,7 @@ impl Connection {
                 // starting one we have not heard of yet; "not active" errors are benign.
                 out.push(protocol::response_cancel());
             }
-            ProviderCommand::Truncate { item_id, audio_end } => {
+            ProviderCommand::Truncate { item_id, audio_end, .. } => {
                 out.push(protocol::truncate(&item_id, audio_end.as_millis() as u64))
             }
             ProviderCommand::AppendHistory(items) => {

@@ -1,0 +1,760 @@
+//! The conversation core: every decision of one live session, sans-IO.
+//!
+//! [`Conversation`] owns the media parts by value (the [`Uplink`]: decode, VAD, resample; the
+//! [`Playout`]: resample, encode, 20 ms pacing; [`BargeIn`]; the timed [`AgentSpeech`]) and the
+//! conversation state: turn-taking, barge-in, the agent state, echo suppression of typed turns, the
+//! idle timeout, the greeting, the history and the text the user heard. It never reads a clock,
+//! awaits or sends: the caller (the session task, [`super::task`]) drives it in the style of
+//! `media` and str0m:
+//!
+//! ```text
+//! conv.handle_input(now, input);              // now: media time since the session started
+//! while let Some(out) = conv.poll_output() {  // drain after every input
+//!     match out { Event(e) => link.send_event(e), Audio(f) => link.send_audio(f),
+//!                 Provider(c) => provider.try_send(c) /* refused -> Input::Refused */, ... }
+//! }
+//! sleep_until(conv.poll_timeout()) -> handle_input(now, Input::Timeout)
+//! ```
+//!
+//! Invariants:
+//! - Barge-in goes through [`BargeIn`]: user speech (our VAD, or the provider's) through
+//!   `on_speech_started`, the client's `interrupt` through `interrupt`, so each cut carries its
+//!   real [`media::InterruptReason`]. A cut sends `Cancel` and `Truncate{item_id, audio_end,
+//!   heard}` to the provider, where `heard` is exactly the words released with the frames played.
+//! - The agent turn is recorded once: when its audio has been played (complete), or when it is cut
+//!   (interrupted, holding what was heard). Late audio and text of a cut item are dropped.
+//! - A typed user turn is recorded when typed; the provider's echo of it as a user transcript is
+//!   not recorded again (the one echo suppression of the tree).
+//! - Provider events are only wanted ([`Conversation::wants_provider_events`]) while playout has
+//!   room, so a provider that streams faster than real time is held back by its channel.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use media::{BargeIn, InterruptReason, Interruption, Playout, Uplink, UplinkEvent};
+use signaling::events::{AgentState, ClientEvent, Emotion, Role, ServerEvent};
+
+use super::EndReason;
+use super::speech::AgentSpeech;
+use crate::providers::{Capabilities, HistoryItem, Pcm, ProviderCommand, ProviderEvent, Speaker};
+use crate::telemetry;
+
+/// Largest Opus frame the playout produces (20 ms at <= 510 kbit/s is < 1300 bytes).
+const MAX_FRAME_BYTES: usize = 1500;
+/// Playout holds at most this much audio before the provider is held back.
+const PLAYOUT_HEADROOM: Duration = Duration::from_millis(500);
+/// History items kept (the session's conversation memory for its provider layers).
+pub const MAX_HISTORY_ITEMS: usize = 40;
+/// Characters of history kept.
+pub const MAX_HISTORY_CHARS: usize = 16_000;
+
+/// What the core needs to know about its session.
+#[derive(Debug, Clone)]
+pub struct ConversationConfig {
+    /// Session id (for `session.ready`).
+    pub session_id: String,
+    /// Character id (for `session.ready`).
+    pub character: String,
+    /// Provider name (for `session.ready` and error metrics).
+    pub provider: String,
+    /// What the provider can do (server VAD: whether our VAD commits turns; truncation).
+    pub caps: Capabilities,
+    /// Instructions for a reply the character speaks first, once the client and the model are up.
+    pub greeting: Option<String>,
+    /// End the session after this long without speech, client messages or agent audio.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// The media parts the core drives, built by the session builder.
+pub struct MediaParts {
+    /// Client audio in: decode, VAD, resample to the provider's rate.
+    pub uplink: Uplink,
+    /// Character audio out: resample, encode, pace.
+    pub playout: Playout,
+    /// The barge-in policy.
+    pub barge_in: BargeIn,
+    /// Words, visemes and emotions timed to the agent's audio.
+    pub speech: AgentSpeech,
+}
+
+/// Something that happened, for [`Conversation::handle_input`].
+#[derive(Debug)]
+pub enum Input {
+    /// One Opus packet of the client's microphone (RTP sequence number, payload).
+    ClientOpus {
+        /// RTP sequence number (loss and reordering are handled by the uplink).
+        seq: u16,
+        /// The Opus payload.
+        payload: bytes::Bytes,
+    },
+    /// The client's event channel opened: events can reach it.
+    ClientConnected,
+    /// The client's event channel closed.
+    ClientDisconnected,
+    /// A client event, decoded by the link's dialect (`None`: one the core does not act on).
+    Client(Option<ClientEvent>),
+    /// A client message that could not be decoded: answered with an `error` event.
+    BadClientMessage {
+        /// Machine-readable code (api-v1 `error.code`).
+        code: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// A typed user turn from outside the client (admin API, another node).
+    UserText(String),
+    /// An event of the provider session.
+    Provider(ProviderEvent),
+    /// The provider's command queue refused this command (full); the core undoes what it assumed.
+    Refused(ProviderCommand),
+    /// Time passed: the playout may have a frame due, the idle timeout may have expired.
+    Timeout,
+}
+
+/// A 20 ms frame of the character's voice, encoded by the playout.
+#[derive(Debug)]
+pub struct AudioFrame<'a> {
+    /// The encoded frame (Opus).
+    pub payload: &'a [u8],
+    /// Its playout time (media time): the RTP timestamp is `due` in 48 kHz units.
+    pub due: Duration,
+    /// First frame of a talk spurt (RTP marker).
+    pub talkspurt_start: bool,
+    /// How late the frame leaves (`now - due`).
+    pub lateness: Duration,
+}
+
+/// What the caller must do, from [`Conversation::poll_output`].
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// Send this event to the client.
+    Event(ServerEvent),
+    /// The agent state changed: tell the client (`state`) and the registry.
+    State(AgentState),
+    /// Send this command to the provider (`try_send`; on refusal feed [`Input::Refused`], except
+    /// audio, which is dropped and counted).
+    Provider(ProviderCommand),
+    /// A final turn for the transcript (store).
+    Turn {
+        /// Who spoke.
+        role: Role,
+        /// What was said; for a cut agent turn, what was heard.
+        text: String,
+        /// Whether barge-in cut it.
+        interrupted: bool,
+    },
+    /// Send this frame of the character's voice now.
+    Audio(AudioFrame<'a>),
+    /// End the session.
+    End(EndReason),
+}
+
+/// Owned outputs waiting in the queue (audio is kept in the core's frame buffer).
+#[derive(Debug)]
+enum Queued {
+    Event(ServerEvent),
+    State(AgentState),
+    Provider(ProviderCommand),
+    Turn { role: Role, text: String, interrupted: bool },
+    Audio { len: usize, due: Duration, talkspurt_start: bool, lateness: Duration },
+    End(EndReason),
+}
+
+/// The part of an audio delta still waiting for room in the playout queue.
+struct PendingAudio {
+    item_id: String,
+    pcm: Pcm,
+    /// Samples of `pcm` already accepted.
+    offset: usize,
+}
+
+/// The user's turn in flight (turn latency): committed at, the silence waited, first agent audio.
+#[derive(Debug, Clone, Copy)]
+struct TurnTiming {
+    committed_at: Duration,
+    silence: Duration,
+    first_audio_at: Option<Duration>,
+}
+
+/// The conversation state machine of one session. See the module docs.
+pub struct Conversation {
+    cfg: ConversationConfig,
+    media: MediaParts,
+    out: VecDeque<Queued>,
+    frame: Box<[u8; MAX_FRAME_BYTES]>,
+    now: Duration,
+    client_connected: bool,
+    ready_sent: bool,
+    provider_ready: bool,
+    greeted: bool,
+    state: AgentState,
+    /// The agent item currently being played or prepared.
+    agent_item: Option<String>,
+    /// An item we cut: its late audio and text are dropped.
+    cancelled_item: Option<String>,
+    /// The provider said the reply is complete; back to listening when playout drains.
+    response_done: bool,
+    pending: Option<PendingAudio>,
+    /// Media time of the first client packet: VAD positions are relative to it.
+    first_audio: Option<Duration>,
+    /// Provider audio arrived while playout was idle (downlink latency start).
+    idle_audio_at: Option<Duration>,
+    turn: Option<TurnTiming>,
+    /// User turns committed by our VAD so far.
+    turns: u64,
+    /// Timed events due now (reused buffer).
+    due: Vec<ServerEvent>,
+    /// The last typed user turn, already recorded: its echo as a provider transcript is not.
+    typed_pending: Option<String>,
+    last_activity: Duration,
+    history: VecDeque<HistoryItem>,
+    /// Why the agent was last cut off.
+    last_interruption: Option<InterruptReason>,
+}
+
+impl Conversation {
+    /// A conversation at media time zero, agent `initializing`.
+    pub fn new(cfg: ConversationConfig, media: MediaParts) -> Self {
+        Self {
+            cfg,
+            media,
+            out: VecDeque::with_capacity(32),
+            frame: Box::new([0; MAX_FRAME_BYTES]),
+            now: Duration::ZERO,
+            client_connected: false,
+            ready_sent: false,
+            provider_ready: false,
+            greeted: false,
+            state: AgentState::Initializing,
+            agent_item: None,
+            cancelled_item: None,
+            response_done: false,
+            pending: None,
+            first_audio: None,
+            idle_audio_at: None,
+            turn: None,
+            turns: 0,
+            due: Vec::with_capacity(16),
+            typed_pending: None,
+            last_activity: Duration::ZERO,
+            history: VecDeque::new(),
+            last_interruption: None,
+        }
+    }
+
+    /// Feed one input at media time `now` (monotonic). Drain [`Self::poll_output`] afterwards.
+    pub fn handle_input(&mut self, now: Duration, input: Input) {
+        self.now = self.now.max(now);
+        match input {
+            Input::ClientOpus { seq, payload } => self.on_client_audio(seq, &payload),
+            Input::ClientConnected => {
+                self.client_connected = true;
+                self.maybe_ready();
+            }
+            Input::ClientDisconnected => self.client_connected = false,
+            Input::Client(ev) => self.on_client_event(ev),
+            Input::BadClientMessage { code, message } => {
+                self.last_activity = self.now;
+                self.event(ServerEvent::Error { code, message });
+            }
+            Input::UserText(text) => self.user_text(text),
+            Input::Provider(ev) => self.on_provider_event(ev),
+            Input::Refused(cmd) => self.on_refused(cmd),
+            Input::Timeout => self.on_timeout(),
+        }
+        self.push_pending();
+    }
+
+    /// The next thing to do, until `None`.
+    pub fn poll_output(&mut self) -> Option<Output<'_>> {
+        Some(match self.out.pop_front()? {
+            Queued::Event(e) => Output::Event(e),
+            Queued::State(s) => Output::State(s),
+            Queued::Provider(c) => Output::Provider(c),
+            Queued::Turn { role, text, interrupted } => Output::Turn { role, text, interrupted },
+            Queued::Audio { len, due, talkspurt_start, lateness } => {
+                Output::Audio(AudioFrame { payload: &self.frame[..len], due, talkspurt_start, lateness })
+            }
+            Queued::End(r) => Output::End(r),
+        })
+    }
+
+    /// When to feed [`Input::Timeout`] next (media time): the next frame due, the idle deadline.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let idle = self.cfg.idle_timeout.map(|t| self.last_activity + t);
+        match (self.media.playout.next_due(), idle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether the caller should read provider events now (no audio waiting for playout room).
+    pub fn wants_provider_events(&self) -> bool {
+        self.pending.is_none() && self.media.playout.has_room_for(PLAYOUT_HEADROOM)
+    }
+
+    /// The agent's conversational state.
+    pub fn agent_state(&self) -> AgentState {
+        self.state
+    }
+
+    /// The conversation so far, as the user heard it (bounded to [`MAX_HISTORY_ITEMS`] items and
+    /// [`MAX_HISTORY_CHARS`] characters, oldest dropped first).
+    pub fn history(&self) -> impl Iterator<Item = &HistoryItem> {
+        self.history.iter()
+    }
+
+    /// Why the agent was last cut off (user speech, with its stream position, or the client's
+    /// request).
+    pub fn last_interruption(&self) -> Option<InterruptReason> {
+        self.last_interruption
+    }
+
+    /// Uplink counters (packets, loss, PLC, FEC).
+    pub fn uplink_stats(&self) -> media::UplinkStats {
+        self.media.uplink.stats()
+    }
+
+    /// Playout counters (frames out, late frames).
+    pub fn playout_stats(&self) -> media::PlayoutStats {
+        self.media.playout.stats()
+    }
+
+    /// Tell the encoder the loss the client reports (percent; in-band FEC follows it).
+    pub fn set_expected_loss(&mut self, pct: u8) -> Result<(), media::MediaError> {
+        self.media.playout.set_expected_loss(pct)
+    }
+
+    fn event(&mut self, ev: ServerEvent) {
+        self.out.push_back(Queued::Event(ev));
+    }
+
+    fn command(&mut self, cmd: ProviderCommand) {
+        self.out.push_back(Queued::Provider(cmd));
+    }
+
+    fn set_state(&mut self, state: AgentState) {
+        if self.state != state {
+            self.state = state;
+            self.out.push_back(Queued::State(state));
+        }
+    }
+
+    /// Record a final turn: the transcript (store) and the history.
+    fn record(&mut self, role: Role, text: &str, interrupted: bool) {
+        let text = text.trim();
+        if text.is_empty() {
+            return;
+        }
+        self.history.push_back(match role {
+            Role::User => HistoryItem::User(text.to_owned()),
+            Role::Agent => HistoryItem::Agent(text.to_owned()),
+        });
+        let chars = |h: &VecDeque<HistoryItem>| h.iter().map(|i| i.text().len()).sum::<usize>();
+        while self.history.len() > MAX_HISTORY_ITEMS || chars(&self.history) > MAX_HISTORY_CHARS {
+            self.history.pop_front();
+        }
+        self.out.push_back(Queued::Turn { role, text: text.to_owned(), interrupted });
+    }
+
+    /// Send the timed events that are due, in order.
+    fn flush_due(&mut self) {
+        let mut due = std::mem::take(&mut self.due);
+        self.out.extend(due.drain(..).map(Queued::Event));
+        self.due = due;
+    }
+
+    /// `session.ready` and listening once both the client and the provider are up.
+    fn maybe_ready(&mut self) {
+        if self.ready_sent || !self.client_connected {
+            return;
+        }
+        self.ready_sent = true;
+        self.event(ServerEvent::SessionReady {
+            session_id: self.cfg.session_id.clone(),
+            protocol: signaling::events::PROTOCOL_VERSION,
+            character: self.cfg.character.clone(),
+            provider: self.cfg.provider.clone(),
+        });
+        self.event(ServerEvent::State { state: AgentState::Initializing });
+        if self.provider_ready {
+            self.set_state(AgentState::Listening);
+            self.maybe_greet();
+        }
+    }
+
+    /// Speak first (the greeting) once the client listens and the model is ready.
+    fn maybe_greet(&mut self) {
+        if self.greeted || !self.ready_sent || !self.provider_ready {
+            return;
+        }
+        let Some(instructions) = self.cfg.greeting.clone() else { return };
+        self.greeted = true;
+        self.command(ProviderCommand::GenerateReply { instructions: Some(instructions) });
+        self.set_state(AgentState::Thinking);
+    }
+
+    /// A command we assumed sent was refused: a requested reply will not come.
+    fn on_refused(&mut self, cmd: ProviderCommand) {
+        if !matches!(cmd, ProviderCommand::Text(_) | ProviderCommand::GenerateReply { .. }) {
+            return;
+        }
+        // The `thinking` that followed the command has not left yet (outputs are drained in
+        // order): take it back rather than flip the client's state twice.
+        let before = self.out.len();
+        self.out.retain(|q| !matches!(q, Queued::State(AgentState::Thinking)));
+        if self.out.len() == before {
+            self.set_state(AgentState::Listening);
+        } else {
+            self.state = AgentState::Listening;
+        }
+        if matches!(cmd, ProviderCommand::Text(_)) {
+            self.event(ServerEvent::Error { code: "busy".into(), message: "the model is busy; try again".into() });
+        }
+    }
+
+    fn on_timeout(&mut self) {
+        if !self.out.iter().any(|q| matches!(q, Queued::Audio { .. })) {
+            self.pace();
+        }
+        let Some(idle) = self.cfg.idle_timeout else { return };
+        if self.now >= self.last_activity + idle {
+            if self.media.playout.is_active() {
+                self.last_activity = self.now;
+            } else {
+                self.out.push_back(Queued::End(EndReason::IdleTimeout));
+            }
+        }
+    }
+
+    /// Take the frame that is due, if any, with the timed events it reaches.
+    fn pace(&mut self) {
+        let now = self.now;
+        let Some(frame) = self.media.playout.poll(now, &mut self.frame[..]) else {
+            self.after_playout_progress();
+            return;
+        };
+        let (due, talkspurt_start, len) = (frame.due, frame.talkspurt_start, frame.len);
+        self.media.speech.on_frame(frame.item_id, frame.item_offset, media::FRAME, &mut self.due);
+        let lateness = now.saturating_sub(due);
+        self.out.push_back(Queued::Audio { len, due, talkspurt_start, lateness });
+        self.last_activity = now;
+        if let Some(t) = self.idle_audio_at.take() {
+            telemetry::observe(telemetry::DOWNLINK_LATENCY, now.saturating_sub(t));
+        }
+        if let Some(turn) = self.turn.take() {
+            observe_turn(turn, now);
+        }
+        self.set_state(AgentState::Speaking);
+        self.flush_due();
+        self.after_playout_progress();
+    }
+
+    /// Back to listening once the reply is complete and fully played; its final transcript (and
+    /// anything not yet sent) goes out, and the turn is recorded.
+    fn after_playout_progress(&mut self) {
+        if !self.response_done || self.media.playout.is_active() {
+            return;
+        }
+        self.response_done = false;
+        self.agent_item = None;
+        if let Some((_, text, complete)) = self.media.speech.finish(&mut self.due) {
+            self.record(Role::Agent, &text, !complete);
+        }
+        self.flush_due();
+        if matches!(self.state, AgentState::Speaking | AgentState::Thinking) {
+            self.set_state(AgentState::Listening);
+        }
+    }
+
+    /// Move pending provider audio into the playout as far as it has room.
+    fn push_pending(&mut self) {
+        let Some(p) = self.pending.as_mut() else { return };
+        let rest = &p.pcm.samples[p.offset..];
+        match self.media.playout.push(&p.item_id, media::PcmRef { rate_hz: p.pcm.rate_hz, samples: rest }) {
+            Ok(accepted) => {
+                p.offset += accepted;
+                if p.offset >= p.pcm.samples.len() {
+                    self.pending = None;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(session_id = %self.cfg.session_id, error = %e, "agent audio dropped");
+                self.pending = None;
+            }
+        }
+    }
+
+    // --- the user ---
+
+    fn on_client_audio(&mut self, seq: u16, payload: &[u8]) {
+        let now = self.now;
+        self.first_audio.get_or_insert(now);
+        self.media.uplink.push_rtp(now, seq, payload);
+        let (mut started, mut stopped) = (None, None);
+        while let Some(ev) = self.media.uplink.poll() {
+            match ev {
+                UplinkEvent::Audio(pcm) => {
+                    let pcm = Pcm { rate_hz: pcm.rate_hz, samples: pcm.samples.to_vec() };
+                    self.out.push_back(Queued::Provider(ProviderCommand::AppendAudio(pcm)));
+                }
+                UplinkEvent::SpeechStarted { at } => started = Some(at),
+                UplinkEvent::SpeechStopped { at } => stopped = Some(at),
+            }
+        }
+        if let Some(at) = started {
+            self.on_speech_started(at);
+        }
+        if let Some(at) = stopped {
+            self.on_speech_stopped(at);
+        }
+    }
+
+    /// Our VAD heard the user start speaking at stream position `at`.
+    fn on_speech_started(&mut self, at: Duration) {
+        self.last_activity = self.now;
+        let base = self.first_audio.unwrap_or_default();
+        self.event(ServerEvent::UserSpeechStarted { at_ms: ms(base + at) });
+        if self.barge_in(at) {
+            let ago = self.media.uplink.position().saturating_sub(at);
+            telemetry::observe(telemetry::BARGE_IN_LATENCY, ago);
+        }
+    }
+
+    /// User speech (ours or the provider's VAD) over the agent: cut it. True when it was cut.
+    fn barge_in(&mut self, at: Duration) -> bool {
+        let cut = self.media.barge_in.on_speech_started(at, &mut self.media.playout);
+        // Speaking with nothing left in playout (between the last frame and `response.done`).
+        let finishing = self.state == AgentState::Speaking && !self.media.playout.is_active();
+        if cut.is_none() && !finishing {
+            return false;
+        }
+        self.interrupt(cut, InterruptReason::UserSpeech { at });
+        true
+    }
+
+    /// Our VAD heard the user stop at `at`: without server VAD, that ends the user's turn.
+    fn on_speech_stopped(&mut self, at: Duration) {
+        let base = self.first_audio.unwrap_or_default();
+        self.event(ServerEvent::UserSpeechStopped { at_ms: ms(base + at) });
+        if self.cfg.caps.server_vad {
+            return;
+        }
+        let silence = self.media.uplink.position().saturating_sub(at);
+        self.command(ProviderCommand::CommitTurn);
+        self.turn = Some(TurnTiming { committed_at: self.now, silence, first_audio_at: None });
+        self.turns += 1;
+        tracing::Span::current().record("turn", self.turns);
+        tracing::debug!(silence_ms = ms(silence), "user turn committed");
+        self.set_state(AgentState::Thinking);
+    }
+
+    fn on_client_event(&mut self, ev: Option<ClientEvent>) {
+        self.last_activity = self.now;
+        match ev {
+            Some(ClientEvent::Ping) => self.event(ServerEvent::Pong),
+            Some(ClientEvent::Interrupt) => {
+                if self.media.playout.is_active() || self.agent_item.is_some() {
+                    let cut = self.media.barge_in.interrupt(&mut self.media.playout);
+                    self.interrupt(cut, InterruptReason::ClientRequest);
+                }
+            }
+            Some(ClientEvent::Text { text }) => self.user_text(text),
+            Some(_) | None => {}
+        }
+    }
+
+    /// A typed (or injected) user turn: recorded at once, then handed to the provider.
+    fn user_text(&mut self, text: String) {
+        self.last_activity = self.now;
+        if self.media.playout.is_active() {
+            let cut = self.media.barge_in.interrupt(&mut self.media.playout);
+            self.interrupt(cut, InterruptReason::ClientRequest);
+        }
+        self.record(Role::User, &text, false);
+        self.typed_pending = Some(text.trim().to_owned());
+        self.command(ProviderCommand::Text(text));
+        self.set_state(AgentState::Thinking);
+    }
+
+    /// Cut the agent off: the client is told, the provider told what was heard, the turn recorded.
+    fn interrupt(&mut self, cut: Option<Interruption>, reason: InterruptReason) {
+        let item = match (cut, &self.agent_item) {
+            (Some(c), _) => Some((c.item_id, c.played)),
+            (None, Some(item)) => Some((item.clone(), Duration::ZERO)),
+            (None, None) => None,
+        };
+        tracing::debug!(?reason, item = ?item.as_ref().map(|i| &i.0), "agent interrupted");
+        self.last_interruption = Some(reason);
+        self.command(ProviderCommand::Cancel);
+        if let Some((item_id, played)) = item {
+            // The agent's turn ends with the words released while it played.
+            let heard = self.media.speech.cut().map(|(_, heard)| heard).unwrap_or_default();
+            if self.cfg.caps.truncation {
+                let (item_id, heard) = (item_id.clone(), heard.clone());
+                self.command(ProviderCommand::Truncate { item_id, audio_end: played, heard });
+            }
+            self.event(ServerEvent::AgentInterrupted { item_id: item_id.clone(), played_ms: ms(played) });
+            self.record(Role::Agent, &heard, true);
+            let transcript =
+                ServerEvent::Transcript { role: Role::Agent, item_id: item_id.clone(), text: heard, is_final: true };
+            self.event(transcript);
+            self.cancelled_item = Some(item_id);
+        }
+        self.agent_item = None;
+        self.response_done = false;
+        self.pending = None;
+        self.set_state(AgentState::Listening);
+    }
+
+    // --- the provider ---
+
+    fn is_cancelled(&self, item_id: &str) -> bool {
+        self.cancelled_item.as_deref() == Some(item_id)
+    }
+
+    fn on_provider_event(&mut self, ev: ProviderEvent) {
+        match ev {
+            ProviderEvent::Ready => {
+                self.provider_ready = true;
+                if self.ready_sent {
+                    self.set_state(AgentState::Listening);
+                    self.maybe_greet();
+                }
+            }
+            ProviderEvent::AudioDelta { item_id, pcm } => self.on_agent_audio(item_id, pcm),
+            ProviderEvent::AudioDone { item_id } => {
+                if !self.is_cancelled(&item_id) {
+                    self.media.playout.finish_item(&item_id);
+                    self.media.speech.on_audio_done(&item_id);
+                }
+            }
+            ProviderEvent::Transcript { speaker, item_id, text, is_final } => {
+                if !self.is_cancelled(&item_id) {
+                    self.on_transcript(speaker, item_id, text, is_final);
+                }
+            }
+            ProviderEvent::UserSpeechStarted => {
+                if self.media.playout.is_active() {
+                    self.barge_in(self.media.uplink.position());
+                }
+            }
+            ProviderEvent::ResponseDone { item_id } => {
+                if !self.is_cancelled(&item_id) {
+                    self.response_done = true;
+                    self.after_playout_progress();
+                }
+            }
+            ev @ (ProviderEvent::Emotion { .. } | ProviderEvent::Gesture { .. } | ProviderEvent::Viseme { .. }) => {
+                self.on_expression(ev)
+            }
+            ev => self.on_provider_status(ev),
+        }
+    }
+
+    fn on_agent_audio(&mut self, item_id: String, pcm: Pcm) {
+        if self.is_cancelled(&item_id) {
+            return;
+        }
+        self.agent_item = Some(item_id.clone());
+        self.last_activity = self.now;
+        if !self.media.playout.is_active() {
+            self.idle_audio_at = Some(self.now);
+        }
+        if let Some(turn) = self.turn.as_mut() {
+            turn.first_audio_at.get_or_insert(self.now);
+        }
+        self.media.speech.on_audio(&item_id, pcm.as_ref(), &mut self.due);
+        self.pending = Some(PendingAudio { item_id, pcm, offset: 0 });
+    }
+
+    fn on_transcript(&mut self, speaker: Speaker, item_id: String, text: String, is_final: bool) {
+        match speaker {
+            // Agent words are sent as they are spoken (see `speech`), the final when played.
+            Speaker::Agent => {
+                self.agent_item.get_or_insert_with(|| item_id.clone());
+                self.media.speech.on_text(&item_id, &text, is_final, &mut self.due);
+            }
+            Speaker::User => {
+                if is_final {
+                    // A typed turn is recorded when typed; its echo from the provider is not.
+                    if self.typed_pending.as_deref() == Some(text.trim()) {
+                        self.typed_pending = None;
+                    } else {
+                        self.record(Role::User, &text, false);
+                    }
+                }
+                self.event(ServerEvent::Transcript { role: Role::User, item_id, text, is_final });
+            }
+        }
+        self.flush_due();
+    }
+
+    /// Emotions, gestures and visemes: timed to the reply's audio.
+    fn on_expression(&mut self, ev: ProviderEvent) {
+        match ev {
+            ProviderEvent::Emotion { item_id, emotion } => {
+                if item_id.as_deref().is_some_and(|i| self.is_cancelled(i)) {
+                    return;
+                }
+                let emotion =
+                    Emotion::normalize(&emotion).unwrap_or_else(|| emotion.parse().unwrap_or(Emotion::Neutral));
+                match item_id {
+                    // An emotion inside a reply changes the face when the voice gets there.
+                    Some(item) => {
+                        self.agent_item.get_or_insert_with(|| item.clone());
+                        self.media.speech.on_emotion(&item, emotion, &mut self.due);
+                    }
+                    None => self.event(ServerEvent::Emotion { emotion, item_id: None }),
+                }
+            }
+            ProviderEvent::Gesture { item_id, gesture } if !self.is_cancelled(&item_id) => {
+                self.agent_item.get_or_insert_with(|| item_id.clone());
+                self.media.speech.on_gesture(&item_id, gesture, &mut self.due);
+            }
+            ProviderEvent::Viseme { item_id, viseme, start, duration } if !self.is_cancelled(&item_id) => {
+                self.media.speech.on_viseme(&item_id, viseme, start, duration, &mut self.due);
+            }
+            _ => {}
+        }
+        self.flush_due();
+    }
+
+    /// Errors, notices, the end of the provider session: the client is told.
+    fn on_provider_status(&mut self, ev: ProviderEvent) {
+        let provider = &self.cfg.provider;
+        let ev = match ev {
+            ProviderEvent::Error { code, message, retryable } => {
+                telemetry::add_with(telemetry::PROVIDER_ERRORS, "provider", provider.clone(), 1);
+                tracing::warn!(session_id = %self.cfg.session_id, %code, %message, retryable, "provider error");
+                ServerEvent::Error { code, message }
+            }
+            ProviderEvent::Notice { code, message } => {
+                tracing::info!(session_id = %self.cfg.session_id, %code, %message, "provider notice");
+                ServerEvent::Error { code, message }
+            }
+            ProviderEvent::Closed => {
+                ServerEvent::Error { code: "provider_closed".into(), message: "the model session ended".into() }
+            }
+            _ => return,
+        };
+        self.event(ev);
+    }
+}
+
+/// Turn latency parts, from the commit of the user's turn to the first frame out (media time).
+fn observe_turn(turn: TurnTiming, out: Duration) {
+    use telemetry::{TURN_LATENCY, observe_with};
+    let first_audio = turn.first_audio_at.unwrap_or(out);
+    observe_with(TURN_LATENCY, "part", "silence", turn.silence);
+    observe_with(TURN_LATENCY, "part", "model", first_audio.saturating_sub(turn.committed_at));
+    observe_with(TURN_LATENCY, "part", "server", out.saturating_sub(first_audio));
+    observe_with(TURN_LATENCY, "part", "total", turn.silence + out.saturating_sub(turn.committed_at));
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+#[cfg(test)]
+#[path = "conversation_tests.rs"]
+mod tests;

@@ -1,0 +1,375 @@
+//! The conversation core on virtual time: a recording fake provider session (what LiveKit's
+//! `FakeRealtimeSession` does: it records every command the core sends and plays back the events a
+//! test scripts), real libopus and libfvad on real speech, no sleeps and no sockets.
+
+use std::time::Duration;
+
+use media::{InterruptReason, OpusEncoder};
+use signaling::events::{AgentState, ClientEvent, Role, ServerEvent};
+
+use super::*;
+use crate::providers::{Capabilities, HistoryItem, Pcm, ProviderCommand, ProviderEvent, Speaker};
+
+const FRAME: Duration = Duration::from_millis(20);
+const AGENT_RATE: u32 = 24_000;
+
+/// The core with its outputs recorded: the provider's commands (the fake provider session), the
+/// client's events, the stored turns, the frames sent.
+struct Harness {
+    conv: Conversation,
+    now: Duration,
+    /// Every command the provider session was sent, except audio (counted).
+    sent: Vec<ProviderCommand>,
+    audio_chunks: usize,
+    events: Vec<ServerEvent>,
+    states: Vec<AgentState>,
+    turns: Vec<(Role, String, bool)>,
+    frames: Vec<Duration>,
+    ended: Option<EndReason>,
+    /// The fake provider's queue is full: it refuses everything.
+    refuse: bool,
+    encoder: OpusEncoder,
+    seq: u16,
+}
+
+fn caps() -> Capabilities {
+    Capabilities { server_vad: false, truncation: true, user_transcripts: true, tools: false, max_session: None }
+}
+
+fn config(greeting: Option<&str>, idle: Option<Duration>) -> ConversationConfig {
+    ConversationConfig {
+        session_id: "sess_test".into(),
+        character: "aiko".into(),
+        provider: "fake".into(),
+        caps: caps(),
+        greeting: greeting.map(str::to_owned),
+        idle_timeout: idle,
+    }
+}
+
+/// The client's speech: the test recording, 48 kHz mono.
+fn speech() -> Pcm {
+    media::wav::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/user_question.wav")).expect("test speech")
+}
+
+/// `ms` of a 220 Hz tone at the agent's rate (the character's voice; its content does not matter).
+fn agent_audio(ms: u64) -> Pcm {
+    let n = (AGENT_RATE as u64 * ms / 1000) as usize;
+    let samples =
+        (0..n).map(|i| ((i as f64 * 220.0 * std::f64::consts::TAU / AGENT_RATE as f64).sin() * 8000.0) as i16);
+    Pcm { rate_hz: AGENT_RATE, samples: samples.collect() }
+}
+
+impl Harness {
+    fn new(cfg: ConversationConfig) -> Self {
+        let media = MediaParts {
+            uplink: media::Uplink::new(media::UplinkConfig { output_rate_hz: 24_000, ..Default::default() }).unwrap(),
+            playout: media::Playout::new(media::PlayoutConfig::default()).unwrap(),
+            barge_in: media::BargeIn::default(),
+            speech: AgentSpeech::new(false),
+        };
+        Self {
+            conv: Conversation::new(cfg, media),
+            now: Duration::ZERO,
+            sent: Vec::new(),
+            audio_chunks: 0,
+            events: Vec::new(),
+            states: Vec::new(),
+            turns: Vec::new(),
+            frames: Vec::new(),
+            ended: None,
+            refuse: false,
+            encoder: OpusEncoder::new(media::EncoderConfig::default()).unwrap(),
+            seq: 0,
+        }
+    }
+
+    /// Client connected and the provider ready: `session.ready`, listening.
+    fn ready(cfg: ConversationConfig) -> Self {
+        let mut h = Self::new(cfg);
+        h.input(Input::ClientConnected);
+        h.input(Input::Provider(ProviderEvent::Ready));
+        h
+    }
+
+    fn input(&mut self, input: Input) {
+        self.conv.handle_input(self.now, input);
+        while let Some(out) = self.conv.poll_output() {
+            match out {
+                Output::Event(e) => self.events.push(e),
+                Output::State(s) => {
+                    self.states.push(s);
+                    self.events.push(ServerEvent::State { state: s });
+                }
+                Output::Provider(ProviderCommand::AppendAudio(_)) => self.audio_chunks += 1,
+                Output::Provider(cmd) if self.refuse => self.conv.handle_input(self.now, Input::Refused(cmd)),
+                Output::Provider(cmd) => self.sent.push(cmd),
+                Output::Turn { role, text, interrupted } => self.turns.push((role, text, interrupted)),
+                Output::Audio(f) => {
+                    assert!(!f.payload.is_empty(), "an encoded frame");
+                    self.frames.push(f.due);
+                }
+                Output::End(r) => self.ended = Some(r),
+            }
+        }
+    }
+
+    /// Let virtual time pass, firing every timeout the core asks for on the way.
+    fn advance(&mut self, d: Duration) {
+        let until = self.now + d;
+        while let Some(t) = self.conv.poll_timeout().filter(|t| *t <= until) {
+            self.now = self.now.max(t);
+            self.input(Input::Timeout);
+            if self.ended.is_some() {
+                return;
+            }
+        }
+        self.now = until;
+    }
+
+    /// The client speaks `pcm` (48 kHz), one 20 ms Opus packet every 20 ms of virtual time; the
+    /// playout keeps its clock meanwhile when `pace` is set.
+    fn speak(&mut self, pcm: &[i16], pace: bool) {
+        let mut buf = [0u8; 1500];
+        for chunk in pcm.chunks(960) {
+            let mut frame = [0i16; 960];
+            frame[..chunk.len()].copy_from_slice(chunk);
+            let len = self.encoder.encode(&frame, &mut buf).unwrap();
+            self.seq = self.seq.wrapping_add(1);
+            let payload = bytes::Bytes::copy_from_slice(&buf[..len]);
+            self.input(Input::ClientOpus { seq: self.seq, payload });
+            if pace {
+                self.advance(FRAME);
+            } else {
+                self.now += FRAME;
+            }
+        }
+    }
+
+    /// The provider streams a reply: transcript, then audio in 100 ms chunks as playout has room.
+    fn agent_reply(&mut self, item: &str, text: &str, ms: u64, finish: bool) {
+        let transcript = ProviderEvent::Transcript {
+            speaker: Speaker::Agent,
+            item_id: item.into(),
+            text: text.into(),
+            is_final: true,
+        };
+        self.input(Input::Provider(transcript));
+        let audio = agent_audio(ms);
+        for chunk in audio.samples.chunks(AGENT_RATE as usize / 10) {
+            while !self.conv.wants_provider_events() {
+                self.advance(FRAME);
+            }
+            let pcm = Pcm { rate_hz: AGENT_RATE, samples: chunk.to_vec() };
+            self.input(Input::Provider(ProviderEvent::AudioDelta { item_id: item.into(), pcm }));
+        }
+        if finish {
+            self.input(Input::Provider(ProviderEvent::AudioDone { item_id: item.into() }));
+            self.input(Input::Provider(ProviderEvent::ResponseDone { item_id: item.into() }));
+        }
+    }
+
+    fn interrupted(&self) -> Vec<(String, u64)> {
+        let it = self.events.iter();
+        it.filter_map(|e| match e {
+            ServerEvent::AgentInterrupted { item_id, played_ms } => Some((item_id.clone(), *played_ms)),
+            _ => None,
+        })
+        .collect()
+    }
+
+    fn truncations(&self) -> Vec<(String, Duration, String)> {
+        let it = self.sent.iter();
+        it.filter_map(|c| match c {
+            ProviderCommand::Truncate { item_id, audio_end, heard } => {
+                Some((item_id.clone(), *audio_end, heard.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+    }
+
+    /// The agent words the client was shown last for `item` (partial transcripts as spoken).
+    fn last_agent_words(&self, item: &str) -> String {
+        let mut it = self.events.iter().rev();
+        it.find_map(|e| match e {
+            ServerEvent::Transcript { role: Role::Agent, item_id, text, is_final: false } if item_id == item => {
+                Some(text.clone())
+            }
+            _ => None,
+        })
+        .unwrap_or_default()
+    }
+}
+
+const REPLY: &str = "Once upon a time there was a little fox who lived at the edge of a quiet forest and \
+                     loved to listen to the rain on the leaves every single evening";
+
+#[test]
+fn session_ready_waits_for_the_client_and_the_model_then_listens() {
+    let mut h = Harness::new(config(None, None));
+    h.input(Input::Provider(ProviderEvent::Ready));
+    assert!(h.events.is_empty(), "nothing goes out before the client's channel is open: {:?}", h.events);
+    h.input(Input::ClientConnected);
+    assert!(matches!(h.events[0], ServerEvent::SessionReady { .. }), "{:?}", h.events);
+    assert_eq!(h.states, vec![AgentState::Listening]);
+}
+
+#[test]
+fn barge_in_while_speaking_cuts_playout_and_truncates_to_exactly_the_heard_words() {
+    let mut h = Harness::ready(config(None, None));
+    h.agent_reply("item_1", REPLY, 8_000, false);
+    h.advance(Duration::from_millis(2_000));
+    let frames_before = h.frames.len();
+    assert!(frames_before >= 90, "the agent has been speaking ~2 s: {frames_before} frames");
+    let shown = h.last_agent_words("item_1");
+    assert!(!shown.is_empty() && shown.len() < REPLY.len(), "part of the reply was shown as spoken: {shown:?}");
+
+    // The user talks over it (speech at 0.5-0.85 s of the recording).
+    let speech = speech();
+    h.speak(&speech.samples[24_000..48_000], true);
+
+    let cut = h.interrupted();
+    assert_eq!(cut.len(), 1, "one interruption: {cut:?}");
+    let (item, played_ms) = &cut[0];
+    assert_eq!(item, "item_1");
+    let truncations = h.truncations();
+    assert_eq!(truncations.len(), 1, "{truncations:?}");
+    let (t_item, audio_end, heard) = &truncations[0];
+    assert_eq!((t_item.as_str(), audio_end.as_millis() as u64), ("item_1", *played_ms));
+    assert_eq!(*heard, h.last_agent_words("item_1"), "truncate carries exactly the words shown as spoken");
+    assert!(REPLY.starts_with(heard.as_str()) && heard.len() < REPLY.len(), "{heard:?}");
+    assert!(h.sent.iter().any(|c| matches!(c, ProviderCommand::Cancel)), "the reply is cancelled");
+    assert_eq!(h.turns, vec![(Role::Agent, heard.clone(), true)], "the agent turn is what was heard");
+    assert!(matches!(h.conv.last_interruption(), Some(InterruptReason::UserSpeech { .. })), "recorded as user speech");
+
+    // Late audio of the cut item is dropped; the agent listens, then the user's turn is committed.
+    let frames_at_cut = h.frames.len();
+    h.input(Input::Provider(ProviderEvent::AudioDelta { item_id: "item_1".into(), pcm: agent_audio(500) }));
+    assert_eq!(h.conv.agent_state(), AgentState::Listening);
+    h.speak(&[0i16; 48_000], true);
+    assert_eq!(h.frames.len(), frames_at_cut, "no audio of the cut item after the cut");
+    assert_eq!(h.conv.agent_state(), AgentState::Thinking, "the user's turn was committed after the cut");
+    assert!(matches!(h.sent.last(), Some(ProviderCommand::CommitTurn)), "{:?}", h.sent.last());
+}
+
+#[test]
+fn barge_in_while_only_queued_cuts_with_nothing_heard() {
+    let mut h = Harness::ready(config(None, None));
+    let speech = speech();
+    // The user starts talking; before the onset is confirmed the model's reply arrives (queued,
+    // not a frame played yet); the onset then cuts it.
+    h.speak(&speech.samples[24_000..26_880], false);
+    h.input(Input::Provider(ProviderEvent::AudioDelta { item_id: "item_q".into(), pcm: agent_audio(300) }));
+    h.speak(&speech.samples[26_880..40_000], false);
+    assert!(h.frames.is_empty(), "nothing was played");
+    assert_eq!(h.interrupted(), vec![("item_q".to_owned(), 0)]);
+    assert_eq!(h.truncations(), vec![("item_q".to_owned(), Duration::ZERO, String::new())]);
+    assert!(h.turns.is_empty(), "an unheard reply is not a turn: {:?}", h.turns);
+    h.advance(Duration::from_secs(1));
+    assert!(h.frames.is_empty(), "the queued audio never plays");
+}
+
+#[test]
+fn backchannel_shorter_than_the_minimum_speech_does_not_interrupt() {
+    let mut h = Harness::ready(config(None, None));
+    h.agent_reply("item_b", REPLY, 3_000, true);
+    h.advance(Duration::from_millis(1_000));
+    // "mm-hm": 60 ms of loud speech (1.70-1.76 s of the recording) in silence.
+    let speech = speech();
+    let mut burst = vec![0i16; 9_600];
+    burst.extend_from_slice(&speech.samples[81_600..84_480]);
+    burst.extend(std::iter::repeat_n(0i16, 9_600));
+    h.speak(&burst, true);
+    assert!(h.interrupted().is_empty(), "a backchannel does not interrupt");
+    assert!(!h.events.iter().any(|e| matches!(e, ServerEvent::UserSpeechStarted { .. })), "nor is it speech");
+    h.advance(Duration::from_secs(3));
+    assert!(h.frames.len() >= 148, "the whole 3 s reply was played: {} frames", h.frames.len());
+    assert_eq!(h.turns, vec![(Role::Agent, REPLY.to_owned(), false)]);
+    assert_eq!(h.conv.agent_state(), AgentState::Listening);
+}
+
+#[test]
+fn a_typed_message_is_recorded_once_not_again_as_its_echo() {
+    let mut h = Harness::ready(config(None, None));
+    h.input(Input::Client(Some(ClientEvent::Text { text: " what is your name? ".into() })));
+    assert!(matches!(h.sent.as_slice(), [ProviderCommand::Text(t)] if t == " what is your name? "));
+    assert_eq!(h.conv.agent_state(), AgentState::Thinking);
+    let echo = |text: &str| ProviderEvent::Transcript {
+        speaker: Speaker::User,
+        item_id: "u1".into(),
+        text: text.into(),
+        is_final: true,
+    };
+    h.input(Input::Provider(echo("what is your name?")));
+    h.input(Input::Provider(echo("and where do you live?")));
+    let users: Vec<&str> = h.turns.iter().filter(|t| t.0 == Role::User).map(|t| t.1.as_str()).collect();
+    assert_eq!(users, ["what is your name?", "and where do you live?"], "the echo is not recorded twice");
+    let history: Vec<&HistoryItem> = h.conv.history().collect();
+    assert_eq!(history.len(), 2);
+}
+
+#[test]
+fn a_refused_text_says_busy_and_never_shows_thinking() {
+    let mut h = Harness::ready(config(None, None));
+    h.refuse = true;
+    h.states.clear();
+    h.input(Input::UserText("hello".into()));
+    assert!(h.states.is_empty(), "no thinking for a reply that will not come: {:?}", h.states);
+    assert!(h.events.iter().any(|e| matches!(e, ServerEvent::Error { code, .. } if code == "busy")));
+    assert_eq!(h.conv.agent_state(), AgentState::Listening);
+}
+
+#[test]
+fn idle_timeout_ends_a_silent_session_but_not_while_the_agent_speaks() {
+    let idle = Duration::from_secs(5);
+    let mut h = Harness::ready(config(None, Some(idle)));
+    h.advance(Duration::from_millis(4_990));
+    assert_eq!(h.ended, None);
+    h.input(Input::Client(Some(ClientEvent::Ping)));
+    assert!(h.events.iter().any(|e| matches!(e, ServerEvent::Pong)));
+    h.advance(Duration::from_millis(4_990));
+    assert_eq!(h.ended, None, "a client message is activity");
+    // The agent speaks for 8 s: longer than the timeout, still not idle.
+    h.agent_reply("item_i", REPLY, 8_000, true);
+    h.advance(Duration::from_secs(8));
+    assert_eq!(h.ended, None, "agent audio is activity");
+    h.advance(Duration::from_secs(6));
+    assert_eq!(h.ended, Some(EndReason::IdleTimeout));
+}
+
+#[test]
+fn greeting_is_asked_for_once_when_client_and_model_are_up() {
+    let mut h = Harness::new(config(Some("Greet the user warmly."), None));
+    h.input(Input::ClientConnected);
+    assert!(h.sent.is_empty(), "no greeting before the model is ready");
+    h.input(Input::Provider(ProviderEvent::Ready));
+    assert!(matches!(
+        h.sent.as_slice(),
+        [ProviderCommand::GenerateReply { instructions: Some(i) }] if i == "Greet the user warmly."
+    ));
+    assert_eq!(h.states, vec![AgentState::Listening, AgentState::Thinking]);
+    // A reconnected provider is ready again: no second greeting.
+    h.input(Input::Provider(ProviderEvent::Ready));
+    assert_eq!(h.sent.len(), 1);
+}
+
+#[test]
+fn history_holds_only_what_was_heard_for_a_replacement_provider() {
+    let mut h = Harness::ready(config(None, None));
+    let q = ProviderEvent::Transcript {
+        speaker: Speaker::User,
+        item_id: "u".into(),
+        text: "tell me a story".into(),
+        is_final: true,
+    };
+    h.input(Input::Provider(q));
+    h.agent_reply("item_h", REPLY, 8_000, false);
+    h.advance(Duration::from_millis(1_500));
+    h.input(Input::Client(Some(ClientEvent::Interrupt)));
+    let heard = h.truncations()[0].2.clone();
+    assert!(!heard.is_empty() && heard.len() < REPLY.len());
+    let history: Vec<HistoryItem> = h.conv.history().cloned().collect();
+    assert_eq!(history, vec![HistoryItem::User("tell me a story".into()), HistoryItem::Agent(heard)]);
+    assert_eq!(h.conv.last_interruption(), Some(InterruptReason::ClientRequest), "recorded as the client's request");
+}

@@ -1,0 +1,162 @@
+//! The client-link seam: "a connected client", whatever carries it.
+//!
+//! The session task drives one [`ClientLink`]: it receives [`LinkEvent`]s (the client's audio,
+//! its decoded events, the link's state) and sends the character's paced audio frames and the
+//! server's events. How the bytes travel (WebRTC RTP + a data channel, a WebSocket with PCM16
+//! frames) is the link's business; how events are spelled on the wire (api-v1, RTVI, oai-events,
+//! N.E.K.O.) is its [`EventCodec`]'s. The conversation core ([`super::conversation`]) sees neither.
+//!
+//! Today's implementation is [`super::webrtc_link::WebRtcLink`] (the `Peer` of `crate::peer`, the
+//! `events` data channel, api-v1 JSON through [`ApiV1`]). A new transport or dialect is a new file
+//! implementing one of these traits; the core and the task do not change.
+//!
+//! What the design leaves room for (issues 15, 16):
+//! - **PCM over WebSocket** at 16, 24 or 48 kHz: [`ClientAudio`] grows a `Pcm` variant (the uplink
+//!   takes PCM after its decoder), and a WebSocket link sends the playout's frames as PCM16 (the
+//!   playout is built for the link's output format by the session builder).
+//! - **Played progress reported by the client** (a WebSocket client plays from its own buffer, so
+//!   the server cannot know what was heard): a link variant of [`LinkEvent`] carries the client's
+//!   playback position and the core uses it instead of frames sent for `played` and the heard text.
+//! - **Dialects with their own ids** (item ids, response ids, event ids): an [`EventCodec`] is
+//!   stateful (`&mut self`) and may write zero or several wire messages for one [`ServerEvent`], so
+//!   it can number events, open and close responses and map our item ids to its own.
+//! - **Handshakes** such as RTVI's `client-ready` / `bot-ready`: the codec decodes the client's
+//!   message as [`ClientEvent`]s or nothing, and writes `bot-ready` for `session.ready`.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use signaling::events::{ClientEvent, EventError, ServerEvent};
+
+use super::EndReason;
+use super::conversation::AudioFrame;
+
+/// Audio from the client's microphone.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ClientAudio {
+    /// One Opus packet (RTP sequence number; 48 kHz clock).
+    Opus {
+        /// RTP sequence number (the uplink reorders and conceals gaps).
+        seq: u16,
+        /// The Opus payload.
+        payload: bytes::Bytes,
+    },
+}
+
+/// What a link reports to its session task.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LinkEvent {
+    /// Client audio, and when it arrived (uplink latency).
+    Audio {
+        /// When the link received it.
+        arrival: Instant,
+        /// The audio.
+        audio: ClientAudio,
+    },
+    /// The event channel is open: events sent from now on reach the client.
+    EventsOpen,
+    /// The event channel closed (the link may still carry audio).
+    EventsClosed,
+    /// A client event, decoded by the link's codec (`None`: a well-formed message of a type the
+    /// server does not act on).
+    Event(Option<ClientEvent>),
+    /// A client message the codec rejected; the session answers with an `error` event.
+    BadMessage(EventError),
+    /// Media is flowing (WebRTC: the peer connection is connected).
+    Connected,
+    /// The client is gone; the session ends with this reason.
+    Closed(EndReason),
+}
+
+/// Counters a link keeps (each only grows).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Client audio packets received.
+    pub audio_in: u64,
+    /// Client audio packets dropped because the session task was behind.
+    pub audio_dropped: u64,
+    /// Client messages dropped (session behind, or too large).
+    pub messages_dropped: u64,
+    /// Server events dropped (no channel, or its buffer full).
+    pub events_dropped: u64,
+}
+
+/// Why a link operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The transport refused the write.
+    #[error("link write failed: {0}")]
+    Write(String),
+    /// The operation does not exist on this transport (e.g. ICE candidates on a WebSocket).
+    #[error("not supported by the {0} link")]
+    Unsupported(&'static str),
+}
+
+/// A connected client. Methods never block on the client: a full buffer drops and counts.
+///
+/// Static dispatch (the task is generic over its link), so the 20 ms path boxes nothing.
+pub trait ClientLink: Send {
+    /// The next thing the client did; `None` once the link is gone for good.
+    fn recv(&mut self) -> impl Future<Output = Option<LinkEvent>> + Send;
+    /// Send one frame of the character's voice, now (the core paces frames against the clock).
+    fn send_audio(&mut self, frame: &AudioFrame<'_>) -> impl Future<Output = Result<(), LinkError>> + Send;
+    /// Send a server event (encoded by the link's codec); dropped and counted when it cannot go.
+    fn send_event(&mut self, ev: &ServerEvent) -> impl Future<Output = ()> + Send;
+    /// A trickled remote ICE candidate (WebRTC only).
+    fn add_candidate(
+        &mut self,
+        candidate: webrtc::peer_connection::RTCIceCandidateInit,
+    ) -> impl Future<Output = Result<(), LinkError>> + Send;
+    /// The share of our audio the client reports lost, 0.0..=1.0 (RTCP; `None` when unknown).
+    fn loss_fraction(&mut self) -> impl Future<Output = Option<f64>> + Send;
+    /// Counters so far.
+    fn stats(&self) -> LinkStats;
+    /// Flush what is queued for the client (bounded by `grace`), then close. Idempotent.
+    fn close(&mut self, grace: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// How events are spelled on the wire: one codec per client dialect.
+pub trait EventCodec: Send {
+    /// The dialect's name (`api-v1`, ...), for logs.
+    fn name(&self) -> &'static str;
+    /// Append the wire message(s) for `ev` to `out` (zero or more).
+    fn encode(&mut self, ev: &ServerEvent, out: &mut Vec<String>);
+    /// Decode one client message: `Ok(None)` for a well-formed message the server ignores.
+    fn decode(&mut self, msg: &[u8]) -> Result<Option<ClientEvent>, EventError>;
+}
+
+/// Today's events (`docs/api-v1.md`): one JSON object per event, `signaling::events` as is.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ApiV1;
+
+impl EventCodec for ApiV1 {
+    fn name(&self) -> &'static str {
+        "api-v1"
+    }
+
+    fn encode(&mut self, ev: &ServerEvent, out: &mut Vec<String>) {
+        out.push(ev.to_json());
+    }
+
+    fn decode(&mut self, msg: &[u8]) -> Result<Option<ClientEvent>, EventError> {
+        signaling::events::parse_client_message(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_v1_is_the_schema_json_both_ways() {
+        let mut codec = ApiV1;
+        let mut out = Vec::new();
+        codec.encode(&ServerEvent::Pong, &mut out);
+        assert_eq!(out, vec![ServerEvent::Pong.to_json()]);
+        assert_eq!(codec.decode(br#"{"type":"ping"}"#).unwrap(), Some(ClientEvent::Ping));
+        assert_eq!(codec.decode(b"{").unwrap_err().code(), "invalid_json");
+    }
+}
