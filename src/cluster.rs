@@ -12,8 +12,8 @@
 use std::sync::Arc;
 
 use crate::session::{EndReason, SessionError, SessionManager};
-use crate::store::StoreError;
 use crate::store::redis::{ALL_NODES, ControlMessage, REGISTRY_REFRESH, Redis};
+use crate::store::{StoreError, StoredSession, StoredState};
 
 /// Where a session lives, as far as the registry knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +29,12 @@ pub enum Owner {
 pub struct Cluster {
     redis: Redis,
     advertise_url: String,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("advertise_url", &self.advertise_url).finish_non_exhaustive()
+    }
 }
 
 fn storage(e: StoreError) -> SessionError {
@@ -72,7 +78,7 @@ impl Cluster {
 
     /// Who hosts `session_id`. `Err(Storage)` when the registry cannot be asked.
     pub async fn owner(&self, session_id: &str) -> Result<Owner, SessionError> {
-        match self.redis.owner(session_id).await.map_err(storage)? {
+        match self.redis.owner(session_id).await.map_err(|e| SessionError::Registry(e.to_string()))? {
             Some(url) if url != self.advertise_url => Ok(Owner::Elsewhere(url)),
             _ => Ok(Owner::HereOrNobody),
         }
@@ -134,5 +140,83 @@ async fn apply(m: &SessionManager, msg: ControlMessage) {
     match result {
         Ok(id) => tracing::info!(session_id = %id, "control message applied"),
         Err(e) => tracing::warn!(error = %e, "control message not applied"),
+    }
+}
+
+/// The cluster-wide answers of the registry: what the HTTP layer asks about any session id.
+impl SessionManager {
+    /// `Err(Elsewhere)` when another node hosts `session_id` (the HTTP layer answers 307).
+    pub async fn locate(&self, session_id: &str) -> Result<(), SessionError> {
+        match self.cluster() {
+            Some(c) => match c.owner(session_id).await? {
+                Owner::Elsewhere(url) => Err(SessionError::Elsewhere(url)),
+                Owner::HereOrNobody => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// A session this node does not hold in memory: `Elsewhere` when it is live on another node,
+    /// else its stored record (`NotFound` when there is none).
+    pub async fn stored(&self, session_id: &str) -> Result<StoredSession, SessionError> {
+        self.locate(session_id).await?;
+        self.store().session(session_id).await.map_err(storage)?.ok_or(SessionError::NotFound)
+    }
+
+    /// `NotFound` or `Ended` for a session this node does not hold, by its stored record.
+    pub async fn not_here(&self, session_id: &str) -> SessionError {
+        match self.stored(session_id).await {
+            Ok(s) if s.state == StoredState::Ended => SessionError::Ended,
+            Ok(_) => SessionError::NotFound,
+            Err(e) => e,
+        }
+    }
+
+    /// Hand a user text turn to live session `session_id` wherever it runs: here directly, on
+    /// another node over the control bus (callers need not follow redirects).
+    pub async fn inject_anywhere(&self, session_id: &str, text: String) -> Result<(), SessionError> {
+        if self.get(session_id).is_some() {
+            return self.inject(session_id, text);
+        }
+        if let Some(c) = self.cluster()
+            && let Owner::Elsewhere(owner) = c.owner(session_id).await?
+        {
+            let msg = ControlMessage::Inject { session_id: session_id.to_owned(), text };
+            return c.send(&owner, &msg).await;
+        }
+        let stored = self.store().session(session_id).await.map_err(storage)?.ok_or(SessionError::NotFound)?;
+        Err(if stored.state == StoredState::Ended { SessionError::Ended } else { SessionError::NotFound })
+    }
+
+    /// End the live ones of `sessions` (a privacy delete): here at once; on other nodes over the
+    /// control bus, answered with `LiveElsewhere(n)` so the caller retries once they have ended.
+    pub async fn end_everywhere(&self, sessions: &[StoredSession]) -> Result<(), SessionError> {
+        let mut remote_live = 0;
+        for s in sessions.iter().filter(|s| s.state != StoredState::Ended) {
+            if self.get(&s.id).is_some() {
+                let _ = self.end(&s.id, None, EndReason::Admin).await;
+            } else if let Some(c) = self.cluster()
+                && let Ok(Owner::Elsewhere(owner)) = c.owner(&s.id).await
+            {
+                if let Err(e) = c.send(&owner, &ControlMessage::End { session_id: s.id.clone() }).await {
+                    tracing::warn!(session_id = %s.id, error = %e, "cross-node end not sent");
+                }
+                remote_live += 1;
+            }
+        }
+        if remote_live > 0 {
+            return Err(SessionError::LiveElsewhere(remote_live));
+        }
+        Ok(())
+    }
+
+    /// Drop deleted sessions from memory, here and on every node.
+    pub async fn forget_everywhere(&self, ids: &[String]) {
+        for id in ids {
+            self.forget(id);
+        }
+        if let Some(c) = self.cluster() {
+            c.forget_everywhere(ids).await;
+        }
     }
 }

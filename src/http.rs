@@ -67,6 +67,17 @@ fn to_api(e: SessionError) -> ApiError {
         }
         SessionError::StaleEtag => ApiError::stale_etag(),
         SessionError::IceRestartUnsupported => ApiError::ice_restart_unsupported(),
+        SessionError::Elsewhere(owner) => ApiError::elsewhere(owner),
+        SessionError::Registry(m) => {
+            tracing::error!(error = %m, "session registry unavailable");
+            ApiError::unavailable("session registry unavailable", RETRY_AFTER)
+        }
+        SessionError::OwnerNotListening => {
+            ApiError::unavailable("the node hosting this session is not listening", RETRY_AFTER)
+        }
+        SessionError::NotLive => ApiError::conflict("not_live", "the session has not connected yet"),
+        SessionError::Busy => ApiError::unavailable("the session is busy", RETRY_AFTER),
+        e @ SessionError::LiveElsewhere(_) => ApiError::conflict("sessions_live_elsewhere", e.to_string()),
         other => ApiError::internal(other),
     }
 }
@@ -85,24 +96,9 @@ fn parse_end_reason(s: &str) -> Option<signaling::host::EndReason> {
 }
 
 impl Host {
-    /// A session this node does not hold in memory: 307 to its owner when it is live on
-    /// another node, else the stored record (404 when there is none).
+    /// A session this node does not hold in memory: 307 to its owner, else its stored record.
     async fn stored(&self, session_id: &str) -> Result<StoredSession, ApiError> {
-        self.redirect_if_elsewhere(session_id).await?;
-        self.manager.store().session(session_id).await.map_err(storage_error)?.ok_or_else(ApiError::unknown_session)
-    }
-
-    /// `Err(307)` when the registry says another node hosts `session_id`.
-    async fn redirect_if_elsewhere(&self, session_id: &str) -> Result<(), ApiError> {
-        let Some(redis) = self.manager.redis() else { return Ok(()) };
-        match redis.owner(session_id).await {
-            Ok(Some(owner)) if owner != self.manager.advertise_url() => Err(ApiError::elsewhere(owner)),
-            Ok(_) => Ok(()),
-            Err(e) => {
-                tracing::error!(error = %e, "session registry unavailable");
-                Err(ApiError::unavailable("session registry unavailable", RETRY_AFTER))
-            }
-        }
+        self.manager.stored(session_id).await.map_err(to_api)
     }
 
     fn scope_key(scope: &UserScope) -> Option<&str> {
@@ -201,48 +197,13 @@ impl SessionHost for Host {
 
     async fn end(&self, session_id: &str, peer_id: Option<&str>) -> Result<(), ApiError> {
         if self.manager.get(session_id).is_none() {
-            let stored = self.stored(session_id).await?;
-            return Err(if stored.state == StoredState::Ended {
-                ApiError::session_already_ended()
-            } else {
-                ApiError::unknown_session()
-            });
+            return Err(to_api(self.manager.not_here(session_id).await));
         }
         self.manager.end(session_id, peer_id, EndReason::ClientEnded).await.map_err(to_api)
     }
 
     async fn inject(&self, session_id: &str, text: String) -> Result<(), ApiError> {
-        if self.manager.get(session_id).is_some() {
-            return self.manager.inject(session_id, text).map_err(|e| match e {
-                SessionError::NotFound => ApiError::conflict("not_live", "the session has not connected yet"),
-                SessionError::Internal(_) => ApiError::unavailable("the session is busy", RETRY_AFTER),
-                other => to_api(other),
-            });
-        }
-        // Live on another node: deliver over pub/sub (callers need not follow redirects).
-        if let Some(redis) = self.manager.redis()
-            && let Some(owner) = redis.owner(session_id).await.map_err(storage_error)?
-            && owner != self.manager.advertise_url()
-        {
-            let msg = crate::store::redis::ControlMessage::Inject { session_id: session_id.to_owned(), text };
-            let receivers = redis.publish(&owner, &msg).await.map_err(storage_error)?;
-            if receivers == 0 {
-                return Err(ApiError::unavailable("the node hosting this session is not listening", RETRY_AFTER));
-            }
-            return Ok(());
-        }
-        let stored = self
-            .manager
-            .store()
-            .session(session_id)
-            .await
-            .map_err(storage_error)?
-            .ok_or_else(ApiError::unknown_session)?;
-        Err(if stored.state == StoredState::Ended {
-            ApiError::session_already_ended()
-        } else {
-            ApiError::unknown_session()
-        })
+        self.manager.inject_anywhere(session_id, text).await.map_err(to_api)
     }
 
     async fn export_user(&self, user_id: &str, scope: UserScope) -> Result<serde_json::Value, ApiError> {
@@ -272,39 +233,11 @@ impl SessionHost for Host {
             return Err(ApiError::not_found("no_user_data", "no data for this user"));
         }
         // Live sessions end first, so no write lands after the delete.
-        let mut remote_live = 0;
-        for s in data.sessions.iter().filter(|s| s.session.state != StoredState::Ended) {
-            let id = &s.session.id;
-            if self.manager.get(id).is_some() {
-                let _ = self.manager.end(id, None, EndReason::Admin).await;
-            } else if let Some(redis) = self.manager.redis()
-                && let Ok(Some(owner)) = redis.owner(id).await
-                && owner != self.manager.advertise_url()
-            {
-                let msg = crate::store::redis::ControlMessage::End { session_id: id.clone() };
-                if let Err(e) = redis.publish(&owner, &msg).await {
-                    tracing::warn!(session_id = %id, error = %e, "cross-node end not sent");
-                }
-                remote_live += 1;
-            }
-        }
-        if remote_live > 0 {
-            return Err(ApiError::conflict(
-                "sessions_live_elsewhere",
-                format!("{remote_live} live session(s) of this user on other nodes were told to end; retry the delete"),
-            ));
-        }
+        let sessions: Vec<StoredSession> = data.sessions.into_iter().map(|s| s.session).collect();
+        self.manager.end_everywhere(&sessions).await.map_err(to_api)?;
         self.manager.writer().flush().await;
         let deleted = self.manager.store().delete_user(user_id, key).await.map_err(storage_error)?;
-        for id in &deleted {
-            self.manager.forget(id);
-        }
-        if let Some(redis) = self.manager.redis() {
-            let msg = crate::store::redis::ControlMessage::Forget { session_ids: deleted.clone() };
-            if let Err(e) = redis.publish(crate::store::redis::ALL_NODES, &msg).await {
-                tracing::warn!(error = %e, "other nodes not told to forget deleted sessions (they age out)");
-            }
-        }
+        self.manager.forget_everywhere(&deleted).await;
         tracing::info!(sessions = deleted.len(), "user data deleted");
         Ok(serde_json::json!({ "user_id": user_id, "deleted_sessions": deleted }))
     }

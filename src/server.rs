@@ -13,7 +13,7 @@ use crate::providers::RealtimeProvider;
 use crate::providers::cascade::{CascadeConfig, CascadeProvider};
 use crate::providers::scripted::{ScriptedConfig, ScriptedProvider};
 use crate::session::{Backends, SessionManager};
-use crate::store::redis::{ControlMessage, Redis};
+use crate::store::redis::Redis;
 use crate::store::sql::SqlStore;
 use crate::store::writer::StoreWriter;
 use crate::store::{Store, StoredCharacter};
@@ -290,7 +290,9 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
     let mut api = signaling::api::ApiState::new(host, tokens).with_api_keys(api_keys).with_limits(limits);
     if let Some(redis) = &redis {
         api = api.with_short_term(Arc::new(redis.clone()));
-        spawn_cluster_tasks(&manager, redis).await;
+        if let Some(cluster) = manager.cluster() {
+            cluster.spawn_tasks(&manager).await;
+        }
     }
     let app = crate::http::app(api, Arc::clone(&manager));
 
@@ -326,45 +328,6 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
         writer,
         advertise_url,
     })
-}
-
-/// With Redis: keep this node's registry entries alive, and obey control messages sent to it.
-async fn spawn_cluster_tasks(manager: &Arc<SessionManager>, redis: &Redis) {
-    let weak = Arc::downgrade(manager);
-    let r = redis.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(crate::store::redis::REGISTRY_REFRESH);
-        loop {
-            tick.tick().await;
-            let Some(m) = weak.upgrade() else { break };
-            if let Err(e) = r.refresh(&m.live_ids()).await {
-                tracing::warn!(error = %e, "registry refresh failed");
-            }
-        }
-    });
-    let weak = Arc::downgrade(manager);
-    let mut control = redis.subscribe(manager.advertise_url()).await;
-    tokio::spawn(async move {
-        while let Some(msg) = control.recv().await {
-            let Some(m) = weak.upgrade() else { break };
-            let result = match msg {
-                ControlMessage::End { session_id } => {
-                    m.end(&session_id, None, crate::session::EndReason::Admin).await.map(|()| session_id)
-                }
-                ControlMessage::Inject { session_id, text } => m.inject(&session_id, text).map(|()| session_id),
-                ControlMessage::Forget { session_ids } => {
-                    for id in &session_ids {
-                        m.forget(id);
-                    }
-                    continue;
-                }
-            };
-            match result {
-                Ok(id) => tracing::info!(session_id = %id, "control message applied"),
-                Err(e) => tracing::warn!(error = %e, "control message not applied"),
-            }
-        }
-    });
 }
 
 /// `url` without its password, for logs.

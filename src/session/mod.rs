@@ -73,6 +73,7 @@ use signaling::events::{AgentState, Role};
 use tokio::sync::{mpsc, oneshot};
 use webrtc::peer_connection::RTCIceCandidateInit;
 
+use crate::cluster::Cluster;
 use crate::config::{Character, Config};
 use crate::providers::RealtimeProvider;
 use crate::store::redis::Redis;
@@ -199,7 +200,7 @@ pub struct SessionShared {
     created_instant: Instant,
     state: Mutex<SharedState>,
     writer: StoreWriter,
-    redis: Option<Redis>,
+    cluster: Option<Cluster>,
     /// A store write was refused by a full queue: rewrite everything once ended.
     dirty: AtomicBool,
     /// Sequence numbers of turns, from 1.
@@ -317,14 +318,9 @@ impl SessionShared {
             st.live = None;
         }
         self.queue(Write::Ended { id: self.id.clone(), at, reason: reason.as_str() });
-        if let Some(redis) = self.redis.clone() {
+        if let Some(cluster) = &self.cluster {
             // Off this (possibly audio) path; an entry left behind expires with its TTL.
-            let id = self.id.clone();
-            tokio::spawn(async move {
-                if let Err(e) = redis.unregister(&id).await {
-                    tracing::warn!(session_id = %id, error = %e, "registry entry not removed (it expires)");
-                }
-            });
+            cluster.unregister_later(&self.id);
         }
         crate::telemetry::add_with(crate::telemetry::SESSIONS_ENDED, "reason", reason.as_str(), 1);
         true
@@ -416,6 +412,24 @@ pub enum SessionError {
     /// ICE restart is not supported yet.
     #[error("ICE restart is not supported yet")]
     IceRestartUnsupported,
+    /// Another node hosts the session: its advertise URL (HTTP 307).
+    #[error("the session is hosted by {0}")]
+    Elsewhere(String),
+    /// The session registry (Redis) could not be asked.
+    #[error("session registry unavailable: {0}")]
+    Registry(String),
+    /// The node hosting the session did not receive the control message.
+    #[error("the node hosting this session is not listening")]
+    OwnerNotListening,
+    /// The session exists but has not connected yet.
+    #[error("the session has not connected yet")]
+    NotLive,
+    /// The live session's control queue is full.
+    #[error("the session is busy")]
+    Busy,
+    /// Live sessions on other nodes were told to end; the request must be retried.
+    #[error("{0} live session(s) on other nodes were told to end; retry")]
+    LiveElsewhere(usize),
 }
 
 /// This node's sessions.
@@ -430,7 +444,7 @@ pub struct SessionManager {
     writer: StoreWriter,
     node_id: String,
     advertise_url: String,
-    redis: Option<Redis>,
+    cluster: Option<Cluster>,
 }
 
 /// Where a node keeps what outlives its sessions' tasks.
@@ -476,14 +490,19 @@ impl SessionManager {
             store: backends.store,
             writer: backends.writer,
             node_id: backends.node_id,
+            cluster: backends.redis.map(|r| Cluster::new(r, backends.advertise_url.clone())),
             advertise_url: backends.advertise_url,
-            redis: backends.redis,
         })
     }
 
     /// Redis, when configured.
     pub fn redis(&self) -> Option<&Redis> {
-        self.redis.as_ref()
+        self.cluster.as_ref().map(Cluster::redis)
+    }
+
+    /// The cluster (registry, redirect, control bus), when Redis is configured.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
     }
 
     /// The URL other nodes send this node's clients to.
@@ -494,13 +513,9 @@ impl SessionManager {
     /// Remove this node's sessions from the Redis registry (at the end of a drain: the spawned
     /// removals of ended sessions may not run before the process exits).
     pub async fn unregister_all(&self) {
-        let Some(redis) = &self.redis else { return };
+        let Some(cluster) = &self.cluster else { return };
         let ids: Vec<String> = self.map().keys().cloned().collect();
-        for id in ids {
-            if let Err(e) = redis.unregister(&id).await {
-                tracing::warn!(session_id = %id, error = %e, "registry entry not removed (it expires)");
-            }
-        }
+        cluster.unregister_all(&ids).await;
     }
 
     /// Drop an ended session from memory (after a privacy delete).
@@ -515,8 +530,8 @@ impl SessionManager {
         if st.phase == Phase::Ended {
             return Err(SessionError::Ended);
         }
-        let live = st.live.as_ref().ok_or(SessionError::NotFound)?;
-        live.control.try_send(Control::Inject(text)).map_err(|_| SessionError::Internal("session busy".into()))
+        let live = st.live.as_ref().ok_or(SessionError::NotLive)?;
+        live.control.try_send(Control::Inject(text)).map_err(|_| SessionError::Busy)
     }
 
     /// The durable store.
@@ -597,7 +612,7 @@ impl SessionManager {
             api_key_id: options.api_key_id.clone(),
             created_instant: Instant::now(),
             writer: self.writer.clone(),
-            redis: self.redis.clone(),
+            cluster: self.cluster.clone(),
             dirty: AtomicBool::new(false),
             next_seq: AtomicU64::new(1),
             state: Mutex::new(SharedState {
@@ -624,8 +639,8 @@ impl SessionManager {
             ended_at: None,
         };
         self.store.create_session(&record).await.map_err(|e| SessionError::Storage(e.to_string()))?;
-        if let Some(redis) = &self.redis {
-            redis.register(&shared.id, &self.advertise_url).await.map_err(|e| SessionError::Storage(e.to_string()))?;
+        if let Some(cluster) = &self.cluster {
+            cluster.register(&shared.id).await?;
         }
         self.map().insert(shared.id.clone(), Arc::clone(&shared));
         crate::telemetry::add(crate::telemetry::SESSIONS_CREATED, 1);
@@ -923,7 +938,7 @@ mod tests {
                 live: None,
             }),
             writer: writer.clone(),
-            redis: None,
+            cluster: None,
             dirty: AtomicBool::new(false),
             next_seq: AtomicU64::new(1),
         };
