@@ -128,7 +128,9 @@ impl Cluster {
 /// Carry out a control message another node sent.
 async fn apply(m: &SessionManager, msg: ControlMessage) {
     let result = match msg {
-        ControlMessage::End { session_id } => m.end(&session_id, None, EndReason::Admin).await.map(|()| session_id),
+        ControlMessage::End { session_id } => {
+            m.end(&session_id, None, EndReason::ClientRequest).await.map(|()| session_id)
+        }
         ControlMessage::Inject { session_id, text } => m.inject(&session_id, text).map(|()| session_id),
         ControlMessage::Forget { session_ids } => {
             for id in &session_ids {
@@ -194,7 +196,7 @@ impl SessionManager {
         let mut remote_live = 0;
         for s in sessions.iter().filter(|s| s.state != StoredState::Ended) {
             if self.get(&s.id).is_some() {
-                let _ = self.end(&s.id, None, EndReason::Admin).await;
+                let _ = self.end(&s.id, None, EndReason::ClientRequest).await;
             } else if let Some(c) = self.cluster()
                 && let Ok(Owner::Elsewhere(owner)) = c.owner(&s.id).await
             {

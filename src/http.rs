@@ -2,7 +2,7 @@
 //! the web demo at `/`, and `/metrics`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::Router;
@@ -11,15 +11,14 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use signaling::host::{
     CharacterInfo, CreateSessionRequest, CreatedSession, ETag, IfMatch, OfferAnswer, SessionHost, SessionInfo,
-    SessionState, TranscriptEntry, TrickleOutcome, TrickleRequest, UserScope,
+    TranscriptEntry, TrickleOutcome, TrickleRequest, UserScope,
 };
 use signaling::problem::ApiError;
 use signaling::sdp::ValidOffer;
-use time::OffsetDateTime;
 use webrtc::peer_connection::RTCIceCandidateInit;
 
-use crate::session::{EndReason, Phase, SessionError, SessionManager};
-use crate::store::{StoredSession, StoredState};
+use crate::session::{EndReason, SessionError, SessionManager};
+use crate::store::StoredSession;
 
 /// Retry-After for 503s.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -82,17 +81,8 @@ fn to_api(e: SessionError) -> ApiError {
     }
 }
 
-fn to_time(t: SystemTime) -> OffsetDateTime {
-    OffsetDateTime::from(t)
-}
-
 fn storage_error(e: crate::store::StoreError) -> ApiError {
     to_api(SessionError::Storage(e.to_string()))
-}
-
-/// A stored `end_reason` string as the API enum (unknown strings are dropped, not invented).
-fn parse_end_reason(s: &str) -> Option<signaling::host::EndReason> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
 }
 
 impl Host {
@@ -199,7 +189,7 @@ impl SessionHost for Host {
         if self.manager.get(session_id).is_none() {
             return Err(to_api(self.manager.not_here(session_id).await));
         }
-        self.manager.end(session_id, peer_id, EndReason::ClientEnded).await.map_err(to_api)
+        self.manager.end(session_id, peer_id, EndReason::ClientRequest).await.map_err(to_api)
     }
 
     async fn inject(&self, session_id: &str, text: String) -> Result<(), ApiError> {
@@ -243,64 +233,21 @@ impl SessionHost for Host {
     }
 
     async fn session(&self, session_id: &str) -> Result<SessionInfo, ApiError> {
-        let Some(s) = self.manager.get(session_id) else {
-            let stored = self.stored(session_id).await?;
-            return Ok(SessionInfo {
-                session_id: stored.id,
-                state: match stored.state {
-                    StoredState::Created => SessionState::Created,
-                    StoredState::Connected => SessionState::Connected,
-                    StoredState::Ended => SessionState::Ended,
-                },
-                character: stored.character,
-                provider: stored.provider,
-                created_at: to_time(stored.created_at),
-                ended_at: stored.ended_at.map(to_time),
-                end_reason: stored.end_reason.as_deref().and_then(parse_end_reason),
-            });
-        };
-        let snap = s.snapshot();
-        Ok(SessionInfo {
-            session_id: snap.id,
-            state: match snap.phase {
-                Phase::Created => SessionState::Created,
-                Phase::Connecting => SessionState::Connecting,
-                Phase::Connected => SessionState::Connected,
-                Phase::Ended => SessionState::Ended,
-            },
-            character: snap.character,
-            provider: snap.provider,
-            created_at: to_time(snap.created_at),
-            ended_at: snap.ended_at.map(to_time),
-            end_reason: snap.end_reason.map(EndReason::api),
-        })
+        match self.manager.get(session_id) {
+            Some(s) => Ok(s.info()),
+            None => Ok(self.stored(session_id).await?.into()),
+        }
     }
 
     async fn transcript(&self, session_id: &str) -> Result<Vec<TranscriptEntry>, ApiError> {
-        let Some(s) = self.manager.get(session_id) else {
-            self.stored(session_id).await?;
-            let turns = self.manager.store().turns(session_id).await.map_err(storage_error)?;
-            return Ok(turns
-                .into_iter()
-                .map(|t| TranscriptEntry {
-                    seq: t.seq,
-                    role: t.role,
-                    text: t.text,
-                    interrupted: t.interrupted,
-                    at: to_time(t.ended_at),
-                })
-                .collect());
+        let turns = match self.manager.get(session_id) {
+            Some(s) => s.turns(),
+            None => {
+                self.stored(session_id).await?;
+                self.manager.store().turns(session_id).await.map_err(storage_error)?
+            }
         };
-        Ok(s.turns()
-            .into_iter()
-            .map(|t| TranscriptEntry {
-                seq: t.seq,
-                role: t.role,
-                text: t.text,
-                interrupted: t.interrupted,
-                at: to_time(t.at),
-            })
-            .collect())
+        Ok(turns.into_iter().map(Into::into).collect())
     }
 }
 

@@ -286,6 +286,70 @@ pub enum EndReason {
     Crash,
 }
 
+/// A string that names no variant of an API enum (a stored value from a newer version, a typo).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {kind} `{value}`")]
+pub struct UnknownName {
+    /// Which enum (`session state`, `end reason`).
+    pub kind: &'static str,
+    /// The string that was given.
+    pub value: String,
+}
+
+/// `as_str` / `FromStr` of a unit enum from one table of (variant, wire name), so the two can
+/// never disagree with each other (the serde names are checked against them in the tests).
+macro_rules! wire_names {
+    ($ty:ident, $kind:literal, { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            /// The wire name (as in the JSON of the API, the store and `session.ended`).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = UnknownName;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($name => Ok($ty::$variant),)+
+                    other => Err(UnknownName { kind: $kind, value: other.to_owned() }),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+wire_names!(SessionState, "session state", {
+    Created => "created",
+    Connecting => "connecting",
+    Connected => "connected",
+    Ended => "ended",
+});
+
+wire_names!(EndReason, "end reason", {
+    ClientRequest => "client_request",
+    NeverConnected => "never_connected",
+    PeerDisconnected => "peer_disconnected",
+    IdleTimeout => "idle_timeout",
+    MaxDuration => "max_duration",
+    ProviderError => "provider_error",
+    ServerShutdown => "server_shutdown",
+    InternalError => "internal_error",
+    Crash => "crash",
+});
+
 /// `GET /v1/sessions/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionInfo {
@@ -327,6 +391,20 @@ pub struct TranscriptEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_enum_names_are_their_serde_names_both_ways() {
+        for s in SessionState::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            assert_eq!(s.as_str().parse::<SessionState>().unwrap(), *s);
+        }
+        for r in EndReason::ALL {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
+            assert_eq!(r.as_str().parse::<EndReason>().unwrap(), *r);
+        }
+        let e = "exploded".parse::<EndReason>().unwrap_err();
+        assert_eq!(e.to_string(), "unknown end reason `exploded`");
+    }
 
     #[test]
     fn if_match_parsing() {

@@ -103,6 +103,11 @@ impl HistoryItem {
 pub enum ProviderCommand {
     /// User audio at the provider's input rate.
     AppendAudio(Pcm),
+    /// The session's VAD (the one voice detector of the tree, `media::Vad`) heard the user start
+    /// speaking; its end is [`ProviderCommand::CommitTurn`]. Layers that need to know whether the
+    /// user is talking (recycling at a quiet boundary, starting a speech-to-text stream) use these
+    /// edges; providers with their own turn detection may ignore them.
+    SpeechStarted,
     /// Our VAD decided the user's turn ended: answer it.
     CommitTurn,
     /// A typed user message: answer it.

@@ -13,7 +13,7 @@
 //!   [`MAX_CONTEXT_ITEMS`] items / [`MAX_CONTEXT_CHARS`] characters (older turns are dropped, not
 //!   summarised);
 //! - whether a reply is in flight (a turn was committed or text sent, until `ResponseDone`) and
-//!   when the user last made a sound (from the uplink audio's energy).
+//!   when the user last spoke (from the session's VAD edges: `SpeechStarted` .. `CommitTurn`).
 //!
 //! Invariants:
 //! - Reconnect (socket dropped, `Closed`, or a `session_expired` error): the WebRTC leg stays up;
@@ -57,8 +57,6 @@ pub const MAX_CONTEXT_CHARS: usize = 16_000;
 const MAX_QUEUED_COMMANDS: usize = 16;
 /// Drops of one provider within this window count towards failing over from it.
 const FLAPPING_WINDOW: Duration = Duration::from_secs(120);
-/// Uplink audio louder than this (RMS) counts as the user making a sound.
-const VOICE_RMS: f64 = 500.0;
 
 /// How the wrapper reacts to trouble.
 #[derive(Debug, Clone)]
@@ -222,6 +220,8 @@ struct Supervisor {
     /// Audio time since the session started, by uplink samples (the wrapper's clock for quiet).
     uplink_time: Duration,
     last_voice: Duration,
+    /// Between the session VAD's `SpeechStarted` and its `CommitTurn`.
+    speaking: bool,
     /// The user spoke since the last end of turn: the live session's input buffer holds an
     /// utterance a swap would lose.
     uncommitted_speech: bool,
@@ -282,6 +282,7 @@ impl Supervisor {
             text_echo: None,
             uplink_time: Duration::ZERO,
             last_voice: Duration::ZERO,
+            speaking: false,
             uncommitted_speech: false,
             attempt: 0,
             pending_idx: idx,
@@ -409,13 +410,19 @@ impl Supervisor {
         match &cmd {
             ProviderCommand::AppendAudio(pcm) => {
                 self.uplink_time += Duration::from_secs_f64(pcm.samples.len() as f64 / f64::from(pcm.rate_hz.max(1)));
-                if rms(&pcm.samples) > VOICE_RMS {
+                if self.speaking {
                     self.last_voice = self.uplink_time;
-                    self.uncommitted_speech = true;
                 }
+            }
+            ProviderCommand::SpeechStarted => {
+                self.speaking = true;
+                self.uncommitted_speech = true;
+                self.last_voice = self.uplink_time;
             }
             ProviderCommand::CommitTurn => {
                 // Our VAD saw the end of the turn (a server VAD commits at about the same time).
+                self.speaking = false;
+                self.last_voice = self.uplink_time;
                 self.uncommitted_speech = false;
                 if self.live.as_ref().is_some_and(|l| l.server_vad) {
                     return;
@@ -485,7 +492,7 @@ impl Supervisor {
                 }
             }
             // Nothing to cancel or cut in a session that does not exist yet.
-            ProviderCommand::Cancel | ProviderCommand::Truncate { .. } => {}
+            ProviderCommand::Cancel | ProviderCommand::Truncate { .. } | ProviderCommand::SpeechStarted => {}
             other => {
                 if self.queued.len() < MAX_QUEUED_COMMANDS {
                     self.queued.push_back(other);
@@ -749,13 +756,6 @@ impl Supervisor {
         tracing::info!(session_id = %self.cfg.session_id, "provider session recycled at a turn boundary");
         self.after_swap("provider_recycled", "the model session was renewed before its time limit".into()).await;
     }
-}
-
-fn rms(s: &[i16]) -> f64 {
-    if s.is_empty() {
-        return 0.0;
-    }
-    (s.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / s.len() as f64).sqrt()
 }
 
 async fn recv_live(live: &mut Option<Live>) -> Option<ProviderEvent> {

@@ -514,6 +514,7 @@ impl Conversation {
         self.last_activity = self.now;
         let base = self.first_audio.unwrap_or_default();
         self.event(ServerEvent::UserSpeechStarted { at_ms: ms(base + at) });
+        self.command(ProviderCommand::SpeechStarted);
         if self.barge_in(at) {
             let ago = self.media.uplink.position().saturating_sub(at);
             telemetry::observe(telemetry::BARGE_IN_LATENCY, ago);

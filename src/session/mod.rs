@@ -85,51 +85,12 @@ const ENDED_RETENTION: Duration = Duration::from_secs(3600);
 /// At most this many candidates per trickle request.
 const MAX_TRICKLE_CANDIDATES: usize = 64;
 
-/// Why a session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum EndReason {
-    /// The client sent DELETE.
-    ClientEnded,
-    /// The peer connection failed (ICE consent expired or DTLS failed).
-    PeerFailed,
-    /// The peer closed the connection.
-    PeerClosed,
-    /// The session reached its maximum duration.
-    MaxDuration,
-    /// No offer arrived in time.
-    ConnectTimeout,
-    /// The provider session ended and could not continue.
-    ProviderClosed,
-    /// The server shut down.
-    Shutdown,
-    /// An operator or another node ended it (admin API, cross-node control).
-    Admin,
-    /// Nobody spoke or wrote for `session.idle_timeout_secs`.
-    IdleTimeout,
-}
-
-impl EndReason {
-    /// The `end_reason` of the API (`GET /v1/sessions/{id}`, `session.ended`).
-    pub fn api(self) -> signaling::host::EndReason {
-        use signaling::host::EndReason as Api;
-        match self {
-            EndReason::ClientEnded => Api::ClientRequest,
-            EndReason::PeerFailed | EndReason::PeerClosed => Api::PeerDisconnected,
-            EndReason::MaxDuration => Api::MaxDuration,
-            EndReason::ConnectTimeout => Api::NeverConnected,
-            EndReason::ProviderClosed => Api::ProviderError,
-            EndReason::Shutdown => Api::ServerShutdown,
-            EndReason::Admin => Api::ClientRequest,
-            EndReason::IdleTimeout => Api::IdleTimeout,
-        }
-    }
-
-    /// The API's `end_reason` string.
-    pub fn as_str(self) -> String {
-        serde_json::to_value(self.api()).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
-    }
-}
+/// Why a session ended: the API's one set (`end_reason` of `GET /v1/sessions/{id}`,
+/// `session.ended`, the store's column).
+pub use signaling::host::EndReason;
+use signaling::host::SessionInfo;
+/// The lifecycle phase of a session: the API's one set (`state` of `GET /v1/sessions/{id}`).
+pub use signaling::host::SessionState;
 
 /// Commands to a live session task.
 #[derive(Debug)]
@@ -140,46 +101,6 @@ pub(crate) enum Control {
     Trickle(RTCIceCandidateInit),
     /// A user text turn from outside the client (admin API, another node).
     Inject(String),
-}
-
-/// The lifecycle phase of a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Created, waiting for the offer.
-    Created,
-    /// Offer answered, ICE/DTLS in progress.
-    Connecting,
-    /// Media flowing.
-    Connected,
-    /// Over.
-    Ended,
-}
-
-impl Phase {
-    /// The `state` string of `GET /v1/sessions/{id}`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Created => "created",
-            Phase::Connecting => "connecting",
-            Phase::Connected => "connected",
-            Phase::Ended => "ended",
-        }
-    }
-}
-
-/// One stored turn of the transcript.
-#[derive(Debug, Clone)]
-pub struct Turn {
-    /// Sequence number within the session, from 1.
-    pub seq: u64,
-    /// Who spoke.
-    pub role: Role,
-    /// What was said (for an interrupted agent turn: what was heard).
-    pub text: String,
-    /// Whether barge-in cut the turn.
-    pub interrupted: bool,
-    /// When it was stored.
-    pub at: SystemTime,
 }
 
 /// What the manager and the session task share about one session.
@@ -209,12 +130,13 @@ pub struct SessionShared {
 
 #[derive(Debug)]
 struct SharedState {
-    phase: Phase,
+    phase: SessionState,
     agent_state: AgentState,
     ended_at: Option<SystemTime>,
     ended_instant: Option<Instant>,
     end_reason: Option<EndReason>,
-    turns: Vec<Turn>,
+    /// The transcript so far, as stored (one row type for memory, store and API).
+    turns: Vec<StoredTurn>,
     /// The live task's handles, while live.
     live: Option<LiveHandle>,
 }
@@ -225,27 +147,6 @@ struct LiveHandle {
     etag: String,
     control: mpsc::Sender<Control>,
     done: Option<oneshot::Receiver<()>>,
-}
-
-/// A snapshot of a session for the API.
-#[derive(Debug, Clone)]
-pub struct SessionSnapshot {
-    /// Session id.
-    pub id: String,
-    /// Lifecycle phase.
-    pub phase: Phase,
-    /// The agent's conversational state.
-    pub agent_state: AgentState,
-    /// Character id.
-    pub character: String,
-    /// Provider name.
-    pub provider: String,
-    /// Creation time.
-    pub created_at: SystemTime,
-    /// End time.
-    pub ended_at: Option<SystemTime>,
-    /// Why it ended.
-    pub end_reason: Option<EndReason>,
 }
 
 impl SessionShared {
@@ -261,8 +162,8 @@ impl SessionShared {
 
     pub(crate) fn mark_connected(&self) {
         let mut st = self.lock();
-        if st.phase == Phase::Connecting {
-            st.phase = Phase::Connected;
+        if st.phase == SessionState::Connecting {
+            st.phase = SessionState::Connected;
             drop(st);
             self.queue(Write::Connected { id: self.id.clone(), at: SystemTime::now() });
         }
@@ -284,45 +185,41 @@ impl SessionShared {
         let turn = {
             let mut st = self.lock();
             let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-            let turn = Turn { seq, role, text: text.to_owned(), interrupted, at: SystemTime::now() };
+            let turn = StoredTurn {
+                session_id: self.id.clone(),
+                seq,
+                role,
+                text: text.to_owned(),
+                interrupted,
+                started_at: None,
+                ended_at: SystemTime::now(),
+                tool_calls: None,
+            };
             st.turns.push(turn.clone());
             turn
         };
-        self.queue(Write::Turn(self.stored_turn(&turn)));
-    }
-
-    fn stored_turn(&self, t: &Turn) -> StoredTurn {
-        StoredTurn {
-            session_id: self.id.clone(),
-            seq: t.seq,
-            role: t.role,
-            text: t.text.clone(),
-            interrupted: t.interrupted,
-            started_at: None,
-            ended_at: t.at,
-            tool_calls: None,
-        }
+        self.queue(Write::Turn(turn));
     }
 
     fn end(&self, reason: EndReason) -> bool {
         let at = SystemTime::now();
         {
             let mut st = self.lock();
-            if st.phase == Phase::Ended {
+            if st.phase == SessionState::Ended {
                 return false;
             }
-            st.phase = Phase::Ended;
+            st.phase = SessionState::Ended;
             st.end_reason = Some(reason);
             st.ended_at = Some(at);
             st.ended_instant = Some(Instant::now());
             st.live = None;
         }
-        self.queue(Write::Ended { id: self.id.clone(), at, reason: reason.as_str() });
+        self.queue(Write::Ended { id: self.id.clone(), at, reason: reason.as_str().to_owned() });
         if let Some(cluster) = &self.cluster {
             // Off this (possibly audio) path; an entry left behind expires with its TTL.
             cluster.unregister_later(&self.id);
         }
-        crate::telemetry::add_with(crate::telemetry::SESSIONS_ENDED, "reason", reason.as_str(), 1);
+        crate::telemetry::add_with(crate::telemetry::SESSIONS_ENDED, "reason", reason.as_str().to_owned(), 1);
         true
     }
 
@@ -336,32 +233,42 @@ impl SessionShared {
             let st = self.lock();
             (st.turns.clone(), st.end_reason.zip(st.ended_at))
         };
-        for t in &turns {
-            self.writer.write(Write::Turn(self.stored_turn(t))).await;
+        let n = turns.len();
+        for t in turns {
+            self.writer.write(Write::Turn(t)).await;
         }
         if let Some((reason, at)) = end {
-            self.writer.write(Write::Ended { id: self.id.clone(), at, reason: reason.as_str() }).await;
+            self.writer.write(Write::Ended { id: self.id.clone(), at, reason: reason.as_str().to_owned() }).await;
         }
-        tracing::info!(session_id = %self.id, turns = turns.len(), "session rewritten to the store after queue overflow");
+        tracing::info!(session_id = %self.id, turns = n, "session rewritten to the store after queue overflow");
     }
 
-    /// A snapshot for the API.
-    pub fn snapshot(&self) -> SessionSnapshot {
+    /// The session as `GET /v1/sessions/{id}` reports it.
+    pub fn info(&self) -> SessionInfo {
         let st = self.lock();
-        SessionSnapshot {
-            id: self.id.clone(),
-            phase: st.phase,
-            agent_state: st.agent_state,
+        SessionInfo {
+            session_id: self.id.clone(),
+            state: st.phase,
             character: self.character.clone(),
             provider: self.provider.clone(),
-            created_at: self.created_at,
-            ended_at: st.ended_at,
+            created_at: self.created_at.into(),
+            ended_at: st.ended_at.map(Into::into),
             end_reason: st.end_reason,
         }
     }
 
-    /// The stored transcript.
-    pub fn turns(&self) -> Vec<Turn> {
+    /// The lifecycle phase.
+    pub fn phase(&self) -> SessionState {
+        self.lock().phase
+    }
+
+    /// The agent's conversational state.
+    pub fn agent_state(&self) -> AgentState {
+        self.lock().agent_state
+    }
+
+    /// The transcript so far.
+    pub fn turns(&self) -> Vec<StoredTurn> {
         self.lock().turns.clone()
     }
 }
@@ -527,7 +434,7 @@ impl SessionManager {
     pub fn inject(&self, id: &str, text: String) -> Result<(), SessionError> {
         let shared = self.get(id).ok_or(SessionError::NotFound)?;
         let st = shared.lock();
-        if st.phase == Phase::Ended {
+        if st.phase == SessionState::Ended {
             return Err(SessionError::Ended);
         }
         let live = st.live.as_ref().ok_or(SessionError::NotLive)?;
@@ -551,7 +458,7 @@ impl SessionManager {
 
     /// Ids of the sessions not yet ended.
     pub fn live_ids(&self) -> Vec<String> {
-        self.map().values().filter(|s| s.lock().phase != Phase::Ended).map(|s| s.id.clone()).collect()
+        self.map().values().filter(|s| s.lock().phase != SessionState::Ended).map(|s| s.id.clone()).collect()
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<SessionShared>>> {
@@ -570,7 +477,7 @@ impl SessionManager {
 
     /// Sessions not yet ended.
     pub fn live_count(&self) -> usize {
-        self.map().values().filter(|s| s.lock().phase != Phase::Ended).count()
+        self.map().values().filter(|s| s.lock().phase != SessionState::Ended).count()
     }
 
     /// Look a session up.
@@ -616,7 +523,7 @@ impl SessionManager {
             dirty: AtomicBool::new(false),
             next_seq: AtomicU64::new(1),
             state: Mutex::new(SharedState {
-                phase: Phase::Created,
+                phase: SessionState::Created,
                 agent_state: AgentState::Initializing,
                 ended_at: None,
                 ended_instant: None,
@@ -653,12 +560,12 @@ impl SessionManager {
         let mut map = self.map();
         map.retain(|_, s| {
             let mut st = s.lock();
-            if st.phase == Phase::Created && s.created_instant.elapsed() > connect_timeout {
+            if st.phase == SessionState::Created && s.created_instant.elapsed() > connect_timeout {
                 drop(st);
-                s.end(EndReason::ConnectTimeout);
+                s.end(EndReason::NeverConnected);
                 return true;
             }
-            if st.phase == Phase::Ended {
+            if st.phase == SessionState::Ended {
                 let old = st.ended_instant.is_some_and(|t| t.elapsed() > ENDED_RETENTION);
                 st.live = None;
                 return !old;
@@ -678,9 +585,9 @@ impl SessionManager {
         {
             let mut st = shared.lock();
             match st.phase {
-                Phase::Created => st.phase = Phase::Connecting,
-                Phase::Ended => return Err(SessionError::Ended),
-                Phase::Connecting | Phase::Connected => return Err(SessionError::AlreadyConnected),
+                SessionState::Created => st.phase = SessionState::Connecting,
+                SessionState::Ended => return Err(SessionError::Ended),
+                _ => return Err(SessionError::AlreadyConnected),
             }
         }
         match self.start_live(&shared, offer_sdp).await {
@@ -688,8 +595,8 @@ impl SessionManager {
             Err(e) => {
                 // Let the client try again with a corrected offer.
                 let mut st = shared.lock();
-                if st.phase == Phase::Connecting && st.live.is_none() {
-                    st.phase = Phase::Created;
+                if st.phase == SessionState::Connecting && st.live.is_none() {
+                    st.phase = SessionState::Created;
                 }
                 Err(e)
             }
@@ -712,10 +619,10 @@ impl SessionManager {
         let etag = format!("\"{}\"", signaling::id::new_id("e"));
         {
             let mut st = shared.lock();
-            if st.phase == Phase::Ended {
+            if st.phase == SessionState::Ended {
                 // Ended (DELETE or shutdown) while we were connecting.
                 drop(st);
-                let _ = built.control.try_send(Control::End(EndReason::ClientEnded));
+                let _ = built.control.try_send(Control::End(EndReason::ClientRequest));
                 tokio::spawn(built.task.run());
                 return Err(SessionError::Ended);
             }
@@ -738,7 +645,7 @@ impl SessionManager {
         let shared = self.get(id).ok_or(SessionError::NotFound)?;
         let (control, done) = {
             let mut st = shared.lock();
-            if st.phase == Phase::Ended {
+            if st.phase == SessionState::Ended {
                 return Err(SessionError::Ended);
             }
             match st.live.as_mut() {
@@ -781,7 +688,7 @@ impl SessionManager {
         let shared = self.get(id).ok_or(SessionError::NotFound)?;
         let control = {
             let st = shared.lock();
-            if st.phase == Phase::Ended {
+            if st.phase == SessionState::Ended {
                 return Err(SessionError::NotFound);
             }
             let live = st.live.as_ref().ok_or(SessionError::UnknownPeer)?;
@@ -808,7 +715,7 @@ impl SessionManager {
     pub async fn drain(&self, grace: Duration) {
         self.draining.store(true, Ordering::SeqCst);
         let ids: Vec<String> = self.map().keys().cloned().collect();
-        let ends = ids.iter().map(|id| self.end(id, None, EndReason::Shutdown));
+        let ends = ids.iter().map(|id| self.end(id, None, EndReason::ServerShutdown));
         let _ = tokio::time::timeout(grace, futures::future::join_all(ends)).await;
     }
 }
@@ -929,7 +836,7 @@ mod tests {
             api_key_id: None,
             created_instant: Instant::now(),
             state: Mutex::new(SharedState {
-                phase: Phase::Connecting,
+                phase: SessionState::Connecting,
                 agent_state: AgentState::Listening,
                 ended_at: None,
                 ended_instant: None,
@@ -949,7 +856,7 @@ mod tests {
         }
         assert!(writer.stats().dropped.load(Ordering::Relaxed) >= 5, "{:?}", writer.stats());
         assert!(shared.dirty.load(Ordering::Relaxed), "the session knows it must be rewritten");
-        assert!(shared.end(EndReason::ClientEnded));
+        assert!(shared.end(EndReason::ClientRequest));
         // The database recovers; the end of the session rewrites everything it holds.
         open_tx.send(true).unwrap();
         shared.persist_after_end().await;

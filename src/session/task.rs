@@ -83,16 +83,16 @@ impl<L: ClientLink> SessionTask<L> {
                         }
                         Drained::default()
                     }
-                    None => break EndReason::Shutdown,
+                    None => break EndReason::ServerShutdown,
                 },
                 _ = sleep_until_opt(wake) => self.input(Input::Timeout, &mut counters).await,
                 ev = self.link.recv() => match ev {
                     Some(ev) => self.on_link_event(ev, &mut counters).await,
-                    None => break EndReason::PeerFailed,
+                    None => break EndReason::PeerDisconnected,
                 },
                 ev = self.provider.events.recv(), if provider_room => match ev {
                     Some(ev) => self.input(Input::Provider(ev), &mut counters).await,
-                    None => break EndReason::ProviderClosed,
+                    None => break EndReason::ProviderError,
                 },
                 _ = tokio::time::sleep_until(deadline) => break EndReason::MaxDuration,
                 _ = flush.tick() => {
@@ -220,8 +220,8 @@ impl<L: ClientLink> SessionTask<L> {
     async fn finish(&mut self, reason: EndReason, counters: &Counters, exported: &mut Exported) {
         self.export_stats(counters, exported);
         let _ = self.provider.commands.try_send(ProviderCommand::Close);
-        if !matches!(reason, EndReason::PeerFailed | EndReason::PeerClosed) {
-            self.link.send_event(&ServerEvent::SessionEnded { reason: reason.as_str() }).await;
+        if reason != EndReason::PeerDisconnected {
+            self.link.send_event(&ServerEvent::SessionEnded { reason: reason.as_str().to_owned() }).await;
         }
         self.link.close(CLOSE_GRACE).await;
         let link = self.link.stats();

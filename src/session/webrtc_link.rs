@@ -55,8 +55,8 @@ impl<C: EventCodec> WebRtcLink<C> {
                 LinkEvent::EventsClosed
             }
             PeerEvent::State(RTCPeerConnectionState::Connected) => LinkEvent::Connected,
-            PeerEvent::State(RTCPeerConnectionState::Failed) => LinkEvent::Closed(EndReason::PeerFailed),
-            PeerEvent::State(RTCPeerConnectionState::Closed) => LinkEvent::Closed(EndReason::PeerClosed),
+            PeerEvent::State(RTCPeerConnectionState::Failed) => LinkEvent::Closed(EndReason::PeerDisconnected),
+            PeerEvent::State(RTCPeerConnectionState::Closed) => LinkEvent::Closed(EndReason::PeerDisconnected),
             PeerEvent::State(_) => return None,
         })
     }
@@ -68,7 +68,7 @@ impl<C: EventCodec> ClientLink for WebRtcLink<C> {
             let Some(ev) = self.rx.recv().await else {
                 // The peer's callbacks are gone: the connection failed underneath.
                 return (!std::mem::replace(&mut self.closed, true))
-                    .then_some(LinkEvent::Closed(EndReason::PeerFailed));
+                    .then_some(LinkEvent::Closed(EndReason::PeerDisconnected));
             };
             if let Some(ev) = self.map(ev) {
                 return Some(ev);

@@ -86,6 +86,39 @@ impl StoredState {
     }
 }
 
+// --- the one place where store rows become the API's types ---
+
+impl From<StoredState> for signaling::host::SessionState {
+    fn from(s: StoredState) -> Self {
+        match s {
+            StoredState::Created => Self::Created,
+            StoredState::Connected => Self::Connected,
+            StoredState::Ended => Self::Ended,
+        }
+    }
+}
+
+impl From<StoredSession> for signaling::host::SessionInfo {
+    /// An unknown stored `end_reason` (from a newer version) is dropped, not invented.
+    fn from(s: StoredSession) -> Self {
+        Self {
+            session_id: s.id,
+            state: s.state.into(),
+            character: s.character,
+            provider: s.provider,
+            created_at: s.created_at.into(),
+            ended_at: s.ended_at.map(Into::into),
+            end_reason: s.end_reason.as_deref().and_then(|r| r.parse().ok()),
+        }
+    }
+}
+
+impl From<StoredTurn> for signaling::host::TranscriptEntry {
+    fn from(t: StoredTurn) -> Self {
+        Self { seq: t.seq, role: t.role, text: t.text, interrupted: t.interrupted, at: t.ended_at.into() }
+    }
+}
+
 /// A session as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoredSession {

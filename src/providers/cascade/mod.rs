@@ -9,8 +9,8 @@
 //!
 //! The session task owns the conversation ([`prompt::PromptManager`]), the utterance being
 //! transcribed, and at most one job in flight, and `select!`s over:
-//! - commands: `AppendAudio` feeds the live STT stream (started when the turn's audio first has
-//!   energy, with a 500 ms pre-roll, so streaming engines decode while the user speaks and a silent
+//! - commands: `AppendAudio` feeds the live STT stream (started at the session VAD's
+//!   `SpeechStarted`, with a 500 ms pre-roll, so streaming engines decode while the user speaks and a silent
 //!   session holds no engine) and a bounded copy of the turn's audio (for STT failover); `CommitTurn`/`Text` start a reply; `Cancel` aborts the job in flight;
 //!   `Truncate` cuts the last agent turn in the prompt to what the user heard;
 //! - the STT partials of the current utterance (-> user `Transcript` partials);
@@ -70,8 +70,6 @@ use super::{
 
 /// The turn's audio kept for STT failover and pre-roll (the rest is dropped, oldest first).
 pub const MAX_TURN_AUDIO: Duration = Duration::from_secs(30);
-/// RMS (16-bit) of a 10 ms chunk that starts an STT stream (quiet speech is ~300-1000, silence < 50).
-const STT_START_RMS: f64 = 150.0;
 /// Audio before the chunk that started the stream, given to it first.
 const STT_PREROLL: Duration = Duration::from_millis(500);
 /// Sentences the producer may run ahead of speech.
@@ -280,6 +278,7 @@ impl Session {
     async fn on_command(&mut self, cmd: ProviderCommand) -> bool {
         match cmd {
             ProviderCommand::AppendAudio(pcm) => self.on_audio(pcm),
+            ProviderCommand::SpeechStarted => self.start_stt(),
             ProviderCommand::CommitTurn => {
                 self.abort_job().await;
                 self.turn_no += 1;
@@ -351,37 +350,38 @@ impl Session {
             let excess = self.turn_audio.len() - max;
             self.turn_audio.drain(..excess);
         }
-        // A stream (and the engine it holds, e.g. a PocketSphinx decoder) is only started when the
-        // audio has some energy, so a silent session does not hold an engine; the pre-roll (the
-        // tail of `turn_audio`) gives it the start of the word that crossed the threshold.
-        if self.stt.is_none() {
-            if rms(&pcm.samples) < STT_START_RMS {
-                return;
-            }
-            let now = Instant::now();
-            for (i, adapter) in self.stages.stt.order(now) {
-                let (tx, rx) = mpsc::channel(PARTIAL_QUEUE);
-                match adapter.start(Some(tx)) {
-                    Ok(mut s) => {
-                        let pre = (STT_PREROLL.as_millis() as usize) * STT_RATE_HZ as usize / 1000;
-                        let from = self.turn_audio.len().saturating_sub(pre + pcm.samples.len());
-                        let preroll = &self.turn_audio[from..self.turn_audio.len() - pcm.samples.len()];
-                        if !preroll.is_empty() {
-                            s.push(&Pcm { rate_hz: STT_RATE_HZ, samples: preroll.to_vec() });
-                        }
-                        self.stt = Some((i, s));
-                        self.partials = Some(rx);
-                        break;
-                    }
-                    Err(e) => {
-                        self.stages.stt.report(i, !e.retryable(), now);
-                        tracing::warn!(adapter = adapter.name(), error = %e, "speech-to-text could not start");
-                    }
-                }
-            }
-        }
         if let Some((_, s)) = self.stt.as_mut() {
             s.push(&pcm);
+        }
+    }
+
+    /// The session's VAD heard the user start: open a speech-to-text stream (and the engine it
+    /// holds, e.g. a PocketSphinx decoder) only now, so a silent session holds no engine. The
+    /// pre-roll (the tail of `turn_audio`) gives it the start of the utterance, which the VAD
+    /// confirms only after its minimum speech.
+    fn start_stt(&mut self) {
+        if self.stt.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        for (i, adapter) in self.stages.stt.order(now) {
+            let (tx, rx) = mpsc::channel(PARTIAL_QUEUE);
+            match adapter.start(Some(tx)) {
+                Ok(mut s) => {
+                    let pre = (STT_PREROLL.as_millis() as usize) * STT_RATE_HZ as usize / 1000;
+                    let preroll = &self.turn_audio[self.turn_audio.len().saturating_sub(pre)..];
+                    if !preroll.is_empty() {
+                        s.push(&Pcm { rate_hz: STT_RATE_HZ, samples: preroll.to_vec() });
+                    }
+                    self.stt = Some((i, s));
+                    self.partials = Some(rx);
+                    break;
+                }
+                Err(e) => {
+                    self.stages.stt.report(i, !e.retryable(), now);
+                    tracing::warn!(adapter = adapter.name(), error = %e, "speech-to-text could not start");
+                }
+            }
         }
     }
 
@@ -488,13 +488,6 @@ async fn job_done(job: &mut Job) -> JobDone {
             JobDone::Reply { item_id: item_id.clone() }
         }
     }
-}
-
-fn rms(s: &[i16]) -> f64 {
-    if s.is_empty() {
-        return 0.0;
-    }
-    (s.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / s.len() as f64).sqrt()
 }
 
 async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {

@@ -333,6 +333,8 @@ impl Connection {
     fn on_command(&mut self, cmd: ProviderCommand, out: &mut Vec<String>) {
         match cmd {
             ProviderCommand::AppendAudio(pcm) => out.push(protocol::append_audio(&pcm.samples)),
+            // The server (or our CommitTurn) detects turns; the onset edge is not on the wire.
+            ProviderCommand::SpeechStarted => {}
             ProviderCommand::CommitTurn => {
                 if self.settings.turn_detection == TurnDetection::Local {
                     out.push(protocol::commit());
