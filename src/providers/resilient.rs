@@ -419,8 +419,8 @@ impl Supervisor {
     async fn on_command(&mut self, cmd: ProviderCommand) {
         match &cmd {
             ProviderCommand::AppendAudio(pcm) => {
-                self.uplink_time += Duration::from_secs_f64(pcm.samples.len() as f64 / f64::from(pcm.rate_hz.max(1)));
-                if rms(&pcm.samples) > VOICE_RMS {
+                self.uplink_time += pcm.duration();
+                if pcm.rms() > VOICE_RMS {
                     self.last_voice = self.uplink_time;
                     self.uncommitted_speech = true;
                 }
@@ -481,14 +481,12 @@ impl Supervisor {
     fn queue_during_gap(&mut self, cmd: ProviderCommand) {
         match cmd {
             ProviderCommand::AppendAudio(pcm) => {
-                let d = Duration::from_secs_f64(pcm.samples.len() as f64 / f64::from(pcm.rate_hz.max(1)));
+                let d = pcm.duration();
                 self.gap_audio.push_back(pcm);
                 self.gap_audio_len += d;
                 while self.gap_audio_len > self.policy.gap_buffer {
                     if let Some(old) = self.gap_audio.pop_front() {
-                        self.gap_audio_len = self.gap_audio_len.saturating_sub(Duration::from_secs_f64(
-                            old.samples.len() as f64 / f64::from(old.rate_hz.max(1)),
-                        ));
+                        self.gap_audio_len = self.gap_audio_len.saturating_sub(old.duration());
                         self.gap_dropped += 1;
                     } else {
                         break;
@@ -536,7 +534,7 @@ impl Supervisor {
                 if &reply.item_id != item_id {
                     *reply = AgentReply { item_id: item_id.clone(), ..Default::default() };
                 }
-                reply.audio += Duration::from_secs_f64(pcm.samples.len() as f64 / f64::from(pcm.rate_hz.max(1)));
+                reply.audio += pcm.duration();
             }
             ProviderEvent::Transcript { speaker: Speaker::Agent, item_id, text, is_final } => {
                 let reply =
@@ -761,13 +759,6 @@ impl Supervisor {
         tracing::info!(session_id = %self.cfg.session_id, "provider session recycled at a turn boundary");
         self.after_swap("provider_recycled", "the model session was renewed before its time limit".into()).await;
     }
-}
-
-fn rms(s: &[i16]) -> f64 {
-    if s.is_empty() {
-        return 0.0;
-    }
-    (s.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / s.len() as f64).sqrt()
 }
 
 async fn recv_live(live: &mut Option<Live>) -> Option<ProviderEvent> {

@@ -355,7 +355,7 @@ impl Session {
         // audio has some energy, so a silent session does not hold an engine; the pre-roll (the
         // tail of `turn_audio`) gives it the start of the word that crossed the threshold.
         if self.stt.is_none() {
-            if rms(&pcm.samples) < STT_START_RMS {
+            if pcm.rms() < STT_START_RMS {
                 return;
             }
             let now = Instant::now();
@@ -488,13 +488,6 @@ async fn job_done(job: &mut Job) -> JobDone {
             JobDone::Reply { item_id: item_id.clone() }
         }
     }
-}
-
-fn rms(s: &[i16]) -> f64 {
-    if s.is_empty() {
-        return 0.0;
-    }
-    (s.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / s.len() as f64).sqrt()
 }
 
 async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
@@ -789,11 +782,9 @@ async fn speak_sentence(
 pub fn viseme_overrides(map: &HashMap<String, String>) -> Result<HashMap<String, signaling::events::Viseme>, String> {
     map.iter()
         .map(|(p, v)| {
-            viseme::parse_viseme(v).map(|v| (p.clone(), v)).ok_or_else(|| {
-                format!(
-                    "`{v}` (for phoneme `{p}`) is not a viseme; use one of sil PP FF TH DD kk CH SS nn RR aa E ih oh ou"
-                )
-            })
+            v.parse()
+                .map(|v| (p.clone(), v))
+                .map_err(|e: signaling::events::UnknownViseme| format!("{e} (phoneme `{p}`)"))
         })
         .collect()
 }
