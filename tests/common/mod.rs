@@ -2,6 +2,7 @@
 //! that speaks Opus (real libopus) and records what it hears and every event it receives.
 #![allow(dead_code)]
 
+pub mod client_peer;
 pub mod fake_openai;
 pub mod fake_openai_http;
 
@@ -14,22 +15,16 @@ use kotodama::config::Config;
 use kotodama::providers::RealtimeProvider;
 use kotodama::providers::scripted::{ScriptRecorder, ScriptedConfig, ScriptedProvider};
 use kotodama::server::RunningServer;
-use rtc::media_stream::MediaStreamTrack;
-use rtc::rtp;
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
-};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
-use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
-    register_default_interceptors,
+    PeerConnection, PeerConnectionEventHandler, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription,
 };
+
+use self::client_peer::{GatheringDone, MicSender, OPUS_PT, answered_opus_pt, client_peer};
 
 pub const SAMPLE_RATE: u32 = 48_000;
 pub const FRAME: usize = 960; // 20 ms at 48 kHz
@@ -43,12 +38,7 @@ pub fn wav(name: &str) -> (u32, Vec<i16>) {
 }
 
 /// RMS of a slice.
-pub fn rms(s: &[i16]) -> f64 {
-    if s.is_empty() {
-        return 0.0;
-    }
-    (s.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / s.len() as f64).sqrt()
-}
+pub use media::pcm::rms;
 
 /// The loudest 100 ms window's RMS.
 pub fn peak_rms(s: &[i16], rate_hz: u32) -> f64 {
@@ -238,11 +228,7 @@ pub struct TestClient {
     pub pc: Arc<dyn PeerConnection>,
     pub dc: Arc<dyn DataChannel>,
     pub inbox: Arc<Mutex<Inbox>>,
-    track: Arc<TrackLocalStaticRTP>,
-    ssrc: u32,
-    pt: u8,
-    seq: u16,
-    ts: u32,
+    mic: MicSender,
     encoder: opus::Encoder,
     pub answer: String,
     pub location: String,
@@ -252,18 +238,14 @@ pub struct TestClient {
 
 struct ClientHandler {
     inbox: Arc<Mutex<Inbox>>,
-    gathered: Mutex<Option<oneshot::Sender<()>>>,
+    gathered: GatheringDone,
     state_tx: mpsc::UnboundedSender<RTCPeerConnectionState>,
 }
 
 #[async_trait::async_trait]
 impl PeerConnectionEventHandler for ClientHandler {
     async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
-        if state == RTCIceGatheringState::Complete
-            && let Some(tx) = self.gathered.lock().unwrap().take()
-        {
-            let _ = tx.send(());
-        }
+        self.gathered.on_state(state);
     }
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
         let _ = self.state_tx.send(state);
@@ -292,16 +274,6 @@ impl PeerConnectionEventHandler for ClientHandler {
     }
 }
 
-pub fn opus_codec() -> RTCRtpCodec {
-    RTCRtpCodec {
-        mime_type: "audio/opus".to_owned(),
-        clock_rate: 48_000,
-        channels: 2,
-        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
-        rtcp_feedback: vec![],
-    }
-}
-
 /// Build a client peer and its offer (with candidates). `with_audio` / `with_dc` allow building
 /// offers the server must reject.
 pub async fn client_offer(
@@ -315,49 +287,12 @@ pub async fn client_offer(
     Arc<Mutex<Inbox>>,
     String,
 ) {
-    let mut me = MediaEngine::default();
-    me.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio)
-        .unwrap();
-    let registry = register_default_interceptors(Registry::new(), &mut me).unwrap();
     let inbox = Arc::new(Mutex::new(Inbox::default()));
-    let (gtx, grx) = oneshot::channel();
+    let (gathered, grx) = GatheringDone::new();
     let (state_tx, _state_rx) = mpsc::unbounded_channel();
-    let handler = Arc::new(ClientHandler { inbox: Arc::clone(&inbox), gathered: Mutex::new(Some(gtx)), state_tx });
-    let pc = PeerConnectionBuilder::new()
-        .with_configuration(RTCConfigurationBuilder::new().build())
-        .with_media_engine(me)
-        .with_setting_engine(SettingEngineBuilder::new().with_include_loopback_candidate(true).build())
-        .with_interceptor_registry(registry)
-        .with_handler(handler)
-        .with_udp_addrs(vec!["127.0.0.1:0".parse::<SocketAddr>().unwrap()])
-        .build()
-        .await
-        .unwrap();
-    let pc: Arc<dyn PeerConnection> = Arc::new(pc);
-    let ssrc: u32 = rand::random();
-    let track = if with_audio {
-        let t = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-            "mic".into(),
-            "mic".into(),
-            "mic".into(),
-            RtpCodecKind::Audio,
-            vec![RTCRtpEncodingParameters {
-                rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
-                codec: opus_codec(),
-                ..Default::default()
-            }],
-        )));
-        pc.add_track(Arc::clone(&t) as Arc<dyn TrackLocal>).await.unwrap();
-        Some(t)
-    } else {
-        None
-    };
-    let dc = if with_dc { Some(pc.create_data_channel("events", None).await.unwrap()) } else { None };
-    let offer = pc.create_offer(None).await.unwrap();
-    pc.set_local_description(offer).await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(3), grx).await;
-    let sdp = pc.local_description().await.unwrap().sdp;
-    (pc, dc, track, ssrc, inbox, sdp)
+    let handler = Arc::new(ClientHandler { inbox: Arc::clone(&inbox), gathered, state_tx });
+    let peer = client_peer(handler, grx, with_audio, with_dc).await.expect("client peer");
+    (peer.pc, peer.dc, peer.track, peer.ssrc, inbox, peer.offer)
 }
 
 impl TestClient {
@@ -397,25 +332,14 @@ impl TestClient {
                 }
             }
         });
-        let pt = answer
-            .lines()
-            .find_map(|l| {
-                let rest = l.trim().strip_prefix("a=rtpmap:")?;
-                let (pt, codec) = rest.split_once(' ')?;
-                codec.to_ascii_lowercase().starts_with("opus/48000").then(|| pt.parse().ok()).flatten()
-            })
-            .unwrap_or(111);
+        let pt = answered_opus_pt(&answer).unwrap_or(OPUS_PT);
         let mut encoder = opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip).unwrap();
         encoder.set_inband_fec(true).unwrap();
         TestClient {
             pc,
             dc,
             inbox,
-            track: track.unwrap(),
-            ssrc,
-            pt,
-            seq: rand::random(),
-            ts: rand::random(),
+            mic: MicSender::new(track.unwrap(), ssrc, pt),
             encoder,
             answer,
             location,
@@ -460,20 +384,7 @@ impl TestClient {
 
     /// Send a raw payload as the next RTP packet (for hostile-input tests).
     pub async fn send_payload(&mut self, payload: Bytes) {
-        self.seq = self.seq.wrapping_add(1);
-        self.ts = self.ts.wrapping_add(FRAME as u32);
-        let packet = rtp::Packet {
-            header: rtp::header::Header {
-                version: 2,
-                payload_type: self.pt,
-                sequence_number: self.seq,
-                timestamp: self.ts,
-                ssrc: self.ssrc,
-                ..Default::default()
-            },
-            payload,
-        };
-        let _ = self.track.write_rtp(packet).await;
+        self.mic.send(payload).await;
     }
 
     /// Send `samples` (48 kHz) in real time, one frame per 20 ms (padded with silence).

@@ -10,6 +10,8 @@
 //! JSON and a PNG plot.
 
 mod client;
+#[path = "../../../tests/common/client_peer.rs"]
+mod client_peer;
 mod plot;
 mod report;
 
