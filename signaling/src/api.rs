@@ -1,4 +1,4 @@
-//! The axum router for HTTP API v1 (`/work/shared/docs/api-v1.md` is the contract).
+//! The axum router for HTTP API v1 (the contract: the team's `api-v1.md`, summarised in the README).
 //!
 //! | route | auth | success |
 //! |---|---|---|
