@@ -55,6 +55,18 @@ pub fn speech_span(s: &[i16], rate_hz: u32, threshold: f64) -> Option<(Duration,
     Some((Duration::from_millis(first as u64 * 20), Duration::from_millis((last as u64 + 1) * 20)))
 }
 
+/// `text` spoken by eSpeak NG (the offline engine), resampled to the client's 48 kHz.
+#[cfg(feature = "local")]
+pub fn espeak_48k(text: &str) -> Vec<i16> {
+    use kotodama::providers::cascade::local::espeak::Espeak;
+    let (pcm, _) = Espeak::global().expect("espeak-ng").synthesize_blocking(text, "en-us").expect("synthesis");
+    let mut r = media::Resampler::new(pcm.rate_hz, 48_000, media::Alignment::Trimmed).expect("resampler");
+    let mut out = Vec::new();
+    r.process(&pcm.samples, &mut |s: &[i16]| out.extend_from_slice(s)).unwrap();
+    r.flush(&mut |s: &[i16]| out.extend_from_slice(s)).unwrap();
+    out
+}
+
 /// A fresh directory under the system temp dir (left for the OS to clean: tests may be killed).
 pub fn temp_dir(what: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
@@ -110,6 +122,44 @@ impl Drop for PgTestDb {
 /// A random key prefix for Redis, so parallel tests never see each other's keys.
 pub fn redis_prefix() -> String {
     format!("kotodama-test-{:016x}:", rand::random::<u64>())
+}
+
+/// GET `url` with `Authorization: Bearer <token>` (a session token or an API key), as JSON.
+pub async fn get_json(http: &reqwest::Client, url: &str, token: &str) -> Value {
+    let res = http.get(url).bearer_auth(token).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    res.json().await.unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
+/// POST /v1/sessions `{}` on the server at `base` (with an API key when given): the response body
+/// (`session_id`, `token`, `offer_url`, ...).
+pub async fn create_session_at(http: &reqwest::Client, base: &str, api_key: Option<&str>) -> Value {
+    let mut req = http.post(format!("{base}/v1/sessions")).json(&serde_json::json!({}));
+    if let Some(key) = api_key {
+        req = req.bearer_auth(key);
+    }
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+/// The `session_id` and `token` of a [`create_session_at`] body.
+pub fn id_and_token(created: &Value) -> (String, String) {
+    (created["session_id"].as_str().unwrap().to_owned(), created["token"].as_str().unwrap().to_owned())
+}
+
+/// The agent has been `speaking` at least `n_speaking` times and the state is back to `listening`.
+pub fn back_to_listening(n_speaking: usize) -> impl Fn(&[Value]) -> bool {
+    move |evs| {
+        let states: Vec<&Value> = evs.iter().filter(|e| e["type"] == "state").collect();
+        states.last().is_some_and(|e| e["state"] == "listening")
+            && states.iter().filter(|e| e["state"] == "speaking").count() >= n_speaking
+    }
+}
+
+/// When the first event matching `pred` arrived in `log`.
+pub fn event_at(log: &[Received], pred: impl Fn(&Value) -> bool) -> Option<Instant> {
+    log.iter().find_map(|r| match r {
+        Received::Event { at, event } if pred(event) => Some(*at),
+        _ => None,
+    })
 }
 
 /// A server in-process with the scripted provider and a recorder of what the provider received.
@@ -190,8 +240,12 @@ impl TestServer {
 
     /// GET /v1/sessions/{id} with the session's token, as JSON.
     pub async fn session_json(&self, id: &str, token: &str) -> Value {
-        let res = self.http.get(format!("{}/v1/sessions/{id}", self.base)).bearer_auth(token).send().await.unwrap();
-        res.json().await.unwrap()
+        get_json(&self.http, &format!("{}/v1/sessions/{id}", self.base), token).await
+    }
+
+    /// GET /v1/sessions/{id}/transcript with the session's token, as JSON.
+    pub async fn transcript_json(&self, id: &str, token: &str) -> Value {
+        get_json(&self.http, &format!("{}/v1/sessions/{id}/transcript", self.base), token).await
     }
 
     /// POST /v1/sessions: (session_id, token, offer_url).
@@ -397,6 +451,14 @@ impl TestClient {
             frame[..chunk.len()].copy_from_slice(chunk);
             self.send_frame(&frame).await;
         }
+    }
+
+    /// Speak the test question (`tests/data/user_question.wav`), then send silence until `pred`
+    /// holds for the received events (or `timeout`).
+    pub async fn ask_until(&mut self, what: &str, timeout: Duration, pred: impl Fn(&[Value]) -> bool) {
+        let (_, question) = wav("user_question.wav");
+        self.speak(&question).await;
+        self.silence_until(what, timeout, pred).await;
     }
 
     /// Send silence in real time.
