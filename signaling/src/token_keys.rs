@@ -39,10 +39,8 @@ pub struct PreviousTokenKey {
     /// `RS256`, `EdDSA` or `HS256`.
     pub algorithm: String,
     /// PEM public key (RS256/EdDSA).
-    #[serde(default)]
     pub public_key_file: Option<PathBuf>,
     /// The secret (HS256), >= [`MIN_SECRET_LEN`] bytes.
-    #[serde(default)]
     pub secret: Option<String>,
 }
 

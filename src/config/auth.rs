@@ -52,14 +52,11 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::env;
-    use super::*;
+    use super::super::tests::from_env;
 
     #[test]
     fn public_bind_without_api_key_is_refused_naming_the_key() {
-        let mut c = Config::default();
-        c.apply_env(env(&[("KOTODAMA_BIND", "0.0.0.0:8080")])).unwrap();
-        let e = c.validate().unwrap_err();
+        let e = from_env(&[("KOTODAMA_BIND", "0.0.0.0:8080")]).validate().unwrap_err();
         assert_eq!(e.key, "KOTODAMA_API_KEYS");
         assert!(e.to_string().contains("KOTODAMA_API_KEYS="), "{e}");
     }

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::{ConfigError, Section, env, err};
+use super::{ConfigError, HTTP_SCHEMES, Secret, Section, env, err, require_scheme};
 
 /// The `cascade` provider: failover lists of OpenAI-compatible servers per stage.
 #[derive(Debug, Clone, Deserialize)]
@@ -28,36 +28,22 @@ impl Default for CascadeSettings {
     }
 }
 
-/// One OpenAI-compatible server.
-#[derive(Clone, Deserialize)]
+/// One OpenAI-compatible server (optional keys may be left out).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointSettings {
     /// Base URL, e.g. `http://127.0.0.1:11434` (Ollama) or `https://api.openai.com`.
     pub base_url: String,
     /// Model name.
     pub model: String,
-    /// Bearer key, if the server needs one (never logged).
-    #[serde(default)]
-    pub api_key: Option<String>,
+    /// Bearer key, if the server needs one (never logged: `Debug` shows `***`).
+    pub api_key: Option<Secret>,
     /// TTS: voice (default: the character's voice).
-    #[serde(default)]
     pub voice: Option<String>,
     /// TTS: `pcm` (raw s16le) or `wav`.
-    #[serde(default)]
     pub format: Option<String>,
     /// TTS: sample rate of raw `pcm`, Hz (default 24000).
-    #[serde(default)]
     pub sample_rate: Option<u32>,
-}
-
-impl std::fmt::Debug for EndpointSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EndpointSettings")
-            .field("base_url", &self.base_url)
-            .field("model", &self.model)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
 }
 
 impl CascadeSettings {
@@ -99,7 +85,7 @@ impl Section for CascadeSettings {
                 )
             })?;
             // The key as given (only blank counts as unset).
-            let api_key = get(&format!("KOTODAMA_{stage}_API_KEY")).filter(|v| !v.trim().is_empty());
+            let api_key = get(&format!("KOTODAMA_{stage}_API_KEY")).filter(|v| !v.trim().is_empty()).map(Secret::new);
             let endpoint = EndpointSettings { base_url, model, api_key, voice: None, format: None, sample_rate: None };
             list.insert(0, endpoint);
         }
@@ -119,13 +105,10 @@ impl Section for CascadeSettings {
 
 impl EndpointSettings {
     fn validate(&self, stage: &str) -> Result<(), ConfigError> {
-        if !(self.base_url.starts_with("http://") || self.base_url.starts_with("https://")) {
-            return Err(err(
-                &format!("cascade.{stage}.base_url"),
-                format!("`{}` is not an http(s) URL", self.base_url),
-                "use e.g. http://127.0.0.1:11434",
-            ));
-        }
+        require_scheme(&self.base_url, HTTP_SCHEMES, || {
+            let problem = format!("`{}` is not an http(s) URL", self.base_url);
+            err(&format!("cascade.{stage}.base_url"), problem, "use e.g. http://127.0.0.1:11434")
+        })?;
         if self.model.trim().is_empty() {
             return Err(err(&format!("cascade.{stage}.model"), "empty", "name the server's model"));
         }
@@ -142,23 +125,21 @@ impl EndpointSettings {
 #[cfg(test)]
 mod tests {
     use super::super::Config;
-    use super::super::tests::env;
+    use super::super::tests::{env, from_env};
     use super::*;
 
     #[test]
     fn llm_url_selects_the_cascade_and_needs_a_model() {
-        let mut c = Config::default();
-        let e = c.apply_env(env(&[("KOTODAMA_LLM_URL", "http://127.0.0.1:11434")])).unwrap_err();
-        assert_eq!(e.key, "KOTODAMA_LLM_MODEL");
-        let mut c = Config::default();
-        c.apply_env(env(&[("KOTODAMA_LLM_URL", "http://127.0.0.1:11434"), ("KOTODAMA_LLM_MODEL", "llama3")])).unwrap();
+        let url_only = env(&[("KOTODAMA_LLM_URL", "http://127.0.0.1:11434")]);
+        assert_eq!(Config::default().apply_env(url_only).unwrap_err().key, "KOTODAMA_LLM_MODEL");
+        let mut c = from_env(&[("KOTODAMA_LLM_URL", "http://127.0.0.1:11434"), ("KOTODAMA_LLM_MODEL", "llama3")]);
         assert_eq!(c.provider_name(), "cascade");
         assert_eq!(c.cascade.llm[0].model, "llama3");
         c.validate().unwrap();
         c.cascade.llm[0].base_url = "ftp://x".into();
         assert_eq!(c.validate().unwrap_err().key, "cascade.llm.base_url");
         assert!(
-            !format!("{:?}", EndpointSettings { api_key: Some("sk-x".into()), ..c.cascade.llm[0].clone() })
+            !format!("{:?}", EndpointSettings { api_key: Some(Secret::new("sk-x")), ..c.cascade.llm[0].clone() })
                 .contains("sk-x")
         );
     }

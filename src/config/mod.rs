@@ -78,6 +78,14 @@ pub fn err(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> Con
     ConfigError { key: key.to_owned(), problem: problem.into(), fix: fix.into() }
 }
 
+/// `http://` or `https://`.
+pub const HTTP_SCHEMES: &[&str] = &["http://", "https://"];
+
+/// `Ok` when `url` starts with one of `schemes`, else the error `error` makes.
+pub fn require_scheme(url: &str, schemes: &[&str], error: impl FnOnce() -> ConfigError) -> Result<(), ConfigError> {
+    if schemes.iter().any(|s| url.starts_with(s)) { Ok(()) } else { Err(error()) }
+}
+
 impl From<signaling::token_keys::TokenSettingsError> for ConfigError {
     fn from(e: signaling::token_keys::TokenSettingsError) -> Self {
         err(e.key, e.problem, e.fix)
@@ -312,6 +320,13 @@ pub(crate) mod tests {
         move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
     }
 
+    /// The defaults with `pairs` applied as the environment.
+    pub(crate) fn from_env(pairs: &'static [(&'static str, &'static str)]) -> Config {
+        let mut c = Config::default();
+        c.apply_env(env(pairs)).unwrap_or_else(|e| panic!("{e}"));
+        c
+    }
+
     #[test]
     fn defaults_validate_and_run_offline_on_loopback() {
         let c = Config::default();
@@ -341,8 +356,7 @@ pub(crate) mod tests {
 
     #[test]
     fn udp_port_range_is_parsed_and_must_hold_max_sessions() {
-        let mut c = Config::default();
-        c.apply_env(env(&[("KOTODAMA_UDP_PORTS", "40000-40999")])).unwrap();
+        let mut c = from_env(&[("KOTODAMA_UDP_PORTS", "40000-40999")]);
         assert_eq!(c.udp_port_range().unwrap(), Some((40000, 40999)));
         c.validate().unwrap();
         c.session.max_sessions = 5000;

@@ -1,7 +1,7 @@
 //! The node's addresses (top-level keys): `bind`, `public_ip`, `advertise_url`, `node_id`,
 //! `web_demo_dir`.
 
-use super::{Config, ConfigError, env, err};
+use super::{Config, ConfigError, HTTP_SCHEMES, env, err, require_scheme};
 
 /// `KOTODAMA_BIND`, `KOTODAMA_PUBLIC_IP`, `KOTODAMA_ADVERTISE_URL`, `KOTODAMA_NODE_ID`,
 /// `KOTODAMA_WEB_DEMO_DIR`.
@@ -27,14 +27,11 @@ pub fn apply_env(c: &mut Config, get: &dyn Fn(&str) -> Option<String>) -> Result
 
 /// The advertised URL is http(s); the node id is short; the demo directory exists.
 pub fn validate(c: &Config) -> Result<(), ConfigError> {
-    if let Some(url) = &c.advertise_url
-        && !(url.starts_with("http://") || url.starts_with("https://"))
-    {
-        return Err(err(
-            "KOTODAMA_ADVERTISE_URL",
-            format!("`{url}` is not an http(s) URL"),
-            "use the URL clients reach this node at, e.g. https://node-1.example.com",
-        ));
+    if let Some(url) = &c.advertise_url {
+        require_scheme(url, HTTP_SCHEMES, || {
+            let fix = "use the URL clients reach this node at, e.g. https://node-1.example.com";
+            err("KOTODAMA_ADVERTISE_URL", format!("`{url}` is not an http(s) URL"), fix)
+        })?;
     }
     if c.node_id.as_ref().is_some_and(|n| n.is_empty() || n.len() > 200) {
         return Err(err("KOTODAMA_NODE_ID", "empty or longer than 200 characters", "use a short stable name"));
@@ -58,9 +55,10 @@ mod tests {
 
     #[test]
     fn bad_bind_names_the_variable() {
-        let mut c = Config::default();
-        let e = c.apply_env(env(&[("KOTODAMA_BIND", "localhost")])).unwrap_err();
-        assert_eq!(e.key, "KOTODAMA_BIND");
+        assert_eq!(
+            Config::default().apply_env(env(&[("KOTODAMA_BIND", "localhost")])).unwrap_err().key,
+            "KOTODAMA_BIND"
+        );
     }
 
     #[test]

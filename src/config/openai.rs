@@ -1,7 +1,7 @@
 //! `[openai]` (struct: [`OpenAiSettings`], beside its provider): the `OPENAI_*` environment and
 //! the checks made when a session may use the `openai` provider.
 
-use super::{ConfigError, Section, env, err};
+use super::{ConfigError, Section, env, err, require_scheme};
 use crate::providers::openai::{OpenAiSettings, Secret};
 
 impl OpenAiSettings {
@@ -13,13 +13,10 @@ impl OpenAiSettings {
 
     /// The checks made when the provider is selected or listed by a character.
     pub fn validate_selected(&self) -> Result<(), ConfigError> {
-        if !(self.url.starts_with("wss://") || self.url.starts_with("ws://")) {
-            return Err(err(
-                "openai.url",
-                format!("`{}` is not a WebSocket URL", self.url),
-                "use wss://host/path (OPENAI_REALTIME_URL)",
-            ));
-        }
+        require_scheme(&self.url, &["wss://", "ws://"], || {
+            let problem = format!("`{}` is not a WebSocket URL", self.url);
+            err("openai.url", problem, "use wss://host/path (OPENAI_REALTIME_URL)")
+        })?;
         if !self.configured() {
             return Err(err(
                 "OPENAI_API_KEY",
@@ -68,13 +65,12 @@ impl Section for OpenAiSettings {
 #[cfg(test)]
 mod tests {
     use super::super::Config;
-    use super::super::tests::env;
+    use super::super::tests::from_env;
     use super::*;
 
     #[test]
     fn openai_key_alone_selects_openai() {
-        let mut c = Config::default();
-        c.apply_env(env(&[("OPENAI_API_KEY", "sk-test")])).unwrap();
+        let c = from_env(&[("OPENAI_API_KEY", "sk-test")]);
         assert_eq!(c.provider.as_deref(), Some("openai"));
         c.validate().unwrap();
         assert_eq!(c.openai.api_key.as_ref().map(Secret::expose), Some("sk-test"));
@@ -84,22 +80,18 @@ mod tests {
 
     #[test]
     fn openai_env_overrides_url_and_model() {
-        let mut c = Config::default();
-        c.apply_env(env(&[
+        let c = from_env(&[
             ("OPENAI_API_KEY", "k"),
             ("OPENAI_REALTIME_URL", "wss://example.test/v1/realtime"),
             ("OPENAI_REALTIME_MODEL", "gpt-realtime-mini"),
-        ]))
-        .unwrap();
+        ]);
         c.validate().unwrap();
         assert_eq!(c.openai.full_url(), "wss://example.test/v1/realtime?model=gpt-realtime-mini");
     }
 
     #[test]
     fn openai_selected_without_key_names_the_variable() {
-        let mut c = Config::default();
-        c.apply_env(env(&[("KOTODAMA_PROVIDER", "openai")])).unwrap();
-        assert_eq!(c.validate().unwrap_err().key, "OPENAI_API_KEY");
+        assert_eq!(from_env(&[("KOTODAMA_PROVIDER", "openai")]).validate().unwrap_err().key, "OPENAI_API_KEY");
         let mut c = Config::from_toml("[openai]\napi_key = \"k\"\ninput_rate_hz = 44100\n").unwrap();
         c.provider = Some("openai".into());
         assert_eq!(c.validate().unwrap_err().key, "openai.input_rate_hz");

@@ -1,7 +1,7 @@
 //! Where state lives (top-level keys): `database_url` (SQLite or Postgres), `redis_url`,
 //! `redis_prefix`.
 
-use super::{Config, ConfigError, env, err};
+use super::{Config, ConfigError, env, err, require_scheme};
 
 /// The embedded default: a SQLite file in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/kotodama.db";
@@ -24,21 +24,15 @@ pub fn apply_env(c: &mut Config, get: &dyn Fn(&str) -> Option<String>) {
 /// Supported URL schemes only; a cluster (Redis) shares one token secret.
 pub fn validate(c: &Config) -> Result<(), ConfigError> {
     let db = &c.database_url;
-    if !(db.starts_with("sqlite:") || db.starts_with("postgres://") || db.starts_with("postgresql://")) {
-        return Err(err(
-            "KOTODAMA_DATABASE_URL",
-            format!("unsupported URL `{db}`"),
-            "use sqlite://path/to/file.db or postgres://user@host/db",
-        ));
-    }
-    if let Some(url) = &c.redis_url
-        && !(url.starts_with("redis://") || url.starts_with("rediss://"))
-    {
-        return Err(err(
-            "KOTODAMA_REDIS_URL",
-            format!("unsupported URL `{url}`"),
-            "use redis://host:6379 (or rediss:// for TLS), or unset it for a single node",
-        ));
+    require_scheme(db, &["sqlite:", "postgres://", "postgresql://"], || {
+        let fix = "use sqlite://path/to/file.db or postgres://user@host/db";
+        err("KOTODAMA_DATABASE_URL", format!("unsupported URL `{db}`"), fix)
+    })?;
+    if let Some(url) = &c.redis_url {
+        require_scheme(url, &["redis://", "rediss://"], || {
+            let fix = "use redis://host:6379 (or rediss:// for TLS), or unset it for a single node";
+            err("KOTODAMA_REDIS_URL", format!("unsupported URL `{url}`"), fix)
+        })?;
     }
     if c.redis_url.is_some() && c.token_secret.is_none() && c.tokens.algorithm() == "HS256" {
         return Err(err(

@@ -181,7 +181,7 @@ fn build_http_cascade(c: &Config, built: &mut Built) -> BuildResult {
 
 fn endpoint(e: &EndpointSettings, timeout: Duration) -> super::cascade::openai::Endpoint {
     let mut ep = super::cascade::openai::Endpoint::new(&e.base_url, &e.model);
-    ep.api_key = e.api_key.clone();
+    ep.api_key = e.api_key.as_ref().map(|k| k.expose().to_owned());
     ep.voice = e.voice.clone();
     ep.audio_format = e.format.clone().unwrap_or_else(|| "pcm".into());
     ep.pcm_rate_hz = e.sample_rate.unwrap_or(24_000);
