@@ -115,6 +115,22 @@ impl Endpoint {
 }
 
 /// reqwest errors print the URL, which may carry a key in a query string: keep only the kind.
+/// The next chunk of a streamed response body: `None` at its end; a stall longer than the
+/// endpoint's timeout is [`StageError::Timeout`] (`stalled` says what stalled), a broken
+/// connection [`StageError::Unavailable`].
+async fn next_chunk(
+    ep: &Endpoint,
+    body: &mut BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    stalled: &str,
+) -> Result<Option<bytes::Bytes>, StageError> {
+    match tokio::time::timeout(ep.timeout, body.next()).await {
+        Err(_) => Err(StageError::Timeout(format!("{}: {stalled}", ep.base_url))),
+        Ok(Some(Ok(bytes))) => Ok(Some(bytes)),
+        Ok(Some(Err(e))) => Err(StageError::Unavailable(format!("{}: {}", ep.base_url, without_url(&e)))),
+        Ok(None) => Ok(None),
+    }
+}
+
 fn without_url(e: &reqwest::Error) -> String {
     if e.is_connect() {
         "connection failed".into()
@@ -278,23 +294,15 @@ impl LanguageModel for OpenAiChat {
                             Ok(None) => {}
                             Err(e) => return Some((Err(e), None)),
                         }
-                        let next = tokio::time::timeout(ep.timeout, body.next()).await;
-                        match next {
-                            Err(_) => {
-                                let e = StageError::Timeout(format!("{}: token stream stalled", ep.base_url));
-                                return Some((Err(e), None));
-                            }
-                            Ok(Some(Ok(bytes))) => {
+                        match next_chunk(&ep, &mut body, "token stream stalled").await {
+                            Ok(Some(bytes)) => {
                                 if let Err(e) = sse.feed(&bytes) {
                                     return Some((Err(e), None));
                                 }
                             }
-                            Ok(Some(Err(e))) => {
-                                let e = StageError::Unavailable(format!("{}: {}", ep.base_url, without_url(&e)));
-                                return Some((Err(e), None));
-                            }
                             // The server closed without [DONE]: what arrived is the reply.
                             Ok(None) => return None,
+                            Err(e) => return Some((Err(e), None)),
                         }
                     }
                 })
@@ -403,15 +411,8 @@ impl TextToSpeech for OpenAiSpeech {
                 Ok(state) => futures::stream::unfold(Some(state), |state| async move {
                     let (ep, mut body, mut dec) = state?;
                     loop {
-                        let next = tokio::time::timeout(ep.timeout, body.next()).await;
-                        match next {
-                            Err(_) => {
-                                return Some((
-                                    Err(StageError::Timeout(format!("{}: audio stalled", ep.base_url))),
-                                    None,
-                                ));
-                            }
-                            Ok(Some(Ok(bytes))) => match dec.feed(&bytes) {
+                        match next_chunk(&ep, &mut body, "audio stalled").await {
+                            Ok(Some(bytes)) => match dec.feed(&bytes) {
                                 Ok(Some(pcm)) => {
                                     return Some((
                                         Ok(SpeechChunk { pcm, phonemes: Vec::new() }),
@@ -421,11 +422,8 @@ impl TextToSpeech for OpenAiSpeech {
                                 Ok(None) => {}
                                 Err(e) => return Some((Err(e), None)),
                             },
-                            Ok(Some(Err(e))) => {
-                                let e = StageError::Unavailable(format!("{}: {}", ep.base_url, without_url(&e)));
-                                return Some((Err(e), None));
-                            }
                             Ok(None) => return None,
+                            Err(e) => return Some((Err(e), None)),
                         }
                     }
                 })
