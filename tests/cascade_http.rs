@@ -196,15 +196,7 @@ async fn barge_in_cancels_the_reply_in_flight_and_nothing_of_it_follows_the_cut(
     client.silence(Duration::from_millis(1200)).await;
     let from = client.log().len();
     client.speak(&wav("user_question.wav").1).await;
-    client.wait_event("agent.interrupted", Duration::from_secs(5), |e| e["type"] == "agent.interrupted").await;
-    client
-        .silence_until("the barge-in turn to end", Duration::from_secs(10), |evs| {
-            evs.iter().filter(|e| e["type"] == "user.speech_stopped").count() >= 2
-        })
-        .await;
-    let log = client.log();
-    let t_int = event_at(&log[from..], |e| e["type"] == "agent.interrupted").unwrap();
-    let t_stop = event_at(&log[from..], |e| e["type"] == "user.speech_stopped").unwrap();
+    let (_, log, t_int, t_stop) = client.barge_in_window(from, "the barge-in turn to end", 2).await;
     let late = log.iter().filter(|r| matches!(r, Received::Audio { at, .. } if *at > t_int && *at < t_stop)).count();
     assert!(late <= 2, "{late} agent packets after agent.interrupted");
     let f = fake.log();

@@ -152,16 +152,8 @@ async fn speech_round_trip_barge_in_and_delete() {
     client.silence(Duration::from_millis(1000)).await;
     let barge_in_from = client.log().len();
     client.speak(&question).await;
-    let interrupted =
-        client.wait_event("agent.interrupted", Duration::from_secs(5), |e| e["type"] == "agent.interrupted").await;
-    client
-        .silence_until("the barge-in utterance to end", Duration::from_secs(10), |evs| {
-            evs.iter().filter(|e| e["type"] == "user.speech_stopped").count() >= 3
-        })
-        .await;
-    let log = client.log();
-    let t_int = event_at(&log[barge_in_from..], |e| e["type"] == "agent.interrupted").unwrap();
-    let t_stop = event_at(&log[barge_in_from..], |e| e["type"] == "user.speech_stopped").unwrap();
+    let (interrupted, log, t_int, t_stop) =
+        client.barge_in_window(barge_in_from, "the barge-in utterance to end", 3).await;
     let late = agent_packets_between(&log, t_int, t_stop);
     eprintln!(
         "measured: provider heard {heard:.2} s (sent {sent_before_commit:.2} s), VAD {vad_len} ms vs WAV {true_len} ms, \

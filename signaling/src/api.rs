@@ -668,10 +668,7 @@ async fn export_user(
 ) -> Result<Response, ApiError> {
     let identity = strict_api_key(&st, &headers)?;
     let user_id = user_path(path)?;
-    let data = st.host.export_user(&user_id, user_scope(&identity)).await?;
-    let mut response = json_response(StatusCode::OK, &data);
-    no_store(&mut response);
-    Ok(response)
+    Ok(no_store_json(&st.host.export_user(&user_id, user_scope(&identity)).await?))
 }
 
 async fn delete_user(

@@ -461,6 +461,28 @@ impl TestClient {
         self.silence_until(what, timeout, pred).await;
     }
 
+    /// After the user talked over the agent (from log position `from`): wait for
+    /// `agent.interrupted`, then send silence until `stops` `user.speech_stopped` events in all.
+    /// Returns the `agent.interrupted` event, the log, and when the interruption and the first
+    /// speech stop after `from` arrived.
+    pub async fn barge_in_window(
+        &mut self,
+        from: usize,
+        what: &str,
+        stops: usize,
+    ) -> (Value, Vec<Received>, Instant, Instant) {
+        let interrupted =
+            self.wait_event("agent.interrupted", Duration::from_secs(5), |e| e["type"] == "agent.interrupted").await;
+        self.silence_until(what, Duration::from_secs(10), |evs| {
+            evs.iter().filter(|e| e["type"] == "user.speech_stopped").count() >= stops
+        })
+        .await;
+        let log = self.log();
+        let t_int = event_at(&log[from..], |e| e["type"] == "agent.interrupted").unwrap();
+        let t_stop = event_at(&log[from..], |e| e["type"] == "user.speech_stopped").unwrap();
+        (interrupted, log, t_int, t_stop)
+    }
+
     /// Send silence in real time.
     pub async fn silence(&mut self, d: Duration) {
         let n = (d.as_millis() as usize / 20) * FRAME;
