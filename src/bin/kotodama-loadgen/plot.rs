@@ -27,17 +27,17 @@ pub fn draw(path: &Path, reports: &[StepReport]) -> anyhow::Result<()> {
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(500);
     let max_n = reports.iter().map(|r| r.sessions).max().unwrap_or(10) as f64 * 1.05;
-    let max_late = reports.iter().map(|r| r.lateness_p99_ms).fold(5.0, f64::max) * 1.1;
+    let max_late = reports.iter().map(|r| r.lateness.p99_ms).fold(5.0, f64::max) * 1.1;
     let max_cpu = reports.iter().filter_map(|r| r.cpu_percent).fold(10.0, f64::max) * 1.1;
 
     let mut a = panel(&left, labels, "frame lateness at the client (ms)", max_n, max_late)?;
-    a.draw_series(LineSeries::new(reports.iter().map(|r| (r.sessions as f64, r.lateness_p50_ms)), &BLUE))?
+    a.draw_series(LineSeries::new(reports.iter().map(|r| (r.sessions as f64, r.lateness.p50_ms)), &BLUE))?
         .label("p50")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 15, y)], BLUE));
-    a.draw_series(LineSeries::new(reports.iter().map(|r| (r.sessions as f64, r.lateness_p99_ms)), &RED))?
+    a.draw_series(LineSeries::new(reports.iter().map(|r| (r.sessions as f64, r.lateness.p99_ms)), &RED))?
         .label("p99")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 15, y)], RED));
-    a.draw_series(reports.iter().map(|r| Circle::new((r.sessions as f64, r.lateness_p99_ms), 3, RED.filled())))?;
+    a.draw_series(reports.iter().map(|r| Circle::new((r.sessions as f64, r.lateness.p99_ms), 3, RED.filled())))?;
     if labels {
         a.configure_series_labels().border_style(BLACK).draw()?;
     }
