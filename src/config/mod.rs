@@ -20,13 +20,14 @@
 //! ```
 //!
 //! A new section plugs in with a field on [`Config`] (`pub turn: TurnSettings`, default
-//! `TurnSettings::default()`) and one line in each of `Config::sections` and `Config::sections_mut`
-//! (`&self.turn`, `&mut self.turn`); nothing
-//! else here changes. [`env::value`] and [`env::parse`] read a variable (empty = unset) and turn
-//! a bad value into a [`ConfigError`] naming the variable. Checks that span sections (a UDP range
-//! that must hold `session.max_sessions`, a cluster that needs a shared token secret) live in
-//! [`Config::validate`]; a provider's own settings are checked by its row of the provider table
-//! ([`crate::providers::table`]) when a session may use it.
+//! `TurnSettings::default()`) and one line in each of `Config::sections` and
+//! `Config::sections_mut` (`&self.turn`, `&mut self.turn`); nothing else here changes.
+//! [`env::value`], [`env::parse`] and [`env::list`] read a variable (blank = unset) and turn a
+//! bad value into a [`ConfigError`] naming the variable; [`require_scheme`] checks a URL key.
+//! Checks that span sections (a UDP range that must hold `session.max_sessions`) live in
+//! `Config::validate_across_sections`. A provider's own section is checked by its row of the
+//! provider table ([`crate::providers::table`]) only when a session may use the provider; the row
+//! also says when a node offers the provider and how to build it.
 //!
 //! The top-level keys (`bind`, `api_keys`, `database_url`, ...) stay top-level in the file and
 //! are grouped by concern: [`node`] (addresses), [`auth`] (API keys and session tokens),
@@ -217,29 +218,29 @@ impl Config {
     }
 
     /// The sections that validate themselves.
-    fn sections(&self) -> [&dyn Section; 8] {
-        [
-            &self.session,
+    fn sections(&self) -> Vec<&dyn Section> {
+        vec![
             &self.media,
+            &self.session,
             &self.scripted,
             &self.openai,
             &self.resilience,
-            &self.local,
             &self.cascade,
+            &self.local,
             &self.characters,
         ]
     }
 
     /// The sections that read their own environment variables (the same list as [`Self::sections`]).
-    fn sections_mut(&mut self) -> [&mut dyn Section; 8] {
-        [
-            &mut self.session,
+    fn sections_mut(&mut self) -> Vec<&mut dyn Section> {
+        vec![
             &mut self.media,
+            &mut self.session,
             &mut self.scripted,
             &mut self.openai,
             &mut self.resilience,
-            &mut self.local,
             &mut self.cascade,
+            &mut self.local,
             &mut self.characters,
         ]
     }
