@@ -7,7 +7,7 @@ test:
 bench:
 	cargo bench -p media --locked
 clippy:
-	cargo clippy --workspace --all-targets --locked -- -D warnings
+	cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 fmt:
 	cargo fmt --all
 capacity:

@@ -9,3 +9,5 @@ setup_test_deps
 start_services
 setup_test_database
 cargo test --workspace --locked "$@"
+# The load generator is behind a feature (not in the server binary): keep it compiling.
+cargo check --locked --features loadgen --bin kotodama-loadgen

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 source ./.ci/setup.sh
 setup_build_deps
 apt_install fonts-dejavu-core util-linux
-cargo build --release --locked --bin kotodama --bin kotodama-loadgen
+cargo build --release --locked --features loadgen --bin kotodama --bin kotodama-loadgen
 mkdir -p target/capacity
 cpus=$(nproc)
 if [ "$cpus" -ge 2 ]; then

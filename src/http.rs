@@ -23,12 +23,6 @@ use crate::store::StoredSession;
 /// Retry-After for 503s.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
-/// The web demo, embedded so the binary serves it from any working directory.
-const INDEX_HTML: &str = include_str!("../web-demo/index.html");
-const APP_JS: &str = include_str!("../web-demo/app.js");
-const SCHEMA_JS: &str = include_str!("../web-demo/schema.js");
-const EVENTS_DTS: &str = include_str!("../web-demo/events.d.ts");
-
 /// [`SessionHost`] for the HTTP layer, backed by the session manager.
 pub struct Host {
     manager: Arc<SessionManager>,
@@ -106,26 +100,7 @@ impl SessionHost for Host {
     }
 
     async fn characters(&self) -> Vec<CharacterInfo> {
-        self.manager
-            .characters()
-            .iter()
-            .map(|c| CharacterInfo {
-                id: c.id.clone(),
-                name: c.name.clone(),
-                language: c.language.clone(),
-                voice: c.voice.clone(),
-                extra: {
-                    let mut m = serde_json::Map::new();
-                    if let Some(a) = &c.avatar {
-                        m.insert("avatar".into(), serde_json::Value::String(a.clone()));
-                    }
-                    if !c.expressions.is_empty() {
-                        m.insert("expressions".into(), serde_json::json!(c.expressions));
-                    }
-                    m
-                },
-            })
-            .collect()
+        self.manager.characters().iter().map(CharacterInfo::from).collect()
     }
 
     async fn create_session(&self, request: CreateSessionRequest) -> Result<CreatedSession, ApiError> {
@@ -251,15 +226,11 @@ impl SessionHost for Host {
     }
 }
 
-/// The whole HTTP app.
-pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>) -> Router {
+/// The whole HTTP app: the API, the web demo's routes and `/metrics`.
+pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>, web_demo: Router) -> Router {
     let prometheus = crate::telemetry::install();
     signaling::api::router(api)
-        .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
-        .route("/index.html", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
-        .route("/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], APP_JS) }))
-        .route("/schema.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], SCHEMA_JS) }))
-        .route("/events.d.ts", get(|| async { ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], EVENTS_DTS) }))
+        .merge(web_demo)
         .route(
             "/metrics",
             get(move || {

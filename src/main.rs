@@ -31,6 +31,7 @@ ENVIRONMENT (overrides the file):
     KOTODAMA_REDIS_PREFIX  prefix of every Redis key (default kotodama:)
     KOTODAMA_ADVERTISE_URL URL other nodes redirect this node's clients to (default http://<bind>)
     KOTODAMA_NODE_ID       stable node id in the store (default: the advertise URL)
+    KOTODAMA_WEB_DEMO_DIR  serve the web demo from this directory (default: the built-in demo)
     KOTODAMA_LOG           log filter, e.g. info or kotodama=debug (default info)
     KOTODAMA_LOG_FORMAT    `json` for JSON lines
     KOTODAMA_OTLP_ENDPOINT OpenTelemetry collector (OTLP/HTTP), e.g. http://127.0.0.1:4318; unset: off

@@ -4,83 +4,76 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::providers::RealtimeProvider;
-use crate::providers::cascade::{CascadeConfig, CascadeProvider};
-use crate::providers::scripted::{ScriptedConfig, ScriptedProvider};
+use crate::providers::table::ProviderSetupError;
 use crate::session::{Backends, SessionManager};
 use crate::store::redis::Redis;
 use crate::store::sql::SqlStore;
 use crate::store::writer::StoreWriter;
 use crate::store::{Store, StoredCharacter};
-use signaling::token::{KeyMaterial, TokenConfig, TokenIssuer, TokenKey, TokenKeys, TokenSecret};
+use signaling::token::TokenIssuer;
+use signaling::token_keys::TokenLoadError;
 use signaling::{ApiKeys, KeyRole};
 
-/// The providers a configuration asks for. The offline engines are loaded here, before the
-/// server listens, so a missing model fails the start with the package to install.
-pub fn providers_for(config: &Config) -> anyhow::Result<Vec<Arc<dyn RealtimeProvider>>> {
-    let mut script = ScriptedConfig::builtin()?;
-    script.response_delay = Duration::from_millis(config.scripted.response_delay_ms);
-    let mut providers: Vec<Arc<dyn RealtimeProvider>> = vec![Arc::new(ScriptedProvider::new(script))];
-    if config.openai_configured() {
-        providers.push(Arc::new(crate::providers::openai::OpenAiProvider::new(config.openai.clone())));
-    }
-    #[cfg(feature = "local")]
-    let local = {
-        use crate::providers::cascade::local;
-        let settings = local::LocalSettings {
-            sphinx_model_dir: config.local.sphinx_model_dir.clone(),
-            max_decoders: config.local.max_decoders,
-        };
-        let engines = local::stages(&settings).context("the offline engines (provider `local`; local.*)")?;
-        let mut cascade = engines.cascade("local");
-        cascade.token_budget = config.local.token_budget;
-        providers.push(Arc::new(CascadeProvider::new(cascade.clone_stages())?));
-        Some(cascade)
-    };
-    #[cfg(not(feature = "local"))]
-    let local: Option<CascadeConfig> = None;
-    if config.cascade.configured() || config.provider_name() == "cascade" {
-        providers.push(Arc::new(http_cascade(config, local.as_ref())?));
-    }
-    Ok(providers)
+/// The providers a configuration asks for (the provider table's rows this node offers).
+pub fn providers_for(config: &Config) -> Result<Vec<Arc<dyn RealtimeProvider>>, ProviderSetupError> {
+    crate::providers::table::build_all(config)
 }
 
-/// The `cascade` provider: the configured servers, then (local_fallback) the offline engines.
-fn http_cascade(config: &Config, local: Option<&CascadeConfig>) -> anyhow::Result<CascadeProvider> {
-    use crate::providers::cascade::openai::{Endpoint, OpenAiChat, OpenAiSpeech, OpenAiStt, client};
-    let c = &config.cascade;
-    let http = client();
-    let endpoint = |e: &crate::config::EndpointSettings| {
-        let mut ep = Endpoint::new(&e.base_url, &e.model);
-        ep.api_key = e.api_key.clone();
-        ep.voice = e.voice.clone();
-        ep.audio_format = e.format.clone().unwrap_or_else(|| "pcm".into());
-        ep.pcm_rate_hz = e.sample_rate.unwrap_or(24_000);
-        ep.timeout = Duration::from_millis(c.timeout_ms);
-        ep
-    };
-    let language = config.characters().first().map(|ch| ch.language.split('-').next().unwrap_or("en").to_owned());
-    let mut cfg = CascadeConfig {
-        name: "cascade".into(),
-        stt: c.stt.iter().map(|e| Arc::new(OpenAiStt::new(endpoint(e), http.clone(), language.clone())) as _).collect(),
-        llm: c.llm.iter().map(|e| Arc::new(OpenAiChat::new(endpoint(e), http.clone())) as _).collect(),
-        tts: c.tts.iter().map(|e| Arc::new(OpenAiSpeech::new(endpoint(e), http.clone())) as _).collect(),
-        token_budget: config.local.token_budget,
-        max_reply_tokens: 300,
-    };
-    if c.local_fallback
-        && let Some(l) = local
-    {
-        cfg.stt.extend(l.stt.iter().cloned());
-        cfg.llm.extend(l.llm.iter().cloned());
-        cfg.tts.extend(l.tts.iter().cloned());
-    }
-    CascadeProvider::new(cfg).context("provider `cascade` (cascade.*)")
+/// Why a node could not start or stop cleanly. Each names the configuration key to look at.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A provider could not be built.
+    #[error(transparent)]
+    Providers(#[from] ProviderSetupError),
+    /// The session-token keys could not be loaded.
+    #[error("session token keys ([tokens], KOTODAMA_TOKEN_*): {0}")]
+    TokenKeys(#[from] TokenLoadError),
+    /// The session-token keys were refused.
+    #[error("session token keys ([tokens], KOTODAMA_TOKEN_*): {0}")]
+    Tokens(#[from] signaling::token::TokenConfigError),
+    /// An API key is malformed.
+    #[error("{key}: {source}")]
+    ApiKeys {
+        /// `KOTODAMA_API_KEYS` or `KOTODAMA_ADMIN_API_KEYS`.
+        key: &'static str,
+        /// Which entry.
+        source: signaling::auth::ApiKeyError,
+    },
+    /// The database or Redis could not be reached or used.
+    #[error("{what}: {source}")]
+    Store {
+        /// What was being done, with the key to fix (the URL without its password).
+        what: String,
+        /// Why.
+        source: crate::store::StoreError,
+    },
+    /// A socket could not be bound or served.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A background task panicked or was cancelled.
+    #[error("{what}: {source}")]
+    Task {
+        /// Which task.
+        what: &'static str,
+        /// Why.
+        source: tokio::task::JoinError,
+    },
+}
+
+fn store_error(what: impl Into<String>) -> impl FnOnce(crate::store::StoreError) -> ServerError {
+    let what = what.into();
+    move |source| ServerError::Store { what, source }
 }
 
 /// A node serving HTTP in the background.
@@ -118,7 +111,7 @@ impl RunningServer {
 
     /// Drain (readyz 503, new sessions 503, live sessions ended within the grace), flush every
     /// pending store write, then stop HTTP and close the database.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
         self.manager.drain(self.drain_grace).await;
         self.manager.unregister_all().await;
         self.writer.flush().await;
@@ -133,118 +126,49 @@ impl RunningServer {
             let _ = stop.send(());
         }
         if let Some(join) = self.join.take() {
-            join.await.context("HTTP server task")?.context("HTTP server")?;
+            let served = join.await.map_err(|source| ServerError::Task { what: "HTTP server task", source })?;
+            served.map_err(|source| ServerError::Io { what: "HTTP server".into(), source })?;
         }
         self.store.close().await;
         Ok(())
     }
 }
 
-/// The session-token configuration: HS256 with the secret, or the configured key set.
-fn token_config(config: &Config) -> anyhow::Result<TokenConfig> {
-    let secret = match &config.token_secret {
-        Some(s) => Some(TokenSecret::new(s.as_bytes().to_vec()).context("KOTODAMA_TOKEN_SECRET")?),
-        None => None,
-    };
-    let read = |key: &str, path: &std::path::Path| {
-        std::fs::read(path).with_context(|| format!("{key}: cannot read {}", path.display()))
-    };
-    let t = &config.tokens;
-    let alg = t.algorithm.as_deref().unwrap_or("HS256");
-    let signing = match alg {
-        "RS256" | "EdDSA" => {
-            // Validated at load: both files and the kid are set.
-            let private_pem = Some(read(
-                "KOTODAMA_TOKEN_PRIVATE_KEY_FILE",
-                t.private_key_file.as_deref().context("KOTODAMA_TOKEN_PRIVATE_KEY_FILE is required")?,
-            )?);
-            let public_pem = read(
-                "KOTODAMA_TOKEN_PUBLIC_KEY_FILE",
-                t.public_key_file.as_deref().context("KOTODAMA_TOKEN_PUBLIC_KEY_FILE is required")?,
-            )?;
-            let material = if alg == "RS256" {
-                KeyMaterial::Rs256 { private_pem, public_pem }
-            } else {
-                KeyMaterial::EdDsa { private_pem, public_pem }
-            };
-            Some(TokenKey { kid: t.kid.clone(), material })
-        }
-        _ if t.kid.is_some() || !t.previous.is_empty() => {
-            let secret = secret.clone().unwrap_or_else(TokenSecret::random);
-            Some(TokenKey { kid: t.kid.clone(), material: KeyMaterial::Hs256(secret) })
-        }
-        _ => None,
-    };
-    let keys = match signing {
-        None => None,
-        Some(signing) => {
-            let mut previous = Vec::new();
-            for p in &t.previous {
-                let material = match p.algorithm.as_str() {
-                    "HS256" => KeyMaterial::Hs256(
-                        TokenSecret::new(p.secret.clone().unwrap_or_default().into_bytes())
-                            .context("tokens.previous secret")?,
-                    ),
-                    alg => {
-                        let public_pem = read(
-                            "tokens.previous",
-                            p.public_key_file.as_deref().context("tokens.previous public_key_file")?,
-                        )?;
-                        if alg == "RS256" {
-                            KeyMaterial::Rs256 { private_pem: None, public_pem }
-                        } else {
-                            KeyMaterial::EdDsa { private_pem: None, public_pem }
-                        }
-                    }
-                };
-                previous.push(TokenKey { kid: Some(p.kid.clone()), material });
-            }
-            Some(TokenKeys { signing, previous })
-        }
-    };
-    Ok(TokenConfig { secret, keys, ttl: config.session.token_ttl(), manage_grace: config.session.max_duration() })
-}
-
 /// Bind and serve `config` with `providers`, in the background.
-pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) -> anyhow::Result<RunningServer> {
+pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) -> Result<RunningServer, ServerError> {
     let config = Arc::new(config);
-    let tokens = TokenIssuer::new(token_config(&config)?).context("session token keys ([tokens], KOTODAMA_TOKEN_*)")?;
+    let token_config = config.tokens.load(
+        config.token_secret.as_deref(),
+        config.session.token_ttl(),
+        config.session.max_duration(),
+    )?;
+    let tokens = TokenIssuer::new(token_config)?;
     let api_keys = ApiKeys::default()
         .parse(KeyRole::User, config.api_keys.iter())
-        .context("KOTODAMA_API_KEYS")?
+        .map_err(|source| ServerError::ApiKeys { key: "KOTODAMA_API_KEYS", source })?
         .parse(KeyRole::Admin, config.admin_api_keys.iter())
-        .context("KOTODAMA_ADMIN_API_KEYS")?;
+        .map_err(|source| ServerError::ApiKeys { key: "KOTODAMA_ADMIN_API_KEYS", source })?;
 
-    let store = SqlStore::connect(&config.database_url).await.with_context(|| {
-        format!("KOTODAMA_DATABASE_URL ({}): fix the URL or start the database", redact_url(&config.database_url))
+    let store = SqlStore::connect(&config.database_url).await.map_err(store_error(format!(
+        "KOTODAMA_DATABASE_URL ({}): fix the URL or start the database",
+        redact_url(&config.database_url)
+    )))?;
+    let characters: Vec<StoredCharacter> = config.characters().iter().map(StoredCharacter::from).collect();
+    store.upsert_characters(&characters).await.map_err(store_error("storing the configured characters"))?;
+    let redis =
+        match &config.redis_url {
+            Some(url) => Some(Redis::connect(url, &config.redis_prefix).await.map_err(store_error(format!(
+                "KOTODAMA_REDIS_URL ({}): fix the URL or start Redis",
+                redact_url(url)
+            )))?),
+            None => None,
+        };
+
+    let listener = tokio::net::TcpListener::bind(config.bind).await.map_err(|source| ServerError::Io {
+        what: format!("cannot bind {} (KOTODAMA_BIND): is another server running there?", config.bind),
+        source,
     })?;
-    let characters: Vec<StoredCharacter> = config
-        .characters()
-        .into_iter()
-        .map(|c| StoredCharacter {
-            id: c.id,
-            name: c.name,
-            language: c.language,
-            voice: c.voice,
-            persona: c.persona,
-            avatar: c.avatar,
-            provider: c.provider,
-        })
-        .collect();
-    store.upsert_characters(&characters).await.context("storing the configured characters")?;
-    let redis = match &config.redis_url {
-        Some(url) => Some(
-            Redis::connect(url, &config.redis_prefix)
-                .await
-                .with_context(|| format!("KOTODAMA_REDIS_URL ({}): fix the URL or start Redis", redact_url(url)))?,
-        ),
-        None => None,
-    };
-
-    let listener = tokio::net::TcpListener::bind(config.bind)
-        .await
-        .with_context(|| format!("cannot bind {} (KOTODAMA_BIND): is another server running there?", config.bind))?;
-    let addr = listener.local_addr()?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Io { what: "the bound address".into(), source })?;
     let advertise_url = config.advertise_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let node_id = config.node_id.clone().unwrap_or_else(|| advertise_url.clone());
 
@@ -252,7 +176,7 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
     let orphans = store
         .end_orphans(&node_id, std::time::SystemTime::now(), "crash")
         .await
-        .context("marking sessions left open by a crash")?;
+        .map_err(store_error("marking sessions left open by a crash"))?;
     if !orphans.is_empty() {
         let shown: Vec<&str> = orphans.iter().take(20).map(String::as_str).collect();
         tracing::warn!(
@@ -294,7 +218,8 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
             cluster.spawn_tasks(&manager).await;
         }
     }
-    let app = crate::http::app(api, Arc::clone(&manager));
+    let web_demo = crate::web_demo::routes(config.web_demo_dir.as_deref());
+    let app = crate::http::app(api, Arc::clone(&manager), web_demo);
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let join = tokio::spawn(async move {
@@ -345,10 +270,12 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// Run until SIGINT or SIGTERM, then drain and stop.
-pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
+pub async fn serve_until_signal(config: Config) -> Result<(), ServerError> {
     // Loading the offline engines blocks for about a second: not on a runtime worker.
     let cfg = config.clone();
-    let providers = tokio::task::spawn_blocking(move || providers_for(&cfg)).await.context("loading providers")??;
+    let providers = tokio::task::spawn_blocking(move || providers_for(&cfg))
+        .await
+        .map_err(|source| ServerError::Task { what: "loading providers", source })??;
     let provider = config.provider_name().to_owned();
     let storage = redact_url(&config.database_url);
     let auth = if config.api_keys.is_empty() { "open (loopback, no API key)" } else { "API key required" };

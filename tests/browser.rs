@@ -168,18 +168,8 @@ async fn the_web_demo_talks_in_chromium_with_the_scripted_provider() {
 async fn the_web_demo_talks_in_chromium_with_the_local_provider() {
     use kotodama::providers::RealtimeProvider;
     use kotodama::providers::cascade::CascadeProvider;
-    use kotodama::providers::cascade::local::{self, espeak::Espeak};
-    let question = tokio::task::spawn_blocking(|| {
-        let (pcm, _) =
-            Espeak::global().expect("espeak-ng").synthesize_blocking("Hello. What is your name?", "en-us").unwrap();
-        let mut r = media::Resampler::new(pcm.rate_hz, 48_000, media::Alignment::Trimmed).unwrap();
-        let mut out = Vec::new();
-        r.process(&pcm.samples, &mut |s: &[i16]| out.extend_from_slice(s)).unwrap();
-        r.flush(&mut |s: &[i16]| out.extend_from_slice(s)).unwrap();
-        out
-    })
-    .await
-    .unwrap();
+    use kotodama::providers::cascade::local;
+    let question = tokio::task::spawn_blocking(|| espeak_48k("Hello. What is your name?")).await.unwrap();
     let engines =
         tokio::task::spawn_blocking(|| local::stages(&local::LocalSettings::default())).await.unwrap().unwrap();
     let provider: Arc<dyn RealtimeProvider> = Arc::new(CascadeProvider::new(engines.cascade("local")).unwrap());

@@ -68,14 +68,6 @@ fn first_audio_after(log: &[Received], t: Instant) -> Option<Instant> {
     })
 }
 
-fn back_to_listening(n_speaking: usize) -> impl Fn(&[Value]) -> bool {
-    move |evs| {
-        let t: Vec<&Value> = evs.iter().filter(|e| e["type"] == "state").collect();
-        t.last().is_some_and(|e| e["state"] == "listening")
-            && t.iter().filter(|e| e["state"] == "speaking").count() >= n_speaking
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speech_starts_at_the_first_sentence_and_structured_output_is_read() {
     let mut script = vec![(Duration::from_millis(20), r#"{"emotion": "happy", "text": "The sun is"#.to_owned())];
@@ -199,31 +191,12 @@ async fn barge_in_cancels_the_reply_in_flight_and_nothing_of_it_follows_the_cut(
     .await;
     let ts = server(cascade(&[&fake])).await;
     let mut client = connected(&ts).await;
-    let (_, question) = wav("user_question.wav");
-    client.speak(&question).await;
-    client
-        .silence_until("the reply to start", Duration::from_secs(20), |evs| {
-            evs.iter().any(|e| e["type"] == "state" && e["state"] == "speaking")
-        })
-        .await;
+    let speaking = |evs: &[Value]| evs.iter().any(|e| e["type"] == "state" && e["state"] == "speaking");
+    client.ask_until("the reply to start", Duration::from_secs(20), speaking).await;
     client.silence(Duration::from_millis(1200)).await;
     let from = client.log().len();
-    client.speak(&question).await;
-    client.wait_event("agent.interrupted", Duration::from_secs(5), |e| e["type"] == "agent.interrupted").await;
-    client
-        .silence_until("the barge-in turn to end", Duration::from_secs(10), |evs| {
-            evs.iter().filter(|e| e["type"] == "user.speech_stopped").count() >= 2
-        })
-        .await;
-    let log = client.log();
-    let at = |pred: &dyn Fn(&Value) -> bool| {
-        log[from..].iter().find_map(|r| match r {
-            Received::Event { at, event } if pred(event) => Some(*at),
-            _ => None,
-        })
-    };
-    let t_int = at(&|e| e["type"] == "agent.interrupted").unwrap();
-    let t_stop = at(&|e| e["type"] == "user.speech_stopped").unwrap();
+    client.speak(&wav("user_question.wav").1).await;
+    let (_, log, t_int, t_stop) = client.barge_in_window(from, "the barge-in turn to end", 2).await;
     let late = log.iter().filter(|r| matches!(r, Received::Audio { at, .. } if *at > t_int && *at < t_stop)).count();
     assert!(late <= 2, "{late} agent packets after agent.interrupted");
     let f = fake.log();

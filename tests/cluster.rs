@@ -156,15 +156,7 @@ async fn two_nodes_redirect_share_history_and_obey_cross_node_control() {
     let ended = wait_state(&http, &format!("{}/v1/sessions/{id}", b.base), &token, "ended").await;
     assert_eq!(ended["end_reason"], "client_request", "{ended}");
     // History from the shared store, on the node that never hosted the session.
-    let tr: Value = http
-        .get(format!("{}/v1/sessions/{id}/transcript", b.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tr = get_json(&http, &format!("{}/v1/sessions/{id}/transcript", b.base), &token).await;
     assert!(
         tr.as_array().unwrap().iter().any(|t| t["role"] == "user" && t["text"] == "Hello across nodes."),
         "the typed turn is in the shared store: {tr}"
@@ -174,15 +166,7 @@ async fn two_nodes_redirect_share_history_and_obey_cross_node_control() {
         "the injected turn is stored: {tr}"
     );
     // The user key sees only what it created; the admin sees it too. Export first.
-    let export: Value = http
-        .get(format!("{}/v1/users/user-7/data", b.base))
-        .bearer_auth(USER_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let export = get_json(&http, &format!("{}/v1/users/user-7/data", b.base), USER_KEY).await;
     assert_eq!(export["sessions"][0]["id"], id, "{export}");
     assert!(export["sessions"][0]["turns"].as_array().is_some_and(|t| !t.is_empty()), "{export}");
     let r = http.delete(format!("{}/v1/users/user-7/data", b.base)).bearer_auth(ADMIN_KEY).send().await.unwrap();
@@ -200,18 +184,8 @@ async fn two_nodes_redirect_share_history_and_obey_cross_node_control() {
     client.close().await;
 
     // Drain of A with a live session: ended (server_shutdown), transcript flushed, and B serves it.
-    let created: Value = http
-        .post(format!("{}/v1/sessions", a.base))
-        .bearer_auth(USER_KEY)
-        .json(&serde_json::json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id2 = created["session_id"].as_str().unwrap().to_owned();
-    let token2 = created["token"].as_str().unwrap().to_owned();
+    let created = create_session_at(&http, &a.base, Some(USER_KEY)).await;
+    let (id2, token2) = id_and_token(&created);
     let client2 = TestClient::connect_to(&a.base, &http, created["offer_url"].as_str().unwrap(), &token2).await;
     client2
         .wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening")
@@ -221,29 +195,13 @@ async fn two_nodes_redirect_share_history_and_obey_cross_node_control() {
         .wait_event("the typed turn", Duration::from_secs(10), |e| e["type"] == "transcript" && e["role"] == "user")
         .await;
     a.server.shutdown().await.unwrap();
-    let info: Value = http
-        .get(format!("{}/v1/sessions/{id2}", b.base))
-        .bearer_auth(&token2)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = get_json(&http, &format!("{}/v1/sessions/{id2}", b.base), &token2).await;
     assert_eq!(
         (info["state"].as_str(), info["end_reason"].as_str()),
         (Some("ended"), Some("server_shutdown")),
         "{info}"
     );
-    let tr: Value = http
-        .get(format!("{}/v1/sessions/{id2}/transcript", b.base))
-        .bearer_auth(&token2)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tr = get_json(&http, &format!("{}/v1/sessions/{id2}/transcript", b.base), &token2).await;
     assert_eq!(tr[0]["text"], "Still there?", "{tr}");
     client2.close().await;
     b.server.shutdown().await.unwrap();

@@ -96,17 +96,8 @@ async fn kill_mid_conversation_then_restart(db_url: &str) {
     let http = reqwest::Client::new();
     let mut node = start_node(db_url, port, &dir, 1).await;
 
-    let created: Value = http
-        .post(format!("{}/v1/sessions", node.base))
-        .json(&serde_json::json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["session_id"].as_str().unwrap().to_owned();
-    let token = created["token"].as_str().unwrap().to_owned();
+    let created = create_session_at(&http, &node.base, None).await;
+    let (id, token) = id_and_token(&created);
     let mut client = TestClient::connect_to(&node.base, &http, created["offer_url"].as_str().unwrap(), &token).await;
     client
         .wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening")

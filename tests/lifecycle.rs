@@ -20,19 +20,29 @@ async fn wait_ended(ts: &TestServer, id: &str, token: &str, within: Duration) ->
     }
 }
 
+/// A session on `ts` with a connected client that got `session.ready`: (id, token, client).
+async fn ready_session(ts: &TestServer) -> (String, String, TestClient) {
+    let (id, token, offer_url) = ts.create_session().await;
+    let client = TestClient::connect(ts, &offer_url, &token).await;
+    client.wait_event("session.ready", Duration::from_secs(5), |e| e["type"] == "session.ready").await;
+    (id, token, client)
+}
+
+/// The session ends with `reason` (as stored, within `within`) and the client hears
+/// `session.ended` with that reason.
+async fn ended_with(ts: &TestServer, client: &TestClient, id: &str, token: &str, within: Duration, reason: &str) {
+    let v = wait_ended(ts, id, token, within).await;
+    assert_eq!(v["end_reason"], reason, "{v}");
+    client
+        .wait_event("session.ended", Duration::from_secs(2), |e| e["type"] == "session.ended" && e["reason"] == reason)
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_at_its_maximum_duration() {
     let ts = TestServer::start_with(|c| c.session.max_duration_secs = 2).await;
-    let (id, token, offer_url) = ts.create_session().await;
-    let client = TestClient::connect(&ts, &offer_url, &token).await;
-    client.wait_event("session.ready", Duration::from_secs(5), |e| e["type"] == "session.ready").await;
-    let v = wait_ended(&ts, &id, &token, Duration::from_secs(10)).await;
-    assert_eq!(v["end_reason"], "max_duration", "{v}");
-    client
-        .wait_event("session.ended", Duration::from_secs(2), |e| {
-            e["type"] == "session.ended" && e["reason"] == "max_duration"
-        })
-        .await;
+    let (id, token, client) = ready_session(&ts).await;
+    ended_with(&ts, &client, &id, &token, Duration::from_secs(10), "max_duration").await;
     assert_eq!(ts.server.manager().live_count(), 0);
     client.close().await;
 }
@@ -40,9 +50,7 @@ async fn a_session_ends_at_its_maximum_duration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_when_the_client_closes_its_peer() {
     let ts = TestServer::start_with(|c| c.session.peer_timeout_secs = 6).await;
-    let (id, token, offer_url) = ts.create_session().await;
-    let client = TestClient::connect(&ts, &offer_url, &token).await;
-    client.wait_event("session.ready", Duration::from_secs(5), |e| e["type"] == "session.ready").await;
+    let (id, token, client) = ready_session(&ts).await;
     let connected: Value = ts.session_json(&id, &token).await;
     assert_eq!(connected["state"], "connected", "{connected}");
     client.close().await;
@@ -61,19 +69,11 @@ async fn a_session_that_never_connects_expires() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_ends_live_sessions_and_refuses_new_ones() {
     let ts = TestServer::start().await;
-    let (id, token, offer_url) = ts.create_session().await;
-    let client = TestClient::connect(&ts, &offer_url, &token).await;
-    client.wait_event("session.ready", Duration::from_secs(5), |e| e["type"] == "session.ready").await;
+    let (id, token, client) = ready_session(&ts).await;
     let manager = ts.server.manager().clone();
     manager.drain(Duration::from_secs(5)).await;
     assert_eq!(manager.live_count(), 0, "drain ended the live session");
-    let v = wait_ended(&ts, &id, &token, Duration::from_secs(1)).await;
-    assert_eq!(v["end_reason"], "server_shutdown", "{v}");
-    client
-        .wait_event("session.ended", Duration::from_secs(2), |e| {
-            e["type"] == "session.ended" && e["reason"] == "server_shutdown"
-        })
-        .await;
+    ended_with(&ts, &client, &id, &token, Duration::from_secs(1), "server_shutdown").await;
     let res = ts.http.post(format!("{}/v1/sessions", ts.base)).json(&serde_json::json!({})).send().await.unwrap();
     assert_eq!(res.status(), 503);
     client.close().await;

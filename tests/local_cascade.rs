@@ -17,12 +17,7 @@ use serde_json::Value;
 
 /// eSpeak speech resampled to the client's 48 kHz.
 fn speech_48k(text: &str) -> Vec<i16> {
-    let (pcm, _) = Espeak::global().expect("espeak-ng").synthesize_blocking(text, "en-us").expect("synthesis");
-    let mut r = media::Resampler::new(pcm.rate_hz, 48_000, media::Alignment::Trimmed).expect("resampler");
-    let mut out = Vec::new();
-    r.process(&pcm.samples, &mut |s: &[i16]| out.extend_from_slice(s)).unwrap();
-    r.flush(&mut |s: &[i16]| out.extend_from_slice(s)).unwrap();
-    out
+    espeak_48k(text)
 }
 
 pub async fn local_server() -> TestServer {
@@ -53,12 +48,7 @@ async fn local_cascade_hears_answers_speaks_and_moves_the_mouth() {
     client
         .silence_until("the agent's final transcript", Duration::from_secs(30), |evs| agent_final(evs).is_some())
         .await;
-    client
-        .silence_until("back to listening after speaking", Duration::from_secs(20), |evs| {
-            let t: Vec<&Value> = evs.iter().filter(|e| e["type"] == "state").collect();
-            t.last().is_some_and(|e| e["state"] == "listening") && t.iter().any(|e| e["state"] == "speaking")
-        })
-        .await;
+    client.silence_until("back to listening after speaking", Duration::from_secs(20), back_to_listening(1)).await;
     let evs = client.events();
 
     // PocketSphinx heard at least one key word of the sentence. (The general English model hears
@@ -98,7 +88,7 @@ async fn local_cascade_hears_answers_speaks_and_moves_the_mouth() {
         let text = reply_text.clone();
         tokio::task::spawn_blocking(move || {
             let (pcm, _) = Espeak::global().unwrap().synthesize_blocking(&text, local::espeak::DEFAULT_VOICE).unwrap();
-            pcm.samples.len() as f64 / f64::from(pcm.rate_hz)
+            pcm.duration().as_secs_f64()
         })
         .await
         .unwrap()

@@ -37,16 +37,7 @@ async fn local_cascade_turn_latency() {
     let rss_espeak = rss_kib();
     let engines =
         tokio::task::spawn_blocking(|| local::stages(&local::LocalSettings::default())).await.unwrap().unwrap();
-    let question = tokio::task::spawn_blocking(|| {
-        let (pcm, _) = Espeak::global().unwrap().synthesize_blocking("Hello. What time is it now?", "en-us").unwrap();
-        let mut r = media::Resampler::new(pcm.rate_hz, 48_000, media::Alignment::Trimmed).unwrap();
-        let mut out = Vec::new();
-        r.process(&pcm.samples, &mut |s: &[i16]| out.extend_from_slice(s)).unwrap();
-        r.flush(&mut |s: &[i16]| out.extend_from_slice(s)).unwrap();
-        out
-    })
-    .await
-    .unwrap();
+    let question = tokio::task::spawn_blocking(|| espeak_48k("Hello. What time is it now?")).await.unwrap();
     let rss_loaded = rss_kib();
     let provider: Arc<dyn RealtimeProvider> = Arc::new(CascadeProvider::new(engines.cascade("local")).unwrap());
     let ts = TestServer::start_with_providers(|c| c.provider = Some("local".into()), move |_| vec![provider]).await;

@@ -20,15 +20,7 @@ async fn connect(http: &reqwest::Client, base: &str) -> (String, String, String,
         assert!(Instant::now() < deadline, "server did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let v: serde_json::Value = http
-        .post(format!("{base}/v1/sessions"))
-        .json(&serde_json::json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = create_session_at(http, base, None).await;
     let (id, token, offer_url) =
         (v["session_id"].as_str().unwrap(), v["token"].as_str().unwrap(), v["offer_url"].as_str().unwrap());
     let (pc, _dc, _track, _ssrc, _inbox, offer) = client_offer(true, true).await;

@@ -70,15 +70,27 @@ async fn connect(ts: &TestServer) -> (String, String, TestClient) {
 
 /// Speak the test question and keep the uplink going until the agent has finished `n` replies.
 async fn ask_and_wait_reply(client: &mut TestClient, n: usize) {
-    let (_, question) = wav("user_question.wav");
-    client.speak(&question).await;
     client
-        .silence_until(&format!("reply {n} to finish"), Duration::from_secs(40), |evs| {
+        .ask_until(&format!("reply {n} to finish"), Duration::from_secs(40), |evs| {
             let finals = count(evs, |e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true);
             let last_state = evs.iter().rev().find(|e| e["type"] == "state");
             finals >= n && last_state.is_some_and(|e| e["state"] == "listening")
         })
         .await;
+}
+
+/// A server on `fake` whose turns our VAD commits, reconnecting after 50 ms, and a client that has
+/// heard its first reply.
+async fn first_reply_with_fast_reconnect(fake: &FakeOpenAi) -> (TestServer, TestClient) {
+    let ts = TestServer::start_openai(&fake.url(), |c| {
+        c.openai.turn_detection = kotodama::providers::openai::protocol::TurnDetection::Local;
+        c.resilience.backoff_base_ms = 50;
+    })
+    .await;
+    let (_sid, _token, mut client) = connect(&ts).await;
+    client.silence(Duration::from_millis(200)).await;
+    ask_and_wait_reply(&mut client, 1).await;
+    (ts, client)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,16 +228,7 @@ async fn barge_in_cancels_and_truncates_to_what_the_client_received_beta_server_
     assert_eq!(interrupted["played_ms"].as_u64().unwrap(), audio_end_ms);
 
     // The stored turn holds what was heard, marked interrupted: a prefix, shorter than the reply.
-    let tr: Value = ts
-        .http
-        .get(format!("{}/v1/sessions/{session_id}/transcript", ts.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tr = ts.transcript_json(&session_id, &token).await;
     let cut = tr
         .as_array()
         .unwrap()
@@ -324,14 +327,7 @@ async fn a_dropped_socket_reconnects_replays_context_and_repeats_no_agent_turn()
         Reply::Speech { text: tc.clone(), audio: ac },
     ];
     let fake = FakeOpenAi::start(FakeOptions::default(), script).await;
-    let ts = TestServer::start_openai(&fake.url(), |c| {
-        c.openai.turn_detection = kotodama::providers::openai::protocol::TurnDetection::Local;
-        c.resilience.backoff_base_ms = 50;
-    })
-    .await;
-    let (_sid, _token, mut client) = connect(&ts).await;
-    client.silence(Duration::from_millis(200)).await;
-    ask_and_wait_reply(&mut client, 1).await;
+    let (ts, mut client) = first_reply_with_fast_reconnect(&fake).await;
 
     // Turn 2: the socket drops 1 s into the reply.
     let from = client.log().len();
@@ -517,13 +513,8 @@ async fn failover_moves_the_session_to_the_next_provider_with_the_context() {
     let (_sid, _token, mut client) = connect(&ts).await;
     client.silence(Duration::from_millis(200)).await;
     ask_and_wait_reply(&mut client, 1).await;
-    let (_, question) = wav("user_question.wav");
-    client.speak(&question).await;
-    client
-        .silence_until("failover", Duration::from_secs(20), |evs| {
-            evs.iter().any(|e| e["type"] == "error" && e["code"] == "provider_failover")
-        })
-        .await;
+    let failover = |evs: &[Value]| evs.iter().any(|e| e["type"] == "error" && e["code"] == "provider_failover");
+    client.ask_until("failover", Duration::from_secs(20), failover).await;
     assert_eq!(fake.conns().len(), 1, "reconnects to openai were refused");
     assert_eq!(fake.conn(0).of_type("session.update")[0]["session"]["tools"], serde_json::json!([]), "tools = []");
     let histories = ts.recorder.histories();
@@ -585,14 +576,7 @@ async fn an_expired_provider_session_is_replaced_and_the_conversation_goes_on() 
     let script = vec![Reply::Speech { text: ta.clone(), audio: aa }, Reply::Speech { text: tb.clone(), audio: ab }];
     let fake = FakeOpenAi::start(FakeOptions::default(), script).await;
     fake.expire(0, Duration::from_secs(8));
-    let ts = TestServer::start_openai(&fake.url(), |c| {
-        c.openai.turn_detection = kotodama::providers::openai::protocol::TurnDetection::Local;
-        c.resilience.backoff_base_ms = 50;
-    })
-    .await;
-    let (_sid, _token, mut client) = connect(&ts).await;
-    client.silence(Duration::from_millis(200)).await;
-    ask_and_wait_reply(&mut client, 1).await;
+    let (ts, mut client) = first_reply_with_fast_reconnect(&fake).await;
     client
         .silence_until("the expired session to be replaced", Duration::from_secs(15), |evs| {
             evs.iter().any(|e| e["type"] == "error" && e["code"] == "provider_reconnected")

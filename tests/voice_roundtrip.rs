@@ -43,12 +43,7 @@ async fn speech_round_trip_barge_in_and_delete() {
             evs.iter().any(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
         })
         .await;
-    client
-        .silence_until("back to listening", Duration::from_secs(15), |evs| {
-            let t: Vec<&Value> = evs.iter().filter(|e| e["type"] == "state").collect();
-            t.last().is_some_and(|e| e["state"] == "listening") && t.iter().any(|e| e["state"] == "speaking")
-        })
-        .await;
+    client.silence_until("back to listening", Duration::from_secs(15), back_to_listening(1)).await;
 
     // The provider heard the user's audio at its input rate, as long as it was sent, not silent.
     let turns = ts.recorder.turns();
@@ -157,22 +152,8 @@ async fn speech_round_trip_barge_in_and_delete() {
     client.silence(Duration::from_millis(1000)).await;
     let barge_in_from = client.log().len();
     client.speak(&question).await;
-    let interrupted =
-        client.wait_event("agent.interrupted", Duration::from_secs(5), |e| e["type"] == "agent.interrupted").await;
-    client
-        .silence_until("the barge-in utterance to end", Duration::from_secs(10), |evs| {
-            evs.iter().filter(|e| e["type"] == "user.speech_stopped").count() >= 3
-        })
-        .await;
-    let log = client.log();
-    let at_of = |pred: &dyn Fn(&Value) -> bool| {
-        log[barge_in_from..].iter().find_map(|r| match r {
-            Received::Event { at, event } if pred(event) => Some(*at),
-            _ => None,
-        })
-    };
-    let t_int = at_of(&|e| e["type"] == "agent.interrupted").unwrap();
-    let t_stop = at_of(&|e| e["type"] == "user.speech_stopped").unwrap();
+    let (interrupted, log, t_int, t_stop) =
+        client.barge_in_window(barge_in_from, "the barge-in utterance to end", 3).await;
     let late = agent_packets_between(&log, t_int, t_stop);
     eprintln!(
         "measured: provider heard {heard:.2} s (sent {sent_before_commit:.2} s), VAD {vad_len} ms vs WAV {true_len} ms, \
@@ -191,16 +172,7 @@ async fn speech_round_trip_barge_in_and_delete() {
     assert!(ts.recorder.cancels() >= 1, "the provider was told to cancel");
 
     // The interrupted turn is stored as interrupted with the heard text.
-    let tr: Value = ts
-        .http
-        .get(format!("{}/v1/sessions/{session_id}/transcript", ts.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tr = ts.transcript_json(&session_id, &token).await;
     let rows = tr.as_array().unwrap();
     assert!(rows.iter().any(|r| r["role"] == "agent" && r["interrupted"] == true), "transcript: {tr}");
     assert!(rows.iter().any(|r| r["role"] == "agent" && r["interrupted"] == false), "transcript: {tr}");

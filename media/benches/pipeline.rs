@@ -121,21 +121,21 @@ impl DownlinkRig {
 fn pipeline(c: &mut Criterion) {
     let mut up = UplinkRig::new();
     cpu_bench(c, "uplink/frame (decode + vad + 48k->24k)", || up.frame());
-    let mut down = DownlinkRig::new(0);
-    cpu_bench(c, "downlink/frame (24k->48k + opus encode)", || down.frame());
-    let (mut up, mut down) = (UplinkRig::new(), DownlinkRig::new(0));
-    cpu_bench(c, "duplex/frame (uplink + downlink)", || {
-        up.frame();
-        down.frame();
-    });
-    // The same with the client reporting loss: the encoder then codes LBRR (FEC) every frame.
-    let mut down = DownlinkRig::new(10);
-    cpu_bench(c, "downlink/frame with FEC coded (10% loss reported)", || down.frame());
-    let (mut up, mut down) = (UplinkRig::new(), DownlinkRig::new(10));
-    cpu_bench(c, "duplex/frame with FEC coded (10% loss reported)", || {
-        up.frame();
-        down.frame();
-    });
+    // Without loss, then with the client reporting 10 % loss: the encoder then codes LBRR (FEC)
+    // every frame.
+    let variants = [
+        (0, "downlink/frame (24k->48k + opus encode)", "duplex/frame (uplink + downlink)"),
+        (10, "downlink/frame with FEC coded (10% loss reported)", "duplex/frame with FEC coded (10% loss reported)"),
+    ];
+    for (loss_percent, downlink, duplex) in variants {
+        let mut down = DownlinkRig::new(loss_percent);
+        cpu_bench(c, downlink, || down.frame());
+        let (mut up, mut down) = (UplinkRig::new(), DownlinkRig::new(loss_percent));
+        cpu_bench(c, duplex, || {
+            up.frame();
+            down.frame();
+        });
+    }
 }
 
 fn stages(c: &mut Criterion) {

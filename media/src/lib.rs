@@ -1,31 +1,35 @@
 //! # media: kotodama's sans-IO audio pipeline
 //!
-//! Everything here is driven by the session task, which owns one [`Uplink`], one [`Playout`]
-//! and one [`BargeIn`] by value. Nothing in this crate reads a clock, spawns, locks or does IO:
-//! time comes in as `now: Duration`, the media time since the session started, so the whole
-//! pipeline runs on virtual time in tests.
+//! Everything here is driven by the session's conversation core (`src/session/` of the
+//! `kotodama` crate), which owns one [`Uplink`], one [`Playout`] and one [`BargeIn`] by value.
+//! Nothing in this crate reads a clock, spawns, locks or does IO: time comes in as
+//! `now: Duration`, the media time since the session started, so the whole pipeline runs on
+//! virtual time in tests.
 //!
-//! ## Run loop (one session task)
+//! ## Run loop (one session)
 //! ```text
-//! loop select! {
-//!   rtp packet (seq, payload) from the peer at `now`:
-//!       uplink.push_rtp(now, seq, payload);
-//!       while let Some(ev) = uplink.poll() {
-//!           match ev {
-//!               UplinkEvent::Audio(pcm)            => provider.append_audio(pcm),   // output_rate_hz
-//!               UplinkEvent::SpeechStarted { at } => if let Some(i) = barge_in.on_speech_started(at, &mut playout) {
-//!                                                        client.send(agent.interrupted{i.item_id, i.played_ms()});
-//!                                                        provider.cancel(); provider.truncate(i.item_id, i.played_ms());
-//!                                                    }
-//!               UplinkEvent::SpeechStopped { .. }  => { /* end of user turn */ }
-//!           }
-//!       }
-//!   provider AudioDelta { item_id, pcm }:  n = playout.push(&item_id, pcm)?;  hold pcm[n..] (backpressure)
-//!   provider AudioDone { item_id }:        playout.finish_item(&item_id);
-//!   client `interrupt`:                    barge_in.interrupt(&mut playout) -> same as above
-//!   sleep_until(playout.next_due()):       while let Some(f) = playout.poll(now, &mut buf) { track.write(&buf[..f.len], f.talkspurt_start) }
-//! }
+//! rtp packet (seq, payload) from the client at `now`:
+//!     uplink.push_rtp(now, seq, payload);
+//!     while let Some(ev) = uplink.poll() {
+//!         match ev {
+//!             UplinkEvent::Audio(pcm)           => provider: AppendAudio(pcm)          // output_rate_hz
+//!             UplinkEvent::SpeechStarted { at } => // the VAD already held it for min_speech: a
+//!                                                  // backchannel shorter than that never gets here
+//!                 if let Some(i) = barge_in.on_speech_started(at, &mut playout) {
+//!                     client:   agent.interrupted { i.item_id, i.played_ms() }
+//!                     provider: Cancel, Truncate { i.item_id, audio_end: i.played, heard }
+//!                 }                                // heard: the words sent with the played frames
+//!             UplinkEvent::SpeechStopped { .. } => end of the user's turn (CommitTurn without server VAD)
+//!         }
+//!     }
+//! provider AudioDelta { item_id, pcm }: n = playout.push(&item_id, pcm)?; hold pcm[n..] (backpressure)
+//! provider AudioDone { item_id }:       playout.finish_item(&item_id);
+//! provider's own VAD heard speech:      barge_in.on_speech_started(at, &mut playout) -> as above
+//! client `interrupt`:                   barge_in.interrupt(&mut playout) -> as above (ClientRequest)
+//! playout.next_due() reached:           while let Some(f) = playout.poll(now, &mut buf) { send f }
 //! ```
+//! Each [`Interruption`] carries its [`InterruptReason`] (user speech at a stream position, or
+//! the client's request), which is what metrics and logs record.
 //!
 //! ## Invariants
 //! - Uplink: every packet in order yields its decoded duration; a gap is concealed (PLC, FEC for

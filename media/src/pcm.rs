@@ -33,6 +33,11 @@ impl<'a> PcmRef<'a> {
         samples_to_duration(self.samples.len() as u64, self.rate_hz)
     }
 
+    /// Root mean square of the samples (see [`rms`]).
+    pub fn rms(&self) -> f64 {
+        rms(self.samples)
+    }
+
     /// Copies into an owned [`Pcm`].
     pub fn to_owned(&self) -> Pcm {
         Pcm { rate_hz: self.rate_hz, samples: self.samples.to_vec() }
@@ -63,6 +68,21 @@ impl Pcm {
     pub fn duration(&self) -> Duration {
         self.as_ref().duration()
     }
+
+    /// Root mean square of the samples (see [`rms`]).
+    pub fn rms(&self) -> f64 {
+        rms(&self.samples)
+    }
+}
+
+/// Root mean square of `samples`, in sample units (full scale 32768; speech is typically a few
+/// hundred to a few thousand); 0 for no samples.
+pub fn rms(samples: &[i16]) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    let energy: f64 = samples.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+    (energy / samples.len() as f64).sqrt()
 }
 
 /// `n` samples at `rate_hz` as a `Duration` (exact to the nanosecond, rounded down).
@@ -94,5 +114,13 @@ mod tests {
         assert_eq!(duration_to_samples(Duration::from_secs(3), 16_000), 48_000);
         assert_eq!(samples_to_duration(1, 0), Duration::ZERO);
         assert_eq!(PcmRef::new(24_000, &[0; 480]).duration(), FRAME);
+    }
+
+    #[test]
+    fn rms_of_a_square_wave_is_its_amplitude() {
+        let square: Vec<i16> = (0..480).map(|i| if i % 2 == 0 { 1000 } else { -1000 }).collect();
+        assert_eq!(rms(&square), 1000.0);
+        assert_eq!(Pcm::new(48_000, square).rms(), 1000.0);
+        assert_eq!(rms(&[]), 0.0);
     }
 }

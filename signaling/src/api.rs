@@ -1,4 +1,4 @@
-//! The axum router for HTTP API v1 (`/work/shared/docs/api-v1.md` is the contract).
+//! The axum router for HTTP API v1 (the contract: the team's `api-v1.md`, summarised in the README).
 //!
 //! | route | auth | success |
 //! |---|---|---|
@@ -518,8 +518,7 @@ async fn delete_session(
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = session_id(path)?;
-    authorize_token_or_key(&st, &headers, &id)?;
+    let id = authorized_session(&st, path, &headers)?;
     st.host.end(&id, None).await?;
     Ok(ended_response(&id))
 }
@@ -544,12 +543,8 @@ async fn get_session(
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = session_id(path)?;
-    authorize_token_or_key(&st, &headers, &id)?;
-    let info = st.host.session(&id).await?;
-    let mut response = json_response(StatusCode::OK, &info);
-    no_store(&mut response);
-    Ok(response)
+    let id = authorized_session(&st, path, &headers)?;
+    Ok(no_store_json(&st.host.session(&id).await?))
 }
 
 async fn transcript(
@@ -557,15 +552,22 @@ async fn transcript(
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = session_id(path)?;
-    authorize_token_or_key(&st, &headers, &id)?;
-    let entries = st.host.transcript(&id).await?;
-    let mut response = json_response(StatusCode::OK, &entries);
-    no_store(&mut response);
-    Ok(response)
+    let id = authorized_session(&st, path, &headers)?;
+    Ok(no_store_json(&st.host.transcript(&id).await?))
 }
 
 // ---- helpers -------------------------------------------------------------------------------
+
+/// The session id of the path, once the request's token (or API key) may act on it.
+fn authorized_session(
+    st: &ApiState,
+    path: Result<Path<String>, PathRejection>,
+    headers: &HeaderMap,
+) -> Result<String, ApiError> {
+    let id = session_id(path)?;
+    authorize_token_or_key(st, headers, &id)?;
+    Ok(id)
+}
 
 fn session_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     match path {
@@ -630,8 +632,7 @@ async fn inject(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let id = session_id(path)?;
-    authorize_token_or_key(&st, &headers, &id)?;
+    let id = authorized_session(&st, path, &headers)?;
     if !is_json(&headers) {
         return Err(ApiError::unsupported_media_type("application/json"));
     }
@@ -667,10 +668,7 @@ async fn export_user(
 ) -> Result<Response, ApiError> {
     let identity = strict_api_key(&st, &headers)?;
     let user_id = user_path(path)?;
-    let data = st.host.export_user(&user_id, user_scope(&identity)).await?;
-    let mut response = json_response(StatusCode::OK, &data);
-    no_store(&mut response);
-    Ok(response)
+    Ok(no_store_json(&st.host.export_user(&user_id, user_scope(&identity)).await?))
 }
 
 async fn delete_user(
@@ -751,6 +749,13 @@ fn insert_header(response: &mut Response, name: http::HeaderName, value: &str) -
         .map_err(|_| ApiError::internal(format!("invalid {name} header value from host")))?;
     response.headers_mut().insert(name, value);
     Ok(())
+}
+
+/// 200 with `value` as JSON, never cached (it reports live state).
+fn no_store_json<T: Serialize + ?Sized>(value: &T) -> Response {
+    let mut response = json_response(StatusCode::OK, value);
+    no_store(&mut response);
+    response
 }
 
 fn no_store(response: &mut Response) {

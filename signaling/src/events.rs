@@ -383,6 +383,14 @@ impl Emotion {
     /// The wire name.
     pub fn as_str(&self) -> &str {
         match self {
+            Emotion::Other(name) => name,
+            known => known.known_name().unwrap_or_default(),
+        }
+    }
+
+    /// The wire name of a documented emotion; `None` for [`Emotion::Other`].
+    fn known_name(&self) -> Option<&'static str> {
+        Some(match self {
             Emotion::Neutral => "neutral",
             Emotion::Happy => "happy",
             Emotion::Sad => "sad",
@@ -392,8 +400,19 @@ impl Emotion {
             Emotion::Disgusted => "disgusted",
             Emotion::Thinking => "thinking",
             Emotion::Relaxed => "relaxed",
-            Emotion::Other(name) => name,
-        }
+            Emotion::Other(_) => return None,
+        })
+    }
+
+    /// The wire names of the documented emotions, in the order of [`Emotion::KNOWN`]: the one
+    /// list for tool schemas, prompts and configuration checks.
+    pub fn known_names() -> [&'static str; 9] {
+        Emotion::KNOWN.each_ref().map(|e| e.known_name().unwrap_or_default())
+    }
+
+    /// Whether `name` is exactly a documented emotion's wire name.
+    pub fn is_known(name: &str) -> bool {
+        Emotion::known_names().contains(&name)
     }
 
     /// Map what models and TTS markup say (`joy`, `smiling`, `laughs`, `mad`, `scared`, `hmm`,
@@ -582,6 +601,20 @@ impl Viseme {
         self as u8
     }
 }
+
+impl FromStr for Viseme {
+    type Err = UnknownViseme;
+
+    /// Exactly a wire name (`sil`, `PP`, ..., `ou`; case matters: `E` and `ih`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Viseme::ALL.into_iter().find(|v| v.as_str() == s).ok_or_else(|| UnknownViseme(s.to_owned()))
+    }
+}
+
+/// A name that is none of the 15 visemes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a viseme (use sil, PP, FF, TH, DD, kk, CH, SS, nn, RR, aa, E, ih, oh or ou)")]
+pub struct UnknownViseme(pub String);
 
 impl fmt::Display for Viseme {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

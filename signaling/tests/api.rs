@@ -2,6 +2,8 @@
 //! in-memory `SessionHost` that records what it was asked. Every error status of the contract
 //! is provoked by sending the bad request, and every error body must be problem+json.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +20,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tower::ServiceExt as _;
 
+use common::{without_lines, without_section};
 use signaling::events::Role;
 use signaling::id::{new_peer_id, new_session_id};
 use signaling::sdp::TrickleCandidate;
@@ -384,24 +387,6 @@ fn keys(v: &Value) -> Vec<String> {
     k
 }
 
-fn remove_lines(sdp: &str, drop: impl Fn(&str) -> bool) -> String {
-    sdp.split_inclusive('\n').filter(|l| !drop(l.trim_end())).collect()
-}
-
-fn remove_section(sdp: &str, prefix: &str) -> String {
-    let mut out = String::new();
-    let mut skipping = false;
-    for line in sdp.split_inclusive('\n') {
-        if line.starts_with("m=") {
-            skipping = line.starts_with(prefix);
-        }
-        if !skipping {
-            out.push_str(line);
-        }
-    }
-    out
-}
-
 // ---- health ----------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -666,7 +651,7 @@ async fn garbage_sdp_is_400() {
 async fn offer_without_audio_is_422() {
     let h = Harness::open();
     let (id, token) = h.create().await;
-    let sdp = remove_section(&fixture("chrome_offer.sdp"), "m=audio");
+    let sdp = without_section(&fixture("chrome_offer.sdp"), "m=audio");
     h.send(offer_request(&id, Some(&token), &sdp)).await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("no_audio"));
 }
 
@@ -674,7 +659,7 @@ async fn offer_without_audio_is_422() {
 async fn offer_without_a_data_channel_is_422() {
     let h = Harness::open();
     let (id, token) = h.create().await;
-    let sdp = remove_section(&fixture("chrome_offer.sdp"), "m=application");
+    let sdp = without_section(&fixture("chrome_offer.sdp"), "m=application");
     h.send(offer_request(&id, Some(&token), &sdp))
         .await
         .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("no_data_channel"));
@@ -684,7 +669,7 @@ async fn offer_without_a_data_channel_is_422() {
 async fn offer_without_a_fingerprint_is_422() {
     let h = Harness::open();
     let (id, token) = h.create().await;
-    let sdp = remove_lines(&fixture("chrome_offer.sdp"), |l| l.starts_with("a=fingerprint"));
+    let sdp = without_lines(&fixture("chrome_offer.sdp"), |l| l.starts_with("a=fingerprint"));
     h.send(offer_request(&id, Some(&token), &sdp))
         .await
         .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("no_fingerprint"));
@@ -698,7 +683,7 @@ async fn recvonly_audio_or_no_opus_is_422() {
     h.send(offer_request(&id, Some(&token), &recvonly))
         .await
         .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("audio_not_sendrecv"));
-    let no_opus = remove_lines(&fixture("chrome_offer.sdp"), |l| l.contains("opus/48000"));
+    let no_opus = without_lines(&fixture("chrome_offer.sdp"), |l| l.contains("opus/48000"));
     h.send(offer_request(&id, Some(&token), &no_opus)).await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("no_opus"));
     assert!(!h.host.calls().iter().any(|c| matches!(c, Call::Offer { .. })), "invalid offers must not reach the host");
 }

@@ -1,8 +1,11 @@
 //! Offer validation against real-world offers (Chrome, Firefox, webrtc-rs) and their broken
 //! variants, plus RFC 8840 trickle fragments.
 
+mod common;
+
 use std::path::PathBuf;
 
+use common::{without_lines, without_section};
 use signaling::sdp::{Direction, SdpError, parse_trickle_sdpfrag, validate_offer};
 
 fn fixture(name: &str) -> String {
@@ -11,26 +14,6 @@ fn fixture(name: &str) -> String {
 }
 
 const OFFERS: [&str; 3] = ["chrome_offer.sdp", "firefox_offer.sdp", "webrtc_rs_offer.sdp"];
-
-/// Remove every line for which `drop` is true (keeps CRLF line ends).
-fn without_lines(sdp: &str, drop: impl Fn(&str) -> bool) -> String {
-    sdp.split_inclusive('\n').filter(|l| !drop(l.trim_end())).collect()
-}
-
-/// Remove an entire m-section whose m= line starts with `prefix`.
-fn without_section(sdp: &str, prefix: &str) -> String {
-    let mut out = String::new();
-    let mut skipping = false;
-    for line in sdp.split_inclusive('\n') {
-        if line.starts_with("m=") {
-            skipping = line.starts_with(prefix);
-        }
-        if !skipping {
-            out.push_str(line);
-        }
-    }
-    out
-}
 
 fn expect_err(sdp: &str, expected: SdpError, what: &str) {
     assert_eq!(validate_offer(sdp.as_bytes()), Err(expected), "{what}");

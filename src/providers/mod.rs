@@ -14,6 +14,7 @@ pub mod cascade;
 pub mod openai;
 pub mod resilient;
 pub mod scripted;
+pub mod table;
 pub mod tools;
 
 use std::sync::Arc;

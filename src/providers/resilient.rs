@@ -396,7 +396,7 @@ impl Supervisor {
     async fn on_command(&mut self, cmd: ProviderCommand) {
         match &cmd {
             ProviderCommand::AppendAudio(pcm) => {
-                self.uplink_time += Duration::from_secs_f64(pcm.samples.len() as f64 / f64::from(pcm.rate_hz.max(1)));
+                self.uplink_time += pcm.duration();
                 if self.speaking {
                     self.last_voice = self.uplink_time;
                 }
@@ -464,14 +464,12 @@ impl Supervisor {
     fn queue_during_gap(&mut self, cmd: ProviderCommand) {
         match cmd {
             ProviderCommand::AppendAudio(pcm) => {
-                let d = Duration::from_secs_f64(pcm.samples.len() as f64 / f64::from(pcm.rate_hz.max(1)));
+                let d = pcm.duration();
                 self.gap_audio.push_back(pcm);
                 self.gap_audio_len += d;
                 while self.gap_audio_len > self.policy.gap_buffer {
                     if let Some(old) = self.gap_audio.pop_front() {
-                        self.gap_audio_len = self.gap_audio_len.saturating_sub(Duration::from_secs_f64(
-                            old.samples.len() as f64 / f64::from(old.rate_hz.max(1)),
-                        ));
+                        self.gap_audio_len = self.gap_audio_len.saturating_sub(old.duration());
                         self.gap_dropped += 1;
                     } else {
                         break;

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
+use signaling::events::Emotion;
 
 /// A tool as declared to the model.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,9 +27,6 @@ pub struct ToolSpec {
 
 /// Default time a handler may take.
 pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Emotions `set_emotion` accepts (the documented `emotion` event values).
-pub const EMOTIONS: &[&str] =
-    &["neutral", "happy", "sad", "angry", "surprised", "fearful", "disgusted", "thinking", "relaxed"];
 
 /// What the session must do besides answering the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,15 +97,16 @@ impl ToolRegistry {
                 description: "Show an emotion on the character's face while speaking.".into(),
                 parameters: json!({
                     "type": "object",
-                    "properties": {"emotion": {"type": "string", "enum": EMOTIONS}},
+                    "properties": {"emotion": {"type": "string", "enum": Emotion::known_names()}},
                     "required": ["emotion"],
                 }),
             },
             handler: Arc::new(|args: Value| {
                 Box::pin(async move {
                     let e = args.get("emotion").and_then(Value::as_str).ok_or("`emotion` is required")?;
-                    if !EMOTIONS.contains(&e) {
-                        return Err(format!("unknown emotion `{e}`; use one of {}", EMOTIONS.join(", ")));
+                    if !Emotion::is_known(e) {
+                        let known = Emotion::known_names().join(", ");
+                        return Err(format!("unknown emotion `{e}`; use one of {known}"));
                     }
                     Ok(ToolOutput { output: json!({"ok": true}), effects: vec![ToolEffect::Emotion(e.to_owned())] })
                 })

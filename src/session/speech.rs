@@ -63,7 +63,7 @@ fn is_tag(token: &str) -> bool {
 }
 
 fn viseme_named(name: &str) -> Viseme {
-    Viseme::ALL.into_iter().find(|v| v.as_str() == name).unwrap_or(Viseme::ALL[0])
+    name.parse().unwrap_or(Viseme::Sil)
 }
 
 impl AgentSpeech {

@@ -2,6 +2,7 @@
 //! that speaks Opus (real libopus) and records what it hears and every event it receives.
 #![allow(dead_code)]
 
+pub mod client_peer;
 pub mod fake_openai;
 pub mod fake_openai_http;
 
@@ -14,22 +15,16 @@ use kotodama::config::Config;
 use kotodama::providers::RealtimeProvider;
 use kotodama::providers::scripted::{ScriptRecorder, ScriptedConfig, ScriptedProvider};
 use kotodama::server::RunningServer;
-use rtc::media_stream::MediaStreamTrack;
-use rtc::rtp;
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
-};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
-use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
-    register_default_interceptors,
+    PeerConnection, PeerConnectionEventHandler, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription,
 };
+
+use self::client_peer::{GatheringDone, MicSender, OPUS_PT, answered_opus_pt, client_peer};
 
 pub const SAMPLE_RATE: u32 = 48_000;
 pub const FRAME: usize = 960; // 20 ms at 48 kHz
@@ -43,12 +38,7 @@ pub fn wav(name: &str) -> (u32, Vec<i16>) {
 }
 
 /// RMS of a slice.
-pub fn rms(s: &[i16]) -> f64 {
-    if s.is_empty() {
-        return 0.0;
-    }
-    (s.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / s.len() as f64).sqrt()
-}
+pub use media::pcm::rms;
 
 /// The loudest 100 ms window's RMS.
 pub fn peak_rms(s: &[i16], rate_hz: u32) -> f64 {
@@ -63,6 +53,18 @@ pub fn speech_span(s: &[i16], rate_hz: u32, threshold: f64) -> Option<(Duration,
     let first = *voiced.first()?;
     let last = *voiced.last()?;
     Some((Duration::from_millis(first as u64 * 20), Duration::from_millis((last as u64 + 1) * 20)))
+}
+
+/// `text` spoken by eSpeak NG (the offline engine), resampled to the client's 48 kHz.
+#[cfg(feature = "local")]
+pub fn espeak_48k(text: &str) -> Vec<i16> {
+    use kotodama::providers::cascade::local::espeak::Espeak;
+    let (pcm, _) = Espeak::global().expect("espeak-ng").synthesize_blocking(text, "en-us").expect("synthesis");
+    let mut r = media::Resampler::new(pcm.rate_hz, 48_000, media::Alignment::Trimmed).expect("resampler");
+    let mut out = Vec::new();
+    r.process(&pcm.samples, &mut |s: &[i16]| out.extend_from_slice(s)).unwrap();
+    r.flush(&mut |s: &[i16]| out.extend_from_slice(s)).unwrap();
+    out
 }
 
 /// A fresh directory under the system temp dir (left for the OS to clean: tests may be killed).
@@ -120,6 +122,44 @@ impl Drop for PgTestDb {
 /// A random key prefix for Redis, so parallel tests never see each other's keys.
 pub fn redis_prefix() -> String {
     format!("kotodama-test-{:016x}:", rand::random::<u64>())
+}
+
+/// GET `url` with `Authorization: Bearer <token>` (a session token or an API key), as JSON.
+pub async fn get_json(http: &reqwest::Client, url: &str, token: &str) -> Value {
+    let res = http.get(url).bearer_auth(token).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    res.json().await.unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
+/// POST /v1/sessions `{}` on the server at `base` (with an API key when given): the response body
+/// (`session_id`, `token`, `offer_url`, ...).
+pub async fn create_session_at(http: &reqwest::Client, base: &str, api_key: Option<&str>) -> Value {
+    let mut req = http.post(format!("{base}/v1/sessions")).json(&serde_json::json!({}));
+    if let Some(key) = api_key {
+        req = req.bearer_auth(key);
+    }
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+/// The `session_id` and `token` of a [`create_session_at`] body.
+pub fn id_and_token(created: &Value) -> (String, String) {
+    (created["session_id"].as_str().unwrap().to_owned(), created["token"].as_str().unwrap().to_owned())
+}
+
+/// The agent has been `speaking` at least `n_speaking` times and the state is back to `listening`.
+pub fn back_to_listening(n_speaking: usize) -> impl Fn(&[Value]) -> bool {
+    move |evs| {
+        let states: Vec<&Value> = evs.iter().filter(|e| e["type"] == "state").collect();
+        states.last().is_some_and(|e| e["state"] == "listening")
+            && states.iter().filter(|e| e["state"] == "speaking").count() >= n_speaking
+    }
+}
+
+/// When the first event matching `pred` arrived in `log`.
+pub fn event_at(log: &[Received], pred: impl Fn(&Value) -> bool) -> Option<Instant> {
+    log.iter().find_map(|r| match r {
+        Received::Event { at, event } if pred(event) => Some(*at),
+        _ => None,
+    })
 }
 
 /// A server in-process with the scripted provider and a recorder of what the provider received.
@@ -200,8 +240,12 @@ impl TestServer {
 
     /// GET /v1/sessions/{id} with the session's token, as JSON.
     pub async fn session_json(&self, id: &str, token: &str) -> Value {
-        let res = self.http.get(format!("{}/v1/sessions/{id}", self.base)).bearer_auth(token).send().await.unwrap();
-        res.json().await.unwrap()
+        get_json(&self.http, &format!("{}/v1/sessions/{id}", self.base), token).await
+    }
+
+    /// GET /v1/sessions/{id}/transcript with the session's token, as JSON.
+    pub async fn transcript_json(&self, id: &str, token: &str) -> Value {
+        get_json(&self.http, &format!("{}/v1/sessions/{id}/transcript", self.base), token).await
     }
 
     /// POST /v1/sessions: (session_id, token, offer_url).
@@ -238,11 +282,7 @@ pub struct TestClient {
     pub pc: Arc<dyn PeerConnection>,
     pub dc: Arc<dyn DataChannel>,
     pub inbox: Arc<Mutex<Inbox>>,
-    track: Arc<TrackLocalStaticRTP>,
-    ssrc: u32,
-    pt: u8,
-    seq: u16,
-    ts: u32,
+    mic: MicSender,
     encoder: opus::Encoder,
     pub answer: String,
     pub location: String,
@@ -252,18 +292,14 @@ pub struct TestClient {
 
 struct ClientHandler {
     inbox: Arc<Mutex<Inbox>>,
-    gathered: Mutex<Option<oneshot::Sender<()>>>,
+    gathered: GatheringDone,
     state_tx: mpsc::UnboundedSender<RTCPeerConnectionState>,
 }
 
 #[async_trait::async_trait]
 impl PeerConnectionEventHandler for ClientHandler {
     async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
-        if state == RTCIceGatheringState::Complete
-            && let Some(tx) = self.gathered.lock().unwrap().take()
-        {
-            let _ = tx.send(());
-        }
+        self.gathered.on_state(state);
     }
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
         let _ = self.state_tx.send(state);
@@ -292,16 +328,6 @@ impl PeerConnectionEventHandler for ClientHandler {
     }
 }
 
-pub fn opus_codec() -> RTCRtpCodec {
-    RTCRtpCodec {
-        mime_type: "audio/opus".to_owned(),
-        clock_rate: 48_000,
-        channels: 2,
-        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
-        rtcp_feedback: vec![],
-    }
-}
-
 /// Build a client peer and its offer (with candidates). `with_audio` / `with_dc` allow building
 /// offers the server must reject.
 pub async fn client_offer(
@@ -315,49 +341,12 @@ pub async fn client_offer(
     Arc<Mutex<Inbox>>,
     String,
 ) {
-    let mut me = MediaEngine::default();
-    me.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio)
-        .unwrap();
-    let registry = register_default_interceptors(Registry::new(), &mut me).unwrap();
     let inbox = Arc::new(Mutex::new(Inbox::default()));
-    let (gtx, grx) = oneshot::channel();
+    let (gathered, grx) = GatheringDone::new();
     let (state_tx, _state_rx) = mpsc::unbounded_channel();
-    let handler = Arc::new(ClientHandler { inbox: Arc::clone(&inbox), gathered: Mutex::new(Some(gtx)), state_tx });
-    let pc = PeerConnectionBuilder::new()
-        .with_configuration(RTCConfigurationBuilder::new().build())
-        .with_media_engine(me)
-        .with_setting_engine(SettingEngineBuilder::new().with_include_loopback_candidate(true).build())
-        .with_interceptor_registry(registry)
-        .with_handler(handler)
-        .with_udp_addrs(vec!["127.0.0.1:0".parse::<SocketAddr>().unwrap()])
-        .build()
-        .await
-        .unwrap();
-    let pc: Arc<dyn PeerConnection> = Arc::new(pc);
-    let ssrc: u32 = rand::random();
-    let track = if with_audio {
-        let t = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-            "mic".into(),
-            "mic".into(),
-            "mic".into(),
-            RtpCodecKind::Audio,
-            vec![RTCRtpEncodingParameters {
-                rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
-                codec: opus_codec(),
-                ..Default::default()
-            }],
-        )));
-        pc.add_track(Arc::clone(&t) as Arc<dyn TrackLocal>).await.unwrap();
-        Some(t)
-    } else {
-        None
-    };
-    let dc = if with_dc { Some(pc.create_data_channel("events", None).await.unwrap()) } else { None };
-    let offer = pc.create_offer(None).await.unwrap();
-    pc.set_local_description(offer).await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(3), grx).await;
-    let sdp = pc.local_description().await.unwrap().sdp;
-    (pc, dc, track, ssrc, inbox, sdp)
+    let handler = Arc::new(ClientHandler { inbox: Arc::clone(&inbox), gathered, state_tx });
+    let peer = client_peer(handler, grx, with_audio, with_dc).await.expect("client peer");
+    (peer.pc, peer.dc, peer.track, peer.ssrc, inbox, peer.offer)
 }
 
 impl TestClient {
@@ -397,25 +386,14 @@ impl TestClient {
                 }
             }
         });
-        let pt = answer
-            .lines()
-            .find_map(|l| {
-                let rest = l.trim().strip_prefix("a=rtpmap:")?;
-                let (pt, codec) = rest.split_once(' ')?;
-                codec.to_ascii_lowercase().starts_with("opus/48000").then(|| pt.parse().ok()).flatten()
-            })
-            .unwrap_or(111);
+        let pt = answered_opus_pt(&answer).unwrap_or(OPUS_PT);
         let mut encoder = opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip).unwrap();
         encoder.set_inband_fec(true).unwrap();
         TestClient {
             pc,
             dc,
             inbox,
-            track: track.unwrap(),
-            ssrc,
-            pt,
-            seq: rand::random(),
-            ts: rand::random(),
+            mic: MicSender::new(track.unwrap(), ssrc, pt),
             encoder,
             answer,
             location,
@@ -460,20 +438,7 @@ impl TestClient {
 
     /// Send a raw payload as the next RTP packet (for hostile-input tests).
     pub async fn send_payload(&mut self, payload: Bytes) {
-        self.seq = self.seq.wrapping_add(1);
-        self.ts = self.ts.wrapping_add(FRAME as u32);
-        let packet = rtp::Packet {
-            header: rtp::header::Header {
-                version: 2,
-                payload_type: self.pt,
-                sequence_number: self.seq,
-                timestamp: self.ts,
-                ssrc: self.ssrc,
-                ..Default::default()
-            },
-            payload,
-        };
-        let _ = self.track.write_rtp(packet).await;
+        self.mic.send(payload).await;
     }
 
     /// Send `samples` (48 kHz) in real time, one frame per 20 ms (padded with silence).
@@ -486,6 +451,36 @@ impl TestClient {
             frame[..chunk.len()].copy_from_slice(chunk);
             self.send_frame(&frame).await;
         }
+    }
+
+    /// Speak the test question (`tests/data/user_question.wav`), then send silence until `pred`
+    /// holds for the received events (or `timeout`).
+    pub async fn ask_until(&mut self, what: &str, timeout: Duration, pred: impl Fn(&[Value]) -> bool) {
+        let (_, question) = wav("user_question.wav");
+        self.speak(&question).await;
+        self.silence_until(what, timeout, pred).await;
+    }
+
+    /// After the user talked over the agent (from log position `from`): wait for
+    /// `agent.interrupted`, then send silence until `stops` `user.speech_stopped` events in all.
+    /// Returns the `agent.interrupted` event, the log, and when the interruption and the first
+    /// speech stop after `from` arrived.
+    pub async fn barge_in_window(
+        &mut self,
+        from: usize,
+        what: &str,
+        stops: usize,
+    ) -> (Value, Vec<Received>, Instant, Instant) {
+        let interrupted =
+            self.wait_event("agent.interrupted", Duration::from_secs(5), |e| e["type"] == "agent.interrupted").await;
+        self.silence_until(what, Duration::from_secs(10), |evs| {
+            evs.iter().filter(|e| e["type"] == "user.speech_stopped").count() >= stops
+        })
+        .await;
+        let log = self.log();
+        let t_int = event_at(&log[from..], |e| e["type"] == "agent.interrupted").unwrap();
+        let t_stop = event_at(&log[from..], |e| e["type"] == "user.speech_stopped").unwrap();
+        (interrupted, log, t_int, t_stop)
     }
 
     /// Send silence in real time.

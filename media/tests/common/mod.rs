@@ -50,12 +50,7 @@ pub fn energy(x: &[i16]) -> f64 {
     x.iter().map(|&s| f64::from(s) * f64::from(s)).sum()
 }
 
-pub fn rms(x: &[i16]) -> f64 {
-    if x.is_empty() {
-        return 0.0;
-    }
-    (energy(x) / x.len() as f64).sqrt()
-}
+pub use media::pcm::rms;
 
 /// First and last 10 ms frame whose RMS is above `thresh`, as stream times.
 pub fn energy_envelope(x: &[i16], rate: u32, thresh: f64) -> (Duration, Duration) {

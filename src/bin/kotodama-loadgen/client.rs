@@ -1,26 +1,20 @@
 //! One simulated user: a real webrtc-rs peer that talks in a loop of turns and measures what it
 //! receives (agent packet lateness against their RTP timestamps, loss, turn and barge-in latency).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use bytes::Bytes;
-use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp;
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
-};
-use tokio::sync::oneshot;
 use webrtc::data_channel::DataChannel;
-use webrtc::media_stream::track_local::TrackLocal;
-use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceGatheringState, RTCSessionDescription, Registry, SettingEngineBuilder, register_default_interceptors,
+    PeerConnection, PeerConnectionEventHandler, RTCIceGatheringState, RTCSessionDescription,
 };
+
+use crate::client_peer::{ClientPeer, GatheringDone, MicSender, OPUS_PT, answered_opus_pt, client_peer};
 
 /// Pre-encoded audio shared by every client (encoding is not what we measure).
 pub struct Speech {
@@ -41,8 +35,7 @@ impl Speech {
         let mut question = Vec::new();
         let mut speech_end = 0;
         for (i, chunk) in pcm.chunks(960).enumerate() {
-            let energy = chunk.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / chunk.len().max(1) as f64;
-            if energy.sqrt() > 300.0 {
+            if media::pcm::rms(chunk) > 300.0 {
                 speech_end = i;
             }
             let mut frame = [0i16; 960];
@@ -84,17 +77,13 @@ struct Recv {
 
 struct Handler {
     recv: Arc<Mutex<Recv>>,
-    gathered: Mutex<Option<oneshot::Sender<()>>>,
+    gathered: GatheringDone,
 }
 
 #[async_trait::async_trait]
 impl PeerConnectionEventHandler for Handler {
     async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
-        if state == RTCIceGatheringState::Complete
-            && let Some(tx) = self.gathered.lock().unwrap_or_else(|p| p.into_inner()).take()
-        {
-            let _ = tx.send(());
-        }
+        self.gathered.on_state(state);
     }
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
         let recv = Arc::clone(&self.recv);
@@ -154,22 +143,8 @@ impl Probe {
 pub struct Client {
     pc: Arc<dyn PeerConnection>,
     _dc: Arc<dyn DataChannel>,
-    track: Arc<TrackLocalStaticRTP>,
+    mic: MicSender,
     recv: Arc<Mutex<Recv>>,
-    ssrc: u32,
-    pt: u8,
-    seq: u16,
-    ts: u32,
-}
-
-fn opus() -> RTCRtpCodec {
-    RTCRtpCodec {
-        mime_type: "audio/opus".into(),
-        clock_rate: 48_000,
-        channels: 2,
-        sdp_fmtp_line: "minptime=10;useinbandfec=1".into(),
-        rtcp_feedback: vec![],
-    }
 }
 
 impl Client {
@@ -185,40 +160,12 @@ impl Client {
         let token = v["token"].as_str().unwrap_or_default().to_owned();
         let offer_url = v["offer_url"].as_str().unwrap_or_default().to_owned();
 
-        let mut me = MediaEngine::default();
-        me.register_codec(RTCRtpCodecParameters { rtp_codec: opus(), payload_type: 111 }, RtpCodecKind::Audio)?;
-        let registry = register_default_interceptors(Registry::new(), &mut me)?;
         let recv = Arc::new(Mutex::new(Recv::default()));
-        let (gtx, grx) = oneshot::channel();
-        let handler = Arc::new(Handler { recv: Arc::clone(&recv), gathered: Mutex::new(Some(gtx)) });
-        let pc = PeerConnectionBuilder::new()
-            .with_configuration(RTCConfigurationBuilder::new().build())
-            .with_media_engine(me)
-            .with_setting_engine(SettingEngineBuilder::new().with_include_loopback_candidate(true).build())
-            .with_interceptor_registry(registry)
-            .with_handler(handler)
-            .with_udp_addrs(vec!["127.0.0.1:0".parse::<SocketAddr>()?])
-            .build()
-            .await?;
-        let pc: Arc<dyn PeerConnection> = Arc::new(pc);
-        let ssrc: u32 = rand::random();
-        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-            "mic".into(),
-            "mic".into(),
-            "mic".into(),
-            RtpCodecKind::Audio,
-            vec![RTCRtpEncodingParameters {
-                rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
-                codec: opus(),
-                ..Default::default()
-            }],
-        )));
-        pc.add_track(Arc::clone(&track) as Arc<dyn TrackLocal>).await?;
-        let dc = pc.create_data_channel("events", None).await?;
-        let offer = pc.create_offer(None).await?;
-        pc.set_local_description(offer).await?;
-        let _ = tokio::time::timeout(Duration::from_secs(3), grx).await;
-        let sdp = pc.local_description().await.map(|d| d.sdp).unwrap_or_default();
+        let (gathered, grx) = GatheringDone::new();
+        let handler = Arc::new(Handler { recv: Arc::clone(&recv), gathered });
+        let ClientPeer { pc, track, dc, ssrc, offer: sdp } =
+            client_peer(handler, grx, true, true).await.map_err(|e| anyhow::anyhow!("client peer: {e}"))?;
+        let (track, dc) = track.zip(dc).context("the peer has its track and data channel")?;
         let res = http
             .post(format!("{base}{offer_url}"))
             .header("Content-Type", "application/sdp")
@@ -228,25 +175,13 @@ impl Client {
             .await?;
         anyhow::ensure!(res.status().as_u16() == 201, "POST offer: {}", res.status());
         let answer = res.text().await?;
+        let pt = answered_opus_pt(&answer).unwrap_or(OPUS_PT);
         pc.set_remote_description(RTCSessionDescription::answer(answer)?).await?;
-        Ok(Client { pc, _dc: dc, track, recv, ssrc, pt: 111, seq: rand::random(), ts: rand::random() })
+        Ok(Client { pc, _dc: dc, mic: MicSender::new(track, ssrc, pt), recv })
     }
 
     async fn send(&mut self, payload: Bytes) {
-        self.seq = self.seq.wrapping_add(1);
-        self.ts = self.ts.wrapping_add(960);
-        let packet = rtp::Packet {
-            header: rtp::header::Header {
-                version: 2,
-                payload_type: self.pt,
-                sequence_number: self.seq,
-                timestamp: self.ts,
-                ssrc: self.ssrc,
-                ..Default::default()
-            },
-            payload,
-        };
-        let _ = self.track.write_rtp(packet).await;
+        self.mic.send(payload).await;
     }
 
     fn last_packet_at(&self) -> Option<Instant> {

@@ -10,6 +10,8 @@
 //! JSON and a PNG plot.
 
 mod client;
+#[path = "../../../tests/common/client_peer.rs"]
+mod client_peer;
 mod plot;
 mod report;
 
@@ -214,7 +216,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         let samples: Vec<client::Sample> = probes.iter().map(|p| p.take(true)).collect();
         let step = StepReport::build(probes.len(), &samples, &before, &after, &idle, o.model_delay_ms);
         bar.println(step.row());
-        let stop_now = step.lateness_p99_ms > o.max_lateness_ms || step.lost > 0 || failed > 5;
+        let stop_now = step.lateness.p99_ms > o.max_lateness_ms || step.lost > 0 || failed > 5;
         reports.push(step);
         if stop_now {
             bar.println("a bound broke: stopping the ramp");

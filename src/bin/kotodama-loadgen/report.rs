@@ -111,6 +111,32 @@ fn pct(v: &mut [f32], q: f64) -> f64 {
     f64::from(v[i])
 }
 
+/// The median and the 99th percentile of one latency, ms.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Spread {
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+}
+
+impl Spread {
+    /// Of client-side samples (ms); zero when there are none.
+    fn of(v: &mut [f32]) -> Self {
+        Self { p50_ms: pct(v, 0.5), p99_ms: pct(v, 0.99) }
+    }
+
+    /// Of a server histogram's observations between two scrapes.
+    fn scraped(before: &ServerSample, after: &ServerSample, name: &str) -> Option<Self> {
+        Some(Self { p50_ms: quantile_ms(before, after, name, 0.5)?, p99_ms: quantile_ms(before, after, name, 0.99)? })
+    }
+
+    /// `p50/p99` with `decimals` places.
+    fn cell(&self, decimals: usize) -> String {
+        format!("{:.decimals$}/{:.decimals$}", self.p50_ms, self.p99_ms)
+    }
+}
+
 /// One step of the ramp.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepReport {
@@ -120,25 +146,17 @@ pub struct StepReport {
     pub packets: u64,
     /// Agent packets lost.
     pub lost: u64,
-    /// Client-observed frame lateness (vs. RTP timestamps), p50 / p99, ms.
-    pub lateness_p50_ms: f64,
-    /// p99 lateness.
-    pub lateness_p99_ms: f64,
-    /// Server-added uplink latency (RTP arrival -> provider), p50 / p99, ms.
-    pub uplink_p50_ms: Option<f64>,
-    /// p99.
-    pub uplink_p99_ms: Option<f64>,
-    /// Server-added downlink latency (provider audio -> RTP out), p50 / p99, ms.
-    pub downlink_p50_ms: Option<f64>,
-    /// p99.
-    pub downlink_p99_ms: Option<f64>,
+    /// Client-observed frame lateness (vs. RTP timestamps).
+    pub lateness: Spread,
+    /// Server-added uplink latency (RTP arrival -> provider).
+    pub uplink: Option<Spread>,
+    /// Server-added downlink latency (provider audio -> RTP out).
+    pub downlink: Option<Spread>,
     /// Server pacing lateness p99, ms.
     pub pacing_p99_ms: Option<f64>,
-    /// Turn: end of speech -> first agent packet at the client, minus the model delay, p50 / p99, ms
-    /// (includes the end-of-turn silence threshold).
-    pub turn_p50_ms: f64,
-    /// p99.
-    pub turn_p99_ms: f64,
+    /// Turn: end of speech -> first agent packet at the client, minus the model delay (includes
+    /// the end-of-turn silence threshold).
+    pub turn: Spread,
     /// Server's share of the turn (first provider audio -> first packet), p99, ms.
     pub turn_server_p99_ms: Option<f64>,
     /// Barge-in: onset -> agent audio stopped at the server, p99, ms (includes min speech).
@@ -180,15 +198,11 @@ impl StepReport {
             sessions,
             packets: samples.iter().map(|s| s.packets).sum(),
             lost: samples.iter().map(|s| s.lost).sum(),
-            lateness_p50_ms: pct(&mut lateness, 0.5),
-            lateness_p99_ms: pct(&mut lateness, 0.99),
-            uplink_p50_ms: quantile_ms(before, after, "kotodama_uplink_latency_seconds", 0.5),
-            uplink_p99_ms: quantile_ms(before, after, "kotodama_uplink_latency_seconds", 0.99),
-            downlink_p50_ms: quantile_ms(before, after, "kotodama_downlink_latency_seconds", 0.5),
-            downlink_p99_ms: quantile_ms(before, after, "kotodama_downlink_latency_seconds", 0.99),
+            lateness: Spread::of(&mut lateness),
+            uplink: Spread::scraped(before, after, "kotodama_uplink_latency_seconds"),
+            downlink: Spread::scraped(before, after, "kotodama_downlink_latency_seconds"),
             pacing_p99_ms: quantile_ms(before, after, "kotodama_pacing_lateness_seconds", 0.99),
-            turn_p50_ms: pct(&mut turns, 0.5),
-            turn_p99_ms: pct(&mut turns, 0.99),
+            turn: Spread::of(&mut turns),
             turn_server_p99_ms: quantile_ms(before, after, "kotodama_turn_latency_seconds{part=\"server\"}", 0.99),
             barge_in_p99_ms: quantile_ms(before, after, "kotodama_barge_in_latency_seconds", 0.99),
             cpu_percent,
@@ -230,11 +244,11 @@ impl StepReport {
             self.sessions,
             self.packets,
             self.lost,
-            format!("{:.2}/{:.2}", self.lateness_p50_ms, self.lateness_p99_ms),
-            format!("{}/{}", o(self.uplink_p50_ms), o(self.uplink_p99_ms)),
-            format!("{}/{}", o(self.downlink_p50_ms), o(self.downlink_p99_ms)),
+            self.lateness.cell(2),
+            self.uplink.map_or("-/-".to_owned(), |s| s.cell(2)),
+            self.downlink.map_or("-/-".to_owned(), |s| s.cell(2)),
             o(self.pacing_p99_ms),
-            format!("{:.0}/{:.0}", self.turn_p50_ms, self.turn_p99_ms),
+            self.turn.cell(0),
             o(self.turn_server_p99_ms),
             o(self.barge_in_p99_ms),
             o(self.cpu_percent),

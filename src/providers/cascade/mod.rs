@@ -294,16 +294,7 @@ impl Session {
                 self.abort_job().await;
                 self.turn_no += 1;
                 let user_item = self.user_item(self.turn_no);
-                let ev = ProviderEvent::Transcript {
-                    speaker: Speaker::User,
-                    item_id: user_item,
-                    text: text.clone(),
-                    is_final: true,
-                };
-                if self.events.send(ev).await.is_err() {
-                    return false;
-                }
-                self.start_reply(&text);
+                return self.user_turn(user_item, text).await;
             }
             ProviderCommand::GenerateReply { instructions } => {
                 // Speak first (a greeting): the reply is generated as if the user had said hello,
@@ -385,24 +376,28 @@ impl Session {
         }
     }
 
+    /// A final user turn (typed or transcribed): reported, then answered; false ends the session.
+    async fn user_turn(&mut self, user_item: String, text: String) -> bool {
+        let ev = ProviderEvent::Transcript {
+            speaker: Speaker::User,
+            item_id: user_item,
+            text: text.clone(),
+            is_final: true,
+        };
+        if self.events.send(ev).await.is_err() {
+            return false;
+        }
+        self.start_reply(&text);
+        true
+    }
+
     /// The job finished; false ends the session.
     async fn on_job_done(&mut self, done: JobDone) -> bool {
         match done {
             JobDone::Transcript { user_item, result } => {
                 self.job = Job::Idle;
                 match result {
-                    Ok(text) if !text.trim().is_empty() => {
-                        let ev = ProviderEvent::Transcript {
-                            speaker: Speaker::User,
-                            item_id: user_item,
-                            text: text.clone(),
-                            is_final: true,
-                        };
-                        if self.events.send(ev).await.is_err() {
-                            return false;
-                        }
-                        self.start_reply(&text);
-                    }
+                    Ok(text) if !text.trim().is_empty() => return self.user_turn(user_item, text).await,
                     Ok(_) => {
                         // Nothing intelligible (a cough, noise): no reply; the session goes back to listening.
                         let ev = ProviderEvent::ResponseDone { item_id: format!("{user_item}-none") };
@@ -782,11 +777,9 @@ async fn speak_sentence(
 pub fn viseme_overrides(map: &HashMap<String, String>) -> Result<HashMap<String, signaling::events::Viseme>, String> {
     map.iter()
         .map(|(p, v)| {
-            viseme::parse_viseme(v).map(|v| (p.clone(), v)).ok_or_else(|| {
-                format!(
-                    "`{v}` (for phoneme `{p}`) is not a viseme; use one of sil PP FF TH DD kk CH SS nn RR aa E ih oh ou"
-                )
-            })
+            v.parse()
+                .map(|v| (p.clone(), v))
+                .map_err(|e: signaling::events::UnknownViseme| format!("{e} (phoneme `{p}`)"))
         })
         .collect()
 }

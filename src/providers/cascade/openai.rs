@@ -115,6 +115,48 @@ impl Endpoint {
 }
 
 /// reqwest errors print the URL, which may carry a key in a query string: keep only the kind.
+/// A stream that first awaits `opened` (the request; its error is the stream's one item) and then
+/// yields what `step` reads from the opened state, until `step` returns `None` or hands back no
+/// state (after an error).
+fn open_then<S, T, O, F, Fut>(opened: O, step: F) -> BoxStream<'static, Result<T, StageError>>
+where
+    S: Send + 'static,
+    T: Send + 'static,
+    O: Future<Output = Result<S, StageError>> + Send + 'static,
+    F: Fn(S) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Option<(Result<T, StageError>, Option<S>)>> + Send + 'static,
+{
+    futures::stream::once(opened)
+        .flat_map(move |opened| match opened {
+            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+            Ok(state) => {
+                let step = step.clone();
+                futures::stream::unfold(Some(state), move |state| {
+                    let step = step.clone();
+                    async move { step(state?).await }
+                })
+                .boxed()
+            }
+        })
+        .boxed()
+}
+
+/// The next chunk of a streamed response body: `None` at its end; a stall longer than the
+/// endpoint's timeout is [`StageError::Timeout`] (`stalled` says what stalled), a broken
+/// connection [`StageError::Unavailable`].
+async fn next_chunk(
+    ep: &Endpoint,
+    body: &mut BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    stalled: &str,
+) -> Result<Option<bytes::Bytes>, StageError> {
+    match tokio::time::timeout(ep.timeout, body.next()).await {
+        Err(_) => Err(StageError::Timeout(format!("{}: {stalled}", ep.base_url))),
+        Ok(Some(Ok(bytes))) => Ok(Some(bytes)),
+        Ok(Some(Err(e))) => Err(StageError::Unavailable(format!("{}: {}", ep.base_url, without_url(&e)))),
+        Ok(None) => Ok(None),
+    }
+}
+
 fn without_url(e: &reqwest::Error) -> String {
     if e.is_connect() {
         "connection failed".into()
@@ -266,41 +308,26 @@ impl LanguageModel for OpenAiChat {
             let res = ep.send(ep.request(&client, "/chat/completions").json(&body)).await?;
             Ok::<_, StageError>((ep, res.bytes_stream().boxed(), SseDecoder::default(), false))
         };
-        futures::stream::once(opened)
-            .flat_map(|opened| match opened {
-                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
-                Ok(state) => futures::stream::unfold(Some(state), |state| async move {
-                    let (ep, mut body, mut sse, _) = state?;
-                    loop {
-                        match sse.next_event() {
-                            Ok(Some(SseEvent::Done)) => return None,
-                            Ok(Some(SseEvent::Delta(d))) => return Some((Ok(d), Some((ep, body, sse, false)))),
-                            Ok(None) => {}
-                            Err(e) => return Some((Err(e), None)),
-                        }
-                        let next = tokio::time::timeout(ep.timeout, body.next()).await;
-                        match next {
-                            Err(_) => {
-                                let e = StageError::Timeout(format!("{}: token stream stalled", ep.base_url));
-                                return Some((Err(e), None));
-                            }
-                            Ok(Some(Ok(bytes))) => {
-                                if let Err(e) = sse.feed(&bytes) {
-                                    return Some((Err(e), None));
-                                }
-                            }
-                            Ok(Some(Err(e))) => {
-                                let e = StageError::Unavailable(format!("{}: {}", ep.base_url, without_url(&e)));
-                                return Some((Err(e), None));
-                            }
-                            // The server closed without [DONE]: what arrived is the reply.
-                            Ok(None) => return None,
+        open_then(opened, |(ep, mut body, mut sse, _)| async move {
+            loop {
+                match sse.next_event() {
+                    Ok(Some(SseEvent::Done)) => return None,
+                    Ok(Some(SseEvent::Delta(d))) => return Some((Ok(d), Some((ep, body, sse, false)))),
+                    Ok(None) => {}
+                    Err(e) => return Some((Err(e), None)),
+                }
+                match next_chunk(&ep, &mut body, "token stream stalled").await {
+                    Ok(Some(bytes)) => {
+                        if let Err(e) = sse.feed(&bytes) {
+                            return Some((Err(e), None));
                         }
                     }
-                })
-                .boxed(),
-            })
-            .boxed()
+                    // The server closed without [DONE]: what arrived is the reply.
+                    Ok(None) => return None,
+                    Err(e) => return Some((Err(e), None)),
+                }
+            }
+        })
     }
 }
 
@@ -397,41 +424,21 @@ impl TextToSpeech for OpenAiSpeech {
             let dec = PcmDecoder::new(ep.pcm_rate_hz, wav);
             Ok::<_, StageError>((ep, res.bytes_stream().boxed(), dec))
         };
-        futures::stream::once(opened)
-            .flat_map(|opened| match opened {
-                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
-                Ok(state) => futures::stream::unfold(Some(state), |state| async move {
-                    let (ep, mut body, mut dec) = state?;
-                    loop {
-                        let next = tokio::time::timeout(ep.timeout, body.next()).await;
-                        match next {
-                            Err(_) => {
-                                return Some((
-                                    Err(StageError::Timeout(format!("{}: audio stalled", ep.base_url))),
-                                    None,
-                                ));
-                            }
-                            Ok(Some(Ok(bytes))) => match dec.feed(&bytes) {
-                                Ok(Some(pcm)) => {
-                                    return Some((
-                                        Ok(SpeechChunk { pcm, phonemes: Vec::new() }),
-                                        Some((ep, body, dec)),
-                                    ));
-                                }
-                                Ok(None) => {}
-                                Err(e) => return Some((Err(e), None)),
-                            },
-                            Ok(Some(Err(e))) => {
-                                let e = StageError::Unavailable(format!("{}: {}", ep.base_url, without_url(&e)));
-                                return Some((Err(e), None));
-                            }
-                            Ok(None) => return None,
+        open_then(opened, |(ep, mut body, mut dec)| async move {
+            loop {
+                match next_chunk(&ep, &mut body, "audio stalled").await {
+                    Ok(Some(bytes)) => match dec.feed(&bytes) {
+                        Ok(Some(pcm)) => {
+                            return Some((Ok(SpeechChunk { pcm, phonemes: Vec::new() }), Some((ep, body, dec))));
                         }
-                    }
-                })
-                .boxed(),
-            })
-            .boxed()
+                        Ok(None) => {}
+                        Err(e) => return Some((Err(e), None)),
+                    },
+                    Ok(None) => return None,
+                    Err(e) => return Some((Err(e), None)),
+                }
+            }
+        })
     }
 }
 

@@ -19,9 +19,6 @@ const MAX_WINDOW_TURNS: usize = 40;
 /// Words of a turn kept in the summary.
 const SUMMARY_WORDS: usize = 12;
 
-/// The emotions the model may choose (the documented `emotion` event set).
-pub const EMOTIONS: &str = "neutral, happy, sad, angry, surprised, fearful, disgusted, thinking, relaxed";
-
 /// Estimated tokens of a text.
 pub fn estimate_tokens(s: &str) -> usize {
     s.len().div_ceil(4)
@@ -61,7 +58,7 @@ impl PromptManager {
             "\nYou are speaking aloud: answer in one to three short sentences, no lists or markup.\n\
              Reply with one JSON object and nothing else: {\"emotion\": \"<one of: ",
         );
-        s.push_str(EMOTIONS);
+        s.push_str(&signaling::events::Emotion::known_names().join(", "));
         s.push_str(
             ">\", \"text\": \"<what you say>\", \"gesture\": \"<optional: nod, wave, shrug, ...>\", \
              \"actions\": [<optional>]}",

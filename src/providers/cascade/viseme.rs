@@ -57,11 +57,6 @@ impl VisemeMap {
     }
 }
 
-/// Parse a viseme's wire name (`sil`, `PP`, ..., `ou`).
-pub fn parse_viseme(name: &str) -> Option<Viseme> {
-    Viseme::ALL.iter().copied().find(|v| v.as_str() == name)
-}
-
 fn base(p: &str) -> Viseme {
     use Viseme::*;
     match p {
@@ -176,8 +171,8 @@ mod tests {
         let m = VisemeMap::new(HashMap::from([("h".to_owned(), Viseme::Sil)]));
         assert_eq!(m.viseme("h"), Viseme::Sil);
         assert_eq!(m.viseme("k"), Viseme::Kk);
-        assert_eq!(parse_viseme("ou"), Some(Viseme::Ou));
-        assert_eq!(parse_viseme("OU"), None);
+        assert_eq!("ou".parse::<Viseme>().ok(), Some(Viseme::Ou));
+        assert_eq!("OU".parse::<Viseme>().ok(), None);
     }
 
     #[test]

@@ -252,9 +252,9 @@ mod tests {
     fn speaks_with_phoneme_marks_inside_the_audio() {
         let engine = Espeak::global().expect("espeak-ng available");
         let (pcm, phonemes) = engine.synthesize_blocking("Hello there, my friend.", "en-us").unwrap();
-        let secs = pcm.samples.len() as f64 / f64::from(pcm.rate_hz);
+        let secs = pcm.duration().as_secs_f64();
         assert!((0.8..4.0).contains(&secs), "spoke {secs:.2} s");
-        let rms = (pcm.samples.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / pcm.samples.len() as f64).sqrt();
+        let rms = pcm.rms();
         assert!(rms > 300.0, "audible speech, rms {rms:.0}");
         assert!(phonemes.len() >= 10, "phonemes: {phonemes:?}");
         let names: Vec<&str> = phonemes.iter().map(|p| p.phoneme.as_str()).collect();

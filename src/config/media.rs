@@ -1,0 +1,80 @@
+//! `[media]`: the audio pipeline (VAD, Opus) and the media UDP ports.
+
+use serde::Deserialize;
+
+use super::{ConfigError, Section, env, err};
+
+/// Audio pipeline settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaSettings {
+    /// webrtc-vad aggressiveness 0..=3.
+    pub vad_mode: u8,
+    /// Minimum speech before a speech start is reported, ms.
+    pub min_speech_ms: u64,
+    /// Silence that ends an utterance, ms.
+    pub min_silence_ms: u64,
+    /// Opus bitrate of the character's voice, bits/s.
+    pub opus_bitrate: u32,
+    /// Opus encoder complexity 0..=10.
+    pub opus_complexity: u8,
+    /// UDP port range for media, `"40000-40999"` (`KOTODAMA_UDP_PORTS`); unset: ephemeral ports.
+    pub udp_ports: Option<String>,
+}
+
+impl Default for MediaSettings {
+    fn default() -> Self {
+        Self {
+            vad_mode: 2,
+            min_speech_ms: 100,
+            min_silence_ms: 500,
+            opus_bitrate: 32_000,
+            opus_complexity: 1,
+            udp_ports: None,
+        }
+    }
+}
+
+impl MediaSettings {
+    /// The media UDP port range (first, last), if configured.
+    pub fn udp_port_range(&self) -> Result<Option<(u16, u16)>, ConfigError> {
+        let Some(spec) = &self.udp_ports else { return Ok(None) };
+        let bad =
+            || err("media.udp_ports", format!("`{spec}` is not a range"), "use e.g. 40000-40999 (KOTODAMA_UDP_PORTS)");
+        let (a, b) = spec.split_once('-').ok_or_else(bad)?;
+        let (min, max): (u16, u16) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        if min == 0 || min > max {
+            return Err(bad());
+        }
+        Ok(Some((min, max)))
+    }
+}
+
+impl Section for MediaSettings {
+    fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = env::value(get, "KOTODAMA_UDP_PORTS") {
+            self.udp_ports = Some(v);
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.vad_mode > 3 {
+            return Err(err(
+                "media.vad_mode",
+                format!("{} is out of range", self.vad_mode),
+                "use 0 (quality) .. 3 (very aggressive)",
+            ));
+        }
+        if self.opus_complexity > 10 {
+            return Err(err("media.opus_complexity", "out of range", "use 0..=10"));
+        }
+        if !(6_000..=510_000).contains(&self.opus_bitrate) {
+            return Err(err("media.opus_bitrate", "out of range", "use 6000..=510000 bits/s"));
+        }
+        if self.min_speech_ms < 10 || self.min_silence_ms < 10 {
+            return Err(err("media.min_speech_ms", "below one 10 ms VAD frame", "use at least 10"));
+        }
+        self.udp_port_range().map(drop)
+    }
+}

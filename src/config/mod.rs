@@ -1,0 +1,377 @@
+//! Configuration: `kotodama.toml` (optional) overridden by environment variables, validated at
+//! start. Every error names the key and the fix; the defaults run offline on one machine.
+//!
+//! # One file per section
+//!
+//! Each section of the file owns, in its own module, its struct, its defaults, its environment
+//! keys and its checks, in one shape:
+//!
+//! ```ignore
+//! #[derive(Debug, Clone, Deserialize)]
+//! #[serde(deny_unknown_fields, default)]
+//! pub struct TurnSettings { /* fields, each with its unit and env key in the doc line */ }
+//!
+//! impl Default for TurnSettings { fn default() -> Self { /* offline defaults */ } }
+//!
+//! impl Section for TurnSettings {
+//!     fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> { .. }
+//!     fn validate(&self) -> Result<(), ConfigError> { .. }
+//! }
+//! ```
+//!
+//! A new section plugs in with a field on [`Config`] (`pub turn: TurnSettings`, default
+//! `TurnSettings::default()`) and one line in each of `Config::sections` and
+//! `Config::sections_mut` (`&self.turn`, `&mut self.turn`); nothing else here changes.
+//! [`env::value`], [`env::parse`] and [`env::list`] read a variable (blank = unset) and turn a
+//! bad value into a [`ConfigError`] naming the variable; [`require_scheme`] checks a URL key.
+//! Checks that span sections (a UDP range that must hold `session.max_sessions`) live in
+//! `Config::validate_across_sections`. A provider's own section is checked by its row of the
+//! provider table ([`crate::providers::table`]) only when a session may use the provider; the row
+//! also says when a node offers the provider and how to build it.
+//!
+//! The top-level keys (`bind`, `api_keys`, `database_url`, ...) stay top-level in the file and
+//! are grouped by concern: [`node`] (addresses), [`auth`] (API keys and session tokens),
+//! [`storage`] (SQL and Redis).
+
+pub mod auth;
+pub mod cascade;
+pub mod characters;
+pub mod env;
+pub mod local;
+pub mod media;
+pub mod node;
+pub mod openai;
+pub mod resilience;
+pub mod scripted;
+pub mod session;
+pub mod storage;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use self::cascade::{CascadeSettings, EndpointSettings};
+pub use self::characters::Character;
+pub use self::local::LocalSettings;
+pub use self::media::MediaSettings;
+pub use self::resilience::ResilienceSettings;
+pub use self::scripted::ScriptedSettings;
+pub use self::session::SessionLimits;
+pub use crate::providers::openai::{OpenAiSettings, Secret};
+pub use crate::providers::table::DEFAULT_PROVIDER;
+pub use signaling::token_keys::{PreviousTokenKey, TokenSettings};
+
+/// A configuration error: names the key and says how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {key}: {problem}; {fix}")]
+pub struct ConfigError {
+    /// The key (`bind`, `KOTODAMA_BIND`, `media.vad_mode`, ...).
+    pub key: String,
+    /// What is wrong.
+    pub problem: String,
+    /// What to do about it.
+    pub fix: String,
+}
+
+/// A [`ConfigError`] for `key`.
+pub fn err(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.to_owned(), problem: problem.into(), fix: fix.into() }
+}
+
+/// `http://` or `https://`.
+pub const HTTP_SCHEMES: &[&str] = &["http://", "https://"];
+
+/// `Ok` when `url` starts with one of `schemes`, else the error `error` makes.
+pub fn require_scheme(url: &str, schemes: &[&str], error: impl FnOnce() -> ConfigError) -> Result<(), ConfigError> {
+    if schemes.iter().any(|s| url.starts_with(s)) { Ok(()) } else { Err(error()) }
+}
+
+impl From<signaling::token_keys::TokenSettingsError> for ConfigError {
+    fn from(e: signaling::token_keys::TokenSettingsError) -> Self {
+        err(e.key, e.problem, e.fix)
+    }
+}
+
+/// One section of the configuration: its environment overrides and its own checks.
+pub trait Section {
+    /// Apply this section's environment variables, read through `get` (the process environment
+    /// at start, a table in tests). A bad value is an error naming the variable.
+    fn apply_env(&mut self, _get: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        Ok(())
+    }
+    /// Check what this section alone can check.
+    fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// HTTP bind address (`KOTODAMA_BIND`).
+    pub bind: SocketAddr,
+    /// Address advertised in ICE candidates (`KOTODAMA_PUBLIC_IP`); default: the bind address.
+    pub public_ip: Option<IpAddr>,
+    /// API keys that may create sessions (`KOTODAMA_API_KEYS`, comma-separated): each a key
+    /// (>= 16 characters, hashed at start) or `sha256:<64 hex>` of one.
+    pub api_keys: Vec<String>,
+    /// Admin API keys (`KOTODAMA_ADMIN_API_KEYS`), same forms: also every user's data.
+    pub admin_api_keys: Vec<String>,
+    /// Session-token keys beyond the default HS256 secret.
+    pub tokens: TokenSettings,
+    /// Provider for new sessions (`KOTODAMA_PROVIDER`).
+    pub provider: Option<String>,
+    /// Secret for session tokens (`KOTODAMA_TOKEN_SECRET`); random per start when unset.
+    pub token_secret: Option<String>,
+    /// Storage URL (`KOTODAMA_DATABASE_URL`).
+    pub database_url: String,
+    /// Redis URL (`KOTODAMA_REDIS_URL`); unset: single node.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel (`KOTODAMA_REDIS_PREFIX`), so several deployments
+    /// (or test runs) can share one Redis.
+    pub redis_prefix: String,
+    /// The URL other nodes redirect clients to for this node's sessions
+    /// (`KOTODAMA_ADVERTISE_URL`, e.g. `https://node-1.example.com`); default `http://<bind>`.
+    pub advertise_url: Option<String>,
+    /// This node's stable id in the store (`KOTODAMA_NODE_ID`); default: the advertised URL.
+    /// A restarted node must keep its id so it can mark the sessions its crash left open.
+    pub node_id: Option<String>,
+    /// Directory of the web demo served at `/` (`KOTODAMA_WEB_DEMO_DIR`); unset: the demo built
+    /// into the binary.
+    pub web_demo_dir: Option<PathBuf>,
+    /// Session limits.
+    pub session: SessionLimits,
+    /// Audio pipeline settings.
+    pub media: MediaSettings,
+    /// The scripted provider's settings.
+    pub scripted: ScriptedSettings,
+    /// The OpenAI Realtime provider's settings (`[openai]`, `OPENAI_*`).
+    pub openai: OpenAiSettings,
+    /// Reconnect, recycling and failover of provider sessions.
+    pub resilience: ResilienceSettings,
+    /// The offline engines (provider `local`).
+    pub local: LocalSettings,
+    /// The HTTP cascade (provider `cascade`): OpenAI-compatible STT, LLM and TTS servers.
+    pub cascade: CascadeSettings,
+    /// Characters offered by `GET /v1/characters` (a built-in one when empty).
+    pub characters: Vec<Character>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_ip: None,
+            api_keys: Vec::new(),
+            admin_api_keys: Vec::new(),
+            tokens: TokenSettings::default(),
+            provider: None,
+            token_secret: None,
+            database_url: storage::DEFAULT_DATABASE_URL.into(),
+            redis_url: None,
+            redis_prefix: storage::DEFAULT_REDIS_PREFIX.into(),
+            advertise_url: None,
+            node_id: None,
+            web_demo_dir: None,
+            session: SessionLimits::default(),
+            media: MediaSettings::default(),
+            scripted: ScriptedSettings::default(),
+            openai: OpenAiSettings::default(),
+            resilience: ResilienceSettings::default(),
+            local: LocalSettings::default(),
+            cascade: CascadeSettings::default(),
+            characters: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Load `path` (or `kotodama.toml` when present), apply environment overrides, validate.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let default_path = Path::new("kotodama.toml");
+        let path = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None if default_path.exists() => Some(default_path.to_path_buf()),
+            None => None,
+        };
+        let mut cfg = match &path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    err("--config", format!("cannot read {}: {e}", p.display()), "pass a readable TOML file")
+                })?;
+                Self::from_toml(&text)?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse a TOML document (no environment, no validation).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            err("kotodama.toml", e.message().to_owned(), "fix the key named above (see README, Configuration)")
+        })
+    }
+
+    /// The sections that validate themselves.
+    fn sections(&self) -> Vec<&dyn Section> {
+        vec![
+            &self.media,
+            &self.session,
+            &self.scripted,
+            &self.openai,
+            &self.resilience,
+            &self.cascade,
+            &self.local,
+            &self.characters,
+        ]
+    }
+
+    /// The sections that read their own environment variables (the same list as [`Self::sections`]).
+    fn sections_mut(&mut self) -> Vec<&mut dyn Section> {
+        vec![
+            &mut self.media,
+            &mut self.session,
+            &mut self.scripted,
+            &mut self.openai,
+            &mut self.resilience,
+            &mut self.cascade,
+            &mut self.local,
+            &mut self.characters,
+        ]
+    }
+
+    /// Apply `KOTODAMA_*` (and provider) environment overrides read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        node::apply_env(self, &get)?;
+        auth::apply_env(self, &get);
+        storage::apply_env(self, &get);
+        for section in self.sections_mut() {
+            section.apply_env(&get)?;
+        }
+        crate::providers::table::select_from_env(self, &get);
+        Ok(())
+    }
+
+    /// Check everything that can be checked before binding sockets.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        auth::validate(self)?;
+        crate::providers::table::validate(self)?;
+        storage::validate(self)?;
+        node::validate(self)?;
+        self.sections().into_iter().try_for_each(Section::validate)?;
+        self.validate_across_sections()
+    }
+
+    /// Checks that need two sections.
+    fn validate_across_sections(&self) -> Result<(), ConfigError> {
+        if let Some((min, max)) = self.udp_port_range()? {
+            let size = usize::from(max - min) + 1;
+            if size < self.session.max_sessions {
+                return Err(err(
+                    "media.udp_ports",
+                    format!("{size} ports for session.max_sessions = {}", self.session.max_sessions),
+                    "widen the range (one UDP port per live session) or lower session.max_sessions",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the OpenAI provider has what it needs to be offered (a key, or a non-OpenAI URL
+    /// such as a self-hosted compatible server).
+    pub fn openai_configured(&self) -> bool {
+        self.openai.configured()
+    }
+
+    /// The media UDP port range, if configured.
+    pub fn udp_port_range(&self) -> Result<Option<(u16, u16)>, ConfigError> {
+        self.media.udp_port_range()
+    }
+
+    /// The provider for new sessions.
+    pub fn provider_name(&self) -> &str {
+        self.provider.as_deref().unwrap_or(DEFAULT_PROVIDER)
+    }
+
+    /// The address put in ICE candidates.
+    pub fn advertised_ip(&self) -> IpAddr {
+        match self.public_ip {
+            Some(ip) => ip,
+            None if self.bind.ip().is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+            None => self.bind.ip(),
+        }
+    }
+
+    /// Configured characters, or the built-in one.
+    pub fn characters(&self) -> Vec<Character> {
+        if self.characters.is_empty() { vec![Character::builtin()] } else { self.characters.clone() }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    /// The defaults with `pairs` applied as the environment.
+    pub(crate) fn from_env(pairs: &'static [(&'static str, &'static str)]) -> Config {
+        let mut c = Config::default();
+        c.apply_env(env(pairs)).unwrap_or_else(|e| panic!("{e}"));
+        c
+    }
+
+    #[test]
+    fn defaults_validate_and_run_offline_on_loopback() {
+        let c = Config::default();
+        c.validate().expect("defaults must be valid");
+        assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.provider_name(), DEFAULT_PROVIDER);
+        assert_eq!(DEFAULT_PROVIDER, if cfg!(feature = "local") { "local" } else { "scripted" });
+        assert_eq!(c.advertised_ip().to_string(), "127.0.0.1");
+    }
+
+    #[test]
+    fn unknown_toml_key_is_named() {
+        let e = Config::from_toml("bnid = \"127.0.0.1:1\"").unwrap_err();
+        assert!(e.problem.contains("bnid"), "{e}");
+    }
+
+    #[test]
+    fn the_readme_example_configuration_parses_and_validates() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("# kotodama.toml").expect("README has the example");
+        let end = start + readme[start..].find("```").expect("the example block ends");
+        let c = Config::from_toml(&readme[start..end]).unwrap_or_else(|e| panic!("README example: {e}"));
+        c.validate().unwrap();
+        assert_eq!(c.resilience.reply_timeout_ms, 15_000);
+        assert_eq!(c.openai.turn_detection, crate::providers::openai::protocol::TurnDetection::ServerVad);
+    }
+
+    #[test]
+    fn udp_port_range_is_parsed_and_must_hold_max_sessions() {
+        let mut c = from_env(&[("KOTODAMA_UDP_PORTS", "40000-40999")]);
+        assert_eq!(c.udp_port_range().unwrap(), Some((40000, 40999)));
+        c.validate().unwrap();
+        c.session.max_sessions = 5000;
+        assert_eq!(c.validate().unwrap_err().key, "media.udp_ports");
+        c.media.udp_ports = Some("9-1".into());
+        assert_eq!(c.udp_port_range().unwrap_err().key, "media.udp_ports");
+    }
+
+    #[test]
+    fn env_overrides_toml() {
+        let mut c = Config::from_toml("bind = \"127.0.0.1:9000\"\n[media]\nvad_mode = 3\n").unwrap();
+        c.apply_env(env(&[("KOTODAMA_BIND", "127.0.0.1:9100")])).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.bind.port(), 9100);
+        assert_eq!(c.media.vad_mode, 3);
+    }
+}
