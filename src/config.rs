@@ -67,6 +67,8 @@ pub struct Config {
     pub scripted: ScriptedSettings,
     /// The OpenAI Realtime provider's settings (`[openai]`, `OPENAI_*`).
     pub openai: OpenAiSettings,
+    /// The Gemini Live provider's settings (`[gemini]`, `GEMINI_*`).
+    pub gemini: crate::providers::gemini::GeminiSettings,
     /// Reconnect, recycling and failover of provider sessions.
     pub resilience: ResilienceSettings,
     /// The offline engines (provider `local`).
@@ -366,6 +368,7 @@ impl Default for Config {
             media: MediaSettings::default(),
             scripted: ScriptedSettings::default(),
             openai: OpenAiSettings::default(),
+            gemini: Default::default(),
             resilience: ResilienceSettings::default(),
             local: LocalSettings::default(),
             cascade: CascadeSettings::default(),
@@ -422,10 +425,10 @@ impl SessionLimits {
 
 /// Names of the providers this build knows.
 #[cfg(feature = "local")]
-pub const KNOWN_PROVIDERS: &[&str] = &["local", "cascade", "scripted", "openai"];
+pub const KNOWN_PROVIDERS: &[&str] = &["local", "cascade", "scripted", "openai", "gemini"];
 /// Names of the providers this build knows.
 #[cfg(not(feature = "local"))]
-pub const KNOWN_PROVIDERS: &[&str] = &["cascade", "scripted", "openai"];
+pub const KNOWN_PROVIDERS: &[&str] = &["cascade", "scripted", "openai", "gemini"];
 
 /// The provider used when none is configured: the offline cascade when this build has it.
 pub const DEFAULT_PROVIDER: &str = if cfg!(feature = "local") { "local" } else { "scripted" };
@@ -559,6 +562,10 @@ impl Config {
             // The contract: OPENAI_API_KEY alone selects OpenAI Realtime for new sessions.
             self.provider = Some("openai".into());
         }
+        self.gemini.apply_env(&get);
+        if self.provider.is_none() && non_empty("GEMINI_API_KEY").is_some() {
+            self.provider = Some("gemini".into());
+        }
         Ok(())
     }
 
@@ -655,6 +662,9 @@ impl Config {
             || self.characters.iter().any(|c| c.providers.iter().any(|p| p == "openai"));
         if uses_openai {
             self.validate_openai()?;
+        }
+        if self.uses_provider("gemini") {
+            self.gemini.validate()?;
         }
         if !(self.database_url.starts_with("sqlite:")
             || self.database_url.starts_with("postgres://")
@@ -825,6 +835,15 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Whether new sessions or a character's failover list use provider `name`.
+    pub fn uses_provider(&self, name: &str) -> bool {
+        self.provider.as_deref() == Some(name)
+            || self
+                .characters
+                .iter()
+                .any(|c| c.provider.as_deref() == Some(name) || c.providers.iter().any(|p| p == name))
     }
 
     /// Whether the OpenAI provider has what it needs to be offered (a key, or a non-OpenAI URL

@@ -29,6 +29,9 @@ pub fn providers_for(config: &Config) -> anyhow::Result<Vec<Arc<dyn RealtimeProv
     if config.openai_configured() {
         providers.push(Arc::new(crate::providers::openai::OpenAiProvider::new(config.openai.clone())));
     }
+    if config.gemini.configured() {
+        providers.push(Arc::new(crate::providers::gemini::GeminiProvider::new(config.gemini.clone())));
+    }
     #[cfg(feature = "local")]
     let local = {
         use crate::providers::cascade::local;

@@ -11,10 +11,12 @@
 //! [`ProviderEvent::Closed`] and a closed event channel alike.
 
 pub mod cascade;
+pub mod gemini;
 pub mod openai;
 pub mod resilient;
 pub mod scripted;
 pub mod tools;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
