@@ -989,6 +989,23 @@ mod tests {
     }
 
     #[test]
+    fn gemini_key_alone_selects_gemini_and_a_missing_key_is_named() {
+        let mut c = Config::default();
+        c.apply_env(env(&[("GEMINI_API_KEY", "AIza-test")])).unwrap();
+        assert_eq!(c.provider.as_deref(), Some("gemini"));
+        c.validate().unwrap();
+        let mut c = Config::default();
+        c.apply_env(env(&[("GEMINI_API_KEY", "AIza-test"), ("OPENAI_API_KEY", "sk-test")])).unwrap();
+        assert_eq!(c.provider.as_deref(), Some("openai"), "OpenAI keeps its place when both keys are set");
+        let mut c = Config::default();
+        c.apply_env(env(&[("KOTODAMA_PROVIDER", "gemini")])).unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "GEMINI_API_KEY");
+        let mut c = Config::from_toml("[gemini]\napi_key = \"k\"\nvoice = \"Nobody\"\n").unwrap();
+        c.provider = Some("gemini".into());
+        assert_eq!(c.validate().unwrap_err().key, "gemini.voice");
+    }
+
+    #[test]
     fn openai_env_overrides_url_and_model() {
         let mut c = Config::default();
         c.apply_env(env(&[

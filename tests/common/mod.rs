@@ -2,8 +2,10 @@
 //! that speaks Opus (real libopus) and records what it hears and every event it receives.
 #![allow(dead_code)]
 
+pub mod fake_gemini;
 pub mod fake_openai;
 pub mod fake_openai_http;
+pub mod listen;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

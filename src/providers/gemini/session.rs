@@ -85,8 +85,17 @@ pub struct Connection {
     /// Messages the newest handle may not include: (index, JSON).
     unacked: VecDeque<(u64, String)>,
     handle: Option<String>,
+    /// The server announced the end of this connection.
+    go_away: bool,
     resuming: Option<JoinHandle<Result<Socket, ProviderError>>>,
     next: Option<Socket>,
+    /// The handle `resuming` / `next` was opened with.
+    next_handle: Option<String>,
+    /// Model turns ended so far, and how many had ended when `handle` / `next_handle` came: a
+    /// connection resumed from a handle older than the last turn would answer that turn again.
+    ended_turns: u64,
+    handle_turns: u64,
+    next_turns: u64,
     turn: Turn,
     turns: u64,
     user: String,
@@ -106,8 +115,13 @@ impl Connection {
             sent: 0,
             unacked: VecDeque::new(),
             handle: None,
+            go_away: false,
             resuming: None,
             next: None,
+            next_handle: None,
+            ended_turns: 0,
+            handle_turns: 0,
+            next_turns: 0,
             turn: Turn::default(),
             turns: 0,
             user: String::new(),
@@ -281,15 +295,22 @@ impl Connection {
             }
             ServerMessage::GoAway { time_left } => {
                 tracing::info!(session_id = %self.cfg.session_id, time_left_ms = time_left.map(|t| t.as_millis() as u64), "gemini goAway: resuming on a new connection");
+                self.go_away = true;
                 self.start_resume();
             }
             ServerMessage::ResumptionUpdate { handle, last_consumed } => {
                 if let Some(h) = handle {
                     self.handle = Some(h);
+                    self.handle_turns = self.ended_turns;
                     // Without an index the handle is taken to include everything sent so far.
                     let last = last_consumed.unwrap_or(self.sent);
                     while self.unacked.front().is_some_and(|(i, _)| *i <= last) {
                         self.unacked.pop_front();
+                    }
+                    if self.go_away {
+                        // A connection resumed from an older handle would lack the turns since:
+                        // open it again from this one (or at all, if goAway came before a handle).
+                        self.restart_resume().await;
                     }
                 }
             }
@@ -311,6 +332,19 @@ impl Connection {
         None
     }
 
+    async fn restart_resume(&mut self) {
+        if self.next_handle == self.handle {
+            return;
+        }
+        if let Some(r) = self.resuming.take() {
+            r.abort();
+        }
+        if let Some(mut stale) = self.next.take() {
+            let _ = stale.send(Message::Close(None)).await;
+        }
+        self.start_resume();
+    }
+
     fn start_resume(&mut self) {
         if self.resuming.is_some() || self.next.is_some() {
             return;
@@ -319,11 +353,16 @@ impl Connection {
             tracing::warn!(session_id = %self.cfg.session_id, "no resumption handle yet; the session ends with this connection");
             return;
         };
+        self.next_handle = Some(handle.clone());
+        self.next_turns = self.handle_turns;
         let (settings, cfg) = (Arc::clone(&self.settings), self.cfg.clone());
         self.resuming = Some(tokio::spawn(async move { super::open(&settings, &cfg, Some(handle)).await }));
     }
 
     fn on_resumed(&mut self, res: Result<Socket, ProviderError>) -> Option<Stop> {
+        if res.is_err() {
+            self.next_handle = None;
+        }
         match res {
             Ok(s) => {
                 self.next = Some(s);
@@ -339,7 +378,8 @@ impl Connection {
 
     /// Move to the resumed connection at a turn boundary, or at once when the old one is gone.
     async fn maybe_swap(&mut self) {
-        let boundary = self.turn.item_id.is_none()
+        let boundary = self.next_turns == self.ended_turns
+            && self.turn.item_id.is_none()
             && !self.local.awaiting
             && !self.local.activity_open
             && self.calls.is_empty()
@@ -348,6 +388,8 @@ impl Connection {
             return;
         }
         let Some(next) = self.next.take() else { return };
+        self.go_away = false;
+        self.next_handle = None;
         if let Some(mut old) = self.socket.replace(next) {
             let _ = old.send(Message::Close(None)).await;
         }
@@ -355,12 +397,29 @@ impl Connection {
             // The old connection took the rest of this turn with it: close it for the task.
             self.end_turn().await;
         }
+        let n = self.replay().await;
+        tracing::info!(session_id = %self.cfg.session_id, replayed = n, "gemini session resumed on a new connection");
+    }
+
+    /// Send the kept messages again on the new connection, renumbered, with one flush (and a
+    /// yield now and then, so a long replay never holds a runtime worker).
+    async fn replay(&mut self) -> usize {
         let replay: Vec<(u64, String)> = self.unacked.drain(..).collect();
-        tracing::info!(session_id = %self.cfg.session_id, replayed = replay.len(), "gemini session resumed on a new connection");
+        let n = replay.len();
         self.sent = 0;
-        for (_, msg) in replay {
-            self.send(msg).await;
+        let Some(socket) = self.socket.as_mut() else { return 0 };
+        for (i, (_, msg)) in replay.into_iter().enumerate() {
+            self.sent += 1;
+            self.unacked.push_back((self.sent, msg.clone()));
+            if socket.feed(Message::text(msg)).await.is_err() {
+                break;
+            }
+            if i % 64 == 63 {
+                tokio::task::yield_now().await;
+            }
         }
+        let _ = socket.flush().await;
+        n
     }
 
     async fn on_content(&mut self, c: ServerContent) {
@@ -410,6 +469,7 @@ impl Connection {
         self.user.clear();
         let turn = std::mem::take(&mut self.turn);
         self.local.awaiting = false;
+        self.ended_turns += 1;
         match turn.item_id {
             Some(item_id) => {
                 if !turn.discard {
