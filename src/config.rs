@@ -69,6 +69,8 @@ pub struct Config {
     pub openai: OpenAiSettings,
     /// The Gemini Live provider's settings (`[gemini]`, `GEMINI_*`).
     pub gemini: crate::providers::gemini::GeminiSettings,
+    /// The Amazon Nova Sonic provider's settings (`[nova_sonic]`; the AWS standard variables).
+    pub nova_sonic: crate::providers::nova_sonic::NovaSonicSettings,
     /// Reconnect, recycling and failover of provider sessions.
     pub resilience: ResilienceSettings,
     /// The offline engines (provider `local`).
@@ -369,6 +371,7 @@ impl Default for Config {
             scripted: ScriptedSettings::default(),
             openai: OpenAiSettings::default(),
             gemini: Default::default(),
+            nova_sonic: Default::default(),
             resilience: ResilienceSettings::default(),
             local: LocalSettings::default(),
             cascade: CascadeSettings::default(),
@@ -425,10 +428,10 @@ impl SessionLimits {
 
 /// Names of the providers this build knows.
 #[cfg(feature = "local")]
-pub const KNOWN_PROVIDERS: &[&str] = &["local", "cascade", "scripted", "openai", "gemini"];
+pub const KNOWN_PROVIDERS: &[&str] = &["local", "cascade", "scripted", "openai", "gemini", "nova_sonic"];
 /// Names of the providers this build knows.
 #[cfg(not(feature = "local"))]
-pub const KNOWN_PROVIDERS: &[&str] = &["cascade", "scripted", "openai", "gemini"];
+pub const KNOWN_PROVIDERS: &[&str] = &["cascade", "scripted", "openai", "gemini", "nova_sonic"];
 
 /// The provider used when none is configured: the offline cascade when this build has it.
 pub const DEFAULT_PROVIDER: &str = if cfg!(feature = "local") { "local" } else { "scripted" };
@@ -563,6 +566,7 @@ impl Config {
             self.provider = Some("openai".into());
         }
         self.gemini.apply_env(&get);
+        self.nova_sonic.apply_env(&get);
         if self.provider.is_none() && non_empty("GEMINI_API_KEY").is_some() {
             self.provider = Some("gemini".into());
         }
@@ -665,6 +669,16 @@ impl Config {
         }
         if self.uses_provider("gemini") {
             self.gemini.validate()?;
+        }
+        if self.uses_provider("nova_sonic") {
+            if !cfg!(feature = "nova-sonic") {
+                return Err(err(
+                    "KOTODAMA_PROVIDER",
+                    "nova_sonic is not in this build (built without the `nova-sonic` feature)",
+                    "build with the default features, or choose another provider",
+                ));
+            }
+            self.nova_sonic.validate()?;
         }
         if !(self.database_url.starts_with("sqlite:")
             || self.database_url.starts_with("postgres://")

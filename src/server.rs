@@ -32,6 +32,11 @@ pub fn providers_for(config: &Config) -> anyhow::Result<Vec<Arc<dyn RealtimeProv
     if config.gemini.configured() {
         providers.push(Arc::new(crate::providers::gemini::GeminiProvider::new(config.gemini.clone())));
     }
+    #[cfg(feature = "nova-sonic")]
+    if config.uses_provider("nova_sonic") {
+        let p = crate::providers::nova_sonic::NovaSonicProvider::new(config.nova_sonic.clone());
+        providers.push(Arc::new(p));
+    }
     #[cfg(feature = "local")]
     let local = {
         use crate::providers::cascade::local;

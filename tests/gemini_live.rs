@@ -148,18 +148,8 @@ async fn barge_in_with_our_turn_detection_stops_the_model_and_keeps_what_was_hea
     assert!(agent_ms_after(&client.log(), from) > 900.0, "the second reply was heard");
 
     // The stored turn holds what was heard, marked interrupted.
-    let tr: Value = ts
-        .http
-        .get(format!("{}/v1/sessions/{session_id}/transcript", ts.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let cut =
-        tr.as_array().unwrap().iter().find(|r| r["role"] == "agent" && r["interrupted"] == true).expect("cut turn");
+    let tr = transcript(&ts, &session_id, &token).await;
+    let cut = tr.iter().find(|r| r["role"] == "agent" && r["interrupted"] == true).expect("cut turn");
     let cut = cut["text"].as_str().unwrap();
     assert!(text.starts_with(cut) && cut.len() < text.len() / 2, "heard text `{cut}`");
     ts.server.shutdown().await.unwrap();

@@ -12,6 +12,7 @@
 
 pub mod cascade;
 pub mod gemini;
+pub mod nova_sonic;
 pub mod openai;
 pub mod resilient;
 pub mod scripted;
@@ -53,6 +54,8 @@ pub struct Capabilities {
     pub user_transcripts: bool,
     /// The provider can call tools.
     pub tools: bool,
+    /// The provider takes images (camera or screen frames) with the audio.
+    pub images: bool,
     /// The longest a provider session may last before it must be recycled (None: unbounded).
     pub max_session: Option<Duration>,
 }

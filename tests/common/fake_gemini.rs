@@ -24,6 +24,8 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+use super::energy_vad::{EnergyVad, VadEdge};
+
 /// What the fake answers a user turn with.
 #[derive(Debug, Clone)]
 pub enum GReply {
@@ -192,10 +194,7 @@ struct GSession {
     // Turn detection.
     in_activity: bool,
     activity_audio: usize,
-    voiced_ms: u64,
-    silent_ms: u64,
-    in_speech: bool,
-    carry: Vec<i16>,
+    vad: EnergyVad,
 }
 
 impl GSession {
@@ -212,10 +211,7 @@ impl GSession {
             calls: 0,
             in_activity: false,
             activity_audio: 0,
-            voiced_ms: 0,
-            silent_ms: 0,
-            in_speech: false,
-            carry: Vec::new(),
+            vad: EnergyVad::new(16_000),
         }
     }
 
@@ -343,27 +339,10 @@ impl GSession {
             }
             return;
         }
-        // Energy VAD over 20 ms windows: 100 ms voiced starts speech, 500 ms silent ends the turn.
-        self.carry.extend_from_slice(samples);
-        while self.carry.len() >= 320 {
-            let win: Vec<i16> = self.carry.drain(..320).collect();
-            let rms = (win.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / 320.0).sqrt();
-            if rms > 800.0 {
-                self.voiced_ms += 20;
-                self.silent_ms = 0;
-                if !self.in_speech && self.voiced_ms >= 100 {
-                    self.in_speech = true;
-                    self.interrupt(out);
-                }
-            } else {
-                self.silent_ms += 20;
-                if self.silent_ms >= 100 {
-                    self.voiced_ms = 0;
-                }
-                if self.in_speech && self.silent_ms >= 500 {
-                    self.in_speech = false;
-                    self.user_turn_ended(out);
-                }
+        for edge in self.vad.push(samples) {
+            match edge {
+                VadEdge::Started => self.interrupt(out),
+                VadEdge::Ended => self.user_turn_ended(out),
             }
         }
     }

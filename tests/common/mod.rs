@@ -2,7 +2,9 @@
 //! that speaks Opus (real libopus) and records what it hears and every event it receives.
 #![allow(dead_code)]
 
+pub mod energy_vad;
 pub mod fake_gemini;
+pub mod fake_nova;
 pub mod fake_openai;
 pub mod fake_openai_http;
 pub mod listen;

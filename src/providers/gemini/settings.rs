@@ -220,6 +220,7 @@ impl GeminiSettings {
             truncation: false,
             user_transcripts: self.input_transcription,
             tools: true,
+            images: false,
             max_session: (!self.compression).then(|| Duration::from_secs(self.max_session_secs)),
         }
     }

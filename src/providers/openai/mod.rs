@@ -181,6 +181,7 @@ impl RealtimeProvider for OpenAiProvider {
             truncation: true,
             user_transcripts: !self.settings.transcription_model.is_empty(),
             tools: true,
+            images: false,
             max_session: Some(Duration::from_secs(self.settings.max_session_secs)),
         }
     }
