@@ -316,6 +316,10 @@ pub struct Character {
     /// Voice name (provider-specific).
     #[serde(default = "default_voice")]
     pub voice: String,
+    /// Voice per provider (`voices = { gemini = "Puck", nova_sonic = "matthew" }`); a provider
+    /// not listed uses `voice`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub voices: std::collections::BTreeMap<String, String>,
     /// Persona: the system instructions.
     #[serde(default)]
     pub persona: String,
@@ -805,6 +809,13 @@ impl Config {
                     format!("use tools from: {}", builtin.names().join(", ")),
                 ));
             }
+            if let Some(p) = c.voices.keys().find(|p| !KNOWN_PROVIDERS.contains(&p.as_str())) {
+                return Err(err(
+                    "characters.voices",
+                    format!("character `{}` has a voice for unknown provider `{p}`", c.id),
+                    format!("use providers from: {}", KNOWN_PROVIDERS.join(", ")),
+                ));
+            }
             if let Some(p) = c.providers.iter().find(|p| !KNOWN_PROVIDERS.contains(&p.as_str())) {
                 return Err(err(
                     "characters.providers",
@@ -939,6 +950,7 @@ impl Config {
             name: "Aiko".into(),
             language: default_language(),
             voice: default_voice(),
+            voices: Default::default(),
             persona: "You are Aiko, a cheerful and curious companion. Speak briefly and warmly.".into(),
             expressions: Default::default(),
             greeting: None,
@@ -1017,6 +1029,15 @@ mod tests {
         let mut c = Config::from_toml("[gemini]\napi_key = \"k\"\nvoice = \"Nobody\"\n").unwrap();
         c.provider = Some("gemini".into());
         assert_eq!(c.validate().unwrap_err().key, "gemini.voice");
+    }
+
+    #[test]
+    fn a_voice_for_an_unknown_provider_is_named() {
+        let c = Config::from_toml("[[characters]]\nid = \"a\"\nname = \"A\"\nvoices = { gemni = \"Puck\" }\n").unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "characters.voices");
+        let c =
+            Config::from_toml("[[characters]]\nid = \"a\"\nname = \"A\"\nvoices = { gemini = \"Puck\" }\n").unwrap();
+        assert_eq!(c.characters[0].voices["gemini"], "Puck");
     }
 
     #[test]

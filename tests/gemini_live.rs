@@ -167,8 +167,11 @@ async fn a_typed_turn_with_a_tool_call_round_trip() {
         GReply::Speech { text: t1.clone(), audio: a1 },
     ];
     let fake = FakeGemini::start(GOptions::default(), script).await;
-    let ts = start_gemini(&fake, |_| {}).await;
+    let ts = start_gemini(&fake, |c| c.characters = vec![character_with_voices()]).await;
     let (_sid, _token, mut client) = connect(&ts).await;
+    let voice =
+        &fake.conn(0).setup["generationConfig"]["speechConfig"]["voiceConfig"]["prebuiltVoiceConfig"]["voiceName"];
+    assert_eq!(voice, "Charon", "the character's voice for gemini");
     client.send_text(r#"{"type":"text","text":"How do you feel?"}"#).await;
     client.silence_until("the reply", Duration::from_secs(20), |evs| agent_finals(evs).contains(&t1)).await;
 
@@ -225,6 +228,7 @@ async fn a_tool_call_the_model_cancels_gets_no_response() {
         character_name: "Aiko".into(),
         instructions: "You are Aiko.".into(),
         voice: "puck".into(),
+        voices: Default::default(),
         language: "en-US".into(),
         history: vec![],
         tools: Arc::new(tools_with_a_slow_lookup()),

@@ -73,6 +73,8 @@ pub struct SessionConfig {
     pub instructions: String,
     /// The voice to speak with.
     pub voice: String,
+    /// Voices per provider name, chosen by the character (see [`SessionConfig::voice_for`]).
+    pub voices: std::collections::HashMap<String, String>,
     /// Language tag, e.g. `en-US`.
     pub language: String,
     /// The conversation so far, replayed into a fresh provider session (reconnect, recycling,
@@ -82,6 +84,13 @@ pub struct SessionConfig {
     pub tools: Arc<tools::ToolRegistry>,
     /// The character's phoneme -> viseme overrides (providers that know phonemes use them).
     pub viseme_overrides: std::collections::HashMap<String, signaling::events::Viseme>,
+}
+
+impl SessionConfig {
+    /// The character's voice for provider `name`: its per-provider choice, else `voice`.
+    pub fn voice_for(&self, name: &str) -> &str {
+        self.voices.get(name).map_or(self.voice.as_str(), String::as_str)
+    }
 }
 
 /// A past turn, replayed into a fresh provider session as context.

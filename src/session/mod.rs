@@ -726,6 +726,7 @@ impl SessionManager {
             character_name: character.name.clone(),
             instructions: character.persona.clone(),
             voice: character.voice.clone(),
+            voices: character.voices.clone().into_iter().collect(),
             language: character.language.clone(),
             history: Vec::new(),
             tools: match &character.tools {

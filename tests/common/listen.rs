@@ -92,3 +92,16 @@ pub async fn transcript(ts: &TestServer, session_id: &str, token: &str) -> Vec<s
         .unwrap();
     res.json().await.unwrap()
 }
+
+/// A character with a voice per provider.
+pub fn character_with_voices() -> kotodama::config::Character {
+    kotodama::config::Character {
+        id: "aiko".into(),
+        name: "Aiko".into(),
+        language: "en-US".into(),
+        voice: "aiko".into(),
+        voices: [("gemini".to_owned(), "Charon".to_owned()), ("nova_sonic".to_owned(), "matthew".to_owned())].into(),
+        persona: "You are Aiko.".into(),
+        ..Default::default()
+    }
+}

@@ -230,7 +230,7 @@ impl GeminiSettings {
         SetupParams {
             model: self.model.clone(),
             instructions: cfg.instructions.clone(),
-            voice: self.voice_for(&cfg.voice),
+            voice: self.voice_for(cfg.voice_for("gemini")),
             language: self.language.clone(),
             server_vad: self.turn_detection == GeminiTurnDetection::Server,
             input_transcription: self.input_transcription,

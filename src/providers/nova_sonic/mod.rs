@@ -22,7 +22,8 @@
 //! - the stream lives at most [`settings::NovaSonicSettings::lifetime`]: the shorter of the
 //!   ~8 min limit and the credentials' expiry minus 180 s, never under 10 s. That is declared as
 //!   `max_session` when the session opens, so the resilient wrapper renews it at a turn boundary
-//!   with the heard history; the SDK's identity cache refreshes credentials that far ahead.
+//!   with the heard history; every stream resolves credentials from the chain afresh and is signed
+//!   with them.
 //! - closing sends the audio `contentEnd`, `promptEnd` and `sessionEnd` in order and waits up
 //!   to 2 s for `completionEnd`.
 //!

@@ -74,15 +74,11 @@ impl NovaSonicProvider {
     }
 }
 
-/// The SDK configuration from the environment: rustls with ring over hyper, and an identity
-/// cache that refreshes credentials well before the margin at which streams are renewed.
+/// The SDK configuration from the environment, with rustls (ring) over hyper.
 async fn load_sdk_config(settings: &NovaSonicSettings) -> SdkConfig {
     use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
     let http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
-    let cache = aws_config::identity::IdentityCache::lazy()
-        .buffer_time(Duration::from_secs(settings.credential_margin_secs + 60))
-        .build();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http).identity_cache(cache);
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
     if let Some(r) = &settings.region {
         loader = loader.region(aws_config::Region::new(r.clone()));
     }
@@ -120,8 +116,11 @@ impl RealtimeProvider for NovaSonicProvider {
         async move {
             let settings = Arc::clone(&this.settings);
             let sdk = this.sdk.get_or_init(|| load_sdk_config(&settings)).await.clone();
-            this.resolve_expiry(&sdk).await?;
-            let client = aws_sdk_bedrockruntime::Client::new(&sdk);
+            // Each stream is signed with credentials resolved for it, whose expiry sets its lifetime:
+            // a renewed stream always starts with fresh ones.
+            let credentials = this.resolve_credentials(&sdk).await?;
+            let conf = aws_sdk_bedrockruntime::config::Builder::from(&sdk).credentials_provider(credentials).build();
+            let client = aws_sdk_bedrockruntime::Client::from_conf(conf);
             let (input_tx, input_rx) = mpsc::channel(INPUT_CHANNEL_CAPACITY);
             let names = session::Names::new();
             for ev in session::opening_events(&settings, &cfg, &names) {
@@ -149,8 +148,8 @@ impl RealtimeProvider for NovaSonicProvider {
 }
 
 impl NovaSonicProvider {
-    /// Resolve the credentials (through the SDK's cache) and remember when they expire.
-    async fn resolve_expiry(&self, sdk: &SdkConfig) -> Result<(), ProviderError> {
+    /// Resolve credentials from the chain (not a cache) and remember when they expire.
+    async fn resolve_credentials(&self, sdk: &SdkConfig) -> Result<aws_credential_types::Credentials, ProviderError> {
         let provider = sdk.credentials_provider().ok_or_else(|| {
             ProviderError::Config(
                 "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a web identity"
@@ -163,6 +162,6 @@ impl NovaSonicProvider {
             ))
         })?;
         *self.expiry.lock().unwrap_or_else(|p| p.into_inner()) = creds.expiry();
-        Ok(())
+        Ok(creds)
     }
 }

@@ -73,7 +73,7 @@ pub fn opening_events(settings: &NovaSonicSettings, cfg: &SessionConfig, names: 
     };
     let mut out = vec![
         protocol::session_start(&inference),
-        protocol::prompt_start(&names.prompt, &settings.voice_for(&cfg.voice), &cfg.tools.specs()),
+        protocol::prompt_start(&names.prompt, &settings.voice_for(cfg.voice_for("nova_sonic")), &cfg.tools.specs()),
     ];
     let mut n = 0;
     let mut content = || {
