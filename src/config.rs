@@ -25,6 +25,13 @@ fn err(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigE
     ConfigError { key: key.to_owned(), problem: problem.into(), fix: fix.into() }
 }
 
+impl ConfigError {
+    /// The error for `key`: what is wrong and what to do (for settings kept in other modules).
+    pub fn new(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        err(key, problem, fix)
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -33,13 +33,6 @@ async fn start_gemini(fake: &FakeGemini, tweak: impl FnOnce(&mut Config)) -> Tes
     .await
 }
 
-fn agent_finals(evs: &[Value]) -> Vec<String> {
-    evs.iter()
-        .filter(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
-        .map(|e| e["text"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spoken_turn_with_server_activity_detection_over_binary_frames() {
     let (text, audio) = reply_speech();

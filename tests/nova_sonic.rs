@@ -71,13 +71,6 @@ async fn start_nova(fake: &FakeNova, ttl: Option<Duration>, tweak: impl FnOnce(&
     .await
 }
 
-fn agent_finals(evs: &[Value]) -> Vec<String> {
-    evs.iter()
-        .filter(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
-        .map(|e| e["text"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 fn speech(secs: f64) -> (String, Vec<i16>) {
     if secs <= 0.0 { reply_speech() } else { short_speech(secs) }
 }

@@ -105,3 +105,11 @@ pub fn character_with_voices() -> kotodama::config::Character {
         ..Default::default()
     }
 }
+
+/// The agent's final transcripts, in order.
+pub fn agent_finals(evs: &[Value]) -> Vec<String> {
+    evs.iter()
+        .filter(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
+        .map(|e| e["text"].as_str().unwrap().to_owned())
+        .collect()
+}

@@ -112,10 +112,6 @@ impl Default for GeminiSettings {
     }
 }
 
-fn problem(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
-    ConfigError { key: key.to_owned(), problem: problem.into(), fix: fix.into() }
-}
-
 impl GeminiSettings {
     /// Apply `GEMINI_API_KEY`, `GEMINI_LIVE_URL`, `GEMINI_LIVE_MODEL` read through `get`.
     pub fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) {
@@ -144,7 +140,7 @@ impl GeminiSettings {
     /// Check the settings when the provider is used.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.configured() {
-            return Err(problem(
+            return Err(ConfigError::new(
                 "GEMINI_API_KEY",
                 "the gemini provider is selected but no API key is set",
                 "set GEMINI_API_KEY (or gemini.api_key), or GEMINI_LIVE_URL for a proxy",
@@ -153,14 +149,14 @@ impl GeminiSettings {
         if let Some(u) = &self.url
             && !(u.starts_with("wss://") || u.starts_with("ws://"))
         {
-            return Err(problem(
+            return Err(ConfigError::new(
                 "GEMINI_LIVE_URL",
                 format!("`{u}` is not a ws:// or wss:// URL"),
                 "use the full WebSocket URL",
             ));
         }
         if self.model.trim().is_empty() {
-            return Err(problem(
+            return Err(ConfigError::new(
                 "gemini.model",
                 "empty",
                 "set a Live model, e.g. gemini-2.5-flash-native-audio-preview-12-2025",
@@ -169,21 +165,21 @@ impl GeminiSettings {
         if let Some(v) = &self.voice
             && !GEMINI_VOICES.iter().any(|g| g.eq_ignore_ascii_case(v))
         {
-            return Err(problem(
+            return Err(ConfigError::new(
                 "gemini.voice",
                 format!("`{v}` is not a Gemini voice"),
                 format!("use one of {}", GEMINI_VOICES.join(", ")),
             ));
         }
         if !(60..=UNCOMPRESSED_LIMIT_SECS).contains(&self.max_session_secs) {
-            return Err(problem(
+            return Err(ConfigError::new(
                 "gemini.max_session_secs",
                 format!("{} is out of range", self.max_session_secs),
                 "use 60..=900 (Gemini ends uncompressed audio sessions at 15 min)",
             ));
         }
         if self.connect_timeout_ms == 0 {
-            return Err(problem("gemini.connect_timeout_ms", "0", "use e.g. 10000"));
+            return Err(ConfigError::new("gemini.connect_timeout_ms", "0", "use e.g. 10000"));
         }
         Ok(())
     }

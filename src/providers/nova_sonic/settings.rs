@@ -62,10 +62,6 @@ impl Default for NovaSonicSettings {
     }
 }
 
-fn problem(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
-    ConfigError { key: key.to_owned(), problem: problem.into(), fix: fix.into() }
-}
-
 impl NovaSonicSettings {
     /// Apply `AWS_REGION` (or `AWS_DEFAULT_REGION`) read through `get`; the rest of the AWS
     /// environment is the SDK's.
@@ -79,45 +75,45 @@ impl NovaSonicSettings {
     /// Check the settings when the provider is used.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.model == "amazon.nova-sonic-v1:0" {
-            return Err(problem(
+            return Err(ConfigError::new(
                 "nova_sonic.model",
                 "Nova Sonic v1 reached its end of life",
                 "use amazon.nova-2-sonic-v1:0",
             ));
         }
         if self.model.trim().is_empty() {
-            return Err(problem("nova_sonic.model", "empty", "use amazon.nova-2-sonic-v1:0"));
+            return Err(ConfigError::new("nova_sonic.model", "empty", "use amazon.nova-2-sonic-v1:0"));
         }
         if let Some(r) = &self.region
             && !r.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         {
-            return Err(problem("AWS_REGION", format!("`{r}` is not a region name"), "use e.g. us-east-1"));
+            return Err(ConfigError::new("AWS_REGION", format!("`{r}` is not a region name"), "use e.g. us-east-1"));
         }
         if let Some(v) = &self.voice
             && !NOVA_VOICES.contains(&v.to_ascii_lowercase().as_str())
         {
-            return Err(problem(
+            return Err(ConfigError::new(
                 "nova_sonic.voice",
                 format!("`{v}` is not a Nova Sonic voice"),
                 format!("use one of {}", NOVA_VOICES.join(", ")),
             ));
         }
         if !(10..=CONNECTION_LIMIT_SECS).contains(&self.max_session_secs) {
-            return Err(problem(
+            return Err(ConfigError::new(
                 "nova_sonic.max_session_secs",
                 format!("{} is out of range", self.max_session_secs),
                 "use 10..=480 (Bedrock ends streams at ~8 min)",
             ));
         }
         if !(0.0..=1.0).contains(&self.temperature) || !(0.0..=1.0).contains(&self.top_p) {
-            return Err(problem(
+            return Err(ConfigError::new(
                 "nova_sonic.temperature",
                 "temperature and top_p must be within 0..=1",
                 "use e.g. 0.7 and 0.9",
             ));
         }
         if self.reply_timeout_ms == 0 || self.connect_timeout_ms == 0 {
-            return Err(problem("nova_sonic.reply_timeout_ms", "a timeout of 0", "use e.g. 10000"));
+            return Err(ConfigError::new("nova_sonic.reply_timeout_ms", "a timeout of 0", "use e.g. 10000"));
         }
         Ok(())
     }
