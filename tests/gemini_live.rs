@@ -325,3 +325,26 @@ async fn go_away_and_a_forced_close_resume_the_session_without_an_audible_gap() 
     assert_eq!(count(&evs, |e| e["type"] == "error"), 0, "the user notices nothing: {evs:#?}");
     ts.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_between_turns_is_resumed_from_the_newest_handle() {
+    let (ta, aa) = short_speech(1.0);
+    let (tb, ab) = short_speech(1.5);
+    let script =
+        vec![GReply::SpeechThenDrop { text: ta.clone(), audio: aa }, GReply::Speech { text: tb.clone(), audio: ab }];
+    let fake = FakeGemini::start(GOptions::default(), script).await;
+    let ts = start_gemini(&fake, |_| {}).await;
+    let (_sid, _token, mut client) = connect(&ts).await;
+    client.silence(Duration::from_millis(200)).await;
+    ask_and_wait_reply(&mut client, 1).await;
+    ask_and_wait_reply(&mut client, 2).await;
+    let conns = fake.conns();
+    assert_eq!(conns.len(), 2, "one resume");
+    assert_eq!(conns[1].resumed.as_ref(), conns[0].issued.last(), "resumed from the newest handle");
+    assert!(conns[1].with("clientContent").is_empty(), "no history again: the handle carries the context");
+    speech_span(&conns[1].audio, 16_000, 300.0).expect("the resumed connection heard turn 2");
+    let evs = client.events();
+    assert_eq!(agent_finals(&evs), [ta, tb]);
+    assert_eq!(count(&evs, |e| e["type"] == "error"), 0, "the user notices nothing: {evs:#?}");
+    ts.server.shutdown().await.unwrap();
+}

@@ -38,6 +38,9 @@ pub enum GReply {
     /// Speech during which `goAway {timeLeft}` is sent after `go_away_after` of its audio went
     /// out; the connection is closed (1001) `time_left` later.
     SpeechWithGoAway { text: String, audio: Vec<i16>, go_away_after: Duration, time_left: Duration },
+    /// Speech, then the connection drops without a close frame or goAway (a network failure)
+    /// right after the turn's resumption update.
+    SpeechThenDrop { text: String, audio: Vec<i16> },
 }
 
 /// Knobs of the fake.
@@ -176,6 +179,7 @@ struct Streaming {
     pos: usize,
     words_sent: usize,
     go_away: Option<(usize, Duration)>,
+    drop_after: bool,
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -190,6 +194,8 @@ struct GSession {
     waiting_tool: Option<String>,
     cancel_at: Option<(tokio::time::Instant, String)>,
     close_at: Option<tokio::time::Instant>,
+    /// Drop the socket (no close frame) once the pending messages are out.
+    drop_now: bool,
     calls: u64,
     // Turn detection.
     in_activity: bool,
@@ -208,6 +214,7 @@ impl GSession {
             waiting_tool: None,
             cancel_at: None,
             close_at: None,
+            drop_now: false,
             calls: 0,
             in_activity: false,
             activity_audio: 0,
@@ -257,6 +264,10 @@ impl GSession {
                 if !self.send(&mut ws, v).await {
                     return;
                 }
+            }
+            if self.drop_now {
+                self.fake.with_conn(self.idx, |c| c.forced_close_at = Some(Instant::now()));
+                return; // dropped: no close frame, like a network failure
             }
         }
     }
@@ -371,11 +382,22 @@ impl GSession {
                 self.resumption_update(out);
             }
             Some(GReply::Speech { text, audio }) => {
-                self.streaming = Some(Streaming { text, audio, pos: 0, words_sent: 0, go_away: None })
+                self.streaming =
+                    Some(Streaming { text, audio, pos: 0, words_sent: 0, go_away: None, drop_after: false })
+            }
+            Some(GReply::SpeechThenDrop { text, audio }) => {
+                self.streaming = Some(Streaming { text, audio, pos: 0, words_sent: 0, go_away: None, drop_after: true })
             }
             Some(GReply::SpeechWithGoAway { text, audio, go_away_after, time_left }) => {
                 let at = go_away_after.as_millis() as usize * 24;
-                self.streaming = Some(Streaming { text, audio, pos: 0, words_sent: 0, go_away: Some((at, time_left)) })
+                self.streaming = Some(Streaming {
+                    text,
+                    audio,
+                    pos: 0,
+                    words_sent: 0,
+                    go_away: Some((at, time_left)),
+                    drop_after: false,
+                })
             }
             Some(GReply::ToolCall { name, args }) => {
                 let id = self.call_id();
@@ -424,9 +446,10 @@ impl GSession {
             }
             return;
         }
-        self.streaming = None;
+        let drop = self.streaming.take().is_some_and(|s| s.drop_after);
         out.push(json!({"serverContent": {"generationComplete": true}}));
         out.push(json!({"serverContent": {"turnComplete": true}, "usageMetadata": {"totalTokenCount": 321}}));
         self.resumption_update(out);
+        self.drop_now = drop;
     }
 }
