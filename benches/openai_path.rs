@@ -95,6 +95,7 @@ async fn run() {
         character_name: "Aiko".into(),
         instructions: "bench".into(),
         voice: "marin".into(),
+        voices: Default::default(),
         language: "en-US".into(),
         history: vec![],
         tools: Arc::new(ToolRegistry::builtin()),

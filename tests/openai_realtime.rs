@@ -8,76 +8,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::fake_openai::{FakeOpenAi, FakeOptions, Reply, reply_speech, short_speech};
+use common::listen::*;
 use common::*;
 use serde_json::Value;
-
-fn count(evs: &[Value], pred: impl Fn(&Value) -> bool) -> usize {
-    evs.iter().filter(|e| pred(e)).count()
-}
-
-fn is_state(e: &Value, s: &str) -> bool {
-    e["type"] == "state" && e["state"] == s
-}
-
-/// Decoded agent audio (ms at 48 kHz) received after log index `from`.
-fn agent_ms_after(log: &[Received], from: usize) -> f64 {
-    log[from..]
-        .iter()
-        .map(|r| match r {
-            Received::Audio { samples, .. } => *samples as f64 / 48.0,
-            _ => 0.0,
-        })
-        .sum()
-}
-
-/// The largest hole in the agent's media timeline after log index `from`: the RTP timestamp step
-/// between consecutive packets beyond one 20 ms frame (what a listener hears as a gap, unlike
-/// arrival jitter, which the client's jitter buffer absorbs), and the talkspurt starts (marker).
-fn media_holes(log: &[Received], from: usize, window: Option<(Instant, Instant)>) -> (Duration, usize) {
-    let pkts: Vec<(u32, bool)> = log[from..]
-        .iter()
-        .filter_map(|r| match r {
-            Received::Audio { rtp_ts, marker, at, .. } if window.is_none_or(|(a, b)| *at >= a && *at <= b) => {
-                Some((*rtp_ts, *marker))
-            }
-            _ => None,
-        })
-        .collect();
-    let hole = pkts.windows(2).map(|w| w[1].0.wrapping_sub(w[0].0).saturating_sub(960)).max().unwrap_or(0);
-    let spurts = pkts.iter().filter(|(_, m)| *m).count();
-    (Duration::from_micros(u64::from(hole) * 1000 / 48), spurts)
-}
-
-/// The longest silence between consecutive agent packets after log index `from`.
-fn max_packet_gap(log: &[Received], from: usize) -> Duration {
-    let times: Vec<Instant> = log[from..]
-        .iter()
-        .filter_map(|r| match r {
-            Received::Audio { at, .. } => Some(*at),
-            _ => None,
-        })
-        .collect();
-    times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
-}
-
-async fn connect(ts: &TestServer) -> (String, String, TestClient) {
-    let (session_id, token, offer_url) = ts.create_session().await;
-    let client = TestClient::connect(ts, &offer_url, &token).await;
-    client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
-    client.wait_event("listening", Duration::from_secs(10), |e| is_state(e, "listening")).await;
-    (session_id, token, client)
-}
-
-/// Speak the test question and keep the uplink going until the agent has finished `n` replies.
-async fn ask_and_wait_reply(client: &mut TestClient, n: usize) {
-    client
-        .ask_until(&format!("reply {n} to finish"), Duration::from_secs(40), |evs| {
-            let finals = count(evs, |e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true);
-            let last_state = evs.iter().rev().find(|e| e["type"] == "state");
-            finals >= n && last_state.is_some_and(|e| e["state"] == "listening")
-        })
-        .await;
-}
 
 /// A server on `fake` whose turns our VAD commits, reconnecting after 50 ms, and a client that has
 /// heard its first reply.

@@ -26,6 +26,10 @@ pub struct Character {
     /// Voice name (provider-specific).
     #[serde(default = "default_voice")]
     pub voice: String,
+    /// Voice per provider (`voices = { gemini = "Puck", nova_sonic = "matthew" }`); a provider
+    /// not listed uses `voice`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub voices: BTreeMap<String, String>,
     /// Persona: the system instructions.
     #[serde(default)]
     pub persona: String,
@@ -80,6 +84,13 @@ impl Character {
                 "characters.tools",
                 format!("character `{}` lists unknown tool `{t}`", self.id),
                 format!("use tools from: {}", builtin.names().join(", ")),
+            ));
+        }
+        if let Some(p) = self.voices.keys().find(|p| table::entry(p).is_none()) {
+            return Err(err(
+                "characters.voices",
+                format!("character `{}` has a voice for unknown provider `{p}`", self.id),
+                format!("use providers from: {}", table::known_names().join(", ")),
             ));
         }
         if let Some(p) = self.providers.iter().find(|p| table::entry(p).is_none()) {

@@ -37,6 +37,7 @@ pub mod auth;
 pub mod cascade;
 pub mod characters;
 pub mod env;
+pub mod gemini;
 pub mod local;
 pub mod media;
 pub mod node;
@@ -77,6 +78,13 @@ pub struct ConfigError {
 /// A [`ConfigError`] for `key`.
 pub fn err(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
     ConfigError { key: key.to_owned(), problem: problem.into(), fix: fix.into() }
+}
+
+impl ConfigError {
+    /// The error for `key`: what is wrong and what to do (same as [`err`]).
+    pub fn new(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        err(key, problem, fix)
+    }
 }
 
 /// `http://` or `https://`.
@@ -149,6 +157,10 @@ pub struct Config {
     pub scripted: ScriptedSettings,
     /// The OpenAI Realtime provider's settings (`[openai]`, `OPENAI_*`).
     pub openai: OpenAiSettings,
+    /// The Gemini Live provider's settings (`[gemini]`, `GEMINI_*`).
+    pub gemini: crate::providers::gemini::GeminiSettings,
+    /// The Amazon Nova Sonic provider's settings (`[nova_sonic]`; the AWS standard variables).
+    pub nova_sonic: crate::providers::nova_sonic::NovaSonicSettings,
     /// Reconnect, recycling and failover of provider sessions.
     pub resilience: ResilienceSettings,
     /// The offline engines (provider `local`).
@@ -179,6 +191,8 @@ impl Default for Config {
             media: MediaSettings::default(),
             scripted: ScriptedSettings::default(),
             openai: OpenAiSettings::default(),
+            gemini: Default::default(),
+            nova_sonic: Default::default(),
             resilience: ResilienceSettings::default(),
             local: LocalSettings::default(),
             cascade: CascadeSettings::default(),
@@ -224,6 +238,8 @@ impl Config {
             &self.session,
             &self.scripted,
             &self.openai,
+            &self.gemini,
+            &self.nova_sonic,
             &self.resilience,
             &self.cascade,
             &self.local,
@@ -238,6 +254,8 @@ impl Config {
             &mut self.session,
             &mut self.scripted,
             &mut self.openai,
+            &mut self.gemini,
+            &mut self.nova_sonic,
             &mut self.resilience,
             &mut self.cascade,
             &mut self.local,
@@ -291,6 +309,16 @@ impl Config {
     /// The media UDP port range, if configured.
     pub fn udp_port_range(&self) -> Result<Option<(u16, u16)>, ConfigError> {
         self.media.udp_port_range()
+    }
+
+    /// Whether new sessions or a character (its preferred provider or failover list) may use
+    /// provider `name`.
+    pub fn uses_provider(&self, name: &str) -> bool {
+        self.provider.as_deref() == Some(name)
+            || self
+                .characters
+                .iter()
+                .any(|c| c.provider.as_deref() == Some(name) || c.providers.iter().any(|p| p == name))
     }
 
     /// The provider for new sessions.

@@ -11,11 +11,14 @@
 //! [`ProviderEvent::Closed`] and a closed event channel alike.
 
 pub mod cascade;
+pub mod gemini;
+pub mod nova_sonic;
 pub mod openai;
 pub mod resilient;
 pub mod scripted;
 pub mod table;
 pub mod tools;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +55,8 @@ pub struct Capabilities {
     pub user_transcripts: bool,
     /// The provider can call tools.
     pub tools: bool,
+    /// The provider takes images (camera or screen frames) with the audio.
+    pub images: bool,
     /// The longest a provider session may last before it must be recycled (None: unbounded).
     pub max_session: Option<Duration>,
 }
@@ -69,6 +74,8 @@ pub struct SessionConfig {
     pub instructions: String,
     /// The voice to speak with.
     pub voice: String,
+    /// Voices per provider name, chosen by the character (see [`SessionConfig::voice_for`]).
+    pub voices: std::collections::HashMap<String, String>,
     /// Language tag, e.g. `en-US`.
     pub language: String,
     /// The conversation so far, replayed into a fresh provider session (reconnect, recycling,
@@ -78,6 +85,13 @@ pub struct SessionConfig {
     pub tools: Arc<tools::ToolRegistry>,
     /// The character's phoneme -> viseme overrides (providers that know phonemes use them).
     pub viseme_overrides: std::collections::HashMap<String, signaling::events::Viseme>,
+}
+
+impl SessionConfig {
+    /// The character's voice for provider `name`: its per-provider choice, else `voice`.
+    pub fn voice_for(&self, name: &str) -> &str {
+        self.voices.get(name).map_or(self.voice.as_str(), String::as_str)
+    }
 }
 
 /// A past turn, replayed into a fresh provider session as context.

@@ -33,7 +33,14 @@
 //!   [`ResiliencePolicy::quiet_for`]), with the turns added meanwhile appended as history. A reply
 //!   in flight is never cut by a swap, and an utterance only when it runs a whole lead time past
 //!   the limit.
-//!   Audio already handed to the session task keeps playing, so the user hears no gap.
+//!   Audio already handed to the session task keeps playing, so the user hears no gap. The limit
+//!   is the one the provider declared when its session was adopted (a provider with expiring
+//!   credentials declares the time to their expiry minus its margin: seed 002's recycling, for
+//!   every provider), capped by [`ResiliencePolicy::max_session`]; a swap also waits until no
+//!   agent audio came for [`AGENT_QUIET`].
+//! - A turn whose provider sessions fail more than [`MAX_RESTARTS_PER_TURN`] times (no reply
+//!   completed in between) is moved to the next provider, or given up with a final error.
+//! - Capabilities are the preferred provider's, passed through as declared.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -54,6 +61,11 @@ use super::{
 const MAX_QUEUED_COMMANDS: usize = 16;
 /// Drops of one provider within this window count towards failing over from it.
 const FLAPPING_WINDOW: Duration = Duration::from_secs(120);
+/// A swap also waits until the agent's audio has stopped coming for this long (seed 002: the
+/// reply's end, then 1 s without new audio).
+const AGENT_QUIET: Duration = Duration::from_secs(1);
+/// A turn whose provider session fails more often than this is given up (seed 002).
+pub const MAX_RESTARTS_PER_TURN: u32 = 3;
 
 /// How the wrapper reacts to trouble.
 #[derive(Debug, Clone)]
@@ -66,7 +78,7 @@ pub struct ResiliencePolicy {
     pub backoff_max: Duration,
     /// User audio kept while reconnecting.
     pub gap_buffer: Duration,
-    /// Override of the providers' `max_session` (None: each provider's own).
+    /// Cap on the providers' `max_session` (None: each provider's own).
     pub max_session: Option<Duration>,
     /// Open the next session this long before the limit.
     pub recycle_lead: Duration,
@@ -120,16 +132,10 @@ impl RealtimeProvider for ResilientProvider {
         self.chain[0].name()
     }
 
+    /// The preferred provider's, as declared: the wrapper adds resilience, not abilities (a
+    /// `CommitTurn` or `Truncate` a provider cannot use is still taken and not passed on).
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            // The session task always reports the end of the user's turn; the supervisor passes it
-            // on only to inner providers without their own turn detection.
-            server_vad: false,
-            truncation: true,
-            user_transcripts: self.chain.iter().any(|p| p.capabilities().user_transcripts),
-            tools: self.chain.iter().any(|p| p.capabilities().tools),
-            max_session: None,
-        }
+        self.chain[0].capabilities()
     }
 
     fn input_format(&self) -> AudioFormat {
@@ -192,6 +198,9 @@ struct Live {
     truncation: bool,
     /// Its `Ready` is not forwarded again after a swap.
     swallow_ready: bool,
+    /// Its limit, as declared when it was adopted (a provider whose credentials expire declares
+    /// less than its stream limit), capped by the policy's.
+    max_session: Option<Duration>,
 }
 
 /// The next session being opened in the background (a task, so the supervisor stays `Sync`-free
@@ -245,6 +254,10 @@ struct Supervisor {
     open_not_before: Option<Instant>,
     /// A requested reply must show a sign of life before this.
     reply_deadline: Option<Instant>,
+    /// When agent audio last came from the live session.
+    last_agent_audio: Option<Instant>,
+    /// Provider sessions lost since the last completed reply.
+    restarts_in_turn: u32,
 }
 
 impl Supervisor {
@@ -258,6 +271,7 @@ impl Supervisor {
     ) -> Self {
         let caps = chain[idx].capabilities();
         let context = History::from_items(cfg.history.iter().cloned());
+        let max_session = capped(policy.max_session, caps.max_session);
         Self {
             live: Some(Live {
                 session: inner,
@@ -266,6 +280,7 @@ impl Supervisor {
                 server_vad: caps.server_vad,
                 truncation: caps.truncation,
                 swallow_ready: false,
+                max_session,
             }),
             chain,
             policy,
@@ -296,17 +311,15 @@ impl Supervisor {
             opening: None,
             open_not_before: None,
             reply_deadline: None,
+            last_agent_audio: None,
+            restarts_in_turn: 0,
         }
-    }
-
-    fn max_session(&self, idx: usize) -> Option<Duration> {
-        self.policy.max_session.or(self.chain[idx].capabilities().max_session)
     }
 
     /// When to start opening the next session, and the hard limit.
     fn recycle_times(&self) -> Option<(Instant, Instant)> {
         let live = self.live.as_ref()?;
-        let max = self.max_session(live.idx)?;
+        let max = live.max_session?;
         let limit = live.started + max;
         Some((limit - self.policy.recycle_lead.min(max / 2), limit))
     }
@@ -511,6 +524,7 @@ impl Supervisor {
             }
             ProviderEvent::AudioDelta { item_id, .. } => {
                 self.reply_audio_seen = true;
+                self.last_agent_audio = Some(Instant::now());
                 self.responding = true;
                 let reply =
                     self.reply.get_or_insert_with(|| AgentReply { item_id: item_id.clone(), ..Default::default() });
@@ -531,6 +545,8 @@ impl Supervisor {
                 }
             }
             ProviderEvent::Transcript { speaker: Speaker::User, text, is_final: true, .. } => {
+                // The provider heard the utterance to its end (its own turn detection).
+                self.uncommitted_speech = false;
                 if self.text_echo.as_deref().is_some_and(|t| super::is_echo(t, text)) {
                     self.text_echo = None;
                 } else {
@@ -543,6 +559,7 @@ impl Supervisor {
             }
             ProviderEvent::ResponseDone { .. } => {
                 self.responding = false;
+                self.restarts_in_turn = 0;
             }
             ProviderEvent::Error { code, .. } if code == "session_expired" => {
                 self.on_drop("the model session expired").await;
@@ -576,6 +593,10 @@ impl Supervisor {
         // repeated.
         self.answer_after_reconnect = self.responding && !self.reply_audio_seen;
         self.responding = false;
+        self.restarts_in_turn += 1;
+        if self.restarts_in_turn > MAX_RESTARTS_PER_TURN && live.idx + 1 == self.chain.len() {
+            return self.give_up(format!("{name} failed {} times in one turn", self.restarts_in_turn)).await;
+        }
         if let Some((_, next)) = self.next.take() {
             // A pre-opened session lacks nothing but the latest turns: use it right away.
             self.live = Some(self.adopt(live.idx, next, true));
@@ -594,13 +615,26 @@ impl Supervisor {
         let now = Instant::now();
         self.drops.retain(|t| now.duration_since(*t) < FLAPPING_WINDOW);
         self.drops.push_back(now);
-        let flapping = self.drops.len() as u32 >= self.policy.attempts_per_provider;
+        let flapping = self.drops.len() as u32 >= self.policy.attempts_per_provider
+            || self.restarts_in_turn > MAX_RESTARTS_PER_TURN;
         if flapping && live.idx + 1 < self.chain.len() {
             self.drops.clear();
             self.schedule_reconnect(live.idx + 1);
         } else {
             self.schedule_reconnect(live.idx);
         }
+    }
+
+    /// No provider is left to try: the session gets a final error and `Closed`.
+    async fn give_up(&mut self, why: String) {
+        self.reconnect_at = None;
+        self.emit(ProviderEvent::Error {
+            code: "provider_unavailable".into(),
+            message: format!("no model provider could be reached: {why}"),
+            retryable: false,
+        })
+        .await;
+        self.emit(ProviderEvent::Closed).await;
     }
 
     /// A requested reply never started: say so, stop waiting, and cancel it in case it is late.
@@ -656,13 +690,7 @@ impl Supervisor {
                     self.schedule_reconnect(idx + 1);
                     self.reconnect_at = Some(Instant::now());
                 } else {
-                    self.emit(ProviderEvent::Error {
-                        code: "provider_unavailable".into(),
-                        message: format!("no model provider could be reached: {e}"),
-                        retryable: false,
-                    })
-                    .await;
-                    self.emit(ProviderEvent::Closed).await;
+                    self.give_up(e.to_string()).await;
                 }
             }
         }
@@ -677,6 +705,7 @@ impl Supervisor {
             server_vad: caps.server_vad,
             truncation: caps.truncation,
             swallow_ready,
+            max_session: capped(self.policy.max_session, caps.max_session),
         }
     }
 
@@ -727,8 +756,19 @@ impl Supervisor {
         let Some((_, limit)) = self.recycle_times() else { return };
         // Never mid-utterance (the old session holds the uncommitted audio), unless the user has
         // talked past the limit by a whole lead time.
-        let quiet = self.uplink_time.saturating_sub(self.last_voice) >= self.policy.quiet_for;
+        let agent_quiet = self.last_agent_audio.is_none_or(|t| t.elapsed() >= AGENT_QUIET);
+        let quiet = agent_quiet && self.uplink_time.saturating_sub(self.last_voice) >= self.policy.quiet_for;
         if (!quiet || self.uncommitted_speech) && Instant::now() < limit + self.policy.recycle_lead {
+            return;
+        }
+        if !self.added_since_snapshot.is_empty() && Instant::now() < limit + self.policy.recycle_lead {
+            // The pre-opened session lacks the turns since its snapshot, and not every provider
+            // can take them later (Nova Sonic takes history only when a stream opens): open it
+            // again with the whole context, still ahead of the limit.
+            if let Some((_, stale)) = self.next.take() {
+                let _ = stale.commands.try_send(ProviderCommand::Close);
+            }
+            self.start_opening_next();
             return;
         }
         let Some((idx, next)) = self.next.take() else { return };
@@ -740,6 +780,14 @@ impl Supervisor {
         self.open_not_before = None;
         tracing::info!(session_id = %self.cfg.session_id, "provider session recycled at a turn boundary");
         self.after_swap("provider_recycled", "the model session was renewed before its time limit".into()).await;
+    }
+}
+
+/// The shorter of two optional limits.
+fn capped(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -795,7 +843,14 @@ mod tests {
         }
         fn capabilities(&self) -> Capabilities {
             let max_session = self.max_session;
-            Capabilities { server_vad: false, truncation: true, user_transcripts: true, tools: false, max_session }
+            Capabilities {
+                server_vad: false,
+                truncation: true,
+                user_transcripts: true,
+                tools: false,
+                images: false,
+                max_session,
+            }
         }
         fn input_format(&self) -> AudioFormat {
             AudioFormat { rate_hz: 24_000 }
@@ -816,6 +871,7 @@ mod tests {
             character_name: "Aiko".into(),
             instructions: String::new(),
             voice: "marin".into(),
+            voices: Default::default(),
             language: "en-US".into(),
             history: Vec::new(),
             tools: Arc::new(super::super::tools::ToolRegistry::builtin()),

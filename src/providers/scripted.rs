@@ -161,7 +161,14 @@ impl RealtimeProvider for ScriptedProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { server_vad: false, truncation: true, user_transcripts: false, tools: false, max_session: None }
+        Capabilities {
+            server_vad: false,
+            truncation: true,
+            user_transcripts: false,
+            tools: false,
+            images: false,
+            max_session: None,
+        }
     }
 
     fn input_format(&self) -> AudioFormat {

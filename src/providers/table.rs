@@ -73,6 +73,20 @@ pub const PROVIDERS: &[ProviderEntry] = &[
         validate: |c| c.openai.validate_selected(),
         build: |c, _| Ok(Arc::new(super::openai::OpenAiProvider::new(c.openai.clone()))),
     },
+    ProviderEntry {
+        name: "gemini",
+        offered: |c| c.gemini.configured(),
+        validate: |c| c.gemini.validate(),
+        build: |c, _| Ok(Arc::new(super::gemini::GeminiProvider::new(c.gemini.clone()))),
+    },
+    // Built only where a session may use it: its constructor resolves AWS credentials.
+    #[cfg(feature = "nova-sonic")]
+    ProviderEntry {
+        name: "nova_sonic",
+        offered: |c| c.uses_provider("nova_sonic"),
+        validate: |c| c.nova_sonic.validate(),
+        build: |c, _| Ok(Arc::new(super::nova_sonic::NovaSonicProvider::new(c.nova_sonic.clone()))),
+    },
     #[cfg(feature = "local")]
     ProviderEntry { name: "local", offered: always, validate: never, build: build_local },
     ProviderEntry {
@@ -98,7 +112,8 @@ pub fn entry(name: &str) -> Option<&'static ProviderEntry> {
 
 /// Environment that selects a provider when `KOTODAMA_PROVIDER` is unset: a cascade server
 /// (`KOTODAMA_*_URL`) selects `cascade`, else `OPENAI_API_KEY` alone selects `openai` (the
-/// contract). `KOTODAMA_PROVIDER` itself is read here too.
+/// contract), else `GEMINI_API_KEY` alone selects `gemini`. `KOTODAMA_PROVIDER` itself is read
+/// here too.
 pub fn select_from_env(c: &mut Config, get: &dyn Fn(&str) -> Option<String>) {
     if let Some(p) = crate::config::env::value(get, "KOTODAMA_PROVIDER") {
         c.provider = Some(p);
@@ -108,6 +123,9 @@ pub fn select_from_env(c: &mut Config, get: &dyn Fn(&str) -> Option<String>) {
     }
     if c.provider.is_none() && crate::config::env::value(get, "OPENAI_API_KEY").is_some() {
         c.provider = Some("openai".into());
+    }
+    if c.provider.is_none() && crate::config::env::value(get, "GEMINI_API_KEY").is_some() {
+        c.provider = Some("gemini".into());
     }
 }
 
@@ -123,10 +141,7 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
             "set KOTODAMA_PROVIDER to one of the known providers",
         ));
     }
-    let used = |name: &str| {
-        c.provider.as_deref() == Some(name) || c.characters.iter().any(|ch| ch.providers.iter().any(|p| p == name))
-    };
-    PROVIDERS.iter().filter(|p| used(p.name)).try_for_each(|p| (p.validate)(c))
+    PROVIDERS.iter().filter(|p| c.uses_provider(p.name)).try_for_each(|p| (p.validate)(c))
 }
 
 /// The providers a node with this configuration offers. The offline engines are loaded here,

@@ -193,6 +193,7 @@ impl SessionBuilder {
             character_name: character.name.clone(),
             instructions: character.persona.clone(),
             voice: character.voice.clone(),
+            voices: character.voices.clone().into_iter().collect(),
             language: character.language.clone(),
             history: Vec::new(),
             tools: match &character.tools {

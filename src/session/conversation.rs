@@ -535,13 +535,12 @@ impl Conversation {
         true
     }
 
-    /// Our VAD heard the user stop at `at`: without server VAD, that ends the user's turn.
+    /// Our VAD heard the user stop at `at`: that ends the user's turn. `CommitTurn` always goes
+    /// down (the resilience layer needs the edge); it reaches only providers without their own
+    /// turn detection ([`crate::providers::Capabilities::server_vad`]), which the layer filters.
     fn on_speech_stopped(&mut self, at: Duration) {
         let base = self.first_audio.unwrap_or_default();
         self.event(ServerEvent::UserSpeechStopped { at_ms: ms(base + at) });
-        if self.cfg.caps.server_vad {
-            return;
-        }
         let silence = self.media.uplink.position().saturating_sub(at);
         self.command(ProviderCommand::CommitTurn);
         self.turn = Some(TurnTiming { committed_at: self.now, silence, first_audio_at: None });
@@ -592,10 +591,10 @@ impl Conversation {
         if let Some((item_id, played)) = item {
             // The agent's turn ends with the words released while it played.
             let heard = self.media.speech.cut().map(|(_, heard)| heard).unwrap_or_default();
-            if self.cfg.caps.truncation {
-                let (item_id, heard) = (item_id.clone(), heard.clone());
-                self.command(ProviderCommand::Truncate { item_id, audio_end: played, heard });
-            }
+            // Always sent: the layers below keep the heard text from it; a provider that cannot
+            // cut its own context ([`Capabilities::truncation`] false) ignores it.
+            let (truncated, heard_text) = (item_id.clone(), heard.clone());
+            self.command(ProviderCommand::Truncate { item_id: truncated, audio_end: played, heard: heard_text });
             self.event(ServerEvent::AgentInterrupted { item_id: item_id.clone(), played_ms: ms(played) });
             self.record(Role::Agent, &heard, true);
             let transcript =

@@ -33,7 +33,14 @@ struct Harness {
 }
 
 fn caps() -> Capabilities {
-    Capabilities { server_vad: false, truncation: true, user_transcripts: true, tools: false, max_session: None }
+    Capabilities {
+        server_vad: false,
+        truncation: true,
+        user_transcripts: true,
+        tools: false,
+        images: false,
+        max_session: None,
+    }
 }
 
 fn config(greeting: Option<&str>, idle: Option<Duration>) -> ConversationConfig {

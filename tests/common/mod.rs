@@ -3,8 +3,12 @@
 #![allow(dead_code)]
 
 pub mod client_peer;
+pub mod energy_vad;
+pub mod fake_gemini;
+pub mod fake_nova;
 pub mod fake_openai;
 pub mod fake_openai_http;
+pub mod listen;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

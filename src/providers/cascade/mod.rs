@@ -148,7 +148,14 @@ impl RealtimeProvider for CascadeProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { server_vad: false, truncation: true, user_transcripts: true, tools: false, max_session: None }
+        Capabilities {
+            server_vad: false,
+            truncation: true,
+            user_transcripts: true,
+            tools: false,
+            images: false,
+            max_session: None,
+        }
     }
 
     fn input_format(&self) -> AudioFormat {

@@ -181,6 +181,7 @@ impl RealtimeProvider for OpenAiProvider {
             truncation: true,
             user_transcripts: !self.settings.transcription_model.is_empty(),
             tools: true,
+            images: false,
             max_session: Some(Duration::from_secs(self.settings.max_session_secs)),
         }
     }
@@ -204,7 +205,7 @@ impl RealtimeProvider for OpenAiProvider {
             let params = SessionParams {
                 model: settings.model.clone(),
                 instructions: cfg.instructions.clone(),
-                voice: settings.voice_for(&cfg.voice),
+                voice: settings.voice_for(cfg.voice_for("openai")),
                 input_rate_hz: settings.input_rate_hz,
                 turn_detection: settings.turn_detection,
                 transcription_model: Some(settings.transcription_model.clone()).filter(|m| !m.is_empty()),

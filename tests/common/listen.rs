@@ -1,0 +1,115 @@
+//! What a test client heard and saw: counting events, measuring the agent's audio and the holes
+//! in its media timeline, and the usual connect / ask-and-wait steps of a conversation test.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{Received, TestClient, TestServer, wav};
+
+/// Events matching `pred`.
+pub fn count(evs: &[Value], pred: impl Fn(&Value) -> bool) -> usize {
+    evs.iter().filter(|e| pred(e)).count()
+}
+
+/// Whether `e` is the `state` event `s`.
+pub fn is_state(e: &Value, s: &str) -> bool {
+    e["type"] == "state" && e["state"] == s
+}
+
+/// Decoded agent audio (ms at 48 kHz) received after log index `from`.
+pub fn agent_ms_after(log: &[Received], from: usize) -> f64 {
+    log[from..]
+        .iter()
+        .map(|r| match r {
+            Received::Audio { samples, .. } => *samples as f64 / 48.0,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// The largest hole in the agent's media timeline after log index `from`: the RTP timestamp step
+/// between consecutive packets beyond one 20 ms frame (what a listener hears as a gap, unlike
+/// arrival jitter, which the client's jitter buffer absorbs), and the talkspurt starts (marker).
+pub fn media_holes(log: &[Received], from: usize, window: Option<(Instant, Instant)>) -> (Duration, usize) {
+    let pkts: Vec<(u32, bool)> = log[from..]
+        .iter()
+        .filter_map(|r| match r {
+            Received::Audio { rtp_ts, marker, at, .. } if window.is_none_or(|(a, b)| *at >= a && *at <= b) => {
+                Some((*rtp_ts, *marker))
+            }
+            _ => None,
+        })
+        .collect();
+    let hole = pkts.windows(2).map(|w| w[1].0.wrapping_sub(w[0].0).saturating_sub(960)).max().unwrap_or(0);
+    let spurts = pkts.iter().filter(|(_, m)| *m).count();
+    (Duration::from_micros(u64::from(hole) * 1000 / 48), spurts)
+}
+
+/// The longest silence between consecutive agent packets after log index `from`.
+pub fn max_packet_gap(log: &[Received], from: usize) -> Duration {
+    let times: Vec<Instant> = log[from..]
+        .iter()
+        .filter_map(|r| match r {
+            Received::Audio { at, .. } => Some(*at),
+            _ => None,
+        })
+        .collect();
+    times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+}
+
+/// Create a session, connect a client, wait for `session.ready` and `listening`.
+pub async fn connect(ts: &TestServer) -> (String, String, TestClient) {
+    let (session_id, token, offer_url) = ts.create_session().await;
+    let client = TestClient::connect(ts, &offer_url, &token).await;
+    client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
+    client.wait_event("listening", Duration::from_secs(10), |e| is_state(e, "listening")).await;
+    (session_id, token, client)
+}
+
+/// Speak the test question and keep the uplink going until the agent has finished `n` replies.
+pub async fn ask_and_wait_reply(client: &mut TestClient, n: usize) {
+    let (_, question) = wav("user_question.wav");
+    client.speak(&question).await;
+    client
+        .silence_until(&format!("reply {n} to finish"), Duration::from_secs(40), |evs| {
+            let finals = count(evs, |e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true);
+            let last_state = evs.iter().rev().find(|e| e["type"] == "state");
+            finals >= n && last_state.is_some_and(|e| e["state"] == "listening")
+        })
+        .await;
+}
+
+/// `GET /v1/sessions/{id}/transcript`: the stored turns.
+pub async fn transcript(ts: &TestServer, session_id: &str, token: &str) -> Vec<serde_json::Value> {
+    let res = ts
+        .http
+        .get(format!("{}/v1/sessions/{session_id}/transcript", ts.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    res.json().await.unwrap()
+}
+
+/// A character with a voice per provider.
+pub fn character_with_voices() -> kotodama::config::Character {
+    kotodama::config::Character {
+        id: "aiko".into(),
+        name: "Aiko".into(),
+        language: "en-US".into(),
+        voice: "aiko".into(),
+        voices: [("gemini".to_owned(), "Charon".to_owned()), ("nova_sonic".to_owned(), "matthew".to_owned())].into(),
+        persona: "You are Aiko.".into(),
+        ..Default::default()
+    }
+}
+
+/// The agent's final transcripts, in order.
+pub fn agent_finals(evs: &[Value]) -> Vec<String> {
+    evs.iter()
+        .filter(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
+        .map(|e| e["text"].as_str().unwrap().to_owned())
+        .collect()
+}
