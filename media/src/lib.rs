@@ -8,8 +8,9 @@
 //! ## Run loop (one session task)
 //! ```text
 //! loop select! {
-//!   rtp packet (seq, payload) from the peer at `now`:
-//!       uplink.push_rtp(now, seq, payload);
+//!   rtp packet from the peer at `now`:
+//!       uplink.push(now, RtpIn { seq, timestamp, payload_type, ssrc, payload });
+//!       (and when uplink.next_timeout() passes: uplink.handle_timeout(now))
 //!       while let Some(ev) = uplink.poll() {
 //!           match ev {
 //!               UplinkEvent::Audio(pcm)            => provider.append_audio(pcm),   // output_rate_hz
@@ -28,9 +29,11 @@
 //! ```
 //!
 //! ## Invariants
-//! - Uplink: every packet in order yields its decoded duration; a gap is concealed (PLC, FEC for
-//!   the last missing frame when the next packet carries LBRR) up to 100 ms; late/duplicate
-//!   packets are dropped; hostile payloads are counted and concealed, never a panic. Event
+//! - Uplink: packets pass a small adaptive reorder window; every packet in order yields its
+//!   decoded duration; a gap is concealed (PLC, FEC for the last missing frame when the next
+//!   packet carries LBRR) up to 100 ms; timestamp gaps (DTX) are filled with silence, so media
+//!   time is RTP time; other payload types never reach the decoder; late/duplicate packets are
+//!   dropped; hostile payloads are counted and concealed, never a panic. Event
 //!   times are stream positions from sample counts (deterministic).
 //! - Playout: at most one 20 ms frame per `poll`, never before it is due, never two frames
 //!   within `20 ms - jitter_tolerance` (default 0) of `now`; after a stall it resumes at real-time
@@ -42,13 +45,14 @@
 //!
 //! ## Modules
 //! [`pcm`] unit-carrying audio types; [`codec`] Opus with PLC/FEC; [`vad`] libfvad +
-//! hysteresis; [`resample`] rubato FFT resampler; [`uplink`]; [`playout`]; [`barge_in`];
+//! hysteresis; [`resample`] rubato FFT resampler; [`reorder`] the uplink's reorder window; [`uplink`]; [`playout`]; [`barge_in`];
 //! [`wav`] test/bench helper.
 
 pub mod barge_in;
 pub mod codec;
 pub mod pcm;
 pub mod playout;
+pub mod reorder;
 pub mod resample;
 pub mod timeline;
 pub mod uplink;
@@ -62,7 +66,7 @@ pub use pcm::{FRAME, OPUS_RATE, Pcm, PcmRef};
 pub use playout::{Cleared, OutFrame, Playout, PlayoutConfig, PlayoutStats};
 pub use resample::{Alignment, ResampleError, Resampler};
 pub use timeline::Timeline;
-pub use uplink::{Uplink, UplinkConfig, UplinkEvent, UplinkStats};
+pub use uplink::{RtpIn, Uplink, UplinkConfig, UplinkEvent, UplinkStats};
 pub use vad::{Vad, VadConfig, VadEdge, VadMode};
 pub use viseme::{MouthShape, ShapeRun, VisemeEstimator};
 pub use wav::WavError;

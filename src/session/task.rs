@@ -149,6 +149,7 @@ impl SessionTask {
             let next_due = self.playout.next_due().map(|d| tokio::time::Instant::from_std(self.start + d));
             let provider_room = conv.pending.is_none() && self.playout.has_room_for(PLAYOUT_HEADROOM);
             let idle_at = self.idle_timeout.map(|t| tokio::time::Instant::from_std(conv.last_activity + t));
+            let uplink_due = self.uplink.next_timeout().map(|d| tokio::time::Instant::from_std(self.start + d));
             tokio::select! {
                 biased;
                 ctl = self.control_rx.recv() => match ctl {
@@ -164,6 +165,11 @@ impl SessionTask {
                 _ = sleep_until_opt(next_due) => {
                     self.pace(&mut conv, &mut frame).await;
                     self.push_pending(&mut conv);
+                }
+                _ = sleep_until_opt(uplink_due) => {
+                    // A packet held behind a gap waited long enough: release it.
+                    self.uplink.handle_timeout(self.now());
+                    self.drain_uplink(&mut conv).await;
                 }
                 ev = self.peer_rx.recv() => {
                     let Some(ev) = ev else { break EndReason::PeerFailed };
@@ -384,10 +390,10 @@ impl SessionTask {
 
     async fn on_peer_event(&mut self, conv: &mut Conversation, ev: PeerEvent) -> Option<EndReason> {
         match ev {
-            PeerEvent::Rtp { seq, payload, arrival, .. } => {
+            PeerEvent::Rtp { seq, timestamp, payload_type, ssrc, payload, arrival } => {
                 let now = self.now();
                 conv.first_rtp.get_or_insert(now);
-                self.uplink.push_rtp(now, seq, &payload);
+                self.uplink.push(now, media::RtpIn { seq, timestamp, payload_type, ssrc, payload: &payload });
                 if self.drain_uplink(conv).await {
                     self.uplink_hist.record(arrival.elapsed().as_secs_f64());
                 }
