@@ -61,6 +61,8 @@ pub enum EndReason {
     Admin,
     /// Nobody spoke or wrote for `session.idle_timeout_secs`.
     IdleTimeout,
+    /// The offer found no free media port (`media.udp_ports` held); the client got 503.
+    NoMediaPort,
 }
 
 impl EndReason {
@@ -76,6 +78,7 @@ impl EndReason {
             EndReason::Shutdown => Api::ServerShutdown,
             EndReason::Admin => Api::ClientRequest,
             EndReason::IdleTimeout => Api::IdleTimeout,
+            EndReason::NoMediaPort => Api::InternalError,
         }
     }
 
@@ -356,6 +359,12 @@ pub enum SessionError {
     /// The WebRTC stack rejected the offer.
     #[error("offer rejected: {0}")]
     BadOffer(String),
+    /// The stack's answer would not work for this offer.
+    #[error(transparent)]
+    OfferRefused(signaling::answer::AnswerError),
+    /// No media port is free (`media.udp_ports` exhausted or held by another process).
+    #[error("no free media port")]
+    NoMediaPort,
     /// The provider could not be reached.
     #[error("model provider unavailable: {0}")]
     ProviderUnavailable(String),
@@ -653,7 +662,7 @@ impl SessionManager {
     pub async fn offer(
         self: &Arc<Self>,
         id: &str,
-        offer_sdp: String,
+        offer: signaling::sdp::ValidOffer,
     ) -> Result<(String, String, String), SessionError> {
         let shared = self.get(id).ok_or(SessionError::NotFound)?;
         {
@@ -664,13 +673,19 @@ impl SessionManager {
                 Phase::Connecting | Phase::Connected => return Err(SessionError::AlreadyConnected),
             }
         }
-        match self.start_live(&shared, offer_sdp).await {
+        match self.start_live(&shared, &offer).await {
             Ok(v) => Ok(v),
             Err(e) => {
                 // Let the client try again with a corrected offer.
                 let mut st = shared.lock();
                 if st.phase == Phase::Connecting && st.live.is_none() {
                     st.phase = Phase::Created;
+                }
+                drop(st);
+                // A local resource failure is not the client's to fix: end the session (not left
+                // `created` until the connect timeout); the 503 tells the client when to retry.
+                if matches!(e, SessionError::NoMediaPort) {
+                    shared.end(EndReason::NoMediaPort);
                 }
                 Err(e)
             }
@@ -680,7 +695,7 @@ impl SessionManager {
     async fn start_live(
         self: &Arc<Self>,
         shared: &Arc<SessionShared>,
-        offer_sdp: String,
+        offer: &signaling::sdp::ValidOffer,
     ) -> Result<(String, String, String), SessionError> {
         let character = self
             .characters
@@ -707,6 +722,7 @@ impl SessionManager {
         let uplink = media::Uplink::new(media::UplinkConfig {
             output_rate_hz: input_rate_hz,
             vad: self.media.vad,
+            opus_payload_type: Some(offer.opus_payload_type()),
             ..Default::default()
         })
         .map_err(|e| SessionError::Internal(e.to_string()))?;
@@ -737,9 +753,11 @@ impl SessionManager {
         };
         // Open the model session and the peer concurrently: the client waits for both.
         let (provider_session, answered) =
-            tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer_sdp, peer_tx));
+            tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer, peer_tx));
         let (peer, answer) = answered.map_err(|e| match e {
             crate::peer::PeerError::Offer(m) => SessionError::BadOffer(m),
+            crate::peer::PeerError::Answer(e) => SessionError::OfferRefused(e),
+            crate::peer::PeerError::NoMediaPort => SessionError::NoMediaPort,
             other => SessionError::Internal(other.to_string()),
         })?;
         let result = if provider_session.is_ok() { "ok" } else { "error" };

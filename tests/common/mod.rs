@@ -368,7 +368,20 @@ impl TestClient {
 
     /// Connect to the session of `offer_url` on the server at `base` (any process).
     pub async fn connect_to(base: &str, http: &reqwest::Client, offer_url: &str, token: &str) -> TestClient {
+        Self::connect_munged(base, http, offer_url, token, |sdp| sdp).await
+    }
+
+    /// Like [`TestClient::connect_to`], posting `munge(offer)` instead of the client's own offer
+    /// (the client keeps its real local description).
+    pub async fn connect_munged(
+        base: &str,
+        http: &reqwest::Client,
+        offer_url: &str,
+        token: &str,
+        munge: impl FnOnce(String) -> String,
+    ) -> TestClient {
         let (pc, dc, track, ssrc, inbox, sdp) = client_offer(true, true).await;
+        let sdp = munge(sdp);
         let dc = dc.unwrap();
         let url = format!("{base}{offer_url}");
         let res = http
