@@ -185,7 +185,11 @@ async fn a_media_port_held_by_another_process_is_503_with_retry_after_and_ends_t
     // Another process holds the only media port.
     let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().port();
-    let ts = TestServer::start_with(|c| c.media.udp_ports = Some(format!("{port}-{port}"))).await;
+    let ts = TestServer::start_with(|c| {
+        c.media.udp_ports = Some(format!("{port}-{port}"));
+        c.session.max_sessions = 1;
+    })
+    .await;
     let (id, token, status, headers, body) = post_offer(&ts, &offer("chrome.sdp")).await;
     assert_eq!(status, 503, "{body}");
     assert!(headers.get("retry-after").is_some(), "Retry-After on 503");
