@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod http;
+pub mod http_server;
 pub mod otlp;
 pub mod peer;
 pub mod providers;

@@ -241,6 +241,10 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
         None => None,
     };
 
+    if let Some((before, after)) = crate::http_server::raise_descriptor_limit() {
+        tracing::info!(before, after, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
+    }
+    let http_settings = config.http.clone();
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("cannot bind {} (KOTODAMA_BIND): is another server running there?", config.bind))?;
@@ -295,13 +299,7 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
     let app = crate::http::app(api, Arc::clone(&manager));
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let join = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
+    let join = tokio::spawn(async move { crate::http_server::serve(listener, app, http_settings, stop_rx).await });
 
     // Housekeeping: expire sessions that never connected, forget long-ended ones.
     let sweeper = Arc::downgrade(&manager);
