@@ -47,7 +47,7 @@ pub const LINGER_TIME: Duration = Duration::from_secs(2);
 pub const CONNECTIONS_REFUSED: &str = "kotodama_http_connections_refused_total";
 /// The answer to a connection over the cap.
 const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/problem+json\r\n\
-Content-Length: 93\r\nConnection: close\r\n\r\n{\"type\":\"about:blank\",\"title\":\"Service Unavailable\",\"status\":503,\"code\":\"too_many_connections\"}";
+Content-Length: 95\r\nConnection: close\r\n\r\n{\"type\":\"about:blank\",\"title\":\"Service Unavailable\",\"status\":503,\"code\":\"too_many_connections\"}";
 
 /// `[http]`: limits of the HTTP server.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
