@@ -131,7 +131,7 @@ pub fn raise_descriptor_limit() -> Option<(u64, u64)> {
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
         return None;
     }
-    Some((before as u64, lim.rlim_cur as u64))
+    Some((before, lim.rlim_cur))
 }
 
 /// Serve `app` on `listener` until `shutdown` fires, then let the open connections finish

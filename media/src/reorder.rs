@@ -67,7 +67,7 @@ pub enum Inserted {
 
 /// The reorder window; see the module docs.
 pub struct ReorderWindow {
-    slots: Box<[Option<Slot>]>,
+    slots: Box<[Slot]>,
     /// Next sequence number to release.
     next: Option<u16>,
     held: usize,
@@ -95,7 +95,16 @@ impl ReorderWindow {
     /// An empty window whose hold adapts up to `max_hold` (clamped to >= [`MIN_HOLD`]).
     pub fn new(max_hold: Duration) -> Self {
         let max_hold = max_hold.max(MIN_HOLD);
-        let slots = (0..SLOTS).map(|_| None).collect::<Vec<_>>().into_boxed_slice();
+        let empty = || Slot {
+            used: false,
+            audio: false,
+            seq: 0,
+            timestamp: 0,
+            arrival: Duration::ZERO,
+            len: 0,
+            data: [0; MAX_PAYLOAD],
+        };
+        let slots = (0..SLOTS).map(|_| empty()).collect::<Vec<_>>().into_boxed_slice();
         Self {
             slots,
             next: None,
@@ -166,15 +175,7 @@ impl ReorderWindow {
             self.reordered += 1;
         }
         let len = if payload.len() > MAX_PAYLOAD { 0 } else { payload.len() };
-        let slot = self.slots[index].get_or_insert_with(|| Slot {
-            used: false,
-            audio,
-            seq,
-            timestamp,
-            arrival: now,
-            len: 0,
-            data: [0; MAX_PAYLOAD],
-        });
+        let slot = &mut self.slots[index];
         slot.used = true;
         slot.audio = audio;
         slot.seq = seq;
@@ -213,12 +214,12 @@ impl ReorderWindow {
         };
         self.decay();
         missing = missing.saturating_add(std::mem::take(&mut self.skipped));
-        let slot = self.slots[index].as_mut()?;
+        let slot = &mut self.slots[index];
         self.next = Some(slot.seq.wrapping_add(1));
         self.held -= 1;
         // Free the slot but keep its buffer (no allocation per packet).
         slot.used = false;
-        let slot = self.slots[index].as_ref()?;
+        let slot = &self.slots[index];
         Some(Released {
             missing,
             seq: slot.seq,
@@ -239,7 +240,7 @@ impl ReorderWindow {
 
     /// Forget everything held (a new stream); the hold is kept (the path did not change).
     pub fn clear(&mut self) {
-        for slot in self.slots.iter_mut().flatten() {
+        for slot in self.slots.iter_mut() {
             slot.used = false;
         }
         self.held = 0;
@@ -248,11 +249,12 @@ impl ReorderWindow {
     }
 
     fn occupied(&self, seq: u16) -> bool {
-        self.slots[usize::from(seq) % SLOTS].as_ref().is_some_and(|s| s.used && s.seq == seq)
+        let slot = &self.slots[usize::from(seq) % SLOTS];
+        slot.used && slot.seq == seq
     }
 
     fn held_slots(&self) -> impl Iterator<Item = &Slot> {
-        self.slots.iter().flatten().filter(|s| s.used)
+        self.slots.iter().filter(|s| s.used)
     }
 
     fn first_held_arrival(&self) -> Option<Duration> {
@@ -266,7 +268,7 @@ impl ReorderWindow {
 
     fn drop_before(&mut self, first_kept: u16) {
         let mut dropped = 0;
-        for slot in self.slots.iter_mut().flatten() {
+        for slot in self.slots.iter_mut() {
             // Everything held lies within SLOTS of the old `next`, so "before" is unambiguous.
             if slot.used && slot.seq.wrapping_sub(first_kept) >= 0x8000 {
                 slot.used = false;

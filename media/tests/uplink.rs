@@ -451,18 +451,16 @@ fn telephone_events_never_reach_the_decoder_and_are_not_loss() {
     let dtmf = [5u8, 0x0a, 0x01, 0x40]; // RFC 4733 event 5, volume 10, duration 320
     let mut list = Vec::new();
     let mut seq = 0u16;
-    let mut opus = 0u32;
     for i in 0..40u32 {
         let at = FRAME * i;
         if (10..16).contains(&i) {
-            let te = media::RtpIn { seq, timestamp: opus * 960, payload_type: 126, ssrc: 9, payload: &dtmf };
+            let te = media::RtpIn { seq, timestamp: i * 960, payload_type: 126, ssrc: 9, payload: &dtmf };
             list.push((at, te));
             seq = seq.wrapping_add(1);
         }
-        let audio = media::RtpIn { seq, timestamp: opus * 960, payload_type: 111, ssrc: 9, payload: &p[i as usize] };
+        let audio = media::RtpIn { seq, timestamp: i * 960, payload_type: 111, ssrc: 9, payload: &p[i as usize] };
         list.push((at, audio));
         seq = seq.wrapping_add(1);
-        opus += 1;
     }
     let (h, _, s) = run_timed(cfg, &list);
     assert_eq!(s.foreign_payload, 6, "{s:?}");
