@@ -507,6 +507,26 @@ impl TestClient {
         self.speak(&vec![0i16; n]).await;
     }
 
+    /// Silence as an Opus DTX sender sends it (`usedtx=1`): one packet every 400 ms in real time,
+    /// contiguous sequence numbers, the timestamp advancing by 400 ms per packet; until `pred`
+    /// holds for the received events (or `timeout`).
+    pub async fn dtx_silence_until(&mut self, what: &str, timeout: Duration, pred: impl Fn(&[Value]) -> bool) {
+        const DTX_INTERVAL: Duration = Duration::from_millis(400);
+        let deadline = Instant::now() + timeout;
+        let mut out = [0u8; 1500];
+        loop {
+            if pred(&self.events()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; events so far: {:#?}", self.events());
+            let n = self.encoder.encode(&[0i16; FRAME], &mut out).unwrap();
+            // `send_payload` adds one frame of timestamp: the rest of the 400 ms first.
+            self.ts = self.ts.wrapping_add((SAMPLE_RATE / 1000 * 400) - FRAME as u32);
+            self.send_payload(Bytes::copy_from_slice(&out[..n])).await;
+            tokio::time::sleep(DTX_INTERVAL).await;
+        }
+    }
+
     /// Send silence until `pred` holds for the received events (or `timeout`).
     pub async fn silence_until(&mut self, what: &str, timeout: Duration, pred: impl Fn(&[Value]) -> bool) {
         let deadline = Instant::now() + timeout;

@@ -1,0 +1,30 @@
+//! Media time on a real session is RTP time (issue 12, kind 3): a client whose Opus encoder uses
+//! DTX (one packet per 400 ms of silence, timestamps jumping) gets its turn ended about
+//! `min_silence` after it stopped speaking, as a client sending every 20 ms does (it took 6 s
+//! when the server counted 20 ms per packet).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dtx_client_gets_its_turn_ended_on_time() {
+    let ts = TestServer::start().await;
+    let (_, token, offer_url) = ts.create_session().await;
+    let mut client = TestClient::connect(&ts, &offer_url, &token).await;
+    client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
+    let (rate, question) = wav("user_question.wav");
+    assert_eq!(rate, SAMPLE_RATE);
+    client.speak(&question).await;
+    let spoke_until = Instant::now();
+    let stopped = |evs: &[serde_json::Value]| evs.iter().any(|e| e["type"] == "user.speech_stopped");
+    client.dtx_silence_until("user.speech_stopped", Duration::from_secs(10), stopped).await;
+    let took = spoke_until.elapsed();
+    // min_silence 500 ms + at most one 400 ms DTX interval + delivery.
+    assert!(took < Duration::from_millis(1_500), "end of turn {took:?} after the user stopped (DTX)");
+    let started = client.events().iter().filter(|e| e["type"] == "user.speech_started").count();
+    assert_eq!(started, 1, "one utterance heard");
+    client.close().await;
+}
