@@ -146,6 +146,7 @@ async fn every_real_shaped_offer_gets_a_verified_answer_or_a_specific_422() {
         ("safari.sdp", "0"),
         ("mobile_libwebrtc.sdp", "audio"),
         ("setup_active.sdp", "0"),
+        ("gstreamer_webrtcbin_max_bundle.sdp", "audio0"),
     ];
     for (name, audio_mid) in answered {
         let sdp = offer(name);
