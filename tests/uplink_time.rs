@@ -28,3 +28,22 @@ async fn a_dtx_client_gets_its_turn_ended_on_time() {
     assert_eq!(started, 1, "one utterance heard");
     client.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_client_that_sends_no_audio_is_told_and_recovers() {
+    let ts = TestServer::start().await;
+    let (_, token, offer_url) = ts.create_session().await;
+    let mut client = TestClient::connect(&ts, &offer_url, &token).await;
+    client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
+    let alarm = client.wait_event("no_audio error", Duration::from_secs(10), |e| e["code"] == "no_audio").await;
+    assert_eq!(alarm["type"], "error");
+    assert!(alarm["message"].as_str().unwrap().contains("microphone"), "{alarm}");
+    // Audio comes: the session hears it (one utterance), and no second alarm while it flows.
+    let (_, question) = wav("user_question.wav");
+    client.speak(&question).await;
+    client.silence(Duration::from_millis(800)).await;
+    let alarms = client.events().iter().filter(|e| e["code"] == "no_audio").count();
+    assert_eq!(alarms, 1);
+    assert!(client.events().iter().any(|e| e["type"] == "user.speech_started"));
+    client.close().await;
+}

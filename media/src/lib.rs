@@ -45,11 +45,12 @@
 //!
 //! ## Modules
 //! [`pcm`] unit-carrying audio types; [`codec`] Opus with PLC/FEC; [`vad`] libfvad +
-//! hysteresis; [`resample`] rubato FFT resampler; [`reorder`] the uplink's reorder window; [`uplink`]; [`playout`]; [`barge_in`];
+//! hysteresis; [`resample`] rubato FFT resampler; [`reorder`] the uplink's reorder window; [`no_audio`] the connected-but-deaf watch; [`uplink`]; [`playout`]; [`barge_in`];
 //! [`wav`] test/bench helper.
 
 pub mod barge_in;
 pub mod codec;
+pub mod no_audio;
 pub mod pcm;
 pub mod playout;
 pub mod reorder;
@@ -62,6 +63,7 @@ pub mod wav;
 
 pub use barge_in::{BargeIn, BargeInConfig, InterruptReason, Interruption};
 pub use codec::{CodecError, EncoderConfig, OpusDecoder, OpusEncoder};
+pub use no_audio::{NoAudio, NoAudioWatch};
 pub use pcm::{FRAME, OPUS_RATE, Pcm, PcmRef};
 pub use playout::{Cleared, OutFrame, Playout, PlayoutConfig, PlayoutStats};
 pub use resample::{Alignment, ResampleError, Resampler};

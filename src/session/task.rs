@@ -24,6 +24,10 @@ use crate::telemetry;
 
 /// Largest Opus frame we produce (20 ms at <= 510 kbit/s is < 1300 bytes).
 const MAX_OPUS_FRAME: usize = 1500;
+/// A connected session with no audio from the client this long is reported (log, metric, event).
+const NO_AUDIO_AFTER: Duration = Duration::from_secs(5);
+/// Counter of connected-but-deaf alarms.
+const NO_AUDIO_TOTAL: &str = "kotodama_no_audio_total";
 /// Playout holds at most this much audio before the provider is held back.
 const PLAYOUT_HEADROOM: Duration = Duration::from_millis(500);
 
@@ -69,6 +73,8 @@ struct Conversation {
     events_dropped: u64,
     /// Session time of the first RTP packet: stream positions (VAD edges) are relative to it.
     first_rtp: Option<Duration>,
+    /// Connected but no audio from the client.
+    no_audio: media::NoAudioWatch,
     /// Provider audio arrived while playout was idle at this instant (downlink latency start).
     idle_audio_at: Option<Instant>,
     /// The user's turn in flight: when it was committed, the silence waited, first provider audio.
@@ -130,6 +136,7 @@ impl SessionTask {
             uplink_dropped: 0,
             events_dropped: 0,
             first_rtp: None,
+            no_audio: media::NoAudioWatch::new(NO_AUDIO_AFTER),
             idle_audio_at: None,
             turn: None,
             exported: Exported::default(),
@@ -184,6 +191,7 @@ impl SessionTask {
                 _ = tokio::time::sleep_until(deadline) => break EndReason::MaxDuration,
                 _ = flush.tick() => {
                     self.export_stats(&mut conv);
+                    self.watch_audio(&mut conv).await;
                     self.adapt_fec(&mut conv).await;
                 }
                 _ = sleep_until_opt(idle_at) => {
@@ -407,7 +415,10 @@ impl SessionTask {
                 conv.dc = None;
             }
             PeerEvent::State(state) => match state {
-                RTCPeerConnectionState::Connected => self.shared.mark_connected(),
+                RTCPeerConnectionState::Connected => {
+                    self.shared.mark_connected();
+                    conv.no_audio.connected(self.now());
+                }
                 RTCPeerConnectionState::Failed => return Some(EndReason::PeerFailed),
                 RTCPeerConnectionState::Closed => return Some(EndReason::PeerClosed),
                 _ => {}
@@ -506,6 +517,24 @@ impl SessionTask {
     }
 
     /// Export counter deltas since the last call.
+    /// "Connected but no audio": log, count and tell the client once per silent stretch.
+    async fn watch_audio(&mut self, conv: &mut Conversation) {
+        match conv.no_audio.check(self.now(), self.uplink.stats().last_arrival) {
+            Some(media::NoAudio::Started { since }) => {
+                let secs = self.now().saturating_sub(since).as_secs();
+                tracing::warn!(session_id = %self.shared.id, silent_secs = secs, "connected but no audio from the client");
+                metrics::counter!(NO_AUDIO_TOTAL).increment(1);
+                let message =
+                    format!("no audio from your microphone for {secs} s: check that it is unmuted and sending");
+                self.emit(conv, ServerEvent::Error { code: "no_audio".into(), message }).await;
+            }
+            Some(media::NoAudio::Recovered) => {
+                tracing::info!(session_id = %self.shared.id, "audio from the client resumed")
+            }
+            None => {}
+        }
+    }
+
     fn export_stats(&self, conv: &mut Conversation) {
         use telemetry::{add, add_with};
         let up = self.uplink.stats();
