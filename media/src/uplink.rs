@@ -340,17 +340,18 @@ impl Uplink {
         self.edges.clear();
     }
 
+    /// A new time base: the decoder, the previous timestamp and anything staged are forgotten.
     fn restart_decoder(&mut self) {
         self.dec.reset();
         self.last_timestamp = None;
+        self.staged_len = None;
+        self.pending_silence = 0;
     }
 
     /// A new SSRC: what the old stream held is dropped, and nothing of the new one is compared
     /// with the old one's sequence numbers or timestamps.
     fn new_stream(&mut self) {
         self.window.clear();
-        self.staged_len = None;
-        self.pending_silence = 0;
         self.restart_decoder();
     }
 
