@@ -47,3 +47,36 @@ async fn a_connected_client_that_sends_no_audio_is_told_and_recovers() {
     assert!(client.events().iter().any(|e| e["type"] == "user.speech_started"));
     client.close().await;
 }
+
+/// `kotodama_queue_drops_total{queue="<queue>"}` in /metrics (0 when absent).
+async fn queue_drops(ts: &TestServer, queue: &str) -> f64 {
+    let text = ts.http.get(format!("{}/metrics", ts.base)).send().await.unwrap().text().await.unwrap();
+    let key = format!("kotodama_queue_drops_total{{queue=\"{queue}\"}}");
+    text.lines().find_map(|l| l.strip_prefix(&key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_after_a_stall_is_heard_whole() {
+    let ts = TestServer::start().await;
+    let (_, token, offer_url) = ts.create_session().await;
+    let mut client = TestClient::connect(&ts, &offer_url, &token).await;
+    client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
+    client.silence(Duration::from_millis(400)).await;
+    // The sender stalled while the user spoke; its queue arrives at once.
+    let (_, question) = wav("user_question.wav");
+    for chunk in question.chunks(FRAME) {
+        let mut frame = [0i16; FRAME];
+        frame[..chunk.len()].copy_from_slice(chunk);
+        client.send_frame(&frame).await;
+    }
+    let stopped = |evs: &[serde_json::Value]| evs.iter().any(|e| e["type"] == "user.speech_stopped");
+    client.silence_until("user.speech_stopped", Duration::from_secs(10), stopped).await;
+    let evs = client.events();
+    let at = |t: &str| evs.iter().find(|e| e["type"] == t).and_then(|e| e["at_ms"].as_u64()).unwrap();
+    let heard = Duration::from_millis(at("user.speech_stopped") - at("user.speech_started"));
+    let (first, last) = speech_span(&question, SAMPLE_RATE, 300.0).expect("speech in the fixture");
+    let spoken = last - first;
+    assert!(heard + Duration::from_millis(300) >= spoken, "heard {heard:?} of {spoken:?} of speech sent in a burst");
+    assert_eq!(queue_drops(&ts, "rtp_to_session").await, 0.0, "no RTP dropped on the way to the session");
+    client.close().await;
+}

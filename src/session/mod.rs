@@ -29,9 +29,12 @@ use crate::store::redis::Redis;
 use crate::store::writer::{StoreWriter, Write};
 use crate::store::{Store, StoredSession, StoredState, StoredTurn};
 
-/// Capacity of the channel from the peer's callbacks to the session task: ~1 s of RTP plus
-/// data-channel messages. When full, the callbacks drop RTP and count it.
-const PEER_CHANNEL_CAPACITY: usize = 64;
+/// Capacity of the channel from the peer's callbacks to the session task: ~10 s of RTP plus
+/// data-channel messages, so the burst a sender flushes after a stall (its queued packets arrive
+/// within a millisecond, faster than the task decodes them) fits; 64 slots dropped a third of a
+/// 3 s burst. tokio allocates the slots in blocks of 32 as they fill, so an idle session does not
+/// pay for them. When full, the callbacks drop RTP and count it.
+const PEER_CHANNEL_CAPACITY: usize = 512;
 /// Capacity of the control channel (end, trickled candidates).
 const CONTROL_CHANNEL_CAPACITY: usize = 32;
 /// Ended sessions stay queryable this long.
