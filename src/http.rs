@@ -124,7 +124,8 @@ impl Host {
 #[async_trait]
 impl SessionHost for Host {
     fn accepting(&self) -> bool {
-        self.manager.accepting()
+        // Not ready while store writes wait for an unreachable database (`/readyz` 503).
+        self.manager.accepting() && self.manager.writer().store_available()
     }
 
     async fn characters(&self) -> Vec<CharacterInfo> {

@@ -121,7 +121,10 @@ impl RunningServer {
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         self.manager.drain(self.drain_grace).await;
         self.manager.unregister_all().await;
-        self.writer.flush().await;
+        // Bounded: with the database down, queued writes would wait for it forever.
+        if tokio::time::timeout(SHUTDOWN_FLUSH, self.writer.flush()).await.is_err() {
+            tracing::error!("store unreachable at shutdown: queued writes not flushed within {SHUTDOWN_FLUSH:?}");
+        }
         let s = self.writer.stats();
         tracing::info!(
             written = s.written.load(std::sync::atomic::Ordering::Relaxed),
@@ -204,6 +207,9 @@ fn token_config(config: &Config) -> anyhow::Result<TokenConfig> {
     };
     Ok(TokenConfig { secret, keys, ttl: config.session.token_ttl(), manage_grace: config.session.max_duration() })
 }
+
+/// Longest the shutdown waits for queued store writes.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
 
 /// Bind and serve `config` with `providers`, in the background.
 pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) -> anyhow::Result<RunningServer> {
