@@ -47,6 +47,8 @@ pub struct Released<'a> {
     pub seq: u16,
     /// Its RTP timestamp (48 kHz for Opus).
     pub timestamp: u32,
+    /// When it arrived.
+    pub arrival: Duration,
     /// Its payload.
     pub payload: &'a [u8],
     /// False for a packet that only holds its sequence number (another payload type, e.g.
@@ -224,6 +226,7 @@ impl ReorderWindow {
             missing,
             seq: slot.seq,
             timestamp: slot.timestamp,
+            arrival: slot.arrival,
             payload: &slot.data[..slot.len],
             audio: slot.audio,
         })

@@ -18,8 +18,9 @@
 //! packet's timestamp is further from the previous one than the audio decoded and concealed in
 //! between (Opus DTX sends one packet per 400 ms of silence with contiguous sequence numbers, a
 //! paused sender, comfort noise), the difference is filled with silence, up to
-//! [`UplinkConfig::max_silence_fill`], so the VAD and the provider see the silence the user made
-//! and end the turn on time.
+//! [`UplinkConfig::max_silence_fill`] and never more than the time between the two packets'
+//! arrivals (so media time cannot run ahead of the wall clock), so the VAD and the provider see
+//! the silence the user made and end the turn on time.
 //!
 //! Loss handling, by 16-bit RTP sequence number with wraparound, after the reorder window:
 //! - next in order: decode;
@@ -50,6 +51,10 @@ pub const MAX_DROPOUT: u16 = 3000;
 
 /// A timestamp step larger than this (10 s at 48 kHz) is a new time base, not silence.
 const MAX_TIMESTAMP_STEP: i64 = 480_000;
+/// Silence for a timestamp gap never exceeds the time that passed between the two packets'
+/// arrivals plus this: media time may not run ahead of the wall clock (a hostile sender with
+/// timestamps jumping 10 s per packet would otherwise make 10 s of audio out of each 20 ms).
+const SILENCE_ARRIVAL_SLACK: Duration = Duration::from_millis(60);
 
 /// One RTP packet of the client's audio: the header fields the uplink uses (RFC 3550 §5.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,6 +184,7 @@ pub struct Uplink {
     silence_cap: u64,
     ssrc: Option<u32>,
     last_timestamp: Option<u32>,
+    last_arrival: Option<Duration>,
     last_packet_samples: usize,
     stream_samples: u64,
     stats: UplinkStats,
@@ -237,6 +243,7 @@ impl Uplink {
             silence_cap: duration_to_samples(silence_cap, OPUS_RATE),
             ssrc: None,
             last_timestamp: None,
+            last_arrival: None,
             last_packet_samples: FRAME_SAMPLES,
             stream_samples: 0,
             stats: UplinkStats::default(),
@@ -344,6 +351,7 @@ impl Uplink {
     fn restart_decoder(&mut self) {
         self.dec.reset();
         self.last_timestamp = None;
+        self.last_arrival = None;
         self.staged_len = None;
         self.pending_silence = 0;
     }
@@ -373,7 +381,7 @@ impl Uplink {
             return true;
         }
         let Some(r) = self.window.pop() else { return false };
-        let (missing, timestamp, audio, len) = (r.missing, r.timestamp, r.audio, r.payload.len());
+        let (missing, timestamp, arrival, audio, len) = (r.missing, r.timestamp, r.arrival, r.audio, r.payload.len());
         self.staged[..len].copy_from_slice(r.payload);
         if missing > 0 {
             self.stats.reorder_give_ups += 1;
@@ -386,7 +394,7 @@ impl Uplink {
             return true;
         }
         let concealed = if missing > 0 { self.conceal_gap(u64::from(missing), len) } else { 0 };
-        self.pending_silence = self.silence_before(timestamp, concealed);
+        self.pending_silence = self.silence_before(timestamp, arrival, concealed);
         if self.pending_silence > 0 {
             self.staged_len = Some(len);
         } else {
@@ -397,15 +405,18 @@ impl Uplink {
 
     /// Samples of silence between the previous packet (and what was concealed after it) and a
     /// packet with `timestamp`.
-    fn silence_before(&mut self, timestamp: u32, concealed: usize) -> u64 {
+    fn silence_before(&mut self, timestamp: u32, arrival: Duration, concealed: usize) -> u64 {
         let previous = self.last_timestamp.replace(timestamp);
-        let Some(previous) = previous else { return 0 };
+        let previous_arrival = self.last_arrival.replace(arrival);
+        let (Some(previous), Some(previous_arrival)) = (previous, previous_arrival) else { return 0 };
         let step = i64::from(timestamp.wrapping_sub(previous) as i32);
         if !(0..=MAX_TIMESTAMP_STEP).contains(&step) {
             return 0;
         }
         let covered = (self.last_packet_samples + concealed) as i64;
-        (step - covered).clamp(0, self.silence_cap as i64) as u64
+        let elapsed = arrival.saturating_sub(previous_arrival) + SILENCE_ARRIVAL_SLACK;
+        let budget = duration_to_samples(elapsed, OPUS_RATE) as i64 - covered;
+        (step - covered).min(budget).clamp(0, self.silence_cap as i64) as u64
     }
 
     fn decode_staged(&mut self, len: usize) {

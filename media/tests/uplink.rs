@@ -273,7 +273,9 @@ fn long_gap_concealment_is_capped_at_100_ms_and_the_rest_is_silence() {
     let p = speech_packets();
     let mut seqs: Vec<u16> = (0..5).collect();
     seqs.extend(50..55); // 45 packets (900 ms) missing
-    let (h, s) = run_owned(cfg(48_000), &seqs_for(&p, &seqs));
+    let list: Vec<(Duration, media::RtpIn<'_>)> =
+        seqs.iter().enumerate().map(|(i, &seq)| (FRAME * u32::from(seq), rtp(seq, &p[i]))).collect();
+    let (h, _, s) = run_timed(cfg(48_000), &list);
     assert_eq!(s.lost, 45);
     assert_eq!(s.plc_frames + s.fec_frames, 5, "100 ms cap = 5 frames: {s:?}");
     assert_eq!(s.concealed, ms(100));
@@ -378,6 +380,21 @@ fn run_timed(cfg: UplinkConfig, packets: &[(Duration, media::RtpIn<'_>)]) -> (He
         drain_at(&mut up, &mut h, due);
     }
     (h, edge_times, up.stats())
+}
+
+#[test]
+fn timestamps_running_ahead_of_arrivals_never_make_more_silence_than_time_passed() {
+    // A hostile sender: every 20 ms a packet whose timestamp jumps 9 s.
+    let p = speech_packets();
+    let list: Vec<(Duration, media::RtpIn<'_>)> = (0..50u16)
+        .map(|i| {
+            let mut r = rtp(i, &p[usize::from(i)]);
+            r.timestamp = u32::from(i) * 432_000;
+            (FRAME * u32::from(i), r)
+        })
+        .collect();
+    let (_, _, s) = run_timed(cfg(24_000), &list);
+    assert!(s.decoded <= ms(1_000) + ms(60) * 50, "media time {:?} for 1 s of arrivals", s.decoded);
 }
 
 #[test]
