@@ -37,7 +37,14 @@ fn pg_bin(name: &str) -> PathBuf {
     versions.pop().map(|(_, p)| p).unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// The user and group Postgres runs as: `postgres` when we are root (it refuses to run as
+/// root), else ourselves.
 fn id_of(flag: &str) -> u32 {
+    // SAFETY: geteuid/getegid have no preconditions and cannot fail.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if euid != 0 {
+        return if flag == "-u" { euid } else { egid };
+    }
     let out = Command::new("id").args([flag, "postgres"]).output().expect("id postgres");
     String::from_utf8_lossy(&out.stdout)
         .trim()
