@@ -48,7 +48,15 @@ fn to_api(e: SessionError) -> ApiError {
         SessionError::Draining => ApiError::unavailable("server is shutting down; retry on another node", RETRY_AFTER),
         SessionError::AtCapacity => ApiError::unavailable("server is at its session limit", RETRY_AFTER),
         SessionError::BadOffer(m) => {
-            ApiError::bad_request("bad_sdp", format!("the WebRTC stack rejected the offer: {m}"))
+            ApiError::unprocessable("offer_not_negotiable", format!("the WebRTC stack rejected the offer: {m}"))
+        }
+        SessionError::OfferRefused(e) => e.into(),
+        SessionError::NoMediaPort => {
+            tracing::warn!("no free UDP port in media.udp_ports (held by other sessions or processes)");
+            ApiError::unavailable(
+                "no media port is free on this node; create a new session after Retry-After",
+                RETRY_AFTER,
+            )
         }
         SessionError::ProviderUnavailable(m) => {
             ApiError::unavailable(format!("model provider unavailable: {m}"), RETRY_AFTER)
@@ -97,7 +105,8 @@ impl Host {
 #[async_trait]
 impl SessionHost for Host {
     fn accepting(&self) -> bool {
-        self.manager.accepting()
+        // Not ready while store writes wait for an unreachable database (`/readyz` 503).
+        self.manager.accepting() && self.manager.writer().store_available()
     }
 
     async fn characters(&self) -> Vec<CharacterInfo> {
@@ -119,7 +128,7 @@ impl SessionHost for Host {
         if self.manager.get(session_id).is_none() {
             self.stored(session_id).await?;
         }
-        let (sdp, peer_id, etag) = self.manager.offer(session_id, offer.into_sdp()).await.map_err(to_api)?;
+        let (sdp, peer_id, etag) = self.manager.offer(session_id, offer).await.map_err(to_api)?;
         let etag = ETag::new(etag.trim_matches('"')).ok_or_else(|| ApiError::internal("generated ETag invalid"))?;
         Ok(OfferAnswer { sdp, peer_id, etag })
     }

@@ -23,6 +23,7 @@
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod http_server;
 pub mod otlp;
 pub mod peer;
 pub mod providers;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize;
+use rtc::peer_connection::transport::RTCDtlsRole;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -50,6 +51,10 @@ pub enum PeerEvent {
     Rtp {
         /// When it arrived (for uplink latency accounting).
         arrival: Instant,
+        /// RTP payload type (the uplink decodes only the negotiated Opus one).
+        payload_type: u8,
+        /// RTP SSRC.
+        ssrc: u32,
         /// RTP sequence number.
         seq: u16,
         /// RTP timestamp.
@@ -74,6 +79,12 @@ pub enum PeerError {
     /// The offer was rejected by the WebRTC stack.
     #[error("offer rejected: {0}")]
     Offer(String),
+    /// The stack's answer does not work for the offer (checked by `signaling::answer`).
+    #[error(transparent)]
+    Answer(#[from] signaling::answer::AnswerError),
+    /// Every port of `media.udp_ports` is held (by other sessions or other processes).
+    #[error("no free UDP port in media.udp_ports")]
+    NoMediaPort,
     /// Local setup failed (sockets, codecs).
     #[error("peer setup failed: {0}")]
     Setup(String),
@@ -148,7 +159,7 @@ impl Peer {
     /// Answer `offer_sdp`: returns the peer and the SDP answer (with all candidates).
     pub async fn answer(
         settings: &PeerSettings,
-        offer_sdp: String,
+        offer: &signaling::sdp::ValidOffer,
         events: mpsc::Sender<PeerEvent>,
     ) -> Result<(Peer, String), PeerError> {
         let setup = |e: webrtc::error::Error| PeerError::Setup(e.to_string());
@@ -176,7 +187,8 @@ impl Peer {
                 Some(Duration::from_secs(2)),
             )
             .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(MAX_DC_MESSAGE))
-            .with_include_loopback_candidate(settings.bind_ip.is_loopback());
+            .with_include_loopback_candidate(settings.bind_ip.is_loopback())
+            .with_answering_dtls_role(answering_dtls_role(offer.setup()));
         if settings.public_ip != settings.bind_ip {
             se = se.with_nat_1to1_ips(vec![settings.public_ip.to_string()], RTCIceCandidateType::Host);
         }
@@ -189,11 +201,10 @@ impl Peer {
             counters: Arc::clone(&counters),
         });
         let port = match &settings.ports {
-            Some(range) => range
-                .pick(settings.bind_ip)
-                .ok_or_else(|| PeerError::Setup("every UDP port of media.udp_ports is in use".into()))?,
+            Some(range) => range.pick(settings.bind_ip).ok_or(PeerError::NoMediaPort)?,
             None => 0,
         };
+        let explicit_port = port != 0;
         let pc = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(media_engine)
@@ -204,7 +215,8 @@ impl Peer {
             .with_data_channel_send_buffer_limit(1024 * 1024)
             .build()
             .await
-            .map_err(setup)?;
+            // The port was free when picked; another process may have taken it since.
+            .map_err(|e| if explicit_port && is_addr_in_use(&e) { PeerError::NoMediaPort } else { setup(e) })?;
         let pc: Arc<dyn PeerConnection> = Arc::new(pc);
 
         let ssrc: u32 = rand::random();
@@ -221,15 +233,18 @@ impl Peer {
         )));
 
         let result = async {
-            let offer = RTCSessionDescription::offer(offer_sdp).map_err(|e| PeerError::Offer(e.to_string()))?;
-            pc.set_remote_description(offer).await.map_err(|e| PeerError::Offer(e.to_string()))?;
-            let sender = pc.add_track(Arc::clone(&track) as Arc<dyn TrackLocal>).await.map_err(setup)?;
-            let answer = pc.create_answer(None).await.map_err(|e| PeerError::Offer(e.to_string()))?;
-            pc.set_local_description(answer).await.map_err(setup)?;
+            // Past the validator, whatever the stack refuses is caused by the offer's shape.
+            let refused = |e: webrtc::error::Error| PeerError::Offer(e.to_string());
+            let remote = RTCSessionDescription::offer(offer.sdp().to_owned()).map_err(refused)?;
+            pc.set_remote_description(remote).await.map_err(refused)?;
+            let sender = pc.add_track(Arc::clone(&track) as Arc<dyn TrackLocal>).await.map_err(refused)?;
+            let answer = pc.create_answer(None).await.map_err(refused)?;
+            pc.set_local_description(answer).await.map_err(refused)?;
             // The answer must carry every candidate: wait for gathering (host candidates only,
             // so this is quick), bounded.
             let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered_rx).await;
             let local = pc.local_description().await.ok_or_else(|| PeerError::Setup("no local description".into()))?;
+            signaling::answer::check_answer(offer, &local.sdp)?;
             Ok::<(String, Arc<dyn RtpSender>), PeerError>((local.sdp, sender))
         }
         .await;
@@ -292,6 +307,21 @@ impl Peer {
     pub async fn close(&self) {
         let _ = self.pc.close().await;
     }
+}
+
+/// The DTLS role that complements the offer's `a=setup` (RFC 8842 §5.2): webrtc-rs answers
+/// `active` whatever the offer says unless told otherwise.
+fn answering_dtls_role(offer: signaling::sdp::SetupRole) -> RTCDtlsRole {
+    match offer {
+        signaling::sdp::SetupRole::Active => RTCDtlsRole::Server,
+        signaling::sdp::SetupRole::Passive | signaling::sdp::SetupRole::ActPass => RTCDtlsRole::Client,
+    }
+}
+
+/// A bind failure because the address is taken (the stack reports it as text).
+fn is_addr_in_use(e: &webrtc::error::Error) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("address already in use") || text.contains("addrinuse") || text.contains("os error 98")
 }
 
 /// The `a=rtpmap:<pt> opus/48000` payload type of an SDP.
@@ -375,6 +405,8 @@ impl PeerConnectionEventHandler for Forwarder {
                     TrackRemoteEvent::OnRtpPacket(p) => {
                         let ev = PeerEvent::Rtp {
                             arrival: Instant::now(),
+                            payload_type: p.header.payload_type,
+                            ssrc: p.header.ssrc,
                             seq: p.header.sequence_number,
                             timestamp: p.header.timestamp,
                             payload: p.payload,

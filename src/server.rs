@@ -114,7 +114,10 @@ impl RunningServer {
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         self.manager.drain(self.drain_grace).await;
         self.manager.unregister_all().await;
-        self.writer.flush().await;
+        // Bounded: with the database down, queued writes would wait for it forever.
+        if tokio::time::timeout(SHUTDOWN_FLUSH, self.writer.flush()).await.is_err() {
+            tracing::error!("store unreachable at shutdown: queued writes not flushed within {SHUTDOWN_FLUSH:?}");
+        }
         let s = self.writer.stats();
         tracing::info!(
             written = s.written.load(std::sync::atomic::Ordering::Relaxed),
@@ -133,6 +136,9 @@ impl RunningServer {
         Ok(())
     }
 }
+
+/// Longest the shutdown waits for queued store writes.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
 
 /// Bind and serve `config` with `providers`, in the background.
 pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) -> Result<RunningServer, ServerError> {
@@ -169,6 +175,10 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
         source,
     })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Io { what: "the bound address".into(), source })?;
+    if let Some((before, after)) = crate::http_server::raise_descriptor_limit() {
+        tracing::info!(before, after, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
+    }
+    let http_settings = config.http.clone();
     let advertise_url = config.advertise_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let node_id = config.node_id.clone().unwrap_or_else(|| advertise_url.clone());
 
@@ -222,13 +232,7 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
     let app = crate::http::app(api, Arc::clone(&manager), web_demo);
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let join = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
+    let join = tokio::spawn(async move { crate::http_server::serve(listener, app, http_settings, stop_rx).await });
 
     // Housekeeping: expire sessions that never connected, forget long-ended ones.
     let sweeper = Arc::downgrade(&manager);

@@ -13,6 +13,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Sessions created.
 pub const SESSIONS_CREATED: &str = "kotodama_sessions_created_total";
+/// Counter: connected sessions whose client sent no audio for 5 s (once per silent stretch).
+pub const NO_AUDIO_TOTAL: &str = "kotodama_no_audio_total";
 /// Sessions ended, by `reason`.
 pub const SESSIONS_ENDED: &str = "kotodama_sessions_ended_total";
 /// Sessions not yet ended (gauge, set at scrape time).

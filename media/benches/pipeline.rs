@@ -16,7 +16,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use media::codec::{EncoderConfig, MAX_PACKET_SAMPLES, OpusDecoder, OpusEncoder};
 use media::pcm::{CHUNK_SAMPLES, FRAME, FRAME_SAMPLES, PcmRef};
 use media::resample::{Alignment, Resampler};
-use media::{Playout, PlayoutConfig, Uplink, UplinkConfig, UplinkEvent, Vad, VadConfig};
+use media::{Playout, PlayoutConfig, RtpIn, Uplink, UplinkConfig, UplinkEvent, Vad, VadConfig};
 
 const USER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/user_question.wav");
 const AGENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/agent_reply.wav");
@@ -73,7 +73,9 @@ impl UplinkRig {
         Self { up: Uplink::new(UplinkConfig::default()).expect("uplink"), packets, seq: 0, i: 0 }
     }
     fn frame(&mut self) {
-        self.up.push_rtp(FRAME * u32::from(self.seq), self.seq, &self.packets[self.i]);
+        let ts = u32::from(self.seq).wrapping_mul(960);
+        let packet = RtpIn { seq: self.seq, timestamp: ts, payload_type: 111, ssrc: 1, payload: &self.packets[self.i] };
+        self.up.push(FRAME * u32::from(self.seq), packet);
         self.seq = self.seq.wrapping_add(1);
         self.i = (self.i + 1) % self.packets.len();
         let mut n = 0;

@@ -8,33 +8,35 @@
 //!
 //! ## Run loop (one session)
 //! ```text
-//! rtp packet (seq, payload) from the client at `now`:
-//!     uplink.push_rtp(now, seq, payload);
-//!     while let Some(ev) = uplink.poll() {
-//!         match ev {
-//!             UplinkEvent::Audio(pcm)           => provider: AppendAudio(pcm)          // output_rate_hz
-//!             UplinkEvent::SpeechStarted { at } => // the VAD already held it for min_speech: a
-//!                                                  // backchannel shorter than that never gets here
-//!                 if let Some(i) = barge_in.on_speech_started(at, &mut playout) {
-//!                     client:   agent.interrupted { i.item_id, i.played_ms() }
-//!                     provider: Cancel, Truncate { i.item_id, audio_end: i.played, heard }
-//!                 }                                // heard: the words sent with the played frames
-//!             UplinkEvent::SpeechStopped { .. } => end of the user's turn (CommitTurn without server VAD)
-//!         }
-//!     }
-//! provider AudioDelta { item_id, pcm }: n = playout.push(&item_id, pcm)?; hold pcm[n..] (backpressure)
-//! provider AudioDone { item_id }:       playout.finish_item(&item_id);
-//! provider's own VAD heard speech:      barge_in.on_speech_started(at, &mut playout) -> as above
-//! client `interrupt`:                   barge_in.interrupt(&mut playout) -> as above (ClientRequest)
-//! playout.next_due() reached:           while let Some(f) = playout.poll(now, &mut buf) { send f }
+//! loop select! {
+//!   rtp packet from the peer at `now`:
+//!       uplink.push(now, RtpIn { seq, timestamp, payload_type, ssrc, payload });
+//!       (and when uplink.next_timeout() passes: uplink.handle_timeout(now))
+//!       while let Some(ev) = uplink.poll() {
+//!           match ev {
+//!               UplinkEvent::Audio(pcm)            => provider.append_audio(pcm),   // output_rate_hz
+//!               UplinkEvent::SpeechStarted { at } => if let Some(i) = barge_in.on_speech_started(at, &mut playout) {
+//!                                                        client.send(agent.interrupted{i.item_id, i.played_ms()});
+//!                                                        provider.cancel(); provider.truncate(i.item_id, i.played_ms());
+//!                                                    }
+//!               UplinkEvent::SpeechStopped { .. }  => { /* end of user turn */ }
+//!           }
+//!       }
+//!   provider AudioDelta { item_id, pcm }:  n = playout.push(&item_id, pcm)?;  hold pcm[n..] (backpressure)
+//!   provider AudioDone { item_id }:        playout.finish_item(&item_id);
+//!   client `interrupt`:                    barge_in.interrupt(&mut playout) -> same as above
+//!   sleep_until(playout.next_due()):       while let Some(f) = playout.poll(now, &mut buf) { track.write(&buf[..f.len], f.talkspurt_start) }
+//! }
 //! ```
 //! Each [`Interruption`] carries its [`InterruptReason`] (user speech at a stream position, or
 //! the client's request), which is what metrics and logs record.
 //!
 //! ## Invariants
-//! - Uplink: every packet in order yields its decoded duration; a gap is concealed (PLC, FEC for
-//!   the last missing frame when the next packet carries LBRR) up to 100 ms; late/duplicate
-//!   packets are dropped; hostile payloads are counted and concealed, never a panic. Event
+//! - Uplink: packets pass a small adaptive reorder window; every packet in order yields its
+//!   decoded duration; a gap is concealed (PLC, FEC for the last missing frame when the next
+//!   packet carries LBRR) up to 100 ms; timestamp gaps (DTX) are filled with silence, so media
+//!   time is RTP time; other payload types never reach the decoder; late/duplicate packets are
+//!   dropped; hostile payloads are counted and concealed, never a panic. Event
 //!   times are stream positions from sample counts (deterministic).
 //! - Playout: at most one 20 ms frame per `poll`, never before it is due, never two frames
 //!   within `20 ms - jitter_tolerance` (default 0) of `now`; after a stall it resumes at real-time
@@ -46,13 +48,15 @@
 //!
 //! ## Modules
 //! [`pcm`] unit-carrying audio types; [`codec`] Opus with PLC/FEC; [`vad`] libfvad +
-//! hysteresis; [`resample`] rubato FFT resampler; [`uplink`]; [`playout`]; [`barge_in`];
+//! hysteresis; [`resample`] rubato FFT resampler; [`reorder`] the uplink's reorder window; [`no_audio`] the connected-but-deaf watch; [`uplink`]; [`playout`]; [`barge_in`];
 //! [`wav`] test/bench helper.
 
 pub mod barge_in;
 pub mod codec;
+pub mod no_audio;
 pub mod pcm;
 pub mod playout;
+pub mod reorder;
 pub mod resample;
 pub mod timeline;
 pub mod uplink;
@@ -62,11 +66,12 @@ pub mod wav;
 
 pub use barge_in::{BargeIn, BargeInConfig, InterruptReason, Interruption};
 pub use codec::{CodecError, EncoderConfig, OpusDecoder, OpusEncoder};
+pub use no_audio::{NoAudio, NoAudioWatch};
 pub use pcm::{FRAME, OPUS_RATE, Pcm, PcmRef};
 pub use playout::{Cleared, OutFrame, Playout, PlayoutConfig, PlayoutStats};
 pub use resample::{Alignment, ResampleError, Resampler};
 pub use timeline::Timeline;
-pub use uplink::{Uplink, UplinkConfig, UplinkEvent, UplinkStats};
+pub use uplink::{RtpIn, Uplink, UplinkConfig, UplinkEvent, UplinkStats};
 pub use vad::{Vad, VadConfig, VadEdge, VadMode};
 pub use viseme::{MouthShape, ShapeRun, VisemeEstimator};
 pub use wav::WavError;

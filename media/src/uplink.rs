@@ -1,17 +1,34 @@
 //! The uplink: RTP Opus packets from the client's microphone -> decoded, concealed 48 kHz PCM
 //! -> 10 ms frames -> VAD -> resampled to the provider's input rate.
 //!
-//! Drive it with [`Uplink::push_rtp`] per packet, then [`Uplink::poll`] until `None`. Events come
-//! out in stream order: a speech edge is yielded before the audio of the 10 ms frame that
-//! completed it. Output not polled before the next push is discarded (and counted), which keeps
-//! the internal buffers bounded and allocation-free.
+//! Drive it with [`Uplink::push`] per packet, then [`Uplink::poll`] until `None`; when
+//! [`Uplink::next_timeout`] passes without a packet, call [`Uplink::handle_timeout`] and poll
+//! again. Events come out in stream order: a speech edge is yielded before the audio of the
+//! 10 ms frame that completed it. Packets wait in a small adaptive reorder window
+//! ([`crate::reorder`]) and are decoded lazily by `poll`, one at a time, so the output buffer
+//! stays one packet large; decoded output not polled before the next push is discarded (and
+//! counted).
 //!
-//! Loss handling, by 16-bit RTP sequence number with wraparound:
+//! Packets of another payload type than the negotiated Opus one (telephone-event, comfort
+//! noise, RED) never reach the decoder: they are counted and keep only their place in the
+//! sequence (not a loss). A change of SSRC is a new stream (decoder reset, new sequence and
+//! timestamp base), not a loss and not a flood of late packets.
+//!
+//! Media time is RTP time (RFC 3550 §5.1; Opus' RTP clock is 48 kHz, RFC 7587 §4.1): when a
+//! packet's timestamp is further from the previous one than the audio decoded and concealed in
+//! between (Opus DTX sends one packet per 400 ms of silence with contiguous sequence numbers, a
+//! paused sender, comfort noise), the difference is filled with silence, up to
+//! [`UplinkConfig::max_silence_fill`] and never more than the time between the two packets'
+//! arrivals (so media time cannot run ahead of the wall clock), so the VAD and the provider see
+//! the silence the user made and end the turn on time.
+//!
+//! Loss handling, by 16-bit RTP sequence number with wraparound, after the reorder window:
 //! - next in order: decode;
 //! - a gap of `n` packets: conceal up to [`UplinkConfig::max_concealment`] (default 100 ms):
 //!   PLC for all but the last missing frame, and FEC (LBRR) from the arriving packet for the last
 //!   one when it carries it; the rest of a longer gap is skipped, not concealed;
-//! - same or older (within 100 packets): dropped and counted as late/duplicate;
+//! - same or older than what was released (within 100 packets): dropped and counted as
+//!   late/duplicate (the reorder window's hold grows);
 //! - a jump of >= 3000 packets forward or > 100 back: the stream restarted; the decoder is reset
 //!   and nothing is concealed;
 //! - a payload libopus rejects (empty, truncated, random, oversized): counted as a decode error
@@ -23,6 +40,7 @@ use std::time::Duration;
 use crate::MediaError;
 use crate::codec::{MAX_PACKET_SAMPLES, OpusDecoder, packet_has_fec, packet_samples};
 use crate::pcm::{CHUNK_SAMPLES, FRAME_SAMPLES, OPUS_RATE, PcmRef, duration_to_samples, samples_to_duration};
+use crate::reorder::{Inserted, MAX_PAYLOAD, ReorderWindow};
 use crate::resample::{Alignment, Resampler};
 use crate::vad::{Vad, VadConfig, VadEdge};
 
@@ -31,7 +49,30 @@ pub const MAX_MISORDER: u16 = 100;
 /// Forward jumps this large are a stream restart, not loss (RFC 3550's MAX_DROPOUT).
 pub const MAX_DROPOUT: u16 = 3000;
 
-/// Uplink settings. Defaults: 24 kHz out, default VAD, 100 ms concealment cap.
+/// A timestamp step larger than this (10 s at 48 kHz) is a new time base, not silence.
+const MAX_TIMESTAMP_STEP: i64 = 480_000;
+/// Silence for a timestamp gap never exceeds the time that passed between the two packets'
+/// arrivals plus this: media time may not run ahead of the wall clock (a hostile sender with
+/// timestamps jumping 10 s per packet would otherwise make 10 s of audio out of each 20 ms).
+const SILENCE_ARRIVAL_SLACK: Duration = Duration::from_millis(60);
+
+/// One RTP packet of the client's audio: the header fields the uplink uses (RFC 3550 §5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RtpIn<'a> {
+    /// Sequence number.
+    pub seq: u16,
+    /// Timestamp, in 48 kHz units for Opus (RFC 7587 §4.1).
+    pub timestamp: u32,
+    /// Payload type.
+    pub payload_type: u8,
+    /// Synchronization source.
+    pub ssrc: u32,
+    /// The payload (an Opus packet when `payload_type` is the negotiated Opus one).
+    pub payload: &'a [u8],
+}
+
+/// Uplink settings. Defaults: 24 kHz out, default VAD, 100 ms concealment cap, every payload
+/// type decoded as Opus, 100 ms reorder hold at most, 2 s silence fill at most.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct UplinkConfig {
     /// Rate the provider takes, 8000..=48000 Hz (48000 = no resampling). Default 24000.
@@ -40,11 +81,27 @@ pub struct UplinkConfig {
     pub vad: VadConfig,
     /// Most audio synthesized for one gap (PLC + FEC). Default 100 ms.
     pub max_concealment: Duration,
+    /// The negotiated Opus payload type (from the SDP, e.g. 111 for Chrome, 109 for Firefox);
+    /// packets of other types are not decoded. `None` (default): every packet is taken as Opus.
+    pub opus_payload_type: Option<u8>,
+    /// Longest a gap waits in the reorder window for a late packet, 20 ms ..= 500 ms. The window
+    /// adapts below it. Default 100 ms.
+    pub max_reorder_delay: Duration,
+    /// Most silence inserted for one timestamp gap (DTX, a paused sender), 0 ..= 60 s; never less
+    /// than the VAD's `min_silence` + 100 ms, so a gap always ends a turn. Default 2 s.
+    pub max_silence_fill: Duration,
 }
 
 impl Default for UplinkConfig {
     fn default() -> Self {
-        Self { output_rate_hz: 24_000, vad: VadConfig::default(), max_concealment: Duration::from_millis(100) }
+        Self {
+            output_rate_hz: 24_000,
+            vad: VadConfig::default(),
+            max_concealment: Duration::from_millis(100),
+            opus_payload_type: None,
+            max_reorder_delay: Duration::from_millis(100),
+            max_silence_fill: Duration::from_secs(2),
+        }
     }
 }
 
@@ -68,8 +125,18 @@ pub enum UplinkEvent<'a> {
 /// Counters since the uplink was built.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UplinkStats {
-    /// Packets handed to `push_rtp`.
+    /// Packets handed to `push`.
     pub packets: u64,
+    /// Packets of another payload type than the negotiated Opus (not decoded).
+    pub foreign_payload: u64,
+    /// SSRC changes (each a new stream).
+    pub ssrc_changes: u64,
+    /// Gaps given up by the reorder window (their packets were counted in `lost`).
+    pub reorder_give_ups: u64,
+    /// Packets put back in order by the reorder window (arrived after a successor).
+    pub reordered: u64,
+    /// Silence inserted for timestamp gaps (DTX, paused sender).
+    pub silence: Duration,
     /// Sequence numbers never seen (inferred from gaps).
     pub lost: u64,
     /// Frames synthesized by packet-loss concealment.
@@ -108,7 +175,16 @@ pub struct Uplink {
     out: Vec<i16>,
     out_read: usize,
     edges: VecDeque<(usize, VadEdge)>,
-    last_seq: Option<u16>,
+    window: ReorderWindow,
+    /// The packet being decoded (copied out of the window), and whether it still waits for the
+    /// silence before it.
+    staged: Box<[u8; MAX_PAYLOAD]>,
+    staged_len: Option<usize>,
+    pending_silence: u64,
+    silence_cap: u64,
+    ssrc: Option<u32>,
+    last_timestamp: Option<u32>,
+    last_arrival: Option<Duration>,
     last_packet_samples: usize,
     stream_samples: u64,
     stats: UplinkStats,
@@ -132,6 +208,16 @@ impl Uplink {
         if cfg.max_concealment < crate::pcm::FRAME || cfg.max_concealment > Duration::from_secs(1) {
             return Err(MediaError::InvalidConfig { key: "uplink.max_concealment", reason: "must be 20 ms ..= 1 s" });
         }
+        if cfg.max_reorder_delay < crate::pcm::FRAME || cfg.max_reorder_delay > Duration::from_millis(500) {
+            return Err(MediaError::InvalidConfig {
+                key: "uplink.max_reorder_delay",
+                reason: "must be 20 ms ..= 500 ms",
+            });
+        }
+        if cfg.max_silence_fill > Duration::from_secs(60) {
+            return Err(MediaError::InvalidConfig { key: "uplink.max_silence_fill", reason: "must be 0 ..= 60 s" });
+        }
+        let silence_cap = cfg.max_silence_fill.max(cfg.vad.min_silence + Duration::from_millis(100));
         let vad = Vad::new(cfg.vad, OPUS_RATE)?;
         let rs = Resampler::new(OPUS_RATE, cfg.output_rate_hz, Alignment::Stream)?;
         // Worst case per push: the concealment cap (rounded up to one max packet) + one FEC frame
@@ -150,7 +236,14 @@ impl Uplink {
             out: Vec::with_capacity(out_cap),
             out_read: 0,
             edges: VecDeque::with_capacity(max_in / CHUNK_SAMPLES + 4),
-            last_seq: None,
+            window: ReorderWindow::new(cfg.max_reorder_delay),
+            staged: Box::new([0; MAX_PAYLOAD]),
+            staged_len: None,
+            pending_silence: 0,
+            silence_cap: duration_to_samples(silence_cap, OPUS_RATE),
+            ssrc: None,
+            last_timestamp: None,
+            last_arrival: None,
             last_packet_samples: FRAME_SAMPLES,
             stream_samples: 0,
             stats: UplinkStats::default(),
@@ -162,53 +255,50 @@ impl Uplink {
         &self.cfg
     }
 
-    /// Takes one RTP packet: `now` = arrival (media time since session start), `seq` its RTP
-    /// sequence number, `payload` the Opus payload. Then call [`Uplink::poll`] until `None`.
-    pub fn push_rtp(&mut self, now: Duration, seq: u16, payload: &[u8]) {
-        if self.out_read < self.out.len() {
-            self.stats.discarded_samples += (self.out.len() - self.out_read) as u64;
-        }
-        self.out.clear();
-        self.out_read = 0;
-        self.edges.clear();
+    /// Takes one RTP packet that arrived at `now` (media time since session start). Then call
+    /// [`Uplink::poll`] until `None`.
+    pub fn push(&mut self, now: Duration, packet: RtpIn<'_>) {
+        self.discard_unpolled();
         self.stats.packets += 1;
         self.stats.last_arrival = Some(now);
-
-        if let Some(last) = self.last_seq {
-            let d = seq.wrapping_sub(last);
-            if d == 0 {
-                self.stats.late_or_duplicate += 1;
-                return;
-            }
-            if d >= 0x8000 {
-                if 0u16.wrapping_sub(d) <= MAX_MISORDER {
-                    self.stats.late_or_duplicate += 1;
-                    return;
-                }
-                self.restart();
-            } else if d >= MAX_DROPOUT {
-                self.restart();
-            } else if d > 1 {
-                self.conceal_gap(u64::from(d - 1), payload);
-            }
+        if self.ssrc.is_some_and(|s| s != packet.ssrc) {
+            self.stats.ssrc_changes += 1;
+            self.new_stream();
         }
-        self.last_seq = Some(seq);
-
-        let decoded = if payload.is_empty() { None } else { self.dec.decode(payload, &mut self.pcm48).ok() };
-        match decoded {
-            Some(n) if n > 0 => {
-                self.last_packet_samples = n.min(MAX_PACKET_SAMPLES);
-                self.feed_decoded(n);
-            }
-            _ => {
-                self.stats.decode_errors += 1;
-                self.plc(self.last_packet_samples);
+        self.ssrc = Some(packet.ssrc);
+        let audio = self.cfg.opus_payload_type.is_none_or(|pt| pt == packet.payload_type);
+        if !audio {
+            self.stats.foreign_payload += 1;
+        }
+        match self.window.insert(now, packet.seq, packet.timestamp, packet.payload, audio) {
+            Inserted::Held => {}
+            Inserted::LateOrDuplicate => self.stats.late_or_duplicate += 1,
+            Inserted::Restarted => {
+                self.stats.resets += 1;
+                self.restart_decoder();
             }
         }
     }
 
-    /// Next output of the last push, in stream order; `None` when drained.
+    /// When a packet held behind a gap must be given up if nothing arrives before (media time);
+    /// `None` when nothing waits.
+    pub fn next_timeout(&self) -> Option<Duration> {
+        self.window.deadline()
+    }
+
+    /// The clock reached `now` without a packet: release what waited long enough. Then poll.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        self.discard_unpolled();
+        self.window.set_now(now);
+    }
+
+    /// Next output, in stream order; `None` when everything released so far is drained.
     pub fn poll(&mut self) -> Option<UplinkEvent<'_>> {
+        while self.edges.is_empty() && self.out_read >= self.out.len() {
+            if !self.refill() {
+                return None;
+            }
+        }
         if let Some(&(at_out, edge)) = self.edges.front()
             && at_out <= self.out_read
         {
@@ -219,12 +309,9 @@ impl Uplink {
             });
         }
         let end = self.edges.front().map_or(self.out.len(), |&(o, _)| o).min(self.out.len());
-        if self.out_read < end {
-            let start = self.out_read;
-            self.out_read = end;
-            return Some(UplinkEvent::Audio(PcmRef::new(self.cfg.output_rate_hz, &self.out[start..end])));
-        }
-        None
+        let start = self.out_read;
+        self.out_read = end;
+        Some(UplinkEvent::Audio(PcmRef::new(self.cfg.output_rate_hz, &self.out[start..end])))
     }
 
     /// Counters.
@@ -232,6 +319,7 @@ impl Uplink {
         let mut s = self.stats;
         s.decoded = samples_to_duration(self.stream_samples, OPUS_RATE);
         s.speech = self.vad.voiced();
+        s.reordered = self.window.reordered();
         s
     }
 
@@ -250,22 +338,116 @@ impl Uplink {
         samples_to_duration(self.stream_samples, OPUS_RATE)
     }
 
-    fn restart(&mut self) {
-        self.stats.resets += 1;
-        self.dec.reset();
+    fn discard_unpolled(&mut self) {
+        if self.out_read < self.out.len() {
+            self.stats.discarded_samples += (self.out.len() - self.out_read) as u64;
+        }
+        self.out.clear();
+        self.out_read = 0;
+        self.edges.clear();
     }
 
-    fn conceal_gap(&mut self, lost: u64, next: &[u8]) {
+    /// A new time base: the decoder, the previous timestamp and anything staged are forgotten.
+    fn restart_decoder(&mut self) {
+        self.dec.reset();
+        self.last_timestamp = None;
+        self.last_arrival = None;
+        self.staged_len = None;
+        self.pending_silence = 0;
+    }
+
+    /// A new SSRC: what the old stream held is dropped, and nothing of the new one is compared
+    /// with the old one's sequence numbers or timestamps.
+    fn new_stream(&mut self) {
+        self.window.clear();
+        self.restart_decoder();
+    }
+
+    /// Produce the next piece of output (silence, a staged packet, or the next released packet);
+    /// false when nothing is ready.
+    fn refill(&mut self) -> bool {
+        self.out.clear();
+        self.out_read = 0;
+        if self.pending_silence > 0 {
+            let n = self.pending_silence.min(MAX_PACKET_SAMPLES as u64) as usize;
+            self.pending_silence -= n as u64;
+            self.pcm48[..n].fill(0);
+            self.stats.silence += samples_to_duration(n as u64, OPUS_RATE);
+            self.feed_decoded(n);
+            return true;
+        }
+        if let Some(len) = self.staged_len.take() {
+            self.decode_staged(len);
+            return true;
+        }
+        let Some(r) = self.window.pop() else { return false };
+        let (missing, timestamp, arrival, audio, len) = (r.missing, r.timestamp, r.arrival, r.audio, r.payload.len());
+        self.staged[..len].copy_from_slice(r.payload);
+        if missing > 0 {
+            self.stats.reorder_give_ups += 1;
+        }
+        if !audio {
+            // Its sequence number is accounted for; a missing one before it is still a loss.
+            if missing > 0 {
+                self.conceal_gap(u64::from(missing), 0);
+            }
+            return true;
+        }
+        let concealed = if missing > 0 { self.conceal_gap(u64::from(missing), len) } else { 0 };
+        self.pending_silence = self.silence_before(timestamp, arrival, concealed);
+        if self.pending_silence > 0 {
+            self.staged_len = Some(len);
+        } else {
+            self.decode_staged(len);
+        }
+        true
+    }
+
+    /// Samples of silence between the previous packet (and what was concealed after it) and a
+    /// packet with `timestamp`.
+    fn silence_before(&mut self, timestamp: u32, arrival: Duration, concealed: usize) -> u64 {
+        let previous = self.last_timestamp.replace(timestamp);
+        let previous_arrival = self.last_arrival.replace(arrival);
+        let (Some(previous), Some(previous_arrival)) = (previous, previous_arrival) else { return 0 };
+        let step = i64::from(timestamp.wrapping_sub(previous) as i32);
+        if !(0..=MAX_TIMESTAMP_STEP).contains(&step) {
+            return 0;
+        }
+        let covered = (self.last_packet_samples + concealed) as i64;
+        let elapsed = arrival.saturating_sub(previous_arrival) + SILENCE_ARRIVAL_SLACK;
+        let budget = duration_to_samples(elapsed, OPUS_RATE) as i64 - covered;
+        (step - covered).min(budget).clamp(0, self.silence_cap as i64) as u64
+    }
+
+    fn decode_staged(&mut self, len: usize) {
+        let decoded = if len == 0 { None } else { self.dec.decode(&self.staged[..len], &mut self.pcm48).ok() };
+        match decoded {
+            Some(n) if n > 0 => {
+                self.last_packet_samples = n.min(MAX_PACKET_SAMPLES);
+                self.feed_decoded(n);
+            }
+            _ => {
+                self.stats.decode_errors += 1;
+                self.plc(self.last_packet_samples);
+            }
+        }
+    }
+
+    /// Conceals `lost` packets before the staged packet (`next_len` bytes, 0 = none); returns the
+    /// samples synthesized.
+    fn conceal_gap(&mut self, lost: u64, next_len: usize) -> usize {
+        let before = self.stream_samples;
         self.stats.lost += lost;
         // The missing packets are assumed as long as the last good one; the FEC frame is as
         // long as the packet carrying it (what libopus expects for `decode_fec`).
         let plc_frame = self.last_packet_samples;
         let cap = duration_to_samples(self.cfg.max_concealment, OPUS_RATE) as usize;
         let n = lost.min((cap / plc_frame).max(1) as u64) as usize;
-        let fec = if packet_has_fec(next) { packet_samples(next).map(|len| (next, len)) } else { None };
+        let next = &self.staged[..next_len];
+        let fec = if packet_has_fec(next) { packet_samples(next) } else { None };
         for i in 0..n {
             match fec {
-                Some((pkt, len)) if i + 1 == n => match self.dec.decode_fec(pkt, len, &mut self.pcm48) {
+                Some(len) if i + 1 == n => match self.dec.decode_fec(&self.staged[..next_len], len, &mut self.pcm48) {
                     Ok(got) if got > 0 => {
                         self.stats.fec_frames += 1;
                         self.emit_concealed(got);
@@ -275,6 +457,7 @@ impl Uplink {
                 _ => self.plc(plc_frame),
             }
         }
+        (self.stream_samples - before) as usize
     }
 
     /// One frame of packet-loss concealment.

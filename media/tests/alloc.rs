@@ -64,7 +64,7 @@ fn uplink_steady_state_does_not_allocate_even_with_loss_and_garbage() {
                 } else {
                     &packets[i]
                 };
-                up.push_rtp(FRAME * i as u32, i as u16, payload);
+                up.push(FRAME * i as u32, rtp(i as u16, payload));
                 while let Some(ev) = up.poll() {
                     if let UplinkEvent::Audio(a) = ev {
                         sink += a.samples.len();

@@ -43,7 +43,12 @@ fn run(cfg: UplinkConfig, packets: &[(u16, &[u8])]) -> (Heard, UplinkStats, Upli
     let mut up = Uplink::new(cfg).expect("uplink");
     let mut h = Heard::default();
     for (i, (seq, p)) in packets.iter().enumerate() {
-        up.push_rtp(FRAME * i as u32, *seq, p);
+        up.push(FRAME * i as u32, rtp(*seq, p));
+        drain(&mut up, &mut h);
+    }
+    // The stream ends: whatever waits behind a gap is released when its hold runs out.
+    if let Some(due) = up.next_timeout() {
+        up.handle_timeout(due);
         drain(&mut up, &mut h);
     }
     let s = up.stats();
@@ -240,13 +245,13 @@ fn sequence_wraparound_is_continuous() {
 }
 
 #[test]
-fn duplicates_and_reordered_packets_are_dropped_and_counted() {
+fn a_swapped_pair_is_put_back_in_order_and_duplicates_are_dropped() {
     let p = speech_packets();
     let (h, s) = run_owned(cfg(48_000), &seqs_for(&p, &[10, 11, 12, 12, 14, 13, 15, 11, 16]));
-    assert_eq!(s.late_or_duplicate, 3, "12 again, 13 after 14, 11 again: {s:?}");
-    assert_eq!(s.lost, 1, "13 was missing when 14 arrived: {s:?}");
-    assert_eq!(s.plc_frames + s.fec_frames, 1);
-    // 10, 11, 12, concealed 13, 14, 15, 16.
+    assert_eq!(s.late_or_duplicate, 2, "12 again, 11 again: {s:?}");
+    assert_eq!(s.reordered, 1, "13 after 14 is put back in order: {s:?}");
+    assert_eq!((s.lost, s.plc_frames + s.fec_frames), (0, 0), "nothing concealed: {s:?}");
+    // 10, 11, 12, 13, 14, 15, 16, all decoded.
     assert_eq!(h.audio.len(), 7 * FRAME_SAMPLES);
     assert_eq!(s.packets, 9);
 }
@@ -264,15 +269,19 @@ fn huge_sequence_jump_resets_without_a_plc_flood() {
 }
 
 #[test]
-fn long_gap_concealment_is_capped_at_100_ms() {
+fn long_gap_concealment_is_capped_at_100_ms_and_the_rest_is_silence() {
     let p = speech_packets();
     let mut seqs: Vec<u16> = (0..5).collect();
     seqs.extend(50..55); // 45 packets (900 ms) missing
-    let (h, s) = run_owned(cfg(48_000), &seqs_for(&p, &seqs));
+    let list: Vec<(Duration, media::RtpIn<'_>)> =
+        seqs.iter().enumerate().map(|(i, &seq)| (FRAME * u32::from(seq), rtp(seq, &p[i]))).collect();
+    let (h, _, s) = run_timed(cfg(48_000), &list);
     assert_eq!(s.lost, 45);
     assert_eq!(s.plc_frames + s.fec_frames, 5, "100 ms cap = 5 frames: {s:?}");
     assert_eq!(s.concealed, ms(100));
-    assert_eq!(h.audio.len(), 15 * FRAME_SAMPLES);
+    assert_eq!(s.silence, ms(800), "the rest of the gap is RTP time too: {s:?}");
+    // Media time is RTP time: 55 packets' worth from the first timestamp to the last packet's end.
+    assert_eq!(h.audio.len(), 55 * FRAME_SAMPLES);
 }
 
 #[test]
@@ -301,7 +310,7 @@ fn hostile_payloads_never_panic_and_are_counted() {
     let mut h = Heard::default();
     for (i, (s, pl)) in list.iter().enumerate() {
         let before = up.stats();
-        up.push_rtp(FRAME * i as u32, *s, pl);
+        up.push(FRAME * i as u32, rtp(*s, pl));
         drain(&mut up, &mut h);
         let after = up.stats();
         assert!(after.decoded > before.decoded, "packet {i} ({} bytes) produced no audio", pl.len());
@@ -313,25 +322,25 @@ fn hostile_payloads_never_panic_and_are_counted() {
     assert_eq!(s.lost, 0);
     // The stream still works: a fresh valid packet decodes to 20 ms.
     let before = up.stats().decoded;
-    up.push_rtp(ms(10_000), seq, &p[2]);
+    up.push(ms(10_000), rtp(seq, &p[2]));
     drain(&mut up, &mut h);
     assert_eq!(up.stats().decoded - before, FRAME);
 }
 
 #[test]
-fn unpolled_output_is_discarded_and_counted() {
+fn packets_not_yet_polled_wait_in_the_window_and_are_not_lost() {
     let p = speech_packets();
     let mut up = Uplink::new(cfg(48_000)).expect("uplink");
-    up.push_rtp(ms(0), 0, &p[0]);
-    up.push_rtp(ms(20), 1, &p[1]);
-    assert_eq!(up.stats().discarded_samples, FRAME_SAMPLES as u64);
+    up.push(ms(0), rtp(0, &p[0]));
+    up.push(ms(20), rtp(1, &p[1]));
+    assert_eq!(up.stats().discarded_samples, 0);
     let mut n = 0;
     while let Some(ev) = up.poll() {
         if let UplinkEvent::Audio(a) = ev {
             n += a.samples.len();
         }
     }
-    assert_eq!(n, FRAME_SAMPLES);
+    assert_eq!(n, 2 * FRAME_SAMPLES);
 }
 
 #[test]
@@ -342,4 +351,175 @@ fn invalid_output_rate_is_rejected_with_the_key() {
             other => panic!("rate {rate}: expected InvalidConfig, got {other:?}"),
         }
     }
+}
+
+/// Drives `packets` (arrival, RTP packet) like the session task: each packet at its arrival,
+/// and the uplink's timeout whenever it falls before the next arrival. Returns what was heard,
+/// with the arrival time at which each edge came out.
+fn run_timed(cfg: UplinkConfig, packets: &[(Duration, media::RtpIn<'_>)]) -> (Heard, Vec<Duration>, UplinkStats) {
+    let mut up = Uplink::new(cfg).expect("uplink");
+    let mut h = Heard::default();
+    let mut edge_times = Vec::new();
+    let mut drain_at = |up: &mut Uplink, h: &mut Heard, now: Duration| {
+        let before = h.starts.len() + h.stops.len();
+        drain(up, h);
+        for _ in before..h.starts.len() + h.stops.len() {
+            edge_times.push(now);
+        }
+    };
+    for (at, p) in packets {
+        while let Some(due) = up.next_timeout().filter(|d| d < at) {
+            up.handle_timeout(due);
+            drain_at(&mut up, &mut h, due);
+        }
+        up.push(*at, *p);
+        drain_at(&mut up, &mut h, *at);
+    }
+    if let Some(due) = up.next_timeout() {
+        up.handle_timeout(due);
+        drain_at(&mut up, &mut h, due);
+    }
+    (h, edge_times, up.stats())
+}
+
+#[test]
+fn timestamps_running_ahead_of_arrivals_never_make_more_silence_than_time_passed() {
+    // A hostile sender: every 20 ms a packet whose timestamp jumps 9 s.
+    let p = speech_packets();
+    let list: Vec<(Duration, media::RtpIn<'_>)> = (0..50u16)
+        .map(|i| {
+            let mut r = rtp(i, &p[usize::from(i)]);
+            r.timestamp = u32::from(i) * 432_000;
+            (FRAME * u32::from(i), r)
+        })
+        .collect();
+    let (_, _, s) = run_timed(cfg(24_000), &list);
+    assert!(s.decoded <= ms(1_000) + ms(60) * 50, "media time {:?} for 1 s of arrivals", s.decoded);
+}
+
+#[test]
+fn dtx_silence_counts_as_elapsed_time_and_ends_the_turn_on_time() {
+    // Speech, then Opus DTX: one packet per 400 ms of silence, contiguous sequence numbers,
+    // timestamps jumping by 400 ms (what libopus with usedtx=1 and libwebrtc send).
+    let speech = pad(&user_question().samples, 48_000, ms(300), Duration::ZERO);
+    let voiced = encode_packets(&speech, client_encoder());
+    let quiet = encode_packets(&vec![0i16; 48_000], client_encoder());
+    let mut packets = Vec::new();
+    let mut ts = 0u32;
+    for (i, p) in voiced.iter().enumerate() {
+        packets.push((FRAME * i as u32, i as u16, ts, p.as_slice()));
+        ts += 960;
+    }
+    let speech_end = FRAME * voiced.len() as u32;
+    for k in 0..25u32 {
+        ts += if k == 0 { 0 } else { 19_200 - 960 };
+        let seq = (voiced.len() as u32 + k) as u16;
+        packets.push((speech_end + ms(400) * k, seq, ts, quiet[1].as_slice()));
+        ts += 960;
+    }
+    let list: Vec<(Duration, media::RtpIn<'_>)> = packets
+        .iter()
+        .map(|&(at, seq, timestamp, payload)| {
+            (at, media::RtpIn { seq, timestamp, payload_type: 111, ssrc: 7, payload })
+        })
+        .collect();
+    let (h, edge_times, s) = run_timed(cfg(24_000), &list);
+    assert_eq!((h.starts.len(), h.stops.len()), (1, 1), "one utterance: {h:?}");
+    let stopped_at = edge_times[1];
+    // min_silence 500 ms, plus at most one DTX interval before the packet that tells us.
+    assert!(
+        stopped_at <= speech_end + ms(500) + ms(400) + ms(60),
+        "end of turn came {:?} after the speech ended (6 s when DTX time was not counted)",
+        stopped_at - speech_end
+    );
+    assert!(s.silence >= ms(9_000), "24 DTX gaps of 380 ms are silence: {s:?}");
+    assert_eq!((s.lost, s.plc_frames), (0, 0), "DTX is not loss: {s:?}");
+}
+
+/// A small deterministic generator for arrival jitter.
+fn jittered(n: usize, base: Duration, jitter_ms: u64, seed: u64) -> Vec<Duration> {
+    let mut rng = Rng(seed);
+    (0..n).map(|i| FRAME * i as u32 + base + ms(rng.below(2 * jitter_ms + 1)) - ms(jitter_ms)).collect()
+}
+
+#[test]
+fn sixty_plus_minus_fifty_ms_of_jitter_is_reordered_not_concealed() {
+    let speech = pad(&user_question().samples, 48_000, ms(300), ms(800));
+    let packets = encode_packets(&speech, client_encoder());
+    let arrivals = jittered(packets.len(), ms(60), 50, 42);
+    let mut list: Vec<(Duration, media::RtpIn<'_>)> =
+        packets.iter().enumerate().map(|(i, p)| (arrivals[i], rtp(i as u16, p))).collect();
+    list.sort_by_key(|(at, _)| *at);
+    let out_of_order = list.windows(2).filter(|w| w[1].1.seq < w[0].1.seq).count();
+    assert!(out_of_order > packets.len() / 5, "the link really reorders ({out_of_order})");
+    let (h, _, s) = run_timed(cfg(24_000), &list);
+    let concealed = (s.plc_frames + s.fec_frames) as f64 / packets.len() as f64;
+    assert!(concealed < 0.03, "{:.1} % concealed (40-50 % without a reorder window): {s:?}", concealed * 100.0);
+    assert_eq!(h.starts.len(), 1, "one utterance heard: {h:?}");
+    let sim = envelope_similarity(&envelope(&speech, 48_000), &envelope(&h.audio, 24_000), 3);
+    assert!(sim > 0.95, "heard envelope correlates only {sim:.3} with the speech");
+}
+
+#[test]
+fn telephone_events_never_reach_the_decoder_and_are_not_loss() {
+    let p = speech_packets();
+    let mut cfg = cfg(48_000);
+    cfg.opus_payload_type = Some(111);
+    let dtmf = [5u8, 0x0a, 0x01, 0x40]; // RFC 4733 event 5, volume 10, duration 320
+    let mut list = Vec::new();
+    let mut seq = 0u16;
+    for i in 0..40u32 {
+        let at = FRAME * i;
+        if (10..16).contains(&i) {
+            let te = media::RtpIn { seq, timestamp: i * 960, payload_type: 126, ssrc: 9, payload: &dtmf };
+            list.push((at, te));
+            seq = seq.wrapping_add(1);
+        }
+        let audio = media::RtpIn { seq, timestamp: i * 960, payload_type: 111, ssrc: 9, payload: &p[i as usize] };
+        list.push((at, audio));
+        seq = seq.wrapping_add(1);
+    }
+    let (h, _, s) = run_timed(cfg, &list);
+    assert_eq!(s.foreign_payload, 6, "{s:?}");
+    assert_eq!((s.decode_errors, s.lost, s.plc_frames, s.late_or_duplicate), (0, 0, 0, 0), "{s:?}");
+    assert_eq!(h.audio.len(), 40 * FRAME_SAMPLES, "every Opus packet decoded once");
+}
+
+#[test]
+fn a_burst_after_a_stall_is_decoded_whole_without_overflow() {
+    let p = speech_packets();
+    let mut list = Vec::new();
+    for i in 0..150u16 {
+        // 20 packets in time, a 3 s stall, then the sender's queue (130 packets) at once;
+        // packet 20 itself was lost in the stall.
+        let at = if i < 20 { FRAME * u32::from(i) } else { ms(3_400) };
+        if i != 20 {
+            list.push((at, rtp(i, &p[usize::from(i) % p.len()])));
+        }
+    }
+    let (h, _, s) = run_timed(cfg(48_000), &list);
+    assert_eq!(s.lost, 1, "{s:?}");
+    assert_eq!((s.late_or_duplicate, s.resets), (0, 0), "{s:?}");
+    assert_eq!(h.audio.len(), 150 * FRAME_SAMPLES, "149 packets decoded and one concealed");
+}
+
+#[test]
+fn a_new_ssrc_is_a_new_stream_not_late_packets() {
+    let p = speech_packets();
+    let mut list = Vec::new();
+    for i in 0..30u16 {
+        let mut a = rtp(1_000 + i, &p[usize::from(i)]);
+        a.ssrc = 1;
+        list.push((FRAME * u32::from(i), a));
+    }
+    for i in 0..30u16 {
+        // The SDK re-created its sender: new SSRC, sequence and timestamp base behind the old.
+        let mut b = rtp(7 + i, &p[usize::from(i)]);
+        b.ssrc = 2;
+        list.push((FRAME * u32::from(30 + i), b));
+    }
+    let (h, _, s) = run_timed(cfg(48_000), &list);
+    assert_eq!(s.ssrc_changes, 1, "{s:?}");
+    assert_eq!((s.late_or_duplicate, s.lost, s.plc_frames), (0, 0, 0), "{s:?}");
+    assert_eq!(h.audio.len(), 60 * FRAME_SAMPLES);
 }

@@ -59,6 +59,7 @@
 //! * Input never panics the server: bodies are size-limited before parsing, parsers return
 //!   typed errors ([`events::EventError`], [`sdp::SdpError`], [`token::TokenError`]).
 
+pub mod answer;
 pub mod api;
 pub mod auth;
 pub mod codegen;

@@ -15,10 +15,21 @@
 //! * an enabled `m=application ... UDP/DTLS/SCTP webrtc-datachannel` section (SCTP data channel);
 //! * a well-formed `a=fingerprint` at session level or in a media section (DTLS), and no two
 //!   different ones (webrtc-rs refuses those too);
-//! * ICE credentials (`a=ice-ufrag` and `a=ice-pwd`, session or media level).
+//! * ICE credentials (`a=ice-ufrag` and `a=ice-pwd`, session or media level);
+//! * `a=setup` (RFC 8842 §5, media or session level) is `actpass`, `active` or `passive`
+//!   (absent = `actpass`); `holdconn` or anything else is 422;
+//! * the audio and data sections are in one `a=group:BUNDLE` (RFC 8843). The server runs one
+//!   ICE/DTLS transport per session (webrtc-rs has no per-m-line transports), so an offer that
+//!   does not bundle them (GStreamer webrtcbin's default `bundle-policy=none`) cannot be served:
+//!   it gets 422 `no_bundle` naming the fix instead of an answer that rejects every m-line.
 //!
 //! Video sections are not an error: the answer rejects them (port 0), which is ordinary
 //! offer/answer and not a partial acceptance of what the client needs.
+//!
+//! [`crate::answer::check_answer`] verifies the answer the WebRTC stack produced against the offer before it
+//! goes out (see [`crate::answer::AnswerError`]): an answer that cannot work (both sections rejected, the same
+//! DTLS role on both sides, the agent's track on the wrong m-line) is refused with 422 rather than
+//! sent with 201 and left to time out.
 //!
 //! [`parse_trickle_sdpfrag`] reads RFC 8840 `application/trickle-ice-sdpfrag` bodies (PATCH).
 
@@ -120,6 +131,16 @@ pub enum SdpError {
     /// No ICE ufrag/pwd for the audio section.
     #[error("offer has no ICE credentials (a=ice-ufrag / a=ice-pwd)")]
     NoIceCredentials,
+    /// `a=setup` is not `actpass`, `active` or `passive` (RFC 8842 §5).
+    #[error("a=setup must be actpass, active or passive; the offer says `{0}`")]
+    BadSetup(String),
+    /// Audio and data are not in one BUNDLE group (RFC 8843).
+    #[error(
+        "offer does not BUNDLE its audio and data sections (a=group:BUNDLE <audio mid> <data mid>); this server \
+         runs one ICE/DTLS transport per session: offer with bundlePolicy max-bundle or balanced \
+         (GStreamer webrtcbin: bundle-policy=max-bundle)"
+    )]
+    NoBundle,
 }
 
 impl SdpError {
@@ -144,6 +165,8 @@ impl SdpError {
             SdpError::BadFingerprint => "bad_fingerprint",
             SdpError::ConflictingFingerprints => "conflicting_fingerprints",
             SdpError::NoIceCredentials => "no_ice_credentials",
+            SdpError::BadSetup(_) => "bad_setup",
+            SdpError::NoBundle => "no_bundle",
         }
     }
 }
@@ -166,6 +189,38 @@ pub struct ValidOffer {
     audio_mid: Option<String>,
     opus_payload_type: u8,
     data_channel_mid: Option<String>,
+    setup: SetupRole,
+}
+
+/// The DTLS role an offer proposes (`a=setup`, RFC 8842 §5); the answer must complement it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupRole {
+    /// `actpass` (or absent): the answerer picks.
+    ActPass,
+    /// `active`: the offerer is the DTLS client, so the answer must be `passive`.
+    Active,
+    /// `passive`: the offerer is the DTLS server, so the answer must be `active`.
+    Passive,
+}
+
+impl SetupRole {
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetupRole::ActPass => "actpass",
+            SetupRole::Active => "active",
+            SetupRole::Passive => "passive",
+        }
+    }
+
+    pub(crate) fn parse(value: &str) -> Result<Self, SdpError> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "actpass" => Ok(SetupRole::ActPass),
+            "active" => Ok(SetupRole::Active),
+            "passive" => Ok(SetupRole::Passive),
+            _ => Err(SdpError::BadSetup(truncate(value.trim(), 40))),
+        }
+    }
 }
 
 impl ValidOffer {
@@ -192,6 +247,11 @@ impl ValidOffer {
     /// `a=mid` of the data-channel section.
     pub fn data_channel_mid(&self) -> Option<&str> {
         self.data_channel_mid.as_deref()
+    }
+
+    /// The DTLS role the offer proposes for the audio section (absent = `actpass`).
+    pub fn setup(&self) -> SetupRole {
+        self.setup
     }
 }
 
@@ -235,16 +295,39 @@ pub fn validate_offer(body: &[u8]) -> Result<ValidOffer, SdpError> {
     if !has("ice-ufrag") || !has("ice-pwd") {
         return Err(SdpError::NoIceCredentials);
     }
+    let setup = match audio.attribute("setup").flatten().or_else(|| session_attribute(&desc, "setup")) {
+        Some(value) => SetupRole::parse(value)?,
+        None => SetupRole::ActPass,
+    };
+    let audio_mid = audio.attribute("mid").flatten().map(str::to_owned);
+    let data_channel_mid = data.attribute("mid").flatten().map(str::to_owned);
+    let bundled = |mid: &Option<String>| mid.as_deref().is_some_and(|m| bundle_mids(&desc).any(|b| b == m));
+    if !bundled(&audio_mid) || !bundled(&data_channel_mid) {
+        return Err(SdpError::NoBundle);
+    }
 
-    Ok(ValidOffer {
-        sdp: text.to_owned(),
-        audio_mid: audio.attribute("mid").flatten().map(str::to_owned),
-        opus_payload_type,
-        data_channel_mid: data.attribute("mid").flatten().map(str::to_owned),
-    })
+    Ok(ValidOffer { sdp: text.to_owned(), audio_mid, opus_payload_type, data_channel_mid, setup })
 }
 
-fn parse(text: &str) -> Result<SessionDescription, SdpError> {
+pub(crate) fn session_attribute<'a>(desc: &'a SessionDescription, key: &str) -> Option<&'a str> {
+    desc.attributes.iter().find(|a| a.key == key).and_then(|a| a.value.as_deref())
+}
+
+/// The mids of every `a=group:BUNDLE` line (RFC 8843 §7.1; an SDP may carry other groups, e.g.
+/// `LS`, which are not bundles).
+pub(crate) fn bundle_mids(desc: &SessionDescription) -> impl Iterator<Item = &str> {
+    desc.attributes
+        .iter()
+        .filter(|a| a.key == "group")
+        .filter_map(|a| a.value.as_deref())
+        .filter_map(|v| {
+            let mut tokens = v.split_whitespace();
+            (tokens.next() == Some("BUNDLE")).then_some(tokens)
+        })
+        .flatten()
+}
+
+pub(crate) fn parse(text: &str) -> Result<SessionDescription, SdpError> {
     // rtc-sdp returns errors for bad input; the catch_unwind only guarantees that a parser bug
     // on hostile input becomes a 400 rather than a dead request task.
     let result = std::panic::catch_unwind(|| SessionDescription::unmarshal(&mut Cursor::new(text.as_bytes())));
@@ -262,15 +345,15 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
-fn direction_of(m: &MediaDescription) -> Option<Direction> {
+pub(crate) fn direction_of(m: &MediaDescription) -> Option<Direction> {
     m.attributes.iter().find_map(|a| Direction::from_attribute(&a.key))
 }
 
-fn session_direction(desc: &SessionDescription) -> Option<Direction> {
+pub(crate) fn session_direction(desc: &SessionDescription) -> Option<Direction> {
     desc.attributes.iter().find_map(|a| Direction::from_attribute(&a.key))
 }
 
-fn opus_payload_type(audio: &MediaDescription) -> Option<u8> {
+pub(crate) fn opus_payload_type(audio: &MediaDescription) -> Option<u8> {
     audio.attributes.iter().find_map(|a| {
         if a.key != "rtpmap" {
             return None;
@@ -286,7 +369,7 @@ fn opus_payload_type(audio: &MediaDescription) -> Option<u8> {
     })
 }
 
-fn is_sctp_data_channel(m: &MediaDescription) -> bool {
+pub(crate) fn is_sctp_data_channel(m: &MediaDescription) -> bool {
     m.media_name.media == "application"
         && m.media_name.protos.iter().any(|p| p == "SCTP")
         && m.media_name.formats.iter().any(|f| f == "webrtc-datachannel")

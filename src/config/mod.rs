@@ -36,8 +36,8 @@
 pub mod auth;
 pub mod cascade;
 pub mod characters;
+pub mod elsewhere;
 pub mod env;
-pub mod gemini;
 pub mod local;
 pub mod media;
 pub mod node;
@@ -169,6 +169,8 @@ pub struct Config {
     pub cascade: CascadeSettings,
     /// Characters offered by `GET /v1/characters` (a built-in one when empty).
     pub characters: Vec<Character>,
+    /// HTTP server limits (`[http]`, `KOTODAMA_HTTP_*`).
+    pub http: crate::http_server::HttpSettings,
 }
 
 impl Default for Config {
@@ -197,6 +199,7 @@ impl Default for Config {
             local: LocalSettings::default(),
             cascade: CascadeSettings::default(),
             characters: Vec::new(),
+            http: crate::http_server::HttpSettings::default(),
         }
     }
 }
@@ -244,6 +247,7 @@ impl Config {
             &self.cascade,
             &self.local,
             &self.characters,
+            &self.http,
         ]
     }
 
@@ -260,6 +264,7 @@ impl Config {
             &mut self.cascade,
             &mut self.local,
             &mut self.characters,
+            &mut self.http,
         ]
     }
 

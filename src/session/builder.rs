@@ -22,9 +22,12 @@ use crate::peer::{Peer, PeerSettings};
 use crate::providers::resilient::ResilientProvider;
 use crate::providers::{ProviderSession, RealtimeProvider, SessionConfig};
 
-/// Capacity of the channel from the peer's callbacks to the session task: ~1 s of RTP plus
-/// data-channel messages. When full, the callbacks drop RTP and count it.
-const PEER_CHANNEL_CAPACITY: usize = 64;
+/// Capacity of the channel from the peer's callbacks to the session task: ~10 s of RTP plus
+/// data-channel messages, so the burst a sender flushes after a stall (its queued packets arrive
+/// within a millisecond, faster than the task decodes them) fits; 64 slots dropped a third of a
+/// 3 s burst. tokio allocates the slots in blocks of 32 as they fill, so an idle session does not
+/// pay for them. When full, the callbacks drop RTP and count it.
+const PEER_CHANNEL_CAPACITY: usize = 512;
 /// Capacity of the control channel (end, trickled candidates).
 const CONTROL_CHANNEL_CAPACITY: usize = 32;
 
@@ -83,22 +86,24 @@ impl SessionBuilder {
         self.providers.contains_key(name)
     }
 
-    /// Answer `offer_sdp` for `shared` speaking as `character`: the peer and the provider session
+    /// Answer `offer` for `shared` speaking as `character`: the peer and the provider session
     /// are opened concurrently (the client waits for both).
     pub async fn webrtc(
         &self,
         shared: &Arc<SessionShared>,
         character: &Character,
-        offer_sdp: String,
+        offer: &signaling::sdp::ValidOffer,
     ) -> Result<Built, SessionError> {
         let provider = self.provider_chain(&shared.provider, character)?;
-        let media = self.media_parts(provider.input_format().rate_hz)?;
+        let media = self.media_parts(provider.input_format().rate_hz, offer.opus_payload_type())?;
         let (peer_tx, peer_rx) = mpsc::channel(PEER_CHANNEL_CAPACITY);
         let cfg = self.provider_config(shared, character);
         let (session, answered) =
-            tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer_sdp, peer_tx));
+            tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer, peer_tx));
         let (peer, answer) = answered.map_err(|e| match e {
             crate::peer::PeerError::Offer(m) => SessionError::BadOffer(m),
+            crate::peer::PeerError::Answer(e) => SessionError::OfferRefused(e),
+            crate::peer::PeerError::NoMediaPort => SessionError::NoMediaPort,
             other => SessionError::Internal(other.to_string()),
         })?;
         let result = if session.is_ok() { "ok" } else { "error" };
@@ -166,12 +171,14 @@ impl SessionBuilder {
             .map_err(|e| SessionError::Internal(e.to_string()))
     }
 
-    /// Uplink (to the provider's input rate), playout, barge-in and timed speech.
-    fn media_parts(&self, input_rate_hz: u32) -> Result<MediaParts, SessionError> {
+    /// Uplink (to the provider's input rate, decoding only the offer's Opus payload type),
+    /// playout, barge-in and timed speech.
+    fn media_parts(&self, input_rate_hz: u32, opus_payload_type: u8) -> Result<MediaParts, SessionError> {
         let internal = |e: media::MediaError| SessionError::Internal(e.to_string());
         let uplink = media::Uplink::new(media::UplinkConfig {
             output_rate_hz: input_rate_hz,
             vad: self.vad,
+            opus_payload_type: Some(opus_payload_type),
             ..Default::default()
         })
         .map_err(internal)?;

@@ -76,13 +76,22 @@ pub struct MediaParts {
 /// Something that happened, for [`Conversation::handle_input`].
 #[derive(Debug)]
 pub enum Input {
-    /// One Opus packet of the client's microphone (RTP sequence number, payload).
+    /// One Opus packet of the client's microphone.
     ClientOpus {
         /// RTP sequence number (loss and reordering are handled by the uplink).
         seq: u16,
+        /// RTP timestamp (48 kHz): gaps (DTX) count as elapsed media time.
+        timestamp: u32,
+        /// RTP payload type (only the negotiated Opus type is decoded).
+        payload_type: u8,
+        /// RTP SSRC (a new one is a new stream).
+        ssrc: u32,
         /// The Opus payload.
         payload: bytes::Bytes,
     },
+    /// The client's media is flowing (WebRTC: the peer connection is connected): from now on a
+    /// silent microphone is reported (`error` `no_audio`).
+    MediaConnected,
     /// The client's event channel opened: events can reach it.
     ClientConnected,
     /// The client's event channel closed.
@@ -105,6 +114,9 @@ pub enum Input {
     /// Time passed: the playout may have a frame due, the idle timeout may have expired.
     Timeout,
 }
+
+/// A connected session with no audio from the client this long is reported (log, metric, event).
+const NO_AUDIO_AFTER: Duration = Duration::from_secs(5);
 
 /// A 20 ms frame of the character's voice, encoded by the playout.
 #[derive(Debug)]
@@ -178,6 +190,8 @@ struct TurnTiming {
 pub struct Conversation {
     cfg: ConversationConfig,
     media: MediaParts,
+    /// Connected but no audio from the client (checked on every timeout).
+    no_audio: media::NoAudioWatch,
     out: VecDeque<Queued>,
     frame: Box<[u8; MAX_FRAME_BYTES]>,
     /// The item of the frame in `frame` (reused buffer: no allocation per frame).
@@ -239,6 +253,7 @@ impl Conversation {
             typed_pending: None,
             last_activity: Duration::ZERO,
             history: History::default(),
+            no_audio: media::NoAudioWatch::new(NO_AUDIO_AFTER),
             last_interruption: None,
         }
     }
@@ -247,7 +262,11 @@ impl Conversation {
     pub fn handle_input(&mut self, now: Duration, input: Input) {
         self.now = self.now.max(now);
         match input {
-            Input::ClientOpus { seq, payload } => self.on_client_audio(seq, &payload),
+            Input::ClientOpus { seq, timestamp, payload_type, ssrc, payload } => {
+                let packet = media::RtpIn { seq, timestamp, payload_type, ssrc, payload: &payload };
+                self.on_client_audio(packet)
+            }
+            Input::MediaConnected => self.no_audio.connected(self.now),
             Input::ClientConnected => {
                 self.client_connected = true;
                 self.maybe_ready();
@@ -281,13 +300,12 @@ impl Conversation {
         })
     }
 
-    /// When to feed [`Input::Timeout`] next (media time): the next frame due, the idle deadline.
+    /// When to feed [`Input::Timeout`] next (media time): the next frame due, the idle deadline,
+    /// the end of the uplink's wait for a missing packet. (The no-audio watch is checked on every
+    /// timeout; the task feeds one at least once a second.)
     pub fn poll_timeout(&self) -> Option<Duration> {
         let idle = self.cfg.idle_timeout.map(|t| self.last_activity + t);
-        match (self.media.playout.next_due(), idle) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.media.playout.next_due(), idle, self.media.uplink.next_timeout()].into_iter().flatten().min()
     }
 
     /// Whether the caller should read provider events now (no audio waiting for playout room).
@@ -414,6 +432,12 @@ impl Conversation {
         if !self.out.iter().any(|q| matches!(q, Queued::Audio { .. })) {
             self.pace();
         }
+        if self.media.uplink.next_timeout().is_some_and(|t| t <= self.now) {
+            // A packet held behind a gap waited long enough: release what follows it.
+            self.media.uplink.handle_timeout(self.now);
+            self.drain_uplink();
+        }
+        self.watch_audio();
         let Some(idle) = self.cfg.idle_timeout else { return };
         if self.now >= self.last_activity + idle {
             if self.media.playout.is_active() {
@@ -488,10 +512,31 @@ impl Conversation {
 
     // --- the user ---
 
-    fn on_client_audio(&mut self, seq: u16, payload: &[u8]) {
+    /// "Connected but no audio": log, count and tell the client once per silent stretch.
+    fn watch_audio(&mut self) {
+        match self.no_audio.check(self.now, self.media.uplink.stats().last_arrival) {
+            Some(media::NoAudio::Started { since }) => {
+                let secs = self.now.saturating_sub(since).as_secs();
+                tracing::warn!(silent_secs = secs, "connected but no audio from the client");
+                metrics::counter!(telemetry::NO_AUDIO_TOTAL).increment(1);
+                let message =
+                    format!("no audio from your microphone for {secs} s: check that it is unmuted and sending");
+                self.event(ServerEvent::Error { code: "no_audio".into(), message });
+            }
+            Some(media::NoAudio::Recovered) => tracing::info!("audio from the client resumed"),
+            None => {}
+        }
+    }
+
+    fn on_client_audio(&mut self, packet: media::RtpIn<'_>) {
         let now = self.now;
         self.first_audio.get_or_insert(now);
-        self.media.uplink.push_rtp(now, seq, payload);
+        self.media.uplink.push(now, packet);
+        self.drain_uplink();
+    }
+
+    /// Everything the uplink has ready: audio to the provider, then the VAD edges.
+    fn drain_uplink(&mut self) {
         let (mut started, mut stopped) = (None, None);
         while let Some(ev) = self.media.uplink.poll() {
             match ev {

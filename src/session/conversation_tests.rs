@@ -30,6 +30,7 @@ struct Harness {
     refuse: bool,
     encoder: OpusEncoder,
     seq: u16,
+    ts: u32,
 }
 
 fn caps() -> Capabilities {
@@ -88,6 +89,7 @@ impl Harness {
             refuse: false,
             encoder: OpusEncoder::new(media::EncoderConfig::default()).unwrap(),
             seq: 0,
+            ts: 0,
         }
     }
 
@@ -144,7 +146,8 @@ impl Harness {
             let len = self.encoder.encode(&frame, &mut buf).unwrap();
             self.seq = self.seq.wrapping_add(1);
             let payload = bytes::Bytes::copy_from_slice(&buf[..len]);
-            self.input(Input::ClientOpus { seq: self.seq, payload });
+            self.ts = self.ts.wrapping_add(960);
+            self.input(Input::ClientOpus { seq: self.seq, timestamp: self.ts, payload_type: 111, ssrc: 1, payload });
             if pace {
                 self.advance(FRAME);
             } else {

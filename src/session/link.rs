@@ -48,6 +48,12 @@ pub enum ClientAudio {
     Opus {
         /// RTP sequence number (the uplink reorders and conceals gaps).
         seq: u16,
+        /// RTP timestamp (48 kHz): a gap (DTX, a paused sender) is elapsed media time.
+        timestamp: u32,
+        /// RTP payload type: only the negotiated Opus type is decoded (not telephone-event).
+        payload_type: u8,
+        /// RTP SSRC: a new one starts a new stream in the uplink.
+        ssrc: u32,
         /// The Opus payload.
         payload: bytes::Bytes,
     },

@@ -305,6 +305,12 @@ pub enum SessionError {
     /// The WebRTC stack rejected the offer.
     #[error("offer rejected: {0}")]
     BadOffer(String),
+    /// The stack's answer would not work for this offer.
+    #[error(transparent)]
+    OfferRefused(signaling::answer::AnswerError),
+    /// No media port is free (`media.udp_ports` exhausted or held by another process).
+    #[error("no free media port")]
+    NoMediaPort,
     /// The provider could not be reached.
     #[error("model provider unavailable: {0}")]
     ProviderUnavailable(String),
@@ -583,7 +589,7 @@ impl SessionManager {
     pub async fn offer(
         self: &Arc<Self>,
         id: &str,
-        offer_sdp: String,
+        offer: signaling::sdp::ValidOffer,
     ) -> Result<(String, String, String), SessionError> {
         let shared = self.get(id).ok_or(SessionError::NotFound)?;
         {
@@ -594,13 +600,19 @@ impl SessionManager {
                 _ => return Err(SessionError::AlreadyConnected),
             }
         }
-        match self.start_live(&shared, offer_sdp).await {
+        match self.start_live(&shared, &offer).await {
             Ok(v) => Ok(v),
             Err(e) => {
                 // Let the client try again with a corrected offer.
                 let mut st = shared.lock();
                 if st.phase == SessionState::Connecting && st.live.is_none() {
                     st.phase = SessionState::Created;
+                }
+                drop(st);
+                // A local resource failure is not the client's to fix: end the session (not left
+                // `created` until the connect timeout); the 503 tells the client when to retry.
+                if matches!(e, SessionError::NoMediaPort) {
+                    shared.end(EndReason::InternalError);
                 }
                 Err(e)
             }
@@ -610,14 +622,14 @@ impl SessionManager {
     async fn start_live(
         self: &Arc<Self>,
         shared: &Arc<SessionShared>,
-        offer_sdp: String,
+        offer: &signaling::sdp::ValidOffer,
     ) -> Result<(String, String, String), SessionError> {
         let character = self
             .characters
             .iter()
             .find(|c| c.id == shared.character)
             .ok_or_else(|| SessionError::UnknownCharacter(shared.character.clone()))?;
-        let built = self.builder.webrtc(shared, character, offer_sdp).await?;
+        let built = self.builder.webrtc(shared, character, offer).await?;
         let (done_tx, done_rx) = oneshot::channel();
         let peer_id = signaling::id::new_peer_id();
         let etag = format!("\"{}\"", signaling::id::new_id("e"));

@@ -98,7 +98,8 @@ impl<L: ClientLink> SessionTask<L> {
                 _ = flush.tick() => {
                     self.export_stats(&counters, &mut exported);
                     self.adapt_fec(&mut counters).await;
-                    Drained::default()
+                    // Once a second the core also checks what only a clock can see (no audio).
+                    self.input(Input::Timeout, &mut counters).await
                 }
             };
             if let Some(reason) = step.end {
@@ -122,8 +123,9 @@ impl<L: ClientLink> SessionTask<L> {
 
     async fn on_link_event(&mut self, ev: LinkEvent, counters: &mut Counters) -> Drained {
         let input = match ev {
-            LinkEvent::Audio { arrival, audio: ClientAudio::Opus { seq, payload } } => {
-                let drained = self.input(Input::ClientOpus { seq, payload }, counters).await;
+            LinkEvent::Audio { arrival, audio: ClientAudio::Opus { seq, timestamp, payload_type, ssrc, payload } } => {
+                let drained =
+                    self.input(Input::ClientOpus { seq, timestamp, payload_type, ssrc, payload }, counters).await;
                 if drained.audio_to_provider {
                     self.uplink_hist.record(arrival.elapsed().as_secs_f64());
                 }
@@ -135,7 +137,7 @@ impl<L: ClientLink> SessionTask<L> {
             LinkEvent::BadMessage(e) => Input::BadClientMessage { code: e.code().to_owned(), message: e.to_string() },
             LinkEvent::Connected => {
                 self.shared.mark_connected();
-                return Drained::default();
+                Input::MediaConnected
             }
             LinkEvent::Closed(reason) => return Drained { end: Some(reason), audio_to_provider: false },
         };

@@ -39,8 +39,8 @@ impl<C: EventCodec> WebRtcLink<C> {
 
     fn map(&mut self, ev: PeerEvent) -> Option<LinkEvent> {
         Some(match ev {
-            PeerEvent::Rtp { arrival, seq, payload, .. } => {
-                LinkEvent::Audio { arrival, audio: ClientAudio::Opus { seq, payload } }
+            PeerEvent::Rtp { arrival, seq, timestamp, payload_type, ssrc, payload } => {
+                LinkEvent::Audio { arrival, audio: ClientAudio::Opus { seq, timestamp, payload_type, ssrc, payload } }
             }
             PeerEvent::ChannelOpen(dc) => {
                 self.dc = Some(dc);

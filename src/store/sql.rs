@@ -42,8 +42,22 @@ pub struct SqlStore {
     backend: Backend,
 }
 
+/// A failed query, classified: the database being unreachable, restarting or shutting down is
+/// [`StoreError::Connect`] (the writer waits for it to come back), anything else
+/// [`StoreError::Query`].
 fn query_err(e: sqlx::Error) -> StoreError {
-    StoreError::Query(e.to_string())
+    let unavailable = match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        // SQLSTATE class 08: connection exception; 57P01..57P03: shutting down / cannot connect now.
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    };
+    if unavailable { StoreError::Connect(e.to_string()) } else { StoreError::Query(e.to_string()) }
 }
 
 impl SqlStore {

@@ -6,6 +6,12 @@
 //! applied. One task means the writes of one session reach the database in the order they
 //! were made (`connected`, turns, `ended`).
 //!
+//! Outages: while the database is unreachable ([`StoreError::Connect`]) the write at the head of
+//! the queue is retried for as long as it takes (backoff up to 2 s), so an outage loses nothing
+//! as long as the queue has room; the writer reports the store as unavailable meanwhile
+//! ([`StoreWriter::store_available`], which `/readyz` follows) and logs the outage once when it
+//! starts and once when it ends. Other failures ([`StoreError::Query`]) get a few attempts.
+//!
 //! Queue policy ([`QUEUE_CAPACITY`] writes): the session task only ever calls
 //! [`StoreWriter::try_write`]. When the queue is full the write is dropped *from the queue*,
 //! counted (`dropped`), and the caller marks its session dirty; when that session ends, its
@@ -14,7 +20,7 @@
 //! harmless. A crash while the queue was full can lose those turns: the count says so.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
@@ -62,6 +68,8 @@ pub struct WriterStats {
     pub dropped: AtomicU64,
     /// Writes that failed after every retry.
     pub failed: AtomicU64,
+    /// The last write found the database unreachable (cleared by the next success).
+    pub unavailable: AtomicBool,
 }
 
 /// Handle to the node's writer task. Cheap to clone.
@@ -122,6 +130,11 @@ impl StoreWriter {
         }
     }
 
+    /// False while writes wait for an unreachable database.
+    pub fn store_available(&self) -> bool {
+        !self.stats.unavailable.load(Ordering::Relaxed)
+    }
+
     /// The counters.
     pub fn stats(&self) -> &WriterStats {
         &self.stats
@@ -146,6 +159,9 @@ async fn run(store: Arc<dyn Store>, redis: Option<Redis>, mut rx: mpsc::Receiver
             attempt += 1;
             match apply(store.as_ref(), &w).await {
                 Ok(()) => {
+                    if stats.unavailable.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(queued = rx.len(), "store reachable again; queued writes resume");
+                    }
                     stats.written.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(session_id = %id, write = what, "stored");
                     if let (Some(redis), Write::Turn(t)) = (&redis, &w) {
@@ -159,10 +175,16 @@ async fn run(store: Arc<dyn Store>, redis: Option<Redis>, mut rx: mpsc::Receiver
                     }
                     break;
                 }
+                Err(e @ StoreError::Connect(_)) => {
+                    // Unreachable: wait for it, however long; the queue holds what comes meanwhile.
+                    if !stats.unavailable.swap(true, Ordering::Relaxed) {
+                        tracing::error!(session_id = %id, write = what, error = %e, "store unreachable; writes wait for it");
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
                 Err(e) if e.retryable() && attempt < MAX_ATTEMPTS => {
                     tracing::warn!(session_id = %id, write = what, attempt, error = %e, "store write failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(50 * 4u64.pow(attempt - 1)).min(Duration::from_secs(2)))
-                        .await;
+                    tokio::time::sleep(backoff(attempt)).await;
                 }
                 Err(e) => {
                     stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -172,6 +194,12 @@ async fn run(store: Arc<dyn Store>, redis: Option<Redis>, mut rx: mpsc::Receiver
             }
         }
     }
+}
+
+/// 50 ms, 200 ms, 800 ms, then 2 s between attempts.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(50u64.saturating_mul(4u64.saturating_pow(attempt.saturating_sub(1).min(8))))
+        .min(Duration::from_secs(2))
 }
 
 async fn apply(store: &dyn Store, w: &Write) -> Result<(), StoreError> {

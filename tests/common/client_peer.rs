@@ -153,6 +153,12 @@ impl MicSender {
         Self { track, ssrc, pt, seq: rand::random(), ts: rand::random() }
     }
 
+    /// Advance the RTP timestamp by `ticks` (48 kHz) without sending: the gap a DTX sender or a
+    /// paused sender leaves.
+    pub fn skip(&mut self, ticks: u32) {
+        self.ts = self.ts.wrapping_add(ticks);
+    }
+
     /// Send `payload` as the next packet (one frame later); a closed track is ignored.
     pub async fn send(&mut self, payload: Bytes) {
         self.seq = self.seq.wrapping_add(1);

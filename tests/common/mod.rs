@@ -361,7 +361,20 @@ impl TestClient {
 
     /// Connect to the session of `offer_url` on the server at `base` (any process).
     pub async fn connect_to(base: &str, http: &reqwest::Client, offer_url: &str, token: &str) -> TestClient {
+        Self::connect_munged(base, http, offer_url, token, |sdp| sdp).await
+    }
+
+    /// Like [`TestClient::connect_to`], posting `munge(offer)` instead of the client's own offer
+    /// (the client keeps its real local description).
+    pub async fn connect_munged(
+        base: &str,
+        http: &reqwest::Client,
+        offer_url: &str,
+        token: &str,
+        munge: impl FnOnce(String) -> String,
+    ) -> TestClient {
         let (pc, dc, track, ssrc, inbox, sdp) = client_offer(true, true).await;
+        let sdp = munge(sdp);
         let dc = dc.unwrap();
         let url = format!("{base}{offer_url}");
         let res = http
@@ -491,6 +504,26 @@ impl TestClient {
     pub async fn silence(&mut self, d: Duration) {
         let n = (d.as_millis() as usize / 20) * FRAME;
         self.speak(&vec![0i16; n]).await;
+    }
+
+    /// Silence as an Opus DTX sender sends it (`usedtx=1`): one packet every 400 ms in real time,
+    /// contiguous sequence numbers, the timestamp advancing by 400 ms per packet; until `pred`
+    /// holds for the received events (or `timeout`).
+    pub async fn dtx_silence_until(&mut self, what: &str, timeout: Duration, pred: impl Fn(&[Value]) -> bool) {
+        const DTX_INTERVAL: Duration = Duration::from_millis(400);
+        let deadline = Instant::now() + timeout;
+        let mut out = [0u8; 1500];
+        loop {
+            if pred(&self.events()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; events so far: {:#?}", self.events());
+            let n = self.encoder.encode(&[0i16; FRAME], &mut out).unwrap();
+            // `send_payload` adds one frame of timestamp: the rest of the 400 ms first.
+            self.mic.skip((SAMPLE_RATE / 1000 * 400) - FRAME as u32);
+            self.send_payload(Bytes::copy_from_slice(&out[..n])).await;
+            tokio::time::sleep(DTX_INTERVAL).await;
+        }
     }
 
     /// Send silence until `pred` holds for the received events (or `timeout`).

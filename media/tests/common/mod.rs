@@ -85,3 +85,9 @@ impl Rng {
 pub fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
+
+/// An Opus RTP packet of one 20 ms frame: the timestamp follows the sequence number (960 per
+/// packet at 48 kHz, RFC 7587), payload type 111, one SSRC.
+pub fn rtp(seq: u16, payload: &[u8]) -> media::RtpIn<'_> {
+    media::RtpIn { seq, timestamp: u32::from(seq).wrapping_mul(960), payload_type: 111, ssrc: 0x1234_5678, payload }
+}

@@ -1,10 +1,22 @@
-//! `[gemini]` and `[nova_sonic]`: the speech-to-speech providers' sections. Their structs live
+//! Sections whose structs live with the code they configure: `[http]` ([`crate::http_server`]),
+//! `[gemini]` and `[nova_sonic]` (the speech-to-speech providers). The providers' structs live
 //! with their providers ([`crate::providers::gemini`], [`crate::providers::nova_sonic`]); their
 //! checks run through the provider table, only when a session may use the provider.
 
 use super::{ConfigError, Section};
+use crate::http_server::HttpSettings;
 use crate::providers::gemini::GeminiSettings;
 use crate::providers::nova_sonic::NovaSonicSettings;
+
+impl Section for HttpSettings {
+    /// `KOTODAMA_HTTP_MAX_CONNECTIONS`, `KOTODAMA_HTTP_HEADER_TIMEOUT_SECS`, `KOTODAMA_HTTP_IDLE_TIMEOUT_SECS`.
+    fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        HttpSettings::apply_env(self, get)
+    }
+    fn validate(&self) -> Result<(), ConfigError> {
+        HttpSettings::validate(self)
+    }
+}
 
 impl Section for GeminiSettings {
     /// `GEMINI_API_KEY`, `GEMINI_LIVE_URL`, `GEMINI_LIVE_MODEL`.
