@@ -75,6 +75,8 @@ pub struct Config {
     pub cascade: CascadeSettings,
     /// Characters offered by `GET /v1/characters` (a built-in one when empty).
     pub characters: Vec<Character>,
+    /// STUN/TURN servers handed to clients (`[[turn]]`, `KOTODAMA_TURN_*`).
+    pub turn: crate::turn_settings::TurnSettings,
 }
 
 /// Session-token signing keys (`[tokens]`). Unset: HS256 with `token_secret`.
@@ -370,6 +372,7 @@ impl Default for Config {
             local: LocalSettings::default(),
             cascade: CascadeSettings::default(),
             characters: Vec::new(),
+            turn: Default::default(),
         }
     }
 }
@@ -462,6 +465,7 @@ impl Config {
 
     /// Apply `KOTODAMA_*` (and provider) environment overrides read through `get`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        self.turn.apply_env(&get)?;
         let non_empty = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         if let Some(v) = non_empty("KOTODAMA_BIND") {
             self.bind = v.trim().parse().map_err(|_| {
@@ -564,6 +568,7 @@ impl Config {
 
     /// Check everything that can be checked before binding sockets.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.turn.validate(self.session.max_duration(), self.session.token_ttl())?;
         if !self.bind.ip().is_loopback() && self.api_keys.is_empty() {
             return Err(err(
                 "KOTODAMA_API_KEYS",

@@ -287,7 +287,9 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
         idempotency_ttl: config.session.token_ttl(),
         ..signaling::Limits::default()
     };
-    let mut api = signaling::api::ApiState::new(host, tokens).with_api_keys(api_keys).with_limits(limits);
+    let turn = config.turn.ice_server_set(config.session.max_duration(), config.session.token_ttl())?;
+    let mut api =
+        signaling::api::ApiState::new(host, tokens).with_api_keys(api_keys).with_limits(limits).with_turn(turn);
     if let Some(redis) = &redis {
         api = api.with_short_term(Arc::new(redis.clone()));
         spawn_cluster_tasks(&manager, redis).await;

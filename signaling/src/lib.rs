@@ -70,6 +70,7 @@ pub mod problem;
 pub mod sdp;
 pub mod short_term;
 pub mod token;
+pub mod turn;
 
 pub use api::{ApiState, Limits, router, routes};
 pub use auth::{ApiKeyIdentity, ApiKeys, KeyRole};
