@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use rtc::ice::mdns::MulticastDnsMode;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize;
 use rtc::rtp;
@@ -142,6 +143,19 @@ pub struct Peer {
     payload_type: u8,
     seq: u16,
     counters: Arc<PeerCounters>,
+    handler: Arc<Forwarder>,
+}
+
+/// The client's side of an ICE restart (RFC 9725 §4.3.2: a PATCH with `If-Match: *` and a new
+/// `a=ice-ufrag`/`a=ice-pwd`).
+#[derive(Debug, Clone)]
+pub struct IceRestart {
+    /// The client's new ICE username fragment.
+    pub ufrag: String,
+    /// The client's new ICE password.
+    pub pwd: String,
+    /// Candidates of the new generation (may be empty: learnt from its checks).
+    pub candidates: Vec<RTCIceCandidateInit>,
 }
 
 impl Peer {
@@ -176,6 +190,11 @@ impl Peer {
                 Some(Duration::from_secs(2)),
             )
             .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(MAX_DC_MESSAGE))
+            // No mDNS: no multicast socket per peer (binding one fails where the network has no
+            // multicast route, as in many containers), host candidates carry IPs, and a client's
+            // `.local` candidates are ignored: it connects through its other candidates or
+            // through peer-reflexive learning from its connectivity checks (RFC 8445 §7.3.1.3).
+            .with_multicast_dns_mode(MulticastDnsMode::Disabled)
             .with_include_loopback_candidate(settings.bind_ip.is_loopback());
         if settings.public_ip != settings.bind_ip {
             se = se.with_nat_1to1_ips(vec![settings.public_ip.to_string()], RTCIceCandidateType::Host);
@@ -199,7 +218,7 @@ impl Peer {
             .with_media_engine(media_engine)
             .with_setting_engine(se.build())
             .with_interceptor_registry(registry)
-            .with_handler(handler)
+            .with_handler(Arc::clone(&handler) as Arc<dyn PeerConnectionEventHandler>)
             .with_udp_addrs(vec![std::net::SocketAddr::new(settings.bind_ip, port)])
             .with_data_channel_send_buffer_limit(1024 * 1024)
             .build()
@@ -241,7 +260,36 @@ impl Peer {
             }
         };
         let payload_type = opus_payload_type(&answer).unwrap_or(111);
-        Ok((Peer { pc, track, sender, ssrc, payload_type, seq: rand::random(), counters }, answer))
+        Ok((Peer { pc, track, sender, ssrc, payload_type, seq: rand::random(), counters, handler }, answer))
+    }
+
+    /// Restart ICE as the answerer: the current offer with the client's new credentials is set
+    /// again (JSEP §5.7: a changed ufrag/pwd in a remote offer restarts ICE), a new answer with
+    /// new server credentials is made, and the client's new candidates are added. DTLS, SCTP,
+    /// the tracks and everything above them continue. Returns the server's
+    /// `application/trickle-ice-sdpfrag` (RFC 8840): its new ufrag/pwd, the first m-line with its
+    /// mid, every server candidate and `a=end-of-candidates`.
+    /// Errors: [`PeerError::Offer`] when the stack refuses the restarted offer.
+    pub async fn restart_ice(&self, restart: IceRestart) -> Result<String, PeerError> {
+        let offer_err = |e: webrtc::error::Error| PeerError::Offer(e.to_string());
+        let current = self.pc.remote_description().await.ok_or_else(|| PeerError::Offer("no remote offer".into()))?;
+        let offer = restarted_offer(&current.sdp, &restart.ufrag, &restart.pwd);
+        let (gathered_tx, gathered_rx) = oneshot::channel();
+        *self.handler.gathered.lock().unwrap_or_else(|p| p.into_inner()) = Some(gathered_tx);
+        self.pc
+            .set_remote_description(RTCSessionDescription::offer(offer).map_err(offer_err)?)
+            .await
+            .map_err(offer_err)?;
+        let answer = self.pc.create_answer(None).await.map_err(offer_err)?;
+        self.pc.set_local_description(answer).await.map_err(|e| PeerError::Setup(e.to_string()))?;
+        for c in restart.candidates {
+            if let Err(e) = self.pc.add_ice_candidate(c).await {
+                tracing::debug!(error = %e, "restart candidate rejected");
+            }
+        }
+        let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered_rx).await;
+        let local = self.pc.local_description().await.ok_or_else(|| PeerError::Setup("no local description".into()))?;
+        answer_sdpfrag(&local.sdp)
     }
 
     /// Send one Opus frame of the character's voice. `timestamp` is in 48 kHz units of the
@@ -292,6 +340,53 @@ impl Peer {
     pub async fn close(&self) {
         let _ = self.pc.close().await;
     }
+}
+
+/// `offer` with the client's new ICE credentials in place of the old ones, its candidates of the
+/// previous generation removed and its `o=` version bumped (RFC 8866 §5.2: a changed session).
+fn restarted_offer(offer: &str, ufrag: &str, pwd: &str) -> String {
+    let mut out = String::with_capacity(offer.len());
+    for line in offer.lines() {
+        let line = line.trim_end();
+        if line.starts_with("a=candidate:") || line == "a=end-of-candidates" {
+            continue;
+        }
+        if line.starts_with("a=ice-ufrag:") {
+            out.push_str("a=ice-ufrag:");
+            out.push_str(ufrag);
+        } else if line.starts_with("a=ice-pwd:") {
+            out.push_str("a=ice-pwd:");
+            out.push_str(pwd);
+        } else if let Some(origin) = line.strip_prefix("o=") {
+            out.push_str("o=");
+            out.push_str(&bump_origin_version(origin));
+        } else {
+            out.push_str(line);
+        }
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// `<user> <sess-id> <sess-version> ...` with `sess-version` + 1.
+fn bump_origin_version(origin: &str) -> String {
+    let mut fields: Vec<String> = origin.split(' ').map(str::to_owned).collect();
+    if let Some(v) = fields.get_mut(2).and_then(|v| v.parse::<u64>().ok().map(|n| (v, n))) {
+        *v.0 = v.1.wrapping_add(1).to_string();
+    }
+    fields.join(" ")
+}
+
+/// The sdpfrag of an answer (RFC 8840 §9, as in RFC 9725 §4.3.2's example): the first m-line's
+/// mid, the ICE credentials, each candidate once (BUNDLE repeats them) and `a=end-of-candidates`.
+fn answer_sdpfrag(answer: &str) -> Result<String, PeerError> {
+    let mut frag = signaling::sdp::parse_trickle_sdpfrag(answer.as_bytes())
+        .map_err(|e| PeerError::Setup(format!("own answer unreadable: {e}")))?;
+    let mid = answer.lines().find_map(|l| l.trim_end().strip_prefix("a=mid:")).map(str::to_owned);
+    let mut seen = std::collections::HashSet::new();
+    frag.candidates.retain(|c| seen.insert(c.candidate.clone()));
+    frag.end_of_candidates = true;
+    Ok(frag.to_sdpfrag(mid.as_deref()))
 }
 
 /// The `a=rtpmap:<pt> opus/48000` payload type of an SDP.
@@ -417,6 +512,34 @@ mod tests {
             assert_ne!(b, base + 1);
         }
         assert_ne!(a, b, "round robin");
+    }
+
+    #[test]
+    fn a_restarted_offer_carries_the_new_credentials_and_no_old_candidates() {
+        let offer = "v=0\r\no=- 42 7 IN IP4 0.0.0.0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\
+                     a=ice-ufrag:old\r\na=ice-pwd:oldpwd\r\na=candidate:1 1 udp 1 10.0.0.1 5000 typ host\r\n\
+                     a=end-of-candidates\r\na=mid:0\r\n";
+        let got = restarted_offer(offer, "newU", "newPwd");
+        assert_eq!(
+            got,
+            "v=0\r\no=- 42 8 IN IP4 0.0.0.0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\
+             a=ice-ufrag:newU\r\na=ice-pwd:newPwd\r\na=mid:0\r\n"
+        );
+    }
+
+    #[test]
+    fn the_restart_answer_sdpfrag_has_mid_credentials_each_candidate_once_and_the_end() {
+        let answer = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\na=group:BUNDLE 0 1\r\n\
+                      m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=ice-ufrag:U\r\na=ice-pwd:P\r\na=mid:0\r\n\
+                      a=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n\
+                      a=mid:1\r\na=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\n";
+        let frag = answer_sdpfrag(answer).unwrap();
+        let parsed = signaling::sdp::parse_trickle_sdpfrag(frag.as_bytes()).unwrap();
+        assert_eq!(parsed.ice_ufrag.as_deref(), Some("U"));
+        assert_eq!(parsed.ice_pwd.as_deref(), Some("P"));
+        assert_eq!(parsed.candidates.len(), 1, "{frag}");
+        assert_eq!(parsed.candidates[0].mid.as_deref(), Some("0"));
+        assert!(parsed.end_of_candidates);
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub(crate) enum Control {
     Trickle(RTCIceCandidateInit),
     /// A user text turn from outside the client (admin API, another node).
     Inject(String),
+    /// An ICE restart from PATCH `If-Match: *`; the reply carries the server's sdpfrag.
+    IceRestart(crate::peer::IceRestart, oneshot::Sender<Result<String, crate::peer::PeerError>>),
 }
 
 /// The lifecycle phase of a session.
@@ -882,6 +884,36 @@ impl SessionManager {
             }
         }
         Ok(())
+    }
+
+    /// Restart ICE on a live session's peer (PATCH with `If-Match: *` and new credentials):
+    /// returns the server's sdpfrag and the peer's new ETag. The session task, its provider
+    /// session and its transcript continue. Errors: 404s as for [`Self::trickle`],
+    /// [`SessionError::BadOffer`] when the stack refuses the restart.
+    pub async fn restart_ice(
+        &self,
+        id: &str,
+        peer_id: &str,
+        restart: crate::peer::IceRestart,
+    ) -> Result<(String, String), SessionError> {
+        let shared = self.get(id).ok_or(SessionError::NotFound)?;
+        let control = {
+            let st = shared.lock();
+            let live = st.live.as_ref().filter(|_| st.phase != Phase::Ended).ok_or(SessionError::UnknownPeer)?;
+            if live.peer_id != peer_id {
+                return Err(SessionError::UnknownPeer);
+            }
+            live.control.clone()
+        };
+        let (tx, rx) = oneshot::channel();
+        let busy = || SessionError::Internal("session busy".into());
+        control.send_timeout(Control::IceRestart(restart, tx), Duration::from_secs(5)).await.map_err(|_| busy())?;
+        let sdpfrag = rx.await.map_err(|_| SessionError::Ended)?.map_err(|e| SessionError::BadOffer(e.to_string()))?;
+        let etag = format!("\"{}\"", signaling::id::new_id("e"));
+        if let Some(live) = shared.lock().live.as_mut() {
+            live.etag = etag.clone();
+        }
+        Ok((sdpfrag, etag))
     }
 
     /// Start draining: refuse new sessions, end live ones, wait up to `grace` for them.

@@ -2,8 +2,10 @@
 //! that speaks Opus (real libopus) and records what it hears and every event it receives.
 #![allow(dead_code)]
 
+pub mod coturn;
 pub mod fake_openai;
 pub mod fake_openai_http;
+pub mod ice;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -27,8 +29,8 @@ use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
-    register_default_interceptors,
+    RTCIceGatheringState, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnectionState, RTCSessionDescription, Registry,
+    SettingEngineBuilder, register_default_interceptors,
 };
 
 pub const SAMPLE_RATE: u32 = 48_000;
@@ -231,6 +233,36 @@ pub enum Received {
 pub struct Inbox {
     pub log: Vec<Received>,
     pub agent_pcm: Vec<i16>,
+    /// Connection states, in order.
+    pub states: Vec<RTCPeerConnectionState>,
+}
+
+/// How the client peer reaches the network.
+#[derive(Clone)]
+pub struct ClientNet {
+    /// STUN/TURN servers (from `ice_servers`).
+    pub ice_servers: Vec<RTCIceServer>,
+    /// `iceTransportPolicy: "relay"`: only relay candidates.
+    pub relay_only: bool,
+    /// Local UDP addresses to bind.
+    pub udp_addrs: Vec<SocketAddr>,
+    /// Keep the `a=candidate` lines in the offer (false: a candidate-less, non-trickling offer,
+    /// as the OpenAI Agents SDK sends).
+    pub offer_candidates: bool,
+    /// An ICE restart binds new sockets on the interfaces that exist then (a network change).
+    pub rebind_on_restart: bool,
+}
+
+impl Default for ClientNet {
+    fn default() -> Self {
+        ClientNet {
+            ice_servers: Vec::new(),
+            relay_only: false,
+            udp_addrs: vec!["127.0.0.1:0".parse().unwrap()],
+            offer_candidates: true,
+            rebind_on_restart: false,
+        }
+    }
 }
 
 /// A real WebRTC client peer.
@@ -266,6 +298,7 @@ impl PeerConnectionEventHandler for ClientHandler {
         }
     }
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        self.inbox.lock().unwrap().states.push(state);
         let _ = self.state_tx.send(state);
     }
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
@@ -315,6 +348,22 @@ pub async fn client_offer(
     Arc<Mutex<Inbox>>,
     String,
 ) {
+    client_offer_on(&ClientNet::default(), with_audio, with_dc).await
+}
+
+/// [`client_offer`] on the network `net` describes.
+pub async fn client_offer_on(
+    net: &ClientNet,
+    with_audio: bool,
+    with_dc: bool,
+) -> (
+    Arc<dyn PeerConnection>,
+    Option<Arc<dyn DataChannel>>,
+    Option<Arc<TrackLocalStaticRTP>>,
+    u32,
+    Arc<Mutex<Inbox>>,
+    String,
+) {
     let mut me = MediaEngine::default();
     me.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio)
         .unwrap();
@@ -323,13 +372,23 @@ pub async fn client_offer(
     let (gtx, grx) = oneshot::channel();
     let (state_tx, _state_rx) = mpsc::unbounded_channel();
     let handler = Arc::new(ClientHandler { inbox: Arc::clone(&inbox), gathered: Mutex::new(Some(gtx)), state_tx });
+    let policy = if net.relay_only { RTCIceTransportPolicy::Relay } else { RTCIceTransportPolicy::All };
+    let configuration =
+        RTCConfigurationBuilder::new().with_ice_servers(net.ice_servers.clone()).with_ice_transport_policy(policy);
     let pc = PeerConnectionBuilder::new()
-        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_configuration(configuration.build())
         .with_media_engine(me)
-        .with_setting_engine(SettingEngineBuilder::new().with_include_loopback_candidate(true).build())
+        .with_setting_engine(
+            SettingEngineBuilder::new()
+                .with_include_loopback_candidate(true)
+                // No multicast socket in the test process: the server's sockets are counted.
+                .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+                .with_discard_local_candidates_during_ice_restart(net.rebind_on_restart)
+                .build(),
+        )
         .with_interceptor_registry(registry)
         .with_handler(handler)
-        .with_udp_addrs(vec!["127.0.0.1:0".parse::<SocketAddr>().unwrap()])
+        .with_udp_addrs(net.udp_addrs.clone())
         .build()
         .await
         .unwrap();
@@ -356,7 +415,10 @@ pub async fn client_offer(
     let offer = pc.create_offer(None).await.unwrap();
     pc.set_local_description(offer).await.unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(3), grx).await;
-    let sdp = pc.local_description().await.unwrap().sdp;
+    let mut sdp = pc.local_description().await.unwrap().sdp;
+    if !net.offer_candidates {
+        sdp = sdp.split_inclusive('\n').filter(|l| !l.starts_with("a=candidate:")).collect();
+    }
     (pc, dc, track, ssrc, inbox, sdp)
 }
 
@@ -368,7 +430,18 @@ impl TestClient {
 
     /// Connect to the session of `offer_url` on the server at `base` (any process).
     pub async fn connect_to(base: &str, http: &reqwest::Client, offer_url: &str, token: &str) -> TestClient {
-        let (pc, dc, track, ssrc, inbox, sdp) = client_offer(true, true).await;
+        Self::connect_on(&ClientNet::default(), base, http, offer_url, token).await
+    }
+
+    /// [`TestClient::connect_to`] on the network `net` describes.
+    pub async fn connect_on(
+        net: &ClientNet,
+        base: &str,
+        http: &reqwest::Client,
+        offer_url: &str,
+        token: &str,
+    ) -> TestClient {
+        let (pc, dc, track, ssrc, inbox, sdp) = client_offer_on(net, true, true).await;
         let dc = dc.unwrap();
         let url = format!("{base}{offer_url}");
         let res = http
