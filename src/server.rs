@@ -288,6 +288,10 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
         ..signaling::Limits::default()
     };
     let turn = config.turn.ice_server_set(config.session.max_duration(), config.session.token_ttl())?;
+    for entry in &config.turn.0 {
+        // URLs and realm only: the secrets never reach a log.
+        tracing::info!(urls = ?entry.urls, realm = ?entry.realm, secrets = entry.secrets.len(), "STUN/TURN servers for clients");
+    }
     let mut api =
         signaling::api::ApiState::new(host, tokens).with_api_keys(api_keys).with_limits(limits).with_turn(turn);
     if let Some(redis) = &redis {
