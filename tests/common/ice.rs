@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use webrtc::peer_connection::RTCSessionDescription;
+use std::sync::Arc;
+
+use webrtc::peer_connection::{PeerConnection, RTCSessionDescription};
 
 use super::TestClient;
 
@@ -50,13 +52,24 @@ fn apply_frag(sdp: &str, frag: &str) -> String {
 /// Restart ICE from the client: new local credentials (and, with `rebind_on_restart`, new
 /// sockets), PATCH `If-Match: "*"` with them, and apply the server's sdpfrag as the new answer.
 pub async fn restart_ice(client: &TestClient, base: &str, http: &reqwest::Client, token: &str) -> Restarted {
-    let old_ufrag = local_ufrag(client).await;
-    client.pc.restart_ice().await.expect("restart_ice");
-    let offer = client.pc.create_offer(None).await.expect("restart offer");
-    client.pc.set_local_description(offer).await.expect("set restart offer");
+    restart_pc(&client.pc, &client.location, base, http, token).await
+}
+
+/// [`restart_ice`] on a bare peer connection whose peer URL is `location`.
+pub async fn restart_pc(
+    pc: &Arc<dyn PeerConnection>,
+    location: &str,
+    base: &str,
+    http: &reqwest::Client,
+    token: &str,
+) -> Restarted {
+    let old_ufrag = local_ufrag(pc).await;
+    pc.restart_ice().await.expect("restart_ice");
+    let offer = pc.create_offer(None).await.expect("restart offer");
+    pc.set_local_description(offer).await.expect("set restart offer");
     let deadline = Instant::now() + Duration::from_secs(5);
     let local = loop {
-        let sdp = client.pc.local_description().await.unwrap().sdp;
+        let sdp = pc.local_description().await.unwrap().sdp;
         let ufrag = sdp.lines().find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:")).unwrap_or("").to_owned();
         if ufrag != old_ufrag && sdp.contains("a=candidate:") {
             break sdp;
@@ -74,7 +87,7 @@ pub async fn restart_ice(client: &TestClient, base: &str, http: &reqwest::Client
         }
     }
     let res = http
-        .patch(format!("{base}{}", client.location))
+        .patch(format!("{base}{location}"))
         .bearer_auth(token)
         .header("Content-Type", "application/trickle-ice-sdpfrag")
         .header("If-Match", "*")
@@ -87,19 +100,17 @@ pub async fn restart_ice(client: &TestClient, base: &str, http: &reqwest::Client
     let links = res.headers().get_all("link").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
     let sdpfrag = res.text().await.unwrap();
     if status == 200 {
-        let remote = client.pc.remote_description().await.unwrap().sdp;
+        let remote = pc.remote_description().await.unwrap().sdp;
         let answer = apply_frag(&remote, &sdpfrag);
-        client
-            .pc
-            .set_remote_description(RTCSessionDescription::answer(answer).unwrap())
+        pc.set_remote_description(RTCSessionDescription::answer(answer).unwrap())
             .await
             .expect("the server's restart sdpfrag makes a valid answer");
     }
     Restarted { status, content_type, etag, links, sdpfrag }
 }
 
-async fn local_ufrag(client: &TestClient) -> String {
-    let sdp = client.pc.local_description().await.unwrap().sdp;
+async fn local_ufrag(pc: &Arc<dyn PeerConnection>) -> String {
+    let sdp = pc.local_description().await.unwrap().sdp;
     sdp.lines().find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:")).unwrap_or("").to_owned()
 }
 
