@@ -152,6 +152,8 @@ pub struct MediaSettings {
     pub opus_complexity: u8,
     /// UDP port range for media, `"40000-40999"` (`KOTODAMA_UDP_PORTS`); unset: ephemeral ports.
     pub udp_ports: Option<String>,
+    /// One UDP port for the media of every session (`KOTODAMA_UDP_PORT`); excludes `udp_ports`.
+    pub udp_port: Option<u16>,
 }
 
 /// The scripted provider's settings.
@@ -402,6 +404,7 @@ impl Default for MediaSettings {
             opus_bitrate: 32_000,
             opus_complexity: 1,
             udp_ports: None,
+            udp_port: None,
         }
     }
 }
@@ -466,6 +469,7 @@ impl Config {
     /// Apply `KOTODAMA_*` (and provider) environment overrides read through `get`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         self.turn.apply_env(&get)?;
+        crate::udp_mux::apply_env(&mut self.media, &get)?;
         let non_empty = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         if let Some(v) = non_empty("KOTODAMA_BIND") {
             self.bind = v.trim().parse().map_err(|_| {
@@ -569,6 +573,7 @@ impl Config {
     /// Check everything that can be checked before binding sockets.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.turn.validate(self.session.max_duration(), self.session.token_ttl())?;
+        crate::udp_mux::validate(&self.media)?;
         if !self.bind.ip().is_loopback() && self.api_keys.is_empty() {
             return Err(err(
                 "KOTODAMA_API_KEYS",

@@ -103,6 +103,8 @@ pub struct PeerSettings {
     pub peer_timeout: Duration,
     /// UDP ports for media; `None`: ephemeral ports.
     pub ports: Option<Arc<PortRange>>,
+    /// One UDP socket for every peer (`KOTODAMA_UDP_PORT`); takes precedence over `ports`.
+    pub mux: Option<Arc<crate::udp_mux::UdpMux>>,
 }
 
 /// A range of UDP ports handed out round-robin to new peers (for firewalls and TURN allow-lists).
@@ -144,6 +146,8 @@ pub struct Peer {
     seq: u16,
     counters: Arc<PeerCounters>,
     handler: Arc<Forwarder>,
+    /// This peer's routes on the shared socket, when there is one (dropped with the peer).
+    lease: Option<crate::udp_mux::MuxLease>,
 }
 
 /// The client's side of an ICE restart (RFC 9725 §4.3.2: a PATCH with `If-Match: *` and a new
@@ -207,13 +211,19 @@ impl Peer {
             gathered: std::sync::Mutex::new(Some(gathered_tx)),
             counters: Arc::clone(&counters),
         });
+        let lease = settings.mux.as_ref().map(|m| m.lease());
         let port = match &settings.ports {
+            _ if lease.is_some() => 0,
             Some(range) => range
                 .pick(settings.bind_ip)
                 .ok_or_else(|| PeerError::Setup("every UDP port of media.udp_ports is in use".into()))?,
             None => 0,
         };
-        let pc = PeerConnectionBuilder::new()
+        let mut builder = PeerConnectionBuilder::new();
+        if let Some(lease) = &lease {
+            builder = builder.with_runtime(lease.runtime());
+        }
+        let pc = builder
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(media_engine)
             .with_setting_engine(se.build())
@@ -259,8 +269,15 @@ impl Peer {
                 return Err(e);
             }
         };
+        let answer = match &lease {
+            Some(lease) => {
+                lease.set_ufrag(&ice_ufrag(&answer).unwrap_or_default());
+                lease.rewrite_ports(&answer)
+            }
+            None => answer,
+        };
         let payload_type = opus_payload_type(&answer).unwrap_or(111);
-        Ok((Peer { pc, track, sender, ssrc, payload_type, seq: rand::random(), counters, handler }, answer))
+        Ok((Peer { pc, track, sender, ssrc, payload_type, seq: rand::random(), counters, handler, lease }, answer))
     }
 
     /// Restart ICE as the answerer: the current offer with the client's new credentials is set
@@ -289,7 +306,14 @@ impl Peer {
         }
         let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered_rx).await;
         let local = self.pc.local_description().await.ok_or_else(|| PeerError::Setup("no local description".into()))?;
-        answer_sdpfrag(&local.sdp)
+        let frag = answer_sdpfrag(&local.sdp)?;
+        Ok(match &self.lease {
+            Some(lease) => {
+                lease.set_ufrag(&ice_ufrag(&local.sdp).unwrap_or_default());
+                lease.rewrite_ports(&frag)
+            }
+            None => frag,
+        })
     }
 
     /// Send one Opus frame of the character's voice. `timestamp` is in 48 kHz units of the
@@ -327,8 +351,7 @@ impl Peer {
 
     /// The ICE ufrag of the client's current offer (for trickle validation).
     pub async fn remote_ufrag(&self) -> Option<String> {
-        let sdp = self.pc.remote_description().await?.sdp;
-        sdp.lines().find_map(|l| l.trim().strip_prefix("a=ice-ufrag:").map(|s| s.trim().to_owned()))
+        ice_ufrag(&self.pc.remote_description().await?.sdp)
     }
 
     /// The forwarding counters.
@@ -340,6 +363,11 @@ impl Peer {
     pub async fn close(&self) {
         let _ = self.pc.close().await;
     }
+}
+
+/// The first `a=ice-ufrag` of an SDP.
+fn ice_ufrag(sdp: &str) -> Option<String> {
+    sdp.lines().find_map(|l| l.trim().strip_prefix("a=ice-ufrag:").map(|s| s.trim().to_owned()))
 }
 
 /// `offer` with the client's new ICE credentials in place of the old ones, its candidates of the

@@ -278,6 +278,7 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
             node_id,
             advertise_url: advertise_url.clone(),
             redis: redis.clone(),
+            udp_mux: crate::udp_mux::bind_configured(&config)?,
         },
     );
     let host = Arc::new(crate::http::Host::new(Arc::clone(&manager)));

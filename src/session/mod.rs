@@ -414,6 +414,8 @@ pub struct Backends {
     pub advertise_url: String,
     /// Redis (cluster state), when configured.
     pub redis: Option<Redis>,
+    /// The one media UDP socket every session shares (`KOTODAMA_UDP_PORT`), when configured.
+    pub udp_mux: Option<Arc<crate::udp_mux::UdpMux>>,
 }
 
 /// Who asks for a new session, and for whom.
@@ -441,6 +443,7 @@ impl SessionManager {
             peer_timeout: Duration::from_secs(config.session.peer_timeout_secs),
             // Validated at start: a bad range never reaches here.
             ports: config.udp_port_range().ok().flatten().map(|(a, b)| Arc::new(crate::peer::PortRange::new(a, b))),
+            mux: backends.udp_mux.clone(),
         };
         let m = &config.media;
         let media = MediaDefaults {
