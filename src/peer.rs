@@ -7,9 +7,14 @@
 //! the character's voice with [`Peer::write_opus`], one packet per 20 ms frame, with RTP
 //! timestamps from the playout clock (so pauses between replies are pauses on the wire too).
 //!
-//! Ports: webrtc-rs 0.21 binds one UDP socket per peer connection (its async layer has no ICE UDP
-//! mux), on the advertised interface and an ephemeral port, so a node holds one socket per live
-//! session; `session.max_sessions` caps them.
+//! Ports: by default webrtc-rs 0.21 binds one UDP socket per peer connection, on the advertised
+//! interface and an ephemeral port (or one of `media.udp_ports`), so a node holds one socket per
+//! live session; `session.max_sessions` caps them. With `media.udp_port` every peer runs on a view
+//! of one shared socket instead ([`crate::udp_mux`]): the answer's candidates name that port.
+//!
+//! NAT traversal: no mDNS (no multicast socket; `.local` candidates of clients are ignored, the
+//! client is learnt peer-reflexively from its checks); [`Peer::restart_ice`] answers an ICE restart
+//! (a new network) without touching DTLS, SCTP or the tracks.
 
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -176,7 +176,19 @@ async fn trickle_and_delete_errors_are_specific() {
         .send()
         .await
         .unwrap();
-    assert_problem(res, 422, "ICE restart (not yet supported)").await;
+    assert_eq!(res.status(), 200, "ICE restart");
+    assert_eq!(res.headers()["content-type"], "application/trickle-ice-sdpfrag");
+    let res = ts
+        .http
+        .patch(&peer_url)
+        .header("Content-Type", "application/trickle-ice-sdpfrag")
+        .header("If-Match", "*")
+        .bearer_auth(&token)
+        .body("a=end-of-candidates\r\n")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 422, "If-Match * without new ICE credentials").await;
     let res = ts
         .http
         .patch(format!("{}/v1/sessions/{id}/peers/peer_nope", ts.base))

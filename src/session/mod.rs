@@ -370,8 +370,8 @@ pub enum SessionError {
     /// If-Match does not match the current ETag.
     #[error("stale ETag")]
     StaleEtag,
-    /// ICE restart is not supported yet.
-    #[error("ICE restart is not supported yet")]
+    /// `If-Match: *` (an ICE restart) without new ICE credentials.
+    #[error("If-Match * without new ICE credentials")]
     IceRestartUnsupported,
 }
 
