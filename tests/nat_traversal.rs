@@ -7,27 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::ice::{own_udp_sockets, restart_ice};
+use common::ice::{one_turn, own_udp_sockets, restart_ice};
 use common::*;
 use serde_json::Value;
-
-/// Speak one question and wait until the agent has answered in full and listens again.
-async fn one_turn(client: &mut TestClient, finals_before: usize) {
-    let (_, question) = wav("user_question.wav");
-    client.silence(Duration::from_millis(200)).await;
-    client.speak(&question).await;
-    client
-        .silence_until("the agent's final transcript", Duration::from_secs(30), |evs| {
-            evs.iter().filter(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true).count()
-                > finals_before
-        })
-        .await;
-    client
-        .silence_until("back to listening", Duration::from_secs(15), |evs| {
-            evs.iter().rfind(|e| e["type"] == "state").is_some_and(|e| e["state"] == "listening")
-        })
-        .await;
-}
 
 async fn transcript(ts: &TestServer, id: &str, token: &str) -> Vec<Value> {
     let res = ts.http.get(format!("{}/v1/sessions/{id}/transcript", ts.base)).bearer_auth(token).send().await.unwrap();

@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
-use common::ice::restart_pc;
+use common::ice::{one_turn, restart_pc};
 use common::*;
 use serde_json::Value;
 
@@ -76,23 +76,6 @@ impl Drop for NetNs {
         // Deleting the namespace deletes its veth end, and with it the pair.
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
-}
-
-async fn one_turn(client: &mut TestClient, finals_before: usize) {
-    let (_, question) = wav("user_question.wav");
-    client.silence(Duration::from_millis(200)).await;
-    client.speak(&question).await;
-    client
-        .silence_until("the agent's final transcript", Duration::from_secs(30), |evs| {
-            evs.iter().filter(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true).count()
-                > finals_before
-        })
-        .await;
-    client
-        .silence_until("back to listening", Duration::from_secs(15), |evs| {
-            evs.iter().rfind(|e| e["type"] == "state").is_some_and(|e| e["state"] == "listening")
-        })
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use webrtc::peer_connection::{PeerConnection, RTCSessionDescription};
 
-use super::TestClient;
+use super::{TestClient, wav};
 
 /// What the server answered to the restart PATCH.
 #[derive(Debug)]
@@ -147,4 +147,23 @@ pub fn own_udp_sockets() -> Vec<SocketAddr> {
         }
     }
     out
+}
+
+/// Speak the test question and wait until the agent has answered in full (its final transcript
+/// number `finals_before + 1`) and listens again.
+pub async fn one_turn(client: &mut TestClient, finals_before: usize) {
+    let (_, question) = wav("user_question.wav");
+    client.silence(Duration::from_millis(200)).await;
+    client.speak(&question).await;
+    client
+        .silence_until("the agent's final transcript", Duration::from_secs(30), |evs| {
+            evs.iter().filter(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true).count()
+                > finals_before
+        })
+        .await;
+    client
+        .silence_until("back to listening", Duration::from_secs(15), |evs| {
+            evs.iter().rfind(|e| e["type"] == "state").is_some_and(|e| e["state"] == "listening")
+        })
+        .await;
 }

@@ -335,35 +335,24 @@ pub fn opus_codec() -> RTCRtpCodec {
     }
 }
 
-/// Build a client peer and its offer (with candidates). `with_audio` / `with_dc` allow building
-/// offers the server must reject.
-pub async fn client_offer(
-    with_audio: bool,
-    with_dc: bool,
-) -> (
+/// A client peer before its answer: (peer, `events` channel, mic track, its SSRC, inbox, offer SDP).
+pub type ClientParts = (
     Arc<dyn PeerConnection>,
     Option<Arc<dyn DataChannel>>,
     Option<Arc<TrackLocalStaticRTP>>,
     u32,
     Arc<Mutex<Inbox>>,
     String,
-) {
+);
+
+/// Build a client peer and its offer (with candidates). `with_audio` / `with_dc` allow building
+/// offers the server must reject.
+pub async fn client_offer(with_audio: bool, with_dc: bool) -> ClientParts {
     client_offer_on(&ClientNet::default(), with_audio, with_dc).await
 }
 
 /// [`client_offer`] on the network `net` describes.
-pub async fn client_offer_on(
-    net: &ClientNet,
-    with_audio: bool,
-    with_dc: bool,
-) -> (
-    Arc<dyn PeerConnection>,
-    Option<Arc<dyn DataChannel>>,
-    Option<Arc<TrackLocalStaticRTP>>,
-    u32,
-    Arc<Mutex<Inbox>>,
-    String,
-) {
+pub async fn client_offer_on(net: &ClientNet, with_audio: bool, with_dc: bool) -> ClientParts {
     let mut me = MediaEngine::default();
     me.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio)
         .unwrap();
