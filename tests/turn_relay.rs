@@ -102,19 +102,7 @@ async fn relay_only_client_talks_to_the_character_through_coturn() {
     assert_eq!(pair.local().address, "127.0.0.1");
 
     // One turn: the provider hears the user, the client hears the character.
-    let (_, question) = wav("user_question.wav");
-    client.silence(Duration::from_millis(200)).await;
-    client.speak(&question).await;
-    client
-        .silence_until("the agent's final transcript", Duration::from_secs(30), |evs| {
-            evs.iter().any(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
-        })
-        .await;
-    client
-        .silence_until("back to listening", Duration::from_secs(15), |evs| {
-            evs.iter().rfind(|e| e["type"] == "state").is_some_and(|e| e["state"] == "listening")
-        })
-        .await;
+    common::ice::one_turn(&mut client, 0).await;
     let turns = ts.recorder.turns();
     assert_eq!(turns.len(), 1, "one user turn reached the provider");
     assert!(peak_rms(&turns[0].samples, 24_000) > 1000.0, "the provider heard speech");

@@ -34,6 +34,8 @@ const state = {
 };
 // @ts-ignore: exposed for tests and debugging
 window.kotodama = state;
+// @ts-ignore: for tests and debugging: restart ICE now, as after a network change
+window.kotodamaRestartIce = () => restartIce();
 
 let pc = /** @type {RTCPeerConnection|null} */ (null);
 let dc = /** @type {RTCDataChannel|null} */ (null);
@@ -276,6 +278,8 @@ async function restartIce() {
     const servers = linkIceServers(res.headers.get("Link"));
     if (servers.length) pc.setConfiguration({ ...pc.getConfiguration(), iceServers: servers });
     await pc.setRemoteDescription({ type: "answer", sdp: applySdpfrag(pc.remoteDescription.sdp, await res.text()) });
+    // A restart that never left "connected" (the old path still worked) gets no state change.
+    if (pc.connectionState === "connected") { state.reconnecting = false; $("error").textContent = ""; note("Reconnected."); }
   } catch (e) {
     state.reconnecting = false; showError(`Reconnecting failed: ${e.message}`);
   }
