@@ -235,6 +235,12 @@ impl Peer {
             .with_interceptor_registry(registry)
             .with_handler(Arc::clone(&handler) as Arc<dyn PeerConnectionEventHandler>)
             .with_udp_addrs(vec![std::net::SocketAddr::new(settings.bind_ip, port)])
+            // ICE-TCP passive (RFC 6544) only on the shared port: per-peer listeners would need a
+            // port range of their own.
+            .with_tcp_addrs(match lease.as_ref().and_then(|l| l.tcp_addr()) {
+                Some(_) => vec![std::net::SocketAddr::new(settings.bind_ip, 0)],
+                None => vec![],
+            })
             .with_data_channel_send_buffer_limit(1024 * 1024)
             .build()
             .await
@@ -305,7 +311,7 @@ impl Peer {
         let answer = self.pc.create_answer(None).await.map_err(offer_err)?;
         self.pc.set_local_description(answer).await.map_err(|e| PeerError::Setup(e.to_string()))?;
         for c in restart.candidates {
-            if let Err(e) = self.pc.add_ice_candidate(c).await {
+            if let Err(e) = self.add_candidate(c).await {
                 tracing::debug!(error = %e, "restart candidate rejected");
             }
         }
@@ -349,8 +355,14 @@ impl Peer {
         })
     }
 
-    /// Add a remote candidate trickled by the client.
+    /// Add a remote candidate trickled by the client. TCP candidates are ignored: the server is
+    /// ICE-TCP passive only (clients dial it), and webrtc-rs would otherwise open a TCP connection
+    /// to whatever address a client names (a `tcptype passive` candidate for 127.0.0.1:6379...).
     pub async fn add_candidate(&self, candidate: RTCIceCandidateInit) -> Result<(), PeerError> {
+        if is_tcp_candidate(&candidate.candidate) {
+            tracing::debug!("ignoring a trickled TCP candidate (the server does not dial)");
+            return Ok(());
+        }
         self.pc.add_ice_candidate(candidate).await.map_err(|e| PeerError::Offer(e.to_string()))
     }
 
@@ -368,6 +380,12 @@ impl Peer {
     pub async fn close(&self) {
         let _ = self.pc.close().await;
     }
+}
+
+/// Whether `candidate:<foundation> <component> <transport> ...` is a TCP candidate (RFC 6544).
+fn is_tcp_candidate(candidate: &str) -> bool {
+    let body = candidate.trim().trim_start_matches("a=").trim_start_matches("candidate:");
+    body.split_whitespace().nth(2).is_some_and(|t| t.eq_ignore_ascii_case("tcp"))
 }
 
 /// The first `a=ice-ufrag` of an SDP.
@@ -573,6 +591,14 @@ mod tests {
         assert_eq!(parsed.candidates.len(), 1, "{frag}");
         assert_eq!(parsed.candidates[0].mid.as_deref(), Some("0"));
         assert!(parsed.end_of_candidates);
+    }
+
+    #[test]
+    fn trickled_tcp_candidates_are_recognised() {
+        assert!(is_tcp_candidate("candidate:1 1 tcp 1518280447 127.0.0.1 6379 typ host tcptype passive"));
+        assert!(is_tcp_candidate("a=candidate:1 1 TCP 1 10.0.0.1 9 typ host tcptype active"));
+        assert!(!is_tcp_candidate("candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host"));
+        assert!(!is_tcp_candidate("garbage"));
     }
 
     #[test]

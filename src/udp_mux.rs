@@ -72,9 +72,14 @@ struct Slot {
     waker: AtomicWaker,
     /// Addresses this peer has sent to (routes already registered).
     sent_to: Mutex<Vec<SocketAddr>>,
-    /// Ports of the placeholder sockets the driver bound (named in its candidates).
+    /// Ports of the placeholder sockets and listeners the driver bound (named in its candidates).
     placeholder_ports: Mutex<Vec<u16>>,
+    /// Where ICE-TCP connections for this peer go (set when the driver asks for a listener).
+    tcp: Mutex<Option<tokio::sync::mpsc::Sender<Accepted>>>,
 }
+
+/// An ICE-TCP connection handed to a peer's listener, with its remote address.
+type Accepted = (Arc<dyn AsyncTcpStream>, SocketAddr);
 
 #[derive(Debug, Default)]
 struct Routes {
@@ -88,26 +93,45 @@ struct Routes {
 pub struct UdpMux {
     socket: tokio::net::UdpSocket,
     local: SocketAddr,
+    /// The ICE-TCP passive listener on the same port number, when bound.
+    tcp_local: Option<SocketAddr>,
     routes: Mutex<Routes>,
     next_id: AtomicU64,
     counters: MuxCounters,
 }
 
 impl UdpMux {
-    /// Bind `addr` and start the receive task. Errors: the bind's (port taken, address not local).
-    pub fn bind(addr: SocketAddr) -> io::Result<Arc<UdpMux>> {
+    /// Bind UDP `addr` (and, with `tcp`, TCP on the same address and port for ICE-TCP passive
+    /// candidates, RFC 6544) and start the receive tasks. Errors: the binds' (port taken, address
+    /// not local).
+    pub fn bind(addr: SocketAddr, tcp: bool) -> io::Result<Arc<UdpMux>> {
         let std = std::net::UdpSocket::bind(addr)?;
         std.set_nonblocking(true)?;
         let local = std.local_addr()?;
+        let listener = match tcp {
+            true => Some(std::net::TcpListener::bind(local)?),
+            false => None,
+        };
+        let tcp_local = listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let mux = Arc::new(UdpMux {
             socket: tokio::net::UdpSocket::from_std(std)?,
             local,
+            tcp_local,
             routes: Mutex::new(Routes::default()),
             next_id: AtomicU64::new(1),
             counters: MuxCounters::default(),
         });
         tokio::spawn(receive_loop(Arc::downgrade(&mux)));
+        if let Some(listener) = listener {
+            listener.set_nonblocking(true)?;
+            tokio::spawn(accept_loop(Arc::downgrade(&mux), tokio::net::TcpListener::from_std(listener)?));
+        }
         Ok(mux)
+    }
+
+    /// The ICE-TCP listener's address, when there is one.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_local
     }
 
     /// The shared socket's address.
@@ -184,6 +208,138 @@ async fn receive_loop(mux: std::sync::Weak<UdpMux>) {
     }
 }
 
+async fn accept_loop(mux: std::sync::Weak<UdpMux>, listener: tokio::net::TcpListener) {
+    loop {
+        let accepted = listener.accept().await;
+        let Some(m) = mux.upgrade() else { return };
+        match accepted {
+            Ok((stream, from)) => {
+                tokio::spawn(tcp_handshake(m, stream, from));
+            }
+            Err(e) if webrtc_retryable(&e) => {}
+            Err(e) => {
+                // Too many open files and the like: back off rather than spin.
+                tracing::warn!(error = %e, "ICE-TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Read the connection's first RFC 4571 frame (a STUN Binding request), find its peer by the
+/// USERNAME's ufrag, and hand the connection (that frame included) to that peer's listener.
+async fn tcp_handshake(mux: Arc<UdpMux>, mut stream: tokio::net::TcpStream, from: SocketAddr) {
+    use tokio::io::AsyncReadExt as _;
+    let first = async {
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.ok()?;
+        let len = usize::from(u16::from_be_bytes(head));
+        if len > MAX_DATAGRAM {
+            return None;
+        }
+        let mut frame = vec![0u8; 2 + len];
+        frame[..2].copy_from_slice(&head);
+        stream.read_exact(&mut frame[2..]).await.ok()?;
+        Some(frame)
+    };
+    let Ok(Some(frame)) = tokio::time::timeout(Duration::from_secs(5), first).await else { return };
+    let tx = {
+        let routes = mux.lock();
+        let slot =
+            stun_local_ufrag(&frame[2..]).and_then(|u| routes.by_ufrag.get(u)).and_then(|id| routes.slots.get(id));
+        slot.and_then(|s| s.tcp.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    };
+    let Some(tx) = tx else {
+        mux.counters.unroutable.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let Ok(local) = stream.local_addr() else { return };
+    let (read, write) = stream.into_split();
+    let stream = MuxedTcpStream {
+        prefix: Mutex::new(Some(frame)),
+        read: tokio::sync::Mutex::new(read),
+        write: tokio::sync::Mutex::new(write),
+        local,
+        peer: from,
+    };
+    let _ = tx.try_send((Arc::new(stream), from));
+}
+
+/// An accepted ICE-TCP connection whose first frame the mux has already read.
+#[derive(Debug)]
+struct MuxedTcpStream {
+    prefix: Mutex<Option<Vec<u8>>>,
+    read: tokio::sync::Mutex<tokio::net::tcp::OwnedReadHalf>,
+    write: tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
+    local: SocketAddr,
+    peer: SocketAddr,
+}
+
+impl AsyncTcpStream for MuxedTcpStream {
+    fn read<'a, 'b>(&'a self, buf: &'b mut [u8]) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'b>>
+    where
+        'a: 'b,
+    {
+        Box::pin(async move {
+            {
+                let mut prefix = self.prefix.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(head) = prefix.as_mut() {
+                    let n = head.len().min(buf.len());
+                    buf[..n].copy_from_slice(&head[..n]);
+                    head.drain(..n);
+                    if head.is_empty() {
+                        *prefix = None;
+                    }
+                    return Ok(n);
+                }
+            }
+            use tokio::io::AsyncReadExt as _;
+            self.read.lock().await.read(buf).await
+        })
+    }
+
+    fn write_all<'a, 'b>(&'a self, buf: &'b [u8]) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'b>>
+    where
+        'a: 'b,
+    {
+        Box::pin(async move {
+            use tokio::io::AsyncWriteExt as _;
+            self.write.lock().await.write_all(buf).await
+        })
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.peer)
+    }
+}
+
+/// A peer's ICE-TCP listener: the connections the mux routed to it.
+#[derive(Debug)]
+struct MuxedTcpListener {
+    accepted: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Accepted>>,
+    local: SocketAddr,
+}
+
+impl AsyncTcpListener for MuxedTcpListener {
+    fn accept<'a>(&'a self) -> Pin<Box<dyn Future<Output = io::Result<Accepted>> + Send + 'a>> {
+        Box::pin(async move {
+            match self.accepted.lock().await.recv().await {
+                Some(a) => Ok(a),
+                // The lease ended: the peer is closing; nothing more will come.
+                None => std::future::pending().await,
+            }
+        })
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
 fn webrtc_retryable(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -226,6 +382,11 @@ pub struct MuxLease {
 }
 
 impl MuxLease {
+    /// The shared ICE-TCP listener's address, when there is one.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.mux.tcp_local
+    }
+
     /// The runtime to build this peer's connection with.
     pub fn runtime(&self) -> Arc<dyn Runtime> {
         Arc::new(MuxRuntime { mux: Arc::clone(&self.mux), id: self.id, slot: Arc::clone(&self.slot) })
@@ -238,16 +399,16 @@ impl MuxLease {
         self.mux.lock().by_ufrag.insert(ufrag.to_owned(), self.id);
     }
 
-    /// `sdp` with the placeholder sockets' ports replaced by the shared port in `a=candidate`
-    /// lines (`candidate:<foundation> <component> <transport> <priority> <address> <port> ...`,
+    /// `sdp` with the placeholder sockets' and listeners' ports replaced by the shared port (the
+    /// same number for UDP and ICE-TCP) in `a=candidate` lines
+    /// (`candidate:<foundation> <component> <transport> <priority> <address> <port> ...`,
     /// RFC 8839 §5.1).
     pub fn rewrite_ports(&self, sdp: &str) -> String {
         let ports = self.slot.placeholder_ports.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let shared = self.mux.local.port().to_string();
         let mut out = String::with_capacity(sdp.len());
         for line in sdp.split_inclusive('\n') {
-            let is_udp = line.split(' ').nth(2).is_some_and(|t| t.eq_ignore_ascii_case("udp"));
-            if !line.starts_with("a=candidate:") || !is_udp {
+            if !line.starts_with("a=candidate:") {
                 out.push_str(line);
                 continue;
             }
@@ -295,14 +456,22 @@ impl Runtime for MuxRuntime {
     }
 
     fn wrap_tcp_listener(&self, listener: std::net::TcpListener) -> io::Result<Arc<dyn AsyncTcpListener>> {
-        TokioRuntime.wrap_tcp_listener(listener)
+        let Some(shared) = self.mux.tcp_local else { return TokioRuntime.wrap_tcp_listener(listener) };
+        // As for UDP: the driver's listener only names a port; the shared one accepts.
+        let port = listener.local_addr()?.port();
+        drop(listener);
+        self.slot.placeholder_ports.lock().unwrap_or_else(|p| p.into_inner()).push(port);
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        *self.slot.tcp.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        Ok(Arc::new(MuxedTcpListener { accepted: tokio::sync::Mutex::new(rx), local: shared }))
     }
 
     fn connect_tcp<'a>(
         &'a self,
-        remote_addr: SocketAddr,
+        _remote_addr: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = io::Result<Arc<dyn AsyncTcpStream>>> + Send + 'a>> {
-        TokioRuntime.connect_tcp(remote_addr)
+        // The server is ICE-TCP passive only: it never dials an address a client named.
+        Box::pin(async { Err(io::Error::new(io::ErrorKind::PermissionDenied, "the server does not dial ICE-TCP")) })
     }
 
     fn resolve_host<'a>(
@@ -434,10 +603,10 @@ pub fn validate(media: &MediaSettings) -> Result<(), ConfigError> {
 pub fn bind_configured(config: &Config) -> Result<Option<Arc<UdpMux>>, ConfigError> {
     let Some(port) = config.media.udp_port else { return Ok(None) };
     let addr = SocketAddr::new(config.bind.ip(), port);
-    let mux = UdpMux::bind(addr).map_err(|e| ConfigError {
+    let mux = UdpMux::bind(addr, true).map_err(|e| ConfigError {
         key: "media.udp_port (KOTODAMA_UDP_PORT)".into(),
-        problem: format!("cannot bind UDP {addr}: {e}"),
-        fix: "choose a free port, or stop what holds it".into(),
+        problem: format!("cannot bind UDP and TCP {addr}: {e}"),
+        fix: "choose a port free for both UDP and TCP, or stop what holds it".into(),
     })?;
     tracing::info!(%addr, "media on one UDP port for every session");
     Ok(Some(mux))
@@ -495,7 +664,7 @@ mod tests {
 
     #[tokio::test]
     async fn datagrams_go_to_the_peer_by_ufrag_then_by_address_and_a_lease_frees_only_its_routes() {
-        let mux = UdpMux::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mux = UdpMux::bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let (a, b) = (mux.lease(), mux.lease());
         a.set_ufrag("ufragA");
         b.set_ufrag("ufragB");
@@ -520,7 +689,7 @@ mod tests {
 
     #[tokio::test]
     async fn candidates_name_the_shared_port() {
-        let mux = UdpMux::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mux = UdpMux::bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let lease = mux.lease();
         let rt = lease.runtime();
         let placeholder = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -528,14 +697,16 @@ mod tests {
         let _socket = rt.wrap_udp_socket(placeholder).unwrap();
         let sdp = format!(
             "a=candidate:1 1 udp 2130706431 127.0.0.1 {port} typ host\r\n\
-             a=candidate:2 1 tcp 1 127.0.0.1 {port} typ host tcptype passive\r\nm=audio {port} x\r\n"
+             a=candidate:2 1 udp 2130706431 127.0.0.1 {} typ host\r\nm=audio {port} x\r\n",
+            port.wrapping_add(1)
         );
         let shared = mux.local_addr().port();
         assert_eq!(
             lease.rewrite_ports(&sdp),
             format!(
                 "a=candidate:1 1 udp 2130706431 127.0.0.1 {shared} typ host\r\n\
-                 a=candidate:2 1 tcp 1 127.0.0.1 {port} typ host tcptype passive\r\nm=audio {port} x\r\n"
+                 a=candidate:2 1 udp 2130706431 127.0.0.1 {} typ host\r\nm=audio {port} x\r\n",
+                port.wrapping_add(1)
             )
         );
         assert!(std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok(), "the placeholder socket is closed");

@@ -15,6 +15,9 @@ use futures::future::join_all;
 
 const SESSIONS: usize = 50;
 
+/// One test at a time: the 50-session test counts every UDP socket of the process.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn tone_hz(k: usize) -> f64 {
     300.0 + 30.0 * k as f64
 }
@@ -74,6 +77,7 @@ async fn ask(client: &TestClient, finals_before: usize) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_sessions_share_one_udp_port_and_each_hears_only_its_own_agent() {
+    let _serial = SERIAL.lock().await;
     let replies = (0..SESSIONS + SESSIONS / 2).map(|k| Reply::Speech { text: format!("tone {k}"), audio: tone(k) });
     let fake = FakeOpenAi::start(FakeOptions::default(), replies.collect()).await;
     let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -129,6 +133,7 @@ async fn fifty_sessions_share_one_udp_port_and_each_hears_only_its_own_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_shared_port_a_candidate_less_offer_connects_and_ice_restarts() {
+    let _serial = SERIAL.lock().await;
     let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let ts = TestServer::start_with(|c| c.media.udp_port = Some(port)).await;
     let (_, token, offer_url) = ts.create_session().await;
@@ -160,4 +165,27 @@ async fn reply_heard(c: &TestClient, before: usize) {
         assert!(Instant::now() < deadline, "no agent audio; events: {:#?}", c.events());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_udp_connects_over_ice_tcp_on_the_same_port() {
+    let _serial = SERIAL.lock().await;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ts = TestServer::start_with(|c| c.media.udp_port = Some(port)).await;
+    let (_, token, offer_url) = ts.create_session().await;
+    let net = ClientNet { tcp_only: true, ..ClientNet::default() };
+    let client = TestClient::connect_on(&net, &ts.base, &ts.http, &offer_url, &token).await;
+    assert!(
+        client.answer.contains(" tcp ")
+            && client.answer.contains(&format!(" 127.0.0.1 {port} typ host tcptype passive")),
+        "{}",
+        client.answer
+    );
+    client.wait_event("session.ready", Duration::from_secs(15), |e| e["type"] == "session.ready").await;
+    let sctp = client.pc.sctp().await.expect("sctp transport");
+    let pair = sctp.transport().ice_transport().get_selected_candidate_pair().await.unwrap().expect("selected pair");
+    assert_eq!(pair.remote().port, port, "selected pair {pair}");
+    assert_eq!(pair.local().protocol, webrtc::peer_connection::RTCIceProtocol::Tcp, "selected pair {pair}");
+    reply_heard(&client, 0).await;
+    client.close().await;
 }

@@ -251,6 +251,8 @@ pub struct ClientNet {
     pub offer_candidates: bool,
     /// An ICE restart binds new sockets on the interfaces that exist then (a network change).
     pub rebind_on_restart: bool,
+    /// ICE over TCP only (active candidates, RFC 6544), as behind a UDP-blocking firewall.
+    pub tcp_only: bool,
 }
 
 impl Default for ClientNet {
@@ -261,6 +263,7 @@ impl Default for ClientNet {
             udp_addrs: vec!["127.0.0.1:0".parse().unwrap()],
             offer_candidates: true,
             rebind_on_restart: false,
+            tcp_only: false,
         }
     }
 }
@@ -364,20 +367,26 @@ pub async fn client_offer_on(net: &ClientNet, with_audio: bool, with_dc: bool) -
     let policy = if net.relay_only { RTCIceTransportPolicy::Relay } else { RTCIceTransportPolicy::All };
     let configuration =
         RTCConfigurationBuilder::new().with_ice_servers(net.ice_servers.clone()).with_ice_transport_policy(policy);
+    let mut setting = SettingEngineBuilder::new()
+        .with_include_loopback_candidate(true)
+        // No multicast socket in the test process: the server's sockets are counted.
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .with_discard_local_candidates_during_ice_restart(net.rebind_on_restart);
+    let (udp, tcp) = match net.tcp_only {
+        true => {
+            setting = setting.with_network_types(vec![rtc::ice::network_type::NetworkType::Tcp4]);
+            (vec![], vec!["127.0.0.1:0".parse::<SocketAddr>().unwrap()])
+        }
+        false => (net.udp_addrs.clone(), vec![]),
+    };
     let pc = PeerConnectionBuilder::new()
         .with_configuration(configuration.build())
         .with_media_engine(me)
-        .with_setting_engine(
-            SettingEngineBuilder::new()
-                .with_include_loopback_candidate(true)
-                // No multicast socket in the test process: the server's sockets are counted.
-                .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
-                .with_discard_local_candidates_during_ice_restart(net.rebind_on_restart)
-                .build(),
-        )
+        .with_setting_engine(setting.build())
         .with_interceptor_registry(registry)
         .with_handler(handler)
-        .with_udp_addrs(net.udp_addrs.clone())
+        .with_udp_addrs(udp)
+        .with_tcp_addrs(tcp)
         .build()
         .await
         .unwrap();
@@ -447,6 +456,18 @@ impl TestClient {
         let answer = res.text().await.unwrap();
         assert_eq!(status, 201, "offer answered: {answer}");
         pc.set_remote_description(RTCSessionDescription::answer(answer.clone()).unwrap()).await.unwrap();
+        if net.tcp_only {
+            // webrtc-rs dials only passive candidates it is handed one by one (not those of the
+            // SDP), so hand them over as a browser's stack would have taken them.
+            for line in answer.lines().filter(|l| l.contains(" tcptype passive") && l.contains(" 1 tcp ")) {
+                let init = webrtc::peer_connection::RTCIceCandidateInit {
+                    candidate: line.trim_start_matches("a=").trim_end().to_owned(),
+                    sdp_mid: Some("0".into()),
+                    ..Default::default()
+                };
+                pc.add_ice_candidate(init).await.unwrap();
+            }
+        }
 
         // Data-channel reader.
         let dc2 = Arc::clone(&dc);
