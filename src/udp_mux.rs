@@ -7,7 +7,8 @@
 //! (ICE, DTLS, SRTP, SCTP, tracks, data channels) and only its socket is virtual. Driving the
 //! sans-IO `rtc` core directly would mean re-writing the 2,500-line driver (timers, gathering,
 //! data-channel back-pressure, ICE restart rebinding) for every session. The cost of this road is
-//! one copy and one queue hop per inbound datagram (measured in BENCHMARKS.md).
+//! one extra copy (into a recycled buffer of the peer's queue), a lock and a wake-up per inbound
+//! datagram (measured in BENCHMARKS.md).
 //!
 //! How it works: each peer is built with a [`MuxRuntime`] (the Tokio runtime plus this socket).
 //! The driver binds an ordinary socket on an ephemeral port as usual; the runtime drops it at once
@@ -20,6 +21,11 @@
 //!   the mux the sender's address (this is how a peer-reflexive client is found);
 //! - anything else (DTLS, SRTP, SRTCP, STUN responses) goes by remote address, learnt from those
 //!   checks and from every address a peer sends to.
+//!
+//! ICE-TCP (RFC 6544): with `tcp` the same port number is also a TCP listener. A connection's
+//! first RFC 4571 frame (the client's STUN Binding request) names the peer by its USERNAME, and
+//! the connection, that frame included, goes to the peer's virtual listener; the driver frames
+//! the rest as usual. The server is passive only: [`MuxRuntime`] refuses to dial.
 //!
 //! Datagrams for nobody are dropped and counted. A peer's queue is bounded
 //! ([`QUEUE_DATAGRAMS`]); when full the datagram is dropped and counted (UDP semantics; ICE, DTLS
@@ -36,8 +42,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use crate::config::{Config, ConfigError, MediaSettings};
 use futures::task::AtomicWaker;
 use webrtc::runtime::{
@@ -47,6 +51,8 @@ use webrtc::runtime::{
 
 /// Datagrams queued per peer before the mux drops (20 ms of audio is one; DTLS flights are a few).
 pub const QUEUE_DATAGRAMS: usize = 256;
+/// Emptied buffers a peer keeps for reuse.
+const FREE_BUFFERS: usize = 16;
 /// Largest datagram read (WebRTC keeps to ~1200 bytes; a 1500-byte MTU bounds the rest).
 const MAX_DATAGRAM: usize = 1500;
 /// STUN attribute USERNAME (RFC 8489 §14.3).
@@ -65,10 +71,18 @@ pub struct MuxCounters {
     pub send_dropped: AtomicU64,
 }
 
+/// Datagrams waiting for a peer, and the emptied buffers they are copied into (reused, so the
+/// steady-state path allocates nothing).
+#[derive(Debug, Default)]
+struct SlotQueue {
+    ready: VecDeque<(Vec<u8>, SocketAddr)>,
+    free: Vec<Vec<u8>>,
+}
+
 /// One peer's inbound queue.
 #[derive(Debug, Default)]
 struct Slot {
-    queue: Mutex<VecDeque<(Bytes, SocketAddr)>>,
+    queue: Mutex<SlotQueue>,
     waker: AtomicWaker,
     /// Addresses this peer has sent to (routes already registered).
     sent_to: Mutex<Vec<SocketAddr>>,
@@ -181,11 +195,14 @@ impl UdpMux {
         };
         {
             let mut queue = slot.queue.lock().unwrap_or_else(|p| p.into_inner());
-            if queue.len() >= QUEUE_DATAGRAMS {
+            if queue.ready.len() >= QUEUE_DATAGRAMS {
                 self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            queue.push_back((Bytes::copy_from_slice(datagram), from));
+            let mut buf = queue.free.pop().unwrap_or_else(|| Vec::with_capacity(MAX_DATAGRAM));
+            buf.clear();
+            buf.extend_from_slice(datagram);
+            queue.ready.push_back((buf, from));
         }
         self.counters.delivered.fetch_add(1, Ordering::Relaxed);
         slot.waker.wake();
@@ -545,7 +562,7 @@ impl AsyncUdpSocket for MuxedSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let pop = || self.slot.queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+        let pop = || self.slot.queue.lock().unwrap_or_else(|p| p.into_inner()).ready.pop_front();
         let next = match pop() {
             Some(d) => Some(d),
             None => {
@@ -563,6 +580,10 @@ impl AsyncUdpSocket for MuxedSocket {
         m.stride = n.max(1);
         m.ecn = None;
         m.dst_ip = Some(self.mux.local.ip());
+        let mut queue = self.slot.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.free.len() < FREE_BUFFERS {
+            queue.free.push(datagram);
+        }
         Poll::Ready(Ok(1))
     }
 }
@@ -675,7 +696,8 @@ mod tests {
         mux.route(&[23, 254, 253, 1], from1); // DTLS from A's client
         mux.route(&[0x80, 111, 0, 1], from2); // RTP from B's client
         mux.route(&[0x80, 111, 0, 2], "127.0.0.1:9".parse().unwrap()); // nobody's
-        let queued = |l: &MuxLease| l.slot.queue.lock().unwrap().iter().map(|(d, f)| (d[0], *f)).collect::<Vec<_>>();
+        let queued =
+            |l: &MuxLease| l.slot.queue.lock().unwrap().ready.iter().map(|(d, f)| (d[0], *f)).collect::<Vec<_>>();
         assert_eq!(queued(&a), vec![(0x00, from1), (23, from1)]);
         assert_eq!(queued(&b), vec![(0x00, from2), (0x80, from2)]);
         assert_eq!(mux.counters().unroutable.load(Ordering::Relaxed), 1);
