@@ -152,7 +152,7 @@ pub struct Peer {
     counters: Arc<PeerCounters>,
     handler: Arc<Forwarder>,
     /// This peer's routes on the shared socket, when there is one (dropped with the peer).
-    lease: Option<crate::udp_mux::MuxLease>,
+    lease: Option<Arc<crate::udp_mux::MuxLease>>,
 }
 
 /// The client's side of an ICE restart (RFC 9725 §4.3.2: a PATCH with `If-Match: *` and a new
@@ -216,7 +216,7 @@ impl Peer {
             gathered: std::sync::Mutex::new(Some(gathered_tx)),
             counters: Arc::clone(&counters),
         });
-        let lease = settings.mux.as_ref().map(|m| m.lease());
+        let lease = settings.mux.as_ref().map(|m| Arc::new(m.lease()));
         let port = match &settings.ports {
             _ if lease.is_some() => 0,
             Some(range) => range
@@ -298,33 +298,41 @@ impl Peer {
     /// `application/trickle-ice-sdpfrag` (RFC 8840): its new ufrag/pwd, the first m-line with its
     /// mid, every server candidate and `a=end-of-candidates`.
     /// Errors: [`PeerError::Offer`] when the stack refuses the restarted offer.
-    pub async fn restart_ice(&self, restart: IceRestart) -> Result<String, PeerError> {
-        let offer_err = |e: webrtc::error::Error| PeerError::Offer(e.to_string());
-        let current = self.pc.remote_description().await.ok_or_else(|| PeerError::Offer("no remote offer".into()))?;
-        let offer = restarted_offer(&current.sdp, &restart.ufrag, &restart.pwd);
-        let (gathered_tx, gathered_rx) = oneshot::channel();
-        *self.handler.gathered.lock().unwrap_or_else(|p| p.into_inner()) = Some(gathered_tx);
-        self.pc
-            .set_remote_description(RTCSessionDescription::offer(offer).map_err(offer_err)?)
-            .await
-            .map_err(offer_err)?;
-        let answer = self.pc.create_answer(None).await.map_err(offer_err)?;
-        self.pc.set_local_description(answer).await.map_err(|e| PeerError::Setup(e.to_string()))?;
-        for c in restart.candidates {
-            if let Err(e) = self.add_candidate(c).await {
-                tracing::debug!(error = %e, "restart candidate rejected");
+    ///
+    /// The returned future owns what it needs, so the session task can run it on a task of its
+    /// own and keep pacing audio meanwhile (it waits for gathering, up to 3 s).
+    pub fn restart_ice(
+        &self,
+        restart: IceRestart,
+    ) -> impl std::future::Future<Output = Result<String, PeerError>> + Send + 'static {
+        let (pc, handler, lease) = (Arc::clone(&self.pc), Arc::clone(&self.handler), self.lease.clone());
+        async move {
+            let offer_err = |e: webrtc::error::Error| PeerError::Offer(e.to_string());
+            let current = pc.remote_description().await.ok_or_else(|| PeerError::Offer("no remote offer".into()))?;
+            let offer = restarted_offer(&current.sdp, &restart.ufrag, &restart.pwd);
+            let (gathered_tx, gathered_rx) = oneshot::channel();
+            *handler.gathered.lock().unwrap_or_else(|p| p.into_inner()) = Some(gathered_tx);
+            pc.set_remote_description(RTCSessionDescription::offer(offer).map_err(offer_err)?)
+                .await
+                .map_err(offer_err)?;
+            let answer = pc.create_answer(None).await.map_err(offer_err)?;
+            pc.set_local_description(answer).await.map_err(|e| PeerError::Setup(e.to_string()))?;
+            for c in restart.candidates {
+                if let Err(e) = add_remote_candidate(pc.as_ref(), c).await {
+                    tracing::debug!(error = %e, "restart candidate rejected");
+                }
             }
+            let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered_rx).await;
+            let local = pc.local_description().await.ok_or_else(|| PeerError::Setup("no local description".into()))?;
+            let frag = answer_sdpfrag(&local.sdp)?;
+            Ok(match &lease {
+                Some(lease) => {
+                    lease.set_ufrag(&ice_ufrag(&local.sdp).unwrap_or_default());
+                    lease.rewrite_ports(&frag)
+                }
+                None => frag,
+            })
         }
-        let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered_rx).await;
-        let local = self.pc.local_description().await.ok_or_else(|| PeerError::Setup("no local description".into()))?;
-        let frag = answer_sdpfrag(&local.sdp)?;
-        Ok(match &self.lease {
-            Some(lease) => {
-                lease.set_ufrag(&ice_ufrag(&local.sdp).unwrap_or_default());
-                lease.rewrite_ports(&frag)
-            }
-            None => frag,
-        })
     }
 
     /// Send one Opus frame of the character's voice. `timestamp` is in 48 kHz units of the
@@ -359,11 +367,7 @@ impl Peer {
     /// ICE-TCP passive only (clients dial it), and webrtc-rs would otherwise open a TCP connection
     /// to whatever address a client names (a `tcptype passive` candidate for 127.0.0.1:6379...).
     pub async fn add_candidate(&self, candidate: RTCIceCandidateInit) -> Result<(), PeerError> {
-        if is_tcp_candidate(&candidate.candidate) {
-            tracing::debug!("ignoring a trickled TCP candidate (the server does not dial)");
-            return Ok(());
-        }
-        self.pc.add_ice_candidate(candidate).await.map_err(|e| PeerError::Offer(e.to_string()))
+        add_remote_candidate(self.pc.as_ref(), candidate).await
     }
 
     /// The ICE ufrag of the client's current offer (for trickle validation).
@@ -380,6 +384,15 @@ impl Peer {
     pub async fn close(&self) {
         let _ = self.pc.close().await;
     }
+}
+
+/// [`Peer::add_candidate`] on a bare connection.
+async fn add_remote_candidate(pc: &dyn PeerConnection, candidate: RTCIceCandidateInit) -> Result<(), PeerError> {
+    if is_tcp_candidate(&candidate.candidate) {
+        tracing::debug!("ignoring a trickled TCP candidate (the server does not dial)");
+        return Ok(());
+    }
+    pc.add_ice_candidate(candidate).await.map_err(|e| PeerError::Offer(e.to_string()))
 }
 
 /// Whether `candidate:<foundation> <component> <transport> ...` is a TCP candidate (RFC 6544).

@@ -154,7 +154,11 @@ impl SessionTask {
                 ctl = self.control_rx.recv() => match ctl {
                     Some(Control::End(reason)) => break reason,
                     Some(Control::Inject(text)) => self.user_text(&mut conv, text).await,
-                    Some(Control::IceRestart(restart, reply)) => { let _ = reply.send(self.peer.restart_ice(restart).await); }
+                    Some(Control::IceRestart(restart, reply)) => {
+                        // On a task of its own: the restart waits for gathering, pacing must not.
+                        let restarting = self.peer.restart_ice(restart);
+                        tokio::spawn(async move { let _ = reply.send(restarting.await); });
+                    }
                     Some(Control::Trickle(c)) => {
                         if let Err(e) = self.peer.add_candidate(c).await {
                             tracing::debug!(session_id = %self.shared.id, error = %e, "trickled candidate rejected");
