@@ -573,7 +573,7 @@ impl Config {
     /// Check everything that can be checked before binding sockets.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.turn.validate(self.session.max_duration(), self.session.token_ttl())?;
-        crate::udp_mux::validate(&self.media)?;
+        crate::udp_mux::validate(self)?;
         if !self.bind.ip().is_loopback() && self.api_keys.is_empty() {
             return Err(err(
                 "KOTODAMA_API_KEYS",

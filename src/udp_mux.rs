@@ -602,8 +602,18 @@ pub fn apply_env(media: &mut MediaSettings, get: &impl Fn(&str) -> Option<String
     Ok(())
 }
 
-/// `media.udp_port` and `media.udp_ports` exclude each other.
-pub fn validate(media: &MediaSettings) -> Result<(), ConfigError> {
+/// `media.udp_port` and `media.udp_ports` exclude each other, and the shared port needs a
+/// concrete bind address: on a wildcard bind webrtc-rs makes one socket per interface, and the
+/// shared socket could not tell them apart.
+pub fn validate(config: &Config) -> Result<(), ConfigError> {
+    let media = &config.media;
+    if media.udp_port.is_some() && config.bind.ip().is_unspecified() {
+        return Err(ConfigError {
+            key: "media.udp_port (KOTODAMA_UDP_PORT)".into(),
+            problem: format!("the bind address {} is a wildcard", config.bind.ip()),
+            fix: "set KOTODAMA_BIND to the interface's own address (and KOTODAMA_PUBLIC_IP behind 1:1 NAT)".into(),
+        });
+    }
     match (media.udp_port, &media.udp_ports) {
         (Some(0), _) => Err(ConfigError {
             key: "media.udp_port (KOTODAMA_UDP_PORT)".into(),
@@ -656,15 +666,18 @@ mod tests {
     }
 
     #[test]
-    fn one_port_and_a_port_range_exclude_each_other() {
-        let mut media = MediaSettings::default();
-        apply_env(&mut media, &|k: &str| (k == "KOTODAMA_UDP_PORT").then(|| "3479".to_owned())).unwrap();
-        assert_eq!(media.udp_port, Some(3479));
-        assert!(validate(&media).is_ok());
-        media.udp_ports = Some("40000-40999".into());
-        let e = validate(&media).unwrap_err();
+    fn one_port_and_a_port_range_exclude_each_other_and_a_wildcard_bind_is_refused() {
+        let mut config = Config::default();
+        apply_env(&mut config.media, &|k: &str| (k == "KOTODAMA_UDP_PORT").then(|| "3479".to_owned())).unwrap();
+        assert_eq!(config.media.udp_port, Some(3479));
+        assert!(validate(&config).is_ok());
+        config.media.udp_ports = Some("40000-40999".into());
+        let e = validate(&config).unwrap_err();
         assert!(e.key.contains("KOTODAMA_UDP_PORT") && e.key.contains("KOTODAMA_UDP_PORTS"), "{}", e.key);
-        let bad = apply_env(&mut media, &|_: &str| Some("70000".to_owned())).unwrap_err();
+        config.media.udp_ports = None;
+        config.bind = "0.0.0.0:8080".parse().unwrap();
+        assert!(validate(&config).unwrap_err().fix.contains("KOTODAMA_BIND"));
+        let bad = apply_env(&mut config.media, &|_: &str| Some("70000".to_owned())).unwrap_err();
         assert_eq!(bad.key, "KOTODAMA_UDP_PORT");
     }
 
