@@ -26,7 +26,8 @@ setup_build_deps() {
 }
 
 setup_test_deps() {
-  apt_install redis-server postgresql procps chromium
+  # coturn: the TURN relay tests (tests/turn_relay.rs); iproute2: `ip netns` for the network-change test.
+  apt_install redis-server postgresql procps chromium coturn iproute2
   # Node for the browser tests: the machine's own when present, else Debian's.
   command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
   # puppeteer-core drives the installed Chromium: it never downloads a browser.

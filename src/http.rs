@@ -84,6 +84,19 @@ fn to_api(e: SessionError) -> ApiError {
     }
 }
 
+/// The candidates of a trickle-ICE sdpfrag as webrtc-rs takes them.
+fn candidate_inits(frag: &signaling::sdp::SdpFrag) -> Vec<RTCIceCandidateInit> {
+    frag.candidates
+        .iter()
+        .map(|c| RTCIceCandidateInit {
+            candidate: c.candidate.clone(),
+            sdp_mid: c.mid.clone(),
+            username_fragment: frag.ice_ufrag.clone(),
+            ..Default::default()
+        })
+        .collect()
+}
+
 fn storage_error(e: crate::store::StoreError) -> ApiError {
     to_api(SessionError::Storage(e.to_string()))
 }
@@ -144,27 +157,23 @@ impl SessionHost for Host {
                 self.stored(session_id).await?;
                 Err(ApiError::unknown_session())
             }
-            TrickleRequest::IceRestart { .. } => {
-                // Validate the session and peer first so a stale URL still gets its 404.
-                self.manager.trickle(session_id, peer_id, "*", Vec::new()).await.map_err(to_api)?;
-                Err(ApiError::ice_restart_unsupported())
+            TrickleRequest::IceRestart { frag } => {
+                let restart = crate::peer::IceRestart {
+                    ufrag: frag.ice_ufrag.clone().unwrap_or_default(),
+                    pwd: frag.ice_pwd.clone().unwrap_or_default(),
+                    candidates: candidate_inits(&frag),
+                };
+                let (sdpfrag, etag) = self.manager.restart_ice(session_id, peer_id, restart).await.map_err(to_api)?;
+                let etag =
+                    ETag::new(etag.trim_matches('"')).ok_or_else(|| ApiError::internal("generated ETag invalid"))?;
+                Ok(TrickleOutcome::Restarted { sdpfrag, etag })
             }
             TrickleRequest::Candidates { if_match, frag } => {
                 let tags = match &if_match {
                     IfMatch::Any => "*".to_owned(),
                     IfMatch::Tags(t) => t.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", "),
                 };
-                let candidates = frag
-                    .candidates
-                    .iter()
-                    .map(|c| RTCIceCandidateInit {
-                        candidate: c.candidate.clone(),
-                        sdp_mid: c.mid.clone(),
-                        username_fragment: frag.ice_ufrag.clone(),
-                        ..Default::default()
-                    })
-                    .collect();
-                self.manager.trickle(session_id, peer_id, &tags, candidates).await.map_err(to_api)?;
+                self.manager.trickle(session_id, peer_id, &tags, candidate_inits(&frag)).await.map_err(to_api)?;
                 Ok(TrickleOutcome::Added)
             }
         }

@@ -31,4 +31,6 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod turn_settings;
+pub mod udp_mux;
 pub mod web_demo;

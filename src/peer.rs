@@ -7,9 +7,14 @@
 //! the character's voice with [`Peer::write_opus`], one packet per 20 ms frame, with RTP
 //! timestamps from the playout clock (so pauses between replies are pauses on the wire too).
 //!
-//! Ports: webrtc-rs 0.21 binds one UDP socket per peer connection (its async layer has no ICE UDP
-//! mux), on the advertised interface and an ephemeral port, so a node holds one socket per live
-//! session; `session.max_sessions` caps them.
+//! Ports: by default webrtc-rs 0.21 binds one UDP socket per peer connection, on the advertised
+//! interface and an ephemeral port (or one of `media.udp_ports`), so a node holds one socket per
+//! live session; `session.max_sessions` caps them. With `media.udp_port` every peer runs on a view
+//! of one shared socket instead ([`crate::udp_mux`]): the answer's candidates name that port.
+//!
+//! NAT traversal: no mDNS (no multicast socket; `.local` candidates of clients are ignored, the
+//! client is learnt peer-reflexively from its checks); [`Peer::restart_ice`] answers an ICE restart
+//! (a new network) without touching DTLS, SCTP or the tracks.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -17,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use rtc::ice::mdns::MulticastDnsMode;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize;
 use rtc::peer_connection::transport::RTCDtlsRole;
@@ -113,6 +119,8 @@ pub struct PeerSettings {
     pub peer_timeout: Duration,
     /// UDP ports for media; `None`: ephemeral ports.
     pub ports: Option<Arc<PortRange>>,
+    /// One UDP socket for every peer (`KOTODAMA_UDP_PORT`); takes precedence over `ports`.
+    pub mux: Option<Arc<crate::udp_mux::UdpMux>>,
 }
 
 /// A range of UDP ports handed out round-robin to new peers (for firewalls and TURN allow-lists).
@@ -153,6 +161,21 @@ pub struct Peer {
     payload_type: u8,
     seq: u16,
     counters: Arc<PeerCounters>,
+    handler: Arc<Forwarder>,
+    /// This peer's routes on the shared socket, when there is one (dropped with the peer).
+    lease: Option<Arc<crate::udp_mux::MuxLease>>,
+}
+
+/// The client's side of an ICE restart (RFC 9725 §4.3.2: a PATCH with `If-Match: *` and a new
+/// `a=ice-ufrag`/`a=ice-pwd`).
+#[derive(Debug, Clone)]
+pub struct IceRestart {
+    /// The client's new ICE username fragment.
+    pub ufrag: String,
+    /// The client's new ICE password.
+    pub pwd: String,
+    /// Candidates of the new generation (may be empty: learnt from its checks).
+    pub candidates: Vec<RTCIceCandidateInit>,
 }
 
 impl Peer {
@@ -187,6 +210,11 @@ impl Peer {
                 Some(Duration::from_secs(2)),
             )
             .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(MAX_DC_MESSAGE))
+            // No mDNS: no multicast socket per peer (binding one fails where the network has no
+            // multicast route, as in many containers), host candidates carry IPs, and a client's
+            // `.local` candidates are ignored: it connects through its other candidates or
+            // through peer-reflexive learning from its connectivity checks (RFC 8445 §7.3.1.3).
+            .with_multicast_dns_mode(MulticastDnsMode::Disabled)
             .with_include_loopback_candidate(settings.bind_ip.is_loopback())
             .with_answering_dtls_role(answering_dtls_role(offer.setup()));
         if settings.public_ip != settings.bind_ip {
@@ -200,18 +228,30 @@ impl Peer {
             gathered: std::sync::Mutex::new(Some(gathered_tx)),
             counters: Arc::clone(&counters),
         });
+        let lease = settings.mux.as_ref().map(|m| Arc::new(m.lease()));
         let port = match &settings.ports {
+            _ if lease.is_some() => 0,
             Some(range) => range.pick(settings.bind_ip).ok_or(PeerError::NoMediaPort)?,
             None => 0,
         };
         let explicit_port = port != 0;
-        let pc = PeerConnectionBuilder::new()
+        let mut builder = PeerConnectionBuilder::new();
+        if let Some(lease) = &lease {
+            builder = builder.with_runtime(lease.runtime());
+        }
+        let pc = builder
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(media_engine)
             .with_setting_engine(se.build())
             .with_interceptor_registry(registry)
-            .with_handler(handler)
+            .with_handler(Arc::clone(&handler) as Arc<dyn PeerConnectionEventHandler>)
             .with_udp_addrs(vec![std::net::SocketAddr::new(settings.bind_ip, port)])
+            // ICE-TCP passive (RFC 6544) only on the shared port: per-peer listeners would need a
+            // port range of their own.
+            .with_tcp_addrs(match lease.as_ref().and_then(|l| l.tcp_addr()) {
+                Some(_) => vec![std::net::SocketAddr::new(settings.bind_ip, 0)],
+                None => vec![],
+            })
             .with_data_channel_send_buffer_limit(1024 * 1024)
             .build()
             .await
@@ -255,8 +295,59 @@ impl Peer {
                 return Err(e);
             }
         };
+        let answer = match &lease {
+            Some(lease) => {
+                lease.set_ufrag(&ice_ufrag(&answer).unwrap_or_default());
+                lease.rewrite_ports(&answer)
+            }
+            None => answer,
+        };
         let payload_type = opus_payload_type(&answer).unwrap_or(111);
-        Ok((Peer { pc, track, sender, ssrc, payload_type, seq: rand::random(), counters }, answer))
+        Ok((Peer { pc, track, sender, ssrc, payload_type, seq: rand::random(), counters, handler, lease }, answer))
+    }
+
+    /// Restart ICE as the answerer: the current offer with the client's new credentials is set
+    /// again (JSEP §5.7: a changed ufrag/pwd in a remote offer restarts ICE), a new answer with
+    /// new server credentials is made, and the client's new candidates are added. DTLS, SCTP,
+    /// the tracks and everything above them continue. Returns the server's
+    /// `application/trickle-ice-sdpfrag` (RFC 8840): its new ufrag/pwd, the first m-line with its
+    /// mid, every server candidate and `a=end-of-candidates`.
+    /// Errors: [`PeerError::Offer`] when the stack refuses the restarted offer.
+    ///
+    /// The returned future owns what it needs, so the session task can run it on a task of its
+    /// own and keep pacing audio meanwhile (it waits for gathering, up to 3 s).
+    pub fn restart_ice(
+        &self,
+        restart: IceRestart,
+    ) -> impl std::future::Future<Output = Result<String, PeerError>> + Send + 'static {
+        let (pc, handler, lease) = (Arc::clone(&self.pc), Arc::clone(&self.handler), self.lease.clone());
+        async move {
+            let offer_err = |e: webrtc::error::Error| PeerError::Offer(e.to_string());
+            let current = pc.remote_description().await.ok_or_else(|| PeerError::Offer("no remote offer".into()))?;
+            let offer = restarted_offer(&current.sdp, &restart.ufrag, &restart.pwd);
+            let (gathered_tx, gathered_rx) = oneshot::channel();
+            *handler.gathered.lock().unwrap_or_else(|p| p.into_inner()) = Some(gathered_tx);
+            pc.set_remote_description(RTCSessionDescription::offer(offer).map_err(offer_err)?)
+                .await
+                .map_err(offer_err)?;
+            let answer = pc.create_answer(None).await.map_err(offer_err)?;
+            pc.set_local_description(answer).await.map_err(|e| PeerError::Setup(e.to_string()))?;
+            for c in restart.candidates {
+                if let Err(e) = add_remote_candidate(pc.as_ref(), c).await {
+                    tracing::debug!(error = %e, "restart candidate rejected");
+                }
+            }
+            let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered_rx).await;
+            let local = pc.local_description().await.ok_or_else(|| PeerError::Setup("no local description".into()))?;
+            let frag = answer_sdpfrag(&local.sdp)?;
+            Ok(match &lease {
+                Some(lease) => {
+                    lease.set_ufrag(&ice_ufrag(&local.sdp).unwrap_or_default());
+                    lease.rewrite_ports(&frag)
+                }
+                None => frag,
+            })
+        }
     }
 
     /// Send one Opus frame of the character's voice. `timestamp` is in 48 kHz units of the
@@ -287,15 +378,16 @@ impl Peer {
         })
     }
 
-    /// Add a remote candidate trickled by the client.
+    /// Add a remote candidate trickled by the client. TCP candidates are ignored: the server is
+    /// ICE-TCP passive only (clients dial it), and webrtc-rs would otherwise open a TCP connection
+    /// to whatever address a client names (a `tcptype passive` candidate for 127.0.0.1:6379...).
     pub async fn add_candidate(&self, candidate: RTCIceCandidateInit) -> Result<(), PeerError> {
-        self.pc.add_ice_candidate(candidate).await.map_err(|e| PeerError::Offer(e.to_string()))
+        add_remote_candidate(self.pc.as_ref(), candidate).await
     }
 
     /// The ICE ufrag of the client's current offer (for trickle validation).
     pub async fn remote_ufrag(&self) -> Option<String> {
-        let sdp = self.pc.remote_description().await?.sdp;
-        sdp.lines().find_map(|l| l.trim().strip_prefix("a=ice-ufrag:").map(|s| s.trim().to_owned()))
+        ice_ufrag(&self.pc.remote_description().await?.sdp)
     }
 
     /// The forwarding counters.
@@ -322,6 +414,73 @@ fn answering_dtls_role(offer: signaling::sdp::SetupRole) -> RTCDtlsRole {
 fn is_addr_in_use(e: &webrtc::error::Error) -> bool {
     let text = e.to_string().to_ascii_lowercase();
     text.contains("address already in use") || text.contains("addrinuse") || text.contains("os error 98")
+}
+
+/// [`Peer::add_candidate`] on a bare connection.
+async fn add_remote_candidate(pc: &dyn PeerConnection, candidate: RTCIceCandidateInit) -> Result<(), PeerError> {
+    if is_tcp_candidate(&candidate.candidate) {
+        tracing::debug!("ignoring a trickled TCP candidate (the server does not dial)");
+        return Ok(());
+    }
+    pc.add_ice_candidate(candidate).await.map_err(|e| PeerError::Offer(e.to_string()))
+}
+
+/// Whether `candidate:<foundation> <component> <transport> ...` is a TCP candidate (RFC 6544).
+fn is_tcp_candidate(candidate: &str) -> bool {
+    let body = candidate.trim().trim_start_matches("a=").trim_start_matches("candidate:");
+    body.split_whitespace().nth(2).is_some_and(|t| t.eq_ignore_ascii_case("tcp"))
+}
+
+/// The first `a=ice-ufrag` of an SDP.
+fn ice_ufrag(sdp: &str) -> Option<String> {
+    sdp.lines().find_map(|l| l.trim().strip_prefix("a=ice-ufrag:").map(|s| s.trim().to_owned()))
+}
+
+/// `offer` with the client's new ICE credentials in place of the old ones, its candidates of the
+/// previous generation removed and its `o=` version bumped (RFC 8866 §5.2: a changed session).
+fn restarted_offer(offer: &str, ufrag: &str, pwd: &str) -> String {
+    let mut out = String::with_capacity(offer.len());
+    for line in offer.lines() {
+        let line = line.trim_end();
+        if line.starts_with("a=candidate:") || line == "a=end-of-candidates" {
+            continue;
+        }
+        if line.starts_with("a=ice-ufrag:") {
+            out.push_str("a=ice-ufrag:");
+            out.push_str(ufrag);
+        } else if line.starts_with("a=ice-pwd:") {
+            out.push_str("a=ice-pwd:");
+            out.push_str(pwd);
+        } else if let Some(origin) = line.strip_prefix("o=") {
+            out.push_str("o=");
+            out.push_str(&bump_origin_version(origin));
+        } else {
+            out.push_str(line);
+        }
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// `<user> <sess-id> <sess-version> ...` with `sess-version` + 1.
+fn bump_origin_version(origin: &str) -> String {
+    let mut fields: Vec<String> = origin.split(' ').map(str::to_owned).collect();
+    if let Some(v) = fields.get_mut(2).and_then(|v| v.parse::<u64>().ok().map(|n| (v, n))) {
+        *v.0 = v.1.wrapping_add(1).to_string();
+    }
+    fields.join(" ")
+}
+
+/// The sdpfrag of an answer (RFC 8840 §9, as in RFC 9725 §4.3.2's example): the first m-line's
+/// mid, the ICE credentials, each candidate once (BUNDLE repeats them) and `a=end-of-candidates`.
+fn answer_sdpfrag(answer: &str) -> Result<String, PeerError> {
+    let mut frag = signaling::sdp::parse_trickle_sdpfrag(answer.as_bytes())
+        .map_err(|e| PeerError::Setup(format!("own answer unreadable: {e}")))?;
+    let mid = answer.lines().find_map(|l| l.trim_end().strip_prefix("a=mid:")).map(str::to_owned);
+    let mut seen = std::collections::HashSet::new();
+    frag.candidates.retain(|c| seen.insert(c.candidate.clone()));
+    frag.end_of_candidates = true;
+    Ok(frag.to_sdpfrag(mid.as_deref()))
 }
 
 /// The `a=rtpmap:<pt> opus/48000` payload type of an SDP.
@@ -449,6 +608,42 @@ mod tests {
             assert_ne!(b, base + 1);
         }
         assert_ne!(a, b, "round robin");
+    }
+
+    #[test]
+    fn a_restarted_offer_carries_the_new_credentials_and_no_old_candidates() {
+        let offer = "v=0\r\no=- 42 7 IN IP4 0.0.0.0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\
+                     a=ice-ufrag:old\r\na=ice-pwd:oldpwd\r\na=candidate:1 1 udp 1 10.0.0.1 5000 typ host\r\n\
+                     a=end-of-candidates\r\na=mid:0\r\n";
+        let got = restarted_offer(offer, "newU", "newPwd");
+        assert_eq!(
+            got,
+            "v=0\r\no=- 42 8 IN IP4 0.0.0.0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\
+             a=ice-ufrag:newU\r\na=ice-pwd:newPwd\r\na=mid:0\r\n"
+        );
+    }
+
+    #[test]
+    fn the_restart_answer_sdpfrag_has_mid_credentials_each_candidate_once_and_the_end() {
+        let answer = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\na=group:BUNDLE 0 1\r\n\
+                      m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=ice-ufrag:U\r\na=ice-pwd:P\r\na=mid:0\r\n\
+                      a=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n\
+                      a=mid:1\r\na=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\n";
+        let frag = answer_sdpfrag(answer).unwrap();
+        let parsed = signaling::sdp::parse_trickle_sdpfrag(frag.as_bytes()).unwrap();
+        assert_eq!(parsed.ice_ufrag.as_deref(), Some("U"));
+        assert_eq!(parsed.ice_pwd.as_deref(), Some("P"));
+        assert_eq!(parsed.candidates.len(), 1, "{frag}");
+        assert_eq!(parsed.candidates[0].mid.as_deref(), Some("0"));
+        assert!(parsed.end_of_candidates);
+    }
+
+    #[test]
+    fn trickled_tcp_candidates_are_recognised() {
+        assert!(is_tcp_candidate("candidate:1 1 tcp 1518280447 127.0.0.1 6379 typ host tcptype passive"));
+        assert!(is_tcp_candidate("a=candidate:1 1 TCP 1 10.0.0.1 9 typ host tcptype active"));
+        assert!(!is_tcp_candidate("candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host"));
+        assert!(!is_tcp_candidate("garbage"));
     }
 
     #[test]

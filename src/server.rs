@@ -31,6 +31,9 @@ pub enum ServerError {
     /// A provider could not be built.
     #[error(transparent)]
     Providers(#[from] ProviderSetupError),
+    /// A setting could only be checked against the machine at start (the media UDP port, TURN).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The session-token keys could not be loaded.
     #[error("session token keys ([tokens], KOTODAMA_TOKEN_*): {0}")]
     TokenKeys(#[from] TokenLoadError),
@@ -212,6 +215,7 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
             node_id,
             advertise_url: advertise_url.clone(),
             redis: redis.clone(),
+            udp_mux: crate::udp_mux::bind_configured(&config)?,
         },
     );
     let host = Arc::new(crate::http::Host::new(Arc::clone(&manager)));
@@ -221,7 +225,13 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
         idempotency_ttl: config.session.token_ttl(),
         ..signaling::Limits::default()
     };
-    let mut api = signaling::api::ApiState::new(host, tokens).with_api_keys(api_keys).with_limits(limits);
+    let turn = config.turn.ice_server_set(config.session.max_duration(), config.session.token_ttl())?;
+    for entry in &config.turn.0 {
+        // URLs and realm only: the secrets never reach a log.
+        tracing::info!(urls = ?entry.urls, realm = ?entry.realm, secrets = entry.secrets.len(), "STUN/TURN servers for clients");
+    }
+    let mut api =
+        signaling::api::ApiState::new(host, tokens).with_api_keys(api_keys).with_limits(limits).with_turn(turn);
     if let Some(redis) = &redis {
         api = api.with_short_term(Arc::new(redis.clone()));
         if let Some(cluster) = manager.cluster() {

@@ -166,17 +166,20 @@ async fn trickle_and_delete_errors_are_specific() {
     assert_problem(patch("application/trickle-ice-sdpfrag", Some("\"stale\"")).await.unwrap(), 412, "stale ETag").await;
     let res = patch("application/trickle-ice-sdpfrag", Some(&client.etag)).await.unwrap();
     assert_eq!(res.status(), 204, "candidates added: {}", res.text().await.unwrap());
-    let res = ts
-        .http
-        .patch(&peer_url)
-        .header("Content-Type", "application/trickle-ice-sdpfrag")
-        .header("If-Match", "*")
-        .bearer_auth(&token)
-        .body("a=ice-ufrag:new1\r\na=ice-pwd:newpasswordnewpassword12\r\n")
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 422, "ICE restart (not yet supported)").await;
+    let restart = |body: &'static str| {
+        ts.http
+            .patch(&peer_url)
+            .header("Content-Type", "application/trickle-ice-sdpfrag")
+            .header("If-Match", "*")
+            .bearer_auth(&token)
+            .body(body)
+            .send()
+    };
+    let res = restart("a=ice-ufrag:new1\r\na=ice-pwd:newpasswordnewpassword12\r\n").await.unwrap();
+    assert_eq!(res.status(), 200, "ICE restart");
+    assert_eq!(res.headers()["content-type"], "application/trickle-ice-sdpfrag");
+    let res = restart("a=end-of-candidates\r\n").await.unwrap();
+    assert_problem(res, 422, "If-Match * without new ICE credentials").await;
     let res = ts
         .http
         .patch(format!("{}/v1/sessions/{id}/peers/peer_nope", ts.base))

@@ -45,6 +45,17 @@ fn bad_configuration_exits_non_zero_naming_the_key() {
     let out = bin().args(["serve", "--config"]).arg(&cfg).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8(out.stderr).unwrap().contains("media.vad_mode"));
+
+    // One shared port and a per-session range exclude each other: both keys are named.
+    let out =
+        bin().arg("serve").env("KOTODAMA_UDP_PORT", "3479").env("KOTODAMA_UDP_PORTS", "40000-40999").output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("KOTODAMA_UDP_PORT)") && err.contains("KOTODAMA_UDP_PORTS"), "{err}");
+    // A TURN URL without the shared secret.
+    let out = bin().arg("serve").env("KOTODAMA_TURN_URLS", "turn:turn.example.com:3478").output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8(out.stderr).unwrap().contains("KOTODAMA_TURN_SECRET"));
 }
 
 #[test]

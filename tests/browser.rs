@@ -24,6 +24,11 @@ fn write_wav(path: &std::path::Path, rate: u32, samples: &[i16]) {
 
 /// Run the page against `ts` with `mic` (48 kHz) as the microphone; returns what the page saw.
 async fn run_page(ts: &TestServer, mic: &[i16], name: &str) -> Value {
+    run_page_mode(ts, mic, name, "").await
+}
+
+/// [`run_page`] with a runner mode (`restart`: ICE restart after the first reply, see run.mjs).
+async fn run_page_mode(ts: &TestServer, mic: &[i16], name: &str, mode: &str) -> Value {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let runner = root.join("tests/browser/run.mjs");
     assert!(
@@ -40,7 +45,7 @@ async fn run_page(ts: &TestServer, mic: &[i16], name: &str) -> Value {
     let mic_path = out_dir.join(format!("mic-{name}.wav"));
     write_wav(&mic_path, 48_000, mic);
     let shot = out_dir.join(format!("web-demo-{name}.png"));
-    let base = ts.base.clone();
+    let (base, mode) = (ts.base.clone(), mode.to_owned());
     let output = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg(runner)
@@ -48,6 +53,7 @@ async fn run_page(ts: &TestServer, mic: &[i16], name: &str) -> Value {
             .arg(&mic_path)
             .arg(&shot)
             .arg("45000")
+            .arg(mode)
             .env("CHROMIUM", chromium)
             .output()
             .expect("node runs")
@@ -197,4 +203,22 @@ async fn the_web_demo_talks_in_chromium_with_the_local_provider() {
     );
     let loud = page["levels"].as_array().unwrap().iter().filter(|l| l["voice"].as_f64().unwrap() > 0.02).count();
     assert!(loud > 50, "the reply was heard: {loud} loud samples");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_demo_restarts_ice_says_so_and_keeps_talking() {
+    let _serial = SERIAL.lock().await;
+    let ts = TestServer::start().await;
+    let (_, speech) = wav("user_question.wav");
+    let page = run_page_mode(&ts, &mic(&speech), "restart", "restart").await;
+    let log = page["log"].as_str().unwrap_or_default();
+    assert!(log.contains("Connection lost: reconnecting") && log.contains("Reconnected."), "log: {log}");
+    let finals = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"]["type"] == "transcript" && e["event"]["role"] == "agent" && e["event"]["final"] == true)
+        .count();
+    assert!(finals >= 2, "a second reply after the restart: {finals}");
+    assert!(ts.recorder.turns().len() >= 2, "the second question reached the provider after the restart");
 }

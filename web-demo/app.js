@@ -27,11 +27,15 @@ const state = {
   viseme: "sil", emotion: "neutral", visemeChanges: 0, connected: false, error: "",
   /** Receiver-side delay between a packet's arrival and its sound (jitter buffer), ms. */
   renderDelay: 0,
+  /** An ICE restart is under way after the connection failed. */
+  reconnecting: false,
   /** The selected character's emotion -> expression mapping. */
   /** @type {Record<string, string>} */ expressions: {},
 };
 // @ts-ignore: exposed for tests and debugging
 window.kotodama = state;
+// @ts-ignore: for tests and debugging: restart ICE now, as after a network change
+window.kotodamaRestartIce = () => restartIce();
 
 let pc = /** @type {RTCPeerConnection|null} */ (null);
 let dc = /** @type {RTCDataChannel|null} */ (null);
@@ -197,8 +201,14 @@ async function connect() {
     };
     pc.onconnectionstatechange = () => {
       if (!pc) return;
-      if (pc.connectionState === "connected") state.connected = true;
-      if (pc.connectionState === "failed") showError("ICE failed: no network path to the server (a TURN server may be needed).");
+      if (pc.connectionState === "connected") {
+        if (state.reconnecting) { state.reconnecting = false; showError(""); note("Reconnected."); }
+        state.connected = true;
+      }
+      if (pc.connectionState === "failed") {
+        if (state.connected) restartIce();
+        else showError("ICE failed: no network path to the server (a TURN server may be needed).");
+      }
     };
     dc = pc.createDataChannel("events", { ordered: true });
     dc.onmessage = (m) => { try { onEvent(JSON.parse(m.data)); } catch (_) { /* not JSON: ignore */ } };
@@ -220,6 +230,61 @@ async function connect() {
   }
 }
 
+/** The sdpfrag of our restarted offer (RFC 8840): credentials, first m-line and mid, candidates. */
+function offerSdpfrag(/** @type {string} */ sdp) {
+  const lines = sdp.split(/\r?\n/);
+  const first = (/** @type {string} */ p) => lines.find((l) => l.startsWith(p)) || "";
+  const cands = [...new Set(lines.filter((l) => l.startsWith("a=candidate:")))];
+  return [first("a=ice-ufrag:"), first("a=ice-pwd:"), first("m="), first("a=mid:"), ...cands, "a=end-of-candidates", ""]
+    .join("\r\n");
+}
+
+/** `sdp` (the server's answer) with the credentials and candidates of the server's sdpfrag. */
+function applySdpfrag(/** @type {string} */ sdp, /** @type {string} */ frag) {
+  const fl = frag.split(/\r?\n/);
+  const get = (/** @type {string} */ p) => (fl.find((l) => l.startsWith(p)) || "");
+  const cands = fl.filter((l) => l.startsWith("a=candidate:"));
+  const out = [];
+  for (const l of sdp.split(/\r?\n/)) {
+    if (l.startsWith("a=candidate:") || l === "a=end-of-candidates" || l === "") continue;
+    out.push(l.startsWith("a=ice-ufrag:") ? get("a=ice-ufrag:") : l.startsWith("a=ice-pwd:") ? get("a=ice-pwd:") : l);
+    if (l.startsWith("a=mid:")) out.push(...cands);
+  }
+  return out.join("\r\n") + "\r\n";
+}
+
+/** `Link: <url>; rel="ice-server"; username=...; credential=...` headers as RTCIceServer entries. */
+function linkIceServers(/** @type {string|null} */ header) {
+  if (!header) return [];
+  return header.split(/,(?=\s*<)/).map((v) => {
+    const url = (v.match(/<([^>]*)>/) || [])[1];
+    const param = (/** @type {string} */ k) => (v.match(new RegExp(`${k}="([^"]*)"`)) || [])[1];
+    return url ? { urls: [url], username: param("username"), credential: param("credential") } : null;
+  }).filter(Boolean);
+}
+
+/** ICE restart after the path failed (a new network): new credentials over PATCH If-Match "*". */
+async function restartIce() {
+  if (!pc || !peerUrl || !session || state.reconnecting) return;
+  state.reconnecting = true;
+  $("error").textContent = "Connection lost: reconnecting…"; note("Connection lost: reconnecting…");
+  try {
+    await pc.setLocalDescription(await pc.createOffer({ iceRestart: true }));
+    await new Promise((resolve) => setTimeout(resolve, 1000)); // a moment to gather on the new network
+    const res = await fetch(peerUrl, { method: "PATCH", headers: { "Content-Type": "application/trickle-ice-sdpfrag",
+      "If-Match": "*", "Authorization": "Bearer " + session.token }, body: offerSdpfrag(pc.localDescription.sdp) });
+    if (res.status !== 200) throw new Error(await problem(res));
+    // Fresh TURN credentials for the next restart (coturn checks them at every allocation).
+    const servers = linkIceServers(res.headers.get("Link"));
+    if (servers.length) pc.setConfiguration({ ...pc.getConfiguration(), iceServers: servers });
+    await pc.setRemoteDescription({ type: "answer", sdp: applySdpfrag(pc.remoteDescription.sdp, await res.text()) });
+    // A restart that never left "connected" (the old path still worked) gets no state change.
+    if (pc.connectionState === "connected") { state.reconnecting = false; $("error").textContent = ""; note("Reconnected."); }
+  } catch (e) {
+    state.reconnecting = false; showError(`Reconnecting failed: ${e.message}`);
+  }
+}
+
 async function disconnect(clearError = true) {
   if (session) {
     fetch(peerUrl || `/v1/sessions/${session.session_id}`, { method: "DELETE",
@@ -228,7 +293,7 @@ async function disconnect(clearError = true) {
   if (pc) pc.close();
   if (mic) mic.getTracks().forEach((t) => t.stop());
   if (audioCtx) audioCtx.close();
-  pc = dc = session = peerUrl = mic = audioCtx = null; setState("idle"); state.connected = false;
+  pc = dc = session = peerUrl = mic = audioCtx = null; setState("idle"); state.connected = state.reconnecting = false;
   if (clearError) $("error").textContent = "";
   $("connect").disabled = false;
   for (const id of ["disconnect", "interrupt", "text", "send"]) $(id).disabled = true;

@@ -60,6 +60,7 @@ use crate::sdp::{
 };
 use crate::short_term::{MemoryShortTerm, ShortTermError, ShortTermStore};
 use crate::token::{TokenError, TokenIssuer, VerifyMode};
+use crate::turn::IceServerSet;
 
 /// Largest `POST /v1/sessions` JSON body (16 KiB).
 pub const MAX_JSON_BYTES: usize = 16 * 1024;
@@ -115,6 +116,9 @@ pub struct ApiState {
     pub limits: Limits,
     /// Used token ids, idempotency records, rate-limit counters.
     pub short_term: Arc<dyn ShortTermStore>,
+    /// STUN/TURN servers: minted into `ice_servers` of every new session and into the `Link`
+    /// headers of an ICE restart's 200 (fresh TURN REST credentials).
+    pub turn: Arc<IceServerSet>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -136,7 +140,14 @@ impl ApiState {
             api_keys: Arc::new(ApiKeys::default()),
             limits: Limits::default(),
             short_term: Arc::new(MemoryShortTerm::new()),
+            turn: Arc::new(IceServerSet::default()),
         }
+    }
+
+    /// With these STUN/TURN servers (TURN REST credentials minted per session).
+    pub fn with_turn(mut self, turn: IceServerSet) -> Self {
+        self.turn = Arc::new(turn);
+        self
     }
 
     /// With this short-term store (Redis for a cluster).
@@ -401,12 +412,14 @@ async fn create_and_issue(
     }
     let issued = st.tokens.issue(&created.session_id).map_err(ApiError::internal)?;
     let location = format!("/v1/sessions/{}", created.session_id);
+    let mut ice_servers = created.ice_servers;
+    ice_servers.extend(st.turn.ice_servers(&created.session_id, std::time::SystemTime::now()));
     let body = CreateSessionResponse {
         offer_url: format!("{location}/offer"),
         session_id: created.session_id,
         token: issued.token,
         expires_at: issued.expires_at,
-        ice_servers: created.ice_servers,
+        ice_servers,
     };
     let body = serde_json::to_string(&body).map_err(|e| ApiError::internal(format!("serialising: {e}")))?;
     let mut response = (StatusCode::CREATED, body.clone()).into_response();
@@ -507,6 +520,13 @@ async fn trickle(
             let mut response = (StatusCode::OK, sdpfrag).into_response();
             response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(TRICKLE_ICE_SDPFRAG));
             insert_header(&mut response, ETAG, &etag.header_value())?;
+            // Fresh TURN credentials: coturn checks expiry at allocation, and a restart on a
+            // new network allocates again (RFC 9725 §4.6 `Link` headers).
+            let servers = st.turn.ice_servers(&id, std::time::SystemTime::now());
+            for link in IceServerSet::link_values(&servers) {
+                let value = HeaderValue::from_str(&link).map_err(|_| ApiError::internal("invalid ICE server URL"))?;
+                response.headers_mut().append(http::header::LINK, value);
+            }
             no_store(&mut response);
             Ok(response)
         }

@@ -72,6 +72,7 @@ pub mod sdp;
 pub mod short_term;
 pub mod token;
 pub mod token_keys;
+pub mod turn;
 
 pub use api::{ApiState, Limits, router, routes};
 pub use auth::{ApiKeyIdentity, ApiKeys, KeyRole};

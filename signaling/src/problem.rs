@@ -169,7 +169,10 @@ impl ApiError {
 
     /// 422 from a host that cannot restart ICE (the contract allows it).
     pub fn ice_restart_unsupported() -> Self {
-        Self::unprocessable("ice_restart_unsupported", "ICE restart not supported yet")
+        Self::unprocessable(
+            "ice_restart_unsupported",
+            "If-Match: \"*\" is an ICE restart: send the new a=ice-ufrag and a=ice-pwd (RFC 9725 §4.3.2)",
+        )
     }
 
     /// 412 for a stale `If-Match`.

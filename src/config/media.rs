@@ -20,6 +20,8 @@ pub struct MediaSettings {
     pub opus_complexity: u8,
     /// UDP port range for media, `"40000-40999"` (`KOTODAMA_UDP_PORTS`); unset: ephemeral ports.
     pub udp_ports: Option<String>,
+    /// One UDP port for the media of every session (`KOTODAMA_UDP_PORT`); excludes `udp_ports`.
+    pub udp_port: Option<u16>,
 }
 
 impl Default for MediaSettings {
@@ -31,6 +33,7 @@ impl Default for MediaSettings {
             opus_bitrate: 32_000,
             opus_complexity: 1,
             udp_ports: None,
+            udp_port: None,
         }
     }
 }

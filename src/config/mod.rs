@@ -171,6 +171,8 @@ pub struct Config {
     pub characters: Vec<Character>,
     /// HTTP server limits (`[http]`, `KOTODAMA_HTTP_*`).
     pub http: crate::http_server::HttpSettings,
+    /// STUN/TURN servers handed to clients (`[[turn]]`, `KOTODAMA_TURN_*`).
+    pub turn: crate::turn_settings::TurnSettings,
 }
 
 impl Default for Config {
@@ -200,6 +202,7 @@ impl Default for Config {
             cascade: CascadeSettings::default(),
             characters: Vec::new(),
             http: crate::http_server::HttpSettings::default(),
+            turn: Default::default(),
         }
     }
 }
@@ -277,6 +280,8 @@ impl Config {
             section.apply_env(&get)?;
         }
         crate::providers::table::select_from_env(self, &get);
+        self.turn.apply_env(&get)?;
+        crate::udp_mux::apply_env(&mut self.media, &get)?;
         Ok(())
     }
 
@@ -292,6 +297,9 @@ impl Config {
 
     /// Checks that need two sections.
     fn validate_across_sections(&self) -> Result<(), ConfigError> {
+        // TURN credentials must outlive a session (coturn re-checks them on every refresh).
+        self.turn.validate(self.session.max_duration(), self.session.token_ttl())?;
+        crate::udp_mux::validate(self)?;
         if let Some((min, max)) = self.udp_port_range()? {
             let size = usize::from(max - min) + 1;
             if size < self.session.max_sessions {

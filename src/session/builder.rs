@@ -54,7 +54,11 @@ pub(crate) struct SessionBuilder {
 
 impl SessionBuilder {
     /// A builder for `config` with these providers (by name).
-    pub fn new(config: Arc<Config>, providers: Vec<Arc<dyn RealtimeProvider>>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        providers: Vec<Arc<dyn RealtimeProvider>>,
+        udp_mux: Option<Arc<crate::udp_mux::UdpMux>>,
+    ) -> Self {
         let providers = providers.into_iter().map(|p| (p.name().to_owned(), p)).collect();
         let peer_settings = PeerSettings {
             bind_ip: config.bind.ip(),
@@ -62,6 +66,7 @@ impl SessionBuilder {
             peer_timeout: Duration::from_secs(config.session.peer_timeout_secs),
             // Validated at start: a bad range never reaches here.
             ports: config.udp_port_range().ok().flatten().map(|(a, b)| Arc::new(crate::peer::PortRange::new(a, b))),
+            mux: udp_mux,
         };
         let m = &config.media;
         let vad = media::VadConfig {

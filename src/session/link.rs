@@ -33,6 +33,8 @@
 //!   the codec of the label the client opened.
 
 use std::future::Future;
+
+use futures::future::BoxFuture;
 use std::time::{Duration, Instant};
 
 use signaling::events::{ClientEvent, EventError, ServerEvent};
@@ -125,6 +127,12 @@ pub trait ClientLink: Send {
         &mut self,
         candidate: webrtc::peer_connection::RTCIceCandidateInit,
     ) -> impl Future<Output = Result<(), LinkError>> + Send;
+    /// Restart ICE with the client's new credentials (WebRTC only; RFC 8445 §9): the returned
+    /// future owns what it needs and yields the server's sdpfrag, so the session task runs it on
+    /// a task of its own and keeps pacing audio meanwhile. Default: unsupported.
+    fn restart_ice(&mut self, _restart: crate::peer::IceRestart) -> BoxFuture<'static, Result<String, LinkError>> {
+        Box::pin(std::future::ready(Err(LinkError::Unsupported("this"))))
+    }
     /// The share of our audio the client reports lost, 0.0..=1.0 (RTCP; `None` when unknown).
     fn loss_fraction(&mut self) -> impl Future<Output = Option<f64>> + Send;
     /// Counters so far.

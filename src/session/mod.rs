@@ -102,6 +102,8 @@ pub(crate) enum Control {
     Trickle(RTCIceCandidateInit),
     /// A user text turn from outside the client (admin API, another node).
     Inject(String),
+    /// An ICE restart from PATCH `If-Match: *`; the reply carries the server's sdpfrag.
+    IceRestart(crate::peer::IceRestart, oneshot::Sender<Result<String, link::LinkError>>),
 }
 
 /// What the manager and the session task share about one session.
@@ -323,8 +325,8 @@ pub enum SessionError {
     /// If-Match does not match the current ETag.
     #[error("stale ETag")]
     StaleEtag,
-    /// ICE restart is not supported yet.
-    #[error("ICE restart is not supported yet")]
+    /// `If-Match: *` (an ICE restart) without new ICE credentials.
+    #[error("If-Match * without new ICE credentials")]
     IceRestartUnsupported,
     /// Another node hosts the session: its advertise URL (HTTP 307).
     #[error("the session is hosted by {0}")]
@@ -377,6 +379,8 @@ pub struct Backends {
     pub advertise_url: String,
     /// Redis (cluster state), when configured.
     pub redis: Option<Redis>,
+    /// The one media UDP socket every session shares (`KOTODAMA_UDP_PORT`), when configured.
+    pub udp_mux: Option<Arc<crate::udp_mux::UdpMux>>,
 }
 
 /// Who asks for a new session, and for whom.
@@ -396,7 +400,7 @@ impl SessionManager {
     /// A manager for `config` with these providers (by name), persisting through `backends`.
     pub fn new(config: Arc<Config>, providers: Vec<Arc<dyn RealtimeProvider>>, backends: Backends) -> Arc<Self> {
         let default_provider = config.provider_name().to_owned();
-        let builder = builder::SessionBuilder::new(Arc::clone(&config), providers);
+        let builder = builder::SessionBuilder::new(Arc::clone(&config), providers, backends.udp_mux.clone());
         Arc::new(Self {
             characters: config.characters(),
             config,
@@ -725,6 +729,36 @@ impl SessionManager {
             }
         }
         Ok(())
+    }
+
+    /// Restart ICE on a live session's peer (PATCH with `If-Match: *` and new credentials):
+    /// returns the server's sdpfrag and the peer's new ETag. The session task, its provider
+    /// session and its transcript continue. Errors: 404s as for [`Self::trickle`],
+    /// [`SessionError::BadOffer`] when the stack refuses the restart.
+    pub async fn restart_ice(
+        &self,
+        id: &str,
+        peer_id: &str,
+        restart: crate::peer::IceRestart,
+    ) -> Result<(String, String), SessionError> {
+        let shared = self.get(id).ok_or(SessionError::NotFound)?;
+        let control = {
+            let st = shared.lock();
+            let live = st.live.as_ref().filter(|_| st.phase != SessionState::Ended).ok_or(SessionError::UnknownPeer)?;
+            if live.peer_id != peer_id {
+                return Err(SessionError::UnknownPeer);
+            }
+            live.control.clone()
+        };
+        let (tx, rx) = oneshot::channel();
+        let busy = || SessionError::Internal("session busy".into());
+        control.send_timeout(Control::IceRestart(restart, tx), Duration::from_secs(5)).await.map_err(|_| busy())?;
+        let sdpfrag = rx.await.map_err(|_| SessionError::Ended)?.map_err(|e| SessionError::BadOffer(e.to_string()))?;
+        let etag = format!("\"{}\"", signaling::id::new_id("e"));
+        if let Some(live) = shared.lock().live.as_mut() {
+            live.etag = etag.clone();
+        }
+        Ok((sdpfrag, etag))
     }
 
     /// Start draining: refuse new sessions, end live ones, wait up to `grace` for them.

@@ -77,6 +77,12 @@ impl<L: ClientLink> SessionTask<L> {
                 ctl = self.control_rx.recv() => match ctl {
                     Some(Control::End(reason)) => break reason,
                     Some(Control::Inject(text)) => self.input(Input::UserText(text), &mut counters).await,
+                    Some(Control::IceRestart(restart, reply)) => {
+                        // On a task of its own: the restart waits for gathering, pacing must not.
+                        let restarting = self.link.restart_ice(restart);
+                        tokio::spawn(async move { let _ = reply.send(restarting.await); });
+                        Drained::default()
+                    }
                     Some(Control::Trickle(c)) => {
                         if let Err(e) = self.link.add_candidate(c).await {
                             tracing::debug!(session_id = %self.shared.id, error = %e, "trickled candidate rejected");

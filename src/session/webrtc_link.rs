@@ -99,6 +99,14 @@ impl<C: EventCodec> ClientLink for WebRtcLink<C> {
         self.peer.add_candidate(candidate).await.map_err(|e| LinkError::Write(e.to_string()))
     }
 
+    fn restart_ice(
+        &mut self,
+        restart: crate::peer::IceRestart,
+    ) -> futures::future::BoxFuture<'static, Result<String, LinkError>> {
+        let restarting = self.peer.restart_ice(restart);
+        Box::pin(async move { restarting.await.map_err(|e| LinkError::Write(e.to_string())) })
+    }
+
     async fn loss_fraction(&mut self) -> Option<f64> {
         self.peer.remote_fraction_lost().await
     }

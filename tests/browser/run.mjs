@@ -1,9 +1,11 @@
 // Drive Debian's Chromium (fake microphone from a WAV file) against a running kotodama server and
 // print what the page saw as JSON on stdout. Used by tests/browser.rs.
-//   node run.mjs <base-url> <speech.wav> <screenshot.png> <timeout-ms>
+//   node run.mjs <base-url> <speech.wav> <screenshot.png> <timeout-ms> [restart]
+// With `restart`: after the first reply the page restarts ICE (as after a network change) and the
+// run ends after the second reply.
 import puppeteer from "puppeteer-core";
 
-const [url, wav, shot, timeoutArg] = process.argv.slice(2);
+const [url, wav, shot, timeoutArg, mode] = process.argv.slice(2);
 const timeout = Number(timeoutArg || 40000);
 const chromium = process.env.CHROMIUM || "/usr/bin/chromium";
 const browser = await puppeteer.launch({
@@ -32,6 +34,17 @@ try {
     const last = k.events.filter((e) => e.event.type === "state").pop();
     return finals.length > 0 && last && last.event.state === "listening";
   }, { timeout, polling: 100 });
+  if (mode === "restart") {
+    await page.evaluate(() => window.kotodamaRestartIce());
+    await page.waitForFunction(() => document.getElementById("log").innerText.includes("Reconnected."),
+      { timeout: 15000, polling: 100 });
+    await page.waitForFunction(() => {
+      const k = window.kotodama;
+      const finals = k.events.filter((e) => e.event.type === "transcript" && e.event.role === "agent" && e.event.final);
+      const last = k.events.filter((e) => e.event.type === "state").pop();
+      return finals.length > 1 && last && last.event.state === "listening";
+    }, { timeout, polling: 100 });
+  }
   await new Promise((r) => setTimeout(r, 300));
   Object.assign(out, await page.evaluate(() => ({
     events: window.kotodama.events, levels: window.kotodama.levels, latencies: window.kotodama.latencies,

@@ -3,11 +3,13 @@
 #![allow(dead_code)]
 
 pub mod client_peer;
+pub mod coturn;
 pub mod energy_vad;
 pub mod fake_gemini;
 pub mod fake_nova;
 pub mod fake_openai;
 pub mod fake_openai_http;
+pub mod ice;
 pub mod listen;
 
 use std::net::SocketAddr;
@@ -19,16 +21,23 @@ use kotodama::config::Config;
 use kotodama::providers::RealtimeProvider;
 use kotodama::providers::scripted::{ScriptRecorder, ScriptedConfig, ScriptedProvider};
 use kotodama::server::RunningServer;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
-    PeerConnection, PeerConnectionEventHandler, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription,
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceGatheringState, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnectionState, RTCSessionDescription, Registry,
+    SettingEngineBuilder, register_default_interceptors,
 };
 
-use self::client_peer::{GatheringDone, MicSender, OPUS_PT, answered_opus_pt, client_peer};
+use self::client_peer::{GatheringDone, MicSender, OPUS_PT, answered_opus_pt};
 
 pub const SAMPLE_RATE: u32 = 48_000;
 pub const FRAME: usize = 960; // 20 ms at 48 kHz
@@ -279,6 +288,39 @@ pub enum Received {
 pub struct Inbox {
     pub log: Vec<Received>,
     pub agent_pcm: Vec<i16>,
+    /// Connection states, in order.
+    pub states: Vec<RTCPeerConnectionState>,
+}
+
+/// How the client peer reaches the network.
+#[derive(Clone)]
+pub struct ClientNet {
+    /// STUN/TURN servers (from `ice_servers`).
+    pub ice_servers: Vec<RTCIceServer>,
+    /// `iceTransportPolicy: "relay"`: only relay candidates.
+    pub relay_only: bool,
+    /// Local UDP addresses to bind.
+    pub udp_addrs: Vec<SocketAddr>,
+    /// Keep the `a=candidate` lines in the offer (false: a candidate-less, non-trickling offer,
+    /// as the OpenAI Agents SDK sends).
+    pub offer_candidates: bool,
+    /// An ICE restart binds new sockets on the interfaces that exist then (a network change).
+    pub rebind_on_restart: bool,
+    /// ICE over TCP only (active candidates, RFC 6544), as behind a UDP-blocking firewall.
+    pub tcp_only: bool,
+}
+
+impl Default for ClientNet {
+    fn default() -> Self {
+        ClientNet {
+            ice_servers: Vec::new(),
+            relay_only: false,
+            udp_addrs: vec!["127.0.0.1:0".parse().unwrap()],
+            offer_candidates: true,
+            rebind_on_restart: false,
+            tcp_only: false,
+        }
+    }
 }
 
 /// A real WebRTC client peer.
@@ -306,6 +348,7 @@ impl PeerConnectionEventHandler for ClientHandler {
         self.gathered.on_state(state);
     }
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        self.inbox.lock().unwrap().states.push(state);
         let _ = self.state_tx.send(state);
     }
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
@@ -332,25 +375,96 @@ impl PeerConnectionEventHandler for ClientHandler {
     }
 }
 
-/// Build a client peer and its offer (with candidates). `with_audio` / `with_dc` allow building
-/// offers the server must reject.
-pub async fn client_offer(
-    with_audio: bool,
-    with_dc: bool,
-) -> (
+pub fn opus_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: "audio/opus".to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+        rtcp_feedback: vec![],
+    }
+}
+
+/// A client peer before its answer: (peer, `events` channel, mic track, its SSRC, inbox, offer SDP).
+pub type ClientParts = (
     Arc<dyn PeerConnection>,
     Option<Arc<dyn DataChannel>>,
     Option<Arc<TrackLocalStaticRTP>>,
     u32,
     Arc<Mutex<Inbox>>,
     String,
-) {
+);
+
+/// Build a client peer and its offer (with candidates). `with_audio` / `with_dc` allow building
+/// offers the server must reject.
+pub async fn client_offer(with_audio: bool, with_dc: bool) -> ClientParts {
+    client_offer_on(&ClientNet::default(), with_audio, with_dc).await
+}
+
+/// [`client_offer`] on the network `net` describes.
+pub async fn client_offer_on(net: &ClientNet, with_audio: bool, with_dc: bool) -> ClientParts {
+    let mut me = MediaEngine::default();
+    me.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio)
+        .unwrap();
+    let registry = register_default_interceptors(Registry::new(), &mut me).unwrap();
     let inbox = Arc::new(Mutex::new(Inbox::default()));
     let (gathered, grx) = GatheringDone::new();
     let (state_tx, _state_rx) = mpsc::unbounded_channel();
     let handler = Arc::new(ClientHandler { inbox: Arc::clone(&inbox), gathered, state_tx });
-    let peer = client_peer(handler, grx, with_audio, with_dc).await.expect("client peer");
-    (peer.pc, peer.dc, peer.track, peer.ssrc, inbox, peer.offer)
+    let policy = if net.relay_only { RTCIceTransportPolicy::Relay } else { RTCIceTransportPolicy::All };
+    let configuration =
+        RTCConfigurationBuilder::new().with_ice_servers(net.ice_servers.clone()).with_ice_transport_policy(policy);
+    let mut setting = SettingEngineBuilder::new()
+        .with_include_loopback_candidate(true)
+        // No multicast socket in the test process: the server's sockets are counted.
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .with_discard_local_candidates_during_ice_restart(net.rebind_on_restart);
+    let (udp, tcp) = match net.tcp_only {
+        true => {
+            setting = setting.with_network_types(vec![rtc::ice::network_type::NetworkType::Tcp4]);
+            (vec![], vec!["127.0.0.1:0".parse::<SocketAddr>().unwrap()])
+        }
+        false => (net.udp_addrs.clone(), vec![]),
+    };
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(configuration.build())
+        .with_media_engine(me)
+        .with_setting_engine(setting.build())
+        .with_interceptor_registry(registry)
+        .with_handler(handler)
+        .with_udp_addrs(udp)
+        .with_tcp_addrs(tcp)
+        .build()
+        .await
+        .unwrap();
+    let pc: Arc<dyn PeerConnection> = Arc::new(pc);
+    let ssrc: u32 = rand::random();
+    let track = if with_audio {
+        let t = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            "mic".into(),
+            "mic".into(),
+            "mic".into(),
+            RtpCodecKind::Audio,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+                codec: opus_codec(),
+                ..Default::default()
+            }],
+        )));
+        pc.add_track(Arc::clone(&t) as Arc<dyn TrackLocal>).await.unwrap();
+        Some(t)
+    } else {
+        None
+    };
+    let dc = if with_dc { Some(pc.create_data_channel("events", None).await.unwrap()) } else { None };
+    let offer = pc.create_offer(None).await.unwrap();
+    pc.set_local_description(offer).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(3), grx).await;
+    let mut sdp = pc.local_description().await.unwrap().sdp;
+    if !net.offer_candidates {
+        sdp = sdp.split_inclusive('\n').filter(|l| !l.starts_with("a=candidate:")).collect();
+    }
+    (pc, dc, track, ssrc, inbox, sdp)
 }
 
 impl TestClient {
@@ -361,7 +475,7 @@ impl TestClient {
 
     /// Connect to the session of `offer_url` on the server at `base` (any process).
     pub async fn connect_to(base: &str, http: &reqwest::Client, offer_url: &str, token: &str) -> TestClient {
-        Self::connect_munged(base, http, offer_url, token, |sdp| sdp).await
+        Self::connect_with(&ClientNet::default(), base, http, offer_url, token, |sdp| sdp).await
     }
 
     /// Like [`TestClient::connect_to`], posting `munge(offer)` instead of the client's own offer
@@ -373,7 +487,29 @@ impl TestClient {
         token: &str,
         munge: impl FnOnce(String) -> String,
     ) -> TestClient {
-        let (pc, dc, track, ssrc, inbox, sdp) = client_offer(true, true).await;
+        Self::connect_with(&ClientNet::default(), base, http, offer_url, token, munge).await
+    }
+
+    /// [`TestClient::connect_to`] on the network `net` describes.
+    pub async fn connect_on(
+        net: &ClientNet,
+        base: &str,
+        http: &reqwest::Client,
+        offer_url: &str,
+        token: &str,
+    ) -> TestClient {
+        Self::connect_with(net, base, http, offer_url, token, |sdp| sdp).await
+    }
+
+    async fn connect_with(
+        net: &ClientNet,
+        base: &str,
+        http: &reqwest::Client,
+        offer_url: &str,
+        token: &str,
+        munge: impl FnOnce(String) -> String,
+    ) -> TestClient {
+        let (pc, dc, track, ssrc, inbox, sdp) = client_offer_on(net, true, true).await;
         let sdp = munge(sdp);
         let dc = dc.unwrap();
         let url = format!("{base}{offer_url}");
@@ -391,6 +527,18 @@ impl TestClient {
         let answer = res.text().await.unwrap();
         assert_eq!(status, 201, "offer answered: {answer}");
         pc.set_remote_description(RTCSessionDescription::answer(answer.clone()).unwrap()).await.unwrap();
+        if net.tcp_only {
+            // webrtc-rs dials only passive candidates it is handed one by one (not those of the
+            // SDP), so hand them over as a browser's stack would have taken them.
+            for line in answer.lines().filter(|l| l.contains(" tcptype passive") && l.contains(" 1 tcp ")) {
+                let init = webrtc::peer_connection::RTCIceCandidateInit {
+                    candidate: line.trim_start_matches("a=").trim_end().to_owned(),
+                    sdp_mid: Some("0".into()),
+                    ..Default::default()
+                };
+                pc.add_ice_candidate(init).await.unwrap();
+            }
+        }
 
         // Data-channel reader.
         let dc2 = Arc::clone(&dc);
