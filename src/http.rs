@@ -42,7 +42,8 @@ impl Host {
     }
 }
 
-fn to_api(e: SessionError) -> ApiError {
+/// A session error as the API's problem+json.
+pub(crate) fn to_api(e: SessionError) -> ApiError {
     match e {
         SessionError::NotFound => ApiError::unknown_session(),
         SessionError::Ended => ApiError::session_already_ended(),
@@ -254,7 +255,8 @@ impl SessionHost for Host {
 /// The whole HTTP app.
 pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>) -> Router {
     let prometheus = crate::telemetry::install();
-    signaling::api::router(api)
+    signaling::api::router(api.clone())
+        .merge(crate::ws::routes(api, Arc::clone(&manager)))
         .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
         .route("/index.html", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
         .route("/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], APP_JS) }))

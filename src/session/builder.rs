@@ -113,7 +113,38 @@ impl SessionBuilder {
         };
         let link = WebRtcLink::new(peer, peer_rx, ApiV1);
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
-        let conv = ConversationConfig {
+        let conv = self.conversation_config(shared, character, &provider);
+        let task = self.task(shared, link, control_rx, session, Conversation::new(conv, media));
+        Ok(Built { task, answer, control })
+    }
+
+    /// A session task for a client that is already connected through `link` (a WebSocket):
+    /// the provider session is opened first; its failure is the caller's error.
+    pub async fn with_link<L: super::link::ClientLink>(
+        &self,
+        shared: &Arc<SessionShared>,
+        character: &Character,
+        link: L,
+    ) -> Result<(SessionTask<L>, mpsc::Sender<Control>), SessionError> {
+        let provider = self.provider_chain(&shared.provider, character)?;
+        let media = self.media_parts(provider.input_format().rate_hz)?;
+        let session = provider.connect(self.provider_config(shared, character)).await;
+        let result = if session.is_ok() { "ok" } else { "error" };
+        metrics::counter!(crate::telemetry::PROVIDER_CONNECTS, "provider" => provider.name().to_owned(), "result" => result)
+            .increment(1);
+        let session = session.map_err(|e| SessionError::ProviderUnavailable(e.to_string()))?;
+        let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
+        let conv = self.conversation_config(shared, character, &provider);
+        Ok((self.task(shared, link, control_rx, session, Conversation::new(conv, media)), control))
+    }
+
+    fn conversation_config(
+        &self,
+        shared: &SessionShared,
+        character: &Character,
+        provider: &ResilientProvider,
+    ) -> ConversationConfig {
+        ConversationConfig {
             session_id: shared.id.clone(),
             character: shared.character.clone(),
             provider: provider.name().to_owned(),
@@ -121,9 +152,7 @@ impl SessionBuilder {
             greeting: character.greeting.clone(),
             idle_timeout: (self.config.session.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(self.config.session.idle_timeout_secs)),
-        };
-        let task = self.task(shared, link, control_rx, session, Conversation::new(conv, media));
-        Ok(Built { task, answer, control })
+        }
     }
 
     fn task<L: super::link::ClientLink>(

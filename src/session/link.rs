@@ -81,6 +81,9 @@ pub struct LinkStats {
     pub messages_dropped: u64,
     /// Server events dropped (no channel, or its buffer full).
     pub events_dropped: u64,
+    /// Frames of the character's audio dropped because the client could not take them (a
+    /// WebSocket client that does not read; WebRTC leaves this to RTP and congestion control).
+    pub audio_out_dropped: u64,
 }
 
 /// Why a link operation failed.

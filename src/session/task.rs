@@ -213,6 +213,7 @@ impl<L: ClientLink> SessionTask<L> {
         add_with(QUEUE_DROPS, "queue", "events_to_client".into(), link.events_dropped - e.link.events_dropped);
         add_with(QUEUE_DROPS, "queue", "rtp_to_session".into(), link.audio_dropped - e.link.audio_dropped);
         add_with(QUEUE_DROPS, "queue", "messages_to_session".into(), link.messages_dropped - e.link.messages_dropped);
+        add_with(QUEUE_DROPS, "queue", "audio_to_client".into(), link.audio_out_dropped - e.link.audio_out_dropped);
         *e = Exported { uplink: up, playout: po, link, uplink_to_provider_dropped: to_provider };
     }
 

@@ -1,0 +1,270 @@
+//! The WebSocket transport (`GET /v1/sessions/{id}/ws`) end to end: a tokio-tungstenite client
+//! speaks real speech (Opus through real libopus, or PCM16 at 16/24/48 kHz) to the in-process
+//! server with the scripted provider, hears the reply, sees the api-v1 events, and the transcript
+//! is stored; a client that never reads is closed with 1013; hostile input gets clear close codes
+//! while another session keeps talking.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+type Sink = futures::stream::SplitSink<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    Message,
+>;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Format {
+    Opus,
+    Pcm(u32),
+}
+
+impl Format {
+    fn message(self) -> String {
+        match self {
+            Format::Opus => r#"{"type":"audio.format","codec":"opus"}"#.to_owned(),
+            Format::Pcm(r) => format!(r#"{{"type":"audio.format","codec":"pcm16","rate_hz":{r}}}"#),
+        }
+    }
+    fn rate(self) -> u32 {
+        match self {
+            Format::Opus => 48_000,
+            Format::Pcm(r) => r,
+        }
+    }
+}
+
+#[derive(Default)]
+struct WsInbox {
+    events: Vec<(Instant, Value)>,
+    /// Agent audio, decoded, at the format's rate.
+    pcm: Vec<i16>,
+    frames: Vec<(Instant, u16, u8)>,
+    close: Option<u16>,
+    bad_frames: usize,
+}
+
+struct WsClient {
+    format: Format,
+    sink: Sink,
+    inbox: Arc<Mutex<WsInbox>>,
+    enc: opus::Encoder,
+    seq: u16,
+}
+
+fn ws_url(ts: &TestServer, id: &str, token: &str) -> String {
+    format!("ws://{}/v1/sessions/{id}/ws?token={token}", ts.addr())
+}
+
+impl WsClient {
+    async fn connect(ts: &TestServer, format: Format) -> (WsClient, String, String) {
+        let (id, token, _) = ts.create_session().await;
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url(ts, &id, &token)).await.expect("upgrade");
+        let (mut sink, stream) = ws.split();
+        sink.send(Message::text(format.message())).await.unwrap();
+        let inbox = Arc::new(Mutex::new(WsInbox::default()));
+        tokio::spawn(read_loop(stream, format, Arc::clone(&inbox)));
+        let enc = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip).unwrap();
+        (WsClient { format, sink, inbox, enc, seq: 0 }, id, token)
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.inbox.lock().unwrap().events.iter().map(|(_, e)| e.clone()).collect()
+    }
+
+    async fn wait_event(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            assert!(Instant::now() < end, "timed out waiting for {what}; events: {:?}", self.events());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Send one 20 ms frame of 48 kHz audio (`pcm48`) in the client's format.
+    async fn send_frame(&mut self, pcm: &[i16]) {
+        let mut msg = vec![0x01, 0x00];
+        msg.extend_from_slice(&self.seq.to_be_bytes());
+        self.seq = self.seq.wrapping_add(1);
+        match self.format {
+            Format::Opus => {
+                let mut out = [0u8; 1500];
+                let n = self.enc.encode(pcm, &mut out).unwrap();
+                msg.extend_from_slice(&out[..n]);
+            }
+            Format::Pcm(_) => msg.extend(pcm.iter().flat_map(|s| s.to_le_bytes())),
+        }
+        self.sink.send(Message::binary(msg)).await.unwrap();
+    }
+
+    /// Stream `samples` (at the format's rate) in real time, 20 ms per frame.
+    async fn speak(&mut self, samples: &[i16]) {
+        let n = (self.format.rate() / 50) as usize;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for chunk in samples.chunks(n) {
+            tick.tick().await;
+            let mut frame = chunk.to_vec();
+            frame.resize(n, 0);
+            self.send_frame(&frame).await;
+        }
+    }
+
+    async fn silence_until(&mut self, what: &str, timeout: Duration, pred: impl Fn(&[Value]) -> bool) {
+        let n = (self.format.rate() / 50) as usize;
+        let zeros = vec![0i16; n];
+        let end = Instant::now() + timeout;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        while !pred(&self.events()) {
+            assert!(Instant::now() < end, "timed out waiting for {what}; events: {:?}", self.events());
+            tick.tick().await;
+            self.send_frame(&zeros).await;
+        }
+    }
+}
+
+async fn read_loop(
+    mut stream: impl futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    format: Format,
+    inbox: Arc<Mutex<WsInbox>>,
+) {
+    let mut dec = opus::Decoder::new(48_000, opus::Channels::Mono).unwrap();
+    let mut pcm = vec![0i16; 5760];
+    while let Some(Ok(msg)) = stream.next().await {
+        let now = Instant::now();
+        let mut ib = inbox.lock().unwrap();
+        match msg {
+            Message::Text(t) => ib.events.push((now, serde_json::from_str(&t).expect("events are JSON"))),
+            Message::Binary(b) if b.len() >= 4 && b[0] == 0x01 => {
+                ib.frames.push((now, u16::from_be_bytes([b[2], b[3]]), b[1]));
+                match format {
+                    Format::Opus => {
+                        let n = dec.decode(&b[4..], &mut pcm, false).unwrap();
+                        ib.pcm.extend_from_slice(&pcm[..n]);
+                    }
+                    Format::Pcm(_) => {
+                        let s: Vec<i16> = b[4..].chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect();
+                        ib.pcm.extend(s);
+                    }
+                }
+            }
+            Message::Binary(_) => ib.bad_frames += 1,
+            Message::Close(f) => ib.close = Some(f.map_or(1005, |f| u16::from(f.code))),
+            _ => {}
+        }
+    }
+}
+
+/// The user's question (48 kHz WAV) at `rate`.
+fn question_at(rate: u32) -> Vec<i16> {
+    let (r, q) = wav("user_question.wav");
+    assert_eq!(r, 48_000);
+    if rate == 48_000 {
+        return q;
+    }
+    let mut rs = media::Resampler::new(48_000, rate, media::Alignment::Trimmed).unwrap();
+    let mut out = Vec::new();
+    rs.process(&q, &mut |c| out.extend_from_slice(c)).unwrap();
+    rs.flush(&mut |c| out.extend_from_slice(c)).unwrap();
+    out
+}
+
+fn scripted_reply() -> (u32, Vec<i16>) {
+    let pcm = media::wav::parse(include_bytes!("../src/providers/scripted_reply.wav")).unwrap();
+    (pcm.rate_hz, pcm.samples)
+}
+
+fn agent_final(evs: &[Value]) -> bool {
+    evs.iter().any(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
+}
+
+fn back_to_listening(evs: &[Value]) -> bool {
+    let states: Vec<&Value> = evs.iter().filter(|e| e["type"] == "state").collect();
+    states.last().is_some_and(|e| e["state"] == "listening") && states.iter().any(|e| e["state"] == "speaking")
+}
+
+/// One full turn over `format`: (session id, token, events, agent audio at the format's rate).
+async fn one_turn(ts: &TestServer, format: Format) -> (String, String, Vec<Value>, Vec<i16>) {
+    let (mut c, id, token) = WsClient::connect(ts, format).await;
+    c.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
+    c.wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening").await;
+    let question = question_at(format.rate());
+    c.speak(&question).await;
+    c.silence_until("the agent's final transcript", Duration::from_secs(40), agent_final).await;
+    c.silence_until("back to listening", Duration::from_secs(20), back_to_listening).await;
+    let pcm = c.inbox.lock().unwrap().pcm.clone();
+    (id, token, c.events(), pcm)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_with_opus_and_pcm16_at_each_rate() {
+    let ts = TestServer::start().await;
+    let formats = [Format::Opus, Format::Pcm(16_000), Format::Pcm(24_000), Format::Pcm(48_000)];
+    // All four at once: one session's transport does not disturb another's.
+    let results = futures::future::join_all(formats.iter().map(|&f| one_turn(&ts, f))).await;
+    let (reply_rate, reply) = scripted_reply();
+    let reply_secs = reply.len() as f64 / f64::from(reply_rate);
+    let mut transcripts = Vec::new();
+    for (format, (id, token, evs, pcm)) in formats.iter().zip(&results) {
+        let rate = format.rate();
+        let heard = pcm.len() as f64 / f64::from(rate);
+        assert!(
+            (heard - reply_secs).abs() <= reply_secs * 0.1,
+            "{format:?}: heard {heard:.2} s of agent audio; the reply is {reply_secs:.2} s"
+        );
+        let loud = peak_rms(pcm, rate);
+        assert!(loud > 1000.0, "{format:?}: the agent's audio is speech (peak RMS {loud:.0})");
+        let ty: Vec<&str> = evs.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(ty[0], "session.ready", "{format:?}: {ty:?}");
+        let states: Vec<&str> =
+            evs.iter().filter(|e| e["type"] == "state").map(|e| e["state"].as_str().unwrap()).collect();
+        assert_eq!(states, ["initializing", "listening", "thinking", "speaking", "listening"], "{format:?}");
+        // Our VAD heard the question through this transport: its edges bracket the speech.
+        let at = |t: &str| evs.iter().find(|e| e["type"] == t).map(|e| e["at_ms"].as_i64().unwrap());
+        let (started, stopped) = (at("user.speech_started"), at("user.speech_stopped"));
+        let vad_len = stopped.expect("speech_stopped") - started.expect("speech_started");
+        let (_, q) = wav("user_question.wav");
+        let (s0, s1) = speech_span(&q, 48_000, 300.0).unwrap();
+        let true_len = (s1 - s0).as_millis() as i64;
+        assert!(
+            (vad_len - true_len).abs() < 400,
+            "{format:?}: VAD saw {vad_len} ms of speech; the WAV has {true_len} ms"
+        );
+        assert!(ty.iter().filter(|t| **t == "viseme").count() > 50, "{format:?}: visemes with the audio");
+        assert!(evs.iter().any(|e| e["type"] == "emotion" && e["emotion"] == "happy"), "{format:?}");
+        // The provider heard the question: one committed turn per session, speech, not silence.
+        let tr: Value = ts
+            .http
+            .get(format!("{}/v1/sessions/{id}/transcript", ts.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let rows: Vec<(String, String)> = tr
+            .as_array()
+            .expect("transcript array")
+            .iter()
+            .map(|r| (r["role"].as_str().unwrap().to_owned(), r["text"].as_str().unwrap().to_owned()))
+            .collect();
+        transcripts.push(rows);
+    }
+    // The recorder is shared by the four sessions: together it heard four questions of speech.
+    let turns = ts.recorder.turns();
+    let total: f64 = turns.iter().map(|t| t.total_samples as f64 / 24_000.0).sum();
+    let (_, q) = wav("user_question.wav");
+    let (s0, s1) = speech_span(&q, 48_000, 300.0).unwrap();
+    assert!(total >= 4.0 * (s1 - s0).as_secs_f64(), "the provider heard {total:.2} s from four questions");
+    assert!(turns.iter().any(|t| peak_rms(&t.samples, 24_000) > 1000.0), "the provider heard speech");
+    assert!(transcripts[0].iter().any(|(role, text)| role == "agent" && text.starts_with("Hi! I am Aiko.")));
+    assert!(transcripts.iter().all(|t| *t == transcripts[0]), "the same transcript stored: {transcripts:?}");
+}
