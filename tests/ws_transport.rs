@@ -268,3 +268,87 @@ async fn round_trip_with_opus_and_pcm16_at_each_rate() {
     assert!(transcripts[0].iter().any(|(role, text)| role == "agent" && text.starts_with("Hi! I am Aiko.")));
     assert!(transcripts.iter().all(|t| *t == transcripts[0]), "the same transcript stored: {transcripts:?}");
 }
+
+type RawWs = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A WebSocket over a client socket with a tiny MSS and receive buffer, so the server's send
+/// buffer for it stays small (the kernel sizes it from the MSS) and a client that stops reading
+/// backs the server up within a second of audio instead of megabytes.
+async fn narrow_ws(ts: &TestServer, url: &str) -> RawWs {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_tcp_mss(536).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
+    let stream = sock.connect(ts.addr()).await.unwrap();
+    tokio_tungstenite::client_async(url, stream).await.expect("upgrade").0
+}
+
+/// Read until the server's close frame: its code (panics on EOF without one or on timeout).
+async fn close_code(ws: &mut RawWs, timeout: Duration) -> (u16, String, Vec<Value>) {
+    let mut events = Vec::new();
+    let read = async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Close(Some(f))) => return (u16::from(f.code), f.reason.to_string()),
+                Ok(Message::Close(None)) => return (1005, String::new()),
+                Ok(Message::Text(t)) => events.push(serde_json::from_str(&t).unwrap()),
+                Ok(_) => {}
+                Err(e) => panic!("read failed before a close frame: {e}"),
+            }
+        }
+        panic!("connection ended without a close frame")
+    };
+    let (code, reason) = tokio::time::timeout(timeout, read).await.expect("a close frame in time");
+    (code, reason, events)
+}
+
+async fn session_state(ts: &TestServer, id: &str, token: &str) -> (String, String) {
+    let v = ts.session_json(id, token).await;
+    (v["state"].as_str().unwrap_or("?").to_owned(), v["end_reason"].as_str().unwrap_or("").to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_dropped_with_1013() {
+    let ts = TestServer::start().await;
+    let (id, token, _) = ts.create_session().await;
+    let mut ws = narrow_ws(&ts, &ws_url(&ts, &id, &token)).await;
+    ws.send(Message::text(Format::Pcm(48_000).message())).await.unwrap();
+    // Read until listening, then only write: the question, then silence, never reading again.
+    loop {
+        let Some(Ok(Message::Text(t))) = ws.next().await else { continue };
+        let e: Value = serde_json::from_str(&t).unwrap();
+        if e["type"] == "state" && e["state"] == "listening" {
+            break;
+        }
+    }
+    let question = question_at(48_000);
+    let frames = question.chunks(960).map(|c| c.to_vec()).chain(std::iter::repeat(vec![0i16; 960]));
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let started = Instant::now();
+    for (seq, mut frame) in frames.enumerate() {
+        frame.resize(960, 0);
+        tick.tick().await;
+        let mut msg = vec![0x01, 0x00];
+        msg.extend_from_slice(&(seq as u16).to_be_bytes());
+        msg.extend(frame.iter().flat_map(|s| s.to_le_bytes()));
+        if ws.send(Message::binary(msg)).await.is_err()
+            || seq % 25 == 0 && session_state(&ts, &id, &token).await.0 == "ended"
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(40), "the server never gave up on a client that does not read");
+    }
+    let (state, reason) = session_state(&ts, &id, &token).await;
+    assert_eq!((state.as_str(), reason.as_str()), ("ended", "peer_disconnected"));
+    // Now read what the server managed to queue: audio, then the close frame with 1013.
+    let (code, why, _) = close_code(&mut ws, Duration::from_secs(10)).await;
+    assert_eq!(code, 1013, "close reason: {why}");
+    let metrics = ts.http.get(format!("{}/metrics", ts.base)).send().await.unwrap().text().await.unwrap();
+    let dropped: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("kotodama_queue_drops_total") && l.contains("audio_to_client"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(dropped >= 50.0, "audio frames dropped and counted before the close: {dropped}");
+}

@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
+use futures::stream::SplitStream;
 use futures::{SinkExt, StreamExt};
 use signaling::events::ServerEvent;
 use tokio::sync::{mpsc, watch};
@@ -392,8 +393,12 @@ impl WsPump {
             format: None,
             window: (Instant::now(), 0),
         };
-        reader.run(stream).await;
-        let _ = writer.await;
+        let stream = reader.run(stream).await;
+        // The closing handshake (RFC 6455 section 7.1.1): keep reading, and discarding, until the
+        // client's close frame, so the socket is not closed with unread input (the kernel would
+        // then reset it, destroying our close frame on the way).
+        let drain = tokio::time::timeout(CLOSE_TIMEOUT, drain(stream));
+        let _ = tokio::join!(writer, drain);
         let _ = self.done.send(true);
     }
 }
@@ -480,7 +485,8 @@ struct Reader {
 type Stop = Option<(u16, String)>;
 
 impl Reader {
-    async fn run(mut self, mut stream: futures::stream::SplitStream<WebSocket>) {
+    /// Read until the client or a limit ends it; the stream is handed back for the close.
+    async fn run(mut self, mut stream: SplitStream<WebSocket>) -> SplitStream<WebSocket> {
         let mut closing = self.close.subscribe();
         let format_deadline = tokio::time::Instant::now() + FORMAT_TIMEOUT;
         let stop = loop {
@@ -518,6 +524,7 @@ impl Reader {
                 }
             });
         }
+        stream
     }
 
     async fn on_message(&mut self, msg: Option<Result<Message, axum::Error>>) -> Result<(), Stop> {
@@ -591,6 +598,15 @@ impl Reader {
             _ => forward(seq, b.slice(HEADER_LEN..)),
         }
         Ok(())
+    }
+}
+
+/// Read and discard until the client's close frame or the end of the connection.
+async fn drain(mut stream: SplitStream<WebSocket>) {
+    while let Some(Ok(msg)) = stream.next().await {
+        if matches!(msg, Message::Close(_)) {
+            break;
+        }
     }
 }
 
