@@ -352,3 +352,86 @@ async fn a_client_that_never_reads_is_dropped_with_1013() {
         .unwrap_or(0.0);
     assert!(dropped >= 50.0, "audio frames dropped and counted before the close: {dropped}");
 }
+
+/// A fresh session's socket (plain client), with `first` sent as its first messages.
+async fn hostile(ts: &TestServer, first: Vec<Message>) -> RawWs {
+    let (id, token, _) = ts.create_session().await;
+    let stream = tokio::net::TcpStream::connect(ts.addr()).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(ws_url(ts, &id, &token), stream).await.expect("upgrade");
+    for m in first {
+        // The server may close mid-way (a flood): later sends fail, which is the point.
+        if ws.send(m).await.is_err() {
+            break;
+        }
+    }
+    ws
+}
+
+fn audio(payload: &[u8]) -> Message {
+    let mut m = vec![0x01, 0x00, 0x00, 0x00];
+    m.extend_from_slice(payload);
+    Message::binary(m)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_gets_clear_close_codes_and_leaves_other_sessions_alone() {
+    let ts = TestServer::start().await;
+    // A session talks while the others misbehave.
+    let (healthy, ()) = tokio::join!(one_turn(&ts, Format::Opus), misbehave(&ts));
+    let (_, _, evs, pcm) = healthy;
+    let (rate, reply) = scripted_reply();
+    let (heard, want) = (pcm.len() as f64 / 48_000.0, reply.len() as f64 / f64::from(rate));
+    assert!((heard - want).abs() <= want * 0.1, "the healthy session heard {heard:.2} s of {want:.2} s");
+    assert!(agent_final(&evs));
+    let ok = ts.http.get(format!("{}/healthz", ts.base)).send().await.unwrap();
+    assert_eq!(ok.status(), 200, "the server is up");
+}
+
+async fn misbehave(ts: &TestServer) {
+    let opus = || Message::text(Format::Opus.message());
+    let mib = vec![0u8; 1 << 20];
+    let cases: Vec<(&str, Vec<Message>, u16)> = vec![
+        ("garbage first", vec![Message::text("\u{1}garbage{")], 1008),
+        ("binary before the format", vec![audio(&[0; 100])], 1008),
+        ("an unknown codec", vec![Message::text(r#"{"type":"audio.format","codec":"mp3"}"#)], 1008),
+        ("a 1 MiB binary frame", vec![opus(), Message::binary(mib.clone())], 1009),
+        ("a 1 MiB text frame", vec![opus(), Message::text("x".repeat(1 << 20))], 1009),
+        ("an unknown binary kind", vec![opus(), Message::binary(vec![0x7f, 0, 0, 0, 1, 2])], 1003),
+        ("odd PCM", vec![Message::text(Format::Pcm(16_000).message()), audio(&[1, 2, 3])], 1007),
+        (
+            "10,000 messages at once",
+            std::iter::once(opus()).chain((0..10_000).map(|_| Message::text(r#"{"type":"ping"}"#))).collect(),
+            1008,
+        ),
+    ];
+    for (what, first, want) in cases {
+        let mut ws = hostile(ts, first).await;
+        let (code, reason, _) = close_code(&mut ws, Duration::from_secs(15)).await;
+        assert_eq!(code, want, "{what}: closed with {code} ({reason})");
+        assert!(!reason.is_empty(), "{what}: the close says why");
+    }
+    // A bad event after the format is an `error` event, as on the data channel; the socket stays.
+    let mut ws = hostile(ts, vec![opus(), Message::text("{"), Message::text(r#"{"type":"ping"}"#)]).await;
+    let mut seen = Vec::new();
+    while !seen.iter().any(|e: &Value| e["type"] == "pong") {
+        let Some(Ok(Message::Text(t))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap() else {
+            panic!("the socket stayed open and answered; got {seen:?}")
+        };
+        seen.push(serde_json::from_str(&t).unwrap());
+    }
+    assert!(seen.iter().any(|e| e["type"] == "error" && e["code"] == "invalid_json"), "{seen:?}");
+
+    // The HTTP side: problem+json before any upgrade.
+    let (id, token, _) = ts.create_session().await;
+    let url = format!("{}/v1/sessions/{id}/ws", ts.base);
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(status(ts.http.get(&url).send().await.unwrap()), 401, "no token");
+    assert_eq!(status(ts.http.get(format!("{url}?token=nope")).send().await.unwrap()), 401, "a bad token");
+    let plain = ts.http.get(format!("{url}?token={token}")).send().await.unwrap();
+    assert_eq!(plain.status(), 400, "not a WebSocket upgrade");
+    assert_eq!(plain.headers()["content-type"], "application/problem+json");
+    let (ws, _) = tokio_tungstenite::connect_async(ws_url(ts, &id, &token)).await.expect("the token connects once");
+    let again = tokio_tungstenite::connect_async(ws_url(ts, &id, &token)).await;
+    assert!(again.is_err(), "a second socket for a connected session is refused");
+    drop(ws);
+}
