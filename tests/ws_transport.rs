@@ -435,3 +435,31 @@ async fn misbehave(ts: &TestServer) {
     assert!(again.is_err(), "a second socket for a connected session is refused");
     drop(ws);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_to_talk_end_turn_and_client_vad_barge_in() {
+    let ts = TestServer::start().await;
+    let (mut c, _, _) = WsClient::connect(&ts, Format::Pcm(16_000)).await;
+    c.wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening").await;
+    // Push-to-talk: the question, then `control.end_turn` and no more audio at all, so our VAD
+    // never hears the silence that would end the turn: only the client's command can.
+    c.speak(&question_at(16_000)).await;
+    c.sink.send(Message::text(r#"{"type":"control.end_turn"}"#)).await.unwrap();
+    c.wait_event("thinking", Duration::from_secs(5), |e| e["type"] == "state" && e["state"] == "thinking").await;
+    c.wait_event("speaking", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "speaking").await;
+    assert_eq!(ts.recorder.turns().len(), 1, "end_turn committed the turn once");
+    // The client's own VAD says the user speaks over the character: barge-in.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.sink.send(Message::text(r#"{"type":"vad","state":"speech_started"}"#)).await.unwrap();
+    let cut = c.wait_event("agent.interrupted", Duration::from_secs(5), |e| e["type"] == "agent.interrupted").await;
+    let played = cut["played_ms"].as_u64().unwrap();
+    let cut_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ib = c.inbox.lock().unwrap();
+    let heard_ms = ib.pcm.len() as u64 * 1000 / 16_000;
+    assert!((1000..=2500).contains(&played), "played_ms {played} after ~1.5 s of speaking");
+    assert!(heard_ms.abs_diff(played) <= 100, "played_ms {played} is what was sent ({heard_ms} ms heard)");
+    let late = ib.frames.iter().filter(|(at, _, _)| *at > cut_at + Duration::from_millis(50)).count();
+    assert_eq!(late, 0, "no audio of the cut reply after agent.interrupted");
+    assert_eq!(ts.recorder.turns().len(), 1, "the barge-in alone commits nothing");
+}

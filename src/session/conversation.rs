@@ -100,6 +100,8 @@ pub enum Input {
         /// What was wrong.
         message: String,
     },
+    /// The client's own VAD edge or end of turn.
+    ClientVoice(super::link::ClientVoice),
     /// A typed user turn from outside the client (admin API, another node).
     UserText(String),
     /// An event of the provider session.
@@ -201,6 +203,8 @@ pub struct Conversation {
     turn: Option<TurnTiming>,
     /// User turns committed by our VAD so far.
     turns: u64,
+    /// User speech started since the last commit (a turn to commit).
+    turn_open: bool,
     /// Timed events due now (reused buffer).
     due: Vec<ServerEvent>,
     /// The last typed user turn, already recorded: its echo as a provider transcript is not.
@@ -233,6 +237,7 @@ impl Conversation {
             idle_audio_at: None,
             turn: None,
             turns: 0,
+            turn_open: false,
             due: Vec::with_capacity(16),
             typed_pending: None,
             last_activity: Duration::ZERO,
@@ -257,6 +262,7 @@ impl Conversation {
                 self.event(ServerEvent::Error { code, message });
             }
             Input::UserText(text) => self.user_text(text),
+            Input::ClientVoice(v) => self.on_client_voice(v),
             Input::Provider(ev) => self.on_provider_event(ev),
             Input::Refused(cmd) => self.on_refused(cmd),
             Input::Timeout => self.on_timeout(),
@@ -512,6 +518,7 @@ impl Conversation {
     /// Our VAD heard the user start speaking at stream position `at`.
     fn on_speech_started(&mut self, at: Duration) {
         self.last_activity = self.now;
+        self.turn_open = true;
         let base = self.first_audio.unwrap_or_default();
         self.event(ServerEvent::UserSpeechStarted { at_ms: ms(base + at) });
         self.command(ProviderCommand::SpeechStarted);
@@ -538,9 +545,30 @@ impl Conversation {
         let base = self.first_audio.unwrap_or_default();
         self.event(ServerEvent::UserSpeechStopped { at_ms: ms(base + at) });
         if self.cfg.caps.server_vad {
+            // The provider's VAD commits; the turn is its business.
+            self.turn_open = false;
             return;
         }
-        let silence = self.media.uplink.position().saturating_sub(at);
+        self.commit_turn(self.media.uplink.position().saturating_sub(at));
+    }
+
+    /// The client's VAD or push-to-talk: a start barges in as ours does; a stop or `end_turn`
+    /// commits the open turn at once (once: our VAD's later stop finds it committed).
+    fn on_client_voice(&mut self, v: super::link::ClientVoice) {
+        use super::link::ClientVoice;
+        self.last_activity = self.now;
+        match v {
+            ClientVoice::SpeechStarted if !self.turn_open => self.on_speech_started(self.media.uplink.position()),
+            ClientVoice::SpeechStarted => {}
+            ClientVoice::SpeechStopped | ClientVoice::EndTurn => self.commit_turn(Duration::ZERO),
+        }
+    }
+
+    /// End the user's open turn: the provider answers it.
+    fn commit_turn(&mut self, silence: Duration) {
+        if !std::mem::take(&mut self.turn_open) {
+            return;
+        }
         self.command(ProviderCommand::CommitTurn);
         self.turn = Some(TurnTiming { committed_at: self.now, silence, first_audio_at: None });
         self.turns += 1;

@@ -44,6 +44,18 @@ pub enum ClientAudio {
     },
 }
 
+/// Voice activity the client detected itself, or its explicit end of turn (seed 004's `vad`
+/// events and `control.end_turn`), for clients that run their own VAD or push-to-talk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientVoice {
+    /// The user started speaking (barges in like our VAD's speech start).
+    SpeechStarted,
+    /// The user stopped speaking: the turn ends now (without waiting for our VAD's silence).
+    SpeechStopped,
+    /// End the user's turn now (push-to-talk released).
+    EndTurn,
+}
+
 /// What a link reports to its session task.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -64,6 +76,8 @@ pub enum LinkEvent {
     Event(Option<ClientEvent>),
     /// A client message the codec rejected; the session answers with an `error` event.
     BadMessage(EventError),
+    /// The client's own voice activity or end of turn.
+    Voice(ClientVoice),
     /// Media is flowing (WebRTC: the peer connection is connected).
     Connected,
     /// The client is gone; the session ends with this reason.

@@ -132,6 +132,7 @@ impl<L: ClientLink> SessionTask<L> {
             LinkEvent::EventsOpen => Input::ClientConnected,
             LinkEvent::EventsClosed => Input::ClientDisconnected,
             LinkEvent::Event(ev) => Input::Client(ev),
+            LinkEvent::Voice(v) => Input::ClientVoice(v),
             LinkEvent::BadMessage(e) => Input::BadClientMessage { code: e.code().to_owned(), message: e.to_string() },
             LinkEvent::Connected => {
                 self.shared.mark_connected();

@@ -59,7 +59,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::EndReason;
 use super::conversation::AudioFrame;
-use super::link::{ClientAudio, ClientLink, EventCodec, LinkError, LinkEvent, LinkStats};
+use super::link::{ClientAudio, ClientLink, ClientVoice, EventCodec, LinkError, LinkEvent, LinkStats};
 
 /// Bytes of the binary audio header.
 pub const HEADER_LEN: usize = 4;
@@ -131,6 +131,29 @@ impl WireAudio {
             ("audio.format", c, _) => Err(format!("unknown codec `{}` (opus or pcm16)", truncate(c, 32))),
             _ => Err("the first message must be {\"type\":\"audio.format\",...}".to_owned()),
         }
+    }
+}
+
+/// The link's own client messages besides `audio.format` (seed 004): `{"type":"vad","state":
+/// "speech_started"|"speech_stopped"}` from a client running its own VAD, and
+/// `{"type":"control.end_turn"}` (push-to-talk released). Anything else goes to the codec.
+fn client_voice(text: &str) -> Option<ClientVoice> {
+    #[derive(serde::Deserialize)]
+    struct Voice<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: &'a str,
+        #[serde(default, borrow)]
+        state: Option<&'a str>,
+    }
+    if !text.contains("\"vad\"") && !text.contains("control.end_turn") {
+        return None;
+    }
+    let v: Voice<'_> = serde_json::from_str(text).ok()?;
+    match (v.kind, v.state) {
+        ("control.end_turn", _) => Some(ClientVoice::EndTurn),
+        ("vad", Some("speech_started")) => Some(ClientVoice::SpeechStarted),
+        ("vad", Some("speech_stopped")) => Some(ClientVoice::SpeechStopped),
+        _ => None,
     }
 }
 
@@ -246,6 +269,7 @@ impl<C: EventCodec> WsLink<C> {
             FromSocket::Audio { arrival, seq, payload } => {
                 LinkEvent::Audio { arrival, audio: ClientAudio::Opus { seq, payload } }
             }
+            FromSocket::Text(text) if let Some(v) = client_voice(&text) => LinkEvent::Voice(v),
             FromSocket::Text(text) => match self.codec.decode(text.as_bytes()) {
                 Ok(ev) => LinkEvent::Event(ev),
                 Err(e) => LinkEvent::BadMessage(e),
@@ -721,6 +745,15 @@ mod tests {
         ] {
             assert!(WireAudio::from_message(bad).is_err(), "{bad} must be refused");
         }
+    }
+
+    #[test]
+    fn client_vad_and_end_turn_are_link_messages() {
+        assert_eq!(client_voice(r#"{"type":"control.end_turn"}"#), Some(ClientVoice::EndTurn));
+        assert_eq!(client_voice(r#"{"type":"vad","state":"speech_started"}"#), Some(ClientVoice::SpeechStarted));
+        assert_eq!(client_voice(r#"{"type":"vad","state":"speech_stopped"}"#), Some(ClientVoice::SpeechStopped));
+        assert_eq!(client_voice(r#"{"type":"vad","state":"maybe"}"#), None);
+        assert_eq!(client_voice(r#"{"type":"text","text":"\"vad\""}"#), None);
     }
 
     #[test]
