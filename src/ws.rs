@@ -7,9 +7,21 @@
 //! the session (404 unknown, 409 ended or already connected), the token's single use (401
 //! `token_replayed`, as for the offer), then the model provider (503). The token is never logged
 //! (this module logs no URL or header).
+//!
+//! `GET /ws/{character}`: the N.E.K.O. dialect ([`crate::session::neko`]) for N.E.K.O. frontends.
+//! N.E.K.O. itself has no authentication; here, when API keys are configured (always on a
+//! non-loopback bind) the frontend passes one as `?token=<api key>` in its WebSocket URL (or
+//! `Authorization: Bearer`); on a loopback bind without keys the route is open, like session
+//! creation. The session starts at `start_session` (`session_preparing`, then `session_started`
+//! once the model is up; `session_failed` + `status` when it cannot start). Only the newest
+//! socket per character and API key is live: an older one gets `session_ended_by_server` and is
+//! closed.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
@@ -25,17 +37,25 @@ use time::OffsetDateTime;
 
 use crate::session::SessionManager;
 use crate::session::link::ApiV1;
-use crate::session::ws_link::{MAX_READ_BYTES, WsLink};
+use crate::session::neko::{NekoCodec, status};
+use crate::session::ws_link::{FORMAT_TIMEOUT, MAX_MESSAGE_BYTES, MAX_READ_BYTES, WsLink};
+use crate::session::{CreateOptions, EndReason};
 
 #[derive(Clone)]
 struct WsState {
     api: ApiState,
     manager: Arc<SessionManager>,
+    /// N.E.K.O.: the live session of each (character, API key id).
+    neko_live: Arc<Mutex<HashMap<String, String>>>,
 }
 
 /// The WebSocket routes, for merging into the app.
 pub fn routes(api: ApiState, manager: Arc<SessionManager>) -> Router {
-    Router::new().route("/v1/sessions/{id}/ws", get(session_ws)).with_state(WsState { api, manager })
+    let state = WsState { api, manager, neko_live: Arc::default() };
+    Router::new()
+        .route("/v1/sessions/{id}/ws", get(session_ws))
+        .route("/ws/{character}", get(neko_ws))
+        .with_state(state)
 }
 
 /// The session token: `?token=` first, else `Authorization: Bearer`.
@@ -100,6 +120,91 @@ async fn session_ws(
         .max_frame_size(MAX_READ_BYTES)
         .on_upgrade(move |socket| pump.run(socket))
         .into_response())
+}
+
+async fn neko_ws(
+    State(st): State<WsState>,
+    Path(character): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let key_id = if st.api.api_keys.is_empty() {
+        "open".to_owned()
+    } else {
+        let presented = token(query.as_deref(), &headers).ok_or(TokenError::Missing)?;
+        st.api
+            .api_keys
+            .identify(&presented)
+            .map(|k| k.id)
+            .ok_or_else(|| ApiError::unauthorized("invalid_api_key", "not one of this server's API keys"))?
+    };
+    let wanted = character.to_lowercase();
+    let found = st.manager.characters().iter().find(|c| c.id == character || c.name.to_lowercase() == wanted);
+    let character = found.ok_or_else(|| ApiError::unknown_character(&character))?.id.clone();
+    let upgrade = upgrade
+        .map_err(|e| ApiError::bad_request("websocket_upgrade_required", format!("this route is a WebSocket: {e}")))?;
+    let live_key = format!("{character}\u{0}{key_id}");
+    Ok(upgrade
+        .max_message_size(MAX_READ_BYTES)
+        .max_frame_size(MAX_READ_BYTES)
+        .on_upgrade(move |socket| neko_socket(st, socket, character, live_key))
+        .into_response())
+}
+
+/// A N.E.K.O. socket: wait for `start_session`, start the session, then run it.
+async fn neko_socket(st: WsState, mut socket: WebSocket, character: String, live_key: String) {
+    let Some(rate_hz) = neko_start(&mut socket).await else { return };
+    let _ = socket.send(Message::Text(r#"{"type":"session_preparing","input_mode":"audio"}"#.into())).await;
+    let options = CreateOptions { character: Some(character), ..Default::default() };
+    let shared = match st.manager.create(options).await {
+        Ok(s) => s,
+        Err(e) => return neko_failed(socket, &e.to_string()).await,
+    };
+    let older = st.neko_live.lock().unwrap_or_else(|p| p.into_inner()).insert(live_key, shared.id.clone());
+    if let Some(older) = older {
+        let _ = st.manager.end(&older, None, EndReason::ClientRequest).await;
+    }
+    let (link, pump) = WsLink::new_neko(NekoCodec::default());
+    if let Err(e) = st.manager.connect_link(&shared.id, link).await {
+        let _ = st.manager.end(&shared.id, None, EndReason::ProviderError).await;
+        return neko_failed(socket, &e.to_string()).await;
+    }
+    pump.run_neko(socket, rate_hz).await;
+}
+
+/// Read until `start_session` (answering `ping`): the client's audio rate if it names one.
+/// `None` (the socket is closed): malformed JSON, binary, a timeout, or the client left.
+async fn neko_start(socket: &mut WebSocket) -> Option<Option<u32>> {
+    let deadline = tokio::time::Instant::now() + FORMAT_TIMEOUT;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, socket.recv()).await.ok()??.ok()?;
+        let text = match msg {
+            Message::Text(t) if t.len() <= MAX_MESSAGE_BYTES => t,
+            Message::Ping(_) | Message::Pong(_) => continue,
+            _ => return None,
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        match v["action"].as_str() {
+            Some("start_session") => {
+                let rate = v["audio_format"]["sample_rate"].as_u64().or(v["sample_rate"].as_u64());
+                return Some(rate.and_then(|r| u32::try_from(r).ok()).filter(|r| [16_000, 24_000, 48_000].contains(r)));
+            }
+            Some("ping") => {
+                let _ = socket.send(Message::Text(r#"{"type":"pong"}"#.into())).await;
+            }
+            _ => {
+                let _ =
+                    socket.send(Message::Text(status("SESSION_NOT_STARTED", "send start_session first").into())).await;
+            }
+        }
+    }
+}
+
+async fn neko_failed(mut socket: WebSocket, why: &str) {
+    let _ = socket.send(Message::Text(status("SESSION_FAILED", why).into())).await;
+    let _ = socket.send(Message::Text(r#"{"type":"session_failed"}"#.into())).await;
+    let _ = socket.send(Message::Close(None)).await;
 }
 
 /// Single use, as for the offer: the token's `jti` is claimed until it expires.

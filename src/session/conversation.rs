@@ -119,6 +119,8 @@ pub struct AudioFrame<'a> {
     pub payload: &'a [u8],
     /// Its playout time (media time): the RTP timestamp is `due` in 48 kHz units.
     pub due: Duration,
+    /// The agent item (reply) it belongs to (N.E.K.O.'s `speech_id`).
+    pub item_id: &'a str,
     /// First frame of a talk spurt (RTP marker).
     pub talkspurt_start: bool,
     /// How late the frame leaves (`now - due`).
@@ -183,6 +185,8 @@ pub struct Conversation {
     media: MediaParts,
     out: VecDeque<Queued>,
     frame: Box<[u8; MAX_FRAME_BYTES]>,
+    /// The item of the frame in `frame` (reused buffer).
+    frame_item: String,
     now: Duration,
     client_connected: bool,
     ready_sent: bool,
@@ -223,6 +227,7 @@ impl Conversation {
             media,
             out: VecDeque::with_capacity(32),
             frame: Box::new([0; MAX_FRAME_BYTES]),
+            frame_item: String::with_capacity(64),
             now: Duration::ZERO,
             client_connected: false,
             ready_sent: false,
@@ -278,7 +283,8 @@ impl Conversation {
             Queued::Provider(c) => Output::Provider(c),
             Queued::Turn { role, text, interrupted } => Output::Turn { role, text, interrupted },
             Queued::Audio { len, due, talkspurt_start, lateness } => {
-                Output::Audio(AudioFrame { payload: &self.frame[..len], due, talkspurt_start, lateness })
+                let (payload, item_id) = (&self.frame[..len], self.frame_item.as_str());
+                Output::Audio(AudioFrame { payload, due, item_id, talkspurt_start, lateness })
             }
             Queued::End(r) => Output::End(r),
         })
@@ -440,6 +446,8 @@ impl Conversation {
             return;
         };
         let (due, talkspurt_start, len) = (frame.due, frame.talkspurt_start, frame.len);
+        self.frame_item.clear();
+        self.frame_item.push_str(frame.item_id);
         self.media.speech.on_frame(frame.item_id, frame.item_offset, media::FRAME, &mut self.due);
         let lateness = now.saturating_sub(due);
         self.out.push_back(Queued::Audio { len, due, talkspurt_start, lateness });

@@ -60,6 +60,7 @@
 pub(crate) mod builder;
 pub mod conversation;
 pub mod link;
+pub mod neko;
 pub mod speech;
 pub(crate) mod task;
 pub mod webrtc_link;

@@ -169,8 +169,14 @@ fn truncate(s: &str, max: usize) -> &str {
 #[derive(Debug)]
 enum FromSocket {
     Format(WireAudio),
-    Audio { arrival: Instant, seq: u16, payload: Bytes },
+    Audio {
+        arrival: Instant,
+        seq: u16,
+        payload: Bytes,
+    },
     Text(Utf8Bytes),
+    /// The client ended the session (N.E.K.O. `end_session`).
+    End(EndReason),
 }
 
 /// Counters the reader task keeps (each only grows).
@@ -204,6 +210,8 @@ pub struct WsLink<C: EventCodec> {
     consecutive_drops: u32,
     /// Sequence number of the next frame to the client.
     seq_out: u16,
+    /// N.E.K.O. framing: `audio_chunk {speech_id}` + a bare PCM frame instead of our header.
+    neko: bool,
     /// The link gave up on the client (too slow): the session ends with this.
     failed: Option<EndReason>,
     end_reason: Option<String>,
@@ -213,6 +221,9 @@ pub struct WsLink<C: EventCodec> {
 /// Drives one upgraded socket for its [`WsLink`]: a reader (limits, format, transcoding of the
 /// client's PCM) and a writer (send queue, pings, the close frame).
 pub struct WsPump {
+    /// The send queue, for the reader's own answers (N.E.K.O. `status`); weak, so the queue
+    /// still closes when the link lets go of it.
+    neko_out: Option<mpsc::WeakSender<Message>>,
     to_link: mpsc::Sender<FromSocket>,
     from_link: mpsc::Receiver<Message>,
     close: watch::Sender<CloseRequest>,
@@ -244,11 +255,22 @@ impl<C: EventCodec> WsLink<C> {
             audio_out_dropped: 0,
             consecutive_drops: 0,
             seq_out: 0,
+            neko: false,
             failed: None,
             end_reason: None,
             closed: false,
         };
-        (link, WsPump { to_link, from_link, close, done: done_tx, counters })
+        let weak = tx_weak(&link);
+        (link, WsPump { to_link, from_link, close, done: done_tx, counters, neko_out: weak })
+    }
+
+    /// A link in N.E.K.O.'s framing (`/ws/{character}`): the pump reads `stream_data` audio
+    /// ([`WsPump::run_neko`]); the character's voice goes out as `audio_chunk {speech_id}` and one
+    /// binary frame of PCM16 LE mono 48 kHz per 20 ms.
+    pub fn new_neko(codec: C) -> (Self, WsPump) {
+        let (mut link, pump) = Self::new(codec);
+        link.neko = true;
+        (link, pump)
     }
 
     fn map(&mut self, msg: FromSocket) -> Option<LinkEvent> {
@@ -269,7 +291,16 @@ impl<C: EventCodec> WsLink<C> {
             FromSocket::Audio { arrival, seq, payload } => {
                 LinkEvent::Audio { arrival, audio: ClientAudio::Opus { seq, payload } }
             }
-            FromSocket::Text(text) if let Some(v) = client_voice(&text) => LinkEvent::Voice(v),
+            FromSocket::End(reason) => {
+                self.closed = true;
+                LinkEvent::Closed(reason)
+            }
+            FromSocket::Text(text)
+                if !self.neko
+                    && let Some(v) = client_voice(&text) =>
+            {
+                LinkEvent::Voice(v)
+            }
             FromSocket::Text(text) => match self.codec.decode(text.as_bytes()) {
                 Ok(ev) => LinkEvent::Event(ev),
                 Err(e) => LinkEvent::BadMessage(e),
@@ -294,8 +325,10 @@ impl<C: EventCodec> WsLink<C> {
         self.seq_out = seq.wrapping_add(1);
         let flags = if frame.talkspurt_start { FLAG_TALKSPURT } else { 0 };
         self.pcm_out.clear();
-        self.pcm_out.extend_from_slice(&[KIND_AUDIO, flags]);
-        self.pcm_out.extend_from_slice(&seq.to_be_bytes());
+        if !self.neko {
+            self.pcm_out.extend_from_slice(&[KIND_AUDIO, flags]);
+            self.pcm_out.extend_from_slice(&seq.to_be_bytes());
+        }
         match self.down.as_mut() {
             Some(down) => down.decode(frame.payload, &mut self.pcm_out),
             None => self.pcm_out.extend_from_slice(frame.payload),
@@ -327,7 +360,12 @@ impl<C: EventCodec> ClientLink for WsLink<C> {
 
     async fn send_audio(&mut self, frame: &AudioFrame<'_>) -> Result<(), LinkError> {
         let bytes = self.encode_frame(frame);
-        if self.queue(Message::Binary(bytes)) {
+        let room = self.tx.as_ref().is_some_and(|tx| tx.capacity() >= 2);
+        if self.neko && room {
+            let chunk = format!(r#"{{"type":"audio_chunk","speech_id":{}}}"#, serde_json::Value::from(frame.item_id));
+            self.queue(Message::Text(chunk.into()));
+        }
+        if (room || !self.neko) && self.queue(Message::Binary(bytes)) {
             self.consecutive_drops = 0;
             return Ok(());
         }
@@ -399,9 +437,25 @@ impl<C: EventCodec> ClientLink for WsLink<C> {
     }
 }
 
+fn tx_weak<C: EventCodec>(link: &WsLink<C>) -> Option<mpsc::WeakSender<Message>> {
+    link.tx.as_ref().map(mpsc::Sender::downgrade)
+}
+
 impl WsPump {
     /// Run the socket until the session or the client ends it.
     pub async fn run(self, socket: WebSocket) {
+        self.run_as(socket, None).await
+    }
+
+    /// Run a N.E.K.O. socket whose `start_session` was read (`rate_hz`: the client's audio rate
+    /// when it named one; else 16 kHz for 160- or 320-sample chunks, 48 kHz otherwise).
+    pub async fn run_neko(self, socket: WebSocket, rate_hz: Option<u32>) {
+        let _ = self.to_link.send(FromSocket::Format(WireAudio::Pcm16 { rate_hz: media::OPUS_RATE })).await;
+        let neko = NekoIn { out: self.neko_out.clone(), rate_hz, images_told: false };
+        self.run_as(socket, Some(neko)).await
+    }
+
+    async fn run_as(self, socket: WebSocket, neko: Option<NekoIn>) {
         let (sink, stream) = socket.split();
         let epoch = Instant::now();
         let last_seen = Arc::new(AtomicU64::new(0));
@@ -414,8 +468,9 @@ impl WsPump {
             last_seen,
             epoch,
             up: None,
-            format: None,
+            format: neko.as_ref().map(|_| WireAudio::Pcm16 { rate_hz: media::OPUS_RATE }),
             window: (Instant::now(), 0),
+            neko,
         };
         let stream = reader.run(stream).await;
         // The closing handshake (RFC 6455 section 7.1.1): keep reading, and discarding, until the
@@ -503,6 +558,15 @@ struct Reader {
     format: Option<WireAudio>,
     /// Start of the current one-second window and the messages in it.
     window: (Instant, u32),
+    /// N.E.K.O. mode.
+    neko: Option<NekoIn>,
+}
+
+/// The reader's N.E.K.O. state.
+struct NekoIn {
+    out: Option<mpsc::WeakSender<Message>>,
+    rate_hz: Option<u32>,
+    images_told: bool,
 }
 
 /// Why the reader stops: the close to send, if any.
@@ -562,6 +626,10 @@ impl Reader {
         match msg {
             Message::Text(t) if t.len() > MAX_MESSAGE_BYTES => Err(too_big(t.len())),
             Message::Binary(b) if b.len() > MAX_MESSAGE_BYTES => Err(too_big(b.len())),
+            Message::Text(t) if self.neko.is_some() => self.on_neko_text(t).await,
+            Message::Binary(_) if self.neko.is_some() => {
+                Err(Some((code::UNSUPPORTED, "N.E.K.O. clients send audio as stream_data".into())))
+            }
             Message::Text(t) if self.format.is_none() => self.on_format(&t).await,
             Message::Text(t) => {
                 if self.to_link.try_send(FromSocket::Text(t)).is_err() {
@@ -571,6 +639,76 @@ impl Reader {
             }
             Message::Binary(b) => self.on_audio(b),
             _ => Ok(()),
+        }
+    }
+
+    /// One N.E.K.O. action: audio and images here, `end_session` ends, unknown actions get a
+    /// `status`; the rest goes to the codec. Malformed JSON ends the session, as in N.E.K.O.
+    async fn on_neko_text(&mut self, t: Utf8Bytes) -> Result<(), Stop> {
+        let v: serde_json::Value = serde_json::from_str(&t)
+            .map_err(|_| Some((code::INVALID_PAYLOAD, "malformed JSON ends the session".to_owned())))?;
+        match (v["action"].as_str(), v["input_type"].as_str()) {
+            (Some("stream_data"), Some("audio")) => self.on_neko_audio(&v["data"]),
+            (Some("stream_data"), Some("screen" | "camera")) => {
+                if let Some(n) = self.neko.as_mut().filter(|n| !n.images_told) {
+                    n.images_told = true;
+                    self.neko_status("IMAGES_UNSUPPORTED", "this server does not pass images to the model yet");
+                }
+                Ok(())
+            }
+            (Some("end_session"), _) => {
+                let _ = self.to_link.send(FromSocket::End(EndReason::ClientRequest)).await;
+                Err(Some((code::NORMAL, "end_session".into())))
+            }
+            (Some("start_session"), _) => Ok(()),
+            (
+                Some(
+                    "stream_data" | "ping" | "pause_session" | "voice_play_start" | "voice_play_end"
+                    | "language_update" | "greeting_check",
+                ),
+                _,
+            ) => {
+                if self.to_link.try_send(FromSocket::Text(t)).is_err() {
+                    self.counters.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            (action, _) => {
+                let action = truncate(action.unwrap_or("(none)"), 64).to_owned();
+                self.neko_status("UNKNOWN_ACTION", &format!("unknown action `{action}`"));
+                Ok(())
+            }
+        }
+    }
+
+    /// `stream_data` audio: a JSON array of int16 samples.
+    fn on_neko_audio(&mut self, data: &serde_json::Value) -> Result<(), Stop> {
+        let Some(arr) = data.as_array() else {
+            self.neko_status("INVALID_AUDIO", "audio data must be an array of int16 samples");
+            return Ok(());
+        };
+        let samples: Option<Vec<i16>> = arr.iter().map(|x| x.as_i64().and_then(|i| i16::try_from(i).ok())).collect();
+        let Some(samples) = samples else {
+            self.neko_status("INVALID_AUDIO", "audio data must be an array of int16 samples");
+            return Ok(());
+        };
+        if self.up.is_none() {
+            let named = self.neko.as_ref().and_then(|n| n.rate_hz);
+            let rate = named.unwrap_or(if matches!(samples.len(), 160 | 320) { 16_000 } else { 48_000 });
+            self.up = Some(PcmToOpus::new(rate).map_err(|e| Some((code::POLICY, e.to_string())))?);
+        }
+        let arrival = Instant::now();
+        let (to_link, counters) = (&self.to_link, &self.counters);
+        if let Some(up) = self.up.as_mut() {
+            up.push_samples(&samples, &mut |seq, payload| forward(to_link, counters, arrival, seq, payload));
+        }
+        Ok(())
+    }
+
+    fn neko_status(&self, code: &str, details: &str) {
+        let out = self.neko.as_ref().and_then(|n| n.out.as_ref()).and_then(mpsc::WeakSender::upgrade);
+        if let Some(out) = out {
+            let _ = out.try_send(Message::Text(super::neko::status(code, details).into()));
         }
     }
 
@@ -606,12 +744,8 @@ impl Reader {
         }
         let seq = u16::from_be_bytes([b[2], b[3]]);
         let arrival = Instant::now();
-        let mut forward = |seq: u16, payload: Bytes| {
-            self.counters.audio_in.fetch_add(1, Ordering::Relaxed);
-            if self.to_link.try_send(FromSocket::Audio { arrival, seq, payload }).is_err() {
-                self.counters.audio_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        };
+        let (to_link, counters) = (&self.to_link, &self.counters);
+        let mut forward = |seq: u16, payload: Bytes| forward(to_link, counters, arrival, seq, payload);
         match (format, self.up.as_mut()) {
             (WireAudio::Pcm16 { .. }, Some(up)) => {
                 if !(b.len() - HEADER_LEN).is_multiple_of(2) {
@@ -622,6 +756,14 @@ impl Reader {
             _ => forward(seq, b.slice(HEADER_LEN..)),
         }
         Ok(())
+    }
+}
+
+/// Hand one Opus packet of the client to the session task (dropped and counted when it is behind).
+fn forward(to_link: &mpsc::Sender<FromSocket>, counters: &ReaderCounters, arrival: Instant, seq: u16, payload: Bytes) {
+    counters.audio_in.fetch_add(1, Ordering::Relaxed);
+    if to_link.try_send(FromSocket::Audio { arrival, seq, payload }).is_err() {
+        counters.audio_dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -674,10 +816,17 @@ impl PcmToOpus {
 
     /// Take little-endian PCM16 bytes (even length); emit every whole 20 ms packet.
     fn push(&mut self, le: &[u8], emit: &mut impl FnMut(u16, Bytes)) {
-        self.samples.clear();
-        self.samples.extend(le.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])));
+        let mut samples = std::mem::take(&mut self.samples);
+        samples.clear();
+        samples.extend(le.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])));
+        self.push_samples(&samples, emit);
+        self.samples = samples;
+    }
+
+    /// Take samples at the client's rate; emit every whole 20 ms packet.
+    fn push_samples(&mut self, samples: &[i16], emit: &mut impl FnMut(u16, Bytes)) {
         let pcm48 = &mut self.pcm48;
-        if let Err(e) = self.rs.process(&self.samples, &mut |chunk| pcm48.extend_from_slice(chunk)) {
+        if let Err(e) = self.rs.process(samples, &mut |chunk| pcm48.extend_from_slice(chunk)) {
             tracing::debug!(error = %e, "resampling client audio failed");
             return;
         }

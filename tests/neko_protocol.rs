@@ -1,0 +1,94 @@
+//! The N.E.K.O. dialect (`/ws/{character}`) driven by a Python `websockets` client playing the
+//! N.E.K.O. frontend (tests/neko/neko_client.py): eSpeak NG speech streamed as 10 ms int16 JSON
+//! arrays at 48 kHz (desktop) and 16 kHz (mobile), the reply heard as `audio_chunk` + binary PCM,
+//! `gemini_response` text, and a barge-in. The Python client asserts N.E.K.O.'s rules; this test
+//! checks what it heard against the reply. Needs `espeak-ng` and `python3-websockets`
+//! (.ci/setup.sh installs them).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+async fn neko_client(url: &str, rate: u32) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/neko/neko_client.py");
+    let url = url.to_owned();
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("/usr/bin/python3").arg(script).arg(url).arg(rate.to_string()).output()
+    });
+    let out = tokio::time::timeout(Duration::from_secs(120), run).await.expect("the client finishes").unwrap();
+    let out = out.expect("python3 runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "N.E.K.O. client at {rate} Hz failed:\n{stderr}\n{stdout}");
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neko_frontend_talks_and_barges_in_at_48_and_16_khz() {
+    // Two users (two API keys): only the newest socket per character *and user* is live.
+    const KEYS: [&str; 2] = ["neko-desktop-key-0123456789", "neko-mobile-key-0123456789"];
+    let ts = TestServer::start_with(|c| c.api_keys = KEYS.iter().map(|k| k.to_string()).collect()).await;
+    // By name, as N.E.K.O. does; the id works too. The API key rides in `?token=`.
+    let desktop_url = format!("ws://{}/ws/Aiko?token={}", ts.addr(), KEYS[0]);
+    let mobile_url = format!("ws://{}/ws/aiko?token={}", ts.addr(), KEYS[1]);
+    let (desktop, mobile) = tokio::join!(neko_client(&desktop_url, 48_000), neko_client(&mobile_url, 16_000));
+    let reply = media::wav::parse(include_bytes!("../src/providers/scripted_reply.wav")).unwrap();
+    let reply_s = reply.samples.len() as f64 / f64::from(reply.rate_hz);
+    for s in [&desktop, &mobile] {
+        let heard = s["reply_s"].as_f64().unwrap();
+        assert!((heard - reply_s).abs() <= reply_s * 0.1, "heard {heard:.2} s of a {reply_s:.2} s reply: {s}");
+        assert!(s["reply_rms"].as_f64().unwrap() > 500.0, "the reply is speech: {s}");
+        assert!(s["reply_text"].as_str().unwrap().starts_with("Hi! I am Aiko."), "{s}");
+        assert!(s["emotions"].as_array().unwrap().iter().any(|e| e == "happy"), "{s}");
+        let cut = s["interrupted_after_s"].as_f64().unwrap();
+        assert!(cut > 0.5 && cut < reply_s - 1.0, "the second reply was cut mid-way ({cut:.2} s): {s}");
+    }
+    // Each frontend's speech reached the model: four committed turns (two each).
+    assert!(ts.recorder.turns().len() >= 4, "turns: {}", ts.recorder.turns().len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neko_route_auth_and_the_newest_socket_wins() {
+    const KEY: &str = "neko-only-key-0123456789";
+    let ts = TestServer::start_with(|c| c.api_keys = vec![KEY.into()]).await;
+    let url = |who: &str, token: &str| format!("ws://{}/ws/{who}?token={token}", ts.addr());
+    for (what, u, status) in [
+        ("no key", format!("ws://{}/ws/aiko", ts.addr()), 401),
+        ("a wrong key", url("aiko", "not-a-key-0123456789"), 401),
+        ("an unknown character", url("nobody", KEY), 404),
+    ] {
+        match tokio_tungstenite::connect_async(u).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), status, "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let start = Message::text(r#"{"action":"start_session","input_type":"audio","new_session":true}"#);
+    let (mut first, _) = tokio_tungstenite::connect_async(url("aiko", KEY)).await.unwrap();
+    first.send(start.clone()).await.unwrap();
+    let started = |m: &Message| m.to_text().unwrap_or("").contains("session_started");
+    while !started(&first.next().await.unwrap().unwrap()) {}
+    let (mut second, _) = tokio_tungstenite::connect_async(url("aiko", KEY)).await.unwrap();
+    second.send(start).await.unwrap();
+    while !started(&second.next().await.unwrap().unwrap()) {}
+    // The older socket is told and closed; the newer one lives on.
+    let mut told = false;
+    while let Some(Ok(m)) = tokio::time::timeout(Duration::from_secs(5), first.next()).await.unwrap() {
+        told |= m.to_text().unwrap_or("").contains("session_ended_by_server");
+    }
+    assert!(told, "the older socket got session_ended_by_server");
+    second.send(Message::text(r#"{"action":"ping"}"#)).await.unwrap();
+    while !second.next().await.unwrap().unwrap().to_text().unwrap_or("").contains("pong") {}
+    // Malformed JSON ends the session, as in N.E.K.O.
+    second.send(Message::text("{not json")).await.unwrap();
+    let mut closed = None;
+    while let Some(Ok(m)) = tokio::time::timeout(Duration::from_secs(5), second.next()).await.unwrap() {
+        if let Message::Close(f) = m {
+            closed = f.map(|f| u16::from(f.code));
+        }
+    }
+    assert_eq!(closed, Some(1007), "malformed JSON closes the socket");
+}
