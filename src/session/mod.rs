@@ -61,6 +61,7 @@ pub(crate) mod builder;
 pub mod conversation;
 pub mod link;
 pub mod neko;
+mod privacy;
 pub mod speech;
 pub(crate) mod task;
 pub mod webrtc_link;
@@ -336,6 +337,9 @@ pub enum SessionError {
     /// The live session's control queue is full.
     #[error("the session is busy")]
     Busy,
+    /// No stored data for the user (privacy export/delete).
+    #[error("no data for this user")]
+    NoUserData,
     /// Live sessions on other nodes were told to end; the request must be retried.
     #[error("{0} live session(s) on other nodes were told to end; retry")]
     LiveElsewhere(usize),
