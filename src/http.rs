@@ -230,7 +230,8 @@ impl SessionHost for Host {
 pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>) -> Router {
     let prometheus = crate::telemetry::install();
     signaling::api::router(api.clone())
-        .merge(crate::ws::routes(api, Arc::clone(&manager)))
+        .merge(crate::ws::routes(api.clone(), Arc::clone(&manager)))
+        .merge(crate::agent_results::routes(api, Arc::clone(&manager)))
         .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
         .route("/index.html", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
         .route("/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], APP_JS) }))

@@ -463,3 +463,40 @@ async fn push_to_talk_end_turn_and_client_vad_barge_in() {
     assert_eq!(late, 0, "no audio of the cut reply after agent.interrupted");
     assert_eq!(ts.recorder.turns().len(), 1, "the barge-in alone commits nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_results_reach_the_client_and_the_models_context_or_are_spoken_now() {
+    let ts = TestServer::start().await;
+    let (c, id, _) = WsClient::connect(&ts, Format::Opus).await;
+    c.wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening").await;
+    let url = format!("{}/v1/sessions/{id}/agent-results", ts.base);
+    let post = |body: Value| ts.http.post(&url).json(&body).send();
+    let text = "The train to Kyoto leaves at 9:40 from platform 3.";
+    let res = post(serde_json::json!({"text": text, "source": "travel-agent", "status": "completed"})).await.unwrap();
+    assert_eq!(res.status(), 202);
+    let note = c.wait_event("agent_notification", Duration::from_secs(5), |e| e["type"] == "agent_notification").await;
+    assert_eq!(
+        (note["text"].as_str(), note["source"].as_str(), note["status"].as_str()),
+        (Some(text), Some("travel-agent"), Some("completed"))
+    );
+    // In the model's context before the next turn, and no reply of its own.
+    let context = ts.recorder.histories().last().cloned().unwrap_or_default();
+    assert!(context.iter().any(|h| h.text().contains(text) && h.text().contains("travel-agent")), "{context:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(c.inbox.lock().unwrap().frames.is_empty(), "a plain result is not spoken");
+    // speak_now: the character answers with it at once.
+    let res = post(serde_json::json!({"text": "Your package arrived.", "source": "mail", "status": "completed", "speak_now": true}))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    c.wait_event("speaking", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "speaking").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(c.inbox.lock().unwrap().frames.len() > 10, "the character speaks");
+    // Bad requests are problem+json.
+    let bad = ts.http.post(&url).body("text").send().await.unwrap();
+    assert_eq!(bad.status(), 415);
+    assert_eq!(post(serde_json::json!({"text": "x"})).await.unwrap().status(), 400, "source and status are required");
+    let gone = ts.http.post(format!("{}/v1/sessions/sess_nope/agent-results", ts.base));
+    let gone = gone.json(&serde_json::json!({"text": "x", "source": "a", "status": "ok"})).send().await.unwrap();
+    assert_eq!(gone.status(), 404);
+}

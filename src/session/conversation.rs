@@ -100,12 +100,29 @@ pub enum Input {
     ClientVoice(super::link::ClientVoice),
     /// A typed user turn from outside the client (admin API, another node).
     UserText(String),
+    /// An external agent's result: told to the client, put in the model's context.
+    AgentResult(AgentResult),
     /// An event of the provider session.
     Provider(ProviderEvent),
     /// The provider's command queue refused this command (full); the core undoes what it assumed.
     Refused(ProviderCommand),
     /// Time passed: the playout may have a frame due, the idle timeout may have expired.
     Timeout,
+}
+
+/// An external agent's result (seed 000's agent callbacks; N.E.K.O.'s `agent_notification`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentResult {
+    /// The result, as the model should read it.
+    pub text: String,
+    /// Which agent produced it.
+    pub source: String,
+    /// Its status (`completed`, `failed`, ...).
+    pub status: String,
+    /// Speak it now (a reply is generated at once) instead of waiting for the user's next turn.
+    #[serde(default)]
+    pub speak_now: bool,
 }
 
 /// A 20 ms frame of the character's voice, encoded by the playout.
@@ -263,6 +280,7 @@ impl Conversation {
                 self.event(ServerEvent::Error { code, message });
             }
             Input::UserText(text) => self.user_text(text),
+            Input::AgentResult(r) => self.agent_result(r),
             Input::ClientVoice(v) => self.on_client_voice(v),
             Input::Provider(ev) => self.on_provider_event(ev),
             Input::Refused(cmd) => self.on_refused(cmd),
@@ -589,6 +607,21 @@ impl Conversation {
             Some(ClientEvent::Text { text }) => self.user_text(text),
             Some(_) | None => {}
         }
+    }
+
+    /// An agent's result: the client is told; the model gets it as context for its next reply
+    /// (every provider takes history items), or answers with it now when `speak_now` is set.
+    fn agent_result(&mut self, r: AgentResult) {
+        self.last_activity = self.now;
+        let note = format!("[result from {} ({})] {}", r.source, r.status, r.text);
+        self.command(ProviderCommand::AppendHistory(vec![HistoryItem::User(note)]));
+        if r.speak_now && self.agent_item.is_none() && !self.media.playout.is_active() {
+            let instructions =
+                format!("Tell the user, briefly and in character, this result from {}: {}", r.source, r.text);
+            self.command(ProviderCommand::GenerateReply { instructions: Some(instructions) });
+            self.set_state(AgentState::Thinking);
+        }
+        self.event(ServerEvent::AgentNotification { text: r.text, source: r.source, status: r.status });
     }
 
     /// A typed (or injected) user turn: recorded at once, then handed to the provider.

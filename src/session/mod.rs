@@ -104,6 +104,8 @@ pub(crate) enum Control {
     Trickle(RTCIceCandidateInit),
     /// A user text turn from outside the client (admin API, another node).
     Inject(String),
+    /// An external agent's result (`POST /v1/sessions/{id}/agent-results`).
+    AgentResult(conversation::AgentResult),
 }
 
 /// What the manager and the session task share about one session.
@@ -438,13 +440,23 @@ impl SessionManager {
 
     /// Hand a user text turn to live session `id` (admin API, cross-node control).
     pub fn inject(&self, id: &str, text: String) -> Result<(), SessionError> {
+        self.control(id, Control::Inject(text))
+    }
+
+    /// Hand an external agent's result to live session `id` on this node: the client is told
+    /// (`agent_notification`), the model gets it in its context (or speaks it at once).
+    pub fn agent_result(&self, id: &str, result: conversation::AgentResult) -> Result<(), SessionError> {
+        self.control(id, Control::AgentResult(result))
+    }
+
+    fn control(&self, id: &str, ctl: Control) -> Result<(), SessionError> {
         let shared = self.get(id).ok_or(SessionError::NotFound)?;
         let st = shared.lock();
         if st.phase == SessionState::Ended {
             return Err(SessionError::Ended);
         }
         let live = st.live.as_ref().ok_or(SessionError::NotLive)?;
-        live.control.try_send(Control::Inject(text)).map_err(|_| SessionError::Busy)
+        live.control.try_send(ctl).map_err(|_| SessionError::Busy)
     }
 
     /// The durable store.

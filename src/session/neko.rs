@@ -92,6 +92,9 @@ impl EventCodec for NekoCodec {
             }
             ServerEvent::Pong => json!({"type": "pong"}),
             ServerEvent::SessionEnded { reason } => json!({"type": "session_ended_by_server", "reason": reason}),
+            ServerEvent::AgentNotification { text, source, status } => {
+                json!({"type": "agent_notification", "text": text, "source": source, "status": status})
+            }
             _ => return,
         };
         out.push(msg.to_string());

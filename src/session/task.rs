@@ -77,6 +77,7 @@ impl<L: ClientLink> SessionTask<L> {
                 ctl = self.control_rx.recv() => match ctl {
                     Some(Control::End(reason)) => break reason,
                     Some(Control::Inject(text)) => self.input(Input::UserText(text), &mut counters).await,
+                    Some(Control::AgentResult(r)) => self.input(Input::AgentResult(r), &mut counters).await,
                     Some(Control::Trickle(c)) => {
                         if let Err(e) = self.link.add_candidate(c).await {
                             tracing::debug!(session_id = %self.shared.id, error = %e, "trickled candidate rejected");
