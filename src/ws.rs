@@ -102,8 +102,7 @@ async fn session_ws(
     }
     let token = token(query.as_deref(), &headers).ok_or(TokenError::Missing)?;
     let claims = st.api.tokens.verify(&token, &id, VerifyMode::Connect)?;
-    let upgrade = upgrade
-        .map_err(|e| ApiError::bad_request("websocket_upgrade_required", format!("this route is a WebSocket: {e}")))?;
+    let upgrade = limited(upgrade)?;
     let Some(shared) = st.manager.get(&id) else {
         return Err(ApiError::unknown_session());
     };
@@ -115,11 +114,7 @@ async fn session_ws(
     claim_token(&st.api, &claims).await?;
     let (link, pump) = WsLink::new(ApiV1);
     st.manager.connect_link(&id, link).await.map_err(crate::http::to_api)?;
-    Ok(upgrade
-        .max_message_size(MAX_READ_BYTES)
-        .max_frame_size(MAX_READ_BYTES)
-        .on_upgrade(move |socket| pump.run(socket))
-        .into_response())
+    Ok(upgrade.on_upgrade(move |socket| pump.run(socket)).into_response())
 }
 
 async fn neko_ws(
@@ -142,14 +137,9 @@ async fn neko_ws(
     let wanted = character.to_lowercase();
     let found = st.manager.characters().iter().find(|c| c.id == character || c.name.to_lowercase() == wanted);
     let character = found.ok_or_else(|| ApiError::unknown_character(&character))?.id.clone();
-    let upgrade = upgrade
-        .map_err(|e| ApiError::bad_request("websocket_upgrade_required", format!("this route is a WebSocket: {e}")))?;
+    let upgrade = limited(upgrade)?;
     let live_key = format!("{character}\u{0}{key_id}");
-    Ok(upgrade
-        .max_message_size(MAX_READ_BYTES)
-        .max_frame_size(MAX_READ_BYTES)
-        .on_upgrade(move |socket| neko_socket(st, socket, character, live_key))
-        .into_response())
+    Ok(upgrade.on_upgrade(move |socket| neko_socket(st, socket, character, live_key)).into_response())
 }
 
 /// A N.E.K.O. socket: wait for `start_session`, start the session, then run it.
@@ -205,6 +195,13 @@ async fn neko_failed(mut socket: WebSocket, why: &str) {
     let _ = socket.send(Message::Text(status("SESSION_FAILED", why).into())).await;
     let _ = socket.send(Message::Text(r#"{"type":"session_failed"}"#.into())).await;
     let _ = socket.send(Message::Close(None)).await;
+}
+
+/// The upgrade with the read limits of [`crate::session::ws_link`], or 400 for a plain request.
+fn limited(upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> Result<WebSocketUpgrade, ApiError> {
+    let upgrade = upgrade
+        .map_err(|e| ApiError::bad_request("websocket_upgrade_required", format!("this route is a WebSocket: {e}")))?;
+    Ok(upgrade.max_message_size(MAX_READ_BYTES).max_frame_size(MAX_READ_BYTES))
 }
 
 /// Single use, as for the offer: the token's `jti` is claimed until it expires.
