@@ -500,3 +500,68 @@ async fn agent_results_reach_the_client_and_the_models_context_or_are_spoken_now
     let gone = gone.json(&serde_json::json!({"text": "x", "source": "a", "status": "ok"})).send().await.unwrap();
     assert_eq!(gone.status(), 404);
 }
+
+/// Process CPU time (user + system) so far, from /proc/self/stat (clock ticks of 10 ms).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+async fn webrtc_turn(ts: &TestServer) {
+    let (_, token, offer_url) = ts.create_session().await;
+    let mut client = TestClient::connect(ts, &offer_url, &token).await;
+    client
+        .wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening")
+        .await;
+    client.speak(&question_at(48_000)).await;
+    client.silence_until("the reply", Duration::from_secs(40), agent_final).await;
+    client.silence_until("listening", Duration::from_secs(20), back_to_listening).await;
+    client.close().await;
+}
+
+/// Benchmark (BENCHMARKS.md): CPU and memory of N concurrent one-turn sessions over WebRTC, the
+/// WebSocket with Opus and the WebSocket with PCM16 48 kHz, server and in-process clients together.
+/// `cargo test --release --test ws_transport -- --ignored --nocapture cpu_per_session`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn cpu_per_session_websocket_vs_webrtc() {
+    const N: usize = 8;
+    for mode in ["webrtc", "ws-opus", "ws-pcm48"] {
+        let ts = TestServer::start().await;
+        let (cpu0, rss0, t0) = (cpu_time(), rss_kib(), Instant::now());
+        let runs = (0..N).map(|_| async {
+            match mode {
+                "webrtc" => webrtc_turn(&ts).await,
+                "ws-opus" => drop(one_turn(&ts, Format::Opus).await),
+                _ => drop(one_turn(&ts, Format::Pcm(48_000)).await),
+            }
+        });
+        let rss_peak = Arc::new(Mutex::new(rss0));
+        let sampler = {
+            let peak = Arc::clone(&rss_peak);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let mut p = peak.lock().unwrap();
+                    *p = (*p).max(rss_kib());
+                }
+            })
+        };
+        futures::future::join_all(runs).await;
+        sampler.abort();
+        let (cpu, wall) = (cpu_time() - cpu0, t0.elapsed());
+        let per_session = cpu.as_secs_f64() / wall.as_secs_f64() / N as f64 * 100.0;
+        let rss = (*rss_peak.lock().unwrap()).saturating_sub(rss0) / N as u64;
+        println!(
+            "{mode}: {N} sessions, {wall:.1?} wall, {cpu:.2?} CPU -> {per_session:.2} % of a core per session (server + client), peak RSS +{rss} KiB per session"
+        );
+    }
+}
