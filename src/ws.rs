@@ -38,7 +38,10 @@ use time::OffsetDateTime;
 use crate::session::SessionManager;
 use crate::session::link::ApiV1;
 use crate::session::neko::{NekoCodec, status};
-use crate::session::ws_link::{FORMAT_TIMEOUT, MAX_MESSAGE_BYTES, MAX_READ_BYTES, WsLink};
+use crate::session::ws_link::{
+    CLOSE_TIMEOUT, FORMAT_TIMEOUT, MAX_MESSAGE_BYTES, MAX_MESSAGES_PER_SEC, MAX_READ_BYTES, WsLink, close_msg, drain,
+    read_error,
+};
 use crate::session::{CreateOptions, EndReason};
 
 #[derive(Clone)]
@@ -144,7 +147,11 @@ async fn neko_ws(
 
 /// A N.E.K.O. socket: wait for `start_session`, start the session, then run it.
 async fn neko_socket(st: WsState, mut socket: WebSocket, character: String, live_key: String) {
-    let Some(rate_hz) = neko_start(&mut socket).await else { return };
+    let rate_hz = match neko_start(&mut socket).await {
+        Ok(rate) => rate,
+        Err(Some((code, reason))) => return refuse(socket, code, &reason).await,
+        Err(None) => return,
+    };
     let _ = socket.send(Message::Text(r#"{"type":"session_preparing","input_mode":"audio"}"#.into())).await;
     let options = CreateOptions { character: Some(character), ..Default::default() };
     let shared = match st.manager.create(options).await {
@@ -163,22 +170,36 @@ async fn neko_socket(st: WsState, mut socket: WebSocket, character: String, live
     pump.run_neko(socket, rate_hz).await;
 }
 
-/// Read until `start_session` (answering `ping`): the client's audio rate if it names one.
-/// `None` (the socket is closed): malformed JSON, binary, a timeout, or the client left.
-async fn neko_start(socket: &mut WebSocket) -> Option<Option<u32>> {
+/// Why a N.E.K.O. socket closes before its session: the close frame to send (none if the client
+/// is gone).
+type Refused = Option<(u16, String)>;
+
+/// Read until `start_session` (answering `ping`): the client's audio rate if it names one. Before
+/// it: binary closes with 1003, malformed JSON with 1007, a message over 64 KiB with 1009, more
+/// than 400 messages or no `start_session` within 10 s with 1008.
+async fn neko_start(socket: &mut WebSocket) -> Result<Option<u32>, Refused> {
     let deadline = tokio::time::Instant::now() + FORMAT_TIMEOUT;
-    loop {
-        let msg = tokio::time::timeout_at(deadline, socket.recv()).await.ok()??.ok()?;
-        let text = match msg {
-            Message::Text(t) if t.len() <= MAX_MESSAGE_BYTES => t,
-            Message::Ping(_) | Message::Pong(_) => continue,
-            _ => return None,
+    for _ in 0..MAX_MESSAGES_PER_SEC {
+        let Ok(msg) = tokio::time::timeout_at(deadline, socket.recv()).await else {
+            return Err(Some((1008, "no start_session in time".into())));
         };
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let text = match msg {
+            None => return Err(None),
+            Some(Err(e)) => return Err(read_error(&e)),
+            Some(Ok(Message::Text(t))) if t.len() <= MAX_MESSAGE_BYTES => t,
+            Some(Ok(Message::Text(t))) => {
+                return Err(Some((1009, format!("message of {} bytes is too large", t.len()))));
+            }
+            Some(Ok(Message::Binary(_))) => return Err(Some((1003, "binary before start_session".into()))),
+            Some(Ok(Message::Close(_))) => return Err(None),
+            Some(Ok(_)) => continue,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|_| Some((1007, "malformed JSON ends the session".to_owned())))?;
         match v["action"].as_str() {
             Some("start_session") => {
                 let rate = v["audio_format"]["sample_rate"].as_u64().or(v["sample_rate"].as_u64());
-                return Some(rate.and_then(|r| u32::try_from(r).ok()).filter(|r| [16_000, 24_000, 48_000].contains(r)));
+                return Ok(rate.and_then(|r| u32::try_from(r).ok()).filter(|r| [16_000, 24_000, 48_000].contains(r)));
             }
             Some("ping") => {
                 let _ = socket.send(Message::Text(r#"{"type":"pong"}"#.into())).await;
@@ -189,12 +210,22 @@ async fn neko_start(socket: &mut WebSocket) -> Option<Option<u32>> {
             }
         }
     }
+    Err(Some((1008, format!("more than {MAX_MESSAGES_PER_SEC} messages before start_session"))))
+}
+
+/// Close with `code` and finish the closing handshake (bounded), so unread input does not turn
+/// the close into a reset.
+async fn refuse(socket: WebSocket, code: u16, reason: &str) {
+    use futures::{SinkExt, StreamExt};
+    let (mut sink, stream) = socket.split();
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(close_msg(code, reason))).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain(stream)).await;
 }
 
 async fn neko_failed(mut socket: WebSocket, why: &str) {
     let _ = socket.send(Message::Text(status("SESSION_FAILED", why).into())).await;
     let _ = socket.send(Message::Text(r#"{"type":"session_failed"}"#.into())).await;
-    let _ = socket.send(Message::Close(None)).await;
+    refuse(socket, 1011, "the session could not start").await;
 }
 
 /// The upgrade with the read limits of [`crate::session::ws_link`], or 400 for a plain request.

@@ -565,3 +565,59 @@ async fn cpu_per_session_websocket_vs_webrtc() {
         );
     }
 }
+
+/// A N.E.K.O. socket (`/ws/aiko`, open on loopback) with `first` sent.
+async fn neko_hostile(ts: &TestServer, first: Vec<Message>) -> RawWs {
+    let stream = tokio::net::TcpStream::connect(ts.addr()).await.unwrap();
+    let url = format!("ws://{}/ws/aiko", ts.addr());
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.expect("upgrade");
+    for m in first {
+        if ws.send(m).await.is_err() {
+            break;
+        }
+    }
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_neko_input_gets_clear_close_codes_and_leaves_other_sessions_alone() {
+    let ts = TestServer::start().await;
+    let (healthy, ()) = tokio::join!(one_turn(&ts, Format::Pcm(24_000)), async {
+        let start = || Message::text(r#"{"action":"start_session","input_type":"audio","new_session":true}"#);
+        let big = "x".repeat(1 << 20);
+        let cases: Vec<(&str, Vec<Message>, u16)> = vec![
+            ("binary before start_session", vec![Message::binary(vec![0u8; 1000])], 1003),
+            ("garbage", vec![Message::text("\u{0}garbage")], 1007),
+            ("1 MiB before start_session", vec![Message::text(big.clone())], 1009),
+            ("1 MiB after start_session", vec![start(), Message::text(big.clone())], 1009),
+            ("binary after start_session", vec![start(), Message::binary(vec![1u8; 100])], 1003),
+            (
+                "10,000 messages at once",
+                std::iter::once(start()).chain((0..10_000).map(|_| Message::text(r#"{"action":"ping"}"#))).collect(),
+                1008,
+            ),
+        ];
+        for (what, first, want) in cases {
+            let mut ws = neko_hostile(&ts, first).await;
+            let (code, reason, _) = close_code(&mut ws, Duration::from_secs(15)).await;
+            assert_eq!(code, want, "{what}: closed with {code} ({reason})");
+        }
+        // Audio that is not int16 samples is a `status`, not a crash; the session goes on.
+        let bad_audio = Message::text(r#"{"action":"stream_data","input_type":"audio","data":[1,"a",99999]}"#);
+        let mut ws = neko_hostile(&ts, vec![start(), bad_audio, Message::text(r#"{"action":"ping"}"#)]).await;
+        let mut seen = Vec::new();
+        while !seen.iter().any(|e: &Value| e["type"] == "pong") {
+            let Some(Ok(Message::Text(t))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap()
+            else {
+                panic!("the socket stayed open; got {seen:?}")
+            };
+            seen.push(serde_json::from_str(&t).unwrap());
+        }
+        assert!(seen.iter().any(|e| e["type"] == "status" && e["message"].as_str().unwrap().contains("INVALID_AUDIO")));
+    });
+    let (_, _, evs, pcm) = healthy;
+    let (rate, reply) = scripted_reply();
+    let (heard, want) = (pcm.len() as f64 / 24_000.0, reply.len() as f64 / f64::from(rate));
+    assert!((heard - want).abs() <= want * 0.1, "the healthy session heard {heard:.2} s of {want:.2} s");
+    assert!(agent_final(&evs));
+}

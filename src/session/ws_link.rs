@@ -542,7 +542,7 @@ fn forced(close: &watch::Receiver<CloseRequest>) -> bool {
     close.borrow().as_ref().is_some_and(|(c, _)| *c != code::NORMAL && *c != code::GOING_AWAY)
 }
 
-fn close_msg(code: u16, reason: &str) -> Message {
+pub(crate) fn close_msg(code: u16, reason: &str) -> Message {
     // RFC 6455 section 5.5: a control frame's payload is <= 125 bytes (2 of them the code).
     Message::Close(Some(CloseFrame { code, reason: truncate(reason, 123).into() }))
 }
@@ -768,7 +768,7 @@ fn forward(to_link: &mpsc::Sender<FromSocket>, counters: &ReaderCounters, arriva
 }
 
 /// Read and discard until the client's close frame or the end of the connection.
-async fn drain(mut stream: SplitStream<WebSocket>) {
+pub(crate) async fn drain(mut stream: SplitStream<WebSocket>) {
     while let Some(Ok(msg)) = stream.next().await {
         if matches!(msg, Message::Close(_)) {
             break;
@@ -782,7 +782,7 @@ fn too_big(len: usize) -> Stop {
 
 /// A read error: oversize messages get 1009; anything else (broken connection, bad framing)
 /// just ends the socket.
-fn read_error(e: &axum::Error) -> Stop {
+pub(crate) fn read_error(e: &axum::Error) -> Stop {
     let text = e.to_string();
     if text.contains("Space limit exceeded") || text.contains("too long") || text.contains("too big") {
         return Some((code::TOO_BIG, format!("message exceeds the limit of {MAX_MESSAGE_BYTES} bytes")));
