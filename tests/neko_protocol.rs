@@ -13,10 +13,15 @@ use common::*;
 use serde_json::Value;
 
 async fn neko_client(url: &str, rate: u32) -> Value {
+    neko_client_args(url, rate, &[]).await
+}
+
+async fn neko_client_args(url: &str, rate: u32, extra: &[&'static str]) -> Value {
+    let extra = extra.to_vec();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/neko/neko_client.py");
     let url = url.to_owned();
     let run = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("/usr/bin/python3").arg(script).arg(url).arg(rate.to_string()).output()
+        std::process::Command::new("/usr/bin/python3").arg(script).arg(url).arg(rate.to_string()).args(extra).output()
     });
     let out = tokio::time::timeout(Duration::from_secs(120), run).await.expect("the client finishes").unwrap();
     let out = out.expect("python3 runs");
@@ -123,4 +128,27 @@ async fn neko_route_auth_and_the_newest_socket_wins() {
         }
     }
     assert_eq!(closed, Some(1007), "malformed JSON closes the socket");
+}
+
+/// The offline default: PocketSphinx hears the frontend's eSpeak NG question, the persona answers,
+/// eSpeak NG speaks; one turn (the persona's replies are short).
+#[cfg(feature = "local")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neko_frontend_talks_with_the_local_provider() {
+    use std::sync::Arc;
+
+    use kotodama::providers::RealtimeProvider;
+    use kotodama::providers::cascade::{CascadeProvider, local};
+    let engines = tokio::task::spawn_blocking(|| local::stages(&local::LocalSettings::default()))
+        .await
+        .unwrap()
+        .expect("offline engines load");
+    let provider: Arc<dyn RealtimeProvider> = Arc::new(CascadeProvider::new(engines.cascade("local")).unwrap());
+    let ts = TestServer::start_with_providers(|c| c.provider = Some("local".into()), move |_| vec![provider]).await;
+    let s = neko_client_args(&format!("ws://{}/ws/aiko", ts.addr()), 16_000, &["one-turn"]).await;
+    assert!(s["reply_s"].as_f64().unwrap() > 0.5, "a spoken reply: {s}");
+    assert!(s["reply_rms"].as_f64().unwrap() > 300.0, "the reply is speech: {s}");
+    assert!(!s["reply_text"].as_str().unwrap().trim().is_empty(), "{s}");
+    let heard = s["user_transcripts"].as_array().unwrap();
+    assert!(!heard.is_empty(), "PocketSphinx's transcript reached the frontend as user_transcript: {s}");
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """A N.E.K.O. frontend in miniature (Debian's python3-websockets), for tests/neko_protocol.rs.
 
-Usage: neko_client.py ws://host:port/ws/<character> <rate_hz>
+Usage: neko_client.py ws://host:port/ws/<character> <rate_hz> [one-turn]
+
+(`one-turn`: only the first turn, for models whose replies are short, e.g. the offline `local` one.)
 
 Speaks an eSpeak NG sentence as 10 ms int16 JSON arrays at <rate_hz> (48000: desktop, 16000:
 mobile), hears the reply (audio_chunk + one binary PCM16 48 kHz frame each), then asks again and
@@ -100,7 +102,7 @@ class Client:
                 await asyncio.sleep(delay)
 
 
-async def main(url, rate):
+async def main(url, rate, one_turn=False):
     speech = espeak("Hello there. What is your name, and what can you do?", rate)
     async with websockets.connect(url, max_size=None) as ws:
         c = Client(ws, rate)
@@ -124,6 +126,13 @@ async def main(url, rate):
         )
         reply_text = "".join(m["text"] for m in texts1)
         pcm1 = c.audio[sid1]
+        if one_turn:
+            assert not c.errors, c.errors
+            print(json.dumps({
+                "rate": rate, "reply_s": len(pcm1) / 48000.0, "reply_rms": rms(pcm1), "reply_text": reply_text,
+                "user_transcripts": [m["text"] for m in c.of("user_transcript")],
+            }))
+            return
 
         # Turn 2: ask again and barge in a second into the reply.
         n_before = len(c.of("audio_chunk"))
@@ -159,4 +168,4 @@ async def main(url, rate):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), len(sys.argv) > 3 and sys.argv[3] == "one-turn"))
