@@ -806,8 +806,9 @@ impl PcmToOpus {
         let enc = media::OpusEncoder::new(media::EncoderConfig { complexity: 1, ..Default::default() })?;
         Ok(Self {
             rs: media::Resampler::new(rate_hz, media::OPUS_RATE, media::Alignment::Stream)?,
-            samples: Vec::with_capacity(MAX_MESSAGE_BYTES / 2),
-            pcm48: Vec::with_capacity(MAX_MESSAGE_BYTES * 3 + 2 * media::pcm::FRAME_SAMPLES),
+            // Sized for 20 ms frames; a client sending larger frames grows them once.
+            samples: Vec::with_capacity(media::pcm::FRAME_SAMPLES),
+            pcm48: Vec::with_capacity(4 * media::pcm::FRAME_SAMPLES),
             enc,
             out: Box::new([0; 1500]),
             seq: 0,
