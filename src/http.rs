@@ -1,5 +1,6 @@
 //! One axum app: signaling's API v1 router (with this node's [`SessionManager`] as its host),
-//! the web demo at `/`, and `/metrics`.
+//! the WebSocket transport and the N.E.K.O. route ([`crate::ws`]), agent results
+//! ([`crate::agent_results`]), the web demo at `/`, and `/metrics`.
 
 use std::sync::Arc;
 use std::time::Duration;

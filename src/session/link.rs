@@ -6,14 +6,20 @@
 //! frames) is the link's business; how events are spelled on the wire (api-v1, RTVI, oai-events,
 //! N.E.K.O.) is its [`EventCodec`]'s. The conversation core ([`super::conversation`]) sees neither.
 //!
-//! Today's implementation is [`super::webrtc_link::WebRtcLink`] (the `Peer` of `crate::peer`, the
-//! `events` data channel, api-v1 JSON through [`ApiV1`]). A new transport or dialect is a new file
-//! implementing one of these traits; the core and the task do not change.
+//! Implementations: [`super::webrtc_link::WebRtcLink`] (the `Peer` of `crate::peer`, the `events`
+//! data channel, api-v1 JSON through [`ApiV1`]) and [`super::ws_link::WsLink`] (a WebSocket: api-v1
+//! through [`ApiV1`], or N.E.K.O. through [`super::neko::NekoCodec`]). A new transport or dialect
+//! is a new file implementing one of these traits; the core and the task do not change.
+//!
+//! The WebSocket link needed two small additions here: [`LinkEvent::Voice`] (a client's own VAD
+//! edges and end of turn) and [`LinkStats::audio_out_dropped`] (a client too slow for its audio);
+//! and [`super::conversation::AudioFrame::item_id`] (N.E.K.O.'s `speech_id`).
 //!
 //! What the design leaves room for (issues 15, 16):
-//! - **PCM over WebSocket** at 16, 24 or 48 kHz: [`ClientAudio`] grows a `Pcm` variant (the uplink
-//!   takes PCM after its decoder), and a WebSocket link sends the playout's frames as PCM16 (the
-//!   playout is built for the link's output format by the session builder).
+//! - **PCM over WebSocket** at 16, 24 or 48 kHz: today [`super::ws_link`] transcodes in the link
+//!   (PCM -> Opus in, Opus -> PCM out); [`ClientAudio`] could grow a `Pcm` variant (the uplink
+//!   taking PCM after its decoder) and the playout be built for the link's output format, saving
+//!   one encode and one decode per 20 ms.
 //! - **Played progress reported by the client** (a WebSocket client plays from its own buffer, so
 //!   the server cannot know what was heard): a link variant of [`LinkEvent`] carries the client's
 //!   playback position and the core uses it instead of frames sent for `played` and the heard text.
