@@ -130,10 +130,11 @@ pub struct AgentResult {
 pub struct AudioFrame<'a> {
     /// The encoded frame (Opus).
     pub payload: &'a [u8],
+    /// The agent item (reply) it belongs to: dialects that name replies (N.E.K.O. `speech_id`,
+    /// oai-events `item_id`) tag their audio with it.
+    pub item_id: &'a str,
     /// Its playout time (media time): the RTP timestamp is `due` in 48 kHz units.
     pub due: Duration,
-    /// The agent item (reply) it belongs to (N.E.K.O.'s `speech_id`).
-    pub item_id: &'a str,
     /// First frame of a talk spurt (RTP marker).
     pub talkspurt_start: bool,
     /// How late the frame leaves (`now - due`).
@@ -198,7 +199,7 @@ pub struct Conversation {
     media: MediaParts,
     out: VecDeque<Queued>,
     frame: Box<[u8; MAX_FRAME_BYTES]>,
-    /// The item of the frame in `frame` (reused buffer).
+    /// The item of the frame in `frame` (reused buffer: no allocation per frame).
     frame_item: String,
     now: Duration,
     client_connected: bool,
@@ -298,7 +299,7 @@ impl Conversation {
             Queued::Turn { role, text, interrupted } => Output::Turn { role, text, interrupted },
             Queued::Audio { len, due, talkspurt_start, lateness } => {
                 let (payload, item_id) = (&self.frame[..len], self.frame_item.as_str());
-                Output::Audio(AudioFrame { payload, due, item_id, talkspurt_start, lateness })
+                Output::Audio(AudioFrame { payload, item_id, due, talkspurt_start, lateness })
             }
             Queued::End(r) => Output::End(r),
         })
@@ -455,9 +456,11 @@ impl Conversation {
             return;
         };
         let (due, talkspurt_start, len) = (frame.due, frame.talkspurt_start, frame.len);
-        self.frame_item.clear();
-        self.frame_item.push_str(frame.item_id);
         self.media.speech.on_frame(frame.item_id, frame.item_offset, media::FRAME, &mut self.due);
+        if self.frame_item != frame.item_id {
+            self.frame_item.clear();
+            self.frame_item.push_str(frame.item_id);
+        }
         let lateness = now.saturating_sub(due);
         self.out.push_back(Queued::Audio { len, due, talkspurt_start, lateness });
         self.last_activity = now;

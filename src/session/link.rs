@@ -11,9 +11,9 @@
 //! through [`ApiV1`], or N.E.K.O. through [`super::neko::NekoCodec`]). A new transport or dialect
 //! is a new file implementing one of these traits; the core and the task do not change.
 //!
-//! The WebSocket link needed two small additions here: [`LinkEvent::Voice`] (a client's own VAD
-//! edges and end of turn) and [`LinkStats::audio_out_dropped`] (a client too slow for its audio);
-//! and [`super::conversation::AudioFrame::item_id`] (N.E.K.O.'s `speech_id`).
+//! The WebSocket link added [`LinkEvent::Voice`] (a client's own VAD edges and end of turn, fed to
+//! the core as `Input::ClientVoice`) and [`LinkStats::audio_out_dropped`] (a client too slow for
+//! its audio).
 //!
 //! What the design leaves room for (issues 15, 16):
 //! - **PCM over WebSocket** at 16, 24 or 48 kHz: today [`super::ws_link`] transcodes in the link
@@ -27,7 +27,16 @@
 //!   stateful (`&mut self`) and may write zero or several wire messages for one [`ServerEvent`], so
 //!   it can number events, open and close responses and map our item ids to its own.
 //! - **Handshakes** such as RTVI's `client-ready` / `bot-ready`: the codec decodes the client's
-//!   message as [`ClientEvent`]s or nothing, and writes `bot-ready` for `session.ready`.
+//!   message as [`ClientEvent`]s or nothing, and writes `bot-ready` for `session.ready`. Noise a
+//!   dialect ignores (RTVI's raw `ping: <ms>` strings) decodes to `Ok(None)`; a dialect that ends
+//!   the session on malformed input (N.E.K.O.) has its link return [`LinkEvent::Closed`] instead of
+//!   [`LinkEvent::BadMessage`].
+//! - **Replies named on the wire**: every [`AudioFrame`] carries its agent `item_id`, so a link
+//!   can tag audio (N.E.K.O. `audio_chunk {speech_id}`, oai-events `output_audio_buffer.*`).
+//! - **Client-side VAD and an explicit end of turn** (seed 004's `vad` / `control.end_turn`): done
+//!   as [`LinkEvent::Voice`] -> `conversation::Input::ClientVoice` (a turn is committed once).
+//! - **Other data-channel labels** (`oai-events`, RTVI's `chat`): the WebRTC link is built with
+//!   the codec of the label the client opened.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
