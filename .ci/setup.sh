@@ -28,6 +28,8 @@ setup_build_deps() {
 setup_test_deps() {
   # coturn: the TURN relay tests (tests/turn_relay.rs); iproute2: `ip netns` for the network-change test.
   apt_install redis-server postgresql procps chromium coturn iproute2
+  # tests/neko_protocol.rs: a Python N.E.K.O. client (websockets) speaking eSpeak NG speech.
+  apt_install espeak-ng python3-websockets
   # Node for the browser tests: the machine's own when present, else Debian's.
   command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
   # puppeteer-core drives the installed Chromium: it never downloads a browser.

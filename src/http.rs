@@ -1,5 +1,6 @@
 //! One axum app: signaling's API v1 router (with this node's [`SessionManager`] as its host),
-//! the web demo at `/`, and `/metrics`.
+//! the WebSocket transport and the N.E.K.O. route ([`crate::ws`]), agent results
+//! ([`crate::agent_results`]), the web demo at `/`, and `/metrics`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +37,8 @@ impl Host {
     }
 }
 
-fn to_api(e: SessionError) -> ApiError {
+/// A session error as the API's problem+json.
+pub(crate) fn to_api(e: SessionError) -> ApiError {
     match e {
         SessionError::NotFound => ApiError::unknown_session(),
         SessionError::Ended => ApiError::session_already_ended(),
@@ -221,7 +223,9 @@ impl SessionHost for Host {
 /// The whole HTTP app: the API, the web demo's routes and `/metrics`.
 pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>, web_demo: Router) -> Router {
     let prometheus = crate::telemetry::install();
-    signaling::api::router(api)
+    signaling::api::router(api.clone())
+        .merge(crate::ws::routes(api.clone(), Arc::clone(&manager)))
+        .merge(crate::agent_results::routes(api, Arc::clone(&manager)))
         .merge(web_demo)
         .route(
             "/metrics",

@@ -20,6 +20,7 @@
 //!
 //! [`server::start`] wires it together; `main.rs` only parses the command line.
 
+pub mod agent_results;
 pub mod cluster;
 pub mod config;
 pub mod http;
@@ -34,3 +35,4 @@ pub mod telemetry;
 pub mod turn_settings;
 pub mod udp_mux;
 pub mod web_demo;
+pub mod ws;

@@ -120,6 +120,17 @@ export interface SessionEndedEvent {
   reason: string;
 }
 
+/** An external agent's result reached the session (extension, `POST /v1/sessions/{id}/agent-results`; N.E.K.O.'s `agent_notification`): it is in the model's context for the next turn, or spoken at once. */
+export interface AgentNotificationEvent {
+  type: "agent_notification";
+  /** Which agent produced it (e.g. `browser-agent`). */
+  source: string;
+  /** Its status as the agent reports it (e.g. `completed`, `failed`). */
+  status: string;
+  /** The result. */
+  text: string;
+}
+
 export type ServerEvent =
   | SessionReadyEvent
   | StateEvent
@@ -132,7 +143,8 @@ export type ServerEvent =
   | ErrorEvent
   | PongEvent
   | GestureEvent
-  | SessionEndedEvent;
+  | SessionEndedEvent
+  | AgentNotificationEvent;
 
 /** A typed user message, handled like a spoken turn. */
 export interface ClientTextEvent {

@@ -130,6 +130,18 @@ pub enum ServerEvent {
         /// Why, as in `GET /v1/sessions/{id}`'s `end_reason` (e.g. `server_shutdown`, `max_duration`).
         reason: String,
     },
+    /// An external agent's result reached the session (extension, `POST
+    /// /v1/sessions/{id}/agent-results`; N.E.K.O.'s `agent_notification`): it is in the model's
+    /// context for the next turn, or spoken at once.
+    #[serde(rename = "agent_notification")]
+    AgentNotification {
+        /// The result.
+        text: String,
+        /// Which agent produced it (e.g. `browser-agent`).
+        source: String,
+        /// Its status as the agent reports it (e.g. `completed`, `failed`).
+        status: String,
+    },
 }
 
 impl ServerEvent {
@@ -162,6 +174,7 @@ impl ServerEvent {
             ServerEvent::Pong => "pong",
             ServerEvent::SessionEnded { .. } => "session.ended",
             ServerEvent::Gesture { .. } => "gesture",
+            ServerEvent::AgentNotification { .. } => "agent_notification",
         }
     }
 
@@ -179,6 +192,7 @@ impl ServerEvent {
         "pong",
         "session.ended",
         "gesture",
+        "agent_notification",
     ];
 
     /// One JSON object, ready to send as a data-channel text message.

@@ -50,6 +50,11 @@ fn server_samples() -> Vec<ServerEvent> {
         ServerEvent::Error { code: "bad_message".into(), message: "bad \"text\" message: missing field `text`".into() },
         ServerEvent::Pong,
         ServerEvent::SessionEnded { reason: "server_shutdown".into() },
+        ServerEvent::AgentNotification {
+            text: "The train leaves at 9:40.".into(),
+            source: "travel-agent".into(),
+            status: "completed".into(),
+        },
         ServerEvent::Gesture { gesture: "wave".into(), item_id: Some("item_7".into()) },
     ]
 }

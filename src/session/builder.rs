@@ -100,7 +100,7 @@ impl SessionBuilder {
         offer: &signaling::sdp::ValidOffer,
     ) -> Result<Built, SessionError> {
         let provider = self.provider_chain(&shared.provider, character)?;
-        let media = self.media_parts(provider.input_format().rate_hz, offer.opus_payload_type())?;
+        let media = self.media_parts(provider.input_format().rate_hz, Some(offer.opus_payload_type()))?;
         let (peer_tx, peer_rx) = mpsc::channel(PEER_CHANNEL_CAPACITY);
         let cfg = self.provider_config(shared, character);
         let (session, answered) =
@@ -123,7 +123,39 @@ impl SessionBuilder {
         };
         let link = WebRtcLink::new(peer, peer_rx, ApiV1);
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
-        let conv = ConversationConfig {
+        let conv = self.conversation_config(shared, character, &provider);
+        let task = self.task(shared, link, control_rx, session, Conversation::new(conv, media));
+        Ok(Built { task, answer, control })
+    }
+
+    /// A session task for a client that is already connected through `link` (a WebSocket):
+    /// the provider session is opened first; its failure is the caller's error.
+    pub async fn with_link<L: super::link::ClientLink>(
+        &self,
+        shared: &Arc<SessionShared>,
+        character: &Character,
+        link: L,
+    ) -> Result<(SessionTask<L>, mpsc::Sender<Control>), SessionError> {
+        let provider = self.provider_chain(&shared.provider, character)?;
+        // A WebSocket carries only Opus frames (its own framing): no payload type to filter.
+        let media = self.media_parts(provider.input_format().rate_hz, None)?;
+        let session = provider.connect(self.provider_config(shared, character)).await;
+        let result = if session.is_ok() { "ok" } else { "error" };
+        metrics::counter!(crate::telemetry::PROVIDER_CONNECTS, "provider" => provider.name().to_owned(), "result" => result)
+            .increment(1);
+        let session = session.map_err(|e| SessionError::ProviderUnavailable(e.to_string()))?;
+        let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
+        let conv = self.conversation_config(shared, character, &provider);
+        Ok((self.task(shared, link, control_rx, session, Conversation::new(conv, media)), control))
+    }
+
+    fn conversation_config(
+        &self,
+        shared: &SessionShared,
+        character: &Character,
+        provider: &ResilientProvider,
+    ) -> ConversationConfig {
+        ConversationConfig {
             session_id: shared.id.clone(),
             character: shared.character.clone(),
             provider: provider.name().to_owned(),
@@ -131,9 +163,7 @@ impl SessionBuilder {
             greeting: character.greeting.clone(),
             idle_timeout: (self.config.session.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(self.config.session.idle_timeout_secs)),
-        };
-        let task = self.task(shared, link, control_rx, session, Conversation::new(conv, media));
-        Ok(Built { task, answer, control })
+        }
     }
 
     fn task<L: super::link::ClientLink>(
@@ -178,12 +208,12 @@ impl SessionBuilder {
 
     /// Uplink (to the provider's input rate, decoding only the offer's Opus payload type),
     /// playout, barge-in and timed speech.
-    fn media_parts(&self, input_rate_hz: u32, opus_payload_type: u8) -> Result<MediaParts, SessionError> {
+    fn media_parts(&self, input_rate_hz: u32, opus_payload_type: Option<u8>) -> Result<MediaParts, SessionError> {
         let internal = |e: media::MediaError| SessionError::Internal(e.to_string());
         let uplink = media::Uplink::new(media::UplinkConfig {
             output_rate_hz: input_rate_hz,
             vad: self.vad,
-            opus_payload_type: Some(opus_payload_type),
+            opus_payload_type,
             ..Default::default()
         })
         .map_err(internal)?;

@@ -105,8 +105,12 @@ pub enum Input {
         /// What was wrong.
         message: String,
     },
+    /// The client's own VAD edge or end of turn.
+    ClientVoice(super::link::ClientVoice),
     /// A typed user turn from outside the client (admin API, another node).
     UserText(String),
+    /// An external agent's result: told to the client, put in the model's context.
+    AgentResult(AgentResult),
     /// An event of the provider session.
     Provider(ProviderEvent),
     /// The provider's command queue refused this command (full); the core undoes what it assumed.
@@ -117,6 +121,20 @@ pub enum Input {
 
 /// A connected session with no audio from the client this long is reported (log, metric, event).
 const NO_AUDIO_AFTER: Duration = Duration::from_secs(5);
+/// An external agent's result (seed 000's agent callbacks; N.E.K.O.'s `agent_notification`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentResult {
+    /// The result, as the model should read it.
+    pub text: String,
+    /// Which agent produced it.
+    pub source: String,
+    /// Its status (`completed`, `failed`, ...).
+    pub status: String,
+    /// Speak it now (a reply is generated at once) instead of waiting for the user's next turn.
+    #[serde(default)]
+    pub speak_now: bool,
+}
 
 /// A 20 ms frame of the character's voice, encoded by the playout.
 #[derive(Debug)]
@@ -216,6 +234,8 @@ pub struct Conversation {
     turn: Option<TurnTiming>,
     /// User turns committed by our VAD so far.
     turns: u64,
+    /// User speech started since the last commit (a turn to commit).
+    turn_open: bool,
     /// Timed events due now (reused buffer).
     due: Vec<ServerEvent>,
     /// The last typed user turn, already recorded: its echo as a provider transcript is not.
@@ -249,6 +269,7 @@ impl Conversation {
             idle_audio_at: None,
             turn: None,
             turns: 0,
+            turn_open: false,
             due: Vec::with_capacity(16),
             typed_pending: None,
             last_activity: Duration::ZERO,
@@ -278,6 +299,8 @@ impl Conversation {
                 self.event(ServerEvent::Error { code, message });
             }
             Input::UserText(text) => self.user_text(text),
+            Input::AgentResult(r) => self.agent_result(r),
+            Input::ClientVoice(v) => self.on_client_voice(v),
             Input::Provider(ev) => self.on_provider_event(ev),
             Input::Refused(cmd) => self.on_refused(cmd),
             Input::Timeout => self.on_timeout(),
@@ -559,6 +582,7 @@ impl Conversation {
     /// Our VAD heard the user start speaking at stream position `at`.
     fn on_speech_started(&mut self, at: Duration) {
         self.last_activity = self.now;
+        self.turn_open = true;
         let base = self.first_audio.unwrap_or_default();
         self.event(ServerEvent::UserSpeechStarted { at_ms: ms(base + at) });
         self.command(ProviderCommand::SpeechStarted);
@@ -586,7 +610,26 @@ impl Conversation {
     fn on_speech_stopped(&mut self, at: Duration) {
         let base = self.first_audio.unwrap_or_default();
         self.event(ServerEvent::UserSpeechStopped { at_ms: ms(base + at) });
-        let silence = self.media.uplink.position().saturating_sub(at);
+        self.commit_turn(self.media.uplink.position().saturating_sub(at));
+    }
+
+    /// The client's VAD or push-to-talk: a start barges in as ours does; a stop or `end_turn`
+    /// commits the open turn at once (once: our VAD's later stop finds it committed).
+    fn on_client_voice(&mut self, v: super::link::ClientVoice) {
+        use super::link::ClientVoice;
+        self.last_activity = self.now;
+        match v {
+            ClientVoice::SpeechStarted if !self.turn_open => self.on_speech_started(self.media.uplink.position()),
+            ClientVoice::SpeechStarted => {}
+            ClientVoice::SpeechStopped | ClientVoice::EndTurn => self.commit_turn(Duration::ZERO),
+        }
+    }
+
+    /// End the user's open turn: the provider answers it.
+    fn commit_turn(&mut self, silence: Duration) {
+        if !std::mem::take(&mut self.turn_open) {
+            return;
+        }
         self.command(ProviderCommand::CommitTurn);
         self.turn = Some(TurnTiming { committed_at: self.now, silence, first_audio_at: None });
         self.turns += 1;
@@ -608,6 +651,21 @@ impl Conversation {
             Some(ClientEvent::Text { text }) => self.user_text(text),
             Some(_) | None => {}
         }
+    }
+
+    /// An agent's result: the client is told; the model gets it as context for its next reply
+    /// (every provider takes history items), or answers with it now when `speak_now` is set.
+    fn agent_result(&mut self, r: AgentResult) {
+        self.last_activity = self.now;
+        let note = format!("[result from {} ({})] {}", r.source, r.status, r.text);
+        self.command(ProviderCommand::AppendHistory(vec![HistoryItem::User(note)]));
+        if r.speak_now && self.agent_item.is_none() && !self.media.playout.is_active() {
+            let instructions =
+                format!("Tell the user, briefly and in character, this result from {}: {}", r.source, r.text);
+            self.command(ProviderCommand::GenerateReply { instructions: Some(instructions) });
+            self.set_state(AgentState::Thinking);
+        }
+        self.event(ServerEvent::AgentNotification { text: r.text, source: r.source, status: r.status });
     }
 
     /// A typed (or injected) user turn: recorded at once, then handed to the provider.

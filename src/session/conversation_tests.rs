@@ -383,3 +383,48 @@ fn history_holds_only_what_was_heard_for_a_replacement_provider() {
     assert_eq!(history, vec![HistoryItem::User("tell me a story".into()), HistoryItem::Agent(heard)]);
     assert_eq!(h.conv.last_interruption(), Some(InterruptReason::ClientRequest), "recorded as the client's request");
 }
+
+#[test]
+fn a_client_end_of_turn_commits_once_before_our_vad_would() {
+    use crate::session::link::ClientVoice;
+    let mut h = Harness::ready(config(None, None));
+    let pcm = speech();
+    // Only the first 2 s of the question: the user is still mid-sentence for our VAD.
+    h.speak(&pcm.samples[..96_000], false);
+    let commits = |h: &Harness| h.sent.iter().filter(|c| matches!(c, ProviderCommand::CommitTurn)).count();
+    assert_eq!(commits(&h), 0, "our VAD has not heard the end yet");
+    h.input(Input::ClientVoice(ClientVoice::EndTurn));
+    assert_eq!(commits(&h), 1, "push-to-talk released: committed now");
+    assert_eq!(h.conv.agent_state(), AgentState::Thinking);
+    // The rest, then silence: our VAD's own end of the same utterance commits nothing more.
+    h.speak(&pcm.samples[96_000..], false);
+    h.speak(&vec![0; 48_000], false);
+    h.input(Input::ClientVoice(ClientVoice::SpeechStopped));
+    assert_eq!(commits(&h), 1, "one turn, one commit: {:?}", h.sent);
+}
+
+#[test]
+fn an_agent_result_is_told_to_the_client_and_put_in_context_or_spoken_now() {
+    let mut h = Harness::ready(config(None, None));
+    let result = |speak_now| AgentResult {
+        text: "The train leaves at 9:40.".into(),
+        source: "travel".into(),
+        status: "completed".into(),
+        speak_now,
+    };
+    h.input(Input::AgentResult(result(false)));
+    assert!(h.events.iter().any(|e| matches!(e, ServerEvent::AgentNotification { source, .. } if source == "travel")));
+    let context = |h: &Harness| {
+        h.sent.iter().filter(|c| matches!(c, ProviderCommand::AppendHistory(items) if items.iter().any(|i| i.text().contains("9:40")))).count()
+    };
+    assert_eq!(context(&h), 1, "in the model's context: {:?}", h.sent);
+    assert!(!h.sent.iter().any(|c| matches!(c, ProviderCommand::GenerateReply { .. })), "not spoken by itself");
+    assert_eq!(h.conv.agent_state(), AgentState::Listening);
+    h.input(Input::AgentResult(result(true)));
+    assert!(
+        h.sent
+            .iter()
+            .any(|c| matches!(c, ProviderCommand::GenerateReply { instructions: Some(i) } if i.contains("9:40")))
+    );
+    assert_eq!(h.conv.agent_state(), AgentState::Thinking);
+}

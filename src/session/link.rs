@@ -6,14 +6,20 @@
 //! frames) is the link's business; how events are spelled on the wire (api-v1, RTVI, oai-events,
 //! N.E.K.O.) is its [`EventCodec`]'s. The conversation core ([`super::conversation`]) sees neither.
 //!
-//! Today's implementation is [`super::webrtc_link::WebRtcLink`] (the `Peer` of `crate::peer`, the
-//! `events` data channel, api-v1 JSON through [`ApiV1`]). A new transport or dialect is a new file
-//! implementing one of these traits; the core and the task do not change.
+//! Implementations: [`super::webrtc_link::WebRtcLink`] (the `Peer` of `crate::peer`, the `events`
+//! data channel, api-v1 JSON through [`ApiV1`]) and [`super::ws_link::WsLink`] (a WebSocket: api-v1
+//! through [`ApiV1`], or N.E.K.O. through [`super::neko::NekoCodec`]). A new transport or dialect
+//! is a new file implementing one of these traits; the core and the task do not change.
+//!
+//! The WebSocket link added [`LinkEvent::Voice`] (a client's own VAD edges and end of turn, fed to
+//! the core as `Input::ClientVoice`) and [`LinkStats::audio_out_dropped`] (a client too slow for
+//! its audio).
 //!
 //! What the design leaves room for (issues 15, 16):
-//! - **PCM over WebSocket** at 16, 24 or 48 kHz: [`ClientAudio`] grows a `Pcm` variant (the uplink
-//!   takes PCM after its decoder), and a WebSocket link sends the playout's frames as PCM16 (the
-//!   playout is built for the link's output format by the session builder).
+//! - **PCM over WebSocket** at 16, 24 or 48 kHz: today [`super::ws_link`] transcodes in the link
+//!   (PCM -> Opus in, Opus -> PCM out); [`ClientAudio`] could grow a `Pcm` variant (the uplink
+//!   taking PCM after its decoder) and the playout be built for the link's output format, saving
+//!   one encode and one decode per 20 ms.
 //! - **Played progress reported by the client** (a WebSocket client plays from its own buffer, so
 //!   the server cannot know what was heard): a link variant of [`LinkEvent`] carries the client's
 //!   playback position and the core uses it instead of frames sent for `played` and the heard text.
@@ -27,8 +33,8 @@
 //!   [`LinkEvent::BadMessage`].
 //! - **Replies named on the wire**: every [`AudioFrame`] carries its agent `item_id`, so a link
 //!   can tag audio (N.E.K.O. `audio_chunk {speech_id}`, oai-events `output_audio_buffer.*`).
-//! - **Client-side VAD and an explicit end of turn** (seed 004's `vad` / `control.end_turn`): new
-//!   `conversation::Input` variants next to the uplink's own VAD edges, fed by the link.
+//! - **Client-side VAD and an explicit end of turn** (seed 004's `vad` / `control.end_turn`): done
+//!   as [`LinkEvent::Voice`] -> `conversation::Input::ClientVoice` (a turn is committed once).
 //! - **Other data-channel labels** (`oai-events`, RTVI's `chat`): the WebRTC link is built with
 //!   the codec of the label the client opened.
 
@@ -61,6 +67,18 @@ pub enum ClientAudio {
     },
 }
 
+/// Voice activity the client detected itself, or its explicit end of turn (seed 004's `vad`
+/// events and `control.end_turn`), for clients that run their own VAD or push-to-talk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientVoice {
+    /// The user started speaking (barges in like our VAD's speech start).
+    SpeechStarted,
+    /// The user stopped speaking: the turn ends now (without waiting for our VAD's silence).
+    SpeechStopped,
+    /// End the user's turn now (push-to-talk released).
+    EndTurn,
+}
+
 /// What a link reports to its session task.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -81,6 +99,8 @@ pub enum LinkEvent {
     Event(Option<ClientEvent>),
     /// A client message the codec rejected; the session answers with an `error` event.
     BadMessage(EventError),
+    /// The client's own voice activity or end of turn.
+    Voice(ClientVoice),
     /// Media is flowing (WebRTC: the peer connection is connected).
     Connected,
     /// The client is gone; the session ends with this reason.
@@ -98,6 +118,9 @@ pub struct LinkStats {
     pub messages_dropped: u64,
     /// Server events dropped (no channel, or its buffer full).
     pub events_dropped: u64,
+    /// Frames of the character's audio dropped because the client could not take them (a
+    /// WebSocket client that does not read; WebRTC leaves this to RTP and congestion control).
+    pub audio_out_dropped: u64,
 }
 
 /// Why a link operation failed.

@@ -60,10 +60,12 @@
 pub(crate) mod builder;
 pub mod conversation;
 pub mod link;
+pub mod neko;
 mod privacy;
 pub mod speech;
 pub(crate) mod task;
 pub mod webrtc_link;
+pub mod ws_link;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -104,6 +106,8 @@ pub(crate) enum Control {
     Inject(String),
     /// An ICE restart from PATCH `If-Match: *`; the reply carries the server's sdpfrag.
     IceRestart(crate::peer::IceRestart, oneshot::Sender<Result<String, link::LinkError>>),
+    /// An external agent's result (`POST /v1/sessions/{id}/agent-results`).
+    AgentResult(conversation::AgentResult),
 }
 
 /// What the manager and the session task share about one session.
@@ -446,13 +450,23 @@ impl SessionManager {
 
     /// Hand a user text turn to live session `id` (admin API, cross-node control).
     pub fn inject(&self, id: &str, text: String) -> Result<(), SessionError> {
+        self.control(id, Control::Inject(text))
+    }
+
+    /// Hand an external agent's result to live session `id` on this node: the client is told
+    /// (`agent_notification`), the model gets it in its context (or speaks it at once).
+    pub fn agent_result(&self, id: &str, result: conversation::AgentResult) -> Result<(), SessionError> {
+        self.control(id, Control::AgentResult(result))
+    }
+
+    fn control(&self, id: &str, ctl: Control) -> Result<(), SessionError> {
         let shared = self.get(id).ok_or(SessionError::NotFound)?;
         let st = shared.lock();
         if st.phase == SessionState::Ended {
             return Err(SessionError::Ended);
         }
         let live = st.live.as_ref().ok_or(SessionError::NotLive)?;
-        live.control.try_send(Control::Inject(text)).map_err(|_| SessionError::Busy)
+        live.control.try_send(ctl).map_err(|_| SessionError::Busy)
     }
 
     /// The durable store.
@@ -634,29 +648,36 @@ impl SessionManager {
             .find(|c| c.id == shared.character)
             .ok_or_else(|| SessionError::UnknownCharacter(shared.character.clone()))?;
         let built = self.builder.webrtc(shared, character, offer).await?;
-        let (done_tx, done_rx) = oneshot::channel();
-        let peer_id = signaling::id::new_peer_id();
-        let etag = format!("\"{}\"", signaling::id::new_id("e"));
+        let (peer_id, etag) = go_live(shared, built.task, built.control)?;
+        Ok((built.answer, peer_id, etag))
+    }
+
+    /// Make session `id` live over an already connected client `link` (a WebSocket): the
+    /// provider session is opened and the task spawned. Returns the peer id (the link's name in
+    /// `DELETE /v1/sessions/{id}/peers/{peer_id}`).
+    pub async fn connect_link<L: link::ClientLink + 'static>(&self, id: &str, link: L) -> Result<String, SessionError> {
+        let shared = self.get(id).ok_or(SessionError::NotFound)?;
         {
             let mut st = shared.lock();
-            if st.phase == SessionState::Ended {
-                // Ended (DELETE or shutdown) while we were connecting.
-                drop(st);
-                let _ = built.control.try_send(Control::End(EndReason::ClientRequest));
-                tokio::spawn(built.task.run());
-                return Err(SessionError::Ended);
+            match st.phase {
+                SessionState::Created => st.phase = SessionState::Connecting,
+                SessionState::Ended => return Err(SessionError::Ended),
+                _ => return Err(SessionError::AlreadyConnected),
             }
-            let live = LiveHandle {
-                peer_id: peer_id.clone(),
-                etag: etag.clone(),
-                control: built.control,
-                done: Some(done_rx),
-            };
-            st.live = Some(live);
         }
-        spawn_task(Arc::clone(shared), built.task, done_tx);
-        tracing::info!(session_id = %shared.id, peer_id = %peer_id, provider = %shared.provider, "session live");
-        Ok((built.answer, peer_id, etag))
+        let character = self.characters.iter().find(|c| c.id == shared.character);
+        let built = match character {
+            Some(c) => self.builder.with_link(&shared, c, link).await,
+            None => Err(SessionError::UnknownCharacter(shared.character.clone())),
+        };
+        let result = built.and_then(|(task, control)| go_live(&shared, task, control));
+        if result.is_err() {
+            let mut st = shared.lock();
+            if st.phase == SessionState::Connecting && st.live.is_none() {
+                st.phase = SessionState::Created;
+            }
+        }
+        result.map(|(peer_id, _)| peer_id)
     }
 
     /// End session `id` (optionally only if `peer_id` matches) and wait, bounded, until its task
@@ -768,6 +789,31 @@ impl SessionManager {
         let ends = ids.iter().map(|id| self.end(id, None, EndReason::ServerShutdown));
         let _ = tokio::time::timeout(grace, futures::future::join_all(ends)).await;
     }
+}
+
+/// Register a built task as the session's live handle and spawn it: (peer id, ETag).
+fn go_live<L: link::ClientLink + 'static>(
+    shared: &Arc<SessionShared>,
+    task: task::SessionTask<L>,
+    control: mpsc::Sender<Control>,
+) -> Result<(String, String), SessionError> {
+    let (done_tx, done_rx) = oneshot::channel();
+    let peer_id = signaling::id::new_peer_id();
+    let etag = format!("\"{}\"", signaling::id::new_id("e"));
+    {
+        let mut st = shared.lock();
+        if st.phase == SessionState::Ended {
+            // Ended (DELETE or shutdown) while we were connecting.
+            drop(st);
+            let _ = control.try_send(Control::End(EndReason::ClientRequest));
+            tokio::spawn(task.run());
+            return Err(SessionError::Ended);
+        }
+        st.live = Some(LiveHandle { peer_id: peer_id.clone(), etag: etag.clone(), control, done: Some(done_rx) });
+    }
+    spawn_task(Arc::clone(shared), task, done_tx);
+    tracing::info!(session_id = %shared.id, peer_id = %peer_id, provider = %shared.provider, "session live");
+    Ok((peer_id, etag))
 }
 
 /// Run a live session's task; its end is recorded and persisted, then `done` fires.

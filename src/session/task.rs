@@ -83,6 +83,7 @@ impl<L: ClientLink> SessionTask<L> {
                         tokio::spawn(async move { let _ = reply.send(restarting.await); });
                         Drained::default()
                     }
+                    Some(Control::AgentResult(r)) => self.input(Input::AgentResult(r), &mut counters).await,
                     Some(Control::Trickle(c)) => {
                         if let Err(e) = self.link.add_candidate(c).await {
                             tracing::debug!(session_id = %self.shared.id, error = %e, "trickled candidate rejected");
@@ -140,6 +141,7 @@ impl<L: ClientLink> SessionTask<L> {
             LinkEvent::EventsOpen => Input::ClientConnected,
             LinkEvent::EventsClosed => Input::ClientDisconnected,
             LinkEvent::Event(ev) => Input::Client(ev),
+            LinkEvent::Voice(v) => Input::ClientVoice(v),
             LinkEvent::BadMessage(e) => Input::BadClientMessage { code: e.code().to_owned(), message: e.to_string() },
             LinkEvent::Connected => {
                 self.shared.mark_connected();
@@ -221,6 +223,7 @@ impl<L: ClientLink> SessionTask<L> {
         add_with(QUEUE_DROPS, "queue", "events_to_client".into(), link.events_dropped - e.link.events_dropped);
         add_with(QUEUE_DROPS, "queue", "rtp_to_session".into(), link.audio_dropped - e.link.audio_dropped);
         add_with(QUEUE_DROPS, "queue", "messages_to_session".into(), link.messages_dropped - e.link.messages_dropped);
+        add_with(QUEUE_DROPS, "queue", "audio_to_client".into(), link.audio_out_dropped - e.link.audio_out_dropped);
         *e = Exported { uplink: up, playout: po, link, uplink_to_provider_dropped: to_provider };
     }
 

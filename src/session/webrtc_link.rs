@@ -118,6 +118,7 @@ impl<C: EventCodec> ClientLink for WebRtcLink<C> {
             audio_dropped: c.rtp_dropped.load(Ordering::Relaxed),
             messages_dropped: c.messages_dropped.load(Ordering::Relaxed),
             events_dropped: self.events_dropped,
+            audio_out_dropped: 0,
         }
     }
 
