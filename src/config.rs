@@ -9,6 +9,9 @@ use serde::Deserialize;
 
 pub use crate::providers::openai::{OpenAiSettings, Secret};
 
+mod oidc;
+pub use oidc::OidcSettings;
+
 /// A configuration error: names the key and says how to fix it.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {key}: {problem}; {fix}")]
@@ -75,6 +78,8 @@ pub struct Config {
     pub cascade: CascadeSettings,
     /// Characters offered by `GET /v1/characters` (a built-in one when empty).
     pub characters: Vec<Character>,
+    /// End-user sign-in with OpenID Connect (`[oidc]`, `KOTODAMA_OIDC_*`).
+    pub oidc: OidcSettings,
 }
 
 /// Session-token signing keys (`[tokens]`). Unset: HS256 with `token_secret`.
@@ -370,6 +375,7 @@ impl Default for Config {
             local: LocalSettings::default(),
             cascade: CascadeSettings::default(),
             characters: Vec::new(),
+            oidc: OidcSettings::default(),
         }
     }
 }
@@ -477,6 +483,7 @@ impl Config {
                 )
             })?);
         }
+        self.oidc.apply_env(&get)?;
         if let Some(v) = non_empty("KOTODAMA_API_KEYS") {
             self.api_keys = v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
         }
@@ -564,7 +571,8 @@ impl Config {
 
     /// Check everything that can be checked before binding sockets.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.bind.ip().is_loopback() && self.api_keys.is_empty() {
+        self.oidc.validate()?;
+        if !self.bind.ip().is_loopback() && self.api_keys.is_empty() && !self.oidc.enabled() {
             return Err(err(
                 "KOTODAMA_API_KEYS",
                 format!("bind {} is not loopback and no API key is configured (anyone could open sessions)", self.bind),

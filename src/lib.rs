@@ -16,6 +16,7 @@
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod oidc;
 pub mod otlp;
 pub mod peer;
 pub mod providers;

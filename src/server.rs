@@ -288,6 +288,9 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
         ..signaling::Limits::default()
     };
     let mut api = signaling::api::ApiState::new(host, tokens).with_api_keys(api_keys).with_limits(limits);
+    if let Some(verifier) = crate::oidc::OidcVerifier::new(&config.oidc) {
+        api = api.with_end_users(verifier);
+    }
     if let Some(redis) = &redis {
         api = api.with_short_term(Arc::new(redis.clone()));
         if let Some(cluster) = manager.cluster() {
