@@ -251,10 +251,11 @@ impl SessionHost for Host {
     }
 }
 
-/// The whole HTTP app.
-pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>) -> Router {
+/// The whole HTTP app; `admin` holds the admin API's routes ([`crate::admin`]).
+pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>, admin: Router) -> Router {
     let prometheus = crate::telemetry::install();
     signaling::api::router(api)
+        .merge(admin)
         .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
         .route("/index.html", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
         .route("/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], APP_JS) }))

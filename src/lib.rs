@@ -13,6 +13,7 @@
 //!
 //! [`server::start`] wires it together; `main.rs` only parses the command line.
 
+pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod http;

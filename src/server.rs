@@ -297,7 +297,15 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
             cluster.spawn_tasks(&manager).await;
         }
     }
-    let app = crate::http::app(api, Arc::clone(&manager));
+    let admin = crate::admin::start(
+        api.clone(),
+        Arc::clone(&manager),
+        crate::admin::store::AdminStore::new(store.pool().clone()),
+        config.characters(),
+    )
+    .await
+    .context("loading the admin API's character edits")?;
+    let app = crate::http::app(api, Arc::clone(&manager), admin);
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let join = tokio::spawn(async move {

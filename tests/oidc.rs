@@ -222,3 +222,32 @@ async fn an_unreachable_issuer_is_503_not_401() {
     assert_eq!((status, body["code"].as_str()), (503, Some("unavailable")), "{body}");
     ts.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_opens_to_users_with_the_admin_role_only() {
+    let issuer = Issuer::start().await;
+    let key = IssuerKey::generate("k1");
+    issuer.publish(&[&key]);
+    let ts = server(&issuer, 0).await;
+    let admin_get = |token: String| {
+        let req = ts.http.get(format!("{}/v1/admin/characters", ts.base)).bearer_auth(token);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(admin_get(sign(&key, &issuer.claims("erin"))).await, 403, "a signed-in user without the role");
+    let mut admin = issuer.claims("frank");
+    admin["roles"] = json!(["listener", "kotodama-admin"]);
+    assert_eq!(admin_get(sign(&key, &admin)).await, 200, "a signed-in user with the admin role");
+    let log: Value = ts
+        .http
+        .get(format!("{}/v1/admin/audit", ts.base))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let actors: Vec<&str> = log.as_array().unwrap().iter().filter_map(|e| e["actor"].as_str()).collect();
+    assert!(actors.contains(&"user:frank") && !actors.contains(&"user:erin"), "{log}");
+    ts.server.shutdown().await.unwrap();
+}

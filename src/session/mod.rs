@@ -342,7 +342,8 @@ pub enum SessionError {
 /// This node's sessions.
 pub struct SessionManager {
     config: Arc<Config>,
-    characters: Vec<Character>,
+    /// The catalog: configured characters with the admin API's edits applied (swapped whole).
+    characters: std::sync::RwLock<Arc<Vec<Character>>>,
     default_provider: String,
     sessions: Mutex<HashMap<String, Arc<SessionShared>>>,
     draining: AtomicBool,
@@ -388,7 +389,7 @@ impl SessionManager {
         let default_provider = config.provider_name().to_owned();
         let builder = builder::SessionBuilder::new(Arc::clone(&config), providers);
         Arc::new(Self {
-            characters: config.characters(),
+            characters: std::sync::RwLock::new(Arc::new(config.characters())),
             config,
             default_provider,
             sessions: Mutex::new(HashMap::new()),
@@ -465,9 +466,14 @@ impl SessionManager {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The configured characters.
-    pub fn characters(&self) -> &[Character] {
-        &self.characters
+    /// The characters new sessions may use (the first is the default).
+    pub fn characters(&self) -> Arc<Vec<Character>> {
+        Arc::clone(&self.characters.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replace the catalog (the admin API after an edit): sessions created from now on use it.
+    pub fn set_characters(&self, characters: Vec<Character>) {
+        *self.characters.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(characters);
     }
 
     /// Whether new sessions are accepted.
@@ -491,13 +497,12 @@ impl SessionManager {
         if !self.accepting() {
             return Err(SessionError::Draining);
         }
+        let catalog = self.characters();
         let character = match character {
-            Some(id) => self
-                .characters
-                .iter()
-                .find(|c| c.id == id)
-                .ok_or_else(|| SessionError::UnknownCharacter(id.to_owned()))?,
-            None => self.characters.first().ok_or_else(|| SessionError::UnknownCharacter(String::new()))?,
+            Some(id) => {
+                catalog.iter().find(|c| c.id == id).ok_or_else(|| SessionError::UnknownCharacter(id.to_owned()))?
+            }
+            None => catalog.first().ok_or_else(|| SessionError::UnknownCharacter(String::new()))?,
         };
         let provider = provider
             .or(character.provider.as_deref())
@@ -608,8 +613,8 @@ impl SessionManager {
         shared: &Arc<SessionShared>,
         offer_sdp: String,
     ) -> Result<(String, String, String), SessionError> {
-        let character = self
-            .characters
+        let catalog = self.characters();
+        let character = catalog
             .iter()
             .find(|c| c.id == shared.character)
             .ok_or_else(|| SessionError::UnknownCharacter(shared.character.clone()))?;

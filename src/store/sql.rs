@@ -21,7 +21,10 @@ use super::{
 };
 
 /// The migrations, embedded: the binary needs no files at run time.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (2, "admin", include_str!("../../migrations/0002_admin.sql")),
+];
 
 /// Connections per pool: the writer plus a few HTTP readers.
 const MAX_CONNECTIONS: u32 = 8;
