@@ -97,6 +97,62 @@ impl HistoryItem {
     }
 }
 
+/// History items kept for replay (older turns are dropped, not summarised).
+pub const MAX_HISTORY_ITEMS: usize = 40;
+/// Characters of history kept for replay.
+pub const MAX_HISTORY_CHARS: usize = 16_000;
+
+/// The conversation so far, bounded to the most recent [`MAX_HISTORY_ITEMS`] items and
+/// [`MAX_HISTORY_CHARS`] characters. Empty turns are not kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct History {
+    items: std::collections::VecDeque<HistoryItem>,
+    chars: usize,
+}
+
+impl History {
+    /// A history holding `items` (bounded like every push).
+    pub fn from_items(items: impl IntoIterator<Item = HistoryItem>) -> Self {
+        let mut h = Self::default();
+        for i in items {
+            h.push(i);
+        }
+        h
+    }
+
+    /// Append a turn, dropping the oldest beyond the bounds. False when it was empty (not kept).
+    pub fn push(&mut self, item: HistoryItem) -> bool {
+        if item.text().trim().is_empty() {
+            return false;
+        }
+        self.chars += item.text().len();
+        self.items.push_back(item);
+        while self.items.len() > MAX_HISTORY_ITEMS || self.chars > MAX_HISTORY_CHARS {
+            match self.items.pop_front() {
+                Some(old) => self.chars -= old.text().len(),
+                None => break,
+            }
+        }
+        true
+    }
+
+    /// The turns, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &HistoryItem> {
+        self.items.iter()
+    }
+
+    /// A copy for a provider session's [`SessionConfig::history`].
+    pub fn to_vec(&self) -> Vec<HistoryItem> {
+        self.items.iter().cloned().collect()
+    }
+}
+
+/// Whether a final user transcript is the provider's echo of a typed message (one rule for every
+/// layer: compared trimmed).
+pub fn is_echo(typed: &str, transcript: &str) -> bool {
+    typed.trim() == transcript.trim()
+}
+
 /// Commands from the session task to a provider session.
 #[derive(Debug, Clone)]
 #[non_exhaustive]

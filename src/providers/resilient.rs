@@ -10,7 +10,7 @@
 //! What it keeps, as the single owner:
 //! - the conversation context: user finals, agent text *as heard* (a `Truncate` carries the
 //!   words the session released with the frames played; they are taken as they are), bounded to the most recent
-//!   [`MAX_CONTEXT_ITEMS`] items / [`MAX_CONTEXT_CHARS`] characters (older turns are dropped, not
+//!   [`super::MAX_HISTORY_ITEMS`] items / [`super::MAX_HISTORY_CHARS`] characters (older turns are dropped, not
 //!   summarised);
 //! - whether a reply is in flight (a turn was committed or text sent, until `ResponseDone`) and
 //!   when the user last spoke (from the session's VAD edges: `SpeechStarted` .. `CommitTurn`).
@@ -45,14 +45,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{
-    AudioFormat, COMMAND_CHANNEL_CAPACITY, Capabilities, EVENT_CHANNEL_CAPACITY, HistoryItem, Pcm, ProviderCommand,
-    ProviderError, ProviderEvent, ProviderSession, RealtimeProvider, SessionConfig, Speaker,
+    AudioFormat, COMMAND_CHANNEL_CAPACITY, Capabilities, EVENT_CHANNEL_CAPACITY, History, HistoryItem,
+    MAX_HISTORY_ITEMS, Pcm, ProviderCommand, ProviderError, ProviderEvent, ProviderSession, RealtimeProvider,
+    SessionConfig, Speaker,
 };
 
-/// Context items kept for replay.
-pub const MAX_CONTEXT_ITEMS: usize = 40;
-/// Characters of context kept for replay.
-pub const MAX_CONTEXT_CHARS: usize = 16_000;
 /// Commands (other than audio) queued while reconnecting.
 const MAX_QUEUED_COMMANDS: usize = 16;
 /// Drops of one provider within this window count towards failing over from it.
@@ -207,7 +204,7 @@ struct Supervisor {
     cfg: SessionConfig,
     events: mpsc::Sender<ProviderEvent>,
     live: Option<Live>,
-    context: VecDeque<HistoryItem>,
+    context: History,
     /// Context items appended since the next session's snapshot was taken.
     added_since_snapshot: Vec<HistoryItem>,
     reply: Option<AgentReply>,
@@ -260,7 +257,7 @@ impl Supervisor {
         events: mpsc::Sender<ProviderEvent>,
     ) -> Self {
         let caps = chain[idx].capabilities();
-        let context = cfg.history.iter().cloned().collect();
+        let context = History::from_items(cfg.history.iter().cloned());
         Self {
             live: Some(Live {
                 session: inner,
@@ -378,26 +375,16 @@ impl Supervisor {
     }
 
     fn push_context(&mut self, item: HistoryItem) {
-        let text_len = |i: &HistoryItem| match i {
-            HistoryItem::User(t) | HistoryItem::Agent(t) => t.len(),
-        };
-        if text_len(&item) == 0 {
-            return;
-        }
-        self.added_since_snapshot.push(item.clone());
-        if self.added_since_snapshot.len() > MAX_CONTEXT_ITEMS {
-            self.added_since_snapshot.remove(0);
-        }
-        self.context.push_back(item);
-        while self.context.len() > MAX_CONTEXT_ITEMS
-            || self.context.iter().map(text_len).sum::<usize>() > MAX_CONTEXT_CHARS
-        {
-            self.context.pop_front();
+        if self.context.push(item.clone()) {
+            self.added_since_snapshot.push(item);
+            if self.added_since_snapshot.len() > MAX_HISTORY_ITEMS {
+                self.added_since_snapshot.remove(0);
+            }
         }
     }
 
     fn history(&self) -> Vec<HistoryItem> {
-        self.context.iter().cloned().collect()
+        self.context.to_vec()
     }
 
     async fn emit(&self, ev: ProviderEvent) {
@@ -546,7 +533,7 @@ impl Supervisor {
                 }
             }
             ProviderEvent::Transcript { speaker: Speaker::User, text, is_final: true, .. } => {
-                if self.text_echo.as_deref() == Some(text.as_str()) {
+                if self.text_echo.as_deref().is_some_and(|t| super::is_echo(t, text)) {
                     self.text_echo = None;
                 } else {
                     self.push_context(HistoryItem::User(text.clone()));
@@ -779,5 +766,169 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The supervisor on tokio's paused clock (virtual time: timers fire as soon as every task
+    //! waits) with a recording fake provider in the role of LiveKit's `FakeRealtimeSession`: each
+    //! connect records the history it was given and hands the test the session's other ends.
+
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// The test's ends of one inner session: what the supervisor sent, and where to push events.
+    struct Inner {
+        history: Vec<HistoryItem>,
+        commands: mpsc::Receiver<ProviderCommand>,
+        events: mpsc::Sender<ProviderEvent>,
+    }
+
+    struct Fake {
+        max_session: Option<Duration>,
+        opened: Arc<Mutex<Vec<Inner>>>,
+    }
+
+    impl RealtimeProvider for Fake {
+        fn name(&self) -> &str {
+            "fake"
+        }
+        fn capabilities(&self) -> Capabilities {
+            let max_session = self.max_session;
+            Capabilities { server_vad: false, truncation: true, user_transcripts: true, tools: false, max_session }
+        }
+        fn input_format(&self) -> AudioFormat {
+            AudioFormat { rate_hz: 24_000 }
+        }
+        fn connect(&self, cfg: SessionConfig) -> BoxFuture<'static, Result<ProviderSession, ProviderError>> {
+            let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
+            let (ev_tx, ev_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+            let inner = Inner { history: cfg.history, commands: cmd_rx, events: ev_tx };
+            self.opened.lock().unwrap().push(inner);
+            async move { Ok(ProviderSession { commands: cmd_tx, events: ev_rx }) }.boxed()
+        }
+    }
+
+    fn config() -> SessionConfig {
+        SessionConfig {
+            session_id: "sess_r".into(),
+            character_id: "aiko".into(),
+            character_name: "Aiko".into(),
+            instructions: String::new(),
+            voice: "marin".into(),
+            language: "en-US".into(),
+            history: Vec::new(),
+            tools: Arc::new(super::super::tools::ToolRegistry::builtin()),
+            viseme_overrides: Default::default(),
+        }
+    }
+
+    async fn start(
+        max_session: Option<Duration>,
+        policy: ResiliencePolicy,
+    ) -> (ProviderSession, Arc<Mutex<Vec<Inner>>>) {
+        let opened = Arc::new(Mutex::new(Vec::new()));
+        let fake: Arc<dyn RealtimeProvider> = Arc::new(Fake { max_session, opened: Arc::clone(&opened) });
+        let session = ResilientProvider::new(vec![fake], policy).unwrap().connect(config()).await.unwrap();
+        (session, opened)
+    }
+
+    fn take(opened: &Mutex<Vec<Inner>>, n: usize) -> Inner {
+        let mut v = opened.lock().unwrap();
+        assert!(v.len() > n, "session #{n} was opened ({} so far)", v.len());
+        v.remove(n)
+    }
+
+    /// 20 ms of uplink audio.
+    fn chunk() -> ProviderCommand {
+        ProviderCommand::AppendAudio(Pcm { rate_hz: 24_000, samples: vec![0; 480] })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_provider_drop_mid_reply_replays_only_the_heard_history_and_no_agent_turn() {
+        let (session, opened) = start(None, ResiliencePolicy::default()).await;
+        let mut first = take(&opened, 0);
+        let (cmds, mut events) = (session.commands, session.events);
+        // Each step waits until the supervisor has passed it on, as a live session interleaves.
+        cmds.send(ProviderCommand::Text("tell me a story".into())).await.unwrap();
+        assert!(matches!(first.commands.recv().await, Some(ProviderCommand::Text(_))));
+        let said = "Once upon a time there was a little fox who lived by the river";
+        let pcm = Pcm { rate_hz: 24_000, samples: vec![1; 24_000] };
+        first.events.send(ProviderEvent::AudioDelta { item_id: "a1".into(), pcm }).await.unwrap();
+        let partial = ProviderEvent::Transcript {
+            speaker: Speaker::Agent,
+            item_id: "a1".into(),
+            text: said.into(),
+            is_final: false,
+        };
+        first.events.send(partial).await.unwrap();
+        while !matches!(events.recv().await, Some(ProviderEvent::Transcript { .. })) {}
+        // The user cut in: the session says what was heard.
+        let heard = "Once upon a time";
+        cmds.send(ProviderCommand::Cancel).await.unwrap();
+        let audio_end = Duration::from_millis(900);
+        cmds.send(ProviderCommand::Truncate { item_id: "a1".into(), audio_end, heard: heard.into() }).await.unwrap();
+        while !matches!(first.commands.recv().await, Some(ProviderCommand::Truncate { .. })) {}
+        // The model session drops.
+        drop(first);
+        loop {
+            match events.recv().await.expect("the supervisor stays up") {
+                ProviderEvent::Notice { code, .. } if code == "provider_reconnected" => break,
+                _ => {}
+            }
+        }
+        let mut second = take(&opened, 0);
+        assert_eq!(
+            second.history,
+            vec![HistoryItem::User("tell me a story".into()), HistoryItem::Agent(heard.into())],
+            "the new session hears the user's turn and only what was heard of the reply"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        while let Ok(cmd) = second.commands.try_recv() {
+            assert!(!matches!(cmd, ProviderCommand::GenerateReply { .. }), "an agent turn is never repeated");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recycling_waits_for_a_quiet_turn_boundary() {
+        let policy = ResiliencePolicy {
+            recycle_lead: Duration::from_secs(2),
+            quiet_for: Duration::from_millis(1_500),
+            ..Default::default()
+        };
+        let (session, opened) = start(Some(Duration::from_secs(10)), policy).await;
+        let mut first = take(&opened, 0);
+        let mut events = session.events;
+        let cmds = session.commands;
+        let mut t = Duration::ZERO;
+        let mut recycled_at = None;
+        // The user speaks from 7 s to 10.5 s, across the time the next session is ready (8 s)
+        // and the limit (10 s); the reply is done at 11 s; then all is quiet.
+        while t < Duration::from_secs(14) && recycled_at.is_none() {
+            if t == Duration::from_secs(7) {
+                cmds.send(ProviderCommand::SpeechStarted).await.unwrap();
+            }
+            if t == Duration::from_millis(10_500) {
+                cmds.send(ProviderCommand::CommitTurn).await.unwrap();
+            }
+            if t == Duration::from_secs(11) {
+                first.events.send(ProviderEvent::ResponseDone { item_id: "r1".into() }).await.unwrap();
+            }
+            cmds.send(chunk()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            t += Duration::from_millis(20);
+            while first.commands.try_recv().is_ok() {}
+            while let Ok(ev) = events.try_recv() {
+                if matches!(ev, ProviderEvent::Notice { ref code, .. } if code == "provider_recycled") {
+                    recycled_at = Some(t);
+                }
+            }
+        }
+        let at = recycled_at.expect("recycled before the limit plus its lead");
+        // Quiet since the commit at 10.5 s for 1.5 s, and the reply done: 12 s.
+        assert!(at >= Duration::from_secs(12), "never while the user speaks or a reply runs: swapped at {at:?}");
+        assert!(at <= Duration::from_millis(12_100), "at the first quiet boundary: {at:?}");
     }
 }

@@ -36,17 +36,13 @@ use signaling::events::{AgentState, ClientEvent, Emotion, Role, ServerEvent};
 
 use super::EndReason;
 use super::speech::AgentSpeech;
-use crate::providers::{Capabilities, HistoryItem, Pcm, ProviderCommand, ProviderEvent, Speaker};
+use crate::providers::{Capabilities, History, HistoryItem, Pcm, ProviderCommand, ProviderEvent, Speaker};
 use crate::telemetry;
 
 /// Largest Opus frame the playout produces (20 ms at <= 510 kbit/s is < 1300 bytes).
 const MAX_FRAME_BYTES: usize = 1500;
 /// Playout holds at most this much audio before the provider is held back.
 const PLAYOUT_HEADROOM: Duration = Duration::from_millis(500);
-/// History items kept (the session's conversation memory for its provider layers).
-pub const MAX_HISTORY_ITEMS: usize = 40;
-/// Characters of history kept.
-pub const MAX_HISTORY_CHARS: usize = 16_000;
 
 /// What the core needs to know about its session.
 #[derive(Debug, Clone)]
@@ -206,7 +202,7 @@ pub struct Conversation {
     /// The last typed user turn, already recorded: its echo as a provider transcript is not.
     typed_pending: Option<String>,
     last_activity: Duration,
-    history: VecDeque<HistoryItem>,
+    history: History,
     /// Why the agent was last cut off.
     last_interruption: Option<InterruptReason>,
 }
@@ -236,7 +232,7 @@ impl Conversation {
             due: Vec::with_capacity(16),
             typed_pending: None,
             last_activity: Duration::ZERO,
-            history: VecDeque::new(),
+            history: History::default(),
             last_interruption: None,
         }
     }
@@ -297,8 +293,7 @@ impl Conversation {
         self.state
     }
 
-    /// The conversation so far, as the user heard it (bounded to [`MAX_HISTORY_ITEMS`] items and
-    /// [`MAX_HISTORY_CHARS`] characters, oldest dropped first).
+    /// The conversation so far, as the user heard it (bounded: [`History`]).
     pub fn history(&self) -> impl Iterator<Item = &HistoryItem> {
         self.history.iter()
     }
@@ -345,14 +340,10 @@ impl Conversation {
         if text.is_empty() {
             return;
         }
-        self.history.push_back(match role {
+        self.history.push(match role {
             Role::User => HistoryItem::User(text.to_owned()),
             Role::Agent => HistoryItem::Agent(text.to_owned()),
         });
-        let chars = |h: &VecDeque<HistoryItem>| h.iter().map(|i| i.text().len()).sum::<usize>();
-        while self.history.len() > MAX_HISTORY_ITEMS || chars(&self.history) > MAX_HISTORY_CHARS {
-            self.history.pop_front();
-        }
         self.out.push_back(Queued::Turn { role, text: text.to_owned(), interrupted });
     }
 
@@ -678,7 +669,7 @@ impl Conversation {
             Speaker::User => {
                 if is_final {
                     // A typed turn is recorded when typed; its echo from the provider is not.
-                    if self.typed_pending.as_deref() == Some(text.trim()) {
+                    if self.typed_pending.as_deref().is_some_and(|t| crate::providers::is_echo(t, &text)) {
                         self.typed_pending = None;
                     } else {
                         self.record(Role::User, &text, false);
