@@ -9,7 +9,9 @@ use serde::Deserialize;
 
 pub use crate::providers::openai::{OpenAiSettings, Secret};
 
+pub mod moderation;
 mod oidc;
+pub use moderation::ModerationSettings;
 pub use oidc::OidcSettings;
 
 /// A configuration error: names the key and says how to fix it.
@@ -80,6 +82,8 @@ pub struct Config {
     pub characters: Vec<Character>,
     /// End-user sign-in with OpenID Connect (`[oidc]`, `KOTODAMA_OIDC_*`).
     pub oidc: OidcSettings,
+    /// Moderation before speech (`[moderation]`, `KOTODAMA_MODERATION_DENY`).
+    pub moderation: ModerationSettings,
 }
 
 /// Session-token signing keys (`[tokens]`). Unset: HS256 with `token_secret`.
@@ -376,6 +380,7 @@ impl Default for Config {
             cascade: CascadeSettings::default(),
             characters: Vec::new(),
             oidc: OidcSettings::default(),
+            moderation: ModerationSettings::default(),
         }
     }
 }
@@ -484,6 +489,7 @@ impl Config {
             })?);
         }
         self.oidc.apply_env(&get)?;
+        self.moderation.apply_env(&get)?;
         if let Some(v) = non_empty("KOTODAMA_API_KEYS") {
             self.api_keys = v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
         }
@@ -572,6 +578,7 @@ impl Config {
     /// Check everything that can be checked before binding sockets.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.oidc.validate()?;
+        self.moderation.validate()?;
         if !self.bind.ip().is_loopback() && self.api_keys.is_empty() && !self.oidc.enabled() {
             return Err(err(
                 "KOTODAMA_API_KEYS",

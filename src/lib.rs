@@ -17,6 +17,7 @@ pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod moderation;
 pub mod oidc;
 pub mod otlp;
 pub mod peer;

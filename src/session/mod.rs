@@ -201,6 +201,22 @@ impl SessionShared {
         self.queue(Write::Turn(turn));
     }
 
+    /// Queue a moderation flag for the review queue and count it (`kotodama_moderation_flags_total`).
+    pub(crate) fn push_flag(&self, flag: conversation::Flag) {
+        metrics::counter!(crate::telemetry::MODERATION_FLAGS, "category" => flag.category.clone()).increment(1);
+        let flag = crate::store::StoredFlag {
+            id: signaling::id::new_id("flag"),
+            session_id: self.id.clone(),
+            turn: self.next_seq.load(Ordering::Relaxed).saturating_sub(1),
+            item_id: flag.item_id,
+            category: flag.category,
+            text: flag.text,
+            policy_version: flag.policy_version,
+            created_at: SystemTime::now(),
+        };
+        self.queue(Write::Flag(flag));
+    }
+
     fn end(&self, reason: EndReason) -> bool {
         let at = SystemTime::now();
         {
