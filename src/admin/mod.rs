@@ -13,6 +13,8 @@
 //! | `GET /v1/admin/sessions/{id}/export?format=json|text` | 200 the session and its transcript |
 //! | `GET /v1/admin/users/{user_id}/export?format=json|text` | 200 every session of the user with transcripts |
 //! | `GET /v1/admin/audit?limit=N` | 200 the newest N (default 100, at most 1000) audit records |
+//! | `GET /v1/admin/flags?status=open|resolved|all&category=&session_id=&limit=` | 200 the moderation review queue, newest first (default: open) |
+//! | `POST /v1/admin/flags/{id}/resolve` | 200; body `{"resolution": "..."}` (a reviewer's note, optional); 409 when already resolved |
 //!
 //! Who: an admin API key (`KOTODAMA_ADMIN_API_KEYS`) or an end user whose OIDC token carries
 //! the admin role; no credential is 401, any other credential 403 `admin_role_required` (also
@@ -43,7 +45,7 @@ use signaling::problem::ApiError;
 use crate::config::{Character, Config};
 use crate::session::SessionManager;
 use crate::store::{SessionWithTurns, StoreError, StoredSession, StoredState, UserData};
-use store::{AdminStore, AuditEntry, CharacterEdit};
+use store::{AdminStore, AuditEntry, CharacterEdit, FlagFilter};
 
 /// How often a node reloads character edits made on other nodes.
 pub const CATALOG_REFRESH: Duration = Duration::from_secs(10);
@@ -79,6 +81,8 @@ pub async fn start(
         .route("/v1/admin/sessions/{id}/export", get(export_session))
         .route("/v1/admin/users/{user_id}/export", get(export_user))
         .route("/v1/admin/audit", get(audit_log))
+        .route("/v1/admin/flags", get(list_flags))
+        .route("/v1/admin/flags/{id}/resolve", axum::routing::post(resolve_flag))
         .with_state(st))
 }
 
@@ -426,6 +430,75 @@ async fn audit_log(
     st.authorize(&headers, "audit.read", None, Some(json!({"limit": limit}))).await?;
     let entries = st.store.audit_log(limit).await.map_err(storage)?;
     Ok(json_response(StatusCode::OK, &entries))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlagQuery {
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    category: Option<String>,
+    #[serde(default)]
+    session_id: Option<String>,
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+async fn list_flags(
+    State(st): State<AdminState>,
+    query: Result<Query<FlagQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let bad = |what: &str| ApiError::bad_request("bad_query", what.to_owned());
+    let q = query.map_err(|e| bad(&format!("status, category, session_id, limit: {e}")))?.0;
+    let resolved = match q.status.as_deref() {
+        None | Some("open") => Some(false),
+        Some("resolved") => Some(true),
+        Some("all") => None,
+        Some(_) => return Err(bad("status must be open, resolved or all")),
+    };
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_AUDIT_LIMIT).contains(&limit) {
+        return Err(bad("limit must be 1..=1000"));
+    }
+    let filter = FlagFilter { resolved, category: q.category, session_id: q.session_id };
+    let detail = json!({"status": q.status, "category": filter.category, "session_id": filter.session_id});
+    st.authorize(&headers, "flag.list", None, Some(detail)).await?;
+    Ok(json_response(StatusCode::OK, &st.store.flags(&filter, limit).await.map_err(storage)?))
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResolveRequest {
+    #[serde(default)]
+    resolution: Option<String>,
+}
+
+async fn resolve_flag(
+    State(st): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let caller = st.admin(&headers).await?;
+    let id = session_path(path).map_err(|_| ApiError::not_found("unknown_flag", "no such flag"))?;
+    let bytes = axum::body::to_bytes(body, 4096).await.map_err(|_| ApiError::payload_too_large(4096))?;
+    let request: ResolveRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        ResolveRequest::default()
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request("bad_json", format!("expected {{\"resolution\"?: \"...\"}}: {e}")))?
+    };
+    let resolution = request.resolution.unwrap_or_else(|| "reviewed".into());
+    st.record(&caller, "flag.resolve", Some(&id), Some(json!({"resolution": resolution}))).await?;
+    if !st.store.resolve_flag(&id, &caller.audit_name(), &resolution).await.map_err(storage)? {
+        return Err(match st.store.flag(&id).await.map_err(storage)? {
+            Some(_) => ApiError::conflict("flag_resolved", "this flag is already resolved"),
+            None => ApiError::not_found("unknown_flag", "no such flag"),
+        });
+    }
+    Ok(json_response(StatusCode::OK, &json!({"id": id, "status": "resolved", "resolution": resolution})))
 }
 
 fn rfc3339(t: SystemTime) -> String {

@@ -147,3 +147,117 @@ impl AdminStore {
         rows.iter().map(|r| r.try_get("id").map_err(query_err)).collect()
     }
 }
+
+/// A flag in the review queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReviewFlag {
+    /// Flag id.
+    pub id: String,
+    /// The session.
+    pub session_id: String,
+    /// Turns recorded in the session before the flag.
+    pub turn: i64,
+    /// The agent item that was cut.
+    pub item_id: String,
+    /// The category that matched.
+    pub category: String,
+    /// The denied text.
+    pub text: String,
+    /// The moderation policy's version.
+    pub policy_version: String,
+    /// When it was flagged.
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: SystemTime,
+    /// `open` or `resolved`.
+    pub status: &'static str,
+    /// Who resolved it (`key:<short id>` or `user:<id>`).
+    pub resolved_by: Option<String>,
+    /// The reviewer's note.
+    pub resolution: Option<String>,
+}
+
+/// Which flags to list.
+#[derive(Debug, Clone, Default)]
+pub struct FlagFilter {
+    /// `Some(true)`: resolved only; `Some(false)`: open only.
+    pub resolved: Option<bool>,
+    /// One category.
+    pub category: Option<String>,
+    /// One session.
+    pub session_id: Option<String>,
+}
+
+impl AdminStore {
+    /// Flags matching `filter`, newest first, at most `limit`.
+    pub async fn flags(&self, filter: &FlagFilter, limit: i64) -> Result<Vec<ReviewFlag>, StoreError> {
+        let mut sql = String::from(
+            "SELECT id, session_id, turn, item_id, category, text, policy_version, created_at, resolved_at, \
+             resolved_by, resolution FROM moderation_flags WHERE 1 = 1",
+        );
+        match filter.resolved {
+            Some(true) => sql.push_str(" AND resolved_at IS NOT NULL"),
+            Some(false) => sql.push_str(" AND resolved_at IS NULL"),
+            None => {}
+        }
+        let mut binds = Vec::new();
+        for (column, value) in [("category", &filter.category), ("session_id", &filter.session_id)] {
+            if let Some(v) = value {
+                binds.push(v.clone());
+                sql.push_str(&format!(" AND {column} = ${}", binds.len()));
+            }
+        }
+        sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT ${}", binds.len() + 1));
+        let mut query = sqlx::query(&sql);
+        for b in &binds {
+            query = query.bind(b);
+        }
+        let rows = query.bind(limit).fetch_all(&self.pool).await.map_err(query_err)?;
+        rows.iter().map(flag_from_row).collect()
+    }
+
+    /// One flag by id.
+    pub async fn flag(&self, id: &str) -> Result<Option<ReviewFlag>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, session_id, turn, item_id, category, text, policy_version, created_at, resolved_at, \
+             resolved_by, resolution FROM moderation_flags WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err)?;
+        row.as_ref().map(flag_from_row).transpose()
+    }
+
+    /// Mark flag `id` resolved by `actor` with `resolution`; false when there is no such open flag.
+    pub async fn resolve_flag(&self, id: &str, actor: &str, resolution: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE moderation_flags SET resolved_at = $1, resolved_by = $2, resolution = $3 \
+             WHERE id = $4 AND resolved_at IS NULL",
+        )
+        .bind(to_ms(SystemTime::now()))
+        .bind(actor)
+        .bind(resolution)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+fn flag_from_row(r: &sqlx::any::AnyRow) -> Result<ReviewFlag, StoreError> {
+    let resolved_at: Option<i64> = r.try_get("resolved_at").map_err(query_err)?;
+    Ok(ReviewFlag {
+        id: r.try_get("id").map_err(query_err)?,
+        session_id: r.try_get("session_id").map_err(query_err)?,
+        turn: r.try_get("turn").map_err(query_err)?,
+        item_id: r.try_get("item_id").map_err(query_err)?,
+        category: r.try_get("category").map_err(query_err)?,
+        text: r.try_get("text").map_err(query_err)?,
+        policy_version: r.try_get("policy_version").map_err(query_err)?,
+        created_at: from_ms(r.try_get("created_at").map_err(query_err)?),
+        status: if resolved_at.is_some() { "resolved" } else { "open" },
+        resolved_by: r.try_get("resolved_by").map_err(query_err)?,
+        resolution: r.try_get("resolution").map_err(query_err)?,
+    })
+}

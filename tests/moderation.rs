@@ -1,0 +1,141 @@
+//! Moderation before speech, end to end: the fake OpenAI Realtime server replies with a
+//! sentence on the test deny list (`moderation.deny`, what `KOTODAMA_MODERATION_DENY` sets); the
+//! client hears the reply up to that sentence, then the fallback line; it gets a `moderation`
+//! event and no event carries the denied text; the stored transcript holds what was heard plus
+//! the fallback; the review queue has the flag, which an admin lists, filters and resolves; the
+//! counter is in `/metrics`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fake_openai::{FakeOpenAi, FakeOptions, Reply, reply_speech, short_speech};
+use common::*;
+use serde_json::{Value, json};
+
+const USER_KEY: &str = "moderation-test-user-key-0123456789";
+const ADMIN_KEY: &str = "moderation-test-admin-key-0123456789";
+const REPLY: &str =
+    "Hi! I am Aiko. It is nice to meet you. The purple monkey ate my homework today. I am happy to chat.";
+
+async fn admin(ts: &TestServer, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut req = ts.http.request(method.parse().unwrap(), format!("{}{path}", ts.base)).bearer_auth(ADMIN_KEY);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+fn agent_audio_ms(log: &[Received]) -> f64 {
+    log.iter().map(|r| if let Received::Audio { samples, .. } = r { *samples as f64 / 48.0 } else { 0.0 }).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_sentence_is_cut_replaced_by_the_fallback_and_queued_for_review() {
+    let (_, audio) = reply_speech();
+    let (_, fallback_audio) = short_speech(1.5);
+    let fallback = kotodama::config::ModerationSettings::default().fallback;
+    let script = vec![
+        Reply::Speech { text: REPLY.into(), audio },
+        Reply::Speech { text: fallback.clone(), audio: fallback_audio },
+    ];
+    let fake = FakeOpenAi::start(FakeOptions::default(), script).await;
+    let ts = TestServer::start_openai(&fake.url(), |c| {
+        c.api_keys = vec![USER_KEY.into()];
+        c.admin_api_keys = vec![ADMIN_KEY.into()];
+        c.moderation.deny = vec!["purple monkey".into()];
+    })
+    .await;
+    let r = ts.http.post(format!("{}/v1/sessions", ts.base)).bearer_auth(USER_KEY).json(&json!({})).send().await;
+    let created: Value = r.unwrap().json().await.unwrap();
+    let (id, token) = (created["session_id"].as_str().unwrap().to_owned(), created["token"].as_str().unwrap());
+    let mut client = TestClient::connect(&ts, created["offer_url"].as_str().unwrap(), token).await;
+    client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
+    client.send_text(r#"{"type":"text","text":"Tell me about your day."}"#).await;
+    client
+        .silence_until("the fallback line to be spoken", Duration::from_secs(30), |evs| {
+            evs.iter().any(|e| {
+                e["type"] == "transcript"
+                    && e["role"] == "agent"
+                    && e["final"] == true
+                    && e["text"] == fallback.as_str()
+            })
+        })
+        .await;
+
+    let events = client.events();
+    let moderation: Vec<&Value> = events.iter().filter(|e| e["type"] == "moderation").collect();
+    assert_eq!(moderation.len(), 1, "{events:#?}");
+    assert_eq!(moderation[0]["category"], "deny");
+    for e in &events {
+        assert!(!e.to_string().to_lowercase().contains("purple"), "an event carries the denied text: {e}");
+    }
+    // Heard: the reply up to the flagged sentence (cut), then the fallback's audio.
+    let log = client.log();
+    let at_flag =
+        log.iter().position(|r| matches!(r, Received::Event { event, .. } if event["type"] == "moderation")).unwrap();
+    let (before, after) = (agent_audio_ms(&log[..at_flag]), agent_audio_ms(&log[at_flag..]));
+    // The cut comes as soon as the flagged sentence's text is known; with a transcript running
+    // ahead of the audio (as here and at OpenAI) that is before the sentence is spoken.
+    assert!(before > 0.0, "the start of the reply was heard: {before} ms");
+    assert!(after > 1000.0, "the fallback line was heard: {after} ms");
+    let truncate = fake.conn(0).of_type("conversation.item.truncate");
+    assert_eq!(truncate.len(), 1, "the model keeps only what was heard");
+
+    // The stored transcript: the user's turn, what was heard (cut), the fallback.
+    let r = ts.http.delete(format!("{}/v1/sessions/{id}", ts.base)).bearer_auth(USER_KEY).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let transcript: Value = ts
+        .http
+        .get(format!("{}/v1/sessions/{id}/transcript", ts.base))
+        .bearer_auth(USER_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let turns: Vec<(String, String, bool)> = transcript
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["role"].as_str().unwrap().into(), t["text"].as_str().unwrap().into(), t["interrupted"] == true))
+        .collect();
+    assert_eq!(turns.len(), 3, "{turns:?}");
+    assert_eq!(turns[0].0, "user");
+    let heard = &turns[1];
+    assert!(heard.0 == "agent" && heard.2 && !heard.1.is_empty() && REPLY.starts_with(&heard.1), "{heard:?}");
+    assert!(!heard.1.contains("purple"), "{heard:?}");
+    assert_eq!(turns[2], ("agent".into(), fallback.clone(), false));
+
+    // The review queue.
+    let (status, flags) = admin(&ts, "GET", &format!("/v1/admin/flags?session_id={id}"), None).await;
+    assert_eq!(status, 200, "{flags}");
+    let flags = flags.as_array().unwrap().clone();
+    assert_eq!(flags.len(), 1, "{flags:?}");
+    let flag = &flags[0];
+    assert_eq!((flag["category"].as_str(), flag["status"].as_str()), (Some("deny"), Some("open")), "{flag}");
+    assert!(flag["text"].as_str().unwrap().contains("purple monkey"), "the reviewer sees the text: {flag}");
+    assert!(flag["policy_version"].as_str().is_some_and(|v| !v.is_empty()), "{flag}");
+    let (_, other) = admin(&ts, "GET", "/v1/admin/flags?category=violence", None).await;
+    assert_eq!(other, json!([]), "filtered by category");
+    let flag_id = flag["id"].as_str().unwrap();
+    let resolve = format!("/v1/admin/flags/{flag_id}/resolve");
+    let (status, v) = admin(&ts, "POST", &resolve, Some(json!({"resolution": "fallback was right"}))).await;
+    assert_eq!((status, v["status"].as_str()), (200, Some("resolved")), "{v}");
+    assert_eq!(admin(&ts, "POST", &resolve, None).await.0, 409, "resolved once");
+    assert_eq!(admin(&ts, "GET", "/v1/admin/flags", None).await.1, json!([]), "no open flags left");
+    let (_, resolved) = admin(&ts, "GET", "/v1/admin/flags?status=resolved", None).await;
+    assert_eq!(resolved[0]["resolution"], "fallback was right", "{resolved}");
+    let r = ts.http.get(format!("{}/v1/admin/flags", ts.base)).bearer_auth(USER_KEY).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+
+    let metrics = ts.http.get(format!("{}/metrics", ts.base)).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("kotodama_moderation_flags_total{category=\"deny\"}")),
+        "the flag is counted"
+    );
+    client.close().await;
+    ts.server.shutdown().await.unwrap();
+}
