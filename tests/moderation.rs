@@ -139,3 +139,76 @@ async fn a_denied_sentence_is_cut_replaced_by_the_fallback_and_queued_for_review
     client.close().await;
     ts.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cascade_checks_each_sentence_before_tts_and_speaks_the_fallback_instead() {
+    use common::fake_openai_http::{FakeBehavior, start_fake};
+    use kotodama::providers::RealtimeProvider;
+    use kotodama::providers::cascade::openai::{Endpoint, OpenAiChat, OpenAiSpeech, OpenAiStt, client};
+    use kotodama::providers::cascade::{CascadeConfig, CascadeProvider};
+    use std::sync::Arc;
+
+    let script = vec![
+        (Duration::from_millis(20), r#"{"emotion": "happy", "text": "The sun is out today. "#.to_owned()),
+        (Duration::from_millis(300), "The purple monkey stole my lunch. ".into()),
+        (Duration::from_millis(20), r#"It will rain later."}"#.into()),
+    ];
+    let fake = start_fake(FakeBehavior { llm_script: script, ..Default::default() }).await;
+    let endpoint = || {
+        let mut ep = Endpoint::new(&fake.url(), "test-model");
+        ep.timeout = Duration::from_secs(3);
+        ep
+    };
+    let c = client();
+    let cfg = CascadeConfig {
+        name: "cascade".into(),
+        stt: vec![Arc::new(OpenAiStt::new(endpoint(), c.clone(), None))],
+        llm: vec![Arc::new(OpenAiChat::new(endpoint(), c.clone()))],
+        tts: vec![Arc::new(OpenAiSpeech::new(endpoint(), c.clone()))],
+        token_budget: 2000,
+        max_reply_tokens: 200,
+    };
+    let provider: Arc<dyn RealtimeProvider> = Arc::new(CascadeProvider::new(cfg).unwrap());
+    let ts = TestServer::start_with_providers(
+        |c| {
+            c.provider = Some("cascade".into());
+            c.admin_api_keys = vec![ADMIN_KEY.into()];
+            c.api_keys = vec![USER_KEY.into()];
+            c.moderation.deny = vec!["purple monkey".into()];
+        },
+        move |_| vec![provider],
+    )
+    .await;
+    let r = ts.http.post(format!("{}/v1/sessions", ts.base)).bearer_auth(USER_KEY).json(&json!({})).send().await;
+    let created: Value = r.unwrap().json().await.unwrap();
+    let id = created["session_id"].as_str().unwrap().to_owned();
+    let token = created["token"].as_str().unwrap();
+    let mut client = TestClient::connect(&ts, created["offer_url"].as_str().unwrap(), token).await;
+    client
+        .wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening")
+        .await;
+    let (_, question) = wav("user_question.wav");
+    client.silence(Duration::from_millis(200)).await;
+    client.speak(&question).await;
+    let fallback = kotodama::config::ModerationSettings::default().fallback;
+    client
+        .silence_until("the reply with the fallback", Duration::from_secs(30), |evs| {
+            evs.iter().any(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
+        })
+        .await;
+
+    let tts: Vec<String> = fake.log().tts.into_iter().map(|(_, text)| text).collect();
+    assert!(tts.iter().all(|t| !t.contains("purple")), "the denied sentence never reached TTS: {tts:?}");
+    assert!(tts.iter().any(|t| t.contains(&fallback)), "the fallback was synthesized: {tts:?}");
+    assert!(tts.iter().all(|t| !t.contains("rain")), "the rest of the flagged reply is dropped: {tts:?}");
+    let events = client.events();
+    assert!(events.iter().any(|e| e["type"] == "moderation" && e["category"] == "deny"), "{events:#?}");
+    for e in &events {
+        assert!(!e.to_string().to_lowercase().contains("purple"), "an event carries the denied text: {e}");
+    }
+    let (_, flags) = admin(&ts, "GET", &format!("/v1/admin/flags?session_id={id}"), None).await;
+    assert_eq!(flags.as_array().map(Vec::len), Some(1), "{flags}");
+    assert!(flags[0]["text"].as_str().unwrap().contains("purple monkey"), "{flags}");
+    client.close().await;
+    ts.server.shutdown().await.unwrap();
+}

@@ -205,6 +205,7 @@ impl SessionBuilder {
             },
             // Validated at start (config::validate): an invalid name never reaches here.
             viseme_overrides: crate::providers::cascade::viseme_overrides(&character.visemes).unwrap_or_default(),
+            moderator: self.moderator.clone(),
         }
     }
 }

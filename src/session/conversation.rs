@@ -661,6 +661,12 @@ impl Conversation {
             ev @ (ProviderEvent::Emotion { .. } | ProviderEvent::Gesture { .. } | ProviderEvent::Viseme { .. }) => {
                 self.on_expression(ev)
             }
+            // The provider dropped the flagged text before speaking it and says the fallback
+            // itself: only the client and the review queue are told.
+            ProviderEvent::Moderated { item_id, category, text, policy_version } => {
+                self.event(ServerEvent::Moderation { category: category.clone(), item_id: item_id.clone() });
+                self.out.push_back(Queued::Flag(Flag { item_id, category, text, policy_version }));
+            }
             ev => self.on_provider_status(ev),
         }
     }
