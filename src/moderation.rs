@@ -17,6 +17,7 @@ use regex::Regex;
 use sha2::{Digest, Sha256};
 
 use crate::config::ModerationSettings;
+use crate::config::moderation::EndpointSettings;
 
 /// The built-in category: credentials a model might leak (API keys, private keys).
 pub const BUILTIN_CREDENTIALS: &[&str] =
@@ -48,7 +49,11 @@ pub struct Moderator {
     allow: Option<Regex>,
     fallback: String,
     version: String,
+    endpoint: Option<(EndpointSettings, reqwest::Client)>,
 }
+
+/// Category of text flagged because a fail-closed endpoint could not check it.
+pub const UNAVAILABLE: &str = "moderation_unavailable";
 
 /// `phrase` as a case-insensitive literal, `\b`-bounded where its ends are word characters.
 fn phrase_pattern(phrase: &str) -> String {
@@ -107,7 +112,26 @@ impl Moderator {
         let allow = compile("allow", &settings.allow.iter().map(|p| phrase_pattern(p)).collect::<Vec<_>>())?;
         let policy = serde_json::to_string(settings).unwrap_or_default();
         let version = Sha256::digest(policy.as_bytes())[..6].iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Self { categories, allow, fallback: settings.fallback.trim().to_owned(), version })
+        let endpoint = settings.endpoint.clone().filter(|_| settings.enabled).map(|e| (e, reqwest::Client::new()));
+        Ok(Self { categories, allow, fallback: settings.fallback.trim().to_owned(), version, endpoint })
+    }
+
+    /// [`Self::check`], then (when configured and the lists pass) the moderation endpoint,
+    /// within its deadline; a failure follows the endpoint's `fail_closed` choice.
+    pub async fn check_with_endpoint(&self, text: &str) -> Option<Verdict> {
+        if let Some(v) = self.check(text) {
+            return Some(v);
+        }
+        let (endpoint, http) = self.endpoint.as_ref()?;
+        let deadline = std::time::Duration::from_millis(endpoint.timeout_ms);
+        let failure = match tokio::time::timeout(deadline, ask(endpoint, http, text)).await {
+            Ok(Ok(verdict)) => return verdict,
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {deadline:?}"),
+        };
+        metrics::counter!(crate::telemetry::MODERATION_ENDPOINT_FAILURES).increment(1);
+        tracing::warn!(error = %failure, fail_closed = endpoint.fail_closed, "moderation endpoint failed");
+        endpoint.fail_closed.then(|| Verdict { category: UNAVAILABLE.into() })
     }
 
     /// The first category `text` falls in, if any (allow-listed phrases are ignored).
@@ -135,6 +159,28 @@ impl Moderator {
     pub fn version(&self) -> &str {
         &self.version
     }
+}
+
+/// `POST {url}/v1/moderations` `{"model","input"}`: the first category marked true of a
+/// flagged result (`flagged` when none is named).
+async fn ask(endpoint: &EndpointSettings, http: &reqwest::Client, text: &str) -> Result<Option<Verdict>, String> {
+    let url = format!("{}/v1/moderations", endpoint.url.trim_end_matches('/'));
+    let mut req = http.post(&url).json(&serde_json::json!({"model": endpoint.model, "input": text}));
+    if let Some(key) = &endpoint.api_key {
+        req = req.bearer_auth(key.expose());
+    }
+    let response = req.send().await.map_err(|e| format!("POST {url}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("POST {url}: HTTP {}", response.status()));
+    }
+    let body: serde_json::Value = response.json().await.map_err(|e| format!("POST {url}: unreadable JSON: {e}"))?;
+    let result = body["results"].get(0).ok_or_else(|| format!("POST {url}: no results"))?;
+    if result["flagged"] != true {
+        return Ok(None);
+    }
+    let named =
+        result["categories"].as_object().and_then(|c| c.iter().find(|(_, v)| **v == true).map(|(k, _)| k.clone()));
+    Ok(Some(Verdict { category: named.unwrap_or_else(|| "flagged".into()) }))
 }
 
 /// The end of the last complete sentence in `text` (byte index after its terminator), if any:

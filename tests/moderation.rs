@@ -212,3 +212,115 @@ async fn the_cascade_checks_each_sentence_before_tts_and_speaks_the_fallback_ins
     client.close().await;
     ts.server.shutdown().await.unwrap();
 }
+
+/// One cascade turn with `script` as the model's reply and `endpoint` as the moderation
+/// endpoint: (texts sent to TTS, events the client got).
+async fn cascade_turn_with_endpoint(
+    script: &str,
+    endpoint: kotodama::config::moderation::EndpointSettings,
+) -> (Vec<String>, Vec<Value>) {
+    use common::fake_openai_http::{FakeBehavior, start_fake};
+    use kotodama::providers::RealtimeProvider;
+    use kotodama::providers::cascade::openai::{Endpoint, OpenAiChat, OpenAiSpeech, OpenAiStt, client};
+    use kotodama::providers::cascade::{CascadeConfig, CascadeProvider};
+    use std::sync::Arc;
+
+    let deltas = vec![(Duration::from_millis(20), json!({"emotion": "happy", "text": script}).to_string())];
+    let fake = start_fake(FakeBehavior { llm_script: deltas, ..Default::default() }).await;
+    let ep = || {
+        let mut ep = Endpoint::new(&fake.url(), "test-model");
+        ep.timeout = Duration::from_secs(3);
+        ep
+    };
+    let c = client();
+    let provider: Arc<dyn RealtimeProvider> = Arc::new(
+        CascadeProvider::new(CascadeConfig {
+            name: "cascade".into(),
+            stt: vec![Arc::new(OpenAiStt::new(ep(), c.clone(), None))],
+            llm: vec![Arc::new(OpenAiChat::new(ep(), c.clone()))],
+            tts: vec![Arc::new(OpenAiSpeech::new(ep(), c.clone()))],
+            token_budget: 2000,
+            max_reply_tokens: 200,
+        })
+        .unwrap(),
+    );
+    let ts = TestServer::start_with_providers(
+        |c| {
+            c.provider = Some("cascade".into());
+            c.moderation.endpoint = Some(endpoint);
+        },
+        move |_| vec![provider],
+    )
+    .await;
+    let (_, token, offer_url) = ts.create_session().await;
+    let mut client = TestClient::connect(&ts, &offer_url, &token).await;
+    client
+        .wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening")
+        .await;
+    let (_, question) = wav("user_question.wav");
+    client.silence(Duration::from_millis(200)).await;
+    client.speak(&question).await;
+    client
+        .silence_until("the reply", Duration::from_secs(30), |evs| {
+            evs.iter().any(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
+        })
+        .await;
+    let tts = fake.log().tts.into_iter().map(|(_, text)| text).collect();
+    let events = client.events();
+    client.close().await;
+    ts.server.shutdown().await.unwrap();
+    (tts, events)
+}
+
+/// A fake OpenAI-compatible `/v1/moderations`: flags inputs mentioning "weather" as
+/// harassment, answers "clean" for the rest after `delay`.
+async fn fake_moderations(delay: Duration) -> String {
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/v1/moderations",
+        post(move |axum::Json(body): axum::Json<Value>| async move {
+            let input = body["input"].as_str().unwrap_or_default().to_owned();
+            if input.contains("weather") {
+                return axum::Json(json!({"id": "modr-1", "model": body["model"], "results": [
+                    {"flagged": true, "categories": {"hate": false, "harassment": true}}
+                ]}));
+            }
+            tokio::time::sleep(delay).await;
+            axum::Json(
+                json!({"id": "modr-2", "model": body["model"], "results": [{"flagged": false, "categories": {}}]}),
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_moderation_endpoint_flags_and_a_timeout_follows_the_fail_open_or_closed_choice() {
+    let fallback = kotodama::config::ModerationSettings::default().fallback;
+    let url = fake_moderations(Duration::from_secs(2)).await;
+    let endpoint = |fail_closed: bool| kotodama::config::moderation::EndpointSettings {
+        url: url.clone(),
+        api_key: None,
+        model: "omni-moderation-latest".into(),
+        timeout_ms: 300,
+        fail_closed,
+    };
+    let category = |events: &[Value]| {
+        events.iter().find(|e| e["type"] == "moderation").map(|e| e["category"].as_str().unwrap().to_owned())
+    };
+
+    let (tts, events) = cascade_turn_with_endpoint("Let us talk about the weather.", endpoint(false)).await;
+    assert_eq!(category(&events).as_deref(), Some("harassment"), "the endpoint's category: {events:#?}");
+    assert_eq!(tts, std::slice::from_ref(&fallback), "only the fallback was synthesized");
+
+    let (tts, events) = cascade_turn_with_endpoint("The sun is out today.", endpoint(true)).await;
+    assert_eq!(category(&events).as_deref(), Some("moderation_unavailable"), "fail closed: {events:#?}");
+    assert_eq!(tts, std::slice::from_ref(&fallback), "nothing unchecked was spoken");
+
+    let (tts, events) = cascade_turn_with_endpoint("The sun is out today.", endpoint(false)).await;
+    assert_eq!(category(&events), None, "fail open: {events:#?}");
+    assert_eq!(tts, ["The sun is out today."], "spoken unchecked");
+}

@@ -716,7 +716,7 @@ async fn speak(ctx: &ReplyCtx, mut sentences: mpsc::Receiver<String>) {
 /// event, review queue) and the fallback line is returned, to be spoken instead.
 async fn moderate(ctx: &ReplyCtx, sentence: &str) -> Option<String> {
     let moderator = ctx.moderator.as_ref()?;
-    let verdict = moderator.check(sentence)?;
+    let verdict = moderator.check_with_endpoint(sentence).await?;
     tracing::info!(item_id = %ctx.item_id, category = %verdict.category, "sentence flagged before TTS");
     let ev = ProviderEvent::Moderated {
         item_id: ctx.item_id.clone(),
