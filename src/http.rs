@@ -76,6 +76,7 @@ fn to_api(e: SessionError) -> ApiError {
         }
         SessionError::NotLive => ApiError::conflict("not_live", "the session has not connected yet"),
         SessionError::Busy => ApiError::unavailable("the session is busy", RETRY_AFTER),
+        SessionError::NoUserData => ApiError::not_found("no_user_data", "no data for this user"),
         e @ SessionError::LiveElsewhere(_) => ApiError::conflict("sessions_live_elsewhere", e.to_string()),
         other => ApiError::internal(other),
     }
@@ -197,38 +198,11 @@ impl SessionHost for Host {
     }
 
     async fn export_user(&self, user_id: &str, scope: UserScope) -> Result<serde_json::Value, ApiError> {
-        // Everything queued so far is in the export.
-        self.manager.writer().flush().await;
-        let data = self.manager.store().user_data(user_id, Self::scope_key(&scope)).await.map_err(storage_error)?;
-        if data.sessions.is_empty() {
-            return Err(ApiError::not_found("no_user_data", "no data for this user"));
-        }
-        let mut value = serde_json::to_value(&data).map_err(ApiError::internal)?;
-        // Short-term data too: the recent-turns windows of live sessions, where kept.
-        if let Some(redis) = self.manager.redis() {
-            for s in value["sessions"].as_array_mut().into_iter().flatten() {
-                let id = s["id"].as_str().unwrap_or_default().to_owned();
-                if s["state"] != "ended" {
-                    s["recent_turns"] = serde_json::Value::Array(redis.recent(&id).await.unwrap_or_default());
-                }
-            }
-        }
-        Ok(value)
+        self.manager.export_user(user_id, Self::scope_key(&scope)).await.map_err(to_api)
     }
 
     async fn delete_user(&self, user_id: &str, scope: UserScope) -> Result<serde_json::Value, ApiError> {
-        let key = Self::scope_key(&scope);
-        let data = self.manager.store().user_data(user_id, key).await.map_err(storage_error)?;
-        if data.sessions.is_empty() {
-            return Err(ApiError::not_found("no_user_data", "no data for this user"));
-        }
-        // Live sessions end first, so no write lands after the delete.
-        let sessions: Vec<StoredSession> = data.sessions.into_iter().map(|s| s.session).collect();
-        self.manager.end_everywhere(&sessions).await.map_err(to_api)?;
-        self.manager.writer().flush().await;
-        let deleted = self.manager.store().delete_user(user_id, key).await.map_err(storage_error)?;
-        self.manager.forget_everywhere(&deleted).await;
-        tracing::info!(sessions = deleted.len(), "user data deleted");
+        let deleted = self.manager.delete_user(user_id, Self::scope_key(&scope)).await.map_err(to_api)?;
         Ok(serde_json::json!({ "user_id": user_id, "deleted_sessions": deleted }))
     }
 

@@ -11,6 +11,13 @@
 //! cluster's short-term state (session registry, used token ids, idempotency, rate limits,
 //! recent turns, cross-node control).
 //!
+//! A live session is layered (see [`session`]): a sans-IO conversation core
+//! ([`session::conversation`]) makes every decision; a thin task does the IO between a client
+//! link ([`session::link::ClientLink`]: a transport, today the WebRTC peer, plus an event codec per
+//! client dialect, today api-v1) and the provider session. A new transport or dialect is a new
+//! module behind that seam. [`cluster`] owns the multi-node parts (registry, 307 redirect, control
+//! bus).
+//!
 //! [`server::start`] wires it together; `main.rs` only parses the command line.
 
 pub mod admin;

@@ -113,6 +113,9 @@ pub enum Input {
 pub struct AudioFrame<'a> {
     /// The encoded frame (Opus).
     pub payload: &'a [u8],
+    /// The agent item (reply) it belongs to: dialects that name replies (N.E.K.O. `speech_id`,
+    /// oai-events `item_id`) tag their audio with it.
+    pub item_id: &'a str,
     /// Its playout time (media time): the RTP timestamp is `due` in 48 kHz units.
     pub due: Duration,
     /// First frame of a talk spurt (RTP marker).
@@ -195,6 +198,8 @@ pub struct Conversation {
     media: MediaParts,
     out: VecDeque<Queued>,
     frame: Box<[u8; MAX_FRAME_BYTES]>,
+    /// The item of the frame in `frame` (reused buffer: no allocation per frame).
+    frame_item: String,
     now: Duration,
     client_connected: bool,
     ready_sent: bool,
@@ -235,6 +240,7 @@ impl Conversation {
             media,
             out: VecDeque::with_capacity(32),
             frame: Box::new([0; MAX_FRAME_BYTES]),
+            frame_item: String::with_capacity(64),
             now: Duration::ZERO,
             client_connected: false,
             ready_sent: false,
@@ -290,7 +296,8 @@ impl Conversation {
             Queued::Turn { role, text, interrupted } => Output::Turn { role, text, interrupted },
             Queued::Flag(f) => Output::Flag(f),
             Queued::Audio { len, due, talkspurt_start, lateness } => {
-                Output::Audio(AudioFrame { payload: &self.frame[..len], due, talkspurt_start, lateness })
+                let (payload, item_id) = (&self.frame[..len], self.frame_item.as_str());
+                Output::Audio(AudioFrame { payload, item_id, due, talkspurt_start, lateness })
             }
             Queued::End(r) => Output::End(r),
         })
@@ -448,6 +455,10 @@ impl Conversation {
         };
         let (due, talkspurt_start, len) = (frame.due, frame.talkspurt_start, frame.len);
         self.media.speech.on_frame(frame.item_id, frame.item_offset, media::FRAME, &mut self.due);
+        if self.frame_item != frame.item_id {
+            self.frame_item.clear();
+            self.frame_item.push_str(frame.item_id);
+        }
         let lateness = now.saturating_sub(due);
         self.out.push_back(Queued::Audio { len, due, talkspurt_start, lateness });
         self.last_activity = now;

@@ -110,7 +110,7 @@ impl Harness {
                 Output::Turn { role, text, interrupted } => self.turns.push((role, text, interrupted)),
                 Output::Flag(f) => self.flags.push(f),
                 Output::Audio(f) => {
-                    assert!(!f.payload.is_empty(), "an encoded frame");
+                    assert!(!f.payload.is_empty() && !f.item_id.is_empty(), "an encoded frame of an item");
                     self.frames.push(f.due);
                 }
                 Output::End(r) => self.ended = Some(r),

@@ -21,7 +21,16 @@
 //!   stateful (`&mut self`) and may write zero or several wire messages for one [`ServerEvent`], so
 //!   it can number events, open and close responses and map our item ids to its own.
 //! - **Handshakes** such as RTVI's `client-ready` / `bot-ready`: the codec decodes the client's
-//!   message as [`ClientEvent`]s or nothing, and writes `bot-ready` for `session.ready`.
+//!   message as [`ClientEvent`]s or nothing, and writes `bot-ready` for `session.ready`. Noise a
+//!   dialect ignores (RTVI's raw `ping: <ms>` strings) decodes to `Ok(None)`; a dialect that ends
+//!   the session on malformed input (N.E.K.O.) has its link return [`LinkEvent::Closed`] instead of
+//!   [`LinkEvent::BadMessage`].
+//! - **Replies named on the wire**: every [`AudioFrame`] carries its agent `item_id`, so a link
+//!   can tag audio (N.E.K.O. `audio_chunk {speech_id}`, oai-events `output_audio_buffer.*`).
+//! - **Client-side VAD and an explicit end of turn** (seed 004's `vad` / `control.end_turn`): new
+//!   `conversation::Input` variants next to the uplink's own VAD edges, fed by the link.
+//! - **Other data-channel labels** (`oai-events`, RTVI's `chat`): the WebRTC link is built with
+//!   the codec of the label the client opened.
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -60,6 +60,7 @@
 pub(crate) mod builder;
 pub mod conversation;
 pub mod link;
+mod privacy;
 pub mod speech;
 pub(crate) mod task;
 pub mod webrtc_link;
@@ -350,6 +351,9 @@ pub enum SessionError {
     /// The live session's control queue is full.
     #[error("the session is busy")]
     Busy,
+    /// No stored data for the user (privacy export/delete).
+    #[error("no data for this user")]
+    NoUserData,
     /// Live sessions on other nodes were told to end; the request must be retried.
     #[error("{0} live session(s) on other nodes were told to end; retry")]
     LiveElsewhere(usize),
