@@ -27,6 +27,30 @@ async fn admin(ts: &TestServer, method: &str, path: &str, body: Option<Value>) -
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// A cascade whose STT, LLM and TTS are the fake OpenAI-compatible server `fake`.
+fn cascade_over(fake: &common::fake_openai_http::Fake) -> std::sync::Arc<dyn kotodama::providers::RealtimeProvider> {
+    use kotodama::providers::cascade::openai::{Endpoint, OpenAiChat, OpenAiSpeech, OpenAiStt, client};
+    use kotodama::providers::cascade::{CascadeConfig, CascadeProvider};
+    use std::sync::Arc;
+    let endpoint = || {
+        let mut ep = Endpoint::new(&fake.url(), "test-model");
+        ep.timeout = Duration::from_secs(3);
+        ep
+    };
+    let c = client();
+    Arc::new(
+        CascadeProvider::new(CascadeConfig {
+            name: "cascade".into(),
+            stt: vec![Arc::new(OpenAiStt::new(endpoint(), c.clone(), None))],
+            llm: vec![Arc::new(OpenAiChat::new(endpoint(), c.clone()))],
+            tts: vec![Arc::new(OpenAiSpeech::new(endpoint(), c.clone()))],
+            token_budget: 2000,
+            max_reply_tokens: 200,
+        })
+        .unwrap(),
+    )
+}
+
 fn agent_audio_ms(log: &[Received]) -> f64 {
     log.iter().map(|r| if let Received::Audio { samples, .. } = r { *samples as f64 / 48.0 } else { 0.0 }).sum()
 }
@@ -143,10 +167,6 @@ async fn a_denied_sentence_is_cut_replaced_by_the_fallback_and_queued_for_review
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cascade_checks_each_sentence_before_tts_and_speaks_the_fallback_instead() {
     use common::fake_openai_http::{FakeBehavior, start_fake};
-    use kotodama::providers::RealtimeProvider;
-    use kotodama::providers::cascade::openai::{Endpoint, OpenAiChat, OpenAiSpeech, OpenAiStt, client};
-    use kotodama::providers::cascade::{CascadeConfig, CascadeProvider};
-    use std::sync::Arc;
 
     let script = vec![
         (Duration::from_millis(20), r#"{"emotion": "happy", "text": "The sun is out today. "#.to_owned()),
@@ -154,21 +174,7 @@ async fn the_cascade_checks_each_sentence_before_tts_and_speaks_the_fallback_ins
         (Duration::from_millis(20), r#"It will rain later."}"#.into()),
     ];
     let fake = start_fake(FakeBehavior { llm_script: script, ..Default::default() }).await;
-    let endpoint = || {
-        let mut ep = Endpoint::new(&fake.url(), "test-model");
-        ep.timeout = Duration::from_secs(3);
-        ep
-    };
-    let c = client();
-    let cfg = CascadeConfig {
-        name: "cascade".into(),
-        stt: vec![Arc::new(OpenAiStt::new(endpoint(), c.clone(), None))],
-        llm: vec![Arc::new(OpenAiChat::new(endpoint(), c.clone()))],
-        tts: vec![Arc::new(OpenAiSpeech::new(endpoint(), c.clone()))],
-        token_budget: 2000,
-        max_reply_tokens: 200,
-    };
-    let provider: Arc<dyn RealtimeProvider> = Arc::new(CascadeProvider::new(cfg).unwrap());
+    let provider = cascade_over(&fake);
     let ts = TestServer::start_with_providers(
         |c| {
             c.provider = Some("cascade".into());
@@ -220,30 +226,10 @@ async fn cascade_turn_with_endpoint(
     endpoint: kotodama::config::moderation::EndpointSettings,
 ) -> (Vec<String>, Vec<Value>) {
     use common::fake_openai_http::{FakeBehavior, start_fake};
-    use kotodama::providers::RealtimeProvider;
-    use kotodama::providers::cascade::openai::{Endpoint, OpenAiChat, OpenAiSpeech, OpenAiStt, client};
-    use kotodama::providers::cascade::{CascadeConfig, CascadeProvider};
-    use std::sync::Arc;
 
     let deltas = vec![(Duration::from_millis(20), json!({"emotion": "happy", "text": script}).to_string())];
     let fake = start_fake(FakeBehavior { llm_script: deltas, ..Default::default() }).await;
-    let ep = || {
-        let mut ep = Endpoint::new(&fake.url(), "test-model");
-        ep.timeout = Duration::from_secs(3);
-        ep
-    };
-    let c = client();
-    let provider: Arc<dyn RealtimeProvider> = Arc::new(
-        CascadeProvider::new(CascadeConfig {
-            name: "cascade".into(),
-            stt: vec![Arc::new(OpenAiStt::new(ep(), c.clone(), None))],
-            llm: vec![Arc::new(OpenAiChat::new(ep(), c.clone()))],
-            tts: vec![Arc::new(OpenAiSpeech::new(ep(), c.clone()))],
-            token_budget: 2000,
-            max_reply_tokens: 200,
-        })
-        .unwrap(),
-    );
+    let provider = cascade_over(&fake);
     let ts = TestServer::start_with_providers(
         |c| {
             c.provider = Some("cascade".into());

@@ -410,6 +410,15 @@ async fn export_user(
     Ok(json_response(StatusCode::OK, &data))
 }
 
+/// A list's `limit`: 100 when absent, else 1..=[`MAX_AUDIT_LIMIT`] (400 `bad_limit`).
+fn list_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(100);
+    if !(1..=MAX_AUDIT_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request("bad_limit", format!("limit must be 1..={MAX_AUDIT_LIMIT}")));
+    }
+    Ok(limit)
+}
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AuditQuery {
@@ -422,11 +431,7 @@ async fn audit_log(
     query: Result<Query<AuditQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let bad = || ApiError::bad_request("bad_limit", format!("limit must be 1..={MAX_AUDIT_LIMIT}"));
-    let limit = query.map_err(|_| bad())?.0.limit.unwrap_or(100);
-    if !(1..=MAX_AUDIT_LIMIT).contains(&limit) {
-        return Err(bad());
-    }
+    let limit = list_limit(query.map_err(|_| ApiError::bad_request("bad_limit", "limit must be a number"))?.0.limit)?;
     st.authorize(&headers, "audit.read", None, Some(json!({"limit": limit}))).await?;
     let entries = st.store.audit_log(limit).await.map_err(storage)?;
     Ok(json_response(StatusCode::OK, &entries))
@@ -458,10 +463,7 @@ async fn list_flags(
         Some("all") => None,
         Some(_) => return Err(bad("status must be open, resolved or all")),
     };
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=MAX_AUDIT_LIMIT).contains(&limit) {
-        return Err(bad("limit must be 1..=1000"));
-    }
+    let limit = list_limit(q.limit)?;
     let filter = FlagFilter { resolved, category: q.category, session_id: q.session_id };
     let detail = json!({"status": q.status, "category": filter.category, "session_id": filter.session_id});
     st.authorize(&headers, "flag.list", None, Some(detail)).await?;
