@@ -100,6 +100,7 @@ async fn run() {
         history: vec![],
         tools: Arc::new(ToolRegistry::builtin()),
         viseme_overrides: Default::default(),
+        moderator: None,
     };
     let mut session = provider.connect(cfg).await.unwrap();
     assert!(matches!(session.events.recv().await, Some(ProviderEvent::Ready)));

@@ -220,12 +220,14 @@ impl SessionHost for Host {
     }
 }
 
-/// The whole HTTP app: the API, the web demo's routes and `/metrics`.
-pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>, web_demo: Router) -> Router {
+/// The whole HTTP app: the API, the WebSocket routes, the admin API ([`crate::admin`]), the web
+/// demo's routes and `/metrics`.
+pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>, admin: Router, web_demo: Router) -> Router {
     let prometheus = crate::telemetry::install();
     signaling::api::router(api.clone())
         .merge(crate::ws::routes(api.clone(), Arc::clone(&manager)))
         .merge(crate::agent_results::routes(api, Arc::clone(&manager)))
+        .merge(admin)
         .merge(web_demo)
         .route(
             "/metrics",

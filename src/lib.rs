@@ -20,11 +20,14 @@
 //!
 //! [`server::start`] wires it together; `main.rs` only parses the command line.
 
+pub mod admin;
 pub mod agent_results;
 pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod http_server;
+pub mod moderation;
+pub mod oidc;
 pub mod otlp;
 pub mod peer;
 pub mod providers;

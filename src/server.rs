@@ -232,14 +232,25 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
     }
     let mut api =
         signaling::api::ApiState::new(host, tokens).with_api_keys(api_keys).with_limits(limits).with_turn(turn);
+    if let Some(verifier) = crate::oidc::OidcVerifier::new(&config.oidc) {
+        api = api.with_end_users(verifier);
+    }
     if let Some(redis) = &redis {
         api = api.with_short_term(Arc::new(redis.clone()));
         if let Some(cluster) = manager.cluster() {
             cluster.spawn_tasks(&manager).await;
         }
     }
+    let admin = crate::admin::start(
+        api.clone(),
+        Arc::clone(&manager),
+        crate::admin::store::AdminStore::new(store.pool().clone()),
+        config.characters(),
+    )
+    .await
+    .map_err(store_error("loading the admin API's character edits"))?;
     let web_demo = crate::web_demo::routes(config.web_demo_dir.as_deref());
-    let app = crate::http::app(api, Arc::clone(&manager), web_demo);
+    let app = crate::http::app(api, Arc::clone(&manager), admin, web_demo);
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let join = tokio::spawn(async move { crate::http_server::serve(listener, app, http_settings, stop_rx).await });

@@ -51,6 +51,10 @@ pub const QUEUE_DROPS: &str = "kotodama_queue_drops_total";
 pub const PROVIDER_CONNECTS: &str = "kotodama_provider_connects_total";
 /// Provider errors, by `provider`.
 pub const PROVIDER_ERRORS: &str = "kotodama_provider_errors_total";
+/// Agent replies moderation flagged (cut before they were spoken), by `category`.
+pub const MODERATION_FLAGS: &str = "kotodama_moderation_flags_total";
+/// Moderation endpoint checks that failed or missed their deadline.
+pub const MODERATION_ENDPOINT_FAILURES: &str = "kotodama_moderation_endpoint_failures_total";
 /// HTTP requests, by `route` and `status`.
 pub const HTTP_REQUESTS: &str = "kotodama_http_requests_total";
 /// HTTP request duration, by `route`.

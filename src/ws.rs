@@ -138,7 +138,8 @@ async fn neko_ws(
             .ok_or_else(|| ApiError::unauthorized("invalid_api_key", "not one of this server's API keys"))?
     };
     let wanted = character.to_lowercase();
-    let found = st.manager.characters().iter().find(|c| c.id == character || c.name.to_lowercase() == wanted);
+    let catalog = st.manager.characters();
+    let found = catalog.iter().find(|c| c.id == character || c.name.to_lowercase() == wanted);
     let character = found.ok_or_else(|| ApiError::unknown_character(&character))?.id.clone();
     let upgrade = limited(upgrade)?;
     let live_key = format!("{character}\u{0}{key_id}");

@@ -226,6 +226,7 @@ async fn a_tool_call_the_model_cancels_gets_no_response() {
         history: vec![],
         tools: Arc::new(tools_with_a_slow_lookup()),
         viseme_overrides: Default::default(),
+        moderator: None,
     };
     let mut s = GeminiProvider::new(settings).connect(cfg).await.expect("connects");
     assert!(matches!(s.events.recv().await, Some(ProviderEvent::Ready)));

@@ -90,6 +90,15 @@ export interface AgentInterruptedEvent {
   played_ms: number;
 }
 
+/** Moderation stopped the agent's reply before it was spoken (extension): the audio was cut where the flagged sentence began and the character's safe fallback line follows. The denied text is never sent, here or in any transcript. */
+export interface ModerationEvent {
+  type: "moderation";
+  /** The policy category that matched (e.g. `deny`, `credentials`). */
+  category: string;
+  /** The agent item that was cut. */
+  item_id: string;
+}
+
 /** Something the client should know went wrong (e.g. a malformed client message). */
 export interface ErrorEvent {
   type: "error";
@@ -140,6 +149,7 @@ export type ServerEvent =
   | EmotionEvent
   | VisemeEvent
   | AgentInterruptedEvent
+  | ModerationEvent
   | ErrorEvent
   | PongEvent
   | GestureEvent

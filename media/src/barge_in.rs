@@ -21,6 +21,8 @@ pub enum InterruptReason {
     },
     /// The client sent an explicit `interrupt`.
     ClientRequest,
+    /// Moderation flagged the reply before it was spoken (the server cut it).
+    Moderation,
 }
 
 /// The outcome of a barge-in: what was cut and how much of it the user heard.

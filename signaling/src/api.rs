@@ -53,6 +53,7 @@ use crate::auth::{ApiKeyIdentity, ApiKeys, KeyRole, bearer};
 use crate::host::{IfMatch, SessionHost, SessionState, TrickleOutcome, TrickleRequest, UserScope};
 use crate::ice::IceServer;
 use crate::id::is_valid_id;
+use crate::identity::{Caller, EndUserVerifier};
 use crate::problem::RedirectBase;
 use crate::problem::{ApiError, Reason};
 use crate::sdp::{
@@ -119,6 +120,8 @@ pub struct ApiState {
     /// STUN/TURN servers: minted into `ice_servers` of every new session and into the `Link`
     /// headers of an ICE restart's 200 (fresh TURN REST credentials).
     pub turn: Arc<IceServerSet>,
+    /// End-user identity tokens (OpenID Connect), accepted beside API keys; `None`: keys only.
+    pub end_users: Option<Arc<dyn EndUserVerifier>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -141,12 +144,20 @@ impl ApiState {
             limits: Limits::default(),
             short_term: Arc::new(MemoryShortTerm::new()),
             turn: Arc::new(IceServerSet::default()),
+            end_users: None,
         }
     }
 
     /// With these STUN/TURN servers (TURN REST credentials minted per session).
     pub fn with_turn(mut self, turn: IceServerSet) -> Self {
         self.turn = Arc::new(turn);
+        self
+    }
+
+    /// Also accepting end-user identity tokens verified by `verifier` (then creating a session
+    /// always needs a credential, even on loopback).
+    pub fn with_end_users(mut self, verifier: Arc<dyn EndUserVerifier>) -> Self {
+        self.end_users = Some(verifier);
         self
     }
 
@@ -247,10 +258,10 @@ fn short_term_error(e: ShortTermError) -> ApiError {
     ApiError::unavailable("session state is unavailable; retry shortly", Duration::from_secs(2))
 }
 
-/// The rate-limit bucket of a creation request: its API key, else its client IP.
-async fn rate_limit(st: &ApiState, key: Option<&ApiKeyIdentity>, ip: Option<IpAddr>) -> Result<(), ApiError> {
-    let (bucket, limit) = match (key, ip) {
-        (Some(k), _) => (format!("rl:key:{}", k.id), st.limits.sessions_per_minute_per_key),
+/// The rate-limit bucket of a creation request: its API key or signed-in user, else its client IP.
+async fn rate_limit(st: &ApiState, caller: Option<&Caller>, ip: Option<IpAddr>) -> Result<(), ApiError> {
+    let (bucket, limit) = match (caller, ip) {
+        (Some(c), _) => (format!("rl:{}", c.audit_name()), st.limits.sessions_per_minute_per_key),
         (None, Some(ip)) => (format!("rl:ip:{ip}"), st.limits.sessions_per_minute_per_ip),
         (None, None) => return Ok(()),
     };
@@ -343,7 +354,7 @@ async fn create_session(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let identity = require_api_key(&st, &headers)?;
+    let caller = authenticate(&st, &headers).await?;
     if !st.host.accepting() {
         return Err(ApiError::unavailable("not accepting new sessions (draining)", st.limits.retry_after));
     }
@@ -367,8 +378,15 @@ async fn create_session(
             format!("user_id must be 1..={MAX_USER_ID_LEN} visible ASCII characters"),
         ));
     }
-    let scope = match (&identity, ip) {
-        (Some(k), _) => format!("key:{}", k.id),
+    if let Some(Caller::User(user)) = &caller {
+        // A signed-in user's sessions are theirs: the id comes from the token, not the body.
+        if request.user_id.as_ref().is_some_and(|id| *id != user.user_id) {
+            return Err(ApiError::forbidden("user_id_mismatch", "user_id differs from the signed-in user's id"));
+        }
+        request.user_id = Some(user.user_id.clone());
+    }
+    let scope = match (&caller, ip) {
+        (Some(c), _) => c.audit_name(),
         (None, Some(ip)) => format!("ip:{ip}"),
         (None, None) => "open".to_owned(),
     };
@@ -379,8 +397,11 @@ async fn create_session(
     };
     // A replayed request does not count against the limit; a fresh one does.
     let outcome = async {
-        rate_limit(&st, identity.as_ref(), ip).await?;
-        request.api_key_id = identity.as_ref().map(|k| k.id.clone());
+        rate_limit(&st, caller.as_ref(), ip).await?;
+        request.api_key_id = match &caller {
+            Some(Caller::Key(k)) => Some(k.id.clone()),
+            _ => None,
+        };
         create_and_issue(&st, request).await
     }
     .await;
@@ -609,12 +630,26 @@ fn peer_path(path: Result<Path<(String, String)>, PathRejection>) -> Result<(Str
     }
 }
 
-/// `None` when the API is open (no key configured).
-fn require_api_key(st: &ApiState, headers: &HeaderMap) -> Result<Option<ApiKeyIdentity>, ApiError> {
-    if st.api_keys.is_empty() {
+/// The caller of a request: one of the API keys, or (with an end-user verifier) a user whose
+/// identity token verifies. `Ok(None)` only when the API is open: no key and no verifier
+/// configured. A credential that is neither a key nor a JWT is 401 `api_key_invalid`.
+pub async fn authenticate(st: &ApiState, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+    if st.api_keys.is_empty() && st.end_users.is_none() {
         return Ok(None);
     }
-    strict_api_key(st, headers).map(Some)
+    let credentials = bearer(headers).ok_or_else(|| {
+        ApiError::unauthorized("api_key_missing", "an API key or identity token is required (Authorization: Bearer)")
+    })?;
+    if let Some(key) = st.api_keys.identify(credentials) {
+        return Ok(Some(Caller::Key(key)));
+    }
+    match &st.end_users {
+        // A JWT is three dot-separated parts; anything else was meant as a key.
+        Some(verifier) if credentials.split('.').count() == 3 => {
+            verifier.verify(credentials).await.map(|u| Some(Caller::User(u)))
+        }
+        _ => Err(ApiError::unauthorized("api_key_invalid", "invalid API key")),
+    }
 }
 
 /// An API key, whether or not the API is open.

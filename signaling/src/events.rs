@@ -102,6 +102,16 @@ pub enum ServerEvent {
         /// Milliseconds of that item's audio that were actually played out.
         played_ms: u64,
     },
+    /// Moderation stopped the agent's reply before it was spoken (extension): the audio was cut
+    /// where the flagged sentence began and the character's safe fallback line follows. The
+    /// denied text is never sent, here or in any transcript.
+    #[serde(rename = "moderation")]
+    Moderation {
+        /// The policy category that matched (e.g. `deny`, `credentials`).
+        category: String,
+        /// The agent item that was cut.
+        item_id: String,
+    },
     /// Something the client should know went wrong (e.g. a malformed client message).
     #[serde(rename = "error")]
     Error {
@@ -170,6 +180,7 @@ impl ServerEvent {
             ServerEvent::Emotion { .. } => "emotion",
             ServerEvent::Viseme { .. } => "viseme",
             ServerEvent::AgentInterrupted { .. } => "agent.interrupted",
+            ServerEvent::Moderation { .. } => "moderation",
             ServerEvent::Error { .. } => "error",
             ServerEvent::Pong => "pong",
             ServerEvent::SessionEnded { .. } => "session.ended",

@@ -67,6 +67,7 @@ pub mod events;
 pub mod host;
 pub mod ice;
 pub mod id;
+pub mod identity;
 pub mod problem;
 pub mod sdp;
 pub mod short_term;
@@ -83,6 +84,7 @@ pub use host::{
 };
 pub use ice::IceServer;
 pub use id::new_id;
+pub use identity::{Caller, EndUser, EndUserVerifier};
 pub use problem::{ApiError, Problem};
 pub use sdp::{SdpError, SdpFrag, ValidOffer};
 pub use short_term::{MemoryShortTerm, ShortTermError, ShortTermStore};

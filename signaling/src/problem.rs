@@ -62,6 +62,10 @@ pub enum ApiError {
     /// 401: missing or invalid API key or session token.
     #[error("401 unauthorized: {}", .0.detail)]
     Unauthorized(Reason),
+    /// 403: authenticated, but the credential's role may not do this (a user key or a
+    /// signed-in user without the admin role on `/v1/admin/`).
+    #[error("403 forbidden: {}", .0.detail)]
+    Forbidden(Reason),
     /// 404: unknown route, session, peer or character; or the session already ended.
     #[error("404 not found: {}", .0.detail)]
     NotFound(Reason),
@@ -125,6 +129,11 @@ impl ApiError {
     /// 401.
     pub fn unauthorized(code: impl Into<Cow<'static, str>>, detail: impl Into<Cow<'static, str>>) -> Self {
         ApiError::Unauthorized(Reason::new(code, detail))
+    }
+
+    /// 403.
+    pub fn forbidden(code: impl Into<Cow<'static, str>>, detail: impl Into<Cow<'static, str>>) -> Self {
+        ApiError::Forbidden(Reason::new(code, detail))
     }
 
     /// 404.
@@ -226,6 +235,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -247,6 +257,7 @@ impl ApiError {
         let (code, detail): (&str, &str) = match self {
             ApiError::BadRequest(r)
             | ApiError::Unauthorized(r)
+            | ApiError::Forbidden(r)
             | ApiError::NotFound(r)
             | ApiError::MethodNotAllowed(r)
             | ApiError::Conflict(r)

@@ -20,7 +20,7 @@ pub fn apply_env(c: &mut Config, get: &dyn Fn(&str) -> Option<String>) {
 
 /// An open API only on loopback; keys long enough or digests; a sound token key set.
 pub fn validate(c: &Config) -> Result<(), ConfigError> {
-    if !c.bind.ip().is_loopback() && c.api_keys.is_empty() {
+    if !c.bind.ip().is_loopback() && c.api_keys.is_empty() && !c.oidc.enabled() {
         return Err(err(
             "KOTODAMA_API_KEYS",
             format!("bind {} is not loopback and no API key is configured (anyone could open sessions)", c.bind),

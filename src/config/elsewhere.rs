@@ -18,6 +18,26 @@ impl Section for HttpSettings {
     }
 }
 
+impl Section for super::OidcSettings {
+    /// `KOTODAMA_OIDC_*`.
+    fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        super::OidcSettings::apply_env(self, &get)
+    }
+    fn validate(&self) -> Result<(), ConfigError> {
+        super::OidcSettings::validate(self)
+    }
+}
+
+impl Section for super::ModerationSettings {
+    /// `KOTODAMA_MODERATION_DENY`.
+    fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        super::ModerationSettings::apply_env(self, &get)
+    }
+    fn validate(&self) -> Result<(), ConfigError> {
+        super::ModerationSettings::validate(self)
+    }
+}
+
 impl Section for GeminiSettings {
     /// `GEMINI_API_KEY`, `GEMINI_LIVE_URL`, `GEMINI_LIVE_MODEL`.
     fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {

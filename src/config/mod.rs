@@ -40,7 +40,9 @@ pub mod elsewhere;
 pub mod env;
 pub mod local;
 pub mod media;
+pub mod moderation;
 pub mod node;
+mod oidc;
 pub mod openai;
 pub mod resilience;
 pub mod scripted;
@@ -56,6 +58,8 @@ pub use self::cascade::{CascadeSettings, EndpointSettings};
 pub use self::characters::Character;
 pub use self::local::LocalSettings;
 pub use self::media::MediaSettings;
+pub use self::moderation::ModerationSettings;
+pub use self::oidc::OidcSettings;
 pub use self::resilience::ResilienceSettings;
 pub use self::scripted::ScriptedSettings;
 pub use self::session::SessionLimits;
@@ -173,6 +177,10 @@ pub struct Config {
     pub http: crate::http_server::HttpSettings,
     /// STUN/TURN servers handed to clients (`[[turn]]`, `KOTODAMA_TURN_*`).
     pub turn: crate::turn_settings::TurnSettings,
+    /// End-user sign-in with OpenID Connect (`[oidc]`, `KOTODAMA_OIDC_*`).
+    pub oidc: OidcSettings,
+    /// Moderation before speech (`[moderation]`, `KOTODAMA_MODERATION_DENY`).
+    pub moderation: ModerationSettings,
 }
 
 impl Default for Config {
@@ -203,6 +211,8 @@ impl Default for Config {
             characters: Vec::new(),
             http: crate::http_server::HttpSettings::default(),
             turn: Default::default(),
+            oidc: OidcSettings::default(),
+            moderation: ModerationSettings::default(),
         }
     }
 }
@@ -251,6 +261,8 @@ impl Config {
             &self.local,
             &self.characters,
             &self.http,
+            &self.oidc,
+            &self.moderation,
         ]
     }
 
@@ -268,6 +280,8 @@ impl Config {
             &mut self.local,
             &mut self.characters,
             &mut self.http,
+            &mut self.oidc,
+            &mut self.moderation,
         ]
     }
 

@@ -85,6 +85,9 @@ pub struct SessionConfig {
     pub tools: Arc<tools::ToolRegistry>,
     /// The character's phoneme -> viseme overrides (providers that know phonemes use them).
     pub viseme_overrides: std::collections::HashMap<String, signaling::events::Viseme>,
+    /// Moderation before speech: providers that produce text before speech (the cascade)
+    /// check each sentence before synthesizing it; `None`: no checks.
+    pub moderator: Option<Arc<crate::moderation::Moderator>>,
 }
 
 impl SessionConfig {
@@ -296,6 +299,18 @@ pub enum ProviderEvent {
         code: String,
         /// Human-readable message.
         message: String,
+    },
+    /// The provider flagged agent text before speaking it (the cascade, before TTS): that
+    /// sentence and the rest of the reply were dropped and the fallback line is spoken instead.
+    Moderated {
+        /// The reply item.
+        item_id: String,
+        /// The category that matched.
+        category: String,
+        /// The denied text (for the review queue only).
+        text: String,
+        /// The policy's version.
+        policy_version: String,
     },
     /// The provider session ended.
     Closed,

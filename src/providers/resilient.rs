@@ -876,6 +876,7 @@ mod tests {
             history: Vec::new(),
             tools: Arc::new(super::super::tools::ToolRegistry::builtin()),
             viseme_overrides: Default::default(),
+            moderator: None,
         }
     }
 

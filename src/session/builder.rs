@@ -50,6 +50,8 @@ pub(crate) struct SessionBuilder {
     encoder: media::EncoderConfig,
     /// The tools every character's model may call (built-ins for now).
     tools: Arc<crate::providers::tools::ToolRegistry>,
+    /// Moderation before speech (validated at start, so it compiles).
+    moderator: Option<Arc<crate::moderation::Moderator>>,
 }
 
 impl SessionBuilder {
@@ -83,7 +85,8 @@ impl SessionBuilder {
         let encoder =
             media::EncoderConfig { bitrate_bps: m.opus_bitrate, complexity: m.opus_complexity, ..Default::default() };
         let tools = Arc::new(crate::providers::tools::ToolRegistry::builtin());
-        Self { config, providers, peer_settings, vad, encoder, tools }
+        let moderator = crate::moderation::Moderator::new(&config.moderation).ok().map(Arc::new);
+        Self { config, providers, peer_settings, vad, encoder, tools, moderator }
     }
 
     /// Whether this node offers provider `name`.
@@ -163,6 +166,7 @@ impl SessionBuilder {
             greeting: character.greeting.clone(),
             idle_timeout: (self.config.session.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(self.config.session.idle_timeout_secs)),
+            moderator: self.moderator.clone(),
         }
     }
 
@@ -244,6 +248,7 @@ impl SessionBuilder {
             },
             // Validated at start (config::validate): an invalid name never reaches here.
             viseme_overrides: crate::providers::cascade::viseme_overrides(&character.visemes).unwrap_or_default(),
+            moderator: self.moderator.clone(),
         }
     }
 }

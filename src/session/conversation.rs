@@ -59,6 +59,8 @@ pub struct ConversationConfig {
     pub greeting: Option<String>,
     /// End the session after this long without speech, client messages or agent audio.
     pub idle_timeout: Option<Duration>,
+    /// Checks agent text before it is spoken ([`crate::moderation`]); `None`: no checks.
+    pub moderator: Option<std::sync::Arc<crate::moderation::Moderator>>,
 }
 
 /// The media parts the core drives, built by the session builder.
@@ -171,10 +173,25 @@ pub enum Output<'a> {
         /// Whether barge-in cut it.
         interrupted: bool,
     },
+    /// Moderation flagged agent text (store it for review; never send it to the client).
+    Flag(Flag),
     /// Send this frame of the character's voice now.
     Audio(AudioFrame<'a>),
     /// End the session.
     End(EndReason),
+}
+
+/// Agent text that moderation flagged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flag {
+    /// The agent item that was cut.
+    pub item_id: String,
+    /// The category that matched.
+    pub category: String,
+    /// The denied text (the flagged sentence).
+    pub text: String,
+    /// The policy's version ([`crate::moderation::Moderator::version`]).
+    pub policy_version: String,
 }
 
 /// Owned outputs waiting in the queue (audio is kept in the core's frame buffer).
@@ -184,6 +201,7 @@ enum Queued {
     State(AgentState),
     Provider(ProviderCommand),
     Turn { role: Role, text: String, interrupted: bool },
+    Flag(Flag),
     Audio { len: usize, due: Duration, talkspurt_start: bool, lateness: Duration },
     End(EndReason),
 }
@@ -244,6 +262,8 @@ pub struct Conversation {
     history: History,
     /// Why the agent was last cut off.
     last_interruption: Option<InterruptReason>,
+    /// The agent item whose text is being released, and how many bytes of it passed moderation.
+    moderated: Option<(String, usize)>,
 }
 
 impl Conversation {
@@ -276,6 +296,7 @@ impl Conversation {
             history: History::default(),
             no_audio: media::NoAudioWatch::new(NO_AUDIO_AFTER),
             last_interruption: None,
+            moderated: None,
         }
     }
 
@@ -315,6 +336,7 @@ impl Conversation {
             Queued::State(s) => Output::State(s),
             Queued::Provider(c) => Output::Provider(c),
             Queued::Turn { role, text, interrupted } => Output::Turn { role, text, interrupted },
+            Queued::Flag(f) => Output::Flag(f),
             Queued::Audio { len, due, talkspurt_start, lateness } => {
                 let (payload, item_id) = (&self.frame[..len], self.frame_item.as_str());
                 Output::Audio(AudioFrame { payload, item_id, due, talkspurt_start, lateness })
@@ -752,6 +774,12 @@ impl Conversation {
             ev @ (ProviderEvent::Emotion { .. } | ProviderEvent::Gesture { .. } | ProviderEvent::Viseme { .. }) => {
                 self.on_expression(ev)
             }
+            // The provider dropped the flagged text before speaking it and says the fallback
+            // itself: only the client and the review queue are told.
+            ProviderEvent::Moderated { item_id, category, text, policy_version } => {
+                self.event(ServerEvent::Moderation { category: category.clone(), item_id: item_id.clone() });
+                self.out.push_back(Queued::Flag(Flag { item_id, category, text, policy_version }));
+            }
             ev => self.on_provider_status(ev),
         }
     }
@@ -777,7 +805,9 @@ impl Conversation {
             // Agent words are sent as they are spoken (see `speech`), the final when played.
             Speaker::Agent => {
                 self.agent_item.get_or_insert_with(|| item_id.clone());
-                self.media.speech.on_text(&item_id, &text, is_final, &mut self.due);
+                if let Some(text) = self.moderate(&item_id, text, is_final) {
+                    self.media.speech.on_text(&item_id, &text, is_final, &mut self.due);
+                }
             }
             Speaker::User => {
                 if is_final {
@@ -792,6 +822,49 @@ impl Conversation {
             }
         }
         self.flush_due();
+    }
+
+    /// The part of the agent's cumulative `text` that may be released to speech (and so to the
+    /// client): whole sentences, all of it when final, each checked before release. `None`:
+    /// nothing new to release, or the reply was flagged and cut.
+    fn moderate(&mut self, item_id: &str, text: String, is_final: bool) -> Option<String> {
+        let Some(moderator) = self.cfg.moderator.clone() else { return Some(text) };
+        let end = if is_final { text.len() } else { crate::moderation::sentence_end(&text)? };
+        let checked = match &self.moderated {
+            Some((id, n)) if id == item_id => (*n).min(end),
+            _ => 0,
+        };
+        if end <= checked && !is_final {
+            return None;
+        }
+        let fresh = text.get(checked..end).unwrap_or(&text);
+        if let Some(verdict) = moderator.check(fresh) {
+            let flag = Flag {
+                item_id: item_id.to_owned(),
+                category: verdict.category,
+                text: fresh.trim().to_owned(),
+                policy_version: moderator.version().to_owned(),
+            };
+            self.moderation_cut(flag, moderator.fallback());
+            return None;
+        }
+        self.moderated = Some((item_id.to_owned(), end));
+        Some(text[..end].to_owned())
+    }
+
+    /// A flagged reply: cut like a barge-in (the provider keeps only what was heard), tell the
+    /// client the category, queue the flag for review, and have the character say `fallback`.
+    fn moderation_cut(&mut self, flag: Flag, fallback: &str) {
+        tracing::info!(session_id = %self.cfg.session_id, category = %flag.category, "agent reply flagged by moderation");
+        let cut = self.media.barge_in.interrupt(&mut self.media.playout);
+        self.agent_item.get_or_insert_with(|| flag.item_id.clone());
+        self.interrupt(cut, InterruptReason::Moderation);
+        self.moderated = None;
+        self.event(ServerEvent::Moderation { category: flag.category.clone(), item_id: flag.item_id.clone() });
+        self.out.push_back(Queued::Flag(flag));
+        let instructions = format!("Say exactly this, and nothing else: \"{fallback}\"");
+        self.command(ProviderCommand::GenerateReply { instructions: Some(instructions) });
+        self.set_state(AgentState::Thinking);
     }
 
     /// Emotions, gestures and visemes: timed to the reply's audio.

@@ -24,6 +24,7 @@ struct Harness {
     events: Vec<ServerEvent>,
     states: Vec<AgentState>,
     turns: Vec<(Role, String, bool)>,
+    flags: Vec<super::Flag>,
     frames: Vec<Duration>,
     ended: Option<EndReason>,
     /// The fake provider's queue is full: it refuses everything.
@@ -52,6 +53,7 @@ fn config(greeting: Option<&str>, idle: Option<Duration>) -> ConversationConfig 
         caps: caps(),
         greeting: greeting.map(str::to_owned),
         idle_timeout: idle,
+        moderator: None,
     }
 }
 
@@ -84,6 +86,7 @@ impl Harness {
             events: Vec::new(),
             states: Vec::new(),
             turns: Vec::new(),
+            flags: Vec::new(),
             frames: Vec::new(),
             ended: None,
             refuse: false,
@@ -114,6 +117,7 @@ impl Harness {
                 Output::Provider(cmd) if self.refuse => self.conv.handle_input(self.now, Input::Refused(cmd)),
                 Output::Provider(cmd) => self.sent.push(cmd),
                 Output::Turn { role, text, interrupted } => self.turns.push((role, text, interrupted)),
+                Output::Flag(f) => self.flags.push(f),
                 Output::Audio(f) => {
                     assert!(!f.payload.is_empty() && !f.item_id.is_empty(), "an encoded frame of an item");
                     self.frames.push(f.due);
@@ -427,4 +431,63 @@ fn an_agent_result_is_told_to_the_client_and_put_in_context_or_spoken_now() {
             .any(|c| matches!(c, ProviderCommand::GenerateReply { instructions: Some(i) } if i.contains("9:40")))
     );
     assert_eq!(h.conv.agent_state(), AgentState::Thinking);
+}
+
+#[test]
+fn a_flagged_sentence_is_cut_before_it_is_spoken_and_the_fallback_line_follows() {
+    let settings = crate::config::ModerationSettings { deny: vec!["purple monkey".into()], ..Default::default() };
+    let moderator = std::sync::Arc::new(crate::moderation::Moderator::new(&settings).unwrap());
+    let fallback = moderator.fallback().to_owned();
+    let mut cfg = config(None, None);
+    cfg.moderator = Some(moderator);
+    let mut h = Harness::ready(cfg);
+    let first = "Once upon a time there was a little fox.";
+    let partial = |text: String| ProviderEvent::Transcript {
+        speaker: Speaker::Agent,
+        item_id: "item_1".into(),
+        text,
+        is_final: false,
+    };
+    h.input(Input::Provider(partial(first.into())));
+    for chunk in agent_audio(4_000).samples.chunks(AGENT_RATE as usize / 10) {
+        while !h.conv.wants_provider_events() {
+            h.advance(FRAME);
+        }
+        let pcm = Pcm { rate_hz: AGENT_RATE, samples: chunk.to_vec() };
+        h.input(Input::Provider(ProviderEvent::AudioDelta { item_id: "item_1".into(), pcm }));
+    }
+    h.advance(Duration::from_millis(1_500));
+    // The denied phrase streams in over two deltas; neither reaches the client.
+    h.input(Input::Provider(partial(format!("{first} It said purple mon"))));
+    assert!(h.interrupted().is_empty(), "an unfinished sentence is held back, not judged");
+    h.input(Input::Provider(partial(format!("{first} It said purple monkey dishwasher. And"))));
+
+    assert!(!format!("{:?}", h.events).to_lowercase().contains("purple"), "no event carries the denied text");
+    let moderation: Vec<_> = h.events.iter().filter(|e| matches!(e, ServerEvent::Moderation { .. })).collect();
+    assert_eq!(
+        moderation,
+        [&ServerEvent::Moderation { category: "deny".into(), item_id: "item_1".into() }],
+        "one moderation event naming the category"
+    );
+    assert_eq!(h.interrupted().len(), 1, "the audio was cut like a barge-in");
+    assert_eq!(h.conv.last_interruption(), Some(InterruptReason::Moderation));
+    let (_, _, heard) = h.truncations().pop().expect("the provider keeps only what was heard");
+    assert!(first.starts_with(heard.as_str()) && !heard.is_empty(), "heard: {heard:?}");
+    assert_eq!(h.turns, vec![(Role::Agent, heard.clone(), true)], "the cut turn holds what was heard");
+    assert_eq!(h.flags.len(), 1, "{:?}", h.flags);
+    assert_eq!((h.flags[0].category.as_str(), h.flags[0].text.as_str()), ("deny", "It said purple monkey dishwasher."));
+    let asked = h
+        .sent
+        .iter()
+        .any(|c| matches!(c, ProviderCommand::GenerateReply { instructions: Some(i) } if i.contains(&fallback)));
+    assert!(asked, "the fallback line is asked for: {:?}", h.sent);
+
+    // Late audio of the flagged item is dropped; the fallback reply is spoken and recorded whole.
+    let frames_at_cut = h.frames.len();
+    h.input(Input::Provider(ProviderEvent::AudioDelta { item_id: "item_1".into(), pcm: agent_audio(500) }));
+    h.advance(Duration::from_millis(200));
+    assert_eq!(h.frames.len(), frames_at_cut, "nothing of the flagged item after the cut");
+    h.agent_reply("item_2", &fallback, 2_000, true);
+    h.advance(Duration::from_millis(3_000));
+    assert_eq!(h.turns.last(), Some(&(Role::Agent, fallback.clone(), false)), "{:?}", h.turns);
 }

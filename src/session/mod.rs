@@ -208,6 +208,22 @@ impl SessionShared {
         self.queue(Write::Turn(turn));
     }
 
+    /// Queue a moderation flag for the review queue and count it (`kotodama_moderation_flags_total`).
+    pub(crate) fn push_flag(&self, flag: conversation::Flag) {
+        metrics::counter!(crate::telemetry::MODERATION_FLAGS, "category" => flag.category.clone()).increment(1);
+        let flag = crate::store::StoredFlag {
+            id: signaling::id::new_id("flag"),
+            session_id: self.id.clone(),
+            turn: self.next_seq.load(Ordering::Relaxed).saturating_sub(1),
+            item_id: flag.item_id,
+            category: flag.category,
+            text: flag.text,
+            policy_version: flag.policy_version,
+            created_at: SystemTime::now(),
+        };
+        self.queue(Write::Flag(flag));
+    }
+
     fn end(&self, reason: EndReason) -> bool {
         let at = SystemTime::now();
         {
@@ -358,7 +374,8 @@ pub enum SessionError {
 /// This node's sessions.
 pub struct SessionManager {
     config: Arc<Config>,
-    characters: Vec<Character>,
+    /// The catalog: configured characters with the admin API's edits applied (swapped whole).
+    characters: std::sync::RwLock<Arc<Vec<Character>>>,
     default_provider: String,
     sessions: Mutex<HashMap<String, Arc<SessionShared>>>,
     draining: AtomicBool,
@@ -406,7 +423,7 @@ impl SessionManager {
         let default_provider = config.provider_name().to_owned();
         let builder = builder::SessionBuilder::new(Arc::clone(&config), providers, backends.udp_mux.clone());
         Arc::new(Self {
-            characters: config.characters(),
+            characters: std::sync::RwLock::new(Arc::new(config.characters())),
             config,
             default_provider,
             sessions: Mutex::new(HashMap::new()),
@@ -493,9 +510,14 @@ impl SessionManager {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The configured characters.
-    pub fn characters(&self) -> &[Character] {
-        &self.characters
+    /// The characters new sessions may use (the first is the default).
+    pub fn characters(&self) -> Arc<Vec<Character>> {
+        Arc::clone(&self.characters.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replace the catalog (the admin API after an edit): sessions created from now on use it.
+    pub fn set_characters(&self, characters: Vec<Character>) {
+        *self.characters.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(characters);
     }
 
     /// Whether new sessions are accepted.
@@ -519,13 +541,12 @@ impl SessionManager {
         if !self.accepting() {
             return Err(SessionError::Draining);
         }
+        let catalog = self.characters();
         let character = match character {
-            Some(id) => self
-                .characters
-                .iter()
-                .find(|c| c.id == id)
-                .ok_or_else(|| SessionError::UnknownCharacter(id.to_owned()))?,
-            None => self.characters.first().ok_or_else(|| SessionError::UnknownCharacter(String::new()))?,
+            Some(id) => {
+                catalog.iter().find(|c| c.id == id).ok_or_else(|| SessionError::UnknownCharacter(id.to_owned()))?
+            }
+            None => catalog.first().ok_or_else(|| SessionError::UnknownCharacter(String::new()))?,
         };
         let provider = provider
             .or(character.provider.as_deref())
@@ -642,8 +663,8 @@ impl SessionManager {
         shared: &Arc<SessionShared>,
         offer: &signaling::sdp::ValidOffer,
     ) -> Result<(String, String, String), SessionError> {
-        let character = self
-            .characters
+        let catalog = self.characters();
+        let character = catalog
             .iter()
             .find(|c| c.id == shared.character)
             .ok_or_else(|| SessionError::UnknownCharacter(shared.character.clone()))?;
@@ -665,7 +686,8 @@ impl SessionManager {
                 _ => return Err(SessionError::AlreadyConnected),
             }
         }
-        let character = self.characters.iter().find(|c| c.id == shared.character);
+        let catalog = self.characters();
+        let character = catalog.iter().find(|c| c.id == shared.character);
         let built = match character {
             Some(c) => self.builder.with_link(&shared, c, link).await,
             None => Err(SessionError::UnknownCharacter(shared.character.clone())),

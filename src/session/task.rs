@@ -176,6 +176,7 @@ impl<L: ClientLink> SessionTask<L> {
                     }
                 }
                 Output::Turn { role, text, interrupted } => self.shared.push_turn(role, &text, interrupted),
+                Output::Flag(flag) => self.shared.push_flag(flag),
                 Output::Audio(frame) => {
                     if let Err(e) = self.link.send_audio(&frame).await {
                         tracing::debug!(session_id = %self.shared.id, error = %e, "writing agent audio failed");

@@ -191,6 +191,28 @@ pub struct StoredCharacter {
     pub provider: Option<String>,
 }
 
+/// Agent text moderation flagged, for the review queue (`moderation_flags`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredFlag {
+    /// Flag id.
+    pub id: String,
+    /// The session.
+    pub session_id: String,
+    /// Turns recorded in the session before the flag.
+    pub turn: u64,
+    /// The agent item that was cut.
+    pub item_id: String,
+    /// The category that matched.
+    pub category: String,
+    /// The denied text.
+    pub text: String,
+    /// The moderation policy's version.
+    pub policy_version: String,
+    /// When.
+    #[serde(with = "ms_serde")]
+    pub created_at: SystemTime,
+}
+
 /// Everything held about one user: their sessions, each with its transcript.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UserData {
@@ -215,6 +237,13 @@ pub struct SessionWithTurns {
 pub trait Store: Send + Sync + 'static {
     /// Which backend (`sqlite`, `postgres`), for logs.
     fn backend(&self) -> &'static str;
+
+    /// Store a moderation flag (a second write of the same id changes nothing). Stores without
+    /// a review queue drop it.
+    async fn put_flag(&self, flag: &StoredFlag) -> Result<(), StoreError> {
+        let _ = flag;
+        Ok(())
+    }
 
     /// Insert or update the configured characters.
     async fn upsert_characters(&self, characters: &[StoredCharacter]) -> Result<(), StoreError>;

@@ -16,12 +16,16 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor as _, Row as _};
 
 use super::{
-    SessionWithTurns, Store, StoreError, StoredCharacter, StoredSession, StoredState, StoredTurn, UserData, from_ms,
-    to_ms,
+    SessionWithTurns, Store, StoreError, StoredCharacter, StoredFlag, StoredSession, StoredState, StoredTurn, UserData,
+    from_ms, to_ms,
 };
 
 /// The migrations, embedded: the binary needs no files at run time.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (2, "admin", include_str!("../../migrations/0002_admin.sql")),
+    (3, "moderation", include_str!("../../migrations/0003_moderation.sql")),
+];
 
 /// Connections per pool: the writer plus a few HTTP readers.
 const MAX_CONNECTIONS: u32 = 8;
@@ -239,6 +243,25 @@ impl Store for SqlStore {
             Backend::Sqlite => "sqlite",
             Backend::Postgres => "postgres",
         }
+    }
+
+    async fn put_flag(&self, f: &StoredFlag) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO moderation_flags (id, session_id, turn, item_id, category, text, policy_version, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&f.id)
+        .bind(&f.session_id)
+        .bind(i64::try_from(f.turn).unwrap_or(i64::MAX))
+        .bind(&f.item_id)
+        .bind(&f.category)
+        .bind(&f.text)
+        .bind(&f.policy_version)
+        .bind(to_ms(f.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(query_err)?;
+        Ok(())
     }
 
     async fn upsert_characters(&self, characters: &[StoredCharacter]) -> Result<(), StoreError> {

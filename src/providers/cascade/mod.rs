@@ -441,6 +441,7 @@ impl Session {
             item_id: item_id.clone(),
             voice: self.cfg.voice.clone(),
             visemes: Arc::clone(&self.visemes),
+            moderator: self.cfg.moderator.clone(),
         };
         let task = tokio::spawn(reply(ctx, req));
         self.job = Job::Replying { item_id, task };
@@ -557,6 +558,7 @@ struct ReplyCtx {
     item_id: String,
     voice: String,
     visemes: Arc<VisemeMap>,
+    moderator: Option<Arc<crate::moderation::Moderator>>,
 }
 
 /// Generate and speak one reply (see the module docs).
@@ -674,12 +676,24 @@ async fn speak(ctx: &ReplyCtx, mut sentences: mpsc::Receiver<String>) {
     let mut track = VisemeTrack::default();
     let mut said = String::new();
     let mut any_audio = false;
-    while let Some(sentence) = sentences.recv().await {
+    while let Some(mut sentence) = sentences.recv().await {
+        let flagged = match moderate(ctx, &sentence).await {
+            Some(fallback) => {
+                // The rest of the reply is not generated: the producer's next send fails.
+                sentences.close();
+                sentence = fallback;
+                true
+            }
+            None => false,
+        };
         let Some(sent_len) = speak_sentence(ctx, &sentence, offset, &mut track, &mut said).await else {
             return;
         };
         any_audio |= !sent_len.is_zero();
         offset += sent_len;
+        if flagged {
+            break;
+        }
     }
     if let Some(v) = track.finish(offset)
         && !send_viseme(ctx, v).await
@@ -698,6 +712,22 @@ async fn speak(ctx: &ReplyCtx, mut sentences: mpsc::Receiver<String>) {
         };
         let _ = ctx.events.send(ev).await;
     }
+}
+
+/// Check `sentence` before it is synthesized: when flagged, the session is told (`moderation`
+/// event, review queue) and the fallback line is returned, to be spoken instead.
+async fn moderate(ctx: &ReplyCtx, sentence: &str) -> Option<String> {
+    let moderator = ctx.moderator.as_ref()?;
+    let verdict = moderator.check_with_endpoint(sentence).await?;
+    tracing::info!(item_id = %ctx.item_id, category = %verdict.category, "sentence flagged before TTS");
+    let ev = ProviderEvent::Moderated {
+        item_id: ctx.item_id.clone(),
+        category: verdict.category,
+        text: sentence.trim().to_owned(),
+        policy_version: moderator.version().to_owned(),
+    };
+    let _ = ctx.events.send(ev).await;
+    Some(moderator.fallback().to_owned())
 }
 
 async fn send_viseme(ctx: &ReplyCtx, v: viseme::TimedViseme) -> bool {
