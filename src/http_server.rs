@@ -224,7 +224,7 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let activity =
         Arc::new(Activity { origin: Instant::now(), last_ms: AtomicU64::new(0), in_flight: AtomicUsize::new(0) });
-    let io = TokioIo::new(Tracked { inner: stream, activity: Arc::clone(&activity) });
+    let io = TokioIo::new(Tracked { inner: Some(stream), activity: Arc::clone(&activity) });
     let counter = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         counter.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -236,24 +236,28 @@ async fn serve_connection(
             app.oneshot(req.map(Body::new)).await
         }) as Pin<Box<dyn Future<Output = Result<axum::response::Response, Infallible>> + Send>>
     });
-    let mut conn = hyper::server::conn::http1::Builder::new()
+    // With upgrades: a WebSocket handshake (`/v1/sessions/{id}/ws`, `/ws/{character}`) hands the
+    // connection to its handler; the connection future then completes and the socket lives on
+    // in the upgraded stream (which keeps its own liveness checks).
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(settings.header_read_timeout_secs))
-        .serve_connection(io, service);
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(conn);
     let idle = Duration::from_secs(settings.idle_timeout_secs);
-    let ended = loop {
+    let mut shutting_down = false;
+    loop {
         tokio::select! {
-            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break r.is_ok(),
+            _ = conn.as_mut() => return,
             _ = activity.idle_for(idle) => return,
-            changed = stop.changed() => {
+            changed = stop.changed(), if !shutting_down => {
                 if changed.is_err() || *stop.borrow() {
-                    Pin::new(&mut conn).graceful_shutdown();
+                    shutting_down = true;
+                    conn.as_mut().graceful_shutdown();
                 }
             }
         }
-    };
-    if ended {
-        linger(conn.into_parts().io.into_inner().inner).await;
     }
 }
 
@@ -274,16 +278,34 @@ async fn linger(mut stream: TcpStream) {
     let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
-/// A stream that records when bytes last moved.
+/// A stream that records when bytes last moved, and lingers when dropped (the connection is
+/// done, or an upgraded WebSocket ended): the client reads our last response, not a reset.
 struct Tracked {
-    inner: TcpStream,
+    /// Always `Some` until dropped (taken by the lingering close).
+    inner: Option<TcpStream>,
     activity: Arc<Activity>,
+}
+
+impl Tracked {
+    fn stream(&mut self) -> &mut TcpStream {
+        self.inner.as_mut().expect("taken only in drop")
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(stream) = self.inner.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(linger(stream));
+        }
+    }
 }
 
 impl AsyncRead for Tracked {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let r = Pin::new(self.stream()).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.activity.touch();
         }
@@ -293,7 +315,7 @@ impl AsyncRead for Tracked {
 
 impl AsyncWrite for Tracked {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        let r = Pin::new(self.stream()).poll_write(cx, data);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
         }
@@ -301,11 +323,11 @@ impl AsyncWrite for Tracked {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        Pin::new(self.stream()).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        Pin::new(self.stream()).poll_shutdown(cx)
     }
 }
 
