@@ -159,7 +159,7 @@ async fn neko_socket(st: WsState, mut socket: WebSocket, character: String, live
         Ok(s) => s,
         Err(e) => return neko_failed(socket, &e.to_string()).await,
     };
-    let older = st.neko_live.lock().unwrap_or_else(|p| p.into_inner()).insert(live_key, shared.id.clone());
+    let older = st.neko_live.lock().unwrap_or_else(|p| p.into_inner()).insert(live_key.clone(), shared.id.clone());
     if let Some(older) = older {
         let _ = st.manager.end(&older, None, EndReason::ClientRequest).await;
     }
@@ -169,6 +169,11 @@ async fn neko_socket(st: WsState, mut socket: WebSocket, character: String, live
         return neko_failed(socket, &e.to_string()).await;
     }
     pump.run_neko(socket, rate_hz).await;
+    // The socket is gone: forget it unless a newer one took its place meanwhile.
+    let mut live = st.neko_live.lock().unwrap_or_else(|p| p.into_inner());
+    if live.get(&live_key) == Some(&shared.id) {
+        live.remove(&live_key);
+    }
 }
 
 /// Why a N.E.K.O. socket closes before its session: the close frame to send (none if the client
