@@ -110,16 +110,7 @@ async fn a_denied_sentence_is_cut_replaced_by_the_fallback_and_queued_for_review
     // The stored transcript: the user's turn, what was heard (cut), the fallback.
     let r = ts.http.delete(format!("{}/v1/sessions/{id}", ts.base)).bearer_auth(USER_KEY).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let transcript: Value = ts
-        .http
-        .get(format!("{}/v1/sessions/{id}/transcript", ts.base))
-        .bearer_auth(USER_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let transcript = ts.transcript_json(&id, USER_KEY).await;
     let turns: Vec<(String, String, bool)> = transcript
         .as_array()
         .unwrap()

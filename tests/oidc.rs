@@ -237,16 +237,7 @@ async fn the_admin_api_opens_to_users_with_the_admin_role_only() {
     let mut admin = issuer.claims("frank");
     admin["roles"] = json!(["listener", "kotodama-admin"]);
     assert_eq!(admin_get(sign(&key, &admin)).await, 200, "a signed-in user with the admin role");
-    let log: Value = ts
-        .http
-        .get(format!("{}/v1/admin/audit", ts.base))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let log = get_json(&ts.http, &format!("{}/v1/admin/audit", ts.base), ADMIN_KEY).await;
     let actors: Vec<&str> = log.as_array().unwrap().iter().filter_map(|e| e["actor"].as_str()).collect();
     assert!(actors.contains(&"user:frank") && !actors.contains(&"user:erin"), "{log}");
     ts.server.shutdown().await.unwrap();

@@ -83,14 +83,7 @@ pub async fn ask_and_wait_reply(client: &mut TestClient, n: usize) {
 
 /// `GET /v1/sessions/{id}/transcript`: the stored turns.
 pub async fn transcript(ts: &TestServer, session_id: &str, token: &str) -> Vec<serde_json::Value> {
-    let res = ts
-        .http
-        .get(format!("{}/v1/sessions/{session_id}/transcript", ts.base))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    res.json().await.unwrap()
+    serde_json::from_value(ts.transcript_json(session_id, token).await).expect("a JSON array of turns")
 }
 
 /// A character with a voice per provider.
