@@ -240,7 +240,7 @@ async fn round_trip_with_opus_and_pcm16_at_each_rate() {
         assert!(ty.iter().filter(|t| **t == "viseme").count() > 50, "{format:?}: visemes with the audio");
         assert!(evs.iter().any(|e| e["type"] == "emotion" && e["emotion"] == "happy"), "{format:?}");
         // The provider heard the question: one committed turn per session, speech, not silence.
-        let tr = ts.transcript_json(&id, &token).await;
+        let tr = ts.transcript_json(id, token).await;
         let rows: Vec<(String, String)> = tr
             .as_array()
             .expect("transcript array")
