@@ -112,7 +112,8 @@ pub async fn client_peer(
     Ok(ClientPeer { pc, track, dc, ssrc, offer })
 }
 
-async fn mic_track(pc: &Arc<dyn PeerConnection>, ssrc: u32) -> Result<Arc<TrackLocalStaticRTP>, PeerError> {
+/// The microphone track (Opus, `ssrc`) added to `pc`.
+pub async fn mic_track(pc: &Arc<dyn PeerConnection>, ssrc: u32) -> Result<Arc<TrackLocalStaticRTP>, PeerError> {
     let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
         "mic".into(),
         "mic".into(),

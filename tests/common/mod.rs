@@ -21,14 +21,10 @@ use kotodama::config::Config;
 use kotodama::providers::RealtimeProvider;
 use kotodama::providers::scripted::{ScriptRecorder, ScriptedConfig, ScriptedProvider};
 use kotodama::server::RunningServer;
-use rtc::media_stream::MediaStreamTrack;
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
-};
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodecParameters, RtpCodecKind};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
-use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
@@ -37,7 +33,7 @@ use webrtc::peer_connection::{
     SettingEngineBuilder, register_default_interceptors,
 };
 
-use self::client_peer::{GatheringDone, MicSender, OPUS_PT, answered_opus_pt};
+use self::client_peer::{GatheringDone, MicSender, OPUS_PT, answered_opus_pt, mic_track, opus_codec};
 
 pub const SAMPLE_RATE: u32 = 48_000;
 pub const FRAME: usize = 960; // 20 ms at 48 kHz
@@ -375,16 +371,6 @@ impl PeerConnectionEventHandler for ClientHandler {
     }
 }
 
-pub fn opus_codec() -> RTCRtpCodec {
-    RTCRtpCodec {
-        mime_type: "audio/opus".to_owned(),
-        clock_rate: 48_000,
-        channels: 2,
-        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
-        rtcp_feedback: vec![],
-    }
-}
-
 /// A client peer before its answer: (peer, `events` channel, mic track, its SSRC, inbox, offer SDP).
 pub type ClientParts = (
     Arc<dyn PeerConnection>,
@@ -439,23 +425,7 @@ pub async fn client_offer_on(net: &ClientNet, with_audio: bool, with_dc: bool) -
         .unwrap();
     let pc: Arc<dyn PeerConnection> = Arc::new(pc);
     let ssrc: u32 = rand::random();
-    let track = if with_audio {
-        let t = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-            "mic".into(),
-            "mic".into(),
-            "mic".into(),
-            RtpCodecKind::Audio,
-            vec![RTCRtpEncodingParameters {
-                rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
-                codec: opus_codec(),
-                ..Default::default()
-            }],
-        )));
-        pc.add_track(Arc::clone(&t) as Arc<dyn TrackLocal>).await.unwrap();
-        Some(t)
-    } else {
-        None
-    };
+    let track = if with_audio { Some(mic_track(&pc, ssrc).await.unwrap()) } else { None };
     let dc = if with_dc { Some(pc.create_data_channel("events", None).await.unwrap()) } else { None };
     let offer = pc.create_offer(None).await.unwrap();
     pc.set_local_description(offer).await.unwrap();
