@@ -9,6 +9,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use std::sync::Arc;
 
@@ -221,4 +222,32 @@ async fn the_web_demo_restarts_ice_says_so_and_keeps_talking() {
         .count();
     assert!(finals >= 2, "a second reply after the restart: {finals}");
     assert!(ts.recorder.turns().len() >= 2, "the second question reached the provider after the restart");
+}
+
+/// Issue 15, item 7: on a network where WebRTC cannot use UDP (no proxy, no TURN), ICE cannot
+/// connect; the page says so, ends that session, and talks over the WebSocket transport instead:
+/// the question reaches the model, the reply is heard, and no session is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_demo_falls_back_to_websocket_when_udp_is_blocked() {
+    let _serial = SERIAL.lock().await;
+    let ts = TestServer::start().await;
+    let (_, speech) = wav("user_question.wav");
+    let page = run_page_mode(&ts, &mic(&speech), "fallback", "fallback").await;
+    let log = page["log"].as_str().unwrap_or_default();
+    assert_eq!(page["transport"], "websocket", "log: {log}");
+    assert!(
+        log.contains("falling back to the WebSocket transport") && log.contains("Connected over WebSocket."),
+        "log: {log}"
+    );
+    assert!(log.contains("Hi! I am Aiko"), "the agent's reply is in the transcript: {log}");
+    assert!(!ts.recorder.turns().is_empty(), "the spoken question reached the provider over the WebSocket");
+    let loud = page["levels"].as_array().unwrap().iter().filter(|l| l["voice"].as_f64().unwrap() > 0.02).count();
+    assert!(loud > 200, "the reply was heard over the WebSocket: {loud} loud 10 ms samples");
+    // The WebRTC session was deleted when the page gave up on it; the WebSocket one ends when the
+    // browser closes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ts.server.manager().live_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ts.server.manager().live_count(), 0, "no session left behind");
 }

@@ -1,4 +1,6 @@
-// kotodama web demo: API v1 over WebRTC, no build step.
+// kotodama web demo: API v1 over WebRTC, no build step. When WebRTC cannot connect (ICE fails, e.g.
+// UDP is blocked and no TURN server helps) it falls back to the WebSocket transport
+// (`GET /v1/sessions/{id}/ws`, PCM16 at 48 kHz both ways) and says so.
 // Event names and value sets come from schema.js, generated from the server's Rust schema.
 // @ts-check
 import { CLIENT_EVENT_TYPES, EMOTIONS, PROTOCOL_VERSION, VISEMES } from "./schema.js";
@@ -29,6 +31,8 @@ const state = {
   renderDelay: 0,
   /** An ICE restart is under way after the connection failed. */
   reconnecting: false,
+  /** How the page talks with the server: "webrtc", or "websocket" after a fallback. */
+  transport: "webrtc",
   /** The selected character's emotion -> expression mapping. */
   /** @type {Record<string, string>} */ expressions: {},
 };
@@ -39,6 +43,17 @@ window.kotodamaRestartIce = () => restartIce();
 
 let pc = /** @type {RTCPeerConnection|null} */ (null);
 let dc = /** @type {RTCDataChannel|null} */ (null);
+let ws = /** @type {WebSocket|null} */ (null);
+/** WebSocket playout: the next start time (AudioContext seconds) and the sources not yet played. */
+let wsPlayAt = 0;
+let wsSources = /** @type {AudioBufferSourceNode[]} */ ([]);
+/** The WebSocket voice's node (analysed by the meter, then to the speakers). */
+let wsVoice = /** @type {AudioNode|null} */ (null);
+let iceFallbackTimer = 0;
+/** How long WebRTC may take to connect before the page falls back to the WebSocket transport, ms. */
+const ICE_FALLBACK_MS = 8000;
+/** WebSocket audio: PCM16 mono at this rate both ways, 20 ms frames (README, "WebSocket transport"). */
+const WS_RATE_HZ = 48000, WS_FRAME = 960;
 let session = /** @type {any} */ (null);
 let peerUrl = /** @type {string|null} */ (null);
 let mic = /** @type {MediaStream|null} */ (null);
@@ -111,7 +126,7 @@ function onEvent(ev) {
       break;
     case "agent.interrupted": {
       const el = bubbles.get("agent:" + ev.item_id); if (el) el.classList.add("interrupted");
-      setViseme("sil", 0); break;
+      flushWsPlayout(); setViseme("sil", 0); break;
     }
     case "error": note(`${ev.code}: ${ev.message}`, "note error"); break;
     case "session.ended": note(`session ended: ${ev.reason}`); break;
@@ -125,13 +140,15 @@ function level(analyser, buf) {
   return Math.sqrt(sum / buf.length);
 }
 
-/** Mic and voice levels every 10 ms: the latency readout and the browser tests use them. */
+/** Mic and voice levels every 10 ms: the latency readout and the browser tests use them.
+ * `remote` is the character's voice: a MediaStream (WebRTC) or an AudioNode of `audioCtx` (WebSocket). */
 function meter(remote) {
-  audioCtx = new AudioContext();
+  if (!audioCtx) audioCtx = new AudioContext();
   const a = audioCtx.createAnalyser(), b = audioCtx.createAnalyser();
   a.fftSize = b.fftSize = 512;
   if (mic) audioCtx.createMediaStreamSource(mic).connect(a);
-  audioCtx.createMediaStreamSource(remote).connect(b);
+  if (remote instanceof MediaStream) audioCtx.createMediaStreamSource(remote).connect(b);
+  else remote.connect(b);
   const ba = new Float32Array(a.fftSize), bb = new Float32Array(b.fftSize);
   const tick = () => {
     if (!audioCtx) return;
@@ -168,6 +185,108 @@ function trackRenderDelay(receiver) {
 function send(obj) {
   if (!CLIENT_EVENT_TYPES.includes(obj.type)) throw new Error(`unknown client event ${obj.type}`);
   if (dc && dc.readyState === "open") dc.send(JSON.stringify(obj));
+  else if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(obj));
+}
+
+/** A new session (POST /v1/sessions) for the selected character. */
+async function createSession() {
+  let res;
+  try {
+    res = await fetch("/v1/sessions", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ character: $("character").value || undefined }) });
+  } catch (e) {
+    throw new Error("Server unreachable: is kotodama running?");
+  }
+  if (!res.ok) throw new Error(`The server refused the session: ${await problem(res)}`);
+  return res.json();
+}
+
+/** WebRTC could not connect: end that session and talk over the WebSocket transport instead (a
+ * session token is single-use and the first one went to the offer, so this is a new session). */
+async function fallbackToWebSocket() {
+  clearTimeout(iceFallbackTimer);
+  if (!pc || state.connected || state.transport !== "webrtc") return;
+  note("WebRTC could not connect (ICE failed): falling back to the WebSocket transport.");
+  const old = session;
+  pc.close(); pc = dc = peerUrl = null;
+  if (old) fetch(`/v1/sessions/${old.session_id}`, { method: "DELETE",
+    headers: { "Authorization": "Bearer " + old.token } }).catch(() => {});
+  state.transport = "websocket";
+  try {
+    session = await createSession();
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    ws = new WebSocket(`${scheme}://${location.host}/v1/sessions/${session.session_id}/ws?token=${encodeURIComponent(session.token)}`);
+    ws.binaryType = "arraybuffer";
+    await new Promise((resolve, reject) => {
+      if (!ws) return reject(new Error("closed"));
+      ws.onopen = resolve;
+      ws.onerror = () => reject(new Error("the WebSocket transport could not connect either"));
+    });
+    ws.onmessage = (m) => {
+      if (typeof m.data === "string") { try { onEvent(JSON.parse(m.data)); } catch (_) { /* not JSON */ } }
+      else playWsFrame(m.data);
+    };
+    ws.onclose = (c) => { if (ws) { note(`WebSocket closed (${c.code}${c.reason ? " " + c.reason : ""})`); disconnect(false); } };
+    ws.send(JSON.stringify({ type: "audio.format", codec: "pcm16", rate_hz: WS_RATE_HZ }));
+    await startWsAudio();
+    state.connected = true;
+    note("Connected over WebSocket.");
+  } catch (e) {
+    showError(`WebSocket fallback failed: ${e.message}`); await disconnect(false);
+  }
+}
+
+/** Microphone -> 20 ms PCM16 frames behind the 4-byte audio header (kind 1, flags 0, u16 BE sequence);
+ * the character's voice is scheduled frame after frame on the same AudioContext at 48 kHz. */
+async function startWsAudio() {
+  if (audioCtx) audioCtx.close();
+  audioCtx = new AudioContext({ sampleRate: WS_RATE_HZ });
+  const worklet = `registerProcessor("pcm-tap", class extends AudioWorkletProcessor {
+    process(inputs) { const ch = inputs[0] && inputs[0][0]; if (ch) this.port.postMessage(ch.slice(0)); return true; }
+  });`;
+  await audioCtx.audioWorklet.addModule(URL.createObjectURL(new Blob([worklet], { type: "text/javascript" })));
+  const tap = new AudioWorkletNode(audioCtx, "pcm-tap");
+  if (mic) audioCtx.createMediaStreamSource(mic).connect(tap);
+  const frame = new Int16Array(WS_FRAME);
+  let fill = 0, seq = 0;
+  tap.port.onmessage = (m) => {
+    for (const x of /** @type {Float32Array} */ (m.data)) {
+      frame[fill++] = Math.max(-32768, Math.min(32767, Math.round(x * 32767)));
+      if (fill === WS_FRAME) {
+        fill = 0;
+        const msg = new Uint8Array(4 + WS_FRAME * 2);
+        msg[0] = 1; /* kind: audio; msg[1] flags = 0 */ msg[2] = (seq >> 8) & 0xff; msg[3] = seq & 0xff; seq = (seq + 1) & 0xffff;
+        const view = new DataView(msg.buffer, 4);
+        for (let i = 0; i < WS_FRAME; i++) view.setInt16(i * 2, frame[i], true);
+        if (ws && ws.readyState === WebSocket.OPEN) ws.send(msg);
+      }
+    }
+  };
+  const voice = audioCtx.createGain();
+  voice.connect(audioCtx.destination);
+  wsVoice = voice;
+  meter(voice);
+}
+
+/** One server frame (header + PCM16 LE at 48 kHz): play it right after the previous one. */
+function playWsFrame(/** @type {ArrayBuffer} */ data) {
+  if (!audioCtx || !wsVoice || data.byteLength <= 4 || new Uint8Array(data)[0] !== 1) return;
+  const n = (data.byteLength - 4) >> 1, view = new DataView(data, 4);
+  const buf = audioCtx.createBuffer(1, n, WS_RATE_HZ), ch = buf.getChannelData(0);
+  for (let i = 0; i < n; i++) ch[i] = view.getInt16(i * 2, true) / 32768;
+  const src = audioCtx.createBufferSource();
+  src.buffer = buf; src.connect(wsVoice);
+  // A small lead absorbs network jitter; a gap (a new talk spurt) restarts the schedule.
+  wsPlayAt = Math.max(wsPlayAt, audioCtx.currentTime + 0.06);
+  src.start(wsPlayAt); wsPlayAt += n / WS_RATE_HZ;
+  wsSources.push(src);
+  src.onended = () => { wsSources = wsSources.filter((s) => s !== src); };
+}
+
+/** Barge-in over WebSocket: drop the voice already scheduled. */
+function flushWsPlayout() {
+  for (const s of wsSources) { try { s.stop(); } catch (_) { /* not started */ } }
+  wsSources = []; wsPlayAt = 0;
 }
 
 async function problem(res) {
@@ -183,15 +302,8 @@ async function connect() {
     } catch (e) {
       throw new Error(`Microphone denied or unavailable (${e.name}). Allow the microphone and try again.`);
     }
-    let res;
-    try {
-      res = await fetch("/v1/sessions", { method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ character: $("character").value || undefined }) });
-    } catch (e) {
-      throw new Error("Server unreachable: is kotodama running?");
-    }
-    if (!res.ok) throw new Error(`The server refused the session: ${await problem(res)}`);
-    session = await res.json();
+    state.transport = "webrtc";
+    session = await createSession();
     pc = new RTCPeerConnection({ iceServers: session.ice_servers });
     pc.addTransceiver(mic.getAudioTracks()[0], { direction: "sendrecv" });
     pc.ontrack = (e) => {
@@ -202,12 +314,13 @@ async function connect() {
     pc.onconnectionstatechange = () => {
       if (!pc) return;
       if (pc.connectionState === "connected") {
+        clearTimeout(iceFallbackTimer);
         if (state.reconnecting) { state.reconnecting = false; showError(""); note("Reconnected."); }
         state.connected = true;
       }
       if (pc.connectionState === "failed") {
         if (state.connected) restartIce();
-        else showError("ICE failed: no network path to the server (a TURN server may be needed).");
+        else fallbackToWebSocket();
       }
     };
     dc = pc.createDataChannel("events", { ordered: true });
@@ -224,6 +337,7 @@ async function connect() {
     if (!ans.ok) throw new Error(`The server refused the offer: ${await problem(ans)}`);
     peerUrl = ans.headers.get("Location");
     await pc.setRemoteDescription({ type: "answer", sdp: await ans.text() });
+    iceFallbackTimer = setTimeout(fallbackToWebSocket, ICE_FALLBACK_MS);
     for (const id of ["disconnect", "interrupt", "text", "send"]) $(id).disabled = false;
   } catch (e) {
     showError(e.message); await disconnect(false);
@@ -286,6 +400,9 @@ async function restartIce() {
 }
 
 async function disconnect(clearError = true) {
+  clearTimeout(iceFallbackTimer);
+  if (ws) { const w = ws; ws = null; w.close(1000); }
+  flushWsPlayout(); wsVoice = null;
   if (session) {
     fetch(peerUrl || `/v1/sessions/${session.session_id}`, { method: "DELETE",
       headers: { "Authorization": "Bearer " + session.token } }).catch(() => {});

@@ -2,7 +2,9 @@
 // print what the page saw as JSON on stdout. Used by tests/browser.rs.
 //   node run.mjs <base-url> <speech.wav> <screenshot.png> <timeout-ms> [restart]
 // With `restart`: after the first reply the page restarts ICE (as after a network change) and the
-// run ends after the second reply.
+// run ends after the second reply. With `fallback`: Chromium may not use UDP for WebRTC (as on a
+// network that blocks it, with no proxy or TURN), so ICE cannot connect and the page must fall back
+// to the WebSocket transport.
 import puppeteer from "puppeteer-core";
 
 const [url, wav, shot, timeoutArg, mode] = process.argv.slice(2);
@@ -16,6 +18,7 @@ const browser = await puppeteer.launch({
     "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required",
     "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
     `--use-file-for-fake-audio-capture=${wav}`,
+    ...(mode === "fallback" ? ["--webrtc-ip-handling-policy=disable_non_proxied_udp"] : []),
   ],
 });
 const out = { ok: false, error: "", console: [] };
@@ -50,6 +53,7 @@ try {
     events: window.kotodama.events, levels: window.kotodama.levels, latencies: window.kotodama.latencies,
     visemeChanges: window.kotodama.visemeChanges, visemeRenders: window.kotodama.visemeRenders,
     renderDelay: window.kotodama.renderDelay, emotion: window.kotodama.emotion,
+    transport: window.kotodama.transport,
     pageError: window.kotodama.error,
     log: document.getElementById("log").innerText, state: document.getElementById("state").textContent,
     mouth: document.getElementById("mouth").getAttribute("d"),
