@@ -59,6 +59,7 @@ pub fn routes(api: ApiState, manager: Arc<SessionManager>) -> Router {
         .route("/v1/sessions/{id}/ws", get(session_ws))
         .route("/ws/{character}", get(neko_ws))
         .with_state(state)
+        .layer(axum::middleware::from_fn(signaling::api::redirect_location))
 }
 
 /// The session token: `?token=` first, else `Authorization: Bearer`.
@@ -107,7 +108,9 @@ async fn session_ws(
     let claims = st.api.tokens.verify(&token, &id, VerifyMode::Connect)?;
     let upgrade = limited(upgrade)?;
     let Some(shared) = st.manager.get(&id) else {
-        return Err(ApiError::unknown_session());
+        // Live on another node: 307 there (a WebSocket client that follows redirects gets there;
+        // browsers do not follow them on a WebSocket handshake and see the failure); else 404/409.
+        return Err(crate::http::to_api(st.manager.not_here(&id).await));
     };
     match shared.phase() {
         crate::session::SessionState::Ended => return Err(ApiError::offer_after_end()),

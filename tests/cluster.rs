@@ -64,6 +64,20 @@ async fn two_nodes_redirect_share_history_and_obey_cross_node_control() {
     let token = created["token"].as_str().unwrap().to_owned();
     let offer_url = created["offer_url"].as_str().unwrap().to_owned();
 
+    // The WebSocket transport's upgrade on the other node: 307 to the owner, same path and query
+    // (the session token travels in `?token=`, browsers cannot set headers on a WebSocket).
+    let r = http
+        .get(format!("{}/v1/sessions/{id}/ws?token={token}", b.base))
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["location"], format!("{}/v1/sessions/{id}/ws?token={token}", a.base));
+
     // GET on the other node: 307 to the owner, same path.
     let r = http.get(format!("{}/v1/sessions/{id}", b.base)).bearer_auth(&token).send().await.unwrap();
     assert_eq!(r.status(), 307);

@@ -240,9 +240,10 @@ struct CreateSessionResponse {
     offer_url: String,
 }
 
-/// `Location` for a [`ApiError::Elsewhere`] answer: the owner's base URL plus this request's
-/// path and query.
-async fn redirect_location(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+/// Middleware writing `Location` for an [`ApiError::Elsewhere`] answer (307): the owner's base URL
+/// plus this request's path and query. Layer it on every router whose handlers can answer
+/// `Elsewhere`.
+pub async fn redirect_location(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let path = request.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
     let mut response = next.run(request).await;
     if let Some(RedirectBase(base)) = response.extensions_mut().remove::<RedirectBase>()
