@@ -189,11 +189,10 @@ enum Job {
     },
 }
 
-/// A sentence the reply task started to speak, at `start` of the item's audio.
+/// A sentence the reply task started to speak.
 #[derive(Debug)]
 struct Spoken {
     item_id: String,
-    start: Duration,
     text: String,
 }
 
@@ -319,18 +318,15 @@ impl Session {
                 }
             }
             ProviderCommand::Cancel => self.abort_job().await,
-            ProviderCommand::Truncate { item_id, audio_end, .. } => {
+            ProviderCommand::Truncate { item_id, audio_end, heard } => {
                 while let Ok(s) = self.spoken_rx.try_recv() {
                     self.spoken.push(s);
                 }
-                let heard: Vec<&str> = self
-                    .spoken
-                    .iter()
-                    .filter(|s| s.item_id == item_id && s.start < audio_end)
-                    .map(|s| s.text.as_str())
-                    .collect();
+                // What the user heard is the session's account (the words released with the
+                // frames played), never re-derived here; the prompt's last agent turn is this
+                // item's only when some of it was spoken (or the cut came before any audio).
                 if self.spoken.iter().any(|s| s.item_id == item_id) || audio_end.is_zero() {
-                    self.prompt.truncate_last_agent(&heard.join(" "));
+                    self.prompt.truncate_last_agent(&heard);
                 }
             }
             ProviderCommand::Close => return false,
@@ -760,10 +756,8 @@ async fn speak_sentence(
                             said.push(' ');
                         }
                         said.push_str(sentence);
-                        let _ = ctx
-                            .spoken
-                            .send(Spoken { item_id: ctx.item_id.clone(), start: offset, text: sentence.to_owned() })
-                            .await;
+                        let _ =
+                            ctx.spoken.send(Spoken { item_id: ctx.item_id.clone(), text: sentence.to_owned() }).await;
                         let ev = ProviderEvent::Transcript {
                             speaker: Speaker::Agent,
                             item_id: ctx.item_id.clone(),
