@@ -179,13 +179,6 @@ fn authorize_session(st: &PipecatState, headers: &HeaderMap, id: &str, mode: Ver
     Ok(())
 }
 
-fn path_session(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    match path {
-        Ok(Path(id)) if signaling::id::is_valid_id(&id) => Ok(id),
-        _ => Err(ApiError::unknown_session()),
-    }
-}
-
 /// Validate the request's SDP (400 for what is not an offer, 422 for one we cannot serve).
 fn valid_offer(request: &OfferRequest) -> Result<signaling::sdp::ValidOffer, ApiError> {
     if request.kind != "offer" {
@@ -232,15 +225,30 @@ async fn offer(State(st): State<PipecatState>, headers: HeaderMap, body: Body) -
     result
 }
 
+/// The session of a per-session route once the credentials may act on it, and the JSON body.
+async fn session_request<T: serde::de::DeserializeOwned>(
+    st: &PipecatState,
+    path: Result<Path<String>, PathRejection>,
+    headers: &HeaderMap,
+    body: Body,
+    (mode, limit): (VerifyMode, usize),
+) -> Result<(String, T), ApiError> {
+    let id = match path {
+        Ok(Path(id)) if signaling::id::is_valid_id(&id) => id,
+        _ => return Err(ApiError::unknown_session()),
+    };
+    authorize_session(st, headers, &id, mode)?;
+    Ok((id, read_json(headers, body, limit).await?))
+}
+
 async fn session_offer(
     State(st): State<PipecatState>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let id = path_session(path)?;
-    authorize_session(&st, &headers, &id, VerifyMode::Connect)?;
-    let request: OfferRequest = read_json(&headers, body, MAX_OFFER_REQUEST_BYTES).await?;
+    let (id, request): (String, OfferRequest) =
+        session_request(&st, path, &headers, body, (VerifyMode::Connect, MAX_OFFER_REQUEST_BYTES)).await?;
     let shared = st.manager.get(&id).ok_or_else(ApiError::unknown_session)?;
     end_replaced(&st, &request, Some(&id)).await;
     match shared.phase() {
@@ -302,9 +310,8 @@ async fn session_trickle(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let id = path_session(path)?;
-    authorize_session(&st, &headers, &id, VerifyMode::Manage)?;
-    let request: TrickleRequest = read_json(&headers, body, MAX_TRICKLE_REQUEST_BYTES).await?;
+    let (id, request): (String, TrickleRequest) =
+        session_request(&st, path, &headers, body, (VerifyMode::Manage, MAX_TRICKLE_REQUEST_BYTES)).await?;
     add_candidates(&st, request, Some(&id)).await
 }
 

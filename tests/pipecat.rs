@@ -12,9 +12,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use common::*;
 use serde_json::{Value, json};
 
@@ -205,36 +202,9 @@ async fn the_unchanged_pipecat_client_talks_in_chromium() {
     let (rate, question) = wav("user_question.wav");
     assert_eq!(rate, 48_000);
     let ts = TestServer::start().await;
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    assert!(
-        root.join("tests/browser/node_modules/@pipecat-ai/small-webrtc-transport").exists(),
-        "tests/browser/node_modules is missing: run ./test.sh (or `npm ci --prefix tests/browser`)"
-    );
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(std::path::Path::new(&chromium).exists(), "{chromium} is missing: run ./test.sh");
-    let out_dir = root.join("target/browser");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let mic_path = out_dir.join("mic-pipecat.wav");
-    std::fs::write(&mic_path, media::wav::to_bytes(media::PcmRef::new(48_000, &mic(&question)))).unwrap();
-    let shot = out_dir.join("pipecat.png");
-    let base = ts.base.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(root.join("tests/browser/pipecat.mjs"))
-            .arg(&base)
-            .arg(&mic_path)
-            .arg(&shot)
-            .arg("45000")
-            .env("CHROMIUM", chromium)
-            .output()
-            .expect("node runs")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let page: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!("runner output is JSON ({e}): {stdout}\n{}", String::from_utf8_lossy(&output.stderr))
-    });
+    let page =
+        common::browser::run_runner("pipecat.mjs", &ts.base, &mic(&question), "pipecat", "pipecat.png", &["45000"])
+            .await;
     let events = page["events"].as_array().cloned().unwrap_or_default();
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
     assert_eq!(

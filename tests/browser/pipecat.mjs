@@ -9,7 +9,7 @@
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { build } from "esbuild";
-import puppeteer from "puppeteer-core";
+import { launchChromium } from "./chromium.mjs";
 
 const [base, wav, shot, timeoutArg] = process.argv.slice(2);
 const timeout = Number(timeoutArg || 40000);
@@ -23,16 +23,7 @@ const jsUrl = `${base}/__pipecat_test__/page.js`;
 const html = `<!doctype html><html><head><meta charset="utf-8"><title>pipecat</title></head>
 <body><p id="log">pipecat test page</p><script src="${jsUrl}"></script></body></html>`;
 
-const browser = await puppeteer.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-    `--use-file-for-fake-audio-capture=${wav}`,
-  ],
-});
+const browser = await launchChromium(wav);
 const out = { ok: false, error: "", console: [], external: [] };
 const count = (type) => `window.pipecatTest.events.filter((e) => e.type === "${type}").length`;
 try {
