@@ -5,7 +5,7 @@
 //!
 //! | route | auth | body | success |
 //! |---|---|---|---|
-//! | `POST /api/offer` | API key when configured (open on a loopback server without keys, like `POST /v1/sessions`) | `{sdp, type:"offer", pc_id, restart_pc, requestData?:{character?, provider?}}` | 200 `{sdp, type:"answer", pc_id}`: a new session |
+//! | `POST /api/offer` | as `POST /v1/sessions`: API key or user identity token when configured (open on a loopback server without keys), same rate limits | `{sdp, type:"offer", pc_id, restart_pc, requestData?:{character?, provider?}}` | 200 `{sdp, type:"answer", pc_id}`: a new session |
 //! | `POST /v1/sessions/{id}/api/offer` | the session's token, or an API key | same | 200 as above, for session `{id}` (the transport's `startBot` flow with `offerUrlTemplate`) |
 //! | `PATCH` either route | as its `POST` | `{pc_id, candidates:[{candidate, sdp_mid, sdp_mline_index}]}` | 200 `{"status":"success"}` |
 //!
@@ -24,6 +24,7 @@
 //! makes the transport give up at once instead of retrying (its `isOfferRefused`). A session
 //! created for an offer that is refused is ended (`never_connected`), not left behind.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -36,6 +37,7 @@ use axum::routing::post;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use signaling::api::ApiState;
+use signaling::identity::Caller;
 use signaling::problem::ApiError;
 use signaling::token::VerifyMode;
 use webrtc::peer_connection::RTCIceCandidateInit;
@@ -161,12 +163,10 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request("bad_json", format!("invalid request: {e}")))
 }
 
-/// The API key or open mode, as `POST /v1/sessions` (an end user's identity token also works).
-async fn caller_key(st: &PipecatState, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    Ok(match signaling::api::authenticate(&st.api, headers).await? {
-        Some(signaling::identity::Caller::Key(k)) => Some(k.id),
-        _ => None,
-    })
+/// The caller as for `POST /v1/sessions`: an API key, an end user's identity token, or nobody
+/// when the API is open.
+async fn caller(st: &PipecatState, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+    signaling::api::authenticate(&st.api, headers).await
 }
 
 /// The session's own token (connect) or an API key.
@@ -204,17 +204,28 @@ async fn end_replaced(st: &PipecatState, request: &OfferRequest, session: Option
     }
 }
 
-async fn offer(State(st): State<PipecatState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let api_key_id = caller_key(&st, &headers).await?;
+async fn offer(
+    State(st): State<PipecatState>,
+    connect: Option<axum::Extension<axum::extract::ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let caller = caller(&st, &headers).await?;
     if !st.api.host.accepting() {
         return Err(ApiError::unavailable("not accepting new sessions (draining)", st.api.limits.retry_after));
     }
     let request: OfferRequest = read_json(&headers, body, MAX_OFFER_REQUEST_BYTES).await?;
     let offer = valid_offer(&request)?;
+    // Creation limits as for `POST /v1/sessions` (per API key or user, else per client IP).
+    signaling::api::rate_limit(&st.api, caller.as_ref(), connect.map(|c| c.0.0.ip())).await?;
+    let (api_key_id, user_id) = match caller {
+        Some(Caller::Key(k)) => (Some(k.id), None),
+        Some(Caller::User(u)) => (None, Some(u.user_id)),
+        None => (None, None),
+    };
     let data = request.request_data.as_ref();
     let field = |k: &str| data.and_then(|d| d.get(k)).and_then(Value::as_str).map(str::to_owned);
-    let options =
-        CreateOptions { character: field("character"), provider: field("provider"), user_id: None, api_key_id };
+    let options = CreateOptions { character: field("character"), provider: field("provider"), user_id, api_key_id };
     end_replaced(&st, &request, None).await;
     let shared = st.manager.create(options).await.map_err(crate::http::to_api)?;
     let result = answer(&st, &shared.id, offer).await;
@@ -299,7 +310,7 @@ async fn add_candidates(
 }
 
 async fn trickle(State(st): State<PipecatState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    caller_key(&st, &headers).await?;
+    caller(&st, &headers).await?;
     let request: TrickleRequest = read_json(&headers, body, MAX_TRICKLE_REQUEST_BYTES).await?;
     add_candidates(&st, request, None).await
 }

@@ -144,6 +144,17 @@ async fn api_offer_refuses_bad_requests_with_named_problems() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_offer_counts_against_the_session_creation_limit() {
+    let ts = TestServer::start_with(|c| c.session.create_per_minute_per_ip = 1).await;
+    let offer = json!({"sdp": pipecat_offer(), "type": "offer"});
+    let (status, body) = post(&ts, "/api/offer", offer.clone(), None).await;
+    assert_eq!(status, 200, "{body}");
+    let res = ts.http.post(format!("{}/api/offer", ts.base)).json(&offer).send().await.unwrap();
+    assert_eq!(res.status(), 429, "the second session within a minute from this IP");
+    assert!(res.headers().get("retry-after").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_session_route_takes_the_session_token_once() {
     let ts = TestServer::start().await;
     let (id, token, _) = ts.create_session().await;
