@@ -254,6 +254,10 @@ async fn the_unchanged_pipecat_client_talks_in_chromium() {
     let second_ms = heard(levels, reply_start, reply_stop + 500.0, 1500.0);
     assert!(outputs.iter().any(|o| at(o) >= sent), "a bot-output for the typed turn");
     assert_eq!(page["response"], json!({"d": null}), "client-message answered by server-response");
+    let emotion = events.iter().find(|e| e["type"] == "server-message" && e["data"]["type"] == "emotion");
+    assert!(emotion.is_some(), "kotodama's emotion event as server-message: {kinds:?}");
+    let ttfb = events.iter().find_map(|e| (e["type"] == "metrics").then(|| e["data"]["ttfb"][0]["value"].as_f64()));
+    assert!(ttfb.flatten().is_some_and(|s| s > 0.0), "metrics {{ttfb}} in seconds: {kinds:?}");
     println!(
         "measured: pipecat client heard {first_ms:.0} ms of the first reply, {second_ms:.0} ms of the typed reply"
     );
