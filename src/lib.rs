@@ -30,6 +30,7 @@ pub mod moderation;
 pub mod oidc;
 pub mod otlp;
 pub mod peer;
+pub mod pipecat;
 pub mod providers;
 pub mod server;
 pub mod session;

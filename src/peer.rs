@@ -524,7 +524,8 @@ impl PeerConnectionEventHandler for Forwarder {
         let counters = Arc::clone(&self.counters);
         tokio::spawn(async move {
             let label = dc.label().await.unwrap_or_default();
-            if label != EVENTS_LABEL {
+            // `events` (api-v1) or Pipecat's `chat` (RTVI; the session's codec speaks it).
+            if label != EVENTS_LABEL && label != crate::session::rtvi::DATA_CHANNEL_LABEL {
                 tracing::debug!(%label, "ignoring data channel with an unknown label");
                 return;
             }

@@ -7,21 +7,14 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
 
 /// The browser scenarios run one at a time (each is a Chromium and a server on 2 cores).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn write_wav(path: &std::path::Path, rate: u32, samples: &[i16]) {
-    std::fs::write(path, media::wav::to_bytes(media::PcmRef::new(rate, samples))).unwrap();
-}
 
 /// Run the page against `ts` with `mic` (48 kHz) as the microphone; returns what the page saw.
 async fn run_page(ts: &TestServer, mic: &[i16], name: &str) -> Value {
@@ -30,41 +23,8 @@ async fn run_page(ts: &TestServer, mic: &[i16], name: &str) -> Value {
 
 /// [`run_page`] with a runner mode (`restart`: ICE restart after the first reply, see run.mjs).
 async fn run_page_mode(ts: &TestServer, mic: &[i16], name: &str, mode: &str) -> Value {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let runner = root.join("tests/browser/run.mjs");
-    assert!(
-        root.join("tests/browser/node_modules/puppeteer-core").exists(),
-        "tests/browser/node_modules is missing: run ./test.sh (or `npm ci --prefix tests/browser`)"
-    );
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(
-        std::path::Path::new(&chromium).exists(),
-        "{chromium} is missing: run ./test.sh (apt-get install chromium)"
-    );
-    let out_dir = root.join("target/browser");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let mic_path = out_dir.join(format!("mic-{name}.wav"));
-    write_wav(&mic_path, 48_000, mic);
-    let shot = out_dir.join(format!("web-demo-{name}.png"));
-    let (base, mode) = (ts.base.clone(), mode.to_owned());
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(runner)
-            .arg(&base)
-            .arg(&mic_path)
-            .arg(&shot)
-            .arg("45000")
-            .arg(mode)
-            .env("CHROMIUM", chromium)
-            .output()
-            .expect("node runs")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let page: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!("runner output is JSON ({e}): {stdout}\n{}", String::from_utf8_lossy(&output.stderr))
-    });
+    let shot = format!("web-demo-{name}.png");
+    let page = common::browser::run_runner("run.mjs", &ts.base, mic, name, &shot, &["45000", mode]).await;
     assert_eq!(
         page["ok"], true,
         "[{name}] the page finished a conversation turn: {}\nlog: {}",

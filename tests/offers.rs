@@ -107,6 +107,15 @@ fn verify_answer(name: &str, offer: &str, answer: &str, audio_mid: &str) {
                     a.has("msid") || a.attrs.iter().any(|l| l.starts_with("ssrc:")),
                     "{name}: agent track on audio"
                 );
+                // Opus by name: the answer keeps the offer's payload type for it (RFC 3264 §6.1),
+                // wherever the offer listed it and whatever number it gave it.
+                let opus_pt = |s: &Section| {
+                    s.attrs.iter().find_map(|l| {
+                        let (pt, enc) = l.strip_prefix("rtpmap:")?.split_once(' ')?;
+                        enc.to_ascii_lowercase().starts_with("opus/48000").then(|| pt.to_owned())
+                    })
+                };
+                assert_eq!(opus_pt(a), opus_pt(o), "{name}: Opus payload type as offered");
             }
             "application" => {
                 assert_ne!(a.port, 0, "{name}: data channel accepted");
@@ -147,6 +156,10 @@ async fn every_real_shaped_offer_gets_a_verified_answer_or_a_specific_422() {
         ("mobile_libwebrtc.sdp", "audio"),
         ("setup_active.sdp", "0"),
         ("gstreamer_webrtcbin_max_bundle.sdp", "audio0"),
+        ("pipecat_small_webrtc.sdp", "0"),
+        ("flutter_webrtc_android.sdp", "0"),
+        ("firefox_audio_video.sdp", "0"),
+        ("safari_audio_video.sdp", "0"),
     ];
     for (name, audio_mid) in answered {
         let sdp = offer(name);
@@ -155,13 +168,16 @@ async fn every_real_shaped_offer_gets_a_verified_answer_or_a_specific_422() {
         verify_answer(name, &sdp, &body, audio_mid);
         assert_eq!(ts.session_json(&id, &token).await["state"], "connecting", "{name}");
     }
-    let refused = [("gstreamer_webrtcbin_no_bundle.sdp", "no_bundle")];
-    for (name, code) in refused {
+    let refused = [
+        ("gstreamer_webrtcbin_no_bundle.sdp", "no_bundle", "bundle-policy"),
+        ("sip_gateway_pcmu_only.sdp", "no_opus", "opus/48000"),
+    ];
+    for (name, code, fix) in refused {
         let (id, token, status, _, body) = post_offer(&ts, &offer(name)).await;
         assert_eq!(status, 422, "{name}: {body}");
         let problem: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(problem["code"], code, "{name}: {problem}");
-        assert!(problem["detail"].as_str().unwrap().contains("bundle-policy"), "{name}: the detail names the fix");
+        assert!(problem["detail"].as_str().unwrap().contains(fix), "{name}: the detail names the fix");
         assert_eq!(ts.session_json(&id, &token).await["state"], "created", "{name}: a corrected offer may follow");
     }
 }

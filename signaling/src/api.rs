@@ -260,7 +260,9 @@ fn short_term_error(e: ShortTermError) -> ApiError {
 }
 
 /// The rate-limit bucket of a creation request: its API key or signed-in user, else its client IP.
-async fn rate_limit(st: &ApiState, caller: Option<&Caller>, ip: Option<IpAddr>) -> Result<(), ApiError> {
+/// 429 + `Retry-After` past the configured sessions per minute. Public for routes outside this
+/// router that create sessions (Pipecat's `/api/offer`).
+pub async fn rate_limit(st: &ApiState, caller: Option<&Caller>, ip: Option<IpAddr>) -> Result<(), ApiError> {
     let (bucket, limit) = match (caller, ip) {
         (Some(c), _) => (format!("rl:{}", c.audit_name()), st.limits.sessions_per_minute_per_key),
         (None, Some(ip)) => (format!("rl:ip:{ip}"), st.limits.sessions_per_minute_per_ip),

@@ -172,6 +172,20 @@ pub trait EventCodec: Send {
     fn encode(&mut self, ev: &ServerEvent, out: &mut Vec<String>);
     /// Decode one client message: `Ok(None)` for a well-formed message the server ignores.
     fn decode(&mut self, msg: &[u8]) -> Result<Option<ClientEvent>, EventError>;
+    /// Whether the client has greeted as its dialect requires before events flow (RTVI
+    /// `client-ready`): until then a link holds [`LinkEvent::EventsOpen`] back, so
+    /// `session.ready` and the greeting wait for a client that listens. Default: no handshake.
+    fn handshake_done(&self) -> bool {
+        true
+    }
+    /// Move the messages the codec owes the client for what it decoded (a dialect's responses
+    /// to requests, e.g. RTVI `server-response`) to `out`; the link sends them at once.
+    fn take_replies(&mut self, _out: &mut Vec<String>) {}
+    /// Whether a decoded message asked to end the session (RTVI `disconnect-bot`): the link then
+    /// reports [`LinkEvent::Closed`] with `EndReason::ClientRequest`.
+    fn end_requested(&self) -> bool {
+        false
+    }
 }
 
 /// Today's events (`docs/api-v1.md`): one JSON object per event, `signaling::events` as is.

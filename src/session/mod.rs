@@ -62,6 +62,7 @@ pub mod conversation;
 pub mod link;
 pub mod neko;
 mod privacy;
+pub mod rtvi;
 pub mod speech;
 pub(crate) mod task;
 pub mod webrtc_link;
@@ -630,6 +631,16 @@ impl SessionManager {
         id: &str,
         offer: signaling::sdp::ValidOffer,
     ) -> Result<(String, String, String), SessionError> {
+        self.offer_with(id, offer, link::ApiV1).await
+    }
+
+    /// [`Self::offer`] with the data channel spoken in `codec`'s dialect (RTVI for Pipecat).
+    pub async fn offer_with<C: link::EventCodec + 'static>(
+        self: &Arc<Self>,
+        id: &str,
+        offer: signaling::sdp::ValidOffer,
+        codec: C,
+    ) -> Result<(String, String, String), SessionError> {
         let shared = self.get(id).ok_or(SessionError::NotFound)?;
         {
             let mut st = shared.lock();
@@ -639,7 +650,7 @@ impl SessionManager {
                 _ => return Err(SessionError::AlreadyConnected),
             }
         }
-        match self.start_live(&shared, &offer).await {
+        match self.start_live(&shared, &offer, codec).await {
             Ok(v) => Ok(v),
             Err(e) => {
                 // Let the client try again with a corrected offer.
@@ -658,17 +669,18 @@ impl SessionManager {
         }
     }
 
-    async fn start_live(
+    async fn start_live<C: link::EventCodec + 'static>(
         self: &Arc<Self>,
         shared: &Arc<SessionShared>,
         offer: &signaling::sdp::ValidOffer,
+        codec: C,
     ) -> Result<(String, String, String), SessionError> {
         let catalog = self.characters();
         let character = catalog
             .iter()
             .find(|c| c.id == shared.character)
             .ok_or_else(|| SessionError::UnknownCharacter(shared.character.clone()))?;
-        let built = self.builder.webrtc(shared, character, offer).await?;
+        let built = self.builder.webrtc(shared, character, offer, codec).await?;
         let (peer_id, etag) = go_live(shared, built.task, built.control)?;
         Ok((built.answer, peer_id, etag))
     }

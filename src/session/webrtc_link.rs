@@ -1,5 +1,9 @@
 //! The WebRTC client link: the [`Peer`] (Opus over RTP both ways) and its `events` data channel,
-//! spelled by an [`EventCodec`] (api-v1 today).
+//! spelled by an [`EventCodec`] (api-v1 on `events`, RTVI on Pipecat's `chat`, [`super::rtvi`]).
+//!
+//! A codec with a handshake (RTVI `client-ready`) holds [`LinkEvent::EventsOpen`] back until the
+//! client greeted; responses a codec owes (RTVI `server-response`) go out as soon as the request
+//! is decoded.
 //!
 //! The peer's callbacks forward into a bounded channel ([`PeerEvent`]); this link turns those into
 //! [`LinkEvent`]s. It never waits on the client: a data-channel write that cannot go is dropped and
@@ -29,12 +33,23 @@ pub struct WebRtcLink<C: EventCodec> {
     wire: Vec<String>,
     events_dropped: u64,
     closed: bool,
+    /// The channel opened but the codec's handshake is pending: `EventsOpen` waits for it.
+    open_pending: bool,
 }
 
 impl<C: EventCodec> WebRtcLink<C> {
     /// Wrap an answered peer and the receiver of its forwarded events.
     pub fn new(peer: Peer, rx: mpsc::Receiver<PeerEvent>, codec: C) -> Self {
-        Self { peer, rx, dc: None, codec, wire: Vec::with_capacity(4), events_dropped: 0, closed: false }
+        Self {
+            peer,
+            rx,
+            dc: None,
+            codec,
+            wire: Vec::with_capacity(4),
+            events_dropped: 0,
+            closed: false,
+            open_pending: false,
+        }
     }
 
     fn map(&mut self, ev: PeerEvent) -> Option<LinkEvent> {
@@ -44,9 +59,19 @@ impl<C: EventCodec> WebRtcLink<C> {
             }
             PeerEvent::ChannelOpen(dc) => {
                 self.dc = Some(dc);
+                if !self.codec.handshake_done() {
+                    // The dialect's greeting comes first (RTVI `client-ready`).
+                    self.open_pending = true;
+                    return None;
+                }
                 LinkEvent::EventsOpen
             }
             PeerEvent::Message(bytes) => match self.codec.decode(&bytes) {
+                Ok(_) if self.codec.end_requested() => LinkEvent::Closed(EndReason::ClientRequest),
+                Ok(None) if self.open_pending && self.codec.handshake_done() => {
+                    self.open_pending = false;
+                    LinkEvent::EventsOpen
+                }
                 Ok(ev) => LinkEvent::Event(ev),
                 Err(e) => LinkEvent::BadMessage(e),
             },
@@ -62,6 +87,29 @@ impl<C: EventCodec> WebRtcLink<C> {
     }
 }
 
+impl<C: EventCodec> WebRtcLink<C> {
+    /// Send what the codec owes the client for the message it just decoded (responses).
+    async fn send_replies(&mut self) {
+        self.codec.take_replies(&mut self.wire);
+        if !self.wire.is_empty() {
+            self.flush_wire().await;
+        }
+    }
+
+    /// Send the encoded messages in `wire` (dropped and counted when they cannot go).
+    async fn flush_wire(&mut self) {
+        let Some(dc) = &self.dc else {
+            self.wire.clear();
+            return;
+        };
+        for msg in self.wire.drain(..) {
+            if dc.try_send_text(&msg).await.is_err() {
+                self.events_dropped += 1;
+            }
+        }
+    }
+}
+
 impl<C: EventCodec> ClientLink for WebRtcLink<C> {
     async fn recv(&mut self) -> Option<LinkEvent> {
         loop {
@@ -70,7 +118,9 @@ impl<C: EventCodec> ClientLink for WebRtcLink<C> {
                 return (!std::mem::replace(&mut self.closed, true))
                     .then_some(LinkEvent::Closed(EndReason::PeerDisconnected));
             };
-            if let Some(ev) = self.map(ev) {
+            let ev = self.map(ev);
+            self.send_replies().await;
+            if let Some(ev) = ev {
                 return Some(ev);
             }
         }
@@ -86,13 +136,11 @@ impl<C: EventCodec> ClientLink for WebRtcLink<C> {
     }
 
     async fn send_event(&mut self, ev: &ServerEvent) {
-        let Some(dc) = &self.dc else { return };
-        self.codec.encode(ev, &mut self.wire);
-        for msg in self.wire.drain(..) {
-            if dc.try_send_text(&msg).await.is_err() {
-                self.events_dropped += 1;
-            }
+        if self.dc.is_none() {
+            return;
         }
+        self.codec.encode(ev, &mut self.wire);
+        self.flush_wire().await;
     }
 
     async fn add_candidate(&mut self, candidate: RTCIceCandidateInit) -> Result<(), LinkError> {

@@ -5,22 +5,12 @@
 // run ends after the second reply. With `fallback`: Chromium may not use UDP for WebRTC (as on a
 // network that blocks it, with no proxy or TURN), so ICE cannot connect and the page must fall back
 // to the WebSocket transport.
-import puppeteer from "puppeteer-core";
+import { launchChromium } from "./chromium.mjs";
 
 const [url, wav, shot, timeoutArg, mode] = process.argv.slice(2);
 const timeout = Number(timeoutArg || 40000);
-const chromium = process.env.CHROMIUM || "/usr/bin/chromium";
-const browser = await puppeteer.launch({
-  executablePath: chromium,
-  headless: true,
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-    `--use-file-for-fake-audio-capture=${wav}`,
-    ...(mode === "fallback" ? ["--webrtc-ip-handling-policy=disable_non_proxied_udp"] : []),
-  ],
-});
+const browser = await launchChromium(wav,
+  mode === "fallback" ? ["--webrtc-ip-handling-policy=disable_non_proxied_udp"] : []);
 const out = { ok: false, error: "", console: [] };
 try {
   const page = await browser.newPage();
