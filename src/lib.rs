@@ -31,6 +31,7 @@ pub mod oidc;
 pub mod otlp;
 pub mod peer;
 pub mod providers;
+pub mod realtime_calls;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -524,7 +524,7 @@ impl PeerConnectionEventHandler for Forwarder {
         let counters = Arc::clone(&self.counters);
         tokio::spawn(async move {
             let label = dc.label().await.unwrap_or_default();
-            if label != EVENTS_LABEL {
+            if label != EVENTS_LABEL && label != crate::session::oai_events::OAI_EVENTS_LABEL {
                 tracing::debug!(%label, "ignoring data channel with an unknown label");
                 return;
             }

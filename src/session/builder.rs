@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::conversation::{Conversation, ConversationConfig, MediaParts};
-use super::link::ApiV1;
+use super::link::{ApiV1, EventCodec};
 use super::speech::AgentSpeech;
 use super::task::SessionTask;
 use super::webrtc_link::WebRtcLink;
@@ -32,9 +32,9 @@ const PEER_CHANNEL_CAPACITY: usize = 512;
 const CONTROL_CHANNEL_CAPACITY: usize = 32;
 
 /// A live session ready to run: its task, the SDP answer and the task's control handle.
-pub(crate) struct Built {
+pub(crate) struct Built<C: EventCodec = ApiV1> {
     /// The task (not yet spawned).
-    pub task: SessionTask<WebRtcLink<ApiV1>>,
+    pub task: SessionTask<WebRtcLink<C>>,
     /// The SDP answer for the client.
     pub answer: String,
     /// Control of the task (end, trickle, inject).
@@ -94,14 +94,15 @@ impl SessionBuilder {
         self.providers.contains_key(name)
     }
 
-    /// Answer `offer` for `shared` speaking as `character`: the peer and the provider session
-    /// are opened concurrently (the client waits for both).
-    pub async fn webrtc(
+    /// Answer `offer` for `shared` speaking as `character`, its events spelled by `codec`: the
+    /// peer and the provider session are opened concurrently (the client waits for both).
+    pub async fn webrtc<C: EventCodec>(
         &self,
         shared: &Arc<SessionShared>,
         character: &Character,
         offer: &signaling::sdp::ValidOffer,
-    ) -> Result<Built, SessionError> {
+        codec: C,
+    ) -> Result<Built<C>, SessionError> {
         let provider = self.provider_chain(&shared.provider, character)?;
         let media = self.media_parts(provider.input_format().rate_hz, Some(offer.opus_payload_type()))?;
         let (peer_tx, peer_rx) = mpsc::channel(PEER_CHANNEL_CAPACITY);
@@ -124,7 +125,7 @@ impl SessionBuilder {
                 return Err(SessionError::ProviderUnavailable(e.to_string()));
             }
         };
-        let link = WebRtcLink::new(peer, peer_rx, ApiV1);
+        let link = WebRtcLink::new(peer, peer_rx, codec);
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
         let conv = self.conversation_config(shared, character, &provider);
         let task = self.task(shared, link, control_rx, session, Conversation::new(conv, media));

@@ -172,6 +172,10 @@ pub trait EventCodec: Send {
     fn encode(&mut self, ev: &ServerEvent, out: &mut Vec<String>);
     /// Decode one client message: `Ok(None)` for a well-formed message the server ignores.
     fn decode(&mut self, msg: &[u8]) -> Result<Option<ClientEvent>, EventError>;
+    /// Wire messages the codec owes the client in direct answer to what it decoded (a dialect's
+    /// acknowledgements, e.g. oai-events `session.updated` or `conversation.item.retrieved`);
+    /// the link sends them right after [`EventCodec::decode`]. Default: none.
+    fn take_replies(&mut self, _out: &mut Vec<String>) {}
 }
 
 /// Today's events (`docs/api-v1.md`): one JSON object per event, `signaling::events` as is.

@@ -37,6 +37,16 @@ impl<C: EventCodec> WebRtcLink<C> {
         Self { peer, rx, dc: None, codec, wire: Vec::with_capacity(4), events_dropped: 0, closed: false }
     }
 
+    /// Send the encoded messages waiting in `wire` (dropped and counted without a channel).
+    async fn send_wire(&mut self) {
+        for msg in self.wire.drain(..) {
+            match &self.dc {
+                Some(dc) if dc.try_send_text(&msg).await.is_ok() => {}
+                _ => self.events_dropped += 1,
+            }
+        }
+    }
+
     fn map(&mut self, ev: PeerEvent) -> Option<LinkEvent> {
         Some(match ev {
             PeerEvent::Rtp { arrival, seq, timestamp, payload_type, ssrc, payload } => {
@@ -46,10 +56,15 @@ impl<C: EventCodec> WebRtcLink<C> {
                 self.dc = Some(dc);
                 LinkEvent::EventsOpen
             }
-            PeerEvent::Message(bytes) => match self.codec.decode(&bytes) {
-                Ok(ev) => LinkEvent::Event(ev),
-                Err(e) => LinkEvent::BadMessage(e),
-            },
+            PeerEvent::Message(bytes) => {
+                let decoded = self.codec.decode(&bytes);
+                // The dialect's own acknowledgements go out before the event is acted on.
+                self.codec.take_replies(&mut self.wire);
+                match decoded {
+                    Ok(ev) => LinkEvent::Event(ev),
+                    Err(e) => LinkEvent::BadMessage(e),
+                }
+            }
             PeerEvent::ChannelClosed => {
                 self.dc = None;
                 LinkEvent::EventsClosed
@@ -70,7 +85,9 @@ impl<C: EventCodec> ClientLink for WebRtcLink<C> {
                 return (!std::mem::replace(&mut self.closed, true))
                     .then_some(LinkEvent::Closed(EndReason::PeerDisconnected));
             };
-            if let Some(ev) = self.map(ev) {
+            let ev = self.map(ev);
+            self.send_wire().await;
+            if let Some(ev) = ev {
                 return Some(ev);
             }
         }
@@ -86,13 +103,11 @@ impl<C: EventCodec> ClientLink for WebRtcLink<C> {
     }
 
     async fn send_event(&mut self, ev: &ServerEvent) {
-        let Some(dc) = &self.dc else { return };
-        self.codec.encode(ev, &mut self.wire);
-        for msg in self.wire.drain(..) {
-            if dc.try_send_text(&msg).await.is_err() {
-                self.events_dropped += 1;
-            }
+        if self.dc.is_none() {
+            return;
         }
+        self.codec.encode(ev, &mut self.wire);
+        self.send_wire().await;
     }
 
     async fn add_candidate(&mut self, candidate: RTCIceCandidateInit) -> Result<(), LinkError> {
