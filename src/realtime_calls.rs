@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
@@ -447,9 +447,7 @@ async fn hangup(
     State(st): State<CallsState>,
     Path(call_id): Path<String>,
     headers: HeaderMap,
-    method: Method,
 ) -> Result<Response, ApiError> {
-    debug_assert_eq!(method, Method::POST);
     api_caller(&st, &headers).await?;
     if !signaling::id::is_valid_id(&call_id) || st.manager.get(&call_id).is_none() {
         return Err(ApiError::not_found("unknown_call", "no such call on this server"));
