@@ -72,6 +72,7 @@ async fn the_agents_sdk_talks_with_a_character_and_interrupts_it_in_chromium() {
     mic.extend(std::iter::repeat_n(0i16, 48_000 * 25));
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let out_dir = root.join("target/browser");
+    let out_dir2 = out_dir.clone();
     std::fs::create_dir_all(&out_dir).unwrap();
     let mic_path = out_dir.join("mic-oai.wav");
     std::fs::write(&mic_path, media::wav::to_bytes(media::PcmRef::new(48_000, &mic))).unwrap();
@@ -104,6 +105,7 @@ async fn the_agents_sdk_talks_with_a_character_and_interrupts_it_in_chromium() {
         let url = url.as_str().unwrap();
         assert!(url.starts_with(&page_base) || url.starts_with(&ts.base), "the page requested {url}");
     }
+    std::fs::write(out_dir2.join("oai-run.json"), stdout.as_bytes()).unwrap();
     let first = &run["first"];
     assert_eq!(first["errors"], json!([]), "the SDK reported no error");
 

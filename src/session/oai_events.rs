@@ -284,24 +284,37 @@ impl OaiEventsCodec {
         pos.checked_sub(1).and_then(|p| self.items.get(p)).map(|(i, _)| i.clone())
     }
 
-    fn user_transcript(&mut self, text: &str, is_final: bool, out: &mut Vec<String>) {
-        if self.user_awaiting.is_empty() && self.user_open.is_none() {
-            if self.typed.as_deref().is_some_and(|t| t.trim() == text.trim()) {
-                // The provider's echo of a typed turn: that item exists already.
-                if is_final {
-                    self.typed = None;
-                }
-                return;
-            }
-            if !is_final {
-                return;
-            }
-            // A transcript with no speech edges seen (a provider-detected turn): its item now.
-            let id = self.new_item_id();
-            self.append_item(Self::user_audio_item(&id, None), out);
-            self.user_awaiting.push_back(id);
+    /// The user item a transcript belongs to: the oldest committed one still waiting for its
+    /// transcript, else the speech still open (providers may transcribe before our VAD's stop).
+    fn user_target(&self) -> Option<String> {
+        if let Some(id) = self.user_awaiting.front() {
+            return Some(id.clone());
         }
-        let Some(id) = self.user_awaiting.front().or(self.user_open.as_ref()).cloned() else { return };
+        let open = self.user_open.as_ref()?;
+        let transcribed = self.item(open).is_some_and(|i| !i["content"][0]["transcript"].is_null());
+        (!transcribed).then(|| open.clone())
+    }
+
+    fn user_transcript(&mut self, text: &str, is_final: bool, out: &mut Vec<String>) {
+        let target = self.user_target();
+        if target.is_none() && self.typed.as_deref().is_some_and(|t| t.trim() == text.trim()) {
+            // The provider's echo of a typed turn: that item exists already.
+            if is_final {
+                self.typed = None;
+            }
+            return;
+        }
+        let id = match target {
+            Some(id) => id,
+            None if !is_final => return,
+            None => {
+                // A transcript with no speech edges seen (a provider-detected turn): its item now.
+                let id = self.new_item_id();
+                self.append_item(Self::user_audio_item(&id, None), out);
+                self.user_awaiting.push_back(id.clone());
+                id
+            }
+        };
         let start =
             if self.user_sent <= text.len() && text.is_char_boundary(self.user_sent) { self.user_sent } else { 0 };
         if !is_final {
@@ -313,13 +326,15 @@ impl OaiEventsCodec {
             return;
         }
         self.user_sent = 0;
+        let item = Self::user_audio_item(&id, Some(text));
         if self.user_awaiting.front() == Some(&id) {
             self.user_awaiting.pop_front();
+            self.store(&item);
         } else {
-            self.user_open = None;
+            // Transcribed while the speech is still open: the item joins the conversation now
+            // (its speech_stopped / committed follow).
+            self.append_item(item, out);
         }
-        let item = Self::user_audio_item(&id, Some(text));
-        self.store(&item);
         out.push(self.msg(
             "conversation.item.input_audio_transcription.completed",
             json!({"item_id": id, "content_index": 0, "transcript": text}),
@@ -441,12 +456,18 @@ impl EventCodec for OaiEventsCodec {
                     None => self.new_item_id(),
                 };
                 out.push(self.msg("input_audio_buffer.speech_stopped", json!({"item_id": id, "audio_end_ms": at_ms})));
-                let previous = self.last_item.clone();
-                out.push(
-                    self.msg("input_audio_buffer.committed", json!({"item_id": id, "previous_item_id": previous})),
-                );
-                self.append_item(Self::user_audio_item(&id, None), out);
-                self.user_awaiting.push_back(id);
+                if self.item(&id).is_some() {
+                    // Already transcribed and announced.
+                    let previous = self.previous_of(&id);
+                    let committed = json!({"item_id": id, "previous_item_id": previous});
+                    out.push(self.msg("input_audio_buffer.committed", committed));
+                } else {
+                    let previous = self.last_item.clone();
+                    let committed = json!({"item_id": id, "previous_item_id": previous});
+                    out.push(self.msg("input_audio_buffer.committed", committed));
+                    self.append_item(Self::user_audio_item(&id, None), out);
+                    self.user_awaiting.push_back(id);
+                }
             }
             ServerEvent::Transcript { role: Role::User, text, is_final, .. } => {
                 self.user_transcript(text, *is_final, out)
@@ -586,6 +607,27 @@ mod tests {
         let got = replies(&mut c);
         assert_eq!(got[0]["type"], "conversation.item.retrieved");
         assert_eq!(got[0]["item"]["content"][0]["transcript"], "Hello");
+    }
+
+    #[test]
+    fn a_transcript_before_the_speech_stops_fills_the_same_user_item() {
+        let mut c = codec();
+        let started = enc(&mut c, ServerEvent::UserSpeechStarted { at_ms: 500 });
+        let id = started[0]["item_id"].as_str().unwrap().to_owned();
+        let user = ServerEvent::Transcript { role: Role::User, item_id: "u".into(), text: "Hi".into(), is_final: true };
+        let early = enc(&mut c, user);
+        assert_eq!(
+            types(&early),
+            [
+                "conversation.item.added",
+                "conversation.item.done",
+                "conversation.item.input_audio_transcription.completed"
+            ]
+        );
+        assert_eq!(early[0]["item"]["content"][0]["transcript"], "Hi");
+        let stopped = enc(&mut c, ServerEvent::UserSpeechStopped { at_ms: 1500 });
+        assert_eq!(types(&stopped), ["input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]);
+        assert_eq!(stopped[1]["item_id"], id.as_str(), "one item for one utterance");
     }
 
     #[test]
