@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use std::sync::Arc;
 
@@ -30,40 +29,13 @@ async fn run_page(ts: &TestServer, mic: &[i16], name: &str) -> Value {
 /// [`run_page`] with a runner mode (`restart`: ICE restart after the first reply, see run.mjs).
 async fn run_page_mode(ts: &TestServer, mic: &[i16], name: &str, mode: &str) -> Value {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let runner = root.join("tests/browser/run.mjs");
-    assert!(
-        root.join("tests/browser/node_modules/puppeteer-core").exists(),
-        "tests/browser/node_modules is missing: run ./test.sh (or `npm ci --prefix tests/browser`)"
-    );
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(
-        std::path::Path::new(&chromium).exists(),
-        "{chromium} is missing: run ./test.sh (apt-get install chromium)"
-    );
     let out_dir = root.join("target/browser");
     std::fs::create_dir_all(&out_dir).unwrap();
     let mic_path = out_dir.join(format!("mic-{name}.wav"));
     write_wav(&mic_path, 48_000, mic);
     let shot = out_dir.join(format!("web-demo-{name}.png"));
-    let (base, mode) = (ts.base.clone(), mode.to_owned());
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(runner)
-            .arg(&base)
-            .arg(&mic_path)
-            .arg(&shot)
-            .arg("45000")
-            .arg(mode)
-            .env("CHROMIUM", chromium)
-            .output()
-            .expect("node runs")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let page: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!("runner output is JSON ({e}): {stdout}\n{}", String::from_utf8_lossy(&output.stderr))
-    });
+    let args = [ts.base.clone(), path_arg(&mic_path), path_arg(&shot), "45000".into(), mode.to_owned()];
+    let page = common::browser_runner::run_node("run.mjs", args.into()).await;
     assert_eq!(
         page["ok"], true,
         "[{name}] the page finished a conversation turn: {}\nlog: {}",
@@ -71,6 +43,10 @@ async fn run_page_mode(ts: &TestServer, mic: &[i16], name: &str, mode: &str) -> 
     );
     assert_eq!(page["pageError"], "", "[{name}] the page showed no error");
     page
+}
+
+fn path_arg(p: &std::path::Path) -> String {
+    p.display().to_string()
 }
 
 /// The microphone file: half a second of silence, `speech`, then enough silence for the reply

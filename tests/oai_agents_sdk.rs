@@ -14,7 +14,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use common::fake_openai::{FakeOpenAi, FakeOptions, Reply, reply_speech};
 use common::*;
@@ -22,7 +21,7 @@ use serde_json::{Value, json};
 
 /// Serve oai.html and the SDK's UMD bundle on a loopback port of its own (another origin).
 async fn serve_page() -> String {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let root = common::browser_runner::browser_dir();
     let bundle = root.join("node_modules/@openai/agents-realtime/dist/bundle/openai-realtime-agents.umd.js");
     assert!(bundle.exists(), "{} is missing: run ./test.sh (or `npm ci --prefix tests/browser`)", bundle.display());
     let html = std::fs::read_to_string(root.join("oai.html")).unwrap();
@@ -52,17 +51,11 @@ async fn the_agents_sdk_talks_with_a_character_and_interrupts_it_in_chromium() {
     let fake = FakeOpenAi::start(FakeOptions::default(), script).await;
     let ts = TestServer::start_openai(&fake.url(), |_| {}).await;
 
-    let secret: Value = ts
-        .http
-        .post(format!("{}/v1/realtime/client_secrets", ts.base))
-        .json(&json!({"expires_after": {"anchor": "created_at", "seconds": 600},
-                      "session": {"type": "realtime", "instructions": "Mention the weather."}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = json!({"expires_after": {"anchor": "created_at", "seconds": 600},
+                      "session": {"type": "realtime", "instructions": "Mention the weather."}});
+    let minted = ts.http.post(format!("{}/v1/realtime/client_secrets", ts.base)).json(&body).send().await.unwrap();
+    assert_eq!(minted.status(), 200, "open on loopback without keys");
+    let secret: Value = minted.json().await.unwrap();
     let ek = secret["value"].as_str().expect("a client secret").to_owned();
 
     let page_base = serve_page().await;
@@ -70,30 +63,13 @@ async fn the_agents_sdk_talks_with_a_character_and_interrupts_it_in_chromium() {
     let mut mic = vec![0i16; 24_000];
     mic.extend_from_slice(&question);
     mic.extend(std::iter::repeat_n(0i16, 48_000 * 25));
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out_dir = root.join("target/browser");
-    let out_dir2 = out_dir.clone();
+    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/browser");
     std::fs::create_dir_all(&out_dir).unwrap();
     let mic_path = out_dir.join("mic-oai.wav");
     std::fs::write(&mic_path, media::wav::to_bytes(media::PcmRef::new(48_000, &mic))).unwrap();
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let (page_url, base) = (format!("{page_base}/"), ts.base.clone());
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(root.join("tests/browser/oai.mjs"))
-            .args([&page_url, &base, &ek])
-            .arg(&mic_path)
-            .arg("45000")
-            .env("CHROMIUM", chromium)
-            .output()
-            .expect("node runs")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let run: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!("runner output is JSON ({e}): {stdout}\n{}", String::from_utf8_lossy(&output.stderr))
-    });
+    let args = vec![format!("{page_base}/"), ts.base.clone(), ek, mic_path.display().to_string(), "45000".into()];
+    let run = common::browser_runner::run_node("oai.mjs", args).await;
+    std::fs::write(out_dir.join("oai-run.json"), run.to_string()).unwrap();
     assert_eq!(
         run["ok"], true,
         "the SDK finished both turns: {}\nconsole: {}\npartial: {}",
@@ -105,7 +81,6 @@ async fn the_agents_sdk_talks_with_a_character_and_interrupts_it_in_chromium() {
         let url = url.as_str().unwrap();
         assert!(url.starts_with(&page_base) || url.starts_with(&ts.base), "the page requested {url}");
     }
-    std::fs::write(out_dir2.join("oai-run.json"), stdout.as_bytes()).unwrap();
     let first = &run["first"];
     assert_eq!(first["errors"], json!([]), "the SDK reported no error");
 

@@ -2,20 +2,11 @@
 // Agents SDK connects to kotodama, the user's spoken question is answered, then a typed message's
 // reply is interrupted. Prints what the page saw as JSON on stdout. Used by tests/oai_agents_sdk.rs.
 //   node oai.mjs <page-url> <kotodama-base> <ek_...> <speech.wav> <timeout-ms>
-import puppeteer from "puppeteer-core";
+import { launch } from "./chromium.mjs";
 
 const [pageUrl, base, ek, wav, timeoutArg] = process.argv.slice(2);
 const timeout = Number(timeoutArg || 45000);
-const browser = await puppeteer.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-    `--use-file-for-fake-audio-capture=${wav}`,
-  ],
-});
+const browser = await launch(wav);
 const out = { ok: false, error: "", console: [], requests: [] };
 const read = (page) => page.evaluate(() => window.oai);
 try {

@@ -3,21 +3,11 @@
 //   node run.mjs <base-url> <speech.wav> <screenshot.png> <timeout-ms> [restart]
 // With `restart`: after the first reply the page restarts ICE (as after a network change) and the
 // run ends after the second reply.
-import puppeteer from "puppeteer-core";
+import { launch } from "./chromium.mjs";
 
 const [url, wav, shot, timeoutArg, mode] = process.argv.slice(2);
 const timeout = Number(timeoutArg || 40000);
-const chromium = process.env.CHROMIUM || "/usr/bin/chromium";
-const browser = await puppeteer.launch({
-  executablePath: chromium,
-  headless: true,
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-    `--use-file-for-fake-audio-capture=${wav}`,
-  ],
-});
+const browser = await launch(wav);
 const out = { ok: false, error: "", console: [] };
 try {
   const page = await browser.newPage();

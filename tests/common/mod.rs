@@ -2,6 +2,7 @@
 //! that speaks Opus (real libopus) and records what it hears and every event it receives.
 #![allow(dead_code)]
 
+pub mod browser_runner;
 pub mod client_peer;
 pub mod coturn;
 pub mod energy_vad;
