@@ -27,10 +27,13 @@
 //! preflight names `Authorization`, `Content-Type` and `X-OpenAI-Agents-SDK` explicitly (a `*`
 //! does not cover `Authorization`, Fetch standard §3.2.5).
 //!
-//! Errors are problem+json: 400 bad JSON / SDP / expiry, 401 missing or unknown key or expired
-//! client secret, 404 unknown call, 413, 415, 422 offers kotodama cannot answer, 503.
+//! Minting a secret, and placing a call with an API key (or on the open API), count in the
+//! caller's (or client IP's) sessions-per-minute bucket, as `POST /v1/sessions` does. Errors are
+//! problem+json: 400 bad JSON / SDP / expiry, 401 missing or unknown key or expired client
+//! secret, 404 unknown call, 413, 415, 422 offers kotodama cannot answer, 429, 503.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -171,11 +174,29 @@ async fn preflight() -> Response {
 
 /// The caller's API key id, when keys are configured (`Ok(None)`: the API is open).
 async fn api_caller(st: &CallsState, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    Ok(match signaling::api::authenticate(&st.api, headers).await? {
-        Some(Caller::Key(k)) => Some(k.id),
-        Some(Caller::User(u)) => Some(format!("user:{}", u.user_id)),
-        None => None,
-    })
+    Ok(caller_id(signaling::api::authenticate(&st.api, headers).await?.as_ref()))
+}
+
+fn caller_id(caller: Option<&Caller>) -> Option<String> {
+    match caller? {
+        Caller::Key(k) => Some(k.id.clone()),
+        Caller::User(u) => Some(format!("user:{}", u.user_id)),
+    }
+}
+
+/// Authenticate a request that will make a session, counted in the caller's (or, on an open API,
+/// the client IP's) sessions-per-minute bucket like `POST /v1/sessions` (429 beyond it).
+async fn creating_caller(st: &CallsState, headers: &HeaderMap, ip: Option<IpAddr>) -> Result<Option<String>, ApiError> {
+    let caller = signaling::api::authenticate(&st.api, headers).await?;
+    signaling::api::rate_limit(&st.api, caller.as_ref(), ip).await?;
+    Ok(caller_id(caller.as_ref()))
+}
+
+/// The client's address, when the server records it.
+type Peer = Option<axum::Extension<axum::extract::ConnectInfo<SocketAddr>>>;
+
+fn peer_ip(peer: Peer) -> Option<IpAddr> {
+    peer.map(|axum::Extension(axum::extract::ConnectInfo(addr))| addr.ip())
 }
 
 fn media_type(headers: &HeaderMap) -> String {
@@ -193,8 +214,13 @@ async fn body_bytes(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byt
 }
 
 /// `POST /v1/realtime/client_secrets`.
-async fn client_secrets(State(st): State<CallsState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let key_id = api_caller(&st, &headers).await?;
+async fn client_secrets(
+    State(st): State<CallsState>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key_id = creating_caller(&st, &headers, peer_ip(peer)).await?;
     let bytes = body_bytes(body, &headers, st.api.limits.max_json_bytes).await?;
     let request: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
         json!({})
@@ -313,7 +339,7 @@ enum Credential {
     Key(Option<String>),
 }
 
-async fn call_credential(st: &CallsState, headers: &HeaderMap) -> Result<Credential, ApiError> {
+async fn call_credential(st: &CallsState, headers: &HeaderMap, ip: Option<IpAddr>) -> Result<Credential, ApiError> {
     if let Some(presented) = signaling::auth::bearer(headers).filter(|b| b.starts_with("ek_")) {
         let secret = st.secrets().remove(presented);
         return match secret {
@@ -325,7 +351,7 @@ async fn call_credential(st: &CallsState, headers: &HeaderMap) -> Result<Credent
             )),
         };
     }
-    Ok(Credential::Key(api_caller(st, headers).await?))
+    Ok(Credential::Key(creating_caller(st, headers, ip).await?))
 }
 
 /// The parts `sdp` and `session` of a `multipart/form-data` body (RFC 7578).
@@ -373,8 +399,13 @@ fn multipart(headers: &HeaderMap, body: &[u8]) -> Result<(Vec<u8>, Option<Value>
 }
 
 /// `POST /v1/realtime/calls`.
-async fn create_call(State(st): State<CallsState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let credential = call_credential(&st, &headers).await?;
+async fn create_call(
+    State(st): State<CallsState>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let credential = call_credential(&st, &headers, peer_ip(peer)).await?;
     let result = place_call(&st, &headers, body, &credential).await;
     if result.is_err()
         && let Credential::Secret(value, secret) = credential

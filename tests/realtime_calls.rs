@@ -187,3 +187,29 @@ async fn cors_preflight_names_the_sdk_headers_and_responses_expose_location() {
     assert_eq!(res.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
     assert_eq!(res.headers()[header::ACCESS_CONTROL_EXPOSE_HEADERS], "Location");
 }
+
+#[tokio::test]
+async fn minting_and_calling_count_against_the_session_rate_limit() {
+    let ts = TestServer::start_with(|c| {
+        c.api_keys = vec![KEY.to_owned()];
+        c.session.create_per_minute_per_key = 2;
+    })
+    .await;
+    for _ in 0..2 {
+        assert_eq!(mint(&ts, json!({})).await.status(), 200);
+    }
+    let limited = mint(&ts, json!({})).await;
+    assert!(limited.headers().contains_key(header::RETRY_AFTER));
+    problem(limited, 429).await;
+    // A call placed with the API key itself is one more session in the same bucket.
+    let res = ts
+        .http
+        .post(format!("{}/v1/realtime/calls", ts.base))
+        .bearer_auth(KEY)
+        .header(header::CONTENT_TYPE, "application/sdp")
+        .body(offer_sdp().await)
+        .send()
+        .await
+        .unwrap();
+    problem(res, 429).await;
+}

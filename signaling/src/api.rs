@@ -258,8 +258,9 @@ fn short_term_error(e: ShortTermError) -> ApiError {
     ApiError::unavailable("session state is unavailable; retry shortly", Duration::from_secs(2))
 }
 
-/// The rate-limit bucket of a creation request: its API key or signed-in user, else its client IP.
-async fn rate_limit(st: &ApiState, caller: Option<&Caller>, ip: Option<IpAddr>) -> Result<(), ApiError> {
+/// The rate-limit bucket of a creation request: its API key or signed-in user, else its client IP
+/// (429 + `Retry-After` beyond [`Limits::sessions_per_minute_per_key`] / `_per_ip`).
+pub async fn rate_limit(st: &ApiState, caller: Option<&Caller>, ip: Option<IpAddr>) -> Result<(), ApiError> {
     let (bucket, limit) = match (caller, ip) {
         (Some(c), _) => (format!("rl:{}", c.audit_name()), st.limits.sessions_per_minute_per_key),
         (None, Some(ip)) => (format!("rl:ip:{ip}"), st.limits.sessions_per_minute_per_ip),
