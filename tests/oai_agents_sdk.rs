@@ -8,7 +8,7 @@
 //! Checked: the SDK's own history holds the user's transcript and the agent's; the agent was
 //! heard (inbound RTP audio energy in the page); `interrupt()` cuts the agent, and the
 //! truncation (`audio_end_ms`, the item's heard transcript) matches what played; the page made
-//! no request beyond the two local origins. Needs `chromium` and tests/browser's npm packages
+//! no request beyond the two local origins; kotodama's visemes arrive as `kotodama.viseme`. Needs `chromium` and tests/browser's npm packages
 //! (`./test.sh` installs both).
 
 mod common;
@@ -107,6 +107,11 @@ async fn the_agents_sdk_talks_with_a_character_and_interrupts_it_in_chromium() {
     // The client's instructions reached the character's persona.
     let created = events_of(first, "session.created")[0];
     assert!(created["ev"]["session"]["instructions"].as_str().unwrap().contains("Mention the weather."), "{created}");
+
+    // kotodama's visemes reach the page through the SDK's generic events, named by the agent item.
+    let visemes = events_of(first, "kotodama.viseme");
+    assert!(visemes.len() > 20, "visemes for an avatar: {}", visemes.len());
+    assert!(visemes.iter().all(|v| v["ev"]["item_id"] == agent["itemId"]), "the visemes belong to the reply");
 
     // Heard: the received audio's energy over the first reply (~7 s of speech).
     let levels = first["levels"].as_array().unwrap();

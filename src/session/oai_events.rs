@@ -20,6 +20,7 @@
 //! | `agent.interrupted {item_id, played_ms}` | `output_audio_buffer.cleared`, `conversation.item.truncated {item_id, content_index:0, audio_end_ms: played_ms}` (the response then ends `cancelled`) |
 //! | `state: listening` after speaking | `output_audio_buffer.stopped {response_id}` (unless cleared) |
 //! | `error {code, message}` | `error {error:{type:"invalid_request_error", code, message}}` |
+//! | `emotion`, `viseme`, `gesture`, `moderation`, `agent_notification`, `session.ended` | `kotodama.<type>` with the api-v1 fields (the SDK hands unknown events to `transport.on("*")`) |
 //!
 //! Client events decoded: `session.update` (acknowledged with `session.updated` carrying the
 //! session as it runs: instructions and voice were fixed when the call was created, see
@@ -374,6 +375,19 @@ impl OaiEventsCodec {
         ));
     }
 
+    /// What OpenAI has no event for (the avatar's emotion, visemes and gestures, moderation,
+    /// agent notifications, the session's end) as `kotodama.<api-v1 type>` with the api-v1
+    /// fields: the SDK passes events it does not know to `transport.on("*")` (its generic event
+    /// schema needs only `type`), so an avatar page can use them.
+    fn extension(&mut self, ev: &ServerEvent, out: &mut Vec<String>) {
+        let Ok(mut v) = serde_json::to_value(ev) else { return };
+        let kind = format!("kotodama.{}", ev.type_name());
+        if let Value::Object(m) = &mut v {
+            m.remove("type");
+        }
+        out.push(self.msg(&kind, v));
+    }
+
     /// `session.update`: acknowledged with the session as it runs.
     fn session_updated(&mut self, v: &Value) {
         if let Some(model) = v["session"]["model"].as_str() {
@@ -484,6 +498,12 @@ impl EventCodec for OaiEventsCodec {
                 );
                 out.push(err);
             }
+            ServerEvent::Emotion { .. }
+            | ServerEvent::Viseme { .. }
+            | ServerEvent::Gesture { .. }
+            | ServerEvent::Moderation { .. }
+            | ServerEvent::AgentNotification { .. }
+            | ServerEvent::SessionEnded { .. } => self.extension(ev, out),
             _ => {}
         }
     }
@@ -677,6 +697,26 @@ mod tests {
         let got = replies(&mut c);
         assert_eq!(got[0]["item"]["content"][0]["transcript"], "Hi!", "the item holds what was heard");
         assert_eq!(got[0]["item"]["status"], "incomplete");
+    }
+
+    #[test]
+    fn avatar_events_pass_through_as_kotodama_extensions() {
+        let mut c = codec();
+        let v = enc(
+            &mut c,
+            ServerEvent::Viseme {
+                item_id: "it_a".into(),
+                viseme: signaling::events::Viseme::Aa,
+                start_ms: 40,
+                duration_ms: 60,
+            },
+        );
+        assert_eq!(v[0]["type"], "kotodama.viseme");
+        assert_eq!((v[0]["viseme"].as_str(), v[0]["start_ms"].as_u64()), (Some("aa"), Some(40)));
+        assert!(v[0]["event_id"].is_string());
+        let e = enc(&mut c, ServerEvent::Emotion { emotion: signaling::events::Emotion::Happy, item_id: None });
+        assert_eq!((e[0]["type"].as_str(), e[0]["emotion"].as_str()), (Some("kotodama.emotion"), Some("happy")));
+        assert!(enc(&mut c, ServerEvent::Pong).is_empty(), "OpenAI has no ping");
     }
 
     #[test]
