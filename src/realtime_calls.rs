@@ -149,6 +149,7 @@ pub fn routes(api: ApiState, manager: Arc<SessionManager>) -> Router {
         .route("/v1/realtime/client_secrets", post(client_secrets).options(preflight))
         .route("/v1/realtime/calls", post(create_call).options(preflight))
         .route("/v1/realtime/calls/{call_id}/hangup", post(hangup).options(preflight))
+        .method_not_allowed_fallback(signaling::api::method_not_allowed)
         .with_state(state)
         .layer(axum::middleware::from_fn(cors))
 }

@@ -186,6 +186,8 @@ async fn cors_preflight_names_the_sdk_headers_and_responses_expose_location() {
     assert_eq!(res.status(), 201);
     assert_eq!(res.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
     assert_eq!(res.headers()[header::ACCESS_CONTROL_EXPOSE_HEADERS], "Location");
+    let get = ts.http.get(format!("{}/v1/realtime/calls", ts.base)).send().await.unwrap();
+    problem(get, 405).await;
 }
 
 #[tokio::test]
