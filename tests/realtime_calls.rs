@@ -215,3 +215,21 @@ async fn minting_and_calling_count_against_the_session_rate_limit() {
         .unwrap();
     problem(res, 429).await;
 }
+
+#[tokio::test]
+async fn an_expired_client_secret_is_refused_by_name() {
+    let ts = server_with_key().await;
+    let res = mint(&ts, json!({"expires_after": {"anchor": "created_at", "seconds": 10}})).await;
+    let ek = res.json::<Value>().await.unwrap()["value"].as_str().unwrap().to_owned();
+    tokio::time::sleep(std::time::Duration::from_millis(10_300)).await;
+    let res = ts
+        .http
+        .post(format!("{}/v1/realtime/calls", ts.base))
+        .bearer_auth(&ek)
+        .header(header::CONTENT_TYPE, "application/sdp")
+        .body(offer_sdp().await)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(problem(res, 401).await["code"], "client_secret_expired");
+}
