@@ -227,7 +227,8 @@ pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>, admin: R
     signaling::api::router(api.clone())
         .merge(crate::ws::routes(api.clone(), Arc::clone(&manager)))
         .merge(crate::pipecat::routes(api.clone(), Arc::clone(&manager)))
-        .merge(crate::agent_results::routes(api, Arc::clone(&manager)))
+        .merge(crate::agent_results::routes(api.clone(), Arc::clone(&manager)))
+        .merge(crate::realtime_calls::routes(api, Arc::clone(&manager)))
         .merge(admin)
         .merge(web_demo)
         .route(

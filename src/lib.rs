@@ -32,6 +32,7 @@ pub mod otlp;
 pub mod peer;
 pub mod pipecat;
 pub mod providers;
+pub mod realtime_calls;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -524,8 +524,12 @@ impl PeerConnectionEventHandler for Forwarder {
         let counters = Arc::clone(&self.counters);
         tokio::spawn(async move {
             let label = dc.label().await.unwrap_or_default();
-            // `events` (api-v1) or Pipecat's `chat` (RTVI; the session's codec speaks it).
-            if label != EVENTS_LABEL && label != crate::session::rtvi::DATA_CHANNEL_LABEL {
+            // `events` (api-v1), Pipecat's `chat` (RTVI) or `oai-events` (OpenAI Realtime calls): the
+            // session's codec speaks the dialect.
+            if label != EVENTS_LABEL
+                && label != crate::session::rtvi::DATA_CHANNEL_LABEL
+                && label != crate::session::oai_events::OAI_EVENTS_LABEL
+            {
                 tracing::debug!(%label, "ignoring data channel with an unknown label");
                 return;
             }

@@ -95,9 +95,8 @@ impl SessionBuilder {
         self.providers.contains_key(name)
     }
 
-    /// Answer `offer` for `shared` speaking as `character`: the peer and the provider session
-    /// are opened concurrently (the client waits for both).
-    /// The data channel speaks `codec`'s dialect.
+    /// Answer `offer` for `shared` speaking as `character`, its events spelled by `codec`: the
+    /// peer and the provider session are opened concurrently (the client waits for both).
     pub async fn webrtc<C: EventCodec>(
         &self,
         shared: &Arc<SessionShared>,

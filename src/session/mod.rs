@@ -61,6 +61,7 @@ pub(crate) mod builder;
 pub mod conversation;
 pub mod link;
 pub mod neko;
+pub mod oai_events;
 mod privacy;
 pub mod rtvi;
 pub mod speech;
@@ -631,15 +632,17 @@ impl SessionManager {
         id: &str,
         offer: signaling::sdp::ValidOffer,
     ) -> Result<(String, String, String), SessionError> {
-        self.offer_with(id, offer, link::ApiV1).await
+        self.offer_with(id, offer, link::ApiV1, |_| {}).await
     }
 
-    /// [`Self::offer`] with the data channel spoken in `codec`'s dialect (RTVI for Pipecat).
+    /// [`Self::offer`] for a client of another dialect: its events are spelled by `codec`, and
+    /// `adjust` adapts the session's character (instructions, voice) for this call only.
     pub async fn offer_with<C: link::EventCodec + 'static>(
         self: &Arc<Self>,
         id: &str,
         offer: signaling::sdp::ValidOffer,
         codec: C,
+        adjust: impl FnOnce(&mut Character),
     ) -> Result<(String, String, String), SessionError> {
         let shared = self.get(id).ok_or(SessionError::NotFound)?;
         {
@@ -650,7 +653,7 @@ impl SessionManager {
                 _ => return Err(SessionError::AlreadyConnected),
             }
         }
-        match self.start_live(&shared, &offer, codec).await {
+        match self.start_live(&shared, &offer, codec, adjust).await {
             Ok(v) => Ok(v),
             Err(e) => {
                 // Let the client try again with a corrected offer.
@@ -674,13 +677,16 @@ impl SessionManager {
         shared: &Arc<SessionShared>,
         offer: &signaling::sdp::ValidOffer,
         codec: C,
+        adjust: impl FnOnce(&mut Character),
     ) -> Result<(String, String, String), SessionError> {
         let catalog = self.characters();
-        let character = catalog
+        let mut character = catalog
             .iter()
             .find(|c| c.id == shared.character)
-            .ok_or_else(|| SessionError::UnknownCharacter(shared.character.clone()))?;
-        let built = self.builder.webrtc(shared, character, offer, codec).await?;
+            .ok_or_else(|| SessionError::UnknownCharacter(shared.character.clone()))?
+            .clone();
+        adjust(&mut character);
+        let built = self.builder.webrtc(shared, &character, offer, codec).await?;
         let (peer_id, etag) = go_live(shared, built.task, built.control)?;
         Ok((built.answer, peer_id, etag))
     }
