@@ -189,7 +189,8 @@ fn valid_offer(request: &OfferRequest) -> Result<signaling::sdp::ValidOffer, Api
 
 /// Answer `offer` on session `id` with an RTVI data channel.
 async fn answer(st: &PipecatState, id: &str, offer: signaling::sdp::ValidOffer) -> Result<Response, ApiError> {
-    let (sdp, peer, etag) = st.manager.offer_with(id, offer, RtviCodec::new()).await.map_err(crate::http::to_api)?;
+    let (sdp, peer, etag) =
+        st.manager.offer_with(id, offer, RtviCodec::new(), |_| {}).await.map_err(crate::http::to_api)?;
     let body = json!({"sdp": sdp, "type": "answer", "pc_id": PcId::format(id, &peer, &etag)});
     let mut response = (StatusCode::OK, axum::Json(body)).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
