@@ -59,8 +59,10 @@ use crate::session::{CreateOptions, EndReason, SessionManager, SessionState};
 const ALLOW_METHODS: &str = "POST, PATCH, DELETE, OPTIONS";
 /// Request headers a cross-origin page may send (named: `*` does not cover `Authorization`).
 const ALLOW_HEADERS: &str = "Authorization, Content-Type, If-Match, ETag";
-/// Response headers a cross-origin page may read.
-const EXPOSE_HEADERS: &str = "Location, ETag, Link, Accept-Post, Accept-Patch";
+/// Response headers a cross-origin page may read. `Access-Control-Allow-Methods` too: Eyevinn's
+/// client reads it from its own `OPTIONS` request to decide whether to trickle, and a page sees
+/// only exposed headers of a cross-origin response.
+const EXPOSE_HEADERS: &str = "Location, ETag, Link, Accept-Post, Accept-Patch, Access-Control-Allow-Methods";
 
 /// One WHIP session's HTTP-side state.
 struct Entry {

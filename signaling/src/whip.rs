@@ -187,6 +187,45 @@ pub fn check_whip_answer(offer: &ValidOffer, answer: &str, role: WhipRole) -> Re
     Ok(())
 }
 
+/// The answer as it goes to a one-way client: webrtc-rs answers `sendrecv` once the server's
+/// track is on the transceiver, but RFC 3264 §6.1 allows only `recvonly` (or `inactive`) for a
+/// `sendonly` offer and `sendonly` for a `recvonly` one. The audio section's direction becomes the
+/// role's, and a publisher's answer loses the track lines (`a=msid`, `a=ssrc`: nothing is sent on
+/// it). Other sections are unchanged; lines end in CRLF.
+pub fn one_way_answer(answer: &str, audio_mid: Option<&str>, role: WhipRole) -> String {
+    let mut out = String::with_capacity(answer.len());
+    let mut in_audio = false;
+    let mut section: Vec<&str> = Vec::new();
+    let flush = |section: &mut Vec<&str>, in_audio: bool, out: &mut String| {
+        let is_ours =
+            in_audio && audio_mid.is_none_or(|mid| section.iter().any(|l| l.strip_prefix("a=mid:") == Some(mid)));
+        for line in section.drain(..) {
+            let line = if is_ours && line == "a=sendrecv" {
+                match role {
+                    WhipRole::Publish => "a=recvonly",
+                    WhipRole::Play => "a=sendonly",
+                }
+            } else {
+                line
+            };
+            if is_ours && role == WhipRole::Publish && (line.starts_with("a=msid:") || line.starts_with("a=ssrc:")) {
+                continue;
+            }
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    };
+    for line in answer.lines().map(|l| l.trim_end_matches('\r')) {
+        if line.starts_with("m=") {
+            flush(&mut section, in_audio, &mut out);
+            in_audio = line.starts_with("m=audio");
+        }
+        section.push(line);
+    }
+    flush(&mut section, in_audio, &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +302,20 @@ mod tests {
         assert_eq!(check_answer_via_dispatch(&play, &answer("sendonly")).unwrap_err().code(), "answer_no_track");
         let with_track = answer("sendonly") + "a=msid:kotodama agent-voice\r\n";
         assert!(check_answer_via_dispatch(&play, &with_track).is_ok());
+    }
+
+    #[test]
+    fn a_publisher_s_answer_is_receive_only_without_track_lines() {
+        let answer = "v=0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=msid:k v\r\na=ssrc:1 cname:k\r\n\
+                      a=sendrecv\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:1\r\na=sendrecv\r\n";
+        let got = one_way_answer(answer, Some("0"), WhipRole::Publish);
+        assert_eq!(
+            got,
+            "v=0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=recvonly\r\n\
+             m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:1\r\na=sendrecv\r\n"
+        );
+        let play = one_way_answer(answer, Some("0"), WhipRole::Play);
+        assert!(play.contains("a=msid:k v\r\n") && play.contains("a=sendonly\r\n"), "{play}");
     }
 
     fn check_answer_via_dispatch(offer: &ValidOffer, answer: &str) -> Result<(), AnswerError> {

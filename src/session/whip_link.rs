@@ -359,6 +359,7 @@ impl SessionManager {
             .ok_or_else(|| SessionError::UnknownCharacter(shared.character.clone()))?;
         let (players, players_rx) = mpsc::channel(MAX_PLAYERS * 2);
         let (task, answer, control) = self.builder.whip(shared, character, offer, players_rx).await?;
+        let answer = signaling::whip::one_way_answer(&answer, offer.audio_mid(), signaling::whip::WhipRole::Publish);
         let (peer_id, etag) = super::go_live(shared, task, control)?;
         Ok(WhipStarted { session_id: shared.id.clone(), answer, peer_id, etag, players })
     }
@@ -376,6 +377,7 @@ impl SessionManager {
         }
         let (tx, events) = mpsc::channel(PLAYER_CHANNEL_CAPACITY);
         let (peer, answer) = self.builder.player(offer, tx).await?;
+        let answer = signaling::whip::one_way_answer(&answer, offer.audio_mid(), signaling::whip::WhipRole::Play);
         let id = signaling::id::new_peer_id();
         if let Err(mpsc::error::SendError(PlayerCmd::Attach { peer, .. })) =
             players.send(PlayerCmd::Attach { id: id.clone(), peer, events }).await

@@ -64,7 +64,7 @@ try {
     await client.ingest(stream);
     return await client.getResourceUrl();
   }, `${base}/v1/characters/${character}/whip`);
-  await publisher.waitForFunction(() => window.whip.peer.connectionState === "connected", { timeout: 15000 });
+  await publisher.waitForFunction(() => window.whip.peer.connectionState === "connected", { timeout: 40000, polling: 100 });
 
   // The WHEP player: a complete offer (no trickle), the answer, the voice measured by WebAudio.
   out.playerLocation = await player.evaluate(async (resource) => {
