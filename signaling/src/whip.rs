@@ -187,12 +187,39 @@ pub fn check_whip_answer(offer: &ValidOffer, answer: &str, role: WhipRole) -> Re
     Ok(())
 }
 
+/// The offer as the WebRTC stack must see it when it has no BUNDLE group at all (GStreamer
+/// webrtcbin's default `bundle-policy=none`, one audio section): webrtc-rs answers only the
+/// sections of the offer's BUNDLE group and would reject the lone audio section (port 0). Returns
+/// a copy with `a=group:BUNDLE <audio mid>` added at session level, or `None` when the offer needs
+/// nothing (it has a group, a data channel or no audio mid). The client's answer must then lose
+/// the group again ([`one_way_answer`] with `drop_bundle`): RFC 8843 §7.3 allows BUNDLE in an
+/// answer only as offered.
+pub fn with_lone_bundle(offer: &ValidOffer) -> Option<ValidOffer> {
+    let role = offer.whip_role()?;
+    let mid = offer.audio_mid()?;
+    if offer.data_channel_mid().is_some() || offer.sdp().lines().any(|l| l.starts_with("a=group:BUNDLE")) {
+        return None;
+    }
+    let mut sdp = String::with_capacity(offer.sdp().len() + 32);
+    let mut added = false;
+    for line in offer.sdp().lines().map(|l| l.trim_end_matches('\r')) {
+        if !added && line.starts_with("m=") {
+            sdp.push_str(&format!("a=group:BUNDLE {mid}\r\n"));
+            added = true;
+        }
+        sdp.push_str(line);
+        sdp.push_str("\r\n");
+    }
+    Some(ValidOffer::whip_offer(sdp, Some(mid.to_owned()), offer.opus_payload_type(), None, offer.setup(), role))
+}
+
 /// The answer as it goes to a one-way client: webrtc-rs answers `sendrecv` once the server's
 /// track is on the transceiver, but RFC 3264 §6.1 allows only `recvonly` (or `inactive`) for a
 /// `sendonly` offer and `sendonly` for a `recvonly` one. The audio section's direction becomes the
 /// role's, and a publisher's answer loses the track lines (`a=msid`, `a=ssrc`: nothing is sent on
-/// it). Other sections are unchanged; lines end in CRLF.
-pub fn one_way_answer(answer: &str, audio_mid: Option<&str>, role: WhipRole) -> String {
+/// it). With `drop_bundle` (the stack saw [`with_lone_bundle`]'s offer) the session's
+/// `a=group:BUNDLE` goes too. Other sections are unchanged; lines end in CRLF.
+pub fn one_way_answer(answer: &str, audio_mid: Option<&str>, role: WhipRole, drop_bundle: bool) -> String {
     let mut out = String::with_capacity(answer.len());
     let mut in_audio = false;
     let mut section: Vec<&str> = Vec::new();
@@ -216,6 +243,9 @@ pub fn one_way_answer(answer: &str, audio_mid: Option<&str>, role: WhipRole) -> 
         }
     };
     for line in answer.lines().map(|l| l.trim_end_matches('\r')) {
+        if drop_bundle && line.starts_with("a=group:BUNDLE") {
+            continue;
+        }
         if line.starts_with("m=") {
             flush(&mut section, in_audio, &mut out);
             in_audio = line.starts_with("m=audio");
@@ -308,14 +338,30 @@ mod tests {
     fn a_publisher_s_answer_is_receive_only_without_track_lines() {
         let answer = "v=0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=msid:k v\r\na=ssrc:1 cname:k\r\n\
                       a=sendrecv\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:1\r\na=sendrecv\r\n";
-        let got = one_way_answer(answer, Some("0"), WhipRole::Publish);
+        let got = one_way_answer(answer, Some("0"), WhipRole::Publish, false);
         assert_eq!(
             got,
             "v=0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=recvonly\r\n\
              m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:1\r\na=sendrecv\r\n"
         );
-        let play = one_way_answer(answer, Some("0"), WhipRole::Play);
+        let play = one_way_answer(answer, Some("0"), WhipRole::Play, false);
         assert!(play.contains("a=msid:k v\r\n") && play.contains("a=sendonly\r\n"), "{play}");
+    }
+
+    #[test]
+    fn a_lone_unbundled_section_is_bundled_for_the_stack_only() {
+        let o = validate_whip_offer(offer("sendonly", false).as_bytes(), WhipRole::Publish).unwrap();
+        let stack = with_lone_bundle(&o).expect("GStreamer's shape needs the group");
+        assert!(stack.sdp().contains("t=0 0\r\na=group:BUNDLE a\r\nm=audio"), "{}", stack.sdp());
+        assert_eq!((stack.whip_role(), stack.opus_payload_type()), (Some(WhipRole::Publish), 96));
+        assert!(with_lone_bundle(&stack).is_none(), "already bundled");
+        let with_dc = validate_whip_offer(offer("recvonly", true).as_bytes(), WhipRole::Play).unwrap();
+        assert!(with_lone_bundle(&with_dc).is_none());
+        let answer = "v=0\r\ns=-\r\na=group:BUNDLE a\r\nm=audio 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:a\r\na=sendrecv\r\n";
+        assert_eq!(
+            one_way_answer(answer, Some("a"), WhipRole::Publish, true),
+            "v=0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:a\r\na=recvonly\r\n"
+        );
     }
 
     fn check_answer_via_dispatch(offer: &ValidOffer, answer: &str) -> Result<(), AnswerError> {

@@ -358,8 +358,15 @@ impl SessionManager {
             .find(|c| c.id == shared.character)
             .ok_or_else(|| SessionError::UnknownCharacter(shared.character.clone()))?;
         let (players, players_rx) = mpsc::channel(MAX_PLAYERS * 2);
-        let (task, answer, control) = self.builder.whip(shared, character, offer, players_rx).await?;
-        let answer = signaling::whip::one_way_answer(&answer, offer.audio_mid(), signaling::whip::WhipRole::Publish);
+        let bundled = signaling::whip::with_lone_bundle(offer);
+        let stack_offer = bundled.as_ref().unwrap_or(offer);
+        let (task, answer, control) = self.builder.whip(shared, character, stack_offer, players_rx).await?;
+        let answer = signaling::whip::one_way_answer(
+            &answer,
+            offer.audio_mid(),
+            signaling::whip::WhipRole::Publish,
+            bundled.is_some(),
+        );
         let (peer_id, etag) = super::go_live(shared, task, control)?;
         Ok(WhipStarted { session_id: shared.id.clone(), answer, peer_id, etag, players })
     }
@@ -376,8 +383,14 @@ impl SessionManager {
             return Err(SessionError::Ended);
         }
         let (tx, events) = mpsc::channel(PLAYER_CHANNEL_CAPACITY);
-        let (peer, answer) = self.builder.player(offer, tx).await?;
-        let answer = signaling::whip::one_way_answer(&answer, offer.audio_mid(), signaling::whip::WhipRole::Play);
+        let bundled = signaling::whip::with_lone_bundle(offer);
+        let (peer, answer) = self.builder.player(bundled.as_ref().unwrap_or(offer), tx).await?;
+        let answer = signaling::whip::one_way_answer(
+            &answer,
+            offer.audio_mid(),
+            signaling::whip::WhipRole::Play,
+            bundled.is_some(),
+        );
         let id = signaling::id::new_peer_id();
         if let Err(mpsc::error::SendError(PlayerCmd::Attach { peer, .. })) =
             players.send(PlayerCmd::Attach { id: id.clone(), peer, events }).await

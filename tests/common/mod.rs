@@ -11,6 +11,7 @@ pub mod fake_openai;
 pub mod fake_openai_http;
 pub mod ice;
 pub mod listen;
+pub mod netns;
 pub mod whip;
 
 use std::net::SocketAddr;

@@ -84,7 +84,12 @@ impl Player {
 
 /// A player's offer: receive-only audio and, with `with_dc`, the `events` data channel.
 pub async fn player_offer(with_dc: bool) -> ClientParts {
-    let net = ClientNet { receive_only_audio: true, ..ClientNet::default() };
+    player_offer_on(&ClientNet::default(), with_dc).await
+}
+
+/// [`player_offer`] on the network `net` describes.
+pub async fn player_offer_on(net: &ClientNet, with_dc: bool) -> ClientParts {
+    let net = ClientNet { receive_only_audio: true, ..net.clone() };
     client_offer_on(&net, false, with_dc).await
 }
 
@@ -97,7 +102,19 @@ pub async fn play(
     bearer: Option<&str>,
     with_dc: bool,
 ) -> Player {
-    let (pc, dc, _, _, inbox, offer) = player_offer(with_dc).await;
+    play_on(&ClientNet::default(), base, http, session_path, bearer, with_dc).await
+}
+
+/// [`play`] on the network `net` describes.
+pub async fn play_on(
+    net: &ClientNet,
+    base: &str,
+    http: &reqwest::Client,
+    session_path: &str,
+    bearer: Option<&str>,
+    with_dc: bool,
+) -> Player {
+    let (pc, dc, _, _, inbox, offer) = player_offer_on(net, with_dc).await;
     let (status, headers, answer) = post_sdp(http, &format!("{base}{session_path}/whep"), bearer, offer).await;
     assert_eq!(status, 201, "WHEP offer answered: {answer}");
     pc.set_remote_description(RTCSessionDescription::answer(answer.clone()).unwrap()).await.unwrap();
