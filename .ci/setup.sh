@@ -30,6 +30,9 @@ setup_test_deps() {
   apt_install redis-server postgresql procps chromium coturn iproute2
   # tests/neko_protocol.rs: a Python N.E.K.O. client (websockets) speaking eSpeak NG speech.
   apt_install espeak-ng python3-websockets
+  # tests/whip_gstreamer.rs: Debian's GStreamer WHIP publisher (webrtcbin, libnice, opus, wavparse).
+  apt_install simple-whip-client gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+    gstreamer1.0-plugins-bad gstreamer1.0-nice
   # Node for the browser tests: the machine's own when present, else Debian's.
   command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
   # puppeteer-core drives the installed Chromium: it never downloads a browser.

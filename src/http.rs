@@ -87,7 +87,7 @@ pub(crate) fn to_api(e: SessionError) -> ApiError {
 }
 
 /// The candidates of a trickle-ICE sdpfrag as webrtc-rs takes them.
-fn candidate_inits(frag: &signaling::sdp::SdpFrag) -> Vec<RTCIceCandidateInit> {
+pub(crate) fn candidate_inits(frag: &signaling::sdp::SdpFrag) -> Vec<RTCIceCandidateInit> {
     frag.candidates
         .iter()
         .map(|c| RTCIceCandidateInit {
@@ -224,7 +224,9 @@ impl SessionHost for Host {
 /// demo's routes and `/metrics`.
 pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>, admin: Router, web_demo: Router) -> Router {
     let prometheus = crate::telemetry::install();
+    let whip = crate::whip::Whip::new(api.clone(), Arc::clone(&manager));
     signaling::api::router(api.clone())
+        .merge(whip.routes())
         .merge(crate::ws::routes(api.clone(), Arc::clone(&manager)))
         .merge(crate::pipecat::routes(api.clone(), Arc::clone(&manager)))
         .merge(crate::agent_results::routes(api.clone(), Arc::clone(&manager)))
@@ -239,6 +241,8 @@ pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>, admin: R
                 async move { metrics(&m, p.as_ref()).into_response() }
             }),
         )
+        // WHIP resources (`/v1/sessions/{id}` of a WHIP session) take PATCH/DELETE/OPTIONS the WHIP way.
+        .layer(axum::middleware::from_fn_with_state(whip, crate::whip::resource_requests))
         .layer(axum::middleware::from_fn(count_requests))
 }
 

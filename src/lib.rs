@@ -40,4 +40,5 @@ pub mod telemetry;
 pub mod turn_settings;
 pub mod udp_mux;
 pub mod web_demo;
+pub mod whip;
 pub mod ws;

@@ -99,6 +99,9 @@ impl From<AnswerError> for ApiError {
 
 /// Check `answer` (SDP text) against `offer` (see the module docs for the rules).
 pub fn check_answer(offer: &ValidOffer, answer: &str) -> Result<(), AnswerError> {
+    if let Some(role) = offer.whip_role() {
+        return crate::whip::check_whip_answer(offer, answer, role);
+    }
     let unparsable = |e: SdpError| AnswerError::Unparsable(e.to_string());
     let offered = parse(offer.sdp()).map_err(unparsable)?;
     let answered = parse(answer).map_err(unparsable)?;
@@ -128,15 +131,15 @@ pub fn check_answer(offer: &ValidOffer, answer: &str) -> Result<(), AnswerError>
     Ok(())
 }
 
-fn mid_of(m: &MediaDescription) -> Option<&str> {
+pub(crate) fn mid_of(m: &MediaDescription) -> Option<&str> {
     m.attribute("mid").flatten()
 }
 
-fn section<'a>(desc: &'a SessionDescription, mid: &str) -> Option<&'a MediaDescription> {
+pub(crate) fn section<'a>(desc: &'a SessionDescription, mid: &str) -> Option<&'a MediaDescription> {
     desc.media_descriptions.iter().find(|m| mid_of(m) == Some(mid))
 }
 
-fn check_sections(offered: &SessionDescription, answered: &SessionDescription) -> Result<(), AnswerError> {
+pub(crate) fn check_sections(offered: &SessionDescription, answered: &SessionDescription) -> Result<(), AnswerError> {
     let (o, a) = (&offered.media_descriptions, &answered.media_descriptions);
     if o.len() != a.len() {
         return Err(AnswerError::Sections(format!("{} offered, {} answered", o.len(), a.len())));
@@ -174,7 +177,7 @@ fn check_audio(answered: &SessionDescription, audio: &MediaDescription, mid: &st
     Ok(())
 }
 
-fn carries_track(m: &MediaDescription) -> bool {
+pub(crate) fn carries_track(m: &MediaDescription) -> bool {
     m.attributes.iter().any(|a| a.key == "msid" || a.key == "ssrc")
 }
 
@@ -192,7 +195,11 @@ fn check_tracks(answered: &SessionDescription, audio_mid: &str) -> Result<(), An
     Ok(())
 }
 
-fn check_setup(offer: SetupRole, answered: &SessionDescription, audio: &MediaDescription) -> Result<(), AnswerError> {
+pub(crate) fn check_setup(
+    offer: SetupRole,
+    answered: &SessionDescription,
+    audio: &MediaDescription,
+) -> Result<(), AnswerError> {
     let value = audio.attribute("setup").flatten().or_else(|| session_attribute(answered, "setup"));
     let conflict = |answer: &str| AnswerError::SetupConflict { offer: offer.as_str(), answer: answer.to_owned() };
     let role = match value {

@@ -74,6 +74,7 @@ pub mod short_term;
 pub mod token;
 pub mod token_keys;
 pub mod turn;
+pub mod whip;
 
 pub use api::{ApiState, Limits, router, routes};
 pub use auth::{ApiKeyIdentity, ApiKeys, KeyRole};

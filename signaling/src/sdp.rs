@@ -190,6 +190,9 @@ pub struct ValidOffer {
     opus_payload_type: u8,
     data_channel_mid: Option<String>,
     setup: SetupRole,
+    /// Set for WHIP/WHEP offers ([`crate::whip::validate_whip_offer`]): one-way audio, the data
+    /// channel optional; the answer is checked by [`crate::whip::check_whip_answer`].
+    whip: Option<crate::whip::WhipRole>,
 }
 
 /// The DTLS role an offer proposes (`a=setup`, RFC 8842 §5); the answer must complement it.
@@ -253,6 +256,24 @@ impl ValidOffer {
     pub fn setup(&self) -> SetupRole {
         self.setup
     }
+
+    /// The WHIP/WHEP role of an offer validated by [`crate::whip::validate_whip_offer`]; `None`
+    /// for an API v1 offer.
+    pub fn whip_role(&self) -> Option<crate::whip::WhipRole> {
+        self.whip
+    }
+
+    /// A WHIP/WHEP offer (only [`crate::whip`] builds these, after its own checks).
+    pub(crate) fn whip_offer(
+        sdp: String,
+        audio_mid: Option<String>,
+        opus_payload_type: u8,
+        data_channel_mid: Option<String>,
+        setup: SetupRole,
+        role: crate::whip::WhipRole,
+    ) -> Self {
+        ValidOffer { sdp, audio_mid, opus_payload_type, data_channel_mid, setup, whip: Some(role) }
+    }
 }
 
 /// Validate an SDP offer body (see the module docs for the rules).
@@ -306,7 +327,7 @@ pub fn validate_offer(body: &[u8]) -> Result<ValidOffer, SdpError> {
         return Err(SdpError::NoBundle);
     }
 
-    Ok(ValidOffer { sdp: text.to_owned(), audio_mid, opus_payload_type, data_channel_mid, setup })
+    Ok(ValidOffer { sdp: text.to_owned(), audio_mid, opus_payload_type, data_channel_mid, setup, whip: None })
 }
 
 pub(crate) fn session_attribute<'a>(desc: &'a SessionDescription, key: &str) -> Option<&'a str> {
@@ -375,7 +396,7 @@ pub(crate) fn is_sctp_data_channel(m: &MediaDescription) -> bool {
         && m.media_name.formats.iter().any(|f| f == "webrtc-datachannel")
 }
 
-fn check_fingerprints(desc: &SessionDescription) -> Result<(), SdpError> {
+pub(crate) fn check_fingerprints(desc: &SessionDescription) -> Result<(), SdpError> {
     let session = desc.attributes.iter().filter(|a| a.key == "fingerprint").map(|a| a.value.as_deref());
     let media = desc
         .media_descriptions

@@ -104,18 +104,40 @@ impl SessionBuilder {
         offer: &signaling::sdp::ValidOffer,
         codec: C,
     ) -> Result<Built<C>, SessionError> {
+        let (task, answer, control) =
+            self.answered(shared, character, offer, |peer, rx| WebRtcLink::new(peer, rx, codec)).await?;
+        Ok(Built { task, answer, control })
+    }
+
+    /// Answer a WHIP publisher's `offer` (send-only audio, no data channel) for `shared`, as
+    /// [`Self::webrtc`] does; the link sends the character's voice to the WHEP players attached
+    /// through `players` ([`super::whip_link`]). Returns the task, the answer and the control.
+    pub async fn whip(
+        &self,
+        shared: &Arc<SessionShared>,
+        character: &Character,
+        offer: &signaling::sdp::ValidOffer,
+        players: mpsc::Receiver<super::whip_link::PlayerCmd>,
+    ) -> Result<(SessionTask<super::whip_link::WhipLink>, String, mpsc::Sender<Control>), SessionError> {
+        self.answered(shared, character, offer, |peer, rx| super::whip_link::WhipLink::new(peer, rx, players)).await
+    }
+
+    /// The peer for `offer` and the provider session, opened concurrently (the client waits for
+    /// both), and the task over the link `link` makes of the peer.
+    async fn answered<L: super::link::ClientLink>(
+        &self,
+        shared: &Arc<SessionShared>,
+        character: &Character,
+        offer: &signaling::sdp::ValidOffer,
+        link: impl FnOnce(Peer, mpsc::Receiver<crate::peer::PeerEvent>) -> L,
+    ) -> Result<(SessionTask<L>, String, mpsc::Sender<Control>), SessionError> {
         let provider = self.provider_chain(&shared.provider, character)?;
         let media = self.media_parts(provider.input_format().rate_hz, Some(offer.opus_payload_type()))?;
         let (peer_tx, peer_rx) = mpsc::channel(PEER_CHANNEL_CAPACITY);
         let cfg = self.provider_config(shared, character);
         let (session, answered) =
             tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer, peer_tx));
-        let (peer, answer) = answered.map_err(|e| match e {
-            crate::peer::PeerError::Offer(m) => SessionError::BadOffer(m),
-            crate::peer::PeerError::Answer(e) => SessionError::OfferRefused(e),
-            crate::peer::PeerError::NoMediaPort => SessionError::NoMediaPort,
-            other => SessionError::Internal(other.to_string()),
-        })?;
+        let (peer, answer) = answered.map_err(peer_error)?;
         let result = if session.is_ok() { "ok" } else { "error" };
         metrics::counter!(crate::telemetry::PROVIDER_CONNECTS, "provider" => provider.name().to_owned(), "result" => result)
             .increment(1);
@@ -126,11 +148,20 @@ impl SessionBuilder {
                 return Err(SessionError::ProviderUnavailable(e.to_string()));
             }
         };
-        let link = WebRtcLink::new(peer, peer_rx, codec);
+        let link = link(peer, peer_rx);
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
         let conv = self.conversation_config(shared, character, &provider);
-        let task = self.task(shared, link, control_rx, session, Conversation::new(conv, media));
-        Ok(Built { task, answer, control })
+        Ok((self.task(shared, link, control_rx, session, Conversation::new(conv, media)), answer, control))
+    }
+
+    /// Answer a WHEP player's receive-only `offer`: its peer (the agent's voice goes out on it
+    /// once the session's link attaches it) and the answer. `events` receives its callbacks.
+    pub async fn player(
+        &self,
+        offer: &signaling::sdp::ValidOffer,
+        events: mpsc::Sender<crate::peer::PeerEvent>,
+    ) -> Result<(Peer, String), SessionError> {
+        Peer::answer(&self.peer_settings, offer, events).await.map_err(peer_error)
     }
 
     /// A session task for a client that is already connected through `link` (a WebSocket):
@@ -252,5 +283,15 @@ impl SessionBuilder {
             viseme_overrides: crate::providers::cascade::viseme_overrides(&character.visemes).unwrap_or_default(),
             moderator: self.moderator.clone(),
         }
+    }
+}
+
+/// A peer that could not answer, as the session error the API maps to its status.
+fn peer_error(e: crate::peer::PeerError) -> SessionError {
+    match e {
+        crate::peer::PeerError::Offer(m) => SessionError::BadOffer(m),
+        crate::peer::PeerError::Answer(e) => SessionError::OfferRefused(e),
+        crate::peer::PeerError::NoMediaPort => SessionError::NoMediaPort,
+        other => SessionError::Internal(other.to_string()),
     }
 }

@@ -67,6 +67,7 @@ pub mod rtvi;
 pub mod speech;
 pub(crate) mod task;
 pub mod webrtc_link;
+pub mod whip_link;
 pub mod ws_link;
 
 use std::collections::HashMap;

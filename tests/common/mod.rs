@@ -12,6 +12,8 @@ pub mod fake_openai;
 pub mod fake_openai_http;
 pub mod ice;
 pub mod listen;
+pub mod netns;
+pub mod whip;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -305,6 +307,8 @@ pub struct ClientNet {
     pub rebind_on_restart: bool,
     /// ICE over TCP only (active candidates, RFC 6544), as behind a UDP-blocking firewall.
     pub tcp_only: bool,
+    /// Without a microphone, a receive-only audio transceiver (a WHEP player).
+    pub receive_only_audio: bool,
 }
 
 impl Default for ClientNet {
@@ -316,6 +320,7 @@ impl Default for ClientNet {
             offer_candidates: true,
             rebind_on_restart: false,
             tcp_only: false,
+            receive_only_audio: false,
         }
     }
 }
@@ -427,6 +432,14 @@ pub async fn client_offer_on(net: &ClientNet, with_audio: bool, with_dc: bool) -
     let pc: Arc<dyn PeerConnection> = Arc::new(pc);
     let ssrc: u32 = rand::random();
     let track = if with_audio { Some(mic_track(&pc, ssrc).await.unwrap()) } else { None };
+    if net.receive_only_audio {
+        let init = rtc::rtp_transceiver::RTCRtpTransceiverInit {
+            direction: rtc::rtp_transceiver::RTCRtpTransceiverDirection::Recvonly,
+            streams: vec![],
+            send_encodings: vec![],
+        };
+        pc.add_transceiver_from_kind(RtpCodecKind::Audio, Some(init)).await.unwrap();
+    }
     let dc = if with_dc { Some(pc.create_data_channel("events", None).await.unwrap()) } else { None };
     let offer = pc.create_offer(None).await.unwrap();
     pc.set_local_description(offer).await.unwrap();
@@ -436,6 +449,32 @@ pub async fn client_offer_on(net: &ClientNet, with_audio: bool, with_dc: bool) -
         sdp = sdp.split_inclusive('\n').filter(|l| !l.starts_with("a=candidate:")).collect();
     }
     (pc, dc, track, ssrc, inbox, sdp)
+}
+
+/// Log every message of `dc` (JSON events) into `inbox`, on a task of its own.
+pub fn read_events(dc: Arc<dyn DataChannel>, inbox: Arc<Mutex<Inbox>>) {
+    tokio::spawn(async move {
+        while let Some(ev) = dc.poll().await {
+            if let DataChannelEvent::OnMessage(m) = ev {
+                let v: Value = serde_json::from_slice(&m.data).unwrap_or(Value::Null);
+                inbox.lock().unwrap().log.push(Received::Event { at: Instant::now(), event: v });
+            }
+        }
+    });
+}
+
+/// The events logged in `inbox` so far.
+pub fn events_of(inbox: &Mutex<Inbox>) -> Vec<Value> {
+    inbox
+        .lock()
+        .unwrap()
+        .log
+        .iter()
+        .filter_map(|r| match r {
+            Received::Event { event, .. } => Some(event.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 impl TestClient {
@@ -511,17 +550,7 @@ impl TestClient {
             }
         }
 
-        // Data-channel reader.
-        let dc2 = Arc::clone(&dc);
-        let inbox2 = Arc::clone(&inbox);
-        tokio::spawn(async move {
-            while let Some(ev) = dc2.poll().await {
-                if let DataChannelEvent::OnMessage(m) = ev {
-                    let v: Value = serde_json::from_slice(&m.data).unwrap_or(Value::Null);
-                    inbox2.lock().unwrap().log.push(Received::Event { at: Instant::now(), event: v });
-                }
-            }
-        });
+        read_events(Arc::clone(&dc), Arc::clone(&inbox));
         let pt = answered_opus_pt(&answer).unwrap_or(OPUS_PT);
         let mut encoder = opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip).unwrap();
         encoder.set_inband_fec(true).unwrap();
@@ -552,16 +581,7 @@ impl TestClient {
 
     /// Events received so far.
     pub fn events(&self) -> Vec<Value> {
-        self.inbox
-            .lock()
-            .unwrap()
-            .log
-            .iter()
-            .filter_map(|r| match r {
-                Received::Event { event, .. } => Some(event.clone()),
-                _ => None,
-            })
-            .collect()
+        events_of(&self.inbox)
     }
 
     /// Encode and send one 20 ms frame (960 samples at 48 kHz) as RTP.
