@@ -226,6 +226,7 @@ pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>, admin: R
     let prometheus = crate::telemetry::install();
     signaling::api::router(api.clone())
         .merge(crate::ws::routes(api.clone(), Arc::clone(&manager)))
+        .merge(crate::memory::http::routes(api.clone(), Arc::clone(&manager)))
         .merge(crate::agent_results::routes(api, Arc::clone(&manager)))
         .merge(admin)
         .merge(web_demo)
