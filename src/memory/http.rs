@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -61,11 +62,16 @@ async fn scope(st: &MemoryApi, headers: &HeaderMap, user_id: &str) -> Result<Opt
     }
 }
 
+/// The path's user id: 404 when it cannot be one (empty, too long, not decodable).
 fn user_id(raw: &str) -> Result<String, ApiError> {
     if raw.is_empty() || raw.len() > MAX_USER_ID_LEN {
         return Err(ApiError::not_found("no_user_data", "no data for this user"));
     }
     Ok(raw.to_owned())
+}
+
+fn bad_path(_: PathRejection) -> ApiError {
+    ApiError::not_found("no_user_data", "no data for this user")
 }
 
 fn storage(e: crate::store::StoreError) -> ApiError {
@@ -80,11 +86,12 @@ fn no_store(status: StatusCode, body: serde_json::Value) -> Response {
 
 async fn list(
     State(st): State<MemoryApi>,
-    Path(raw): Path<String>,
-    Query(q): Query<ListQuery>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ListQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let user = user_id(&raw)?;
+    let user = user_id(&path.map_err(bad_path)?.0)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let key = scope(&st, &headers, &user).await?;
     let mut memories = st.manager.memory().store().list(&user, key.as_deref()).await.map_err(storage)?;
     if let Some(c) = &q.character {
@@ -95,10 +102,10 @@ async fn list(
 
 async fn delete_all(
     State(st): State<MemoryApi>,
-    Path(raw): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let user = user_id(&raw)?;
+    let user = user_id(&path.map_err(bad_path)?.0)?;
     let key = scope(&st, &headers, &user).await?;
     let deleted = st.manager.memory().store().delete(&user, key.as_deref(), None).await.map_err(storage)?;
     tracing::info!(deleted, "memories deleted by request");
@@ -107,9 +114,10 @@ async fn delete_all(
 
 async fn delete_one(
     State(st): State<MemoryApi>,
-    Path((raw, memory_id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let Path((raw, memory_id)) = path.map_err(bad_path)?;
     let user = user_id(&raw)?;
     let key = scope(&st, &headers, &user).await?;
     let deleted = st.manager.memory().store().delete(&user, key.as_deref(), Some(&memory_id)).await.map_err(storage)?;

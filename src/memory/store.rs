@@ -142,7 +142,8 @@ impl MemoryStore {
 
     /// Store `items` learnt in `session_id` for `owner`, each with its embedding when there is
     /// one; a text the owner already has (case-insensitive) is skipped, and nothing is stored
-    /// once the session is gone (privacy delete). Returns how many were stored.
+    /// once the session is gone (privacy delete). One transaction: a reader sees all of a
+    /// session's memories or none. Returns how many were stored.
     pub async fn insert(
         &self,
         owner: &Owner,
@@ -152,6 +153,7 @@ impl MemoryStore {
     ) -> Result<usize, StoreError> {
         let mut stored = 0;
         let now = to_ms(SystemTime::now());
+        let mut tx = self.pool.begin().await.map_err(query_err)?;
         for (i, (kind, text, embedding)) in items.iter().enumerate() {
             let id = signaling::id::new_id("mem");
             // SQLite keeps a blob column; Postgres a pgvector one only when vectors are on.
@@ -184,8 +186,9 @@ impl MemoryStore {
                 (Backend::Postgres, None) if self.pgvector => q.bind(None::<String>),
                 (Backend::Postgres, _) => q,
             };
-            stored += q.execute(&self.pool).await.map_err(query_err)?.rows_affected() as usize;
+            stored += q.execute(&mut *tx).await.map_err(query_err)?.rows_affected() as usize;
         }
+        tx.commit().await.map_err(query_err)?;
         Ok(stored)
     }
 
