@@ -207,20 +207,14 @@ impl Memory {
         let summarizer: Option<Arc<dyn LanguageModel>> = match settings.extractor() {
             Extractor::Rules => None,
             Extractor::Llm => {
-                let endpoint = match (&settings.chat, config.cascade.llm.first()) {
-                    (Some(c), _) => {
-                        let mut ep = crate::providers::cascade::openai::Endpoint::new(&c.base_url, &c.model);
-                        ep.api_key = c.api_key.as_ref().map(|k| k.expose().to_owned());
-                        Some(ep)
-                    }
-                    (None, Some(l)) => {
-                        let mut ep = crate::providers::cascade::openai::Endpoint::new(&l.base_url, &l.model);
-                        ep.api_key = l.api_key.as_ref().map(|k| k.expose().to_owned());
-                        Some(ep)
-                    }
+                let server = match (&settings.chat, config.cascade.llm.first()) {
+                    (Some(c), _) => Some((&c.base_url, &c.model, &c.api_key)),
+                    (None, Some(l)) => Some((&l.base_url, &l.model, &l.api_key)),
                     (None, None) => None,
                 };
-                endpoint.map(|mut ep| {
+                server.map(|(url, model, key)| {
+                    let mut ep = crate::providers::cascade::openai::Endpoint::new(url, model);
+                    ep.api_key = key.as_ref().map(|k| k.expose().to_owned());
                     ep.timeout = timeout;
                     Arc::new(crate::providers::cascade::openai::OpenAiChat::new(ep, client.clone()))
                         as Arc<dyn LanguageModel>

@@ -10,8 +10,9 @@
 //! `memory.max_per_user` rows, so the scan is bounded).
 //!
 //! A memory is only inserted while the session it was learnt in still exists
-//! (`INSERT ... SELECT ... WHERE EXISTS`): a privacy delete that removed the session first wins
-//! over an extraction still running, and one that comes after removes the memory too.
+//! (`INSERT ... SELECT ... WHERE EXISTS`, the session row share-locked on Postgres; SQLite has
+//! one writer): a privacy delete that removed the session first wins over an extraction still
+//! running, and one that comes after removes the memory too.
 
 use std::time::SystemTime;
 
@@ -162,10 +163,13 @@ impl MemoryStore {
                 Backend::Postgres if self.pgvector => (", embedding", ", $9::vector"),
                 Backend::Postgres => ("", ""),
             };
+            // Postgres: the session row is share-locked until commit, so a privacy delete of the
+            // session waits for these rows and its memory delete that follows sees them.
+            let lock = if self.backend == Backend::Postgres { " FOR SHARE" } else { "" };
             let sql = format!(
                 "INSERT INTO memories ({COLUMNS}{column}) \
                  SELECT $1, $2, $3, $4, $5, $6, $7, $8{value} \
-                 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $6) \
+                 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $6{lock}) \
                  AND NOT EXISTS (SELECT 1 FROM memories WHERE user_id = $2 AND character_id = $3 \
                  AND lower(text) = lower($5))"
             );
