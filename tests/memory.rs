@@ -296,3 +296,51 @@ async fn with_a_chat_model_embeddings_and_pgvector_the_cascade_prompt_remembers_
     assert!(other.is_empty(), "another user's recall finds nothing: {other:?}");
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_keeps_the_newest_and_drops_the_old_and_lexical_recall_ranks_by_words() {
+    use kotodama::memory::{Kind, Owner, store::MemoryStore};
+    use kotodama::store::{Store, StoredSession, StoredState};
+    let dir = temp_dir("memory-prune");
+    let sql = kotodama::store::sql::SqlStore::connect(&format!("sqlite://{}/k.db", dir.display())).await.unwrap();
+    let now = std::time::SystemTime::now();
+    sql.create_session(&StoredSession {
+        id: "sess_prune".into(),
+        character: "kai".into(),
+        provider: "scripted".into(),
+        user_id: Some("u-prune".into()),
+        api_key_id: None,
+        node_id: "n".into(),
+        state: StoredState::Ended,
+        end_reason: Some("client_request".into()),
+        created_at: now,
+        connected_at: None,
+        ended_at: Some(now),
+    })
+    .await
+    .unwrap();
+    let store = MemoryStore::new(sql.pool().clone(), "sqlite", false).await.unwrap();
+    let owner = Owner { user_id: "u-prune".into(), character: "kai".into() };
+    let texts =
+        ["The user has a cat.", "The user's dog is called Miso.", "The user loves jazz.", "The user lives in Osaka."];
+    let items: Vec<(Kind, String, Option<Vec<f32>>)> =
+        texts.iter().map(|t| (Kind::Fact, (*t).to_owned(), None)).collect();
+    assert_eq!(store.insert(&owner, "sess_prune", None, &items).await.unwrap(), 4);
+    assert_eq!(store.insert(&owner, "sess_prune", None, &items[..1]).await.unwrap(), 0, "no duplicates");
+    assert_eq!(store.insert(&owner, "sess_gone", None, &items[..1]).await.unwrap(), 0, "no session, no memory");
+
+    let found = store.search_lexical(&owner, "what is the name of my dog", 5).await.unwrap();
+    assert_eq!(found.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["The user's dog is called Miso."]);
+    let other = Owner { user_id: "u-else".into(), character: "kai".into() };
+    assert!(store.search_lexical(&other, "dog", 5).await.unwrap().is_empty(), "per user");
+
+    assert_eq!(store.prune(&owner, 2, None).await.unwrap(), 2);
+    let left: Vec<String> = store.newest(&owner, 10).await.unwrap().into_iter().map(|m| m.text).collect();
+    assert_eq!(left, ["The user lives in Osaka.", "The user loves jazz."], "the newest two stay");
+    assert!(store.search_lexical(&owner, "dog", 5).await.unwrap().is_empty(), "the index follows the delete");
+    let later = now + Duration::from_secs(60);
+    assert_eq!(store.prune(&owner, 10, Some(later)).await.unwrap(), 2, "older than the cut-off");
+    assert!(store.newest(&owner, 10).await.unwrap().is_empty());
+    sql.close().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
