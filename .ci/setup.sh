@@ -37,6 +37,46 @@ setup_test_deps() {
   command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
   # puppeteer-core drives the installed Chromium: it never downloads a browser.
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+  setup_pgvector
+}
+
+# tests/memory.rs stores embeddings with pgvector on Postgres. Debian bookworm ships no binary
+# package of it for PostgreSQL 15: take postgresql-<v>-pgvector where the distribution has it,
+# else build Debian's own pgvector source package (from the next release's source index, on the
+# machine's configured mirror) against the installed server.
+setup_pgvector() {
+  local v; v="$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -1)"
+  [ -n "$v" ] || return 0
+  [ -f "/usr/share/postgresql/$v/extension/vector.control" ] && return 0
+  if [ "$(id -u)" != 0 ]; then echo "warning: pgvector missing; the memory test on Postgres will fail" >&2; return 0; fi
+  [ -n "$APT_UPDATED" ] || { apt-get update -qq; APT_UPDATED=1; }
+  if apt-cache show "postgresql-$v-pgvector" >/dev/null 2>&1; then
+    apt_install "postgresql-$v-pgvector"
+    return
+  fi
+  apt_install "postgresql-server-dev-$v" dpkg-dev make gcc
+  local uri; uri="$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)"
+  [ -n "$uri" ] || uri="$(awk '/^deb / {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)"
+  [ -n "$uri" ] || { echo "warning: no Debian mirror configured; pgvector not built" >&2; return 0; }
+  local list=/etc/apt/sources.list.d/kotodama-pgvector-src.sources dir; dir="$(mktemp -d)"
+  printf 'Types: deb-src\nURIs: %s\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" >"$list"
+  echo "building pgvector for PostgreSQL $v from Debian's source package"
+  if apt-get update -qq && (cd "$dir" && apt-get source --download-only pgvector >/dev/null 2>&1 \
+      && tar xzf pgvector_*.orig.tar.gz && cd pgvector-*/ \
+      && make -s OPTFLAGS="" PG_CONFIG="/usr/lib/postgresql/$v/bin/pg_config" >/dev/null \
+      && make -s install PG_CONFIG="/usr/lib/postgresql/$v/bin/pg_config" >/dev/null); then
+    echo "pgvector installed"
+  else
+    echo "warning: building pgvector failed; the memory test on Postgres will fail" >&2
+  fi
+  rm -f "$list"; rm -rf "$dir"
+}
+
+# The `vector` extension in the test database (the server also creates it, as a superuser, in
+# the databases it uses when memory.embeddings is set).
+enable_pgvector() {
+  psql -h 127.0.0.1 -U postgres -d test -Atqc 'CREATE EXTENSION IF NOT EXISTS vector' >/dev/null 2>&1 \
+    || echo "warning: CREATE EXTENSION vector failed in the test database" >&2
 }
 
 start_services() {
@@ -64,7 +104,7 @@ start_services() {
 # as on the CI and developer machines) and create a fresh database per run inside it. A stock
 # Debian cluster asks for a password on TCP: allow loopback trust once, and create `test`.
 setup_test_database() {
-  psql -h 127.0.0.1 -U postgres -d test -Atc 'select 1' >/dev/null 2>&1 && return 0
+  psql -h 127.0.0.1 -U postgres -d test -Atc 'select 1' >/dev/null 2>&1 && { enable_pgvector; return 0; }
   if [ "$(id -u)" != 0 ]; then
     echo "warning: postgres@127.0.0.1/test unreachable; the Postgres tests will fail" >&2
     return 0
@@ -79,4 +119,5 @@ setup_test_database() {
   fi
   su postgres -c "psql -Atc \"select 1 from pg_database where datname='test'\"" 2>/dev/null | grep -q 1 \
     || su postgres -c "createdb test" || true
+  enable_pgvector
 }

@@ -229,6 +229,7 @@ pub fn app(api: signaling::api::ApiState, manager: Arc<SessionManager>, admin: R
         .merge(whip.routes())
         .merge(crate::ws::routes(api.clone(), Arc::clone(&manager)))
         .merge(crate::pipecat::routes(api.clone(), Arc::clone(&manager)))
+        .merge(crate::memory::http::routes(api.clone(), Arc::clone(&manager)))
         .merge(crate::agent_results::routes(api.clone(), Arc::clone(&manager)))
         .merge(crate::realtime_calls::routes(api, Arc::clone(&manager)))
         .merge(admin)

@@ -26,6 +26,7 @@ pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod http_server;
+pub mod memory;
 pub mod moderation;
 pub mod oidc;
 pub mod otlp;

@@ -205,6 +205,9 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
             }
         }
     }
+    let memory = crate::memory::Memory::new(&config, store.pool().clone(), store.backend())
+        .await
+        .map_err(store_error("long-term memory (memory.embeddings needs pgvector on Postgres)"))?;
     let (writer, _writer_task) = StoreWriter::spawn(Arc::new(store.clone()) as Arc<dyn Store>, redis.clone());
     let manager = SessionManager::new(
         Arc::clone(&config),
@@ -216,6 +219,7 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
             advertise_url: advertise_url.clone(),
             redis: redis.clone(),
             udp_mux: crate::udp_mux::bind_configured(&config)?,
+            memory,
         },
     );
     let host = Arc::new(crate::http::Host::new(Arc::clone(&manager)));

@@ -40,6 +40,7 @@ pub mod elsewhere;
 pub mod env;
 pub mod local;
 pub mod media;
+pub mod memory;
 pub mod moderation;
 pub mod node;
 mod oidc;
@@ -58,6 +59,7 @@ pub use self::cascade::{CascadeSettings, EndpointSettings};
 pub use self::characters::Character;
 pub use self::local::LocalSettings;
 pub use self::media::MediaSettings;
+pub use self::memory::MemorySettings;
 pub use self::moderation::ModerationSettings;
 pub use self::oidc::OidcSettings;
 pub use self::resilience::ResilienceSettings;
@@ -181,6 +183,8 @@ pub struct Config {
     pub oidc: OidcSettings,
     /// Moderation before speech (`[moderation]`, `KOTODAMA_MODERATION_DENY`).
     pub moderation: ModerationSettings,
+    /// Long-term memory per user and character (`[memory]`, `KOTODAMA_MEMORY_*`).
+    pub memory: MemorySettings,
 }
 
 impl Default for Config {
@@ -213,6 +217,7 @@ impl Default for Config {
             turn: Default::default(),
             oidc: OidcSettings::default(),
             moderation: ModerationSettings::default(),
+            memory: MemorySettings::default(),
         }
     }
 }
@@ -263,6 +268,7 @@ impl Config {
             &self.http,
             &self.oidc,
             &self.moderation,
+            &self.memory,
         ]
     }
 
@@ -282,6 +288,7 @@ impl Config {
             &mut self.http,
             &mut self.oidc,
             &mut self.moderation,
+            &mut self.memory,
         ]
     }
 
@@ -314,6 +321,17 @@ impl Config {
         // TURN credentials must outlive a session (coturn re-checks them on every refresh).
         self.turn.validate(self.session.max_duration(), self.session.token_ttl())?;
         crate::udp_mux::validate(self)?;
+        if self.memory.enabled
+            && self.memory.extractor() == memory::Extractor::Llm
+            && self.memory.chat.is_none()
+            && self.cascade.llm.is_empty()
+        {
+            return Err(err(
+                "memory.extractor",
+                "`llm` without a chat server",
+                "set [memory.chat] (KOTODAMA_MEMORY_CHAT_URL) or a [[cascade.llm]] server, or use rules",
+            ));
+        }
         if let Some((min, max)) = self.udp_port_range()? {
             let size = usize::from(max - min) + 1;
             if size < self.session.max_sessions {

@@ -53,6 +53,8 @@ pub(crate) struct SessionBuilder {
     tools: Arc<crate::providers::tools::ToolRegistry>,
     /// Moderation before speech (validated at start, so it compiles).
     moderator: Option<Arc<crate::moderation::Moderator>>,
+    /// Long-term memory: read at start, learnt from at the end (sessions with a user only).
+    memory: Option<Arc<crate::memory::Memory>>,
 }
 
 impl SessionBuilder {
@@ -87,7 +89,28 @@ impl SessionBuilder {
             media::EncoderConfig { bitrate_bps: m.opus_bitrate, complexity: m.opus_complexity, ..Default::default() };
         let tools = Arc::new(crate::providers::tools::ToolRegistry::builtin());
         let moderator = crate::moderation::Moderator::new(&config.moderation).ok().map(Arc::new);
-        Self { config, providers, peer_settings, vad, encoder, tools, moderator }
+        Self { config, providers, peer_settings, vad, encoder, tools, moderator, memory: None }
+    }
+
+    /// With long-term memory.
+    pub fn with_memory(mut self, memory: Arc<crate::memory::Memory>) -> Self {
+        self.memory = Some(memory);
+        self
+    }
+
+    /// The memory of `shared`'s user with its character, when it has a user and memory is on.
+    fn memory_of(&self, shared: &SessionShared) -> Option<(Arc<crate::memory::Memory>, crate::memory::Owner)> {
+        let memory = self.memory.as_ref().filter(|m| m.enabled())?;
+        let owner = crate::memory::Owner { user_id: shared.user_id.clone()?, character: shared.character.clone() };
+        Some((Arc::clone(memory), owner))
+    }
+
+    /// What `shared`'s character remembers of its user (none without a user).
+    async fn memories(&self, shared: &SessionShared) -> Vec<crate::memory::MemoryRecord> {
+        match self.memory_of(shared) {
+            Some((memory, owner)) => memory.for_session(&owner).await,
+            None => Vec::new(),
+        }
     }
 
     /// Whether this node offers provider `name`.
@@ -134,7 +157,8 @@ impl SessionBuilder {
         let provider = self.provider_chain(&shared.provider, character)?;
         let media = self.media_parts(provider.input_format().rate_hz, Some(offer.opus_payload_type()))?;
         let (peer_tx, peer_rx) = mpsc::channel(PEER_CHANNEL_CAPACITY);
-        let cfg = self.provider_config(shared, character);
+        let memories = self.memories(shared).await;
+        let cfg = self.provider_config(shared, character, &memories);
         let (session, answered) =
             tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer, peer_tx));
         let (peer, answer) = answered.map_err(peer_error)?;
@@ -151,7 +175,8 @@ impl SessionBuilder {
         let link = link(peer, peer_rx);
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
         let conv = self.conversation_config(shared, character, &provider);
-        Ok((self.task(shared, link, control_rx, session, Conversation::new(conv, media)), answer, control))
+        let task = self.task(shared, character, link, control_rx, session, Conversation::new(conv, media));
+        Ok((task, answer, control))
     }
 
     /// Answer a WHEP player's receive-only `offer`: its peer (the agent's voice goes out on it
@@ -175,14 +200,15 @@ impl SessionBuilder {
         let provider = self.provider_chain(&shared.provider, character)?;
         // A WebSocket carries only Opus frames (its own framing): no payload type to filter.
         let media = self.media_parts(provider.input_format().rate_hz, None)?;
-        let session = provider.connect(self.provider_config(shared, character)).await;
+        let memories = self.memories(shared).await;
+        let session = provider.connect(self.provider_config(shared, character, &memories)).await;
         let result = if session.is_ok() { "ok" } else { "error" };
         metrics::counter!(crate::telemetry::PROVIDER_CONNECTS, "provider" => provider.name().to_owned(), "result" => result)
             .increment(1);
         let session = session.map_err(|e| SessionError::ProviderUnavailable(e.to_string()))?;
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
         let conv = self.conversation_config(shared, character, &provider);
-        Ok((self.task(shared, link, control_rx, session, Conversation::new(conv, media)), control))
+        Ok((self.task(shared, character, link, control_rx, session, Conversation::new(conv, media)), control))
     }
 
     fn conversation_config(
@@ -206,6 +232,7 @@ impl SessionBuilder {
     fn task<L: super::link::ClientLink>(
         &self,
         shared: &Arc<SessionShared>,
+        character: &Character,
         link: L,
         control_rx: mpsc::Receiver<Control>,
         provider: ProviderSession,
@@ -221,6 +248,7 @@ impl SessionBuilder {
             conv,
             pacing_hist: metrics::histogram!(crate::telemetry::PACING_LATENESS),
             uplink_hist: metrics::histogram!(crate::telemetry::UPLINK_LATENCY),
+            memory: self.memory_of(shared).map(|(memory, owner)| (memory, owner, character.name.clone())),
         }
     }
 
@@ -265,20 +293,31 @@ impl SessionBuilder {
         Ok(MediaParts { uplink, playout, barge_in: media::BargeIn::default(), speech: AgentSpeech::new(true) })
     }
 
-    fn provider_config(&self, shared: &SessionShared, character: &Character) -> SessionConfig {
+    /// The provider's session settings: the character, with what it remembers of the user in
+    /// the memory slot of its instructions and the `recall` tool when the session has a user.
+    fn provider_config(
+        &self,
+        shared: &SessionShared,
+        character: &Character,
+        memories: &[crate::memory::MemoryRecord],
+    ) -> SessionConfig {
+        let mut tools = match &character.tools {
+            Some(names) => Arc::new(self.tools.only(names)),
+            None => Arc::clone(&self.tools),
+        };
+        if let Some((memory, owner)) = self.memory_of(shared).filter(|(m, _)| m.offers_recall()) {
+            Arc::make_mut(&mut tools).register(memory.recall_tool(owner));
+        }
         SessionConfig {
             session_id: shared.id.clone(),
             character_id: character.id.clone(),
             character_name: character.name.clone(),
-            instructions: character.persona.clone(),
+            instructions: character.persona.clone() + &crate::memory::instructions_block(memories),
             voice: character.voice.clone(),
             voices: character.voices.clone().into_iter().collect(),
             language: character.language.clone(),
             history: Vec::new(),
-            tools: match &character.tools {
-                Some(names) => Arc::new(self.tools.only(names)),
-                None => Arc::clone(&self.tools),
-            },
+            tools,
             // Validated at start (config::validate): an invalid name never reaches here.
             viseme_overrides: crate::providers::cascade::viseme_overrides(&character.visemes).unwrap_or_default(),
             moderator: self.moderator.clone(),

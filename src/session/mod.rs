@@ -388,6 +388,7 @@ pub struct SessionManager {
     node_id: String,
     advertise_url: String,
     cluster: Option<Cluster>,
+    memory: Arc<crate::memory::Memory>,
 }
 
 /// Where a node keeps what outlives its sessions' tasks.
@@ -405,6 +406,8 @@ pub struct Backends {
     pub redis: Option<Redis>,
     /// The one media UDP socket every session shares (`KOTODAMA_UDP_PORT`), when configured.
     pub udp_mux: Option<Arc<crate::udp_mux::UdpMux>>,
+    /// Long-term memory per user and character.
+    pub memory: Arc<crate::memory::Memory>,
 }
 
 /// Who asks for a new session, and for whom.
@@ -424,7 +427,8 @@ impl SessionManager {
     /// A manager for `config` with these providers (by name), persisting through `backends`.
     pub fn new(config: Arc<Config>, providers: Vec<Arc<dyn RealtimeProvider>>, backends: Backends) -> Arc<Self> {
         let default_provider = config.provider_name().to_owned();
-        let builder = builder::SessionBuilder::new(Arc::clone(&config), providers, backends.udp_mux.clone());
+        let builder = builder::SessionBuilder::new(Arc::clone(&config), providers, backends.udp_mux.clone())
+            .with_memory(Arc::clone(&backends.memory));
         Arc::new(Self {
             characters: std::sync::RwLock::new(Arc::new(config.characters())),
             config,
@@ -437,6 +441,7 @@ impl SessionManager {
             node_id: backends.node_id,
             cluster: backends.redis.map(|r| Cluster::new(r, backends.advertise_url.clone())),
             advertise_url: backends.advertise_url,
+            memory: backends.memory,
         })
     }
 
@@ -487,6 +492,11 @@ impl SessionManager {
         }
         let live = st.live.as_ref().ok_or(SessionError::NotLive)?;
         live.control.try_send(ctl).map_err(|_| SessionError::Busy)
+    }
+
+    /// Long-term memory (privacy export/delete, the memories API).
+    pub fn memory(&self) -> &Arc<crate::memory::Memory> {
+        &self.memory
     }
 
     /// The durable store.

@@ -35,6 +35,9 @@ pub(crate) struct SessionTask<L: ClientLink> {
     /// Per-packet histograms, resolved once (no registry lookup on the 20 ms path).
     pub pacing_hist: metrics::Histogram,
     pub uplink_hist: metrics::Histogram,
+    /// Long-term memory of the session's user with its character (and the character's name):
+    /// learns from the heard transcript once the session ends.
+    pub memory: Option<(Arc<crate::memory::Memory>, crate::memory::Owner, String)>,
 }
 
 /// IO counters of the task, exported as deltas.
@@ -248,6 +251,19 @@ impl<L: ClientLink> SessionTask<L> {
             events_dropped = link.events_dropped,
             "session ended"
         );
+        if let Some((memory, owner, character_name)) = self.memory.take() {
+            let ended = crate::memory::EndedSession {
+                session_id: self.shared.id.clone(),
+                owner,
+                character_name,
+                api_key_id: self.shared.api_key_id.clone(),
+                turns: self.shared.turns(),
+            };
+            // Off the session: the extractor may ask a model, and the task must end now.
+            tokio::spawn(tracing::Instrument::in_current_span(async move {
+                memory.remember(ended).await;
+            }));
+        }
     }
 }
 

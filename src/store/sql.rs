@@ -27,6 +27,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "moderation", include_str!("../../migrations/0003_moderation.sql")),
 ];
 
+/// Migrations whose SQL differs per backend (full-text search): (version, description, SQLite
+/// SQL, Postgres SQL). Each database records only its own twin.
+const BACKEND_MIGRATIONS: &[(i64, &str, &str, &str)] = &[(
+    4,
+    "memory",
+    include_str!("../../migrations/0004_memory.sqlite.sql"),
+    include_str!("../../migrations/0004_memory.postgres.sql"),
+)];
+
 /// Connections per pool: the writer plus a few HTTP readers.
 const MAX_CONNECTIONS: u32 = 8;
 /// How long to wait for a connection from the pool.
@@ -97,17 +106,17 @@ impl SqlStore {
             // WAL is a property of the file: once set, every later connection uses it.
             sqlx::query("PRAGMA journal_mode = WAL").fetch_all(&pool).await.map_err(query_err)?;
         }
-        let migrator = Migrator {
-            migrations: Cow::Owned(
-                MIGRATIONS
-                    .iter()
-                    .map(|(v, d, sql)| {
-                        Migration::new(*v, Cow::Borrowed(*d), MigrationType::Simple, Cow::Borrowed(*sql), false)
-                    })
-                    .collect(),
-            ),
-            ..Migrator::DEFAULT
-        };
+        let twins = BACKEND_MIGRATIONS
+            .iter()
+            .map(|(v, d, sqlite, postgres)| (v, d, if backend == Backend::Sqlite { sqlite } else { postgres }));
+        let mut migrations: Vec<Migration> = MIGRATIONS
+            .iter()
+            .map(|(v, d, sql)| (v, d, sql))
+            .chain(twins)
+            .map(|(v, d, sql)| Migration::new(*v, Cow::Borrowed(*d), MigrationType::Simple, Cow::Borrowed(*sql), false))
+            .collect();
+        migrations.sort_by_key(|m| m.version);
+        let migrator = Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT };
         migrator.run(&pool).await.map_err(|e| StoreError::Migrate(e.to_string()))?;
         Ok(SqlStore { pool, backend })
     }

@@ -7,6 +7,9 @@
 //!   then `data: [DONE]`.
 //! - `POST /v1/audio/speech`: streams raw 24 kHz s16le pcm: a 220 Hz tone of `tts_ms_per_char`
 //!   per input character, in 100 ms chunks, each after `tts_chunk_delay`.
+//! - `POST /v1/embeddings`: one vector of [`EMBEDDING_DIMS`] per input: its words (lowercased
+//!   letters and digits) hashed into the dimensions and counted, so texts that share words are
+//!   near by cosine (OpenAI API reference, "Embeddings": `{"data": [{"index", "embedding"}]}`).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -67,6 +70,8 @@ pub struct FakeLog {
     pub tts_completed: usize,
     /// Authorization headers seen.
     pub auth: Vec<String>,
+    /// Inputs of embeddings requests, one list per request.
+    pub embeddings: Vec<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -101,6 +106,7 @@ pub async fn start_fake(behavior: FakeBehavior) -> Fake {
         .route("/v1/audio/transcriptions", post(stt))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/audio/speech", post(speech))
+        .route("/v1/embeddings", post(embeddings))
         .with_state(fake_state.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -213,4 +219,40 @@ async fn speech(State(st): State<St>, h: HeaderMap, axum::Json(req): axum::Json<
         Some((Ok::<_, std::io::Error>(Bytes::from(bytes)), (end, guard)))
     });
     Response::builder().header("content-type", "audio/pcm").body(Body::from_stream(stream)).unwrap()
+}
+
+/// Dimensions of the fake's embeddings.
+pub const EMBEDDING_DIMS: usize = 64;
+
+/// The fake's embedding of `text`: word counts hashed (FNV-1a) into [`EMBEDDING_DIMS`].
+pub fn fake_embedding(text: &str) -> Vec<f32> {
+    let mut v = vec![0f32; EMBEDDING_DIMS];
+    for w in text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+        let h = w
+            .to_lowercase()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        v[(h % EMBEDDING_DIMS as u64) as usize] += 1.0;
+    }
+    v
+}
+
+async fn embeddings(State(st): State<St>, h: HeaderMap, axum::Json(req): axum::Json<Value>) -> Response {
+    note_auth(&st, &h);
+    let inputs: Vec<String> = match &req["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        _ => return status(400),
+    };
+    if req["model"].as_str().is_none_or(str::is_empty) {
+        return status(400);
+    }
+    st.1.lock().unwrap().embeddings.push(inputs.clone());
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"object": "embedding", "index": i, "embedding": fake_embedding(t)}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data, "model": req["model"], "usage": {"prompt_tokens": 0, "total_tokens": 0}}))
+        .into_response()
 }
