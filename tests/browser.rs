@@ -34,10 +34,6 @@ async fn run_page_mode(ts: &TestServer, mic: &[i16], name: &str, mode: &str) -> 
     page
 }
 
-fn path_arg(p: &std::path::Path) -> String {
-    p.display().to_string()
-}
-
 /// The microphone file: half a second of silence, `speech`, then enough silence for the reply
 /// (Chromium loops the file).
 fn mic(speech: &[i16]) -> Vec<i16> {
