@@ -62,36 +62,13 @@ pub fn routes(api: ApiState, manager: Arc<SessionManager>) -> Router {
         .layer(axum::middleware::from_fn(signaling::api::redirect_location))
 }
 
-/// The session token: `?token=` first, else `Authorization: Bearer`.
+/// The session token: `?token=` first (form-urlencoded, RFC 3986 percent-decoding), else
+/// `Authorization: Bearer`.
 fn token<'a>(query: Option<&'a str>, headers: &'a HeaderMap) -> Option<std::borrow::Cow<'a, str>> {
-    let from_query = query.into_iter().flat_map(|q| q.split('&')).find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == "token" && !v.is_empty()).then(|| percent_decode(v))
+    let from_query = query.and_then(|q| {
+        form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == "token" && !v.is_empty()).then_some(v))
     });
     from_query.or_else(|| signaling::auth::bearer(headers).map(std::borrow::Cow::Borrowed))
-}
-
-/// `%XX` and `+` decoding of a query value (a JWT needs none; a client may still encode it).
-fn percent_decode(v: &str) -> std::borrow::Cow<'_, str> {
-    if !v.contains(['%', '+']) {
-        return std::borrow::Cow::Borrowed(v);
-    }
-    let mut out = Vec::with_capacity(v.len());
-    let mut bytes = v.bytes();
-    while let Some(b) = bytes.next() {
-        match b {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex: Vec<u8> = bytes.by_ref().take(2).collect();
-                match std::str::from_utf8(&hex).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(x) => out.push(x),
-                    None => out.extend_from_slice(b"%"),
-                }
-            }
-            b => out.push(b),
-        }
-    }
-    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 async fn session_ws(
