@@ -34,6 +34,7 @@
 //! [`storage`] (SQL and Redis).
 
 pub mod auth;
+pub mod budget;
 pub mod cascade;
 pub mod characters;
 pub mod elsewhere;
@@ -181,6 +182,8 @@ pub struct Config {
     pub oidc: OidcSettings,
     /// Moderation before speech (`[moderation]`, `KOTODAMA_MODERATION_DENY`).
     pub moderation: ModerationSettings,
+    /// Budgets per session and per user per day (`[budget]`, `KOTODAMA_BUDGET_*`).
+    pub budget: budget::BudgetLimits,
 }
 
 impl Default for Config {
@@ -213,6 +216,7 @@ impl Default for Config {
             turn: Default::default(),
             oidc: OidcSettings::default(),
             moderation: ModerationSettings::default(),
+            budget: budget::BudgetLimits::default(),
         }
     }
 }
@@ -263,6 +267,7 @@ impl Config {
             &self.http,
             &self.oidc,
             &self.moderation,
+            &self.budget,
         ]
     }
 
@@ -282,6 +287,7 @@ impl Config {
             &mut self.http,
             &mut self.oidc,
             &mut self.moderation,
+            &mut self.budget,
         ]
     }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::budget::BudgetPlan;
 use super::conversation::{Conversation, ConversationConfig, MediaParts};
 use super::link::ApiV1;
 use super::speech::AgentSpeech;
@@ -52,6 +53,9 @@ pub(crate) struct SessionBuilder {
     tools: Arc<crate::providers::tools::ToolRegistry>,
     /// Moderation before speech (validated at start, so it compiles).
     moderator: Option<Arc<crate::moderation::Moderator>>,
+    /// Where the users' daily usage is read (budgets per user per day); `None`: daily limits
+    /// count only the session itself.
+    usage_store: Option<Arc<dyn crate::store::Store>>,
 }
 
 impl SessionBuilder {
@@ -86,7 +90,36 @@ impl SessionBuilder {
             media::EncoderConfig { bitrate_bps: m.opus_bitrate, complexity: m.opus_complexity, ..Default::default() };
         let tools = Arc::new(crate::providers::tools::ToolRegistry::builtin());
         let moderator = crate::moderation::Moderator::new(&config.moderation).ok().map(Arc::new);
-        Self { config, providers, peer_settings, vad, encoder, tools, moderator }
+        Self { config, providers, peer_settings, vad, encoder, tools, moderator, usage_store: None }
+    }
+
+    /// Read users' daily usage from `store` (per-user budgets).
+    pub fn with_usage_store(mut self, store: Arc<dyn crate::store::Store>) -> Self {
+        self.usage_store = Some(store);
+        self
+    }
+
+    /// The session's budget: the global limits with the character's overrides, capped by what
+    /// the user has left today (ended sessions since 00:00 UTC, from the store). A store that
+    /// cannot answer is logged and counts as nothing used (availability over strictness).
+    async fn budget_plan(&self, shared: &SessionShared, character: &Character) -> BudgetPlan {
+        let limits = self.config.budget.overridden_by(character.budget.as_ref());
+        let today = match (&shared.user_id, &self.usage_store) {
+            (Some(user), Some(store)) if limits.has_user_limits() => {
+                let now = crate::store::to_ms(std::time::SystemTime::now());
+                let midnight = crate::store::from_ms(now - now.rem_euclid(86_400_000));
+                match store.usage_since(user, midnight).await {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::warn!(session_id = %shared.id, error = %e, "user's usage today unknown; daily budgets count this session only");
+                        Some(Default::default())
+                    }
+                }
+            }
+            (Some(_), _) => Some(Default::default()),
+            (None, _) => None,
+        };
+        BudgetPlan::new(&limits, today)
     }
 
     /// Whether this node offers provider `name`.
@@ -105,7 +138,8 @@ impl SessionBuilder {
         let provider = self.provider_chain(&shared.provider, character)?;
         let media = self.media_parts(provider.input_format().rate_hz, Some(offer.opus_payload_type()))?;
         let (peer_tx, peer_rx) = mpsc::channel(PEER_CHANNEL_CAPACITY);
-        let cfg = self.provider_config(shared, character);
+        let budget = self.budget_plan(shared, character).await;
+        let cfg = self.provider_config(shared, character, &budget);
         let (session, answered) =
             tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer, peer_tx));
         let (peer, answer) = answered.map_err(|e| match e {
@@ -126,7 +160,7 @@ impl SessionBuilder {
         };
         let link = WebRtcLink::new(peer, peer_rx, ApiV1);
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
-        let conv = self.conversation_config(shared, character, &provider);
+        let conv = self.conversation_config(shared, character, &provider, budget);
         let task = self.task(shared, link, control_rx, session, Conversation::new(conv, media));
         Ok(Built { task, answer, control })
     }
@@ -142,13 +176,14 @@ impl SessionBuilder {
         let provider = self.provider_chain(&shared.provider, character)?;
         // A WebSocket carries only Opus frames (its own framing): no payload type to filter.
         let media = self.media_parts(provider.input_format().rate_hz, None)?;
-        let session = provider.connect(self.provider_config(shared, character)).await;
+        let budget = self.budget_plan(shared, character).await;
+        let session = provider.connect(self.provider_config(shared, character, &budget)).await;
         let result = if session.is_ok() { "ok" } else { "error" };
         metrics::counter!(crate::telemetry::PROVIDER_CONNECTS, "provider" => provider.name().to_owned(), "result" => result)
             .increment(1);
         let session = session.map_err(|e| SessionError::ProviderUnavailable(e.to_string()))?;
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
-        let conv = self.conversation_config(shared, character, &provider);
+        let conv = self.conversation_config(shared, character, &provider, budget);
         Ok((self.task(shared, link, control_rx, session, Conversation::new(conv, media)), control))
     }
 
@@ -157,6 +192,7 @@ impl SessionBuilder {
         shared: &SessionShared,
         character: &Character,
         provider: &ResilientProvider,
+        budget: BudgetPlan,
     ) -> ConversationConfig {
         ConversationConfig {
             session_id: shared.id.clone(),
@@ -167,6 +203,7 @@ impl SessionBuilder {
             idle_timeout: (self.config.session.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(self.config.session.idle_timeout_secs)),
             moderator: self.moderator.clone(),
+            budget,
         }
     }
 
@@ -232,7 +269,12 @@ impl SessionBuilder {
         Ok(MediaParts { uplink, playout, barge_in: media::BargeIn::default(), speech: AgentSpeech::new(true) })
     }
 
-    fn provider_config(&self, shared: &SessionShared, character: &Character) -> SessionConfig {
+    fn provider_config(&self, shared: &SessionShared, character: &Character, budget: &BudgetPlan) -> SessionConfig {
+        // The session's own registry: its tool calls count against its budget.
+        let tools = match &character.tools {
+            Some(names) => self.tools.only(names),
+            None => (*self.tools).clone(),
+        };
         SessionConfig {
             session_id: shared.id.clone(),
             character_id: character.id.clone(),
@@ -242,10 +284,7 @@ impl SessionBuilder {
             voices: character.voices.clone().into_iter().collect(),
             language: character.language.clone(),
             history: Vec::new(),
-            tools: match &character.tools {
-                Some(names) => Arc::new(self.tools.only(names)),
-                None => Arc::clone(&self.tools),
-            },
+            tools: Arc::new(tools.with_budget(Arc::clone(&budget.tool_calls))),
             // Validated at start (config::validate): an invalid name never reaches here.
             viseme_overrides: crate::providers::cascade::viseme_overrides(&character.visemes).unwrap_or_default(),
             moderator: self.moderator.clone(),
