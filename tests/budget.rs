@@ -79,7 +79,10 @@ async fn a_session_reaching_its_token_limit_is_told_cut_where_heard_and_ended_wi
     let heard_ms = agent_audio_ms(&log[..at.unwrap()]);
     assert!(heard_ms > 0.0 && heard_ms < reply_ms, "part of the {reply_ms} ms reply was heard: {heard_ms} ms");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(agent_audio_ms(&client.log()[at.unwrap()..]), 0.0, "no audio after the limit");
+    // RTP and the data channel are not ordered with each other: frames sent before the cut may
+    // arrive just after the event, never more than the path holds.
+    let after_ms = agent_audio_ms(&client.log()[at.unwrap()..]);
+    assert!(after_ms <= 200.0, "the audio stops at the limit: {after_ms} ms after it");
 
     let info = ts.session_json(&id, &token).await;
     assert_eq!((info["state"].as_str(), info["end_reason"].as_str()), (Some("ended"), Some("budget_exceeded")));
