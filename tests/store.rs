@@ -99,6 +99,34 @@ async fn store_contract(url: &str) {
     assert_eq!(store.session("s4").await.unwrap().unwrap().state, StoredState::Created);
     assert_eq!(store.session("nope").await.unwrap(), None);
 
+    // Budgets: usage is stored once per session and summed per user since a time.
+    use kotodama::session::budget::{Kind, SessionUsage, UsageTotals};
+    let usage = |id: &str, user: Option<&str>, tokens: u64, at: SystemTime| kotodama::store::StoredUsage {
+        session_id: id.into(),
+        user_id: user.map(str::to_owned),
+        character: "aiko".into(),
+        usage: SessionUsage {
+            totals: UsageTotals { tokens, duration_ms: 60_000, tool_calls: 2 },
+            tokens_reported: true,
+            exceeded: Some(Kind::Tokens),
+        },
+        ended_at: at,
+    };
+    store.put_usage(&usage("s1", Some("user-1"), 700, t0)).await.unwrap();
+    store.put_usage(&usage("s1", Some("user-1"), 9, t0)).await.unwrap();
+    store.put_usage(&usage("s2", Some("user-1"), 300, t0 + Duration::from_secs(5))).await.unwrap();
+    store.put_usage(&usage("s4", Some("user-2"), 50, t0)).await.unwrap();
+    assert_eq!(store.usage("s1").await.unwrap(), Some(usage("s1", Some("user-1"), 700, from_ms(to_ms(t0)))));
+    let day = store.usage_since("user-1", t0).await.unwrap();
+    assert_eq!(
+        day,
+        UsageTotals { tokens: 1000, duration_ms: 120_000, tool_calls: 4 },
+        "a second write changes nothing"
+    );
+    let later = store.usage_since("user-1", t0 + Duration::from_secs(1)).await.unwrap();
+    assert_eq!(later.tokens, 300, "only sessions ended since then");
+    assert_eq!(store.usage_since("nobody", t0).await.unwrap(), UsageTotals::default());
+
     // Privacy: export everything for user-1, then only what key-b created; delete key-b's part,
     // then the rest.
     store.put_turn(&turn("s2", 1, Role::User, "second session", t0)).await.unwrap();
@@ -118,6 +146,7 @@ async fn store_contract(url: &str) {
     assert_eq!(store.delete_user("user-1", None).await.unwrap(), ["s1"]);
     assert_eq!(store.session("s1").await.unwrap(), None);
     assert!(store.turns("s1").await.unwrap().is_empty());
+    assert_eq!(store.usage("s1").await.unwrap(), None, "usage deleted with the user's data");
     assert!(store.user_data("user-1", None).await.unwrap().sessions.is_empty());
     assert!(store.session("s4").await.unwrap().is_some(), "other users keep their data");
     store.close().await;

@@ -140,6 +140,23 @@ export interface AgentNotificationEvent {
   text: string;
 }
 
+/** The session reached one of its budgets (extension): model tokens, session time or tool calls, per session or per user per day. With `action` `end` the session ends next (`session.ended {reason: "budget_exceeded"}`); with `degrade` it stays connected but the character no longer answers. */
+export interface BudgetExceededEvent {
+  type: "budget.exceeded";
+  /** What happens now: `end` or `degrade`. */
+  action: string;
+  /** Which budget: `tokens`, `minutes` or `tool_calls`. */
+  kind: string;
+  /** The limit, in `unit`. */
+  limit: number;
+  /** Whose budget: `session` or `user_day` (the user's UTC day). */
+  scope: string;
+  /** Unit of `limit` and `used`: `tokens`, `seconds` (for `minutes`) or `calls`. */
+  unit: string;
+  /** What was used when it was reached, in `unit`. */
+  used: number;
+}
+
 export type ServerEvent =
   | SessionReadyEvent
   | StateEvent
@@ -154,7 +171,8 @@ export type ServerEvent =
   | PongEvent
   | GestureEvent
   | SessionEndedEvent
-  | AgentNotificationEvent;
+  | AgentNotificationEvent
+  | BudgetExceededEvent;
 
 /** A typed user message, handled like a spoken turn. */
 export interface ClientTextEvent {

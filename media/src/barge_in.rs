@@ -23,6 +23,8 @@ pub enum InterruptReason {
     ClientRequest,
     /// Moderation flagged the reply before it was spoken (the server cut it).
     Moderation,
+    /// The session reached a budget configured to end it (the server cut the reply there).
+    Budget,
 }
 
 /// The outcome of a barge-in: what was cut and how much of it the user heard.

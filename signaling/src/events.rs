@@ -152,6 +152,25 @@ pub enum ServerEvent {
         /// Its status as the agent reports it (e.g. `completed`, `failed`).
         status: String,
     },
+    /// The session reached one of its budgets (extension): model tokens, session time or tool
+    /// calls, per session or per user per day. With `action` `end` the session ends next
+    /// (`session.ended {reason: "budget_exceeded"}`); with `degrade` it stays connected but the
+    /// character no longer answers.
+    #[serde(rename = "budget.exceeded")]
+    BudgetExceeded {
+        /// Which budget: `tokens`, `minutes` or `tool_calls`.
+        kind: String,
+        /// Whose budget: `session` or `user_day` (the user's UTC day).
+        scope: String,
+        /// The limit, in `unit`.
+        limit: u64,
+        /// What was used when it was reached, in `unit`.
+        used: u64,
+        /// Unit of `limit` and `used`: `tokens`, `seconds` (for `minutes`) or `calls`.
+        unit: String,
+        /// What happens now: `end` or `degrade`.
+        action: String,
+    },
 }
 
 impl ServerEvent {
@@ -186,6 +205,7 @@ impl ServerEvent {
             ServerEvent::SessionEnded { .. } => "session.ended",
             ServerEvent::Gesture { .. } => "gesture",
             ServerEvent::AgentNotification { .. } => "agent_notification",
+            ServerEvent::BudgetExceeded { .. } => "budget.exceeded",
         }
     }
 
@@ -204,6 +224,8 @@ impl ServerEvent {
         "session.ended",
         "gesture",
         "agent_notification",
+        "moderation",
+        "budget.exceeded",
     ];
 
     /// One JSON object, ready to send as a data-channel text message.

@@ -284,6 +284,8 @@ pub enum EndReason {
     InternalError,
     /// The node hosting it stopped without draining (crash, `kill -9`); found at its restart.
     Crash,
+    /// It reached a budget (tokens, minutes or tool calls) configured to end the session.
+    BudgetExceeded,
 }
 
 /// A string that names no variant of an API enum (a stored value from a newer version, a typo).
@@ -348,6 +350,7 @@ wire_names!(EndReason, "end reason", {
     ServerShutdown => "server_shutdown",
     InternalError => "internal_error",
     Crash => "crash",
+    BudgetExceeded => "budget_exceeded",
 });
 
 /// `GET /v1/sessions/{id}`.

@@ -56,6 +56,15 @@ fn server_samples() -> Vec<ServerEvent> {
             status: "completed".into(),
         },
         ServerEvent::Gesture { gesture: "wave".into(), item_id: Some("item_7".into()) },
+        ServerEvent::Moderation { category: "deny".into(), item_id: "item_7".into() },
+        ServerEvent::BudgetExceeded {
+            kind: "tokens".into(),
+            scope: "session".into(),
+            limit: 20000,
+            used: 20412,
+            unit: "tokens".into(),
+            action: "end".into(),
+        },
     ]
 }
 

@@ -55,6 +55,9 @@ pub struct Character {
     /// Provider this character prefers when a session names none.
     #[serde(default)]
     pub provider: Option<String>,
+    /// Budget overrides (`[characters.budget]`): set limits replace the global `[budget]` ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<super::budget::BudgetLimits>,
 }
 
 fn default_language() -> String {
@@ -78,6 +81,9 @@ impl Character {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(b) = &self.budget {
+            b.check(&format!("characters.{}.budget", self.id))?;
+        }
         let builtin = ToolRegistry::builtin();
         if let Some(t) = self.tools.iter().flatten().find(|t| !builtin.contains(t)) {
             return Err(err(

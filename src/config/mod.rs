@@ -34,6 +34,7 @@
 //! [`storage`] (SQL and Redis).
 
 pub mod auth;
+pub mod budget;
 pub mod cascade;
 pub mod characters;
 pub mod elsewhere;
@@ -185,6 +186,8 @@ pub struct Config {
     pub moderation: ModerationSettings,
     /// Long-term memory per user and character (`[memory]`, `KOTODAMA_MEMORY_*`).
     pub memory: MemorySettings,
+    /// Budgets per session and per user per day (`[budget]`, `KOTODAMA_BUDGET_*`).
+    pub budget: budget::BudgetLimits,
 }
 
 impl Default for Config {
@@ -218,6 +221,7 @@ impl Default for Config {
             oidc: OidcSettings::default(),
             moderation: ModerationSettings::default(),
             memory: MemorySettings::default(),
+            budget: budget::BudgetLimits::default(),
         }
     }
 }
@@ -269,6 +273,7 @@ impl Config {
             &self.oidc,
             &self.moderation,
             &self.memory,
+            &self.budget,
         ]
     }
 
@@ -289,6 +294,7 @@ impl Config {
             &mut self.oidc,
             &mut self.moderation,
             &mut self.memory,
+            &mut self.budget,
         ]
     }
 

@@ -312,6 +312,13 @@ pub enum ProviderEvent {
         /// The policy's version.
         policy_version: String,
     },
+    /// The provider reported the model tokens one response used (input + output, as the
+    /// provider counts them: OpenAI Realtime `response.done.usage.total_tokens`); budgets count
+    /// these instead of their text estimate ([`crate::session::budget`]).
+    Usage {
+        /// Tokens used by that response.
+        tokens: u64,
+    },
     /// The provider session ended.
     Closed,
 }

@@ -80,6 +80,9 @@ pub struct CallResult {
 #[derive(Debug, Clone, Default)]
 pub struct ToolRegistry {
     tools: BTreeMap<String, Tool>,
+    /// The session's tool-call budget ([`crate::session::budget`]): every call is counted, and
+    /// refused past the cap.
+    budget: Option<Arc<crate::session::budget::ToolCallCounter>>,
 }
 
 impl ToolRegistry {
@@ -150,7 +153,13 @@ impl ToolRegistry {
     pub fn only<S: AsRef<str>>(&self, names: &[S]) -> Self {
         let tools =
             names.iter().filter_map(|n| self.tools.get(n.as_ref())).map(|t| (t.spec.name.clone(), t.clone())).collect();
-        Self { tools }
+        Self { tools, budget: self.budget.clone() }
+    }
+
+    /// These tools, with every call counted against `budget` (one session's registry).
+    pub fn with_budget(mut self, budget: Arc<crate::session::budget::ToolCallCounter>) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// Declarations for the model.
@@ -170,6 +179,9 @@ impl ToolRegistry {
         let Some(tool) = self.tools.get(name) else {
             return fail(format!("unknown tool `{name}`"));
         };
+        if self.budget.as_ref().is_some_and(|b| !b.try_call()) {
+            return fail("the tool-call budget of this session is used up; answer without tools".into());
+        }
         let args: Value = if arguments.trim().is_empty() {
             json!({})
         } else {
@@ -233,6 +245,18 @@ mod tests {
         });
         let b = r.call("broken", "{}").await;
         assert!(b.failed && b.output.contains("database down"));
+    }
+
+    #[tokio::test]
+    async fn calls_past_the_sessions_budget_are_refused_to_the_model() {
+        use crate::session::budget::{Cap, Scope, ToolCallCounter};
+        let cap = Cap { max: 1, scope: Scope::Session, limit: 1, before: 0 };
+        let counter = Arc::new(ToolCallCounter::new(Some(cap)));
+        let r = ToolRegistry::builtin().with_budget(Arc::clone(&counter)).only(&["get_time"]);
+        assert!(!r.call("get_time", "").await.failed);
+        let refused = r.call("get_time", "").await;
+        assert!(refused.failed && refused.output.contains("budget"), "{refused:?}");
+        assert_eq!((counter.calls(), counter.refused()), (1, 1));
     }
 
     #[tokio::test]

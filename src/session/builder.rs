@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::budget::BudgetPlan;
 use super::conversation::{Conversation, ConversationConfig, MediaParts};
 use super::link::{ApiV1, EventCodec};
 use super::speech::AgentSpeech;
@@ -55,6 +56,9 @@ pub(crate) struct SessionBuilder {
     moderator: Option<Arc<crate::moderation::Moderator>>,
     /// Long-term memory: read at start, learnt from at the end (sessions with a user only).
     memory: Option<Arc<crate::memory::Memory>>,
+    /// Where the users' daily usage is read (budgets per user per day); `None`: daily limits
+    /// count only the session itself.
+    usage_store: Option<Arc<dyn crate::store::Store>>,
 }
 
 impl SessionBuilder {
@@ -89,7 +93,7 @@ impl SessionBuilder {
             media::EncoderConfig { bitrate_bps: m.opus_bitrate, complexity: m.opus_complexity, ..Default::default() };
         let tools = Arc::new(crate::providers::tools::ToolRegistry::builtin());
         let moderator = crate::moderation::Moderator::new(&config.moderation).ok().map(Arc::new);
-        Self { config, providers, peer_settings, vad, encoder, tools, moderator, memory: None }
+        Self { config, providers, peer_settings, vad, encoder, tools, moderator, memory: None, usage_store: None }
     }
 
     /// With long-term memory.
@@ -111,6 +115,35 @@ impl SessionBuilder {
             Some((memory, owner)) => memory.for_session(&owner).await,
             None => Vec::new(),
         }
+    }
+
+    /// Read users' daily usage from `store` (per-user budgets).
+    pub fn with_usage_store(mut self, store: Arc<dyn crate::store::Store>) -> Self {
+        self.usage_store = Some(store);
+        self
+    }
+
+    /// The session's budget: the global limits with the character's overrides, capped by what
+    /// the user has left today (ended sessions since 00:00 UTC, from the store). A store that
+    /// cannot answer is logged and counts as nothing used (availability over strictness).
+    async fn budget_plan(&self, shared: &SessionShared, character: &Character) -> BudgetPlan {
+        let limits = self.config.budget.overridden_by(character.budget.as_ref());
+        let today = match (&shared.user_id, &self.usage_store) {
+            (Some(user), Some(store)) if limits.has_user_limits() => {
+                let now = crate::store::to_ms(std::time::SystemTime::now());
+                let midnight = crate::store::from_ms(now - now.rem_euclid(86_400_000));
+                match store.usage_since(user, midnight).await {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::warn!(session_id = %shared.id, error = %e, "user's usage today unknown; daily budgets count this session only");
+                        Some(Default::default())
+                    }
+                }
+            }
+            (Some(_), _) => Some(Default::default()),
+            (None, _) => None,
+        };
+        BudgetPlan::new(&limits, today)
     }
 
     /// Whether this node offers provider `name`.
@@ -158,7 +191,8 @@ impl SessionBuilder {
         let media = self.media_parts(provider.input_format().rate_hz, Some(offer.opus_payload_type()))?;
         let (peer_tx, peer_rx) = mpsc::channel(PEER_CHANNEL_CAPACITY);
         let memories = self.memories(shared).await;
-        let cfg = self.provider_config(shared, character, &memories);
+        let budget = self.budget_plan(shared, character).await;
+        let cfg = self.provider_config(shared, character, &memories, &budget);
         let (session, answered) =
             tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer, peer_tx));
         let (peer, answer) = answered.map_err(peer_error)?;
@@ -174,7 +208,7 @@ impl SessionBuilder {
         };
         let link = link(peer, peer_rx);
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
-        let conv = self.conversation_config(shared, character, &provider);
+        let conv = self.conversation_config(shared, character, &provider, budget);
         let task = self.task(shared, character, link, control_rx, session, Conversation::new(conv, media));
         Ok((task, answer, control))
     }
@@ -201,13 +235,14 @@ impl SessionBuilder {
         // A WebSocket carries only Opus frames (its own framing): no payload type to filter.
         let media = self.media_parts(provider.input_format().rate_hz, None)?;
         let memories = self.memories(shared).await;
-        let session = provider.connect(self.provider_config(shared, character, &memories)).await;
+        let budget = self.budget_plan(shared, character).await;
+        let session = provider.connect(self.provider_config(shared, character, &memories, &budget)).await;
         let result = if session.is_ok() { "ok" } else { "error" };
         metrics::counter!(crate::telemetry::PROVIDER_CONNECTS, "provider" => provider.name().to_owned(), "result" => result)
             .increment(1);
         let session = session.map_err(|e| SessionError::ProviderUnavailable(e.to_string()))?;
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
-        let conv = self.conversation_config(shared, character, &provider);
+        let conv = self.conversation_config(shared, character, &provider, budget);
         Ok((self.task(shared, character, link, control_rx, session, Conversation::new(conv, media)), control))
     }
 
@@ -216,6 +251,7 @@ impl SessionBuilder {
         shared: &SessionShared,
         character: &Character,
         provider: &ResilientProvider,
+        budget: BudgetPlan,
     ) -> ConversationConfig {
         ConversationConfig {
             session_id: shared.id.clone(),
@@ -226,6 +262,7 @@ impl SessionBuilder {
             idle_timeout: (self.config.session.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(self.config.session.idle_timeout_secs)),
             moderator: self.moderator.clone(),
+            budget,
         }
     }
 
@@ -294,19 +331,21 @@ impl SessionBuilder {
     }
 
     /// The provider's session settings: the character, with what it remembers of the user in
-    /// the memory slot of its instructions and the `recall` tool when the session has a user.
+    /// the memory slot of its instructions and the `recall` tool when the session has a user; the
+    /// session's own tool registry, whose calls count against its budget.
     fn provider_config(
         &self,
         shared: &SessionShared,
         character: &Character,
         memories: &[crate::memory::MemoryRecord],
+        budget: &BudgetPlan,
     ) -> SessionConfig {
         let mut tools = match &character.tools {
-            Some(names) => Arc::new(self.tools.only(names)),
-            None => Arc::clone(&self.tools),
+            Some(names) => self.tools.only(names),
+            None => (*self.tools).clone(),
         };
         if let Some((memory, owner)) = self.memory_of(shared).filter(|(m, _)| m.offers_recall()) {
-            Arc::make_mut(&mut tools).register(memory.recall_tool(owner));
+            tools.register(memory.recall_tool(owner));
         }
         SessionConfig {
             session_id: shared.id.clone(),
@@ -317,7 +356,7 @@ impl SessionBuilder {
             voices: character.voices.clone().into_iter().collect(),
             language: character.language.clone(),
             history: Vec::new(),
-            tools,
+            tools: Arc::new(tools.with_budget(Arc::clone(&budget.tool_calls))),
             // Validated at start (config::validate): an invalid name never reaches here.
             viseme_overrides: crate::providers::cascade::viseme_overrides(&character.visemes).unwrap_or_default(),
             moderator: self.moderator.clone(),

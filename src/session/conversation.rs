@@ -35,6 +35,7 @@ use media::{BargeIn, InterruptReason, Interruption, Playout, Uplink, UplinkEvent
 use signaling::events::{AgentState, ClientEvent, Emotion, Role, ServerEvent};
 
 use super::EndReason;
+use super::budget::{Budget, BudgetPlan, OnLimit, SessionUsage};
 use super::speech::AgentSpeech;
 use crate::providers::{Capabilities, History, HistoryItem, Pcm, ProviderCommand, ProviderEvent, Speaker};
 use crate::telemetry;
@@ -61,6 +62,9 @@ pub struct ConversationConfig {
     pub idle_timeout: Option<Duration>,
     /// Checks agent text before it is spoken ([`crate::moderation`]); `None`: no checks.
     pub moderator: Option<std::sync::Arc<crate::moderation::Moderator>>,
+    /// The session's budget caps ([`super::budget`]; [`BudgetPlan::unlimited`]: usage is only
+    /// counted).
+    pub budget: BudgetPlan,
 }
 
 /// The media parts the core drives, built by the session builder.
@@ -264,11 +268,16 @@ pub struct Conversation {
     last_interruption: Option<InterruptReason>,
     /// The agent item whose text is being released, and how many bytes of it passed moderation.
     moderated: Option<(String, usize)>,
+    /// Usage and caps of the session.
+    budget: Budget,
+    /// A budget was reached with [`OnLimit::Degrade`]: the model gets no more user input.
+    degraded: bool,
 }
 
 impl Conversation {
     /// A conversation at media time zero, agent `initializing`.
     pub fn new(cfg: ConversationConfig, media: MediaParts) -> Self {
+        let budget = Budget::new(cfg.budget.clone());
         Self {
             cfg,
             media,
@@ -297,6 +306,8 @@ impl Conversation {
             no_audio: media::NoAudioWatch::new(NO_AUDIO_AFTER),
             last_interruption: None,
             moderated: None,
+            budget,
+            degraded: false,
         }
     }
 
@@ -327,6 +338,7 @@ impl Conversation {
             Input::Timeout => self.on_timeout(),
         }
         self.push_pending();
+        self.check_budget();
     }
 
     /// The next thing to do, until `None`.
@@ -350,7 +362,10 @@ impl Conversation {
     /// timeout; the task feeds one at least once a second.)
     pub fn poll_timeout(&self) -> Option<Duration> {
         let idle = self.cfg.idle_timeout.map(|t| self.last_activity + t);
-        [self.media.playout.next_due(), idle, self.media.uplink.next_timeout()].into_iter().flatten().min()
+        [self.media.playout.next_due(), idle, self.media.uplink.next_timeout(), self.budget.deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Whether the caller should read provider events now (no audio waiting for playout room).
@@ -394,7 +409,41 @@ impl Conversation {
     }
 
     fn command(&mut self, cmd: ProviderCommand) {
+        use ProviderCommand::{AppendAudio, CommitTurn, GenerateReply, SpeechStarted, Text};
+        if self.degraded && matches!(cmd, AppendAudio(_) | SpeechStarted | CommitTurn | Text(_) | GenerateReply { .. })
+        {
+            return;
+        }
         self.out.push_back(Queued::Provider(cmd));
+    }
+
+    /// What the session used so far (stored when it ends).
+    pub fn usage(&self) -> SessionUsage {
+        self.budget.usage(self.now)
+    }
+
+    /// A budget reached: the client is told once; then the session ends (a reply being spoken
+    /// is cut there, its heard part recorded) or degrades (the model gets no more input).
+    /// Checked once the client listens (`session.ready` sent), so the event reaches it; a cap
+    /// reached before is reported then.
+    fn check_budget(&mut self) {
+        if !self.ready_sent {
+            return;
+        }
+        let Some(hit) = self.budget.check(self.now) else { return };
+        tracing::info!(session_id = %self.cfg.session_id, kind = hit.kind.as_str(), scope = hit.scope.as_str(),
+            limit = hit.limit, used = hit.used, action = hit.action.as_str(), "budget reached");
+        self.event(hit.event());
+        match hit.action {
+            OnLimit::End => {
+                if self.media.playout.is_active() || self.agent_item.is_some() {
+                    let cut = self.media.barge_in.interrupt(&mut self.media.playout);
+                    self.interrupt(cut, InterruptReason::Budget);
+                }
+                self.out.push_back(Queued::End(EndReason::BudgetExceeded));
+            }
+            OnLimit::Degrade => self.degraded = true,
+        }
     }
 
     fn set_state(&mut self, state: AgentState) {
@@ -410,6 +459,7 @@ impl Conversation {
         if text.is_empty() {
             return;
         }
+        self.budget.on_text(text);
         self.history.push(match role {
             Role::User => HistoryItem::User(text.to_owned()),
             Role::Agent => HistoryItem::Agent(text.to_owned()),
@@ -585,6 +635,7 @@ impl Conversation {
         let (mut started, mut stopped) = (None, None);
         while let Some(ev) = self.media.uplink.poll() {
             match ev {
+                UplinkEvent::Audio(_) if self.degraded => {}
                 UplinkEvent::Audio(pcm) => {
                     let pcm = Pcm { rate_hz: pcm.rate_hz, samples: pcm.samples.to_vec() };
                     self.out.push_back(Queued::Provider(ProviderCommand::AppendAudio(pcm)));
@@ -649,7 +700,7 @@ impl Conversation {
 
     /// End the user's open turn: the provider answers it.
     fn commit_turn(&mut self, silence: Duration) {
-        if !std::mem::take(&mut self.turn_open) {
+        if !std::mem::take(&mut self.turn_open) || self.degraded {
             return;
         }
         self.command(ProviderCommand::CommitTurn);
@@ -681,7 +732,7 @@ impl Conversation {
         self.last_activity = self.now;
         let note = format!("[result from {} ({})] {}", r.source, r.status, r.text);
         self.command(ProviderCommand::AppendHistory(vec![HistoryItem::User(note)]));
-        if r.speak_now && self.agent_item.is_none() && !self.media.playout.is_active() {
+        if r.speak_now && !self.degraded && self.agent_item.is_none() && !self.media.playout.is_active() {
             let instructions =
                 format!("Tell the user, briefly and in character, this result from {}: {}", r.source, r.text);
             self.command(ProviderCommand::GenerateReply { instructions: Some(instructions) });
@@ -693,6 +744,11 @@ impl Conversation {
     /// A typed (or injected) user turn: recorded at once, then handed to the provider.
     fn user_text(&mut self, text: String) {
         self.last_activity = self.now;
+        if self.degraded {
+            let message = "this session's budget is used up: the character no longer answers".into();
+            self.event(ServerEvent::Error { code: "budget_exceeded".into(), message });
+            return;
+        }
         if self.media.playout.is_active() {
             let cut = self.media.barge_in.interrupt(&mut self.media.playout);
             self.interrupt(cut, InterruptReason::ClientRequest);
@@ -776,6 +832,7 @@ impl Conversation {
             }
             // The provider dropped the flagged text before speaking it and says the fallback
             // itself: only the client and the review queue are told.
+            ProviderEvent::Usage { tokens } => self.budget.on_reported(tokens),
             ProviderEvent::Moderated { item_id, category, text, policy_version } => {
                 self.event(ServerEvent::Moderation { category: category.clone(), item_id: item_id.clone() });
                 self.out.push_back(Queued::Flag(Flag { item_id, category, text, policy_version }));

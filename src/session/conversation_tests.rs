@@ -54,6 +54,7 @@ fn config(greeting: Option<&str>, idle: Option<Duration>) -> ConversationConfig 
         greeting: greeting.map(str::to_owned),
         idle_timeout: idle,
         moderator: None,
+        budget: crate::session::budget::BudgetPlan::unlimited(),
     }
 }
 
@@ -490,4 +491,121 @@ fn a_flagged_sentence_is_cut_before_it_is_spoken_and_the_fallback_line_follows()
     h.agent_reply("item_2", &fallback, 2_000, true);
     h.advance(Duration::from_millis(3_000));
     assert_eq!(h.turns.last(), Some(&(Role::Agent, fallback.clone(), false)), "{:?}", h.turns);
+}
+
+// --- budgets (`super::super::budget`) ---
+
+fn budgeted(limits: crate::config::budget::BudgetLimits) -> ConversationConfig {
+    ConversationConfig { budget: crate::session::budget::BudgetPlan::new(&limits, None), ..config(None, None) }
+}
+
+fn budget_events(h: &Harness) -> Vec<ServerEvent> {
+    h.events.iter().filter(|e| matches!(e, ServerEvent::BudgetExceeded { .. })).cloned().collect()
+}
+
+#[test]
+fn reaching_the_token_budget_cuts_the_reply_where_it_was_heard_and_ends_the_session() {
+    let limits = crate::config::budget::BudgetLimits { tokens: Some(500), ..Default::default() };
+    let mut h = Harness::ready(budgeted(limits));
+    h.input(Input::Client(Some(ClientEvent::Text { text: "Tell me a story.".into() })));
+    h.input(Input::Provider(ProviderEvent::Usage { tokens: 300 }));
+    assert!(budget_events(&h).is_empty() && h.ended.is_none(), "300 of 500 tokens");
+    // The reply streams (the transcript and its audio, as OpenAI sends them); `response.done`
+    // reports its usage while the audio is still playing.
+    h.agent_reply("item_1", REPLY, 6_000, false);
+    h.advance(Duration::from_millis(1_000));
+    let heard = h.last_agent_words("item_1");
+    assert!(!heard.is_empty() && heard.len() < REPLY.len(), "part of the reply was heard: {heard:?}");
+    h.input(Input::Provider(ProviderEvent::Usage { tokens: 240 }));
+
+    assert_eq!(
+        budget_events(&h),
+        vec![ServerEvent::BudgetExceeded {
+            kind: "tokens".into(),
+            scope: "session".into(),
+            limit: 500,
+            used: 540,
+            unit: "tokens".into(),
+            action: "end".into(),
+        }]
+    );
+    assert_eq!(h.ended, Some(EndReason::BudgetExceeded));
+    assert_eq!(h.conv.last_interruption(), Some(InterruptReason::Budget));
+    assert_eq!(h.interrupted().len(), 1, "the reply is cut");
+    assert_eq!(
+        h.turns,
+        vec![(Role::User, "Tell me a story.".into(), false), (Role::Agent, heard, true)],
+        "the transcript holds what was said and heard"
+    );
+    let usage = h.conv.usage();
+    assert_eq!((usage.totals.tokens, usage.tokens_reported), (540, true));
+    assert_eq!(usage.exceeded, Some(crate::session::budget::Kind::Tokens));
+}
+
+#[test]
+fn reaching_the_minute_budget_ends_the_session_on_time_with_its_transcript() {
+    let limits = crate::config::budget::BudgetLimits { minutes: Some(0.05), ..Default::default() };
+    let mut h = Harness::ready(budgeted(limits));
+    h.input(Input::Client(Some(ClientEvent::Text { text: "Hello there".into() })));
+    h.agent_reply("item_1", "Hi! Nice to meet you.", 1_000, true);
+    h.advance(Duration::from_secs(10));
+    assert_eq!(h.ended, Some(EndReason::BudgetExceeded));
+    assert_eq!(h.now, Duration::from_secs(3), "ends when 0.05 minutes are up, not later");
+    assert_eq!(
+        budget_events(&h),
+        vec![ServerEvent::BudgetExceeded {
+            kind: "minutes".into(),
+            scope: "session".into(),
+            limit: 3,
+            used: 3,
+            unit: "seconds".into(),
+            action: "end".into(),
+        }]
+    );
+    assert_eq!(
+        h.turns,
+        vec![(Role::User, "Hello there".into(), false), (Role::Agent, "Hi! Nice to meet you.".into(), false)]
+    );
+    assert_eq!(h.conv.usage().totals.duration_ms, 3_000);
+}
+
+#[test]
+fn a_degraded_session_stays_but_the_model_gets_no_more_input() {
+    use crate::config::budget::{BudgetLimits, OnLimit};
+    // No usage reports: the estimate (4 bytes a token) counts; 40 bytes are 10 tokens.
+    let limits = BudgetLimits { tokens: Some(10), on_limit: Some(OnLimit::Degrade), ..Default::default() };
+    let mut h = Harness::ready(budgeted(limits));
+    let text = "Tell me all about the foxes in the wood.";
+    assert_eq!(text.len(), 40);
+    h.input(Input::Client(Some(ClientEvent::Text { text: text.into() })));
+    assert!(matches!(&budget_events(&h)[..], [ServerEvent::BudgetExceeded { action, .. }] if action == "degrade"));
+    assert!(h.ended.is_none(), "degrade keeps the session");
+    let sent = h.sent.len();
+    h.input(Input::Client(Some(ClientEvent::Text { text: "And more?".into() })));
+    assert!(
+        h.events.iter().any(|e| matches!(e, ServerEvent::Error { code, .. } if code == "budget_exceeded")),
+        "typed text is refused with an error"
+    );
+    let chunks = h.audio_chunks;
+    h.speak(&speech().samples, true);
+    assert_eq!(h.audio_chunks, chunks, "no user audio reaches the model");
+    assert_eq!(h.sent.len(), sent, "no command reaches the model: {:?}", &h.sent[sent..]);
+    assert_eq!(budget_events(&h).len(), 1, "told once");
+}
+
+#[test]
+fn a_refused_tool_call_reaches_the_tool_budget() {
+    let limits = crate::config::budget::BudgetLimits { tool_calls: Some(1), ..Default::default() };
+    let cfg = budgeted(limits);
+    let counter = std::sync::Arc::clone(&cfg.budget.tool_calls);
+    let mut h = Harness::ready(cfg);
+    assert!(counter.try_call(), "the first call is within the budget");
+    h.advance(Duration::from_secs(2));
+    assert!(h.ended.is_none());
+    assert!(!counter.try_call(), "the second is refused where tools run");
+    h.input(Input::Timeout);
+    assert!(
+        matches!(&budget_events(&h)[..], [ServerEvent::BudgetExceeded { kind, used: 1, limit: 1, .. }] if kind == "tool_calls")
+    );
+    assert_eq!(h.ended, Some(EndReason::BudgetExceeded));
 }

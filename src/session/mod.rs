@@ -57,6 +57,7 @@
 //!
 //! Neither the conversation core nor the task changes for a new link or codec.
 
+pub mod budget;
 pub(crate) mod builder;
 pub mod conversation;
 pub mod link;
@@ -225,6 +226,17 @@ impl SessionShared {
             created_at: SystemTime::now(),
         };
         self.queue(Write::Flag(flag));
+    }
+
+    /// Queue what the session used for the store (`session_usage`; before its end).
+    pub(crate) fn push_usage(&self, usage: budget::SessionUsage) {
+        self.queue(Write::Usage(crate::store::StoredUsage {
+            session_id: self.id.clone(),
+            user_id: self.user_id.clone(),
+            character: self.character.clone(),
+            usage,
+            ended_at: SystemTime::now(),
+        }));
     }
 
     fn end(&self, reason: EndReason) -> bool {
@@ -428,7 +440,8 @@ impl SessionManager {
     pub fn new(config: Arc<Config>, providers: Vec<Arc<dyn RealtimeProvider>>, backends: Backends) -> Arc<Self> {
         let default_provider = config.provider_name().to_owned();
         let builder = builder::SessionBuilder::new(Arc::clone(&config), providers, backends.udp_mux.clone())
-            .with_memory(Arc::clone(&backends.memory));
+            .with_memory(Arc::clone(&backends.memory))
+            .with_usage_store(Arc::clone(&backends.store));
         Arc::new(Self {
             characters: std::sync::RwLock::new(Arc::new(config.characters())),
             config,

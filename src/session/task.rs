@@ -234,6 +234,7 @@ impl<L: ClientLink> SessionTask<L> {
     /// The end: last stats, the provider closed, the client told (unless it is gone), the link closed.
     async fn finish(&mut self, reason: EndReason, counters: &Counters, exported: &mut Exported) {
         self.export_stats(counters, exported);
+        self.shared.push_usage(self.conv.usage());
         let _ = self.provider.commands.try_send(ProviderCommand::Close);
         if reason != EndReason::PeerDisconnected {
             self.link.send_event(&ServerEvent::SessionEnded { reason: reason.as_str().to_owned() }).await;

@@ -213,6 +213,21 @@ pub struct StoredFlag {
     pub created_at: SystemTime,
 }
 
+/// What one session used ([`crate::session::budget`]), stored when it ends (`session_usage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredUsage {
+    /// The session.
+    pub session_id: String,
+    /// Its user id, if any (daily budgets sum per user).
+    pub user_id: Option<String>,
+    /// Its character.
+    pub character: String,
+    /// What it used.
+    pub usage: crate::session::budget::SessionUsage,
+    /// When it ended.
+    pub ended_at: SystemTime,
+}
+
 /// Everything held about one user: their sessions, each with its transcript.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UserData {
@@ -243,6 +258,29 @@ pub trait Store: Send + Sync + 'static {
     async fn put_flag(&self, flag: &StoredFlag) -> Result<(), StoreError> {
         let _ = flag;
         Ok(())
+    }
+
+    /// Store a session's usage (a second write for the same session changes nothing). Stores
+    /// without budgets drop it.
+    async fn put_usage(&self, usage: &StoredUsage) -> Result<(), StoreError> {
+        let _ = usage;
+        Ok(())
+    }
+
+    /// A session's stored usage, if it ended and was stored.
+    async fn usage(&self, session_id: &str) -> Result<Option<StoredUsage>, StoreError> {
+        let _ = session_id;
+        Ok(None)
+    }
+
+    /// What `user_id`'s sessions that ended at or after `since` used, summed.
+    async fn usage_since(
+        &self,
+        user_id: &str,
+        since: SystemTime,
+    ) -> Result<crate::session::budget::UsageTotals, StoreError> {
+        let _ = (user_id, since);
+        Ok(Default::default())
     }
 
     /// Insert or update the configured characters.

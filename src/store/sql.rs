@@ -16,15 +16,17 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor as _, Row as _};
 
 use super::{
-    SessionWithTurns, Store, StoreError, StoredCharacter, StoredFlag, StoredSession, StoredState, StoredTurn, UserData,
-    from_ms, to_ms,
+    SessionWithTurns, Store, StoreError, StoredCharacter, StoredFlag, StoredSession, StoredState, StoredTurn,
+    StoredUsage, UserData, from_ms, to_ms,
 };
+use crate::session::budget::{Kind as BudgetKind, SessionUsage, UsageTotals};
 
 /// The migrations, embedded: the binary needs no files at run time.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/0001_init.sql")),
     (2, "admin", include_str!("../../migrations/0002_admin.sql")),
     (3, "moderation", include_str!("../../migrations/0003_moderation.sql")),
+    (7, "budget_usage", include_str!("../../migrations/0007_budget_usage.sql")),
 ];
 
 /// Migrations whose SQL differs per backend (full-text search): (version, description, SQLite
@@ -273,6 +275,82 @@ impl Store for SqlStore {
         Ok(())
     }
 
+    async fn put_usage(&self, u: &StoredUsage) -> Result<(), StoreError> {
+        let t = &u.usage.totals;
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        sqlx::query(
+            "INSERT INTO session_usage (session_id, user_id, character, tokens, tokens_reported, duration_ms, \
+             tool_calls, exceeded, ended_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (session_id) DO NOTHING",
+        )
+        .bind(&u.session_id)
+        .bind(u.user_id.as_deref())
+        .bind(&u.character)
+        .bind(n(t.tokens))
+        .bind(i64::from(u.usage.tokens_reported))
+        .bind(n(t.duration_ms))
+        .bind(n(t.tool_calls))
+        .bind(u.usage.exceeded.map(|k| k.as_str()))
+        .bind(to_ms(u.ended_at))
+        .execute(&self.pool)
+        .await
+        .map_err(query_err)?;
+        Ok(())
+    }
+
+    async fn usage(&self, session_id: &str) -> Result<Option<StoredUsage>, StoreError> {
+        let row = sqlx::query(
+            "SELECT session_id, user_id, character, tokens, tokens_reported, duration_ms, tool_calls, exceeded, \
+             ended_at FROM session_usage WHERE session_id = $1",
+        )
+        .bind(session_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let n = |c: &str| row.try_get::<i64, _>(c).map(|v| u64::try_from(v).unwrap_or(0)).map_err(query_err);
+        let exceeded: Option<String> = row.try_get("exceeded").map_err(query_err)?;
+        let exceeded = match exceeded.as_deref() {
+            None => None,
+            Some("tokens") => Some(BudgetKind::Tokens),
+            Some("minutes") => Some(BudgetKind::Minutes),
+            Some("tool_calls") => Some(BudgetKind::ToolCalls),
+            Some(other) => return Err(StoreError::Corrupt(format!("budget kind `{other}`"))),
+        };
+        Ok(Some(StoredUsage {
+            session_id: row.try_get("session_id").map_err(query_err)?,
+            user_id: row.try_get("user_id").map_err(query_err)?,
+            character: row.try_get("character").map_err(query_err)?,
+            usage: SessionUsage {
+                totals: UsageTotals {
+                    tokens: n("tokens")?,
+                    duration_ms: n("duration_ms")?,
+                    tool_calls: n("tool_calls")?,
+                },
+                tokens_reported: n("tokens_reported")? != 0,
+                exceeded,
+            },
+            ended_at: from_ms(row.try_get::<i64, _>("ended_at").map_err(query_err)?),
+        }))
+    }
+
+    async fn usage_since(&self, user_id: &str, since: SystemTime) -> Result<UsageTotals, StoreError> {
+        // CAST: Postgres sums BIGINT into NUMERIC, which the Any driver does not decode.
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT) AS tokens, \
+             CAST(COALESCE(SUM(duration_ms), 0) AS BIGINT) AS duration_ms, \
+             CAST(COALESCE(SUM(tool_calls), 0) AS BIGINT) AS tool_calls \
+             FROM session_usage WHERE user_id = $1 AND ended_at >= $2",
+        )
+        .bind(user_id)
+        .bind(to_ms(since))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(query_err)?;
+        let n = |c: &str| row.try_get::<i64, _>(c).map(|v| u64::try_from(v).unwrap_or(0)).map_err(query_err);
+        Ok(UsageTotals { tokens: n("tokens")?, duration_ms: n("duration_ms")?, tool_calls: n("tool_calls")? })
+    }
+
     async fn upsert_characters(&self, characters: &[StoredCharacter]) -> Result<(), StoreError> {
         let now = to_ms(SystemTime::now());
         for c in characters {
@@ -412,6 +490,11 @@ impl Store for SqlStore {
         let mut tx = self.pool.begin().await.map_err(query_err)?;
         for id in &ids {
             sqlx::query("DELETE FROM turns WHERE session_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err)?;
+            sqlx::query("DELETE FROM session_usage WHERE session_id = $1")
                 .bind(id)
                 .execute(&mut *tx)
                 .await

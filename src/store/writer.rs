@@ -48,6 +48,8 @@ pub enum Write {
     Turn(StoredTurn),
     /// A moderation flag for the review queue.
     Flag(super::StoredFlag),
+    /// What a session used (before its `Ended`).
+    Usage(super::StoredUsage),
     /// The session ended.
     Ended {
         /// Session id.
@@ -155,6 +157,7 @@ async fn run(store: Arc<dyn Store>, redis: Option<Redis>, mut rx: mpsc::Receiver
             Write::Connected { id, .. } => ("connected", id.clone()),
             Write::Turn(t) => ("turn", t.session_id.clone()),
             Write::Flag(f) => ("flag", f.session_id.clone()),
+            Write::Usage(u) => ("usage", u.session_id.clone()),
             Write::Ended { id, .. } => ("ended", id.clone()),
         };
         let mut attempt = 0;
@@ -210,6 +213,7 @@ async fn apply(store: &dyn Store, w: &Write) -> Result<(), StoreError> {
         Write::Connected { id, at } => store.mark_connected(id, *at).await,
         Write::Turn(t) => store.put_turn(t).await,
         Write::Flag(f) => store.put_flag(f).await,
+        Write::Usage(u) => store.put_usage(u).await,
         Write::Ended { id, at, reason } => store.mark_ended(id, *at, reason).await,
         Write::Flush(_) => Ok(()),
     }

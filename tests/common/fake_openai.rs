@@ -19,6 +19,11 @@ use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 
+/// Input tokens every response's `usage` reports.
+pub const INPUT_TOKENS: u64 = 120;
+/// Milliseconds of output audio per reported output token.
+pub const AUDIO_MS_PER_TOKEN: u64 = 50;
+
 /// What the fake answers a response with.
 #[derive(Debug, Clone)]
 pub enum Reply {
@@ -423,7 +428,31 @@ impl Conn {
     }
 
     fn response_done(&self, id: &str, status: &str, output: Vec<Value>) -> Value {
-        json!({"type": "response.done", "event_id": "event_done", "response": {"id": id, "object": "realtime.response", "status": status, "status_details": null, "output": output}})
+        self.response_done_with(id, status, output, "", 0)
+    }
+
+    /// `response.done` with a `usage` object shaped as OpenAI's (Realtime API reference): a fixed
+    /// [`INPUT_TOKENS`] of input, and output tokens of one per word of `text` plus one per
+    /// [`AUDIO_MS_PER_TOKEN`] of `audio_samples` (24 kHz).
+    fn response_done_with(
+        &self,
+        id: &str,
+        status: &str,
+        output: Vec<Value>,
+        text: &str,
+        audio_samples: usize,
+    ) -> Value {
+        let text_tokens = text.split_whitespace().count() as u64;
+        let audio_tokens = (audio_samples as u64 / 24).div_ceil(AUDIO_MS_PER_TOKEN);
+        let output_tokens = text_tokens + audio_tokens;
+        let usage = json!({
+            "total_tokens": INPUT_TOKENS + output_tokens,
+            "input_tokens": INPUT_TOKENS,
+            "output_tokens": output_tokens,
+            "input_token_details": {"text_tokens": INPUT_TOKENS, "audio_tokens": 0, "cached_tokens": 0},
+            "output_token_details": {"text_tokens": text_tokens, "audio_tokens": audio_tokens},
+        });
+        json!({"type": "response.done", "event_id": "event_done", "response": {"id": id, "object": "realtime.response", "status": status, "status_details": null, "output": output, "usage": usage}})
     }
 
     fn start_reply(&mut self, _req: &Value, out: &mut Vec<Value>) {
@@ -511,7 +540,7 @@ impl Conn {
         out.push(
             json!({"type": "response.output_item.done", "response_id": s.response_id, "output_index": 0, "item": item}),
         );
-        out.push(self.response_done(&s.response_id, "completed", vec![item]));
+        out.push(self.response_done_with(&s.response_id, "completed", vec![item], &s.text, s.audio.len()));
         Flow::Go
     }
 }

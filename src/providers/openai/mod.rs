@@ -453,8 +453,11 @@ impl Connection {
                     self.start_call(call_id, name, arguments, out, tools);
                 }
             }
-            ServerMessage::ResponseDone { status, message_items, calls, error, .. } => {
+            ServerMessage::ResponseDone { status, message_items, calls, error, total_tokens, .. } => {
                 self.response_active = false;
+                if let Some(tokens) = total_tokens {
+                    self.emit(ProviderEvent::Usage { tokens }).await;
+                }
                 let had_calls = !calls.is_empty();
                 for c in calls {
                     self.start_call(c.call_id, c.name, c.arguments, out, tools);

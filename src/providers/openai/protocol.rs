@@ -296,6 +296,9 @@ pub enum ServerMessage {
         calls: Vec<FunctionCall>,
         /// A failed response's error, if any.
         error: Option<(String, String)>,
+        /// `response.usage.total_tokens` (input + output, text and audio), when reported
+        /// (OpenAI Realtime API reference, `response.done`).
+        total_tokens: Option<u64>,
     },
     /// `error`.
     Error {
@@ -432,6 +435,7 @@ pub fn parse(text: &str) -> Result<ServerMessage, ProtocolError> {
                 message_items,
                 calls,
                 error,
+                total_tokens: r.get("usage").and_then(|u| u.get("total_tokens")).and_then(Value::as_u64),
             }
         }
         "error" => {
@@ -605,6 +609,7 @@ mod tests {
                     arguments: r#"{"emotion":"happy"}"#.into()
                 }],
                 error: None,
+                total_tokens: Some(50),
             }
         );
         let failed = r#"{"type":"response.done","response":{"id":"resp_2","status":"failed","status_details":{"type":"failed","error":{"type":"server_error","code":"server_error","message":"boom"}},"output":[]}}"#;
