@@ -222,3 +222,61 @@ async fn the_web_demo_restarts_ice_says_so_and_keeps_talking() {
     assert!(finals >= 2, "a second reply after the restart: {finals}");
     assert!(ts.recorder.turns().len() >= 2, "the second question reached the provider after the restart");
 }
+
+/// Silence between replies costs nothing on the wire and nothing in the browser: Chromium hears
+/// two replies separated by 1.5 s of pause, and its receiver reports no concealment for the
+/// pause, the second reply or the cut (each talk spurt ends with an Opus DTX frame, so NetEq plays
+/// comfort noise instead of concealing a lost stream); the jitter buffer stays small although the
+/// RTP timestamps jump by the pause; and `agent.interrupted.played_ms` is exactly what reached
+/// the browser (packets received for the cut reply x 20 ms, plus its one DTX frame).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_hears_two_replies_across_a_pause_without_concealment_and_played_ms_is_what_arrived() {
+    let _serial = SERIAL.lock().await;
+    let ts = TestServer::start().await;
+    let (_, speech) = wav("user_question.wav");
+    let page = run_page_mode(&ts, &mic(&speech), "dtx", "dtx").await;
+    let (before, after) = (&page["rtp"]["before"], &page["rtp"]["after"]);
+    let n = |v: &Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("inbound-rtp `{k}` in {v}"));
+    eprintln!("measured: inbound-rtp before the typed turn {before}, after the cut {after}");
+
+    let events = page["events"].as_array().unwrap();
+    let cut = events
+        .iter()
+        .map(|e| &e["event"])
+        .find(|e| e["type"] == "agent.interrupted")
+        .expect("the second reply was cut");
+    let played_ms = cut["played_ms"].as_u64().unwrap();
+    assert!(played_ms >= 800, "the cut came after a second of the reply: {cut}");
+    let received = n(after, "packetsReceived") - n(before, "packetsReceived");
+    assert_eq!(n(after, "packetsLost"), 0.0, "loopback loses nothing");
+    assert_eq!(
+        received,
+        (played_ms / 20 + 1) as f64,
+        "packets of the cut reply = played_ms / 20 audio frames + its DTX frame (played_ms {played_ms})"
+    );
+
+    assert!(n(before, "concealmentEvents") <= 1.0, "at most the start of the stream was concealed: {before}");
+    assert_eq!(
+        n(after, "concealmentEvents"),
+        n(before, "concealmentEvents"),
+        "no concealment in the pause, the second reply or after the cut"
+    );
+    let emitted = n(after, "jitterBufferEmittedCount") - n(before, "jitterBufferEmittedCount");
+    let delay_ms = (n(after, "jitterBufferDelay") - n(before, "jitterBufferDelay")) / emitted * 1000.0;
+    eprintln!("measured: Chromium jitter buffer delay over the second reply {delay_ms:.0} ms");
+    assert!(delay_ms < 200.0, "the timestamp jump of the pause did not grow the jitter buffer: {delay_ms:.0} ms");
+
+    // Heard: loud, then a pause of silence, then loud again.
+    let levels: Vec<(f64, f64)> = page["levels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["t"].as_f64().unwrap(), l["voice"].as_f64().unwrap()))
+        .collect();
+    let t_before = n(before, "t");
+    let loud_before = levels.iter().filter(|l| l.0 < t_before && l.1 > 0.02).count();
+    let loud_after = levels.iter().filter(|l| l.0 > t_before && l.1 > 0.02).count();
+    let pause = levels.iter().filter(|l| l.0 > t_before - 1000.0 && l.0 < t_before).map(|l| l.1).fold(0.0, f64::max);
+    assert!(loud_before > 100 && loud_after > 50, "two replies heard: {loud_before} and {loud_after} loud samples");
+    assert!(pause < 0.01, "the pause between them is silent (peak level {pause})");
+}
