@@ -36,11 +36,11 @@
 //! whole frame when it is finished (explicitly or by the next item's first push).
 //!
 //! # Silence (DTX)
-//! Between talk spurts nothing is encoded or sent: the pacing clock keeps running, so the next
-//! spurt's RTP timestamps (`due` in 48 kHz units) jump by the pause. With
-//! [`PlayoutConfig::dtx`], each spurt ends with one Opus DTX frame in the slot after its last
-//! frame (a slot later while an open item waits for audio; the next slot after
-//! [`Playout::clear`]): the TOC byte of the last frame with code 0 and no frame data (RFC 6716
+//! Between talk spurts nothing is encoded: the pacing clock keeps running, so the next spurt's
+//! RTP timestamps (`due` in 48 kHz units) jump by the pause. With [`PlayoutConfig::dtx`], each
+//! spurt ends with one Opus DTX frame in the slot after its last frame (a slot later while an
+//! open item waits for audio; the next slot after [`Playout::clear`]), repeated every
+//! [`DTX_REFRESH`] of the pause (2.5 packets/s instead of 50): the TOC byte of the last frame with code 0 and no frame data (RFC 6716
 //! §3.1; a frame of 0 bytes is a DTX frame, §3.2.1), 1 byte on the wire. Receivers then play
 //! comfort noise instead of concealing a lost stream: libwebrtc's NetEq takes an Opus payload of
 //! <= 2 bytes as DTX and counts no concealment for the pause that follows, which is also what
@@ -56,6 +56,11 @@ use crate::resample::{Alignment, Resampler};
 
 /// Frames later than this after their due time count as late.
 pub const LATE_THRESHOLD: Duration = Duration::from_millis(5);
+
+/// A pause repeats its DTX frame this often, as libopus' DTX does (one frame per 400 ms of
+/// silence): libwebrtc's NetEq plays comfort noise after a DTX frame, but falls back to
+/// concealment when none comes for about a second (measured in Chromium, see BENCHMARKS.md).
+pub const DTX_REFRESH: Duration = Duration::from_millis(400);
 
 /// How many recently cleared item ids are remembered so their stragglers are dropped.
 const CLEARED_MEMORY: usize = 8;
@@ -177,6 +182,8 @@ pub struct Playout {
     toc: Option<u8>,
     /// Slot of the DTX frame owed by a spurt that ended (sent unless a new spurt starts first).
     dtx_due: Option<Duration>,
+    /// Slot of the next DTX refresh of the current pause.
+    dtx_refresh: Option<Duration>,
     stats: PlayoutStats,
 }
 
@@ -219,6 +226,7 @@ impl Playout {
             dry: false,
             toc: None,
             dtx_due: None,
+            dtx_refresh: None,
             stats: PlayoutStats::default(),
         })
     }
@@ -294,7 +302,7 @@ impl Playout {
                 return None;
             }
             // The end of the spurt (its DTX frame) or the owed DTX frame.
-            return if self.in_spurt { Some(self.spurt_end()) } else { self.dtx_due };
+            return if self.in_spurt { Some(self.spurt_end()) } else { self.dtx_due.or(self.dtx_refresh) };
         }
         let earliest = self.earliest_after_last();
         if self.in_spurt { Some(self.spurt_due()) } else { Some(earliest) }
@@ -314,6 +322,9 @@ impl Playout {
                 self.in_spurt = false;
                 self.dtx_due = Some(self.spurt_due());
             }
+            if !self.in_spurt && self.dtx_due.is_none() {
+                self.dtx_due = self.dtx_refresh.take();
+            }
             return match self.dtx_due {
                 Some(due) if self.cfg.dtx && now >= due && now >= self.earliest_after_last() => self.emit_dtx(now, out),
                 _ => None,
@@ -322,8 +333,9 @@ impl Playout {
         if now < self.earliest_after_last() {
             return None;
         }
-        // A new spurt replaces the DTX frame the previous one still owed.
+        // A new spurt replaces the DTX frame the previous one still owed, and ends the pause.
         self.dtx_due = None;
+        self.dtx_refresh = None;
         let mut talkspurt_start = false;
         if self.in_spurt && self.dry && now >= self.spurt_due().saturating_add(FRAME) {
             // The queue ran dry and this frame came a slot or more too late: a new spurt.
@@ -492,6 +504,7 @@ impl Playout {
         *first = toc & 0xFC;
         self.last_emit = Some(now);
         self.stats.dtx_frames += 1;
+        self.dtx_refresh = Some(due.saturating_add(DTX_REFRESH));
         Some(OutFrame { len: 1, item_id: "", item_offset: Duration::ZERO, due, talkspurt_start: false, dtx: true })
     }
 

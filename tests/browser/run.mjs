@@ -3,9 +3,10 @@
 //   node run.mjs <base-url> <speech.wav> <screenshot.png> <timeout-ms> [restart]
 // With `restart`: after the first reply the page restarts ICE (as after a network change) and the
 // run ends after the second reply.
-// With `dtx`: after the first reply, 1.5 s of silence, then a typed turn; the second reply is cut
+// With `dtx`: after the first reply, 1.8 s of silence, then a typed turn; the second reply is cut
 // with `interrupt` once it has played for a second. The receiver's inbound-rtp audio stats are
-// read before the typed turn and at the end (`rtp.before`, `rtp.after`).
+// read 300 ms into the pause, before the typed turn and at the end (`rtp.pause`, `rtp.before`,
+// `rtp.after`).
 import puppeteer from "puppeteer-core";
 
 const [url, wav, shot, timeoutArg, mode] = process.argv.slice(2);
@@ -77,6 +78,8 @@ try {
       });
       return found;
     });
+    await sleep(300);
+    const pause = await audioIn();
     await sleep(1500);
     const before = await audioIn();
     await page.type("#text", "Tell me more, please.");
@@ -90,7 +93,7 @@ try {
     await page.waitForFunction(() => window.kotodama.events.some((e) => e.event.type === "agent.interrupted"),
       { timeout: 10000, polling: 50 });
     await sleep(1500);
-    out.rtp = { before, after: await audioIn() };
+    out.rtp = { pause, before, after: await audioIn() };
   }
   await new Promise((r) => setTimeout(r, 300));
   Object.assign(out, await page.evaluate(() => ({
