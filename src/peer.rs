@@ -191,7 +191,10 @@ impl Peer {
             mime_type: "audio/opus".to_owned(),
             clock_rate: OPUS_CLOCK_HZ,
             channels: 2,
-            sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+            // `usedtx=1` (RFC 7587 §6.1): the client may stop sending during silence; the uplink
+            // takes its DTX packets as silence and fills the pause on the clock while an
+            // utterance is open, so turns still end on time (media::uplink, "DTX").
+            sdp_fmtp_line: "minptime=10;useinbandfec=1;usedtx=1".to_owned(),
             rtcp_feedback: vec![],
         };
         media_engine

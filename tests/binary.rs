@@ -129,3 +129,97 @@ fn unreachable_database_or_redis_stops_the_start_naming_the_key() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One HTTP/1.1 request to the server on `port`; returns the status and the body.
+fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let status = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+fn model_maps(pid: u32) -> Vec<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines().filter(|l| l.contains("/pocketsphinx/model/")).map(str::to_owned).collect()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Models load on first use: a server whose sessions use the OpenAI provider never maps the
+/// PocketSphinx model (its acoustic model files are mmapped by PocketSphinx when a decoder
+/// loads); the first session of the `local` provider loads it.
+#[test]
+#[cfg(feature = "local")]
+fn pocketsphinx_loads_only_when_a_local_session_starts() {
+    let port = free_port();
+    let mut child = bin()
+        .arg("serve")
+        .env("KOTODAMA_BIND", format!("127.0.0.1:{port}"))
+        .env("OPENAI_API_KEY", "sk-test-not-used")
+        .env("KOTODAMA_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_ok(port).is_none() {
+        assert!(Instant::now() < deadline, "the server answers /healthz");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let idle_maps = model_maps(pid);
+    let idle_rss = rss_kib(pid);
+    let (status, created) =
+        http(port, "POST", "/v1/sessions", &[("Content-Type", "application/json")], r#"{"provider":"local"}"#);
+    assert_eq!(status, 201, "{created}");
+    let v: serde_json::Value = serde_json::from_str(&created).unwrap();
+    let (token, offer_url) = (v["token"].as_str().unwrap(), v["offer_url"].as_str().unwrap());
+    let offer = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/offers/chrome.sdp")).unwrap();
+    let auth = format!("Bearer {token}");
+    let (status, answer) =
+        http(port, "POST", offer_url, &[("Content-Type", "application/sdp"), ("Authorization", &auth)], &offer);
+    assert_eq!(status, 201, "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let loaded = loop {
+        let maps = model_maps(pid);
+        if !maps.is_empty() || Instant::now() > deadline {
+            break maps;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let loaded_rss = rss_kib(pid);
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let _ = child.wait();
+    eprintln!(
+        "measured: idle server RSS with the OpenAI provider {idle_rss} KiB; after the first local session \
+         loaded PocketSphinx {loaded_rss} KiB (+{} KiB)",
+        loaded_rss.saturating_sub(idle_rss)
+    );
+    assert!(idle_maps.is_empty(), "an idle server maps no PocketSphinx model file: {idle_maps:?}");
+    assert!(!loaded.is_empty(), "the first local session loads (maps) the PocketSphinx model");
+}
+
+fn http_ok(port: u16) -> Option<()> {
+    std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    (http(port, "GET", "/healthz", &[], "").0 == 200).then_some(())
+}

@@ -211,3 +211,73 @@ async fn the_web_demo_falls_back_to_websocket_when_udp_is_blocked() {
     }
     assert_eq!(ts.server.manager().live_count(), 0, "no session left behind");
 }
+
+/// Silence between replies costs nothing on the wire and nothing in the browser: Chromium hears
+/// two replies separated by a pause, and its receiver reports no concealment for the pause (each
+/// talk spurt ends with an Opus DTX frame, so NetEq plays comfort noise instead of concealing a
+/// lost stream; NetEq falls back to concealment after about a second without any packet, so the
+/// DTX frame repeats every 400 ms); the jitter buffer stays small although the RTP timestamps
+/// jump by the pause; and `agent.interrupted.played_ms` is what reached the browser (packets
+/// received for the cut reply x 20 ms, plus its DTX frames).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_hears_two_replies_across_a_pause_without_concealment_and_played_ms_is_what_arrived() {
+    let _serial = SERIAL.lock().await;
+    let ts = TestServer::start().await;
+    let (_, speech) = wav("user_question.wav");
+    let page = run_page_mode(&ts, &mic(&speech), "dtx", "dtx").await;
+    let (before, after) = (&page["rtp"]["before"], &page["rtp"]["after"]);
+    let n = |v: &Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("inbound-rtp `{k}` in {v}"));
+    eprintln!(
+        "measured: inbound-rtp 300 ms into the pause {}, before the typed turn {before}, after the cut {after}",
+        page["rtp"]["pause"]
+    );
+
+    let events = page["events"].as_array().unwrap();
+    let cut = events
+        .iter()
+        .map(|e| &e["event"])
+        .find(|e| e["type"] == "agent.interrupted")
+        .expect("the second reply was cut");
+    let played_ms = cut["played_ms"].as_u64().unwrap();
+    assert!(played_ms >= 400, "the cut came after a second of the reply (less the jitter buffer): {cut}");
+    let received = n(after, "packetsReceived") - n(before, "packetsReceived");
+    assert_eq!(n(after, "packetsLost"), 0.0, "loopback loses nothing");
+    // The window holds the cut reply's audio frames and 1-byte DTX frames: one after the cut and
+    // one per 400 ms of the pauses around it (< 3.5 s in all).
+    let dtx = received - (played_ms / 20) as f64;
+    assert!(
+        (1.0..=9.0).contains(&dtx),
+        "packets of the cut reply ({received}) = played_ms / 20 audio frames + DTX frames (played_ms {played_ms})"
+    );
+
+    // The pause: 1.5 s without packets after the reply's DTX frame is comfort noise, not
+    // concealment. (Concealment while audio flows depends on the machine's load: not asserted.)
+    let pause = &page["rtp"]["pause"];
+    let concealed_ms = (n(before, "concealedSamples") - n(pause, "concealedSamples")) / 48.0;
+    eprintln!("measured: Chromium concealment over a 1.5 s pause between replies {concealed_ms:.0} ms");
+    assert_eq!(n(before, "concealmentEvents"), n(pause, "concealmentEvents"), "no concealment event in the pause");
+    assert!(concealed_ms < 20.0, "the pause is not concealed: {concealed_ms:.0} ms");
+    let emitted = n(after, "jitterBufferEmittedCount") - n(before, "jitterBufferEmittedCount");
+    let delay_ms = (n(after, "jitterBufferDelay") - n(before, "jitterBufferDelay")) / emitted * 1000.0;
+    eprintln!("measured: Chromium jitter buffer delay over the second reply {delay_ms:.0} ms");
+    // Relative to the first reply: the buffer's depth follows the machine's load, not the pause.
+    let first_ms = n(before, "jitterBufferDelay") / n(before, "jitterBufferEmittedCount") * 1000.0;
+    assert!(
+        delay_ms < first_ms * 1.5 + 50.0,
+        "the timestamp jump of the pause did not grow the jitter buffer: {delay_ms:.0} ms (first reply {first_ms:.0} ms)"
+    );
+
+    // Heard: loud, then a pause of silence, then loud again.
+    let levels: Vec<(f64, f64)> = page["levels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["t"].as_f64().unwrap(), l["voice"].as_f64().unwrap()))
+        .collect();
+    let t_before = n(before, "t");
+    let loud_before = levels.iter().filter(|l| l.0 < t_before && l.1 > 0.02).count();
+    let loud_after = levels.iter().filter(|l| l.0 > t_before && l.1 > 0.02).count();
+    let pause = levels.iter().filter(|l| l.0 > t_before - 1000.0 && l.0 < t_before).map(|l| l.1).fold(0.0, f64::max);
+    assert!(loud_before > 100 && loud_after > 50, "two replies heard: {loud_before} and {loud_after} loud samples");
+    assert!(pause < 0.01, "the pause between them is silent (peak level {pause})");
+}

@@ -71,7 +71,7 @@ pub use pcm::{FRAME, OPUS_RATE, Pcm, PcmRef};
 pub use playout::{Cleared, OutFrame, Playout, PlayoutConfig, PlayoutStats};
 pub use resample::{Alignment, ResampleError, Resampler};
 pub use timeline::Timeline;
-pub use uplink::{RtpIn, Uplink, UplinkConfig, UplinkEvent, UplinkStats};
+pub use uplink::{DTX_MAX_BYTES, RtpIn, Uplink, UplinkConfig, UplinkEvent, UplinkStats};
 pub use vad::{Vad, VadConfig, VadEdge, VadMode};
 pub use viseme::{MouthShape, ShapeRun, VisemeEstimator};
 pub use wav::WavError;

@@ -34,6 +34,17 @@
 //!
 //! Every 20 ms frame belongs to exactly one item: an item's tail is padded with silence to a
 //! whole frame when it is finished (explicitly or by the next item's first push).
+//!
+//! # Silence (DTX)
+//! Between talk spurts nothing is encoded: the pacing clock keeps running, so the next spurt's
+//! RTP timestamps (`due` in 48 kHz units) jump by the pause. With [`PlayoutConfig::dtx`], each
+//! spurt ends with one Opus DTX frame in the slot after its last frame (a slot later while an
+//! open item waits for audio; the next slot after [`Playout::clear`]), repeated every
+//! [`DTX_REFRESH`] of the pause (2.5 packets/s instead of 50): the TOC byte of the last frame with code 0 and no frame data (RFC 6716
+//! §3.1; a frame of 0 bytes is a DTX frame, §3.2.1), 1 byte on the wire. Receivers then play
+//! comfort noise instead of concealing a lost stream: libwebrtc's NetEq takes an Opus payload of
+//! <= 2 bytes as DTX and counts no concealment for the pause that follows, which is also what
+//! libwebrtc's own sender does (it sends the first DTX packet of a pause and nothing after it).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -45,6 +56,11 @@ use crate::resample::{Alignment, Resampler};
 
 /// Frames later than this after their due time count as late.
 pub const LATE_THRESHOLD: Duration = Duration::from_millis(5);
+
+/// A pause repeats its DTX frame this often, as libopus' DTX does (one frame per 400 ms of
+/// silence): libwebrtc's NetEq plays comfort noise after a DTX frame, but falls back to
+/// concealment when none comes for about a second (measured in Chromium, see BENCHMARKS.md).
+pub const DTX_REFRESH: Duration = Duration::from_millis(400);
 
 /// How many recently cleared item ids are remembered so their stragglers are dropped.
 const CLEARED_MEMORY: usize = 8;
@@ -59,6 +75,9 @@ pub struct PlayoutConfig {
     /// How much earlier than 20 ms after the previous frame a frame may go out to hold the
     /// grid (0..=5 ms). Default 0: strictly never two frames within 20 ms of `now`.
     pub jitter_tolerance: Duration,
+    /// End each talk spurt with one 1-byte Opus DTX frame ([`OutFrame::dtx`]; see the module
+    /// docs). Default false (the bare playout sends audio frames only); sessions turn it on.
+    pub dtx: bool,
 }
 
 impl Default for PlayoutConfig {
@@ -67,6 +86,7 @@ impl Default for PlayoutConfig {
             encoder: EncoderConfig::default(),
             max_buffered: Duration::from_secs(10),
             jitter_tolerance: Duration::ZERO,
+            dtx: false,
         }
     }
 }
@@ -84,6 +104,10 @@ pub struct OutFrame<'a> {
     pub due: Duration,
     /// First frame of a talk spurt (set the RTP marker bit).
     pub talkspurt_start: bool,
+    /// A 1-byte Opus DTX frame that ends a talk spurt ([`PlayoutConfig::dtx`]): no audio, no
+    /// item (`item_id` is empty). Send it over RTP like any frame; a link that carries PCM
+    /// skips it.
+    pub dtx: bool,
 }
 
 /// What [`Playout::clear`] dropped.
@@ -119,6 +143,8 @@ pub struct PlayoutStats {
     pub encode_errors: u64,
     /// Items started.
     pub items: u64,
+    /// DTX frames sent (one per talk spurt with [`PlayoutConfig::dtx`]).
+    pub dtx_frames: u64,
 }
 
 #[derive(Debug)]
@@ -152,6 +178,12 @@ pub struct Playout {
     k: u32,
     last_emit: Option<Duration>,
     dry: bool,
+    /// TOC byte of the last encoded frame (the DTX frame repeats its configuration).
+    toc: Option<u8>,
+    /// Slot of the DTX frame owed by a spurt that ended (sent unless a new spurt starts first).
+    dtx_due: Option<Duration>,
+    /// Slot of the next DTX refresh of the current pause.
+    dtx_refresh: Option<Duration>,
     stats: PlayoutStats,
 }
 
@@ -192,6 +224,9 @@ impl Playout {
             k: 0,
             last_emit: None,
             dry: false,
+            toc: None,
+            dtx_due: None,
+            dtx_refresh: None,
             stats: PlayoutStats::default(),
         })
     }
@@ -263,7 +298,11 @@ impl Playout {
     /// the past (poll at once).
     pub fn next_due(&self) -> Option<Duration> {
         if !self.frame_ready() {
-            return None;
+            if !self.cfg.dtx {
+                return None;
+            }
+            // The end of the spurt (its DTX frame) or the owed DTX frame.
+            return if self.in_spurt { Some(self.spurt_end()) } else { self.dtx_due.or(self.dtx_refresh) };
         }
         let earliest = self.earliest_after_last();
         if self.in_spurt { Some(self.spurt_due()) } else { Some(earliest) }
@@ -275,18 +314,28 @@ impl Playout {
     pub fn poll<'a>(&'a mut self, now: Duration, out: &mut [u8]) -> Option<OutFrame<'a>> {
         self.pop_done();
         if !self.frame_ready() {
-            if self.in_spurt && now >= self.spurt_due() {
+            if self.in_spurt && now >= self.spurt_end() {
                 // Nothing to send in this slot: the spurt ends here.
                 if self.items.back().is_some_and(|i| !i.finished) {
                     self.stats.underruns += 1;
                 }
                 self.in_spurt = false;
+                self.dtx_due = Some(self.spurt_due());
             }
-            return None;
+            if !self.in_spurt && self.dtx_due.is_none() {
+                self.dtx_due = self.dtx_refresh.take();
+            }
+            return match self.dtx_due {
+                Some(due) if self.cfg.dtx && now >= due && now >= self.earliest_after_last() => self.emit_dtx(now, out),
+                _ => None,
+            };
         }
         if now < self.earliest_after_last() {
             return None;
         }
+        // A new spurt replaces the DTX frame the previous one still owed, and ends the pause.
+        self.dtx_due = None;
+        self.dtx_refresh = None;
         let mut talkspurt_start = false;
         if self.in_spurt && self.dry && now >= self.spurt_due().saturating_add(FRAME) {
             // The queue ran dry and this frame came a slot or more too late: a new spurt.
@@ -337,6 +386,11 @@ impl Playout {
         self.frame[from_a..take].copy_from_slice(&b[..take - from_a]);
         self.ring.drain(..take);
         let enc = self.enc.encode(&self.frame, out);
+        if let Ok(len) = enc
+            && len > 0
+        {
+            self.toc = out.first().copied();
+        }
         let (item_offset, ok) = match self.items.front_mut() {
             Some(item) => {
                 item.queued = item.queued.saturating_sub(FRAME_SAMPLES);
@@ -351,7 +405,7 @@ impl Playout {
             Ok(len) if ok => {
                 self.stats.frames_out += 1;
                 let item_id = self.items.front().map_or("", |i| i.id.as_str());
-                Some(OutFrame { len, item_id, item_offset, due, talkspurt_start })
+                Some(OutFrame { len, item_id, item_offset, due, talkspurt_start, dtx: false })
             }
             _ => {
                 self.stats.encode_errors += 1;
@@ -370,6 +424,10 @@ impl Playout {
         self.ring.clear();
         if let Some(rs) = self.rs.as_mut() {
             rs.reset();
+        }
+        if self.in_spurt {
+            // The cut spurt ends with its DTX frame in the next slot.
+            self.dtx_due = Some(self.spurt_due());
         }
         self.in_spurt = false;
         self.dry = false;
@@ -428,6 +486,26 @@ impl Playout {
     /// after the previous frame is later.
     fn spurt_due(&self) -> Duration {
         self.grid_due().max(self.earliest_after_last())
+    }
+
+    /// When a spurt whose queue ran dry ends: at its next slot; with DTX, a slot later while its
+    /// item is open (audio arriving within that slot continues the spurt, no DTX frame).
+    fn spurt_end(&self) -> Duration {
+        let due = self.spurt_due();
+        let open = self.items.back().is_some_and(|i| !i.finished);
+        if self.cfg.dtx && open { due.saturating_add(FRAME) } else { due }
+    }
+
+    /// Writes the owed DTX frame (the last frame's TOC byte with code 0: one frame of 0 bytes,
+    /// RFC 6716 §3.1/§3.2.1) into `out`, due in its slot.
+    fn emit_dtx<'a>(&'a mut self, now: Duration, out: &mut [u8]) -> Option<OutFrame<'a>> {
+        let due = self.dtx_due.take()?;
+        let (Some(toc), Some(first)) = (self.toc, out.first_mut()) else { return None };
+        *first = toc & 0xFC;
+        self.last_emit = Some(now);
+        self.stats.dtx_frames += 1;
+        self.dtx_refresh = Some(due.saturating_add(DTX_REFRESH));
+        Some(OutFrame { len: 1, item_id: "", item_offset: Duration::ZERO, due, talkspurt_start: false, dtx: true })
     }
 
     fn earliest_after_last(&self) -> Duration {

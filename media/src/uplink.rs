@@ -22,6 +22,16 @@
 //! arrivals (so media time cannot run ahead of the wall clock), so the VAD and the provider see
 //! the silence the user made and end the turn on time.
 //!
+//! DTX (RFC 7587 §3.1.3, `usedtx=1`): an Opus packet of at most [`DTX_MAX_BYTES`] bytes carries no
+//! audio (a TOC byte with an empty frame, RFC 6716 §3.2.1, or libopus' 2-byte silence frames): it
+//! is not decoded, its duration (from the TOC) is fed as silence, and the stream is in DTX until
+//! the next larger packet. A DTX sender then goes quiet (libwebrtc sends the first DTX packet of a
+//! pause and one refresh frame per 400 ms); while the VAD is still in an utterance, silence is
+//! also filled on the clock ([`Uplink::next_timeout`], one 20 ms step at a time, up to the time
+//! passed since the DTX packet arrived) so the turn ends `min_silence` after the speech, not when
+//! the next packet comes. Once the utterance has ended, absent packets cost nothing: no timer,
+//! no decode, no VAD; the gap is filled when the next packet shows it.
+//!
 //! Loss handling, by 16-bit RTP sequence number with wraparound, after the reorder window:
 //! - next in order: decode;
 //! - a gap of `n` packets: conceal up to [`UplinkConfig::max_concealment`] (default 100 ms):
@@ -48,6 +58,10 @@ use crate::vad::{Vad, VadConfig, VadEdge};
 pub const MAX_MISORDER: u16 = 100;
 /// Forward jumps this large are a stream restart, not loss (RFC 3550's MAX_DROPOUT).
 pub const MAX_DROPOUT: u16 = 3000;
+
+/// Opus packets of at most this many bytes are DTX / silence frames: never decoded (libwebrtc's
+/// NetEq draws the same line, `AudioDecoderOpusImpl` treating payloads of <= 2 bytes as DTX).
+pub const DTX_MAX_BYTES: usize = 2;
 
 /// A timestamp step larger than this (10 s at 48 kHz) is a new time base, not silence.
 const MAX_TIMESTAMP_STEP: i64 = 480_000;
@@ -161,6 +175,10 @@ pub struct UplinkStats {
     pub discarded_samples: u64,
     /// Arrival time of the latest packet.
     pub last_arrival: Option<Duration>,
+    /// DTX packets (<= [`DTX_MAX_BYTES`]) taken as silence without decoding.
+    pub dtx_packets: u64,
+    /// Silence filled on the clock during a DTX pause inside an utterance (also in `silence`).
+    pub dtx_fill: Duration,
 }
 
 /// Uplink pipeline state; see the module docs.
@@ -187,6 +205,10 @@ pub struct Uplink {
     last_arrival: Option<Duration>,
     last_packet_samples: usize,
     stream_samples: u64,
+    /// Arrival of the DTX packet the stream paused with (`None`: not in DTX).
+    dtx_at: Option<Duration>,
+    /// Silence filled on the clock since that packet (48 kHz samples).
+    dtx_filled: u64,
     stats: UplinkStats,
 }
 
@@ -246,6 +268,8 @@ impl Uplink {
             last_arrival: None,
             last_packet_samples: FRAME_SAMPLES,
             stream_samples: 0,
+            dtx_at: None,
+            dtx_filled: 0,
             stats: UplinkStats::default(),
         })
     }
@@ -280,16 +304,41 @@ impl Uplink {
         }
     }
 
-    /// When a packet held behind a gap must be given up if nothing arrives before (media time);
-    /// `None` when nothing waits.
+    /// When a packet held behind a gap must be given up if nothing arrives before, or when the
+    /// next 20 ms of a DTX pause inside an utterance is due (media time); `None` when nothing
+    /// waits (between utterances a silent or DTX client costs no timer).
     pub fn next_timeout(&self) -> Option<Duration> {
-        self.window.deadline()
+        [self.window.deadline(), self.dtx_fill_due()].into_iter().flatten().min()
     }
 
-    /// The clock reached `now` without a packet: release what waited long enough. Then poll.
+    /// The clock reached `now` without a packet: release what waited long enough, fill a DTX
+    /// pause up to `now`. Then poll.
     pub fn handle_timeout(&mut self, now: Duration) {
         self.discard_unpolled();
         self.window.set_now(now);
+        if let (Some(due), Some(at)) = (self.dtx_fill_due(), self.dtx_at)
+            && now >= due
+        {
+            // Whole 20 ms steps of the time since the DTX packet not yet covered.
+            let covered = self.last_packet_samples as u64 + self.dtx_filled;
+            let passed = duration_to_samples(now.saturating_sub(at), OPUS_RATE);
+            let room = self.silence_cap.saturating_sub(self.dtx_filled);
+            let n = (passed.saturating_sub(covered) / FRAME_SAMPLES as u64 * FRAME_SAMPLES as u64).min(room);
+            self.dtx_filled += n;
+            self.pending_silence += n;
+            self.stats.dtx_fill += samples_to_duration(n, OPUS_RATE);
+        }
+    }
+
+    /// When the next 20 ms of a DTX pause is due: only in DTX, inside an utterance, below the
+    /// silence cap.
+    fn dtx_fill_due(&self) -> Option<Duration> {
+        let at = self.dtx_at?;
+        if !self.vad.is_speaking() || self.dtx_filled >= self.silence_cap {
+            return None;
+        }
+        let covered = self.last_packet_samples as u64 + self.dtx_filled + FRAME_SAMPLES as u64;
+        Some(at + samples_to_duration(covered, OPUS_RATE))
     }
 
     /// Next output, in stream order; `None` when everything released so far is drained.
@@ -354,6 +403,8 @@ impl Uplink {
         self.last_arrival = None;
         self.staged_len = None;
         self.pending_silence = 0;
+        self.dtx_at = None;
+        self.dtx_filled = 0;
     }
 
     /// A new SSRC: what the old stream held is dropped, and nothing of the new one is compared
@@ -395,6 +446,7 @@ impl Uplink {
         }
         let concealed = if missing > 0 { self.conceal_gap(u64::from(missing), len) } else { 0 };
         self.pending_silence = self.silence_before(timestamp, arrival, concealed);
+        self.dtx_at = (1..=DTX_MAX_BYTES).contains(&len).then_some(arrival);
         if self.pending_silence > 0 {
             self.staged_len = Some(len);
         } else {
@@ -413,13 +465,25 @@ impl Uplink {
         if !(0..=MAX_TIMESTAMP_STEP).contains(&step) {
             return 0;
         }
-        let covered = (self.last_packet_samples + concealed) as i64;
+        // The clock already filled part of a DTX pause.
+        let covered = (self.last_packet_samples + concealed) as i64 + std::mem::take(&mut self.dtx_filled) as i64;
         let elapsed = arrival.saturating_sub(previous_arrival) + SILENCE_ARRIVAL_SLACK;
         let budget = duration_to_samples(elapsed, OPUS_RATE) as i64 - covered;
         (step - covered).min(budget).clamp(0, self.silence_cap as i64) as u64
     }
 
     fn decode_staged(&mut self, len: usize) {
+        if (1..=DTX_MAX_BYTES).contains(&len)
+            && let Some(n) = packet_samples(&self.staged[..len])
+        {
+            // DTX / silence: no decode, its duration as silence (the VAD's energy gate then skips
+            // the classifier too).
+            self.stats.dtx_packets += 1;
+            self.last_packet_samples = n;
+            self.pcm48[..n].fill(0);
+            self.feed_decoded(n);
+            return;
+        }
         let decoded = if len == 0 { None } else { self.dec.decode(&self.staged[..len], &mut self.pcm48).ok() };
         match decoded {
             Some(n) if n > 0 => {

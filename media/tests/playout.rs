@@ -46,6 +46,15 @@ fn drain_ideal(p: &mut Playout, mut now: Duration, out: &mut Vec<Sent>) -> Durat
     now
 }
 
+/// [`drain_ideal`] up to `until` (a playout with DTX has a refresh due in every pause).
+fn drain_ideal_until(p: &mut Playout, mut now: Duration, until: Duration, out: &mut Vec<Sent>) -> Duration {
+    while let Some(due) = p.next_due().filter(|d| *d <= until) {
+        now = now.max(due);
+        while poll_once(p, now, out) {}
+    }
+    now
+}
+
 fn agent_3s() -> Vec<i16> {
     agent_reply().samples[..72_000].to_vec()
 }
@@ -404,4 +413,126 @@ fn fec_is_coded_once_loss_is_reported() {
     assert_eq!(count_fec(None), 0, "no LBRR until loss is reported");
     let with = count_fec(Some(10));
     assert!(with > 75, "only {with}/150 frames carry LBRR at 10 % reported loss");
+}
+
+fn dtx_playout() -> Playout {
+    Playout::new(PlayoutConfig { dtx: true, ..PlayoutConfig::default() }).expect("playout")
+}
+
+/// Two replies separated by a pause, as a receiver sees them: each spurt is its audio frames on
+/// the grid, then one TOC-only frame (RFC 6716 §3.1 code 0, empty frame) in the next slot; the
+/// pause itself sends nothing; the second spurt is marked and stamped with the clock's time, so
+/// RTP timestamps advance by the pause.
+#[test]
+fn dtx_ends_each_spurt_with_one_toc_only_frame_and_the_pause_sends_nothing() {
+    let mut p = dtx_playout();
+    let pcm = agent_3s();
+    p.push("a", PcmRef::new(24_000, &pcm[..9_600])).expect("push"); // 400 ms
+    p.finish_item("a");
+    let mut sent = Vec::new();
+    drain_ideal_until(&mut p, ms(1000), ms(1_400), &mut sent);
+    assert_eq!(sent.len(), 21, "20 audio frames + 1 DTX frame");
+    let dtx = &sent[20];
+    assert_eq!(dtx.bytes.len(), 1, "a DTX frame is the TOC byte alone");
+    assert_eq!(dtx.bytes[0], sent[19].bytes[0] & 0xFC, "same configuration as the audio, code 0");
+    assert_eq!((dtx.due, dtx.at), (ms(1400), ms(1400)), "in the slot after the last audio frame");
+    assert!(!dtx.spurt && dtx.item.is_empty());
+    assert!(sent[..20].iter().all(|s| s.bytes.len() > 2 && s.item == "a"));
+    // The DTX frame decodes as one 20 ms frame (libopus conceals an empty frame).
+    let mut dec = OpusDecoder::new().expect("decoder");
+    let mut out = vec![0i16; MAX_PACKET_SAMPLES];
+    assert_eq!(dec.decode(&dtx.bytes, &mut out).expect("decodes"), FRAME_SAMPLES);
+
+    // The pause: only the DTX frame again every 400 ms, however often the caller polls.
+    assert_eq!(p.next_due(), Some(ms(1_800)));
+    for t in (1_420..3_000).step_by(7) {
+        poll_once(&mut p, ms(t), &mut sent);
+    }
+    let refresh: Vec<(usize, Duration)> = sent[21..].iter().map(|s| (s.bytes.len(), s.due)).collect();
+    assert_eq!(refresh, [(1, ms(1_800)), (1, ms(2_200)), (1, ms(2_600))]);
+    p.push("b", PcmRef::new(24_000, &pcm[..4_800])).expect("push"); // 200 ms
+    p.finish_item("b");
+    drain_ideal_until(&mut p, ms(3_003), ms(3_300), &mut sent);
+    assert_eq!(sent.len(), 24 + 11);
+    let b: Vec<&Sent> = sent[24..].iter().collect();
+    assert!(b[0].spurt, "the second reply is a new talk spurt (RTP marker)");
+    assert_eq!(b[0].due, ms(3_003), "stamped with the clock: the RTP timestamp jumps by the pause");
+    assert!(b[1..].iter().all(|s| !s.spurt));
+    assert_eq!((b[10].bytes.len(), b[10].due), (1, ms(3_203)));
+    let st = p.stats();
+    assert_eq!((st.frames_out, st.dtx_frames, st.underruns, st.stalls), (30, 5, 0, 0));
+    assert_no_burst(&sent, FRAME);
+}
+
+#[test]
+fn dtx_follows_a_barge_in_unless_the_next_reply_comes_first() {
+    let mut p = dtx_playout();
+    let pcm = agent_3s();
+    p.push("a", PcmRef::new(24_000, &pcm)).expect("push");
+    let mut sent = Vec::new();
+    let mut now = ms(0);
+    for _ in 0..5 {
+        now = now.max(p.next_due().expect("due"));
+        poll_once(&mut p, now, &mut sent);
+    }
+    assert_eq!(p.clear().expect("cleared").played, ms(100));
+    assert_eq!(p.next_due(), Some(ms(100)), "the DTX frame is owed in the next slot");
+    assert!(!poll_once(&mut p, ms(99), &mut sent), "not before its slot");
+    assert!(poll_once(&mut p, ms(100), &mut sent));
+    assert_eq!((sent[5].bytes.len(), sent[5].due), (1, ms(100)));
+    assert_eq!(p.next_due(), Some(ms(500)), "the pause repeats it 400 ms later");
+
+    // Cut again, and the next reply is queued before the owed slot: it starts a spurt, no DTX.
+    p.push("b", PcmRef::new(24_000, &pcm)).expect("push");
+    now = ms(500);
+    for _ in 0..3 {
+        now = now.max(p.next_due().expect("due"));
+        poll_once(&mut p, now, &mut sent);
+    }
+    p.clear();
+    p.push("c", PcmRef::new(24_000, &pcm[..4_800])).expect("push");
+    p.finish_item("c");
+    let from = sent.len();
+    drain_ideal_until(&mut p, now, now + ms(250), &mut sent);
+    let c = &sent[from..];
+    assert!(c[0].spurt && c[0].item == "c");
+    assert_eq!(c.iter().filter(|s| s.bytes.len() == 1).count(), 1, "only c's own DTX frame");
+    assert_eq!(c.last().map(|s| s.bytes.len()), Some(1));
+}
+
+#[test]
+fn an_open_item_gets_a_slot_of_grace_before_its_spurt_ends_with_dtx() {
+    let mut p = dtx_playout();
+    let pcm = agent_3s();
+    p.push("a", PcmRef::new(24_000, &pcm[..4_800])).expect("push"); // 200 ms, item open
+    let mut sent = Vec::new();
+    let now = drain_ideal_until(&mut p, ms(0), ms(200), &mut sent);
+    // The 10th frame is still partly in the resampler; the item is open: DTX a slot late.
+    assert_eq!(sent.len(), 10);
+    assert_eq!((sent[9].bytes.len(), sent[9].due, sent[9].at), (1, ms(180), ms(200)));
+    assert_eq!(now, ms(200));
+    // The next delta comes after the slot of grace: a new spurt.
+    p.push("a", PcmRef::new(24_000, &pcm[4_800..9_600])).expect("push");
+    p.finish_item("a");
+    drain_ideal_until(&mut p, ms(215), ms(500), &mut sent);
+    assert!(sent[10].spurt);
+    assert_eq!(p.stats().underruns, 1);
+
+    // Audio arriving within the slot of grace continues the spurt, with no DTX frame.
+    let mut q = dtx_playout();
+    q.push("x", PcmRef::new(24_000, &pcm[..4_800])).expect("push");
+    let mut sent = Vec::new();
+    let mut now = ms(0);
+    for _ in 0..9 {
+        now = now.max(q.next_due().expect("due"));
+        poll_once(&mut q, now, &mut sent);
+    }
+    assert_eq!(now, ms(160));
+    assert!(!poll_once(&mut q, ms(185), &mut sent), "in the slot of grace: nothing to send yet");
+    q.push("x", PcmRef::new(24_000, &pcm[4_800..9_600])).expect("push");
+    q.finish_item("x");
+    assert!(poll_once(&mut q, ms(190), &mut sent));
+    let last = sent.last().expect("frame");
+    assert!(!last.spurt && last.bytes.len() > 1 && last.due == ms(180), "the spurt continued on its grid");
+    assert_eq!(q.stats().dtx_frames, 0);
 }

@@ -523,3 +523,123 @@ fn a_new_ssrc_is_a_new_stream_not_late_packets() {
     assert_eq!((s.late_or_duplicate, s.lost, s.plc_frames), (0, 0, 0), "{s:?}");
     assert_eq!(h.audio.len(), 60 * FRAME_SAMPLES);
 }
+
+/// What Chrome sends with `usedtx=1` (libopus DTX behind libwebrtc): after speech, 200 ms of
+/// small silence frames, then one TOC-only DTX packet; libopus refreshes its comfort noise every
+/// 400 ms with one coded frame followed by a DTX packet, and libwebrtc drops every other DTX
+/// frame. Sequence numbers stay contiguous; timestamps follow the 20 ms slots.
+struct DtxSender<'a> {
+    list: Vec<(u32, &'a [u8])>,
+    slot: u32,
+}
+
+impl<'a> DtxSender<'a> {
+    fn speech(&mut self, packets: &'a [Vec<u8>]) {
+        for p in packets {
+            self.list.push((self.slot, p));
+            self.slot += 1;
+        }
+    }
+
+    fn pause(&mut self, slots: u32, silence: &'a [u8], dtx: &'a [u8]) {
+        let end = self.slot + slots;
+        for _ in 0..10 {
+            self.list.push((self.slot, silence));
+            self.slot += 1;
+        }
+        let mut next_refresh = self.slot + 20;
+        self.list.push((self.slot, dtx));
+        while next_refresh + 1 < end {
+            self.list.push((next_refresh, silence));
+            self.list.push((next_refresh + 1, dtx));
+            next_refresh += 20;
+        }
+        self.slot = end;
+    }
+}
+
+#[test]
+fn a_dtx_client_ends_its_turns_on_time_keeps_its_onsets_and_costs_no_timer_between_turns() {
+    let speech = pad(&user_question().samples, 48_000, ms(300), Duration::ZERO);
+    // The question up to its last loud frame: the sender's DTX starts 200 ms after the speech,
+    // well before the VAD's 500 ms of silence have passed.
+    let last_loud = speech.chunks(FRAME_SAMPLES).rposition(|c| rms(c) > 300.0).expect("speech");
+    let voiced = encode_packets(&speech[..(last_loud + 1) * FRAME_SAMPLES], client_encoder());
+    let quiet = encode_packets(&vec![0i16; 9_600], client_encoder());
+    let silence = quiet[5].as_slice();
+    let dtx = [silence[0] & 0xFC];
+    let mut tx = DtxSender { list: Vec::new(), slot: 0 };
+    tx.speech(&voiced);
+    let pause_from = tx.slot;
+    tx.pause(100, silence, &dtx); // 2 s
+    let second = tx.slot;
+    tx.speech(&voiced);
+    tx.pause(75, silence, &dtx);
+
+    let mut up = Uplink::new(cfg(24_000)).expect("uplink");
+    let mut h = Heard::default();
+    let mut edge_times = Vec::new();
+    let (mut timeouts, mut idle_timer_seen) = (0, false);
+    for (seq, &(slot, payload)) in tx.list.iter().enumerate() {
+        let at = FRAME * slot;
+        while let Some(due) = up.next_timeout().filter(|d| *d < at) {
+            timeouts += 1;
+            up.handle_timeout(due);
+            let before = h.stops.len() + h.starts.len();
+            drain(&mut up, &mut h);
+            edge_times.extend(std::iter::repeat_n(due, h.stops.len() + h.starts.len() - before));
+            idle_timer_seen |= !up.is_speaking() && up.next_timeout().is_some();
+        }
+        let p = media::RtpIn { seq: seq as u16, timestamp: slot * 960, payload_type: 111, ssrc: 9, payload };
+        up.push(at, p);
+        let before = h.stops.len() + h.starts.len();
+        drain(&mut up, &mut h);
+        edge_times.extend(std::iter::repeat_n(at, h.stops.len() + h.starts.len() - before));
+    }
+    let s = up.stats();
+    assert_eq!((h.starts.len(), h.stops.len()), (2, 2), "two turns, no false ones: {h:?}");
+    // Both ends come min_silence (500 ms) after the speech, on the clock: not when the next
+    // refresh packet (up to 400 ms later) would have told us. (A packet's 20 ms are stream time
+    // as soon as it arrives, so stream time leads the arrival clock by up to one packet.)
+    for (k, &stop) in h.stops.iter().enumerate() {
+        let emitted = edge_times[2 * k + 1];
+        assert!(
+            emitted + FRAME >= stop + ms(500) && emitted <= stop + ms(500) + ms(40),
+            "turn {k} ended at {emitted:?} for speech ending at {stop:?}"
+        );
+    }
+    // The second onset is where the sender put it: stream time tracks the sender's clock across
+    // the DTX pause (one speech packet sequence later by `second` slots).
+    let shift = h.starts[1].checked_sub(h.starts[0]).expect("second onset later");
+    let expected = FRAME * second;
+    assert!(
+        shift.abs_diff(expected) <= ms(20),
+        "second onset {shift:?} after the first, sent {expected:?} after it (pause from slot {pause_from})"
+    );
+    assert_eq!(s.dtx_packets, 5 + 4, "every DTX packet taken as silence: {s:?}");
+    assert_eq!((s.lost, s.plc_frames, s.decode_errors), (0, 0, 0), "DTX is neither loss nor an error: {s:?}");
+    assert!(s.dtx_fill >= ms(200) && s.dtx_fill <= ms(700), "clock fill only inside utterances: {s:?}");
+    assert!(!idle_timer_seen, "between turns a DTX client arms no timer");
+    assert!(timeouts <= 2 * 30, "{timeouts} timeouts for two turn ends (one per 20 ms of fill)");
+    let total = FRAME * tx.slot;
+    assert!(s.decoded.abs_diff(total) <= ms(60), "media time {:?} vs {:?} sent", s.decoded, total);
+}
+
+#[test]
+fn a_toc_only_dtx_packet_is_silence_without_decoding() {
+    // Without DTX, libopus codes digital silence in ~35-byte frames (32 kbit/s VOIP): those are
+    // decoded like speech; only DTX packets (<= 2 bytes) are taken as silence.
+    let quiet = encode_packets(&vec![0i16; 48_000], EncoderConfig::default());
+    assert!(quiet.iter().all(|p| p.len() > media::DTX_MAX_BYTES));
+    let dtx = [quiet[0][0] & 0xFC];
+    let mut up = Uplink::new(cfg(16_000)).expect("uplink");
+    let mut h = Heard::default();
+    for i in 0..50u16 {
+        up.push(FRAME * u32::from(i), rtp(i, &dtx));
+        drain(&mut up, &mut h);
+    }
+    let s = up.stats();
+    assert_eq!((s.dtx_packets, s.decode_errors, s.plc_frames), (50, 0, 0));
+    assert_eq!(h.audio.len(), 16_000, "one second of silence at 16 kHz");
+    assert!(h.audio.iter().all(|&x| x == 0));
+}

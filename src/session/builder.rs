@@ -324,6 +324,9 @@ impl SessionBuilder {
             // tokio timers wake up to ~1 ms late; a 2 ms tolerance keeps the 20 ms grid at real time
             // instead of letting each late wake-up push every later frame back (measured slip ~6%).
             jitter_tolerance: Duration::from_millis(2),
+            // Each reply ends with an Opus DTX frame: browsers play the pause as comfort noise,
+            // not as concealment of a lost stream (media::playout, "Silence (DTX)").
+            dtx: true,
             ..Default::default()
         })
         .map_err(internal)?;

@@ -156,6 +156,9 @@ pub struct AudioFrame<'a> {
     pub talkspurt_start: bool,
     /// How late the frame leaves (`now - due`).
     pub lateness: Duration,
+    /// A 1-byte Opus DTX frame ending a talk spurt (`media::OutFrame::dtx`, RFC 6716 §3.2.1): no
+    /// audio and no item (`item_id` empty). RTP links send it; links that carry PCM skip it.
+    pub dtx: bool,
 }
 
 /// What the caller must do, from [`Conversation::poll_output`].
@@ -206,7 +209,7 @@ enum Queued {
     Provider(ProviderCommand),
     Turn { role: Role, text: String, interrupted: bool },
     Flag(Flag),
-    Audio { len: usize, due: Duration, talkspurt_start: bool, lateness: Duration },
+    Audio { len: usize, due: Duration, talkspurt_start: bool, lateness: Duration, dtx: bool },
     End(EndReason),
 }
 
@@ -349,9 +352,10 @@ impl Conversation {
             Queued::Provider(c) => Output::Provider(c),
             Queued::Turn { role, text, interrupted } => Output::Turn { role, text, interrupted },
             Queued::Flag(f) => Output::Flag(f),
-            Queued::Audio { len, due, talkspurt_start, lateness } => {
-                let (payload, item_id) = (&self.frame[..len], self.frame_item.as_str());
-                Output::Audio(AudioFrame { payload, item_id, due, talkspurt_start, lateness })
+            Queued::Audio { len, due, talkspurt_start, lateness, dtx } => {
+                let payload = &self.frame[..len];
+                let item_id = if dtx { "" } else { self.frame_item.as_str() };
+                Output::Audio(AudioFrame { payload, item_id, due, talkspurt_start, lateness, dtx })
             }
             Queued::End(r) => Output::End(r),
         })
@@ -551,13 +555,20 @@ impl Conversation {
             return;
         };
         let (due, talkspurt_start, len) = (frame.due, frame.talkspurt_start, frame.len);
+        if frame.dtx {
+            // The end of a talk spurt: no audio, nothing heard, the agent state is unchanged.
+            let lateness = now.saturating_sub(due);
+            self.out.push_back(Queued::Audio { len, due, talkspurt_start, lateness, dtx: true });
+            self.after_playout_progress();
+            return;
+        }
         self.media.speech.on_frame(frame.item_id, frame.item_offset, media::FRAME, &mut self.due);
         if self.frame_item != frame.item_id {
             self.frame_item.clear();
             self.frame_item.push_str(frame.item_id);
         }
         let lateness = now.saturating_sub(due);
-        self.out.push_back(Queued::Audio { len, due, talkspurt_start, lateness });
+        self.out.push_back(Queued::Audio { len, due, talkspurt_start, lateness, dtx: false });
         self.last_activity = now;
         if let Some(t) = self.idle_audio_at.take() {
             telemetry::observe(telemetry::DOWNLINK_LATENCY, now.saturating_sub(t));

@@ -387,6 +387,10 @@ impl<C: EventCodec> ClientLink for WsLink<C> {
     }
 
     async fn send_audio(&mut self, frame: &AudioFrame<'_>) -> Result<(), LinkError> {
+        if frame.dtx {
+            // A WebSocket carries audio, not RTP: the pause is simply no frames.
+            return Ok(());
+        }
         let bytes = self.encode_frame(frame);
         let room = self.tx.as_ref().is_some_and(|tx| tx.capacity() >= 2);
         if self.neko && room {

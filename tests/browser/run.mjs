@@ -5,6 +5,10 @@
 // run ends after the second reply. With `fallback`: Chromium may not use UDP for WebRTC (as on a
 // network that blocks it, with no proxy or TURN), so ICE cannot connect and the page must fall back
 // to the WebSocket transport.
+// With `dtx`: after the first reply, 1.8 s of silence, then a typed turn; the second reply is cut
+// with `interrupt` once it has played for a second. The receiver's inbound-rtp audio stats are
+// read 300 ms into the pause, before the typed turn and at the end (`rtp.pause`, `rtp.before`,
+// `rtp.after`).
 import { launchChromium } from "./chromium.mjs";
 
 const [url, wav, shot, timeoutArg, mode] = process.argv.slice(2);
@@ -16,6 +20,17 @@ try {
   const page = await browser.newPage();
   page.on("console", (m) => out.console.push(m.text()));
   page.on("pageerror", (e) => out.console.push("pageerror: " + e.message));
+  // Keep the page's peer connections reachable for getStats (the page does not expose them).
+  await page.evaluateOnNewDocument(() => {
+    const Native = window.RTCPeerConnection;
+    window.__pcs = [];
+    window.RTCPeerConnection = function (...args) {
+      const pc = new Native(...args);
+      window.__pcs.push(pc);
+      return pc;
+    };
+    window.RTCPeerConnection.prototype = Native.prototype;
+  });
   await page.goto(url, { waitUntil: "load" });
   await page.waitForSelector("#character option", { timeout: 10000 });
   await page.click("#connect");
@@ -37,6 +52,41 @@ try {
       const last = k.events.filter((e) => e.event.type === "state").pop();
       return finals.length > 1 && last && last.event.state === "listening";
     }, { timeout, polling: 100 });
+  }
+  if (mode === "dtx") {
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    const audioIn = () => page.evaluate(async () => {
+      const pc = window.__pcs[window.__pcs.length - 1];
+      let found = null;
+      (await pc.getStats()).forEach((s) => {
+        if (s.type === "inbound-rtp" && s.kind === "audio") {
+          found = {
+            packetsReceived: s.packetsReceived, packetsLost: s.packetsLost,
+            concealmentEvents: s.concealmentEvents, concealedSamples: s.concealedSamples,
+            silentConcealedSamples: s.silentConcealedSamples, totalSamplesReceived: s.totalSamplesReceived,
+            jitterBufferDelay: s.jitterBufferDelay, jitterBufferEmittedCount: s.jitterBufferEmittedCount,
+            t: performance.now(),
+          };
+        }
+      });
+      return found;
+    });
+    await sleep(300);
+    const pause = await audioIn();
+    await sleep(1500);
+    const before = await audioIn();
+    await page.type("#text", "Tell me more, please.");
+    await page.$eval("#say", (f) => f.requestSubmit());
+    await page.waitForFunction(() => {
+      const k = window.kotodama;
+      return k.events.filter((e) => e.event.type === "state" && e.event.state === "speaking").length > 1;
+    }, { timeout, polling: 20 });
+    await sleep(1000);
+    await page.click("#interrupt");
+    await page.waitForFunction(() => window.kotodama.events.some((e) => e.event.type === "agent.interrupted"),
+      { timeout: 10000, polling: 50 });
+    await sleep(1500);
+    out.rtp = { pause, before, after: await audioIn() };
   }
   await new Promise((r) => setTimeout(r, 300));
   Object.assign(out, await page.evaluate(() => ({

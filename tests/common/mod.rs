@@ -289,6 +289,8 @@ pub struct Inbox {
     pub agent_pcm: Vec<i16>,
     /// Connection states, in order.
     pub states: Vec<RTCPeerConnectionState>,
+    /// Opus DTX frames received (not decoded, not in `log` or `agent_pcm`).
+    pub dtx_frames: u64,
 }
 
 /// How the client peer reaches the network.
@@ -344,6 +346,10 @@ struct ClientHandler {
     state_tx: mpsc::UnboundedSender<RTCPeerConnectionState>,
 }
 
+fn ib_dtx(inbox: &Mutex<Inbox>) {
+    inbox.lock().unwrap().dtx_frames += 1;
+}
+
 #[async_trait::async_trait]
 impl PeerConnectionEventHandler for ClientHandler {
     async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
@@ -360,6 +366,12 @@ impl PeerConnectionEventHandler for ClientHandler {
             let mut pcm = vec![0i16; 5760];
             while let Some(ev) = track.poll().await {
                 if let TrackRemoteEvent::OnRtpPacket(p) = ev {
+                    if p.payload.len() <= media::DTX_MAX_BYTES {
+                        // An Opus DTX frame (the server's pauses): comfort noise, no agent audio,
+                        // as libwebrtc's NetEq takes it.
+                        ib_dtx(&inbox);
+                        continue;
+                    }
                     let n = decoder.decode(&p.payload, &mut pcm, false).unwrap_or(0);
                     let mut ib = inbox.lock().unwrap();
                     let r = rms(&pcm[..n]);

@@ -22,6 +22,9 @@ pub struct Speech {
     pub question: Vec<Bytes>,
     /// One 20 ms Opus packet of silence.
     pub silence: Bytes,
+    /// An Opus DTX packet: the silence packet's TOC byte with code 0 and no frame (RFC 6716
+    /// §3.1, §3.2.1), what a DTX sender sends when a pause begins.
+    pub dtx: Bytes,
     /// Index of the question's last packet with speech in it (the WAV has trailing silence; the
     /// turn's end is the end of speech, not of the file).
     pub speech_end: usize,
@@ -44,7 +47,8 @@ impl Speech {
             question.push(Bytes::copy_from_slice(&out[..n]));
         }
         let n = enc.encode(&[0i16; 960], &mut out)?;
-        Ok(Self { question, silence: Bytes::copy_from_slice(&out[..n]), speech_end })
+        let dtx = Bytes::copy_from_slice(&[out[0] & 0xFC]);
+        Ok(Self { question, silence: Bytes::copy_from_slice(&out[..n]), dtx, speech_end })
     }
 }
 
@@ -139,12 +143,35 @@ impl Probe {
     }
 }
 
+/// How a client's microphone sends silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MicMode {
+    /// A coded silence frame every 20 ms (aiortc, or a browser without DTX).
+    Silence,
+    /// Opus DTX as libwebrtc sends it with `usedtx=1`: 200 ms of coded silence after speech, one
+    /// DTX packet, then one refresh frame + DTX packet per 400 ms; nothing in between (the RTP
+    /// timestamp runs on).
+    Dtx,
+}
+
+/// What a client does once connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Ask, hear the answer (or barge in), pause, repeat.
+    Talk,
+    /// Stay connected and silent (the cost of an idle session).
+    Silent,
+}
+
 /// A connected simulated user.
 pub struct Client {
     pc: Arc<dyn PeerConnection>,
     _dc: Arc<dyn DataChannel>,
     mic: MicSender,
     recv: Arc<Mutex<Recv>>,
+    mode: MicMode,
+    /// 20 ms frames of silence since the last speech packet.
+    silent_frames: u32,
 }
 
 impl Client {
@@ -177,11 +204,46 @@ impl Client {
         let answer = res.text().await?;
         let pt = answered_opus_pt(&answer).unwrap_or(OPUS_PT);
         pc.set_remote_description(RTCSessionDescription::answer(answer)?).await?;
-        Ok(Client { pc, _dc: dc, mic: MicSender::new(track, ssrc, pt), recv })
+        Ok(Client { pc, _dc: dc, mic: MicSender::new(track, ssrc, pt), recv, mode: MicMode::Silence, silent_frames: 0 })
+    }
+
+    /// Send silence as `mode` says from now on.
+    pub fn with_mic(mut self, mode: MicMode) -> Self {
+        self.mode = mode;
+        self
     }
 
     async fn send(&mut self, payload: Bytes) {
+        self.silent_frames = 0;
         self.mic.send(payload).await;
+    }
+
+    /// The next 20 ms of silence, as the microphone mode sends it.
+    async fn silence(&mut self, speech: &Speech) {
+        let k = self.silent_frames;
+        self.silent_frames = k.saturating_add(1);
+        let payload = match self.mode {
+            MicMode::Silence => speech.silence.clone(),
+            MicMode::Dtx if k < 10 => speech.silence.clone(),
+            MicMode::Dtx if k == 10 || (k > 10 && (k - 10) % 20 == 1) => speech.dtx.clone(),
+            MicMode::Dtx if k > 10 && (k - 10) % 20 == 0 => speech.silence.clone(),
+            MicMode::Dtx => {
+                self.mic.skip(960);
+                return;
+            }
+        };
+        self.mic.send(payload).await;
+    }
+
+    /// Stay connected and silent until `stop`.
+    pub async fn idle(mut self, speech: Arc<Speech>, stop: Arc<AtomicBool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            self.silence(&speech).await;
+        }
+        let _ = self.pc.close().await;
     }
 
     fn last_packet_at(&self) -> Option<Instant> {
@@ -207,7 +269,7 @@ impl Client {
         // Stagger: start at a random point of a silent second.
         for _ in 0..rand::random_range(0..50) {
             tick.tick().await;
-            self.send(speech.silence.clone()).await;
+            self.silence(&speech).await;
         }
         let mut barge_next = false;
         while !stop.load(Ordering::Relaxed) {
@@ -232,7 +294,7 @@ impl Client {
             let mut started = None;
             while started.is_none() && asked_at.elapsed() < Duration::from_secs(10) {
                 tick.tick().await;
-                self.send(speech.silence.clone()).await;
+                self.silence(&speech).await;
                 if let Some(t) = self.last_packet_at()
                     && t > asked_at + Duration::from_millis(20)
                 {
@@ -247,14 +309,14 @@ impl Client {
                 // Let a second of the answer play, then talk over it.
                 for _ in 0..50 {
                     tick.tick().await;
-                    self.send(speech.silence.clone()).await;
+                    self.silence(&speech).await;
                 }
                 continue;
             }
             // Wait for the answer to end (300 ms without packets), then a short pause.
             loop {
                 tick.tick().await;
-                self.send(speech.silence.clone()).await;
+                self.silence(&speech).await;
                 if self.last_packet_at().is_none_or(|t| t.elapsed() > Duration::from_millis(300))
                     || stop.load(Ordering::Relaxed)
                 {
@@ -263,7 +325,7 @@ impl Client {
             }
             for _ in 0..25 {
                 tick.tick().await;
-                self.send(speech.silence.clone()).await;
+                self.silence(&speech).await;
             }
         }
         let _ = self.pc.close().await;

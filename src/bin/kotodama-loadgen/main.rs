@@ -37,6 +37,9 @@ USAGE: kotodama-loadgen [options]
   --hold <secs>              measurement time per step (default 15)
   --model-delay-ms <ms>      the scripted provider's response delay (default 200; 0: server-only)
   --barge <fraction>         share of turns that barge in (default 0.25)
+  --profile <talk|silent>    talk in turns, or stay connected and silent (default talk)
+  --mic <silence|dtx>        how clients send silence: a coded frame every 20 ms (aiortc), or Opus
+                             DTX as Chrome does with usedtx=1 (default silence)
   --max-lateness-ms <ms>     stop when p99 lateness passes this (default 20)
   --server-cpus <list>       pin a started server to these CPUs (taskset syntax, e.g. 1)
   --opus-complexity <0..10>  a started server's encoder complexity (default: the server's default)
@@ -52,6 +55,8 @@ struct Opts {
     hold: Duration,
     model_delay_ms: u64,
     barge: f64,
+    profile: client::Profile,
+    mic: client::MicMode,
     max_lateness_ms: f64,
     server_cpus: Option<String>,
     opus_complexity: Option<u8>,
@@ -68,6 +73,8 @@ fn parse_args() -> anyhow::Result<Opts> {
         hold: Duration::from_secs(15),
         model_delay_ms: 200,
         barge: 0.25,
+        profile: client::Profile::Talk,
+        mic: client::MicMode::Silence,
         max_lateness_ms: 20.0,
         server_cpus: None,
         opus_complexity: None,
@@ -90,6 +97,20 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--hold" => o.hold = Duration::from_secs(val(i)?.parse()?),
             "--model-delay-ms" => o.model_delay_ms = val(i)?.parse()?,
             "--barge" => o.barge = val(i)?.parse()?,
+            "--profile" => {
+                o.profile = match val(i)?.as_str() {
+                    "talk" => client::Profile::Talk,
+                    "silent" => client::Profile::Silent,
+                    other => anyhow::bail!("--profile {other}: use talk or silent"),
+                }
+            }
+            "--mic" => {
+                o.mic = match val(i)?.as_str() {
+                    "silence" => client::MicMode::Silence,
+                    "dtx" => client::MicMode::Dtx,
+                    other => anyhow::bail!("--mic {other}: use silence or dtx"),
+                }
+            }
             "--max-lateness-ms" => o.max_lateness_ms = val(i)?.parse()?,
             "--server-cpus" => o.server_cpus = Some(val(i)?),
             "--opus-complexity" => o.opus_complexity = Some(val(i)?.parse()?),
@@ -189,7 +210,11 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             match Client::connect(&http, &base, o.api_key.as_deref()).await {
                 Ok(c) => {
                     probes.push(c.probe());
-                    tasks.push(tokio::spawn(c.talk(Arc::clone(&speech), o.barge, Arc::clone(&stop))));
+                    let (c, speech, stop) = (c.with_mic(o.mic), Arc::clone(&speech), Arc::clone(&stop));
+                    tasks.push(match o.profile {
+                        client::Profile::Talk => tokio::spawn(c.talk(speech, o.barge, stop)),
+                        client::Profile::Silent => tokio::spawn(c.idle(speech, stop)),
+                    });
                 }
                 Err(e) => {
                     failed += 1;

@@ -164,6 +164,10 @@ impl RealtimeProvider for CascadeProvider {
 
     fn connect(&self, cfg: SessionConfig) -> BoxFuture<'static, Result<ProviderSession, ProviderError>> {
         let stages = Arc::clone(&self.stages);
+        // Engines load on first use: a session of this provider warms them while it connects.
+        for (_, stt) in stages.stt.order(Instant::now()) {
+            stt.prepare();
+        }
         async move {
             let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
             let (ev_tx, ev_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);

@@ -21,6 +21,10 @@ pub trait SpeechToText: Send + Sync {
     /// Begin an utterance. Cumulative partial transcripts, when the engine has them, are offered
     /// to `partials` with `try_send` (dropped when the receiver lags).
     fn start(&self, partials: Option<mpsc::Sender<String>>) -> Result<Box<dyn SttStream>, StageError>;
+    /// A session that may use this engine started: load what the first utterance needs in the
+    /// background (engines load on first use, not at the server's start). Never blocks. Default:
+    /// nothing to load.
+    fn prepare(&self) {}
 }
 
 /// One utterance in progress.

@@ -50,9 +50,11 @@ impl Default for LocalSettings {
     }
 }
 
-/// The three offline stages, engines loaded (blocking: ~1 s; call at start, off the runtime's hot path).
+/// The three offline stages. Nothing is loaded here, only checked (the PocketSphinx model files):
+/// PocketSphinx loads when a session of a provider that uses it starts, eSpeak NG at the first
+/// synthesis, so a node whose sessions use a cloud provider holds neither (see BENCHMARKS.md).
+/// Errors: [`StageError::Config`] naming the missing model file and its package.
 pub fn stages(settings: &LocalSettings) -> Result<LocalStages, StageError> {
-    espeak::Espeak::global()?;
     let sphinx = sphinx::Sphinx::new(Path::new(&settings.sphinx_model_dir), settings.max_decoders)?;
     Ok(LocalStages { sphinx: Arc::new(sphinx) })
 }

@@ -7,9 +7,13 @@
 //! Threads: a decoder is CPU-bound C code, so each utterance runs on its own OS thread
 //! (`pocketsphinx`), never on a tokio worker. Audio reaches it through a bounded queue
 //! ([`AUDIO_QUEUE_CHUNKS`]; when the decoder falls that far behind, new audio is dropped and
-//! counted). Decoders are expensive to load (~1 s, tens of MB), so they are pooled: at most
-//! `max_decoders` exist, one is loaded at start (a missing model fails the start, naming the
-//! package), and an utterance that finds none free waits for one.
+//! counted). Decoders are expensive to load (~1 s, ~90 MB each, see BENCHMARKS.md), so they are
+//! loaded on demand and pooled: nothing is loaded at the server's start (only the model files'
+//! presence is checked, so a missing model still fails the start, naming the package); the first
+//! session of a provider that uses PocketSphinx loads one in the background
+//! ([`SpeechToText::prepare`]); at most `max_decoders` exist, a further one is loaded only when
+//! every loaded one is busy with a concurrent utterance, and an utterance that finds none free
+//! and the pool full waits for one.
 //!
 //! An utterance longer than [`MAX_UTTERANCE`] is restarted (the older part is forgotten): the
 //! decoder's memory stays bounded when a turn is never committed.
@@ -58,9 +62,21 @@ impl Decoder {
 
 struct Pool {
     args: Vec<CString>,
-    free: Mutex<(Vec<Decoder>, usize)>,
+    state: Mutex<PoolState>,
     returned: Condvar,
     max: usize,
+    /// A background load ([`SpeechToText::prepare`]) was started.
+    warming: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct PoolState {
+    free: Vec<Decoder>,
+    /// Decoders loaded or loading.
+    count: usize,
+    /// Loads in progress (at most one: loads are serialized, a taker waits for a running load
+    /// rather than loading a copy of its own next to it).
+    loading: usize,
 }
 
 impl Pool {
@@ -83,26 +99,38 @@ impl Pool {
     }
 
     fn take(&self) -> Result<Decoder, StageError> {
-        let mut g = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(d) = g.0.pop() {
+            if let Some(d) = g.free.pop() {
                 return Ok(d);
             }
-            if g.1 < self.max {
-                g.1 += 1;
+            if g.loading == 0 && g.count < self.max {
+                g.count += 1;
+                g.loading += 1;
                 drop(g);
                 let d = self.load();
+                let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                g.loading -= 1;
                 if d.is_err() {
-                    self.free.lock().unwrap_or_else(|p| p.into_inner()).1 -= 1;
+                    g.count -= 1;
                 }
+                drop(g);
+                // Waiters re-check: a loader of `prepare` gives its decoder back, others may load.
+                self.returned.notify_all();
                 return d;
             }
             g = self.returned.wait(g).unwrap_or_else(|p| p.into_inner());
         }
     }
 
+    /// Decoders loaded so far (in use or free), not counting one being loaded.
+    fn loaded(&self) -> usize {
+        let g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.count - g.loading
+    }
+
     fn give_back(&self, d: Decoder) {
-        self.free.lock().unwrap_or_else(|p| p.into_inner()).0.push(d);
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).free.push(d);
         self.returned.notify_one();
     }
 }
@@ -113,8 +141,9 @@ pub struct Sphinx {
 }
 
 impl Sphinx {
-    /// Load the model in `model_dir` (layout of Debian's `pocketsphinx-en-us`): one decoder now,
-    /// up to `max_decoders` later. Blocking (about a second): call it at start.
+    /// The model in `model_dir` (layout of Debian's `pocketsphinx-en-us`): checks its files are
+    /// there (error: [`StageError::Config`] naming the package) and loads nothing; decoders load
+    /// on first use ([`SpeechToText::prepare`], [`SpeechToText::start`]), up to `max_decoders`.
     pub fn new(model_dir: &Path, max_decoders: usize) -> Result<Self, StageError> {
         let hmm = model_dir.join("en-us");
         let lm = model_dir.join("en-us.lm.bin");
@@ -145,19 +174,44 @@ impl Sphinx {
         QUIET.call_once(|| unsafe { ffi::err_set_logfp(std::ptr::null_mut()) });
         let pool = Arc::new(Pool {
             args,
-            free: Mutex::new((Vec::new(), 0)),
+            state: Mutex::new(PoolState::default()),
             returned: Condvar::new(),
             max: max_decoders.max(1),
+            warming: std::sync::atomic::AtomicBool::new(false),
         });
-        let first = pool.take()?;
-        pool.give_back(first);
         Ok(Self { pool })
+    }
+
+    /// Decoders loaded so far (each holds its own copy of the model; 0 until first use).
+    pub fn decoders_loaded(&self) -> usize {
+        self.pool.loaded()
     }
 }
 
 impl SpeechToText for Sphinx {
     fn name(&self) -> &str {
         "pocketsphinx"
+    }
+
+    /// Loads the first decoder on a thread of its own, once (later ones load when utterances
+    /// overlap). A failure is logged; the first utterance then reports it.
+    fn prepare(&self) {
+        if self.pool.warming.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let pool = Arc::clone(&self.pool);
+        let spawned = std::thread::Builder::new().name("pocketsphinx-load".into()).spawn(move || {
+            if pool.loaded() > 0 {
+                return; // an utterance got there first
+            }
+            match pool.take() {
+                Ok(d) => pool.give_back(d),
+                Err(e) => tracing::warn!(error = %e, "loading a PocketSphinx decoder failed"),
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the PocketSphinx loader thread");
+        }
     }
 
     fn start(&self, partials: Option<mpsc::Sender<String>>) -> Result<Box<dyn SttStream>, StageError> {
