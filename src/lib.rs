@@ -31,6 +31,8 @@ pub mod oidc;
 pub mod otlp;
 pub mod peer;
 pub mod providers;
+pub mod recording;
+pub mod replay;
 pub mod server;
 pub mod session;
 pub mod store;

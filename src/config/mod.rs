@@ -44,6 +44,7 @@ pub mod moderation;
 pub mod node;
 mod oidc;
 pub mod openai;
+pub mod recording;
 pub mod resilience;
 pub mod scripted;
 pub mod session;
@@ -59,6 +60,7 @@ pub use self::characters::Character;
 pub use self::local::LocalSettings;
 pub use self::media::MediaSettings;
 pub use self::moderation::ModerationSettings;
+pub use self::recording::RecordingSettings;
 pub use self::oidc::OidcSettings;
 pub use self::resilience::ResilienceSettings;
 pub use self::scripted::ScriptedSettings;
@@ -181,6 +183,8 @@ pub struct Config {
     pub oidc: OidcSettings,
     /// Moderation before speech (`[moderation]`, `KOTODAMA_MODERATION_DENY`).
     pub moderation: ModerationSettings,
+    /// Session recording for replay (`[recording]`, `KOTODAMA_RECORD`, `KOTODAMA_RECORDING_URL`).
+    pub recording: RecordingSettings,
 }
 
 impl Default for Config {
@@ -213,6 +217,7 @@ impl Default for Config {
             turn: Default::default(),
             oidc: OidcSettings::default(),
             moderation: ModerationSettings::default(),
+            recording: RecordingSettings::default(),
         }
     }
 }
@@ -263,6 +268,7 @@ impl Config {
             &self.http,
             &self.oidc,
             &self.moderation,
+            &self.recording,
         ]
     }
 
@@ -282,6 +288,7 @@ impl Config {
             &mut self.http,
             &mut self.oidc,
             &mut self.moderation,
+            &mut self.recording,
         ]
     }
 

@@ -264,6 +264,8 @@ pub struct Conversation {
     last_interruption: Option<InterruptReason>,
     /// The agent item whose text is being released, and how many bytes of it passed moderation.
     moderated: Option<(String, usize)>,
+    /// The session is recorded (announced in `session.ready`).
+    recording: bool,
 }
 
 impl Conversation {
@@ -297,7 +299,18 @@ impl Conversation {
             no_audio: media::NoAudioWatch::new(NO_AUDIO_AFTER),
             last_interruption: None,
             moderated: None,
+            recording: false,
         }
+    }
+
+    /// What the core was built with.
+    pub fn config(&self) -> &ConversationConfig {
+        &self.cfg
+    }
+
+    /// Announce in `session.ready` that the session is recorded ([`crate::recording`]).
+    pub fn set_recording(&mut self, on: bool) {
+        self.recording = on;
     }
 
     /// Feed one input at media time `now` (monotonic). Drain [`Self::poll_output`] afterwards.
@@ -435,6 +448,7 @@ impl Conversation {
             protocol: signaling::events::PROTOCOL_VERSION,
             character: self.cfg.character.clone(),
             provider: self.cfg.provider.clone(),
+            recording: self.recording,
         });
         self.event(ServerEvent::State { state: AgentState::Initializing });
         if self.provider_ready {

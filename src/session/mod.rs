@@ -125,6 +125,8 @@ pub struct SessionShared {
     pub user_id: Option<String>,
     /// Short id of the API key that created it, if any.
     pub api_key_id: Option<String>,
+    /// The session is recorded ([`crate::recording`]): asked at creation, or by configuration.
+    pub record: bool,
     created_instant: Instant,
     state: Mutex<SharedState>,
     writer: StoreWriter,
@@ -415,6 +417,8 @@ pub struct CreateOptions {
     pub user_id: Option<String>,
     /// Short id of the creating API key.
     pub api_key_id: Option<String>,
+    /// Record the session (`"record"` in the body); `None`: as configured (`[recording]`).
+    pub record: Option<bool>,
 }
 
 impl SessionManager {
@@ -484,6 +488,11 @@ impl SessionManager {
         }
         let live = st.live.as_ref().ok_or(SessionError::NotLive)?;
         live.control.try_send(ctl).map_err(|_| SessionError::Busy)
+    }
+
+    /// The recording store (`None`: it could not be opened; nothing is recorded).
+    pub fn recordings(&self) -> Option<&Arc<crate::recording::Recordings>> {
+        self.builder.recordings()
     }
 
     /// The durable store.
@@ -566,6 +575,7 @@ impl SessionManager {
             created_at: SystemTime::now(),
             user_id: options.user_id.clone(),
             api_key_id: options.api_key_id.clone(),
+            record: options.record.unwrap_or_else(|| self.config.recording.records_character(&character.id)),
             created_instant: Instant::now(),
             writer: self.writer.clone(),
             cluster: self.cluster.clone(),
@@ -952,6 +962,7 @@ mod tests {
             created_at: now,
             user_id: None,
             api_key_id: None,
+            record: false,
             created_instant: Instant::now(),
             state: Mutex::new(SharedState {
                 phase: SessionState::Connecting,

@@ -35,6 +35,8 @@ pub(crate) struct SessionTask<L: ClientLink> {
     /// Per-packet histograms, resolved once (no registry lookup on the 20 ms path).
     pub pacing_hist: metrics::Histogram,
     pub uplink_hist: metrics::Histogram,
+    /// Records every input and output of the core when the session is recorded.
+    pub recorder: Option<crate::recording::Recorder>,
 }
 
 /// IO counters of the task, exported as deltas.
@@ -124,7 +126,11 @@ impl<L: ClientLink> SessionTask<L> {
 
     /// Feed the core and carry out what it decided.
     async fn input(&mut self, input: Input, counters: &mut Counters) -> Drained {
-        self.conv.handle_input(self.now(), input);
+        let now = self.now();
+        if let Some(r) = self.recorder.as_mut() {
+            r.input(now, &input);
+        }
+        self.conv.handle_input(now, input);
         self.drain(counters).await
     }
 
@@ -157,6 +163,9 @@ impl<L: ClientLink> SessionTask<L> {
         let mut drained = Drained::default();
         let now = self.now();
         while let Some(out) = self.conv.poll_output() {
+            if let Some(r) = self.recorder.as_mut() {
+                r.output(&out);
+            }
             match out {
                 Output::Event(ev) => self.link.send_event(&ev).await,
                 Output::State(state) => {
@@ -171,7 +180,11 @@ impl<L: ClientLink> SessionTask<L> {
                             counters.uplink_to_provider_dropped += 1
                         }
                         Err(TrySendError::Full(cmd) | TrySendError::Closed(cmd)) => {
-                            self.conv.handle_input(now, Input::Refused(cmd))
+                            let refused = Input::Refused(cmd);
+                            if let Some(r) = self.recorder.as_mut() {
+                                r.input(now, &refused);
+                            }
+                            self.conv.handle_input(now, refused)
                         }
                     }
                 }
@@ -236,6 +249,10 @@ impl<L: ClientLink> SessionTask<L> {
             self.link.send_event(&ServerEvent::SessionEnded { reason: reason.as_str().to_owned() }).await;
         }
         self.link.close(CLOSE_GRACE).await;
+        if let Some(r) = self.recorder.take() {
+            let complete = r.finish(self.now(), reason.as_str()).await;
+            tracing::info!(session_id = %self.shared.id, complete, "recording closed");
+        }
         let link = self.link.stats();
         tracing::info!(
             session_id = %self.shared.id,
