@@ -138,7 +138,11 @@ pub fn run(rec: &Recording, overrides: &Overrides) -> Result<Replayed, String> {
     conv.set_recording(true);
 
     let (mut client, mut provider, mut refusals) = (VecDeque::new(), VecDeque::new(), VecDeque::new());
-    let mut end_us = None;
+    // The live core was last driven at the last recorded input: nothing is fed after it.
+    let end_ns = rec.lines.iter().rev().find_map(|l| match l {
+        Line::In { t_ns, .. } => Some(*t_ns),
+        _ => None,
+    });
     for (seq, line) in rec.lines.iter().enumerate() {
         match line {
             Line::In { t_ns, input: RecInput::Refused { command } } => refusals.push_back((*t_ns, command.clone())),
@@ -146,7 +150,6 @@ pub fn run(rec: &Recording, overrides: &Overrides) -> Result<Replayed, String> {
                 provider.push_back(Timed { t_ns: *t_ns, seq, input: input.clone() })
             }
             Line::In { t_ns, input } => client.push_back(Timed { t_ns: *t_ns, seq, input: input.clone() }),
-            Line::End { t_ns, .. } => end_us = Some(*t_ns),
             _ => {}
         }
     }
@@ -159,15 +162,17 @@ pub fn run(rec: &Recording, overrides: &Overrides) -> Result<Replayed, String> {
         let next_client = client.front().map(|c: &Timed| (c.t_ns, c.seq));
         let next_provider =
             provider.front().filter(|_| conv.wants_provider_events()).map(|p: &Timed| (p.t_ns.max(now), p.seq));
-        let synth = conv.poll_timeout().map(ns).filter(|&d| {
+        // A deadline already past is due now (the live timer fires at once, as late as it is).
+        let synth = conv.poll_timeout().map(|d| ns(d).max(now)).filter(|&d| {
             last_synth.is_none_or(|l| d > l)
-                && !client.iter().take_while(|c| c.t_ns <= d + ns(TIMER_SLACK)).any(|c| {
-                    c.t_ns >= d.saturating_sub(1) && matches!(c.input, RecInput::Timeout)
-                })
+                && !client
+                    .iter()
+                    .take_while(|c| c.t_ns <= d + ns(TIMER_SLACK))
+                    .any(|c| c.t_ns >= d && matches!(c.input, RecInput::Timeout))
         });
-        let synth = synth.map(|d| (d.max(now), usize::MAX));
+        let synth = synth.map(|d| (d, usize::MAX));
         let Some(&(t, seq)) = [next_client, next_provider, synth].iter().flatten().min() else { break };
-        if end_us.is_some_and(|e| t > e) {
+        if end_ns.is_some_and(|e| t > e) {
             break;
         }
         let input = if seq == usize::MAX {

@@ -197,9 +197,17 @@ async fn recorded_barge_in_session_decodes_replays_and_exports() {
     assert_eq!(agent_pcm.len() as u64, agent_granule, "the agent file decodes to its timeline's length");
     let heard = client.inbox.lock().unwrap().agent_pcm.clone();
     let (heard_ms, agent_ms) = (active_ms(&heard, 48_000, 300.0), active_ms(&agent_pcm, 48_000, 300.0));
+    eprintln!(
+        "measured: {packets} packets, user.opus {user_secs:.2} s ({recorded_ms} ms speech of {spoken_ms}), \
+         agent.opus {:.2} s ({agent_ms} ms voice; client heard {heard_ms} ms), played_ms {}",
+        agent_pcm.len() as f64 / 48_000.0,
+        interrupted["played_ms"]
+    );
     assert!(heard_ms > 500, "the client heard the character: {heard_ms} ms");
+    // Everything heard is in the file; the file may hold a little more: frames the link dropped
+    // under load or that were in flight when the session was deleted.
     assert!(
-        agent_ms.abs_diff(heard_ms) <= heard_ms / 10 + 40,
+        agent_ms + 60 >= heard_ms && agent_ms <= heard_ms + (heard_ms / 5).max(200),
         "agent.opus holds {agent_ms} ms of voice; the client heard {heard_ms} ms"
     );
     let last_due_us = outputs
@@ -214,12 +222,6 @@ async fn recorded_barge_in_session_decodes_replays_and_exports() {
     assert!(
         agent_granule.abs_diff(last_end) < 960,
         "agent.opus ends ({agent_granule}) with the last frame sent ({last_end}, 48 kHz samples)"
-    );
-    eprintln!(
-        "measured: {packets} packets, user.opus {user_secs:.2} s ({recorded_ms} ms speech of {spoken_ms}), \
-         agent.opus {:.2} s ({agent_ms} ms voice; client heard {heard_ms} ms), played_ms {}",
-        agent_pcm.len() as f64 / 48_000.0,
-        interrupted["played_ms"]
     );
 
     // --- It replays to the same transcript, interruption and truncation, twice. ---

@@ -54,7 +54,11 @@ fn committed_barge_in_recording_replays_exactly_twice() {
         assert_eq!(truncations(&replayed.outputs), truncations(&recorded), "run {run}: same truncation");
         assert_eq!(turns(&replayed.outputs), turns(&recorded), "run {run}: same transcript");
         let differences = replay::diff(&replay::report(&recorded), &replayed.report(), 10);
-        assert!(differences.is_empty(), "run {run}: the replay differs from the recording:\n{}", differences.join("\n"));
+        assert!(
+            differences.is_empty(),
+            "run {run}: the replay differs from the recording:\n{}",
+            differences.join("\n")
+        );
     }
 }
 

@@ -652,7 +652,9 @@ impl RecCommand {
             ProviderCommand::SpeechStarted => Self::SpeechStarted,
             ProviderCommand::CommitTurn => Self::CommitTurn,
             ProviderCommand::Text(text) => Self::Text { text: text.clone() },
-            ProviderCommand::GenerateReply { instructions } => Self::GenerateReply { instructions: instructions.clone() },
+            ProviderCommand::GenerateReply { instructions } => {
+                Self::GenerateReply { instructions: instructions.clone() }
+            }
             ProviderCommand::Cancel => Self::Cancel,
             ProviderCommand::Truncate { item_id, audio_end, heard } => {
                 Self::Truncate { item_id: item_id.clone(), audio_end_ms: ms(*audio_end), heard: heard.clone() }
@@ -776,12 +778,18 @@ mod tests {
             Line::In {
                 t_ns: 40_000_000,
                 input: RecInput::Provider {
-                    event: RecProviderEvent::AudioDelta { item_id: "i1".into(), rate_hz: 24_000, pcm: vec![-1, 0, 32767] },
+                    event: RecProviderEvent::AudioDelta {
+                        item_id: "i1".into(),
+                        rate_hz: 24_000,
+                        pcm: vec![-1, 0, 32767],
+                    },
                 },
             },
             Line::Out {
                 t_ns: 40_000_000,
-                output: RecOutput::Event { event: ServerEvent::AgentInterrupted { item_id: "i1".into(), played_ms: 120 } },
+                output: RecOutput::Event {
+                    event: ServerEvent::AgentInterrupted { item_id: "i1".into(), played_ms: 120 },
+                },
             },
             Line::End { t_ns: 50_000_000, reason: "client_request".into(), complete: true },
         ];

@@ -134,7 +134,9 @@ impl Recordings {
         for name in FILES {
             let path = dir.join(name);
             let result = match tokio::fs::read(&path).await {
-                Ok(bytes) => self.store.put(&object(id, name), bytes.into()).await.map(|_| ()).map_err(|e| e.to_string()),
+                Ok(bytes) => {
+                    self.store.put(&object(id, name), bytes.into()).await.map(|_| ()).map_err(|e| e.to_string())
+                }
                 Err(e) => Err(e.to_string()),
             };
             if let Err(e) = result {
@@ -296,15 +298,7 @@ impl Writer {
         let comments = [("SESSION_ID", header.session_id.as_str()), ("CHARACTER", header.character.as_str())];
         let user = OggOpusWriter::new(file(USER_AUDIO_FILE)?, 1, &[comments[0], comments[1], ("ROLE", "user")])?;
         let agent = OggOpusWriter::new(file(AGENT_AUDIO_FILE)?, 2, &[comments[0], comments[1], ("ROLE", "agent")])?;
-        Ok(Self {
-            events: file(EVENTS_FILE)?,
-            user,
-            agent,
-            user_anchor: None,
-            written: 0,
-            max_bytes,
-            truncated: false,
-        })
+        Ok(Self { events: file(EVENTS_FILE)?, user, agent, user_anchor: None, written: 0, max_bytes, truncated: false })
     }
 
     /// Write until the recorder is dropped; returns whether nothing was cut or failed.

@@ -247,9 +247,8 @@ impl SessionBuilder {
     /// header describes the core about to be built.
     fn recorder(&self, shared: &SessionShared, conv: &ConversationConfig, media: MediaSpec) -> Option<Recorder> {
         let store = self.recordings.as_ref().filter(|_| shared.record)?;
-        let started_at = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        let started_at =
+            time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
         let header = Header {
             format: FORMAT_VERSION,
             session_id: shared.id.clone(),

@@ -243,6 +243,7 @@ impl<L: ClientLink> SessionTask<L> {
 
     /// The end: last stats, the provider closed, the client told (unless it is gone), the link closed.
     async fn finish(&mut self, reason: EndReason, counters: &Counters, exported: &mut Exported) {
+        let ended_at = self.now();
         self.export_stats(counters, exported);
         let _ = self.provider.commands.try_send(ProviderCommand::Close);
         if reason != EndReason::PeerDisconnected {
@@ -250,7 +251,7 @@ impl<L: ClientLink> SessionTask<L> {
         }
         self.link.close(CLOSE_GRACE).await;
         if let Some(r) = self.recorder.take() {
-            let complete = r.finish(self.now(), reason.as_str()).await;
+            let complete = r.finish(ended_at, reason.as_str()).await;
             tracing::info!(session_id = %self.shared.id, complete, "recording closed");
         }
         let link = self.link.stats();
