@@ -76,7 +76,7 @@ impl Recording {
         if header.format != FORMAT_VERSION {
             return Err(format!("format {} (this build replays format {FORMAT_VERSION})", header.format));
         }
-        Ok(Self { header, lines })
+        Ok(Self { header: *header, lines })
     }
 
     /// Whether the recording says it holds every line (the session ended, nothing was lost).

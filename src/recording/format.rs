@@ -39,8 +39,8 @@ pub const FILES: [&str; 3] = [EVENTS_FILE, USER_AUDIO_FILE, AGENT_AUDIO_FILE];
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Line {
-    /// First line: what the core was built from.
-    Header(Header),
+    /// First line: what the core was built from (boxed: it is far larger than the other lines).
+    Header(Box<Header>),
     /// An input fed at `t_ns`.
     In {
         /// Media time, nanoseconds.

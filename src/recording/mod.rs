@@ -115,7 +115,7 @@ impl Recordings {
         };
         std::fs::create_dir_all(&dir)?;
         let mut writer = Writer::create(&dir, &header, self.settings.max_bytes)?;
-        writer.write(Msg { line: Line::Header(header), agent_audio: None })?;
+        writer.write(Msg { line: Line::Header(Box::new(header)), agent_audio: None })?;
         let (tx, rx) = mpsc::channel(RECORDER_QUEUE);
         let store = upload.then(|| Arc::clone(self));
         let rt = tokio::runtime::Handle::current();

@@ -134,7 +134,8 @@ mod tests {
         let mut r = ogg::reading::PacketReader::new(std::io::Cursor::new(bytes));
         let mut packets = Vec::new();
         while let Some(p) = r.read_packet().unwrap() {
-            packets.push((p.data, p.absgp_page(), p.last_in_stream()));
+            let (gp, last) = (p.absgp_page(), p.last_in_stream());
+            packets.push((p.data, gp, last));
         }
         assert!(packets[0].0.starts_with(b"OpusHead") && packets[1].0.starts_with(b"OpusTags"));
         assert_eq!(packets.len(), 2 + 6, "headers, 2 packets, 4 silence frames");
