@@ -12,7 +12,8 @@
 //!   live task does), and refusing exactly the commands the live provider refused;
 //! - timeouts: the recorded ones (the live timer's real wake-ups, so frames leave exactly as
 //!   late as they did), plus one at the core's own deadline when the recording has no wake-up
-//!   within [`TIMER_SLACK`] of it (a changed setting made the core want a different one).
+//!   within [`TIMER_SLACK`] of it (a changed setting made the core want a different one);
+//! - nothing after the last recorded input (the live session ended there).
 //!
 //! The result is the core's output stream ([`Replayed::report`]): client events, agent states,
 //! provider commands, turns, with their media time, then the transcript and a summary of the
