@@ -134,6 +134,7 @@ impl SessionHost for Host {
             provider: request.provider,
             user_id: request.user_id,
             api_key_id: request.api_key_id,
+            record: request.record,
         };
         let s = self.manager.create(options).await.map_err(to_api)?;
         Ok(CreatedSession { session_id: s.id.clone(), ice_servers: self.ice_servers.clone() })

@@ -34,6 +34,8 @@ pub mod peer;
 pub mod pipecat;
 pub mod providers;
 pub mod realtime_calls;
+pub mod recording;
+pub mod replay;
 pub mod server;
 pub mod session;
 pub mod store;

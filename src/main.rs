@@ -1,4 +1,4 @@
-//! The `kotodama` binary: `kotodama serve [--config kotodama.toml]`.
+//! The `kotodama` binary: `kotodama serve [--config kotodama.toml]`, `kotodama replay <recording>`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +11,9 @@ kotodama — a WebRTC media server that gives AI characters a voice
 
 USAGE:
     kotodama serve [--config <file>]    start the server
+    kotodama replay <recording> [--compare] [--out <file>] [--vad-...]
+                                        replay a recorded session through this build's core
+                                        (see kotodama replay --help)
     kotodama --help                     show this help
     kotodama --version                  show the version
 
@@ -35,11 +38,16 @@ ENVIRONMENT (overrides the file):
     KOTODAMA_LOG           log filter, e.g. info or kotodama=debug (default info)
     KOTODAMA_LOG_FORMAT    `json` for JSON lines
     KOTODAMA_OTLP_ENDPOINT OpenTelemetry collector (OTLP/HTTP), e.g. http://127.0.0.1:4318; unset: off
+    KOTODAMA_RECORD        1: record every session (audio + events; see kotodama replay)
+    KOTODAMA_RECORDING_URL where recordings go: a directory (default data/recordings) or s3://bucket/prefix
     OPENAI_API_KEY, OPENAI_REALTIME_URL, OPENAI_REALTIME_MODEL   the OpenAI Realtime provider
 ";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("replay") {
+        return kotodama::replay::main(&args[1..]);
+    }
     let mut config_path: Option<PathBuf> = None;
     let mut command: Option<&str> = None;
     let mut i = 0;

@@ -226,7 +226,13 @@ async fn offer(
     };
     let data = request.request_data.as_ref();
     let field = |k: &str| data.and_then(|d| d.get(k)).and_then(Value::as_str).map(str::to_owned);
-    let options = CreateOptions { character: field("character"), provider: field("provider"), user_id, api_key_id };
+    let options = CreateOptions {
+        character: field("character"),
+        provider: field("provider"),
+        user_id,
+        api_key_id,
+        record: data.and_then(|d| d.get("record")).and_then(Value::as_bool),
+    };
     end_replaced(&st, &request, None).await;
     let shared = st.manager.create(options).await.map_err(crate::http::to_api)?;
     let result = answer(&st, &shared.id, offer).await;

@@ -186,6 +186,7 @@ async fn publish(
             Some(signaling::Caller::Key(k)) => Some(k.id.clone()),
             _ => None,
         },
+        record: None,
     };
     w.sweep();
     let started = w.manager.whip_publish(options, offer).await.map_err(crate::http::to_api)?;

@@ -21,6 +21,8 @@ export interface SessionReadyEvent {
   protocol: number;
   /** Provider name. */
   provider: string;
+  /** The session is being recorded (audio and events, for replay and export; extension, sent only when true). */
+  recording?: boolean;
   /** The session this channel belongs to. */
   session_id: string;
 }

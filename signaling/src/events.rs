@@ -40,6 +40,10 @@ pub enum ServerEvent {
         character: String,
         /// Provider name.
         provider: String,
+        /// The session is being recorded (audio and events, for replay and export; extension,
+        /// sent only when true).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        recording: bool,
     },
     /// The agent's state changed.
     #[serde(rename = "state")]
@@ -185,6 +189,7 @@ impl ServerEvent {
             protocol: PROTOCOL_VERSION,
             character: character.into(),
             provider: provider.into(),
+            recording: false,
         }
     }
 

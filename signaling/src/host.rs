@@ -121,6 +121,10 @@ pub struct CreateSessionRequest {
     /// (`/v1/users/{user_id}`) find. 1..=128 visible ASCII characters.
     #[serde(default)]
     pub user_id: Option<String>,
+    /// Record this session (extension): audio and events kept for replay and admin export;
+    /// `None` = as the server is configured. Announced in `session.ready` (`recording: true`).
+    #[serde(default)]
+    pub record: Option<bool>,
     /// Short id of the API key that authenticated the request (set by the router, never read
     /// from the body); `None` when the API is open.
     #[serde(skip)]

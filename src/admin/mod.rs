@@ -11,6 +11,8 @@
 //! | `GET /v1/admin/sessions` | 200 `[{"session_id","node","provider","character","user_id","state","agent_state"?,"created_at"}]`: every session not ended, on any node |
 //! | `DELETE /v1/admin/sessions/{id}` | 200; the session ends wherever it runs |
 //! | `GET /v1/admin/sessions/{id}/export?format=json|text` | 200 the session and its transcript |
+//! | `GET /v1/admin/sessions/{id}/recording` | 200 the session, its transcript and its recording's files (see [`recording`]) |
+//! | `GET /v1/admin/sessions/{id}/recording/{file}` | 200 one file of the recording (`events.jsonl`, `user.opus`, `agent.opus`) |
 //! | `GET /v1/admin/users/{user_id}/export?format=json|text` | 200 every session of the user with transcripts |
 //! | `GET /v1/admin/audit?limit=N` | 200 the newest N (default 100, at most 1000) audit records |
 //! | `GET /v1/admin/flags?status=open|resolved|all&category=&session_id=&limit=` | 200 the moderation review queue, newest first (default: open) |
@@ -25,6 +27,7 @@
 //! that takes an edit applies it at once; other nodes sharing the database pick it up within
 //! [`CATALOG_REFRESH`]; a restarted node starts with them.
 
+mod recording;
 pub mod store;
 
 use std::sync::{Arc, Weak};
@@ -79,6 +82,8 @@ pub async fn start(
         .route("/v1/admin/sessions", get(list_sessions))
         .route("/v1/admin/sessions/{id}", axum::routing::delete(end_session))
         .route("/v1/admin/sessions/{id}/export", get(export_session))
+        .route("/v1/admin/sessions/{id}/recording", get(recording::recording))
+        .route("/v1/admin/sessions/{id}/recording/{file}", get(recording::recording_file))
         .route("/v1/admin/users/{user_id}/export", get(export_user))
         .route("/v1/admin/audit", get(audit_log))
         .route("/v1/admin/flags", get(list_flags))

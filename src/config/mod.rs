@@ -46,6 +46,7 @@ pub mod moderation;
 pub mod node;
 mod oidc;
 pub mod openai;
+pub mod recording;
 pub mod resilience;
 pub mod scripted;
 pub mod session;
@@ -63,6 +64,7 @@ pub use self::media::MediaSettings;
 pub use self::memory::MemorySettings;
 pub use self::moderation::ModerationSettings;
 pub use self::oidc::OidcSettings;
+pub use self::recording::RecordingSettings;
 pub use self::resilience::ResilienceSettings;
 pub use self::scripted::ScriptedSettings;
 pub use self::session::SessionLimits;
@@ -188,6 +190,8 @@ pub struct Config {
     pub memory: MemorySettings,
     /// Budgets per session and per user per day (`[budget]`, `KOTODAMA_BUDGET_*`).
     pub budget: budget::BudgetLimits,
+    /// Session recording for replay (`[recording]`, `KOTODAMA_RECORD`, `KOTODAMA_RECORDING_URL`).
+    pub recording: RecordingSettings,
 }
 
 impl Default for Config {
@@ -222,6 +226,7 @@ impl Default for Config {
             moderation: ModerationSettings::default(),
             memory: MemorySettings::default(),
             budget: budget::BudgetLimits::default(),
+            recording: RecordingSettings::default(),
         }
     }
 }
@@ -274,6 +279,7 @@ impl Config {
             &self.moderation,
             &self.memory,
             &self.budget,
+            &self.recording,
         ]
     }
 
@@ -295,6 +301,7 @@ impl Config {
             &mut self.moderation,
             &mut self.memory,
             &mut self.budget,
+            &mut self.recording,
         ]
     }
 

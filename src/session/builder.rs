@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::budget::BudgetPlan;
-use super::conversation::{Conversation, ConversationConfig, MediaParts};
+use super::conversation::{Conversation, ConversationConfig};
 use super::link::{ApiV1, EventCodec};
-use super::speech::AgentSpeech;
 use super::task::SessionTask;
 use super::webrtc_link::WebRtcLink;
 use super::{Control, SessionError, SessionShared};
@@ -22,6 +21,8 @@ use crate::config::{Character, Config};
 use crate::peer::{Peer, PeerSettings};
 use crate::providers::resilient::ResilientProvider;
 use crate::providers::{ProviderSession, RealtimeProvider, SessionConfig};
+use crate::recording::format::{FORMAT_VERSION, Header, MediaSpec};
+use crate::recording::{Recorder, Recordings};
 
 /// Capacity of the channel from the peer's callbacks to the session task: ~10 s of RTP plus
 /// data-channel messages, so the burst a sender flushes after a stall (its queued packets arrive
@@ -59,6 +60,8 @@ pub(crate) struct SessionBuilder {
     /// Where the users' daily usage is read (budgets per user per day); `None`: daily limits
     /// count only the session itself.
     usage_store: Option<Arc<dyn crate::store::Store>>,
+    /// Where recorded sessions go (`None`: the store could not be opened; nothing is recorded).
+    recordings: Option<Arc<Recordings>>,
 }
 
 impl SessionBuilder {
@@ -93,7 +96,21 @@ impl SessionBuilder {
             media::EncoderConfig { bitrate_bps: m.opus_bitrate, complexity: m.opus_complexity, ..Default::default() };
         let tools = Arc::new(crate::providers::tools::ToolRegistry::builtin());
         let moderator = crate::moderation::Moderator::new(&config.moderation).ok().map(Arc::new);
-        Self { config, providers, peer_settings, vad, encoder, tools, moderator, memory: None, usage_store: None }
+        let recordings = Recordings::open(&config.recording)
+            .map_err(|e| tracing::error!(error = %e, "recording store unavailable; sessions are not recorded"))
+            .ok();
+        Self {
+            config,
+            providers,
+            peer_settings,
+            vad,
+            encoder,
+            tools,
+            moderator,
+            memory: None,
+            usage_store: None,
+            recordings,
+        }
     }
 
     /// With long-term memory.
@@ -188,7 +205,8 @@ impl SessionBuilder {
         link: impl FnOnce(Peer, mpsc::Receiver<crate::peer::PeerEvent>) -> L,
     ) -> Result<(SessionTask<L>, String, mpsc::Sender<Control>), SessionError> {
         let provider = self.provider_chain(&shared.provider, character)?;
-        let media = self.media_parts(provider.input_format().rate_hz, Some(offer.opus_payload_type()))?;
+        let spec = self.media_spec(provider.input_format().rate_hz, Some(offer.opus_payload_type()));
+        let media = spec.parts().map_err(|e| SessionError::Internal(e.to_string()))?;
         let (peer_tx, peer_rx) = mpsc::channel(PEER_CHANNEL_CAPACITY);
         let memories = self.memories(shared).await;
         let budget = self.budget_plan(shared, character).await;
@@ -209,7 +227,7 @@ impl SessionBuilder {
         let link = link(peer, peer_rx);
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
         let conv = self.conversation_config(shared, character, &provider, budget);
-        let task = self.task(shared, character, link, control_rx, session, Conversation::new(conv, media));
+        let task = self.task(shared, character, link, control_rx, session, Conversation::new(conv, media), spec);
         Ok((task, answer, control))
     }
 
@@ -233,7 +251,8 @@ impl SessionBuilder {
     ) -> Result<(SessionTask<L>, mpsc::Sender<Control>), SessionError> {
         let provider = self.provider_chain(&shared.provider, character)?;
         // A WebSocket carries only Opus frames (its own framing): no payload type to filter.
-        let media = self.media_parts(provider.input_format().rate_hz, None)?;
+        let spec = self.media_spec(provider.input_format().rate_hz, None);
+        let media = spec.parts().map_err(|e| SessionError::Internal(e.to_string()))?;
         let memories = self.memories(shared).await;
         let budget = self.budget_plan(shared, character).await;
         let session = provider.connect(self.provider_config(shared, character, &memories, &budget)).await;
@@ -243,7 +262,7 @@ impl SessionBuilder {
         let session = session.map_err(|e| SessionError::ProviderUnavailable(e.to_string()))?;
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
         let conv = self.conversation_config(shared, character, &provider, budget);
-        Ok((self.task(shared, character, link, control_rx, session, Conversation::new(conv, media)), control))
+        Ok((self.task(shared, character, link, control_rx, session, Conversation::new(conv, media), spec), control))
     }
 
     fn conversation_config(
@@ -273,8 +292,11 @@ impl SessionBuilder {
         link: L,
         control_rx: mpsc::Receiver<Control>,
         provider: ProviderSession,
-        conv: Conversation,
+        mut conv: Conversation,
+        spec: MediaSpec,
     ) -> SessionTask<L> {
+        let recorder = self.recorder(shared, conv.config(), spec);
+        conv.set_recording(recorder.is_some());
         SessionTask {
             shared: Arc::clone(shared),
             start: Instant::now(),
@@ -286,6 +308,7 @@ impl SessionBuilder {
             pacing_hist: metrics::histogram!(crate::telemetry::PACING_LATENESS),
             uplink_hist: metrics::histogram!(crate::telemetry::UPLINK_LATENCY),
             memory: self.memory_of(shared).map(|(memory, owner)| (memory, owner, character.name.clone())),
+            recorder,
         }
     }
 
@@ -309,28 +332,59 @@ impl SessionBuilder {
     }
 
     /// Uplink (to the provider's input rate, decoding only the offer's Opus payload type),
-    /// playout, barge-in and timed speech.
-    fn media_parts(&self, input_rate_hz: u32, opus_payload_type: Option<u8>) -> Result<MediaParts, SessionError> {
-        let internal = |e: media::MediaError| SessionError::Internal(e.to_string());
-        let uplink = media::Uplink::new(media::UplinkConfig {
-            output_rate_hz: input_rate_hz,
-            vad: self.vad,
+    /// playout, barge-in and timed speech: built from one [`MediaSpec`], which a recording keeps
+    /// so a replay builds the same parts.
+    fn media_spec(&self, input_rate_hz: u32, opus_payload_type: Option<u8>) -> MediaSpec {
+        let m = &self.config.media;
+        MediaSpec {
+            input_rate_hz,
             opus_payload_type,
-            ..Default::default()
-        })
-        .map_err(internal)?;
-        let playout = media::Playout::new(media::PlayoutConfig {
-            encoder: self.encoder,
+            vad_mode: m.vad_mode.min(3),
+            vad_min_speech_ms: m.min_speech_ms,
+            vad_min_silence_ms: m.min_silence_ms,
+            vad_energy_floor_dbfs: self.vad.energy_floor_dbfs,
+            opus_bitrate_bps: self.encoder.bitrate_bps,
+            opus_complexity: self.encoder.complexity,
             // tokio timers wake up to ~1 ms late; a 2 ms tolerance keeps the 20 ms grid at real time
             // instead of letting each late wake-up push every later frame back (measured slip ~6%).
-            jitter_tolerance: Duration::from_millis(2),
+            jitter_tolerance_ms: 2,
+            estimate_visemes: true,
             // Each reply ends with an Opus DTX frame: browsers play the pause as comfort noise,
             // not as concealment of a lost stream (media::playout, "Silence (DTX)").
             dtx: true,
-            ..Default::default()
-        })
-        .map_err(internal)?;
-        Ok(MediaParts { uplink, playout, barge_in: media::BargeIn::default(), speech: AgentSpeech::new(true) })
+        }
+    }
+
+    /// The recorder of `shared`'s session when it is recorded (and the store is usable): its
+    /// header describes the core about to be built.
+    fn recorder(&self, shared: &SessionShared, conv: &ConversationConfig, media: MediaSpec) -> Option<Recorder> {
+        let store = self.recordings.as_ref().filter(|_| shared.record)?;
+        let started_at =
+            time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        let header = Header {
+            format: FORMAT_VERSION,
+            session_id: shared.id.clone(),
+            character: shared.character.clone(),
+            provider: conv.provider.clone(),
+            started_at,
+            caps: conv.caps.into(),
+            greeting: conv.greeting.clone(),
+            idle_timeout_ms: conv.idle_timeout.map(|d| d.as_millis() as u64),
+            media,
+            moderation: conv.moderator.as_ref().map(|_| self.config.moderation.clone()),
+        };
+        match store.start(header) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(session_id = %shared.id, error = %e, "recording could not start; session not recorded");
+                None
+            }
+        }
+    }
+
+    /// The recording store, when recording is possible on this node.
+    pub fn recordings(&self) -> Option<&Arc<Recordings>> {
+        self.recordings.as_ref()
     }
 
     /// The provider's session settings: the character, with what it remembers of the user in

@@ -275,6 +275,8 @@ pub struct Conversation {
     budget: Budget,
     /// A budget was reached with [`OnLimit::Degrade`]: the model gets no more user input.
     degraded: bool,
+    /// The session is recorded (announced in `session.ready`).
+    recording: bool,
 }
 
 impl Conversation {
@@ -311,7 +313,18 @@ impl Conversation {
             moderated: None,
             budget,
             degraded: false,
+            recording: false,
         }
+    }
+
+    /// What the core was built with.
+    pub fn config(&self) -> &ConversationConfig {
+        &self.cfg
+    }
+
+    /// Announce in `session.ready` that the session is recorded ([`crate::recording`]).
+    pub fn set_recording(&mut self, on: bool) {
+        self.recording = on;
     }
 
     /// Feed one input at media time `now` (monotonic). Drain [`Self::poll_output`] afterwards.
@@ -489,6 +502,7 @@ impl Conversation {
             protocol: signaling::events::PROTOCOL_VERSION,
             character: self.cfg.character.clone(),
             provider: self.cfg.provider.clone(),
+            recording: self.recording,
         });
         self.event(ServerEvent::State { state: AgentState::Initializing });
         if self.provider_ready {

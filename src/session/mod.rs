@@ -129,6 +129,8 @@ pub struct SessionShared {
     pub user_id: Option<String>,
     /// Short id of the API key that created it, if any.
     pub api_key_id: Option<String>,
+    /// The session is recorded ([`crate::recording`]): asked at creation, or by configuration.
+    pub record: bool,
     created_instant: Instant,
     state: Mutex<SharedState>,
     writer: StoreWriter,
@@ -433,6 +435,8 @@ pub struct CreateOptions {
     pub user_id: Option<String>,
     /// Short id of the creating API key.
     pub api_key_id: Option<String>,
+    /// Record the session (`"record"` in the body); `None`: as configured (`[recording]`).
+    pub record: Option<bool>,
 }
 
 impl SessionManager {
@@ -510,6 +514,11 @@ impl SessionManager {
     /// Long-term memory (privacy export/delete, the memories API).
     pub fn memory(&self) -> &Arc<crate::memory::Memory> {
         &self.memory
+    }
+
+    /// The recording store (`None`: it could not be opened; nothing is recorded).
+    pub fn recordings(&self) -> Option<&Arc<crate::recording::Recordings>> {
+        self.builder.recordings()
     }
 
     /// The durable store.
@@ -592,6 +601,7 @@ impl SessionManager {
             created_at: SystemTime::now(),
             user_id: options.user_id.clone(),
             api_key_id: options.api_key_id.clone(),
+            record: options.record.unwrap_or_else(|| self.config.recording.records_character(&character.id)),
             created_instant: Instant::now(),
             writer: self.writer.clone(),
             cluster: self.cluster.clone(),
@@ -994,6 +1004,7 @@ mod tests {
             created_at: now,
             user_id: None,
             api_key_id: None,
+            record: false,
             created_instant: Instant::now(),
             state: Mutex::new(SharedState {
                 phase: SessionState::Connecting,

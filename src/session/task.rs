@@ -38,6 +38,8 @@ pub(crate) struct SessionTask<L: ClientLink> {
     /// Long-term memory of the session's user with its character (and the character's name):
     /// learns from the heard transcript once the session ends.
     pub memory: Option<(Arc<crate::memory::Memory>, crate::memory::Owner, String)>,
+    /// Records every input and output of the core when the session is recorded.
+    pub recorder: Option<crate::recording::Recorder>,
 }
 
 /// IO counters of the task, exported as deltas.
@@ -127,7 +129,11 @@ impl<L: ClientLink> SessionTask<L> {
 
     /// Feed the core and carry out what it decided.
     async fn input(&mut self, input: Input, counters: &mut Counters) -> Drained {
-        self.conv.handle_input(self.now(), input);
+        let now = self.now();
+        if let Some(r) = self.recorder.as_mut() {
+            r.input(now, &input);
+        }
+        self.conv.handle_input(now, input);
         self.drain(counters).await
     }
 
@@ -160,6 +166,9 @@ impl<L: ClientLink> SessionTask<L> {
         let mut drained = Drained::default();
         let now = self.now();
         while let Some(out) = self.conv.poll_output() {
+            if let Some(r) = self.recorder.as_mut() {
+                r.output(&out);
+            }
             match out {
                 Output::Event(ev) => self.link.send_event(&ev).await,
                 Output::State(state) => {
@@ -174,7 +183,11 @@ impl<L: ClientLink> SessionTask<L> {
                             counters.uplink_to_provider_dropped += 1
                         }
                         Err(TrySendError::Full(cmd) | TrySendError::Closed(cmd)) => {
-                            self.conv.handle_input(now, Input::Refused(cmd))
+                            let refused = Input::Refused(cmd);
+                            if let Some(r) = self.recorder.as_mut() {
+                                r.input(now, &refused);
+                            }
+                            self.conv.handle_input(now, refused)
                         }
                     }
                 }
@@ -233,6 +246,7 @@ impl<L: ClientLink> SessionTask<L> {
 
     /// The end: last stats, the provider closed, the client told (unless it is gone), the link closed.
     async fn finish(&mut self, reason: EndReason, counters: &Counters, exported: &mut Exported) {
+        let ended_at = self.now();
         self.export_stats(counters, exported);
         self.shared.push_usage(self.conv.usage());
         let _ = self.provider.commands.try_send(ProviderCommand::Close);
@@ -240,6 +254,10 @@ impl<L: ClientLink> SessionTask<L> {
             self.link.send_event(&ServerEvent::SessionEnded { reason: reason.as_str().to_owned() }).await;
         }
         self.link.close(CLOSE_GRACE).await;
+        if let Some(r) = self.recorder.take() {
+            let complete = r.finish(ended_at, reason.as_str()).await;
+            tracing::info!(session_id = %self.shared.id, complete, "recording closed");
+        }
         let link = self.link.stats();
         tracing::info!(
             session_id = %self.shared.id,
