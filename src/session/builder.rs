@@ -167,6 +167,8 @@ impl SessionBuilder {
             idle_timeout: (self.config.session.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(self.config.session.idle_timeout_secs)),
             moderator: self.moderator.clone(),
+            reply_timeout: Some(self.config.resilience.policy().reply_timeout),
+            start_timeout: Some(self.config.resilience.start_timeout()),
         }
     }
 

@@ -61,6 +61,14 @@ pub struct ConversationConfig {
     pub idle_timeout: Option<Duration>,
     /// Checks agent text before it is spoken ([`crate::moderation`]); `None`: no checks.
     pub moderator: Option<std::sync::Arc<crate::moderation::Moderator>>,
+    /// Provider deadline for every reply (spoken turn, typed turn, greeting): the provider must
+    /// show progress within this, or the turn is given up (`error` `reply_timeout`) and a silent
+    /// provider session replaced (`resilience.reply_timeout_ms`). `None`: no deadline.
+    pub reply_timeout: Option<Duration>,
+    /// Provider deadline for session start: the provider must be ready this long after the
+    /// session task started, or its session is replaced (`error` `provider_timeout`;
+    /// `resilience.start_timeout_ms`). `None`: no deadline.
+    pub start_timeout: Option<Duration>,
 }
 
 /// The media parts the core drives, built by the session builder.
@@ -123,6 +131,27 @@ pub enum Input {
 
 /// A connected session with no audio from the client this long is reported (log, metric, event).
 const NO_AUDIO_AFTER: Duration = Duration::from_secs(5);
+/// Provider deadlines missed in a row, with nothing at all heard from the provider, that end the
+/// session (`session.ended` `provider_error`): the first replaces the provider session
+/// ([`ProviderCommand::Restart`]), the second gives up.
+const MAX_SILENT_DEADLINES: u32 = 2;
+
+/// What the core is waiting for from the provider, until when (media time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProviderWait {
+    /// `Ready` of the provider session (session start).
+    Ready(Duration),
+    /// Progress of the reply the agent owes (a transcript, audio, its end).
+    Reply(Duration),
+}
+
+impl ProviderWait {
+    fn at(self) -> Duration {
+        match self {
+            ProviderWait::Ready(at) | ProviderWait::Reply(at) => at,
+        }
+    }
+}
 /// An external agent's result (seed 000's agent callbacks; N.E.K.O.'s `agent_notification`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -264,11 +293,19 @@ pub struct Conversation {
     last_interruption: Option<InterruptReason>,
     /// The agent item whose text is being released, and how many bytes of it passed moderation.
     moderated: Option<(String, usize)>,
+    /// The provider deadline in force (session start, or the reply owed).
+    provider_wait: Option<ProviderWait>,
+    /// Some provider event arrived since `provider_wait` was armed (a live but unhelpful provider
+    /// is not replaced; a silent one is).
+    provider_heard: bool,
+    /// Deadlines missed in a row with nothing heard from the provider.
+    silent_deadlines: u32,
 }
 
 impl Conversation {
     /// A conversation at media time zero, agent `initializing`.
     pub fn new(cfg: ConversationConfig, media: MediaParts) -> Self {
+        let cfg_start = cfg.start_timeout;
         Self {
             cfg,
             media,
@@ -297,6 +334,9 @@ impl Conversation {
             no_audio: media::NoAudioWatch::new(NO_AUDIO_AFTER),
             last_interruption: None,
             moderated: None,
+            provider_wait: cfg_start.map(ProviderWait::Ready),
+            provider_heard: false,
+            silent_deadlines: 0,
         }
     }
 
@@ -346,11 +386,12 @@ impl Conversation {
     }
 
     /// When to feed [`Input::Timeout`] next (media time): the next frame due, the idle deadline,
-    /// the end of the uplink's wait for a missing packet. (The no-audio watch is checked on every
-    /// timeout; the task feeds one at least once a second.)
+    /// the end of the uplink's wait for a missing packet, the provider deadline. (The no-audio
+    /// watch is checked on every timeout; the task feeds one at least once a second.)
     pub fn poll_timeout(&self) -> Option<Duration> {
         let idle = self.cfg.idle_timeout.map(|t| self.last_activity + t);
-        [self.media.playout.next_due(), idle, self.media.uplink.next_timeout()].into_iter().flatten().min()
+        let provider = self.provider_wait.map(ProviderWait::at);
+        [self.media.playout.next_due(), idle, self.media.uplink.next_timeout(), provider].into_iter().flatten().min()
     }
 
     /// Whether the caller should read provider events now (no audio waiting for playout room).
@@ -401,6 +442,25 @@ impl Conversation {
         if self.state != state {
             self.state = state;
             self.out.push_back(Queued::State(state));
+        }
+        self.follow_reply_deadline();
+    }
+
+    /// A reply is owed while the agent is thinking or speaking: its deadline runs (from the
+    /// moment it became owed); otherwise none does. The start deadline is left alone.
+    fn follow_reply_deadline(&mut self) {
+        let owed = matches!(self.state, AgentState::Thinking | AgentState::Speaking);
+        match (owed, self.provider_wait) {
+            (true, None) => self.arm_reply_deadline(),
+            (false, Some(ProviderWait::Reply(_))) => self.provider_wait = None,
+            _ => {}
+        }
+    }
+
+    fn arm_reply_deadline(&mut self) {
+        if let Some(t) = self.cfg.reply_timeout {
+            self.provider_wait = Some(ProviderWait::Reply(self.now + t));
+            self.provider_heard = false;
         }
     }
 
@@ -468,6 +528,7 @@ impl Conversation {
         } else {
             self.state = AgentState::Listening;
         }
+        self.follow_reply_deadline();
         if matches!(cmd, ProviderCommand::Text(_)) {
             self.event(ServerEvent::Error { code: "busy".into(), message: "the model is busy; try again".into() });
         }
@@ -483,6 +544,7 @@ impl Conversation {
             self.drain_uplink();
         }
         self.watch_audio();
+        self.check_provider_deadline();
         let Some(idle) = self.cfg.idle_timeout else { return };
         if self.now >= self.last_activity + idle {
             if self.media.playout.is_active() {
@@ -740,6 +802,7 @@ impl Conversation {
     }
 
     fn on_provider_event(&mut self, ev: ProviderEvent) {
+        self.on_provider_progress(&ev);
         match ev {
             ProviderEvent::Ready => {
                 self.provider_ready = true;
@@ -895,6 +958,91 @@ impl Conversation {
             _ => {}
         }
         self.flush_due();
+    }
+
+    /// Anything the provider itself sent (not the resilience layer's notices and errors) shows
+    /// it alive; `Ready` ends the start deadline, progress on the owed reply moves its deadline on.
+    fn on_provider_progress(&mut self, ev: &ProviderEvent) {
+        if matches!(ev, ProviderEvent::Notice { .. } | ProviderEvent::Error { .. } | ProviderEvent::Closed) {
+            return;
+        }
+        self.provider_heard = true;
+        self.silent_deadlines = 0;
+        match (ev, self.provider_wait) {
+            (ProviderEvent::Ready, Some(ProviderWait::Ready(_))) => {
+                self.provider_wait = None;
+                self.follow_reply_deadline();
+            }
+            (
+                ProviderEvent::AudioDelta { .. }
+                | ProviderEvent::AudioDone { .. }
+                | ProviderEvent::Transcript { speaker: Speaker::Agent, .. },
+                Some(ProviderWait::Reply(_)),
+            ) => self.arm_reply_deadline(),
+            _ => {}
+        }
+    }
+
+    /// A provider deadline passed (issue 12, kind 7): the client gets an `error`; an owed reply is
+    /// given up (what was played of it is the agent's turn, the rest is dropped) and the agent
+    /// listens again; a provider session that said nothing at all since the deadline was armed
+    /// is replaced ([`ProviderCommand::Restart`]: reconnect or failover); a second silent miss in
+    /// a row ends the session (`provider_error`).
+    fn check_provider_deadline(&mut self) {
+        let Some(wait) = self.provider_wait.filter(|w| w.at() <= self.now) else { return };
+        if let ProviderWait::Reply(_) = wait
+            && (self.media.playout.buffered() >= media::FRAME || self.pending.is_some())
+        {
+            // Still playing what came (a whole frame or more; less is a remainder that waits for
+            // more audio): the provider is held back by us, not silent.
+            self.arm_reply_deadline();
+            self.provider_heard = true;
+            return;
+        }
+        self.provider_wait = None;
+        let silent = !self.provider_heard || matches!(wait, ProviderWait::Ready(_));
+        self.silent_deadlines = if silent { self.silent_deadlines + 1 } else { 0 };
+        let (code, limit, what) = match wait {
+            ProviderWait::Ready(_) => ("provider_timeout", self.cfg.start_timeout, "get ready"),
+            ProviderWait::Reply(_) => ("reply_timeout", self.cfg.reply_timeout, "answer"),
+        };
+        let secs = limit.unwrap_or_default().as_secs_f64();
+        let provider = self.cfg.provider.clone();
+        telemetry::add_with(telemetry::PROVIDER_ERRORS, "provider", provider, 1);
+        tracing::warn!(session_id = %self.cfg.session_id, code, silent, "provider deadline passed");
+        if self.silent_deadlines >= MAX_SILENT_DEADLINES {
+            let message = format!("the model did not {what} within {secs} s, again; ending the session");
+            self.event(ServerEvent::Error { code: code.into(), message });
+            self.out.push_back(Queued::End(EndReason::ProviderError));
+            return;
+        }
+        let message = if silent {
+            format!("the model did not {what} within {secs} s; reconnecting to it")
+        } else {
+            format!("the model did not {what} within {secs} s; please try again")
+        };
+        self.event(ServerEvent::Error { code: code.into(), message });
+        if let ProviderWait::Reply(_) = wait {
+            self.command(ProviderCommand::Cancel);
+            if let Some(item) = self.agent_item.clone() {
+                // Less than a frame is left (a remainder waiting for audio that will not come).
+                self.media.playout.clear();
+                self.cancelled_item = Some(item);
+                self.response_done = true;
+                self.after_playout_progress();
+            }
+            self.pending = None;
+            self.response_done = false;
+            self.agent_item = None;
+            self.set_state(AgentState::Listening);
+        }
+        if silent {
+            self.command(ProviderCommand::Restart);
+            if let ProviderWait::Ready(_) = wait {
+                self.provider_wait = self.cfg.start_timeout.map(|t| ProviderWait::Ready(self.now + t));
+                self.provider_heard = false;
+            }
+        }
     }
 
     /// Errors, notices, the end of the provider session: the client is told.
