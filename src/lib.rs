@@ -33,6 +33,7 @@ pub mod peer;
 pub mod providers;
 pub mod server;
 pub mod session;
+pub mod ssrc_demux;
 pub mod store;
 pub mod telemetry;
 pub mod turn_settings;
