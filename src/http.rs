@@ -82,6 +82,10 @@ pub(crate) fn to_api(e: SessionError) -> ApiError {
         SessionError::Busy => ApiError::unavailable("the session is busy", RETRY_AFTER),
         SessionError::NoUserData => ApiError::not_found("no_user_data", "no data for this user"),
         e @ SessionError::LiveElsewhere(_) => ApiError::conflict("sessions_live_elsewhere", e.to_string()),
+        e @ SessionError::KeyLimit { limit, retry_after, .. } => ApiError::TooManyRequests {
+            reason: signaling::problem::Reason::new(limit.code(), e.to_string()),
+            retry_after,
+        },
         other => ApiError::internal(other),
     }
 }

@@ -38,6 +38,7 @@ pub mod recording;
 pub mod replay;
 pub mod server;
 pub mod session;
+pub mod ssrc_demux;
 pub mod store;
 pub mod telemetry;
 pub mod turn_settings;

@@ -203,7 +203,9 @@ impl Peer {
         // Voice only needs RTCP sender/receiver reports (A/V sync, loss stats). NACK retransmission
         // is not used for Opus (FEC/PLC cover loss) and TWCC feeds bandwidth estimation we do not
         // do at a fixed 32 kbit/s: both cost per-packet work and timers on every session.
-        let registry = configure_rtcp_reports(Registry::new());
+        // Audio of any SSRC on the one audio m-line is the microphone (issue 12 kind 2).
+        let registry = configure_rtcp_reports(Registry::new())
+            .with(crate::ssrc_demux::SLOT.into(), crate::ssrc_demux::SsrcDemux::default());
 
         let disconnected = Duration::from_secs(5);
         let mut se = SettingEngineBuilder::new()

@@ -137,6 +137,10 @@ pub fn run(rec: &Recording, overrides: &Overrides) -> Result<Replayed, String> {
         // Budgets are not recorded yet: a replay runs unlimited (a recorded session that ended on
         // its budget shows the difference under --compare).
         budget: crate::session::budget::BudgetPlan::new(&Default::default(), None),
+        // Provider deadlines are not recorded either: a replay feeds the recorded provider events
+        // and timer wake-ups, so a recorded deadline shows as a difference under --compare.
+        reply_timeout: None,
+        start_timeout: None,
     };
     let mut conv = Conversation::new(cfg, media);
     conv.set_recording(true);

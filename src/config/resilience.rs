@@ -26,8 +26,12 @@ pub struct ResilienceSettings {
     pub recycle_lead_ms: u64,
     /// Silence from the user required for a recycle swap, ms.
     pub quiet_ms: u64,
-    /// A requested reply (greeting, typed text) that does not start within this is given up, ms.
+    /// A reply (spoken or typed turn, greeting) that shows no progress within this is given up
+    /// (`error` `reply_timeout`); a provider that sent nothing at all is replaced, ms.
     pub reply_timeout_ms: u64,
+    /// A provider session that is not ready this long after the session started is replaced
+    /// (`error` `provider_timeout`); a second miss ends the session, ms.
+    pub start_timeout_ms: u64,
 }
 
 impl Default for ResilienceSettings {
@@ -41,11 +45,17 @@ impl Default for ResilienceSettings {
             recycle_lead_ms: 60_000,
             quiet_ms: 1_500,
             reply_timeout_ms: 15_000,
+            start_timeout_ms: 10_000,
         }
     }
 }
 
 impl ResilienceSettings {
+    /// The session's start deadline (at least 1 ms).
+    pub fn start_timeout(&self) -> Duration {
+        Duration::from_millis(self.start_timeout_ms.max(1))
+    }
+
     /// The policy the provider wrapper applies (at least one attempt, a reply timeout > 0).
     pub fn policy(&self) -> ResiliencePolicy {
         ResiliencePolicy {

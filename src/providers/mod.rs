@@ -207,6 +207,10 @@ pub enum ProviderCommand {
     /// Add turns to the model's context without answering (used when a pre-opened session takes
     /// over and turns happened after its history was taken).
     AppendHistory(Vec<HistoryItem>),
+    /// The session found the provider session unresponsive (a provider deadline passed with
+    /// nothing heard from it, issue 12 kind 7): replace it (reconnect, or fail over to the next
+    /// provider). Carried out by the resilience layer ([`resilient`]); a provider session ignores it.
+    Restart,
     /// End the provider session.
     Close,
 }

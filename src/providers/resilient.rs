@@ -84,8 +84,10 @@ pub struct ResiliencePolicy {
     pub recycle_lead: Duration,
     /// Silence required before a recycle swap.
     pub quiet_for: Duration,
-    /// A requested reply (`GenerateReply`, `Text`) that shows no sign of life this long is given
-    /// up: the client gets a `reply_timeout` error and the agent listens again.
+    /// A reply (spoken or typed turn, greeting) that shows no sign of life this long is given up:
+    /// the client gets a `reply_timeout` error and the agent listens again. The session's core
+    /// keeps this deadline (`session::conversation`); a silent session is replaced through
+    /// [`ProviderCommand::Restart`].
     pub reply_timeout: Duration,
 }
 
@@ -252,8 +254,8 @@ struct Supervisor {
     opening: Option<Opening>,
     /// After a failed pre-open, do not try again before this.
     open_not_before: Option<Instant>,
-    /// A requested reply must show a sign of life before this.
-    reply_deadline: Option<Instant>,
+    /// A `Ready` was forwarded: the `Ready` of a replacement session is not forwarded again.
+    ready_forwarded: bool,
     /// When agent audio last came from the live session.
     last_agent_audio: Option<Instant>,
     /// Provider sessions lost since the last completed reply.
@@ -310,7 +312,7 @@ impl Supervisor {
             next: None,
             opening: None,
             open_not_before: None,
-            reply_deadline: None,
+            ready_forwarded: false,
             last_agent_audio: None,
             restarts_in_turn: 0,
         }
@@ -361,7 +363,6 @@ impl Supervisor {
                 _ = sleep_until_opt(open_at) => self.start_opening_next(),
                 _ = sleep_until_opt(limit) => {}
                 _ = sleep_until_opt(self.reconnect_at) => self.reconnect().await,
-                _ = sleep_until_opt(self.reply_deadline) => self.on_reply_timeout().await,
             }
             if self.live.is_none() && self.reconnect_at.is_none() {
                 break;
@@ -431,14 +432,12 @@ impl Supervisor {
                 self.reply_audio_seen = false;
             }
             ProviderCommand::Text(t) => {
-                self.reply_deadline = Some(Instant::now() + self.policy.reply_timeout);
                 self.push_context(HistoryItem::User(t.clone()));
                 self.text_echo = Some(t.clone());
                 self.responding = true;
                 self.reply_audio_seen = false;
             }
             ProviderCommand::GenerateReply { .. } => {
-                self.reply_deadline = Some(Instant::now() + self.policy.reply_timeout);
                 self.responding = true;
                 self.reply_audio_seen = false;
             }
@@ -455,6 +454,15 @@ impl Supervisor {
             }
             ProviderCommand::Cancel => {
                 self.responding = false;
+            }
+            ProviderCommand::Restart => {
+                // The session saw a deadline pass with nothing from this provider session: treat
+                // it as dropped (the flapping count moves a provider that keeps doing it on).
+                if let Some(live) = &self.live {
+                    let _ = live.session.commands.try_send(ProviderCommand::Close);
+                    self.on_drop("the model stopped answering").await;
+                }
+                return;
             }
             ProviderCommand::Close | ProviderCommand::AppendHistory(_) => {}
         }
@@ -504,15 +512,6 @@ impl Supervisor {
     // --- events from the inner session ---
 
     async fn on_inner_event(&mut self, ev: ProviderEvent) {
-        if matches!(
-            ev,
-            ProviderEvent::AudioDelta { .. }
-                | ProviderEvent::Transcript { speaker: Speaker::Agent, .. }
-                | ProviderEvent::ResponseDone { .. }
-                | ProviderEvent::Error { .. }
-        ) {
-            self.reply_deadline = None;
-        }
         match &ev {
             ProviderEvent::Ready => {
                 if let Some(live) = self.live.as_mut()
@@ -521,6 +520,7 @@ impl Supervisor {
                     live.swallow_ready = false;
                     return;
                 }
+                self.ready_forwarded = true;
             }
             ProviderEvent::AudioDelta { item_id, .. } => {
                 self.reply_audio_seen = true;
@@ -599,7 +599,7 @@ impl Supervisor {
         }
         if let Some((_, next)) = self.next.take() {
             // A pre-opened session lacks nothing but the latest turns: use it right away.
-            self.live = Some(self.adopt(live.idx, next, true));
+            self.live = Some(self.adopt(live.idx, next, self.ready_forwarded));
             self.after_swap("provider_reconnected", "the model session was replaced".into()).await;
             return;
         }
@@ -637,23 +637,6 @@ impl Supervisor {
         self.emit(ProviderEvent::Closed).await;
     }
 
-    /// A requested reply never started: say so, stop waiting, and cancel it in case it is late.
-    async fn on_reply_timeout(&mut self) {
-        self.reply_deadline = None;
-        self.responding = false;
-        tracing::warn!(session_id = %self.cfg.session_id, "requested reply did not start in time");
-        if let Some(live) = &self.live {
-            let _ = live.session.commands.try_send(ProviderCommand::Cancel);
-        }
-        self.emit(ProviderEvent::Error {
-            code: "reply_timeout".into(),
-            message: format!("the model did not answer within {} s", self.policy.reply_timeout.as_secs()),
-            retryable: true,
-        })
-        .await;
-        self.emit(ProviderEvent::ResponseDone { item_id: String::new() }).await;
-    }
-
     fn schedule_reconnect(&mut self, idx: usize) {
         let exp = self.policy.backoff_base.saturating_mul(1u32 << self.attempt.min(10));
         let jitter = 0.5 + rand::random::<f64>();
@@ -672,7 +655,7 @@ impl Supervisor {
             Ok(session) => {
                 self.added_since_snapshot.clear();
                 let failover = idx != self.first_idx_of_outage;
-                self.live = Some(self.adopt(idx, session, true));
+                self.live = Some(self.adopt(idx, session, self.ready_forwarded));
                 let (code, message) = if failover {
                     ("provider_failover", format!("continuing with {}", self.chain[idx].name()))
                 } else {
@@ -775,7 +758,7 @@ impl Supervisor {
         if let Some(old) = self.live.take() {
             let _ = old.session.commands.try_send(ProviderCommand::Close);
         }
-        self.live = Some(self.adopt(idx, next, true));
+        self.live = Some(self.adopt(idx, next, self.ready_forwarded));
         self.reply = None;
         self.open_not_before = None;
         tracing::info!(session_id = %self.cfg.session_id, "provider session recycled at a turn boundary");

@@ -422,6 +422,8 @@ pub enum RecCommand {
         /// The turns.
         items: Vec<(Role, String)>,
     },
+    /// [`ProviderCommand::Restart`].
+    Restart,
     /// [`ProviderCommand::Close`].
     Close,
 }
@@ -680,6 +682,7 @@ impl RecCommand {
                     })
                     .collect(),
             },
+            ProviderCommand::Restart => Self::Restart,
             ProviderCommand::Close => Self::Close,
         }
     }
@@ -706,6 +709,7 @@ impl RecCommand {
                     })
                     .collect(),
             ),
+            Self::Restart => ProviderCommand::Restart,
             Self::Close => ProviderCommand::Close,
         })
     }

@@ -282,6 +282,8 @@ impl SessionBuilder {
                 .then(|| Duration::from_secs(self.config.session.idle_timeout_secs)),
             moderator: self.moderator.clone(),
             budget,
+            reply_timeout: Some(self.config.resilience.policy().reply_timeout),
+            start_timeout: Some(self.config.resilience.start_timeout()),
         }
     }
 

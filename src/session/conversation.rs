@@ -65,6 +65,14 @@ pub struct ConversationConfig {
     /// The session's budget caps ([`super::budget`]; [`BudgetPlan::unlimited`]: usage is only
     /// counted).
     pub budget: BudgetPlan,
+    /// Provider deadline for every reply (spoken turn, typed turn, greeting): the provider must
+    /// show progress within this, or the turn is given up (`error` `reply_timeout`) and a silent
+    /// provider session replaced (`resilience.reply_timeout_ms`). `None`: no deadline.
+    pub reply_timeout: Option<Duration>,
+    /// Provider deadline for session start: the provider must be ready this long after the
+    /// session task started, or its session is replaced (`error` `provider_timeout`;
+    /// `resilience.start_timeout_ms`). `None`: no deadline.
+    pub start_timeout: Option<Duration>,
 }
 
 /// The media parts the core drives, built by the session builder.
@@ -127,6 +135,27 @@ pub enum Input {
 
 /// A connected session with no audio from the client this long is reported (log, metric, event).
 const NO_AUDIO_AFTER: Duration = Duration::from_secs(5);
+/// Provider deadlines missed in a row, with nothing at all heard from the provider, that end the
+/// session (`session.ended` `provider_error`): the first replaces the provider session
+/// ([`ProviderCommand::Restart`]), the second gives up.
+const MAX_SILENT_DEADLINES: u32 = 2;
+
+/// What the core is waiting for from the provider, until when (media time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProviderWait {
+    /// `Ready` of the provider session (session start).
+    Ready(Duration),
+    /// Progress of the reply the agent owes (a transcript, audio, its end).
+    Reply(Duration),
+}
+
+impl ProviderWait {
+    fn at(self) -> Duration {
+        match self {
+            ProviderWait::Ready(at) | ProviderWait::Reply(at) => at,
+        }
+    }
+}
 /// An external agent's result (seed 000's agent callbacks; N.E.K.O.'s `agent_notification`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -277,12 +306,20 @@ pub struct Conversation {
     degraded: bool,
     /// The session is recorded (announced in `session.ready`).
     recording: bool,
+    /// The provider deadline in force (session start, or the reply owed).
+    provider_wait: Option<ProviderWait>,
+    /// Some provider event arrived since `provider_wait` was armed (a live but unhelpful provider
+    /// is not replaced; a silent one is).
+    provider_heard: bool,
+    /// Deadlines missed in a row with nothing heard from the provider.
+    silent_deadlines: u32,
 }
 
 impl Conversation {
     /// A conversation at media time zero, agent `initializing`.
     pub fn new(cfg: ConversationConfig, media: MediaParts) -> Self {
         let budget = Budget::new(cfg.budget.clone());
+        let cfg_start = cfg.start_timeout;
         Self {
             cfg,
             media,
@@ -314,6 +351,9 @@ impl Conversation {
             budget,
             degraded: false,
             recording: false,
+            provider_wait: cfg_start.map(ProviderWait::Ready),
+            provider_heard: false,
+            silent_deadlines: 0,
         }
     }
 
@@ -375,11 +415,12 @@ impl Conversation {
     }
 
     /// When to feed [`Input::Timeout`] next (media time): the next frame due, the idle deadline,
-    /// the end of the uplink's wait for a missing packet. (The no-audio watch is checked on every
-    /// timeout; the task feeds one at least once a second.)
+    /// the end of the uplink's wait for a missing packet, the provider deadline. (The no-audio
+    /// watch is checked on every timeout; the task feeds one at least once a second.)
     pub fn poll_timeout(&self) -> Option<Duration> {
         let idle = self.cfg.idle_timeout.map(|t| self.last_activity + t);
-        [self.media.playout.next_due(), idle, self.media.uplink.next_timeout(), self.budget.deadline()]
+        let provider = self.provider_wait.map(ProviderWait::at);
+        [self.media.playout.next_due(), idle, self.media.uplink.next_timeout(), self.budget.deadline(), provider]
             .into_iter()
             .flatten()
             .min()
@@ -468,6 +509,25 @@ impl Conversation {
             self.state = state;
             self.out.push_back(Queued::State(state));
         }
+        self.follow_reply_deadline();
+    }
+
+    /// A reply is owed while the agent is thinking or speaking: its deadline runs (from the
+    /// moment it became owed); otherwise none does. The start deadline is left alone.
+    fn follow_reply_deadline(&mut self) {
+        let owed = matches!(self.state, AgentState::Thinking | AgentState::Speaking);
+        match (owed, self.provider_wait) {
+            (true, None) => self.arm_reply_deadline(),
+            (false, Some(ProviderWait::Reply(_))) => self.provider_wait = None,
+            _ => {}
+        }
+    }
+
+    fn arm_reply_deadline(&mut self) {
+        if let Some(t) = self.cfg.reply_timeout {
+            self.provider_wait = Some(ProviderWait::Reply(self.now + t));
+            self.provider_heard = false;
+        }
     }
 
     /// Record a final turn: the transcript (store) and the history.
@@ -536,6 +596,7 @@ impl Conversation {
         } else {
             self.state = AgentState::Listening;
         }
+        self.follow_reply_deadline();
         if matches!(cmd, ProviderCommand::Text(_)) {
             self.event(ServerEvent::Error { code: "busy".into(), message: "the model is busy; try again".into() });
         }
@@ -551,6 +612,7 @@ impl Conversation {
             self.drain_uplink();
         }
         self.watch_audio();
+        self.check_provider_deadline();
         let Some(idle) = self.cfg.idle_timeout else { return };
         if self.now >= self.last_activity + idle {
             if self.media.playout.is_active() {
@@ -821,6 +883,7 @@ impl Conversation {
     }
 
     fn on_provider_event(&mut self, ev: ProviderEvent) {
+        self.on_provider_progress(&ev);
         match ev {
             ProviderEvent::Ready => {
                 self.provider_ready = true;
@@ -977,6 +1040,91 @@ impl Conversation {
             _ => {}
         }
         self.flush_due();
+    }
+
+    /// Anything the provider itself sent (not the resilience layer's notices and errors) shows
+    /// it alive; `Ready` ends the start deadline, progress on the owed reply moves its deadline on.
+    fn on_provider_progress(&mut self, ev: &ProviderEvent) {
+        if matches!(ev, ProviderEvent::Notice { .. } | ProviderEvent::Error { .. } | ProviderEvent::Closed) {
+            return;
+        }
+        self.provider_heard = true;
+        self.silent_deadlines = 0;
+        match (ev, self.provider_wait) {
+            (ProviderEvent::Ready, Some(ProviderWait::Ready(_))) => {
+                self.provider_wait = None;
+                self.follow_reply_deadline();
+            }
+            (
+                ProviderEvent::AudioDelta { .. }
+                | ProviderEvent::AudioDone { .. }
+                | ProviderEvent::Transcript { speaker: Speaker::Agent, .. },
+                Some(ProviderWait::Reply(_)),
+            ) => self.arm_reply_deadline(),
+            _ => {}
+        }
+    }
+
+    /// A provider deadline passed (issue 12, kind 7): the client gets an `error`; an owed reply is
+    /// given up (what was played of it is the agent's turn, the rest is dropped) and the agent
+    /// listens again; a provider session that said nothing at all since the deadline was armed
+    /// is replaced ([`ProviderCommand::Restart`]: reconnect or failover); a second silent miss in
+    /// a row ends the session (`provider_error`).
+    fn check_provider_deadline(&mut self) {
+        let Some(wait) = self.provider_wait.filter(|w| w.at() <= self.now) else { return };
+        if let ProviderWait::Reply(_) = wait
+            && (self.media.playout.buffered() >= media::FRAME || self.pending.is_some())
+        {
+            // Still playing what came (a whole frame or more; less is a remainder that waits for
+            // more audio): the provider is held back by us, not silent.
+            self.arm_reply_deadline();
+            self.provider_heard = true;
+            return;
+        }
+        self.provider_wait = None;
+        let silent = !self.provider_heard || matches!(wait, ProviderWait::Ready(_));
+        self.silent_deadlines = if silent { self.silent_deadlines + 1 } else { 0 };
+        let (code, limit, what) = match wait {
+            ProviderWait::Ready(_) => ("provider_timeout", self.cfg.start_timeout, "get ready"),
+            ProviderWait::Reply(_) => ("reply_timeout", self.cfg.reply_timeout, "answer"),
+        };
+        let secs = limit.unwrap_or_default().as_secs_f64();
+        let provider = self.cfg.provider.clone();
+        telemetry::add_with(telemetry::PROVIDER_ERRORS, "provider", provider, 1);
+        tracing::warn!(session_id = %self.cfg.session_id, code, silent, "provider deadline passed");
+        if self.silent_deadlines >= MAX_SILENT_DEADLINES {
+            let message = format!("the model did not {what} within {secs} s, again; ending the session");
+            self.event(ServerEvent::Error { code: code.into(), message });
+            self.out.push_back(Queued::End(EndReason::ProviderError));
+            return;
+        }
+        let message = if silent {
+            format!("the model did not {what} within {secs} s; reconnecting to it")
+        } else {
+            format!("the model did not {what} within {secs} s; please try again")
+        };
+        self.event(ServerEvent::Error { code: code.into(), message });
+        if let ProviderWait::Reply(_) = wait {
+            self.command(ProviderCommand::Cancel);
+            if let Some(item) = self.agent_item.clone() {
+                // Less than a frame is left (a remainder waiting for audio that will not come).
+                self.media.playout.clear();
+                self.cancelled_item = Some(item);
+                self.response_done = true;
+                self.after_playout_progress();
+            }
+            self.pending = None;
+            self.response_done = false;
+            self.agent_item = None;
+            self.set_state(AgentState::Listening);
+        }
+        if silent {
+            self.command(ProviderCommand::Restart);
+            if let ProviderWait::Ready(_) = wait {
+                self.provider_wait = self.cfg.start_timeout.map(|t| ProviderWait::Ready(self.now + t));
+                self.provider_heard = false;
+            }
+        }
     }
 
     /// Errors, notices, the end of the provider session: the client is told.

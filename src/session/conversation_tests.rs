@@ -55,6 +55,8 @@ fn config(greeting: Option<&str>, idle: Option<Duration>) -> ConversationConfig 
         idle_timeout: idle,
         moderator: None,
         budget: crate::session::budget::BudgetPlan::unlimited(),
+        reply_timeout: None,
+        start_timeout: None,
     }
 }
 
@@ -608,4 +610,184 @@ fn a_refused_tool_call_reaches_the_tool_budget() {
         matches!(&budget_events(&h)[..], [ServerEvent::BudgetExceeded { kind, used: 1, limit: 1, .. }] if kind == "tool_calls")
     );
     assert_eq!(h.ended, Some(EndReason::BudgetExceeded));
+}
+
+// --- provider deadlines (issue 12, kind 7) ---
+
+const REPLY_TIMEOUT: Duration = Duration::from_secs(8);
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn with_deadlines() -> ConversationConfig {
+    ConversationConfig { reply_timeout: Some(REPLY_TIMEOUT), start_timeout: Some(START_TIMEOUT), ..config(None, None) }
+}
+
+impl Harness {
+    /// The `error` events' codes and messages, in order.
+    fn errors(&self) -> Vec<(String, String)> {
+        let it = self.events.iter();
+        it.filter_map(|e| match e {
+            ServerEvent::Error { code, message } => Some((code.clone(), message.clone())),
+            _ => None,
+        })
+        .collect()
+    }
+
+    fn restarts(&self) -> usize {
+        self.sent.iter().filter(|c| matches!(c, ProviderCommand::Restart)).count()
+    }
+
+    /// The user asks the question aloud, then is silent until our VAD commits the turn (returns
+    /// with `now` at the commit).
+    fn ask_aloud(&mut self) {
+        let pcm = speech();
+        self.speak(&pcm.samples, true);
+        for _ in 0..100 {
+            if self.conv.agent_state() == AgentState::Thinking {
+                return;
+            }
+            self.speak(&[0i16; 960], true);
+        }
+        panic!("the spoken turn was never committed: {:?}", self.states);
+    }
+}
+
+#[test]
+fn a_spoken_turn_a_silent_provider_never_answers_times_out_restarts_it_then_ends_the_session() {
+    let mut h = Harness::ready(with_deadlines());
+    h.ask_aloud();
+    h.advance(REPLY_TIMEOUT - Duration::from_millis(100));
+    assert!(h.errors().is_empty() && h.restarts() == 0, "not before the deadline: {:?}", h.errors());
+    h.advance(Duration::from_millis(200));
+    let errors = h.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, "reply_timeout");
+    assert!(errors[0].1.contains("did not answer within 8 s; reconnecting"), "{errors:?}");
+    assert_eq!(h.restarts(), 1, "the silent provider session is replaced");
+    let last_two: Vec<_> = h.sent.iter().rev().take(2).collect();
+    assert!(matches!(last_two[..], [ProviderCommand::Restart, ProviderCommand::Cancel]), "{last_two:?}");
+    assert_eq!(h.conv.agent_state(), AgentState::Listening, "the agent listens again");
+    assert!(h.ended.is_none());
+
+    // The replacement is silent too: the next turn's deadline ends the session.
+    h.ask_aloud();
+    h.advance(REPLY_TIMEOUT + Duration::from_millis(100));
+    assert_eq!(h.ended, Some(EndReason::ProviderError), "{:?}", h.errors());
+    let (code, message) = h.errors().pop().unwrap();
+    assert_eq!(code, "reply_timeout");
+    assert!(message.contains("ending the session"), "{message}");
+    assert_eq!(h.restarts(), 1, "no third session");
+}
+
+#[test]
+fn a_typed_turn_the_provider_never_answers_times_out_the_same_way() {
+    let mut h = Harness::ready(with_deadlines());
+    h.input(Input::Client(Some(ClientEvent::Text { text: "Are you there?".into() })));
+    assert_eq!(h.conv.agent_state(), AgentState::Thinking);
+    h.advance(REPLY_TIMEOUT);
+    assert_eq!(h.errors().iter().map(|e| e.0.as_str()).collect::<Vec<_>>(), ["reply_timeout"]);
+    assert_eq!((h.restarts(), h.conv.agent_state()), (1, AgentState::Listening));
+    // A provider that answers after all (the replacement) resets the count: no end.
+    h.input(Input::Client(Some(ClientEvent::Text { text: "Hello?".into() })));
+    h.agent_reply("item_2", "Yes, I am here.", 600, true);
+    h.advance(Duration::from_secs(2));
+    assert_eq!(h.conv.agent_state(), AgentState::Listening);
+    h.input(Input::Client(Some(ClientEvent::Text { text: "And now?".into() })));
+    h.advance(REPLY_TIMEOUT);
+    assert!(h.ended.is_none(), "one silent miss after an answer only restarts: {:?}", h.errors());
+    assert_eq!(h.restarts(), 2);
+}
+
+#[test]
+fn a_reply_that_stops_mid_stream_is_given_up_keeping_what_was_heard_and_the_session_is_replaced() {
+    let mut h = Harness::ready(with_deadlines());
+    h.input(Input::Client(Some(ClientEvent::Text { text: "Tell me a story".into() })));
+    // 1 s of audio, then nothing: no more audio, no `response.done`.
+    h.agent_reply("item_1", REPLY, 1_000, false);
+    h.advance(Duration::from_secs(2));
+    assert_eq!(h.conv.agent_state(), AgentState::Speaking, "stuck: the reply never ended");
+    h.advance(REPLY_TIMEOUT);
+    let errors = h.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, "reply_timeout");
+    assert!(errors[0].1.contains("reconnecting"), "silent since its last audio: {errors:?}");
+    assert_eq!(h.restarts(), 1);
+    assert!(h.sent.iter().any(|c| matches!(c, ProviderCommand::Cancel)), "the stalled reply is cancelled");
+    assert_eq!(h.conv.agent_state(), AgentState::Listening);
+    let agent_turns: Vec<_> = h.turns.iter().filter(|t| t.0 == Role::Agent).collect();
+    assert_eq!(agent_turns.len(), 1, "the agent's turn is recorded once: {:?}", h.turns);
+    assert!(REPLY.starts_with(agent_turns[0].1.as_str()), "{agent_turns:?}");
+    // Its late audio is dropped.
+    let frames = h.frames.len();
+    h.input(Input::Provider(ProviderEvent::AudioDelta { item_id: "item_1".into(), pcm: agent_audio(500) }));
+    h.advance(Duration::from_secs(1));
+    assert_eq!(h.frames.len(), frames, "no audio of the given-up item");
+}
+
+#[test]
+fn a_long_reply_that_keeps_streaming_is_never_cut_by_the_deadline() {
+    let mut h = Harness::ready(with_deadlines());
+    h.input(Input::Client(Some(ClientEvent::Text { text: "Tell me a story".into() })));
+    // 3x the deadline of audio, paced by playout room (the provider is held back meanwhile).
+    h.agent_reply("item_1", REPLY, 3 * REPLY_TIMEOUT.as_millis() as u64, true);
+    h.advance(3 * REPLY_TIMEOUT);
+    assert_eq!(h.frames.len() as u128, 3 * REPLY_TIMEOUT.as_millis() / 20, "all of it was played");
+    assert!(h.errors().is_empty(), "{:?}", h.errors());
+    assert_eq!(h.conv.agent_state(), AgentState::Listening);
+    assert_eq!(h.turns, vec![(Role::User, "Tell me a story".into(), false), (Role::Agent, REPLY.into(), false)]);
+}
+
+#[test]
+fn a_provider_that_never_gets_ready_is_restarted_then_the_session_ends() {
+    let mut h = Harness::new(with_deadlines());
+    h.input(Input::ClientConnected);
+    h.advance(START_TIMEOUT - Duration::from_millis(100));
+    assert!(h.errors().is_empty());
+    h.advance(Duration::from_millis(100));
+    assert_eq!(h.errors().iter().map(|e| e.0.as_str()).collect::<Vec<_>>(), ["provider_timeout"]);
+    assert_eq!(h.restarts(), 1);
+    h.advance(START_TIMEOUT);
+    assert_eq!(h.ended, Some(EndReason::ProviderError));
+    assert!(h.errors().last().unwrap().1.contains("ending the session"), "{:?}", h.errors());
+}
+
+#[test]
+fn a_provider_ready_after_its_restart_ends_the_start_deadline() {
+    let mut h = Harness::new(ConversationConfig { greeting: Some("Greet the user".into()), ..with_deadlines() });
+    h.input(Input::ClientConnected);
+    h.advance(START_TIMEOUT);
+    assert_eq!(h.restarts(), 1);
+    h.advance(Duration::from_secs(2));
+    h.input(Input::Provider(ProviderEvent::Ready));
+    assert_eq!(h.conv.agent_state(), AgentState::Thinking, "greeting asked for");
+    h.agent_reply("item_1", "Hello there!", 800, true);
+    h.advance(Duration::from_secs(60));
+    assert!(h.ended.is_none(), "{:?}", h.errors());
+    assert_eq!(h.errors().len(), 1, "{:?}", h.errors());
+    assert_eq!(h.conv.agent_state(), AgentState::Listening);
+}
+
+#[test]
+fn a_provider_that_is_alive_but_does_not_answer_gives_up_the_turn_without_a_restart() {
+    let mut h = Harness::ready(with_deadlines());
+    h.input(Input::Client(Some(ClientEvent::Text { text: "Are you there?".into() })));
+    h.advance(Duration::from_secs(2));
+    // The provider is talking to us (it heard the user), just not answering.
+    let heard =
+        ProviderEvent::Transcript { speaker: Speaker::User, item_id: "u1".into(), text: "um".into(), is_final: true };
+    h.input(Input::Provider(heard));
+    h.advance(REPLY_TIMEOUT);
+    let errors = h.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, "reply_timeout");
+    assert!(errors[0].1.contains("please try again"), "{errors:?}");
+    assert_eq!(h.restarts(), 0, "a live session is kept");
+    assert!(h.sent.iter().any(|c| matches!(c, ProviderCommand::Cancel)));
+    assert_eq!(h.conv.agent_state(), AgentState::Listening);
+    // Nothing at all for the next turns: replaced, then (still nothing) the session ends.
+    h.input(Input::Client(Some(ClientEvent::Text { text: "Hello?".into() })));
+    h.advance(REPLY_TIMEOUT);
+    assert_eq!((h.restarts(), h.ended), (1, None));
+    h.input(Input::Client(Some(ClientEvent::Text { text: "Anyone?".into() })));
+    h.advance(REPLY_TIMEOUT);
+    assert_eq!(h.ended, Some(EndReason::ProviderError));
 }

@@ -67,6 +67,7 @@ mod privacy;
 pub mod rtvi;
 pub mod speech;
 pub(crate) mod task;
+pub mod tenant;
 pub mod webrtc_link;
 pub mod whip_link;
 pub mod ws_link;
@@ -386,6 +387,16 @@ pub enum SessionError {
     /// Live sessions on other nodes were told to end; the request must be retried.
     #[error("{0} live session(s) on other nodes were told to end; retry")]
     LiveElsewhere(usize),
+    /// The creating API key holds as many sessions as it may ([`tenant`]; HTTP 429).
+    #[error("this API key already holds {max} session(s) {}; retry after {} s", match limit { tenant::KeyLimit::Pending => "not yet connected", tenant::KeyLimit::Live => "not yet ended" }, retry_after.as_secs())]
+    KeyLimit {
+        /// Which limit.
+        limit: tenant::KeyLimit,
+        /// Its configured value.
+        max: usize,
+        /// When a slot is expected to free up.
+        retry_after: Duration,
+    },
 }
 
 /// This node's sessions.
@@ -403,6 +414,8 @@ pub struct SessionManager {
     advertise_url: String,
     cluster: Option<Cluster>,
     memory: Arc<crate::memory::Memory>,
+    /// Per-API-key limits on pending and live sessions.
+    key_limits: tenant::KeyLimits,
 }
 
 /// Where a node keeps what outlives its sessions' tasks.
@@ -443,6 +456,7 @@ impl SessionManager {
     /// A manager for `config` with these providers (by name), persisting through `backends`.
     pub fn new(config: Arc<Config>, providers: Vec<Arc<dyn RealtimeProvider>>, backends: Backends) -> Arc<Self> {
         let default_provider = config.provider_name().to_owned();
+        let config_limits = config.session.clone();
         let builder = builder::SessionBuilder::new(Arc::clone(&config), providers, backends.udp_mux.clone())
             .with_memory(Arc::clone(&backends.memory))
             .with_usage_store(Arc::clone(&backends.store));
@@ -459,6 +473,7 @@ impl SessionManager {
             cluster: backends.redis.map(|r| Cluster::new(r, backends.advertise_url.clone())),
             advertise_url: backends.advertise_url,
             memory: backends.memory,
+            key_limits: tenant::KeyLimits::new(&config_limits),
         })
     }
 
@@ -594,6 +609,10 @@ impl SessionManager {
         if self.live_count() >= self.config.session.max_sessions {
             return Err(SessionError::AtCapacity);
         }
+        let _slot = match &options.api_key_id {
+            Some(key) => Some(self.key_limits.reserve(key, &self.map())?),
+            None => None,
+        };
         let shared = Arc::new(SessionShared {
             id: signaling::id::new_session_id(),
             character: character.id.clone(),

@@ -98,6 +98,9 @@ struct State {
     refuse_from: Option<usize>,
     /// Connection index -> expire after this long.
     expire: Vec<(usize, Duration)>,
+    /// Connection index -> goes silent after this many completed responses (0: sends nothing,
+    /// not even `session.created`); it keeps reading and recording.
+    mute: Vec<(usize, usize)>,
     handshakes: usize,
 }
 
@@ -151,6 +154,12 @@ impl FakeOpenAi {
         self.state.lock().unwrap().expire.push((n, after));
     }
 
+    /// Connection `n` goes silent after `replies` completed responses (0: accepts the socket and
+    /// never sends a thing): a provider that hangs.
+    pub fn mute(&self, n: usize, replies: usize) {
+        self.state.lock().unwrap().mute.push((n, replies));
+    }
+
     pub fn push_reply(&self, r: Reply) {
         self.state.lock().unwrap().script.push_back(r);
     }
@@ -192,7 +201,8 @@ impl FakeOpenAi {
         };
         let expire_at =
             self.state.lock().unwrap().expire.iter().find(|(c, _)| *c == n).map(|(_, d)| Instant::now() + *d);
-        Conn::new(self.clone(), idx, n).run(ws, expire_at).await;
+        let mute = self.state.lock().unwrap().mute.iter().find(|(c, _)| *c == n).map(|(_, k)| *k);
+        Conn::new(self.clone(), idx, n, mute).run(ws, expire_at).await;
         self.with_conn(idx, |c| c.closed = true);
     }
 }
@@ -222,6 +232,9 @@ struct Conn {
     silent_ms: u64,
     in_speech: bool,
     vad_carry: Vec<i16>,
+    /// Silent after this many `response.done` sent.
+    mute_after: Option<usize>,
+    responses_done: usize,
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -232,7 +245,7 @@ enum Flow {
 }
 
 impl Conn {
-    fn new(fake: FakeOpenAi, idx: usize, n: usize) -> Self {
+    fn new(fake: FakeOpenAi, idx: usize, n: usize, mute_after: Option<usize>) -> Self {
         let ga = fake.opts.ga;
         let server_vad = fake.opts.server_vad;
         Conn {
@@ -248,7 +261,13 @@ impl Conn {
             silent_ms: 0,
             in_speech: false,
             vad_carry: Vec::new(),
+            mute_after,
+            responses_done: 0,
         }
+    }
+
+    fn muted(&self) -> bool {
+        self.mute_after.is_some_and(|k| self.responses_done >= k)
     }
 
     fn id(&mut self, prefix: &str) -> String {
@@ -262,7 +281,7 @@ impl Conn {
 
     async fn run(mut self, mut ws: Ws, expire_at: Option<Instant>) {
         let created = json!({"type": "session.created", "event_id": "event_1", "session": {"id": "sess_fake", "object": "realtime.session"}});
-        if ws.send(Message::text(created.to_string())).await.is_err() {
+        if !self.muted() && ws.send(Message::text(created.to_string())).await.is_err() {
             return;
         }
         let mut tick = tokio::time::interval(self.fake.opts.interval);
@@ -293,6 +312,10 @@ impl Conn {
                 }
             };
             for m in out {
+                if self.muted() {
+                    break;
+                }
+                self.responses_done += usize::from(m["type"] == "response.done");
                 if ws.send(Message::text(m.to_string())).await.is_err() {
                     return;
                 }

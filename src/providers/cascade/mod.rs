@@ -333,6 +333,7 @@ impl Session {
                     self.prompt.truncate_last_agent(&heard);
                 }
             }
+            ProviderCommand::Restart => {}
             ProviderCommand::Close => return false,
         }
         true

@@ -253,10 +253,12 @@ pub enum ProtocolError {
     BadAudio(#[from] BadAudio),
 }
 
-/// A protobuf JSON Duration (`"1.5s"`) as a [`Duration`].
+/// A protobuf JSON Duration (`"1.5s"`) as a [`Duration`]; `None` when it is not one, negative,
+/// or beyond what a `Duration` holds (found by the `provider_events` fuzz target: a `goAway`
+/// `timeLeft` of `"689888890088890066045932s"` panicked the session's provider task).
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let secs: f64 = s.trim().strip_suffix('s')?.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).ok()
 }
 
 fn rate_of(mime: &str) -> u32 {
@@ -531,5 +533,8 @@ mod tests {
         assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
         assert_eq!(parse_duration("-1s"), None);
         assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("689888890088890066045932s"), None, "too big for a Duration: no panic");
+        assert_eq!(parse_duration("NaNs"), None);
+        assert_eq!(parse_duration("infs"), None);
     }
 }

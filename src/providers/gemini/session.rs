@@ -230,7 +230,10 @@ impl Connection {
             }
             // Gemini keeps its own context; the heard text lives in the resilient wrapper.
             // Activity start follows the audio itself (with its pre-roll), not the VAD edge.
-            ProviderCommand::SpeechStarted | ProviderCommand::Truncate { .. } | ProviderCommand::Close => {}
+            ProviderCommand::SpeechStarted
+            | ProviderCommand::Truncate { .. }
+            | ProviderCommand::Restart
+            | ProviderCommand::Close => {}
         }
     }
 

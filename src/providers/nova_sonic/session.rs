@@ -265,6 +265,7 @@ impl Connection {
             | ProviderCommand::CommitTurn
             | ProviderCommand::Truncate { .. }
             | ProviderCommand::AppendHistory(_)
+            | ProviderCommand::Restart
             | ProviderCommand::Close => {}
         }
     }

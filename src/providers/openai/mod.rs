@@ -364,7 +364,7 @@ impl Connection {
                     out.push(protocol::history_item(self.settings.dialect, item));
                 }
             }
-            ProviderCommand::Close => {}
+            ProviderCommand::Close | ProviderCommand::Restart => {}
         }
     }
 
