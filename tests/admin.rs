@@ -80,6 +80,14 @@ async fn every_admin_endpoint_refuses_anonymous_calls_and_user_keys() {
         ("GET", format!("/v1/admin/sessions/{id}/export?format=text"), None),
         ("GET", "/v1/admin/users/u-1/export".into(), None),
         ("GET", "/v1/admin/audit".into(), None),
+        ("GET", "/v1/admin/flags".into(), None),
+        ("PUT", "/v1/admin/policies/kids".into(), Some(json!({"deny": ["scary"], "check_user_input": true}))),
+        ("GET", "/v1/admin/policies".into(), None),
+        ("GET", "/v1/admin/policies/kids".into(), None),
+        ("PUT", "/v1/admin/policies/kids/lists/allow".into(), Some(json!({"phrases": ["scary movie"]}))),
+        ("GET", "/v1/admin/policies/kids/lists/allow".into(), None),
+        ("GET", "/v1/admin/policies/kids/versions".into(), None),
+        ("DELETE", "/v1/admin/policies/kids".into(), None),
         ("DELETE", format!("/v1/admin/sessions/{id}"), None),
     ];
     for (method, path, body) in &routes {
@@ -104,6 +112,14 @@ async fn every_admin_endpoint_refuses_anonymous_calls_and_user_keys() {
         "session.export",
         "user.export",
         "audit.read",
+        "flag.list",
+        "policy.put",
+        "policy.list",
+        "policy.get",
+        "policy.allow.put",
+        "policy.allow.get",
+        "policy.versions",
+        "policy.delete",
         "session.end",
     ];
     assert_eq!(
@@ -167,6 +183,12 @@ async fn edits_survive_a_restart(database_url: String) {
     let (_, s) = call(&ts, "GET", &format!("/v1/sessions/{id}"), Some(USER_KEY), None).await;
     assert_eq!(s["character"], "mika", "the next session uses the new character: {s}");
     assert_eq!(call(&ts, "DELETE", "/v1/admin/characters/aiko", Some(ADMIN_KEY), None).await.0, 200);
+    let deny = Some(json!({"phrases": ["green parrot"]}));
+    for n in 1..=2 {
+        let (status, v) =
+            call(&ts, "PUT", "/v1/admin/policies/default/lists/deny", Some(ADMIN_KEY), deny.clone()).await;
+        assert_eq!((status, v["version"].as_i64()), (200, Some(n)), "each change is a new version: {v}");
+    }
     ts.server.shutdown().await.unwrap();
 
     let url = database_url.clone();
@@ -182,6 +204,19 @@ async fn edits_survive_a_restart(database_url: String) {
     assert_eq!((status, v["code"].as_str()), (404, Some("unknown_character")));
     let (status, v) = call(&ts, "DELETE", "/v1/admin/characters/mika", Some(ADMIN_KEY), None).await;
     assert_eq!((status, v["code"].as_str()), (409, Some("last_character")));
+    let (status, v) = call(&ts, "GET", "/v1/admin/policies/default", Some(ADMIN_KEY), None).await;
+    assert_eq!(
+        (status, v["version"].as_i64(), v["policy"]["deny"].clone()),
+        (200, Some(2), json!(["green parrot"])),
+        "{v}"
+    );
+    let (_, versions) = call(&ts, "GET", "/v1/admin/policies/default/versions", Some(ADMIN_KEY), None).await;
+    let numbers: Vec<i64> = versions.as_array().unwrap().iter().map(|v| v["version"].as_i64().unwrap()).collect();
+    assert_eq!(numbers, [2, 1], "every version is kept, newest first");
+    let (status, v) = call(&ts, "DELETE", "/v1/admin/policies/default", Some(ADMIN_KEY), None).await;
+    assert_eq!((status, v["version"].as_i64()), (200, Some(3)), "{v}");
+    let (_, v) = call(&ts, "GET", "/v1/admin/policies/default", Some(ADMIN_KEY), None).await;
+    assert_eq!((v["version"].as_i64(), v["source"].as_str()), (Some(0), Some("config")), "default reverts: {v}");
     let actor = admin_actor();
     let log = audit(&ts).await;
     for (action, target) in [("character.put", "mika"), ("character.put", "mika"), ("character.delete", "aiko")] {

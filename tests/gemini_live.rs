@@ -349,3 +349,17 @@ async fn a_connection_lost_between_turns_is_resumed_from_the_newest_handle() {
     assert_eq!(count(&evs, |e| e["type"] == "error"), 0, "the user notices nothing: {evs:#?}");
     ts.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_metadata_is_the_token_budgets_count() {
+    let (text, audio) = short_speech(2.0);
+    let fake = FakeGemini::start(GOptions::default(), vec![GReply::Speech { text, audio }]).await;
+    // The fake's turnComplete carries usageMetadata.totalTokenCount 321: over a 300-token cap.
+    let ts = start_gemini(&fake, |c| c.budget.tokens = Some(300)).await;
+    let (session_id, _token, mut client) = connect(&ts).await;
+    client.silence(Duration::from_millis(300)).await;
+    let (exceeded, usage) = ask_until_budget_ends(&ts, &mut client, &session_id).await;
+    assert_eq!((exceeded["kind"].as_str(), exceeded["used"].as_u64()), (Some("tokens"), Some(321)), "{exceeded}");
+    assert_eq!((usage.usage.totals.tokens, usage.usage.tokens_reported), (321, true), "the report, not an estimate");
+    ts.server.shutdown().await.unwrap();
+}

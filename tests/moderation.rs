@@ -274,30 +274,244 @@ async fn fake_moderations(delay: Duration) -> String {
     url
 }
 
+/// The fake moderation endpoint at `url` with a 1 s deadline (loaded test machines answer a
+/// first request slowly).
+fn endpoint_at(url: &str, fail_closed: bool) -> kotodama::config::moderation::EndpointSettings {
+    kotodama::config::moderation::EndpointSettings {
+        url: url.to_owned(),
+        api_key: None,
+        model: "omni-moderation-latest".into(),
+        timeout_ms: 1000,
+        fail_closed,
+    }
+}
+
+/// The category of the first `moderation` event.
+fn moderation_category(events: &[Value]) -> Option<String> {
+    events.iter().find(|e| e["type"] == "moderation").map(|e| e["category"].as_str().unwrap().to_owned())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_moderation_endpoint_flags_and_a_timeout_follows_the_fail_open_or_closed_choice() {
     let fallback = kotodama::config::ModerationSettings::default().fallback;
-    let url = fake_moderations(Duration::from_secs(2)).await;
-    let endpoint = |fail_closed: bool| kotodama::config::moderation::EndpointSettings {
-        url: url.clone(),
-        api_key: None,
-        model: "omni-moderation-latest".into(),
-        timeout_ms: 300,
-        fail_closed,
-    };
-    let category = |events: &[Value]| {
-        events.iter().find(|e| e["type"] == "moderation").map(|e| e["category"].as_str().unwrap().to_owned())
-    };
+    let url = fake_moderations(Duration::from_secs(4)).await;
+    let endpoint = |fail_closed: bool| endpoint_at(&url, fail_closed);
 
     let (tts, events) = cascade_turn_with_endpoint("Let us talk about the weather.", endpoint(false)).await;
-    assert_eq!(category(&events).as_deref(), Some("harassment"), "the endpoint's category: {events:#?}");
+    assert_eq!(moderation_category(&events).as_deref(), Some("harassment"), "the endpoint's category: {events:#?}");
     assert_eq!(tts, std::slice::from_ref(&fallback), "only the fallback was synthesized");
 
     let (tts, events) = cascade_turn_with_endpoint("The sun is out today.", endpoint(true)).await;
-    assert_eq!(category(&events).as_deref(), Some("moderation_unavailable"), "fail closed: {events:#?}");
+    assert_eq!(moderation_category(&events).as_deref(), Some("moderation_unavailable"), "fail closed: {events:#?}");
     assert_eq!(tts, std::slice::from_ref(&fallback), "nothing unchecked was spoken");
 
     let (tts, events) = cascade_turn_with_endpoint("The sun is out today.", endpoint(false)).await;
-    assert_eq!(category(&events), None, "fail open: {events:#?}");
+    assert_eq!(moderation_category(&events), None, "fail open: {events:#?}");
     assert_eq!(tts, ["The sun is out today."], "spoken unchecked");
+}
+
+/// Whether an agent's final transcript says `text`.
+fn said(evs: &[Value], text: &str) -> bool {
+    evs.iter().any(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true && e["text"] == text)
+}
+
+/// A connected client of a new session (`body` as the creation request), after `session.ready`.
+async fn join(ts: &TestServer, body: Value) -> (String, TestClient) {
+    let r = ts.http.post(format!("{}/v1/sessions", ts.base)).bearer_auth(USER_KEY).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    let id = created["session_id"].as_str().unwrap().to_owned();
+    let client =
+        TestClient::connect(ts, created["offer_url"].as_str().unwrap(), created["token"].as_str().unwrap()).await;
+    client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
+    (id, client)
+}
+
+/// The flags of session `id` (all statuses).
+async fn flags_of(ts: &TestServer, id: &str) -> Vec<Value> {
+    let (status, v) = admin(ts, "GET", &format!("/v1/admin/flags?status=all&session_id={id}"), None).await;
+    assert_eq!(status, 200, "{v}");
+    v.as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_edit_reaches_the_next_session_a_live_one_keeps_its_version_and_characters_override() {
+    const PARROT: &str = "Hello there. The green parrot sings at dawn. Have a nice day.";
+    const HOMEWORK: &str = "Hello there. Do your homework before dinner. Have fun.";
+    const KAI_FALLBACK: &str = "Let's talk about games instead.";
+    let fallback = kotodama::config::ModerationSettings::default().fallback;
+    let speech = |text: &str| Reply::Speech { text: text.into(), audio: short_speech(2.0).1 };
+    let script = vec![speech(PARROT), speech(PARROT), speech(&fallback), speech(HOMEWORK), speech(KAI_FALLBACK)];
+    let fake = FakeOpenAi::start(FakeOptions::default(), script).await;
+    let ts = TestServer::start_openai(&fake.url(), |c| {
+        c.api_keys = vec![USER_KEY.into()];
+        c.admin_api_keys = vec![ADMIN_KEY.into()];
+    })
+    .await;
+
+    // Session 1 starts under the configured policy; then the deny list gets "green parrot".
+    let (first, mut one) = join(&ts, json!({})).await;
+    let deny = Some(json!({"phrases": ["green parrot"]}));
+    let (status, v) = admin(&ts, "PUT", "/v1/admin/policies/default/lists/deny", deny).await;
+    assert_eq!((status, v["version"].as_i64(), v["phrases"].clone()), (200, Some(1), json!(["green parrot"])), "{v}");
+    one.send_text(r#"{"type":"text","text":"Tell me about birds."}"#).await;
+    one.silence_until("the whole reply", Duration::from_secs(30), |evs| said(evs, PARROT)).await;
+    assert!(!one.events().iter().any(|e| e["type"] == "moderation"), "a live session keeps its policy version");
+    assert!(flags_of(&ts, &first).await.is_empty());
+    one.close().await;
+
+    // Session 2 uses version 1: the sentence is cut and replaced, the flag names the version.
+    let (second, mut two) = join(&ts, json!({})).await;
+    two.send_text(r#"{"type":"text","text":"Tell me about birds."}"#).await;
+    two.silence_until("the fallback", Duration::from_secs(30), |evs| said(evs, &fallback)).await;
+    assert!(two.events().iter().all(|e| !e.to_string().contains("parrot")), "{:#?}", two.events());
+    let flags = flags_of(&ts, &second).await;
+    assert_eq!(flags.len(), 1, "{flags:?}");
+    assert_eq!((flags[0]["policy_version"].as_str(), flags[0]["source"].as_str()), (Some("default@1"), Some("agent")));
+    two.close().await;
+
+    // A character naming a policy that does not exist is refused; once it exists, the
+    // character's next session uses it with the character's own fallback line.
+    let kai =
+        json!({"name": "Kai", "persona": "You are Kai.", "moderation": {"policy": "kids", "fallback": KAI_FALLBACK}});
+    let (status, v) = admin(&ts, "PUT", "/v1/admin/characters/kai", Some(kai.clone())).await;
+    assert_eq!((status, v["code"].as_str()), (422, Some("unknown_policy")), "{v}");
+    let (status, v) = admin(&ts, "PUT", "/v1/admin/policies/kids", Some(json!({"deny": ["homework"]}))).await;
+    assert_eq!((status, v["version"].as_i64(), v["source"].as_str()), (200, Some(1), Some("admin")), "{v}");
+    assert_eq!(admin(&ts, "PUT", "/v1/admin/characters/kai", Some(kai)).await.0, 200);
+    let (third, mut three) = join(&ts, json!({"character": "kai"})).await;
+    three.send_text(r#"{"type":"text","text":"What should I do now?"}"#).await;
+    three.silence_until("Kai's fallback", Duration::from_secs(30), |evs| said(evs, KAI_FALLBACK)).await;
+    let flags = flags_of(&ts, &third).await;
+    assert_eq!(flags.len(), 1, "{flags:?}");
+    let version = flags[0]["policy_version"].as_str().unwrap();
+    assert!(version.starts_with("kids@1+kai-"), "the kids policy with Kai's additions: {version}");
+    let asked = fake.conn(2).of_type("response.create");
+    let instructions = asked.last().map(|r| r["response"]["instructions"].to_string()).unwrap_or_default();
+    assert!(instructions.contains(KAI_FALLBACK), "the model was asked for Kai's fallback line: {asked:?}");
+    three.close().await;
+
+    // Versions, deletion rules and the audit log.
+    let (status, v) = admin(&ts, "GET", "/v1/admin/policies/default/versions", None).await;
+    assert_eq!((status, v.as_array().map(Vec::len)), (200, Some(1)), "{v}");
+    let (status, v) = admin(&ts, "DELETE", "/v1/admin/policies/kids", None).await;
+    assert_eq!((status, v["code"].as_str()), (409, Some("policy_in_use")), "{v}");
+    let (status, v) =
+        admin(&ts, "PUT", "/v1/admin/policies/kids", Some(json!({"categories": {"x": {"patterns": ["("]}}}))).await;
+    assert_eq!((status, v["code"].as_str()), (422, Some("bad_policy")), "{v}");
+    let (status, list) = admin(&ts, "GET", "/v1/admin/policies", None).await;
+    let ids: Vec<(&str, i64)> =
+        list.as_array().unwrap().iter().map(|p| (p["id"].as_str().unwrap(), p["version"].as_i64().unwrap())).collect();
+    assert_eq!((status, ids), (200, vec![("default", 1), ("kids", 1)]), "{list}");
+    let (_, audit) = admin(&ts, "GET", "/v1/admin/audit?limit=1000", None).await;
+    let actions: Vec<&str> = audit.as_array().unwrap().iter().filter_map(|e| e["action"].as_str()).collect();
+    for a in ["policy.deny.put", "policy.put", "policy.versions", "policy.list"] {
+        assert!(actions.contains(&a), "{a} is audit-logged: {actions:?}");
+    }
+    ts.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_input_is_checked_before_the_model_typed_and_transcribed() {
+    let fallback = kotodama::config::ModerationSettings::default().fallback;
+    let speech = |text: &str| Reply::Speech { text: text.into(), audio: short_speech(1.5).1 };
+    let script = vec![speech(&fallback), speech("Sure, I can tell you all about it."), speech(&fallback)];
+    let opts =
+        FakeOptions { user_transcript: "Please tell me all about the purple monkey.".into(), ..Default::default() };
+    let fake = FakeOpenAi::start(opts, script).await;
+    let ts = TestServer::start_openai(&fake.url(), |c| {
+        c.api_keys = vec![USER_KEY.into()];
+        c.admin_api_keys = vec![ADMIN_KEY.into()];
+        c.moderation.deny = vec!["purple monkey".into()];
+        c.moderation.check_user_input = true;
+    })
+    .await;
+    let (id, mut client) = join(&ts, json!({})).await;
+
+    // Typed: never sent to the model; the fallback is said instead.
+    client.send_text(r#"{"type":"text","text":"What do you know about the purple monkey?"}"#).await;
+    client.silence_until("the fallback", Duration::from_secs(30), |evs| said(evs, &fallback)).await;
+    let moderation: Vec<Value> = client.events().into_iter().filter(|e| e["type"] == "moderation").collect();
+    assert_eq!(moderation.len(), 1, "{moderation:?}");
+    assert_eq!((moderation[0]["category"].as_str(), moderation[0]["source"].as_str()), (Some("deny"), Some("user")));
+
+    // Spoken: the provider's transcript of the user is checked; its reply is cancelled and
+    // replaced by the fallback.
+    let (_, question) = wav("user_question.wav");
+    client.speak(&question).await;
+    client
+        .silence_until("a second fallback", Duration::from_secs(30), |evs| {
+            evs.iter().filter(|e| e["type"] == "moderation").count() == 2
+                && evs.iter().filter(|e| said(std::slice::from_ref(e), &fallback)).count() == 2
+        })
+        .await;
+    let events = client.events();
+    for e in &events {
+        assert!(!e.to_string().to_lowercase().contains("purple"), "an event carries the denied text: {e}");
+    }
+    let sent: Vec<Value> = fake.conn(0).of_type("conversation.item.create");
+    assert!(sent.iter().all(|m| !m.to_string().contains("purple")), "the model never got the typed text: {sent:?}");
+    let (status, flags) = admin(&ts, "GET", &format!("/v1/admin/flags?session_id={id}&source=user"), None).await;
+    assert_eq!((status, flags.as_array().map(Vec::len)), (200, Some(2)), "{flags}");
+    assert!(flags.as_array().unwrap().iter().all(|f| f["text"].as_str().unwrap().contains("purple monkey")));
+    client.close().await;
+    let r = ts.http.delete(format!("{}/v1/sessions/{id}", ts.base)).bearer_auth(USER_KEY).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let transcript = ts.transcript_json(&id, USER_KEY).await;
+    assert!(
+        !transcript.to_string().contains("purple"),
+        "the stored transcript holds no denied user text: {transcript}"
+    );
+    ts.server.shutdown().await.unwrap();
+}
+
+/// One typed turn against the fake OpenAI Realtime server replying `reply`, with `endpoint` as
+/// the moderation endpoint: the events the client got.
+async fn realtime_turn_with_endpoint(
+    reply: &str,
+    endpoint: kotodama::config::moderation::EndpointSettings,
+) -> Vec<Value> {
+    let fallback = kotodama::config::ModerationSettings::default().fallback;
+    let script = vec![
+        Reply::Speech { text: reply.into(), audio: short_speech(2.0).1 },
+        Reply::Speech { text: fallback.clone(), audio: short_speech(1.5).1 },
+    ];
+    let fake = FakeOpenAi::start(FakeOptions::default(), script).await;
+    let ts = TestServer::start_openai(&fake.url(), |c| {
+        c.api_keys = vec![USER_KEY.into()];
+        c.moderation.endpoint = Some(endpoint);
+    })
+    .await;
+    let (_, mut client) = join(&ts, json!({})).await;
+    client.send_text(r#"{"type":"text","text":"How is it outside?"}"#).await;
+    client
+        .silence_until("the reply or the fallback", Duration::from_secs(30), |evs| {
+            said(evs, reply) || said(evs, &fallback)
+        })
+        .await;
+    let events = client.events();
+    client.close().await;
+    ts.server.shutdown().await.unwrap();
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_moderation_endpoint_checks_speech_to_speech_replies_and_a_timeout_follows_its_policy() {
+    let fallback = kotodama::config::ModerationSettings::default().fallback;
+    let url = fake_moderations(Duration::from_secs(4)).await;
+    let endpoint = |fail_closed: bool| endpoint_at(&url, fail_closed);
+
+    let events =
+        realtime_turn_with_endpoint("Let us talk about the weather today. It is sunny.", endpoint(false)).await;
+    assert_eq!(moderation_category(&events).as_deref(), Some("harassment"), "the endpoint's category: {events:#?}");
+    assert!(said(&events, &fallback), "the fallback was said");
+    assert!(events.iter().all(|e| !e.to_string().contains("weather")), "no event carries the flagged text");
+
+    let events = realtime_turn_with_endpoint("The sun is out today.", endpoint(true)).await;
+    assert_eq!(moderation_category(&events).as_deref(), Some("moderation_unavailable"), "fail closed: {events:#?}");
+    assert!(said(&events, &fallback) && !said(&events, "The sun is out today."), "nothing unchecked was shown");
+
+    let events = realtime_turn_with_endpoint("The sun is out today.", endpoint(false)).await;
+    assert_eq!(moderation_category(&events), None, "fail open: {events:#?}");
+    assert!(said(&events, "The sun is out today."), "spoken unchecked: {events:#?}");
 }

@@ -333,3 +333,23 @@ async fn a_turn_that_keeps_failing_is_restarted_three_times_then_given_up() {
     );
     ts.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_events_are_the_token_budgets_count() {
+    let (spoken, audio) = speech(2.0);
+    let plan = spoken.clone();
+    let fake = FakeNova::new(vec![NReply::Speech { plan, spoken, audio }]);
+    // Each finished reply raises the fake's usageEvent.totalTokens by 300: over a 250-token cap.
+    let ts = start_nova(&fake, None, |c| c.budget.tokens = Some(250)).await;
+    let (session_id, _token, mut client) = connect(&ts).await;
+    client.silence(Duration::from_millis(300)).await;
+    let (exceeded, usage) = ask_until_budget_ends(&ts, &mut client, &session_id).await;
+    let per_reply = common::fake_nova::USAGE_PER_REPLY;
+    assert_eq!((exceeded["kind"].as_str(), exceeded["used"].as_u64()), (Some("tokens"), Some(per_reply)), "{exceeded}");
+    assert_eq!(
+        (usage.usage.totals.tokens, usage.usage.tokens_reported),
+        (per_reply, true),
+        "the report, not an estimate"
+    );
+    ts.server.shutdown().await.unwrap();
+}

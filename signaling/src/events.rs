@@ -106,15 +106,18 @@ pub enum ServerEvent {
         /// Milliseconds of that item's audio that were actually played out.
         played_ms: u64,
     },
-    /// Moderation stopped the agent's reply before it was spoken (extension): the audio was cut
-    /// where the flagged sentence began and the character's safe fallback line follows. The
-    /// denied text is never sent, here or in any transcript.
+    /// Moderation stopped the agent's reply before it was spoken, or the user's text before it
+    /// reached the model (extension): the audio was cut where the flagged sentence began (or the
+    /// reply to the flagged user turn was cancelled) and the character's safe fallback line
+    /// follows. The denied text is never sent, here or in any transcript.
     #[serde(rename = "moderation")]
     Moderation {
         /// The policy category that matched (e.g. `deny`, `credentials`).
         category: String,
-        /// The agent item that was cut.
+        /// The agent item that was cut, or the user's item (`""` for typed text).
         item_id: String,
+        /// Whose text was flagged: `agent` or `user`.
+        source: String,
     },
     /// Something the client should know went wrong (e.g. a malformed client message).
     #[serde(rename = "error")]

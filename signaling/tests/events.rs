@@ -56,7 +56,7 @@ fn server_samples() -> Vec<ServerEvent> {
             status: "completed".into(),
         },
         ServerEvent::Gesture { gesture: "wave".into(), item_id: Some("item_7".into()) },
-        ServerEvent::Moderation { category: "deny".into(), item_id: "item_7".into() },
+        ServerEvent::Moderation { category: "deny".into(), item_id: "item_7".into(), source: "agent".into() },
         ServerEvent::BudgetExceeded {
             kind: "tokens".into(),
             scope: "session".into(),

@@ -15,18 +15,21 @@
 //! | `GET /v1/admin/sessions/{id}/recording/{file}` | 200 one file of the recording (`events.jsonl`, `user.opus`, `agent.opus`) |
 //! | `GET /v1/admin/users/{user_id}/export?format=json|text` | 200 every session of the user with transcripts |
 //! | `GET /v1/admin/audit?limit=N` | 200 the newest N (default 100, at most 1000) audit records |
-//! | `GET /v1/admin/flags?status=open|resolved|all&category=&session_id=&limit=` | 200 the moderation review queue, newest first (default: open) |
+//! | `GET /v1/admin/flags?status=open|resolved|all&category=&session_id=&source=agent|user&limit=` | 200 the moderation review queue, newest first (default: open) |
 //! | `POST /v1/admin/flags/{id}/resolve` | 200; body `{"resolution": "..."}` (a reviewer's note, optional); 409 when already resolved |
+//! | `/v1/admin/policies[/{id}[/versions\|/lists/{allow\|deny}]]` | moderation policies and their lists, versioned (see `admin::policies`) |
 //!
 //! Who: an admin API key (`KOTODAMA_ADMIN_API_KEYS`) or an end user whose OIDC token carries
 //! the admin role; no credential is 401, any other credential 403 `admin_role_required` (also
-//! when the API is otherwise open). Every action is written to the audit log (who, what, when)
+//! when the API is otherwise open). Every handler starts with the `Admin` extractor, which
+//! checks this before anything else is read. Every action is written to the audit log (who, what, when)
 //! *before* it runs: an action whose record cannot be stored is not performed (503).
 //!
 //! Character edits are rows laid over the configured characters (`character_edits`): the node
 //! that takes an edit applies it at once; other nodes sharing the database pick it up within
 //! [`CATALOG_REFRESH`]; a restarted node starts with them.
 
+mod policies;
 mod recording;
 pub mod store;
 
@@ -36,7 +39,7 @@ use std::time::{Duration, SystemTime};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -75,6 +78,7 @@ pub async fn start(
 ) -> Result<Router, StoreError> {
     let st = AdminState { api, manager, store, configured: Arc::new(configured) };
     st.reload().await?;
+    policies::reload(&st.manager, &st.store).await?;
     tokio::spawn(refresh_loop(Arc::downgrade(&st.manager), st.store.clone(), Arc::clone(&st.configured)));
     Ok(Router::new()
         .route("/v1/admin/characters", get(list_characters))
@@ -88,6 +92,10 @@ pub async fn start(
         .route("/v1/admin/audit", get(audit_log))
         .route("/v1/admin/flags", get(list_flags))
         .route("/v1/admin/flags/{id}/resolve", axum::routing::post(resolve_flag))
+        .route("/v1/admin/policies", get(policies::list))
+        .route("/v1/admin/policies/{id}", get(policies::get).put(policies::put).delete(policies::delete))
+        .route("/v1/admin/policies/{id}/versions", get(policies::versions))
+        .route("/v1/admin/policies/{id}/lists/{list}", get(policies::get_list).put(policies::put_list))
         .with_state(st))
 }
 
@@ -100,6 +108,9 @@ async fn refresh_loop(manager: Weak<SessionManager>, store: AdminStore, configur
         match store.character_edits().await {
             Ok(edits) => manager.set_characters(merge(&configured, &edits)),
             Err(e) => tracing::warn!(error = %e, "character edits not reloaded"),
+        }
+        if let Err(e) = policies::reload(&manager, &store).await {
+            tracing::warn!(error = %e, "moderation policies not reloaded");
         }
     }
 }
@@ -124,7 +135,8 @@ pub fn merge(configured: &[Character], edits: &[CharacterEdit]) -> Vec<Character
     out
 }
 
-fn storage(e: StoreError) -> ApiError {
+/// A store failure as the API's 503 (logged; the cause is not sent to the client).
+pub(crate) fn storage(e: StoreError) -> ApiError {
     tracing::error!(error = %e, "admin storage unavailable");
     ApiError::unavailable("storage is unavailable", Duration::from_secs(5))
 }
@@ -134,19 +146,6 @@ impl AdminState {
         let edits = self.store.character_edits().await?;
         self.manager.set_characters(merge(&self.configured, &edits));
         Ok(edits)
-    }
-
-    /// The admin caller, after recording `action` on `target` in the audit log.
-    async fn authorize(
-        &self,
-        headers: &HeaderMap,
-        action: &str,
-        target: Option<&str>,
-        detail: Option<Value>,
-    ) -> Result<Caller, ApiError> {
-        let caller = self.admin(headers).await?;
-        self.record(&caller, action, target, detail).await?;
-        Ok(caller)
     }
 
     /// The caller, if it may use the admin API: 401 without a valid credential, else 403
@@ -185,6 +184,44 @@ impl AdminState {
     }
 }
 
+/// An admin caller: the extractor every admin route starts with (401 without a valid
+/// credential, 403 `admin_role_required` without the admin role).
+struct Admin(Caller);
+
+impl FromRequestParts<AdminState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, st: &AdminState) -> Result<Self, ApiError> {
+        st.admin(&parts.headers).await.map(Admin)
+    }
+}
+
+/// A JSON body of at most `limit` bytes (`None`: empty). With `typed`, `Content-Type` must be
+/// `application/json` (415 otherwise); 413 when larger, 400 `bad_json` when unreadable.
+async fn json_body(headers: &HeaderMap, body: Body, limit: usize, typed: bool) -> Result<Option<Value>, ApiError> {
+    let is_json =
+        headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
+    if typed && !is_json {
+        return Err(ApiError::unsupported_media_type("application/json"));
+    }
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::payload_too_large(limit))?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| ApiError::bad_request("bad_json", format!("invalid JSON: {e}")))
+}
+
+/// An id in a path: 1-64 of `A-Z a-z 0-9 - _` (else `not_found`).
+fn path_id(path: Result<Path<String>, PathRejection>, not_found: fn(&str) -> ApiError) -> Result<String, ApiError> {
+    match path {
+        Ok(Path(id)) if crate::moderation::policies::valid_policy_id(&id) => Ok(id),
+        Ok(Path(id)) => Err(not_found(&id)),
+        Err(_) => Err(not_found("")),
+    }
+}
+
 /// A new audit record id that sorts in creation order on this node (microseconds since the
 /// epoch and a counter, fixed-width hex), then a random part so nodes never collide.
 fn audit_id() -> String {
@@ -195,16 +232,7 @@ fn audit_id() -> String {
 }
 
 fn character_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    match path {
-        Ok(Path(id))
-            if !id.is_empty()
-                && id.len() <= 64
-                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
-        {
-            Ok(id)
-        }
-        _ => Err(ApiError::not_found("unknown_character", "no such character")),
-    }
+    path_id(path, |_| ApiError::not_found("unknown_character", "no such character"))
 }
 
 /// A character as listed: its fields, `version` (0: as configured) and `source`.
@@ -216,8 +244,8 @@ fn listed(c: &Character, edits: &[CharacterEdit]) -> Value {
     v
 }
 
-async fn list_characters(State(st): State<AdminState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    st.authorize(&headers, "character.list", None, None).await?;
+async fn list_characters(State(st): State<AdminState>, Admin(caller): Admin) -> Result<Response, ApiError> {
+    st.record(&caller, "character.list", None, None).await?;
     let edits = st.reload().await.map_err(storage)?;
     let all: Vec<Value> = st.manager.characters().iter().map(|c| listed(c, &edits)).collect();
     Ok(json_response(StatusCode::OK, &all))
@@ -225,11 +253,11 @@ async fn list_characters(State(st): State<AdminState>, headers: HeaderMap) -> Re
 
 async fn get_character(
     State(st): State<AdminState>,
+    Admin(caller): Admin,
     path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = character_id(path)?;
-    st.authorize(&headers, "character.get", Some(&id), None).await?;
+    st.record(&caller, "character.get", Some(&id), None).await?;
     let edits = st.reload().await.map_err(storage)?;
     let catalog = st.manager.characters();
     let c = catalog.iter().find(|c| c.id == id).ok_or_else(|| ApiError::unknown_character(&id))?;
@@ -237,17 +265,10 @@ async fn get_character(
 }
 
 /// The body as a character with the path's id, validated like a configured one.
-async fn parse_character(id: &str, headers: &HeaderMap, body: Body) -> Result<Character, ApiError> {
-    let is_json =
-        headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
-    if !is_json {
-        return Err(ApiError::unsupported_media_type("application/json"));
-    }
-    let bytes = axum::body::to_bytes(body, MAX_CHARACTER_BYTES)
-        .await
-        .map_err(|_| ApiError::payload_too_large(MAX_CHARACTER_BYTES))?;
-    let mut value: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request("bad_json", format!("invalid character: {e}")))?;
+async fn parse_character(st: &AdminState, id: &str, headers: &HeaderMap, body: Body) -> Result<Character, ApiError> {
+    let mut value = json_body(headers, body, MAX_CHARACTER_BYTES, true)
+        .await?
+        .ok_or_else(|| ApiError::bad_request("bad_json", "invalid character: empty body"))?;
     let object =
         value.as_object_mut().ok_or_else(|| ApiError::bad_request("bad_json", "a character is a JSON object"))?;
     match object.get("id") {
@@ -267,18 +288,23 @@ async fn parse_character(id: &str, headers: &HeaderMap, body: Body) -> Result<Ch
     Config { characters: vec![character.clone()], ..Config::default() }
         .validate()
         .map_err(|e| ApiError::unprocessable("bad_character", e.to_string()))?;
+    if let Some(p) = character.moderation.as_ref().and_then(|m| m.policy.as_deref())
+        && st.manager.policies().get(p).is_none()
+    {
+        return Err(ApiError::unprocessable("unknown_policy", format!("no moderation policy `{p}`")));
+    }
     Ok(character)
 }
 
 async fn put_character(
     State(st): State<AdminState>,
+    Admin(caller): Admin,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let caller = st.admin(&headers).await?;
     let id = character_id(path)?;
-    let character = parse_character(&id, &headers, body).await?;
+    let character = parse_character(&st, &id, &headers, body).await?;
     let detail = json!({"name": character.name, "voice": character.voice, "language": character.language});
     st.record(&caller, "character.put", Some(&id), Some(detail)).await?;
     let spec = serde_json::to_string(&character).map_err(ApiError::internal)?;
@@ -289,10 +315,9 @@ async fn put_character(
 
 async fn delete_character(
     State(st): State<AdminState>,
+    Admin(caller): Admin,
     path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let caller = st.admin(&headers).await?;
     let id = character_id(path)?;
     let catalog = st.manager.characters();
     if !catalog.iter().any(|c| c.id == id) {
@@ -307,8 +332,8 @@ async fn delete_character(
     Ok(json_response(StatusCode::OK, &json!({"id": id, "deleted": true, "version": version})))
 }
 
-async fn list_sessions(State(st): State<AdminState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    st.authorize(&headers, "session.list", None, None).await?;
+async fn list_sessions(State(st): State<AdminState>, Admin(caller): Admin) -> Result<Response, ApiError> {
+    st.record(&caller, "session.list", None, None).await?;
     let mut out = Vec::new();
     for id in st.store.open_session_ids().await.map_err(storage)? {
         let Some(s) = st.manager.store().session(&id).await.map_err(storage)? else { continue };
@@ -337,10 +362,9 @@ async fn stored_session(st: &AdminState, id: &str) -> Result<StoredSession, ApiE
 
 async fn end_session(
     State(st): State<AdminState>,
+    Admin(caller): Admin,
     path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let caller = st.admin(&headers).await?;
     let id = session_path(path)?;
     let session = stored_session(&st, &id).await?;
     if session.state == StoredState::Ended {
@@ -370,14 +394,14 @@ fn text_format(q: Result<Query<ExportQuery>, QueryRejection>) -> Result<bool, Ap
 
 async fn export_session(
     State(st): State<AdminState>,
+    Admin(caller): Admin,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<ExportQuery>, QueryRejection>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = session_path(path)?;
     let text = text_format(query)?;
-    st.authorize(&headers, "session.export", Some(&id), Some(json!({"format": if text { "text" } else { "json" }})))
-        .await?;
+    let detail = json!({"format": if text { "text" } else { "json" }});
+    st.record(&caller, "session.export", Some(&id), Some(detail)).await?;
     st.manager.writer().flush().await;
     let session = stored_session(&st, &id).await?;
     let turns = match st.manager.get(&id) {
@@ -394,16 +418,16 @@ async fn export_session(
 
 async fn export_user(
     State(st): State<AdminState>,
+    Admin(caller): Admin,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<ExportQuery>, QueryRejection>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let user_id = match path {
         Ok(Path(u)) if !u.is_empty() && u.len() <= signaling::api::MAX_USER_ID_LEN => u,
         _ => return Err(ApiError::not_found("no_user_data", "no data for this user")),
     };
     let text = text_format(query)?;
-    st.authorize(&headers, "user.export", Some(&user_id), None).await?;
+    st.record(&caller, "user.export", Some(&user_id), None).await?;
     st.manager.writer().flush().await;
     let data: UserData = st.manager.store().user_data(&user_id, None).await.map_err(storage)?;
     if data.sessions.is_empty() {
@@ -433,11 +457,11 @@ struct AuditQuery {
 
 async fn audit_log(
     State(st): State<AdminState>,
+    Admin(caller): Admin,
     query: Result<Query<AuditQuery>, QueryRejection>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let limit = list_limit(query.map_err(|_| ApiError::bad_request("bad_limit", "limit must be a number"))?.0.limit)?;
-    st.authorize(&headers, "audit.read", None, Some(json!({"limit": limit}))).await?;
+    st.record(&caller, "audit.read", None, Some(json!({"limit": limit}))).await?;
     let entries = st.store.audit_log(limit).await.map_err(storage)?;
     Ok(json_response(StatusCode::OK, &entries))
 }
@@ -452,16 +476,18 @@ struct FlagQuery {
     #[serde(default)]
     session_id: Option<String>,
     #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
     limit: Option<i64>,
 }
 
 async fn list_flags(
     State(st): State<AdminState>,
+    Admin(caller): Admin,
     query: Result<Query<FlagQuery>, QueryRejection>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let bad = |what: &str| ApiError::bad_request("bad_query", what.to_owned());
-    let q = query.map_err(|e| bad(&format!("status, category, session_id, limit: {e}")))?.0;
+    let q = query.map_err(|e| bad(&format!("status, category, session_id, source, limit: {e}")))?.0;
     let resolved = match q.status.as_deref() {
         None | Some("open") => Some(false),
         Some("resolved") => Some(true),
@@ -469,9 +495,12 @@ async fn list_flags(
         Some(_) => return Err(bad("status must be open, resolved or all")),
     };
     let limit = list_limit(q.limit)?;
-    let filter = FlagFilter { resolved, category: q.category, session_id: q.session_id };
+    if q.source.as_deref().is_some_and(|s| s != "agent" && s != "user") {
+        return Err(bad("source must be agent or user"));
+    }
+    let filter = FlagFilter { resolved, category: q.category, session_id: q.session_id, source: q.source };
     let detail = json!({"status": q.status, "category": filter.category, "session_id": filter.session_id});
-    st.authorize(&headers, "flag.list", None, Some(detail)).await?;
+    st.record(&caller, "flag.list", None, Some(detail)).await?;
     Ok(json_response(StatusCode::OK, &st.store.flags(&filter, limit).await.map_err(storage)?))
 }
 
@@ -484,18 +513,16 @@ struct ResolveRequest {
 
 async fn resolve_flag(
     State(st): State<AdminState>,
+    Admin(caller): Admin,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let caller = st.admin(&headers).await?;
     let id = session_path(path).map_err(|_| ApiError::not_found("unknown_flag", "no such flag"))?;
-    let bytes = axum::body::to_bytes(body, 4096).await.map_err(|_| ApiError::payload_too_large(4096))?;
-    let request: ResolveRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
-        ResolveRequest::default()
-    } else {
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::bad_request("bad_json", format!("expected {{\"resolution\"?: \"...\"}}: {e}")))?
+    let request: ResolveRequest = match json_body(&headers, body, 4096, false).await? {
+        None => ResolveRequest::default(),
+        Some(v) => serde_json::from_value(v)
+            .map_err(|e| ApiError::bad_request("bad_json", format!("expected {{\"resolution\"?: \"...\"}}: {e}")))?,
     };
     let resolution = request.resolution.unwrap_or_else(|| "reviewed".into());
     st.record(&caller, "flag.resolve", Some(&id), Some(json!({"resolution": resolution}))).await?;
@@ -532,7 +559,9 @@ pub fn transcript_text(s: &SessionWithTurns) -> String {
     out
 }
 
-fn json_response<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
+/// `value` as a JSON response that no cache keeps (`Cache-Control: no-store`): every admin and
+/// user-data answer.
+pub(crate) fn json_response<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => {
             let mut r = (status, body).into_response();

@@ -11,12 +11,12 @@
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use signaling::problem::ApiError;
 
-use super::{AdminState, json_response, session_path, stored_session};
+use super::{Admin, AdminState, json_response, session_path, stored_session};
 use crate::recording::RecordingError;
 use crate::recording::format::{EVENTS_FILE, FILES};
 
@@ -36,11 +36,11 @@ fn recordings(st: &AdminState) -> Result<&std::sync::Arc<crate::recording::Recor
 /// `GET /v1/admin/sessions/{id}/recording`: the session, its transcript and its recording's files.
 pub(super) async fn recording(
     State(st): State<AdminState>,
+    Admin(caller): Admin,
     path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = session_path(path)?;
-    st.authorize(&headers, "session.recording.export", Some(&id), None).await?;
+    st.record(&caller, "session.recording.export", Some(&id), None).await?;
     let files = recordings(&st)?.files(&id).await.map_err(store_error)?;
     if files.is_empty() {
         return Err(no_recording());
@@ -65,8 +65,8 @@ pub(super) async fn recording(
 /// `GET /v1/admin/sessions/{id}/recording/{file}`: one file of the recording, as stored.
 pub(super) async fn recording_file(
     State(st): State<AdminState>,
+    Admin(caller): Admin,
     path: Result<Path<(String, String)>, PathRejection>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (id, name) = match path {
         Ok(Path((id, name))) if signaling::id::is_valid_id(&id) => (id, name),
@@ -75,7 +75,7 @@ pub(super) async fn recording_file(
     if !FILES.contains(&name.as_str()) {
         return Err(ApiError::not_found("no_such_file", format!("a recording holds only {}", FILES.join(", "))));
     }
-    st.authorize(&headers, "session.recording.download", Some(&id), Some(json!({"file": name}))).await?;
+    st.record(&caller, "session.recording.download", Some(&id), Some(json!({"file": name}))).await?;
     let bytes = recordings(&st)?.read(&id, &name).await.map_err(store_error)?.ok_or_else(no_recording)?;
     let content_type = if name == EVENTS_FILE { "application/x-ndjson" } else { "audio/ogg" };
     let mut r = (StatusCode::OK, bytes).into_response();

@@ -163,8 +163,11 @@ pub struct ReviewFlag {
     pub category: String,
     /// The denied text.
     pub text: String,
-    /// The moderation policy's version.
+    /// The moderation policy's version (`id@N`, `id@N+character-hash`, or the configured
+    /// section's hash).
     pub policy_version: String,
+    /// `agent` (a reply cut before it was spoken) or `user` (input kept from the model).
+    pub source: String,
     /// When it was flagged.
     #[serde(serialize_with = "rfc3339")]
     pub created_at: SystemTime,
@@ -185,14 +188,16 @@ pub struct FlagFilter {
     pub category: Option<String>,
     /// One session.
     pub session_id: Option<String>,
+    /// `agent` or `user`.
+    pub source: Option<String>,
 }
 
 impl AdminStore {
     /// Flags matching `filter`, newest first, at most `limit`.
     pub async fn flags(&self, filter: &FlagFilter, limit: i64) -> Result<Vec<ReviewFlag>, StoreError> {
         let mut sql = String::from(
-            "SELECT id, session_id, turn, item_id, category, text, policy_version, created_at, resolved_at, \
-             resolved_by, resolution FROM moderation_flags WHERE 1 = 1",
+            "SELECT id, session_id, turn, item_id, category, text, policy_version, source, created_at, \
+             resolved_at, resolved_by, resolution FROM moderation_flags WHERE 1 = 1",
         );
         match filter.resolved {
             Some(true) => sql.push_str(" AND resolved_at IS NOT NULL"),
@@ -200,7 +205,8 @@ impl AdminStore {
             None => {}
         }
         let mut binds = Vec::new();
-        for (column, value) in [("category", &filter.category), ("session_id", &filter.session_id)] {
+        let columns = [("category", &filter.category), ("session_id", &filter.session_id), ("source", &filter.source)];
+        for (column, value) in columns {
             if let Some(v) = value {
                 binds.push(v.clone());
                 sql.push_str(&format!(" AND {column} = ${}", binds.len()));
@@ -218,8 +224,8 @@ impl AdminStore {
     /// One flag by id.
     pub async fn flag(&self, id: &str) -> Result<Option<ReviewFlag>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, session_id, turn, item_id, category, text, policy_version, created_at, resolved_at, \
-             resolved_by, resolution FROM moderation_flags WHERE id = $1",
+            "SELECT id, session_id, turn, item_id, category, text, policy_version, source, created_at, \
+             resolved_at, resolved_by, resolution FROM moderation_flags WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -255,9 +261,79 @@ fn flag_from_row(r: &sqlx::any::AnyRow) -> Result<ReviewFlag, StoreError> {
         category: r.try_get("category").map_err(query_err)?,
         text: r.try_get("text").map_err(query_err)?,
         policy_version: r.try_get("policy_version").map_err(query_err)?,
+        source: r.try_get("source").map_err(query_err)?,
         created_at: from_ms(r.try_get("created_at").map_err(query_err)?),
         status: if resolved_at.is_some() { "resolved" } else { "open" },
         resolved_by: r.try_get("resolved_by").map_err(query_err)?,
         resolution: r.try_get("resolution").map_err(query_err)?,
     })
+}
+
+/// One stored version of a moderation policy (`moderation_policies`, migration 0008).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRecord {
+    /// Policy id.
+    pub id: String,
+    /// 1 on the first store, +1 on each later change.
+    pub version: i64,
+    /// The policy as JSON (`ModerationSettings`' shape); `None`: deleted in this version.
+    pub spec: Option<String>,
+    /// When this version was stored.
+    pub created_at: SystemTime,
+    /// Who stored it (`key:<short id>` or `user:<id>`).
+    pub created_by: String,
+}
+
+fn policy_from_row(r: &sqlx::any::AnyRow) -> Result<PolicyRecord, StoreError> {
+    Ok(PolicyRecord {
+        id: r.try_get("id").map_err(query_err)?,
+        version: r.try_get("version").map_err(query_err)?,
+        spec: r.try_get("spec").map_err(query_err)?,
+        created_at: from_ms(r.try_get("created_at").map_err(query_err)?),
+        created_by: r.try_get("created_by").map_err(query_err)?,
+    })
+}
+
+impl AdminStore {
+    /// The newest version of every policy ever stored (deleted ones too), by id.
+    pub async fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT p.id, p.version, p.spec, p.created_at, p.created_by FROM moderation_policies p \
+             WHERE p.version = (SELECT MAX(q.version) FROM moderation_policies q WHERE q.id = p.id) ORDER BY p.id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err)?;
+        rows.iter().map(policy_from_row).collect()
+    }
+
+    /// Every version of policy `id`, newest first (empty: never stored).
+    pub async fn policy_versions(&self, id: &str) -> Result<Vec<PolicyRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, version, spec, created_at, created_by FROM moderation_policies WHERE id = $1 \
+             ORDER BY version DESC",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err)?;
+        rows.iter().map(policy_from_row).collect()
+    }
+
+    /// Store a new version of policy `id` (`spec` JSON, or `None`: deleted); returns its number.
+    pub async fn put_policy(&self, id: &str, spec: Option<&str>, actor: &str) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO moderation_policies (id, version, spec, created_at, created_by) \
+             SELECT $1, COALESCE(MAX(version), 0) + 1, $2, $3, $4 FROM moderation_policies WHERE id = $1 \
+             RETURNING version",
+        )
+        .bind(id)
+        .bind(spec)
+        .bind(to_ms(SystemTime::now()))
+        .bind(actor)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(query_err)?;
+        row.try_get("version").map_err(query_err)
+    }
 }

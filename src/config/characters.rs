@@ -58,6 +58,11 @@ pub struct Character {
     /// Budget overrides (`[characters.budget]`): set limits replace the global `[budget]` ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<super::budget::BudgetLimits>,
+    /// Moderation overrides (`[characters.moderation]`): the policy this character uses, the
+    /// categories, deny and allow phrases it adds, its own safe fallback line and
+    /// `check_user_input` (see [`super::moderation::CharacterModeration`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moderation: Option<super::moderation::CharacterModeration>,
 }
 
 fn default_language() -> String {
@@ -81,6 +86,9 @@ impl Character {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(m) = &self.moderation {
+            m.validate(&format!("characters.{}.moderation", self.id))?;
+        }
         if let Some(b) = &self.budget {
             b.check(&format!("characters.{}.budget", self.id))?;
         }

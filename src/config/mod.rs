@@ -62,7 +62,7 @@ pub use self::characters::Character;
 pub use self::local::LocalSettings;
 pub use self::media::MediaSettings;
 pub use self::memory::MemorySettings;
-pub use self::moderation::ModerationSettings;
+pub use self::moderation::{CharacterModeration, ModerationSettings};
 pub use self::oidc::OidcSettings;
 pub use self::recording::RecordingSettings;
 pub use self::resilience::ResilienceSettings;

@@ -70,6 +70,11 @@ pub struct ModerationSettings {
     pub fallback: String,
     /// An OpenAI-compatible `/v1/moderations` endpoint (`[moderation.endpoint]`), optional.
     pub endpoint: Option<EndpointSettings>,
+    /// Check the user's text too (typed, and transcribed: the cascade's STT, a speech-to-speech
+    /// provider's input transcript) before it reaches the model (default false). A flagged user
+    /// turn never reaches the model (speech-to-speech: the model heard the audio, so its reply is
+    /// cancelled and replaced), the client gets `moderation` with `source: "user"`.
+    pub check_user_input: bool,
 }
 
 impl Default for ModerationSettings {
@@ -82,7 +87,69 @@ impl Default for ModerationSettings {
             builtin: true,
             fallback: "Sorry, I can't talk about that. Let's talk about something else.".into(),
             endpoint: None,
+            check_user_input: false,
         }
+    }
+}
+
+/// A character's moderation (`[characters.moderation]`, or `"moderation"` in
+/// `PUT /v1/admin/characters/{id}`): the policy it uses and what it adds to it. Applied to the
+/// character's next session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CharacterModeration {
+    /// The policy (`PUT /v1/admin/policies/{id}`); unset: `default` (the `[moderation]` section or
+    /// its stored replacement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Categories added to the policy's (a category of the same name is replaced).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub categories: BTreeMap<String, CategorySettings>,
+    /// Phrases added to the policy's `deny` list.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+    /// Phrases added to the policy's allow list.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// The character's own safe fallback line (unset: the policy's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// Overrides the policy's `check_user_input`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check_user_input: Option<bool>,
+}
+
+impl CharacterModeration {
+    /// `policy` with this character's additions.
+    pub fn apply(&self, policy: &ModerationSettings) -> ModerationSettings {
+        let mut out = policy.clone();
+        out.categories.extend(self.categories.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out.deny.extend(self.deny.iter().cloned());
+        out.allow.extend(self.allow.iter().cloned());
+        if let Some(f) = self.fallback.as_ref().filter(|f| !f.trim().is_empty()) {
+            out.fallback = f.clone();
+        }
+        if let Some(c) = self.check_user_input {
+            out.check_user_input = c;
+        }
+        out
+    }
+
+    /// The additions compile (`key` names the character's section in errors).
+    pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        self.apply(&ModerationSettings::default())
+            .validate()
+            .map_err(|e| ConfigError { key: format!("{key}.{}", e.key.trim_start_matches("moderation.")), ..e })?;
+        if let Some(p) = &self.policy
+            && !crate::moderation::policies::valid_policy_id(p)
+        {
+            return Err(err(
+                &format!("{key}.policy"),
+                format!("`{p}` is not a policy id"),
+                "use 1-64 of A-Z a-z 0-9 - _",
+            ));
+        }
+        Ok(())
     }
 }
 

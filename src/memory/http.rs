@@ -17,8 +17,8 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::routing::{delete, get};
 use serde_json::json;
 use signaling::api::{ApiState, MAX_USER_ID_LEN};
@@ -26,6 +26,7 @@ use signaling::auth::KeyRole;
 use signaling::identity::Caller;
 use signaling::problem::ApiError;
 
+use crate::admin::storage;
 use crate::session::SessionManager;
 
 #[derive(Clone)]
@@ -74,14 +75,8 @@ fn bad_path(_: PathRejection) -> ApiError {
     ApiError::not_found("no_user_data", "no data for this user")
 }
 
-fn storage(e: crate::store::StoreError) -> ApiError {
-    ApiError::unavailable(format!("storage unavailable: {e}"), std::time::Duration::from_secs(5))
-}
-
 fn no_store(status: StatusCode, body: serde_json::Value) -> Response {
-    let mut res = (status, axum::Json(body)).into_response();
-    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    res
+    crate::admin::json_response(status, &body)
 }
 
 async fn list(

@@ -304,10 +304,12 @@ pub enum ProviderEvent {
         /// Human-readable message.
         message: String,
     },
-    /// The provider flagged agent text before speaking it (the cascade, before TTS): that
-    /// sentence and the rest of the reply were dropped and the fallback line is spoken instead.
+    /// Moderation flagged text. `replaced`: the provider dropped it itself and says the fallback
+    /// line instead (the cascade: agent text before TTS, user text before the LLM); else a check
+    /// after the provider flagged it ([`crate::moderation::guard`]: the moderation endpoint on a
+    /// speech-to-speech session) and the session cuts the reply and has the fallback said.
     Moderated {
-        /// The reply item.
+        /// The reply item (agent), or the user's item (`""`: typed text).
         item_id: String,
         /// The category that matched.
         category: String,
@@ -315,6 +317,10 @@ pub enum ProviderEvent {
         text: String,
         /// The policy's version.
         policy_version: String,
+        /// Whose text it was.
+        source: crate::moderation::Source,
+        /// Whether the provider already replaced it with the fallback line.
+        replaced: bool,
     },
     /// The provider reported the model tokens one response used (input + output, as the
     /// provider counts them: OpenAI Realtime `response.done.usage.total_tokens`); budgets count
@@ -358,6 +364,12 @@ impl ProviderError {
 pub trait RealtimeProvider: Send + Sync {
     /// The provider's name as used in the API (`scripted`, `openai`, ...).
     fn name(&self) -> &str;
+    /// Whether the provider checks text with [`SessionConfig::moderator`] itself, the moderation
+    /// endpoint included (the cascade: before TTS and before the LLM). When false and the policy
+    /// has an endpoint, the session puts [`crate::moderation::guard`] around the provider.
+    fn moderates_text(&self) -> bool {
+        false
+    }
     /// What this provider can do.
     fn capabilities(&self) -> Capabilities;
     /// The input audio format it expects.

@@ -134,6 +134,11 @@ impl RealtimeProvider for ResilientProvider {
         self.chain[0].name()
     }
 
+    /// Only when every provider of the chain does (a failover may land on any of them).
+    fn moderates_text(&self) -> bool {
+        self.chain.iter().all(|p| p.moderates_text())
+    }
+
     /// The preferred provider's, as declared: the wrapper adds resilience, not abilities (a
     /// `CommitTurn` or `Truncate` a provider cannot use is still taken and not passed on).
     fn capabilities(&self) -> Capabilities {

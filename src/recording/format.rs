@@ -376,6 +376,12 @@ pub enum RecProviderEvent {
         text: String,
         /// Policy version.
         policy_version: String,
+        /// Whose text (absent in older recordings: the agent's).
+        #[serde(default)]
+        source: crate::moderation::Source,
+        /// Whether the provider replaced it (absent in older recordings: it did).
+        #[serde(default = "replaced_default")]
+        replaced: bool,
     },
     /// [`ProviderEvent::Closed`].
     Closed,
@@ -490,6 +496,10 @@ pub fn us(d: Duration) -> u64 {
 /// the very instants it saw.
 pub fn ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn replaced_default() -> bool {
+    true
 }
 
 fn ms(d: Duration) -> u64 {
@@ -609,11 +619,13 @@ impl RecProviderEvent {
                 Self::Error { code: code.clone(), message: message.clone(), retryable: *retryable }
             }
             ProviderEvent::Notice { code, message } => Self::Notice { code: code.clone(), message: message.clone() },
-            ProviderEvent::Moderated { item_id, category, text, policy_version } => Self::Moderated {
+            ProviderEvent::Moderated { item_id, category, text, policy_version, source, replaced } => Self::Moderated {
                 item_id: item_id.clone(),
                 category: category.clone(),
                 text: text.clone(),
                 policy_version: policy_version.clone(),
+                source: *source,
+                replaced: *replaced,
             },
             ProviderEvent::Usage { tokens } => Self::Usage { tokens: *tokens },
             ProviderEvent::Closed => Self::Closed,
@@ -650,8 +662,8 @@ impl RecProviderEvent {
             Self::ResponseDone { item_id } => ProviderEvent::ResponseDone { item_id },
             Self::Error { code, message, retryable } => ProviderEvent::Error { code, message, retryable },
             Self::Notice { code, message } => ProviderEvent::Notice { code, message },
-            Self::Moderated { item_id, category, text, policy_version } => {
-                ProviderEvent::Moderated { item_id, category, text, policy_version }
+            Self::Moderated { item_id, category, text, policy_version, source, replaced } => {
+                ProviderEvent::Moderated { item_id, category, text, policy_version, source, replaced }
             }
             Self::Closed => ProviderEvent::Closed,
         }

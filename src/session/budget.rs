@@ -16,6 +16,11 @@
 //! arrived, only reports count. Time: media time since the session started. Tool calls: counted
 //! where tools run ([`ToolCallCounter`], shared with the session's tool registry), which also
 //! refuses calls past the cap so a model can never exceed it.
+//!
+//! A user's live sessions on one node share their daily token budget ([`UserTokens`]): each adds
+//! what it uses to the user's counter and checks the daily cap against the counter, so two
+//! concurrent sessions cannot each spend the whole day's tokens. (Across nodes the day is shared
+//! through the store only, as sessions end.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -167,11 +172,42 @@ impl ToolCallCounter {
     }
 }
 
+/// The tokens one user used today, shared by that user's live sessions on this node: the store's
+/// count when the first of them started, plus what each of them (live or ended since) used.
+#[derive(Debug)]
+pub struct UserTokens {
+    used: AtomicU64,
+}
+
+impl UserTokens {
+    /// A counter starting at `stored` (the user's tokens of ended sessions today).
+    pub fn new(stored: u64) -> Self {
+        Self { used: AtomicU64::new(stored) }
+    }
+
+    /// The user's tokens today.
+    pub fn total(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn adjust(&self, from: u64, to: u64) {
+        if to >= from {
+            self.used.fetch_add(to - from, Ordering::Relaxed);
+        } else {
+            let less = from - to;
+            let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(less)));
+        }
+    }
+}
+
 /// The caps of one session, made at its start.
 #[derive(Debug, Clone)]
 pub struct BudgetPlan {
     /// Token cap.
     pub tokens: Option<Cap>,
+    /// The user's daily token cap checked against the counter the user's live sessions share
+    /// (then `tokens` is the per-session cap only).
+    pub user_tokens: Option<(Cap, Arc<UserTokens>)>,
     /// Time cap (milliseconds).
     pub minutes: Option<Cap>,
     /// Tool calls, counted (and capped) by the session's tool registry.
@@ -189,6 +225,7 @@ impl BudgetPlan {
     pub fn unlimited() -> BudgetPlan {
         BudgetPlan {
             tokens: None,
+            user_tokens: None,
             minutes: None,
             tool_calls: Arc::new(ToolCallCounter::new(None)),
             on_limit: OnLimit::End,
@@ -197,7 +234,7 @@ impl BudgetPlan {
 
     /// Whether any cap applies.
     pub fn is_limited(&self) -> bool {
-        self.tokens.is_some() || self.minutes.is_some() || self.tool_calls.cap.is_some()
+        self.tokens.is_some() || self.user_tokens.is_some() || self.minutes.is_some() || self.tool_calls.cap.is_some()
     }
 
     /// The plan for `limits` (already merged with the character's) given what the user used
@@ -212,10 +249,22 @@ impl BudgetPlan {
         let tools = Cap::of(on(limits.tool_calls), daily(on(limits.user_tool_calls_per_day)), t.tool_calls);
         BudgetPlan {
             tokens,
+            user_tokens: None,
             minutes,
             tool_calls: Arc::new(ToolCallCounter::new(tools)),
             on_limit: limits.on_limit.unwrap_or_default(),
         }
+    }
+
+    /// [`Self::new`] for a session whose user's daily tokens are counted in `shared` (with
+    /// the user's other live sessions): the daily token cap is checked against it.
+    pub fn shared(limits: &BudgetLimits, today: UsageTotals, shared: Arc<UserTokens>) -> BudgetPlan {
+        let mut plan = Self::new(limits, Some(today));
+        if let Some(limit) = on(limits.user_tokens_per_day) {
+            plan.tokens = Cap::of(on(limits.tokens), None, 0);
+            plan.user_tokens = Some((Cap { max: limit, scope: Scope::UserDay, limit, before: 0 }, shared));
+        }
+        plan
     }
 }
 
@@ -256,12 +305,21 @@ pub struct Budget {
     estimated_tokens: u64,
     provider_reports: bool,
     exceeded: Option<Exceeded>,
+    /// This session's tokens already added to the user's shared counter.
+    shared_tokens: u64,
 }
 
 impl Budget {
     /// Budget state at the session's start.
     pub fn new(plan: BudgetPlan) -> Self {
-        Self { plan, reported_tokens: 0, estimated_tokens: 0, provider_reports: false, exceeded: None }
+        Self {
+            plan,
+            reported_tokens: 0,
+            estimated_tokens: 0,
+            provider_reports: false,
+            exceeded: None,
+            shared_tokens: 0,
+        }
     }
 
     /// The provider reported `tokens` more (one response's usage).
@@ -300,10 +358,17 @@ impl Budget {
             action,
         };
         let tokens = self.tokens();
+        let user_total = self.plan.user_tokens.as_ref().map(|(cap, shared)| {
+            shared.adjust(self.shared_tokens, tokens);
+            (*cap, shared.total())
+        });
+        self.shared_tokens = tokens;
         let elapsed = now.as_millis() as u64;
         let tools = &self.plan.tool_calls;
         let found = if let Some(c) = self.plan.tokens.filter(|c| tokens >= c.max) {
             Some(hit(Kind::Tokens, c, tokens, 1))
+        } else if let Some((c, total)) = user_total.filter(|(c, total)| *total >= c.max) {
+            Some(hit(Kind::Tokens, c, total, 1))
         } else if let Some(c) = self.plan.minutes.filter(|c| elapsed >= c.max) {
             Some(hit(Kind::Minutes, c, elapsed, 1000))
         } else {
@@ -386,6 +451,27 @@ mod tests {
             (Kind::ToolCalls, Scope::UserDay, 3, 3, OnLimit::Degrade)
         );
         assert_eq!(b.usage(Duration::ZERO).totals.tool_calls, 2);
+    }
+
+    #[test]
+    fn a_users_live_sessions_share_the_daily_tokens() {
+        let l = BudgetLimits { tokens: Some(1000), user_tokens_per_day: Some(500), ..limits() };
+        let shared = Arc::new(UserTokens::new(100));
+        let today = UsageTotals { tokens: 100, ..Default::default() };
+        let mut a = Budget::new(BudgetPlan::shared(&l, today, Arc::clone(&shared)));
+        let mut b = Budget::new(BudgetPlan::shared(&l, today, Arc::clone(&shared)));
+        a.on_reported(250);
+        assert_eq!(a.check(Duration::ZERO), None, "100 + 250 < 500");
+        b.on_reported(100);
+        assert_eq!(b.check(Duration::ZERO), None, "450 < 500");
+        b.on_reported(60);
+        let e = b.check(Duration::ZERO).expect("100 + 250 + 160 >= 500: the other session's tokens count");
+        assert_eq!((e.kind, e.scope, e.limit, e.used), (Kind::Tokens, Scope::UserDay, 500, 510));
+        assert_eq!(a.check(Duration::ZERO).map(|e| e.used), Some(510), "the first session is over the day too");
+        assert_eq!(shared.total(), 510);
+        let mut solo = Budget::new(BudgetPlan::shared(&BudgetLimits { tokens: Some(50), ..l }, today, shared));
+        solo.on_reported(50);
+        assert_eq!(solo.check(Duration::ZERO).map(|e| e.scope), Some(Scope::Session), "the session cap still holds");
     }
 
     #[test]

@@ -53,13 +53,15 @@ pub(crate) struct SessionBuilder {
     encoder: media::EncoderConfig,
     /// The tools every character's model may call (built-ins for now).
     tools: Arc<crate::providers::tools::ToolRegistry>,
-    /// Moderation before speech (validated at start, so it compiles).
-    moderator: Option<Arc<crate::moderation::Moderator>>,
+    /// Moderation policies (the newest version of each; the admin API replaces them).
+    policies: Arc<crate::moderation::policies::Policies>,
     /// Long-term memory: read at start, learnt from at the end (sessions with a user only).
     memory: Option<Arc<crate::memory::Memory>>,
     /// Where the users' daily usage is read (budgets per user per day); `None`: daily limits
     /// count only the session itself.
     usage_store: Option<Arc<dyn crate::store::Store>>,
+    /// The daily tokens of users with live sessions on this node, shared by their sessions.
+    live_users: std::sync::Mutex<HashMap<String, std::sync::Weak<super::budget::UserTokens>>>,
     /// Where recorded sessions go (`None`: the store could not be opened; nothing is recorded).
     recordings: Option<Arc<Recordings>>,
 }
@@ -95,7 +97,7 @@ impl SessionBuilder {
         let encoder =
             media::EncoderConfig { bitrate_bps: m.opus_bitrate, complexity: m.opus_complexity, ..Default::default() };
         let tools = Arc::new(crate::providers::tools::ToolRegistry::builtin());
-        let moderator = crate::moderation::Moderator::new(&config.moderation).ok().map(Arc::new);
+        let policies = Arc::new(crate::moderation::policies::Policies::new(config.moderation.clone()));
         let recordings = Recordings::open(&config.recording)
             .map_err(|e| tracing::error!(error = %e, "recording store unavailable; sessions are not recorded"))
             .ok();
@@ -106,9 +108,10 @@ impl SessionBuilder {
             vad,
             encoder,
             tools,
-            moderator,
+            policies,
             memory: None,
             usage_store: None,
+            live_users: Default::default(),
             recordings,
         }
     }
@@ -160,7 +163,43 @@ impl SessionBuilder {
             (Some(_), _) => Some(Default::default()),
             (None, _) => None,
         };
-        BudgetPlan::new(&limits, today)
+        match (&shared.user_id, today) {
+            (Some(user), Some(today)) if limits.user_tokens_per_day.is_some_and(|t| t > 0) => {
+                BudgetPlan::shared(&limits, today, self.user_tokens(user, today.tokens))
+            }
+            _ => BudgetPlan::new(&limits, today),
+        }
+    }
+
+    /// The shared daily token counter of `user`: the one its live sessions use, else a new one
+    /// starting at `stored` (its ended sessions' tokens today).
+    fn user_tokens(&self, user: &str, stored: u64) -> Arc<super::budget::UserTokens> {
+        let mut live = self.live_users.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = live.get(user).and_then(std::sync::Weak::upgrade) {
+            return t;
+        }
+        live.retain(|_, t| t.strong_count() > 0);
+        let t = Arc::new(super::budget::UserTokens::new(stored));
+        live.insert(user.to_owned(), Arc::downgrade(&t));
+        t
+    }
+
+    /// The moderation policies new sessions are built with.
+    pub fn policies(&self) -> &Arc<crate::moderation::policies::Policies> {
+        &self.policies
+    }
+
+    /// `session` behind the moderation endpoint's checks when the policy has an endpoint and the
+    /// provider does not check text itself ([`crate::moderation::guard`]).
+    fn guarded(
+        session: ProviderSession,
+        provider: &ResilientProvider,
+        moderator: &Arc<crate::moderation::Moderator>,
+    ) -> ProviderSession {
+        if provider.moderates_text() {
+            return session;
+        }
+        crate::moderation::guard::guard(session, Arc::clone(moderator))
     }
 
     /// Whether this node offers provider `name`.
@@ -210,7 +249,8 @@ impl SessionBuilder {
         let (peer_tx, peer_rx) = mpsc::channel(PEER_CHANNEL_CAPACITY);
         let memories = self.memories(shared).await;
         let budget = self.budget_plan(shared, character).await;
-        let cfg = self.provider_config(shared, character, &memories, &budget);
+        let moderator = self.policies.for_character(character);
+        let cfg = self.provider_config(shared, character, &memories, &budget, &moderator);
         let (session, answered) =
             tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer, peer_tx));
         let (peer, answer) = answered.map_err(peer_error)?;
@@ -226,7 +266,8 @@ impl SessionBuilder {
         };
         let link = link(peer, peer_rx);
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
-        let conv = self.conversation_config(shared, character, &provider, budget);
+        let session = Self::guarded(session, &provider, &moderator);
+        let conv = self.conversation_config(shared, character, &provider, budget, moderator);
         let task = self.task(shared, character, link, control_rx, session, Conversation::new(conv, media), spec);
         Ok((task, answer, control))
     }
@@ -255,13 +296,15 @@ impl SessionBuilder {
         let media = spec.parts().map_err(|e| SessionError::Internal(e.to_string()))?;
         let memories = self.memories(shared).await;
         let budget = self.budget_plan(shared, character).await;
-        let session = provider.connect(self.provider_config(shared, character, &memories, &budget)).await;
+        let moderator = self.policies.for_character(character);
+        let session = provider.connect(self.provider_config(shared, character, &memories, &budget, &moderator)).await;
         let result = if session.is_ok() { "ok" } else { "error" };
         metrics::counter!(crate::telemetry::PROVIDER_CONNECTS, "provider" => provider.name().to_owned(), "result" => result)
             .increment(1);
         let session = session.map_err(|e| SessionError::ProviderUnavailable(e.to_string()))?;
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
-        let conv = self.conversation_config(shared, character, &provider, budget);
+        let session = Self::guarded(session, &provider, &moderator);
+        let conv = self.conversation_config(shared, character, &provider, budget, moderator);
         Ok((self.task(shared, character, link, control_rx, session, Conversation::new(conv, media), spec), control))
     }
 
@@ -271,6 +314,7 @@ impl SessionBuilder {
         character: &Character,
         provider: &ResilientProvider,
         budget: BudgetPlan,
+        moderator: Arc<crate::moderation::Moderator>,
     ) -> ConversationConfig {
         ConversationConfig {
             session_id: shared.id.clone(),
@@ -280,7 +324,7 @@ impl SessionBuilder {
             greeting: character.greeting.clone(),
             idle_timeout: (self.config.session.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(self.config.session.idle_timeout_secs)),
-            moderator: self.moderator.clone(),
+            moderator: Some(moderator),
             budget,
             reply_timeout: Some(self.config.resilience.policy().reply_timeout),
             start_timeout: Some(self.config.resilience.start_timeout()),
@@ -373,7 +417,7 @@ impl SessionBuilder {
             greeting: conv.greeting.clone(),
             idle_timeout_ms: conv.idle_timeout.map(|d| d.as_millis() as u64),
             media,
-            moderation: conv.moderator.as_ref().map(|_| self.config.moderation.clone()),
+            moderation: conv.moderator.as_ref().map(|m| m.settings().clone()),
         };
         match store.start(header) {
             Ok(r) => Some(r),
@@ -398,6 +442,7 @@ impl SessionBuilder {
         character: &Character,
         memories: &[crate::memory::MemoryRecord],
         budget: &BudgetPlan,
+        moderator: &Arc<crate::moderation::Moderator>,
     ) -> SessionConfig {
         let mut tools = match &character.tools {
             Some(names) => self.tools.only(names),
@@ -418,7 +463,7 @@ impl SessionBuilder {
             tools: Arc::new(tools.with_budget(Arc::clone(&budget.tool_calls))),
             // Validated at start (config::validate): an invalid name never reaches here.
             viseme_overrides: crate::providers::cascade::viseme_overrides(&character.visemes).unwrap_or_default(),
-            moderator: self.moderator.clone(),
+            moderator: Some(Arc::clone(moderator)),
         }
     }
 }

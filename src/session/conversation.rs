@@ -37,6 +37,7 @@ use signaling::events::{AgentState, ClientEvent, Emotion, Role, ServerEvent};
 use super::EndReason;
 use super::budget::{Budget, BudgetPlan, OnLimit, SessionUsage};
 use super::speech::AgentSpeech;
+use crate::moderation::Source;
 use crate::providers::{Capabilities, History, HistoryItem, Pcm, ProviderCommand, ProviderEvent, Speaker};
 use crate::telemetry;
 
@@ -217,7 +218,7 @@ pub enum Output<'a> {
     End(EndReason),
 }
 
-/// Agent text that moderation flagged.
+/// Agent (or user) text that moderation flagged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flag {
     /// The agent item that was cut.
@@ -228,6 +229,8 @@ pub struct Flag {
     pub text: String,
     /// The policy's version ([`crate::moderation::Moderator::version`]).
     pub policy_version: String,
+    /// Whose text it was.
+    pub source: Source,
 }
 
 /// Owned outputs waiting in the queue (audio is kept in the core's frame buffer).
@@ -300,6 +303,8 @@ pub struct Conversation {
     last_interruption: Option<InterruptReason>,
     /// The agent item whose text is being released, and how many bytes of it passed moderation.
     moderated: Option<(String, usize)>,
+    /// The user item whose transcript moderation flagged: its later transcripts are dropped.
+    flagged_user_item: Option<String>,
     /// Usage and caps of the session.
     budget: Budget,
     /// A budget was reached with [`OnLimit::Degrade`]: the model gets no more user input.
@@ -348,6 +353,7 @@ impl Conversation {
             no_audio: media::NoAudioWatch::new(NO_AUDIO_AFTER),
             last_interruption: None,
             moderated: None,
+            flagged_user_item: None,
             budget,
             degraded: false,
             recording: false,
@@ -836,6 +842,11 @@ impl Conversation {
             self.event(ServerEvent::Error { code: "budget_exceeded".into(), message });
             return;
         }
+        if let Some(flag) = self.check_user("", &text) {
+            // Never recorded nor sent: the model does not see it.
+            self.moderation_cut(flag);
+            return;
+        }
         if self.media.playout.is_active() {
             let cut = self.media.barge_in.interrupt(&mut self.media.playout);
             self.interrupt(cut, InterruptReason::ClientRequest);
@@ -918,12 +929,9 @@ impl Conversation {
             ev @ (ProviderEvent::Emotion { .. } | ProviderEvent::Gesture { .. } | ProviderEvent::Viseme { .. }) => {
                 self.on_expression(ev)
             }
-            // The provider dropped the flagged text before speaking it and says the fallback
-            // itself: only the client and the review queue are told.
             ProviderEvent::Usage { tokens } => self.budget.on_reported(tokens),
-            ProviderEvent::Moderated { item_id, category, text, policy_version } => {
-                self.event(ServerEvent::Moderation { category: category.clone(), item_id: item_id.clone() });
-                self.out.push_back(Queued::Flag(Flag { item_id, category, text, policy_version }));
+            ProviderEvent::Moderated { item_id, category, text, policy_version, source, replaced } => {
+                self.on_moderated(Flag { item_id, category, text, policy_version, source }, replaced)
             }
             ev => self.on_provider_status(ev),
         }
@@ -954,19 +962,60 @@ impl Conversation {
                     self.media.speech.on_text(&item_id, &text, is_final, &mut self.due);
                 }
             }
-            Speaker::User => {
-                if is_final {
-                    // A typed turn is recorded when typed; its echo from the provider is not.
-                    if self.typed_pending.as_deref().is_some_and(|t| crate::providers::is_echo(t, &text)) {
-                        self.typed_pending = None;
-                    } else {
-                        self.record(Role::User, &text, false);
-                    }
-                }
-                self.event(ServerEvent::Transcript { role: Role::User, item_id, text, is_final });
-            }
+            Speaker::User => self.on_user_transcript(item_id, text, is_final),
         }
         self.flush_due();
+    }
+
+    /// The user's words as the provider transcribed them: checked when the policy checks user
+    /// input (a flag drops this item's transcripts and cancels and replaces the reply to it).
+    fn on_user_transcript(&mut self, item_id: String, text: String, is_final: bool) {
+        if self.flagged_user_item.as_deref() == Some(item_id.as_str()) {
+            return;
+        }
+        if let Some(flag) = self.check_user(&item_id, &text) {
+            self.flagged_user_item = Some(item_id);
+            self.moderation_cut(flag);
+            return;
+        }
+        if is_final {
+            // A typed turn is recorded when typed; its echo from the provider is not.
+            if self.typed_pending.as_deref().is_some_and(|t| crate::providers::is_echo(t, &text)) {
+                self.typed_pending = None;
+            } else {
+                self.record(Role::User, &text, false);
+            }
+        }
+        self.event(ServerEvent::Transcript { role: Role::User, item_id, text, is_final });
+    }
+
+    /// The flag of user `text` (item `item_id`, `""` when typed), when the policy checks user
+    /// input and its local lists match.
+    fn check_user(&self, item_id: &str, text: &str) -> Option<Flag> {
+        let moderator = self.cfg.moderator.as_ref().filter(|m| m.checks_user_input())?;
+        let verdict = moderator.check(text)?;
+        Some(Flag {
+            item_id: item_id.to_owned(),
+            category: verdict.category,
+            text: text.trim().to_owned(),
+            policy_version: moderator.version().to_owned(),
+            source: Source::User,
+        })
+    }
+
+    /// A flag from the provider side: `replaced` (the provider already says the fallback): only
+    /// the client and the review queue are told; else the reply is cut and replaced here.
+    fn on_moderated(&mut self, flag: Flag, replaced: bool) {
+        let already_cut = flag.source == Source::Agent && self.is_cancelled(&flag.item_id);
+        if replaced || already_cut {
+            self.event(moderation_event(&flag));
+            self.out.push_back(Queued::Flag(flag));
+            return;
+        }
+        if flag.source == Source::User {
+            self.flagged_user_item = Some(flag.item_id.clone());
+        }
+        self.moderation_cut(flag);
     }
 
     /// The part of the agent's cumulative `text` that may be released to speech (and so to the
@@ -989,24 +1038,35 @@ impl Conversation {
                 category: verdict.category,
                 text: fresh.trim().to_owned(),
                 policy_version: moderator.version().to_owned(),
+                source: Source::Agent,
             };
-            self.moderation_cut(flag, moderator.fallback());
+            self.moderation_cut(flag);
             return None;
         }
         self.moderated = Some((item_id.to_owned(), end));
         Some(text[..end].to_owned())
     }
 
-    /// A flagged reply: cut like a barge-in (the provider keeps only what was heard), tell the
-    /// client the category, queue the flag for review, and have the character say `fallback`.
-    fn moderation_cut(&mut self, flag: Flag, fallback: &str) {
-        tracing::info!(session_id = %self.cfg.session_id, category = %flag.category, "agent reply flagged by moderation");
-        let cut = self.media.barge_in.interrupt(&mut self.media.playout);
-        self.agent_item.get_or_insert_with(|| flag.item_id.clone());
-        self.interrupt(cut, InterruptReason::Moderation);
+    /// A flagged reply (or user turn): cut like a barge-in (the provider keeps only what was
+    /// heard; a reply to flagged user speech is cancelled), tell the client the category, queue
+    /// the flag for review, and have the character say the policy's fallback line.
+    fn moderation_cut(&mut self, flag: Flag) {
+        tracing::info!(session_id = %self.cfg.session_id, category = %flag.category, source = flag.source.as_str(), "flagged by moderation");
+        let speaking = self.media.playout.is_active() || self.agent_item.is_some();
+        if flag.source == Source::Agent || speaking {
+            let cut = self.media.barge_in.interrupt(&mut self.media.playout);
+            if flag.source == Source::Agent {
+                self.agent_item.get_or_insert_with(|| flag.item_id.clone());
+            }
+            self.interrupt(cut, InterruptReason::Moderation);
+        } else if !flag.item_id.is_empty() {
+            // Flagged speech: the model may have begun a reply to it.
+            self.command(ProviderCommand::Cancel);
+        }
         self.moderated = None;
-        self.event(ServerEvent::Moderation { category: flag.category.clone(), item_id: flag.item_id.clone() });
+        self.event(moderation_event(&flag));
         self.out.push_back(Queued::Flag(flag));
+        let fallback = self.cfg.moderator.as_ref().map(|m| m.fallback().to_owned()).unwrap_or_default();
         let instructions = format!("Say exactly this, and nothing else: \"{fallback}\"");
         self.command(ProviderCommand::GenerateReply { instructions: Some(instructions) });
         self.set_state(AgentState::Thinking);
@@ -1157,6 +1217,15 @@ fn observe_turn(turn: TurnTiming, out: Duration) {
     observe_with(TURN_LATENCY, "part", "model", first_audio.saturating_sub(turn.committed_at));
     observe_with(TURN_LATENCY, "part", "server", out.saturating_sub(first_audio));
     observe_with(TURN_LATENCY, "part", "total", turn.silence + out.saturating_sub(turn.committed_at));
+}
+
+/// The client's `moderation` event of `flag`: category and source, never the text.
+fn moderation_event(flag: &Flag) -> ServerEvent {
+    ServerEvent::Moderation {
+        category: flag.category.clone(),
+        item_id: flag.item_id.clone(),
+        source: flag.source.as_str().to_owned(),
+    }
 }
 
 fn ms(d: Duration) -> u64 {

@@ -469,7 +469,7 @@ fn a_flagged_sentence_is_cut_before_it_is_spoken_and_the_fallback_line_follows()
     let moderation: Vec<_> = h.events.iter().filter(|e| matches!(e, ServerEvent::Moderation { .. })).collect();
     assert_eq!(
         moderation,
-        [&ServerEvent::Moderation { category: "deny".into(), item_id: "item_1".into() }],
+        [&ServerEvent::Moderation { category: "deny".into(), item_id: "item_1".into(), source: "agent".into() }],
         "one moderation event naming the category"
     );
     assert_eq!(h.interrupted().len(), 1, "the audio was cut like a barge-in");
@@ -493,6 +493,49 @@ fn a_flagged_sentence_is_cut_before_it_is_spoken_and_the_fallback_line_follows()
     h.agent_reply("item_2", &fallback, 2_000, true);
     h.advance(Duration::from_millis(3_000));
     assert_eq!(h.turns.last(), Some(&(Role::Agent, fallback.clone(), false)), "{:?}", h.turns);
+}
+
+#[test]
+fn user_text_the_policy_flags_never_reaches_the_model_and_the_fallback_follows() {
+    let settings = crate::config::ModerationSettings {
+        deny: vec!["purple monkey".into()],
+        check_user_input: true,
+        ..Default::default()
+    };
+    let moderator = std::sync::Arc::new(crate::moderation::Moderator::new(&settings).unwrap());
+    let fallback = moderator.fallback().to_owned();
+    let mut cfg = config(None, None);
+    cfg.moderator = Some(moderator);
+    let mut h = Harness::ready(cfg);
+    h.input(Input::Client(Some(ClientEvent::Text { text: "Tell me about the Purple Monkey.".into() })));
+    assert!(!h.sent.iter().any(|c| matches!(c, ProviderCommand::Text(_))), "not sent to the model: {:?}", h.sent);
+    assert!(h.turns.is_empty(), "not recorded: {:?}", h.turns);
+    let moderation: Vec<_> = h.events.iter().filter(|e| matches!(e, ServerEvent::Moderation { .. })).collect();
+    assert_eq!(
+        moderation,
+        [&ServerEvent::Moderation { category: "deny".into(), item_id: String::new(), source: "user".into() }]
+    );
+    assert_eq!((h.flags.len(), h.flags[0].source), (1, crate::moderation::Source::User));
+    let asked = h
+        .sent
+        .iter()
+        .any(|c| matches!(c, ProviderCommand::GenerateReply { instructions: Some(i) } if i.contains(&fallback)));
+    assert!(asked, "the fallback line is asked for: {:?}", h.sent);
+
+    // A provider's transcript of the user's speech: dropped from the events, the reply cancelled.
+    let user = |text: &str, is_final: bool| ProviderEvent::Transcript {
+        speaker: Speaker::User,
+        item_id: "user_2".into(),
+        text: text.into(),
+        is_final,
+    };
+    h.input(Input::Provider(user("Tell me about the", false)));
+    h.input(Input::Provider(user("Tell me about the purple monkey", false)));
+    h.input(Input::Provider(user("Tell me about the purple monkey now.", true)));
+    assert!(!format!("{:?}", h.events).to_lowercase().contains("purple"), "no event carries it");
+    assert_eq!(h.flags.len(), 2, "flagged once per item: {:?}", h.flags);
+    assert!(h.sent.iter().any(|c| matches!(c, ProviderCommand::Cancel)), "the reply to it is cancelled");
+    assert!(h.turns.is_empty(), "not recorded: {:?}", h.turns);
 }
 
 // --- budgets (`super::super::budget`) ---

@@ -226,6 +226,7 @@ impl SessionShared {
             category: flag.category,
             text: flag.text,
             policy_version: flag.policy_version,
+            source: flag.source,
             created_at: SystemTime::now(),
         };
         self.queue(Write::Flag(flag));
@@ -568,6 +569,11 @@ impl SessionManager {
     /// Replace the catalog (the admin API after an edit): sessions created from now on use it.
     pub fn set_characters(&self, characters: Vec<Character>) {
         *self.characters.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(characters);
+    }
+
+    /// The moderation policies new sessions use (the admin API replaces them after an edit).
+    pub fn policies(&self) -> &Arc<crate::moderation::policies::Policies> {
+        self.builder.policies()
     }
 
     /// Whether new sessions are accepted.

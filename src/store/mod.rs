@@ -191,7 +191,7 @@ pub struct StoredCharacter {
     pub provider: Option<String>,
 }
 
-/// Agent text moderation flagged, for the review queue (`moderation_flags`).
+/// Text moderation flagged (agent reply or user input), for the review queue (`moderation_flags`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoredFlag {
     /// Flag id.
@@ -208,6 +208,8 @@ pub struct StoredFlag {
     pub text: String,
     /// The moderation policy's version.
     pub policy_version: String,
+    /// Whose text it was.
+    pub source: crate::moderation::Source,
     /// When.
     #[serde(with = "ms_serde")]
     pub created_at: SystemTime,

@@ -27,6 +27,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "admin", include_str!("../../migrations/0002_admin.sql")),
     (3, "moderation", include_str!("../../migrations/0003_moderation.sql")),
     (7, "budget_usage", include_str!("../../migrations/0007_budget_usage.sql")),
+    (8, "moderation_policies", include_str!("../../migrations/0008_moderation_policies.sql")),
 ];
 
 /// Migrations whose SQL differs per backend (full-text search): (version, description, SQLite
@@ -258,8 +259,8 @@ impl Store for SqlStore {
 
     async fn put_flag(&self, f: &StoredFlag) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO moderation_flags (id, session_id, turn, item_id, category, text, policy_version, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO moderation_flags (id, session_id, turn, item_id, category, text, policy_version, created_at, \
+             source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
         )
         .bind(&f.id)
         .bind(&f.session_id)
@@ -269,6 +270,7 @@ impl Store for SqlStore {
         .bind(&f.text)
         .bind(&f.policy_version)
         .bind(to_ms(f.created_at))
+        .bind(f.source.as_str())
         .execute(&self.pool)
         .await
         .map_err(query_err)?;

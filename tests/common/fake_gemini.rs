@@ -448,7 +448,11 @@ impl GSession {
         }
         let drop = self.streaming.take().is_some_and(|s| s.drop_after);
         out.push(json!({"serverContent": {"generationComplete": true}}));
-        out.push(json!({"serverContent": {"turnComplete": true}, "usageMetadata": {"totalTokenCount": 321}}));
+        out.push(json!({"serverContent": {"turnComplete": true}, "usageMetadata": {
+            "promptTokenCount": 250, "responseTokenCount": 71, "totalTokenCount": 321,
+            "promptTokensDetails": [{"modality": "AUDIO", "tokenCount": 180}, {"modality": "TEXT", "tokenCount": 70}],
+            "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": 71}],
+        }}));
         self.resumption_update(out);
         self.drop_now = drop;
     }

@@ -236,6 +236,8 @@ struct Stream {
     open_block: Option<(String, String, bool)>,
     block_text: String,
     close_steps: Vec<&'static str>,
+    /// Replies finished on this stream (each reports [`USAGE_PER_REPLY`] more tokens).
+    replies_done: u64,
 }
 
 impl Stream {
@@ -253,6 +255,7 @@ impl Stream {
             open_block: None,
             block_text: String::new(),
             close_steps: Vec::new(),
+            replies_done: 0,
         }
     }
 
@@ -461,6 +464,26 @@ impl Stream {
         self.emit("contentStart", json!({"contentId": id, "type": "TEXT", "role": "ASSISTANT", "additionalModelFields": "{\"generationStage\":\"FINAL\"}"})).await;
         self.emit("textOutput", json!({"contentId": id, "content": s.spoken, "role": "ASSISTANT"})).await;
         self.emit("contentEnd", json!({"contentId": id, "type": "TEXT", "stopReason": "END_TURN"})).await;
+        self.replies_done += 1;
+        self.emit("usageEvent", usage_event(self.replies_done)).await;
         true
     }
+}
+
+/// Tokens each finished reply adds: input 100 speech + 20 text, output 150 speech + 30 text.
+pub const USAGE_PER_REPLY: u64 = 300;
+
+/// Nova's `usageEvent` after `replies` replies: the last reply's `details.delta` and the running
+/// totals (`details.total`, `totalInputTokens`, `totalOutputTokens`, `totalTokens`).
+fn usage_event(replies: u64) -> Value {
+    let side = |speech: u64, text: u64| json!({"speechTokens": speech, "textTokens": text});
+    json!({
+        "details": {
+            "delta": {"input": side(100, 20), "output": side(150, 30)},
+            "total": {"input": side(100 * replies, 20 * replies), "output": side(150 * replies, 30 * replies)},
+        },
+        "totalInputTokens": 120 * replies,
+        "totalOutputTokens": 180 * replies,
+        "totalTokens": USAGE_PER_REPLY * replies,
+    })
 }

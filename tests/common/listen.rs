@@ -106,3 +106,31 @@ pub fn agent_finals(evs: &[Value]) -> Vec<String> {
         .map(|e| e["text"].as_str().unwrap().to_owned())
         .collect()
 }
+
+/// Ask the test question and wait for the session to end on its budget: the `budget.exceeded`
+/// event and the usage the store holds for `session_id` once the writer has written it.
+pub async fn ask_until_budget_ends(
+    ts: &TestServer,
+    client: &mut TestClient,
+    session_id: &str,
+) -> (Value, kotodama::store::StoredUsage) {
+    use kotodama::store::Store as _;
+    let (_, question) = wav("user_question.wav");
+    client.speak(&question).await;
+    client
+        .silence_until("the session to end", Duration::from_secs(40), |evs| {
+            evs.iter().any(|e| e["type"] == "session.ended")
+        })
+        .await;
+    let evs = client.events();
+    let ended = evs.iter().find(|e| e["type"] == "session.ended").unwrap();
+    assert_eq!(ended["reason"], "budget_exceeded", "{evs:#?}");
+    let exceeded = evs.iter().find(|e| e["type"] == "budget.exceeded").expect("budget.exceeded").clone();
+    for _ in 0..500 {
+        if let Some(u) = ts.server.store().usage(session_id).await.unwrap() {
+            return (exceeded, u);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no usage stored for {session_id}");
+}

@@ -147,6 +147,10 @@ impl RealtimeProvider for CascadeProvider {
         &self.stages.name
     }
 
+    fn moderates_text(&self) -> bool {
+        true
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             server_vad: false,
@@ -260,6 +264,9 @@ impl Session {
                 }
                 Some(s) = self.spoken_rx.recv() => self.spoken.push(s),
                 partial = recv_opt(&mut self.partials) => match partial {
+                    // A partial that moderation would flag is not shown (its final is checked
+                    // before the model, see `user_turn`).
+                    Some(text) if self.cfg.moderator.as_ref().is_some_and(|m| m.checks_user_input() && m.check(&text).is_some()) => {}
                     Some(text) => {
                         let ev = ProviderEvent::Transcript {
                             speaker: Speaker::User,
@@ -386,6 +393,11 @@ impl Session {
 
     /// A final user turn (typed or transcribed): reported, then answered; false ends the session.
     async fn user_turn(&mut self, user_item: String, text: String) -> bool {
+        if let Some(moderator) = self.cfg.moderator.clone().filter(|m| m.checks_user_input())
+            && let Some(verdict) = moderator.check_with_endpoint(&text).await
+        {
+            return self.flagged_user_turn(user_item, text, verdict, &moderator).await;
+        }
         let ev = ProviderEvent::Transcript {
             speaker: Speaker::User,
             item_id: user_item,
@@ -426,14 +438,44 @@ impl Session {
         true
     }
 
-    fn start_reply(&mut self, user_text: &str) {
-        self.prompt.record(ChatRole::User, user_text);
-        let item_id = format!("{}-agent-{}", self.cfg.session_id, self.turn_no);
-        let req = ChatRequest {
-            messages: self.prompt.build(),
-            character_name: self.cfg.character_name.clone(),
-            max_tokens: self.stages.max_reply_tokens,
+    /// A user turn moderation flagged (before the model saw it): reported without its text as a
+    /// transcript, then the fallback line is spoken; the model never gets the turn.
+    async fn flagged_user_turn(
+        &mut self,
+        user_item: String,
+        text: String,
+        verdict: crate::moderation::Verdict,
+        moderator: &crate::moderation::Moderator,
+    ) -> bool {
+        tracing::info!(item_id = %user_item, category = %verdict.category, "user turn flagged before the model");
+        let ev = ProviderEvent::Moderated {
+            item_id: user_item,
+            category: verdict.category,
+            text,
+            policy_version: moderator.version().to_owned(),
+            source: crate::moderation::Source::User,
+            replaced: true,
         };
+        if self.events.send(ev).await.is_err() {
+            return false;
+        }
+        let (item_id, mut ctx) = self.reply_ctx();
+        ctx.moderator = None;
+        let fallback = moderator.fallback().to_owned();
+        let task = tokio::spawn(async move {
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx.send(fallback).await;
+            drop(tx);
+            speak(&ctx, rx).await;
+            let _ = ctx.events.send(ProviderEvent::ResponseDone { item_id: ctx.item_id.clone() }).await;
+        });
+        self.job = Job::Replying { item_id, task };
+        true
+    }
+
+    /// The next reply's item id and context.
+    fn reply_ctx(&mut self) -> (String, ReplyCtx) {
+        let item_id = format!("{}-agent-{}", self.cfg.session_id, self.turn_no);
         self.spoken.clear();
         let ctx = ReplyCtx {
             stages: Arc::clone(&self.stages),
@@ -444,6 +486,17 @@ impl Session {
             visemes: Arc::clone(&self.visemes),
             moderator: self.cfg.moderator.clone(),
         };
+        (item_id, ctx)
+    }
+
+    fn start_reply(&mut self, user_text: &str) {
+        self.prompt.record(ChatRole::User, user_text);
+        let req = ChatRequest {
+            messages: self.prompt.build(),
+            character_name: self.cfg.character_name.clone(),
+            max_tokens: self.stages.max_reply_tokens,
+        };
+        let (item_id, ctx) = self.reply_ctx();
         let task = tokio::spawn(reply(ctx, req));
         self.job = Job::Replying { item_id, task };
     }
@@ -726,6 +779,8 @@ async fn moderate(ctx: &ReplyCtx, sentence: &str) -> Option<String> {
         category: verdict.category,
         text: sentence.trim().to_owned(),
         policy_version: moderator.version().to_owned(),
+        source: crate::moderation::Source::Agent,
+        replaced: true,
     };
     let _ = ctx.events.send(ev).await;
     Some(moderator.fallback().to_owned())

@@ -210,9 +210,13 @@ pub struct ServerContent {
     pub generation_complete: bool,
     /// The model's turn is over.
     pub turn_complete: bool,
+    /// `usageMetadata.totalTokenCount` beside it: the tokens of the generation it belongs to
+    /// (prompt + response; Gemini API reference, Live API `UsageMetadata`).
+    pub usage_tokens: Option<u64>,
 }
 
-/// A server message, by its one `messageType` field (`usageMetadata` beside it is ignored).
+/// A server message, by its one `messageType` field (`usageMetadata` beside `serverContent` is
+/// [`ServerContent::usage_tokens`]; beside other types it is ignored).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ServerMessage {
@@ -237,7 +241,9 @@ pub enum ServerMessage {
         /// on this connection) the handle's state includes.
         last_consumed: Option<u64>,
     },
-    /// Only `usageMetadata`, or a message type this module does not know.
+    /// Only `usageMetadata`: its `totalTokenCount`.
+    Usage(u64),
+    /// A message type this module does not know.
     Other(String),
 }
 
@@ -319,8 +325,9 @@ pub fn parse(frame: &[u8]) -> Result<ServerMessage, ProtocolError> {
     if obj.contains_key("setupComplete") {
         return Ok(ServerMessage::SetupComplete);
     }
+    let usage = obj.get("usageMetadata").and_then(|u| u.get("totalTokenCount")).and_then(Value::as_u64);
     if let Some(c) = obj.get("serverContent") {
-        return Ok(ServerMessage::Content(server_content(c)?));
+        return Ok(ServerMessage::Content(ServerContent { usage_tokens: usage, ..server_content(c)? }));
     }
     if let Some(t) = obj.get("toolCall") {
         return Ok(ServerMessage::ToolCall(function_calls(t)));
@@ -344,7 +351,10 @@ pub fn parse(frame: &[u8]) -> Result<ServerMessage, ProtocolError> {
         let last_consumed = last.and_then(Value::as_u64).or_else(|| last?.as_str()?.parse().ok());
         return Ok(ServerMessage::ResumptionUpdate { handle: handle.map(str::to_owned), last_consumed });
     }
-    Ok(ServerMessage::Other(obj.keys().next().cloned().unwrap_or_default()))
+    match usage {
+        Some(tokens) if obj.len() == 1 => Ok(ServerMessage::Usage(tokens)),
+        _ => Ok(ServerMessage::Other(obj.keys().next().cloned().unwrap_or_default())),
+    }
 }
 
 #[cfg(test)]
@@ -467,6 +477,7 @@ mod tests {
         let tr = br#"{"serverContent":{"outputTranscription":{"text":" lovely day"}},"usageMetadata":{"totalTokenCount":120}}"#;
         let ServerMessage::Content(c) = parse(tr).unwrap() else { panic!() };
         assert_eq!(c.output_transcription.as_deref(), Some(" lovely day"));
+        assert_eq!(c.usage_tokens, Some(120), "usage beside the content is kept");
         let tr = br#"{"serverContent":{"inputTranscription":{"text":"What is"}}}"#;
         let ServerMessage::Content(c) = parse(tr).unwrap() else { panic!() };
         assert_eq!(c.input_transcription.as_deref(), Some("What is"));
@@ -524,10 +535,7 @@ mod tests {
             parse(br#"{"sessionResumptionUpdate":{"resumable":false}}"#).unwrap(),
             ServerMessage::ResumptionUpdate { handle: None, last_consumed: None }
         );
-        assert_eq!(
-            parse(br#"{"usageMetadata":{"totalTokenCount":1}}"#).unwrap(),
-            ServerMessage::Other("usageMetadata".into())
-        );
+        assert_eq!(parse(br#"{"usageMetadata":{"totalTokenCount":1}}"#).unwrap(), ServerMessage::Usage(1));
         assert!(matches!(parse(b"nope"), Err(ProtocolError::Malformed(_))));
         assert!(matches!(parse(b"[1]"), Err(ProtocolError::Malformed(_))));
         assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));

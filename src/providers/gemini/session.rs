@@ -287,7 +287,14 @@ impl Connection {
             }
         };
         match msg {
-            ServerMessage::Content(c) => self.on_content(c).await,
+            ServerMessage::Content(c) => {
+                let usage = c.usage_tokens;
+                self.on_content(c).await;
+                if let Some(tokens) = usage {
+                    self.emit(ProviderEvent::Usage { tokens }).await;
+                }
+            }
+            ServerMessage::Usage(tokens) => self.emit(ProviderEvent::Usage { tokens }).await,
             ServerMessage::ToolCall(calls) => self.start_calls(calls, tools).await,
             ServerMessage::ToolCallCancellation(ids) => {
                 for id in ids {

@@ -307,7 +307,14 @@ pub enum OutputEvent {
     },
     /// `completionEnd`.
     CompletionEnd,
-    /// `usageEvent` or anything else.
+    /// `usageEvent`: `totalTokens`, the running total of the stream (input + output, speech +
+    /// text; its `details.delta` is the change, `details.total` the same total by kind; AWS
+    /// Nova user guide, "Handling output events with the bidirectional API").
+    Usage {
+        /// `totalTokens` so far in this stream.
+        total_tokens: u64,
+    },
+    /// Anything else.
     Other(String),
 }
 
@@ -382,6 +389,10 @@ pub fn parse(bytes: &[u8]) -> Result<OutputEvent, ProtocolError> {
             OutputEvent::ContentEnd { content_id: str_of(body, "contentId"), kind: kind_of(body), stop: stop_of(body) }
         }
         "completionEnd" => OutputEvent::CompletionEnd,
+        "usageEvent" => match body.get("totalTokens").and_then(Value::as_u64) {
+            Some(total_tokens) => OutputEvent::Usage { total_tokens },
+            None => OutputEvent::Other("usageEvent".into()),
+        },
         other => OutputEvent::Other(other.to_owned()),
     })
 }
@@ -506,7 +517,7 @@ mod tests {
         );
         assert_eq!(
             parse(br#"{"event":{"usageEvent":{"totalTokens":5}}}"#).unwrap(),
-            OutputEvent::Other("usageEvent".into())
+            OutputEvent::Usage { total_tokens: 5 }
         );
         assert!(matches!(parse(b"{}"), Err(ProtocolError::Malformed(_))));
         assert!(matches!(parse(b"nope"), Err(ProtocolError::Malformed(_))));

@@ -150,6 +150,8 @@ pub struct Connection {
     users: u64,
     calls: HashMap<String, JoinHandle<()>>,
     reply_deadline: Option<Instant>,
+    /// The stream's last `usageEvent.totalTokens` (reported as the increase since).
+    usage_total: u64,
 }
 
 impl Connection {
@@ -174,6 +176,7 @@ impl Connection {
             users: 0,
             calls: HashMap::new(),
             reply_deadline: None,
+            usage_total: 0,
         }
     }
 
@@ -309,6 +312,14 @@ impl Connection {
             OutputEvent::ToolUse { tool_use_id, name, input } => self.start_call(tool_use_id, name, input, tools),
             OutputEvent::ContentEnd { content_id, kind, stop } => self.on_block_end(&content_id, kind, stop).await,
             OutputEvent::CompletionEnd => self.finish_response().await,
+            OutputEvent::Usage { total_tokens } => {
+                // A running total: the budget gets the increase (a smaller total is a new stream).
+                let used = total_tokens.checked_sub(self.usage_total).unwrap_or(total_tokens);
+                self.usage_total = total_tokens;
+                if used > 0 {
+                    self.emit(ProviderEvent::Usage { tokens: used }).await;
+                }
+            }
             OutputEvent::CompletionStart | OutputEvent::Other(_) => {}
         }
     }

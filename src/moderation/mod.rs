@@ -9,9 +9,19 @@
 //! the category, the character says the fallback line, and the flag (with the denied text and the
 //! policy version) is stored for review (`GET /v1/admin/flags`).
 //!
+//! Policies are versioned ([`policies`]): `default` is the `[moderation]` section until an admin
+//! stores a replacement (`PUT /v1/admin/policies/default`), other named policies are stored
+//! only; a character names its policy and adds to it ([`crate::config::CharacterModeration`]).
+//! Each session is built with the newest version of its character's policy and keeps it until it
+//! ends. With an endpoint on a speech-to-speech session, [`guard`] holds the provider's
+//! transcripts back until the endpoint has checked them.
+//!
 //! Matching is local and allocation-light: one compiled case-insensitive regex per category
 //! (phrases become `\b`-bounded literals). Allow-listed phrases are blanked out before the
 //! categories are checked.
+
+pub mod guard;
+pub mod policies;
 
 use regex::Regex;
 use sha2::{Digest, Sha256};
@@ -42,6 +52,27 @@ pub struct Verdict {
     pub category: String,
 }
 
+/// Whose text was flagged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The character's reply (checked before it is spoken).
+    #[default]
+    Agent,
+    /// The user's text, typed or transcribed (checked before it reaches the model).
+    User,
+}
+
+impl Source {
+    /// `agent` or `user` (the `moderation` event's `source`, the flag's `source`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Agent => "agent",
+            Source::User => "user",
+        }
+    }
+}
+
 /// A compiled policy. Cheap to share (`Arc`).
 #[derive(Debug)]
 pub struct Moderator {
@@ -50,6 +81,8 @@ pub struct Moderator {
     fallback: String,
     version: String,
     endpoint: Option<(EndpointSettings, reqwest::Client)>,
+    check_user_input: bool,
+    settings: ModerationSettings,
 }
 
 /// Category of text flagged because a fail-closed endpoint could not check it.
@@ -113,7 +146,49 @@ impl Moderator {
         let policy = serde_json::to_string(settings).unwrap_or_default();
         let version = Sha256::digest(policy.as_bytes())[..6].iter().map(|b| format!("{b:02x}")).collect();
         let endpoint = settings.endpoint.clone().filter(|_| settings.enabled).map(|e| (e, reqwest::Client::new()));
-        Ok(Self { categories, allow, fallback: settings.fallback.trim().to_owned(), version, endpoint })
+        Ok(Self {
+            categories,
+            allow,
+            fallback: settings.fallback.trim().to_owned(),
+            version,
+            endpoint,
+            check_user_input: settings.enabled && settings.check_user_input,
+            settings: settings.clone(),
+        })
+    }
+
+    /// A moderator that flags nothing (`enabled = false`).
+    pub fn disabled() -> Self {
+        let off = ModerationSettings { enabled: false, ..Default::default() };
+        Self {
+            categories: Vec::new(),
+            allow: None,
+            fallback: off.fallback.clone(),
+            version: "disabled".into(),
+            endpoint: None,
+            check_user_input: false,
+            settings: off,
+        }
+    }
+
+    /// [`Self::new`], with `version` as the policy's version (a stored policy's `id@N`).
+    pub fn with_version(settings: &ModerationSettings, version: String) -> Result<Self, PatternError> {
+        Ok(Self { version, ..Self::new(settings)? })
+    }
+
+    /// Whether user text is checked too (the policy's `check_user_input`).
+    pub fn checks_user_input(&self) -> bool {
+        self.check_user_input
+    }
+
+    /// Whether an OpenAI-compatible moderation endpoint is asked after the local lists.
+    pub fn has_endpoint(&self) -> bool {
+        self.endpoint.is_some()
+    }
+
+    /// The settings this moderator was compiled from (recorded with a session for replay).
+    pub fn settings(&self) -> &ModerationSettings {
+        &self.settings
     }
 
     /// [`Self::check`], then (when configured and the lists pass) the moderation endpoint,
@@ -122,6 +197,12 @@ impl Moderator {
         if let Some(v) = self.check(text) {
             return Some(v);
         }
+        self.check_endpoint(text).await
+    }
+
+    /// Only the moderation endpoint (none configured: `None`), within its `timeout_ms`; a failure
+    /// or a missed deadline flags the text as [`UNAVAILABLE`] when the policy is fail-closed.
+    pub async fn check_endpoint(&self, text: &str) -> Option<Verdict> {
         let (endpoint, http) = self.endpoint.as_ref()?;
         let deadline = std::time::Duration::from_millis(endpoint.timeout_ms);
         let failure = match tokio::time::timeout(deadline, ask(endpoint, http, text)).await {
