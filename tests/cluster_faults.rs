@@ -385,3 +385,56 @@ async fn a_single_node_with_redis_never_redirects_a_creation() {
     assert_eq!(a.server.manager().live_count(), 4);
     a.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_was_declared_dead_while_cut_off_ends_its_own_sessions_node_lost() {
+    let redis = OwnRedis::start();
+    let a = TestServer::start_with(in_process(
+        format!("sqlite://{}/kotodama.db", temp_dir("fenced").display()),
+        redis.url(),
+        Placement::Local,
+    ))
+    .await;
+    let http = no_redirects();
+    let (id, token) = id_and_token(&create_session_at(&http, &a.base, None).await);
+    // What a survivor leaves when it reaped A (A's heartbeat lapsed, e.g. cut off from Redis):
+    // the incarnation it declared dead, read from A's own heartbeat.
+    let mut conn = redis.conn().await;
+    let node_id = a.server.manager().node_id().to_owned();
+    let beat: Option<String> =
+        redis::cmd("GET").arg(format!("{PREFIX}node:{node_id}")).query_async(&mut conn).await.unwrap();
+    let beat: Value = serde_json::from_str(&beat.expect("A beats")).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{PREFIX}reaped:{node_id}"))
+        .arg(beat["incarnation"].as_str().unwrap())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // At its next heartbeat A learns it and ends what the store already holds as ended.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let info = loop {
+        let info = get_json(&http, &format!("{}/v1/sessions/{id}", a.base), &token).await;
+        if info["state"] == "ended" {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "A never ended its session: {info}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(info["end_reason"], "node_lost", "{info}");
+    // The notice is cleared once acted on.
+    loop {
+        let notice: Option<String> =
+            redis::cmd("GET").arg(format!("{PREFIX}reaped:{node_id}")).query_async(&mut conn).await.unwrap();
+        if notice.is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead-node notice was never cleared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A keeps serving: a new session is created and stays live.
+    let r = http.post(format!("{}/v1/sessions", a.base)).json(&serde_json::json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(a.server.manager().live_count(), 1, "a notice for this incarnation acts once");
+    a.server.shutdown().await.unwrap();
+}
