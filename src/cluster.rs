@@ -1,19 +1,40 @@
-//! The cluster: which node hosts which session, the owner redirect, and the control bus.
+//! The cluster: which node hosts which session, which nodes are alive, where new sessions go,
+//! the owner redirect, and the control bus.
 //!
-//! With Redis configured, every node registers the sessions it creates (`session id -> advertise
-//! URL`, with a TTL its refresh task keeps alive), answers requests for sessions it does not hold
-//! with a 307 to their owner, and listens on its own control channel (and [`ALL_NODES`]) for
-//! messages other nodes send to the sessions it hosts: end, inject a text turn, forget deleted
-//! sessions. Without Redis there is one node and [`SessionManager`] holds no `Cluster`.
+//! With Redis configured, every node:
+//!
+//! * writes a heartbeat ([`NodeHeartbeat`]: node id, advertise URL, load = sessions not ended,
+//!   last seen) every `cluster.heartbeat_interval_ms`, alive for `cluster.heartbeat_expiry_ms`;
+//! * registers the sessions it creates (`session id -> advertise URL`) and, every heartbeat,
+//!   renews those entries and re-creates the ones Redis lost (a restart that came back empty):
+//!   within one period every live session is routable again from every node;
+//! * answers requests for sessions it does not hold with a 307 to their owner;
+//! * watches the other nodes: when one's heartbeat has expired, exactly one survivor (the holder
+//!   of the `reap:<node id>` lock, `SET NX PX`) marks that node's open sessions ended `node_lost`
+//!   in the shared store at the dead node's last heartbeat, drops their registry entries (no more
+//!   307 to a dead node) and leaves word (`reaped:<node id>`): a node that was only cut off from
+//!   Redis finds it at its next heartbeat and ends its own sessions `node_lost` too, so store and
+//!   node agree. With SQLite every node has its own store: the survivor's update finds nothing,
+//!   and the dead node's sessions are ended `crash`, at its last heartbeat, when it restarts;
+//! * places new sessions (`cluster.placement = "least_loaded"`): `POST /v1/sessions` on a node
+//!   holding at least one session more than the least-loaded live, accepting node is answered
+//!   307 to that node's `POST /v1/sessions`;
+//! * listens on its own control channel (and [`ALL_NODES`]) for messages other nodes send to the
+//!   sessions it hosts: end, inject a text turn, forget deleted sessions.
+//!
+//! Without Redis there is one node and [`SessionManager`] holds no `Cluster`.
 //!
 //! This module is the one owner of that logic; the registry ([`SessionManager`]) and the HTTP
 //! layer ask it, and `store::redis` only speaks the Redis commands.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
 
+use crate::config::{ClusterSettings, Placement};
 use crate::session::{EndReason, SessionError, SessionManager};
-use crate::store::redis::{ALL_NODES, ControlMessage, REGISTRY_REFRESH, Redis};
-use crate::store::{StoreError, StoredSession, StoredState};
+use crate::store::redis::{ALL_NODES, ControlMessage, NodeHeartbeat, Redis};
+use crate::store::{StoreError, StoredSession, StoredState, from_ms, to_ms};
 
 /// Where a session lives, as far as the registry knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,11 +50,23 @@ pub enum Owner {
 pub struct Cluster {
     redis: Redis,
     advertise_url: String,
+    node_id: String,
+    /// Random per process start (tells this run from an earlier one with the same node id).
+    incarnation: String,
+    settings: ClusterSettings,
+    /// Set by [`Self::leave`]: no more heartbeats.
+    stopped: Arc<AtomicBool>,
+    /// Heartbeats are written one at a time, each with the load counted under this lock: the
+    /// last one written is never older than an earlier one.
+    beat_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").field("advertise_url", &self.advertise_url).finish_non_exhaustive()
+        f.debug_struct("Cluster")
+            .field("advertise_url", &self.advertise_url)
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -42,9 +75,18 @@ fn storage(e: StoreError) -> SessionError {
 }
 
 impl Cluster {
-    /// The cluster through `redis`, this node reachable at `advertise_url`.
-    pub fn new(redis: Redis, advertise_url: String) -> Self {
-        Self { redis, advertise_url }
+    /// The cluster through `redis`, this node `node_id` reachable at `advertise_url`.
+    pub fn new(redis: Redis, advertise_url: String, node_id: String, settings: ClusterSettings) -> Self {
+        let incarnation = signaling::id::new_id("n");
+        Self {
+            redis,
+            advertise_url,
+            node_id,
+            incarnation,
+            settings,
+            stopped: Arc::new(AtomicBool::new(false)),
+            beat_lock: Arc::new(tokio::sync::Mutex::new(())),
+        }
     }
 
     /// The Redis connection (short-term state shared with the API layer).
@@ -52,9 +94,30 @@ impl Cluster {
         &self.redis
     }
 
-    /// Record that this node hosts `session_id`.
-    pub async fn register(&self, session_id: &str) -> Result<(), SessionError> {
-        self.redis.register(session_id, &self.advertise_url).await.map_err(storage)
+    /// Write this node's heartbeat with the `load` (sessions not ended) counted now; returns the
+    /// incarnation another node declared dead under this node id, if any.
+    async fn beat(&self, load: impl FnOnce() -> usize, accepting: bool) -> Result<Option<String>, StoreError> {
+        let _one_at_a_time = self.beat_lock.lock().await;
+        let beat = NodeHeartbeat {
+            node_id: self.node_id.clone(),
+            url: self.advertise_url.clone(),
+            incarnation: self.incarnation.clone(),
+            load: u64::try_from(load()).unwrap_or(u64::MAX),
+            accepting,
+            last_seen_ms: to_ms(SystemTime::now()),
+        };
+        self.redis.heartbeat(&beat, self.settings.heartbeat_expiry()).await
+    }
+
+    /// Record that this node hosts `session_id` (already counted by `load`), and publish the new
+    /// load at once, so placement decisions on other nodes see it.
+    pub async fn register(&self, session_id: &str, load: impl FnOnce() -> usize) -> Result<(), SessionError> {
+        let expiry = self.settings.heartbeat_expiry();
+        self.redis.register(session_id, &self.advertise_url, expiry).await.map_err(storage)?;
+        if let Err(e) = self.beat(load, true).await {
+            tracing::warn!(error = %e, "heartbeat after a new session not written (the next one is)");
+        }
+        Ok(())
     }
 
     /// Drop `session_id`'s entry, off the caller's path (an entry left behind expires).
@@ -73,6 +136,14 @@ impl Cluster {
             if let Err(e) = self.redis.unregister(id).await {
                 tracing::warn!(session_id = %id, error = %e, "registry entry not removed (it expires)");
             }
+        }
+    }
+
+    /// Stop the heartbeat and leave the watched set (a clean stop: nothing to end).
+    pub async fn leave(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        if let Err(e) = self.redis.unwatch(&self.node_id).await {
+            tracing::warn!(error = %e, "heartbeat not removed at shutdown (it expires)");
         }
     }
 
@@ -100,18 +171,47 @@ impl Cluster {
         }
     }
 
-    /// Keep this node's registry entries alive, and obey control messages sent to it.
+    /// The advertise URL of the node a new session should go to instead of this one, holding
+    /// `local_load` sessions: the least-loaded live node accepting sessions, when this one holds
+    /// at least one more (ties: the lowest URL). `None`: here (placement `local`, no other
+    /// node, or Redis cannot be asked: creating here beats failing).
+    pub async fn least_loaded(&self, local_load: usize) -> Option<String> {
+        if self.settings.placement != Placement::LeastLoaded {
+            return None;
+        }
+        let nodes = match self.redis.nodes().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "node loads unavailable; placing the new session here");
+                return None;
+            }
+        };
+        let best = nodes
+            .into_iter()
+            .filter_map(|(_, beat)| beat)
+            .filter(|b| b.accepting && b.url != self.advertise_url)
+            .min_by(|a, b| a.load.cmp(&b.load).then_with(|| a.url.cmp(&b.url)))?;
+        (u64::try_from(local_load).unwrap_or(u64::MAX) > best.load).then_some(best.url)
+    }
+
+    /// Beat, re-assert this node's registry entries, and finish the sessions of dead nodes;
+    /// every `cluster.heartbeat_interval_ms`. Also obey control messages sent to this node.
     pub async fn spawn_tasks(&self, manager: &Arc<SessionManager>) {
+        // The first heartbeat before the node serves: from its first request on, it is alive.
+        self.tick(manager).await;
         let weak = Arc::downgrade(manager);
-        let redis = self.redis.clone();
+        let cluster = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(REGISTRY_REFRESH);
+            let mut tick = tokio::time::interval(cluster.settings.heartbeat_interval());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
             loop {
                 tick.tick().await;
                 let Some(m) = weak.upgrade() else { break };
-                if let Err(e) = redis.refresh(&m.live_ids()).await {
-                    tracing::warn!(error = %e, "registry refresh failed");
+                if cluster.stopped.load(Ordering::SeqCst) {
+                    break;
                 }
+                cluster.tick(&m).await;
             }
         });
         let weak = Arc::downgrade(manager);
@@ -122,6 +222,79 @@ impl Cluster {
                 apply(&m, msg).await;
             }
         });
+    }
+
+    async fn tick(&self, m: &SessionManager) {
+        match self.beat(|| m.live_count(), m.accepting()).await {
+            Ok(Some(reaped)) if reaped == self.incarnation => self.fenced(m).await,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "heartbeat not written"),
+        }
+        if let Err(e) = self.reassert(m).await {
+            tracing::warn!(error = %e, "registry entries not renewed");
+        }
+        match self.redis.nodes().await {
+            Ok(nodes) => {
+                for (node_id, _) in nodes.into_iter().filter(|(id, beat)| beat.is_none() && *id != self.node_id) {
+                    if let Err(e) = self.reap(m, &node_id).await {
+                        tracing::warn!(node_id = %node_id, error = %e, "a dead node's sessions not ended yet (retried)");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cluster nodes not read"),
+        }
+    }
+
+    /// Renew this node's registry entries; re-create the missing ones of sessions still live.
+    async fn reassert(&self, m: &SessionManager) -> Result<(), StoreError> {
+        let expiry = self.settings.heartbeat_expiry();
+        let missing = self.redis.refresh(&m.live_ids(), expiry).await?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // Ended since the list was taken: not re-created.
+        let live = m.live_ids();
+        let missing: Vec<String> = missing.into_iter().filter(|id| live.contains(id)).collect();
+        self.redis.register_missing(&missing, &self.advertise_url, expiry).await?;
+        tracing::warn!(sessions = missing.len(), "registry entries were missing (Redis lost them): re-created");
+        Ok(())
+    }
+
+    /// Another node declared this one dead (Redis did not hear from it within the expiry) and
+    /// ended its sessions in the store: end them here too, so node, store and registry agree.
+    async fn fenced(&self, m: &SessionManager) {
+        let ids = m.live_ids();
+        tracing::error!(
+            node_id = %self.node_id,
+            sessions = ids.len(),
+            "another node declared this node dead (no heartbeat within the expiry): its sessions end (node_lost)"
+        );
+        futures::future::join_all(ids.iter().map(|id| m.end(id, None, EndReason::NodeLost))).await;
+        if let Err(e) = self.redis.clear_reaped(&self.node_id).await {
+            tracing::warn!(error = %e, "dead-node notice not cleared");
+        }
+    }
+
+    /// Node `node_id` has no heartbeat: if this node wins the lock, mark its open sessions ended
+    /// `node_lost` at its last heartbeat and drop their registry entries.
+    async fn reap(&self, m: &SessionManager, node_id: &str) -> Result<(), StoreError> {
+        let Some(last) = self.redis.last_seen(node_id).await? else {
+            return self.redis.unwatch(node_id).await;
+        };
+        if !self.redis.claim_reap(node_id, &self.node_id, self.settings.heartbeat_expiry()).await? {
+            return Ok(());
+        }
+        let last_seen = from_ms(last.last_seen_ms);
+        let ids = m.store().end_lost_node(node_id, last_seen, SystemTime::now()).await?;
+        self.redis.reaped(node_id, &last.incarnation, &ids).await?;
+        tracing::warn!(
+            dead_node = %node_id,
+            url = %last.url,
+            last_seen_ms = last.last_seen_ms,
+            sessions = ids.len(),
+            "node stopped its heartbeat: its sessions ended (node_lost)"
+        );
+        Ok(())
     }
 }
 
@@ -154,6 +327,17 @@ impl SessionManager {
                 Owner::Elsewhere(url) => Err(SessionError::Elsewhere(url)),
                 Owner::HereOrNobody => Ok(()),
             },
+            None => Ok(()),
+        }
+    }
+
+    /// Where `POST /v1/sessions` should create: `Err(Elsewhere(url))` when another live node is
+    /// less loaded by at least one session (placement `least_loaded`; HTTP 307 to its
+    /// `POST /v1/sessions`), else here.
+    pub async fn place(&self) -> Result<(), SessionError> {
+        let Some(c) = self.cluster() else { return Ok(()) };
+        match c.least_loaded(self.live_count()).await {
+            Some(url) => Err(SessionError::Elsewhere(url)),
             None => Ok(()),
         }
     }

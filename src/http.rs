@@ -132,6 +132,10 @@ impl SessionHost for Host {
         self.manager.characters().iter().map(CharacterInfo::from).collect()
     }
 
+    async fn place_new_session(&self) -> Result<(), ApiError> {
+        self.manager.place().await.map_err(to_api)
+    }
+
     async fn create_session(&self, request: CreateSessionRequest) -> Result<CreatedSession, ApiError> {
         let options = crate::session::CreateOptions {
             character: request.character,

@@ -117,6 +117,9 @@ impl RunningServer {
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         self.manager.drain(self.drain_grace).await;
         self.manager.unregister_all().await;
+        if let Some(cluster) = self.manager.cluster() {
+            cluster.leave().await;
+        }
         // Bounded: with the database down, queued writes would wait for it forever.
         if tokio::time::timeout(SHUTDOWN_FLUSH, self.writer.flush()).await.is_err() {
             tracing::error!("store unreachable at shutdown: queued writes not flushed within {SHUTDOWN_FLUSH:?}");
@@ -185,9 +188,11 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
     let advertise_url = config.advertise_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let node_id = config.node_id.clone().unwrap_or_else(|| advertise_url.clone());
 
-    // Sessions this node left open are from a crash: no drain ended them.
+    // Sessions this node left open are from a crash: no drain ended them. They ended when the
+    // node was last seen alive (its last cluster heartbeat), not now.
+    let crashed_at = last_heartbeat(redis.as_ref(), &node_id).await.unwrap_or_else(std::time::SystemTime::now);
     let orphans = store
-        .end_orphans(&node_id, std::time::SystemTime::now(), "crash")
+        .end_orphans(&node_id, crashed_at, "crash")
         .await
         .map_err(store_error("marking sessions left open by a crash"))?;
     if !orphans.is_empty() {
@@ -282,6 +287,17 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
         writer,
         advertise_url,
     })
+}
+
+/// When node `node_id` last wrote its cluster heartbeat (`None`: no Redis, or no heartbeat kept).
+async fn last_heartbeat(redis: Option<&Redis>, node_id: &str) -> Option<std::time::SystemTime> {
+    match redis?.last_seen(node_id).await {
+        Ok(beat) => beat.map(|b| crate::store::from_ms(b.last_seen_ms)),
+        Err(e) => {
+            tracing::warn!(error = %e, "last heartbeat not read: sessions left open end at the restart time");
+            None
+        }
+    }
 }
 
 /// `url` without its password, for logs.

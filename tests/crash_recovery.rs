@@ -47,9 +47,8 @@ fn binary_copy(dir: &std::path::Path) -> std::path::PathBuf {
 
 async fn start_node(db_url: &str, port: u16, dir: &std::path::Path, run: u32) -> Node {
     let log = dir.join(format!("node-{run}.log"));
-    let file = std::fs::File::create(&log).unwrap();
-    let child = Command::new(binary_copy(dir))
-        .arg("serve")
+    let mut cmd = Command::new(binary_copy(dir));
+    cmd.arg("serve")
         .env_remove("OPENAI_API_KEY")
         .env_remove("KOTODAMA_API_KEYS")
         .env_remove("KOTODAMA_REDIS_URL")
@@ -57,28 +56,8 @@ async fn start_node(db_url: &str, port: u16, dir: &std::path::Path, run: u32) ->
         .env("KOTODAMA_BIND", format!("127.0.0.1:{port}"))
         .env("KOTODAMA_DATABASE_URL", db_url)
         .env("KOTODAMA_TOKEN_SECRET", SECRET)
-        .env("KOTODAMA_LOG", "info,kotodama=debug")
-        .current_dir(dir)
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .expect("spawn kotodama");
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
-            && r.status() == 200
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node did not become ready: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        .env("KOTODAMA_LOG", "info,kotodama=debug");
+    let (child, base) = spawn_node(cmd, dir, &log, port).await;
     Node { child, base, log }
 }
 

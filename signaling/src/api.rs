@@ -388,6 +388,7 @@ async fn create_session(
         }
         request.user_id = Some(user.user_id.clone());
     }
+    st.host.place_new_session().await?;
     let scope = match (&caller, ip) {
         (Some(c), _) => c.audit_name(),
         (None, Some(ip)) => format!("ip:{ip}"),

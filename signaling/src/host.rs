@@ -26,6 +26,14 @@ pub trait SessionHost: Send + Sync + 'static {
     /// The characters clients may pick (`GET /v1/characters`).
     async fn characters(&self) -> Vec<CharacterInfo>;
 
+    /// Where a valid `POST /v1/sessions` should be served, asked before its idempotency record
+    /// and rate limit (a redirected request counts once, on the node that creates): `Ok` here,
+    /// [`ApiError::Elsewhere`] (307 to the same route on that node) when a cluster places new
+    /// sessions on a less loaded node. Default: here.
+    async fn place_new_session(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+
     /// Create a session (`POST /v1/sessions`). The host picks the id with
     /// [`crate::id::new_session_id`] (CSPRNG, URL safe) and the ICE servers for this client.
     /// Errors: [`ApiError::unknown_character`] (404), unknown provider (404 or 422),
@@ -290,6 +298,10 @@ pub enum EndReason {
     Crash,
     /// It reached a budget (tokens, minutes or tool calls) configured to end the session.
     BudgetExceeded,
+    /// The node hosting it stopped renewing its cluster heartbeat (it died or lost Redis for
+    /// longer than `cluster.heartbeat_expiry_ms`); another node ended it, at the dead node's
+    /// last heartbeat.
+    NodeLost,
 }
 
 /// A string that names no variant of an API enum (a stored value from a newer version, a typo).
@@ -355,6 +367,7 @@ wire_names!(EndReason, "end reason", {
     InternalError => "internal_error",
     Crash => "crash",
     BudgetExceeded => "budget_exceeded",
+    NodeLost => "node_lost",
 });
 
 /// `GET /v1/sessions/{id}`.

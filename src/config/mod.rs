@@ -37,6 +37,7 @@ pub mod auth;
 pub mod budget;
 pub mod cascade;
 pub mod characters;
+pub mod cluster;
 pub mod elsewhere;
 pub mod env;
 pub mod local;
@@ -59,6 +60,7 @@ use serde::Deserialize;
 
 pub use self::cascade::{CascadeSettings, EndpointSettings};
 pub use self::characters::Character;
+pub use self::cluster::{ClusterSettings, Placement};
 pub use self::local::LocalSettings;
 pub use self::media::MediaSettings;
 pub use self::memory::MemorySettings;
@@ -192,6 +194,8 @@ pub struct Config {
     pub budget: budget::BudgetLimits,
     /// Session recording for replay (`[recording]`, `KOTODAMA_RECORD`, `KOTODAMA_RECORDING_URL`).
     pub recording: RecordingSettings,
+    /// Node heartbeats and placement of new sessions in a cluster (`[cluster]`, `KOTODAMA_CLUSTER_*`).
+    pub cluster: ClusterSettings,
 }
 
 impl Default for Config {
@@ -227,6 +231,7 @@ impl Default for Config {
             memory: MemorySettings::default(),
             budget: budget::BudgetLimits::default(),
             recording: RecordingSettings::default(),
+            cluster: ClusterSettings::default(),
         }
     }
 }
@@ -280,6 +285,7 @@ impl Config {
             &self.memory,
             &self.budget,
             &self.recording,
+            &self.cluster,
         ]
     }
 
@@ -302,6 +308,7 @@ impl Config {
             &mut self.memory,
             &mut self.budget,
             &mut self.recording,
+            &mut self.cluster,
         ]
     }
 

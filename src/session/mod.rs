@@ -461,6 +461,9 @@ impl SessionManager {
         let builder = builder::SessionBuilder::new(Arc::clone(&config), providers, backends.udp_mux.clone())
             .with_memory(Arc::clone(&backends.memory))
             .with_usage_store(Arc::clone(&backends.store));
+        let cluster = backends
+            .redis
+            .map(|r| Cluster::new(r, backends.advertise_url.clone(), backends.node_id.clone(), config.cluster.clone()));
         Arc::new(Self {
             characters: std::sync::RwLock::new(Arc::new(config.characters())),
             config,
@@ -470,8 +473,8 @@ impl SessionManager {
             builder,
             store: backends.store,
             writer: backends.writer,
+            cluster,
             node_id: backends.node_id,
-            cluster: backends.redis.map(|r| Cluster::new(r, backends.advertise_url.clone())),
             advertise_url: backends.advertise_url,
             memory: backends.memory,
             key_limits: tenant::KeyLimits::new(&config_limits),
@@ -656,10 +659,14 @@ impl SessionManager {
             ended_at: None,
         };
         self.store.create_session(&record).await.map_err(|e| SessionError::Storage(e.to_string()))?;
-        if let Some(cluster) = &self.cluster {
-            cluster.register(&shared.id).await?;
-        }
+        // In the map first: the load a heartbeat publishes counts it from now on.
         self.map().insert(shared.id.clone(), Arc::clone(&shared));
+        if let Some(cluster) = &self.cluster
+            && let Err(e) = cluster.register(&shared.id, || self.live_count()).await
+        {
+            self.map().remove(&shared.id);
+            return Err(e);
+        }
         crate::telemetry::add(crate::telemetry::SESSIONS_CREATED, 1);
         Ok(shared)
     }

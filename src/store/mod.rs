@@ -13,7 +13,10 @@
 //!   `ended` are written as they happen by the node's [`writer::StoreWriter`], so the session
 //!   task never waits on the database (see the writer for its queue policy).
 //! * At start a node marks the sessions it left `created`/`connected` (a crash: no drain ran)
-//!   as ended with reason `crash` ([`Store::end_orphans`]).
+//!   as ended with reason `crash` ([`Store::end_orphans`]), at its last heartbeat when Redis
+//!   holds one. In a cluster on a shared store, the node that finds another dead (its heartbeat
+//!   expired) marks that node's sessions ended `node_lost` at its last heartbeat
+//!   ([`Store::end_lost_node`], see [`crate::cluster`]).
 //!
 //! Invariants: a turn is never updated to a different text once written (the writer's
 //! `INSERT ... ON CONFLICT DO NOTHING` makes rewrites after a crash or overflow harmless);
@@ -309,6 +312,20 @@ pub trait Store: Send + Sync + 'static {
     /// Mark every session of `node_id` not yet ended as ended with `reason` (`crash` at start);
     /// returns their ids.
     async fn end_orphans(&self, node_id: &str, at: SystemTime, reason: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Mark the sessions of dead node `node_id` not yet ended and created before
+    /// `created_before` (when it was found dead: sessions of a restarted node are not the dead
+    /// one's) as ended `node_lost` at `last_seen` (its last heartbeat; never before a session's
+    /// creation); returns their ids. Default: [`Self::end_orphans`] with reason `node_lost`.
+    async fn end_lost_node(
+        &self,
+        node_id: &str,
+        last_seen: SystemTime,
+        created_before: SystemTime,
+    ) -> Result<Vec<String>, StoreError> {
+        let _ = created_before;
+        self.end_orphans(node_id, last_seen, "node_lost").await
+    }
 
     /// Everything held for `user_id`; with `api_key_id`, only what that key created.
     async fn user_data(&self, user_id: &str, api_key_id: Option<&str>) -> Result<UserData, StoreError>;

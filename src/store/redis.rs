@@ -4,8 +4,14 @@
 //!   (`SET key value NX GET PX ttl`, atomic), rate-limit windows (`INCR` + `PEXPIRE` in one
 //!   script).
 //! * The session registry: `session:<id>` -> the advertised URL of the node hosting it, with a
-//!   TTL the owner refreshes ([`REGISTRY_TTL`]; a node that dies stops refreshing and its entries
-//!   expire), removed when the session ends. Other nodes redirect (307) requests to the owner.
+//!   TTL (`cluster.heartbeat_expiry_ms`) the owner renews every heartbeat and re-creates when it is
+//!   missing (Redis restarted empty); removed when the session ends. Other nodes redirect (307)
+//!   requests to the owner.
+//! * Node heartbeats ([`NodeHeartbeat`]): `node:<node id>` expires with the heartbeat (present =
+//!   alive), `node-seen:<node id>` keeps the last one for [`SEEN_TTL`] (when a dead node was last
+//!   seen), `nodes` is the set of node ids to watch, `reap:<node id>` the lock (`SET NX PX`) that
+//!   lets exactly one survivor end a dead node's sessions, and `reaped:<node id>` tells a node
+//!   cut off from Redis that it was declared dead (its incarnation).
 //! * A sliding window of each live session's recent turns (`recent:<id>`, the last
 //!   [`RECENT_TURNS`], expiring an hour after the last one): what a model or an operator wants
 //!   at hand without a database query.
@@ -25,10 +31,9 @@ use tokio::sync::mpsc;
 
 use super::{StoreError, StoredTurn};
 
-/// Lifetime of a registry entry; the owner refreshes it every [`REGISTRY_REFRESH`].
-pub const REGISTRY_TTL: Duration = Duration::from_secs(30);
-/// How often a node refreshes its registry entries.
-pub const REGISTRY_REFRESH: Duration = Duration::from_secs(10);
+/// How long the last heartbeat of a node is kept after it stopped (`node-seen:<id>`): the
+/// `ended_at` of its sessions when it is found dead or restarts.
+pub const SEEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Turns kept in a session's recent window.
 pub const RECENT_TURNS: isize = 20;
 /// Control messages buffered between the subscriber and the node; beyond, they are dropped
@@ -61,6 +66,24 @@ pub enum ControlMessage {
         /// Session ids.
         session_ids: Vec<String>,
     },
+}
+
+/// One node's heartbeat: who it is, where it is reached, how loaded it is, when it was seen.
+/// Stored as JSON under `node:<node_id>` (expiring) and `node-seen:<node_id>` (kept).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHeartbeat {
+    /// The node's id in the store (`sessions.node_id`, `KOTODAMA_NODE_ID`).
+    pub node_id: String,
+    /// Its advertise URL (the target of redirects to it).
+    pub url: String,
+    /// A random id per process start: tells a restarted node from the one that died.
+    pub incarnation: String,
+    /// Its sessions not yet ended.
+    pub load: u64,
+    /// Whether it takes new sessions (false while draining).
+    pub accepting: bool,
+    /// When this heartbeat was written: unix ms of the node's clock.
+    pub last_seen_ms: i64,
 }
 
 /// The channel every node listens to, besides its own.
@@ -111,30 +134,162 @@ impl Redis {
         format!("{}{k}", self.prefix)
     }
 
-    /// Record that `session_id` is hosted at `node_url`.
-    pub async fn register(&self, session_id: &str, node_url: &str) -> Result<(), StoreError> {
+    /// Record that `session_id` is hosted at `node_url`, for `ttl` (renewed by the owner).
+    pub async fn register(&self, session_id: &str, node_url: &str, ttl: Duration) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         redis::cmd("SET")
             .arg(self.key(&format!("session:{session_id}")))
             .arg(node_url)
             .arg("PX")
-            .arg(ms(REGISTRY_TTL))
+            .arg(ms(ttl))
             .query_async::<()>(&mut c)
             .await
             .map_err(redis_err)
     }
 
-    /// Keep the entries of these (live) sessions.
-    pub async fn refresh(&self, session_ids: &[String]) -> Result<(), StoreError> {
+    /// Renew the entries of these (live) sessions for `ttl`; returns the ids that had no entry
+    /// (Redis lost it: the caller re-creates those still live with [`Self::register_missing`]).
+    pub async fn refresh(&self, session_ids: &[String], ttl: Duration) -> Result<Vec<String>, StoreError> {
+        if session_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in session_ids {
+            pipe.cmd("PEXPIRE").arg(self.key(&format!("session:{id}"))).arg(ms(ttl));
+        }
+        let mut c = self.conn.clone();
+        let renewed: Vec<i64> = pipe.query_async(&mut c).await.map_err(redis_err)?;
+        Ok(session_ids.iter().zip(renewed).filter(|(_, r)| *r == 0).map(|(id, _)| id.clone()).collect())
+    }
+
+    /// Re-create the entries of `session_ids` (hosted at `node_url`) where none exists.
+    pub async fn register_missing(
+        &self,
+        session_ids: &[String],
+        node_url: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         if session_ids.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
         for id in session_ids {
-            pipe.cmd("PEXPIRE").arg(self.key(&format!("session:{id}"))).arg(ms(REGISTRY_TTL)).ignore();
+            pipe.cmd("SET").arg(self.key(&format!("session:{id}"))).arg(node_url).arg("NX").arg("PX").arg(ms(ttl));
+            pipe.ignore();
         }
         let mut c = self.conn.clone();
         pipe.query_async::<()>(&mut c).await.map_err(redis_err)
+    }
+
+    /// Write this node's heartbeat, alive for `expiry`; returns the incarnation another node
+    /// declared dead under this node id, if any (`reaped:<node id>`).
+    pub async fn heartbeat(&self, beat: &NodeHeartbeat, expiry: Duration) -> Result<Option<String>, StoreError> {
+        let json = serde_json::to_string(beat).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let id = &beat.node_id;
+        let mut c = self.conn.clone();
+        let (reaped,): (Option<String>,) = redis::pipe()
+            .cmd("SET")
+            .arg(self.key(&format!("node:{id}")))
+            .arg(&json)
+            .arg("PX")
+            .arg(ms(expiry))
+            .ignore()
+            .cmd("SET")
+            .arg(self.key(&format!("node-seen:{id}")))
+            .arg(&json)
+            .arg("PX")
+            .arg(ms(SEEN_TTL))
+            .ignore()
+            .cmd("SADD")
+            .arg(self.key("nodes"))
+            .arg(id)
+            .ignore()
+            .cmd("GET")
+            .arg(self.key(&format!("reaped:{id}")))
+            .query_async(&mut c)
+            .await
+            .map_err(redis_err)?;
+        Ok(reaped)
+    }
+
+    /// Every watched node with its current heartbeat (`None`: expired, the node is dead).
+    pub async fn nodes(&self) -> Result<Vec<(String, Option<NodeHeartbeat>)>, StoreError> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> =
+            redis::cmd("SMEMBERS").arg(self.key("nodes")).query_async(&mut c).await.map_err(redis_err)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.key(&format!("node:{id}"))).collect();
+        let beats: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut c).await.map_err(redis_err)?;
+        Ok(ids.into_iter().zip(beats).map(|(id, b)| (id, b.and_then(|j| serde_json::from_str(&j).ok()))).collect())
+    }
+
+    /// The last heartbeat `node_id` wrote (kept [`SEEN_TTL`] after it stopped).
+    pub async fn last_seen(&self, node_id: &str) -> Result<Option<NodeHeartbeat>, StoreError> {
+        let mut c = self.conn.clone();
+        let json: Option<String> = redis::cmd("GET")
+            .arg(self.key(&format!("node-seen:{node_id}")))
+            .query_async(&mut c)
+            .await
+            .map_err(redis_err)?;
+        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    /// Take the lock to end dead `node_id`'s sessions (`SET reap:<id> NX PX ttl`): true for the
+    /// one caller that got it, and only while the node is still without a heartbeat.
+    pub async fn claim_reap(&self, node_id: &str, by: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut c = self.conn.clone();
+        let (claimed, alive): (Option<String>, bool) = redis::pipe()
+            .cmd("SET")
+            .arg(self.key(&format!("reap:{node_id}")))
+            .arg(by)
+            .arg("NX")
+            .arg("PX")
+            .arg(ms(ttl))
+            .cmd("EXISTS")
+            .arg(self.key(&format!("node:{node_id}")))
+            .query_async(&mut c)
+            .await
+            .map_err(redis_err)?;
+        Ok(claimed.is_some() && !alive)
+    }
+
+    /// Dead `node_id` (incarnation `incarnation`) was dealt with: drop its sessions' entries,
+    /// stop watching it, and leave word for it in case it was only cut off (kept a day).
+    pub async fn reaped(&self, node_id: &str, incarnation: &str, session_ids: &[String]) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        for id in session_ids {
+            pipe.cmd("DEL").arg(self.key(&format!("session:{id}"))).ignore();
+        }
+        pipe.cmd("SREM").arg(self.key("nodes")).arg(node_id).ignore();
+        pipe.cmd("SET").arg(self.key(&format!("reaped:{node_id}"))).arg(incarnation).arg("PX").arg(86_400_000u64);
+        pipe.ignore();
+        let mut c = self.conn.clone();
+        pipe.query_async::<()>(&mut c).await.map_err(redis_err)
+    }
+
+    /// Stop watching `node_id` and drop its heartbeat (a clean stop: nothing to end; or a node
+    /// seen too long ago).
+    pub async fn unwatch(&self, node_id: &str) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .cmd("SREM")
+            .arg(self.key("nodes"))
+            .arg(node_id)
+            .ignore()
+            .cmd("DEL")
+            .arg(self.key(&format!("node:{node_id}")))
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(redis_err)
+    }
+
+    /// Drop the notice that `node_id` was declared dead (it has ended its sessions).
+    pub async fn clear_reaped(&self, node_id: &str) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        redis::cmd("DEL").arg(self.key(&format!("reaped:{node_id}"))).query_async(&mut c).await.map_err(redis_err)
     }
 
     /// Forget a session (it ended).

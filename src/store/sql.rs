@@ -478,6 +478,29 @@ impl Store for SqlStore {
         Ok(ids)
     }
 
+    async fn end_lost_node(
+        &self,
+        node_id: &str,
+        last_seen: SystemTime,
+        created_before: SystemTime,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE sessions SET state = 'ended', end_reason = 'node_lost', \
+             ended_at = CASE WHEN created_at > $2 THEN created_at ELSE $2 END \
+             WHERE node_id = $1 AND state <> 'ended' AND created_at < $3 RETURNING id",
+        )
+        .bind(node_id)
+        .bind(to_ms(last_seen))
+        .bind(to_ms(created_before))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err)?;
+        let mut ids: Vec<String> =
+            rows.iter().map(|r| r.try_get::<String, _>("id")).collect::<Result<_, _>>().map_err(query_err)?;
+        ids.sort();
+        Ok(ids)
+    }
+
     async fn user_data(&self, user_id: &str, api_key_id: Option<&str>) -> Result<UserData, StoreError> {
         let mut sessions = Vec::new();
         for session in self.user_sessions(user_id, api_key_id).await? {

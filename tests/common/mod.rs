@@ -131,6 +131,31 @@ impl Drop for PgTestDb {
     }
 }
 
+/// Spawn the node `cmd` (the binary with its `serve` arguments and environment) in `dir`, its
+/// output to the file `log`, and wait until `http://127.0.0.1:<port>` answers `/readyz` 200
+/// (panics with the log after a generous minute). Returns the child and its base URL.
+pub async fn spawn_node(
+    mut cmd: std::process::Command,
+    dir: &std::path::Path,
+    log: &std::path::Path,
+    port: u16,
+) -> (std::process::Child, String) {
+    let file = std::fs::File::create(log).unwrap();
+    let child = cmd.current_dir(dir).stdout(file.try_clone().unwrap()).stderr(file).spawn().expect("spawn kotodama");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
+            && r.status() == 200
+        {
+            return (child, base);
+        }
+        assert!(Instant::now() < deadline, "node not ready: {}", std::fs::read_to_string(log).unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A random key prefix for Redis, so parallel tests never see each other's keys.
 pub fn redis_prefix() -> String {
     format!("kotodama-test-{:016x}:", rand::random::<u64>())
