@@ -192,6 +192,8 @@ pub struct Config {
     pub budget: budget::BudgetLimits,
     /// Session recording for replay (`[recording]`, `KOTODAMA_RECORD`, `KOTODAMA_RECORDING_URL`).
     pub recording: RecordingSettings,
+    /// Subtitles in the user's language (`[translation]`, `KOTODAMA_TRANSLATION_*`).
+    pub translation: crate::translation::TranslationSettings,
 }
 
 impl Default for Config {
@@ -227,6 +229,7 @@ impl Default for Config {
             memory: MemorySettings::default(),
             budget: budget::BudgetLimits::default(),
             recording: RecordingSettings::default(),
+            translation: Default::default(),
         }
     }
 }
@@ -280,6 +283,7 @@ impl Config {
             &self.memory,
             &self.budget,
             &self.recording,
+            &self.translation,
         ]
     }
 
@@ -302,6 +306,7 @@ impl Config {
             &mut self.memory,
             &mut self.budget,
             &mut self.recording,
+            &mut self.translation,
         ]
     }
 

@@ -62,6 +62,8 @@ pub(crate) struct SessionBuilder {
     usage_store: Option<Arc<dyn crate::store::Store>>,
     /// Where recorded sessions go (`None`: the store could not be opened; nothing is recorded).
     recordings: Option<Arc<Recordings>>,
+    /// Subtitles in the user's language (`None`: no `[translation]` endpoint).
+    translator: Option<Arc<crate::translation::Translator>>,
 }
 
 impl SessionBuilder {
@@ -99,7 +101,9 @@ impl SessionBuilder {
         let recordings = Recordings::open(&config.recording)
             .map_err(|e| tracing::error!(error = %e, "recording store unavailable; sessions are not recorded"))
             .ok();
+        let translator = crate::translation::Translator::new(&config.translation);
         Self {
+            translator,
             config,
             providers,
             peer_settings,
@@ -311,6 +315,11 @@ impl SessionBuilder {
             uplink_hist: metrics::histogram!(crate::telemetry::UPLINK_LATENCY),
             memory: self.memory_of(shared).map(|(memory, owner)| (memory, owner, character.name.clone())),
             recorder,
+            translation: crate::translation::SessionTranslation::new(
+                self.translator.clone(),
+                &shared.id,
+                &character.language,
+            ),
         }
     }
 

@@ -266,6 +266,7 @@ impl Connection {
             | ProviderCommand::Truncate { .. }
             | ProviderCommand::AppendHistory(_)
             | ProviderCommand::Restart
+            | ProviderCommand::Image(_)
             | ProviderCommand::Close => {}
         }
     }
