@@ -128,8 +128,8 @@ async fn neko_ws(
 
 /// A N.E.K.O. socket: wait for `start_session`, start the session, then run it.
 async fn neko_socket(st: WsState, mut socket: WebSocket, character: String, live_key: String) {
-    let rate_hz = match neko_start(&mut socket).await {
-        Ok(rate) => rate,
+    let (rate_hz, language) = match neko_start(&mut socket).await {
+        Ok(start) => start,
         Err(Some((code, reason))) => return refuse(socket, code, &reason).await,
         Err(None) => return,
     };
@@ -148,7 +148,7 @@ async fn neko_socket(st: WsState, mut socket: WebSocket, character: String, live
         let _ = st.manager.end(&shared.id, None, EndReason::ProviderError).await;
         return neko_failed(socket, &e.to_string()).await;
     }
-    pump.run_neko(socket, rate_hz).await;
+    pump.run_neko(socket, rate_hz, language).await;
     // The socket is gone: forget it unless a newer one took its place meanwhile.
     let mut live = st.neko_live.lock().unwrap_or_else(|p| p.into_inner());
     if live.get(&live_key) == Some(&shared.id) {
@@ -160,10 +160,11 @@ async fn neko_socket(st: WsState, mut socket: WebSocket, character: String, live
 /// is gone).
 type Refused = Option<(u16, String)>;
 
-/// Read until `start_session` (answering `ping`): the client's audio rate if it names one. Before
+/// Read until `start_session` (answering `ping`): the client's audio rate and the user's
+/// language (`language`, for translated subtitles) if it names them. Before
 /// it: binary closes with 1003, malformed JSON with 1007, a message over 64 KiB with 1009, more
 /// than 400 messages or no `start_session` within 10 s with 1008.
-async fn neko_start(socket: &mut WebSocket) -> Result<Option<u32>, Refused> {
+async fn neko_start(socket: &mut WebSocket) -> Result<(Option<u32>, Option<String>), Refused> {
     let deadline = tokio::time::Instant::now() + FORMAT_TIMEOUT;
     for _ in 0..MAX_MESSAGES_PER_SEC {
         let Ok(msg) = tokio::time::timeout_at(deadline, socket.recv()).await else {
@@ -185,7 +186,8 @@ async fn neko_start(socket: &mut WebSocket) -> Result<Option<u32>, Refused> {
         match v["action"].as_str() {
             Some("start_session") => {
                 let rate = v["audio_format"]["sample_rate"].as_u64().or(v["sample_rate"].as_u64());
-                return Ok(rate.and_then(|r| u32::try_from(r).ok()).filter(|r| [16_000, 24_000, 48_000].contains(r)));
+                let rate = rate.and_then(|r| u32::try_from(r).ok()).filter(|r| [16_000, 24_000, 48_000].contains(r));
+                return Ok((rate, v["language"].as_str().map(str::to_owned)));
             }
             Some("ping") => {
                 let _ = socket.send(Message::Text(r#"{"type":"pong"}"#.into())).await;

@@ -2,7 +2,11 @@
 //! speaks real speech (Opus through real libopus, or PCM16 at 16/24/48 kHz) to the in-process
 //! server with the scripted provider, hears the reply, sees the api-v1 events, and the transcript
 //! is stored; a client that never reads is closed with 1013; hostile input gets clear close codes
-//! while another session keeps talking.
+//! while another session keeps talking. Issue 15's seed 000 behaviours: images reach the fake
+//! OpenAI server as `input_image` and the fake Gemini server as `realtimeInput.video` (oversized and
+//! flooding frames get errors, a provider without images one error), agent transcripts are
+//! translated by a fake chat server (typed text too, before the cascade's model), and a client's
+//! playback report sets `agent.interrupted.played_ms`.
 
 mod common;
 
@@ -65,13 +69,19 @@ fn ws_url(ts: &TestServer, id: &str, token: &str) -> String {
 impl WsClient {
     async fn connect(ts: &TestServer, format: Format) -> (WsClient, String, String) {
         let (id, token, _) = ts.create_session().await;
-        let (ws, _) = tokio_tungstenite::connect_async(ws_url(ts, &id, &token)).await.expect("upgrade");
+        (Self::connect_to(ts.addr(), &id, &token, format).await, id, token)
+    }
+
+    /// A client of session `id` on the server at `addr`.
+    async fn connect_to(addr: std::net::SocketAddr, id: &str, token: &str, format: Format) -> WsClient {
+        let url = format!("ws://{addr}/v1/sessions/{id}/ws?token={token}");
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade");
         let (mut sink, stream) = ws.split();
         sink.send(Message::text(format.message())).await.unwrap();
         let inbox = Arc::new(Mutex::new(WsInbox::default()));
         tokio::spawn(read_loop(stream, format, Arc::clone(&inbox)));
         let enc = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip).unwrap();
-        (WsClient { format, sink, inbox, enc, seq: 0 }, id, token)
+        WsClient { format, sink, inbox, enc, seq: 0 }
     }
 
     fn events(&self) -> Vec<Value> {
@@ -192,7 +202,14 @@ fn back_to_listening(evs: &[Value]) -> bool {
 
 /// One full turn over `format`: (session id, token, events, agent audio at the format's rate).
 async fn one_turn(ts: &TestServer, format: Format) -> (String, String, Vec<Value>, Vec<i16>) {
-    let (mut c, id, token) = WsClient::connect(ts, format).await;
+    let (c, id, token) = WsClient::connect(ts, format).await;
+    let (evs, pcm) = talk(c).await;
+    (id, token, evs, pcm)
+}
+
+/// The question and the whole reply over a connected client: (events, agent audio).
+async fn talk(mut c: WsClient) -> (Vec<Value>, Vec<i16>) {
+    let format = c.format;
     c.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
     c.wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening").await;
     let question = question_at(format.rate());
@@ -200,7 +217,7 @@ async fn one_turn(ts: &TestServer, format: Format) -> (String, String, Vec<Value
     c.silence_until("the agent's final transcript", Duration::from_secs(40), agent_final).await;
     c.silence_until("back to listening", Duration::from_secs(20), back_to_listening).await;
     let pcm = c.inbox.lock().unwrap().pcm.clone();
-    (id, token, c.events(), pcm)
+    (c.events(), pcm)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,67 +509,108 @@ async fn agent_results_reach_the_client_and_the_models_context_or_are_spoken_now
     assert_eq!(gone.status(), 404);
 }
 
-/// Process CPU time (user + system) so far, from /proc/self/stat (clock ticks of 10 ms).
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+/// (user + system CPU time, RSS in KiB) of process `pid`, from /proc (clock ticks of 10 ms).
+fn proc_usage(pid: u32) -> (Duration, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split_whitespace().collect();
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap();
+    (Duration::from_millis(ticks * 10), rss.parse().unwrap())
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+/// The `kotodama` binary serving on a free loopback port with the scripted provider; killed on drop.
+struct ServerProcess {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
 }
 
-async fn webrtc_turn(ts: &TestServer) {
-    let (_, token, offer_url) = ts.create_session().await;
-    let mut client = TestClient::connect(ts, &offer_url, &token).await;
-    client
-        .wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening")
-        .await;
-    client.speak(&question_at(48_000)).await;
-    client.silence_until("the reply", Duration::from_secs(40), agent_final).await;
-    client.silence_until("listening", Duration::from_secs(20), back_to_listening).await;
-    client.close().await;
+impl ServerProcess {
+    async fn start() -> ServerProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let db = temp_dir("bench").join("kotodama.db");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kotodama"))
+            .arg("serve")
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("KOTODAMA_API_KEYS")
+            .env("KOTODAMA_BIND", format!("127.0.0.1:{port}"))
+            .env("KOTODAMA_PROVIDER", "scripted")
+            .env("KOTODAMA_DATABASE_URL", format!("sqlite://{}", db.display()))
+            .env("KOTODAMA_LOG", "warn")
+            .spawn()
+            .unwrap();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let http = reqwest::Client::new();
+        for _ in 0..400 {
+            if http.get(format!("http://{addr}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+                return ServerProcess { child, addr };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the server did not become ready");
+    }
 }
 
-/// Benchmark (BENCHMARKS.md): CPU and memory of N concurrent one-turn sessions over WebRTC, the
-/// WebSocket with Opus and the WebSocket with PCM16 48 kHz, server and in-process clients together.
-/// `cargo test --release --test ws_transport -- --ignored --nocapture cpu_per_session`
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Benchmark (BENCHMARKS.md): **server-only** CPU time and memory of N concurrent one-turn sessions
+/// over WebRTC, the WebSocket with Opus and the WebSocket with PCM16 48 kHz. The server is the
+/// `kotodama` binary in its own process (scripted provider); the clients run here; CPU and RSS are
+/// read from the server's /proc entry, so the clients' own work is not counted.
+/// `cargo test --locked --test ws_transport -- --ignored --nocapture server_cpu_per_session`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
-async fn cpu_per_session_websocket_vs_webrtc() {
+async fn server_cpu_per_session_websocket_vs_webrtc() {
     const N: usize = 8;
     for mode in ["webrtc", "ws-opus", "ws-pcm48"] {
-        let ts = TestServer::start().await;
-        let (cpu0, rss0, t0) = (cpu_time(), rss_kib(), Instant::now());
+        let server = ServerProcess::start().await;
+        let (base, http, pid) = (format!("http://{}", server.addr), reqwest::Client::new(), server.child.id());
+        let (cpu0, rss0) = proc_usage(pid);
+        let t0 = Instant::now();
         let runs = (0..N).map(|_| async {
+            let created = create_session_at(&http, &base, None).await;
+            let (id, token) = id_and_token(&created);
             match mode {
-                "webrtc" => webrtc_turn(&ts).await,
-                "ws-opus" => drop(one_turn(&ts, Format::Opus).await),
-                _ => drop(one_turn(&ts, Format::Pcm(48_000)).await),
+                "webrtc" => {
+                    let offer_url = created["offer_url"].as_str().unwrap();
+                    let mut client = TestClient::connect_to(&base, &http, offer_url, &token).await;
+                    let listening = |e: &Value| e["type"] == "state" && e["state"] == "listening";
+                    client.wait_event("listening", Duration::from_secs(15), listening).await;
+                    client.speak(&question_at(48_000)).await;
+                    client.silence_until("the reply", Duration::from_secs(40), agent_final).await;
+                    client.silence_until("listening", Duration::from_secs(20), back_to_listening).await;
+                    client.close().await;
+                }
+                "ws-opus" => drop(talk(WsClient::connect_to(server.addr, &id, &token, Format::Opus).await).await),
+                _ => drop(talk(WsClient::connect_to(server.addr, &id, &token, Format::Pcm(48_000)).await).await),
             }
         });
-        let rss_peak = Arc::new(Mutex::new(rss0));
+        let peak = Arc::new(Mutex::new(rss0));
         let sampler = {
-            let peak = Arc::clone(&rss_peak);
+            let peak = Arc::clone(&peak);
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let mut p = peak.lock().unwrap();
-                    *p = (*p).max(rss_kib());
+                    *p = (*p).max(proc_usage(pid).1);
                 }
             })
         };
         futures::future::join_all(runs).await;
         sampler.abort();
-        let (cpu, wall) = (cpu_time() - cpu0, t0.elapsed());
+        let (cpu, wall) = (proc_usage(pid).0 - cpu0, t0.elapsed());
         let per_session = cpu.as_secs_f64() / wall.as_secs_f64() / N as f64 * 100.0;
-        let rss = (*rss_peak.lock().unwrap()).saturating_sub(rss0) / N as u64;
+        let rss = (*peak.lock().unwrap()).saturating_sub(rss0) / N as u64;
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         println!(
-            "{mode}: {N} sessions, {wall:.1?} wall, {cpu:.2?} CPU -> {per_session:.2} % of a core per session (server + client), peak RSS +{rss} KiB per session"
+            "{mode}: {N} sessions, {wall:.1?} wall, server {cpu:.2?} CPU = {:.0} ms per session, {per_session:.2} % of a core per session; server peak RSS +{rss} KiB per session; loadavg {}",
+            cpu.as_millis() as f64 / N as f64,
+            load.trim()
         );
     }
 }
@@ -611,4 +669,309 @@ async fn hostile_neko_input_gets_clear_close_codes_and_leaves_other_sessions_alo
     let (heard, want) = (pcm.len() as f64 / 24_000.0, reply.len() as f64 / f64::from(rate));
     assert!((heard - want).abs() <= want * 0.1, "the healthy session heard {heard:.2} s of {want:.2} s");
     assert!(agent_final(&evs));
+}
+
+/// An api-v1 `image` event: a data URL of `bytes` bytes of JPEG (SOI marker, then filler; the
+/// server and the models' fakes check type, base64 and size, not pixels).
+fn image_event(bytes: usize) -> String {
+    use base64::Engine as _;
+    let mut jpeg = vec![0xff, 0xd8, 0xff, 0xe0];
+    jpeg.resize(bytes, 0x11);
+    let url = format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(&jpeg));
+    serde_json::json!({"type": "image", "data": url}).to_string()
+}
+
+fn errors_with(evs: &[Value], code: &str) -> usize {
+    evs.iter().filter(|e| e["type"] == "error" && e["code"] == code).count()
+}
+
+/// A listening WebSocket session on `ts` (PCM16 16 kHz).
+async fn listening(ts: &TestServer) -> WsClient {
+    let (c, _, _) = WsClient::connect(ts, Format::Pcm(16_000)).await;
+    c.wait_event("listening", Duration::from_secs(15), |e| e["type"] == "state" && e["state"] == "listening").await;
+    c
+}
+
+/// Send `n` images of `bytes` each, back to back.
+async fn send_images(c: &mut WsClient, n: usize, bytes: usize) {
+    for _ in 0..n {
+        c.sink.send(Message::text(image_event(bytes))).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_reach_openai_as_input_image_oversized_and_floods_get_errors() {
+    use common::fake_openai::{FakeOpenAi, FakeOptions};
+    let fake = FakeOpenAi::start(FakeOptions::default(), Vec::new()).await;
+    let ts = TestServer::start_openai(&fake.url(), |_| {}).await;
+    let mut c = listening(&ts).await;
+    send_images(&mut c, 1, 20_000).await;
+    let images = || {
+        let conns = fake.conns();
+        let items = conns.first().map(|c| c.of_type("conversation.item.create")).unwrap_or_default();
+        items.into_iter().filter(|i| i["item"]["content"][0]["type"] == "input_image").collect::<Vec<_>>()
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    while images().is_empty() {
+        assert!(Instant::now() < end, "no input_image reached the model; events {:?}", c.events());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let item = &images()[0]["item"];
+    assert_eq!(item["role"], "user");
+    let url = item["content"][0]["image_url"].as_str().unwrap();
+    assert_eq!(url, serde_json::from_str::<Value>(&image_event(20_000)).unwrap()["data"], "the data URL unchanged");
+    // Larger than the 32 KiB limit (but within the message limit): an error, nothing sent.
+    send_images(&mut c, 1, 40_000).await;
+    c.wait_event("image_too_large", Duration::from_secs(5), |e| e["code"] == "image_too_large").await;
+    // A flood: at most one per second passes; the client is told once.
+    send_images(&mut c, 30, 2_000).await;
+    c.wait_event("image_rate_limited", Duration::from_secs(5), |e| e["code"] == "image_rate_limited").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let passed = images().len();
+    assert!(passed < 31, "the flood was limited: {passed} of 31 images reached the model");
+    assert_eq!(errors_with(&c.events(), "image_rate_limited"), 1, "told once");
+    // A message beyond the WebSocket limit still closes with 1009.
+    send_images(&mut c, 1, 60_000).await;
+    let end = Instant::now() + Duration::from_secs(10);
+    while c.inbox.lock().unwrap().close.is_none() {
+        assert!(Instant::now() < end, "no close after a 80 KiB message");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c.inbox.lock().unwrap().close, Some(1009));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_reach_gemini_as_realtime_video() {
+    use common::fake_gemini::{FakeGemini, GOptions};
+    use kotodama::providers::RealtimeProvider;
+    use kotodama::providers::gemini::GeminiProvider;
+    let fake = FakeGemini::start(GOptions::default(), Vec::new()).await;
+    let url = fake.url();
+    let ts = TestServer::start_with_providers(
+        move |c| {
+            c.gemini.url = Some(url);
+            c.gemini.api_key = Some(kotodama::config::Secret::new("test-gemini-key"));
+            c.provider = Some("gemini".into());
+        },
+        |c| vec![Arc::new(GeminiProvider::new(c.gemini.clone())) as Arc<dyn RealtimeProvider>],
+    )
+    .await;
+    let mut c = listening(&ts).await;
+    send_images(&mut c, 1, 10_000).await;
+    let end = Instant::now() + Duration::from_secs(10);
+    let video = loop {
+        let conns = fake.conns();
+        let found =
+            conns.first().and_then(|g| g.received.iter().find_map(|m| m.pointer("/realtimeInput/video").cloned()));
+        if let Some(v) = found {
+            break v;
+        }
+        assert!(Instant::now() < end, "no realtimeInput.video reached Gemini; events {:?}", c.events());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(video["mimeType"], "image/jpeg");
+    let sent = serde_json::from_str::<Value>(&image_event(10_000)).unwrap();
+    let b64 = sent["data"].as_str().unwrap().strip_prefix("data:image/jpeg;base64,").unwrap().to_owned();
+    assert_eq!(video["data"], b64, "the frame's base64, unchanged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_without_images_answers_one_error_and_neko_frames_get_one_status() {
+    // The scripted provider, like the cascade, takes no images.
+    let ts = TestServer::start().await;
+    let mut c = listening(&ts).await;
+    send_images(&mut c, 3, 1_000).await;
+    c.wait_event("images_unsupported", Duration::from_secs(5), |e| e["code"] == "images_unsupported").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(errors_with(&c.events(), "images_unsupported"), 1, "one error for three images");
+    // N.E.K.O. screen frames on the same provider: one `status` with the code.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws/aiko", ts.addr())).await.unwrap();
+    ws.send(Message::text(r#"{"action":"start_session","input_type":"audio"}"#)).await.unwrap();
+    let frame = serde_json::json!({"action": "stream_data", "input_type": "screen",
+        "data": serde_json::from_str::<Value>(&image_event(1_000)).unwrap()["data"]});
+    let mut statuses = Vec::new();
+    let read = async {
+        while let Some(Ok(msg)) = ws.next().await {
+            let Message::Text(t) = msg else { continue };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "session_started" {
+                for _ in 0..3 {
+                    ws.send(Message::text(frame.to_string())).await.unwrap();
+                }
+            }
+            if v["type"] == "status" {
+                statuses.push(v["message"].as_str().unwrap().to_owned());
+                if statuses.iter().any(|s| s.contains("images_unsupported")) {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), read).await.expect("a status for the screen frames");
+    assert_eq!(statuses.iter().filter(|s| s.contains("images_unsupported")).count(), 1, "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_transcripts_get_translations_in_the_users_language() {
+    use common::fake_openai_http::{FakeBehavior, start_fake};
+    let behavior = FakeBehavior {
+        llm_script: vec![(Duration::ZERO, "こんにちは！".into()), (Duration::ZERO, "私はアイコです。".into())],
+        ..Default::default()
+    };
+    let chat = start_fake(behavior).await;
+    let chat_url = chat.url();
+    let ts = TestServer::start_with(|c| {
+        c.translation.url = Some(chat_url);
+        c.translation.api_key = Some(kotodama::config::Secret::new("sk-translate"));
+    })
+    .await;
+    let mut c = listening(&ts).await;
+    c.sink.send(Message::text(r#"{"type":"session.update","language":"ja"}"#)).await.unwrap();
+    c.sink.send(Message::text(r#"{"type":"text","text":"Who are you?"}"#)).await.unwrap();
+    let tr = c
+        .wait_event("transcript.translation", Duration::from_secs(30), |e| e["type"] == "transcript.translation")
+        .await;
+    assert_eq!((tr["role"].as_str(), tr["language"].as_str()), (Some("agent"), Some("ja")));
+    assert_eq!(tr["text"], "こんにちは！私はアイコです。");
+    let evs = c.events();
+    let final_item = evs
+        .iter()
+        .find(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
+        .map(|e| e["item_id"].clone());
+    assert_eq!(final_item, Some(tr["item_id"].clone()), "the translation names the final transcript's item");
+    // The chat endpoint was asked to translate that text, with the key.
+    let log = chat.log();
+    let asked = &log.llm[0].1;
+    let final_text =
+        evs.iter().find(|e| e["type"] == "transcript" && e["final"] == true && e["role"] == "agent").unwrap()["text"]
+            .clone();
+    assert_eq!(asked["messages"][1]["content"], final_text);
+    assert!(asked["messages"][0]["content"].as_str().unwrap().contains("`ja`"), "{asked}");
+    assert!(log.auth.iter().all(|a| a == "Bearer sk-translate"), "{:?}", log.auth);
+    assert_eq!(errors_with(&evs, "translation_unavailable"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_translation_endpoint_the_client_gets_one_notice() {
+    let ts = TestServer::start().await;
+    let mut c = listening(&ts).await;
+    for lang in ["ja", "de", "en-GB"] {
+        let msg = serde_json::json!({"type": "session.update", "language": lang}).to_string();
+        c.sink.send(Message::text(msg)).await.unwrap();
+    }
+    c.sink.send(Message::text(r#"{"type":"text","text":"Who are you?"}"#)).await.unwrap();
+    c.wait_event("the reply", Duration::from_secs(30), |e| {
+        e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let evs = c.events();
+    assert_eq!(errors_with(&evs, "translation_unavailable"), 1, "one notice: {evs:?}");
+    assert!(!evs.iter().any(|e| e["type"] == "transcript.translation"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_playback_report_sets_played_ms_of_the_cut() {
+    let ts = TestServer::start().await;
+    let mut c = listening(&ts).await;
+    c.sink.send(Message::text(r#"{"type":"text","text":"Who are you?"}"#)).await.unwrap();
+    let speaking = |e: &Value| e["type"] == "state" && e["state"] == "speaking";
+    c.wait_event("speaking", Duration::from_secs(15), speaking).await;
+    // Wait until a second of the reply has arrived, then say only 200 ms of it was played.
+    let end = Instant::now() + Duration::from_secs(20);
+    while c.inbox.lock().unwrap().pcm.len() < 16_000 {
+        assert!(Instant::now() < end, "no second of the reply");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let item =
+        c.events().iter().rev().find(|e| e["type"] == "transcript" && e["role"] == "agent").unwrap()["item_id"].clone();
+    let report = serde_json::json!({"type": "playback", "item_id": item, "played_ms": 200}).to_string();
+    c.sink.send(Message::text(report)).await.unwrap();
+    c.sink.send(Message::text(r#"{"type":"interrupt"}"#)).await.unwrap();
+    let cut = c.wait_event("agent.interrupted", Duration::from_secs(5), |e| e["type"] == "agent.interrupted").await;
+    let received_ms = c.inbox.lock().unwrap().pcm.len() as u64 * 1000 / 16_000;
+    let played = cut["played_ms"].as_u64().unwrap();
+    assert_eq!(cut["item_id"], item);
+    // The report plus the moment between the two messages, far below the >= 1 s sent.
+    assert!(played >= 200 && played < received_ms / 2, "played_ms {played}; {received_ms} ms were sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_user_text_is_translated_before_a_text_only_model_where_configured() {
+    use common::fake_openai_http::{FakeBehavior, start_fake};
+    use kotodama::providers::RealtimeProvider;
+    use kotodama::providers::cascade::openai::{Endpoint, OpenAiChat, OpenAiSpeech, OpenAiStt, client};
+    use kotodama::providers::cascade::{CascadeConfig, CascadeProvider};
+    // The translator answers with the English question; the cascade's model with its reply.
+    let chat =
+        start_fake(FakeBehavior { llm_script: vec![(Duration::ZERO, "Who are you?".into())], ..Default::default() })
+            .await;
+    let model = start_fake(FakeBehavior {
+        llm_script: vec![(Duration::ZERO, "I am Aiko, nice to meet you.".into())],
+        ..Default::default()
+    })
+    .await;
+    let ep = Endpoint::new(&model.url(), "test-model");
+    let c = client();
+    let cascade = CascadeConfig {
+        name: "cascade".into(),
+        stt: vec![Arc::new(OpenAiStt::new(ep.clone(), c.clone(), None)) as _],
+        llm: vec![Arc::new(OpenAiChat::new(ep.clone(), c.clone())) as _],
+        tts: vec![Arc::new(OpenAiSpeech::new(ep, c)) as _],
+        token_budget: 2000,
+        max_reply_tokens: 200,
+    };
+    let provider = Arc::new(CascadeProvider::new(cascade).unwrap()) as Arc<dyn RealtimeProvider>;
+    let chat_url = chat.url();
+    let ts = TestServer::start_with_providers(
+        move |c| {
+            c.provider = Some("cascade".into());
+            c.translation.url = Some(chat_url);
+            c.translation.user_text = true;
+        },
+        move |_| vec![provider],
+    )
+    .await;
+    let mut c = listening(&ts).await;
+    c.sink.send(Message::text(r#"{"type":"session.update","language":"ja"}"#)).await.unwrap();
+    c.sink.send(Message::text(r#"{"type":"text","text":"あなたは誰ですか？"}"#)).await.unwrap();
+    c.wait_event("the reply", Duration::from_secs(30), |e| {
+        e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true
+    })
+    .await;
+    // The translator was asked first, from ja into the character's en-US ...
+    let asked = chat.log().llm[0].1.clone();
+    assert_eq!(asked["messages"][1]["content"], "あなたは誰ですか？");
+    assert!(asked["messages"][0]["content"].as_str().unwrap().contains("from the language tagged `ja`"), "{asked}");
+    // ... and the model got its English, not the Japanese.
+    let prompt = model.log().llm[0].1.clone();
+    let last = prompt["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!((last["role"].as_str(), last["content"].as_str()), (Some("user"), Some("Who are you?")), "{prompt}");
+    // The typed turn is stored as typed.
+    let evs = c.events();
+    assert!(!evs.iter().any(|e| e["type"] == "error" && e["code"] == "busy"), "{evs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_on_the_data_channel_reaches_openai() {
+    use common::fake_openai::{FakeOpenAi, FakeOptions};
+    let fake = FakeOpenAi::start(FakeOptions::default(), Vec::new()).await;
+    let ts = TestServer::start_openai(&fake.url(), |_| {}).await;
+    let (_, token, offer_url) = ts.create_session().await;
+    let client = TestClient::connect(&ts, &offer_url, &token).await;
+    let listening = |e: &Value| e["type"] == "state" && e["state"] == "listening";
+    client.wait_event("listening", Duration::from_secs(15), listening).await;
+    // 30 KB of JPEG: a 40 KB message, over the 16 KiB of other events, within one SCTP message.
+    client.send_text(&image_event(30_000)).await;
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let items = fake.conns().first().map(|c| c.of_type("conversation.item.create")).unwrap_or_default();
+        if let Some(i) = items.iter().find(|i| i["item"]["content"][0]["type"] == "input_image") {
+            assert!(i["item"]["content"][0]["image_url"].as_str().unwrap().starts_with("data:image/jpeg;base64,/9j/"));
+            break;
+        }
+        assert!(Instant::now() < end, "no input_image from the data channel; events {:?}", client.events());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!client.events().iter().any(|e| e["type"] == "error"), "{:?}", client.events());
 }

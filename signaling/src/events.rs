@@ -21,8 +21,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Version of the data-channel protocol, sent as `protocol` in `session.ready`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Largest client message accepted, in bytes (16 KiB). Checked before any parsing.
+/// Largest client message accepted, in bytes (16 KiB). Checked before any parsing; only an
+/// `image` message may be larger, up to [`MAX_IMAGE_MESSAGE`].
 pub const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
+
+/// Largest `image` client message, in bytes (63 KiB: it fits one 64 KiB data-channel message,
+/// the SCTP limit the server announces, and one WebSocket message). The image inside is limited
+/// further by the server (decoded bytes, rate).
+pub const MAX_IMAGE_MESSAGE: usize = 63 * 1024;
 
 /// Server -> client events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -159,6 +165,20 @@ pub enum ServerEvent {
         /// Its status as the agent reports it (e.g. `completed`, `failed`).
         status: String,
     },
+    /// A translation of a final transcript for subtitles (extension, issue 15): sent after the
+    /// `transcript` with `final: true` of `item_id` when the user's language differs from the
+    /// character's and a translation endpoint is configured (`[translation]`).
+    #[serde(rename = "transcript.translation")]
+    TranscriptTranslation {
+        /// Whose words (today: the agent's).
+        role: Role,
+        /// The item of the final transcript translated.
+        item_id: String,
+        /// The translated text.
+        text: String,
+        /// The language translated into (BCP 47 tag, e.g. `ja`): the user's.
+        language: String,
+    },
     /// The session reached one of its budgets (extension): model tokens, session time or tool
     /// calls, per session or per user per day. With `action` `end` the session ends next
     /// (`session.ended {reason: "budget_exceeded"}`); with `degrade` it stays connected but the
@@ -214,6 +234,7 @@ impl ServerEvent {
             ServerEvent::Gesture { .. } => "gesture",
             ServerEvent::AgentNotification { .. } => "agent_notification",
             ServerEvent::BudgetExceeded { .. } => "budget.exceeded",
+            ServerEvent::TranscriptTranslation { .. } => "transcript.translation",
         }
     }
 
@@ -234,6 +255,7 @@ impl ServerEvent {
         "agent_notification",
         "moderation",
         "budget.exceeded",
+        "transcript.translation",
     ];
 
     /// One JSON object, ready to send as a data-channel text message.
@@ -263,11 +285,29 @@ pub enum ClientEvent {
     /// Liveness check; the server answers `pong`.
     #[serde(rename = "ping")]
     Ping,
+    /// A screen or camera frame for models that take images (extension, issue 15): a data URL
+    /// `data:image/jpeg;base64,...` or `data:image/png;base64,...`. The message may be up to
+    /// [`MAX_IMAGE_MESSAGE`] bytes; the server limits the image's size and rate and answers an
+    /// `error` (`images_unsupported` once, `image_too_large`, `bad_image`,
+    /// `image_rate_limited`) when it drops one.
+    #[serde(rename = "image")]
+    Image {
+        /// The image as a data URL.
+        data: String,
+    },
+    /// Session settings the client may change (extension, issue 15). Absent fields are unchanged.
+    #[serde(rename = "session.update")]
+    SessionUpdate {
+        /// The user's language (BCP 47 tag, e.g. `ja`, `en-US`): agent transcripts get a
+        /// `transcript.translation` into it when it differs from the character's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        language: Option<String>,
+    },
 }
 
 impl ClientEvent {
     /// Every client `type` this schema knows.
-    pub const TYPES: &'static [&'static str] = &["text", "interrupt", "ping"];
+    pub const TYPES: &'static [&'static str] = &["text", "interrupt", "ping", "image", "session.update"];
 
     /// The wire `type` of this event.
     pub fn type_name(&self) -> &'static str {
@@ -275,6 +315,8 @@ impl ClientEvent {
             ClientEvent::Text { .. } => "text",
             ClientEvent::Interrupt => "interrupt",
             ClientEvent::Ping => "ping",
+            ClientEvent::Image { .. } => "image",
+            ClientEvent::SessionUpdate { .. } => "session.update",
         }
     }
 
@@ -349,8 +391,8 @@ impl EventError {
 ///
 /// Unknown extra fields on known types are ignored (forward compatibility).
 pub fn parse_client_message(bytes: &[u8]) -> Result<Option<ClientEvent>, EventError> {
-    if bytes.len() > MAX_CLIENT_MESSAGE {
-        return Err(EventError::TooLarge { len: bytes.len(), limit: MAX_CLIENT_MESSAGE });
+    if bytes.len() > MAX_IMAGE_MESSAGE {
+        return Err(EventError::TooLarge { len: bytes.len(), limit: MAX_IMAGE_MESSAGE });
     }
     let text = std::str::from_utf8(bytes).map_err(|_| EventError::NotUtf8)?;
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| EventError::NotJson(e.to_string()))?;
@@ -360,6 +402,9 @@ pub fn parse_client_message(bytes: &[u8]) -> Result<Option<ClientEvent>, EventEr
         Some(serde_json::Value::String(kind)) => kind.clone(),
         Some(_) => return Err(EventError::TypeNotString),
     };
+    if bytes.len() > MAX_CLIENT_MESSAGE && kind != "image" {
+        return Err(EventError::TooLarge { len: bytes.len(), limit: MAX_CLIENT_MESSAGE });
+    }
     if !ClientEvent::TYPES.contains(&kind.as_str()) {
         return Ok(None);
     }

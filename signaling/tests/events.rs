@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use signaling::events::{
-    AgentState, ClientEvent, Emotion, EventError, MAX_CLIENT_MESSAGE, PROTOCOL_VERSION, Role, ServerEvent, Viseme,
-    parse_client_message,
+    AgentState, ClientEvent, Emotion, EventError, MAX_CLIENT_MESSAGE, MAX_IMAGE_MESSAGE, PROTOCOL_VERSION, Role,
+    ServerEvent, Viseme, parse_client_message,
 };
 
 fn fixture_dir(direction: &str) -> PathBuf {
@@ -65,11 +65,23 @@ fn server_samples() -> Vec<ServerEvent> {
             unit: "tokens".into(),
             action: "end".into(),
         },
+        ServerEvent::TranscriptTranslation {
+            role: Role::Agent,
+            item_id: "item_7".into(),
+            text: "こんにちは！何かお手伝いしましょうか？".into(),
+            language: "ja".into(),
+        },
     ]
 }
 
 fn client_samples() -> Vec<ClientEvent> {
-    vec![ClientEvent::Text { text: "What is the weather like?".into() }, ClientEvent::Interrupt, ClientEvent::Ping]
+    vec![
+        ClientEvent::Text { text: "What is the weather like?".into() },
+        ClientEvent::Interrupt,
+        ClientEvent::Ping,
+        ClientEvent::Image { data: "data:image/png;base64,iVBORw0KGgo=".into() },
+        ClientEvent::SessionUpdate { language: Some("ja".into()) },
+    ]
 }
 
 #[test]
@@ -197,11 +209,11 @@ fn malformed_client_messages_get_specific_codes() {
 
 #[test]
 fn oversized_message_is_rejected_before_parsing() {
-    // Garbage past the limit: must be TooLarge, not NotJson, proving size is checked first.
-    let big = vec![b'x'; MAX_CLIENT_MESSAGE + 1];
+    // Garbage past the image limit: must be TooLarge, not NotJson, proving size is checked first.
+    let big = vec![b'x'; MAX_IMAGE_MESSAGE + 1];
     assert_eq!(
         parse_client_message(&big),
-        Err(EventError::TooLarge { len: MAX_CLIENT_MESSAGE + 1, limit: MAX_CLIENT_MESSAGE })
+        Err(EventError::TooLarge { len: MAX_IMAGE_MESSAGE + 1, limit: MAX_IMAGE_MESSAGE })
     );
     assert_eq!(parse_client_message(&big).map_err(|e| e.code()), Err("message_too_large"));
     // Exactly at the limit is parsed.
@@ -209,6 +221,14 @@ fn oversized_message_is_rejected_before_parsing() {
     let at_limit = format!(r#"{{"type":"text","text":"{}"}}"#, "a".repeat(pad));
     assert_eq!(at_limit.len(), MAX_CLIENT_MESSAGE);
     assert!(matches!(parse_client_message(at_limit.as_bytes()), Ok(Some(ClientEvent::Text { .. }))));
+    // One byte more is too large for anything but an image.
+    let over = format!(r#"{{"type":"text","text":"{}"}}"#, "a".repeat(pad + 1));
+    assert_eq!(
+        parse_client_message(over.as_bytes()),
+        Err(EventError::TooLarge { len: MAX_CLIENT_MESSAGE + 1, limit: MAX_CLIENT_MESSAGE })
+    );
+    let image = format!(r#"{{"type":"image","data":"data:image/jpeg;base64,{}"}}"#, "A".repeat(40 * 1024));
+    assert!(matches!(parse_client_message(image.as_bytes()), Ok(Some(ClientEvent::Image { .. }))));
 }
 
 #[test]

@@ -196,6 +196,8 @@ pub struct Config {
     pub recording: RecordingSettings,
     /// Node heartbeats and placement of new sessions in a cluster (`[cluster]`, `KOTODAMA_CLUSTER_*`).
     pub cluster: ClusterSettings,
+    /// Subtitles in the user's language (`[translation]`, `KOTODAMA_TRANSLATION_*`).
+    pub translation: crate::translation::TranslationSettings,
 }
 
 impl Default for Config {
@@ -232,6 +234,7 @@ impl Default for Config {
             budget: budget::BudgetLimits::default(),
             recording: RecordingSettings::default(),
             cluster: ClusterSettings::default(),
+            translation: Default::default(),
         }
     }
 }
@@ -286,6 +289,7 @@ impl Config {
             &self.budget,
             &self.recording,
             &self.cluster,
+            &self.translation,
         ]
     }
 
@@ -309,6 +313,7 @@ impl Config {
             &mut self.budget,
             &mut self.recording,
             &mut self.cluster,
+            &mut self.translation,
         ]
     }
 

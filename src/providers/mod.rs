@@ -204,6 +204,9 @@ pub enum ProviderCommand {
         /// (as LiveKit's `truncate(..., audio_transcript)`).
         heard: String,
     },
+    /// A screen or camera frame for a provider that takes images ([`Capabilities::images`];
+    /// checked and rate-limited by the session, [`crate::image`]). Others ignore it.
+    Image(crate::image::ImageFrame),
     /// Add turns to the model's context without answering (used when a pre-opened session takes
     /// over and turns happened after its history was taken).
     AppendHistory(Vec<HistoryItem>),

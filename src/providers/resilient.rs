@@ -469,7 +469,7 @@ impl Supervisor {
                 }
                 return;
             }
-            ProviderCommand::Close | ProviderCommand::AppendHistory(_) => {}
+            ProviderCommand::Close | ProviderCommand::AppendHistory(_) | ProviderCommand::Image(_) => {}
         }
         match &self.live {
             Some(live) => {

@@ -241,7 +241,7 @@ async fn run(
                         reply = Some(ReplyState::new(
                             format!("{session_id}-agent-{turn_no}"), idx, config.response_delay));
                     }
-                    ProviderCommand::SpeechStarted | ProviderCommand::Restart => {}
+                    ProviderCommand::SpeechStarted | ProviderCommand::Restart | ProviderCommand::Image(_) => {}
                     ProviderCommand::Cancel => {
                         if let Some(rec) = &recorder { rec.lock().cancels += 1; }
                         if let Some(r) = reply.take() {

@@ -251,6 +251,13 @@ pub enum RecInput {
         /// The edge.
         voice: String,
     },
+    /// [`Input::ClientPlayback`].
+    ClientPlayback {
+        /// The agent item playing.
+        item_id: String,
+        /// Milliseconds of it the client played.
+        played_ms: u64,
+    },
     /// [`Input::UserText`].
     UserText {
         /// The typed turn.
@@ -432,6 +439,13 @@ pub enum RecCommand {
     Restart,
     /// [`ProviderCommand::Close`].
     Close,
+    /// [`ProviderCommand::Image`], summarised (the image itself is not recorded).
+    Image {
+        /// `image/jpeg` or `image/png`.
+        mime_type: String,
+        /// Length of its base64, bytes.
+        base64_len: usize,
+    },
 }
 
 /// An [`Output`] of the core (audio frames without their payload).
@@ -532,6 +546,9 @@ impl RecInput {
                 }
                 .to_owned(),
             },
+            Input::ClientPlayback { item_id, played } => {
+                RecInput::ClientPlayback { item_id: item_id.clone(), played_ms: ms(*played) }
+            }
             Input::UserText(text) => RecInput::UserText { text: text.clone() },
             Input::AgentResult(r) => RecInput::AgentResult {
                 text: r.text.clone(),
@@ -569,6 +586,9 @@ impl RecInput {
                 "end_turn" => ClientVoice::EndTurn,
                 other => return Err(format!("unknown client voice edge `{other}`")),
             }),
+            RecInput::ClientPlayback { item_id, played_ms } => {
+                Input::ClientPlayback { item_id: item_id.clone(), played: Duration::from_millis(*played_ms) }
+            }
             RecInput::UserText { text } => Input::UserText(text.clone()),
             RecInput::AgentResult { text, source, status, speak_now } => Input::AgentResult(AgentResult {
                 text: text.clone(),
@@ -695,6 +715,7 @@ impl RecCommand {
                     .collect(),
             },
             ProviderCommand::Restart => Self::Restart,
+            ProviderCommand::Image(i) => Self::Image { mime_type: i.mime_type.to_owned(), base64_len: i.base64.len() },
             ProviderCommand::Close => Self::Close,
         }
     }
@@ -704,6 +725,7 @@ impl RecCommand {
     pub fn to_command(&self) -> Result<ProviderCommand, String> {
         Ok(match self.clone() {
             Self::AppendAudio { .. } => return Err("a refused append_audio cannot be replayed".into()),
+            Self::Image { .. } => return Err("a refused image cannot be replayed".into()),
             Self::SpeechStarted => ProviderCommand::SpeechStarted,
             Self::CommitTurn => ProviderCommand::CommitTurn,
             Self::Text { text } => ProviderCommand::Text(text),

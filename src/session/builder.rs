@@ -64,6 +64,8 @@ pub(crate) struct SessionBuilder {
     live_users: std::sync::Mutex<HashMap<String, std::sync::Weak<super::budget::UserTokens>>>,
     /// Where recorded sessions go (`None`: the store could not be opened; nothing is recorded).
     recordings: Option<Arc<Recordings>>,
+    /// Subtitles in the user's language (`None`: no `[translation]` endpoint).
+    translator: Option<Arc<crate::translation::Translator>>,
 }
 
 impl SessionBuilder {
@@ -101,7 +103,9 @@ impl SessionBuilder {
         let recordings = Recordings::open(&config.recording)
             .map_err(|e| tracing::error!(error = %e, "recording store unavailable; sessions are not recorded"))
             .ok();
+        let translator = crate::translation::Translator::new(&config.translation);
         Self {
+            translator,
             config,
             providers,
             peer_settings,
@@ -355,6 +359,11 @@ impl SessionBuilder {
             uplink_hist: metrics::histogram!(crate::telemetry::UPLINK_LATENCY),
             memory: self.memory_of(shared).map(|(memory, owner)| (memory, owner, character.name.clone())),
             recorder,
+            translation: crate::translation::SessionTranslation::new(
+                self.translator.clone(),
+                &shared.id,
+                &character.language,
+            ),
         }
     }
 

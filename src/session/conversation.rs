@@ -122,6 +122,14 @@ pub enum Input {
     },
     /// The client's own VAD edge or end of turn.
     ClientVoice(super::link::ClientVoice),
+    /// The client's playback progress of an agent item (a WebSocket client plays from its own
+    /// buffer): a barge-in cuts at what it played by now, not at what was sent.
+    ClientPlayback {
+        /// The agent item playing.
+        item_id: String,
+        /// How much of it the client has played.
+        played: Duration,
+    },
     /// A typed user turn from outside the client (admin API, another node).
     UserText(String),
     /// An external agent's result: told to the client, put in the model's context.
@@ -318,6 +326,11 @@ pub struct Conversation {
     provider_heard: bool,
     /// Deadlines missed in a row with nothing heard from the provider.
     silent_deadlines: u32,
+    /// Client images: one per second passes ([`crate::image`]); the client was told of drops.
+    images: crate::image::ImageGate,
+    images_told: bool,
+    /// The client's last playback report: (item, played, when reported).
+    client_played: Option<(String, Duration, Duration)>,
 }
 
 impl Conversation {
@@ -360,6 +373,9 @@ impl Conversation {
             provider_wait: cfg_start.map(ProviderWait::Ready),
             provider_heard: false,
             silent_deadlines: 0,
+            images: crate::image::ImageGate::default(),
+            images_told: false,
+            client_played: None,
         }
     }
 
@@ -395,6 +411,7 @@ impl Conversation {
             Input::UserText(text) => self.user_text(text),
             Input::AgentResult(r) => self.agent_result(r),
             Input::ClientVoice(v) => self.on_client_voice(v),
+            Input::ClientPlayback { item_id, played } => self.client_played = Some((item_id, played, self.now)),
             Input::Provider(ev) => self.on_provider_event(ev),
             Input::Refused(cmd) => self.on_refused(cmd),
             Input::Timeout => self.on_timeout(),
@@ -815,7 +832,35 @@ impl Conversation {
                 }
             }
             Some(ClientEvent::Text { text }) => self.user_text(text),
+            Some(ClientEvent::Image { data }) => self.image(&data),
             Some(_) | None => {}
+        }
+    }
+
+    /// A client's screen or camera frame: to a provider that takes images, checked and at most
+    /// one per second ([`crate::image`]). A provider without images, and the first frame dropped
+    /// by the rate limit, get one `error` each (`images_unsupported`, `image_rate_limited`); a
+    /// bad or oversized frame gets `bad_image` / `image_too_large` every time.
+    fn image(&mut self, data_url: &str) {
+        if !self.cfg.caps.images {
+            if !std::mem::replace(&mut self.images_told, true) {
+                let message = format!("the `{}` provider does not take images; they are dropped", self.cfg.provider);
+                self.event(ServerEvent::Error { code: "images_unsupported".into(), message });
+            }
+            return;
+        }
+        let image = match crate::image::ImageFrame::from_data_url(data_url) {
+            Ok(image) => image,
+            Err(e) => return self.event(ServerEvent::Error { code: e.code().into(), message: e.to_string() }),
+        };
+        if self.images.admit(self.now) {
+            self.command(ProviderCommand::Image(image));
+        } else if !std::mem::replace(&mut self.images_told, true) {
+            let message = format!(
+                "at most one image per {} ms reaches the model; the others are dropped",
+                crate::image::MIN_IMAGE_INTERVAL.as_millis()
+            );
+            self.event(ServerEvent::Error { code: "image_rate_limited".into(), message });
         }
     }
 
@@ -860,7 +905,10 @@ impl Conversation {
     /// Cut the agent off: the client is told, the provider told what was heard, the turn recorded.
     fn interrupt(&mut self, cut: Option<Interruption>, reason: InterruptReason) {
         let item = match (cut, &self.agent_item) {
-            (Some(c), _) => Some((c.item_id, c.played)),
+            (Some(c), _) => {
+                let played = self.played_by_client(&c.item_id, c.played);
+                Some((c.item_id, played))
+            }
             (None, Some(item)) => Some((item.clone(), Duration::ZERO)),
             (None, None) => None,
         };
@@ -885,6 +933,15 @@ impl Conversation {
         self.response_done = false;
         self.pending = None;
         self.set_state(AgentState::Listening);
+    }
+
+    /// What the client played of `item_id` by now: its last report plus the time since (it
+    /// kept playing), never more than `sent`; `sent` without a report of that item.
+    fn played_by_client(&self, item_id: &str, sent: Duration) -> Duration {
+        match &self.client_played {
+            Some((item, played, at)) if item == item_id => (*played + (self.now - *at)).min(sent),
+            _ => sent,
+        }
     }
 
     // --- the provider ---

@@ -834,3 +834,77 @@ fn a_provider_that_is_alive_but_does_not_answer_gives_up_the_turn_without_a_rest
     h.advance(REPLY_TIMEOUT);
     assert_eq!(h.ended, Some(EndReason::ProviderError));
 }
+
+fn image_url(bytes: usize) -> String {
+    use base64::Engine as _;
+    format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(vec![0xd8; bytes]))
+}
+
+fn error_count(h: &Harness, code: &str) -> usize {
+    h.events.iter().filter(|e| matches!(e, ServerEvent::Error { code: c, .. } if c == code)).count()
+}
+
+fn images_sent(h: &Harness) -> usize {
+    h.sent.iter().filter(|c| matches!(c, ProviderCommand::Image(_))).count()
+}
+
+#[test]
+fn images_reach_a_provider_that_takes_them_checked_and_at_most_one_per_second() {
+    let mut cfg = config(None, None);
+    cfg.caps.images = true;
+    let mut h = Harness::ready(cfg);
+    let image = |h: &mut Harness, bytes| h.input(Input::Client(Some(ClientEvent::Image { data: image_url(bytes) })));
+    image(&mut h, 20_000);
+    assert_eq!(images_sent(&h), 1, "{:?}", h.sent.iter().map(std::mem::discriminant).collect::<Vec<_>>());
+    // A flood within the second: dropped, the client told once.
+    for _ in 0..20 {
+        h.now += Duration::from_millis(10);
+        image(&mut h, 1000);
+    }
+    assert_eq!(images_sent(&h), 1);
+    assert_eq!(error_count(&h, "image_rate_limited"), 1);
+    h.now += Duration::from_secs(1);
+    image(&mut h, 1000);
+    assert_eq!(images_sent(&h), 2, "the next second lets one through");
+    // Oversized and malformed frames are refused every time, with their own codes.
+    h.now += Duration::from_secs(1);
+    image(&mut h, crate::image::MAX_IMAGE_BYTES + 1);
+    h.input(Input::Client(Some(ClientEvent::Image { data: "data:image/gif;base64,R0lG".into() })));
+    assert_eq!((error_count(&h, "image_too_large"), error_count(&h, "bad_image")), (1, 1));
+    assert_eq!(images_sent(&h), 2);
+}
+
+#[test]
+fn a_provider_without_images_gets_none_and_the_client_one_error() {
+    let mut h = Harness::ready(config(None, None));
+    for i in 0..5 {
+        h.now += Duration::from_secs(2 * i);
+        h.input(Input::Client(Some(ClientEvent::Image { data: image_url(1000) })));
+    }
+    assert_eq!(images_sent(&h), 0);
+    assert_eq!(error_count(&h, "images_unsupported"), 1, "{:?}", h.events);
+}
+
+#[test]
+fn client_playback_progress_cuts_played_ms_and_the_truncation_where_the_client_was() {
+    let mut h = Harness::ready(config(None, None));
+    h.agent_reply("item_1", REPLY, 8_000, false);
+    h.advance(Duration::from_millis(2_000));
+    // The client buffers ahead: it has played 1.2 s when the server has sent ~2 s.
+    let played = Duration::from_millis(1_200);
+    h.input(Input::ClientPlayback { item_id: "item_1".into(), played });
+    h.advance(Duration::from_millis(100));
+    h.input(Input::Client(Some(ClientEvent::Interrupt)));
+    let cut = h.interrupted();
+    assert_eq!(cut, vec![("item_1".to_owned(), 1_300)], "its report plus the 100 ms since");
+    assert_eq!(h.truncations()[0].1, Duration::from_millis(1_300), "the model is cut there too");
+
+    // A report of another item, or one beyond what was sent, does not move the cut past the frames.
+    let mut h = Harness::ready(config(None, None));
+    h.agent_reply("item_2", REPLY, 8_000, false);
+    h.advance(Duration::from_millis(1_000));
+    h.input(Input::ClientPlayback { item_id: "item_2".into(), played: Duration::from_secs(30) });
+    h.input(Input::Client(Some(ClientEvent::Interrupt)));
+    let (_, played_ms) = h.interrupted()[0].clone();
+    assert!((900..=1_200).contains(&played_ms), "at most what was sent: {played_ms}");
+}

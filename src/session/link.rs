@@ -21,8 +21,9 @@
 //!   taking PCM after its decoder) and the playout be built for the link's output format, saving
 //!   one encode and one decode per 20 ms.
 //! - **Played progress reported by the client** (a WebSocket client plays from its own buffer, so
-//!   the server cannot know what was heard): a link variant of [`LinkEvent`] carries the client's
-//!   playback position and the core uses it instead of frames sent for `played` and the heard text.
+//!   the server cannot know what was heard): done as [`LinkEvent::Playback`] ->
+//!   `conversation::Input::ClientPlayback`; the core cuts `played` there (the heard text still
+//!   follows the frames sent).
 //! - **Dialects with their own ids** (item ids, response ids, event ids): an [`EventCodec`] is
 //!   stateful (`&mut self`) and may write zero or several wire messages for one [`ServerEvent`], so
 //!   it can number events, open and close responses and map our item ids to its own.
@@ -101,6 +102,14 @@ pub enum LinkEvent {
     BadMessage(EventError),
     /// The client's own voice activity or end of turn.
     Voice(ClientVoice),
+    /// The client's playback progress of an agent item (a WebSocket client playing from its own
+    /// buffer reports it): barge-in cuts there (`agent.interrupted.played_ms`, truncation).
+    Playback {
+        /// The agent item playing.
+        item_id: String,
+        /// How much of it the client has played.
+        played: Duration,
+    },
     /// Media is flowing (WebRTC: the peer connection is connected).
     Connected,
     /// The client is gone; the session ends with this reason.

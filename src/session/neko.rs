@@ -18,8 +18,13 @@
 //! | `pong` | `pong` |
 //! | `session.ended {reason}` | `session_ended_by_server {reason}` |
 //!
-//! Client actions decoded here: `stream_data {input_type:"text", data}` (a typed turn) and `ping`;
-//! the socket reader handles `stream_data` audio and images, `end_session` and unknown actions.
+//! Client actions decoded here: `stream_data {input_type:"text", data}` (a typed turn),
+//! `stream_data {input_type:"screen"|"camera", data: "data:image/jpeg;base64,..."}` (an api-v1
+//! `image`: to models that take images, else one `status` `images_unsupported`),
+//! `language_update {language}` and `start_session {language}` (the user's language, api-v1
+//! `session.update`: agent text is then translated for it, [`crate::translation`]) and `ping`;
+//! the socket reader handles `stream_data` audio, `end_session` and unknown actions.
+//! N.E.K.O. has no message for a translation, so `transcript.translation` is not sent to it.
 
 use serde_json::{Value, json};
 use signaling::events::{ClientEvent, EventError, Role, ServerEvent};
@@ -104,6 +109,13 @@ impl EventCodec for NekoCodec {
         let v: Value = serde_json::from_slice(msg).map_err(|e| EventError::NotJson(e.to_string()))?;
         Ok(match (v["action"].as_str(), v["input_type"].as_str(), &v["data"]) {
             (Some("stream_data"), Some("text"), Value::String(text)) => Some(ClientEvent::Text { text: text.clone() }),
+            (Some("stream_data"), Some("screen" | "camera"), Value::String(data)) => {
+                Some(ClientEvent::Image { data: data.clone() })
+            }
+            (Some("language_update" | "start_session"), _, _) => {
+                let language = v["language"].as_str().or(v["data"]["language"].as_str());
+                language.map(|l| ClientEvent::SessionUpdate { language: Some(l.to_owned()) })
+            }
             (Some("ping"), _, _) => Some(ClientEvent::Ping),
             _ => None,
         })
@@ -156,5 +168,10 @@ mod tests {
         assert_eq!(c.decode(text).unwrap(), Some(ClientEvent::Text { text: "hello".into() }));
         assert_eq!(c.decode(br#"{"action":"ping"}"#).unwrap(), Some(ClientEvent::Ping));
         assert_eq!(c.decode(br#"{"action":"voice_play_start"}"#).unwrap(), None);
+        let screen = br#"{"action":"stream_data","input_type":"screen","data":"data:image/jpeg;base64,/9j/"}"#;
+        assert_eq!(c.decode(screen).unwrap(), Some(ClientEvent::Image { data: "data:image/jpeg;base64,/9j/".into() }));
+        let lang = br#"{"action":"language_update","language":"ja"}"#;
+        assert_eq!(c.decode(lang).unwrap(), Some(ClientEvent::SessionUpdate { language: Some("ja".into()) }));
+        assert_eq!(c.decode(br#"{"action":"start_session","input_type":"audio"}"#).unwrap(), None);
     }
 }

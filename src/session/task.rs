@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use signaling::events::ServerEvent;
+use signaling::events::{ClientEvent, ServerEvent};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
@@ -40,6 +40,8 @@ pub(crate) struct SessionTask<L: ClientLink> {
     pub memory: Option<(Arc<crate::memory::Memory>, crate::memory::Owner, String)>,
     /// Records every input and output of the core when the session is recorded.
     pub recorder: Option<crate::recording::Recorder>,
+    /// Subtitles in the user's language: final agent transcripts translated off the task.
+    pub translation: crate::translation::SessionTranslation,
 }
 
 /// IO counters of the task, exported as deltas.
@@ -106,6 +108,16 @@ impl<L: ClientLink> SessionTask<L> {
                     Some(ev) => self.input(Input::Provider(ev), &mut counters).await,
                     None => break EndReason::ProviderError,
                 },
+                tr = self.translation.next() => match tr {
+                    crate::translation::Translated::Event(ev) => {
+                        self.link.send_event(&ev).await;
+                        Drained::default()
+                    }
+                    crate::translation::Translated::UserText(text) => {
+                        self.to_provider(ProviderCommand::Text(text), &mut counters);
+                        Drained::default()
+                    }
+                },
                 _ = tokio::time::sleep_until(deadline) => break EndReason::MaxDuration,
                 _ = flush.tick() => {
                     self.export_stats(&counters, &mut exported);
@@ -149,8 +161,15 @@ impl<L: ClientLink> SessionTask<L> {
             }
             LinkEvent::EventsOpen => Input::ClientConnected,
             LinkEvent::EventsClosed => Input::ClientDisconnected,
+            LinkEvent::Event(Some(ClientEvent::SessionUpdate { language: Some(language) })) => {
+                if let Some(notice) = self.translation.set_user_language(&language) {
+                    self.link.send_event(&notice).await;
+                }
+                return Drained::default();
+            }
             LinkEvent::Event(ev) => Input::Client(ev),
             LinkEvent::Voice(v) => Input::ClientVoice(v),
+            LinkEvent::Playback { item_id, played } => Input::ClientPlayback { item_id, played },
             LinkEvent::BadMessage(e) => Input::BadClientMessage { code: e.code().to_owned(), message: e.to_string() },
             LinkEvent::Connected => {
                 self.shared.mark_connected();
@@ -164,33 +183,26 @@ impl<L: ClientLink> SessionTask<L> {
     /// Carry out the core's outputs, in order.
     async fn drain(&mut self, counters: &mut Counters) -> Drained {
         let mut drained = Drained::default();
-        let now = self.now();
         while let Some(out) = self.conv.poll_output() {
             if let Some(r) = self.recorder.as_mut() {
                 r.output(&out);
             }
             match out {
-                Output::Event(ev) => self.link.send_event(&ev).await,
+                Output::Event(ev) => {
+                    self.translation.on_event(&ev);
+                    self.link.send_event(&ev).await
+                }
                 Output::State(state) => {
                     self.shared.set_agent_state(state);
                     self.link.send_event(&ServerEvent::State { state }).await;
                 }
-                Output::Provider(cmd) => {
-                    let audio = matches!(cmd, ProviderCommand::AppendAudio(_));
-                    match self.provider.commands.try_send(cmd) {
-                        Ok(()) => drained.audio_to_provider |= audio,
-                        Err(TrySendError::Full(ProviderCommand::AppendAudio(_))) => {
-                            counters.uplink_to_provider_dropped += 1
-                        }
-                        Err(TrySendError::Full(cmd) | TrySendError::Closed(cmd)) => {
-                            let refused = Input::Refused(cmd);
-                            if let Some(r) = self.recorder.as_mut() {
-                                r.input(now, &refused);
-                            }
-                            self.conv.handle_input(now, refused)
-                        }
+                Output::Provider(ProviderCommand::Text(text)) => {
+                    // Typed text may be translated for a text-only model first (off this task).
+                    if let Err(text) = self.translation.user_text(text) {
+                        self.to_provider(ProviderCommand::Text(text), counters);
                     }
                 }
+                Output::Provider(cmd) => drained.audio_to_provider |= self.to_provider(cmd, counters),
                 Output::Turn { role, text, interrupted } => self.shared.push_turn(role, &text, interrupted),
                 Output::Flag(flag) => self.shared.push_flag(flag),
                 Output::Audio(frame) => {
@@ -203,6 +215,27 @@ impl<L: ClientLink> SessionTask<L> {
             }
         }
         drained
+    }
+
+    /// Hand `cmd` to the provider without waiting: full, audio and images are dropped and
+    /// counted; other commands go back to the core as refused. True when audio went.
+    fn to_provider(&mut self, cmd: ProviderCommand, counters: &mut Counters) -> bool {
+        let audio = matches!(cmd, ProviderCommand::AppendAudio(_));
+        match self.provider.commands.try_send(cmd) {
+            Ok(()) => audio,
+            Err(TrySendError::Full(ProviderCommand::AppendAudio(_) | ProviderCommand::Image(_))) => {
+                counters.uplink_to_provider_dropped += 1;
+                false
+            }
+            Err(TrySendError::Full(cmd) | TrySendError::Closed(cmd)) => {
+                let (now, refused) = (self.now(), Input::Refused(cmd));
+                if let Some(r) = self.recorder.as_mut() {
+                    r.input(now, &refused);
+                }
+                self.conv.handle_input(now, refused);
+                false
+            }
+        }
     }
 
     /// In-band FEC follows the loss the client reports (as libwebrtc does): libopus spends bits

@@ -6,7 +6,10 @@
 //!   link's [`EventCodec`], plus one link message: the **first** client message must be
 //!   `{"type":"audio.format","codec":"opus"}` or
 //!   `{"type":"audio.format","codec":"pcm16","rate_hz":16000|24000|48000}`. It fixes the audio
-//!   format of both directions; `session.ready` follows once it is accepted.
+//!   format of both directions; `session.ready` follows once it is accepted. Later link messages:
+//!   `{"type":"vad","state":"speech_started"|"speech_stopped"}` and `{"type":"control.end_turn"}`
+//!   (a client's own VAD, push-to-talk), and `{"type":"playback","item_id","played_ms"}`: the
+//!   milliseconds of an agent item the client has played from its buffer, sent as it plays.
 //! - **Binary frames** carry audio, each behind a [`HEADER_LEN`]-byte header:
 //!
 //!   | byte | meaning |
@@ -20,7 +23,9 @@
 //!   [`MAX_MESSAGE_BYTES`]; server frames are 20 ms: 320/480/960 samples at 16/24/48 kHz).
 //!
 //! The character's audio is paced in real time by the session (one frame per 20 ms), so
-//! `agent.interrupted.played_ms` counts frames sent, as over WebRTC.
+//! `agent.interrupted.played_ms` counts frames sent, as over WebRTC; a client that reports its
+//! playback (`playback`) gets it cut at its last report plus the time since, at most what was
+//! sent (so a client buffering ahead is not credited with audio it has not played).
 //!
 //! # Transcoding
 //! The session core speaks Opus both ways (its uplink decodes Opus, its playout encodes Opus).
@@ -159,6 +164,26 @@ fn client_voice(text: &str) -> Option<ClientVoice> {
         ("vad", Some("speech_stopped")) => Some(ClientVoice::SpeechStopped),
         _ => None,
     }
+}
+
+/// The client's playback progress (a link message): `{"type":"playback","item_id":"...",
+/// "played_ms":N}`, the milliseconds of that agent item it has played so far. Sent as it plays
+/// (e.g. every 100-250 ms); a barge-in then cuts `agent.interrupted.played_ms` and the model's
+/// truncation at what it played rather than at what was sent. Anything else goes to the codec.
+fn client_playback(text: &str) -> Option<LinkEvent> {
+    #[derive(serde::Deserialize)]
+    struct Playback {
+        #[serde(rename = "type")]
+        kind: String,
+        item_id: String,
+        played_ms: u64,
+    }
+    if !text.contains("\"playback\"") {
+        return None;
+    }
+    let p: Playback = serde_json::from_str(text).ok()?;
+    (p.kind == "playback" && p.item_id.len() <= 128)
+        .then(|| LinkEvent::Playback { item_id: p.item_id, played: Duration::from_millis(p.played_ms) })
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -329,6 +354,12 @@ impl<C: EventCodec> WsLink<C> {
             {
                 LinkEvent::Voice(v)
             }
+            FromSocket::Text(text)
+                if !self.neko
+                    && let Some(ev) = client_playback(&text) =>
+            {
+                ev
+            }
             FromSocket::Text(text) => match self.codec.decode(text.as_bytes()) {
                 Ok(ev) => LinkEvent::Event(ev),
                 Err(e) => LinkEvent::BadMessage(e),
@@ -480,10 +511,15 @@ impl WsPump {
     }
 
     /// Run a N.E.K.O. socket whose `start_session` was read (`rate_hz`: the client's audio rate
-    /// when it named one; else 16 kHz for 160- or 320-sample chunks, 48 kHz otherwise).
-    pub async fn run_neko(self, socket: WebSocket, rate_hz: Option<u32>) {
+    /// when it named one; else 16 kHz for 160- or 320-sample chunks, 48 kHz otherwise;
+    /// `language`: the user's language when it named one, as a `language_update`).
+    pub async fn run_neko(self, socket: WebSocket, rate_hz: Option<u32>, language: Option<String>) {
         let _ = self.to_link.send(FromSocket::Format(WireAudio::Pcm16 { rate_hz: media::OPUS_RATE })).await;
-        let neko = NekoIn { out: self.neko_out.clone(), rate_hz, images_told: false };
+        if let Some(language) = language {
+            let update = serde_json::json!({"action": "language_update", "language": language}).to_string();
+            let _ = self.to_link.send(FromSocket::Text(update.into())).await;
+        }
+        let neko = NekoIn { out: self.neko_out.clone(), rate_hz };
         self.run_as(socket, Some(neko)).await
     }
 
@@ -598,7 +634,6 @@ struct Reader {
 struct NekoIn {
     out: Option<mpsc::WeakSender<Message>>,
     rate_hz: Option<u32>,
-    images_told: bool,
 }
 
 /// Why the reader stops: the close to send, if any.
@@ -681,22 +716,15 @@ impl Reader {
             .map_err(|_| Some((code::INVALID_PAYLOAD, "malformed JSON ends the session".to_owned())))?;
         match (v["action"].as_str(), v["input_type"].as_str()) {
             (Some("stream_data"), Some("audio")) => self.on_neko_audio(&v["data"]),
-            (Some("stream_data"), Some("screen" | "camera")) => {
-                if let Some(n) = self.neko.as_mut().filter(|n| !n.images_told) {
-                    n.images_told = true;
-                    self.neko_status("IMAGES_UNSUPPORTED", "this server does not pass images to the model yet");
-                }
-                Ok(())
-            }
             (Some("end_session"), _) => {
                 let _ = self.to_link.send(FromSocket::End(EndReason::ClientRequest)).await;
                 Err(Some((code::NORMAL, "end_session".into())))
             }
-            (Some("start_session"), _) => Ok(()),
+            // Text, screen/camera images, `ping`, the language: the codec's (`NekoCodec::decode`).
             (
                 Some(
                     "stream_data" | "ping" | "pause_session" | "voice_play_start" | "voice_play_end"
-                    | "language_update" | "greeting_check",
+                    | "language_update" | "greeting_check" | "start_session",
                 ),
                 _,
             ) => {
@@ -936,6 +964,15 @@ mod tests {
         assert_eq!(client_voice(r#"{"type":"vad","state":"speech_stopped"}"#), Some(ClientVoice::SpeechStopped));
         assert_eq!(client_voice(r#"{"type":"vad","state":"maybe"}"#), None);
         assert_eq!(client_voice(r#"{"type":"text","text":"\"vad\""}"#), None);
+    }
+
+    #[test]
+    fn playback_progress_is_a_link_message() {
+        let ev = client_playback(r#"{"type":"playback","item_id":"r1","played_ms":740}"#);
+        assert!(matches!(ev, Some(LinkEvent::Playback { ref item_id, played })
+            if item_id == "r1" && played == Duration::from_millis(740)));
+        assert!(client_playback(r#"{"type":"playback","item_id":"r1"}"#).is_none(), "played_ms is required");
+        assert!(client_playback(r#"{"type":"text","text":"\"playback\""}"#).is_none());
     }
 
     #[test]

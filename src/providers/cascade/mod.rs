@@ -340,7 +340,8 @@ impl Session {
                     self.prompt.truncate_last_agent(&heard);
                 }
             }
-            ProviderCommand::Restart => {}
+            // The cascade's models take no images (`Capabilities::images` false).
+            ProviderCommand::Restart | ProviderCommand::Image(_) => {}
             ProviderCommand::Close => return false,
         }
         true

@@ -138,6 +138,12 @@ fn content(item: &HistoryItem) -> Value {
     }
 }
 
+/// `realtimeInput.video {data, mimeType}`: one screen or camera frame (Gemini Live takes images
+/// as video frames in the realtime input, protocols.md).
+pub fn video(image: &crate::image::ImageFrame) -> String {
+    json!({"realtimeInput": {"video": {"data": image.base64, "mimeType": image.mime_type}}}).to_string()
+}
+
 /// `clientContent` with one user text turn that the model answers (`turnComplete: true`).
 pub fn user_text(text: &str) -> String {
     json!({"clientContent": {"turns": [content(&HistoryItem::User(text.to_owned()))], "turnComplete": true}})

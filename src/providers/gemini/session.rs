@@ -228,6 +228,7 @@ impl Connection {
                     self.send(h).await;
                 }
             }
+            ProviderCommand::Image(image) => self.send(protocol::video(&image)).await,
             // Gemini keeps its own context; the heard text lives in the resilient wrapper.
             // Activity start follows the audio itself (with its pre-roll), not the VAD edge.
             ProviderCommand::SpeechStarted

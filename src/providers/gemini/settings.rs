@@ -209,14 +209,14 @@ impl GeminiSettings {
     }
 
     /// What this configuration can do: server VAD unless local, no truncation, transcripts as
-    /// configured, tools, no images (audio only here), and a limit only without compression.
+    /// configured, tools, images (`realtimeInput.video`), and a limit only without compression.
     pub fn capabilities(&self) -> Capabilities {
         Capabilities {
             server_vad: self.turn_detection == GeminiTurnDetection::Server,
             truncation: false,
             user_transcripts: self.input_transcription,
             tools: true,
-            images: false,
+            images: true,
             max_session: (!self.compression).then(|| Duration::from_secs(self.max_session_secs)),
         }
     }

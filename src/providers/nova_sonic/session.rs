@@ -269,6 +269,7 @@ impl Connection {
             | ProviderCommand::Truncate { .. }
             | ProviderCommand::AppendHistory(_)
             | ProviderCommand::Restart
+            | ProviderCommand::Image(_)
             | ProviderCommand::Close => {}
         }
     }

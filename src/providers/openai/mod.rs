@@ -181,7 +181,7 @@ impl RealtimeProvider for OpenAiProvider {
             truncation: true,
             user_transcripts: !self.settings.transcription_model.is_empty(),
             tools: true,
-            images: false,
+            images: true,
             max_session: Some(Duration::from_secs(self.settings.max_session_secs)),
         }
     }
@@ -364,6 +364,7 @@ impl Connection {
                     out.push(protocol::history_item(self.settings.dialect, item));
                 }
             }
+            ProviderCommand::Image(image) => out.push(protocol::input_image(&image)),
             ProviderCommand::Close | ProviderCommand::Restart => {}
         }
     }

@@ -159,6 +159,15 @@ pub fn user_text(text: &str) -> String {
     history_item(Dialect::Ga, &HistoryItem::User(text.to_owned()))
 }
 
+/// `conversation.item.create` with a user message holding one image: an `input_image` content
+/// part whose `image_url` is the data URL (OpenAI Realtime reference; PNG or JPEG). It joins
+/// the context; the model sees it with the user's next turn.
+pub fn input_image(image: &crate::image::ImageFrame) -> String {
+    let part = json!({"type": "input_image", "image_url": image.data_url()});
+    json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [part]}})
+        .to_string()
+}
+
 /// `conversation.item.create` replaying one past turn.
 pub fn history_item(dialect: Dialect, item: &HistoryItem) -> String {
     let item = match item {
