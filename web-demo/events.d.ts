@@ -9,6 +9,9 @@ export type Emotion = "neutral" | "happy" | "sad" | "angry" | "surprised" | "fea
 /** Who produced a piece of conversation. */
 export type Role = "user" | "agent";
 
+/** A tool the client declares and runs (OpenAI Realtime's function tool: `name`, `description`, JSON-schema `parameters`). */
+export type ToolDeclaration = { description?: string; name: string; parameters?: unknown };
+
 /** A mouth shape: the 15 Oculus/Meta Lipsync visemes, serialised with exactly these names. */
 export type Viseme = "sil" | "PP" | "FF" | "TH" | "DD" | "kk" | "CH" | "SS" | "nn" | "RR" | "aa" | "E" | "ih" | "oh" | "ou";
 
@@ -159,6 +162,17 @@ export interface BudgetExceededEvent {
   used: number;
 }
 
+/** The model called a tool the client declared (extension: `session.update {tools}`); the client runs it and answers with `tool.output` under the same `call_id` (the model waits for it, at most [`CLIENT_TOOL_TIMEOUT_MS`], then gets an error output). Shape of OpenAI Realtime's `function_call` item (`call_id`, `name`, `arguments`). */
+export interface ToolCallEvent {
+  type: "tool.call";
+  /** The arguments as the model wrote them: a JSON object as text (it may not match the schema; the client validates). */
+  arguments: string;
+  /** The call's id, echoed in `tool.output`. */
+  call_id: string;
+  /** The declared tool's name. */
+  name: string;
+}
+
 export type ServerEvent =
   | SessionReadyEvent
   | StateEvent
@@ -174,7 +188,8 @@ export type ServerEvent =
   | GestureEvent
   | SessionEndedEvent
   | AgentNotificationEvent
-  | BudgetExceededEvent;
+  | BudgetExceededEvent
+  | ToolCallEvent;
 
 /** A typed user message, handled like a spoken turn. */
 export interface ClientTextEvent {
@@ -193,8 +208,30 @@ export interface ClientPingEvent {
   type: "ping";
 }
 
+/** Change the running session (extension; OpenAI Realtime's `session.update`): absent fields stay as they are. `instructions` are added to the character's persona, `voice` replaces its voice where the provider allows it (OpenAI: before the character first spoke), `tools` replaces the tools the client declared (the character's own tools stay). A provider that cannot take a change answers an `error` (`session_update_unsupported`). */
+export interface ClientSessionUpdateEvent {
+  type: "session.update";
+  /** Instructions for the rest of the session (at most [`MAX_CLIENT_INSTRUCTIONS`] bytes). */
+  instructions?: string | null;
+  /** Tools the model may call and the client runs (`tool.call` -> `tool.output`); at most [`MAX_CLIENT_TOOLS`]. */
+  tools?: ToolDeclaration[] | null;
+  /** A provider voice name (e.g. OpenAI's `marin`). */
+  voice?: string | null;
+}
+
+/** The result of a `tool.call` (extension): the model continues with it once every call of its response is answered. */
+export interface ClientToolOutputEvent {
+  type: "tool.output";
+  /** The `call_id` of the `tool.call`. */
+  call_id: string;
+  /** The result as text (JSON or plain words), at most [`MAX_TOOL_OUTPUT`] bytes. */
+  output: string;
+}
+
 export type ClientEvent =
   | ClientTextEvent
   | ClientInterruptEvent
-  | ClientPingEvent;
+  | ClientPingEvent
+  | ClientSessionUpdateEvent
+  | ClientToolOutputEvent;
 

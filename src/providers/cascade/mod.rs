@@ -333,7 +333,11 @@ impl Session {
                     self.prompt.truncate_last_agent(&heard);
                 }
             }
-            ProviderCommand::Restart => {}
+            ProviderCommand::UpdateSession(update) => {
+                let ev = crate::providers::session_update_unsupported("cascade", &update);
+                return self.events.send(ev).await.is_ok();
+            }
+            ProviderCommand::Restart | ProviderCommand::ToolOutput { .. } => {}
             ProviderCommand::Close => return false,
         }
         true
