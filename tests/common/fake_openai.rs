@@ -514,9 +514,9 @@ impl Conn {
                 let outputs = self.fake.with_conn(self.idx, |c| c.of_type("conversation.item.create"));
                 let given = outputs.iter().rev().find(|v| v["item"]["type"] == "function_call_output");
                 let text = format!("{prefix}{}", given.and_then(|v| v["item"]["output"].as_str()).unwrap_or_default());
-                // eSpeak NG at the Realtime API's 24 kHz.
+                // eSpeak NG at the Realtime API's 24 kHz (it blocks: off the async worker).
                 #[cfg(feature = "local")]
-                let audio = super::espeak_at(&text, 24_000);
+                let audio = tokio::task::block_in_place(|| super::espeak_at(&text, 24_000));
                 #[cfg(not(feature = "local"))]
                 let audio = reply_speech().1;
                 self.begin_speech(response_id, text, audio, None, out)
