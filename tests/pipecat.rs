@@ -271,6 +271,7 @@ async fn the_per_session_route_claims_the_tokens_jti_like_the_offer() {
     let ts = TestServer::start_with(move |c| {
         c.redis_url = Some(url);
         c.redis_prefix = pre;
+        c.token_secret = Some("pipecat-jti-test-secret-0123456789abcdef".into());
     })
     .await;
     let (id, token, _) = ts.create_session().await;
