@@ -169,14 +169,18 @@ async fn caller(st: &PipecatState, headers: &HeaderMap) -> Result<Option<Caller>
     signaling::api::authenticate(&st.api, headers).await
 }
 
-/// The session's own token (connect) or an API key.
-fn authorize_session(st: &PipecatState, headers: &HeaderMap, id: &str, mode: VerifyMode) -> Result<(), ApiError> {
+/// The session's own token (its claims, for single use) or an API key (`None`).
+fn authorize_session(
+    st: &PipecatState,
+    headers: &HeaderMap,
+    id: &str,
+    mode: VerifyMode,
+) -> Result<Option<signaling::token::Claims>, ApiError> {
     let credentials = signaling::auth::bearer(headers).ok_or(signaling::token::TokenError::Missing)?;
     if st.api.api_keys.contains(credentials) {
-        return Ok(());
+        return Ok(None);
     }
-    st.api.tokens.verify(credentials, id, mode)?;
-    Ok(())
+    Ok(Some(st.api.tokens.verify(credentials, id, mode)?))
 }
 
 /// Validate the request's SDP (400 for what is not an offer, 422 for one we cannot serve).
@@ -212,13 +216,11 @@ async fn offer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let caller = caller(&st, &headers).await?;
-    if !st.api.host.accepting() {
-        return Err(ApiError::unavailable("not accepting new sessions (draining)", st.api.limits.retry_after));
-    }
+    // Draining and the creation limits as for `POST /v1/sessions` (per API key or user, else per
+    // client IP).
+    signaling::api::admit_creation(&st.api, caller.as_ref(), connect.map(|c| c.0.0.ip())).await?;
     let request: OfferRequest = read_json(&headers, body, MAX_OFFER_REQUEST_BYTES).await?;
     let offer = valid_offer(&request)?;
-    // Creation limits as for `POST /v1/sessions` (per API key or user, else per client IP).
-    signaling::api::rate_limit(&st.api, caller.as_ref(), connect.map(|c| c.0.0.ip())).await?;
     let (api_key_id, user_id) = match caller {
         Some(Caller::Key(k)) => (Some(k.id), None),
         Some(Caller::User(u)) => (None, Some(u.user_id)),
@@ -243,20 +245,23 @@ async fn offer(
     result
 }
 
-/// The session of a per-session route once the credentials may act on it, and the JSON body.
+/// A per-session request the credentials may make: the session id, the token's claims (`None`
+/// for an API key) and the JSON body.
+type SessionRequest<T> = (String, Option<signaling::token::Claims>, T);
+
 async fn session_request<T: serde::de::DeserializeOwned>(
     st: &PipecatState,
     path: Result<Path<String>, PathRejection>,
     headers: &HeaderMap,
     body: Body,
     (mode, limit): (VerifyMode, usize),
-) -> Result<(String, T), ApiError> {
+) -> Result<SessionRequest<T>, ApiError> {
     let id = match path {
         Ok(Path(id)) if signaling::id::is_valid_id(&id) => id,
         _ => return Err(ApiError::unknown_session()),
     };
-    authorize_session(st, headers, &id, mode)?;
-    Ok((id, read_json(headers, body, limit).await?))
+    let claims = authorize_session(st, headers, &id, mode)?;
+    Ok((id, claims, read_json(headers, body, limit).await?))
 }
 
 async fn session_offer(
@@ -265,7 +270,7 @@ async fn session_offer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (id, request): (String, OfferRequest) =
+    let (id, claims, request): SessionRequest<OfferRequest> =
         session_request(&st, path, &headers, body, (VerifyMode::Connect, MAX_OFFER_REQUEST_BYTES)).await?;
     let shared = st.manager.get(&id).ok_or_else(ApiError::unknown_session)?;
     end_replaced(&st, &request, Some(&id)).await;
@@ -275,7 +280,18 @@ async fn session_offer(
         _ => return Err(ApiError::already_connected()),
     }
     let offer = valid_offer(&request)?;
-    answer(&st, &id, offer).await
+    // Single use, as `POST /v1/sessions/{id}/offer`: the token's `jti` is claimed.
+    if let Some(claims) = &claims {
+        signaling::api::claim_token(&st.api, claims).await?;
+    }
+    let result = answer(&st, &id, offer).await;
+    if let (Err(e), Some(claims)) = (&result, &claims)
+        && !matches!(e, ApiError::Conflict(_))
+    {
+        // The offer did not take: the token may try again.
+        signaling::api::release_token(&st.api, claims).await;
+    }
+    result
 }
 
 /// Hand the candidates of `request` to its peer connection.
@@ -328,7 +344,7 @@ async fn session_trickle(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (id, request): (String, TrickleRequest) =
+    let (id, _, request): SessionRequest<TrickleRequest> =
         session_request(&st, path, &headers, body, (VerifyMode::Manage, MAX_TRICKLE_REQUEST_BYTES)).await?;
     add_candidates(&st, request, Some(&id)).await
 }

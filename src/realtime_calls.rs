@@ -185,11 +185,12 @@ fn caller_id(caller: Option<&Caller>) -> Option<String> {
     }
 }
 
-/// Authenticate a request that will make a session, counted in the caller's (or, on an open API,
-/// the client IP's) sessions-per-minute bucket like `POST /v1/sessions` (429 beyond it).
+/// Authenticate a request that will make a session and admit it like `POST /v1/sessions`
+/// ([`signaling::api::admit_creation`]: 503 while draining, 429 past the caller's, or on an open
+/// API the client IP's, sessions per minute).
 async fn creating_caller(st: &CallsState, headers: &HeaderMap, ip: Option<IpAddr>) -> Result<Option<String>, ApiError> {
     let caller = signaling::api::authenticate(&st.api, headers).await?;
-    signaling::api::rate_limit(&st.api, caller.as_ref(), ip).await?;
+    signaling::api::admit_creation(&st.api, caller.as_ref(), ip).await?;
     Ok(caller_id(caller.as_ref()))
 }
 
@@ -342,6 +343,8 @@ enum Credential {
 
 async fn call_credential(st: &CallsState, headers: &HeaderMap, ip: Option<IpAddr>) -> Result<Credential, ApiError> {
     if let Some(presented) = signaling::auth::bearer(headers).filter(|b| b.starts_with("ek_")) {
+        // Minting the secret counted against the rate limit; a draining node still refuses.
+        signaling::api::admit_creation(&st.api, None, None).await?;
         let secret = st.secrets().remove(presented);
         return match secret {
             Some(s) if s.expires > Instant::now() => Ok(Credential::Secret(presented.to_owned(), s)),

@@ -9,6 +9,7 @@
 //! | `DELETE /v1/sessions/{session}` (a WHIP session) | as PATCH | 200 JSON, the session ends |
 //! | `POST /v1/sessions/{session}/whep` | as PATCH | 201 answer, `Location: /v1/sessions/{session}/whep/{player}`, `ETag` |
 //! | `PATCH`/`DELETE /v1/sessions/{session}/whep/{player}` | as PATCH | 204 trickle / 200 (the player leaves) |
+//! | `GET /v1/sessions/{session}/events` | as PATCH | 200 `text/event-stream`: the session's api-v1 events (see [`events`]) |
 //!
 //! Facts of the real clients this follows (`docs/protocols.md` §WHIP): they publish send-only
 //! media without a data channel; `@eyevinn/whip-web-client` probes with `OPTIONS` and trickles
@@ -27,7 +28,11 @@
 //! keys) the session id itself is the capability (128 random bits), as for the publisher's POST.
 //!
 //! Events: a WHEP player that opens an `events` data channel gets the session's api-v1 events on
-//! it ([`crate::session::whip_link`]). Every response carries CORS headers
+//! it ([`crate::session::whip_link`]); an application without media (the publisher's control
+//! panel, a moderation tool) reads them as Server-Sent Events from `GET /v1/sessions/{id}/events`
+//! with the publisher's credentials (a WHIP session has no session token and no client of the
+//! `/ws` transport). A WHEP player whose connection failed or closed frees its slot (of
+//! [`MAX_PLAYERS`]) for the next one. Every response carries CORS headers
 //! (`Access-Control-Allow-Origin: *`, the methods and the request headers named explicitly:
 //! `*` does not cover `Authorization`), and exposes `Location`, `ETag`, `Link` and `Accept-Post`.
 
@@ -51,7 +56,7 @@ use signaling::turn::IceServerSet;
 use signaling::whip::{WhipRole, validate_whip_offer};
 use tokio::sync::mpsc;
 
-use crate::session::whip_link::{MAX_PLAYERS, PlayerCmd};
+use crate::session::whip_link::{MAX_PLAYERS, MAX_WATCHERS, PlayerCmd, WATCHER_QUEUE};
 use crate::session::{CreateOptions, EndReason, SessionManager, SessionState};
 
 /// Methods a WHIP/WHEP endpoint or resource takes (`Access-Control-Allow-Methods`; Eyevinn's
@@ -97,6 +102,7 @@ impl Whip {
             .route("/v1/characters/{id}/whip", options(preflight).post(publish))
             .route("/v1/sessions/{id}/whep", options(preflight).post(play))
             .route("/v1/sessions/{id}/whep/{player}", patch(player_patch).delete(player_delete).options(preflight))
+            .route("/v1/sessions/{id}/events", axum::routing::get(events).options(preflight))
             .layer(axum::middleware::map_response(with_cors))
             .with_state(self.clone())
     }
@@ -165,10 +171,13 @@ async fn preflight(State(w): State<Whip>) -> Response {
 async fn publish(
     State(w): State<Whip>,
     Path(character): Path<String>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let caller = signaling::api::authenticate(&w.api, &headers).await?;
+    // Draining and the creation limits as for `POST /v1/sessions`.
+    signaling::api::admit_creation(&w.api, caller.as_ref(), peer.map(|p| p.0.0.ip())).await?;
     require_content_type(&headers, APPLICATION_SDP)?;
     let bytes = read_body(body, MAX_OFFER_BYTES).await?;
     let offer = validate_whip_offer(&bytes, WhipRole::Publish)?;
@@ -217,6 +226,15 @@ async fn play(
     require_content_type(&headers, APPLICATION_SDP)?;
     let bytes = read_body(body, MAX_OFFER_BYTES).await?;
     let offer = validate_whip_offer(&bytes, WhipRole::Play)?;
+    // A player whose connection failed or closed has left the link: its slot is free again.
+    let (reply, live) = tokio::sync::oneshot::channel();
+    if players.send(PlayerCmd::Live { reply }).await.is_err() {
+        return Err(ApiError::session_already_ended());
+    }
+    let live = live.await.map_err(|_| ApiError::session_already_ended())?;
+    if let Some(e) = w.lock().get_mut(&id) {
+        e.player_etags.retain(|p, _| live.contains(p));
+    }
     if w.lock().get(&id).is_some_and(|e| e.player_etags.len() >= MAX_PLAYERS) {
         return Err(ApiError::unavailable(
             format!("this session already has {MAX_PLAYERS} WHEP players"),
@@ -286,6 +304,35 @@ async fn player_delete(
     w.lock().get_mut(&id).and_then(|e| e.player_etags.remove(&player)).ok_or_else(ApiError::unknown_peer)?;
     let _ = players.send(PlayerCmd::Detach { id: player.clone() }).await;
     Ok(json(StatusCode::OK, serde_json::json!({ "session_id": id, "player_id": player, "state": "ended" })))
+}
+
+/// `GET /v1/sessions/{id}/events`: the WHIP session's api-v1 events as Server-Sent Events
+/// (`text/event-stream`, one `data:` line of JSON per event, from the last `session.ready` and
+/// `state` on; a comment every 15 s keeps proxies from closing it). Credentials as for PATCH
+/// (`Authorization: Bearer`: the publisher's own, an API key; open mode: none). The stream ends
+/// with the session (after `session.ended`). 404/401 as for PATCH; 503 + `Retry-After` when the
+/// session already has [`MAX_WATCHERS`] watchers.
+async fn events(State(w): State<Whip>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let players = whip_session(&w, &id, &headers)?;
+    let (tx, rx) = mpsc::channel(WATCHER_QUEUE);
+    let (reply, live) = tokio::sync::oneshot::channel();
+    let watch = players.send(PlayerCmd::Watch { tx }).await.and(players.send(PlayerCmd::Live { reply }).await);
+    if watch.is_err() || live.await.is_err() {
+        return Err(ApiError::session_already_ended());
+    }
+    if rx.is_closed() {
+        let detail = format!("this session already has {MAX_WATCHERS} event watchers");
+        return Err(ApiError::unavailable(detail, std::time::Duration::from_secs(5)));
+    }
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let msg = rx.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(Event::default().data(msg)), rx))
+    });
+    let keep_alive = KeepAlive::new().interval(std::time::Duration::from_secs(15));
+    let mut response = Sse::new(stream).keep_alive(keep_alive).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
 }
 
 /// Most candidates one PATCH hands on (as for API v1 trickle).

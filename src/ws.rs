@@ -19,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
 
@@ -33,7 +32,6 @@ use axum::routing::get;
 use signaling::api::ApiState;
 use signaling::problem::ApiError;
 use signaling::token::{TokenError, VerifyMode};
-use time::OffsetDateTime;
 
 use crate::session::SessionManager;
 use crate::session::link::ApiV1;
@@ -94,7 +92,8 @@ async fn session_ws(
         crate::session::SessionState::Created => {}
         _ => return Err(ApiError::already_connected()),
     }
-    claim_token(&st.api, &claims).await?;
+    // Single use, as for the offer.
+    signaling::api::claim_token(&st.api, &claims).await?;
     let (link, pump) = WsLink::new(ApiV1);
     st.manager.connect_link(&id, link).await.map_err(crate::http::to_api)?;
     Ok(upgrade.on_upgrade(move |socket| pump.run(socket)).into_response())
@@ -104,19 +103,21 @@ async fn neko_ws(
     State(st): State<WsState>,
     Path(character): Path<String>,
     RawQuery(query): RawQuery,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let key_id = if st.api.api_keys.is_empty() {
-        "open".to_owned()
+    let caller = if st.api.api_keys.is_empty() {
+        None
     } else {
         let presented = token(query.as_deref(), &headers).ok_or(TokenError::Missing)?;
-        st.api
-            .api_keys
-            .identify(&presented)
-            .map(|k| k.id)
-            .ok_or_else(|| ApiError::unauthorized("invalid_api_key", "not one of this server's API keys"))?
+        let key = st.api.api_keys.identify(&presented);
+        Some(key.ok_or_else(|| ApiError::unauthorized("invalid_api_key", "not one of this server's API keys"))?)
     };
+    let key_id = caller.as_ref().map_or_else(|| "open".to_owned(), |k| k.id.clone());
+    // Draining and the creation limits as for `POST /v1/sessions`, before the upgrade.
+    let caller = caller.map(signaling::Caller::Key);
+    signaling::api::admit_creation(&st.api, caller.as_ref(), peer.map(|p| p.0.0.ip())).await?;
     let wanted = character.to_lowercase();
     let catalog = st.manager.characters();
     let found = catalog.iter().find(|c| c.id == character || c.name.to_lowercase() == wanted);
@@ -221,21 +222,6 @@ fn limited(upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> Resu
     let upgrade = upgrade
         .map_err(|e| ApiError::bad_request("websocket_upgrade_required", format!("this route is a WebSocket: {e}")))?;
     Ok(upgrade.max_message_size(MAX_READ_BYTES).max_frame_size(MAX_READ_BYTES))
-}
-
-/// Single use, as for the offer: the token's `jti` is claimed until it expires.
-async fn claim_token(api: &ApiState, claims: &signaling::token::Claims) -> Result<(), ApiError> {
-    let key = format!("jti:{}", claims.jti);
-    let left = claims.exp.saturating_sub(OffsetDateTime::now_utc().unix_timestamp()).max(0) as u64;
-    let ttl = Duration::from_secs(left) + signaling::token::NBF_LEEWAY;
-    match api.short_term.set_nx(&key, b"1", ttl).await {
-        Ok(None) => Ok(()),
-        Ok(Some(_)) => Err(TokenError::Replayed.into()),
-        Err(e) => {
-            tracing::error!(error = %e, "short-term store unavailable");
-            Err(ApiError::unavailable("session registry unavailable", Duration::from_secs(5)))
-        }
-    }
 }
 
 #[cfg(test)]

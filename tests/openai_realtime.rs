@@ -538,3 +538,92 @@ async fn an_expired_provider_session_is_replaced_and_the_conversation_goes_on() 
     assert_eq!(last.unwrap()["text"], tb.as_str());
     ts.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_declares_a_tool_mid_session_runs_the_models_call_and_the_result_is_spoken() {
+    let script = vec![
+        Reply::ToolCall { name: "get_weather".into(), arguments: r#"{"city":"Tokyo"}"#.into() },
+        Reply::SpeakToolOutput { prefix: "The weather: ".into() },
+    ];
+    let fake = FakeOpenAi::start(FakeOptions::default(), script).await;
+    let ts = TestServer::start_openai(&fake.url(), |c| {
+        c.openai.turn_detection = kotodama::providers::openai::protocol::TurnDetection::Local;
+    })
+    .await;
+    let (_sid, _token, mut client) = connect(&ts).await;
+    client.silence(Duration::from_millis(200)).await;
+
+    // session.update mid-session: the model session gets instructions, voice and the client's tool.
+    let update = serde_json::json!({"type": "session.update", "instructions": "Speak like a pirate.", "voice": "ash",
+        "tools": [{"name": "get_weather", "description": "The weather in a city.",
+                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]});
+    client.send_text(&update.to_string()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.conn(0).of_type("session.update").len() < 2 {
+        assert!(Instant::now() < deadline, "the update reached the model");
+        client.silence(Duration::from_millis(50)).await;
+    }
+    let patch = &fake.conn(0).of_type("session.update")[1]["session"];
+    assert_eq!(patch["type"], "realtime");
+    let instructions = patch["instructions"].as_str().unwrap();
+    assert!(instructions.starts_with("You are Aiko") && instructions.ends_with("\n\nSpeak like a pirate."), "{patch}");
+    assert_eq!(patch["audio"]["output"]["voice"], "ash", "before the first audio the voice may change");
+    assert!(patch["audio"]["input"].is_null(), "a partial update: turn detection untouched: {patch}");
+    let tools: Vec<&str> = patch["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(tools, ["get_time", "set_emotion", "get_weather"], "the character's tools stay");
+
+    // The model calls the client's tool: the client gets tool.call and answers tool.output.
+    client.send_text(r#"{"type":"text","text":"What is the weather in Tokyo?"}"#).await;
+    let mut call = Value::Null;
+    client
+        .silence_until("tool.call", Duration::from_secs(10), |evs| evs.iter().any(|e| e["type"] == "tool.call"))
+        .await;
+    for e in client.events() {
+        if e["type"] == "tool.call" {
+            call = e;
+        }
+    }
+    assert_eq!((call["name"].as_str(), call["arguments"].as_str()), (Some("get_weather"), Some(r#"{"city":"Tokyo"}"#)));
+    let call_id = call["call_id"].as_str().unwrap().to_owned();
+    assert!(call_id.starts_with("call_"), "the model's own call id: {call_id}");
+    let output = serde_json::json!({"type": "tool.output", "call_id": call_id, "output": "Sunny and 21 degrees."});
+    client.send_text(&output.to_string()).await;
+    client
+        .silence_until("the reply carrying the tool's output", Duration::from_secs(20), |evs| {
+            evs.iter().any(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
+                && back_to_listening(1)(evs)
+        })
+        .await;
+    let c0 = fake.conn(0);
+    let out = c0.of_type("conversation.item.create").into_iter().find(|v| v["item"]["type"] == "function_call_output");
+    let out = out.expect("the client's output reached the model");
+    assert_eq!(
+        (out["item"]["call_id"].as_str(), out["item"]["output"].as_str()),
+        (Some(call_id.as_str()), Some("Sunny and 21 degrees."))
+    );
+    let reply =
+        client.events().into_iter().find(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true);
+    assert_eq!(reply.unwrap()["text"], "The weather: Sunny and 21 degrees.");
+    let heard = client.inbox.lock().unwrap().agent_pcm.clone();
+    eprintln!("measured: the client heard peak RMS {:.0} over {} samples", peak_rms(&heard, 48_000), heard.len());
+    assert!(peak_rms(&heard, 48_000) > 1000.0, "the reply was heard");
+
+    // After the character spoke, its voice stays (OpenAI's rule); an unknown call id is an error.
+    client.send_text(r#"{"type":"session.update","voice":"coral"}"#).await;
+    client.send_text(r#"{"type":"tool.output","call_id":"call_nope","output":"x"}"#).await;
+    client
+        .silence_until("both errors", Duration::from_secs(10), |evs| {
+            evs.iter().any(|e| e["type"] == "error" && e["code"] == "session_update_unsupported")
+                && evs.iter().any(|e| e["type"] == "error" && e["code"] == "unknown_tool_call")
+        })
+        .await;
+    assert_eq!(fake.conn(0).of_type("session.update").len(), 2, "nothing left to send for a refused voice");
+    // Bad declarations are refused before they reach the model.
+    client.send_text(r#"{"type":"session.update","tools":[{"name":"no spaces allowed"}]}"#).await;
+    client
+        .silence_until("bad_session_update", Duration::from_secs(10), |evs| {
+            evs.iter().any(|e| e["type"] == "error" && e["code"] == "bad_session_update")
+        })
+        .await;
+    ts.server.shutdown().await.unwrap();
+}

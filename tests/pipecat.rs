@@ -262,3 +262,32 @@ async fn the_unchanged_pipecat_client_talks_in_chromium() {
         "measured: pipecat client heard {first_ms:.0} ms of the first reply, {second_ms:.0} ms of the typed reply"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_session_route_claims_the_tokens_jti_like_the_offer() {
+    let prefix = redis_prefix();
+    let redis_url = std::env::var("KOTODAMA_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let (url, pre) = (redis_url.clone(), prefix.clone());
+    let ts = TestServer::start_with(move |c| {
+        c.redis_url = Some(url);
+        c.redis_prefix = pre;
+        c.token_secret = Some("pipecat-jti-test-secret-0123456789abcdef".into());
+    })
+    .await;
+    let (id, token, _) = ts.create_session().await;
+    // The token's jti, from its JWT payload.
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    let key = format!("{prefix}jti:{}", claims["jti"].as_str().unwrap());
+    let mut redis = redis::Client::open(redis_url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let before: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut redis).await.unwrap();
+    assert_eq!(before, None);
+    let offer = json!({"sdp": pipecat_offer(), "type": "offer", "pc_id": null, "restart_pc": false});
+    let (status, answer) = post(&ts, &format!("/v1/sessions/{id}/api/offer"), offer, Some(&token)).await;
+    assert_eq!(status, 200, "{answer}");
+    let used: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut redis).await.unwrap();
+    assert_eq!(used.as_deref(), Some("1"), "the token is used up for every node (single use)");
+    ts.server.shutdown().await.unwrap();
+}

@@ -99,10 +99,7 @@ async fn speech_round_trip_barge_in_and_delete() {
         .collect();
     let first_ts = audio.first().expect("agent audio arrived").1;
     let audio_at = |offset_ms: u64| {
-        audio
-            .iter()
-            .find(|(_, ts)| u64::from(ts.wrapping_sub(first_ts)) / 48 >= offset_ms)
-            .map(|(at, _)| *at)
+        audio.iter().find(|(_, ts)| u64::from(ts.wrapping_sub(first_ts)) / 48 >= offset_ms).map(|(at, _)| *at)
     };
     let mut skews = Vec::new();
     let mut starts = Vec::new();

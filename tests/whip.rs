@@ -221,3 +221,86 @@ async fn a_whep_player_hears_the_character_answer_a_whip_publisher() {
     publisher.close().await;
     let _ = player.pc.close().await;
 }
+
+const EVENTS_KEY: &str = "whip-events-key-0123456789";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_reads_the_whip_sessions_events_as_server_sent_events() {
+    let ts = TestServer::start_with(|c| c.api_keys = vec![EVENTS_KEY.into()]).await;
+    let mut publisher = publish(&ts.base, &ts.http, CHARACTER, Some(EVENTS_KEY)).await;
+    let url = format!("{}{}/events", ts.base, publisher.location);
+    assert_eq!(ts.http.get(&url).send().await.unwrap().status(), 401, "the publisher's credentials are needed");
+    let mut res = ts.http.get(&url).bearer_auth(EVENTS_KEY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let seen = std::sync::Arc::clone(&lines);
+    tokio::spawn(async move {
+        let mut buf = String::new();
+        while let Ok(Some(chunk)) = res.chunk().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find('\n') {
+                let line: String = buf.drain(..=end).collect();
+                if let Some(data) = line.trim_end().strip_prefix("data:") {
+                    seen.lock().unwrap().push(serde_json::from_str(data.trim()).expect("one JSON event per data line"));
+                }
+            }
+        }
+    });
+    let events = || lines.lock().unwrap().clone();
+    let (_, question) = wav("user_question.wav");
+    publisher.silence(Duration::from_millis(300)).await;
+    publisher.speak(&question).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !events().iter().any(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true) {
+        assert!(Instant::now() < deadline, "the reply's events reached the stream: {:#?}", events());
+        publisher.silence(Duration::from_millis(100)).await;
+    }
+    let evs = events();
+    assert_eq!(evs[0]["type"], "session.ready", "a late watcher starts with session.ready: {evs:?}");
+    assert!(evs.iter().any(|e| e["type"] == "user.speech_started"), "{evs:?}");
+    let res =
+        ts.http.delete(format!("{}{}", ts.base, publisher.location)).bearer_auth(EVENTS_KEY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !events().iter().any(|e| e["type"] == "session.ended") {
+        assert!(Instant::now() < deadline, "session.ended reached the stream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    publisher.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whep_player_that_went_away_frees_its_slot() {
+    let ts = TestServer::start_with(|c| c.session.peer_timeout_secs = 6).await;
+    let publisher = publish(&ts.base, &ts.http, CHARACTER, None).await;
+    let mut players = Vec::new();
+    for _ in 0..kotodama::session::whip_link::MAX_PLAYERS {
+        players.push(play(&ts.base, &ts.http, &publisher.location, None, false).await);
+    }
+    let whep = format!("{}{}/whep", ts.base, publisher.location);
+    let (_p, _d, _t, _s, _i, offer) = player_offer(false).await;
+    let (status, headers, body) = post_sdp(&ts.http, &whep, None, offer).await;
+    assert_eq!(status, 503, "all slots taken: {body}");
+    assert!(headers.get("retry-after").is_some());
+
+    // One player's connection goes away without a DELETE: once the server sees it failed or
+    // closed, a new player gets its slot.
+    let gone = players.remove(0);
+    gone.pc.close().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_p, _d, _t, _s, _i, offer) = player_offer(false).await;
+        let (status, _, body) = post_sdp(&ts.http, &whep, None, offer).await;
+        if status == 201 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(Instant::now() < deadline, "the slot was freed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for p in players {
+        let _ = p.pc.close().await;
+    }
+    publisher.close().await;
+}

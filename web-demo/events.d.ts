@@ -9,6 +9,9 @@ export type Emotion = "neutral" | "happy" | "sad" | "angry" | "surprised" | "fea
 /** Who produced a piece of conversation. */
 export type Role = "user" | "agent";
 
+/** A tool the client declares and runs (OpenAI Realtime's function tool: `name`, `description`, JSON-schema `parameters`). */
+export type ToolDeclaration = { description?: string; name: string; parameters?: unknown };
+
 /** A mouth shape: the 15 Oculus/Meta Lipsync visemes, serialised with exactly these names. */
 export type Viseme = "sil" | "PP" | "FF" | "TH" | "DD" | "kk" | "CH" | "SS" | "nn" | "RR" | "aa" | "E" | "ih" | "oh" | "ou";
 
@@ -144,6 +147,19 @@ export interface AgentNotificationEvent {
   text: string;
 }
 
+/** A translation of a final transcript for subtitles (extension, issue 15): sent after the `transcript` with `final: true` of `item_id` when the user's language differs from the character's and a translation endpoint is configured (`[translation]`). */
+export interface TranscriptTranslationEvent {
+  type: "transcript.translation";
+  /** The item of the final transcript translated. */
+  item_id: string;
+  /** The language translated into (BCP 47 tag, e.g. `ja`): the user's. */
+  language: string;
+  /** Whose words (today: the agent's). */
+  role: Role;
+  /** The translated text. */
+  text: string;
+}
+
 /** The session reached one of its budgets (extension): model tokens, session time or tool calls, per session or per user per day. With `action` `end` the session ends next (`session.ended {reason: "budget_exceeded"}`); with `degrade` it stays connected but the character no longer answers. */
 export interface BudgetExceededEvent {
   type: "budget.exceeded";
@@ -161,6 +177,17 @@ export interface BudgetExceededEvent {
   used: number;
 }
 
+/** The model called a tool the client declared (extension: `session.update {tools}`); the client runs it and answers with `tool.output` under the same `call_id` (the model waits for it, at most [`CLIENT_TOOL_TIMEOUT_MS`], then gets an error output). Shape of OpenAI Realtime's `function_call` item (`call_id`, `name`, `arguments`). */
+export interface ToolCallEvent {
+  type: "tool.call";
+  /** The arguments as the model wrote them: a JSON object as text (it may not match the schema; the client validates). */
+  arguments: string;
+  /** The call's id, echoed in `tool.output`. */
+  call_id: string;
+  /** The declared tool's name. */
+  name: string;
+}
+
 export type ServerEvent =
   | SessionReadyEvent
   | StateEvent
@@ -176,7 +203,9 @@ export type ServerEvent =
   | GestureEvent
   | SessionEndedEvent
   | AgentNotificationEvent
-  | BudgetExceededEvent;
+  | TranscriptTranslationEvent
+  | BudgetExceededEvent
+  | ToolCallEvent;
 
 /** A typed user message, handled like a spoken turn. */
 export interface ClientTextEvent {
@@ -195,8 +224,40 @@ export interface ClientPingEvent {
   type: "ping";
 }
 
+/** A screen or camera frame for models that take images (extension, issue 15): a data URL `data:image/jpeg;base64,...` or `data:image/png;base64,...`. The message may be up to [`MAX_IMAGE_MESSAGE`] bytes; the server limits the image's size and rate and answers an `error` (`images_unsupported` once, `image_too_large`, `bad_image`, `image_rate_limited`) when it drops one. */
+export interface ClientImageEvent {
+  type: "image";
+  /** The image as a data URL. */
+  data: string;
+}
+
+/** Change the running session (extension; OpenAI Realtime's `session.update`): absent fields stay as they are. `instructions` are added to the character's persona, `voice` replaces its voice where the provider allows it (OpenAI: before the character first spoke), `tools` replaces the tools the client declared (the character's own tools stay), `language` sets the user's language for translated subtitles (issue 15). A provider that cannot take a change answers an `error` (`session_update_unsupported`). */
+export interface ClientSessionUpdateEvent {
+  type: "session.update";
+  /** Instructions for the rest of the session (at most [`MAX_CLIENT_INSTRUCTIONS`] bytes). */
+  instructions?: string | null;
+  /** The user's language (BCP 47 tag, e.g. `ja`, `en-US`): agent transcripts get a `transcript.translation` into it when it differs from the character's. */
+  language?: string | null;
+  /** Tools the model may call and the client runs (`tool.call` -> `tool.output`); at most [`MAX_CLIENT_TOOLS`]. */
+  tools?: ToolDeclaration[] | null;
+  /** A provider voice name (e.g. OpenAI's `marin`). */
+  voice?: string | null;
+}
+
+/** The result of a `tool.call` (extension): the model continues with it once every call of its response is answered. */
+export interface ClientToolOutputEvent {
+  type: "tool.output";
+  /** The `call_id` of the `tool.call`. */
+  call_id: string;
+  /** The result as text (JSON or plain words), at most [`MAX_TOOL_OUTPUT`] bytes. */
+  output: string;
+}
+
 export type ClientEvent =
   | ClientTextEvent
   | ClientInterruptEvent
-  | ClientPingEvent;
+  | ClientPingEvent
+  | ClientImageEvent
+  | ClientSessionUpdateEvent
+  | ClientToolOutputEvent;
 

@@ -259,10 +259,28 @@ fn short_term_error(e: ShortTermError) -> ApiError {
     ApiError::unavailable("session state is unavailable; retry shortly", Duration::from_secs(2))
 }
 
+/// Admission of a request that creates a session, the one check every creating route makes
+/// (`POST /v1/sessions`, Pipecat's `POST /api/offer`, `POST /v1/realtime/client_secrets` and
+/// `/v1/realtime/calls`, `POST /v1/characters/{id}/whip`):
+///
+/// * a node that is draining or still starting answers 503 `unavailable` + `Retry-After`
+///   ([`Limits::retry_after`]);
+/// * past the sessions-per-minute limit of the request's bucket (its API key or signed-in user,
+///   else its client IP `ip`) it answers 429 `rate_limited` + `Retry-After` (the seconds left in
+///   the bucket's minute). Both `caller` and `ip` `None` counts nothing (a call placed with a
+///   client secret: the secret's minting was counted).
+///
+/// Errors: those two, or 503 when the short-term store (Redis) is unreachable.
+pub async fn admit_creation(st: &ApiState, caller: Option<&Caller>, ip: Option<IpAddr>) -> Result<(), ApiError> {
+    if !st.host.accepting() {
+        return Err(ApiError::unavailable("not accepting new sessions (draining)", st.limits.retry_after));
+    }
+    rate_limit(st, caller, ip).await
+}
+
 /// The rate-limit bucket of a creation request: its API key or signed-in user, else its client IP.
-/// 429 + `Retry-After` past the configured sessions per minute. Public for routes outside this
-/// router that create sessions (Pipecat's `/api/offer`).
-pub async fn rate_limit(st: &ApiState, caller: Option<&Caller>, ip: Option<IpAddr>) -> Result<(), ApiError> {
+/// 429 + `Retry-After` past the configured sessions per minute.
+async fn rate_limit(st: &ApiState, caller: Option<&Caller>, ip: Option<IpAddr>) -> Result<(), ApiError> {
     let (bucket, limit) = match (caller, ip) {
         (Some(c), _) => (format!("rl:{}", c.audit_name()), st.limits.sessions_per_minute_per_key),
         (None, Some(ip)) => (format!("rl:ip:{ip}"), st.limits.sessions_per_minute_per_ip),
@@ -358,9 +376,6 @@ async fn create_session(
     body: Body,
 ) -> Result<Response, ApiError> {
     let caller = authenticate(&st, &headers).await?;
-    if !st.host.accepting() {
-        return Err(ApiError::unavailable("not accepting new sessions (draining)", st.limits.retry_after));
-    }
     let ip = connect.map(|c| c.0.0.ip());
     let bytes = read_body(body, &headers, st.limits.max_json_bytes).await?;
     let mut request: crate::host::CreateSessionRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -399,9 +414,10 @@ async fn create_session(
         Some(Idempotent::Fresh { key, fingerprint }) => Some((key, fingerprint)),
         None => None,
     };
-    // A replayed request does not count against the limit; a fresh one does.
+    // A replayed request does not count against the limit (and is answered while draining: the
+    // session exists); a fresh one does.
     let outcome = async {
-        rate_limit(&st, caller.as_ref(), ip).await?;
+        admit_creation(&st, caller.as_ref(), ip).await?;
         request.api_key_id = match &caller {
             Some(Caller::Key(k)) => Some(k.id.clone()),
             _ => None,
@@ -483,20 +499,14 @@ async fn offer(
         _ => {}
     }
     let offer = validate_offer(&bytes)?;
-    // Single use: claim the token's jti until it expires (plus the clock leeway).
-    let jti_key = format!("jti:{}", claims.jti);
-    let left = claims.exp.saturating_sub(OffsetDateTime::now_utc().unix_timestamp()).max(0) as u64;
-    let ttl = Duration::from_secs(left) + crate::token::NBF_LEEWAY;
-    if st.short_term.set_nx(&jti_key, b"1", ttl).await.map_err(short_term_error)?.is_some() {
-        return Err(TokenError::Replayed.into());
-    }
+    claim_token(&st, &claims).await?;
     let answer = match st.host.offer(&id, offer).await {
         Ok(a) => a,
         Err(e) => {
             // The offer did not take: the token may try again (a corrected offer, a retry after
             // 503). A 409 means another offer won; the claim stays.
             if !matches!(e, ApiError::Conflict(_)) {
-                let _ = st.short_term.delete(&jti_key).await;
+                release_token(&st, &claims).await;
             }
             return Err(e);
         }
@@ -664,6 +674,25 @@ fn strict_api_key(st: &ApiState, headers: &HeaderMap) -> Result<ApiKeyIdentity, 
             st.api_keys.identify(key).ok_or_else(|| ApiError::unauthorized("api_key_invalid", "invalid API key"))
         }
     }
+}
+
+/// Single use of a session token: claim its `jti` until the token expires (plus the clock
+/// leeway), in the short-term store shared by the cluster. Every route that connects a session
+/// with its token claims it (the offer, Pipecat's per-session offer, the WebSocket).
+/// Errors: 401 `token_replayed` when it was claimed before, 503 when the store is unreachable.
+pub async fn claim_token(st: &ApiState, claims: &crate::token::Claims) -> Result<(), ApiError> {
+    let left = claims.exp.saturating_sub(OffsetDateTime::now_utc().unix_timestamp()).max(0) as u64;
+    let ttl = Duration::from_secs(left) + crate::token::NBF_LEEWAY;
+    let key = format!("jti:{}", claims.jti);
+    if st.short_term.set_nx(&key, b"1", ttl).await.map_err(short_term_error)?.is_some() {
+        return Err(TokenError::Replayed.into());
+    }
+    Ok(())
+}
+
+/// Give a claimed token back (its connection did not happen: the client may try again).
+pub async fn release_token(st: &ApiState, claims: &crate::token::Claims) {
+    let _ = st.short_term.delete(&format!("jti:{}", claims.jti)).await;
 }
 
 fn authorize_token(

@@ -153,13 +153,33 @@ fn open_string(v: &Value, alternatives: usize) -> String {
     if t == "string" && alternatives > 1 { "(string & {})".into() } else { t }
 }
 
-fn scalar(t: &str, _o: &Map<String, Value>) -> String {
+fn scalar(t: &str, o: &Map<String, Value>) -> String {
     match t {
         "string" => "string",
         "integer" | "number" => "number",
         "boolean" => "boolean",
         "null" => "null",
+        "array" => {
+            let item = o.get("items").map_or_else(|| "unknown".to_owned(), ts_type);
+            return if item.contains(' ') { format!("({item})[]") } else { format!("{item}[]") };
+        }
+        "object" => return object_type(o),
         _ => "unknown",
     }
     .into()
+}
+
+/// An object schema as an inline TypeScript type (`{ a: string; b?: number }`).
+fn object_type(o: &Map<String, Value>) -> String {
+    let Some(Value::Object(props)) = o.get("properties") else { return "Record<string, unknown>".into() };
+    let required: Vec<&str> = o
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let fields: Vec<String> = props
+        .iter()
+        .map(|(k, v)| format!("{k}{}: {}", if required.contains(&k.as_str()) { "" } else { "?" }, ts_type(v)))
+        .collect();
+    format!("{{ {} }}", fields.join("; "))
 }

@@ -198,6 +198,20 @@ pub enum ServerEvent {
         /// What happens now: `end` or `degrade`.
         action: String,
     },
+    /// The model called a tool the client declared (extension: `session.update {tools}`); the
+    /// client runs it and answers with `tool.output` under the same `call_id` (the model waits
+    /// for it, at most [`CLIENT_TOOL_TIMEOUT_MS`], then gets an error output). Shape of OpenAI
+    /// Realtime's `function_call` item (`call_id`, `name`, `arguments`).
+    #[serde(rename = "tool.call")]
+    ToolCall {
+        /// The call's id, echoed in `tool.output`.
+        call_id: String,
+        /// The declared tool's name.
+        name: String,
+        /// The arguments as the model wrote them: a JSON object as text (it may not match the
+        /// schema; the client validates).
+        arguments: String,
+    },
 }
 
 impl ServerEvent {
@@ -235,6 +249,7 @@ impl ServerEvent {
             ServerEvent::AgentNotification { .. } => "agent_notification",
             ServerEvent::BudgetExceeded { .. } => "budget.exceeded",
             ServerEvent::TranscriptTranslation { .. } => "transcript.translation",
+            ServerEvent::ToolCall { .. } => "tool.call",
         }
     }
 
@@ -256,6 +271,7 @@ impl ServerEvent {
         "moderation",
         "budget.exceeded",
         "transcript.translation",
+        "tool.call",
     ];
 
     /// One JSON object, ready to send as a data-channel text message.
@@ -295,19 +311,73 @@ pub enum ClientEvent {
         /// The image as a data URL.
         data: String,
     },
-    /// Session settings the client may change (extension, issue 15). Absent fields are unchanged.
+    /// Change the running session (extension; OpenAI Realtime's `session.update`): absent fields
+    /// stay as they are. `instructions` are added to the character's persona, `voice` replaces
+    /// its voice where the provider allows it (OpenAI: before the character first spoke),
+    /// `tools` replaces the tools the client declared (the character's own tools stay), `language`
+    /// sets the user's language for translated subtitles (issue 15). A
+    /// provider that cannot take a change answers an `error` (`session_update_unsupported`).
     #[serde(rename = "session.update")]
     SessionUpdate {
+        /// Instructions for the rest of the session (at most [`MAX_CLIENT_INSTRUCTIONS`] bytes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instructions: Option<String>,
+        /// A provider voice name (e.g. OpenAI's `marin`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        voice: Option<String>,
+        /// Tools the model may call and the client runs (`tool.call` -> `tool.output`); at most
+        /// [`MAX_CLIENT_TOOLS`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tools: Option<Vec<ToolDeclaration>>,
         /// The user's language (BCP 47 tag, e.g. `ja`, `en-US`): agent transcripts get a
         /// `transcript.translation` into it when it differs from the character's.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         language: Option<String>,
     },
+    /// The result of a `tool.call` (extension): the model continues with it once every call of
+    /// its response is answered.
+    #[serde(rename = "tool.output")]
+    ToolOutput {
+        /// The `call_id` of the `tool.call`.
+        call_id: String,
+        /// The result as text (JSON or plain words), at most [`MAX_TOOL_OUTPUT`] bytes.
+        output: String,
+    },
+}
+
+/// Longest client `session.update.instructions`, bytes.
+pub const MAX_CLIENT_INSTRUCTIONS: usize = 8 * 1024;
+/// Most tools a client may declare.
+pub const MAX_CLIENT_TOOLS: usize = 64;
+/// Longest `tool.output.output`, bytes.
+pub const MAX_TOOL_OUTPUT: usize = 8 * 1024;
+/// How long the model waits for a client's `tool.output`, ms; then it gets an error output.
+pub const CLIENT_TOOL_TIMEOUT_MS: u64 = 30_000;
+
+/// A tool the client declares and runs (OpenAI Realtime's function tool: `name`,
+/// `description`, JSON-schema `parameters`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ToolDeclaration {
+    /// Function name: 1 to 64 of `a-z A-Z 0-9 _ -` (OpenAI's rule for function names).
+    pub name: String,
+    /// What it does (the model reads this).
+    #[serde(default)]
+    pub description: String,
+    /// JSON schema of the arguments (an object schema; `{}` when absent).
+    #[serde(default)]
+    pub parameters: serde_json::Value,
+}
+
+impl ToolDeclaration {
+    /// Whether `name` is a valid function name (1 to 64 of `a-z A-Z 0-9 _ -`).
+    pub fn valid_name(name: &str) -> bool {
+        (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    }
 }
 
 impl ClientEvent {
     /// Every client `type` this schema knows.
-    pub const TYPES: &'static [&'static str] = &["text", "interrupt", "ping", "image", "session.update"];
+    pub const TYPES: &'static [&'static str] = &["text", "interrupt", "ping", "image", "session.update", "tool.output"];
 
     /// The wire `type` of this event.
     pub fn type_name(&self) -> &'static str {
@@ -317,6 +387,7 @@ impl ClientEvent {
             ClientEvent::Ping => "ping",
             ClientEvent::Image { .. } => "image",
             ClientEvent::SessionUpdate { .. } => "session.update",
+            ClientEvent::ToolOutput { .. } => "tool.output",
         }
     }
 
@@ -763,6 +834,8 @@ mod tests {
         for kind in ClientEvent::TYPES {
             let json = match *kind {
                 "text" => r#"{"type":"text","text":"x"}"#.to_owned(),
+                "tool.output" => r#"{"type":"tool.output","call_id":"c","output":"x"}"#.to_owned(),
+                "image" => r#"{"type":"image","data":"data:image/png;base64,AA=="}"#.to_owned(),
                 other => format!(r#"{{"type":"{other}"}}"#),
             };
             let event = parse_client_message(json.as_bytes())

@@ -71,6 +71,11 @@ fn server_samples() -> Vec<ServerEvent> {
             text: "こんにちは！何かお手伝いしましょうか？".into(),
             language: "ja".into(),
         },
+        ServerEvent::ToolCall {
+            call_id: "call_42".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Tokyo"}"#.into(),
+        },
     ]
 }
 
@@ -80,7 +85,17 @@ fn client_samples() -> Vec<ClientEvent> {
         ClientEvent::Interrupt,
         ClientEvent::Ping,
         ClientEvent::Image { data: "data:image/png;base64,iVBORw0KGgo=".into() },
-        ClientEvent::SessionUpdate { language: Some("ja".into()) },
+        ClientEvent::SessionUpdate {
+            language: Some("ja".into()),
+            instructions: Some("Keep answers short.".into()),
+            voice: None,
+            tools: Some(vec![signaling::events::ToolDeclaration {
+                name: "get_weather".into(),
+                description: "The weather in a city".into(),
+                parameters: serde_json::json!({"type":"object","properties":{"city":{"type":"string"}}}),
+            }]),
+        },
+        ClientEvent::ToolOutput { call_id: "call_42".into(), output: r#"{"sky":"sunny","celsius":21}"#.into() },
     ]
 }
 

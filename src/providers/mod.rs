@@ -214,8 +214,78 @@ pub enum ProviderCommand {
     /// nothing heard from it, issue 12 kind 7): replace it (reconnect, or fail over to the next
     /// provider). Carried out by the resilience layer ([`resilient`]); a provider session ignores it.
     Restart,
+    /// Change the running model session (the client's `session.update`): see [`SessionUpdate`].
+    /// A provider that cannot apply a part answers [`ProviderEvent::Error`] with code
+    /// [`SESSION_UPDATE_UNSUPPORTED`] and keeps running as it was.
+    UpdateSession(SessionUpdate),
+    /// The client's result of a [`ProviderEvent::ToolCall`]: handed to the model as the call's
+    /// output; the model continues once every call of its response is answered.
+    ToolOutput {
+        /// The call's id.
+        call_id: String,
+        /// The result as text.
+        output: String,
+    },
     /// End the provider session.
     Close,
+}
+
+/// A change to a running model session; `None` leaves that part as it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionUpdate {
+    /// Instructions added to the character's persona for the rest of the session.
+    pub instructions: Option<String>,
+    /// The provider's voice name; only before the character first spoke (OpenAI Realtime refuses
+    /// a voice change once the session produced audio).
+    pub voice: Option<String>,
+    /// The tools the client declared (replacing its earlier ones; the character's own tools stay).
+    /// Their calls are [`ProviderEvent::ToolCall`]s, answered by [`ProviderCommand::ToolOutput`].
+    pub tools: Option<Vec<tools::ToolSpec>>,
+}
+
+impl SessionUpdate {
+    /// A later update on top of this one (what a fresh provider session must be given).
+    pub fn merge(&mut self, later: SessionUpdate) {
+        if later.instructions.is_some() {
+            self.instructions = later.instructions;
+        }
+        if later.voice.is_some() {
+            self.voice = later.voice;
+        }
+        if later.tools.is_some() {
+            self.tools = later.tools;
+        }
+    }
+
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.instructions.is_none() && self.voice.is_none() && self.tools.is_none()
+    }
+}
+
+/// [`ProviderEvent::Error`] code of a [`ProviderCommand::UpdateSession`] the provider cannot apply.
+pub const SESSION_UPDATE_UNSUPPORTED: &str = "session_update_unsupported";
+
+/// The error a provider without mid-session changes answers an update with (`provider`: its name).
+pub fn session_update_unsupported(provider: &str, update: &SessionUpdate) -> ProviderEvent {
+    let mut parts = Vec::new();
+    if update.instructions.is_some() {
+        parts.push("instructions");
+    }
+    if update.voice.is_some() {
+        parts.push("voice");
+    }
+    if update.tools.is_some() {
+        parts.push("tools");
+    }
+    ProviderEvent::Error {
+        code: SESSION_UPDATE_UNSUPPORTED.into(),
+        message: format!(
+            "the `{provider}` provider cannot change {} of a running session; they stay as the call started",
+            parts.join(", ")
+        ),
+        retryable: false,
+    }
 }
 
 /// Who said something.
@@ -331,6 +401,16 @@ pub enum ProviderEvent {
     Usage {
         /// Tokens used by that response.
         tokens: u64,
+    },
+    /// The model called a tool the client declared ([`SessionUpdate::tools`]): the client runs it
+    /// and answers with [`ProviderCommand::ToolOutput`].
+    ToolCall {
+        /// The call's id.
+        call_id: String,
+        /// The tool's name.
+        name: String,
+        /// The arguments, JSON text as the model wrote it.
+        arguments: String,
     },
     /// The provider session ended.
     Closed,

@@ -54,7 +54,7 @@ use tokio::time::Instant;
 use super::{
     AudioFormat, COMMAND_CHANNEL_CAPACITY, Capabilities, EVENT_CHANNEL_CAPACITY, History, HistoryItem,
     MAX_HISTORY_ITEMS, Pcm, ProviderCommand, ProviderError, ProviderEvent, ProviderSession, RealtimeProvider,
-    SessionConfig, Speaker,
+    SessionConfig, SessionUpdate, Speaker,
 };
 
 /// Commands (other than audio) queued while reconnecting.
@@ -265,6 +265,8 @@ struct Supervisor {
     last_agent_audio: Option<Instant>,
     /// Provider sessions lost since the last completed reply.
     restarts_in_turn: u32,
+    /// The client's session changes so far, given again to every replacement session.
+    session_update: SessionUpdate,
 }
 
 impl Supervisor {
@@ -320,6 +322,7 @@ impl Supervisor {
             ready_forwarded: false,
             last_agent_audio: None,
             restarts_in_turn: 0,
+            session_update: SessionUpdate::default(),
         }
     }
 
@@ -469,7 +472,17 @@ impl Supervisor {
                 }
                 return;
             }
-            ProviderCommand::Close | ProviderCommand::AppendHistory(_) | ProviderCommand::Image(_) => {}
+            ProviderCommand::UpdateSession(update) => {
+                self.session_update.merge(update.clone());
+                if self.live.is_none() {
+                    // The replacement session gets the merged update (see `after_swap`).
+                    return;
+                }
+            }
+            ProviderCommand::Close
+            | ProviderCommand::AppendHistory(_)
+            | ProviderCommand::ToolOutput { .. }
+            | ProviderCommand::Image(_) => {}
         }
         match &self.live {
             Some(live) => {
@@ -702,6 +715,9 @@ impl Supervisor {
         self.emit(ProviderEvent::Notice { code: code.into(), message }).await;
         let Some(live) = &self.live else { return };
         let tx = live.session.commands.clone();
+        if !self.session_update.is_empty() {
+            let _ = tx.send(ProviderCommand::UpdateSession(self.session_update.clone())).await;
+        }
         if !self.added_since_snapshot.is_empty() {
             let _ = tx.send(ProviderCommand::AppendHistory(std::mem::take(&mut self.added_since_snapshot))).await;
         }

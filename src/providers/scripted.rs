@@ -241,7 +241,15 @@ async fn run(
                         reply = Some(ReplyState::new(
                             format!("{session_id}-agent-{turn_no}"), idx, config.response_delay));
                     }
-                    ProviderCommand::SpeechStarted | ProviderCommand::Restart | ProviderCommand::Image(_) => {}
+                    // No client tools are ever called here, so no outputs arrive.
+                    ProviderCommand::SpeechStarted
+                    | ProviderCommand::Restart
+                    | ProviderCommand::ToolOutput { .. }
+                    | ProviderCommand::Image(_) => {}
+                    ProviderCommand::UpdateSession(update) => {
+                        let ev = super::session_update_unsupported("scripted", &update);
+                        if events.send(ev).await.is_err() { break; }
+                    }
                     ProviderCommand::Cancel => {
                         if let Some(rec) = &recorder { rec.lock().cancels += 1; }
                         if let Some(r) = reply.take() {

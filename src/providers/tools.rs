@@ -25,6 +25,26 @@ pub struct ToolSpec {
     pub parameters: Value,
 }
 
+impl ToolSpec {
+    /// The api-v1 form (`session.update.tools` of a client, recordings).
+    pub fn declaration(&self) -> signaling::events::ToolDeclaration {
+        signaling::events::ToolDeclaration {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            parameters: self.parameters.clone(),
+        }
+    }
+}
+
+impl From<signaling::events::ToolDeclaration> for ToolSpec {
+    /// A client's declaration; absent `parameters` become an empty object schema.
+    fn from(d: signaling::events::ToolDeclaration) -> Self {
+        let parameters =
+            if d.parameters.is_null() { json!({"type": "object", "properties": {}}) } else { d.parameters };
+        Self { name: d.name, description: d.description, parameters }
+    }
+}
+
 /// Default time a handler may take.
 pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -20,7 +20,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use signaling::events::{AgentState, ClientEvent, Role, ServerEvent};
 
-use crate::providers::{Capabilities, HistoryItem, Pcm, ProviderCommand, ProviderEvent, Speaker};
+use crate::providers::tools::ToolSpec;
+use crate::providers::{Capabilities, HistoryItem, Pcm, ProviderCommand, ProviderEvent, SessionUpdate, Speaker};
 use crate::session::conversation::{AgentResult, Input, Output};
 use crate::session::link::ClientVoice;
 
@@ -390,6 +391,15 @@ pub enum RecProviderEvent {
         #[serde(default = "replaced_default")]
         replaced: bool,
     },
+    /// [`ProviderEvent::ToolCall`].
+    ToolCall {
+        /// Call id.
+        call_id: String,
+        /// Tool name.
+        name: String,
+        /// Arguments (JSON text).
+        arguments: String,
+    },
     /// [`ProviderEvent::Closed`].
     Closed,
 }
@@ -437,6 +447,22 @@ pub enum RecCommand {
     },
     /// [`ProviderCommand::Restart`].
     Restart,
+    /// [`ProviderCommand::UpdateSession`].
+    UpdateSession {
+        /// Instructions.
+        instructions: Option<String>,
+        /// Voice.
+        voice: Option<String>,
+        /// The client's tools.
+        tools: Option<Vec<signaling::events::ToolDeclaration>>,
+    },
+    /// [`ProviderCommand::ToolOutput`].
+    ToolOutput {
+        /// Call id.
+        call_id: String,
+        /// The client's result.
+        output: String,
+    },
     /// [`ProviderCommand::Close`].
     Close,
     /// [`ProviderCommand::Image`], summarised (the image itself is not recorded).
@@ -648,6 +674,9 @@ impl RecProviderEvent {
                 replaced: *replaced,
             },
             ProviderEvent::Usage { tokens } => Self::Usage { tokens: *tokens },
+            ProviderEvent::ToolCall { call_id, name, arguments } => {
+                Self::ToolCall { call_id: call_id.clone(), name: name.clone(), arguments: arguments.clone() }
+            }
             ProviderEvent::Closed => Self::Closed,
         }
     }
@@ -685,6 +714,7 @@ impl RecProviderEvent {
             Self::Moderated { item_id, category, text, policy_version, source, replaced } => {
                 ProviderEvent::Moderated { item_id, category, text, policy_version, source, replaced }
             }
+            Self::ToolCall { call_id, name, arguments } => ProviderEvent::ToolCall { call_id, name, arguments },
             Self::Closed => ProviderEvent::Closed,
         }
     }
@@ -716,6 +746,14 @@ impl RecCommand {
             },
             ProviderCommand::Restart => Self::Restart,
             ProviderCommand::Image(i) => Self::Image { mime_type: i.mime_type.to_owned(), base64_len: i.base64.len() },
+            ProviderCommand::UpdateSession(u) => Self::UpdateSession {
+                instructions: u.instructions.clone(),
+                voice: u.voice.clone(),
+                tools: u.tools.as_ref().map(|t| t.iter().map(ToolSpec::declaration).collect()),
+            },
+            ProviderCommand::ToolOutput { call_id, output } => {
+                Self::ToolOutput { call_id: call_id.clone(), output: output.clone() }
+            }
             ProviderCommand::Close => Self::Close,
         }
     }
@@ -744,6 +782,12 @@ impl RecCommand {
                     .collect(),
             ),
             Self::Restart => ProviderCommand::Restart,
+            Self::UpdateSession { instructions, voice, tools } => ProviderCommand::UpdateSession(SessionUpdate {
+                instructions,
+                voice,
+                tools: tools.map(|t| t.into_iter().map(ToolSpec::from).collect()),
+            }),
+            Self::ToolOutput { call_id, output } => ProviderCommand::ToolOutput { call_id, output },
             Self::Close => ProviderCommand::Close,
         })
     }

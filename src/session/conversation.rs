@@ -607,6 +607,10 @@ impl Conversation {
 
     /// A command we assumed sent was refused: a requested reply will not come.
     fn on_refused(&mut self, cmd: ProviderCommand) {
+        if matches!(cmd, ProviderCommand::UpdateSession(_) | ProviderCommand::ToolOutput { .. }) {
+            let message = "the model is busy and did not take the client's message; send it again".into();
+            return self.event(ServerEvent::Error { code: "busy".into(), message });
+        }
         if !matches!(cmd, ProviderCommand::Text(_) | ProviderCommand::GenerateReply { .. }) {
             return;
         }
@@ -833,6 +837,18 @@ impl Conversation {
             }
             Some(ClientEvent::Text { text }) => self.user_text(text),
             Some(ClientEvent::Image { data }) => self.image(&data),
+            Some(ClientEvent::SessionUpdate { instructions, voice, tools, .. }) => {
+                self.session_update(instructions, voice, tools)
+            }
+            Some(ClientEvent::ToolOutput { call_id, output }) => {
+                if output.len() > signaling::events::MAX_TOOL_OUTPUT {
+                    let limit = signaling::events::MAX_TOOL_OUTPUT;
+                    let message = format!("tool.output.output is {} bytes; the limit is {limit}", output.len());
+                    self.event(ServerEvent::Error { code: "bad_tool_output".into(), message });
+                    return;
+                }
+                self.command(ProviderCommand::ToolOutput { call_id, output });
+            }
             Some(_) | None => {}
         }
     }
@@ -861,6 +877,40 @@ impl Conversation {
                 crate::image::MIN_IMAGE_INTERVAL.as_millis()
             );
             self.event(ServerEvent::Error { code: "image_rate_limited".into(), message });
+        }
+    }
+
+    /// The client's `session.update`: checked against the limits, then handed to the provider
+    /// (which applies what it can and answers an `error` for the rest).
+    fn session_update(
+        &mut self,
+        instructions: Option<String>,
+        voice: Option<String>,
+        tools: Option<Vec<signaling::events::ToolDeclaration>>,
+    ) {
+        use signaling::events::{MAX_CLIENT_INSTRUCTIONS, MAX_CLIENT_TOOLS, ToolDeclaration};
+        let bad = |message: String| ServerEvent::Error { code: "bad_session_update".into(), message };
+        if instructions.as_ref().is_some_and(|i| i.len() > MAX_CLIENT_INSTRUCTIONS) {
+            return self.event(bad(format!("instructions are limited to {MAX_CLIENT_INSTRUCTIONS} bytes")));
+        }
+        if voice.as_ref().is_some_and(|v| !ToolDeclaration::valid_name(v)) {
+            return self.event(bad("voice must be 1 to 64 of a-z A-Z 0-9 _ -".into()));
+        }
+        if let Some(t) = &tools {
+            if t.len() > MAX_CLIENT_TOOLS {
+                return self.event(bad(format!("at most {MAX_CLIENT_TOOLS} tools")));
+            }
+            if let Some(d) = t.iter().find(|d| !ToolDeclaration::valid_name(&d.name)) {
+                return self.event(bad(format!("tool name `{}` must be 1 to 64 of a-z A-Z 0-9 _ -", d.name)));
+            }
+            if let Some(d) = t.iter().find(|d| !(d.parameters.is_null() || d.parameters.is_object())) {
+                return self.event(bad(format!("tool `{}`: parameters must be a JSON schema object", d.name)));
+            }
+        }
+        let tools = tools.map(|t| t.into_iter().map(crate::providers::tools::ToolSpec::from).collect());
+        let update = crate::providers::SessionUpdate { instructions, voice, tools };
+        if !update.is_empty() {
+            self.command(ProviderCommand::UpdateSession(update));
         }
     }
 
@@ -987,6 +1037,10 @@ impl Conversation {
                 self.on_expression(ev)
             }
             ProviderEvent::Usage { tokens } => self.budget.on_reported(tokens),
+            // A client tool: the client runs it and answers `tool.output`.
+            ProviderEvent::ToolCall { call_id, name, arguments } => {
+                self.event(ServerEvent::ToolCall { call_id, name, arguments })
+            }
             ProviderEvent::Moderated { item_id, category, text, policy_version, source, replaced } => {
                 self.on_moderated(Flag { item_id, category, text, policy_version, source }, replaced)
             }

@@ -114,7 +114,12 @@ impl EventCodec for NekoCodec {
             }
             (Some("language_update" | "start_session"), _, _) => {
                 let language = v["language"].as_str().or(v["data"]["language"].as_str());
-                language.map(|l| ClientEvent::SessionUpdate { language: Some(l.to_owned()) })
+                language.map(|l| ClientEvent::SessionUpdate {
+                    language: Some(l.to_owned()),
+                    instructions: None,
+                    voice: None,
+                    tools: None,
+                })
             }
             (Some("ping"), _, _) => Some(ClientEvent::Ping),
             _ => None,
@@ -171,7 +176,15 @@ mod tests {
         let screen = br#"{"action":"stream_data","input_type":"screen","data":"data:image/jpeg;base64,/9j/"}"#;
         assert_eq!(c.decode(screen).unwrap(), Some(ClientEvent::Image { data: "data:image/jpeg;base64,/9j/".into() }));
         let lang = br#"{"action":"language_update","language":"ja"}"#;
-        assert_eq!(c.decode(lang).unwrap(), Some(ClientEvent::SessionUpdate { language: Some("ja".into()) }));
+        assert_eq!(
+            c.decode(lang).unwrap(),
+            Some(ClientEvent::SessionUpdate {
+                language: Some("ja".into()),
+                instructions: None,
+                voice: None,
+                tools: None
+            })
+        );
         assert_eq!(c.decode(br#"{"action":"start_session","input_type":"audio"}"#).unwrap(), None);
     }
 }

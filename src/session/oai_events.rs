@@ -20,12 +20,16 @@
 //! | `agent.interrupted {item_id, played_ms}` | `output_audio_buffer.cleared`, `conversation.item.truncated {item_id, content_index:0, audio_end_ms: played_ms}` (the response then ends `cancelled`) |
 //! | `state: listening` after speaking | `output_audio_buffer.stopped {response_id}` (unless cleared) |
 //! | `error {code, message}` | `error {error:{type:"invalid_request_error", code, message}}` |
+//! | `tool.call {call_id, name, arguments}` | a `function_call` item: `response.output_item.added` (in progress), `conversation.item.added`, `response.function_call_arguments.delta` / `.done`, `response.output_item.done` (completed: the SDK runs its tool on it), `conversation.item.done`; in a `response.created` ... `response.done` of its own unless a spoken reply is open |
 //! | `emotion`, `viseme`, `gesture`, `moderation`, `agent_notification`, `session.ended` | `kotodama.<type>` with the api-v1 fields (the SDK hands unknown events to `transport.on("*")`) |
 //!
-//! Client events decoded: `session.update` (acknowledged with `session.updated` carrying the
-//! session as it runs: instructions and voice were fixed when the call was created, see
-//! [`OaiSession`]), `conversation.item.create` of a user message (`input_text`: a typed turn;
-//! acknowledged with `conversation.item.added` + `.done`), `response.cancel` and the WebRTC-only
+//! Client events decoded: `session.update` (what changed of `instructions`, `audio.output.voice`
+//! and the function `tools` becomes api-v1 `session.update`, which the provider applies where it
+//! can; acknowledged with `session.updated` carrying the session as it runs, see [`OaiSession`]),
+//! `conversation.item.create` of a user message (`input_text`: a typed turn; acknowledged with
+//! `conversation.item.added` + `.done`) or of a `function_call_output` (api-v1 `tool.output`:
+//! the model continues once every call of its response is answered, so the SDK's following
+//! `response.create` needs no action), `response.cancel` and the WebRTC-only
 //! `output_audio_buffer.clear` (both: interrupt), `conversation.item.retrieve` (answered with
 //! `conversation.item.retrieved`, or an `error` naming the unknown item). Others
 //! (`response.create`: replies follow every committed turn; `conversation.item.truncate`: the
@@ -60,7 +64,7 @@ pub struct OaiSession {
 }
 
 impl OaiSession {
-    fn to_json(&self, id: &str) -> Value {
+    fn to_json(&self, id: &str, tools: &[Value]) -> Value {
         json!({
             "type": "realtime",
             "object": "realtime.session",
@@ -68,7 +72,7 @@ impl OaiSession {
             "model": self.model,
             "output_modalities": ["audio"],
             "instructions": self.instructions,
-            "tools": [],
+            "tools": tools,
             "tool_choice": "auto",
             "audio": {
                 "input": {
@@ -120,6 +124,19 @@ pub struct OaiEventsCodec {
     finished_audio: Option<String>,
     /// Replies owed to the client for what it sent (acks, retrieved items).
     replies: Vec<String>,
+    /// The instructions the call was created with (a client's `session.update` adds to them).
+    base_instructions: String,
+    /// What the client's `session.update`s set so far (only changes are handed on).
+    client: ClientSettings,
+}
+
+/// The parts of `session.update` handed to the session, as last handed on.
+#[derive(Debug, Default)]
+struct ClientSettings {
+    instructions: Option<String>,
+    voice: Option<String>,
+    /// The function tools as the client declared them (echoed in `session.updated`).
+    tools: Vec<Value>,
 }
 
 impl OaiEventsCodec {
@@ -138,7 +155,15 @@ impl OaiEventsCodec {
             reply: None,
             finished_audio: None,
             replies: Vec::new(),
+            base_instructions: String::new(),
+            client: ClientSettings::default(),
         }
+        .with_base()
+    }
+
+    fn with_base(mut self) -> Self {
+        self.base_instructions = self.session.instructions.clone();
+        self
     }
 
     /// One server message: `fields` plus `type` and a fresh `event_id`.
@@ -388,14 +413,120 @@ impl OaiEventsCodec {
         out.push(self.msg(&kind, v));
     }
 
-    /// `session.update`: acknowledged with the session as it runs.
-    fn session_updated(&mut self, v: &Value) {
-        if let Some(model) = v["session"]["model"].as_str() {
+    /// `session.update`: what changed of `instructions`, `audio.output.voice` and the function
+    /// `tools` goes to the session (api-v1 `session.update`); acknowledged with the session as it
+    /// runs. Tools of another type (`mcp`) are refused with an `error`.
+    fn session_update(&mut self, v: &Value) -> Result<Option<ClientEvent>, EventError> {
+        let s = &v["session"];
+        let bad = |reason: String| EventError::BadFields { kind: "session.update".into(), reason };
+        if let Some(model) = s["model"].as_str() {
             self.session.model = model.to_owned();
         }
-        let session = self.session.to_json(&self.session_id);
+        let instructions = s["instructions"].as_str().map(str::to_owned);
+        let voice = s["audio"]["output"]["voice"].as_str().or_else(|| s["voice"].as_str()).map(str::to_owned);
+        let tools = match &s["tools"] {
+            Value::Null => None,
+            Value::Array(tools) => {
+                if let Some(other) = tools.iter().find(|t| t["type"] != "function") {
+                    return Err(bad(format!("only function tools are supported, not `{}`", other["type"])));
+                }
+                Some(tools.clone())
+            }
+            _ => return Err(bad("session.tools must be an array".into())),
+        };
+        let mut update = (None, None, None);
+        if instructions.is_some() && instructions != self.client.instructions {
+            update.0 = instructions.clone();
+            self.client.instructions = instructions;
+        }
+        if voice.is_some() && voice.as_deref() != Some(self.session.voice.as_str()) && voice != self.client.voice {
+            update.1 = voice.clone();
+            self.client.voice = voice;
+        }
+        if let Some(tools) = tools.filter(|t| *t != self.client.tools) {
+            let declared = tools
+                .iter()
+                .map(|t| serde_json::from_value(t.clone()).map_err(|e| bad(format!("tool `{}`: {e}", t["name"]))))
+                .collect::<Result<Vec<signaling::events::ToolDeclaration>, _>>()?;
+            update.2 = Some(declared);
+            self.client.tools = tools;
+        }
+        if let Some(extra) = &self.client.instructions {
+            let base = self.base_instructions.trim_end();
+            self.session.instructions = if base.is_empty() { extra.clone() } else { format!("{base}\n\n{extra}") };
+        }
+        if let Some(voice) = &self.client.voice {
+            self.session.voice = voice.clone();
+        }
+        let session = self.session.to_json(&self.session_id, &self.client.tools);
         let ack = self.msg("session.updated", json!({"session": session}));
         self.replies.push(ack);
+        Ok(match update {
+            (None, None, None) => None,
+            (instructions, voice, tools) => {
+                Some(ClientEvent::SessionUpdate { instructions, voice, tools, language: None })
+            }
+        })
+    }
+
+    /// A `function_call_output` item: the client's answer to a `function_call` (api-v1
+    /// `tool.output`); acknowledged as an item of the conversation.
+    fn tool_output(&mut self, item: &Value) -> Result<Option<ClientEvent>, EventError> {
+        let bad =
+            |reason: &str| EventError::BadFields { kind: "conversation.item.create".into(), reason: reason.into() };
+        let call_id =
+            item["call_id"].as_str().filter(|c| !c.is_empty()).ok_or_else(|| bad("item.call_id is required"))?;
+        let output = item["output"].as_str().ok_or_else(|| bad("item.output must be a string"))?;
+        let id = match item["id"].as_str() {
+            Some(id) if !id.is_empty() && id.len() <= 64 => id.to_owned(),
+            _ => self.new_item_id(),
+        };
+        let stored = json!({"id": id, "object": "realtime.item", "type": "function_call_output", "status": "completed",
+                            "call_id": call_id, "output": output});
+        let mut acks = Vec::new();
+        self.append_item(stored, &mut acks);
+        self.replies.append(&mut acks);
+        Ok(Some(ClientEvent::ToolOutput { call_id: call_id.to_owned(), output: output.to_owned() }))
+    }
+
+    /// The model called a client tool: a `function_call` item as the Realtime API announces it
+    /// (`output_item.added` in progress, the arguments, `output_item.done` completed: the SDK
+    /// runs the tool on that), in the reply being spoken, else in a response of its own that
+    /// ends with it (`response.done`, as a response that only calls tools does).
+    fn tool_call(&mut self, call_id: &str, name: &str, arguments: &str, out: &mut Vec<String>) {
+        let own = self.reply.as_ref().is_none_or(|r| r.item_id.is_none());
+        let output_index = if own { 0 } else { 1 };
+        let response_id = self.open_reply(out).response_id.clone();
+        let id = self.new_item_id();
+        let item = |status: &str, args: &str| {
+            json!({"id": id, "object": "realtime.item", "type": "function_call", "status": status,
+                   "name": name, "call_id": call_id, "arguments": args})
+        };
+        let (added, done) = (item("in_progress", ""), item("completed", arguments));
+        let previous = self.last_item.replace(id.clone());
+        self.store(&done);
+        let ids = json!({"response_id": response_id, "output_index": output_index});
+        let with = |mut v: Value, k: &str, x: Value| {
+            v[k] = x;
+            v
+        };
+        out.push(self.msg("response.output_item.added", with(ids.clone(), "item", added.clone())));
+        out.push(self.msg("conversation.item.added", json!({"previous_item_id": previous, "item": added})));
+        let mut args = with(ids.clone(), "item_id", id.clone().into());
+        args["call_id"] = call_id.into();
+        out.push(self.msg("response.function_call_arguments.delta", with(args.clone(), "delta", arguments.into())));
+        out.push(self.msg("response.function_call_arguments.done", with(args, "arguments", arguments.into())));
+        out.push(self.msg("response.output_item.done", with(ids, "item", done.clone())));
+        out.push(self.msg("conversation.item.done", json!({"previous_item_id": previous, "item": done})));
+        if own {
+            out.push(self.msg(
+                "response.done",
+                json!({"response": {"id": response_id, "object": "realtime.response", "status": "completed",
+                                     "output": [done], "output_modalities": ["audio"],
+                                     "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}}}),
+            ));
+            self.reply = None;
+        }
     }
 
     fn error_reply(&mut self, code: &str, message: &str, client_event_id: Option<&str>) {
@@ -414,6 +545,7 @@ impl OaiEventsCodec {
             |reason: &str| EventError::BadFields { kind: "conversation.item.create".into(), reason: reason.into() };
         match item["type"].as_str() {
             Some("message") => {}
+            Some("function_call_output") => return self.tool_output(item),
             Some(_) => return Ok(None),
             None => return Err(bad("item.type is required")),
         }
@@ -453,7 +585,7 @@ impl EventCodec for OaiEventsCodec {
     fn encode(&mut self, ev: &ServerEvent, out: &mut Vec<String>) {
         match ev {
             ServerEvent::SessionReady { .. } => {
-                let session = self.session.to_json(&self.session_id);
+                let session = self.session.to_json(&self.session_id, &self.client.tools);
                 out.push(self.msg("session.created", json!({"session": session})));
             }
             ServerEvent::UserSpeechStarted { at_ms } => {
@@ -490,6 +622,7 @@ impl EventCodec for OaiEventsCodec {
                 self.agent_transcript(item_id, text, *is_final, out)
             }
             ServerEvent::State { state } => self.state(*state, out),
+            ServerEvent::ToolCall { call_id, name, arguments } => self.tool_call(call_id, name, arguments, out),
             ServerEvent::AgentInterrupted { item_id, played_ms } => self.interrupted(item_id, *played_ms, out),
             ServerEvent::Error { code, message } => {
                 let err = self.msg(
@@ -522,10 +655,7 @@ impl EventCodec for OaiEventsCodec {
             _ => return Err(EventError::TypeNotString),
         };
         Ok(match kind {
-            "session.update" => {
-                self.session_updated(&v);
-                None
-            }
+            "session.update" => return self.session_update(&v),
             "conversation.item.create" => return self.item_create(&v),
             "response.cancel" | "output_audio_buffer.clear" => Some(ClientEvent::Interrupt),
             "conversation.item.retrieve" => {
@@ -745,5 +875,72 @@ mod tests {
         assert_eq!(c.decode(br#"{"no":"type"}"#).unwrap_err().code(), "missing_type");
         let huge = vec![b' '; MAX_OAI_MESSAGE + 1];
         assert_eq!(c.decode(&huge).unwrap_err().code(), "message_too_large");
+    }
+
+    #[test]
+    fn session_update_hands_on_what_changed_and_echoes_the_tools() {
+        let mut c = codec();
+        let tool = json!({"type": "function", "name": "get_weather", "description": "Weather.",
+                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}});
+        let msg = json!({"type": "session.update", "session": {"type": "realtime", "instructions": "Be brief.",
+                         "tools": [tool], "audio": {"output": {"voice": "alloy"}}}});
+        let Some(ClientEvent::SessionUpdate { instructions, voice, tools, .. }) =
+            c.decode(msg.to_string().as_bytes()).unwrap()
+        else {
+            panic!("a session update")
+        };
+        assert_eq!(instructions.as_deref(), Some("Be brief."));
+        assert_eq!(voice, None, "the voice in effect is no change");
+        let tools = tools.unwrap();
+        assert_eq!(
+            (tools[0].name.as_str(), tools[0].parameters["properties"]["city"]["type"].as_str()),
+            ("get_weather", Some("string"))
+        );
+        let ack = replies(&mut c);
+        assert_eq!(ack[0]["session"]["instructions"], "Be Aiko.\n\nBe brief.");
+        assert_eq!(ack[0]["session"]["tools"][0]["name"], "get_weather");
+        // The same update again changes nothing; it is still acknowledged.
+        assert_eq!(c.decode(msg.to_string().as_bytes()).unwrap(), None);
+        assert_eq!(types(&replies(&mut c)), ["session.updated"]);
+        let mcp = json!({"type": "session.update", "session": {"tools": [{"type": "mcp", "server_label": "x"}]}});
+        assert_eq!(c.decode(mcp.to_string().as_bytes()).unwrap_err().code(), "bad_message");
+    }
+
+    #[test]
+    fn a_client_tool_call_is_a_function_call_item_and_its_output_goes_back() {
+        let mut c = codec();
+        let call =
+            ServerEvent::ToolCall { call_id: "call_1".into(), name: "get_weather".into(), arguments: "{}".into() };
+        let out = enc(&mut c, call);
+        assert_eq!(
+            types(&out),
+            [
+                "response.created",
+                "response.output_item.added",
+                "conversation.item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "conversation.item.done",
+                "response.done"
+            ]
+        );
+        assert_eq!(out[1]["item"]["status"], "in_progress", "the SDK runs the tool once: on the completed item");
+        let item = &out[5]["item"];
+        assert_eq!((item["type"].as_str(), item["status"].as_str()), (Some("function_call"), Some("completed")));
+        assert_eq!((item["call_id"].as_str(), item["name"].as_str()), (Some("call_1"), Some("get_weather")));
+        assert_eq!(out[5]["response_id"], out[0]["response"]["id"]);
+        let answer = json!({"type": "conversation.item.create",
+                            "item": {"type": "function_call_output", "call_id": "call_1", "output": "Sunny."}});
+        assert_eq!(
+            c.decode(answer.to_string().as_bytes()).unwrap(),
+            Some(ClientEvent::ToolOutput { call_id: "call_1".into(), output: "Sunny.".into() })
+        );
+        let acks = replies(&mut c);
+        assert_eq!(types(&acks), ["conversation.item.added", "conversation.item.done"]);
+        assert_eq!(acks[0]["previous_item_id"], item["id"]);
+        let no_id =
+            json!({"type": "conversation.item.create", "item": {"type": "function_call_output", "output": "x"}});
+        assert_eq!(c.decode(no_id.to_string().as_bytes()).unwrap_err().code(), "bad_message");
     }
 }

@@ -22,18 +22,22 @@
 //! | `agent.interrupted {item_id, played_ms}` | `bot-interrupted {item_id, played_ms}` (+ the stop events when speaking) |
 //! | `error {code, message}` | `error {error: message, message, code, fatal:false}` |
 //! | `pong` | nothing (the transport's keep-alive is a raw string, not answered) |
+//! | `tool.call {call_id, name, arguments}` | `llm-function-call-started {function_name}`, `llm-function-call-in-progress {function_name, tool_call_id, arguments}` (client-js runs the callback registered with `registerFunctionCallHandler`) |
 //! | every other event (`emotion`, `viseme`, `gesture`, `moderation`, `agent_notification`, `session.ended`) | `server-message {data: the api-v1 event}` |
 //!
 //! Client messages: `client-ready` (handshake), `send-text {content}` (a typed user turn),
 //! `client-message {t, d}` (acknowledged with `server-response {t, d:null}` under the request's
-//! `id`: kotodama has no app-defined messages), `disconnect-bot` (ends the session),
-//! `llm-function-call-result`, `dtmf`, `ui-*` and `append-to-context` (ignored). Another `type` is
+//! `id`; `t: "session.update"` with api-v1's `session.update` fields in `d` is how an RTVI client
+//! declares its tools, other `t` are not acted on), `llm-function-call-result {tool_call_id,
+//! result}` (api-v1 `tool.output`, answered `llm-function-call-stopped`), `disconnect-bot` (ends
+//! the session), `dtmf`, `ui-*` and `append-to-context` (ignored). Another `type` is
 //! answered `error-response {error}` under its `id`. The transport's raw `ping: <ms>` strings
 //! (every second) and its `{"type":"signalling",...}` messages (`trackStatus`) are ignored without
 //! an error event; malformed JSON is an `error` event as in api-v1.
 //!
-//! Not mapped (no event on the seam yet): `llm-function-call-started/in-progress/stopped` (the
-//! session core does not report tool calls to clients), `user-audio-level`/`bot-audio-level`.
+//! Not mapped (no event on the seam yet): `user-audio-level`/`bot-audio-level`; the
+//! `llm-function-call-*` messages are sent for the client's own tools only (the character's
+//! server-side tools run inside the provider and are not reported).
 
 use std::time::Instant;
 
@@ -218,6 +222,12 @@ impl EventCodec for RtviCodec {
                 self.push(out, "error", json!({"error": message, "message": message, "code": code, "fatal": false}));
             }
             ServerEvent::Pong => {}
+            ServerEvent::ToolCall { call_id, name, arguments } => {
+                let args: Value = serde_json::from_str(arguments).unwrap_or_else(|_| json!({}));
+                self.push(out, "llm-function-call-started", json!({"function_name": name}));
+                let data = json!({"function_name": name, "tool_call_id": call_id, "arguments": args});
+                self.push(out, "llm-function-call-in-progress", data);
+            }
             other => {
                 let data: Value = serde_json::from_str(&other.to_json()).unwrap_or(Value::Null);
                 self.push(out, "server-message", data);
@@ -262,20 +272,39 @@ impl EventCodec for RtviCodec {
             },
             "client-message" => {
                 let t = data.get("t").and_then(Value::as_str).ok_or_else(|| bad("data.t must be a string"))?;
+                let update = if t == "session.update" {
+                    // The api-v1 `session.update` fields in `d` (how an RTVI client declares tools).
+                    let d = data.get("d").cloned().unwrap_or_else(|| json!({}));
+                    let mut msg = d.as_object().cloned().ok_or_else(|| bad("data.d must be an object"))?;
+                    msg.insert("type".into(), "session.update".into());
+                    let ev = serde_json::from_value::<ClientEvent>(Value::Object(msg));
+                    Some(ev.map_err(|e| bad(&format!("data.d is no session.update: {e}")))?)
+                } else {
+                    None
+                };
                 let response = json!({"t": t, "d": null});
                 self.reply_to("server-response", id, response);
-                None
+                update
+            }
+            "llm-function-call-result" => {
+                let call_id = data.get("tool_call_id").and_then(Value::as_str);
+                let call_id = call_id.filter(|c| !c.is_empty()).ok_or_else(|| bad("data.tool_call_id is required"))?;
+                let result = data.get("result").cloned().unwrap_or(Value::Null);
+                let output = match &result {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let stopped = json!({"function_name": data.get("function_name"), "tool_call_id": call_id,
+                                     "cancelled": false, "result": result});
+                let msg = self.message("llm-function-call-stopped", stopped);
+                self.replies.push(msg);
+                Some(ClientEvent::ToolOutput { call_id: call_id.to_owned(), output })
             }
             "disconnect-bot" => {
                 self.end = true;
                 None
             }
-            "llm-function-call-result"
-            | "dtmf"
-            | "append-to-context"
-            | "ui-event"
-            | "ui-snapshot"
-            | "ui-cancel-job-group" => None,
+            "dtmf" | "append-to-context" | "ui-event" | "ui-snapshot" | "ui-cancel-job-group" => None,
             other => {
                 let error = format!("kotodama does not handle RTVI `{other}` messages");
                 self.reply_to("error-response", id, json!({ "error": error }));
@@ -420,5 +449,45 @@ mod tests {
         assert_eq!(c.decode(b"[1]").unwrap_err().code(), "not_an_object");
         let big = vec![b' '; MAX_CLIENT_MESSAGE + 1];
         assert_eq!(c.decode(&big).unwrap_err().code(), "message_too_large");
+    }
+
+    #[test]
+    fn client_tools_are_declared_called_and_answered_in_rtvi_terms() {
+        let mut c = RtviCodec::new();
+        let declare = json!({"label": "rtvi-ai", "type": "client-message", "id": "m1",
+            "data": {"t": "session.update", "d": {"tools": [{"name": "get_weather", "parameters": {"type": "object"}}]}}});
+        let Some(ClientEvent::SessionUpdate { tools: Some(tools), .. }) =
+            c.decode(declare.to_string().as_bytes()).unwrap()
+        else {
+            panic!("a session update")
+        };
+        assert_eq!(tools[0].name, "get_weather");
+        let mut out = Vec::new();
+        let call = ServerEvent::ToolCall {
+            call_id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Oslo"}"#.into(),
+        };
+        c.encode(&call, &mut out);
+        let out: Vec<Value> = out.iter().map(|m| serde_json::from_str(m).unwrap()).collect();
+        assert_eq!(out[0]["type"], "llm-function-call-started");
+        assert_eq!(out[1]["type"], "llm-function-call-in-progress");
+        assert_eq!(
+            (out[1]["data"]["tool_call_id"].as_str(), out[1]["data"]["arguments"]["city"].as_str()),
+            (Some("call_1"), Some("Oslo"))
+        );
+        let result = json!({"label": "rtvi-ai", "type": "llm-function-call-result", "id": "r1",
+            "data": {"function_name": "get_weather", "tool_call_id": "call_1", "arguments": {}, "result": {"sky": "clear"}}});
+        assert_eq!(
+            c.decode(result.to_string().as_bytes()).unwrap(),
+            Some(ClientEvent::ToolOutput { call_id: "call_1".into(), output: r#"{"sky":"clear"}"#.into() })
+        );
+        let mut replies = Vec::new();
+        c.take_replies(&mut replies);
+        let stopped: Value = serde_json::from_str(replies.last().unwrap()).unwrap();
+        assert_eq!(
+            (stopped["type"].as_str(), stopped["data"]["cancelled"].as_bool()),
+            (Some("llm-function-call-stopped"), Some(false))
+        );
     }
 }

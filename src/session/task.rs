@@ -161,11 +161,17 @@ impl<L: ClientLink> SessionTask<L> {
             }
             LinkEvent::EventsOpen => Input::ClientConnected,
             LinkEvent::EventsClosed => Input::ClientDisconnected,
-            LinkEvent::Event(Some(ClientEvent::SessionUpdate { language: Some(language) })) => {
-                if let Some(notice) = self.translation.set_user_language(&language) {
+            // The user's language is the translation task's (IO); the rest is the core's.
+            LinkEvent::Event(Some(ClientEvent::SessionUpdate { instructions, voice, tools, language })) => {
+                if let Some(language) = language
+                    && let Some(notice) = self.translation.set_user_language(&language)
+                {
                     self.link.send_event(&notice).await;
                 }
-                return Drained::default();
+                if instructions.is_none() && voice.is_none() && tools.is_none() {
+                    return Drained::default();
+                }
+                Input::Client(Some(ClientEvent::SessionUpdate { instructions, voice, tools, language: None }))
             }
             LinkEvent::Event(ev) => Input::Client(ev),
             LinkEvent::Voice(v) => Input::ClientVoice(v),

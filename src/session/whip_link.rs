@@ -31,6 +31,10 @@ use crate::peer::{Peer, PeerEvent};
 
 /// Most WHEP players one session feeds at once (each costs one RTP write per 20 ms frame).
 pub const MAX_PLAYERS: usize = 16;
+/// Most event watchers (`GET /v1/sessions/{id}/events`) of one session.
+pub const MAX_WATCHERS: usize = 16;
+/// Events a watcher may fall behind by before it misses some (counted in `events_dropped`).
+pub const WATCHER_QUEUE: usize = 64;
 /// Capacity of a player's channel to the link (state changes and data-channel messages only:
 /// a WHEP player sends no audio).
 const PLAYER_CHANNEL_CAPACITY: usize = 64;
@@ -53,6 +57,19 @@ pub enum PlayerCmd {
         /// The candidate.
         candidate: RTCIceCandidateInit,
     },
+    /// Send the session's api-v1 events (JSON text) to `tx` too, starting with the last
+    /// `session.ready` and `state`; dropped when `tx` closes or the session ends. Beyond
+    /// [`MAX_WATCHERS`] the sender is dropped at once (its stream ends).
+    Watch {
+        /// Where the events go (bounded: [`WATCHER_QUEUE`]; a full queue loses events).
+        tx: mpsc::Sender<String>,
+    },
+    /// The ids of the players still attached (a player whose connection failed or closed has
+    /// left), answered once every command sent before this one was carried out.
+    Live {
+        /// Where the ids go.
+        reply: tokio::sync::oneshot::Sender<Vec<String>>,
+    },
     /// Stop and close a player (DELETE of its WHEP resource).
     Detach {
         /// The player's id.
@@ -73,6 +90,8 @@ pub struct WhipLink {
     uplink_rx: mpsc::Receiver<PeerEvent>,
     commands: mpsc::Receiver<PlayerCmd>,
     players: Vec<Player>,
+    /// Event-only listeners ([`PlayerCmd::Watch`]).
+    watchers: Vec<mpsc::Sender<String>>,
     /// Every player's callbacks, tagged with its id (one forwarding task per player).
     player_tx: mpsc::Sender<(String, PeerEvent)>,
     player_rx: mpsc::Receiver<(String, PeerEvent)>,
@@ -97,6 +116,7 @@ impl WhipLink {
             uplink_rx,
             commands,
             players: Vec::new(),
+            watchers: Vec::new(),
             player_tx,
             player_rx,
             codec: ApiV1,
@@ -152,6 +172,18 @@ impl WhipLink {
                 }
             }
             PlayerCmd::Detach { id } => self.remove(&id).await,
+            PlayerCmd::Watch { tx } => {
+                self.watchers.retain(|w| !w.is_closed());
+                if self.watchers.len() < MAX_WATCHERS {
+                    for msg in self.ready.iter().chain(self.state.iter()) {
+                        let _ = tx.try_send(msg.clone());
+                    }
+                    self.watchers.push(tx);
+                }
+            }
+            PlayerCmd::Live { reply } => {
+                let _ = reply.send(self.players.iter().map(|p| p.id.clone()).collect());
+            }
         }
     }
 
@@ -247,6 +279,11 @@ impl ClientLink for WhipLink {
                     self.events_dropped += 1;
                 }
             }
+            for w in &self.watchers {
+                if let Err(mpsc::error::TrySendError::Full(_)) = w.try_send(msg.clone()) {
+                    self.events_dropped += 1;
+                }
+            }
         }
     }
 
@@ -299,6 +336,7 @@ impl ClientLink for WhipLink {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        self.watchers.clear();
         for p in self.players.drain(..) {
             if let Some(dc) = p.dc {
                 let _ = dc.close().await;

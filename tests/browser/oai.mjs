@@ -1,10 +1,12 @@
 // Drive Debian's Chromium (fake microphone from a WAV file) through oai.html: the unchanged OpenAI
 // Agents SDK connects to kotodama, the user's spoken question is answered, then a typed message's
 // reply is interrupted. Prints what the page saw as JSON on stdout. Used by tests/oai_agents_sdk.rs.
-//   node oai.mjs <page-url> <kotodama-base> <ek_...> <speech.wav> <timeout-ms>
+// Mode `tool`: the spoken question makes the model call the page's get_weather tool; the run ends
+// once the reply after the tool's output was heard (no second turn).
+//   node oai.mjs <page-url> <kotodama-base> <ek_...> <speech.wav> <timeout-ms> [talk|tool]
 import { launchChromium } from "./chromium.mjs";
 
-const [pageUrl, base, ek, wav, timeoutArg] = process.argv.slice(2);
+const [pageUrl, base, ek, wav, timeoutArg, mode] = process.argv.slice(2);
 const timeout = Number(timeoutArg || 45000);
 const browser = await launchChromium(wav);
 const out = { ok: false, error: "", console: [], requests: [] };
@@ -28,22 +30,33 @@ try {
     return user && agent && stopped;
   }, { timeout, polling: 100 });
   out.first = await read(page);
-
-  // 2. A typed message; its reply is interrupted 1.5 s after its audio started.
-  const before = out.first.events.length;
-  await page.evaluate(() => window.session.sendMessage("Tell me about the weather."));
-  await page.waitForFunction((n) => window.oai.events.slice(n).some((e) => e.ev.type === "output_audio_buffer.started"),
-    { timeout, polling: 20 }, before);
-  await new Promise((r) => setTimeout(r, 1500));
-  out.interruptAt = await page.evaluate(() => { window.session.interrupt(); return performance.now() - window.oai.t0; });
-  await page.waitForFunction((n) => {
-    const truncated = window.oai.events.slice(n).find((e) => e.ev.type === "conversation.item.truncated");
-    if (!truncated) return false;
-    const item = window.oai.history.find((i) => i.itemId === truncated.ev.item_id);
-    return item && item.status === "incomplete";
-  }, { timeout: 15000, polling: 50 }, before);
-  await new Promise((r) => setTimeout(r, 1500));
-  out.second = await read(page);
+  if (mode === "tool") {
+    // The reply after the tool ran: its audio stopped after the tool call.
+    await page.waitForFunction(() => {
+      const o = window.oai;
+      const call = o.toolCalls[0];
+      return call && o.events.some((e) => e.ev.type === "output_audio_buffer.stopped" && e.t > call.t) &&
+        o.history.some((i) => i.type === "function_call" && i.status === "completed" && i.output);
+    }, { timeout, polling: 100 });
+    await new Promise((r) => setTimeout(r, 500));
+    out.first = await read(page);
+  } else {
+    // 2. A typed message; its reply is interrupted 1.5 s after its audio started.
+    const before = out.first.events.length;
+    await page.evaluate(() => window.session.sendMessage("Tell me about the weather."));
+    await page.waitForFunction((n) => window.oai.events.slice(n).some((e) => e.ev.type === "output_audio_buffer.started"),
+      { timeout, polling: 20 }, before);
+    await new Promise((r) => setTimeout(r, 1500));
+    out.interruptAt = await page.evaluate(() => { window.session.interrupt(); return performance.now() - window.oai.t0; });
+    await page.waitForFunction((n) => {
+      const truncated = window.oai.events.slice(n).find((e) => e.ev.type === "conversation.item.truncated");
+      if (!truncated) return false;
+      const item = window.oai.history.find((i) => i.itemId === truncated.ev.item_id);
+      return item && item.status === "incomplete";
+    }, { timeout: 15000, polling: 50 }, before);
+    await new Promise((r) => setTimeout(r, 1500));
+    out.second = await read(page);
+  }
   out.ok = true;
 } catch (e) {
   out.error = String((e && e.stack) || e);

@@ -33,6 +33,9 @@ pub enum Reply {
     ToolCall { name: String, arguments: String },
     /// Like `Speech`, but the socket is dropped (no close frame) after this much audio was sent.
     DropAfter { text: String, audio: Vec<i16>, after: Duration },
+    /// Speech composed from what the model was given: `prefix` and the `output` of the last
+    /// `function_call_output` item this connection received, spoken by eSpeak NG (24 kHz).
+    SpeakToolOutput { prefix: String },
 }
 
 /// Knobs of the fake.
@@ -342,18 +345,24 @@ impl Conn {
         self.fake.with_conn(self.idx, |c| c.received.push(v.clone()));
         match ty.as_str() {
             "session.update" => {
+                // A partial update (only some keys) changes only what it names, as OpenAI's does.
                 let s = &v["session"];
-                let (td, tr, rate) = if self.ga {
-                    (
-                        &s["audio"]["input"]["turn_detection"],
-                        &s["audio"]["input"]["transcription"],
-                        s["audio"]["input"]["format"]["rate"].as_u64(),
-                    )
+                let (input, rate) = if self.ga {
+                    (&s["audio"]["input"], s["audio"]["input"]["format"]["rate"].as_u64())
                 } else {
-                    (&s["turn_detection"], &s["input_audio_transcription"], None)
+                    (s, None)
                 };
-                self.server_vad = td.is_object();
-                self.transcription = tr.is_object();
+                let (td, tr) = if self.ga {
+                    ("turn_detection", "transcription")
+                } else {
+                    ("turn_detection", "input_audio_transcription")
+                };
+                if let Some(td) = input.get(td) {
+                    self.server_vad = td.is_object();
+                }
+                if let Some(tr) = input.get(tr) {
+                    self.transcription = tr.is_object();
+                }
                 if let Some(r) = rate {
                     self.input_rate = r as u32;
                 }
@@ -501,6 +510,17 @@ impl Conn {
                 out.push(self.response_done(&response_id, "completed", vec![fc]));
             }
             Some(Reply::Speech { text, audio }) => self.begin_speech(response_id, text, audio, None, out),
+            Some(Reply::SpeakToolOutput { prefix }) => {
+                let outputs = self.fake.with_conn(self.idx, |c| c.of_type("conversation.item.create"));
+                let given = outputs.iter().rev().find(|v| v["item"]["type"] == "function_call_output");
+                let text = format!("{prefix}{}", given.and_then(|v| v["item"]["output"].as_str()).unwrap_or_default());
+                // eSpeak NG at the Realtime API's 24 kHz (it blocks: off the async worker).
+                #[cfg(feature = "local")]
+                let audio = tokio::task::block_in_place(|| super::espeak_at(&text, 24_000));
+                #[cfg(not(feature = "local"))]
+                let audio = reply_speech().1;
+                self.begin_speech(response_id, text, audio, None, out)
+            }
             Some(Reply::DropAfter { text, audio, after }) => {
                 let n = (after.as_millis() as usize) * 24;
                 self.begin_speech(response_id, text, audio, Some(n), out)

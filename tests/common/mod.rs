@@ -70,9 +70,15 @@ pub fn speech_span(s: &[i16], rate_hz: u32, threshold: f64) -> Option<(Duration,
 /// `text` spoken by eSpeak NG (the offline engine), resampled to the client's 48 kHz.
 #[cfg(feature = "local")]
 pub fn espeak_48k(text: &str) -> Vec<i16> {
+    espeak_at(text, 48_000)
+}
+
+/// `text` spoken by eSpeak NG, resampled to `rate_hz`.
+#[cfg(feature = "local")]
+pub fn espeak_at(text: &str, rate_hz: u32) -> Vec<i16> {
     use kotodama::providers::cascade::local::espeak::Espeak;
     let (pcm, _) = Espeak::global().expect("espeak-ng").synthesize_blocking(text, "en-us").expect("synthesis");
-    let mut r = media::Resampler::new(pcm.rate_hz, 48_000, media::Alignment::Trimmed).expect("resampler");
+    let mut r = media::Resampler::new(pcm.rate_hz, rate_hz, media::Alignment::Trimmed).expect("resampler");
     let mut out = Vec::new();
     r.process(&pcm.samples, &mut |s: &[i16]| out.extend_from_slice(s)).unwrap();
     r.flush(&mut |s: &[i16]| out.extend_from_slice(s)).unwrap();

@@ -340,8 +340,12 @@ impl Session {
                     self.prompt.truncate_last_agent(&heard);
                 }
             }
+            ProviderCommand::UpdateSession(update) => {
+                let ev = crate::providers::session_update_unsupported("cascade", &update);
+                return self.events.send(ev).await.is_ok();
+            }
             // The cascade's models take no images (`Capabilities::images` false).
-            ProviderCommand::Restart | ProviderCommand::Image(_) => {}
+            ProviderCommand::Restart | ProviderCommand::ToolOutput { .. } | ProviderCommand::Image(_) => {}
             ProviderCommand::Close => return false,
         }
         true

@@ -231,9 +231,14 @@ impl Connection {
             ProviderCommand::Image(image) => self.send(protocol::video(&image)).await,
             // Gemini keeps its own context; the heard text lives in the resilient wrapper.
             // Activity start follows the audio itself (with its pre-roll), not the VAD edge.
+            // The Live API takes instructions, voice and tools in `setup` only.
+            ProviderCommand::UpdateSession(update) => {
+                self.emit(crate::providers::session_update_unsupported("gemini", &update)).await
+            }
             ProviderCommand::SpeechStarted
             | ProviderCommand::Truncate { .. }
             | ProviderCommand::Restart
+            | ProviderCommand::ToolOutput { .. }
             | ProviderCommand::Close => {}
         }
     }

@@ -262,6 +262,10 @@ impl Connection {
                 self.ask(instructions.unwrap_or_else(|| "Please continue.".into())).await
             }
             ProviderCommand::Cancel => self.response.discard = self.response.item_id.is_some(),
+            // Nova Sonic takes its system prompt, voice and tools at `promptStart` only.
+            ProviderCommand::UpdateSession(update) => {
+                self.emit(crate::providers::session_update_unsupported("nova_sonic", &update)).await
+            }
             // The model detects turns itself, keeps its own context (no truncation) and takes
             // history only at the start of a stream.
             ProviderCommand::SpeechStarted
@@ -270,6 +274,7 @@ impl Connection {
             | ProviderCommand::AppendHistory(_)
             | ProviderCommand::Restart
             | ProviderCommand::Image(_)
+            | ProviderCommand::ToolOutput { .. }
             | ProviderCommand::Close => {}
         }
     }

@@ -9,7 +9,13 @@
 //! - server messages (parsed by [`protocol`], mapped to [`ProviderEvent`]s),
 //! - finished tool calls (run by the character's [`ToolRegistry`], never longer than their
 //!   timeout; the result goes back as `function_call_output` and a `response.create` follows once
-//!   the model's response that asked for it is done).
+//!   the model's response that asked for it is done),
+//! - the client's own tools ([`ProviderCommand::UpdateSession`] sends a partial `session.update`
+//!   with the character's tools plus the client's): their calls go to the session as
+//!   [`ProviderEvent::ToolCall`] and count as in flight until the client's
+//!   [`ProviderCommand::ToolOutput`] (or, after `CLIENT_TOOL_TIMEOUT_MS`, an error output) comes
+//!   back, then the same follow-up `response.create` as for our own tools. A voice change is
+//!   refused once the model produced audio (the Realtime API's own rule).
 //!
 //! Invariants: at most one `response.create` is outstanding for a set of tool calls; a response
 //! that only called tools is not reported as done (the follow-up response is the reply); `Ready`
@@ -30,7 +36,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
 use self::protocol::{Dialect, ServerMessage, SessionParams, TurnDetection};
-use super::tools::{ToolEffect, ToolRegistry};
+use super::tools::{ToolEffect, ToolRegistry, ToolSpec};
 use super::{
     AudioFormat, COMMAND_CHANNEL_CAPACITY, Capabilities, EVENT_CHANNEL_CAPACITY, Pcm, ProviderCommand, ProviderError,
     ProviderEvent, ProviderSession, RealtimeProvider, SessionConfig, Speaker,
@@ -232,11 +238,13 @@ impl RealtimeProvider for OpenAiProvider {
     }
 }
 
-/// A tool call that finished.
+/// A tool call that finished (or a client's call whose answer did not come in time).
 struct ToolDone {
     call_id: String,
     output: String,
     effects: Vec<ToolEffect>,
+    /// A client tool's timeout: void when the client answered first.
+    client_timeout: bool,
 }
 
 /// Why the connection loop stopped.
@@ -266,6 +274,12 @@ struct Connection {
     calls_in_flight: usize,
     /// Tool outputs were sent: the model must be asked to continue once its response is done.
     followup_needed: bool,
+    /// The tools the client declared (`session.update`), offered besides the character's.
+    client_tools: Vec<ToolSpec>,
+    /// Client tool calls waiting for the client's output.
+    client_calls: HashSet<String>,
+    /// The model produced audio in this session (its voice can no longer change).
+    spoke: bool,
 }
 
 impl Connection {
@@ -284,6 +298,9 @@ impl Connection {
             started_calls: HashSet::new(),
             calls_in_flight: 0,
             followup_needed: false,
+            client_tools: Vec::new(),
+            client_calls: HashSet::new(),
+            spoke: false,
         }
     }
 
@@ -296,7 +313,7 @@ impl Connection {
             let stop = tokio::select! {
                 cmd = commands.recv() => match cmd {
                     None | Some(ProviderCommand::Close) => Some(Stop::Ours),
-                    Some(cmd) => { self.on_command(cmd, &mut out); None }
+                    Some(cmd) => { self.on_command(cmd, &mut out).await; None }
                 },
                 msg = stream.next() => match msg {
                     None => Some(Stop::Theirs("socket ended".into())),
@@ -331,7 +348,7 @@ impl Connection {
         }
     }
 
-    fn on_command(&mut self, cmd: ProviderCommand, out: &mut Vec<String>) {
+    async fn on_command(&mut self, cmd: ProviderCommand, out: &mut Vec<String>) {
         match cmd {
             ProviderCommand::AppendAudio(pcm) => out.push(protocol::append_audio(&pcm.samples)),
             // The server (or our CommitTurn) detects turns; the onset edge is not on the wire.
@@ -365,8 +382,51 @@ impl Connection {
                 }
             }
             ProviderCommand::Image(image) => out.push(protocol::input_image(&image)),
+            ProviderCommand::UpdateSession(update) => self.on_update(update, out).await,
+            ProviderCommand::ToolOutput { call_id, output } => {
+                if self.client_calls.remove(&call_id) {
+                    let done = ToolDone { call_id, output, effects: vec![], client_timeout: false };
+                    self.on_tool_done(done, out).await;
+                } else {
+                    let message =
+                        format!("no tool call `{call_id}` is waiting for an output (unknown, answered or timed out)");
+                    self.emit(ProviderEvent::Error { code: "unknown_tool_call".into(), message, retryable: false })
+                        .await;
+                }
+            }
             ProviderCommand::Close | ProviderCommand::Restart => {}
         }
+    }
+
+    /// The client's `session.update`: a partial `session.update` upstream. Instructions add to
+    /// the character's persona; the client's tools are offered besides the character's (a
+    /// client tool named like one of the character's is left out: the character's runs); a
+    /// voice change after the model first spoke is refused.
+    async fn on_update(&mut self, update: super::SessionUpdate, out: &mut Vec<String>) {
+        let instructions = update.instructions.map(|extra| {
+            let persona = self.cfg.instructions.trim_end();
+            if persona.is_empty() { extra } else { format!("{persona}\n\n{extra}") }
+        });
+        let mut voice = update.voice;
+        if voice.is_some() && self.spoke {
+            voice = None;
+            let message = "the voice cannot change once the character has spoken (OpenAI Realtime keeps the \
+                           voice of a session's first audio); the other changes were applied"
+                .to_owned();
+            let code = super::SESSION_UPDATE_UNSUPPORTED.to_owned();
+            self.emit(ProviderEvent::Error { code, message, retryable: false }).await;
+        }
+        let tools = update.tools.map(|client| {
+            self.client_tools = client.into_iter().filter(|t| !self.cfg.tools.contains(&t.name)).collect();
+            let mut all = self.cfg.tools.specs();
+            all.extend(self.client_tools.iter().cloned());
+            all
+        });
+        if instructions.is_none() && voice.is_none() && tools.is_none() {
+            return;
+        }
+        let dialect = self.settings.dialect;
+        out.push(protocol::session_patch(dialect, instructions.as_deref(), voice.as_deref(), tools.as_deref()));
     }
 
     async fn emit(&self, ev: ProviderEvent) {
@@ -411,6 +471,7 @@ impl Connection {
                 }
             }
             ServerMessage::AudioDelta { item_id, samples } => {
+                self.spoke = true;
                 self.agent_item.get_or_insert_with(|| item_id.clone());
                 let pcm = Pcm { rate_hz: protocol::OUTPUT_RATE_HZ, samples };
                 self.emit(ProviderEvent::AudioDelta { item_id, pcm }).await;
@@ -450,8 +511,10 @@ impl Connection {
             ServerMessage::SpeechStarted { .. } => self.emit(ProviderEvent::UserSpeechStarted).await,
             ServerMessage::FunctionCallArgumentsDone { call_id, name, arguments } => {
                 let name = name.or_else(|| self.call_names.get(&call_id).cloned());
-                if let Some(name) = name {
-                    self.start_call(call_id, name, arguments, out, tools);
+                if let Some(name) = name
+                    && let Some(ev) = self.start_call(call_id, name, arguments, out, tools)
+                {
+                    self.emit(ev).await;
                 }
             }
             ServerMessage::ResponseDone { status, message_items, calls, error, total_tokens, .. } => {
@@ -461,7 +524,9 @@ impl Connection {
                 }
                 let had_calls = !calls.is_empty();
                 for c in calls {
-                    self.start_call(c.call_id, c.name, c.arguments, out, tools);
+                    if let Some(ev) = self.start_call(c.call_id, c.name, c.arguments, out, tools) {
+                        self.emit(ev).await;
+                    }
                 }
                 if let Some((code, message)) = error {
                     tracing::warn!(session_id = %self.cfg.session_id, %code, %message, "openai response failed");
@@ -494,6 +559,8 @@ impl Connection {
         None
     }
 
+    /// Run a call of the model: ours through the registry, a client's by asking the session
+    /// (the returned [`ProviderEvent::ToolCall`]), with a timeout that answers for the client.
     fn start_call(
         &mut self,
         call_id: String,
@@ -501,9 +568,9 @@ impl Connection {
         arguments: String,
         out: &mut Vec<String>,
         tools: &mpsc::Sender<ToolDone>,
-    ) {
+    ) -> Option<ProviderEvent> {
         if !self.started_calls.insert(call_id.clone()) {
-            return;
+            return None;
         }
         if self.started_calls.len() > MAX_REMEMBERED_CALLS * 4 {
             // Only duplicates within one response matter; forget old ids (bounded memory).
@@ -513,10 +580,21 @@ impl Connection {
         self.followup_needed = true;
         if self.calls_in_flight >= MAX_CONCURRENT_TOOL_CALLS {
             out.push(protocol::function_call_output(&call_id, r#"{"error":"too many tool calls at once"}"#));
-            return;
+            return None;
         }
         self.calls_in_flight += 1;
         tracing::info!(session_id = %self.cfg.session_id, tool = %name, %call_id, "tool call");
+        if !self.cfg.tools.contains(&name) && self.client_tools.iter().any(|t| t.name == name) {
+            self.client_calls.insert(call_id.clone());
+            let (tx, id) = (tools.clone(), call_id.clone());
+            let output =
+                serde_json::json!({"error": format!("the client did not answer `{name}` in time")}).to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(signaling::events::CLIENT_TOOL_TIMEOUT_MS)).await;
+                let _ = tx.send(ToolDone { call_id: id, output, effects: vec![], client_timeout: true }).await;
+            });
+            return Some(ProviderEvent::ToolCall { call_id, name, arguments });
+        }
         let registry: Arc<ToolRegistry> = Arc::clone(&self.cfg.tools);
         let tx = tools.clone();
         tokio::spawn(async move {
@@ -526,11 +604,18 @@ impl Connection {
             }
             // Capacity equals the in-flight bound, so this never waits; a closed channel means the
             // session is gone and the result has nowhere to go.
-            let _ = tx.send(ToolDone { call_id, output: r.output, effects: r.effects }).await;
+            let _ = tx.send(ToolDone { call_id, output: r.output, effects: r.effects, client_timeout: false }).await;
         });
+        None
     }
 
     async fn on_tool_done(&mut self, done: ToolDone, out: &mut Vec<String>) {
+        if done.client_timeout {
+            if !self.client_calls.remove(&done.call_id) {
+                return; // the client answered in time
+            }
+            tracing::warn!(session_id = %self.cfg.session_id, call_id = %done.call_id, "client tool timed out; the model is told");
+        }
         self.calls_in_flight = self.calls_in_flight.saturating_sub(1);
         for e in done.effects {
             match e {

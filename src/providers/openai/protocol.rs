@@ -112,6 +112,33 @@ pub fn session_update(dialect: Dialect, p: &SessionParams) -> String {
     json!({"type": "session.update", "session": session}).to_string()
 }
 
+/// A partial `session.update` of a running session (the Realtime API merges it into the
+/// session): only the given parts. GA names the voice `audio.output.voice`, beta `voice`.
+pub fn session_patch(
+    dialect: Dialect,
+    instructions: Option<&str>,
+    voice: Option<&str>,
+    tools: Option<&[ToolSpec]>,
+) -> String {
+    let mut session = serde_json::Map::new();
+    if dialect == Dialect::Ga {
+        session.insert("type".into(), "realtime".into());
+    }
+    if let Some(i) = instructions {
+        session.insert("instructions".into(), i.into());
+    }
+    if let Some(v) = voice {
+        match dialect {
+            Dialect::Ga => session.insert("audio".into(), json!({"output": {"voice": v}})),
+            Dialect::Beta => session.insert("voice".into(), v.into()),
+        };
+    }
+    if let Some(t) = tools {
+        session.insert("tools".into(), tools_json(t));
+    }
+    json!({"type": "session.update", "session": session}).to_string()
+}
+
 /// The rate of the agent's audio (both dialects: 24 kHz mono s16le).
 pub const OUTPUT_RATE_HZ: u32 = 24_000;
 
