@@ -311,6 +311,7 @@ impl SessionBuilder {
             uplink_hist: metrics::histogram!(crate::telemetry::UPLINK_LATENCY),
             memory: self.memory_of(shared).map(|(memory, owner)| (memory, owner, character.name.clone())),
             recorder,
+            gate: Default::default(),
         }
     }
 

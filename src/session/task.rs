@@ -40,6 +40,8 @@ pub(crate) struct SessionTask<L: ClientLink> {
     pub memory: Option<(Arc<crate::memory::Memory>, crate::memory::Owner, String)>,
     /// Records every input and output of the core when the session is recorded.
     pub recorder: Option<crate::recording::Recorder>,
+    /// Client events held behind a final turn until it is durable.
+    pub gate: super::durable_gate::DurableGate,
 }
 
 /// IO counters of the task, exported as deltas.
@@ -77,6 +79,7 @@ impl<L: ClientLink> SessionTask<L> {
         let reason = loop {
             let wake = self.conv.poll_timeout().map(|d| tokio::time::Instant::from_std(self.start + d));
             let provider_room = self.conv.wants_provider_events();
+            let gate_waiting = self.gate.is_waiting();
             let step = tokio::select! {
                 biased;
                 ctl = self.control_rx.recv() => match ctl {
@@ -106,6 +109,7 @@ impl<L: ClientLink> SessionTask<L> {
                     Some(ev) => self.input(Input::Provider(ev), &mut counters).await,
                     None => break EndReason::ProviderError,
                 },
+                durable = self.gate.next(), if gate_waiting => self.release(Some(durable)).await,
                 _ = tokio::time::sleep_until(deadline) => break EndReason::MaxDuration,
                 _ = flush.tick() => {
                     self.export_stats(&counters, &mut exported);
@@ -170,10 +174,10 @@ impl<L: ClientLink> SessionTask<L> {
                 r.output(&out);
             }
             match out {
-                Output::Event(ev) => self.link.send_event(&ev).await,
+                Output::Event(ev) => self.emit(ev).await,
                 Output::State(state) => {
                     self.shared.set_agent_state(state);
-                    self.link.send_event(&ServerEvent::State { state }).await;
+                    self.emit(ServerEvent::State { state }).await;
                 }
                 Output::Provider(cmd) => {
                     let audio = matches!(cmd, ProviderCommand::AppendAudio(_));
@@ -191,7 +195,11 @@ impl<L: ClientLink> SessionTask<L> {
                         }
                     }
                 }
-                Output::Turn { role, text, interrupted } => self.shared.push_turn(role, &text, interrupted),
+                Output::Turn { role, text, interrupted } => {
+                    if let Some(durable) = self.shared.push_turn(role, &text, interrupted) {
+                        self.gate.wait(durable);
+                    }
+                }
                 Output::Flag(flag) => self.shared.push_flag(flag),
                 Output::Audio(frame) => {
                     if let Err(e) = self.link.send_audio(&frame).await {
@@ -203,6 +211,31 @@ impl<L: ClientLink> SessionTask<L> {
             }
         }
         drained
+    }
+
+    /// Send `ev` to the client, or hold it while a final turn before it is not yet durable.
+    async fn emit(&mut self, ev: ServerEvent) {
+        let mut released = Vec::new();
+        if let Some(ev) = self.gate.hold(ev, &mut released) {
+            self.link.send_event(&ev).await;
+        }
+        for ev in released {
+            self.link.send_event(&ev).await;
+        }
+    }
+
+    /// A held turn was answered (`Some`), or the session ends (`None`: wait out the rest
+    /// briefly): send what the gate releases.
+    async fn release(&mut self, durable: Option<crate::store::journal::Durability>) -> Drained {
+        let mut released = Vec::new();
+        match durable {
+            Some(d) => self.gate.resolve(d, &mut released),
+            None => self.gate.settle(CLOSE_GRACE, &mut released).await,
+        }
+        for ev in released {
+            self.link.send_event(&ev).await;
+        }
+        Drained::default()
     }
 
     /// In-band FEC follows the loss the client reports (as libwebrtc does): libopus spends bits
@@ -250,6 +283,7 @@ impl<L: ClientLink> SessionTask<L> {
         self.export_stats(counters, exported);
         self.shared.push_usage(self.conv.usage());
         let _ = self.provider.commands.try_send(ProviderCommand::Close);
+        self.release(None).await;
         if reason != EndReason::PeerDisconnected {
             self.link.send_event(&ServerEvent::SessionEnded { reason: reason.as_str().to_owned() }).await;
         }
