@@ -100,6 +100,9 @@ impl<L: ClientLink> SessionTask<L> {
                     }
                     None => break EndReason::ServerShutdown,
                 },
+                // Before media and provider events (biased): a final held for the journal goes
+                // out as soon as it is durable, not when the provider's stream pauses.
+                durable = self.gate.next(), if gate_waiting => self.release(Some(durable)).await,
                 _ = sleep_until_opt(wake) => self.input(Input::Timeout, &mut counters).await,
                 ev = self.link.recv() => match ev {
                     Some(ev) => self.on_link_event(ev, &mut counters).await,
@@ -109,7 +112,6 @@ impl<L: ClientLink> SessionTask<L> {
                     Some(ev) => self.input(Input::Provider(ev), &mut counters).await,
                     None => break EndReason::ProviderError,
                 },
-                durable = self.gate.next(), if gate_waiting => self.release(Some(durable)).await,
                 _ = tokio::time::sleep_until(deadline) => break EndReason::MaxDuration,
                 _ = flush.tick() => {
                     self.export_stats(&counters, &mut exported);
