@@ -90,6 +90,20 @@ async fn get_json(http: &reqwest::Client, url: &str, token: &str, node: &Node) -
     serde_json::from_str(&body).unwrap()
 }
 
+/// (role, text) of each transcript entry or event.
+fn role_and_text<'a>(items: impl IntoIterator<Item = &'a Value>) -> Vec<(String, String)> {
+    items
+        .into_iter()
+        .map(|t| (t["role"].as_str().unwrap().to_owned(), t["text"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// The final transcripts `client` was shown, as (role, text).
+fn finals_seen(client: &TestClient) -> Vec<(String, String)> {
+    let events = client.events();
+    role_and_text(events.iter().filter(|e| e["type"] == "transcript" && e["final"] == true))
+}
+
 async fn kill_mid_conversation_then_restart(db_url: &str) {
     let dir = temp_dir("crash");
     let port = free_port();
@@ -129,12 +143,7 @@ async fn kill_mid_conversation_then_restart(db_url: &str) {
     let state = get_json(&http, &format!("{}/v1/sessions/{id}", node.base), &token, &node).await;
     assert_eq!(state["state"], "connected", "{state}");
 
-    let seen_finals: Vec<(String, String)> = client
-        .events()
-        .iter()
-        .filter(|e| e["type"] == "transcript" && e["final"] == true)
-        .map(|e| (e["role"].as_str().unwrap().to_owned(), e["text"].as_str().unwrap().to_owned()))
-        .collect();
+    let seen_finals = finals_seen(&client);
     assert!(seen_finals.iter().any(|(r, _)| r == "agent"), "saw the first reply's final: {seen_finals:?}");
     assert!(
         seen_finals.iter().any(|(r, t)| r == "user" && t == "Tell me more about yourself."),
@@ -153,12 +162,7 @@ async fn kill_mid_conversation_then_restart(db_url: &str) {
     assert!(info["ended_at"].is_string(), "{info}");
 
     let transcript = get_json(&http, &format!("{}/v1/sessions/{id}/transcript", node.base), &token, &node).await;
-    let stored: Vec<(String, String)> = transcript
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| (t["role"].as_str().unwrap().to_owned(), t["text"].as_str().unwrap().to_owned()))
-        .collect();
+    let stored = role_and_text(transcript.as_array().unwrap());
     // Every final the client saw is stored, in the order it was seen.
     let mut rest = stored.iter();
     for f in &seen_finals {
@@ -225,22 +229,12 @@ async fn kill_9_right_after_a_final_keeps_it() {
         node.child.kill().expect("SIGKILL");
         gaps_ms.push(seen.elapsed().as_secs_f64() * 1000.0);
         node.child.wait().unwrap();
-        let seen_finals: Vec<(String, String)> = client
-            .events()
-            .iter()
-            .filter(|e| e["type"] == "transcript" && e["final"] == true)
-            .map(|e| (e["role"].as_str().unwrap().to_owned(), e["text"].as_str().unwrap().to_owned()))
-            .collect();
+        let seen_finals = finals_seen(&client);
         client.close().await;
 
         node = start_node(&db_url, port, &dir, run + 1).await;
         let transcript = get_json(&http, &format!("{}/v1/sessions/{id}/transcript", node.base), &token, &node).await;
-        let stored: Vec<(String, String)> = transcript
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| (t["role"].as_str().unwrap().to_owned(), t["text"].as_str().unwrap().to_owned()))
-            .collect();
+        let stored = role_and_text(transcript.as_array().unwrap());
         for f in &seen_finals {
             assert!(stored.contains(f), "run {run}: final {f:?} shown before the kill is not stored: {stored:?}");
         }

@@ -184,8 +184,8 @@ async fn a_60_s_postgres_outage_loses_no_turn_and_the_end_is_written() {
         ts.metric("kotodama_transcript_durable_seconds_count").await,
     );
     assert!(count >= 12.0, "every final turn waited for the journal: {count}");
-    let within = |le: &'static str| ts.metric(&format!("kotodama_transcript_durable_seconds_bucket{{le=\"{le}\"}}"));
-    let (le10, le20) = (within("0.01").await, within("0.02").await);
+    let bucket = |le: &str| format!("kotodama_transcript_durable_seconds_bucket{{le=\"{le}\"}}");
+    let (le10, le20) = (ts.metric(&bucket("0.01")).await, ts.metric(&bucket("0.02")).await);
     eprintln!(
         "final held for the journal: mean {:.3} ms over {count} turns; {le10} within 10 ms, {le20} within 20 ms",
         sum / count * 1000.0
