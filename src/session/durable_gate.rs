@@ -2,7 +2,8 @@
 //! until the store writer says the turn is durable (appended to the fsync'd journal, see
 //! [`crate::store::journal`]), so a final transcript the user saw survives a crash.
 //!
-//! Only events wait (audio never does): everything sent after the turn is held in order, and
+//! Only events wait (audio never does, nor the events timed to it: visemes, emotions, gestures
+//! and the agent's words as spoken): everything else sent after the turn is held in order, and
 //! released when every pending turn is answered. A turn that could not be made durable (the
 //! journal is full or failing) is announced with an `error` event `transcript_not_durable`
 //! before the held events. The wait is one journal append + `fdatasync` (group-committed),
@@ -50,7 +51,7 @@ impl DurableGate {
     /// `ev` to send now, or None when it was held. Past [`MAX_HELD`], the held events are
     /// released in order (appended to `out`) and the gate stops waiting.
     pub fn hold(&mut self, ev: ServerEvent, out: &mut Vec<ServerEvent>) -> Option<ServerEvent> {
-        if self.waits.is_empty() {
+        if self.waits.is_empty() || timed_to_audio(&ev) {
             return Some(ev);
         }
         self.held.push_back(ev);
@@ -113,6 +114,16 @@ impl DurableGate {
         }
         self.waits.clear();
         out.extend(self.held.drain(..));
+    }
+}
+
+/// Events scheduled against the agent's audio (visemes, emotions, gestures, the agent's words as
+/// they are spoken): never held, so they stay in step with what is heard.
+fn timed_to_audio(ev: &ServerEvent) -> bool {
+    match ev {
+        ServerEvent::Viseme { .. } | ServerEvent::Emotion { .. } | ServerEvent::Gesture { .. } => true,
+        ServerEvent::Transcript { role, is_final, .. } => *role == signaling::events::Role::Agent && !is_final,
+        _ => false,
     }
 }
 
