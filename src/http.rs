@@ -128,6 +128,17 @@ impl SessionHost for Host {
         self.manager.accepting() && self.manager.writer().store_available()
     }
 
+    fn readiness(&self) -> serde_json::Map<String, serde_json::Value> {
+        // The store writer's state: waiting writes (queue + journal spill) and journal size.
+        let w = self.manager.writer();
+        let store = if w.store_available() { "available" } else { "unavailable" };
+        let mut m = serde_json::Map::new();
+        m.insert("store".into(), store.into());
+        m.insert("queued".into(), w.queued().into());
+        m.insert("journal_bytes".into(), w.journal_bytes().into());
+        m
+    }
+
     async fn characters(&self) -> Vec<CharacterInfo> {
         self.manager.characters().iter().map(CharacterInfo::from).collect()
     }

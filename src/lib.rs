@@ -7,7 +7,8 @@
 //! `events` data channel.
 //!
 //! What outlives a session task lives in [`store`]: sessions and transcripts in SQLite or
-//! Postgres (written by one writer task per node, off the audio path), and, with Redis, the
+//! Postgres (written by one writer task per node, off the audio path, through an fsync'd local
+//! journal that outlives database outages and crashes: [`store::journal`]), and, with Redis, the
 //! cluster's short-term state (session registry, used token ids, idempotency, rate limits,
 //! recent turns, cross-node control).
 //!

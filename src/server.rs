@@ -122,7 +122,10 @@ impl RunningServer {
         }
         // Bounded: with the database down, queued writes would wait for it forever.
         if tokio::time::timeout(SHUTDOWN_FLUSH, self.writer.flush()).await.is_err() {
-            tracing::error!("store unreachable at shutdown: queued writes not flushed within {SHUTDOWN_FLUSH:?}");
+            tracing::error!(
+                "store unreachable at shutdown: queued writes not flushed within {SHUTDOWN_FLUSH:?} \
+                 (journaled ones are written at the next start)"
+            );
         }
         let s = self.writer.stats();
         tracing::info!(
@@ -145,6 +148,25 @@ impl RunningServer {
 
 /// Longest the shutdown waits for queued store writes.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
+
+/// The node's store writer with its journal (`KOTODAMA_JOURNAL_DIR`, one file per node id).
+fn start_writer(
+    config: &Config,
+    store: &SqlStore,
+    redis: Option<Redis>,
+    node_id: &str,
+) -> Result<(StoreWriter, tokio::task::JoinHandle<()>), ServerError> {
+    let dir = crate::config::storage::journal_dir(config);
+    let journal =
+        crate::store::journal::Journal::open(&dir, node_id, config.journal_max_bytes).map_err(|e| ServerError::Io {
+            what: format!("store journal {} (KOTODAMA_JOURNAL_DIR: use a writable directory)", e.path),
+            source: e.source,
+        })?;
+    tracing::info!(path = %journal.path().display(), max_bytes = config.journal_max_bytes, "store journal");
+    let store = Arc::new(store.clone()) as Arc<dyn Store>;
+    StoreWriter::spawn_with_journal(store, redis, config.store_queue, journal)
+        .map_err(|source| ServerError::Io { what: "starting the store journal thread".into(), source })
+}
 
 /// Bind and serve `config` with `providers`, in the background.
 pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) -> Result<RunningServer, ServerError> {
@@ -188,6 +210,10 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
     let advertise_url = config.advertise_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let node_id = config.node_id.clone().unwrap_or_else(|| advertise_url.clone());
 
+    // The journal first: what a crash left in it (finals the clients saw, ends) is written
+    // before the sessions still open are marked as crashed.
+    let (writer, _writer_task) = start_writer(&config, &store, redis.clone(), &node_id)?;
+    writer.flush().await;
     // Sessions this node left open are from a crash: no drain ended them. They ended when the
     // node was last seen alive (its last cluster heartbeat), not now.
     let crashed_at = last_heartbeat(redis.as_ref(), &node_id).await.unwrap_or_else(std::time::SystemTime::now);
@@ -213,7 +239,6 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
     let memory = crate::memory::Memory::new(&config, store.pool().clone(), store.backend())
         .await
         .map_err(store_error("long-term memory (memory.embeddings needs pgvector on Postgres)"))?;
-    let (writer, _writer_task) = StoreWriter::spawn(Arc::new(store.clone()) as Arc<dyn Store>, redis.clone());
     let manager = SessionManager::new(
         Arc::clone(&config),
         providers,

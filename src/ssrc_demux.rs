@@ -15,7 +15,8 @@
 //! least one 20 ms frame). Everything after the chain (statistics, the track, the session's
 //! uplink with its reorder window and DTX gap handling) sees one stream. A source that comes back
 //! keeps its own mapping; at most [`MAX_SOURCES`] are remembered (the oldest is forgotten). RTCP
-//! and the outbound leg pass through untouched. Payloads are never read or logged.
+//! and the outbound leg pass through untouched. Payloads are never read or logged. Each new
+//! source is logged (its SSRC) and counted (`kotodama_ssrc_changes_total`).
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -102,6 +103,7 @@ impl SsrcDemux {
             None => (header.sequence_number, header.timestamp),
         };
         tracing::info!(ssrc = header.ssrc, "a new SSRC on the audio m-line: taken as the client's microphone");
+        metrics::counter!(crate::telemetry::SSRC_CHANGES_TOTAL).increment(1);
         let source = Source {
             ssrc: header.ssrc,
             seq_offset: seq.wrapping_sub(header.sequence_number),

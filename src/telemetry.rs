@@ -15,6 +15,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const SESSIONS_CREATED: &str = "kotodama_sessions_created_total";
 /// Counter: connected sessions whose client sent no audio for 5 s (once per silent stretch).
 pub const NO_AUDIO_TOTAL: &str = "kotodama_no_audio_total";
+/// Counter: a new SSRC on a session's audio m-line taken as the client's microphone
+/// ([`crate::ssrc_demux`]; once per new source).
+pub const SSRC_CHANGES_TOTAL: &str = "kotodama_ssrc_changes_total";
 /// Sessions ended, by `reason`.
 pub const SESSIONS_ENDED: &str = "kotodama_sessions_ended_total";
 /// Sessions not yet ended (gauge, set at scrape time).
@@ -23,6 +26,9 @@ pub const SESSIONS_LIVE: &str = "kotodama_sessions_live";
 pub const UPLINK_LATENCY: &str = "kotodama_uplink_latency_seconds";
 /// Provider audio received while playout was idle -> its first RTP packet out.
 pub const DOWNLINK_LATENCY: &str = "kotodama_downlink_latency_seconds";
+/// A final turn recorded -> the client events held behind it released (its journal append and
+/// fsync: the delay durability adds to a final transcript).
+pub const TRANSCRIPT_DURABLE: &str = "kotodama_transcript_durable_seconds";
 /// How late each outbound frame was written against its pacing slot.
 pub const PACING_LATENESS: &str = "kotodama_pacing_lateness_seconds";
 /// End of the user's speech -> first agent RTP packet, by `part`: `total`, `silence` (waiting for

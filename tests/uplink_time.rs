@@ -37,6 +37,7 @@ async fn a_connected_client_that_sends_no_audio_is_told_and_recovers() {
     client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
     let alarm = client.wait_event("no_audio error", Duration::from_secs(10), |e| e["code"] == "no_audio").await;
     assert_eq!(alarm["type"], "error");
+    assert!(ts.metric("kotodama_no_audio_total").await >= 1.0, "the silent client is counted");
     assert!(alarm["message"].as_str().unwrap().contains("microphone"), "{alarm}");
     // Audio comes: the session hears it (one utterance), and no second alarm while it flows.
     let (_, question) = wav("user_question.wav");

@@ -218,11 +218,27 @@ async fn healthz() -> Response {
     json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
 }
 
-async fn readyz(State(st): State<ApiState>) -> Result<Response, ApiError> {
+/// 200 `{"status":"ready", ...}` or 503 problem + `Retry-After`; both carry the host's
+/// [`SessionHost::readiness`] members (e.g. `store`, `queued`, `journal_bytes`).
+async fn readyz(State(st): State<ApiState>) -> Response {
+    let extra = st.host.readiness();
     if !st.host.accepting() {
-        return Err(ApiError::unavailable("not accepting sessions (draining or starting)", st.limits.retry_after));
+        let err = ApiError::unavailable(
+            "not accepting sessions (draining, starting or store unavailable)",
+            st.limits.retry_after,
+        );
+        let mut body = serde_json::to_value(err.to_problem()).unwrap_or_default();
+        if let Some(obj) = body.as_object_mut() {
+            obj.extend(extra);
+        }
+        let (mut parts, _) = err.into_response().into_parts();
+        parts.headers.remove(CONTENT_LENGTH);
+        return Response::from_parts(parts, Body::from(serde_json::to_vec(&body).unwrap_or_default()));
     }
-    Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})))
+    let mut body = serde_json::Map::new();
+    body.insert("status".into(), "ready".into());
+    body.extend(extra);
+    json_response(StatusCode::OK, &body)
 }
 
 async fn characters(State(st): State<ApiState>) -> Response {

@@ -23,6 +23,12 @@ pub trait SessionHost: Send + Sync + 'static {
     /// (`/readyz` is 503 and `POST /v1/sessions` is 503 + `Retry-After`). Must be cheap.
     fn accepting(&self) -> bool;
 
+    /// Extra members of the `/readyz` body (200 and 503 alike), e.g. the store's state:
+    /// `{"store":"unavailable","queued":12,"journal_bytes":3456}`. Must be cheap. Default: none.
+    fn readiness(&self) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::Map::new()
+    }
+
     /// The characters clients may pick (`GET /v1/characters`).
     async fn characters(&self) -> Vec<CharacterInfo>;
 

@@ -151,6 +151,14 @@ pub struct Config {
     /// Prefix of every Redis key and channel (`KOTODAMA_REDIS_PREFIX`), so several deployments
     /// (or test runs) can share one Redis.
     pub redis_prefix: String,
+    /// Directory of the store writer's journal (`KOTODAMA_JOURNAL_DIR`); default: `journal/`
+    /// next to the SQLite file, or `data/journal` with Postgres ([`storage::journal_dir`]).
+    pub journal_dir: Option<PathBuf>,
+    /// Largest journal file in bytes (`KOTODAMA_JOURNAL_MAX_BYTES`, default 64 MiB).
+    pub journal_max_bytes: u64,
+    /// Store writes queued in memory before they spill to the journal (`KOTODAMA_STORE_QUEUE`,
+    /// default 4096).
+    pub store_queue: usize,
     /// The URL other nodes redirect clients to for this node's sessions
     /// (`KOTODAMA_ADVERTISE_URL`, e.g. `https://node-1.example.com`); default `http://<bind>`.
     pub advertise_url: Option<String>,
@@ -213,6 +221,9 @@ impl Default for Config {
             database_url: storage::DEFAULT_DATABASE_URL.into(),
             redis_url: None,
             redis_prefix: storage::DEFAULT_REDIS_PREFIX.into(),
+            journal_dir: None,
+            journal_max_bytes: crate::store::journal::DEFAULT_MAX_BYTES,
+            store_queue: crate::store::writer::QUEUE_CAPACITY,
             advertise_url: None,
             node_id: None,
             web_demo_dir: None,
@@ -321,7 +332,7 @@ impl Config {
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         node::apply_env(self, &get)?;
         auth::apply_env(self, &get);
-        storage::apply_env(self, &get);
+        storage::apply_env(self, &get)?;
         for section in self.sections_mut() {
             section.apply_env(&get)?;
         }

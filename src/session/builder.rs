@@ -364,6 +364,7 @@ impl SessionBuilder {
                 &shared.id,
                 &character.language,
             ),
+            gate: Default::default(),
         }
     }
 

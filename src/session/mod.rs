@@ -6,9 +6,11 @@
 //! evicted; the store ([`crate::store`]) keeps them for good.
 //!
 //! Persistence: the row is inserted before `POST /v1/sessions` answers; `connected`, every final
-//! utterance and `ended` go to the node's [`StoreWriter`] with `try_write` as they happen (the
-//! session task never waits on the database). A write refused by a full queue marks the session
-//! dirty, and its transcript and end are rewritten (idempotently) once the session has ended.
+//! utterance and `ended` go to the node's [`StoreWriter`] with `submit` as they happen (through
+//! its fsync'd journal; the session task never waits on the database). A final transcript is
+//! held back from the client until its turn is durable (the task's `DurableGate`). A write
+//! refused by both the journal and the queue marks the session dirty, and its transcript and
+//! end are rewritten (idempotently) once the session has ended.
 //!
 //! ## Layers of a live session
 //!
@@ -60,6 +62,7 @@
 pub mod budget;
 pub(crate) mod builder;
 pub mod conversation;
+mod durable_gate;
 pub mod link;
 pub mod neko;
 pub mod oai_events;
@@ -179,22 +182,43 @@ impl SessionShared {
         if st.phase == SessionState::Connecting {
             st.phase = SessionState::Connected;
             drop(st);
-            self.queue(Write::Connected { id: self.id.clone(), at: SystemTime::now() });
+            self.submit(Write::Connected { id: self.id.clone(), at: SystemTime::now() });
         }
     }
 
     /// Queue a store write without waiting; a refusal marks the session for a rewrite at its end.
     fn queue(&self, w: Write) {
-        if !self.writer.try_write(w) && !self.dirty.swap(true, Ordering::Relaxed) {
+        if !self.writer.try_write(w) {
+            self.mark_dirty();
+        }
+    }
+
+    /// Submit a session write (through the journal); a refusal marks the session for a rewrite.
+    fn submit(&self, w: Write) {
+        if !self.writer.submit(w, false).0 {
+            self.mark_dirty();
+        }
+    }
+
+    /// Mark the session for a rewrite of its transcript and end once it has ended.
+    pub(crate) fn mark_dirty(&self) {
+        if !self.dirty.swap(true, Ordering::Relaxed) {
             tracing::warn!(session_id = %self.id, "store queue full; this session is rewritten when it ends");
         }
     }
 
-    /// Record a final utterance (empty text is not recorded) and queue it for the store.
-    pub(crate) fn push_turn(&self, role: Role, text: &str, interrupted: bool) {
+    /// Record a final utterance (empty text is not recorded) and submit it for the store. The
+    /// receiver says when it is durable ([`crate::store::journal::Durability`]); the final
+    /// transcript is held back from the client until then. None: nothing was recorded.
+    pub(crate) fn push_turn(
+        &self,
+        role: Role,
+        text: &str,
+        interrupted: bool,
+    ) -> Option<tokio::sync::oneshot::Receiver<crate::store::journal::Durability>> {
         let text = text.trim();
         if text.is_empty() {
-            return;
+            return None;
         }
         let turn = {
             let mut st = self.lock();
@@ -212,7 +236,11 @@ impl SessionShared {
             st.turns.push(turn.clone());
             turn
         };
-        self.queue(Write::Turn(turn));
+        let (accepted, durable) = self.writer.submit(Write::Turn(turn), true);
+        if !accepted {
+            self.mark_dirty();
+        }
+        durable
     }
 
     /// Queue a moderation flag for the review queue and count it (`kotodama_moderation_flags_total`).
@@ -256,7 +284,7 @@ impl SessionShared {
             st.ended_instant = Some(Instant::now());
             st.live = None;
         }
-        self.queue(Write::Ended { id: self.id.clone(), at, reason: reason.as_str().to_owned() });
+        self.submit(Write::Ended { id: self.id.clone(), at, reason: reason.as_str().to_owned() });
         if let Some(cluster) = &self.cluster {
             // Off this (possibly audio) path; an entry left behind expires with its TTL.
             cluster.unregister_later(&self.id);

@@ -42,6 +42,8 @@ pub(crate) struct SessionTask<L: ClientLink> {
     pub recorder: Option<crate::recording::Recorder>,
     /// Subtitles in the user's language: final agent transcripts translated off the task.
     pub translation: crate::translation::SessionTranslation,
+    /// Client events held behind a final turn until it is durable.
+    pub gate: super::durable_gate::DurableGate,
 }
 
 /// IO counters of the task, exported as deltas.
@@ -79,6 +81,7 @@ impl<L: ClientLink> SessionTask<L> {
         let reason = loop {
             let wake = self.conv.poll_timeout().map(|d| tokio::time::Instant::from_std(self.start + d));
             let provider_room = self.conv.wants_provider_events();
+            let gate_waiting = self.gate.is_waiting();
             let step = tokio::select! {
                 biased;
                 ctl = self.control_rx.recv() => match ctl {
@@ -99,6 +102,9 @@ impl<L: ClientLink> SessionTask<L> {
                     }
                     None => break EndReason::ServerShutdown,
                 },
+                // Before media and provider events (biased): a final held for the journal goes
+                // out as soon as it is durable, not when the provider's stream pauses.
+                durable = self.gate.next(), if gate_waiting => self.release(Some(durable)).await,
                 _ = sleep_until_opt(wake) => self.input(Input::Timeout, &mut counters).await,
                 ev = self.link.recv() => match ev {
                     Some(ev) => self.on_link_event(ev, &mut counters).await,
@@ -110,7 +116,7 @@ impl<L: ClientLink> SessionTask<L> {
                 },
                 tr = self.translation.next() => match tr {
                     crate::translation::Translated::Event(ev) => {
-                        self.link.send_event(&ev).await;
+                        self.emit(ev).await;
                         Drained::default()
                     }
                     crate::translation::Translated::UserText(text) => {
@@ -196,11 +202,11 @@ impl<L: ClientLink> SessionTask<L> {
             match out {
                 Output::Event(ev) => {
                     self.translation.on_event(&ev);
-                    self.link.send_event(&ev).await
+                    self.emit(ev).await
                 }
                 Output::State(state) => {
                     self.shared.set_agent_state(state);
-                    self.link.send_event(&ServerEvent::State { state }).await;
+                    self.emit(ServerEvent::State { state }).await;
                 }
                 Output::Provider(ProviderCommand::Text(text)) => {
                     // Typed text may be translated for a text-only model first (off this task).
@@ -209,7 +215,11 @@ impl<L: ClientLink> SessionTask<L> {
                     }
                 }
                 Output::Provider(cmd) => drained.audio_to_provider |= self.to_provider(cmd, counters),
-                Output::Turn { role, text, interrupted } => self.shared.push_turn(role, &text, interrupted),
+                Output::Turn { role, text, interrupted } => {
+                    if let Some(durable) = self.shared.push_turn(role, &text, interrupted) {
+                        self.gate.wait(durable);
+                    }
+                }
                 Output::Flag(flag) => self.shared.push_flag(flag),
                 Output::Audio(frame) => {
                     if let Err(e) = self.link.send_audio(&frame).await {
@@ -242,6 +252,31 @@ impl<L: ClientLink> SessionTask<L> {
                 false
             }
         }
+    }
+
+    /// Send `ev` to the client, or hold it while a final turn before it is not yet durable.
+    async fn emit(&mut self, ev: ServerEvent) {
+        let mut released = Vec::new();
+        if let Some(ev) = self.gate.hold(ev, &mut released) {
+            self.link.send_event(&ev).await;
+        }
+        for ev in released {
+            self.link.send_event(&ev).await;
+        }
+    }
+
+    /// A held turn was answered (`Some`), or the session ends (`None`: wait out the rest
+    /// briefly): send what the gate releases.
+    async fn release(&mut self, durable: Option<crate::store::journal::Durability>) -> Drained {
+        let mut released = Vec::new();
+        match durable {
+            Some(d) => self.gate.resolve(d, &mut released),
+            None => self.gate.settle(CLOSE_GRACE, &mut released).await,
+        }
+        for ev in released {
+            self.link.send_event(&ev).await;
+        }
+        Drained::default()
     }
 
     /// In-band FEC follows the loss the client reports (as libwebrtc does): libopus spends bits
@@ -289,6 +324,7 @@ impl<L: ClientLink> SessionTask<L> {
         self.export_stats(counters, exported);
         self.shared.push_usage(self.conv.usage());
         let _ = self.provider.commands.try_send(ProviderCommand::Close);
+        self.release(None).await;
         if reason != EndReason::PeerDisconnected {
             self.link.send_event(&ServerEvent::SessionEnded { reason: reason.as_str().to_owned() }).await;
         }

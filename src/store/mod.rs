@@ -11,7 +11,10 @@
 //!   the 201 goes out: a session the client knows about always exists in the store.
 //! * `connected`, every final utterance ([`StoredTurn`], idempotent by `(session_id, seq)`) and
 //!   `ended` are written as they happen by the node's [`writer::StoreWriter`], so the session
-//!   task never waits on the database (see the writer for its queue policy).
+//!   task never waits on the database (see the writer for its queue policy). They are first
+//!   appended to the node's fsync'd [`journal`], which holds them through outages beyond the
+//!   queue and is replayed at start after a crash; a final transcript reaches the client only
+//!   once its turn is journaled (or the client gets `error` `transcript_not_durable`).
 //! * At start a node marks the sessions it left `created`/`connected` (a crash: no drain ran)
 //!   as ended with reason `crash` ([`Store::end_orphans`]), at its last heartbeat when Redis
 //!   holds one. In a cluster on a shared store, the node that finds another dead (its heartbeat
@@ -22,6 +25,7 @@
 //! `INSERT ... ON CONFLICT DO NOTHING` makes rewrites after a crash or overflow harmless);
 //! `ended` is terminal (an `ended` row is never moved back).
 
+pub mod journal;
 pub mod redis;
 pub mod sql;
 pub mod writer;

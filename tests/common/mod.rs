@@ -13,6 +13,7 @@ pub mod fake_openai_http;
 pub mod ice;
 pub mod listen;
 pub mod netns;
+pub mod ssrc_switch;
 pub mod whip;
 
 use std::net::SocketAddr;
@@ -214,6 +215,12 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// The value of the unlabelled metric `name` in `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.http.get(format!("{}/metrics", self.base)).send().await.unwrap().text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+    }
+
     pub async fn start() -> TestServer {
         Self::start_with(|_| {}).await
     }
@@ -342,6 +349,8 @@ pub struct ClientNet {
     pub tcp_only: bool,
     /// Without a microphone, a receive-only audio transceiver (a WHEP player).
     pub receive_only_audio: bool,
+    /// Send from a new SSRC after this many RTP packets ([`ssrc_switch::SsrcSwitch`]).
+    pub switch_ssrc_after: Option<u64>,
 }
 
 impl Default for ClientNet {
@@ -354,6 +363,7 @@ impl Default for ClientNet {
             rebind_on_restart: false,
             tcp_only: false,
             receive_only_audio: false,
+            switch_ssrc_after: None,
         }
     }
 }
@@ -441,7 +451,10 @@ pub async fn client_offer_on(net: &ClientNet, with_audio: bool, with_dc: bool) -
     let mut me = MediaEngine::default();
     me.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio)
         .unwrap();
-    let registry = register_default_interceptors(Registry::new(), &mut me).unwrap();
+    let mut registry = register_default_interceptors(Registry::new(), &mut me).unwrap();
+    if let Some(after) = net.switch_ssrc_after {
+        registry = registry.with(ssrc_switch::SLOT.into(), ssrc_switch::SsrcSwitch::new(after));
+    }
     let inbox = Arc::new(Mutex::new(Inbox::default()));
     let (gathered, grx) = GatheringDone::new();
     let (state_tx, _state_rx) = mpsc::unbounded_channel();
