@@ -211,6 +211,8 @@ impl SessionBuilder {
         let memories = self.memories(shared).await;
         let budget = self.budget_plan(shared, character).await;
         let cfg = self.provider_config(shared, character, &memories, &budget);
+        let conv = Conversation::new(self.conversation_config(shared, character, &provider, budget), media);
+        let cfg = SessionConfig { session_history: conv.history_view(), ..cfg };
         let (session, answered) =
             tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer, peer_tx));
         let (peer, answer) = answered.map_err(peer_error)?;
@@ -226,8 +228,7 @@ impl SessionBuilder {
         };
         let link = link(peer, peer_rx);
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
-        let conv = self.conversation_config(shared, character, &provider, budget);
-        let task = self.task(shared, character, link, control_rx, session, Conversation::new(conv, media), spec);
+        let task = self.task(shared, character, link, control_rx, session, conv, spec);
         Ok((task, answer, control))
     }
 
@@ -255,14 +256,15 @@ impl SessionBuilder {
         let media = spec.parts().map_err(|e| SessionError::Internal(e.to_string()))?;
         let memories = self.memories(shared).await;
         let budget = self.budget_plan(shared, character).await;
-        let session = provider.connect(self.provider_config(shared, character, &memories, &budget)).await;
+        let cfg = self.provider_config(shared, character, &memories, &budget);
+        let conv = Conversation::new(self.conversation_config(shared, character, &provider, budget), media);
+        let session = provider.connect(SessionConfig { session_history: conv.history_view(), ..cfg }).await;
         let result = if session.is_ok() { "ok" } else { "error" };
         metrics::counter!(crate::telemetry::PROVIDER_CONNECTS, "provider" => provider.name().to_owned(), "result" => result)
             .increment(1);
         let session = session.map_err(|e| SessionError::ProviderUnavailable(e.to_string()))?;
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
-        let conv = self.conversation_config(shared, character, &provider, budget);
-        Ok((self.task(shared, character, link, control_rx, session, Conversation::new(conv, media), spec), control))
+        Ok((self.task(shared, character, link, control_rx, session, conv, spec), control))
     }
 
     fn conversation_config(
@@ -415,6 +417,8 @@ impl SessionBuilder {
             voices: character.voices.clone().into_iter().collect(),
             language: character.language.clone(),
             history: Vec::new(),
+            // Set to the conversation core's view once it is built (see `answered`).
+            session_history: Default::default(),
             tools: Arc::new(tools.with_budget(Arc::clone(&budget.tool_calls))),
             // Validated at start (config::validate): an invalid name never reaches here.
             viseme_overrides: crate::providers::cascade::viseme_overrides(&character.visemes).unwrap_or_default(),
