@@ -98,6 +98,7 @@ async fn run() {
         voices: Default::default(),
         language: "en-US".into(),
         history: vec![],
+        session_history: Default::default(),
         tools: Arc::new(ToolRegistry::builtin()),
         viseme_overrides: Default::default(),
         moderator: None,

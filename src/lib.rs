@@ -13,11 +13,29 @@
 //! recent turns, cross-node control).
 //!
 //! A live session is layered (see [`session`]): a sans-IO conversation core
-//! ([`session::conversation`]) makes every decision; a thin task does the IO between a client
-//! link ([`session::link::ClientLink`]: a transport, today the WebRTC peer, plus an event codec per
-//! client dialect, today api-v1) and the provider session. A new transport or dialect is a new
-//! module behind that seam. [`cluster`] owns the multi-node parts (registry, 307 redirect, control
-//! bus).
+//! ([`session::conversation`]) makes every decision and owns the conversation history; a thin
+//! task does the IO between a client link and the provider session. The seam is two traits:
+//!
+//! ```ignore
+//! pub trait ClientLink: Send {   // "a connected client": a transport
+//!     async fn recv(&mut self) -> Option<LinkEvent>;   // audio (Opus / PCM), events, open/close
+//!     async fn send_audio(&mut self, frame: &AudioFrame<'_>) -> Result<(), LinkError>;
+//!     async fn send_event(&mut self, ev: &ServerEvent); // spelled by the link's EventCodec
+//!     /* ICE candidates and restart, loss, stats, close */
+//! }
+//! pub trait EventCodec: Send {   // a client dialect
+//!     fn encode(&mut self, ev: &ServerEvent, out: &mut Vec<String>);
+//!     fn decode(&mut self, msg: &[u8]) -> Result<Option<ClientEvent>, EventError>;
+//! }
+//! ```
+//!
+//! Transports ([`session::link::ClientLink`]): WebRTC ([`session::webrtc_link`]), WebSocket
+//! ([`session::ws_link`], also for N.E.K.O.'s `/ws/{character}`) and WHIP/WHEP
+//! ([`session::whip_link`], [`whip`]). Dialects ([`session::link::EventCodec`]): api-v1, N.E.K.O.
+//! ([`session::neko`]), oai-events ([`session::oai_events`], OpenAI's Agents SDK through
+//! [`realtime_calls`]) and RTVI ([`session::rtvi`], Pipecat's client through [`pipecat`]). A new
+//! transport or dialect is a new module behind that seam; neither the core nor the task changes.
+//! [`cluster`] owns the multi-node parts (registry, 307 redirect, control bus).
 //!
 //! [`server::start`] wires it together; `main.rs` only parses the command line.
 

@@ -113,9 +113,8 @@ async fn barge_in_with_our_turn_detection_stops_the_model_and_keeps_what_was_hea
     // Turn 1: our VAD ends it (activityEnd); the long reply plays; the user talks over it.
     let (_, question) = wav("user_question.wav");
     client.silence(Duration::from_millis(200)).await;
-    client.speak(&question).await;
     client
-        .silence_until("the reply to play", Duration::from_secs(20), |evs| evs.iter().any(|e| is_state(e, "speaking")))
+        .ask_until("the reply to play", Duration::from_secs(20), |evs| evs.iter().any(|e| is_state(e, "speaking")))
         .await;
     let from = client.log().len();
     client.silence(Duration::from_millis(1500)).await;
@@ -224,6 +223,7 @@ async fn a_tool_call_the_model_cancels_gets_no_response() {
         voices: Default::default(),
         language: "en-US".into(),
         history: vec![],
+        session_history: Default::default(),
         tools: Arc::new(tools_with_a_slow_lookup()),
         viseme_overrides: Default::default(),
         moderator: None,

@@ -184,12 +184,10 @@ async fn the_cascade_checks_each_sentence_before_tts_and_speaks_the_fallback_ins
     client
         .wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening")
         .await;
-    let (_, question) = wav("user_question.wav");
-    client.silence(Duration::from_millis(200)).await;
-    client.speak(&question).await;
     let fallback = kotodama::config::ModerationSettings::default().fallback;
+    client.silence(Duration::from_millis(200)).await;
     client
-        .silence_until("the reply with the fallback", Duration::from_secs(30), |evs| {
+        .ask_until("the reply with the fallback", Duration::from_secs(30), |evs| {
             evs.iter().any(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
         })
         .await;
@@ -234,11 +232,9 @@ async fn cascade_turn_with_endpoint(
     client
         .wait_event("listening", Duration::from_secs(10), |e| e["type"] == "state" && e["state"] == "listening")
         .await;
-    let (_, question) = wav("user_question.wav");
     client.silence(Duration::from_millis(200)).await;
-    client.speak(&question).await;
     client
-        .silence_until("the reply", Duration::from_secs(30), |evs| {
+        .ask_until("the reply", Duration::from_secs(30), |evs| {
             evs.iter().any(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true)
         })
         .await;

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::ice::{one_turn, restart_pc};
-use common::netns::NetNs;
+use common::netns::server_on_veth;
 use common::*;
 use serde_json::Value;
 
@@ -17,13 +17,7 @@ const API_KEY: &str = "network-change-test-api-key";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_whose_address_changes_restarts_ice_and_keeps_its_session() {
-    let ns = NetNs::create();
-    let server_ip = ns.addr(1);
-    let ts = TestServer::start_with(|c| {
-        c.bind = format!("{server_ip}:0").parse().unwrap();
-        c.api_keys = vec![API_KEY.to_owned()];
-    })
-    .await;
+    let (ns, server_ip, ts) = server_on_veth(API_KEY).await;
     let base = ts.base.clone();
     let res = ts.http.post(format!("{base}/v1/sessions")).bearer_auth(API_KEY).json(&serde_json::json!({})).send();
     let created: Value = res.await.unwrap().json().await.unwrap();

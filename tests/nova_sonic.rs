@@ -163,9 +163,8 @@ async fn the_models_barge_in_stops_playout_and_keeps_what_was_heard() {
     let (session_id, token, mut client) = connect(&ts).await;
     let (_, question) = wav("user_question.wav");
     client.silence(Duration::from_millis(200)).await;
-    client.speak(&question).await;
     client
-        .silence_until("the reply to play", Duration::from_secs(20), |evs| evs.iter().any(|e| is_state(e, "speaking")))
+        .ask_until("the reply to play", Duration::from_secs(20), |evs| evs.iter().any(|e| is_state(e, "speaking")))
         .await;
     client.silence(Duration::from_millis(1500)).await;
     client.speak(&question).await;

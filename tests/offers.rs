@@ -186,7 +186,7 @@ async fn every_real_shaped_offer_gets_a_verified_answer_or_a_specific_422() {
 async fn an_offer_with_setup_active_is_answered_passive_and_dtls_connects() {
     let ts = TestServer::start().await;
     let (id, token, offer_url) = ts.create_session().await;
-    let client = TestClient::connect_munged(&ts.base, &ts.http, &offer_url, &token, |sdp| {
+    let client = TestClient::connect_with(&ClientNet::default(), &ts.base, &ts.http, &offer_url, &token, |sdp| {
         sdp.replace("a=setup:actpass", "a=setup:active")
     })
     .await;

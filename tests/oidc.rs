@@ -128,16 +128,7 @@ async fn a_valid_token_creates_a_session_owned_by_its_user_and_bad_ones_get_401(
 
     let (status, body) = create_with(&ts, &sign(&key, &issuer.claims("alice")), json!({})).await;
     assert_eq!(status, 201, "valid token: {body}");
-    let export = ts
-        .http
-        .get(format!("{}/v1/users/alice/data", ts.base))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
+    let export = get_json(&ts.http, &format!("{}/v1/users/alice/data", ts.base), ADMIN_KEY).await;
     assert_eq!(export["sessions"][0]["id"], body["session_id"], "the session belongs to the token's user: {export}");
 
     let now = time::OffsetDateTime::now_utc().unix_timestamp();

@@ -24,7 +24,7 @@ async fn a_new_ssrc_mid_utterance_is_heard_whole_and_counted() {
     let ts = TestServer::start().await;
     let before = ts.metric("kotodama_ssrc_changes_total").await;
     let (_, token, offer_url) = ts.create_session().await;
-    let net = ClientNet { switch_ssrc_after: Some(after), ..ClientNet::default() };
+    let net = ClientNet { interceptors: Some(ssrc_switch::after(after)), ..ClientNet::default() };
     let mut client = TestClient::connect_on(&net, &ts.base, &ts.http, &offer_url, &token).await;
     client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
     client.silence(Duration::from_millis(lead * 20)).await;

@@ -167,7 +167,7 @@ async fn with_api_keys_the_publisher_s_bearer_guards_the_resource_and_the_player
 async fn a_whep_player_hears_the_character_answer_a_whip_publisher() {
     let ts = TestServer::start().await;
     let mut publisher = publish(&ts.base, &ts.http, CHARACTER, None).await;
-    let player = play(&ts.base, &ts.http, &publisher.location, None, true).await;
+    let player = play_on(&ClientNet::default(), &ts.base, &ts.http, &publisher.location, None, true).await;
     assert!(player.answer.contains("a=sendonly"), "the server sends to the player: {}", player.answer);
     let (status, _, body) =
         patch(&ts, &player.location, &[("If-Match", "\"stale\"")], "application/trickle-ice-sdpfrag", FRAG).await;
@@ -276,7 +276,7 @@ async fn a_whep_player_that_went_away_frees_its_slot() {
     let publisher = publish(&ts.base, &ts.http, CHARACTER, None).await;
     let mut players = Vec::new();
     for _ in 0..kotodama::session::whip_link::MAX_PLAYERS {
-        players.push(play(&ts.base, &ts.http, &publisher.location, None, false).await);
+        players.push(play_on(&ClientNet::default(), &ts.base, &ts.http, &publisher.location, None, false).await);
     }
     let whep = format!("{}{}/whep", ts.base, publisher.location);
     let (_p, _d, _t, _s, _i, offer) = player_offer(false).await;

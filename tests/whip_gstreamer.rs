@@ -19,7 +19,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::NetNs;
+use common::netns::server_on_veth;
 use common::whip::*;
 use common::*;
 
@@ -56,13 +56,7 @@ async fn gstreamer_simple_whip_client_publishes_and_a_whep_player_hears_the_char
         std::path::Path::new("/usr/bin/whip-client").exists(),
         "/usr/bin/whip-client is missing: run ./test.sh (apt-get install simple-whip-client)"
     );
-    let ns = NetNs::create();
-    let server_ip = ns.addr(1);
-    let ts = TestServer::start_with(|c| {
-        c.bind = format!("{server_ip}:0").parse().unwrap();
-        c.api_keys = vec![API_KEY.to_owned()];
-    })
-    .await;
+    let (ns, _, ts) = server_on_veth(API_KEY).await;
     let stub = igd_stub();
 
     // The microphone: 4 s of silence (connecting), the question, 12 s of silence for the reply.

@@ -3,7 +3,7 @@
 //!
 //! The scheme is the one of draft-uberti-behave-turn-rest-00 §2.2 as coturn implements it with
 //! `use-auth-secret` + `static-auth-secret` (coturn 4.6.1, `turnserver.conf` comments and
-//! `/work/shared/docs/protocols.md`):
+//! `../shared/docs/protocols.md`):
 //!
 //! - `username = "<unix expiry, seconds>:<session id>"`;
 //! - `credential = base64(HMAC-SHA1(secret, username))`, the secret taken as its raw bytes.

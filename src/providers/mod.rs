@@ -61,6 +61,22 @@ pub struct Capabilities {
     pub max_session: Option<Duration>,
 }
 
+impl Capabilities {
+    /// What a provider that leaves turn-taking to us declares (the local cascade, the test fakes):
+    /// our VAD commits turns (no server VAD); it truncates its context and transcribes the user;
+    /// no tools, no images, no session limit.
+    pub const fn local_turns() -> Self {
+        Self {
+            server_vad: false,
+            truncation: true,
+            user_transcripts: true,
+            tools: false,
+            images: false,
+            max_session: None,
+        }
+    }
+}
+
 /// The configuration a provider session starts with.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -81,6 +97,11 @@ pub struct SessionConfig {
     /// The conversation so far, replayed into a fresh provider session (reconnect, recycling,
     /// failover). Agent turns hold what the user heard, never more.
     pub history: Vec<HistoryItem>,
+    /// The session's conversation history as the session core records it (read-only): the
+    /// resilience layer ([`resilient`]) replays it into every provider session it opens after the
+    /// first. Providers themselves read [`SessionConfig::history`]. Default: no session core (an
+    /// empty history that never changes).
+    pub session_history: HistoryView,
     /// The tools the model may call.
     pub tools: Arc<tools::ToolRegistry>,
     /// The character's phoneme -> viseme overrides (providers that know phonemes use them).
@@ -120,12 +141,26 @@ pub const MAX_HISTORY_ITEMS: usize = 40;
 /// Characters of history kept for replay.
 pub const MAX_HISTORY_CHARS: usize = 16_000;
 
+/// One turn kept in a [`History`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// Its place in the session: 1 for the first turn ever kept, counting turns since dropped.
+    pub seq: u64,
+    /// The provider item it came from (an agent reply, a transcribed user turn); `None` for turns
+    /// from elsewhere (typed text, an agent result).
+    pub item_id: Option<String>,
+    /// The turn.
+    pub item: HistoryItem,
+}
+
 /// The conversation so far, bounded to the most recent [`MAX_HISTORY_ITEMS`] items and
 /// [`MAX_HISTORY_CHARS`] characters. Empty turns are not kept.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct History {
-    items: std::collections::VecDeque<HistoryItem>,
+    entries: std::collections::VecDeque<HistoryEntry>,
     chars: usize,
+    /// Turns kept so far (the last one's `seq`).
+    pushed: u64,
 }
 
 impl History {
@@ -140,14 +175,20 @@ impl History {
 
     /// Append a turn, dropping the oldest beyond the bounds. False when it was empty (not kept).
     pub fn push(&mut self, item: HistoryItem) -> bool {
+        self.push_from(item, None)
+    }
+
+    /// Append a turn that came from provider item `item_id` (see [`HistoryEntry::item_id`]).
+    pub fn push_from(&mut self, item: HistoryItem, item_id: Option<&str>) -> bool {
         if item.text().trim().is_empty() {
             return false;
         }
         self.chars += item.text().len();
-        self.items.push_back(item);
-        while self.items.len() > MAX_HISTORY_ITEMS || self.chars > MAX_HISTORY_CHARS {
-            match self.items.pop_front() {
-                Some(old) => self.chars -= old.text().len(),
+        self.pushed += 1;
+        self.entries.push_back(HistoryEntry { seq: self.pushed, item_id: item_id.map(str::to_owned), item });
+        while self.entries.len() > MAX_HISTORY_ITEMS || self.chars > MAX_HISTORY_CHARS {
+            match self.entries.pop_front() {
+                Some(old) => self.chars -= old.item.text().len(),
                 None => break,
             }
         }
@@ -156,12 +197,80 @@ impl History {
 
     /// The turns, oldest first.
     pub fn iter(&self) -> impl Iterator<Item = &HistoryItem> {
-        self.items.iter()
+        self.entries.iter().map(|e| &e.item)
+    }
+
+    /// The kept turns pushed after turn `seq`, oldest first.
+    pub fn since(&self, seq: u64) -> impl Iterator<Item = &HistoryEntry> {
+        self.entries.iter().filter(move |e| e.seq > seq)
+    }
+
+    /// The `seq` of the last turn pushed (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.pushed
     }
 
     /// A copy for a provider session's [`SessionConfig::history`].
     pub fn to_vec(&self) -> Vec<HistoryItem> {
-        self.items.iter().cloned().collect()
+        self.iter().cloned().collect()
+    }
+}
+
+/// The session's conversation history with its one writer, the session core
+/// ([`crate::session::conversation`]): it records each turn as the user heard it. The layers below
+/// read it through [`HistoryView`]s instead of keeping copies of their own. Recording is a
+/// synchronous update (no await, no IO).
+#[derive(Debug)]
+pub struct SharedHistory(tokio::sync::watch::Sender<History>);
+
+impl Default for SharedHistory {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(History::default()).0)
+    }
+}
+
+impl SharedHistory {
+    /// Record a turn (from provider item `item_id`, if any); readers are woken. False when it was
+    /// empty (not kept).
+    pub fn push(&self, item: HistoryItem, item_id: Option<&str>) -> bool {
+        self.0.send_if_modified(|h| h.push_from(item, item_id))
+    }
+
+    /// A read-only view for the layers below.
+    pub fn view(&self) -> HistoryView {
+        HistoryView(Some(self.0.subscribe()))
+    }
+
+    /// The turns, oldest first.
+    pub fn to_vec(&self) -> Vec<HistoryItem> {
+        self.0.borrow().to_vec()
+    }
+}
+
+/// A read-only view of a session's [`SharedHistory`] (cheap to clone). The default view has no
+/// writer: an empty history that never changes.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryView(Option<tokio::sync::watch::Receiver<History>>);
+
+impl HistoryView {
+    /// Read the history as it is now (do not hold this across an await).
+    pub fn read<R>(&self, f: impl FnOnce(&History) -> R) -> R {
+        match &self.0 {
+            Some(rx) => f(&rx.borrow()),
+            None => f(&History::default()),
+        }
+    }
+
+    /// Wait until the writer records a turn the view has not been woken for; never returns once
+    /// the writer is gone (or for the default view).
+    pub async fn changed(&mut self) {
+        let open = match &mut self.0 {
+            Some(rx) => rx.changed().await.is_ok(),
+            None => false,
+        };
+        if !open {
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -7,19 +7,22 @@
 //! inner session and `select!`s over: commands from the session task, the inner session's events,
 //! the next session being opened in the background (recycling), and the reconnect timer.
 //!
-//! What it keeps, as the single owner:
-//! - the conversation context: user finals, agent text *as heard* (a `Truncate` carries the
-//!   words the session released with the frames played; they are taken as they are), bounded to the most recent
-//!   [`super::MAX_HISTORY_ITEMS`] items / [`super::MAX_HISTORY_CHARS`] characters (older turns are dropped, not
-//!   summarised);
-//! - whether a reply is in flight (a turn was committed or text sent, until `ResponseDone`) and
-//!   when the user last spoke (from the session's VAD edges: `SpeechStarted` .. `CommitTurn`).
+//! What it replays is not its own: the conversation history is the session core's (one owner,
+//! [`crate::session::conversation`]), read through [`SessionConfig::session_history`]: user turns
+//! (spoken or typed), agent turns *as heard*, agent results, bounded to the most recent
+//! [`super::MAX_HISTORY_ITEMS`] items / [`super::MAX_HISTORY_CHARS`] characters. Every session it
+//! opens after the first starts with that history (after [`SessionConfig::history`], what the
+//! first one started with). What it keeps itself: whether a reply is in flight (a turn was
+//! committed or text sent, until `ResponseDone`), the item id of the reply being received, and
+//! when the user last spoke (from the session's VAD edges: `SpeechStarted` .. `CommitTurn`).
 //!
 //! Invariants:
 //! - Reconnect (socket dropped, `Closed`, or a `session_expired` error): the WebRTC leg stays up;
 //!   the client gets a `provider_reconnecting` notice; a reply cut mid-way is closed for the task
-//!   (`AudioDone` + `ResponseDone`) and kept in the context as heard; the new session gets the
-//!   context as history and is **never** asked to repeat an agent turn. Only a user turn that got
+//!   (`AudioDone` + `ResponseDone`), whose playout goes on; the session records the reply as heard
+//!   when its playout ends, and the reconnect waits for that (at most [`HEARD_WAIT`]) so the new
+//!   session starts with it in its history (recorded later, it is appended with
+//!   `AppendHistory`). The new session is **never** asked to repeat an agent turn. Only a user turn that got
 //!   no agent audio at all is answered again (`GenerateReply`), so no turn is lost either. Attempts
 //!   back off with jitter (base x 2^n, x0.5..1.5, capped); after
 //!   [`ResiliencePolicy::attempts_per_provider`] failed attempts, or as many drops within
@@ -28,9 +31,9 @@
 //! - User audio during the gap is buffered up to [`ResiliencePolicy::gap_buffer`] (oldest dropped
 //!   first and counted) and sent to the new session; other commands are queued (bounded).
 //! - Recycling: [`ResiliencePolicy::recycle_lead`] before the inner provider's `max_session`, the
-//!   next session is opened in the background with the context so far; it replaces the live one at
+//!   next session is opened in the background with the history so far; it replaces the live one at
 //!   the first turn boundary (no reply in flight and the user quiet for
-//!   [`ResiliencePolicy::quiet_for`]), with the turns added meanwhile appended as history. A reply
+//!   [`ResiliencePolicy::quiet_for`]), with the turns recorded meanwhile appended as history. A reply
 //!   in flight is never cut by a swap, and an utterance only when it runs a whole lead time past
 //!   the limit.
 //!   Audio already handed to the session task keeps playing, so the user hears no gap. The limit
@@ -52,9 +55,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{
-    AudioFormat, COMMAND_CHANNEL_CAPACITY, Capabilities, EVENT_CHANNEL_CAPACITY, History, HistoryItem,
-    MAX_HISTORY_ITEMS, Pcm, ProviderCommand, ProviderError, ProviderEvent, ProviderSession, RealtimeProvider,
-    SessionConfig, SessionUpdate, Speaker,
+    AudioFormat, COMMAND_CHANNEL_CAPACITY, Capabilities, EVENT_CHANNEL_CAPACITY, History, HistoryItem, HistoryView,
+    Pcm, ProviderCommand, ProviderError, ProviderEvent, ProviderSession, RealtimeProvider, SessionConfig,
+    SessionUpdate, Speaker,
 };
 
 /// Commands (other than audio) queued while reconnecting.
@@ -66,6 +69,10 @@ const FLAPPING_WINDOW: Duration = Duration::from_secs(120);
 const AGENT_QUIET: Duration = Duration::from_secs(1);
 /// A turn whose provider session fails more often than this is given up (seed 002).
 pub const MAX_RESTARTS_PER_TURN: u32 = 3;
+/// After a drop mid-reply, the reconnect waits at most this long for the session to record what
+/// was heard of the reply (it does when the reply's playout ends: at most the playout queue plus
+/// the event channel's audio), so the new session starts with it.
+pub const HEARD_WAIT: Duration = Duration::from_secs(3);
 
 /// How the wrapper reacts to trouble.
 #[derive(Debug, Clone)]
@@ -188,13 +195,12 @@ fn failover_notice(failed: &[Arc<dyn RealtimeProvider>], to: &str) -> ProviderEv
     }
 }
 
-/// The agent reply being received.
-#[derive(Debug, Default)]
+/// The agent reply being received (its text is the session's to record).
+#[derive(Debug)]
 struct AgentReply {
     item_id: String,
-    text: String,
-    /// Already stored in the context (final or truncation).
-    stored: bool,
+    /// The history's last `seq` when it began: the session records it after that.
+    from_seq: u64,
 }
 
 struct Live {
@@ -220,16 +226,23 @@ struct Supervisor {
     cfg: SessionConfig,
     events: mpsc::Sender<ProviderEvent>,
     live: Option<Live>,
-    context: History,
-    /// Context items appended since the next session's snapshot was taken.
-    added_since_snapshot: Vec<HistoryItem>,
+    /// The session's history (read-only; [`SessionConfig::session_history`]).
+    history: HistoryView,
+    /// The live session's context holds the history up to this `seq` (later turns reach it by
+    /// their own commands, or as [`Self::orphan`]).
+    live_seq: u64,
+    /// The history `seq` the next (pre-opened) session was given.
+    next_seq: u64,
     reply: Option<AgentReply>,
+    /// The reply of a session no longer live, not yet recorded by the session (its playout goes
+    /// on): once recorded, it is appended to the live session's context.
+    orphan: Option<AgentReply>,
+    /// A reconnect waits for [`Self::orphan`] until then ([`HEARD_WAIT`]).
+    orphan_wait: Option<Instant>,
     /// A user turn is waiting for (or getting) its reply.
     responding: bool,
     /// Agent audio of the current reply has been forwarded.
     reply_audio_seen: bool,
-    /// Text sent by the client, to recognise the provider's echo of it as a user transcript.
-    text_echo: Option<String>,
     /// Audio time since the session started, by uplink samples (the wrapper's clock for quiet).
     uplink_time: Duration,
     last_voice: Duration,
@@ -279,7 +292,8 @@ impl Supervisor {
         events: mpsc::Sender<ProviderEvent>,
     ) -> Self {
         let caps = chain[idx].capabilities();
-        let context = History::from_items(cfg.history.iter().cloned());
+        let history = cfg.session_history.clone();
+        let live_seq = history.read(History::last_seq);
         let max_session = capped(policy.max_session, caps.max_session);
         Self {
             live: Some(Live {
@@ -295,12 +309,14 @@ impl Supervisor {
             policy,
             cfg,
             events,
-            context,
-            added_since_snapshot: Vec::new(),
+            history,
+            live_seq,
+            next_seq: live_seq,
             reply: None,
+            orphan: None,
+            orphan_wait: None,
             responding: false,
             reply_audio_seen: false,
-            text_echo: None,
             uplink_time: Duration::ZERO,
             last_voice: Duration::ZERO,
             speaking: false,
@@ -371,6 +387,7 @@ impl Supervisor {
                 _ = sleep_until_opt(open_at) => self.start_opening_next(),
                 _ = sleep_until_opt(limit) => {}
                 _ = sleep_until_opt(self.reconnect_at) => self.reconnect().await,
+                _ = self.history.changed() => self.on_history_changed().await,
             }
             if self.live.is_none() && self.reconnect_at.is_none() {
                 break;
@@ -396,17 +413,64 @@ impl Supervisor {
         }
     }
 
-    fn push_context(&mut self, item: HistoryItem) {
-        if self.context.push(item.clone()) {
-            self.added_since_snapshot.push(item);
-            if self.added_since_snapshot.len() > MAX_HISTORY_ITEMS {
-                self.added_since_snapshot.remove(0);
-            }
-        }
+    /// The history a new provider session starts with, and the `seq` it is complete up to: what
+    /// the first session started with, then every turn the session recorded.
+    fn snapshot(&self) -> (Vec<HistoryItem>, u64) {
+        self.history.read(|h| {
+            let items = History::from_items(self.cfg.history.iter().chain(h.iter()).cloned());
+            (items.to_vec(), h.last_seq())
+        })
     }
 
-    fn history(&self) -> Vec<HistoryItem> {
-        self.context.to_vec()
+    /// Whether the session has recorded `reply` (as heard).
+    fn recorded(&self, reply: &AgentReply) -> bool {
+        self.history.read(|h| {
+            h.since(reply.from_seq)
+                .any(|e| matches!(e.item, HistoryItem::Agent(_)) && e.item_id.as_deref() == Some(&reply.item_id))
+        })
+    }
+
+    /// The reply item `item_id` of the live session: tracked (a new one replaces the last).
+    fn track_reply(&mut self, item_id: &str) {
+        if self.reply.as_ref().is_some_and(|r| r.item_id == item_id) {
+            return;
+        }
+        if self.orphan.as_ref().is_some_and(|o| o.item_id == item_id) {
+            // The live session reuses the id of an earlier session's reply: the two cannot be
+            // told apart in the history, so the earlier one is not appended later.
+            self.orphan = None;
+        }
+        let from_seq = self.history.read(History::last_seq);
+        self.reply = Some(AgentReply { item_id: item_id.to_owned(), from_seq });
+    }
+
+    /// The session recorded a turn. Reconnecting: a reconnect waiting for the cut reply goes
+    /// now. Live: the cut reply of an earlier session, recorded only now, is appended to the live
+    /// session's context; every other turn reached it by its own command or came from it.
+    async fn on_history_changed(&mut self) {
+        let orphan_recorded = self.orphan.as_ref().is_some_and(|o| self.recorded(o));
+        let Some(tx) = self.live.as_ref().map(|l| l.session.commands.clone()) else {
+            if orphan_recorded && self.orphan_wait.is_some() && self.reconnect_at == self.orphan_wait {
+                self.reconnect_at = Some(Instant::now());
+            }
+            return;
+        };
+        let late: Vec<HistoryItem> = match &self.orphan {
+            Some(o) if orphan_recorded => self.history.read(|h| {
+                h.since(self.live_seq)
+                    .filter(|e| e.item_id.as_deref() == Some(&o.item_id))
+                    .map(|e| e.item.clone())
+                    .collect()
+            }),
+            _ => Vec::new(),
+        };
+        if orphan_recorded {
+            self.orphan = None;
+        }
+        self.live_seq = self.history.read(History::last_seq);
+        if !late.is_empty() {
+            let _ = tx.send(ProviderCommand::AppendHistory(late)).await;
+        }
     }
 
     async fn emit(&self, ev: ProviderEvent) {
@@ -439,9 +503,7 @@ impl Supervisor {
                 self.responding = true;
                 self.reply_audio_seen = false;
             }
-            ProviderCommand::Text(t) => {
-                self.push_context(HistoryItem::User(t.clone()));
-                self.text_echo = Some(t.clone());
+            ProviderCommand::Text(_) => {
                 self.responding = true;
                 self.reply_audio_seen = false;
             }
@@ -449,11 +511,10 @@ impl Supervisor {
                 self.responding = true;
                 self.reply_audio_seen = false;
             }
-            ProviderCommand::Truncate { item_id, heard, .. } => {
-                // The session says what was heard; it is not re-derived here.
-                if let Some(r) = self.reply.as_mut().filter(|r| &r.item_id == item_id && !r.stored) {
-                    r.stored = true;
-                    self.push_context(HistoryItem::Agent(heard.clone()));
+            ProviderCommand::Truncate { item_id, .. } => {
+                // The session cut the reply and recorded what was heard of it.
+                if self.reply.as_ref().is_some_and(|r| &r.item_id == item_id) {
+                    self.reply = None;
                 }
                 self.responding = false;
                 if self.live.as_ref().is_some_and(|l| !l.truncation) {
@@ -515,8 +576,12 @@ impl Supervisor {
                     }
                 }
             }
-            // Nothing to cancel or cut in a session that does not exist yet.
-            ProviderCommand::Cancel | ProviderCommand::Truncate { .. } | ProviderCommand::SpeechStarted => {}
+            // Nothing to cancel or cut in a session that does not exist yet; an agent result is
+            // in the session's history, which the new session starts with.
+            ProviderCommand::Cancel
+            | ProviderCommand::Truncate { .. }
+            | ProviderCommand::SpeechStarted
+            | ProviderCommand::AppendHistory(_) => {}
             other => {
                 if self.queued.len() < MAX_QUEUED_COMMANDS {
                     self.queued.push_back(other);
@@ -544,35 +609,15 @@ impl Supervisor {
                 self.reply_audio_seen = true;
                 self.last_agent_audio = Some(Instant::now());
                 self.responding = true;
-                let reply =
-                    self.reply.get_or_insert_with(|| AgentReply { item_id: item_id.clone(), ..Default::default() });
-                if &reply.item_id != item_id {
-                    *reply = AgentReply { item_id: item_id.clone(), ..Default::default() };
-                }
+                self.track_reply(item_id);
             }
-            ProviderEvent::Transcript { speaker: Speaker::Agent, item_id, text, is_final } => {
-                let reply =
-                    self.reply.get_or_insert_with(|| AgentReply { item_id: item_id.clone(), ..Default::default() });
-                if &reply.item_id != item_id {
-                    *reply = AgentReply { item_id: item_id.clone(), ..Default::default() };
-                }
-                reply.text = text.clone();
-                if *is_final && !reply.stored {
-                    reply.stored = true;
-                    self.push_context(HistoryItem::Agent(text.clone()));
-                }
-            }
-            ProviderEvent::Transcript { speaker: Speaker::User, text, is_final: true, .. } => {
+            ProviderEvent::Transcript { speaker: Speaker::Agent, item_id, .. } => self.track_reply(item_id),
+            ProviderEvent::Transcript { speaker: Speaker::User, is_final: true, .. } => {
                 // The provider heard the utterance to its end (its own turn detection).
                 self.uncommitted_speech = false;
-                if self.text_echo.as_deref().is_some_and(|t| super::is_echo(t, text)) {
-                    self.text_echo = None;
-                } else {
-                    self.push_context(HistoryItem::User(text.clone()));
-                    if self.live.as_ref().is_some_and(|l| l.server_vad) {
-                        // With server turn detection the transcript is our first sign of a user turn.
-                        self.responding = true;
-                    }
+                if self.live.as_ref().is_some_and(|l| l.server_vad) {
+                    // With server turn detection the transcript is our first sign of a user turn.
+                    self.responding = true;
                 }
             }
             ProviderEvent::ResponseDone { .. } => {
@@ -598,12 +643,14 @@ impl Supervisor {
         let name = self.chain[live.idx].name().to_owned();
         tracing::warn!(session_id = %self.cfg.session_id, provider = %name, reason = %why, "provider session lost; reconnecting");
         if let Some(r) = self.reply.take() {
-            if !r.stored && !r.text.is_empty() {
-                // What was handed to playout will be heard: keep it as said.
-                self.push_context(HistoryItem::Agent(r.text.clone()));
-            }
             self.emit(ProviderEvent::AudioDone { item_id: r.item_id.clone() }).await;
-            self.emit(ProviderEvent::ResponseDone { item_id: r.item_id }).await;
+            self.emit(ProviderEvent::ResponseDone { item_id: r.item_id.clone() }).await;
+            // What was handed to playout is still playing: the session records what of it was
+            // heard when it ends, and the new session starts with that.
+            if !self.recorded(&r) {
+                self.orphan = Some(r);
+                self.orphan_wait = Some(Instant::now() + HEARD_WAIT);
+            }
         } else if self.responding {
             self.emit(ProviderEvent::ResponseDone { item_id: String::new() }).await;
         }
@@ -618,6 +665,7 @@ impl Supervisor {
         if let Some((_, next)) = self.next.take() {
             // A pre-opened session lacks nothing but the latest turns: use it right away.
             self.live = Some(self.adopt(live.idx, next, self.ready_forwarded));
+            self.append_missed(self.next_seq).await;
             self.after_swap("provider_reconnected", "the model session was replaced".into()).await;
             return;
         }
@@ -665,13 +713,29 @@ impl Supervisor {
 
     async fn reconnect(&mut self) {
         self.reconnect_at = None;
+        if let Some(until) = self.orphan_wait.take()
+            && Instant::now() < until
+            && self.orphan.as_ref().is_some_and(|o| !self.recorded(o))
+        {
+            // The cut reply is still playing: wait for what was heard of it (woken when the
+            // session records it).
+            self.orphan_wait = Some(until);
+            self.reconnect_at = Some(until);
+            return;
+        }
         let idx = self.pending_idx;
         let mut cfg = self.cfg.clone();
-        cfg.history = self.history();
+        let (history, seq) = self.snapshot();
+        cfg.history = history;
+        if self.orphan.as_ref().is_some_and(|o| self.recorded(o)) {
+            self.orphan = None;
+        }
         let res = self.chain[idx].connect(cfg).await;
         match res {
             Ok(session) => {
-                self.added_since_snapshot.clear();
+                // Turns recorded since the snapshot reach it by their own commands (queued or
+                // still coming), or as the orphan once recorded.
+                self.live_seq = seq;
                 let failover = idx != self.first_idx_of_outage;
                 self.live = Some(self.adopt(idx, session, self.ready_forwarded));
                 let (code, message) = if failover {
@@ -710,6 +774,21 @@ impl Supervisor {
         }
     }
 
+    /// A pre-opened session, now live, was given the history up to `seq`: the turns recorded
+    /// since (each went to the session it replaces) are appended to its context.
+    async fn append_missed(&mut self, seq: u64) {
+        let (missed, last): (Vec<HistoryItem>, u64) =
+            self.history.read(|h| (h.since(seq).map(|e| e.item.clone()).collect(), h.last_seq()));
+        if self.orphan.as_ref().is_some_and(|o| self.recorded(o)) {
+            self.orphan = None;
+        }
+        self.live_seq = last;
+        if let Some(live) = self.live.as_ref().filter(|_| !missed.is_empty()) {
+            let tx = live.session.commands.clone();
+            let _ = tx.send(ProviderCommand::AppendHistory(missed)).await;
+        }
+    }
+
     /// After a new session took over: say so, flush what the gap held, answer a lost turn.
     async fn after_swap(&mut self, code: &str, message: String) {
         self.emit(ProviderEvent::Notice { code: code.into(), message }).await;
@@ -717,9 +796,6 @@ impl Supervisor {
         let tx = live.session.commands.clone();
         if !self.session_update.is_empty() {
             let _ = tx.send(ProviderCommand::UpdateSession(self.session_update.clone())).await;
-        }
-        if !self.added_since_snapshot.is_empty() {
-            let _ = tx.send(ProviderCommand::AppendHistory(std::mem::take(&mut self.added_since_snapshot))).await;
         }
         while let Some(pcm) = self.gap_audio.pop_front() {
             let _ = tx.try_send(ProviderCommand::AppendAudio(pcm));
@@ -746,8 +822,7 @@ impl Supervisor {
         let Some(live) = &self.live else { return };
         let idx = live.idx;
         let mut cfg = self.cfg.clone();
-        cfg.history = self.history();
-        self.added_since_snapshot.clear();
+        (cfg.history, self.next_seq) = self.snapshot();
         let provider = Arc::clone(&self.chain[idx]);
         tracing::info!(session_id = %self.cfg.session_id, provider = %provider.name(), "opening the next provider session (recycling)");
         self.opening = Some(tokio::spawn(async move { (idx, provider.connect(cfg).await) }));
@@ -765,7 +840,8 @@ impl Supervisor {
         if (!quiet || self.uncommitted_speech) && Instant::now() < limit + self.policy.recycle_lead {
             return;
         }
-        if !self.added_since_snapshot.is_empty() && Instant::now() < limit + self.policy.recycle_lead {
+        let recorded_since = self.history.read(History::last_seq) > self.next_seq;
+        if recorded_since && Instant::now() < limit + self.policy.recycle_lead {
             // The pre-opened session lacks the turns since its snapshot, and not every provider
             // can take them later (Nova Sonic takes history only when a stream opens): open it
             // again with the whole context, still ahead of the limit.
@@ -780,8 +856,12 @@ impl Supervisor {
             let _ = old.session.commands.try_send(ProviderCommand::Close);
         }
         self.live = Some(self.adopt(idx, next, self.ready_forwarded));
-        self.reply = None;
+        if let Some(r) = self.reply.take().filter(|r| !self.recorded(r)) {
+            // Its playout may still be ending: appended once the session records it.
+            self.orphan = Some(r);
+        }
         self.open_not_before = None;
+        self.append_missed(self.next_seq).await;
         tracing::info!(session_id = %self.cfg.session_id, "provider session recycled at a turn boundary");
         self.after_swap("provider_recycled", "the model session was renewed before its time limit".into()).await;
     }
@@ -827,6 +907,8 @@ mod tests {
 
     use std::sync::Mutex;
 
+    use crate::providers::SharedHistory;
+
     use super::*;
 
     /// The test's ends of one inner session: what the supervisor sent, and where to push events.
@@ -846,15 +928,7 @@ mod tests {
             "fake"
         }
         fn capabilities(&self) -> Capabilities {
-            let max_session = self.max_session;
-            Capabilities {
-                server_vad: false,
-                truncation: true,
-                user_transcripts: true,
-                tools: false,
-                images: false,
-                max_session,
-            }
+            Capabilities { max_session: self.max_session, ..Capabilities::local_turns() }
         }
         fn input_format(&self) -> AudioFormat {
             AudioFormat { rate_hz: 24_000 }
@@ -868,7 +942,7 @@ mod tests {
         }
     }
 
-    fn config() -> SessionConfig {
+    fn config(session_history: HistoryView) -> SessionConfig {
         SessionConfig {
             session_id: "sess_r".into(),
             character_id: "aiko".into(),
@@ -878,20 +952,25 @@ mod tests {
             voices: Default::default(),
             language: "en-US".into(),
             history: Vec::new(),
+            session_history,
             tools: Arc::new(super::super::tools::ToolRegistry::builtin()),
             viseme_overrides: Default::default(),
             moderator: None,
         }
     }
 
+    /// The wrapper over the fake, and the session's history (the test records in it what the
+    /// session core would, as it would).
     async fn start(
         max_session: Option<Duration>,
         policy: ResiliencePolicy,
-    ) -> (ProviderSession, Arc<Mutex<Vec<Inner>>>) {
+    ) -> (ProviderSession, Arc<Mutex<Vec<Inner>>>, SharedHistory) {
         let opened = Arc::new(Mutex::new(Vec::new()));
         let fake: Arc<dyn RealtimeProvider> = Arc::new(Fake { max_session, opened: Arc::clone(&opened) });
-        let session = ResilientProvider::new(vec![fake], policy).unwrap().connect(config()).await.unwrap();
-        (session, opened)
+        let history = SharedHistory::default();
+        let cfg = config(history.view());
+        let session = ResilientProvider::new(vec![fake], policy).unwrap().connect(cfg).await.unwrap();
+        (session, opened, history)
     }
 
     fn take(opened: &Mutex<Vec<Inner>>, n: usize) -> Inner {
@@ -907,10 +986,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_provider_drop_mid_reply_replays_only_the_heard_history_and_no_agent_turn() {
-        let (session, opened) = start(None, ResiliencePolicy::default()).await;
+        let (session, opened, history) = start(None, ResiliencePolicy::default()).await;
         let mut first = take(&opened, 0);
         let (cmds, mut events) = (session.commands, session.events);
         // Each step waits until the supervisor has passed it on, as a live session interleaves.
+        history.push(HistoryItem::User("tell me a story".into()), None);
         cmds.send(ProviderCommand::Text("tell me a story".into())).await.unwrap();
         assert!(matches!(first.commands.recv().await, Some(ProviderCommand::Text(_))));
         let said = "Once upon a time there was a little fox who lived by the river";
@@ -926,6 +1006,7 @@ mod tests {
         while !matches!(events.recv().await, Some(ProviderEvent::Transcript { .. })) {}
         // The user cut in: the session says what was heard.
         let heard = "Once upon a time";
+        history.push(HistoryItem::Agent(heard.into()), Some("a1"));
         cmds.send(ProviderCommand::Cancel).await.unwrap();
         let audio_end = Duration::from_millis(900);
         cmds.send(ProviderCommand::Truncate { item_id: "a1".into(), audio_end, heard: heard.into() }).await.unwrap();
@@ -957,7 +1038,7 @@ mod tests {
             quiet_for: Duration::from_millis(1_500),
             ..Default::default()
         };
-        let (session, opened) = start(Some(Duration::from_secs(10)), policy).await;
+        let (session, opened, _history) = start(Some(Duration::from_secs(10)), policy).await;
         let mut first = take(&opened, 0);
         let mut events = session.events;
         let cmds = session.commands;
@@ -989,5 +1070,104 @@ mod tests {
         // Quiet since the commit at 10.5 s for 1.5 s, and the reply done: 12 s.
         assert!(at >= Duration::from_secs(12), "never while the user speaks or a reply runs: swapped at {at:?}");
         assert!(at <= Duration::from_millis(12_100), "at the first quiet boundary: {at:?}");
+    }
+
+    /// Read the supervisor's events until `code`'s notice, returning when it came.
+    async fn until_notice(events: &mut mpsc::Receiver<ProviderEvent>, code: &str) -> Instant {
+        loop {
+            match events.recv().await.expect("the supervisor stays up") {
+                ProviderEvent::Notice { code: c, .. } if c == code => return Instant::now(),
+                _ => {}
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drop_mid_reply_replays_exactly_the_sessions_heard_history() {
+        let (session, opened, history) = start(None, ResiliencePolicy::default()).await;
+        let first = take(&opened, 0);
+        let (cmds, mut events) = (session.commands, session.events);
+        let say = |item_id: &str, text: &str, is_final| ProviderEvent::Transcript {
+            speaker: Speaker::Agent,
+            item_id: item_id.into(),
+            text: text.into(),
+            is_final,
+        };
+        let audio = |item_id: &str| ProviderEvent::AudioDelta {
+            item_id: item_id.into(),
+            pcm: Pcm { rate_hz: 24_000, samples: vec![1; 24_000] },
+        };
+        // A typed turn, answered and played to its end (the core records each as it happens).
+        history.push(HistoryItem::User("what is the weather like?".into()), None);
+        cmds.send(ProviderCommand::Text("what is the weather like?".into())).await.unwrap();
+        first.events.send(audio("a0")).await.unwrap();
+        first.events.send(say("a0", "It is sunny all day.", true)).await.unwrap();
+        first.events.send(ProviderEvent::ResponseDone { item_id: "a0".into() }).await.unwrap();
+        history.push(HistoryItem::Agent("It is sunny all day.".into()), Some("a0"));
+        // An agent result: context for the next reply.
+        let note = HistoryItem::User("[result from travel (completed)] The train leaves at 9:40.".into());
+        history.push(note.clone(), None);
+        cmds.send(ProviderCommand::AppendHistory(vec![note])).await.unwrap();
+        // A spoken turn, transcribed by the provider.
+        cmds.send(ProviderCommand::SpeechStarted).await.unwrap();
+        cmds.send(ProviderCommand::CommitTurn).await.unwrap();
+        let asked = ProviderEvent::Transcript {
+            speaker: Speaker::User,
+            item_id: "u1".into(),
+            text: "when does my train leave?".into(),
+            is_final: true,
+        };
+        first.events.send(asked).await.unwrap();
+        history.push(HistoryItem::User("when does my train leave?".into()), Some("u1"));
+        // The reply starts; the model session drops in the middle of it.
+        first.events.send(audio("a1")).await.unwrap();
+        first.events.send(say("a1", "Your train leaves at 9:40 from platform", false)).await.unwrap();
+        while !matches!(events.recv().await, Some(ProviderEvent::Transcript { is_final: false, .. })) {}
+        drop(first);
+        let dropped_at = Instant::now();
+        while !matches!(events.recv().await, Some(ProviderEvent::ResponseDone { .. })) {}
+        // The reply's playout goes on for a second; then the core records what was heard.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(opened.lock().unwrap().len(), 0, "no reconnect before the cut reply is recorded");
+        history.push(HistoryItem::Agent("Your train leaves at 9:40".into()), Some("a1"));
+        let reconnected_at = until_notice(&mut events, "provider_reconnected").await;
+        assert!(reconnected_at - dropped_at < HEARD_WAIT, "went as soon as it was recorded");
+        let mut second = take(&opened, 0);
+        assert_eq!(second.history, history.to_vec(), "the new session starts with exactly the session's history");
+        assert_eq!(second.history.len(), 5);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        while let Ok(cmd) = second.commands.try_recv() {
+            assert!(!matches!(cmd, ProviderCommand::GenerateReply { .. }), "an agent turn is never repeated");
+            assert!(!matches!(cmd, ProviderCommand::AppendHistory(_)), "nothing appended twice: {cmd:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_reply_recorded_after_the_reconnect_is_appended_to_the_new_session() {
+        let (session, opened, history) = start(None, ResiliencePolicy::default()).await;
+        let first = take(&opened, 0);
+        let (cmds, mut events) = (session.commands, session.events);
+        history.push(HistoryItem::User("tell me a story".into()), None);
+        cmds.send(ProviderCommand::Text("tell me a story".into())).await.unwrap();
+        let pcm = Pcm { rate_hz: 24_000, samples: vec![1; 24_000] };
+        first.events.send(ProviderEvent::AudioDelta { item_id: "a1".into(), pcm }).await.unwrap();
+        while !matches!(events.recv().await, Some(ProviderEvent::AudioDelta { .. })) {}
+        drop(first);
+        // The playout outlasts the wait: the new session starts without the reply ...
+        until_notice(&mut events, "provider_reconnected").await;
+        let mut second = take(&opened, 0);
+        assert_eq!(second.history, vec![HistoryItem::User("tell me a story".into())]);
+        // ... and gets it appended once the core records it.
+        history.push(HistoryItem::Agent("Once upon a time".into()), Some("a1"));
+        loop {
+            match second.commands.recv().await.expect("the new session stays open") {
+                ProviderCommand::AppendHistory(items) => {
+                    assert_eq!(items, vec![HistoryItem::Agent("Once upon a time".into())]);
+                    break;
+                }
+                ProviderCommand::GenerateReply { .. } => panic!("an agent turn is never repeated"),
+                _ => {}
+            }
+        }
     }
 }

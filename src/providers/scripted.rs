@@ -161,14 +161,8 @@ impl RealtimeProvider for ScriptedProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            server_vad: false,
-            truncation: true,
-            user_transcripts: false,
-            tools: false,
-            images: false,
-            max_session: None,
-        }
+        // It does not transcribe the user (it knows no words, only turns).
+        Capabilities { user_transcripts: false, ..Capabilities::local_turns() }
     }
 
     fn input_format(&self) -> AudioFormat {

@@ -1,6 +1,7 @@
-//! Small wire helpers shared by the JSON speech-to-speech protocols (Gemini Live, Nova Sonic):
-//! audio as base64 of little-endian signed 16-bit mono PCM, the encoding both use for
-//! `realtimeInput.audio.data` / `inlineData.data` (Gemini) and `audioInput.content` /
+//! Small wire helpers shared by the JSON speech-to-speech protocols (OpenAI Realtime, Gemini
+//! Live, Nova Sonic): audio as base64 of little-endian signed 16-bit mono PCM, the encoding all
+//! three use for `input_audio_buffer.append.audio` / `response.output_audio.delta.delta`
+//! (OpenAI), `realtimeInput.audio.data` / `inlineData.data` (Gemini) and `audioInput.content` /
 //! `audioOutput.content` (Nova Sonic).
 
 use base64::Engine;

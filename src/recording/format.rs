@@ -14,6 +14,12 @@
 //! their PCM, refusals, timeouts), so feeding them again at the same instants reproduces every
 //! decision ([`crate::replay`]). Outputs are recorded for comparison only; audio frames sent to the
 //! client are listed without their payload (it is in `agent.opus`).
+//!
+//! Why the `Rec*` types mirror the core's types instead of deriving serde on them: this is a file
+//! format with a version ([`FORMAT_VERSION`]); a recording must read back after the in-memory
+//! types change (a renamed field, a new variant), and its shape differs where a file needs it to
+//! (durations as integer ns/ms, PCM as base64, user audio summarised, `Speaker` as api-v1's
+//! `Role`). The mirrors and their `From` conversions are the format's one definition.
 
 use std::time::Duration;
 

@@ -255,6 +255,9 @@ impl SessionBuilder {
         let budget = self.budget_plan(shared, character).await;
         let moderator = self.policies.for_character(character);
         let cfg = self.provider_config(shared, character, &memories, &budget, &moderator);
+        let conv_cfg = self.conversation_config(shared, character, &provider, budget, Arc::clone(&moderator));
+        let conv = Conversation::new(conv_cfg, media);
+        let cfg = SessionConfig { session_history: conv.history_view(), ..cfg };
         let (session, answered) =
             tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer, peer_tx));
         let (peer, answer) = answered.map_err(peer_error)?;
@@ -271,8 +274,7 @@ impl SessionBuilder {
         let link = link(peer, peer_rx);
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
         let session = Self::guarded(session, &provider, &moderator);
-        let conv = self.conversation_config(shared, character, &provider, budget, moderator);
-        let task = self.task(shared, character, link, control_rx, session, Conversation::new(conv, media), spec);
+        let task = self.task(shared, character, link, control_rx, session, conv, spec);
         Ok((task, answer, control))
     }
 
@@ -301,15 +303,17 @@ impl SessionBuilder {
         let memories = self.memories(shared).await;
         let budget = self.budget_plan(shared, character).await;
         let moderator = self.policies.for_character(character);
-        let session = provider.connect(self.provider_config(shared, character, &memories, &budget, &moderator)).await;
+        let cfg = self.provider_config(shared, character, &memories, &budget, &moderator);
+        let conv_cfg = self.conversation_config(shared, character, &provider, budget, Arc::clone(&moderator));
+        let conv = Conversation::new(conv_cfg, media);
+        let session = provider.connect(SessionConfig { session_history: conv.history_view(), ..cfg }).await;
         let result = if session.is_ok() { "ok" } else { "error" };
         metrics::counter!(crate::telemetry::PROVIDER_CONNECTS, "provider" => provider.name().to_owned(), "result" => result)
             .increment(1);
         let session = session.map_err(|e| SessionError::ProviderUnavailable(e.to_string()))?;
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
         let session = Self::guarded(session, &provider, &moderator);
-        let conv = self.conversation_config(shared, character, &provider, budget, moderator);
-        Ok((self.task(shared, character, link, control_rx, session, Conversation::new(conv, media), spec), control))
+        Ok((self.task(shared, character, link, control_rx, session, conv, spec), control))
     }
 
     fn conversation_config(
@@ -470,6 +474,8 @@ impl SessionBuilder {
             voices: character.voices.clone().into_iter().collect(),
             language: character.language.clone(),
             history: Vec::new(),
+            // Set to the conversation core's view once it is built (see `answered`).
+            session_history: Default::default(),
             tools: Arc::new(tools.with_budget(Arc::clone(&budget.tool_calls))),
             // Validated at start (config::validate): an invalid name never reaches here.
             viseme_overrides: crate::providers::cascade::viseme_overrides(&character.visemes).unwrap_or_default(),

@@ -38,7 +38,9 @@ use super::EndReason;
 use super::budget::{Budget, BudgetPlan, OnLimit, SessionUsage};
 use super::speech::AgentSpeech;
 use crate::moderation::Source;
-use crate::providers::{Capabilities, History, HistoryItem, Pcm, ProviderCommand, ProviderEvent, Speaker};
+use crate::providers::{
+    Capabilities, HistoryItem, HistoryView, Pcm, ProviderCommand, ProviderEvent, SharedHistory, Speaker,
+};
 use crate::telemetry;
 
 /// Largest Opus frame the playout produces (20 ms at <= 510 kbit/s is < 1300 bytes).
@@ -306,7 +308,9 @@ pub struct Conversation {
     /// The last typed user turn, already recorded: its echo as a provider transcript is not.
     typed_pending: Option<String>,
     last_activity: Duration,
-    history: History,
+    /// The conversation as the user heard it: this core is its one writer; the provider layers
+    /// read it ([`Conversation::history_view`]).
+    history: SharedHistory,
     /// Why the agent was last cut off.
     last_interruption: Option<InterruptReason>,
     /// The agent item whose text is being released, and how many bytes of it passed moderation.
@@ -362,7 +366,7 @@ impl Conversation {
             due: Vec::with_capacity(16),
             typed_pending: None,
             last_activity: Duration::ZERO,
-            history: History::default(),
+            history: SharedHistory::default(),
             no_audio: media::NoAudioWatch::new(NO_AUDIO_AFTER),
             last_interruption: None,
             moderated: None,
@@ -459,9 +463,17 @@ impl Conversation {
         self.state
     }
 
-    /// The conversation so far, as the user heard it (bounded: [`History`]).
-    pub fn history(&self) -> impl Iterator<Item = &HistoryItem> {
-        self.history.iter()
+    /// The conversation so far, as the user heard it (bounded: [`crate::providers::History`]):
+    /// user turns (spoken or typed), agent turns as heard, agent results.
+    pub fn history(&self) -> Vec<HistoryItem> {
+        self.history.to_vec()
+    }
+
+    /// A read-only view of [`Self::history`] for the provider session's
+    /// [`crate::providers::SessionConfig::session_history`]: the resilience layer replays it into
+    /// every provider session it opens (one owner of the history: this core).
+    pub fn history_view(&self) -> HistoryView {
+        self.history.view()
     }
 
     /// Why the agent was last cut off (user speech, with its stream position, or the client's
@@ -553,17 +565,19 @@ impl Conversation {
         }
     }
 
-    /// Record a final turn: the transcript (store) and the history.
-    fn record(&mut self, role: Role, text: &str, interrupted: bool) {
+    /// Record a final turn (of provider item `item_id`, if any): the transcript (store) and the
+    /// history.
+    fn record(&mut self, role: Role, text: &str, interrupted: bool, item_id: Option<&str>) {
         let text = text.trim();
         if text.is_empty() {
             return;
         }
         self.budget.on_text(text);
-        self.history.push(match role {
+        let item = match role {
             Role::User => HistoryItem::User(text.to_owned()),
             Role::Agent => HistoryItem::Agent(text.to_owned()),
-        });
+        };
+        self.history.push(item, item_id);
         self.out.push_back(Queued::Turn { role, text: text.to_owned(), interrupted });
     }
 
@@ -692,8 +706,8 @@ impl Conversation {
         }
         self.response_done = false;
         self.agent_item = None;
-        if let Some((_, text, complete)) = self.media.speech.finish(&mut self.due) {
-            self.record(Role::Agent, &text, !complete);
+        if let Some((item_id, text, complete)) = self.media.speech.finish(&mut self.due) {
+            self.record(Role::Agent, &text, !complete, Some(&item_id));
         }
         self.flush_due();
         if matches!(self.state, AgentState::Speaking | AgentState::Thinking) {
@@ -918,8 +932,10 @@ impl Conversation {
     /// (every provider takes history items), or answers with it now when `speak_now` is set.
     fn agent_result(&mut self, r: AgentResult) {
         self.last_activity = self.now;
-        let note = format!("[result from {} ({})] {}", r.source, r.status, r.text);
-        self.command(ProviderCommand::AppendHistory(vec![HistoryItem::User(note)]));
+        let note = HistoryItem::User(format!("[result from {} ({})] {}", r.source, r.status, r.text));
+        // Context, not speech: in the history (replayed on reconnect), not in the transcript.
+        self.history.push(note.clone(), None);
+        self.command(ProviderCommand::AppendHistory(vec![note]));
         if r.speak_now && !self.degraded && self.agent_item.is_none() && !self.media.playout.is_active() {
             let instructions =
                 format!("Tell the user, briefly and in character, this result from {}: {}", r.source, r.text);
@@ -946,7 +962,7 @@ impl Conversation {
             let cut = self.media.barge_in.interrupt(&mut self.media.playout);
             self.interrupt(cut, InterruptReason::ClientRequest);
         }
-        self.record(Role::User, &text, false);
+        self.record(Role::User, &text, false, None);
         self.typed_pending = Some(text.trim().to_owned());
         self.command(ProviderCommand::Text(text));
         self.set_state(AgentState::Thinking);
@@ -973,7 +989,7 @@ impl Conversation {
             let (truncated, heard_text) = (item_id.clone(), heard.clone());
             self.command(ProviderCommand::Truncate { item_id: truncated, audio_end: played, heard: heard_text });
             self.event(ServerEvent::AgentInterrupted { item_id: item_id.clone(), played_ms: ms(played) });
-            self.record(Role::Agent, &heard, true);
+            self.record(Role::Agent, &heard, true, Some(&item_id));
             let transcript =
                 ServerEvent::Transcript { role: Role::Agent, item_id: item_id.clone(), text: heard, is_final: true };
             self.event(transcript);
@@ -1094,7 +1110,7 @@ impl Conversation {
             if self.typed_pending.as_deref().is_some_and(|t| crate::providers::is_echo(t, &text)) {
                 self.typed_pending = None;
             } else {
-                self.record(Role::User, &text, false);
+                self.record(Role::User, &text, false, Some(&item_id));
             }
         }
         self.event(ServerEvent::Transcript { role: Role::User, item_id, text, is_final });

@@ -35,14 +35,7 @@ struct Harness {
 }
 
 fn caps() -> Capabilities {
-    Capabilities {
-        server_vad: false,
-        truncation: true,
-        user_transcripts: true,
-        tools: false,
-        images: false,
-        max_session: None,
-    }
+    Capabilities::local_turns()
 }
 
 fn config(greeting: Option<&str>, idle: Option<Duration>) -> ConversationConfig {
@@ -322,8 +315,7 @@ fn a_typed_message_is_recorded_once_not_again_as_its_echo() {
     h.input(Input::Provider(echo("and where do you live?")));
     let users: Vec<&str> = h.turns.iter().filter(|t| t.0 == Role::User).map(|t| t.1.as_str()).collect();
     assert_eq!(users, ["what is your name?", "and where do you live?"], "the echo is not recorded twice");
-    let history: Vec<&HistoryItem> = h.conv.history().collect();
-    assert_eq!(history.len(), 2);
+    assert_eq!(h.conv.history().len(), 2);
 }
 
 #[test]
@@ -386,8 +378,7 @@ fn history_holds_only_what_was_heard_for_a_replacement_provider() {
     h.input(Input::Client(Some(ClientEvent::Interrupt)));
     let heard = h.truncations()[0].2.clone();
     assert!(!heard.is_empty() && heard.len() < REPLY.len());
-    let history: Vec<HistoryItem> = h.conv.history().cloned().collect();
-    assert_eq!(history, vec![HistoryItem::User("tell me a story".into()), HistoryItem::Agent(heard)]);
+    assert_eq!(h.conv.history(), vec![HistoryItem::User("tell me a story".into()), HistoryItem::Agent(heard)]);
     assert_eq!(h.conv.last_interruption(), Some(InterruptReason::ClientRequest), "recorded as the client's request");
 }
 
@@ -425,6 +416,9 @@ fn an_agent_result_is_told_to_the_client_and_put_in_context_or_spoken_now() {
         h.sent.iter().filter(|c| matches!(c, ProviderCommand::AppendHistory(items) if items.iter().any(|i| i.text().contains("9:40")))).count()
     };
     assert_eq!(context(&h), 1, "in the model's context: {:?}", h.sent);
+    let note = HistoryItem::User("[result from travel (completed)] The train leaves at 9:40.".into());
+    assert_eq!(h.conv.history(), vec![note], "in the session's history (replayed on reconnect), once");
+    assert!(h.turns.is_empty(), "context, not a spoken turn of the transcript: {:?}", h.turns);
     assert!(!h.sent.iter().any(|c| matches!(c, ProviderCommand::GenerateReply { .. })), "not spoken by itself");
     assert_eq!(h.conv.agent_state(), AgentState::Listening);
     h.input(Input::AgentResult(result(true)));

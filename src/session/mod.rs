@@ -27,16 +27,30 @@
 //!   virtual time.
 //! - [`task::SessionTask`] `select!`s over the link, the provider, control and the core's timeout,
 //!   and carries out the core's outputs. It is generic over its link.
-//! - [`link::ClientLink`] is "a connected client": audio in (Opus today, PCM next), paced audio
-//!   out, events in and out through an [`link::EventCodec`] (one per dialect), state. The WebRTC
-//!   peer ([`webrtc_link::WebRtcLink`]) with api-v1 events ([`link::ApiV1`]) is the first.
+//! - [`link::ClientLink`] is "a connected client": audio in (Opus with RTP timestamps, or PCM
+//!   framed by the link), paced audio out, events in and out through an [`link::EventCodec`] (one
+//!   per dialect), state. The links present:
+//!   - [`webrtc_link::WebRtcLink`]: one WebRTC peer (`POST /v1/sessions/{id}/offer`), the first;
+//!   - [`ws_link::WsLink`]: a WebSocket (`GET /v1/sessions/{id}/ws`, Opus or PCM16 frames), also
+//!     in N.E.K.O.'s mode (`/ws/{character}`);
+//!   - [`whip_link::WhipLink`]: a WHIP publisher's microphone in, WHEP players' audio and events
+//!     out (RFC 9725).
+//!
+//!   The dialects (codecs) present: api-v1 ([`link::ApiV1`], `docs/api-v1.md`), N.E.K.O.
+//!   ([`neko::NekoCodec`]), oai-events ([`oai_events::OaiEventsCodec`]: OpenAI Realtime's events
+//!   for the Agents SDK, `POST /v1/realtime/calls`) and RTVI ([`rtvi::RtviCodec`]: Pipecat's
+//!   client, `POST /api/offer`).
 //! - [`builder::SessionBuilder`] assembles provider chain, media parts, core, link and task; the
 //!   manager is only the registry (map, phases, end, sweep, drain).
+//! - The conversation history has one owner, the core: it records each turn as heard and hands
+//!   the provider layers a read-only view ([`crate::providers::SessionConfig::session_history`]),
+//!   which the resilience layer replays into every provider session it opens.
 //!
-//! **Adding a transport or a dialect** is a new file: a WebSocket transport implements
+//! **Adding a transport or a dialect** is a new file: a transport implements
 //! [`link::ClientLink`] (its `recv` yields [`link::LinkEvent`]s, `send_audio` writes the playout's
 //! frames, `send_event` encodes with its codec) and the builder gets a constructor for it; a
-//! dialect (RTVI, oai-events, N.E.K.O.) implements [`link::EventCodec`]:
+//! dialect implements [`link::EventCodec`]. The seam, as in `link.rs` (futures written as
+//! `async fn` here):
 //!
 //! ```ignore
 //! pub trait EventCodec: Send {
@@ -45,12 +59,16 @@
 //!     fn encode(&mut self, ev: &ServerEvent, out: &mut Vec<String>);
 //!     /// One client message; Ok(None) for a well-formed message the server ignores.
 //!     fn decode(&mut self, msg: &[u8]) -> Result<Option<ClientEvent>, EventError>;
+//!     fn handshake_done(&self) -> bool { true }            // RTVI: after `client-ready`
+//!     fn take_replies(&mut self, _out: &mut Vec<String>) {} // a dialect's own responses
+//!     fn end_requested(&self) -> bool { false }            // RTVI `disconnect-bot`
 //! }
 //! pub trait ClientLink: Send {
 //!     async fn recv(&mut self) -> Option<LinkEvent>;          // audio, events, open/close, state
 //!     async fn send_audio(&mut self, frame: &AudioFrame<'_>) -> Result<(), LinkError>;
 //!     async fn send_event(&mut self, ev: &ServerEvent);       // never blocks; drops and counts
 //!     async fn add_candidate(&mut self, c: RTCIceCandidateInit) -> Result<(), LinkError>;
+//!     fn restart_ice(&mut self, r: IceRestart) -> BoxFuture<'static, Result<String, LinkError>>;
 //!     async fn loss_fraction(&mut self) -> Option<f64>;
 //!     fn stats(&self) -> LinkStats;
 //!     async fn close(&mut self, grace: Duration);
@@ -175,6 +193,27 @@ impl SessionShared {
 
     pub(crate) fn set_agent_state(&self, s: AgentState) {
         self.lock().agent_state = s;
+    }
+
+    /// A client starts connecting: `created` -> `connecting`; an ended or already connected
+    /// session refuses.
+    fn begin_connect(&self) -> Result<(), SessionError> {
+        let mut st = self.lock();
+        match st.phase {
+            SessionState::Created => st.phase = SessionState::Connecting,
+            SessionState::Ended => return Err(SessionError::Ended),
+            _ => return Err(SessionError::AlreadyConnected),
+        }
+        Ok(())
+    }
+
+    /// The connect attempt failed before the session went live: back to `created`, so the
+    /// client can try again (e.g. with a corrected offer).
+    fn connect_failed(&self) {
+        let mut st = self.lock();
+        if st.phase == SessionState::Connecting && st.live.is_none() {
+            st.phase = SessionState::Created;
+        }
     }
 
     pub(crate) fn mark_connected(&self) {
@@ -739,23 +778,11 @@ impl SessionManager {
         adjust: impl FnOnce(&mut Character),
     ) -> Result<(String, String, String), SessionError> {
         let shared = self.get(id).ok_or(SessionError::NotFound)?;
-        {
-            let mut st = shared.lock();
-            match st.phase {
-                SessionState::Created => st.phase = SessionState::Connecting,
-                SessionState::Ended => return Err(SessionError::Ended),
-                _ => return Err(SessionError::AlreadyConnected),
-            }
-        }
+        shared.begin_connect()?;
         match self.start_live(&shared, &offer, codec, adjust).await {
             Ok(v) => Ok(v),
             Err(e) => {
-                // Let the client try again with a corrected offer.
-                let mut st = shared.lock();
-                if st.phase == SessionState::Connecting && st.live.is_none() {
-                    st.phase = SessionState::Created;
-                }
-                drop(st);
+                shared.connect_failed();
                 // A local resource failure is not the client's to fix: end the session (not left
                 // `created` until the connect timeout); the 503 tells the client when to retry.
                 if matches!(e, SessionError::NoMediaPort) {
@@ -790,14 +817,7 @@ impl SessionManager {
     /// `DELETE /v1/sessions/{id}/peers/{peer_id}`).
     pub async fn connect_link<L: link::ClientLink + 'static>(&self, id: &str, link: L) -> Result<String, SessionError> {
         let shared = self.get(id).ok_or(SessionError::NotFound)?;
-        {
-            let mut st = shared.lock();
-            match st.phase {
-                SessionState::Created => st.phase = SessionState::Connecting,
-                SessionState::Ended => return Err(SessionError::Ended),
-                _ => return Err(SessionError::AlreadyConnected),
-            }
-        }
+        shared.begin_connect()?;
         let catalog = self.characters();
         let character = catalog.iter().find(|c| c.id == shared.character);
         let built = match character {
@@ -806,10 +826,7 @@ impl SessionManager {
         };
         let result = built.and_then(|(task, control)| go_live(&shared, task, control));
         if result.is_err() {
-            let mut st = shared.lock();
-            if st.phase == SessionState::Connecting && st.live.is_none() {
-                st.phase = SessionState::Created;
-            }
+            shared.connect_failed();
         }
         result.map(|(peer_id, _)| peer_id)
     }

@@ -21,7 +21,8 @@ use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceGatheringState, Registry, SettingEngineBuilder, register_default_interceptors,
+    RTCIceGatheringState, RTCIceServer, RTCIceTransportPolicy, Registry, SettingEngineBuilder,
+    register_default_interceptors,
 };
 
 /// Any error of building the peer (webrtc-rs, SDP).
@@ -80,6 +81,44 @@ pub struct ClientPeer {
     pub offer: String,
 }
 
+/// How the client peer reaches the network.
+#[derive(Clone)]
+pub struct ClientNet {
+    /// STUN/TURN servers (from `ice_servers`).
+    pub ice_servers: Vec<RTCIceServer>,
+    /// `iceTransportPolicy: "relay"`: only relay candidates.
+    pub relay_only: bool,
+    /// Local UDP addresses to bind.
+    pub udp_addrs: Vec<SocketAddr>,
+    /// Keep the `a=candidate` lines in the offer (false: a candidate-less, non-trickling offer,
+    /// as the OpenAI Agents SDK sends).
+    pub offer_candidates: bool,
+    /// An ICE restart binds new sockets on the interfaces that exist then (a network change).
+    pub rebind_on_restart: bool,
+    /// ICE over TCP only (active candidates, RFC 6544), as behind a UDP-blocking firewall.
+    pub tcp_only: bool,
+    /// Without a microphone, a receive-only audio transceiver (a WHEP player).
+    pub receive_only_audio: bool,
+    /// Adds interceptors to the client's chain after the default ones (e.g. a sender that
+    /// switches its SSRC mid-stream, `tests/common/ssrc_switch.rs`).
+    pub interceptors: Option<Arc<dyn Fn(Registry) -> Registry + Send + Sync>>,
+}
+
+impl Default for ClientNet {
+    fn default() -> Self {
+        ClientNet {
+            ice_servers: Vec::new(),
+            relay_only: false,
+            udp_addrs: vec!["127.0.0.1:0".parse().unwrap()],
+            offer_candidates: true,
+            rebind_on_restart: false,
+            tcp_only: false,
+            receive_only_audio: false,
+            interceptors: None,
+        }
+    }
+}
+
 /// Build a loopback client peer whose events go to `handler` and make its offer; waits for
 /// `gathered` (see [`GatheringDone`]) up to 3 s. `with_audio` / `with_dc` allow offers the
 /// server must reject.
@@ -89,26 +128,67 @@ pub async fn client_peer(
     with_audio: bool,
     with_dc: bool,
 ) -> Result<ClientPeer, PeerError> {
+    client_peer_on(&ClientNet::default(), handler, gathered, with_audio, with_dc).await
+}
+
+/// [`client_peer`] on the network `net` describes (relay-only, TCP-only, receive-only, ...).
+pub async fn client_peer_on(
+    net: &ClientNet,
+    handler: Arc<dyn PeerConnectionEventHandler>,
+    gathered: oneshot::Receiver<()>,
+    with_audio: bool,
+    with_dc: bool,
+) -> Result<ClientPeer, PeerError> {
     let mut me = MediaEngine::default();
     me.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: OPUS_PT }, RtpCodecKind::Audio)?;
-    let registry = register_default_interceptors(Registry::new(), &mut me)?;
+    let mut registry = register_default_interceptors(Registry::new(), &mut me)?;
+    if let Some(add) = &net.interceptors {
+        registry = add(registry);
+    }
+    let policy = if net.relay_only { RTCIceTransportPolicy::Relay } else { RTCIceTransportPolicy::All };
+    let configuration =
+        RTCConfigurationBuilder::new().with_ice_servers(net.ice_servers.clone()).with_ice_transport_policy(policy);
+    let mut setting = SettingEngineBuilder::new()
+        .with_include_loopback_candidate(true)
+        // No multicast socket in the client's process (a test counts the server's sockets).
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .with_discard_local_candidates_during_ice_restart(net.rebind_on_restart);
+    let (udp, tcp) = match net.tcp_only {
+        true => {
+            setting = setting.with_network_types(vec![rtc::ice::network_type::NetworkType::Tcp4]);
+            (vec![], vec!["127.0.0.1:0".parse::<SocketAddr>()?])
+        }
+        false => (net.udp_addrs.clone(), vec![]),
+    };
     let pc = PeerConnectionBuilder::new()
-        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_configuration(configuration.build())
         .with_media_engine(me)
-        .with_setting_engine(SettingEngineBuilder::new().with_include_loopback_candidate(true).build())
+        .with_setting_engine(setting.build())
         .with_interceptor_registry(registry)
         .with_handler(handler)
-        .with_udp_addrs(vec!["127.0.0.1:0".parse::<SocketAddr>()?])
+        .with_udp_addrs(udp)
+        .with_tcp_addrs(tcp)
         .build()
         .await?;
     let pc: Arc<dyn PeerConnection> = Arc::new(pc);
     let ssrc: u32 = rand::random();
     let track = if with_audio { Some(mic_track(&pc, ssrc).await?) } else { None };
+    if net.receive_only_audio {
+        let init = rtc::rtp_transceiver::RTCRtpTransceiverInit {
+            direction: rtc::rtp_transceiver::RTCRtpTransceiverDirection::Recvonly,
+            streams: vec![],
+            send_encodings: vec![],
+        };
+        pc.add_transceiver_from_kind(RtpCodecKind::Audio, Some(init)).await?;
+    }
     let dc = if with_dc { Some(pc.create_data_channel("events", None).await?) } else { None };
     let offer = pc.create_offer(None).await?;
     pc.set_local_description(offer).await?;
     let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered).await;
-    let offer = pc.local_description().await.map(|d| d.sdp).unwrap_or_default();
+    let mut offer = pc.local_description().await.map(|d| d.sdp).unwrap_or_default();
+    if !net.offer_candidates {
+        offer = offer.split_inclusive('\n').filter(|l| !l.starts_with("a=candidate:")).collect();
+    }
     Ok(ClientPeer { pc, track, dc, ssrc, offer })
 }
 

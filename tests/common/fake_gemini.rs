@@ -11,14 +11,11 @@
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -104,54 +101,23 @@ impl GConn {
 }
 
 #[derive(Default)]
-struct State {
+pub struct State {
     script: VecDeque<GReply>,
-    conns: Vec<GConn>,
     handles: u64,
 }
 
 /// The fake server.
-#[derive(Clone)]
-pub struct FakeGemini {
-    pub addr: SocketAddr,
-    state: Arc<Mutex<State>>,
-    opts: Arc<GOptions>,
-}
+pub type FakeGemini = super::FakeServer<State, GOptions, GConn>;
 
 impl FakeGemini {
     pub async fn start(opts: GOptions, script: Vec<GReply>) -> FakeGemini {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let fake = FakeGemini {
-            addr,
-            state: Arc::new(Mutex::new(State { script: script.into(), ..Default::default() })),
-            opts: Arc::new(opts),
-        };
-        let f = fake.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let f = f.clone();
-                tokio::spawn(async move { f.serve(tcp).await });
-            }
-        });
-        fake
+        let state = State { script: script.into(), ..Default::default() };
+        Self::listen(state, opts, |f: FakeGemini, tcp| async move { f.serve(tcp).await }).await
     }
 
     /// The URL to configure (`GEMINI_LIVE_URL`).
     pub fn url(&self) -> String {
         format!("ws://{}/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent", self.addr)
-    }
-
-    pub fn conns(&self) -> Vec<GConn> {
-        self.state.lock().unwrap().conns.clone()
-    }
-
-    pub fn conn(&self, i: usize) -> GConn {
-        self.conns().get(i).cloned().unwrap_or_else(|| panic!("connection {i} was never opened"))
-    }
-
-    fn with_conn<R>(&self, i: usize, f: impl FnOnce(&mut GConn) -> R) -> R {
-        f(&mut self.state.lock().unwrap().conns[i])
     }
 
     async fn serve(&self, tcp: tokio::net::TcpStream) {
@@ -162,11 +128,7 @@ impl FakeGemini {
             Ok(resp)
         };
         let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await else { return };
-        let idx = {
-            let mut st = self.state.lock().unwrap();
-            st.conns.push(GConn { path, opened_at: Some(Instant::now()), ..Default::default() });
-            st.conns.len() - 1
-        };
+        let idx = self.open_conn(GConn { path, opened_at: Some(Instant::now()), ..Default::default() });
         GSession::new(self.clone(), idx).run(ws).await;
         self.with_conn(idx, |c| c.closed = true);
     }

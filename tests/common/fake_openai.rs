@@ -8,16 +8,15 @@
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+
+use super::energy_vad::{EnergyVad, VadEdge};
 
 /// Input tokens every response's `usage` reports.
 pub const INPUT_TOKENS: u64 = 120;
@@ -94,9 +93,8 @@ impl ConnLog {
 }
 
 #[derive(Default)]
-struct State {
+pub struct State {
     script: VecDeque<Reply>,
-    conns: Vec<ConnLog>,
     /// Handshakes refused with 503 from this connection index on (None: never).
     refuse_from: Option<usize>,
     /// Connection index -> expire after this long.
@@ -108,43 +106,17 @@ struct State {
 }
 
 /// The fake server.
-#[derive(Clone)]
-pub struct FakeOpenAi {
-    pub addr: SocketAddr,
-    state: Arc<Mutex<State>>,
-    opts: Arc<FakeOptions>,
-}
+pub type FakeOpenAi = super::FakeServer<State, FakeOptions, ConnLog>;
 
 impl FakeOpenAi {
     pub async fn start(opts: FakeOptions, script: Vec<Reply>) -> FakeOpenAi {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let fake = FakeOpenAi {
-            addr,
-            state: Arc::new(Mutex::new(State { script: script.into(), ..Default::default() })),
-            opts: Arc::new(opts),
-        };
-        let f = fake.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let f = f.clone();
-                tokio::spawn(async move { f.serve(tcp).await });
-            }
-        });
-        fake
+        let state = State { script: script.into(), ..Default::default() };
+        Self::listen(state, opts, |f: FakeOpenAi, tcp| async move { f.serve(tcp).await }).await
     }
 
     /// The URL to configure (`openai.url`).
     pub fn url(&self) -> String {
         format!("ws://{}/v1/realtime", self.addr)
-    }
-
-    pub fn conns(&self) -> Vec<ConnLog> {
-        self.state.lock().unwrap().conns.clone()
-    }
-
-    pub fn conn(&self, i: usize) -> ConnLog {
-        self.conns().get(i).cloned().unwrap_or_else(|| panic!("connection {i} was never opened"))
     }
 
     /// Refuse handshakes (HTTP 503) from connection number `n` (0-based) on.
@@ -165,10 +137,6 @@ impl FakeOpenAi {
 
     pub fn push_reply(&self, r: Reply) {
         self.state.lock().unwrap().script.push_back(r);
-    }
-
-    fn with_conn<R>(&self, i: usize, f: impl FnOnce(&mut ConnLog) -> R) -> R {
-        f(&mut self.state.lock().unwrap().conns[i])
     }
 
     async fn serve(&self, tcp: tokio::net::TcpStream) {
@@ -197,11 +165,7 @@ impl FakeOpenAi {
         };
         let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await else { return };
         log.opened_at = Some(Instant::now());
-        let idx = {
-            let mut st = self.state.lock().unwrap();
-            st.conns.push(log);
-            st.conns.len() - 1
-        };
+        let idx = self.open_conn(log);
         let expire_at =
             self.state.lock().unwrap().expire.iter().find(|(c, _)| *c == n).map(|(_, d)| Instant::now() + *d);
         let mute = self.state.lock().unwrap().mute.iter().find(|(c, _)| *c == n).map(|(_, k)| *k);
@@ -230,11 +194,8 @@ struct Conn {
     transcription: bool,
     input_rate: u32,
     streaming: Option<Streaming>,
-    // Energy VAD (server-VAD mode).
-    voiced_ms: u64,
-    silent_ms: u64,
-    in_speech: bool,
-    vad_carry: Vec<i16>,
+    /// Turn detection in server-VAD mode.
+    vad: EnergyVad,
     /// Silent after this many `response.done` sent.
     mute_after: Option<usize>,
     responses_done: usize,
@@ -260,10 +221,7 @@ impl Conn {
             transcription: false,
             input_rate: 24_000,
             streaming: None,
-            voiced_ms: 0,
-            silent_ms: 0,
-            in_speech: false,
-            vad_carry: Vec::new(),
+            vad: EnergyVad::new(24_000),
             mute_after,
             responses_done: 0,
         }
@@ -365,6 +323,7 @@ impl Conn {
                 }
                 if let Some(r) = rate {
                     self.input_rate = r as u32;
+                    self.vad = EnergyVad::new(self.input_rate);
                 }
                 out.push(json!({"type": "session.updated", "event_id": "event_2", "session": s}));
             }
@@ -418,18 +377,12 @@ impl Conn {
         }
     }
 
-    /// Energy VAD over 20 ms windows: 100 ms voiced starts speech, 500 ms silent ends the turn.
+    /// Server VAD: the energy VAD's edges as OpenAI reports them; the end of speech commits the
+    /// turn and answers it.
     fn vad(&mut self, samples: &[i16], out: &mut Vec<Value>) {
-        let w = (self.input_rate / 50) as usize;
-        self.vad_carry.extend_from_slice(samples);
-        while self.vad_carry.len() >= w {
-            let win: Vec<i16> = self.vad_carry.drain(..w).collect();
-            let rms = (win.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / w as f64).sqrt();
-            if rms > 800.0 {
-                self.voiced_ms += 20;
-                self.silent_ms = 0;
-                if !self.in_speech && self.voiced_ms >= 100 {
-                    self.in_speech = true;
+        for edge in self.vad.push(samples) {
+            match edge {
+                VadEdge::Started => {
                     let ms =
                         self.fake.with_conn(self.idx, |c| c.audio.len()) as u64 * 1000 / u64::from(self.input_rate);
                     out.push(json!({"type": "input_audio_buffer.speech_started", "audio_start_ms": ms, "item_id": "pending"}));
@@ -442,13 +395,7 @@ impl Conn {
                         ));
                     }
                 }
-            } else {
-                self.silent_ms += 20;
-                if self.silent_ms >= 100 {
-                    self.voiced_ms = 0;
-                }
-                if self.in_speech && self.silent_ms >= 500 {
-                    self.in_speech = false;
+                VadEdge::Ended => {
                     out.push(
                         json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 0, "item_id": "pending"}),
                     );

@@ -25,19 +25,17 @@ use kotodama::config::Config;
 use kotodama::providers::RealtimeProvider;
 use kotodama::providers::scripted::{ScriptRecorder, ScriptedConfig, ScriptedProvider};
 use kotodama::server::RunningServer;
-use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodecParameters, RtpCodecKind};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceGatheringState, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnectionState, RTCSessionDescription, Registry,
-    SettingEngineBuilder, register_default_interceptors,
+    PeerConnection, PeerConnectionEventHandler, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription,
 };
 
-use self::client_peer::{GatheringDone, MicSender, OPUS_PT, answered_opus_pt, mic_track, opus_codec};
+pub use self::client_peer::ClientNet;
+use self::client_peer::{GatheringDone, MicSender, OPUS_PT, answered_opus_pt, client_peer_on};
 
 pub const SAMPLE_RATE: u32 = 48_000;
 pub const FRAME: usize = 960; // 20 ms at 48 kHz
@@ -52,6 +50,71 @@ pub fn wav(name: &str) -> (u32, Vec<i16>) {
 
 /// RMS of a slice.
 pub use media::pcm::rms;
+
+/// A fake provider server on a free loopback port: its address, its options, its state (the
+/// script) and one log per connection, shared by the tasks that serve its connections. Each
+/// WebSocket fake (`fake_openai`, `fake_gemini`) is this with its own state `S`, options `O` and
+/// connection log `C`.
+pub struct FakeServer<S, O, C> {
+    pub addr: SocketAddr,
+    pub(crate) state: Arc<Mutex<S>>,
+    pub(crate) opts: Arc<O>,
+    conns: Arc<Mutex<Vec<C>>>,
+}
+
+impl<S, O, C> Clone for FakeServer<S, O, C> {
+    fn clone(&self) -> Self {
+        let (state, opts, conns) = (Arc::clone(&self.state), Arc::clone(&self.opts), Arc::clone(&self.conns));
+        Self { addr: self.addr, state, opts, conns }
+    }
+}
+
+impl<S: Send + 'static, O: Send + Sync + 'static, C: Clone + Send + 'static> FakeServer<S, O, C> {
+    /// Listen on a free loopback port; every accepted TCP connection is handed to `serve` on a
+    /// task of its own (the fakes' accept loop).
+    pub async fn listen<Fut>(
+        state: S,
+        opts: O,
+        serve: impl Fn(Self, tokio::net::TcpStream) -> Fut + Send + 'static,
+    ) -> Self
+    where
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (state, opts) = (Arc::new(Mutex::new(state)), Arc::new(opts));
+        let fake = Self { addr, state, opts, conns: Arc::default() };
+        let f = fake.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(serve(f.clone(), tcp));
+            }
+        });
+        fake
+    }
+
+    /// Every connection's log so far.
+    pub fn conns(&self) -> Vec<C> {
+        self.conns.lock().unwrap().clone()
+    }
+
+    /// Connection `i`'s log (panics when it was never opened).
+    pub fn conn(&self, i: usize) -> C {
+        self.conns().get(i).cloned().unwrap_or_else(|| panic!("connection {i} was never opened"))
+    }
+
+    /// Log a connection that was opened; its index.
+    pub(crate) fn open_conn(&self, log: C) -> usize {
+        let mut conns = self.conns.lock().unwrap();
+        conns.push(log);
+        conns.len() - 1
+    }
+
+    /// Change connection `i`'s log.
+    pub(crate) fn with_conn<R>(&self, i: usize, f: impl FnOnce(&mut C) -> R) -> R {
+        f(&mut self.conns.lock().unwrap()[i])
+    }
+}
 
 /// The loudest 100 ms window's RMS.
 pub fn peak_rms(s: &[i16], rate_hz: u32) -> f64 {
@@ -331,43 +394,6 @@ pub struct Inbox {
     pub dtx_frames: u64,
 }
 
-/// How the client peer reaches the network.
-#[derive(Clone)]
-pub struct ClientNet {
-    /// STUN/TURN servers (from `ice_servers`).
-    pub ice_servers: Vec<RTCIceServer>,
-    /// `iceTransportPolicy: "relay"`: only relay candidates.
-    pub relay_only: bool,
-    /// Local UDP addresses to bind.
-    pub udp_addrs: Vec<SocketAddr>,
-    /// Keep the `a=candidate` lines in the offer (false: a candidate-less, non-trickling offer,
-    /// as the OpenAI Agents SDK sends).
-    pub offer_candidates: bool,
-    /// An ICE restart binds new sockets on the interfaces that exist then (a network change).
-    pub rebind_on_restart: bool,
-    /// ICE over TCP only (active candidates, RFC 6544), as behind a UDP-blocking firewall.
-    pub tcp_only: bool,
-    /// Without a microphone, a receive-only audio transceiver (a WHEP player).
-    pub receive_only_audio: bool,
-    /// Send from a new SSRC after this many RTP packets ([`ssrc_switch::SsrcSwitch`]).
-    pub switch_ssrc_after: Option<u64>,
-}
-
-impl Default for ClientNet {
-    fn default() -> Self {
-        ClientNet {
-            ice_servers: Vec::new(),
-            relay_only: false,
-            udp_addrs: vec!["127.0.0.1:0".parse().unwrap()],
-            offer_candidates: true,
-            rebind_on_restart: false,
-            tcp_only: false,
-            receive_only_audio: false,
-            switch_ssrc_after: None,
-        }
-    }
-}
-
 /// A real WebRTC client peer.
 pub struct TestClient {
     pub pc: Arc<dyn PeerConnection>,
@@ -448,63 +474,12 @@ pub async fn client_offer(with_audio: bool, with_dc: bool) -> ClientParts {
 
 /// [`client_offer`] on the network `net` describes.
 pub async fn client_offer_on(net: &ClientNet, with_audio: bool, with_dc: bool) -> ClientParts {
-    let mut me = MediaEngine::default();
-    me.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio)
-        .unwrap();
-    let mut registry = register_default_interceptors(Registry::new(), &mut me).unwrap();
-    if let Some(after) = net.switch_ssrc_after {
-        registry = registry.with(ssrc_switch::SLOT.into(), ssrc_switch::SsrcSwitch::new(after));
-    }
     let inbox = Arc::new(Mutex::new(Inbox::default()));
     let (gathered, grx) = GatheringDone::new();
     let (state_tx, _state_rx) = mpsc::unbounded_channel();
     let handler = Arc::new(ClientHandler { inbox: Arc::clone(&inbox), gathered, state_tx });
-    let policy = if net.relay_only { RTCIceTransportPolicy::Relay } else { RTCIceTransportPolicy::All };
-    let configuration =
-        RTCConfigurationBuilder::new().with_ice_servers(net.ice_servers.clone()).with_ice_transport_policy(policy);
-    let mut setting = SettingEngineBuilder::new()
-        .with_include_loopback_candidate(true)
-        // No multicast socket in the test process: the server's sockets are counted.
-        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
-        .with_discard_local_candidates_during_ice_restart(net.rebind_on_restart);
-    let (udp, tcp) = match net.tcp_only {
-        true => {
-            setting = setting.with_network_types(vec![rtc::ice::network_type::NetworkType::Tcp4]);
-            (vec![], vec!["127.0.0.1:0".parse::<SocketAddr>().unwrap()])
-        }
-        false => (net.udp_addrs.clone(), vec![]),
-    };
-    let pc = PeerConnectionBuilder::new()
-        .with_configuration(configuration.build())
-        .with_media_engine(me)
-        .with_setting_engine(setting.build())
-        .with_interceptor_registry(registry)
-        .with_handler(handler)
-        .with_udp_addrs(udp)
-        .with_tcp_addrs(tcp)
-        .build()
-        .await
-        .unwrap();
-    let pc: Arc<dyn PeerConnection> = Arc::new(pc);
-    let ssrc: u32 = rand::random();
-    let track = if with_audio { Some(mic_track(&pc, ssrc).await.unwrap()) } else { None };
-    if net.receive_only_audio {
-        let init = rtc::rtp_transceiver::RTCRtpTransceiverInit {
-            direction: rtc::rtp_transceiver::RTCRtpTransceiverDirection::Recvonly,
-            streams: vec![],
-            send_encodings: vec![],
-        };
-        pc.add_transceiver_from_kind(RtpCodecKind::Audio, Some(init)).await.unwrap();
-    }
-    let dc = if with_dc { Some(pc.create_data_channel("events", None).await.unwrap()) } else { None };
-    let offer = pc.create_offer(None).await.unwrap();
-    pc.set_local_description(offer).await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(3), grx).await;
-    let mut sdp = pc.local_description().await.unwrap().sdp;
-    if !net.offer_candidates {
-        sdp = sdp.split_inclusive('\n').filter(|l| !l.starts_with("a=candidate:")).collect();
-    }
-    (pc, dc, track, ssrc, inbox, sdp)
+    let p = client_peer_on(net, handler, grx, with_audio, with_dc).await.unwrap();
+    (p.pc, p.dc, p.track, p.ssrc, inbox, p.offer)
 }
 
 /// Log every message of `dc` (JSON events) into `inbox`, on a task of its own.
@@ -544,18 +519,6 @@ impl TestClient {
         Self::connect_with(&ClientNet::default(), base, http, offer_url, token, |sdp| sdp).await
     }
 
-    /// Like [`TestClient::connect_to`], posting `munge(offer)` instead of the client's own offer
-    /// (the client keeps its real local description).
-    pub async fn connect_munged(
-        base: &str,
-        http: &reqwest::Client,
-        offer_url: &str,
-        token: &str,
-        munge: impl FnOnce(String) -> String,
-    ) -> TestClient {
-        Self::connect_with(&ClientNet::default(), base, http, offer_url, token, munge).await
-    }
-
     /// [`TestClient::connect_to`] on the network `net` describes.
     pub async fn connect_on(
         net: &ClientNet,
@@ -567,7 +530,9 @@ impl TestClient {
         Self::connect_with(net, base, http, offer_url, token, |sdp| sdp).await
     }
 
-    async fn connect_with(
+    /// [`TestClient::connect_on`], posting `munge(offer)` instead of the client's own offer (the
+    /// client keeps its real local description).
+    pub async fn connect_with(
         net: &ClientNet,
         base: &str,
         http: &reqwest::Client,
@@ -576,37 +541,45 @@ impl TestClient {
         munge: impl FnOnce(String) -> String,
     ) -> TestClient {
         let (pc, dc, track, ssrc, inbox, sdp) = client_offer_on(net, true, true).await;
-        let sdp = munge(sdp);
-        let dc = dc.unwrap();
         let url = format!("{base}{offer_url}");
-        let res = http
-            .post(&url)
-            .header("Content-Type", "application/sdp")
-            .header("Authorization", format!("Bearer {token}"))
-            .body(sdp)
-            .send()
-            .await
-            .unwrap();
-        let status = res.status();
-        let location = res.headers().get("location").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
-        let etag = res.headers().get("etag").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
-        let answer = res.text().await.unwrap();
+        let (status, headers, answer) = whip::post_sdp(http, &url, Some(token), munge(sdp)).await;
         assert_eq!(status, 201, "offer answered: {answer}");
-        pc.set_remote_description(RTCSessionDescription::answer(answer.clone()).unwrap()).await.unwrap();
+        let client = TestClient::answered((pc, dc, track, ssrc, inbox), answer, &headers).await;
         if net.tcp_only {
             // webrtc-rs dials only passive candidates it is handed one by one (not those of the
             // SDP), so hand them over as a browser's stack would have taken them.
-            for line in answer.lines().filter(|l| l.contains(" tcptype passive") && l.contains(" 1 tcp ")) {
+            for line in client.answer.lines().filter(|l| l.contains(" tcptype passive") && l.contains(" 1 tcp ")) {
                 let init = webrtc::peer_connection::RTCIceCandidateInit {
                     candidate: line.trim_start_matches("a=").trim_end().to_owned(),
                     sdp_mid: Some("0".into()),
                     ..Default::default()
                 };
-                pc.add_ice_candidate(init).await.unwrap();
+                client.pc.add_ice_candidate(init).await.unwrap();
             }
         }
+        read_events(Arc::clone(&client.dc), Arc::clone(&client.inbox));
+        client
+    }
 
-        read_events(Arc::clone(&dc), Arc::clone(&inbox));
+    /// The client of an answered offer: `answer` set as its remote description, the microphone
+    /// sending on the answered Opus payload type, `location` and `etag` from the answer's
+    /// `headers`. Without a data channel (a WHIP publisher) it holds one that never opens.
+    pub async fn answered(
+        (pc, dc, track, ssrc, inbox): (
+            Arc<dyn PeerConnection>,
+            Option<Arc<dyn DataChannel>>,
+            Option<Arc<TrackLocalStaticRTP>>,
+            u32,
+            Arc<Mutex<Inbox>>,
+        ),
+        answer: String,
+        headers: &reqwest::header::HeaderMap,
+    ) -> TestClient {
+        pc.set_remote_description(RTCSessionDescription::answer(answer.clone()).unwrap()).await.unwrap();
+        let dc = match dc {
+            Some(dc) => dc,
+            None => pc.create_data_channel("unused", None).await.unwrap(),
+        };
         let pt = answered_opus_pt(&answer).unwrap_or(OPUS_PT);
         let mut encoder = opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip).unwrap();
         encoder.set_inband_fec(true).unwrap();
@@ -614,11 +587,11 @@ impl TestClient {
             pc,
             dc,
             inbox,
-            mic: MicSender::new(track.unwrap(), ssrc, pt),
+            mic: MicSender::new(track.expect("a microphone track"), ssrc, pt),
             encoder,
             answer,
-            location,
-            etag,
+            location: whip::header(headers, "location"),
+            etag: whip::header(headers, "etag"),
             sent_samples: 0,
         }
     }

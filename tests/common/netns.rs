@@ -65,3 +65,17 @@ impl Drop for NetNs {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
+
+/// A fresh namespace and a test server on the host end of its veth (`addr(1)`) that takes the
+/// API key `api_key`: (namespace, server address, server).
+pub async fn server_on_veth(api_key: &str) -> (NetNs, String, super::TestServer) {
+    let ns = NetNs::create();
+    let server_ip = ns.addr(1);
+    let key = api_key.to_owned();
+    let ts = super::TestServer::start_with(|c| {
+        c.bind = format!("{server_ip}:0").parse().unwrap();
+        c.api_keys = vec![key];
+    })
+    .await;
+    (ns, server_ip, ts)
+}

@@ -10,6 +10,7 @@ use std::time::Instant;
 use rtc::interceptor::{Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
+use webrtc::peer_connection::Registry;
 
 /// Below every named slot, as the server's demux: nearest the wire.
 pub const SLOT: usize = 500;
@@ -79,4 +80,10 @@ impl Interceptor for SsrcSwitch {
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+/// A [`super::ClientNet::interceptors`] hook: the client sends from a new SSRC after `after`
+/// RTP packets.
+pub fn after(after: u64) -> std::sync::Arc<dyn Fn(Registry) -> Registry + Send + Sync> {
+    std::sync::Arc::new(move |registry: Registry| registry.with(SLOT.into(), SsrcSwitch::new(after)))
 }

@@ -43,22 +43,8 @@ pub async fn publish(base: &str, http: &reqwest::Client, character: &str, bearer
     let (status, headers, answer) =
         post_sdp(http, &format!("{base}/v1/characters/{character}/whip"), bearer, offer).await;
     assert_eq!(status, 201, "WHIP offer answered: {answer}");
-    pc.set_remote_description(RTCSessionDescription::answer(answer.clone()).unwrap()).await.unwrap();
-    // Never negotiated, never opens: TestClient holds a channel, a WHIP publisher has none.
-    let dc = pc.create_data_channel("unused", None).await.unwrap();
-    let pt = answered_opus_pt(&answer).unwrap_or(OPUS_PT);
-    let encoder = opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip).unwrap();
-    TestClient {
-        pc,
-        dc,
-        inbox,
-        mic: MicSender::new(track.unwrap(), ssrc, pt),
-        encoder,
-        answer,
-        location: header(&headers, "location"),
-        etag: header(&headers, "etag"),
-        sent_samples: 0,
-    }
+    // No data channel: the client's events go to players.
+    TestClient::answered((pc, None, track, ssrc, inbox), answer, &headers).await
 }
 
 /// A WHEP player: what it heard (`inbox.agent_pcm`) and the events of its data channel.
@@ -93,19 +79,8 @@ pub async fn player_offer_on(net: &ClientNet, with_dc: bool) -> ClientParts {
     client_offer_on(&net, false, with_dc).await
 }
 
-/// Pull the voice of WHIP session `session_path` (`/v1/sessions/{id}`) with a WHEP offer;
-/// asserts 201.
-pub async fn play(
-    base: &str,
-    http: &reqwest::Client,
-    session_path: &str,
-    bearer: Option<&str>,
-    with_dc: bool,
-) -> Player {
-    play_on(&ClientNet::default(), base, http, session_path, bearer, with_dc).await
-}
-
-/// [`play`] on the network `net` describes.
+/// Pull the voice of WHIP session `session_path` (`/v1/sessions/{id}`) with a WHEP offer, on
+/// the network `net` describes; asserts 201.
 pub async fn play_on(
     net: &ClientNet,
     base: &str,

@@ -152,14 +152,7 @@ impl RealtimeProvider for CascadeProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            server_vad: false,
-            truncation: true,
-            user_transcripts: true,
-            tools: false,
-            images: false,
-            max_session: None,
-        }
+        Capabilities::local_turns()
     }
 
     fn input_format(&self) -> AudioFormat {

@@ -6,8 +6,9 @@
 //! Qwen-Omni. Nothing here touches a socket or a clock, so every event is unit-tested on
 //! recorded JSON.
 
-use base64::Engine;
 use serde_json::{Value, json};
+
+use crate::providers::wire::{BadAudio, b64_to_pcm, pcm_to_b64};
 
 pub use crate::providers::HistoryItem;
 pub use crate::providers::tools::ToolSpec;
@@ -144,11 +145,7 @@ pub const OUTPUT_RATE_HZ: u32 = 24_000;
 
 /// `input_audio_buffer.append` with s16le PCM, base64.
 pub fn append_audio(samples: &[i16]) -> String {
-    let mut bytes = Vec::with_capacity(samples.len() * 2);
-    for s in samples {
-        bytes.extend_from_slice(&s.to_le_bytes());
-    }
-    let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    let b64 = pcm_to_b64(samples);
     format!(r#"{{"type":"input_audio_buffer.append","audio":"{b64}"}}"#)
 }
 
@@ -365,8 +362,8 @@ pub enum ProtocolError {
         field: &'static str,
     },
     /// Audio that is not base64 of s16le.
-    #[error("audio delta is not base64 PCM: {0}")]
-    BadAudio(String),
+    #[error(transparent)]
+    BadAudio(#[from] BadAudio),
 }
 
 fn s(v: &Value, kind: &str, field: &'static str) -> Result<String, ProtocolError> {
@@ -378,15 +375,6 @@ fn s(v: &Value, kind: &str, field: &'static str) -> Result<String, ProtocolError
 
 fn s_or_empty(v: &Value, field: &str) -> String {
     v.get(field).and_then(Value::as_str).unwrap_or_default().to_owned()
-}
-
-fn decode_pcm(b64: &str) -> Result<Vec<i16>, ProtocolError> {
-    let bytes =
-        base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| ProtocolError::BadAudio(e.to_string()))?;
-    if bytes.len() % 2 != 0 {
-        return Err(ProtocolError::BadAudio(format!("{} bytes is not whole s16 samples", bytes.len())));
-    }
-    Ok(bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect())
 }
 
 /// Parse one server text frame.
@@ -407,7 +395,7 @@ pub fn parse(text: &str) -> Result<ServerMessage, ProtocolError> {
             ServerMessage::OutputItemAdded { item_id: s(item, k, "id")?, kind: item_kind, call }
         }
         "response.output_audio.delta" | "response.audio.delta" => {
-            ServerMessage::AudioDelta { item_id: s(&v, k, "item_id")?, samples: decode_pcm(&s(&v, k, "delta")?)? }
+            ServerMessage::AudioDelta { item_id: s(&v, k, "item_id")?, samples: b64_to_pcm(&s(&v, k, "delta")?)? }
         }
         "response.output_audio.done" | "response.audio.done" => {
             ServerMessage::AudioDone { item_id: s(&v, k, "item_id")? }
@@ -506,11 +494,6 @@ mod tests {
     //! Recorded server messages, written from the official reference (GA and beta names).
     use super::*;
 
-    fn pcm_b64(samples: &[i16]) -> String {
-        let b: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
-        base64::engine::general_purpose::STANDARD.encode(b)
-    }
-
     #[test]
     fn session_lifecycle_messages() {
         let created = r#"{"type":"session.created","event_id":"event_C9G5RJeJ2gF77mV7f2B1j","session":{"type":"realtime","object":"realtime.session","id":"sess_C9G5QPteg4UIbotdKLoYQ","model":"gpt-realtime-2025-08-28","output_modalities":["audio"],"instructions":"Your knowledge cutoff is 2023-10.","tools":[],"tool_choice":"auto","max_output_tokens":"inf","tracing":null,"prompt":null,"expires_at":1756324625,"audio":{"input":{"format":{"type":"audio/pcm","rate":24000},"transcription":null,"noise_reduction":null,"turn_detection":{"type":"server_vad","threshold":0.5,"prefix_padding_ms":300,"silence_duration_ms":200,"idle_timeout_ms":null,"create_response":true,"interrupt_response":true}},"output":{"format":{"type":"audio/pcm","rate":24000},"voice":"marin","speed":1}},"include":null}}"#;
@@ -525,7 +508,7 @@ mod tests {
         for ty in ["response.output_audio.delta", "response.audio.delta"] {
             let m = format!(
                 r#"{{"type":"{ty}","event_id":"event_3456","response_id":"resp_001","item_id":"msg_008","output_index":0,"content_index":0,"delta":"{}"}}"#,
-                pcm_b64(&samples)
+                pcm_to_b64(&samples)
             );
             assert_eq!(
                 parse(&m).unwrap(),
@@ -721,7 +704,7 @@ mod tests {
 
         let a: Value = serde_json::from_str(&append_audio(&[1, -2])).unwrap();
         assert_eq!(a["type"], "input_audio_buffer.append");
-        assert_eq!(decode_pcm(a["audio"].as_str().unwrap()).unwrap(), vec![1, -2]);
+        assert_eq!(b64_to_pcm(a["audio"].as_str().unwrap()).unwrap(), vec![1, -2]);
         let t: Value = serde_json::from_str(&truncate("msg_1", 1234)).unwrap();
         assert_eq!(
             t,
