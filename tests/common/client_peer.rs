@@ -21,7 +21,7 @@ use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceGatheringState, Registry, SettingEngineBuilder, register_default_interceptors,
+    RTCIceGatheringState, Registry, SettingEngineBuilder, configure_rtcp_reports, register_default_interceptors,
 };
 
 /// Any error of building the peer (webrtc-rs, SDP).
@@ -89,13 +89,41 @@ pub async fn client_peer(
     with_audio: bool,
     with_dc: bool,
 ) -> Result<ClientPeer, PeerError> {
+    build_peer(handler, gathered, with_audio, with_dc, false).await
+}
+
+/// [`client_peer`] with an audio track and the data channel, trimmed for the load generator:
+/// RTCP sender/receiver reports as its only interceptors (no NACK responder copying every sent
+/// packet, no TWCC: the server negotiates neither for audio, see `src/peer.rs`) and no mDNS
+/// (webrtc-rs' default opens one multicast socket per peer, and every mDNS datagram on the host
+/// then reaches each of them). ICE, DTLS-SRTP, RTP/RTCP and SCTP are the same as a full peer's.
+pub async fn load_peer(
+    handler: Arc<dyn PeerConnectionEventHandler>,
+    gathered: oneshot::Receiver<()>,
+) -> Result<ClientPeer, PeerError> {
+    build_peer(handler, gathered, true, true, true).await
+}
+
+async fn build_peer(
+    handler: Arc<dyn PeerConnectionEventHandler>,
+    gathered: oneshot::Receiver<()>,
+    with_audio: bool,
+    with_dc: bool,
+    light: bool,
+) -> Result<ClientPeer, PeerError> {
     let mut me = MediaEngine::default();
     me.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: OPUS_PT }, RtpCodecKind::Audio)?;
-    let registry = register_default_interceptors(Registry::new(), &mut me)?;
+    let mut settings = SettingEngineBuilder::new().with_include_loopback_candidate(true);
+    let registry = if light {
+        settings = settings.with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled);
+        configure_rtcp_reports(Registry::new())
+    } else {
+        register_default_interceptors(Registry::new(), &mut me)?
+    };
     let pc = PeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(me)
-        .with_setting_engine(SettingEngineBuilder::new().with_include_loopback_candidate(true).build())
+        .with_setting_engine(settings.build())
         .with_interceptor_registry(registry)
         .with_handler(handler)
         .with_udp_addrs(vec!["127.0.0.1:0".parse::<SocketAddr>()?])
