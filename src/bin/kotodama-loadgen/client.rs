@@ -360,10 +360,11 @@ impl Client {
     }
 
     /// Send silence as `mode` says and act as `profile` says (talk: start after a random part of
-    /// a silent second, so that sessions do not speak in step).
-    pub fn with_profile(mut self, mode: MicMode, profile: Profile) -> Self {
+    /// a silent second, or of the period with `every`, so that sessions do not speak in step).
+    pub fn with_profile(mut self, mode: MicMode, profile: Profile, every: Option<Duration>) -> Self {
         self.mode = mode;
-        let stagger = (profile == Profile::Talk).then(|| rand::random_range(0..50));
+        let spread = every.map_or(50, |e| (e.as_millis() / 20).clamp(1, u128::from(u32::MAX)) as u32);
+        let stagger = (profile == Profile::Talk).then(|| rand::random_range(0..spread));
         self.talker = Talker::new(Instant::now(), stagger);
         self
     }

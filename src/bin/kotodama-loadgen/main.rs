@@ -260,7 +260,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                 match r {
                     Ok(c) => {
                         probes.push(c.probe());
-                        let _ = add_tx.send(c.with_profile(o.mic, o.profile)).await;
+                        let _ = add_tx.send(c.with_profile(o.mic, o.profile, o.every)).await;
                     }
                     Err(e) => {
                         failed += 1;
