@@ -261,7 +261,7 @@ mod tests {
     }
 
     #[test]
-    fn libopus_flags_digital_silence_inactive_and_a_tone_active() {
+    fn libopus_flags_digital_silence_inactive_and_loud_speech_active() {
         let mut enc =
             OpusEncoder::new(EncoderConfig { expected_loss_pct: 10, ..EncoderConfig::default() }).expect("encoder");
         let mut buf = [0u8; 1500];
