@@ -206,8 +206,16 @@ fn pocketsphinx_loads_only_when_a_local_session_starts() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    std::thread::sleep(Duration::from_millis(500));
-    let loaded_rss = rss_kib(pid);
+    // The model files are mapped early in a decoder's load: wait for its memory to settle (no
+    // growth for 1 s) to measure the whole decoder.
+    let mut loaded_rss = rss_kib(pid);
+    let mut still = 0;
+    while still < 5 && Instant::now() < deadline + Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = rss_kib(pid);
+        still = if now == loaded_rss { still + 1 } else { 0 };
+        loaded_rss = now;
+    }
     let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
     let _ = child.wait();
     eprintln!(

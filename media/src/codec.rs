@@ -61,6 +61,28 @@ pub fn packet_has_fec(packet: &[u8]) -> bool {
     r == 1
 }
 
+/// True when `packet` is one mono SILK or hybrid frame (TOC code 0, RFC 6716 §3.1) whose SILK
+/// voice-activity flags are all 0: the sender's encoder classified it as no voice activity
+/// (libopus does so for silence and faint background noise; it is what its DTX acts on).
+///
+/// The SILK layer starts with one VAD flag per 20 ms SILK frame (1 for a 10 or 20 ms packet, 2
+/// for 40 ms, 3 for 60 ms), then the LBRR flag, each range-coded with probability 1/2 (RFC 6716
+/// §4.2.3); the first symbols of a fresh range decoder at probability 1/2 are the first payload
+/// byte's bits from the top (RFC 6716 §4.1.1, §4.1.3.1), which is how libopus'
+/// `opus_packet_has_lbrr` reads the LBRR flag. CELT-only, stereo and multi-frame packets answer
+/// false (they are decoded as usual).
+pub fn silk_voice_inactive(packet: &[u8]) -> bool {
+    let (Some(&toc), Some(&first)) = (packet.first(), packet.get(1)) else { return false };
+    let config = toc >> 3;
+    let (stereo, code) = (toc & 0x04 != 0, toc & 0x03);
+    if stereo || code != 0 || config >= 16 {
+        return false;
+    }
+    // SILK-only configs 0..=11 are 10/20/40/60 ms by `config % 4`; hybrid 12..=15 are 10/20 ms.
+    let vad_flags = if config < 12 { [1, 1, 2, 3][usize::from(config % 4)] } else { 1 };
+    first >> (8 - vad_flags) == 0
+}
+
 /// Duration of `packet` in 48 kHz samples, or `None` when its header is invalid.
 pub fn packet_samples(packet: &[u8]) -> Option<usize> {
     match opus::packet::get_nb_samples(packet, OPUS_RATE) {
@@ -220,6 +242,53 @@ impl OpusEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn silk_vad_flags_are_the_first_payload_bits() {
+        // SILK WB 20 ms (config 9), mono, code 0: one VAD flag, the top bit.
+        assert!(silk_voice_inactive(&[9 << 3, 0x7F, 0xFF]));
+        assert!(!silk_voice_inactive(&[9 << 3, 0x80, 0x00]));
+        // SILK 40 ms (config 10): two VAD flags; the third bit is the LBRR flag.
+        assert!(silk_voice_inactive(&[10 << 3, 0x20, 0x00]));
+        assert!(!silk_voice_inactive(&[10 << 3, 0x40, 0x00]));
+        // Hybrid SWB 20 ms (config 13): one flag.
+        assert!(silk_voice_inactive(&[13 << 3, 0x00]));
+        // CELT-only, stereo, two frames, TOC only: never.
+        assert!(!silk_voice_inactive(&[31 << 3, 0x00, 0x00]));
+        assert!(!silk_voice_inactive(&[(9 << 3) | 0x04, 0x00, 0x00]));
+        assert!(!silk_voice_inactive(&[(9 << 3) | 0x01, 0x00, 0x00]));
+        assert!(!silk_voice_inactive(&[9 << 3]));
+    }
+
+    #[test]
+    fn libopus_flags_digital_silence_inactive_and_loud_speech_active() {
+        let mut enc =
+            OpusEncoder::new(EncoderConfig { expected_loss_pct: 10, ..EncoderConfig::default() }).expect("encoder");
+        let mut buf = [0u8; 1500];
+        let mut flags = |pcm: &[i16]| -> Vec<bool> {
+            pcm.chunks_exact(FRAME_SAMPLES)
+                .map(|f| {
+                    let n = enc.encode(f, &mut buf).expect("encode");
+                    silk_voice_inactive(&buf[..n])
+                })
+                .collect()
+        };
+        let silence = flags(&[0i16; 48_000]);
+        // libopus' VAD needs a few frames to settle; after that, silence is inactive.
+        assert!(silence[10..].iter().all(|&f| f), "{silence:?}");
+        let speech = crate::wav::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/user_question.wav"))
+            .expect("tests/data/user_question.wav");
+        let inactive = flags(&speech.samples);
+        let loud: Vec<bool> = speech
+            .samples
+            .chunks_exact(FRAME_SAMPLES)
+            .zip(&inactive)
+            .filter(|(f, _)| crate::pcm::rms(f) > 1000.0)
+            .map(|(_, &i)| i)
+            .collect();
+        assert!(loud.len() > 50, "the question has loud frames");
+        assert!(loud.iter().all(|&i| !i), "every loud speech frame is flagged active: {loud:?}");
+    }
 
     fn tone(n: usize, offset: usize) -> Vec<i16> {
         (0..n)

@@ -75,7 +75,17 @@ pub struct Resampler {
     skip: usize,
     in_total: u64,
     out_total: u64,
+    /// All-zero input chunks run through the FFT in a row (since a non-zero one or a reset).
+    zero_chunks: u32,
+    /// Output length of the last chunk run through the FFT.
+    last_written: usize,
+    /// Skip the FFT for silence once its state is all zeros (off only to test that path).
+    silence_fast_path: bool,
 }
+
+/// All-zero chunks after which the FFT's overlap state holds only zeros: its output for another
+/// all-zero chunk is exactly zero, so it is not computed (a silent session's uplink, DTX gaps).
+const ZERO_CHUNKS_TO_SETTLE: u32 = 3;
 
 impl std::fmt::Debug for Resampler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -116,6 +126,9 @@ impl Resampler {
                 skip: 0,
                 in_total: 0,
                 out_total: 0,
+                zero_chunks: 0,
+                last_written: 0,
+                silence_fast_path: true,
             });
         }
         // 10 ms of input as the chunk-size hint; `Both` rounds it to what the ratio allows.
@@ -140,6 +153,9 @@ impl Resampler {
             skip: 0,
             in_total: 0,
             out_total: 0,
+            zero_chunks: 0,
+            last_written: 0,
+            silence_fast_path: true,
         };
         r.reset();
         Ok(r)
@@ -211,6 +227,7 @@ impl Resampler {
         self.in_fill = 0;
         self.in_total = 0;
         self.out_total = 0;
+        self.zero_chunks = 0;
         self.skip = match self.alignment {
             Alignment::Trimmed => self.delay_out,
             Alignment::Stream => 0,
@@ -270,16 +287,27 @@ impl Resampler {
             return Ok(());
         };
         self.in_fill = 0;
-        // Buffer sizes were taken from the resampler itself, so these cannot fail;
-        // map the error anyway instead of panicking.
-        let inp = InterleavedSlice::new(&self.in_buf[..], 1, self.chunk_in).map_err(|_| ResampleError::BufferSize)?;
-        let mut outp = InterleavedSlice::new_mut(&mut self.out_buf[..], 1, self.chunk_out)
-            .map_err(|_| ResampleError::BufferSize)?;
-        let (_read, written) = fft.process_into_buffer(&inp, &mut outp, None)?;
-        let written = written.min(self.out_buf.len());
-        for (d, s) in self.out_i16[..written].iter_mut().zip(&self.out_buf[..written]) {
-            *d = (s * 32768.0).round().clamp(-32768.0, 32767.0) as i16;
-        }
+        let silent = self.in_buf.iter().all(|&x| x == 0.0);
+        let written = if silent && self.silence_fast_path && self.zero_chunks >= ZERO_CHUNKS_TO_SETTLE {
+            // Zero in, zero state: the FFT would return exactly zeros of the same length.
+            self.out_i16[..self.last_written].fill(0);
+            self.last_written
+        } else {
+            self.zero_chunks = if silent { self.zero_chunks.saturating_add(1) } else { 0 };
+            // Buffer sizes were taken from the resampler itself, so these cannot fail;
+            // map the error anyway instead of panicking.
+            let inp =
+                InterleavedSlice::new(&self.in_buf[..], 1, self.chunk_in).map_err(|_| ResampleError::BufferSize)?;
+            let mut outp = InterleavedSlice::new_mut(&mut self.out_buf[..], 1, self.chunk_out)
+                .map_err(|_| ResampleError::BufferSize)?;
+            let (_read, written) = fft.process_into_buffer(&inp, &mut outp, None)?;
+            let written = written.min(self.out_buf.len());
+            for (d, s) in self.out_i16[..written].iter_mut().zip(&self.out_buf[..written]) {
+                *d = (s * 32768.0).round().clamp(-32768.0, 32767.0) as i16;
+            }
+            self.last_written = written;
+            written
+        };
         let mut start = self.skip.min(written);
         self.skip -= start;
         let remaining_allowed = limit.saturating_sub(self.out_total);
@@ -427,6 +455,23 @@ mod tests {
         assert_eq!(r.delay(), Duration::ZERO);
         let x: Vec<i16> = (0..1000).map(|i| i as i16).collect();
         assert_eq!(run(&mut r, &x, 77), x);
+    }
+
+    #[test]
+    fn silence_skips_the_fft_once_settled_with_the_same_output() {
+        let mut input = sine(48_000, 440.0, 0.2, 20_000.0);
+        input.extend(std::iter::repeat_n(0, 48_000));
+        input.extend(sine(48_000, 300.0, 0.2, 20_000.0));
+        input.extend(std::iter::repeat_n(0, 4_800));
+        for (from, to) in [(48_000, 24_000), (48_000, 16_000), (24_000, 48_000)] {
+            let mut fast = Resampler::new(from, to, Alignment::Stream).expect("build");
+            let mut full = Resampler::new(from, to, Alignment::Stream).expect("build");
+            full.silence_fast_path = false;
+            let (a, b) = (run(&mut fast, &input, 960), run(&mut full, &input, 960));
+            assert_eq!(a.len(), b.len(), "{from}->{to}");
+            assert!(a == b, "{from}->{to}: output differs with the fast path");
+            assert!(a.iter().any(|&x| x.abs() > 5_000), "the tones came through");
+        }
     }
 
     #[test]

@@ -32,6 +32,13 @@
 //! the next packet comes. Once the utterance has ended, absent packets cost nothing: no timer,
 //! no decode, no VAD; the gap is filled when the next packet shows it.
 //!
+//! Silence from a client without DTX (aiortc, browsers without `usedtx=1` keep sending a coded
+//! frame every 20 ms): between utterances, a SILK frame whose own VAD flag says "no voice
+//! activity" ([`crate::codec::silk_voice_inactive`]) is taken as silence of its duration without
+//! decoding, like a DTX packet ([`UplinkConfig::skip_inactive_frames`]); the decoder is reset
+//! before the next frame it decodes. Inside an utterance every frame is decoded, so a pause in
+//! speech is heard as it was sent.
+//!
 //! Loss handling, by 16-bit RTP sequence number with wraparound, after the reorder window:
 //! - next in order: decode;
 //! - a gap of `n` packets: conceal up to [`UplinkConfig::max_concealment`] (default 100 ms):
@@ -48,7 +55,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::MediaError;
-use crate::codec::{MAX_PACKET_SAMPLES, OpusDecoder, packet_has_fec, packet_samples};
+use crate::codec::{MAX_PACKET_SAMPLES, OpusDecoder, packet_has_fec, packet_samples, silk_voice_inactive};
 use crate::pcm::{CHUNK_SAMPLES, FRAME_SAMPLES, OPUS_RATE, PcmRef, duration_to_samples, samples_to_duration};
 use crate::reorder::{Inserted, MAX_PAYLOAD, ReorderWindow};
 use crate::resample::{Alignment, Resampler};
@@ -104,6 +111,9 @@ pub struct UplinkConfig {
     /// Most silence inserted for one timestamp gap (DTX, a paused sender), 0 ..= 60 s; never less
     /// than the VAD's `min_silence` + 100 ms, so a gap always ends a turn. Default 2 s.
     pub max_silence_fill: Duration,
+    /// Between utterances, take frames the sender's SILK encoder flagged as inactive as silence
+    /// without decoding them (see the module docs). Default true.
+    pub skip_inactive_frames: bool,
 }
 
 impl Default for UplinkConfig {
@@ -115,6 +125,7 @@ impl Default for UplinkConfig {
             opus_payload_type: None,
             max_reorder_delay: Duration::from_millis(100),
             max_silence_fill: Duration::from_secs(2),
+            skip_inactive_frames: true,
         }
     }
 }
@@ -179,6 +190,9 @@ pub struct UplinkStats {
     pub dtx_packets: u64,
     /// Silence filled on the clock during a DTX pause inside an utterance (also in `silence`).
     pub dtx_fill: Duration,
+    /// Frames the sender flagged as without voice activity, taken as silence between utterances
+    /// without decoding ([`UplinkConfig::skip_inactive_frames`]).
+    pub inactive_packets: u64,
 }
 
 /// Uplink pipeline state; see the module docs.
@@ -209,6 +223,8 @@ pub struct Uplink {
     dtx_at: Option<Duration>,
     /// Silence filled on the clock since that packet (48 kHz samples).
     dtx_filled: u64,
+    /// Frames were skipped since the last decode: reset the decoder before the next one.
+    decoder_stale: bool,
     stats: UplinkStats,
 }
 
@@ -270,6 +286,7 @@ impl Uplink {
             stream_samples: 0,
             dtx_at: None,
             dtx_filled: 0,
+            decoder_stale: false,
             stats: UplinkStats::default(),
         })
     }
@@ -405,6 +422,7 @@ impl Uplink {
         self.pending_silence = 0;
         self.dtx_at = None;
         self.dtx_filled = 0;
+        self.decoder_stale = false;
     }
 
     /// A new SSRC: what the old stream held is dropped, and nothing of the new one is compared
@@ -483,6 +501,21 @@ impl Uplink {
             self.pcm48[..n].fill(0);
             self.feed_decoded(n);
             return;
+        }
+        if self.cfg.skip_inactive_frames
+            && !self.vad.is_speaking()
+            && silk_voice_inactive(&self.staged[..len])
+            && let Some(n) = packet_samples(&self.staged[..len])
+        {
+            self.stats.inactive_packets += 1;
+            self.decoder_stale = true;
+            self.last_packet_samples = n;
+            self.pcm48[..n].fill(0);
+            self.feed_decoded(n);
+            return;
+        }
+        if std::mem::take(&mut self.decoder_stale) {
+            self.dec.reset();
         }
         let decoded = if len == 0 { None } else { self.dec.decode(&self.staged[..len], &mut self.pcm48).ok() };
         match decoded {

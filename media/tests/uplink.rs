@@ -626,9 +626,32 @@ fn a_dtx_client_ends_its_turns_on_time_keeps_its_onsets_and_costs_no_timer_betwe
 }
 
 #[test]
+fn silence_frames_between_turns_are_not_decoded_and_the_turn_is_heard_the_same() {
+    // A sender without DTX: 1 s of coded silence, the question, 1.5 s of coded silence.
+    let speech = pad(&user_question().samples, 48_000, ms(1000), ms(1500));
+    let packets = encode_packets(&speech, client_encoder());
+    let list: Vec<(u16, &[u8])> = packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect();
+    let (full, sf, _) = run(UplinkConfig { skip_inactive_frames: false, ..cfg(24_000) }, &list);
+    let (lean, sl, _) = run(cfg(24_000), &list);
+    assert_eq!(sf.inactive_packets, 0);
+    // Most of the lead-in and the tail (the sender's VAD flags them) are not decoded; nothing
+    // inside the utterance is skipped.
+    assert!(sl.inactive_packets >= 60, "{sl:?}");
+    assert_eq!((sl.decode_errors, sl.plc_frames, sl.utterances), (0, 0, 1), "{sl:?}");
+    assert_eq!(lean.audio.len(), full.audio.len(), "the same media time");
+    assert_eq!((lean.starts.len(), lean.stops.len()), (1, 1), "{lean:?}");
+    assert!(lean.starts[0].abs_diff(full.starts[0]) <= ms(20), "onset {:?} vs {:?}", lean.starts, full.starts);
+    assert!(lean.stops[0].abs_diff(full.stops[0]) <= ms(20), "end {:?} vs {:?}", lean.stops, full.stops);
+    assert!(sl.speech.abs_diff(sf.speech) <= ms(40), "voiced {:?} vs {:?}", sl.speech, sf.speech);
+    // What the provider hears of the question is the same speech.
+    let (a, b) = (envelope(&lean.audio, 24_000), envelope(&full.audio, 24_000));
+    assert!(envelope_similarity(&a, &b, 2) > 0.98, "the question is heard the same");
+}
+
+#[test]
 fn a_toc_only_dtx_packet_is_silence_without_decoding() {
     // Without DTX, libopus codes digital silence in ~35-byte frames (32 kbit/s VOIP): those are
-    // decoded like speech; only DTX packets (<= 2 bytes) are taken as silence.
+    // only skipped by their SILK VAD flag (test above); DTX packets (<= 2 bytes) always are.
     let quiet = encode_packets(&vec![0i16; 48_000], EncoderConfig::default());
     assert!(quiet.iter().all(|p| p.len() > media::DTX_MAX_BYTES));
     let dtx = [quiet[0][0] & 0xFC];

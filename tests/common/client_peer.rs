@@ -21,7 +21,7 @@ use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceGatheringState, RTCIceServer, RTCIceTransportPolicy, Registry, SettingEngineBuilder,
+    RTCIceGatheringState, RTCIceServer, RTCIceTransportPolicy, Registry, SettingEngineBuilder, configure_rtcp_reports,
     register_default_interceptors,
 };
 
@@ -102,6 +102,9 @@ pub struct ClientNet {
     /// Adds interceptors to the client's chain after the default ones (e.g. a sender that
     /// switches its SSRC mid-stream, `tests/common/ssrc_switch.rs`).
     pub interceptors: Option<Arc<dyn Fn(Registry) -> Registry + Send + Sync>>,
+    /// RTCP sender/receiver reports as the only default interceptors (the load generator's
+    /// trimmed peer, [`load_peer`]).
+    pub rtcp_reports_only: bool,
 }
 
 impl Default for ClientNet {
@@ -115,6 +118,7 @@ impl Default for ClientNet {
             tcp_only: false,
             receive_only_audio: false,
             interceptors: None,
+            rtcp_reports_only: false,
         }
     }
 }
@@ -131,6 +135,19 @@ pub async fn client_peer(
     client_peer_on(&ClientNet::default(), handler, gathered, with_audio, with_dc).await
 }
 
+/// [`client_peer`] with an audio track and the data channel, trimmed for the load generator:
+/// RTCP sender/receiver reports as its only interceptors (no NACK responder copying every sent
+/// packet, no TWCC: the server negotiates neither for audio, see `src/peer.rs`) and no mDNS
+/// (webrtc-rs' default opens one multicast socket per peer, and every mDNS datagram on the host
+/// then reaches each of them). ICE, DTLS-SRTP, RTP/RTCP and SCTP are the same as a full peer's.
+pub async fn load_peer(
+    handler: Arc<dyn PeerConnectionEventHandler>,
+    gathered: oneshot::Receiver<()>,
+) -> Result<ClientPeer, PeerError> {
+    let net = ClientNet { rtcp_reports_only: true, ..ClientNet::default() };
+    client_peer_on(&net, handler, gathered, true, true).await
+}
+
 /// [`client_peer`] on the network `net` describes (relay-only, TCP-only, receive-only, ...).
 pub async fn client_peer_on(
     net: &ClientNet,
@@ -141,7 +158,10 @@ pub async fn client_peer_on(
 ) -> Result<ClientPeer, PeerError> {
     let mut me = MediaEngine::default();
     me.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: OPUS_PT }, RtpCodecKind::Audio)?;
-    let mut registry = register_default_interceptors(Registry::new(), &mut me)?;
+    let mut registry = match net.rtcp_reports_only {
+        true => configure_rtcp_reports(Registry::new()),
+        false => register_default_interceptors(Registry::new(), &mut me)?,
+    };
     if let Some(add) = &net.interceptors {
         registry = add(registry);
     }

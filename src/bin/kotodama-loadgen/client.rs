@@ -1,7 +1,12 @@
 //! One simulated user: a real webrtc-rs peer that talks in a loop of turns and measures what it
 //! receives (agent packet lateness against their RTP timestamps, loss, turn and barge-in latency).
+//!
+//! Cheap by construction, so that one core drives hundreds of sessions: the speech is encoded once
+//! ([`Speech`]) and shared; nothing received is decoded (lateness and loss come from RTP headers
+//! on arrival); a client has no task or timer of its own for sending: [`Client::frame`] is a
+//! step of a state machine ([`Talker`]) that one pacing loop calls for every client per 20 ms
+//! tick (`main.rs`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +19,7 @@ use webrtc::peer_connection::{
     PeerConnection, PeerConnectionEventHandler, RTCIceGatheringState, RTCSessionDescription,
 };
 
-use crate::client_peer::{ClientPeer, GatheringDone, MicSender, OPUS_PT, answered_opus_pt, client_peer};
+use crate::client_peer::{ClientPeer, GatheringDone, MicSender, OPUS_PT, answered_opus_pt, load_peer};
 
 /// Pre-encoded audio shared by every client (encoding is not what we measure).
 pub struct Speech {
@@ -46,7 +51,12 @@ impl Speech {
             let n = enc.encode(&frame, &mut out)?;
             question.push(Bytes::copy_from_slice(&out[..n]));
         }
-        let n = enc.encode(&[0i16; 960], &mut out)?;
+        // A second of silence, as a sender keeps coding it: its last frame is what libopus sends
+        // once its VAD has settled (flagged inactive), the frame a non-DTX client repeats.
+        let mut n = 0;
+        for _ in 0..50 {
+            n = enc.encode(&[0i16; 960], &mut out)?;
+        }
         let dtx = Bytes::copy_from_slice(&[out[0] & 0xFC]);
         Ok(Self { question, silence: Bytes::copy_from_slice(&out[..n]), dtx, speech_end })
     }
@@ -163,6 +173,139 @@ pub enum Profile {
     Silent,
 }
 
+/// The talk profile shared by every client.
+#[derive(Debug, Clone, Copy)]
+pub struct TalkProfile {
+    /// Share of replies talked over (barge-in) after [`BARGE_AFTER_FRAMES`] of the reply.
+    pub barge: f64,
+    /// `Some(p)`: a question starts every `p` (the profile: a 2.7 s sentence every 6 s),
+    /// whether or not the reply has ended; `None`: take turns (ask, hear the whole reply, pause
+    /// [`PAUSE_FRAMES`], ask again).
+    pub every: Option<Duration>,
+}
+
+/// Frames (20 ms) of a reply heard before barging in.
+const BARGE_AFTER_FRAMES: u32 = 50;
+/// Frames (20 ms) of silence between a reply's end and the next question when taking turns.
+const PAUSE_FRAMES: u32 = 25;
+/// A reply has ended after this long without an agent packet.
+const REPLY_END: Duration = Duration::from_millis(300);
+/// A question without a reply for this long is given up (turn taking).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Silent for this many more frames before the first question (staggers the sessions).
+    Stagger(u32),
+    /// The question's packet `i` is next.
+    Speaking(usize),
+    /// Asked; the reply has not started.
+    AwaitReply,
+    /// Hearing the reply for this many more frames, then talking over it.
+    Hearing(u32),
+    /// Waiting for the reply's end.
+    AwaitEnd,
+    /// Silent for this many more frames, then asking again.
+    Pause(u32),
+    /// Silent until the next periodic question (`every`) or forever (silent profile).
+    Idle,
+}
+
+/// What one client says, one 20 ms frame at a time (sans-IO: the caller passes the time and the
+/// last agent packet's arrival, and sends what it returns).
+#[derive(Debug)]
+pub struct Talker {
+    phase: Phase,
+    spoke_at: Instant,
+    asked_at: Instant,
+    next_start: Option<Instant>,
+    barging: bool,
+}
+
+/// What a client measured at a step (recorded by the caller while a window is open), ms.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Measure {
+    /// End of the question's speech -> first agent packet.
+    Turn(f32),
+    /// Start of a barge-in question -> last agent packet of the cut reply.
+    Barge(f32),
+}
+
+impl Talker {
+    /// A talker that starts after `stagger` silent frames (`None`: silent forever).
+    pub fn new(now: Instant, stagger: Option<u32>) -> Self {
+        let phase = stagger.map_or(Phase::Idle, Phase::Stagger);
+        Self { phase, spoke_at: now, asked_at: now, next_start: None, barging: false }
+    }
+
+    fn ask(&mut self, now: Instant, p: &TalkProfile) -> Phase {
+        self.spoke_at = now;
+        self.next_start = p.every.map(|e| now + e);
+        Phase::Speaking(0)
+    }
+
+    /// One 20 ms step at `now`: the index of the question's packet to send, or `None` for a
+    /// frame of silence, and what was measured at this step.
+    pub fn step(
+        &mut self,
+        now: Instant,
+        last_packet: Option<Instant>,
+        speech: &Speech,
+        p: &TalkProfile,
+    ) -> (Option<usize>, Option<Measure>) {
+        if !matches!(self.phase, Phase::Speaking(_)) && self.next_start.is_some_and(|t| now >= t) {
+            self.barging = false;
+            self.phase = self.ask(now, p);
+        }
+        let mut measure = None;
+        let (send, next) = match self.phase {
+            Phase::Stagger(0) | Phase::Pause(0) | Phase::Hearing(0) => {
+                self.phase = self.ask(now, p);
+                return self.step(now, last_packet, speech, p);
+            }
+            Phase::Stagger(n) => (None, Phase::Stagger(n - 1)),
+            Phase::Pause(n) => (None, Phase::Pause(n - 1)),
+            Phase::Hearing(n) => (None, Phase::Hearing(n - 1)),
+            Phase::Speaking(i) => {
+                if i == speech.speech_end {
+                    self.asked_at = now;
+                }
+                let last = i + 1 >= speech.question.len();
+                if last && std::mem::take(&mut self.barging) {
+                    measure = last_packet
+                        .filter(|&t| t > self.spoke_at)
+                        .map(|t| Measure::Barge((t - self.spoke_at).as_secs_f32() * 1000.0));
+                }
+                (Some(i), if last { Phase::AwaitReply } else { Phase::Speaking(i + 1) })
+            }
+            Phase::AwaitReply => match last_packet.filter(|&t| t > self.asked_at + Duration::from_millis(20)) {
+                Some(t) => {
+                    measure = Some(Measure::Turn((t - self.asked_at).as_secs_f32() * 1000.0));
+                    self.barging = rand::random_bool(p.barge);
+                    (None, self.after_reply_start(p))
+                }
+                None if p.every.is_none() && now - self.asked_at > REPLY_TIMEOUT => (None, Phase::Pause(PAUSE_FRAMES)),
+                None => (None, Phase::AwaitReply),
+            },
+            Phase::AwaitEnd => match last_packet {
+                Some(t) if now.saturating_duration_since(t) <= REPLY_END => (None, Phase::AwaitEnd),
+                _ => (None, Phase::Pause(PAUSE_FRAMES)),
+            },
+            Phase::Idle => (None, Phase::Idle),
+        };
+        self.phase = next;
+        (send, measure)
+    }
+
+    fn after_reply_start(&self, p: &TalkProfile) -> Phase {
+        match (self.barging, p.every) {
+            (true, _) => Phase::Hearing(BARGE_AFTER_FRAMES),
+            (false, Some(_)) => Phase::Idle,
+            (false, None) => Phase::AwaitEnd,
+        }
+    }
+}
+
 /// A connected simulated user.
 pub struct Client {
     pc: Arc<dyn PeerConnection>,
@@ -170,6 +313,7 @@ pub struct Client {
     mic: MicSender,
     recv: Arc<Mutex<Recv>>,
     mode: MicMode,
+    talker: Talker,
     /// 20 ms frames of silence since the last speech packet.
     silent_frames: u32,
 }
@@ -191,7 +335,7 @@ impl Client {
         let (gathered, grx) = GatheringDone::new();
         let handler = Arc::new(Handler { recv: Arc::clone(&recv), gathered });
         let ClientPeer { pc, track, dc, ssrc, offer: sdp } =
-            client_peer(handler, grx, true, true).await.map_err(|e| anyhow::anyhow!("client peer: {e}"))?;
+            load_peer(handler, grx).await.map_err(|e| anyhow::anyhow!("client peer: {e}"))?;
         let (track, dc) = track.zip(dc).context("the peer has its track and data channel")?;
         let res = http
             .post(format!("{base}{offer_url}"))
@@ -204,18 +348,48 @@ impl Client {
         let answer = res.text().await?;
         let pt = answered_opus_pt(&answer).unwrap_or(OPUS_PT);
         pc.set_remote_description(RTCSessionDescription::answer(answer)?).await?;
-        Ok(Client { pc, _dc: dc, mic: MicSender::new(track, ssrc, pt), recv, mode: MicMode::Silence, silent_frames: 0 })
+        Ok(Client {
+            pc,
+            _dc: dc,
+            mic: MicSender::new(track, ssrc, pt),
+            recv,
+            mode: MicMode::Silence,
+            talker: Talker::new(Instant::now(), None),
+            silent_frames: 0,
+        })
     }
 
-    /// Send silence as `mode` says from now on.
-    pub fn with_mic(mut self, mode: MicMode) -> Self {
+    /// Send silence as `mode` says and act as `profile` says (talk: start after a random part of
+    /// a silent second, or of the period with `every`, so that sessions do not speak in step).
+    pub fn with_profile(mut self, mode: MicMode, profile: Profile, every: Option<Duration>) -> Self {
         self.mode = mode;
+        let spread = every.map_or(50, |e| (e.as_millis() / 20).clamp(1, u128::from(u32::MAX)) as u32);
+        let stagger = (profile == Profile::Talk).then(|| rand::random_range(0..spread));
+        self.talker = Talker::new(Instant::now(), stagger);
         self
     }
 
-    async fn send(&mut self, payload: Bytes) {
-        self.silent_frames = 0;
-        self.mic.send(payload).await;
+    /// One 20 ms frame at `now`: send the talker's next packet, or silence as the microphone
+    /// mode sends it.
+    pub async fn frame(&mut self, now: Instant, speech: &Speech, profile: &TalkProfile) {
+        let last_packet = self.recv.lock().unwrap_or_else(|p| p.into_inner()).last_packet_at;
+        let (send, measure) = self.talker.step(now, last_packet, speech, profile);
+        if let Some(m) = measure {
+            let mut r = self.recv.lock().unwrap_or_else(|p| p.into_inner());
+            if r.recording {
+                match m {
+                    Measure::Turn(ms) => r.sample.turn_ms.push(ms),
+                    Measure::Barge(ms) => r.sample.barge_ms.push(ms),
+                }
+            }
+        }
+        match send {
+            Some(i) => {
+                self.silent_frames = 0;
+                self.mic.send(speech.question[i].clone()).await;
+            }
+            None => self.silence(speech).await,
+        }
     }
 
     /// The next 20 ms of silence, as the microphone mode sends it.
@@ -235,99 +409,76 @@ impl Client {
         self.mic.send(payload).await;
     }
 
-    /// Stay connected and silent until `stop`.
-    pub async fn idle(mut self, speech: Arc<Speech>, stop: Arc<AtomicBool>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        while !stop.load(Ordering::Relaxed) {
-            tick.tick().await;
-            self.silence(&speech).await;
-        }
-        let _ = self.pc.close().await;
-    }
-
-    fn last_packet_at(&self) -> Option<Instant> {
-        self.recv.lock().unwrap_or_else(|p| p.into_inner()).last_packet_at
-    }
-
     /// A handle to this client's measurements.
     pub fn probe(&self) -> Probe {
         Probe(Arc::clone(&self.recv))
     }
 
-    fn record_turn(&self, field: fn(&mut Sample) -> &mut Vec<f32>, ms: f32) {
-        let mut r = self.recv.lock().unwrap_or_else(|p| p.into_inner());
-        if r.recording {
-            field(&mut r.sample).push(ms);
-        }
+    /// Hang up.
+    pub async fn close(self) {
+        let _ = self.pc.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn speech() -> Speech {
+        let pkt = Bytes::from_static(&[0x78, 0, 0]);
+        Speech { question: vec![pkt.clone(); 10], silence: pkt, dtx: Bytes::from_static(&[0x78]), speech_end: 7 }
     }
 
-    /// Talk until `stop`: ask, wait for the answer (or barge in with probability `barge`), repeat.
-    pub async fn talk(mut self, speech: Arc<Speech>, barge: f64, stop: Arc<AtomicBool>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Stagger: start at a random point of a silent second.
-        for _ in 0..rand::random_range(0..50) {
-            tick.tick().await;
-            self.silence(&speech).await;
+    /// Runs `frames` steps 20 ms apart; the agent answers `reply_after` after each question's
+    /// end of speech for `reply_len`. Returns the frames on which a question started and what
+    /// was measured.
+    fn run(p: &TalkProfile, frames: u32, reply_after: Duration, reply_len: Duration) -> (Vec<u32>, Vec<Measure>) {
+        let speech = speech();
+        let t0 = Instant::now();
+        let mut talker = Talker::new(t0, Some(3));
+        let (mut starts, mut measures) = (Vec::new(), Vec::new());
+        let mut reply: Option<(Instant, Instant)> = None;
+        let mut last_packet = None;
+        for f in 0..frames {
+            let now = t0 + Duration::from_millis(20 * u64::from(f));
+            if let Some((a, b)) = reply
+                && now >= a
+                && now < b
+            {
+                last_packet = Some(now);
+            }
+            let (send, m) = talker.step(now, last_packet, &speech, p);
+            if send == Some(0) {
+                starts.push(f);
+            }
+            if send == Some(speech.speech_end) {
+                reply = Some((now + reply_after, now + reply_after + reply_len));
+            }
+            measures.extend(m);
         }
-        let mut barge_next = false;
-        while !stop.load(Ordering::Relaxed) {
-            let spoke_at = Instant::now();
-            let mut asked_at = spoke_at;
-            for (i, p) in speech.question.iter().enumerate() {
-                tick.tick().await;
-                self.send(p.clone()).await;
-                if i == speech.speech_end {
-                    asked_at = Instant::now();
-                }
-            }
-            if barge_next {
-                // We interrupted: the cut reply's last packet came at most this long after we began.
-                if let Some(last) = self.last_packet_at()
-                    && last > spoke_at
-                {
-                    self.record_turn(|s| &mut s.barge_ms, (last - spoke_at).as_secs_f32() * 1000.0);
-                }
-            }
-            // Silence until the answer starts (or give up after 10 s).
-            let mut started = None;
-            while started.is_none() && asked_at.elapsed() < Duration::from_secs(10) {
-                tick.tick().await;
-                self.silence(&speech).await;
-                if let Some(t) = self.last_packet_at()
-                    && t > asked_at + Duration::from_millis(20)
-                {
-                    started = Some(t);
-                }
-            }
-            if let Some(t) = started {
-                self.record_turn(|s| &mut s.turn_ms, (t - asked_at).as_secs_f32() * 1000.0);
-            }
-            barge_next = rand::random_bool(barge);
-            if barge_next {
-                // Let a second of the answer play, then talk over it.
-                for _ in 0..50 {
-                    tick.tick().await;
-                    self.silence(&speech).await;
-                }
-                continue;
-            }
-            // Wait for the answer to end (300 ms without packets), then a short pause.
-            loop {
-                tick.tick().await;
-                self.silence(&speech).await;
-                if self.last_packet_at().is_none_or(|t| t.elapsed() > Duration::from_millis(300))
-                    || stop.load(Ordering::Relaxed)
-                {
-                    break;
-                }
-            }
-            for _ in 0..25 {
-                tick.tick().await;
-                self.silence(&speech).await;
-            }
-        }
-        let _ = self.pc.close().await;
+        (starts, measures)
+    }
+
+    #[test]
+    fn turns_wait_for_the_reply_then_pause() {
+        let p = TalkProfile { barge: 0.0, every: None };
+        let (starts, measures) = run(&p, 200, Duration::from_millis(500), Duration::from_secs(1));
+        // Stagger 3, question 10 frames (end of speech at frame 10), reply 35..85, ends
+        // (300 ms without packets) at 100, pause 25: the next question at 126.
+        assert_eq!(&starts[..2], &[3, 126]);
+        assert!(matches!(measures[0], Measure::Turn(ms) if (500.0..=520.0).contains(&ms)), "{measures:?}");
+    }
+
+    #[test]
+    fn periodic_questions_keep_their_period_and_barge_ins_cut_replies() {
+        let p = TalkProfile { barge: 0.0, every: Some(Duration::from_secs(2)) };
+        let (starts, _) = run(&p, 400, Duration::from_millis(500), Duration::from_secs(5));
+        assert_eq!(starts, vec![3, 103, 203, 303], "a question every 100 frames whatever the reply does");
+        let p = TalkProfile { barge: 1.0, every: None };
+        let (starts, measures) = run(&p, 200, Duration::from_millis(200), Duration::from_secs(10));
+        // The reply starts 10 frames after the end of speech (frame 10), at 20; 50 frames of it
+        // heard, the barge-in starts at 71.
+        assert_eq!(&starts[..2], &[3, 71]);
+        assert!(measures.iter().any(|m| matches!(m, Measure::Barge(_))), "{measures:?}");
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! It starts a kotodama server (or targets a running one), then ramps the number of concurrent
 //! WebRTC client sessions (10, 20, 40, ...). Each client is a real webrtc-rs peer sending real Opus
-//! speech in a loop of turns, a quarter of them barging in; the server answers through its
-//! `scripted` provider after a configurable model delay. Every step is held and measured: agent
+//! speech in a loop of turns (or a question every `--every` seconds), a quarter of them barging
+//! in; the server answers through its `scripted` provider after a configurable model delay. One
+//! pacing loop sends every client's next 20 ms packet per tick (no task or timer per client for
+//! sending); the speech is encoded once and nothing received is decoded. Every step is held and measured: agent
 //! packet lateness and loss as the clients receive them, turn and barge-in latency, the server's own
 //! per-stage latency histograms (scraped from `/metrics`), and the server's CPU and RSS (from
 //! `/proc`). It stops when p99 lateness passes the bound or loss appears, prints a table, and writes
@@ -18,13 +20,12 @@ mod report;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use client::{Client, Probe, Speech};
+use client::{Client, Probe, Speech, TalkProfile};
 use report::StepReport;
 
 const USAGE: &str = "\
@@ -38,10 +39,13 @@ USAGE: kotodama-loadgen [options]
   --model-delay-ms <ms>      the scripted provider's response delay (default 200; 0: server-only)
   --barge <fraction>         share of turns that barge in (default 0.25)
   --profile <talk|silent>    talk in turns, or stay connected and silent (default talk)
+  --every <secs>             talk: start a question every <secs> s (e.g. 6) instead of taking
+                             turns (ask, hear the reply, pause 0.5 s)
   --mic <silence|dtx>        how clients send silence: a coded frame every 20 ms (aiortc), or Opus
                              DTX as Chrome does with usedtx=1 (default silence)
   --max-lateness-ms <ms>     stop when p99 lateness passes this (default 20)
   --server-cpus <list>       pin a started server to these CPUs (taskset syntax, e.g. 1)
+  --server-rt <prio>         run a started server at SCHED_RR priority <prio> (chrt -r; root)
   --opus-complexity <0..10>  a started server's encoder complexity (default: the server's default)
   --api-key <key>            API key for session creation
   --json <file>              write the report as JSON (default loadgen.json)
@@ -56,9 +60,11 @@ struct Opts {
     model_delay_ms: u64,
     barge: f64,
     profile: client::Profile,
+    every: Option<Duration>,
     mic: client::MicMode,
     max_lateness_ms: f64,
     server_cpus: Option<String>,
+    server_rt: Option<u8>,
     opus_complexity: Option<u8>,
     api_key: Option<String>,
     json: PathBuf,
@@ -74,9 +80,11 @@ fn parse_args() -> anyhow::Result<Opts> {
         model_delay_ms: 200,
         barge: 0.25,
         profile: client::Profile::Talk,
+        every: None,
         mic: client::MicMode::Silence,
         max_lateness_ms: 20.0,
         server_cpus: None,
+        server_rt: None,
         opus_complexity: None,
         api_key: None,
         json: "loadgen.json".into(),
@@ -104,6 +112,11 @@ fn parse_args() -> anyhow::Result<Opts> {
                     other => anyhow::bail!("--profile {other}: use talk or silent"),
                 }
             }
+            "--every" => {
+                let secs: f64 = val(i)?.parse()?;
+                anyhow::ensure!(secs > 0.0 && secs < 3600.0, "--every must be within (0, 3600) seconds");
+                o.every = Some(Duration::from_secs_f64(secs));
+            }
             "--mic" => {
                 o.mic = match val(i)?.as_str() {
                     "silence" => client::MicMode::Silence,
@@ -113,6 +126,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             }
             "--max-lateness-ms" => o.max_lateness_ms = val(i)?.parse()?,
             "--server-cpus" => o.server_cpus = Some(val(i)?),
+            "--server-rt" => o.server_rt = Some(val(i)?.parse()?),
             "--opus-complexity" => o.opus_complexity = Some(val(i)?.parse()?),
             "--api-key" => o.api_key = Some(val(i)?),
             "--json" => o.json = val(i)?.into(),
@@ -143,14 +157,17 @@ fn spawn_server(o: &Opts, max_sessions: usize) -> anyhow::Result<(Child, String)
             o.opus_complexity.map(|c| format!("[media]\nopus_complexity = {c}\n")).unwrap_or_default()
         ),
     )?;
-    let mut cmd = match &o.server_cpus {
-        Some(cpus) => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", cpus]).arg(&exe);
-            c
-        }
-        None => Command::new(&exe),
-    };
+    // [chrt -r P] [taskset -c CPUS] kotodama serve ...
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(prio) = o.server_rt {
+        argv.extend(["chrt".into(), "-r".into(), prio.to_string().into()]);
+    }
+    if let Some(cpus) = &o.server_cpus {
+        argv.extend(["taskset".into(), "-c".into(), cpus.into()]);
+    }
+    argv.push(exe.into_os_string());
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
     cmd.arg("serve")
         .arg("--config")
         .arg(&cfg)
@@ -163,6 +180,34 @@ fn spawn_server(o: &Opts, max_sessions: usize) -> anyhow::Result<(Child, String)
         .stderr(Stdio::inherit());
     let child = cmd.spawn().context("starting the server")?;
     Ok((child, format!("http://127.0.0.1:{port}")))
+}
+
+/// Sessions connecting at once while ramping.
+const CONNECTS_AT_ONCE: usize = 8;
+
+/// The one pacing loop: every 20 ms, each client's next packet (new clients arrive on `add`).
+/// Ends, hanging up every client, when `add` closes.
+async fn pace(mut add: tokio::sync::mpsc::Receiver<Client>, speech: Arc<Speech>, talk: TalkProfile) {
+    let mut clients: Vec<Client> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        loop {
+            match add.try_recv() {
+                Ok(c) => clients.push(c),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    futures::future::join_all(clients.into_iter().map(Client::close)).await;
+                    return;
+                }
+            }
+        }
+        let now = Instant::now();
+        for c in &mut clients {
+            c.frame(now, &speech, &talk).await;
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -191,9 +236,10 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     let wav = include_bytes!("../../../tests/data/user_question.wav");
     let pcm = media::wav::parse(wav)?;
     let speech = Arc::new(Speech::encode(&pcm.samples)?);
-    let stop = Arc::new(AtomicBool::new(false));
+    let talk = TalkProfile { barge: o.barge, every: o.every };
+    let (add_tx, add_rx) = tokio::sync::mpsc::channel(CONNECTS_AT_ONCE);
+    let pacer = tokio::spawn(pace(add_rx, Arc::clone(&speech), talk));
     let mut probes: Vec<Probe> = Vec::new();
-    let mut tasks = Vec::new();
     let mut reports: Vec<StepReport> = Vec::new();
     let idle = report::server_sample(&http, &base, pid).await;
 
@@ -206,21 +252,19 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     for &n in &o.steps {
         bar.set_message(format!("ramping to {n} sessions"));
         let mut failed = 0usize;
-        while probes.len() < n {
-            match Client::connect(&http, &base, o.api_key.as_deref()).await {
-                Ok(c) => {
-                    probes.push(c.probe());
-                    let (c, speech, stop) = (c.with_mic(o.mic), Arc::clone(&speech), Arc::clone(&stop));
-                    tasks.push(match o.profile {
-                        client::Profile::Talk => tokio::spawn(c.talk(speech, o.barge, stop)),
-                        client::Profile::Silent => tokio::spawn(c.idle(speech, stop)),
-                    });
-                }
-                Err(e) => {
-                    failed += 1;
-                    bar.println(format!("session {} failed to connect: {e:#}", probes.len() + 1));
-                    if failed > 5 {
-                        break;
+        while probes.len() < n && failed <= 5 {
+            // A few connects at a time: each waits on ICE gathering and two HTTP round trips.
+            let batch = (n - probes.len()).min(CONNECTS_AT_ONCE);
+            let connects = (0..batch).map(|_| Client::connect(&http, &base, o.api_key.as_deref()));
+            for r in futures::future::join_all(connects).await {
+                match r {
+                    Ok(c) => {
+                        probes.push(c.probe());
+                        let _ = add_tx.send(c.with_profile(o.mic, o.profile, o.every)).await;
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        bar.println(format!("session {} failed to connect: {e:#}", probes.len() + 1));
                     }
                 }
             }
@@ -249,10 +293,8 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         }
     }
     bar.finish_and_clear();
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-    }
+    drop(add_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(30), pacer).await;
 
     println!("{}", StepReport::header());
     for r in &reports {

@@ -16,6 +16,8 @@ pub struct ServerSample {
     at: Option<Instant>,
     /// utime + stime, in clock ticks.
     cpu_ticks: Option<u64>,
+    /// The generator's own utime + stime, in clock ticks.
+    gen_cpu_ticks: Option<u64>,
     rss_kb: Option<u64>,
     histograms: BTreeMap<String, Buckets>,
 }
@@ -68,7 +70,8 @@ pub async fn server_sample(http: &reqwest::Client, base: &str, pid: Option<u32>)
         Some((t, r)) => (Some(t), Some(r)),
         None => (None, None),
     };
-    ServerSample { at: Some(Instant::now()), cpu_ticks, rss_kb, histograms: parse_histograms(&text) }
+    let gen_cpu_ticks = proc_stat(std::process::id()).map(|(t, _)| t);
+    ServerSample { at: Some(Instant::now()), cpu_ticks, gen_cpu_ticks, rss_kb, histograms: parse_histograms(&text) }
 }
 
 /// The `q` quantile (ms) of what a histogram gained between two scrapes, interpolated within the
@@ -169,6 +172,17 @@ pub struct StepReport {
     pub cpu_percent_per_session: Option<f64>,
     /// RSS per session above the idle server, MB.
     pub rss_mb_per_session: Option<f64>,
+    /// The generator's own CPU over the window, % of one core.
+    pub generator_cpu_percent: Option<f64>,
+    /// The generator's CPU per session, % of one core.
+    pub generator_cpu_percent_per_session: Option<f64>,
+}
+
+/// CPU between two samples' tick counts, % of one core.
+fn cpu_between(a: Option<u64>, b: Option<u64>, before: &ServerSample, after: &ServerSample) -> Option<f64> {
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    let (a, b, t0, t1) = (a?, b?, before.at?, after.at?);
+    Some(b.saturating_sub(a) as f64 / ticks_per_sec / (t1 - t0).as_secs_f64().max(1e-3) * 100.0)
 }
 
 impl StepReport {
@@ -184,13 +198,8 @@ impl StepReport {
         let mut lateness: Vec<f32> = samples.iter().flat_map(|s| s.lateness_ms.iter().copied()).collect();
         let mut turns: Vec<f32> =
             samples.iter().flat_map(|s| s.turn_ms.iter().map(|t| t - model_delay_ms as f32)).collect();
-        let ticks_per_sec = 100.0; // USER_HZ on Linux
-        let cpu_percent = match (before.cpu_ticks, after.cpu_ticks, before.at, after.at) {
-            (Some(a), Some(b), Some(t0), Some(t1)) => {
-                Some((b - a) as f64 / ticks_per_sec / (t1 - t0).as_secs_f64().max(1e-3) * 100.0)
-            }
-            _ => None,
-        };
+        let cpu_percent = cpu_between(before.cpu_ticks, after.cpu_ticks, before, after);
+        let gen_cpu = cpu_between(before.gen_cpu_ticks, after.gen_cpu_ticks, before, after);
         let rss_mb = after.rss_kb.map(|k| k as f64 / 1024.0);
         let idle_mb = idle.rss_kb.map(|k| k as f64 / 1024.0);
         let n = sessions.max(1) as f64;
@@ -212,13 +221,15 @@ impl StepReport {
                 (Some(r), Some(i)) => Some((r - i).max(0.0) / n),
                 _ => None,
             },
+            generator_cpu_percent: gen_cpu,
+            generator_cpu_percent_per_session: gen_cpu.map(|c| c / n),
         }
     }
 
     /// The table header.
     pub fn header() -> String {
         format!(
-            "{:>8} {:>8} {:>5} {:>15} {:>15} {:>15} {:>9} {:>15} {:>9} {:>9} {:>7} {:>8} {:>7} {:>7}",
+            "{:>8} {:>8} {:>5} {:>15} {:>15} {:>15} {:>9} {:>15} {:>9} {:>9} {:>7} {:>8} {:>7} {:>7} {:>7}",
             "sessions",
             "packets",
             "lost",
@@ -232,7 +243,8 @@ impl StepReport {
             "cpu%",
             "rss MB",
             "cpu%/s",
-            "MB/s"
+            "MB/s",
+            "gen%/s"
         )
     }
 
@@ -240,7 +252,7 @@ impl StepReport {
     pub fn row(&self) -> String {
         let o = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
         format!(
-            "{:>8} {:>8} {:>5} {:>15} {:>15} {:>15} {:>9} {:>15} {:>9} {:>9} {:>7} {:>8} {:>7} {:>7}",
+            "{:>8} {:>8} {:>5} {:>15} {:>15} {:>15} {:>9} {:>15} {:>9} {:>9} {:>7} {:>8} {:>7} {:>7} {:>7}",
             self.sessions,
             self.packets,
             self.lost,
@@ -255,6 +267,7 @@ impl StepReport {
             o(self.rss_mb),
             o(self.cpu_percent_per_session),
             o(self.rss_mb_per_session),
+            o(self.generator_cpu_percent_per_session),
         )
     }
 }
