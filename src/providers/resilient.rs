@@ -837,7 +837,11 @@ impl Supervisor {
         // talked past the limit by a whole lead time.
         let agent_quiet = self.last_agent_audio.is_none_or(|t| t.elapsed() >= AGENT_QUIET);
         let quiet = agent_quiet && self.uplink_time.saturating_sub(self.last_voice) >= self.policy.quiet_for;
-        if (!quiet || self.uncommitted_speech) && Instant::now() < limit + self.policy.recycle_lead {
+        // A reply whose playout has not ended is not recorded in the session's history yet: a
+        // provider that takes history only when a stream opens (Nova Sonic) would lose it if the
+        // swap came first. Its recording then makes the pre-opened session stale (re-opened below).
+        let reply_playing = self.reply.as_ref().is_some_and(|r| !self.recorded(r));
+        if (!quiet || self.uncommitted_speech || reply_playing) && Instant::now() < limit + self.policy.recycle_lead {
             return;
         }
         let recorded_since = self.history.read(History::last_seq) > self.next_seq;

@@ -251,13 +251,7 @@ impl SessionBuilder {
         let spec = self.media_spec(provider.input_format().rate_hz, Some(offer.opus_payload_type()));
         let media = spec.parts().map_err(|e| SessionError::Internal(e.to_string()))?;
         let (peer_tx, peer_rx) = mpsc::channel(PEER_CHANNEL_CAPACITY);
-        let memories = self.memories(shared).await;
-        let budget = self.budget_plan(shared, character).await;
-        let moderator = self.policies.for_character(character);
-        let cfg = self.provider_config(shared, character, &memories, &budget, &moderator);
-        let conv_cfg = self.conversation_config(shared, character, &provider, budget, Arc::clone(&moderator));
-        let conv = Conversation::new(conv_cfg, media);
-        let cfg = SessionConfig { session_history: conv.history_view(), ..cfg };
+        let (cfg, conv, moderator) = self.prepare(shared, character, &provider, media).await;
         let (session, answered) =
             tokio::join!(provider.connect(cfg), Peer::answer(&self.peer_settings, offer, peer_tx));
         let (peer, answer) = answered.map_err(peer_error)?;
@@ -300,13 +294,8 @@ impl SessionBuilder {
         // A WebSocket carries only Opus frames (its own framing): no payload type to filter.
         let spec = self.media_spec(provider.input_format().rate_hz, None);
         let media = spec.parts().map_err(|e| SessionError::Internal(e.to_string()))?;
-        let memories = self.memories(shared).await;
-        let budget = self.budget_plan(shared, character).await;
-        let moderator = self.policies.for_character(character);
-        let cfg = self.provider_config(shared, character, &memories, &budget, &moderator);
-        let conv_cfg = self.conversation_config(shared, character, &provider, budget, Arc::clone(&moderator));
-        let conv = Conversation::new(conv_cfg, media);
-        let session = provider.connect(SessionConfig { session_history: conv.history_view(), ..cfg }).await;
+        let (cfg, conv, moderator) = self.prepare(shared, character, &provider, media).await;
+        let session = provider.connect(cfg).await;
         let result = if session.is_ok() { "ok" } else { "error" };
         metrics::counter!(crate::telemetry::PROVIDER_CONNECTS, "provider" => provider.name().to_owned(), "result" => result)
             .increment(1);
@@ -314,6 +303,25 @@ impl SessionBuilder {
         let (control, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
         let session = Self::guarded(session, &provider, &moderator);
         Ok((self.task(shared, character, link, control_rx, session, conv, spec), control))
+    }
+
+    /// The conversation core and the provider's configuration of a new session: memories, budget
+    /// and moderation policy are looked up once, and the provider reads the core's history (its
+    /// one owner). The policy is returned for the provider's moderation guard.
+    async fn prepare(
+        &self,
+        shared: &SessionShared,
+        character: &Character,
+        provider: &ResilientProvider,
+        media: crate::session::conversation::MediaParts,
+    ) -> (SessionConfig, Conversation, Arc<crate::moderation::Moderator>) {
+        let memories = self.memories(shared).await;
+        let budget = self.budget_plan(shared, character).await;
+        let moderator = self.policies.for_character(character);
+        let cfg = self.provider_config(shared, character, &memories, &budget, &moderator);
+        let conv_cfg = self.conversation_config(shared, character, provider, budget, Arc::clone(&moderator));
+        let conv = Conversation::new(conv_cfg, media);
+        (SessionConfig { session_history: conv.history_view(), ..cfg }, conv, moderator)
     }
 
     fn conversation_config(
