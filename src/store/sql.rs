@@ -76,6 +76,14 @@ fn query_err(e: sqlx::Error) -> StoreError {
     if unavailable { StoreError::Connect(e.to_string()) } else { StoreError::Query(e.to_string()) }
 }
 
+/// The `id` column of `rows` (an `UPDATE ... RETURNING id`), sorted.
+fn sorted_ids(rows: &[AnyRow]) -> Result<Vec<String>, StoreError> {
+    let mut ids: Vec<String> =
+        rows.iter().map(|r| r.try_get::<String, _>("id")).collect::<Result<_, _>>().map_err(query_err)?;
+    ids.sort();
+    Ok(ids)
+}
+
 impl SqlStore {
     /// Open `url` (`sqlite://path`, `postgres://...`) and apply the migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -472,10 +480,7 @@ impl Store for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(query_err)?;
-        let mut ids: Vec<String> =
-            rows.iter().map(|r| r.try_get::<String, _>("id")).collect::<Result<_, _>>().map_err(query_err)?;
-        ids.sort();
-        Ok(ids)
+        sorted_ids(&rows)
     }
 
     async fn end_lost_node(
@@ -495,10 +500,7 @@ impl Store for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(query_err)?;
-        let mut ids: Vec<String> =
-            rows.iter().map(|r| r.try_get::<String, _>("id")).collect::<Result<_, _>>().map_err(query_err)?;
-        ids.sort();
-        Ok(ids)
+        sorted_ids(&rows)
     }
 
     async fn user_data(&self, user_id: &str, api_key_id: Option<&str>) -> Result<UserData, StoreError> {
