@@ -49,7 +49,7 @@ use signaling::identity::Caller;
 use signaling::problem::ApiError;
 
 use crate::config::{Character, Config};
-use crate::session::SessionManager;
+use crate::session::{SessionManager, SessionState};
 use crate::store::{SessionWithTurns, StoreError, StoredSession, StoredState, UserData};
 use store::{AdminStore, AuditEntry, CharacterEdit, FlagFilter};
 
@@ -367,7 +367,10 @@ async fn end_session(
 ) -> Result<Response, ApiError> {
     let id = session_path(path)?;
     let session = stored_session(&st, &id).await?;
-    if session.state == StoredState::Ended {
+    // The stored record lags the session by the store writer's queue: a session this node holds
+    // answers for itself.
+    let ended_here = st.manager.get(&id).is_some_and(|s| s.phase() == SessionState::Ended);
+    if session.state == StoredState::Ended || ended_here {
         return Err(ApiError::session_already_ended());
     }
     st.record(&caller, "session.end", Some(&id), Some(json!({"node": session.node_id}))).await?;
