@@ -24,7 +24,6 @@
 //! makes the transport give up at once instead of retrying (its `isOfferRefused`). A session
 //! created for an offer that is refused is ended (`never_connected`), not left behind.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -36,7 +35,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use signaling::api::ApiState;
+use signaling::api::{ApiState, ClientIp};
 use signaling::identity::Caller;
 use signaling::problem::ApiError;
 use signaling::token::VerifyMode;
@@ -211,14 +210,14 @@ async fn end_replaced(st: &PipecatState, request: &OfferRequest, session: Option
 
 async fn offer(
     State(st): State<PipecatState>,
-    connect: Option<axum::Extension<axum::extract::ConnectInfo<SocketAddr>>>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let caller = caller(&st, &headers).await?;
     // Draining and the creation limits as for `POST /v1/sessions` (per API key or user, else per
     // client IP).
-    signaling::api::admit_creation(&st.api, caller.as_ref(), connect.map(|c| c.0.0.ip())).await?;
+    signaling::api::admit_creation(&st.api, caller.as_ref(), ip).await?;
     let request: OfferRequest = read_json(&headers, body, MAX_OFFER_REQUEST_BYTES).await?;
     let offer = valid_offer(&request)?;
     let (api_key_id, user_id) = match caller {

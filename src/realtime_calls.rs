@@ -33,7 +33,7 @@
 //! secret, 404 unknown call, 413, 415, 422 offers kotodama cannot answer, 429, 503.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,7 +44,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
-use signaling::api::ApiState;
+use signaling::api::{ApiState, ClientIp};
 use signaling::identity::Caller;
 use signaling::problem::ApiError;
 use signaling::sdp::APPLICATION_SDP;
@@ -194,13 +194,6 @@ async fn creating_caller(st: &CallsState, headers: &HeaderMap, ip: Option<IpAddr
     Ok(caller_id(caller.as_ref()))
 }
 
-/// The client's address, when the server records it.
-type Peer = Option<axum::Extension<axum::extract::ConnectInfo<SocketAddr>>>;
-
-fn peer_ip(peer: Peer) -> Option<IpAddr> {
-    peer.map(|axum::Extension(axum::extract::ConnectInfo(addr))| addr.ip())
-}
-
 fn media_type(headers: &HeaderMap) -> String {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
     ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
@@ -218,11 +211,11 @@ async fn body_bytes(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byt
 /// `POST /v1/realtime/client_secrets`.
 async fn client_secrets(
     State(st): State<CallsState>,
-    peer: Peer,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let key_id = creating_caller(&st, &headers, peer_ip(peer)).await?;
+    let key_id = creating_caller(&st, &headers, ip).await?;
     let bytes = body_bytes(body, &headers, st.api.limits.max_json_bytes).await?;
     let request: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
         json!({})
@@ -405,11 +398,11 @@ fn multipart(headers: &HeaderMap, body: &[u8]) -> Result<(Vec<u8>, Option<Value>
 /// `POST /v1/realtime/calls`.
 async fn create_call(
     State(st): State<CallsState>,
-    peer: Peer,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let credential = call_credential(&st, &headers, peer_ip(peer)).await?;
+    let credential = call_credential(&st, &headers, ip).await?;
     let result = place_call(&st, &headers, body, &credential).await;
     if result.is_err()
         && let Credential::Secret(value, secret) = credential

@@ -48,7 +48,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{options, patch};
 use sha2::Digest as _;
-use signaling::api::ApiState;
+use signaling::api::{ApiState, ClientIp};
 use signaling::problem::{ApiError, Reason};
 use signaling::sdp::{APPLICATION_SDP, MAX_OFFER_BYTES, MAX_SDPFRAG_BYTES, TRICKLE_ICE_SDPFRAG};
 use signaling::token::VerifyMode;
@@ -171,13 +171,13 @@ async fn preflight(State(w): State<Whip>) -> Response {
 async fn publish(
     State(w): State<Whip>,
     Path(character): Path<String>,
-    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let caller = signaling::api::authenticate(&w.api, &headers).await?;
     // Draining and the creation limits as for `POST /v1/sessions`.
-    signaling::api::admit_creation(&w.api, caller.as_ref(), peer.map(|p| p.0.0.ip())).await?;
+    signaling::api::admit_creation(&w.api, caller.as_ref(), ip).await?;
     require_content_type(&headers, APPLICATION_SDP)?;
     let bytes = read_body(body, MAX_OFFER_BYTES).await?;
     let offer = validate_whip_offer(&bytes, WhipRole::Publish)?;

@@ -40,7 +40,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, HttpBody};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_MATCH, LOCATION};
@@ -387,12 +387,11 @@ async fn idempotency(
 
 async fn create_session(
     State(st): State<ApiState>,
-    connect: Option<axum::Extension<axum::extract::ConnectInfo<SocketAddr>>>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let caller = authenticate(&st, &headers).await?;
-    let ip = connect.map(|c| c.0.0.ip());
     let bytes = read_body(body, &headers, st.limits.max_json_bytes).await?;
     let mut request: crate::host::CreateSessionRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
         Default::default()
@@ -586,10 +585,8 @@ async fn trickle(
 
 async fn delete_session(
     State(st): State<ApiState>,
-    path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    AuthorizedSession(id): AuthorizedSession,
 ) -> Result<Response, ApiError> {
-    let id = authorized_session(&st, path, &headers)?;
     st.host.end(&id, None).await?;
     Ok(ended_response(&id))
 }
@@ -611,33 +608,48 @@ fn ended_response(id: &str) -> Response {
 
 async fn get_session(
     State(st): State<ApiState>,
-    path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    AuthorizedSession(id): AuthorizedSession,
 ) -> Result<Response, ApiError> {
-    let id = authorized_session(&st, path, &headers)?;
     Ok(no_store_json(&st.host.session(&id).await?))
 }
 
 async fn transcript(
     State(st): State<ApiState>,
-    path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    AuthorizedSession(id): AuthorizedSession,
 ) -> Result<Response, ApiError> {
-    let id = authorized_session(&st, path, &headers)?;
     Ok(no_store_json(&st.host.transcript(&id).await?))
 }
 
 // ---- helpers -------------------------------------------------------------------------------
 
-/// The session id of the path, once the request's token (or API key) may act on it.
-fn authorized_session(
-    st: &ApiState,
-    path: Result<Path<String>, PathRejection>,
-    headers: &HeaderMap,
-) -> Result<String, ApiError> {
-    let id = session_id(path)?;
-    authorize_token_or_key(st, headers, &id)?;
-    Ok(id)
+/// The client's IP address when the server records connections (served with
+/// `into_make_service_with_connect_info::<SocketAddr>`), else `None`: what the creation limits
+/// fall back to for a caller without a key or user ([`admit_creation`]). Never rejects.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(parts.extensions.get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0.ip())))
+    }
+}
+
+/// The session id of the path (`/v1/sessions/{id}`...), once the request's session token (or an
+/// API key, see [`authorize_token_or_key`]) may act on it: the extractor every route on one
+/// session starts with. Rejections: 404 `unknown_session` for a malformed id, then 401 for a
+/// missing or wrong credential.
+struct AuthorizedSession(String);
+
+impl FromRequestParts<ApiState> for AuthorizedSession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, st: &ApiState) -> Result<Self, ApiError> {
+        let id = session_id(Path::from_request_parts(parts, st).await)?;
+        authorize_token_or_key(st, &parts.headers, &id)?;
+        Ok(Self(id))
+    }
 }
 
 fn session_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -732,11 +744,10 @@ struct InjectRequest {
 
 async fn inject(
     State(st): State<ApiState>,
-    path: Result<Path<String>, PathRejection>,
+    AuthorizedSession(id): AuthorizedSession,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let id = authorized_session(&st, path, &headers)?;
     if !is_json(&headers) {
         return Err(ApiError::unsupported_media_type("application/json"));
     }
@@ -758,31 +769,35 @@ fn user_scope(identity: &ApiKeyIdentity) -> UserScope {
     }
 }
 
-fn user_path(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    match path {
-        Ok(Path(u)) if !u.is_empty() && u.len() <= MAX_USER_ID_LEN => Ok(u),
-        _ => Err(ApiError::not_found("no_user_data", "no data for this user")),
+/// The user of the path (`/v1/users/{user_id}`...) and what the request's API key may see of
+/// that user's data: the extractor of the user-data routes. Rejections: 401 without a valid API
+/// key (even when the API is otherwise open), then 404 `no_user_data` for an empty or longer
+/// than [`MAX_USER_ID_LEN`] user id.
+struct ScopedUser {
+    user_id: String,
+    scope: UserScope,
+}
+
+impl FromRequestParts<ApiState> for ScopedUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, st: &ApiState) -> Result<Self, ApiError> {
+        let identity = strict_api_key(st, &parts.headers)?;
+        match Path::<String>::from_request_parts(parts, st).await {
+            Ok(Path(user_id)) if !user_id.is_empty() && user_id.len() <= MAX_USER_ID_LEN => {
+                Ok(Self { user_id, scope: user_scope(&identity) })
+            }
+            _ => Err(ApiError::not_found("no_user_data", "no data for this user")),
+        }
     }
 }
 
-async fn export_user(
-    State(st): State<ApiState>,
-    path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let identity = strict_api_key(&st, &headers)?;
-    let user_id = user_path(path)?;
-    Ok(no_store_json(&st.host.export_user(&user_id, user_scope(&identity)).await?))
+async fn export_user(State(st): State<ApiState>, user: ScopedUser) -> Result<Response, ApiError> {
+    Ok(no_store_json(&st.host.export_user(&user.user_id, user.scope).await?))
 }
 
-async fn delete_user(
-    State(st): State<ApiState>,
-    path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let identity = strict_api_key(&st, &headers)?;
-    let user_id = user_path(path)?;
-    let report = st.host.delete_user(&user_id, user_scope(&identity)).await?;
+async fn delete_user(State(st): State<ApiState>, user: ScopedUser) -> Result<Response, ApiError> {
+    let report = st.host.delete_user(&user.user_id, user.scope).await?;
     Ok(json_response(StatusCode::OK, &report))
 }
 
