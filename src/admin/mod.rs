@@ -39,8 +39,9 @@ use std::time::{Duration, SystemTime};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -184,17 +185,54 @@ impl AdminState {
     }
 }
 
-/// An admin caller: the extractor every admin route starts with (401 without a valid
-/// credential, 403 `admin_role_required` without the admin role).
-struct Admin(Caller);
+/// An admin request: the admin API's state and a caller that may use it. The extractor every
+/// admin route starts with (401 without a valid credential, 403 `admin_role_required` without
+/// the admin role), so nothing else of the request is read before that check.
+struct Admin {
+    st: AdminState,
+    caller: Caller,
+}
 
 impl FromRequestParts<AdminState> for Admin {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, st: &AdminState) -> Result<Self, ApiError> {
-        st.admin(&parts.headers).await.map(Admin)
+    async fn from_request_parts(parts: &mut Parts, st: &AdminState) -> Result<Self, ApiError> {
+        let caller = st.admin(&parts.headers).await?;
+        Ok(Admin { st: st.clone(), caller })
     }
 }
+
+/// `path_id_extractor!(/// doc \n vis Name = check)` declares the extractor `Name(String)`: the
+/// route's one path segment after `check` (a `fn(Result<Path<String>, PathRejection>) ->
+/// Result<String, ApiError>`), so the handler gets a checked id and a bad one is the route's
+/// 404 before the handler runs. Place it after [`Admin`] in a handler's arguments.
+macro_rules! path_id_extractor {
+    ($(#[$doc:meta])* $vis:vis $name:ident = $check:path) => {
+        $(#[$doc])*
+        $vis struct $name(String);
+
+        impl axum::extract::FromRequestParts<$crate::admin::AdminState> for $name {
+            type Rejection = signaling::problem::ApiError;
+
+            async fn from_request_parts(
+                parts: &mut axum::http::request::Parts,
+                st: &$crate::admin::AdminState,
+            ) -> Result<Self, Self::Rejection> {
+                $check(axum::extract::Path::from_request_parts(parts, st).await).map(Self)
+            }
+        }
+    };
+}
+use path_id_extractor;
+
+path_id_extractor!(
+    /// A character id (404 `unknown_character` when malformed).
+    CharacterId = character_id
+);
+path_id_extractor!(
+    /// A session id (404 `unknown_session` when malformed).
+    SessionId = session_path
+);
 
 /// A JSON body of at most `limit` bytes (`None`: empty). With `typed`, `Content-Type` must be
 /// `application/json` (415 otherwise); 413 when larger, 400 `bad_json` when unreadable.
@@ -244,19 +282,14 @@ fn listed(c: &Character, edits: &[CharacterEdit]) -> Value {
     v
 }
 
-async fn list_characters(State(st): State<AdminState>, Admin(caller): Admin) -> Result<Response, ApiError> {
+async fn list_characters(Admin { st, caller }: Admin) -> Result<Response, ApiError> {
     st.record(&caller, "character.list", None, None).await?;
     let edits = st.reload().await.map_err(storage)?;
     let all: Vec<Value> = st.manager.characters().iter().map(|c| listed(c, &edits)).collect();
     Ok(json_response(StatusCode::OK, &all))
 }
 
-async fn get_character(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let id = character_id(path)?;
+async fn get_character(Admin { st, caller }: Admin, CharacterId(id): CharacterId) -> Result<Response, ApiError> {
     st.record(&caller, "character.get", Some(&id), None).await?;
     let edits = st.reload().await.map_err(storage)?;
     let catalog = st.manager.characters();
@@ -297,13 +330,11 @@ async fn parse_character(st: &AdminState, id: &str, headers: &HeaderMap, body: B
 }
 
 async fn put_character(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
-    path: Result<Path<String>, PathRejection>,
+    Admin { st, caller }: Admin,
+    CharacterId(id): CharacterId,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let id = character_id(path)?;
     let character = parse_character(&st, &id, &headers, body).await?;
     let detail = json!({"name": character.name, "voice": character.voice, "language": character.language});
     st.record(&caller, "character.put", Some(&id), Some(detail)).await?;
@@ -313,12 +344,7 @@ async fn put_character(
     Ok(json_response(StatusCode::OK, &listed(&character, &edits)))
 }
 
-async fn delete_character(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let id = character_id(path)?;
+async fn delete_character(Admin { st, caller }: Admin, CharacterId(id): CharacterId) -> Result<Response, ApiError> {
     let catalog = st.manager.characters();
     if !catalog.iter().any(|c| c.id == id) {
         return Err(ApiError::unknown_character(&id));
@@ -332,7 +358,7 @@ async fn delete_character(
     Ok(json_response(StatusCode::OK, &json!({"id": id, "deleted": true, "version": version})))
 }
 
-async fn list_sessions(State(st): State<AdminState>, Admin(caller): Admin) -> Result<Response, ApiError> {
+async fn list_sessions(Admin { st, caller }: Admin) -> Result<Response, ApiError> {
     st.record(&caller, "session.list", None, None).await?;
     let mut out = Vec::new();
     for id in st.store.open_session_ids().await.map_err(storage)? {
@@ -360,12 +386,7 @@ async fn stored_session(st: &AdminState, id: &str) -> Result<StoredSession, ApiE
     st.manager.store().session(id).await.map_err(storage)?.ok_or_else(ApiError::unknown_session)
 }
 
-async fn end_session(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let id = session_path(path)?;
+async fn end_session(Admin { st, caller }: Admin, SessionId(id): SessionId) -> Result<Response, ApiError> {
     let session = stored_session(&st, &id).await?;
     // The stored record lags the session by the store writer's queue: a session this node holds
     // answers for itself.
@@ -381,7 +402,6 @@ async fn end_session(
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ExportQuery {
-    #[serde(default)]
     format: Option<String>,
 }
 
@@ -396,12 +416,10 @@ fn text_format(q: Result<Query<ExportQuery>, QueryRejection>) -> Result<bool, Ap
 }
 
 async fn export_session(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
-    path: Result<Path<String>, PathRejection>,
+    Admin { st, caller }: Admin,
+    SessionId(id): SessionId,
     query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let id = session_path(path)?;
     let text = text_format(query)?;
     let detail = json!({"format": if text { "text" } else { "json" }});
     st.record(&caller, "session.export", Some(&id), Some(detail)).await?;
@@ -420,8 +438,7 @@ async fn export_session(
 }
 
 async fn export_user(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
+    Admin { st, caller }: Admin,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -454,13 +471,11 @@ fn list_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AuditQuery {
-    #[serde(default)]
     limit: Option<i64>,
 }
 
 async fn audit_log(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
+    Admin { st, caller }: Admin,
     query: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let limit = list_limit(query.map_err(|_| ApiError::bad_request("bad_limit", "limit must be a number"))?.0.limit)?;
@@ -472,21 +487,15 @@ async fn audit_log(
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FlagQuery {
-    #[serde(default)]
     status: Option<String>,
-    #[serde(default)]
     category: Option<String>,
-    #[serde(default)]
     session_id: Option<String>,
-    #[serde(default)]
     source: Option<String>,
-    #[serde(default)]
     limit: Option<i64>,
 }
 
 async fn list_flags(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
+    Admin { st, caller }: Admin,
     query: Result<Query<FlagQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let bad = |what: &str| ApiError::bad_request("bad_query", what.to_owned());
@@ -510,13 +519,11 @@ async fn list_flags(
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ResolveRequest {
-    #[serde(default)]
     resolution: Option<String>,
 }
 
 async fn resolve_flag(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
+    Admin { st, caller }: Admin,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,

@@ -21,15 +21,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::Path;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{Value, json};
 use signaling::problem::ApiError;
 
 use super::store::{AdminStore, PolicyRecord};
-use super::{Admin, AdminState, json_body, json_response, path_id, rfc3339, storage};
+use super::{Admin, AdminState, json_body, json_response, path_id, path_id_extractor, rfc3339, storage};
 use crate::config::ModerationSettings;
 use crate::moderation::policies::{DEFAULT_POLICY, PolicyVersion};
 use crate::session::SessionManager;
@@ -62,6 +62,11 @@ fn policy_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiErr
     path_id(path, unknown_policy)
 }
 
+path_id_extractor!(
+    /// A policy id (404 `unknown_policy` when malformed).
+    pub(super) PolicyId = policy_id
+);
+
 /// A policy as listed: the newest stored version, or `default` as configured (version 0).
 fn listed(st: &AdminState, id: &str, stored: Option<&PolicyRecord>) -> Option<Value> {
     let (_, settings) = st.manager.policies().get(id)?;
@@ -82,7 +87,7 @@ async fn current(st: &AdminState, id: &str) -> Result<Value, ApiError> {
     listed(st, id, versions.first()).ok_or_else(|| unknown_policy(id))
 }
 
-pub(super) async fn list(State(st): State<AdminState>, Admin(caller): Admin) -> Result<Response, ApiError> {
+pub(super) async fn list(Admin { st, caller }: Admin) -> Result<Response, ApiError> {
     st.record(&caller, "policy.list", None, None).await?;
     reload(&st.manager, &st.store).await.map_err(storage)?;
     let stored = st.store.policies().await.map_err(storage)?;
@@ -92,12 +97,7 @@ pub(super) async fn list(State(st): State<AdminState>, Admin(caller): Admin) -> 
     Ok(json_response(StatusCode::OK, &out))
 }
 
-pub(super) async fn get(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let id = policy_id(path)?;
+pub(super) async fn get(Admin { st, caller }: Admin, PolicyId(id): PolicyId) -> Result<Response, ApiError> {
     st.record(&caller, "policy.get", Some(&id), None).await?;
     Ok(json_response(StatusCode::OK, &current(&st, &id).await?))
 }
@@ -125,13 +125,11 @@ async fn store_version(
 }
 
 pub(super) async fn put(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
-    path: Result<Path<String>, PathRejection>,
+    Admin { st, caller }: Admin,
+    PolicyId(id): PolicyId,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let id = policy_id(path)?;
     let value = json_body(&headers, body, MAX_POLICY_BYTES, true).await?.unwrap_or_else(|| json!({}));
     if !value.is_object() {
         return Err(ApiError::bad_request("bad_json", "a policy is a JSON object"));
@@ -141,12 +139,7 @@ pub(super) async fn put(
     Ok(json_response(StatusCode::OK, &store_version(&st, &caller, "policy.put", &id, &settings).await?))
 }
 
-pub(super) async fn delete(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let id = policy_id(path)?;
+pub(super) async fn delete(Admin { st, caller }: Admin, PolicyId(id): PolicyId) -> Result<Response, ApiError> {
     let stored = st.store.policy_versions(&id).await.map_err(storage)?;
     if stored.first().is_none_or(|r| r.spec.is_none()) {
         return Err(unknown_policy(&id));
@@ -168,12 +161,7 @@ pub(super) async fn delete(
     Ok(json_response(StatusCode::OK, &json!({"id": id, "deleted": true, "version": version})))
 }
 
-pub(super) async fn versions(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let id = policy_id(path)?;
+pub(super) async fn versions(Admin { st, caller }: Admin, PolicyId(id): PolicyId) -> Result<Response, ApiError> {
     st.record(&caller, "policy.versions", Some(&id), None).await?;
     let stored = st.store.policy_versions(&id).await.map_err(storage)?;
     if stored.is_empty() && id != DEFAULT_POLICY {
@@ -207,8 +195,7 @@ fn list_view(policy: &Value, list: &str) -> Value {
 }
 
 pub(super) async fn get_list(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
+    Admin { st, caller }: Admin,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let (id, list) = list_path(path)?;
@@ -223,8 +210,7 @@ struct Phrases {
 }
 
 pub(super) async fn put_list(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
+    Admin { st, caller }: Admin,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,

@@ -8,15 +8,15 @@
 //! 404 `no_recording` when the session was not recorded (or its recording is past retention),
 //! 404 `no_such_file` for another file name; 503 when the recording store is unreachable.
 
+use axum::extract::Path;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use signaling::problem::ApiError;
 
-use super::{Admin, AdminState, json_response, session_path, stored_session};
+use super::{Admin, AdminState, SessionId, json_response, stored_session};
 use crate::recording::RecordingError;
 use crate::recording::format::{EVENTS_FILE, FILES};
 
@@ -34,12 +34,7 @@ fn recordings(st: &AdminState) -> Result<&std::sync::Arc<crate::recording::Recor
 }
 
 /// `GET /v1/admin/sessions/{id}/recording`: the session, its transcript and its recording's files.
-pub(super) async fn recording(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let id = session_path(path)?;
+pub(super) async fn recording(Admin { st, caller }: Admin, SessionId(id): SessionId) -> Result<Response, ApiError> {
     st.record(&caller, "session.recording.export", Some(&id), None).await?;
     let files = recordings(&st)?.files(&id).await.map_err(store_error)?;
     if files.is_empty() {
@@ -64,8 +59,7 @@ pub(super) async fn recording(
 
 /// `GET /v1/admin/sessions/{id}/recording/{file}`: one file of the recording, as stored.
 pub(super) async fn recording_file(
-    State(st): State<AdminState>,
-    Admin(caller): Admin,
+    Admin { st, caller }: Admin,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let (id, name) = match path {
