@@ -215,6 +215,43 @@ impl EventCodec for ApiV1 {
     }
 }
 
+/// What the dialect codecs' unit tests share: a codec's wire messages as JSON values.
+#[cfg(test)]
+pub(crate) mod codec_test_support {
+    use serde_json::Value;
+    use signaling::events::{Role, ServerEvent};
+
+    use super::EventCodec;
+
+    /// The messages `c` writes for `ev`, parsed.
+    pub fn enc(c: &mut impl EventCodec, ev: ServerEvent) -> Vec<Value> {
+        let mut out = Vec::new();
+        c.encode(&ev, &mut out);
+        parsed(&out)
+    }
+
+    /// The replies `c` owes the client for what it decoded, parsed.
+    pub fn replies(c: &mut impl EventCodec) -> Vec<Value> {
+        let mut out = Vec::new();
+        c.take_replies(&mut out);
+        parsed(&out)
+    }
+
+    fn parsed(out: &[String]) -> Vec<Value> {
+        out.iter().map(|m| serde_json::from_str(m).unwrap()).collect()
+    }
+
+    /// Each message's `type`.
+    pub fn types(v: &[Value]) -> Vec<&str> {
+        v.iter().map(|e| e["type"].as_str().unwrap()).collect()
+    }
+
+    /// The agent's transcript of `item` so far (`is_final`: the whole of it).
+    pub fn agent(item: &str, text: &str, is_final: bool) -> ServerEvent {
+        ServerEvent::Transcript { role: Role::Agent, item_id: item.into(), text: text.into(), is_final }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

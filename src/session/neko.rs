@@ -135,16 +135,7 @@ pub fn status(code: &str, details: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn enc(c: &mut NekoCodec, ev: ServerEvent) -> Vec<Value> {
-        let mut out = Vec::new();
-        c.encode(&ev, &mut out);
-        out.iter().map(|m| serde_json::from_str(m).unwrap()).collect()
-    }
-
-    fn agent(item: &str, text: &str, is_final: bool) -> ServerEvent {
-        ServerEvent::Transcript { role: Role::Agent, item_id: item.into(), text: text.into(), is_final }
-    }
+    use crate::session::link::codec_test_support::{agent, enc};
 
     #[test]
     fn one_new_message_per_reply_with_the_new_words_then_turn_end() {

@@ -684,32 +684,13 @@ impl EventCodec for OaiEventsCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::link::codec_test_support::{agent, enc, replies, types};
 
     fn codec() -> OaiEventsCodec {
         OaiEventsCodec::new(
             "sess_1",
             OaiSession { model: "gpt-realtime".into(), instructions: "Be Aiko.".into(), voice: "alloy".into() },
         )
-    }
-
-    fn enc(c: &mut OaiEventsCodec, ev: ServerEvent) -> Vec<Value> {
-        let mut out = Vec::new();
-        c.encode(&ev, &mut out);
-        out.iter().map(|m| serde_json::from_str(m).unwrap()).collect()
-    }
-
-    fn replies(c: &mut OaiEventsCodec) -> Vec<Value> {
-        let mut out = Vec::new();
-        c.take_replies(&mut out);
-        out.iter().map(|m| serde_json::from_str(m).unwrap()).collect()
-    }
-
-    fn types(v: &[Value]) -> Vec<&str> {
-        v.iter().map(|e| e["type"].as_str().unwrap()).collect()
-    }
-
-    fn agent(item: &str, text: &str, is_final: bool) -> ServerEvent {
-        ServerEvent::Transcript { role: Role::Agent, item_id: item.into(), text: text.into(), is_final }
     }
 
     #[test]

@@ -329,20 +329,7 @@ impl EventCodec for RtviCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn enc(c: &mut RtviCodec, ev: ServerEvent) -> Vec<Value> {
-        let mut out = Vec::new();
-        c.encode(&ev, &mut out);
-        out.iter().map(|m| serde_json::from_str(m).unwrap()).collect()
-    }
-
-    fn types(msgs: &[Value]) -> Vec<&str> {
-        msgs.iter().map(|m| m["type"].as_str().unwrap()).collect()
-    }
-
-    fn agent(item: &str, text: &str, is_final: bool) -> ServerEvent {
-        ServerEvent::Transcript { role: Role::Agent, item_id: item.into(), text: text.into(), is_final }
-    }
+    use crate::session::link::codec_test_support::{agent, enc, types};
 
     #[test]
     fn handshake_waits_for_client_ready_and_answers_bot_ready_in_the_envelope() {

@@ -339,6 +339,15 @@ mod tests {
         out
     }
 
+    /// Speech of item `a`: its whole `text`, then `secs` of silent 24 kHz audio; nothing played.
+    fn reply(text: &str, secs: usize) -> AgentSpeech {
+        let mut s = AgentSpeech::new(false);
+        let mut out = Vec::new();
+        s.on_text("a", text, true, &mut out);
+        s.on_audio("a", PcmRef::new(24_000, &vec![0i16; 24_000 * secs]), &mut out);
+        s
+    }
+
     fn texts(evs: &[ServerEvent]) -> Vec<String> {
         evs.iter()
             .filter_map(|e| match e {
@@ -382,10 +391,7 @@ mod tests {
 
     #[test]
     fn barge_in_keeps_only_what_was_heard() {
-        let mut s = AgentSpeech::new(false);
-        let mut out = Vec::new();
-        s.on_text("a", "alpha beta gamma delta epsilon", true, &mut out);
-        s.on_audio("a", PcmRef::new(24_000, &vec![0i16; 24_000 * 3]), &mut out);
+        let mut s = reply("alpha beta gamma delta epsilon", 3);
         let evs = play(&mut s, "a", Duration::from_millis(500));
         assert_eq!(texts(&evs).last().map(String::as_str), Some("alpha beta"));
         let (item, heard) = s.cut().unwrap();
@@ -395,10 +401,7 @@ mod tests {
 
     #[test]
     fn stage_directions_are_not_spoken_and_emotion_tags_change_the_face_in_place() {
-        let mut s = AgentSpeech::new(false);
-        let mut out = Vec::new();
-        s.on_text("a", "[happy] Hello there! (laughs) That is *sighs* sad.", true, &mut out);
-        s.on_audio("a", PcmRef::new(24_000, &vec![0i16; 24_000 * 4]), &mut out);
+        let mut s = reply("[happy] Hello there! (laughs) That is *sighs* sad.", 4);
         let evs = play(&mut s, "a", Duration::from_secs(4));
         let moods: Vec<&Emotion> = evs
             .iter()
@@ -417,10 +420,7 @@ mod tests {
 
     #[test]
     fn a_reply_whose_audio_never_completed_ends_with_what_was_heard() {
-        let mut s = AgentSpeech::new(false);
-        let mut out = Vec::new();
-        s.on_text("a", "one two three four five six", true, &mut out);
-        s.on_audio("a", PcmRef::new(24_000, &vec![0i16; 24_000]), &mut out);
+        let mut s = reply("one two three four five six", 1);
         play(&mut s, "a", Duration::from_millis(300));
         let mut out = Vec::new();
         let (_, text, complete) = s.finish(&mut out).unwrap();
