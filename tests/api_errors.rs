@@ -32,13 +32,14 @@ async fn offer_errors_are_specific() {
     // One connection per request: after an early 413 the server closes the connection without
     // reading the body, and a pooled connection could be reused just as it closes.
     let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-    let post = |ct: &'static str, auth: Option<String>, body: String| {
-        let mut r = http.post(&url).header("Content-Type", ct).body(body);
+    let post_to = |url: &str, ct: &'static str, auth: Option<String>, body: String| {
+        let mut r = http.post(url).header("Content-Type", ct).body(body);
         if let Some(a) = auth {
             r = r.header("Authorization", a);
         }
         r.send()
     };
+    let post = |ct: &'static str, auth: Option<String>, body: String| post_to(&url, ct, auth, body);
     let bearer = format!("Bearer {token}");
 
     assert_problem(
@@ -112,28 +113,14 @@ async fn offer_errors_are_specific() {
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap();
-    let res = ts2
-        .http
-        .post(format!("{}{}", ts2.base, offer_url2))
-        .header("Content-Type", "application/sdp")
-        .bearer_auth(&expired)
-        .body(good_offer.clone())
-        .send()
-        .await
-        .unwrap();
+    let url2 = format!("{}{offer_url2}", ts2.base);
+    let res = post_to(&url2, "application/sdp", Some(format!("Bearer {expired}")), good_offer.clone()).await.unwrap();
     assert_problem(res, 401, "expired token").await;
 
     // Unknown session (token valid for it is impossible to get; a valid token for another id -> 401,
     // an unknown id in the URL with the right token -> 401 as well: the token names its session).
-    let res = ts
-        .http
-        .post(format!("{}/v1/sessions/sess_unknown/offer", ts.base))
-        .header("Content-Type", "application/sdp")
-        .bearer_auth(&token)
-        .body(good_offer.clone())
-        .send()
-        .await
-        .unwrap();
+    let unknown = format!("{}/v1/sessions/sess_unknown/offer", ts.base);
+    let res = post_to(&unknown, "application/sdp", Some(bearer.clone()), good_offer.clone()).await.unwrap();
     assert_problem(res, 401, "token does not name that session").await;
 
     // The good offer succeeds once, then 409.

@@ -34,6 +34,30 @@ async fn run_page_mode(ts: &TestServer, mic: &[i16], name: &str, mode: &str) -> 
     page
 }
 
+/// One browser scenario's run: the page in runner `mode` asking the recorded question on a
+/// fresh server with the scripted provider. Holds the [`SERIAL`] turn until dropped (bind
+/// `_serial` to keep it for the rest of the test).
+struct DemoRun {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+    ts: TestServer,
+    page: Value,
+}
+
+impl DemoRun {
+    async fn ask(mode: &str) -> DemoRun {
+        let _serial = SERIAL.lock().await;
+        let ts = TestServer::start().await;
+        let (_, speech) = wav("user_question.wav");
+        let page = run_page_mode(&ts, &mic(&speech), mode, mode).await;
+        DemoRun { _serial, ts, page }
+    }
+}
+
+/// How many of the page's 10 ms level samples heard the agent's voice.
+fn loud_samples(page: &Value) -> usize {
+    page["levels"].as_array().unwrap().iter().filter(|l| l["voice"].as_f64().unwrap() > 0.02).count()
+}
+
 /// The microphone file: half a second of silence, `speech`, then enough silence for the reply
 /// (Chromium loops the file).
 fn mic(speech: &[i16]) -> Vec<i16> {
@@ -162,16 +186,13 @@ async fn the_web_demo_talks_in_chromium_with_the_local_provider() {
         "eSpeak's visemes moved the mouth: {}",
         page["visemeChanges"]
     );
-    let loud = page["levels"].as_array().unwrap().iter().filter(|l| l["voice"].as_f64().unwrap() > 0.02).count();
+    let loud = loud_samples(&page);
     assert!(loud > 50, "the reply was heard: {loud} loud samples");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_demo_restarts_ice_says_so_and_keeps_talking() {
-    let _serial = SERIAL.lock().await;
-    let ts = TestServer::start().await;
-    let (_, speech) = wav("user_question.wav");
-    let page = run_page_mode(&ts, &mic(&speech), "restart", "restart").await;
+    let DemoRun { _serial, ts, page } = DemoRun::ask("restart").await;
     let log = page["log"].as_str().unwrap_or_default();
     assert!(log.contains("Connection lost: reconnecting") && log.contains("Reconnected."), "log: {log}");
     let finals = page["events"]
@@ -189,10 +210,7 @@ async fn the_web_demo_restarts_ice_says_so_and_keeps_talking() {
 /// the question reaches the model, the reply is heard, and no session is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_demo_falls_back_to_websocket_when_udp_is_blocked() {
-    let _serial = SERIAL.lock().await;
-    let ts = TestServer::start().await;
-    let (_, speech) = wav("user_question.wav");
-    let page = run_page_mode(&ts, &mic(&speech), "fallback", "fallback").await;
+    let DemoRun { _serial, ts, page } = DemoRun::ask("fallback").await;
     let log = page["log"].as_str().unwrap_or_default();
     assert_eq!(page["transport"], "websocket", "log: {log}");
     assert!(
@@ -201,7 +219,7 @@ async fn the_web_demo_falls_back_to_websocket_when_udp_is_blocked() {
     );
     assert!(log.contains("Hi! I am Aiko"), "the agent's reply is in the transcript: {log}");
     assert!(!ts.recorder.turns().is_empty(), "the spoken question reached the provider over the WebSocket");
-    let loud = page["levels"].as_array().unwrap().iter().filter(|l| l["voice"].as_f64().unwrap() > 0.02).count();
+    let loud = loud_samples(&page);
     assert!(loud > 200, "the reply was heard over the WebSocket: {loud} loud 10 ms samples");
     // The WebRTC session was deleted when the page gave up on it; the WebSocket one ends when the
     // browser closes.
@@ -221,10 +239,7 @@ async fn the_web_demo_falls_back_to_websocket_when_udp_is_blocked() {
 /// received for the cut reply x 20 ms, plus its DTX frames).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_hears_two_replies_across_a_pause_without_concealment_and_played_ms_is_what_arrived() {
-    let _serial = SERIAL.lock().await;
-    let ts = TestServer::start().await;
-    let (_, speech) = wav("user_question.wav");
-    let page = run_page_mode(&ts, &mic(&speech), "dtx", "dtx").await;
+    let DemoRun { _serial, ts: _ts, page } = DemoRun::ask("dtx").await;
     let (before, after) = (&page["rtp"]["before"], &page["rtp"]["after"]);
     let n = |v: &Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("inbound-rtp `{k}` in {v}"));
     eprintln!(

@@ -40,12 +40,6 @@ async fn stored_usage(ts: &TestServer, id: &str) -> kotodama::store::StoredUsage
     panic!("no usage stored for {id}");
 }
 
-fn turns(transcript: &Value) -> Vec<(String, String, bool)> {
-    let t = transcript.as_array().unwrap().iter();
-    t.map(|t| (t["role"].as_str().unwrap().into(), t["text"].as_str().unwrap().into(), t["interrupted"] == true))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_reaching_its_token_limit_is_told_cut_where_heard_and_ended_with_its_transcript() {
     let (text, audio) = reply_speech();
@@ -86,7 +80,7 @@ async fn a_session_reaching_its_token_limit_is_told_cut_where_heard_and_ended_wi
 
     let info = ts.session_json(&id, &token).await;
     assert_eq!((info["state"].as_str(), info["end_reason"].as_str()), (Some("ended"), Some("budget_exceeded")));
-    let stored = turns(&ts.transcript_json(&id, &token).await);
+    let stored = transcript_turns(&ts.transcript_json(&id, &token).await);
     assert_eq!(stored.len(), 2, "{stored:?}");
     assert_eq!(stored[0], ("user".into(), "Tell me about yourself.".into(), false));
     let (role, heard, interrupted) = &stored[1];
@@ -115,7 +109,7 @@ async fn a_session_reaching_its_minute_limit_is_told_and_ended_with_its_transcri
         "{b}"
     );
     assert_eq!(events.iter().find(|e| e["type"] == "session.ended").unwrap()["reason"], "budget_exceeded");
-    let stored = turns(&ts.transcript_json(&id, &token).await);
+    let stored = transcript_turns(&ts.transcript_json(&id, &token).await);
     assert_eq!(stored.first(), Some(&("user".into(), "Hello there".into(), false)), "{stored:?}");
     let usage = stored_usage(&ts, &id).await;
     assert!((3_000..4_000).contains(&usage.usage.totals.duration_ms), "{usage:?}");

@@ -28,6 +28,14 @@ fn cluster(db_url: String, prefix: String) -> impl FnOnce(&mut Config) {
     }
 }
 
+/// Send `request` for `path` to the node that does not own the session and check the answer: a
+/// 307 to the same `path` at the owner `owner_base` (method and body are the client's to repeat).
+async fn assert_redirected(request: reqwest::RequestBuilder, owner_base: &str, path: &str) {
+    let r = request.send().await.unwrap();
+    assert_eq!(r.status(), 307, "{path}");
+    assert_eq!(r.headers()["location"], format!("{owner_base}{path}"));
+}
+
 async fn wait_state(http: &reqwest::Client, url: &str, token: &str, state: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -66,34 +74,26 @@ async fn two_nodes_redirect_share_history_and_obey_cross_node_control() {
 
     // The WebSocket transport's upgrade on the other node: 307 to the owner, same path and query
     // (the session token travels in `?token=`, browsers cannot set headers on a WebSocket).
-    let r = http
-        .get(format!("{}/v1/sessions/{id}/ws?token={token}", b.base))
+    let ws = format!("/v1/sessions/{id}/ws?token={token}");
+    let upgrade = http
+        .get(format!("{}{ws}", b.base))
         .header("Connection", "Upgrade")
         .header("Upgrade", "websocket")
         .header("Sec-WebSocket-Version", "13")
-        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 307);
-    assert_eq!(r.headers()["location"], format!("{}/v1/sessions/{id}/ws?token={token}", a.base));
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==");
+    assert_redirected(upgrade, &a.base, &ws).await;
 
     // GET on the other node: 307 to the owner, same path.
-    let r = http.get(format!("{}/v1/sessions/{id}", b.base)).bearer_auth(&token).send().await.unwrap();
-    assert_eq!(r.status(), 307);
-    assert_eq!(r.headers()["location"], format!("{}/v1/sessions/{id}", a.base));
+    let session = format!("/v1/sessions/{id}");
+    assert_redirected(http.get(format!("{}{session}", b.base)).bearer_auth(&token), &a.base, &session).await;
     // The offer too: 307 keeps POST and its body.
     let (_pc, _dc, _t, _s, _i, sdp) = client_offer(true, true).await;
-    let r = http
+    let offer = http
         .post(format!("{}{offer_url}", b.base))
         .bearer_auth(&token)
         .header("Content-Type", "application/sdp")
-        .body(sdp)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 307);
-    assert_eq!(r.headers()["location"], format!("{}{offer_url}", a.base));
+        .body(sdp);
+    assert_redirected(offer, &a.base, &offer_url).await;
 
     // Connect at the owner and talk.
     let client = TestClient::connect_to(&a.base, &http, &offer_url, &token).await;
@@ -142,20 +142,14 @@ async fn two_nodes_redirect_share_history_and_obey_cross_node_control() {
 
     // PATCH and DELETE of the peer on the other node: 307 to the peer URL at the owner.
     let peer_url = client.location.clone();
-    let r = http
+    let trickle = http
         .patch(format!("{}{peer_url}", b.base))
         .bearer_auth(&token)
         .header("Content-Type", "application/trickle-ice-sdpfrag")
         .header("If-Match", &client.etag)
-        .body("a=end-of-candidates\r\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 307);
-    assert_eq!(r.headers()["location"], format!("{}{peer_url}", a.base));
-    let r = http.delete(format!("{}{peer_url}", b.base)).bearer_auth(&token).send().await.unwrap();
-    assert_eq!(r.status(), 307);
-    assert_eq!(r.headers()["location"], format!("{}{peer_url}", a.base));
+        .body("a=end-of-candidates\r\n");
+    assert_redirected(trickle, &a.base, &peer_url).await;
+    assert_redirected(http.delete(format!("{}{peer_url}", b.base)).bearer_auth(&token), &a.base, &peer_url).await;
     assert_eq!(a.server.manager().live_count(), 1, "a redirect ends nothing");
 
     // A privacy delete on B for a user live on A: A is told over pub/sub to end the session,

@@ -20,6 +20,15 @@ async fn limited() -> TestServer {
     .await
 }
 
+/// `n` connections to `ts` that send nothing.
+async fn connections(ts: &TestServer, n: usize) -> Vec<TcpStream> {
+    let mut open = Vec::with_capacity(n);
+    for _ in 0..n {
+        open.push(TcpStream::connect(ts.addr()).await.unwrap());
+    }
+    open
+}
+
 /// Reads until EOF or error; returns what was read and whether the peer closed within `within`.
 async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (Vec<u8>, bool) {
     let mut got = Vec::new();
@@ -40,10 +49,7 @@ async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (Vec<u8>, boo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slowloris_connections_are_closed() {
     let ts = limited().await;
-    let mut idle = Vec::new();
-    for _ in 0..10 {
-        idle.push(TcpStream::connect(ts.addr()).await.unwrap());
-    }
+    let mut idle = connections(&ts, 10).await;
     // Slowloris: a request head one header line at a time, never finished.
     let mut slow = TcpStream::connect(ts.addr()).await.unwrap();
     slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
@@ -68,10 +74,7 @@ async fn idle_and_slowloris_connections_are_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_cap_get_503_and_healthz_recovers() {
     let ts = limited().await;
-    let mut held = Vec::new();
-    for _ in 0..20 {
-        held.push(TcpStream::connect(ts.addr()).await.unwrap());
-    }
+    let held = connections(&ts, 20).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut extra = TcpStream::connect(ts.addr()).await.unwrap();
     let (answer, closed) = read_until_closed(&mut extra, Duration::from_secs(2)).await;

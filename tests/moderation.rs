@@ -77,16 +77,7 @@ async fn a_denied_sentence_is_cut_replaced_by_the_fallback_and_queued_for_review
     let mut client = TestClient::connect(&ts, created["offer_url"].as_str().unwrap(), token).await;
     client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
     client.send_text(r#"{"type":"text","text":"Tell me about your day."}"#).await;
-    client
-        .silence_until("the fallback line to be spoken", Duration::from_secs(30), |evs| {
-            evs.iter().any(|e| {
-                e["type"] == "transcript"
-                    && e["role"] == "agent"
-                    && e["final"] == true
-                    && e["text"] == fallback.as_str()
-            })
-        })
-        .await;
+    client.silence_until("the fallback line to be spoken", Duration::from_secs(30), |evs| said(evs, &fallback)).await;
 
     let events = client.events();
     let moderation: Vec<&Value> = events.iter().filter(|e| e["type"] == "moderation").collect();
@@ -110,13 +101,7 @@ async fn a_denied_sentence_is_cut_replaced_by_the_fallback_and_queued_for_review
     // The stored transcript: the user's turn, what was heard (cut), the fallback.
     let r = ts.http.delete(format!("{}/v1/sessions/{id}", ts.base)).bearer_auth(USER_KEY).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let transcript = ts.transcript_json(&id, USER_KEY).await;
-    let turns: Vec<(String, String, bool)> = transcript
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| (t["role"].as_str().unwrap().into(), t["text"].as_str().unwrap().into(), t["interrupted"] == true))
-        .collect();
+    let turns = transcript_turns(&ts.transcript_json(&id, USER_KEY).await);
     assert_eq!(turns.len(), 3, "{turns:?}");
     assert_eq!(turns[0].0, "user");
     let heard = &turns[1];

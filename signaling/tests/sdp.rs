@@ -19,6 +19,13 @@ fn expect_err(sdp: &str, expected: SdpError, what: &str) {
     assert_eq!(validate_offer(sdp.as_bytes()), Err(expected), "{what}");
 }
 
+/// Each of [`OFFERS`] made `broken` is refused with `expected`.
+fn every_offer_fails(broken: impl Fn(&str) -> String, expected: SdpError) {
+    for name in OFFERS {
+        expect_err(&broken(&fixture(name)), expected.clone(), name);
+    }
+}
+
 #[test]
 fn real_browser_and_webrtc_rs_offers_are_accepted() {
     for (name, opus_pt) in OFFERS.iter().zip([111u8, 109, 111]) {
@@ -97,10 +104,7 @@ fn two_audio_m_lines_are_422() {
 
 #[test]
 fn audio_without_opus_is_422() {
-    for name in OFFERS {
-        let sdp = without_lines(&fixture(name), |l| l.contains("opus/48000"));
-        expect_err(&sdp, SdpError::NoOpus, name);
-    }
+    every_offer_fails(|offer| without_lines(offer, |l| l.contains("opus/48000")), SdpError::NoOpus);
 }
 
 #[test]
@@ -134,10 +138,7 @@ fn missing_direction_defaults_to_sendrecv_and_session_level_direction_applies() 
 
 #[test]
 fn offer_without_data_channel_is_422() {
-    for name in OFFERS {
-        let sdp = without_section(&fixture(name), "m=application");
-        expect_err(&sdp, SdpError::NoDataChannel, name);
-    }
+    every_offer_fails(|offer| without_section(offer, "m=application"), SdpError::NoDataChannel);
 }
 
 #[test]
@@ -149,10 +150,7 @@ fn non_sctp_application_section_is_not_a_data_channel() {
 
 #[test]
 fn offer_without_fingerprint_is_422() {
-    for name in OFFERS {
-        let sdp = without_lines(&fixture(name), |l| l.starts_with("a=fingerprint"));
-        expect_err(&sdp, SdpError::NoFingerprint, name);
-    }
+    every_offer_fails(|offer| without_lines(offer, |l| l.starts_with("a=fingerprint")), SdpError::NoFingerprint);
 }
 
 #[test]

@@ -247,6 +247,15 @@ pub async fn create_session_at(http: &reqwest::Client, base: &str, api_key: Opti
     req.send().await.unwrap().json().await.unwrap()
 }
 
+/// A transcript (`GET /v1/sessions/{id}/transcript`) as `(role, text, interrupted)` per turn.
+pub fn transcript_turns(transcript: &Value) -> Vec<(String, String, bool)> {
+    let turns = transcript.as_array().unwrap_or_else(|| panic!("a transcript is an array: {transcript}"));
+    turns
+        .iter()
+        .map(|t| (t["role"].as_str().unwrap().into(), t["text"].as_str().unwrap().into(), t["interrupted"] == true))
+        .collect()
+}
+
 /// The `session_id` and `token` of a [`create_session_at`] body.
 pub fn id_and_token(created: &Value) -> (String, String) {
     (created["session_id"].as_str().unwrap().to_owned(), created["token"].as_str().unwrap().to_owned())
