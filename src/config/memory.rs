@@ -185,6 +185,7 @@ impl Section for MemorySettings {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::config::tests::readme_example;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: std::collections::HashMap<String, String> =
@@ -238,11 +239,7 @@ mod tests {
 
     #[test]
     fn the_readme_memory_example_parses_and_selects_the_llm_extractor() {
-        let readme = include_str!("../../README.md");
-        let start = readme.find("[memory]\n").expect("README has the memory example");
-        let end = start + readme[start..].find("```").expect("the example block ends");
-        let c = Config::from_toml(&readme[start..end]).unwrap_or_else(|e| panic!("README example: {e}"));
-        c.validate().unwrap();
+        let c = readme_example("[memory]\n");
         assert_eq!(c.memory.extractor(), Extractor::Llm);
         assert_eq!(c.memory.embeddings.as_ref().map(|e| e.model.as_str()), Some("nomic-embed-text"));
     }
