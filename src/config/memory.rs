@@ -8,7 +8,7 @@
 
 use serde::Deserialize;
 
-use super::{ConfigError, HTTP_SCHEMES, Secret, Section, env, err, require_scheme};
+use super::{ConfigError, HTTP_SCHEMES, Secret, Section, env, err, require_range, require_scheme};
 
 /// Who turns a finished session's heard transcript into memories.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -171,9 +171,7 @@ impl Section for MemorySettings {
                 "set at least 1, or memory.enabled = false",
             ));
         }
-        if !(1..=50).contains(&self.recall_limit) {
-            return Err(err("memory.recall_limit", format!("{} is out of range", self.recall_limit), "use 1..=50"));
-        }
+        require_range("memory.recall_limit", self.recall_limit, 1..=50, "use 1..=50")?;
         if self.timeout_ms == 0 {
             return Err(err("memory.timeout_ms", "0", "give the servers time to answer, e.g. 20000"));
         }

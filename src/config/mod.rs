@@ -106,6 +106,17 @@ pub fn require_scheme(url: &str, schemes: &[&str], error: impl FnOnce() -> Confi
     if schemes.iter().any(|s| url.starts_with(s)) { Ok(()) } else { Err(error()) }
 }
 
+/// `Ok` when `value` lies in `range`, else the error for `key`: "`value` is out of range" and
+/// `fix` (which says the range and why).
+pub fn require_range<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    fix: &str,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) { Ok(()) } else { Err(err(key, format!("{value} is out of range"), fix)) }
+}
+
 impl From<signaling::token_keys::TokenSettingsError> for ConfigError {
     fn from(e: signaling::token_keys::TokenSettingsError) -> Self {
         err(e.key, e.problem, e.fix)
