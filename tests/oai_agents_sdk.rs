@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::fake_openai::{FakeOpenAi, FakeOptions, Reply, reply_speech};
+use common::fake_openai::{FakeOpenAi, FakeOptions, Reply, WEATHER_ARGS, reply_speech, weather_tool_script};
 use common::*;
 use serde_json::{Value, json};
 
@@ -162,11 +162,7 @@ async fn the_agents_sdk_talks_with_a_character_and_interrupts_it_in_chromium() {
 async fn an_sdk_tool_is_called_by_the_model_and_its_result_spoken_in_chromium() {
     // The model answers the spoken question with a call of the page's `get_weather`, then speaks
     // what the tool returned (the fake composes that reply from the `function_call_output` it got).
-    let script = vec![
-        Reply::ToolCall { name: "get_weather".into(), arguments: r#"{"city":"Tokyo"}"#.into() },
-        Reply::SpeakToolOutput { prefix: "Here is the weather. ".into() },
-    ];
-    let fake = FakeOpenAi::start(FakeOptions::default(), script).await;
+    let fake = FakeOpenAi::start(FakeOptions::default(), weather_tool_script("Here is the weather. ")).await;
     let ts = TestServer::start_openai(&fake.url(), |_| {}).await;
     let ek = mint(&ts).await;
     let page_base = serve_page().await;
@@ -196,7 +192,7 @@ async fn an_sdk_tool_is_called_by_the_model_and_its_result_spoken_in_chromium() 
     let done = events_of(page, "response.output_item.done");
     let fc =
         done.iter().map(|e| &e["ev"]["item"]).find(|i| i["type"] == "function_call").expect("a function_call item");
-    assert_eq!((fc["name"].as_str(), fc["arguments"].as_str()), (Some("get_weather"), Some(r#"{"city":"Tokyo"}"#)));
+    assert_eq!((fc["name"].as_str(), fc["arguments"].as_str()), (Some("get_weather"), Some(WEATHER_ARGS)));
     let call_id = fc["call_id"].as_str().unwrap();
 
     // Its output went back to the model under the model's call id, then the model continued.

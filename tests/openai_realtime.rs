@@ -7,7 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::fake_openai::{FakeOpenAi, FakeOptions, Reply, reply_speech, short_speech};
+use common::fake_openai::{
+    FakeOpenAi, FakeOptions, Reply, WEATHER_ARGS, reply_speech, short_speech, weather_tool_script,
+};
 use common::listen::*;
 use common::*;
 use serde_json::Value;
@@ -541,11 +543,7 @@ async fn an_expired_provider_session_is_replaced_and_the_conversation_goes_on() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_declares_a_tool_mid_session_runs_the_models_call_and_the_result_is_spoken() {
-    let script = vec![
-        Reply::ToolCall { name: "get_weather".into(), arguments: r#"{"city":"Tokyo"}"#.into() },
-        Reply::SpeakToolOutput { prefix: "The weather: ".into() },
-    ];
-    let fake = FakeOpenAi::start(FakeOptions::default(), script).await;
+    let fake = FakeOpenAi::start(FakeOptions::default(), weather_tool_script("The weather: ")).await;
     let ts = TestServer::start_openai(&fake.url(), |c| {
         c.openai.turn_detection = kotodama::providers::openai::protocol::TurnDetection::Local;
     })
@@ -583,7 +581,7 @@ async fn a_client_declares_a_tool_mid_session_runs_the_models_call_and_the_resul
             call = e;
         }
     }
-    assert_eq!((call["name"].as_str(), call["arguments"].as_str()), (Some("get_weather"), Some(r#"{"city":"Tokyo"}"#)));
+    assert_eq!((call["name"].as_str(), call["arguments"].as_str()), (Some("get_weather"), Some(WEATHER_ARGS)));
     let call_id = call["call_id"].as_str().unwrap().to_owned();
     assert!(call_id.starts_with("call_"), "the model's own call id: {call_id}");
     let output = serde_json::json!({"type": "tool.output", "call_id": call_id, "output": "Sunny and 21 degrees."});

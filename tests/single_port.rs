@@ -134,12 +134,9 @@ async fn fifty_sessions_share_one_udp_port_and_each_hears_only_its_own_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_shared_port_a_candidate_less_offer_connects_and_ice_restarts() {
     let _serial = SERIAL.lock().await;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let ts = TestServer::start_with(|c| c.media.udp_port = Some(port)).await;
-    let (_, token, offer_url) = ts.create_session().await;
     // Peer-reflexive learning: the server knows the client only from its checks, routed by ufrag.
     let net = ClientNet { offer_candidates: false, ..ClientNet::default() };
-    let mut client = TestClient::connect_on(&net, &ts.base, &ts.http, &offer_url, &token).await;
+    let (ts, port, token, mut client) = client_over_shared_port(net).await;
     client.wait_event("session.ready", Duration::from_secs(15), |e| e["type"] == "session.ready").await;
     reply_heard(&client, 0).await;
 
@@ -157,6 +154,16 @@ async fn over_the_shared_port_a_candidate_less_offer_connects_and_ice_restarts()
     client.close().await;
 }
 
+/// A server whose sessions all use one free UDP port (`media.udp_port`), and a client of a new
+/// session connected to it over `net`: (server, port, the session's token, client).
+async fn client_over_shared_port(net: ClientNet) -> (TestServer, u16, String, TestClient) {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ts = TestServer::start_with(|c| c.media.udp_port = Some(port)).await;
+    let (_, token, offer_url) = ts.create_session().await;
+    let client = TestClient::connect_on(&net, &ts.base, &ts.http, &offer_url, &token).await;
+    (ts, port, token, client)
+}
+
 /// Type a message; wait until 2 s more of the agent's voice than `before` samples was heard.
 async fn reply_heard(c: &TestClient, before: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -170,11 +177,7 @@ async fn reply_heard(c: &TestClient, before: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_without_udp_connects_over_ice_tcp_on_the_same_port() {
     let _serial = SERIAL.lock().await;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let ts = TestServer::start_with(|c| c.media.udp_port = Some(port)).await;
-    let (_, token, offer_url) = ts.create_session().await;
-    let net = ClientNet { tcp_only: true, ..ClientNet::default() };
-    let client = TestClient::connect_on(&net, &ts.base, &ts.http, &offer_url, &token).await;
+    let (_ts, port, _, client) = client_over_shared_port(ClientNet { tcp_only: true, ..ClientNet::default() }).await;
     assert!(
         client.answer.contains(" tcp ")
             && client.answer.contains(&format!(" 127.0.0.1 {port} typ host tcptype passive")),

@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use kotodama::config::SessionLimits;
 use serde_json::Value;
 
 const KEY_A: &str = "tenant-a-key-0123456789abcdef";
@@ -21,12 +22,26 @@ async fn create_with(ts: &TestServer, key: &str) -> (u16, Option<u64>, String, V
     (res.status().as_u16(), retry, ct, res.json().await.unwrap_or(Value::Null))
 }
 
+/// DELETE /v1/sessions/{id} with the session's token: whether it succeeded (else the status).
+async fn delete(ts: &TestServer, id: &str, token: &str) -> Result<(), u16> {
+    let res = ts.http.delete(format!("{}/v1/sessions/{id}", ts.base)).bearer_auth(token).send().await.unwrap();
+    if res.status().is_success() { Ok(()) } else { Err(res.status().as_u16()) }
+}
+
+/// A server for the API keys A and B with these per-key limits (`[session]`).
+async fn server(limits: impl FnOnce(&mut SessionLimits)) -> TestServer {
+    TestServer::start_with(|c| {
+        c.api_keys = vec![KEY_A.into(), KEY_B.into()];
+        limits(&mut c.session);
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_flooding_unconnected_sessions_gets_429_while_other_keys_still_create() {
-    let ts = TestServer::start_with(|c| {
-        c.api_keys = vec![KEY_A.into(), KEY_B.into()];
-        c.session.max_pending_per_key = 3;
-        c.session.max_live_per_key = 4;
+    let ts = server(|s| {
+        s.max_pending_per_key = 3;
+        s.max_live_per_key = 4;
     })
     .await;
     // A burst of concurrent creations: the limit holds under concurrency (reserved, not counted late).
@@ -60,14 +75,7 @@ async fn a_key_flooding_unconnected_sessions_gets_429_while_other_keys_still_cre
 
     // Ending a pending session frees its slot.
     let (pending_id, pending_token) = id_and_token(created[1]);
-    let del = ts
-        .http
-        .delete(format!("{}/v1/sessions/{pending_id}", ts.base))
-        .bearer_auth(pending_token)
-        .send()
-        .await
-        .unwrap();
-    assert!(del.status().is_success(), "DELETE {}", del.status());
+    delete(&ts, &pending_id, &pending_token).await.expect("DELETE of a pending session");
     assert_eq!(create_with(&ts, KEY_A).await.0, 201, "the deleted session's slot is free");
     let (status, retry, _, body) = create_with(&ts, KEY_A).await;
     assert_eq!((status, body["code"].as_str()), (429, Some("too_many_pending_sessions")), "{body}");
@@ -78,10 +86,9 @@ async fn a_key_flooding_unconnected_sessions_gets_429_while_other_keys_still_cre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_limit_counts_connected_sessions_of_the_key() {
-    let ts = TestServer::start_with(|c| {
-        c.api_keys = vec![KEY_A.into()];
-        c.session.max_pending_per_key = 5;
-        c.session.max_live_per_key = 1;
+    let ts = server(|s| {
+        s.max_pending_per_key = 5;
+        s.max_live_per_key = 1;
     })
     .await;
     let (status, _, _, first) = create_with(&ts, KEY_A).await;
@@ -95,8 +102,7 @@ async fn the_live_limit_counts_connected_sessions_of_the_key() {
     assert!(retry.is_some_and(|r| r >= 1), "Retry-After");
     // The session ends: the key may create again.
     let (id, token) = id_and_token(&first);
-    let del = ts.http.delete(format!("{}/v1/sessions/{id}", ts.base)).bearer_auth(token).send().await.unwrap();
-    assert!(del.status().is_success(), "DELETE {}", del.status());
+    delete(&ts, &id, &token).await.expect("DELETE of the live session");
     assert_eq!(create_with(&ts, KEY_A).await.0, 201);
     client.close().await;
     ts.server.shutdown().await.unwrap();
@@ -104,10 +110,9 @@ async fn the_live_limit_counts_connected_sessions_of_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_never_offered_ends_at_the_connect_timeout_and_frees_its_slot() {
-    let ts = TestServer::start_with(|c| {
-        c.api_keys = vec![KEY_A.into()];
-        c.session.max_pending_per_key = 1;
-        c.session.connect_timeout_secs = 1;
+    let ts = server(|s| {
+        s.max_pending_per_key = 1;
+        s.connect_timeout_secs = 1;
     })
     .await;
     let (status, _, _, first) = create_with(&ts, KEY_A).await;

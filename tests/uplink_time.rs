@@ -9,12 +9,18 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// A client connected to a new session of `ts`, past `session.ready`.
+async fn ready_client(ts: &TestServer) -> TestClient {
+    let (_, token, offer_url) = ts.create_session().await;
+    let client = TestClient::connect(ts, &offer_url, &token).await;
+    client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
+    client
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dtx_client_gets_its_turn_ended_on_time() {
     let ts = TestServer::start().await;
-    let (_, token, offer_url) = ts.create_session().await;
-    let mut client = TestClient::connect(&ts, &offer_url, &token).await;
-    client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
+    let mut client = ready_client(&ts).await;
     let (rate, question) = wav("user_question.wav");
     assert_eq!(rate, SAMPLE_RATE);
     client.speak(&question).await;
@@ -32,9 +38,7 @@ async fn a_dtx_client_gets_its_turn_ended_on_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connected_client_that_sends_no_audio_is_told_and_recovers() {
     let ts = TestServer::start().await;
-    let (_, token, offer_url) = ts.create_session().await;
-    let mut client = TestClient::connect(&ts, &offer_url, &token).await;
-    client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
+    let mut client = ready_client(&ts).await;
     let alarm = client.wait_event("no_audio error", Duration::from_secs(10), |e| e["code"] == "no_audio").await;
     assert_eq!(alarm["type"], "error");
     assert!(ts.metric("kotodama_no_audio_total").await >= 1.0, "the silent client is counted");
@@ -59,9 +63,7 @@ async fn queue_drops(ts: &TestServer, queue: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_after_a_stall_is_heard_whole() {
     let ts = TestServer::start().await;
-    let (_, token, offer_url) = ts.create_session().await;
-    let mut client = TestClient::connect(&ts, &offer_url, &token).await;
-    client.wait_event("session.ready", Duration::from_secs(10), |e| e["type"] == "session.ready").await;
+    let mut client = ready_client(&ts).await;
     client.silence(Duration::from_millis(400)).await;
     // The sender stalled while the user spoke; its queue arrives at once.
     let (_, question) = wav("user_question.wav");

@@ -85,22 +85,27 @@ async fn speech_round_trip_barge_in_and_delete() {
     assert!(peak_rms(&agent_pcm, 48_000) > 1000.0, "the agent's audio is speech");
 
     // Words and visemes travel with the audio they belong to: an event about offset `start_ms` of
-    // the reply arrives when the audio packet carrying that offset (by its RTP timestamp, 48 kHz
-    // clock) does, within one frame late and 100 ms early (plus loopback jitter). Comparing with
-    // that packet's own arrival, not with the first packet's arrival + `start_ms`, keeps a late
-    // audio burst on a loaded machine from counting as event skew.
+    // the reply arrives when the audio packet carrying that offset does, within one frame late
+    // and 120 ms early (plus loopback jitter). The packet's offset in the reply is the audio
+    // before it (decoded samples, 48 kHz), not its RTP timestamp: when the model's audio comes
+    // late the playout runs dry and the timestamps jump over the gap, which is not reply audio.
+    // Comparing with that packet's own arrival, not with the first packet's arrival +
+    // `start_ms`, keeps a late audio burst on a loaded machine from counting as event skew.
     let log = client.log();
-    let audio: Vec<(std::time::Instant, u32)> = log
+    let audio: Vec<(std::time::Instant, u64)> = log
         .iter()
         .filter_map(|r| match r {
-            Received::Audio { at, rtp_ts, .. } => Some((*at, *rtp_ts)),
+            Received::Audio { at, samples, .. } => Some((*at, *samples as u64)),
             _ => None,
         })
+        .scan(0u64, |before, (at, n)| {
+            let offset_ms = *before / 48;
+            *before += n;
+            Some((at, offset_ms))
+        })
         .collect();
-    let first_ts = audio.first().expect("agent audio arrived").1;
-    let audio_at = |offset_ms: u64| {
-        audio.iter().find(|(_, ts)| u64::from(ts.wrapping_sub(first_ts)) / 48 >= offset_ms).map(|(at, _)| *at)
-    };
+    assert!(!audio.is_empty(), "agent audio arrived");
+    let audio_at = |offset_ms: u64| audio.iter().find(|(_, off)| *off + 20 > offset_ms).map(|(at, _)| *at);
     let mut skews = Vec::new();
     let mut starts = Vec::new();
     for r in &log {

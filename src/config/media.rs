@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use super::{ConfigError, Section, env, err};
+use super::{ConfigError, Section, env, err, require_range};
 
 /// Audio pipeline settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -62,13 +62,7 @@ impl Section for MediaSettings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.vad_mode > 3 {
-            return Err(err(
-                "media.vad_mode",
-                format!("{} is out of range", self.vad_mode),
-                "use 0 (quality) .. 3 (very aggressive)",
-            ));
-        }
+        require_range("media.vad_mode", self.vad_mode, 0..=3, "use 0 (quality) .. 3 (very aggressive)")?;
         if self.opus_complexity > 10 {
             return Err(err("media.opus_complexity", "out of range", "use 0..=10"));
         }

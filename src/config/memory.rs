@@ -8,7 +8,7 @@
 
 use serde::Deserialize;
 
-use super::{ConfigError, HTTP_SCHEMES, Secret, Section, env, err, require_scheme};
+use super::{ConfigError, HTTP_SCHEMES, Secret, Section, env, err, require_range, require_scheme};
 
 /// Who turns a finished session's heard transcript into memories.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -171,9 +171,7 @@ impl Section for MemorySettings {
                 "set at least 1, or memory.enabled = false",
             ));
         }
-        if !(1..=50).contains(&self.recall_limit) {
-            return Err(err("memory.recall_limit", format!("{} is out of range", self.recall_limit), "use 1..=50"));
-        }
+        require_range("memory.recall_limit", self.recall_limit, 1..=50, "use 1..=50")?;
         if self.timeout_ms == 0 {
             return Err(err("memory.timeout_ms", "0", "give the servers time to answer, e.g. 20000"));
         }
@@ -185,6 +183,7 @@ impl Section for MemorySettings {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::config::tests::readme_example;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: std::collections::HashMap<String, String> =
@@ -238,11 +237,7 @@ mod tests {
 
     #[test]
     fn the_readme_memory_example_parses_and_selects_the_llm_extractor() {
-        let readme = include_str!("../../README.md");
-        let start = readme.find("[memory]\n").expect("README has the memory example");
-        let end = start + readme[start..].find("```").expect("the example block ends");
-        let c = Config::from_toml(&readme[start..end]).unwrap_or_else(|e| panic!("README example: {e}"));
-        c.validate().unwrap();
+        let c = readme_example("[memory]\n");
         assert_eq!(c.memory.extractor(), Extractor::Llm);
         assert_eq!(c.memory.embeddings.as_ref().map(|e| e.model.as_str()), Some("nomic-embed-text"));
     }

@@ -106,6 +106,17 @@ pub fn require_scheme(url: &str, schemes: &[&str], error: impl FnOnce() -> Confi
     if schemes.iter().any(|s| url.starts_with(s)) { Ok(()) } else { Err(error()) }
 }
 
+/// `Ok` when `value` lies in `range`, else the error for `key`: "`value` is out of range" and
+/// `fix` (which says the range and why).
+pub fn require_range<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    fix: &str,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) { Ok(()) } else { Err(err(key, format!("{value} is out of range"), fix)) }
+}
+
 impl From<signaling::token_keys::TokenSettingsError> for ConfigError {
     fn from(e: signaling::token_keys::TokenSettingsError) -> Self {
         err(e.key, e.problem, e.fix)
@@ -430,6 +441,17 @@ pub(crate) mod tests {
         move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
     }
 
+    /// The configuration of the README's example that starts at `marker` (up to the end of its
+    /// code block), parsed and validated: the README's examples must work as printed.
+    pub(crate) fn readme_example(marker: &str) -> Config {
+        let readme = include_str!("../../README.md");
+        let start = readme.find(marker).unwrap_or_else(|| panic!("README has the example `{marker}`"));
+        let end = start + readme[start..].find("```").expect("the example block ends");
+        let c = Config::from_toml(&readme[start..end]).unwrap_or_else(|e| panic!("README example: {e}"));
+        c.validate().unwrap();
+        c
+    }
+
     /// The defaults with `pairs` applied as the environment.
     pub(crate) fn from_env(pairs: &'static [(&'static str, &'static str)]) -> Config {
         let mut c = Config::default();
@@ -455,11 +477,7 @@ pub(crate) mod tests {
 
     #[test]
     fn the_readme_example_configuration_parses_and_validates() {
-        let readme = include_str!("../../README.md");
-        let start = readme.find("# kotodama.toml").expect("README has the example");
-        let end = start + readme[start..].find("```").expect("the example block ends");
-        let c = Config::from_toml(&readme[start..end]).unwrap_or_else(|e| panic!("README example: {e}"));
-        c.validate().unwrap();
+        let c = readme_example("# kotodama.toml");
         assert_eq!(c.resilience.reply_timeout_ms, 15_000);
         assert_eq!(c.openai.turn_detection, crate::providers::openai::protocol::TurnDetection::ServerVad);
     }

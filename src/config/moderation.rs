@@ -186,15 +186,12 @@ impl ModerationSettings {
 #[cfg(test)]
 mod tests {
     use crate::config::Config;
+    use crate::config::tests::readme_example;
     use crate::moderation::Moderator;
 
     #[test]
     fn the_readme_moderation_example_parses_and_flags_what_it_says() {
-        let readme = include_str!("../../README.md");
-        let start = readme.find("[moderation]\n").expect("README has the moderation example");
-        let end = start + readme[start..].find("```").expect("the example block ends");
-        let c = Config::from_toml(&readme[start..end]).unwrap_or_else(|e| panic!("README example: {e}"));
-        c.validate().unwrap();
+        let c = readme_example("[moderation]\n");
         let m = Moderator::new(&c.moderation).unwrap();
         assert_eq!(m.check("They will blow up the bridge.").map(|v| v.category).as_deref(), Some("violence"));
         assert_eq!(m.check("We could kill time here.").map(|v| v.category), None, "allow-listed");

@@ -18,6 +18,7 @@ pub mod resilient;
 pub mod scripted;
 pub mod table;
 pub mod tools;
+pub mod voices;
 pub mod wire;
 
 use std::sync::Arc;

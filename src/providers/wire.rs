@@ -2,7 +2,7 @@
 //! Live, Nova Sonic): audio as base64 of little-endian signed 16-bit mono PCM, the encoding all
 //! three use for `input_audio_buffer.append.audio` / `response.output_audio.delta.delta`
 //! (OpenAI), `realtimeInput.audio.data` / `inlineData.data` (Gemini) and `audioInput.content` /
-//! `audioOutput.content` (Nova Sonic).
+//! `audioOutput.content` (Nova Sonic); and the one error type of their parsers.
 
 use base64::Engine;
 
@@ -10,6 +10,29 @@ use base64::Engine;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("audio is not base64 s16le PCM: {0}")]
 pub struct BadAudio(pub String);
+
+/// A provider message we could not read (the error of `openai::protocol::parse`,
+/// `gemini::protocol::parse` and `nova_sonic::protocol::parse`). The provider sessions log it and
+/// skip the message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// Not JSON, or not the protocol's envelope (OpenAI: no `type`; Gemini: not an object; Nova
+    /// Sonic: not `{"event": {<name>: {...}}}`).
+    #[error("malformed server message: {0}")]
+    Malformed(String),
+    /// A known message type with a missing or wrong field (OpenAI Realtime).
+    #[error("server message `{kind}` lacks `{field}`")]
+    MissingField {
+        /// The message type.
+        kind: String,
+        /// The field.
+        field: &'static str,
+    },
+    /// Audio that is not base64 of s16le.
+    #[error(transparent)]
+    BadAudio(#[from] BadAudio),
+}
 
 /// Base64 (standard alphabet, padded) of `samples` as s16le bytes.
 pub fn pcm_to_b64(samples: &[i16]) -> String {

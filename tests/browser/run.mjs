@@ -34,24 +34,20 @@ try {
   await page.goto(url, { waitUntil: "load" });
   await page.waitForSelector("#character option", { timeout: 10000 });
   await page.click("#connect");
-  // Done when an agent reply has been played in full (its final transcript arrived and the agent
-  // is listening again).
-  await page.waitForFunction(() => {
+  // Done when `n` agent replies have been played in full (their final transcripts arrived and the
+  // agent is listening again).
+  const repliesPlayed = (n) => page.waitForFunction((n) => {
     const k = window.kotodama;
     const finals = k.events.filter((e) => e.event.type === "transcript" && e.event.role === "agent" && e.event.final);
     const last = k.events.filter((e) => e.event.type === "state").pop();
-    return finals.length > 0 && last && last.event.state === "listening";
-  }, { timeout, polling: 100 });
+    return finals.length >= n && last && last.event.state === "listening";
+  }, { timeout, polling: 100 }, n);
+  await repliesPlayed(1);
   if (mode === "restart") {
     await page.evaluate(() => window.kotodamaRestartIce());
     await page.waitForFunction(() => document.getElementById("log").innerText.includes("Reconnected."),
       { timeout: 15000, polling: 100 });
-    await page.waitForFunction(() => {
-      const k = window.kotodama;
-      const finals = k.events.filter((e) => e.event.type === "transcript" && e.event.role === "agent" && e.event.final);
-      const last = k.events.filter((e) => e.event.type === "state").pop();
-      return finals.length > 1 && last && last.event.state === "listening";
-    }, { timeout, polling: 100 });
+    await repliesPlayed(2);
   }
   if (mode === "dtx") {
     const sleep = (ms) => new Promise((r) => setTimeout(r, ms));

@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::energy_vad::{EnergyVad, VadEdge};
+use super::fake_openai::SpokenReply;
 
 /// What the fake answers a user turn with.
 #[derive(Debug, Clone)]
@@ -112,7 +113,7 @@ pub type FakeGemini = super::FakeServer<State, GOptions, GConn>;
 impl FakeGemini {
     pub async fn start(opts: GOptions, script: Vec<GReply>) -> FakeGemini {
         let state = State { script: script.into(), ..Default::default() };
-        Self::listen(state, opts, |f: FakeGemini, tcp| async move { f.serve(tcp).await }).await
+        Self::listen(state, opts, Self::serve).await
     }
 
     /// The URL to configure (`GEMINI_LIVE_URL`).
@@ -120,7 +121,7 @@ impl FakeGemini {
         format!("ws://{}/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent", self.addr)
     }
 
-    async fn serve(&self, tcp: tokio::net::TcpStream) {
+    async fn serve(self, tcp: tokio::net::TcpStream) {
         let mut path = String::new();
         #[allow(clippy::result_large_err)]
         let cb = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
@@ -136,10 +137,7 @@ impl FakeGemini {
 
 /// A reply being streamed.
 struct Streaming {
-    text: String,
-    audio: Vec<i16>,
-    pos: usize,
-    words_sent: usize,
+    reply: SpokenReply,
     go_away: Option<(usize, Duration)>,
     drop_after: bool,
 }
@@ -345,21 +343,16 @@ impl GSession {
             }
             Some(GReply::Speech { text, audio }) => {
                 self.streaming =
-                    Some(Streaming { text, audio, pos: 0, words_sent: 0, go_away: None, drop_after: false })
+                    Some(Streaming { reply: SpokenReply::new(text, audio), go_away: None, drop_after: false })
             }
             Some(GReply::SpeechThenDrop { text, audio }) => {
-                self.streaming = Some(Streaming { text, audio, pos: 0, words_sent: 0, go_away: None, drop_after: true })
+                self.streaming =
+                    Some(Streaming { reply: SpokenReply::new(text, audio), go_away: None, drop_after: true })
             }
             Some(GReply::SpeechWithGoAway { text, audio, go_away_after, time_left }) => {
                 let at = go_away_after.as_millis() as usize * 24;
-                self.streaming = Some(Streaming {
-                    text,
-                    audio,
-                    pos: 0,
-                    words_sent: 0,
-                    go_away: Some((at, time_left)),
-                    drop_after: false,
-                })
+                let reply = SpokenReply::new(text, audio);
+                self.streaming = Some(Streaming { reply, go_away: Some((at, time_left)), drop_after: false })
             }
             Some(GReply::ToolCall { name, args }) => {
                 let id = self.call_id();
@@ -382,25 +375,14 @@ impl GSession {
     fn stream_step(&mut self, out: &mut Vec<Value>) {
         let chunk = self.fake.opts.chunk.as_millis() as usize * 24;
         let Some(s) = self.streaming.as_mut() else { return };
-        if s.pos < s.audio.len() {
-            let end = (s.pos + chunk).min(s.audio.len());
-            let bytes: Vec<u8> = s.audio[s.pos..end].iter().flat_map(|x| x.to_le_bytes()).collect();
-            s.pos = end;
-            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+        if let Some(b64) = s.reply.next_audio(chunk) {
             out.push(json!({"serverContent": {"modelTurn": {"parts": [{"inlineData": {"mimeType": "audio/pcm;rate=24000", "data": b64}}]}}}));
             // Transcription chunks run ahead of the audio and come as separate messages.
-            let words: Vec<&str> = s.text.split_whitespace().collect();
-            let due = ((words.len() * s.pos * 2).div_ceil(s.audio.len().max(1))).min(words.len());
-            if due > s.words_sent {
-                let mut delta = words[s.words_sent..due].join(" ");
-                if s.words_sent > 0 {
-                    delta.insert(0, ' ');
-                }
-                s.words_sent = due;
+            if let Some(delta) = s.reply.transcript_delta() {
                 out.push(json!({"serverContent": {"outputTranscription": {"text": delta}}}));
             }
             if let Some((at, left)) = s.go_away
-                && s.pos >= at
+                && s.reply.pos >= at
             {
                 s.go_away = None;
                 out.push(json!({"goAway": {"timeLeft": format!("{:.3}s", left.as_secs_f64())}}));

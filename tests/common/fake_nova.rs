@@ -36,6 +36,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::energy_vad::{EnergyVad, VadEdge};
+use super::fake_openai::SpokenReply;
 
 /// What the fake answers a user turn with.
 #[derive(Debug, Clone)]
@@ -214,11 +215,9 @@ fn exception_frame(kind: &'static str, message: &str) -> Bytes {
     frame(headers, json!({ "message": message }).to_string().into_bytes())
 }
 
-/// A reply being streamed.
+/// A reply being streamed (its text goes out after the audio, as Nova's FINAL text block).
 struct Streaming {
-    spoken: String,
-    audio: Vec<i16>,
-    pos: usize,
+    reply: SpokenReply,
     fail_at: Option<usize>,
     audio_id: String,
 }
@@ -438,23 +437,20 @@ impl Stream {
         self.emit("contentEnd", json!({"contentId": text_id, "type": "TEXT", "stopReason": "PARTIAL_TURN"})).await;
         let audio_id = self.id("audio");
         self.emit("contentStart", json!({"contentId": audio_id, "type": "AUDIO", "role": "ASSISTANT", "audioOutputConfiguration": {"mediaType": "audio/lpcm", "sampleRateHertz": 24000}})).await;
-        self.streaming = Some(Streaming { spoken, audio, pos: 0, fail_at, audio_id });
+        self.streaming = Some(Streaming { reply: SpokenReply::new(spoken, audio), fail_at, audio_id });
     }
 
     /// One audio chunk, or the end of the reply; false when the stream failed.
     async fn stream_step(&mut self) -> bool {
         let chunk = self.fake.chunk.as_millis() as usize * 24;
         let Some(s) = self.streaming.as_mut() else { return true };
-        if s.fail_at.is_some_and(|n| s.pos >= n) {
+        if s.fail_at.is_some_and(|n| s.reply.pos >= n) {
             self.streaming = None;
             let _ = self.out.send(exception_frame("ModelStreamErrorException", "the model stream failed")).await;
             return false;
         }
-        if s.pos < s.audio.len() {
-            let end = (s.pos + chunk).min(s.audio.len());
-            let bytes: Vec<u8> = s.audio[s.pos..end].iter().flat_map(|x| x.to_le_bytes()).collect();
-            s.pos = end;
-            let (id, b64) = (s.audio_id.clone(), base64::engine::general_purpose::STANDARD.encode(bytes));
+        if let Some(b64) = s.reply.next_audio(chunk) {
+            let id = s.audio_id.clone();
             self.emit("audioOutput", json!({"contentId": id, "content": b64, "role": "ASSISTANT"})).await;
             return true;
         }
@@ -462,7 +458,7 @@ impl Stream {
         self.emit("contentEnd", json!({"contentId": s.audio_id, "type": "AUDIO", "stopReason": "END_TURN"})).await;
         let id = self.id("final");
         self.emit("contentStart", json!({"contentId": id, "type": "TEXT", "role": "ASSISTANT", "additionalModelFields": "{\"generationStage\":\"FINAL\"}"})).await;
-        self.emit("textOutput", json!({"contentId": id, "content": s.spoken, "role": "ASSISTANT"})).await;
+        self.emit("textOutput", json!({"contentId": id, "content": s.reply.text, "role": "ASSISTANT"})).await;
         self.emit("contentEnd", json!({"contentId": id, "type": "TEXT", "stopReason": "END_TURN"})).await;
         self.replies_done += 1;
         self.emit("usageEvent", usage_event(self.replies_done)).await;

@@ -111,7 +111,7 @@ pub type FakeOpenAi = super::FakeServer<State, FakeOptions, ConnLog>;
 impl FakeOpenAi {
     pub async fn start(opts: FakeOptions, script: Vec<Reply>) -> FakeOpenAi {
         let state = State { script: script.into(), ..Default::default() };
-        Self::listen(state, opts, |f: FakeOpenAi, tcp| async move { f.serve(tcp).await }).await
+        Self::listen(state, opts, Self::serve).await
     }
 
     /// The URL to configure (`openai.url`).
@@ -139,7 +139,7 @@ impl FakeOpenAi {
         self.state.lock().unwrap().script.push_back(r);
     }
 
-    async fn serve(&self, tcp: tokio::net::TcpStream) {
+    async fn serve(self, tcp: tokio::net::TcpStream) {
         let (refuse, n) = {
             let mut st = self.state.lock().unwrap();
             let n = st.handshakes;
@@ -174,14 +174,58 @@ impl FakeOpenAi {
     }
 }
 
+/// A spoken reply going out chunk by chunk, its transcript running ahead of the audio as the real
+/// services' does (twice as far through the words as the audio is through its samples). The
+/// Gemini and Nova Sonic fakes stream their replies with it too (Nova sends no transcript deltas).
+pub struct SpokenReply {
+    /// The transcript.
+    pub text: String,
+    /// The audio (24 kHz).
+    pub audio: Vec<i16>,
+    /// Samples sent so far.
+    pub pos: usize,
+    /// Transcript words sent so far.
+    words_sent: usize,
+}
+
+impl SpokenReply {
+    pub fn new(text: String, audio: Vec<i16>) -> Self {
+        Self { text, audio, pos: 0, words_sent: 0 }
+    }
+
+    /// The next `chunk` samples as base64 of s16le; `None` once every sample went out.
+    pub fn next_audio(&mut self, chunk: usize) -> Option<String> {
+        if self.pos >= self.audio.len() {
+            return None;
+        }
+        let end = (self.pos + chunk).min(self.audio.len());
+        let bytes: Vec<u8> = self.audio[self.pos..end].iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.pos = end;
+        Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    /// The transcript words now due and not yet sent, as a delta (with a leading space after the
+    /// first); `None` when none are due.
+    pub fn transcript_delta(&mut self) -> Option<String> {
+        let words: Vec<&str> = self.text.split_whitespace().collect();
+        let due = ((words.len() * self.pos * 2).div_ceil(self.audio.len().max(1))).min(words.len());
+        if due <= self.words_sent {
+            return None;
+        }
+        let mut delta = words[self.words_sent..due].join(" ");
+        if self.words_sent > 0 {
+            delta.insert(0, ' ');
+        }
+        self.words_sent = due;
+        Some(delta)
+    }
+}
+
 /// A reply being streamed.
 struct Streaming {
     response_id: String,
     item_id: String,
-    text: String,
-    audio: Vec<i16>,
-    pos: usize,
-    words_sent: usize,
+    reply: SpokenReply,
     drop_after: Option<usize>,
 }
 
@@ -486,53 +530,53 @@ impl Conn {
         let item_id = self.id("msg");
         out.push(json!({"type": "response.output_item.added", "response_id": response_id, "output_index": 0, "item": {"id": item_id, "object": "realtime.item", "type": "message", "status": "in_progress", "role": "assistant", "content": []}}));
         out.push(json!({"type": "response.content_part.added", "response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0, "part": {"type": "audio", "transcript": ""}}));
-        self.streaming = Some(Streaming { response_id, item_id, text, audio, pos: 0, words_sent: 0, drop_after });
+        self.streaming = Some(Streaming { response_id, item_id, reply: SpokenReply::new(text, audio), drop_after });
     }
 
     fn stream_step(&mut self, out: &mut Vec<Value>) -> Flow {
         let chunk = (self.fake.opts.chunk.as_millis() as usize) * 24;
         let ga = self.ga;
         let Some(s) = self.streaming.as_mut() else { return Flow::Go };
-        if s.drop_after.is_some_and(|n| s.pos >= n) {
+        if s.drop_after.is_some_and(|n| s.reply.pos >= n) {
             self.streaming = None;
             return Flow::Drop;
         }
-        if s.pos < s.audio.len() {
-            let end = (s.pos + chunk).min(s.audio.len());
-            let bytes: Vec<u8> = s.audio[s.pos..end].iter().flat_map(|x| x.to_le_bytes()).collect();
-            s.pos = end;
-            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+        if let Some(b64) = s.reply.next_audio(chunk) {
             let ty = if ga { "response.output_audio.delta" } else { "response.audio.delta" };
             out.push(json!({"type": ty, "response_id": s.response_id, "item_id": s.item_id, "output_index": 0, "content_index": 0, "delta": b64}));
-            // The transcript runs ahead of the audio, as the real service's does.
-            let words: Vec<&str> = s.text.split_whitespace().collect();
-            let due = ((words.len() * s.pos * 2).div_ceil(s.audio.len().max(1))).min(words.len());
-            if due > s.words_sent {
-                let mut delta = words[s.words_sent..due].join(" ");
-                if s.words_sent > 0 {
-                    delta.insert(0, ' ');
-                }
-                s.words_sent = due;
+            if let Some(delta) = s.reply.transcript_delta() {
                 let ty = if ga { "response.output_audio_transcript.delta" } else { "response.audio_transcript.delta" };
                 out.push(json!({"type": ty, "response_id": s.response_id, "item_id": s.item_id, "output_index": 0, "content_index": 0, "delta": delta}));
             }
             return Flow::Go;
         }
-        let s = self.streaming.take().unwrap();
+        let Streaming { response_id, item_id, reply, .. } = self.streaming.take().unwrap();
         let (audio_done, tr_done) = if ga {
             ("response.output_audio.done", "response.output_audio_transcript.done")
         } else {
             ("response.audio.done", "response.audio_transcript.done")
         };
-        out.push(json!({"type": audio_done, "response_id": s.response_id, "item_id": s.item_id, "output_index": 0, "content_index": 0}));
-        out.push(json!({"type": tr_done, "response_id": s.response_id, "item_id": s.item_id, "output_index": 0, "content_index": 0, "transcript": s.text}));
-        let item = json!({"id": s.item_id, "object": "realtime.item", "type": "message", "status": "completed", "role": "assistant", "content": [{"type": "output_audio", "transcript": s.text}]});
+        out.push(json!({"type": audio_done, "response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}));
+        out.push(json!({"type": tr_done, "response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0, "transcript": reply.text}));
+        let item = json!({"id": item_id, "object": "realtime.item", "type": "message", "status": "completed", "role": "assistant", "content": [{"type": "output_audio", "transcript": reply.text}]});
         out.push(
-            json!({"type": "response.output_item.done", "response_id": s.response_id, "output_index": 0, "item": item}),
+            json!({"type": "response.output_item.done", "response_id": response_id, "output_index": 0, "item": item}),
         );
-        out.push(self.response_done_with(&s.response_id, "completed", vec![item], &s.text, s.audio.len()));
+        out.push(self.response_done_with(&response_id, "completed", vec![item], &reply.text, reply.audio.len()));
         Flow::Go
     }
+}
+
+/// The arguments of [`weather_tool_script`]'s call.
+pub const WEATHER_ARGS: &str = r#"{"city":"Tokyo"}"#;
+
+/// A client tool's round trip: the model calls `get_weather` with [`WEATHER_ARGS`] (a tool the
+/// client declares), then speaks `prefix` and the output the client returned.
+pub fn weather_tool_script(prefix: &str) -> Vec<Reply> {
+    vec![
+        Reply::ToolCall { name: "get_weather".into(), arguments: WEATHER_ARGS.into() },
+        Reply::SpeakToolOutput { prefix: prefix.into() },
+    ]
 }
 
 /// 24 kHz speech from the repository (espeak-ng) and its transcript.

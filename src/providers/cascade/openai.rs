@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryFutureExt};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -91,6 +91,22 @@ impl Endpoint {
         }
     }
 
+    /// POST `body` as JSON to `path` (with the head deadline; non-2xx statuses are errors) and
+    /// open the response body as a stream. The future owns a copy of the endpoint and the client,
+    /// so the stream outlives the adapter that opened it.
+    fn post_streamed(
+        &self,
+        client: &reqwest::Client,
+        path: &'static str,
+        body: Value,
+    ) -> impl Future<Output = Result<(Endpoint, BodyStream), StageError>> + Send + 'static {
+        let (ep, client) = (self.clone(), client.clone());
+        async move {
+            let res = ep.send(ep.request(&client, path).json(&body)).await?;
+            Ok((ep, res.bytes_stream().boxed()))
+        }
+    }
+
     /// Send, with the head deadline; non-2xx statuses become errors.
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, StageError> {
         let res = tokio::time::timeout(self.timeout, rb.send())
@@ -114,7 +130,9 @@ impl Endpoint {
     }
 }
 
-/// reqwest errors print the URL, which may carry a key in a query string: keep only the kind.
+/// The chunks of a streamed response body.
+type BodyStream = BoxStream<'static, reqwest::Result<bytes::Bytes>>;
+
 /// A stream that first awaits `opened` (the request; its error is the stream's one item) and then
 /// yields what `step` reads from the opened state, until `step` returns `None` or hands back no
 /// state (after an error).
@@ -144,11 +162,7 @@ where
 /// The next chunk of a streamed response body: `None` at its end; a stall longer than the
 /// endpoint's timeout is [`StageError::Timeout`] (`stalled` says what stalled), a broken
 /// connection [`StageError::Unavailable`].
-async fn next_chunk(
-    ep: &Endpoint,
-    body: &mut BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    stalled: &str,
-) -> Result<Option<bytes::Bytes>, StageError> {
+async fn next_chunk(ep: &Endpoint, body: &mut BodyStream, stalled: &str) -> Result<Option<bytes::Bytes>, StageError> {
     match tokio::time::timeout(ep.timeout, body.next()).await {
         Err(_) => Err(StageError::Timeout(format!("{}: {stalled}", ep.base_url))),
         Ok(Some(Ok(bytes))) => Ok(Some(bytes)),
@@ -157,6 +171,7 @@ async fn next_chunk(
     }
 }
 
+/// reqwest errors print the URL, which may carry a key in a query string: keep only the kind.
 fn without_url(e: &reqwest::Error) -> String {
     if e.is_connect() {
         "connection failed".into()
@@ -294,25 +309,21 @@ impl LanguageModel for OpenAiChat {
     }
 
     fn stream(&self, req: ChatRequest) -> BoxStream<'static, Result<String, StageError>> {
-        let ep = self.endpoint.clone();
-        let client = self.client.clone();
         let messages: Vec<Value> =
             req.messages.iter().map(|m| json!({"role": m.role.as_str(), "content": m.content})).collect();
         let body = json!({
-            "model": ep.model,
+            "model": self.endpoint.model,
             "messages": messages,
             "stream": true,
             "max_tokens": req.max_tokens,
         });
-        let opened = async move {
-            let res = ep.send(ep.request(&client, "/chat/completions").json(&body)).await?;
-            Ok::<_, StageError>((ep, res.bytes_stream().boxed(), SseDecoder::default(), false))
-        };
-        open_then(opened, |(ep, mut body, mut sse, _)| async move {
+        let opened = self.endpoint.post_streamed(&self.client, "/chat/completions", body);
+        let opened = opened.map_ok(|(ep, body)| (ep, body, SseDecoder::default()));
+        open_then(opened, |(ep, mut body, mut sse)| async move {
             loop {
                 match sse.next_event() {
                     Ok(Some(SseEvent::Done)) => return None,
-                    Ok(Some(SseEvent::Delta(d))) => return Some((Ok(d), Some((ep, body, sse, false)))),
+                    Ok(Some(SseEvent::Delta(d))) => return Some((Ok(d), Some((ep, body, sse)))),
                     Ok(None) => {}
                     Err(e) => return Some((Err(e), None)),
                 }
@@ -409,8 +420,7 @@ impl TextToSpeech for OpenAiSpeech {
     }
 
     fn synthesize(&self, text: &str, voice: &str) -> BoxStream<'static, Result<SpeechChunk, StageError>> {
-        let ep = self.endpoint.clone();
-        let client = self.client.clone();
+        let ep = &self.endpoint;
         let voice = ep.voice.clone().unwrap_or_else(|| voice.to_owned());
         let body = json!({
             "model": ep.model,
@@ -418,12 +428,8 @@ impl TextToSpeech for OpenAiSpeech {
             "voice": voice,
             "response_format": ep.audio_format,
         });
-        let opened = async move {
-            let res = ep.send(ep.request(&client, "/audio/speech").json(&body)).await?;
-            let wav = ep.audio_format == "wav";
-            let dec = PcmDecoder::new(ep.pcm_rate_hz, wav);
-            Ok::<_, StageError>((ep, res.bytes_stream().boxed(), dec))
-        };
+        let dec = PcmDecoder::new(ep.pcm_rate_hz, ep.audio_format == "wav");
+        let opened = ep.post_streamed(&self.client, "/audio/speech", body).map_ok(move |(ep, body)| (ep, body, dec));
         open_then(opened, |(ep, mut body, mut dec)| async move {
             loop {
                 match next_chunk(&ep, &mut body, "audio stalled").await {

@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 
 use crate::providers::HistoryItem;
 use crate::providers::tools::ToolSpec;
-use crate::providers::wire::{BadAudio, b64_to_pcm, pcm_to_b64};
+pub use crate::providers::wire::ProtocolError;
+use crate::providers::wire::{b64_to_pcm, pcm_to_b64};
 
 /// The rate of the user's audio the Live API takes.
 pub const INPUT_RATE_HZ: u32 = 16_000;
@@ -251,18 +252,6 @@ pub enum ServerMessage {
     Usage(u64),
     /// A message type this module does not know.
     Other(String),
-}
-
-/// A server message we could not read.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ProtocolError {
-    /// Not a JSON object.
-    #[error("malformed server message: {0}")]
-    Malformed(String),
-    /// Audio that is not base64 s16le.
-    #[error(transparent)]
-    BadAudio(#[from] BadAudio),
 }
 
 /// A protobuf JSON Duration (`"1.5s"`) as a [`Duration`]; `None` when it is not one, negative,

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use super::protocol::{Compression, SetupParams};
-use crate::config::ConfigError;
+use crate::config::{ConfigError, require_range};
 use crate::providers::openai::Secret;
+use crate::providers::voices::Voices;
 use crate::providers::{Capabilities, SessionConfig};
 
 /// The Live API endpoint for API keys (ai.google.dev/api/live).
@@ -45,6 +46,8 @@ pub const GEMINI_VOICES: &[&str] = &[
     "Sadaltager",
     "Sulafat",
 ];
+/// [`GEMINI_VOICES`] with the default, `Kore`.
+const VOICES: Voices = Voices { provider: "Gemini", names: GEMINI_VOICES, default: "Kore" };
 /// An audio-only session without context compression ends after about 15 minutes.
 const UNCOMPRESSED_LIMIT_SECS: u64 = 15 * 60;
 
@@ -162,22 +165,13 @@ impl GeminiSettings {
                 "set a Live model, e.g. gemini-2.5-flash-native-audio-preview-12-2025",
             ));
         }
-        if let Some(v) = &self.voice
-            && !GEMINI_VOICES.iter().any(|g| g.eq_ignore_ascii_case(v))
-        {
-            return Err(ConfigError::new(
-                "gemini.voice",
-                format!("`{v}` is not a Gemini voice"),
-                format!("use one of {}", GEMINI_VOICES.join(", ")),
-            ));
-        }
-        if !(60..=UNCOMPRESSED_LIMIT_SECS).contains(&self.max_session_secs) {
-            return Err(ConfigError::new(
-                "gemini.max_session_secs",
-                format!("{} is out of range", self.max_session_secs),
-                "use 60..=900 (Gemini ends uncompressed audio sessions at 15 min)",
-            ));
-        }
+        VOICES.check("gemini.voice", self.voice.as_deref())?;
+        require_range(
+            "gemini.max_session_secs",
+            self.max_session_secs,
+            60..=UNCOMPRESSED_LIMIT_SECS,
+            "use 60..=900 (Gemini ends uncompressed audio sessions at 15 min)",
+        )?;
         if self.connect_timeout_ms == 0 {
             return Err(ConfigError::new("gemini.connect_timeout_ms", "0", "use e.g. 10000"));
         }
@@ -204,8 +198,7 @@ impl GeminiSettings {
 
     /// The voice for a character: the setting, else the character's when Gemini has it, else Kore.
     pub fn voice_for(&self, character_voice: &str) -> String {
-        let known = |v: &str| GEMINI_VOICES.iter().find(|g| g.eq_ignore_ascii_case(v)).map(|g| (*g).to_owned());
-        self.voice.as_deref().and_then(known).or_else(|| known(character_voice)).unwrap_or_else(|| "Kore".into())
+        VOICES.choose(self.voice.as_deref(), character_voice)
     }
 
     /// What this configuration can do: server VAD unless local, no truncation, transcripts as

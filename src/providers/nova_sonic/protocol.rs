@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 
 use crate::providers::HistoryItem;
 use crate::providers::tools::ToolSpec;
-use crate::providers::wire::{BadAudio, b64_to_pcm, pcm_to_b64};
+pub use crate::providers::wire::ProtocolError;
+use crate::providers::wire::{b64_to_pcm, pcm_to_b64};
 
 /// The rate of the user's audio.
 pub const INPUT_RATE_HZ: u32 = 16_000;
@@ -316,18 +317,6 @@ pub enum OutputEvent {
     },
     /// Anything else.
     Other(String),
-}
-
-/// An output event we could not read.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ProtocolError {
-    /// Not `{"event": {<name>: {...}}}`.
-    #[error("malformed output event: {0}")]
-    Malformed(String),
-    /// Audio that is not base64 s16le.
-    #[error(transparent)]
-    BadAudio(#[from] BadAudio),
 }
 
 fn str_of(v: &Value, field: &str) -> String {

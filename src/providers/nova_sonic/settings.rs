@@ -5,13 +5,16 @@
 use std::time::Duration;
 
 use super::protocol::Sensitivity;
-use crate::config::ConfigError;
+use crate::config::{ConfigError, require_range};
+use crate::providers::voices::Voices;
 
 /// Nova 2 Sonic voices (docs.aws.amazon.com/nova/latest/nova2-userguide/sonic-language-support).
 pub const NOVA_VOICES: &[&str] = &[
     "tiffany", "matthew", "amy", "olivia", "kiara", "arjun", "ambre", "florian", "beatrice", "lorenzo", "tina",
     "lennart", "lupe", "carlos", "carolina", "leo",
 ];
+/// [`NOVA_VOICES`] with the default, `tiffany`.
+const VOICES: Voices = Voices { provider: "Nova Sonic", names: NOVA_VOICES, default: "tiffany" };
 /// Bedrock ends a bidirectional stream after about 8 minutes.
 pub const CONNECTION_LIMIT_SECS: u64 = 8 * 60;
 
@@ -89,22 +92,13 @@ impl NovaSonicSettings {
         {
             return Err(ConfigError::new("AWS_REGION", format!("`{r}` is not a region name"), "use e.g. us-east-1"));
         }
-        if let Some(v) = &self.voice
-            && !NOVA_VOICES.contains(&v.to_ascii_lowercase().as_str())
-        {
-            return Err(ConfigError::new(
-                "nova_sonic.voice",
-                format!("`{v}` is not a Nova Sonic voice"),
-                format!("use one of {}", NOVA_VOICES.join(", ")),
-            ));
-        }
-        if !(10..=CONNECTION_LIMIT_SECS).contains(&self.max_session_secs) {
-            return Err(ConfigError::new(
-                "nova_sonic.max_session_secs",
-                format!("{} is out of range", self.max_session_secs),
-                "use 10..=480 (Bedrock ends streams at ~8 min)",
-            ));
-        }
+        VOICES.check("nova_sonic.voice", self.voice.as_deref())?;
+        require_range(
+            "nova_sonic.max_session_secs",
+            self.max_session_secs,
+            10..=CONNECTION_LIMIT_SECS,
+            "use 10..=480 (Bedrock ends streams at ~8 min)",
+        )?;
         if !(0.0..=1.0).contains(&self.temperature) || !(0.0..=1.0).contains(&self.top_p) {
             return Err(ConfigError::new(
                 "nova_sonic.temperature",
@@ -120,8 +114,7 @@ impl NovaSonicSettings {
 
     /// The voice for a character: the setting, else the character's when Nova has it, else tiffany.
     pub fn voice_for(&self, character_voice: &str) -> String {
-        let known = |v: &str| NOVA_VOICES.iter().find(|n| n.eq_ignore_ascii_case(v)).map(|n| (*n).to_owned());
-        self.voice.as_deref().and_then(known).or_else(|| known(character_voice)).unwrap_or_else(|| "tiffany".into())
+        VOICES.choose(self.voice.as_deref(), character_voice)
     }
 
     /// How long a stream may live when the credentials expire `to_expiry` from now: the shorter of

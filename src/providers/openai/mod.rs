@@ -255,6 +255,34 @@ enum Stop {
     Theirs(String),
 }
 
+/// One item's transcript as its deltas arrive (OpenAI Realtime sends the text of an item in
+/// pieces: `response.output_audio_transcript.delta`,
+/// `conversation.item.input_audio_transcription.delta`).
+#[derive(Default)]
+struct ItemTranscript {
+    /// The item being transcribed.
+    item: Option<String>,
+    /// Its text so far.
+    text: String,
+}
+
+impl ItemTranscript {
+    /// A new item (or none): the text starts empty.
+    fn start(&mut self, item: Option<String>) {
+        self.item = item;
+        self.text.clear();
+    }
+
+    /// Add `delta` of `item_id` (a delta of another item starts that item); the text so far.
+    fn append(&mut self, item_id: &str, delta: &str) -> String {
+        if self.item.as_deref() != Some(item_id) {
+            self.start(Some(item_id.to_owned()));
+        }
+        self.text.push_str(delta);
+        self.text.clone()
+    }
+}
+
 /// The state of one provider session (owned by its task).
 struct Connection {
     settings: Arc<OpenAiSettings>,
@@ -262,11 +290,11 @@ struct Connection {
     events: mpsc::Sender<ProviderEvent>,
     ready: bool,
     response_active: bool,
-    /// Message items of the active response (the one whose audio we play).
-    agent_item: Option<String>,
-    agent_text: String,
-    user_item: Option<String>,
-    user_text: String,
+    /// The message item of the active response (the one whose audio we play) and its transcript
+    /// so far.
+    agent: ItemTranscript,
+    /// The user's item being transcribed and its transcript so far.
+    user: ItemTranscript,
     /// Names of calls announced by `output_item.added` (beta omits them later).
     call_names: HashMap<String, String>,
     /// Calls already started (a call appears in `arguments.done` and again in `response.done`).
@@ -290,10 +318,8 @@ impl Connection {
             events,
             ready: false,
             response_active: false,
-            agent_item: None,
-            agent_text: String::new(),
-            user_item: None,
-            user_text: String::new(),
+            agent: ItemTranscript::default(),
+            user: ItemTranscript::default(),
             call_names: HashMap::new(),
             started_calls: HashSet::new(),
             calls_in_flight: 0,
@@ -456,13 +482,11 @@ impl Connection {
             }
             ServerMessage::ResponseCreated { .. } => {
                 self.response_active = true;
-                self.agent_item = None;
-                self.agent_text.clear();
+                self.agent.start(None);
             }
             ServerMessage::OutputItemAdded { item_id, kind, call } => {
                 if kind == "message" {
-                    self.agent_item = Some(item_id);
-                    self.agent_text.clear();
+                    self.agent.start(Some(item_id));
                 } else if let Some((name, call_id)) = call {
                     if self.call_names.len() >= MAX_REMEMBERED_CALLS {
                         self.call_names.clear();
@@ -472,38 +496,27 @@ impl Connection {
             }
             ServerMessage::AudioDelta { item_id, samples } => {
                 self.spoke = true;
-                self.agent_item.get_or_insert_with(|| item_id.clone());
+                self.agent.item.get_or_insert_with(|| item_id.clone());
                 let pcm = Pcm { rate_hz: protocol::OUTPUT_RATE_HZ, samples };
                 self.emit(ProviderEvent::AudioDelta { item_id, pcm }).await;
             }
             ServerMessage::AudioDone { item_id } => self.emit(ProviderEvent::AudioDone { item_id }).await,
             ServerMessage::AgentTranscriptDelta { item_id, delta } => {
-                if self.agent_item.as_deref() != Some(item_id.as_str()) {
-                    self.agent_item = Some(item_id.clone());
-                    self.agent_text.clear();
-                }
-                self.agent_text.push_str(&delta);
-                let text = self.agent_text.clone();
+                let text = self.agent.append(&item_id, &delta);
                 self.emit(ProviderEvent::Transcript { speaker: Speaker::Agent, item_id, text, is_final: false }).await;
             }
             ServerMessage::AgentTranscriptDone { item_id, transcript } => {
-                self.agent_text.clear();
+                self.agent.text.clear();
                 let ev =
                     ProviderEvent::Transcript { speaker: Speaker::Agent, item_id, text: transcript, is_final: true };
                 self.emit(ev).await;
             }
             ServerMessage::UserTranscriptDelta { item_id, delta } => {
-                if self.user_item.as_deref() != Some(item_id.as_str()) {
-                    self.user_item = Some(item_id.clone());
-                    self.user_text.clear();
-                }
-                self.user_text.push_str(&delta);
-                let text = self.user_text.clone();
+                let text = self.user.append(&item_id, &delta);
                 self.emit(ProviderEvent::Transcript { speaker: Speaker::User, item_id, text, is_final: false }).await;
             }
             ServerMessage::UserTranscriptDone { item_id, transcript } => {
-                self.user_item = None;
-                self.user_text.clear();
+                self.user.start(None);
                 let ev =
                     ProviderEvent::Transcript { speaker: Speaker::User, item_id, text: transcript, is_final: true };
                 self.emit(ev).await;
@@ -534,10 +547,10 @@ impl Connection {
                     self.emit(ProviderEvent::Error { code, message, retryable }).await;
                 }
                 if !message_items.is_empty() || !had_calls || status != "completed" {
-                    let item_id = message_items.last().cloned().or_else(|| self.agent_item.clone()).unwrap_or_default();
+                    let item_id = message_items.last().cloned().or_else(|| self.agent.item.clone()).unwrap_or_default();
                     self.emit(ProviderEvent::ResponseDone { item_id }).await;
                 }
-                self.agent_item = None;
+                self.agent.item = None;
                 self.maybe_follow_up(out);
             }
             ServerMessage::Error { kind, code, message } => {
@@ -620,7 +633,7 @@ impl Connection {
         for e in done.effects {
             match e {
                 ToolEffect::Emotion(emotion) => {
-                    let item_id = self.agent_item.clone();
+                    let item_id = self.agent.item.clone();
                     self.emit(ProviderEvent::Emotion { item_id, emotion }).await;
                 }
             }
@@ -641,6 +654,17 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_items_transcript_accumulates_its_deltas_and_restarts_for_another_item() {
+        let mut t = ItemTranscript::default();
+        assert_eq!(t.append("item_a", "Hello"), "Hello");
+        assert_eq!(t.append("item_a", " there."), "Hello there.");
+        assert_eq!(t.append("item_b", "Next"), "Next", "a delta of another item starts it");
+        assert_eq!(t.item.as_deref(), Some("item_b"));
+        t.start(None);
+        assert_eq!((t.item, t.text.as_str()), (None, ""));
+    }
 
     #[test]
     fn api_key_never_shows_in_debug() {

@@ -8,7 +8,8 @@
 
 use serde_json::{Value, json};
 
-use crate::providers::wire::{BadAudio, b64_to_pcm, pcm_to_b64};
+pub use crate::providers::wire::ProtocolError;
+use crate::providers::wire::{b64_to_pcm, pcm_to_b64};
 
 pub use crate::providers::HistoryItem;
 pub use crate::providers::tools::ToolSpec;
@@ -344,26 +345,6 @@ pub enum ServerMessage {
     },
     /// Anything else (rate limits, content parts, item lifecycle we do not need).
     Other(String),
-}
-
-/// A server message we could not read.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ProtocolError {
-    /// Not JSON, or no `type`.
-    #[error("malformed server message: {0}")]
-    Malformed(String),
-    /// A known type with a missing or wrong field.
-    #[error("server message `{kind}` lacks `{field}`")]
-    MissingField {
-        /// The message type.
-        kind: String,
-        /// The field.
-        field: &'static str,
-    },
-    /// Audio that is not base64 of s16le.
-    #[error(transparent)]
-    BadAudio(#[from] BadAudio),
 }
 
 fn s(v: &Value, kind: &str, field: &'static str) -> Result<String, ProtocolError> {
