@@ -44,6 +44,16 @@ const RATE_SCRIPT: &str = "local c = redis.call('INCR', KEYS[1]) \
      if c == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end \
      return {c, redis.call('PTTL', KEYS[1])}";
 
+/// Push a turn onto a session's recent window only while the session is registered
+/// (`KEYS[2]`, `session:<id>`): a push that lands after the session's end unregistered it must
+/// not re-create the window (it would outlive the session, and a privacy delete, for an hour).
+/// Atomic, as every script is. `ARGV`: the turn's JSON, the last index kept, the expiry in ms.
+const PUSH_RECENT_SCRIPT: &str = "if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end \
+     redis.call('LPUSH', KEYS[1], ARGV[1]) \
+     redis.call('LTRIM', KEYS[1], 0, ARGV[2]) \
+     redis.call('PEXPIRE', KEYS[1], ARGV[3]) \
+     return 1";
+
 /// A message to the node hosting a session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -309,25 +319,19 @@ impl Redis {
         redis::cmd("GET").arg(self.key(&format!("session:{session_id}"))).query_async(&mut c).await.map_err(redis_err)
     }
 
-    /// Push a final turn onto the session's recent window.
+    /// Push a final turn onto the session's recent window, while the session is registered
+    /// (see [`PUSH_RECENT_SCRIPT`]).
     pub async fn push_recent(&self, turn: &StoredTurn) -> Result<(), StoreError> {
-        let key = self.key(&format!("recent:{}", turn.session_id));
         let json = serde_json::to_string(turn).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut c = self.conn.clone();
-        redis::pipe()
-            .cmd("LPUSH")
-            .arg(&key)
+        redis::cmd("EVAL")
+            .arg(PUSH_RECENT_SCRIPT)
+            .arg(2)
+            .arg(self.key(&format!("recent:{}", turn.session_id)))
+            .arg(self.key(&format!("session:{}", turn.session_id)))
             .arg(json)
-            .ignore()
-            .cmd("LTRIM")
-            .arg(&key)
-            .arg(0)
             .arg(RECENT_TURNS - 1)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
             .arg(3_600_000u64)
-            .ignore()
             .query_async::<()>(&mut c)
             .await
             .map_err(redis_err)

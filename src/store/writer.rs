@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::journal::{Durability, Journal, JournalHandle};
 use super::redis::Redis;
@@ -41,6 +41,9 @@ use super::{Store, StoreError, StoredTurn};
 pub const QUEUE_CAPACITY: usize = 4096;
 /// Attempts per write when the database fails transiently.
 const MAX_ATTEMPTS: u32 = 5;
+/// How long a [`Write::Flush`] waits for the recent-turns pushes to Redis still in flight (they
+/// are best effort: a slow Redis must not hold a flush, e.g. a privacy delete, for long).
+const RECENT_FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// One write.
 #[derive(Debug)]
@@ -214,14 +217,18 @@ async fn run(
     stats: Arc<WriterStats>,
     journal: Option<Arc<Journal>>,
 ) {
+    // Recent-turns pushes in flight: a flush waits for them, so a privacy delete that flushes
+    // and then removes the session's Redis keys cannot be followed by a push that re-creates one.
+    let mut pushes = JoinSet::new();
     loop {
+        while pushes.try_join_next().is_some() {}
         // Spilled writes come after everything queued before the spill: only read them back
         // once the queue is empty.
         if rx.is_empty()
             && let Some(batch) = journal.as_ref().and_then(|j| j.take_spilled())
         {
             for w in batch {
-                apply_with_retry(store.as_ref(), &redis, &w, &stats, 0).await;
+                apply_with_retry(store.as_ref(), &redis, &w, &stats, 0, &mut pushes).await;
                 if let Some(j) = &journal {
                     j.applied();
                 }
@@ -233,16 +240,18 @@ async fn run(
             // Everything spilled before the flush is applied first.
             while let Some(batch) = journal.as_ref().and_then(|j| j.take_spilled()) {
                 for w in batch {
-                    apply_with_retry(store.as_ref(), &redis, &w, &stats, rx.len()).await;
+                    apply_with_retry(store.as_ref(), &redis, &w, &stats, rx.len(), &mut pushes).await;
                     if let Some(j) = &journal {
                         j.applied();
                     }
                 }
             }
+            let _ =
+                tokio::time::timeout(RECENT_FLUSH_WAIT, async { while pushes.join_next().await.is_some() {} }).await;
             let _ = done.send(());
             continue;
         }
-        apply_with_retry(store.as_ref(), &redis, &w, &stats, rx.len()).await;
+        apply_with_retry(store.as_ref(), &redis, &w, &stats, rx.len(), &mut pushes).await;
         if journaled && let Some(j) = &journal {
             j.applied();
         }
@@ -251,7 +260,14 @@ async fn run(
 
 /// Apply one write: transient failures are retried a few times, an unreachable database for as
 /// long as it takes.
-async fn apply_with_retry(store: &dyn Store, redis: &Option<Redis>, w: &Write, stats: &WriterStats, queued: usize) {
+async fn apply_with_retry(
+    store: &dyn Store,
+    redis: &Option<Redis>,
+    w: &Write,
+    stats: &WriterStats,
+    queued: usize,
+    pushes: &mut JoinSet<()>,
+) {
     let (what, id) = match w {
         Write::Flush(_) => return,
         Write::Connected { id, .. } => ("connected", id),
@@ -273,7 +289,7 @@ async fn apply_with_retry(store: &dyn Store, redis: &Option<Redis>, w: &Write, s
                 if let (Some(redis), Write::Turn(t)) = (redis, w) {
                     // Best effort and never in the way of the durable writes behind it.
                     let (redis, t) = (redis.clone(), t.clone());
-                    tokio::spawn(async move {
+                    pushes.spawn(async move {
                         if let Err(e) = redis.push_recent(&t).await {
                             tracing::debug!(session_id = %t.session_id, error = %e, "recent-turns window not updated");
                         }
