@@ -52,6 +52,7 @@ pub mod oidc;
 pub mod otlp;
 pub mod peer;
 pub mod pipecat;
+pub mod plain_udp;
 pub mod providers;
 pub mod realtime_calls;
 pub mod recording;

@@ -240,10 +240,13 @@ impl Peer {
             None => 0,
         };
         let explicit_port = port != 0;
-        let mut builder = PeerConnectionBuilder::new();
-        if let Some(lease) = &lease {
-            builder = builder.with_runtime(lease.runtime());
-        }
+        // A socket of its own is plain UDP: no GRO buffers (2 x 96 KB per session, see
+        // crate::plain_udp); the shared socket's runtime is the mux's.
+        let runtime: Arc<dyn webrtc::runtime::Runtime> = match &lease {
+            Some(lease) => lease.runtime(),
+            None => Arc::new(crate::plain_udp::PlainUdpRuntime),
+        };
+        let builder = PeerConnectionBuilder::new().with_runtime(runtime);
         let pc = builder
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(media_engine)

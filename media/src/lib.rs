@@ -43,8 +43,9 @@
 //!   rate; the queue is bounded and `push` reports partial acceptance. `clear()` reports the
 //!   frames of the current item actually emitted x 20 ms.
 //! - No per-frame allocation after warm-up: buffers are sized at construction; the only
-//!   allocations on the way are one id `String` per playout item and a resampler rebuild when
-//!   an item's sample rate changes.
+//!   allocations on the way are one id `String` per playout item, a resampler rebuild when
+//!   an item's sample rate changes, and the playout queue's growth (by half at a time, up to
+//!   `max_buffered`) when a provider sends audio faster than it is played.
 //!
 //! ## Modules
 //! [`pcm`] unit-carrying audio types; [`codec`] Opus with PLC/FEC; [`vad`] libfvad +

@@ -65,6 +65,11 @@ pub const DTX_REFRESH: Duration = Duration::from_millis(400);
 /// How many recently cleared item ids are remembered so their stragglers are dropped.
 const CLEARED_MEMORY: usize = 8;
 
+/// Samples the queue holds before its first growth: 500 ms at 48 kHz (48 KB). A provider that
+/// streams at real time never needs more; one that sends a reply faster grows it (see
+/// [`Playout::push`]).
+const INITIAL_RING_SAMPLES: usize = OPUS_RATE as usize / 2;
+
 /// Playout settings. Defaults: encoder defaults, 10 s queue, 0 ms jitter tolerance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlayoutConfig {
@@ -170,6 +175,9 @@ pub struct Playout {
     rs: Option<Resampler>,
     ring: VecDeque<i16>,
     max_samples: usize,
+    /// The most the ring is ever grown to: `max_samples` plus headroom for padding and one
+    /// resampler chunk beyond the accounting bound.
+    max_ring: usize,
     items: VecDeque<Item>,
     cleared: VecDeque<String>,
     frame: [i16; FRAME_SAMPLES],
@@ -199,7 +207,8 @@ impl std::fmt::Debug for Playout {
 }
 
 impl Playout {
-    /// Builds the encoder and allocates the queue.
+    /// Builds the encoder and a queue of [`INITIAL_RING_SAMPLES`]; the queue grows (by half,
+    /// never past `max_buffered` plus a few frames) only when a push needs more.
     pub fn new(cfg: PlayoutConfig) -> Result<Self, MediaError> {
         if cfg.max_buffered < FRAME * 5 || cfg.max_buffered > Duration::from_secs(120) {
             return Err(MediaError::InvalidConfig { key: "playout.max_buffered", reason: "must be 100 ms ..= 120 s" });
@@ -208,14 +217,18 @@ impl Playout {
             return Err(MediaError::InvalidConfig { key: "playout.jitter_tolerance", reason: "must be 0 ..= 5 ms" });
         }
         let max_samples = duration_to_samples(cfg.max_buffered, OPUS_RATE) as usize;
-        // Headroom for padding and one resampler chunk beyond the accounting bound.
-        let ring = VecDeque::with_capacity(max_samples + 4 * FRAME_SAMPLES);
+        let max_ring = max_samples + 4 * FRAME_SAMPLES;
+        // Not the whole `max_buffered` up front: a ring's head walks through all of its capacity,
+        // so every page of a 10 s queue (960 KB) ends up resident in every talking session,
+        // although replies streamed at real time never hold more than a few frames.
+        let ring = VecDeque::with_capacity(INITIAL_RING_SAMPLES.min(max_ring));
         Ok(Self {
             enc: OpusEncoder::new(cfg.encoder)?,
             cfg,
             rs: None,
             ring,
             max_samples,
+            max_ring,
             items: VecDeque::with_capacity(8),
             cleared: VecDeque::with_capacity(CLEARED_MEMORY),
             frame: [0; FRAME_SAMPLES],
@@ -271,6 +284,7 @@ impl Playout {
         if take == 0 {
             return Ok(0);
         }
+        self.reserve_for(take, pcm.rate_hz);
         let (Some(rs), Some(item)) = (self.rs.as_mut(), self.items.back_mut()) else {
             return Ok(0);
         };
@@ -510,6 +524,21 @@ impl Playout {
 
     fn earliest_after_last(&self) -> Duration {
         self.last_emit.map_or(Duration::ZERO, |t| t.saturating_add(FRAME - self.cfg.jitter_tolerance))
+    }
+
+    /// Grows the ring, before `input` samples at `rate_hz` are resampled into it, to hold what
+    /// is committed plus their output (and what a later flush and padding add): by at least half
+    /// its capacity (a few growths per session, amortised over pushes, never in `poll`; doubling
+    /// would reserve up to twice the audio held), at most `max_ring`.
+    fn reserve_for(&mut self, input: usize, rate_hz: u32) {
+        let out = (input as u64 * u64::from(OPUS_RATE)).div_ceil(u64::from(rate_hz.max(1))) as usize;
+        let chunk = self.rs.as_ref().map_or(0, Resampler::chunk_out);
+        let needed = (self.committed() + out + chunk).min(self.max_ring);
+        let cap = self.ring.capacity();
+        if needed > cap {
+            let target = needed.max(cap.saturating_add(cap / 2)).min(self.max_ring);
+            self.ring.reserve_exact(target - self.ring.len());
+        }
     }
 
     /// Samples queued plus samples the resampler still owes, plus one frame of padding.

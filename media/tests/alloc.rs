@@ -1,5 +1,6 @@
-//! No per-frame heap allocation on the hot paths after warm-up, checked with a counting
-//! global allocator (per thread, so parallel tests do not interfere).
+//! No per-frame heap allocation on the hot paths after warm-up, and a playout queue sized by the
+//! audio it holds, checked with a counting global allocator (per thread, so parallel tests do not
+//! interfere).
 
 mod common;
 
@@ -14,12 +15,19 @@ struct Counting;
 
 thread_local! {
     static ALLOCS: Cell<u64> = const { Cell::new(0) };
+    /// The largest single allocation (bytes) since the last [`largest_allocation`].
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note(size: usize) {
+    let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+    let _ = LARGEST.try_with(|c| c.set(c.get().max(size)));
 }
 
 // SAFETY: forwards to the system allocator; only adds a thread-local counter bump.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        note(layout.size());
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(layout) }
     }
@@ -28,7 +36,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        note(new_size);
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -39,6 +47,11 @@ static GLOBAL: Counting = Counting;
 
 fn allocs() -> u64 {
     ALLOCS.with(Cell::get)
+}
+
+/// The largest allocation since the previous call, in bytes.
+fn largest_allocation() -> usize {
+    LARGEST.with(|c| c.replace(0))
 }
 
 #[test]
@@ -114,4 +127,42 @@ fn playout_steady_state_does_not_allocate() {
     let n = allocs() - before;
     assert_eq!(n, 0, "{n} allocations while pushing and sending");
     assert!(frames > 300);
+}
+
+/// The playout queue is a ring whose head walks through all of its capacity, so every byte
+/// reserved ends up resident. It starts small and grows with the audio a provider sends ahead
+/// of the clock: a 10 s `max_buffered` is not reserved (960 KB) for every session up front.
+#[test]
+fn the_playout_queue_grows_with_the_audio_held_not_to_max_buffered() {
+    const BYTES_PER_SECOND_48K: usize = 48_000 * 2;
+    let reply = agent_reply().samples; // 24 kHz
+    let _ = largest_allocation();
+    let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+    let at_start = largest_allocation();
+    assert!(at_start <= BYTES_PER_SECOND_48K / 2, "{at_start} bytes reserved at start");
+
+    // A provider faster than real time: the whole reply at once.
+    let held = 48_000 * reply.len() / 24_000 * 2;
+    assert_eq!(p.push("r1", PcmRef::new(24_000, &reply)).expect("push"), reply.len());
+    let grown = largest_allocation();
+    assert!(grown >= held && grown <= held * 3 / 2 + 9_600, "{grown} bytes for {held} bytes of audio held");
+
+    // Played out in full, in order, from the grown ring.
+    assert!(p.finish_item("r1"));
+    let (mut buf, mut now, mut frames) = ([0u8; 1500], FRAME, 0usize);
+    while p.buffered() > std::time::Duration::ZERO {
+        if p.poll(now, &mut buf).is_some() {
+            frames += 1;
+        }
+        now += FRAME;
+    }
+    assert_eq!(frames, reply.len().div_ceil(480));
+
+    // Filled to max_buffered: never reserved beyond it (plus a few frames of headroom).
+    let max = 10 * BYTES_PER_SECOND_48K;
+    let long: Vec<i16> = reply.iter().copied().cycle().take(24_000 * 12).collect();
+    let taken = p.push("r2", PcmRef::new(24_000, &long)).expect("push");
+    assert!(taken < long.len(), "backpressure at max_buffered");
+    let largest = largest_allocation();
+    assert!(largest > max / 2 && largest <= max + 4 * 960 * 2, "{largest} bytes at max_buffered");
 }

@@ -9,7 +9,8 @@
 //! callgrind_annotate --inclusive=yes cg.out | grep 'frame_cost::cost_'
 //! ```
 //!
-//! Scenarios (BENCHMARKS.md, issue 14): both sides talking; a connected silent session whose
+//! Scenarios (BENCHMARKS.md, issue 14): both sides talking (the encoder at the media crate's
+//! default complexity 5, and at the server's `media.opus_complexity` 1); a connected silent session whose
 //! client sends coded silence every 20 ms (aiortc) with and without the uplink's skip of
 //! frames the sender flagged inactive; a DTX client (libwebrtc's pattern). While the agent is
 //! silent the playout is polled every 20 ms, as the session's pacing does. Without callgrind the
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use common::*;
 use media::pcm::{FRAME, PcmRef};
-use media::{Playout, PlayoutConfig, Uplink, UplinkConfig, UplinkEvent};
+use media::{EncoderConfig, Playout, PlayoutConfig, Uplink, UplinkConfig, UplinkEvent};
 
 /// 30 s of media per scenario.
 const FRAMES: usize = 1_500;
@@ -38,10 +39,18 @@ struct Session {
     sent_bytes: usize,
 }
 
+/// The server's Opus encoder complexity (`media.opus_complexity`, default 1); the media crate's
+/// own default ([`EncoderConfig::default`], 5) is the other talking scenario.
+const SERVER_COMPLEXITY: u8 = 1;
+
 impl Session {
     fn new(skip_inactive_frames: bool) -> Self {
+        Self::with_encoder(skip_inactive_frames, EncoderConfig::default())
+    }
+
+    fn with_encoder(skip_inactive_frames: bool, encoder: EncoderConfig) -> Self {
         let up = Uplink::new(UplinkConfig { skip_inactive_frames, ..UplinkConfig::default() }).expect("uplink");
-        let playout = Playout::new(PlayoutConfig::default()).expect("playout");
+        let playout = Playout::new(PlayoutConfig { encoder, ..PlayoutConfig::default() }).expect("playout");
         Self { up, playout, buf: [0; 1500], now: Duration::ZERO, seq: 0, ts: 0, heard: 0, sent_bytes: 0 }
     }
 
@@ -72,6 +81,15 @@ impl Session {
 
 #[inline(never)]
 fn cost_talking(s: &mut Session, speech: &[Vec<u8>], reply: &[i16]) {
+    for i in 0..FRAMES {
+        let agent = &reply[(i * 480) % (reply.len() - 480)..][..480];
+        s.frame(Some(&speech[i % speech.len()]), Some(agent));
+    }
+}
+
+/// As [`cost_talking`], with the encoder at the server's complexity.
+#[inline(never)]
+fn cost_talking_server(s: &mut Session, speech: &[Vec<u8>], reply: &[i16]) {
     for i in 0..FRAMES {
         let agent = &reply[(i * 480) % (reply.len() - 480)..][..480];
         s.frame(Some(&speech[i % speech.len()]), Some(agent));
@@ -118,6 +136,11 @@ fn talking_session_hears_and_sends_speech() {
     let reply = agent_reply().samples;
     let mut s = Session::new(true);
     cost_talking(&mut s, &speech, &reply);
+    assert_eq!(s.heard, FRAMES * 480, "30 s heard at 24 kHz");
+    assert!(s.sent_bytes > FRAMES * 40, "speech sent every frame: {} bytes", s.sent_bytes);
+    let server = EncoderConfig { complexity: SERVER_COMPLEXITY, ..EncoderConfig::default() };
+    let mut s = Session::with_encoder(true, server);
+    cost_talking_server(&mut s, &speech, &reply);
     assert_eq!(s.heard, FRAMES * 480, "30 s heard at 24 kHz");
     assert!(s.sent_bytes > FRAMES * 40, "speech sent every frame: {} bytes", s.sent_bytes);
 }
