@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{Received, TestClient, TestServer, wav};
+use super::{Received, TestClient, TestServer, speech_span, wav};
 
 /// Events matching `pred`.
 pub fn count(evs: &[Value], pred: impl Fn(&Value) -> bool) -> usize {
@@ -79,6 +79,26 @@ pub async fn ask_and_wait_reply(client: &mut TestClient, n: usize) {
             finals >= n && last_state.is_some_and(|e| e["state"] == "listening")
         })
         .await;
+}
+
+/// Assert that a model heard all of what [`ask_and_wait_reply`] said: its received audio
+/// (`model_pcm`, mono at `model_rate_hz`) lasts as long as the `sent_samples` 48 kHz samples the
+/// client sent (within 10 %), and its speech span (RMS > 300 in 20 ms windows) as long as
+/// `user_question.wav`'s (within 10 %). Prints both as `measured:`.
+pub fn assert_model_heard_question(model_pcm: &[i16], model_rate_hz: u32, sent_samples: usize) {
+    let model_secs = model_pcm.len() as f64 / f64::from(model_rate_hz);
+    let sent_secs = sent_samples as f64 / 48_000.0;
+    let (_, question) = wav("user_question.wav");
+    let (s0, s1) = speech_span(&question, 48_000, 300.0).unwrap();
+    let (m0, m1) = speech_span(model_pcm, model_rate_hz, 300.0).expect("the model heard speech");
+    eprintln!(
+        "measured: model got {model_secs:.2} s of audio for {sent_secs:.2} s sent; speech {} ms (sent {} ms)",
+        (m1 - m0).as_millis(),
+        (s1 - s0).as_millis()
+    );
+    assert!((model_secs - sent_secs).abs() <= sent_secs * 0.1, "model {model_secs:.2} s vs sent {sent_secs:.2} s");
+    let speech_diff = (m1 - m0).as_millis() as i64 - (s1 - s0).as_millis() as i64;
+    assert!(speech_diff.abs() <= ((s1 - s0).as_millis() as i64) / 10, "speech length differs by {speech_diff} ms");
 }
 
 /// `GET /v1/sessions/{id}/transcript`: the stored turns.
