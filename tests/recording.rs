@@ -157,13 +157,7 @@ async fn recorded_barge_in_session_decodes_replays_and_exports() {
         received[..],
         "the log holds every event the client received, in order"
     );
-    let stored = ts.transcript_json(&session_id, &token).await;
-    let stored: Vec<(String, String, bool)> = stored
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["role"].as_str().unwrap().into(), r["text"].as_str().unwrap().into(), r["interrupted"] == true))
-        .collect();
+    let stored = transcript_turns(&ts.transcript_json(&session_id, &token).await);
     let turns = recorded_turns(&outputs);
     assert_eq!(turns, stored, "the log's turns are the stored transcript");
     assert!(turns.iter().any(|t| t.0 == "agent" && t.2), "an interrupted agent turn: {turns:?}");
