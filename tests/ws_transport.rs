@@ -89,14 +89,7 @@ impl WsClient {
     }
 
     async fn wait_event(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let end = Instant::now() + timeout;
-        loop {
-            if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
-                return e;
-            }
-            assert!(Instant::now() < end, "timed out waiting for {what}; events: {:?}", self.events());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_event_in(what, timeout, || self.events(), pred).await
     }
 
     /// Send one 20 ms frame of 48 kHz audio (`pcm48`) in the client's format.

@@ -503,6 +503,24 @@ pub fn read_events(dc: Arc<dyn DataChannel>, inbox: Arc<Mutex<Inbox>>) {
     });
 }
 
+/// Poll `events` (a client's events so far) every 10 ms until one matches `pred`; returns it.
+/// Panics after `timeout`, naming `what` and listing the events.
+pub async fn wait_event_in(
+    what: &str,
+    timeout: Duration,
+    events: impl Fn() -> Vec<Value>,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = events().into_iter().find(|v| pred(v)) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; events so far: {:#?}", events());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The events logged in `inbox` so far.
 pub fn events_of(inbox: &Mutex<Inbox>) -> Vec<Value> {
     inbox
@@ -607,14 +625,7 @@ impl TestClient {
 
     /// Wait until an event matching `pred` has arrived; returns it.
     pub async fn wait_event(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = self.events().into_iter().find(|v| pred(v)) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; events so far: {:#?}", self.events());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_event_in(what, timeout, || self.events(), pred).await
     }
 
     /// Events received so far.
