@@ -111,14 +111,12 @@ pub struct State {
 pub type FakeGemini = super::FakeServer<State, GOptions, GConn>;
 
 impl FakeGemini {
+    /// Serve `script` at the Live API's path; [`FakeGemini::url`] is the URL to configure
+    /// (`GEMINI_LIVE_URL`).
     pub async fn start(opts: GOptions, script: Vec<GReply>) -> FakeGemini {
         let state = State { script: script.into(), ..Default::default() };
-        Self::listen(state, opts, Self::serve).await
-    }
-
-    /// The URL to configure (`GEMINI_LIVE_URL`).
-    pub fn url(&self) -> String {
-        format!("ws://{}/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent", self.addr)
+        let path = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent";
+        Self::listen(state, opts, path, Self::serve).await
     }
 
     async fn serve(self, tcp: tokio::net::TcpStream) {

@@ -109,14 +109,11 @@ pub struct State {
 pub type FakeOpenAi = super::FakeServer<State, FakeOptions, ConnLog>;
 
 impl FakeOpenAi {
+    /// Serve `script` at `/v1/realtime`; [`FakeOpenAi::url`] is the URL to configure
+    /// (`openai.url`).
     pub async fn start(opts: FakeOptions, script: Vec<Reply>) -> FakeOpenAi {
         let state = State { script: script.into(), ..Default::default() };
-        Self::listen(state, opts, Self::serve).await
-    }
-
-    /// The URL to configure (`openai.url`).
-    pub fn url(&self) -> String {
-        format!("ws://{}/v1/realtime", self.addr)
+        Self::listen(state, opts, "/v1/realtime", Self::serve).await
     }
 
     /// Refuse handshakes (HTTP 503) from connection number `n` (0-based) on.

@@ -51,12 +51,13 @@ pub fn wav(name: &str) -> (u32, Vec<i16>) {
 /// RMS of a slice.
 pub use media::pcm::rms;
 
-/// A fake provider server on a free loopback port: its address, its options, its state (the
-/// script) and one log per connection, shared by the tasks that serve its connections. Each
-/// WebSocket fake (`fake_openai`, `fake_gemini`) is this with its own state `S`, options `O` and
-/// connection log `C`.
+/// A fake provider server on a free loopback port: its address, the path of its WebSocket
+/// endpoint, its options, its state (the script) and one log per connection, shared by the tasks
+/// that serve its connections. Each WebSocket fake (`fake_openai`, `fake_gemini`) is this with its
+/// own state `S`, options `O` and connection log `C`.
 pub struct FakeServer<S, O, C> {
     pub addr: SocketAddr,
+    path: &'static str,
     pub(crate) state: Arc<Mutex<S>>,
     pub(crate) opts: Arc<O>,
     conns: Arc<Mutex<Vec<C>>>,
@@ -65,16 +66,18 @@ pub struct FakeServer<S, O, C> {
 impl<S, O, C> Clone for FakeServer<S, O, C> {
     fn clone(&self) -> Self {
         let (state, opts, conns) = (Arc::clone(&self.state), Arc::clone(&self.opts), Arc::clone(&self.conns));
-        Self { addr: self.addr, state, opts, conns }
+        Self { addr: self.addr, path: self.path, state, opts, conns }
     }
 }
 
 impl<S: Send + 'static, O: Send + Sync + 'static, C: Clone + Send + 'static> FakeServer<S, O, C> {
-    /// Listen on a free loopback port; every accepted TCP connection is handed to `serve` on a
-    /// task of its own (the fakes' accept loop).
+    /// Listen on a free loopback port for the WebSocket endpoint at `path` (`/v1/realtime`);
+    /// every accepted TCP connection is handed to `serve` on a task of its own (the fakes' accept
+    /// loop).
     pub async fn listen<Fut>(
         state: S,
         opts: O,
+        path: &'static str,
         serve: impl Fn(Self, tokio::net::TcpStream) -> Fut + Send + 'static,
     ) -> Self
     where
@@ -83,7 +86,7 @@ impl<S: Send + 'static, O: Send + Sync + 'static, C: Clone + Send + 'static> Fak
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (state, opts) = (Arc::new(Mutex::new(state)), Arc::new(opts));
-        let fake = Self { addr, state, opts, conns: Arc::default() };
+        let fake = Self { addr, path, state, opts, conns: Arc::default() };
         let f = fake.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
@@ -91,6 +94,11 @@ impl<S: Send + 'static, O: Send + Sync + 'static, C: Clone + Send + 'static> Fak
             }
         });
         fake
+    }
+
+    /// The URL to configure for the provider: `ws://{addr}{path}`.
+    pub fn url(&self) -> String {
+        format!("ws://{}{}", self.addr, self.path)
     }
 
     /// Every connection's log so far.
