@@ -19,21 +19,58 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
 
-use webrtc::runtime::{
-    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, RecvMeta, Runtime, TokioRuntime,
-    Transmit,
-};
+use webrtc::runtime::{AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, RecvMeta, Runtime, TokioRuntime, Transmit};
+
+/// Inside an `impl Runtime for ...`: the methods a peer runtime takes unchanged from
+/// [`TokioRuntime`] (`spawn`, `now`, `sleep`, `interval`, `block_on`, `resolve_host`). This
+/// runtime and [`crate::udp_mux`]'s differ from Tokio's only in their sockets.
+macro_rules! tokio_executor_and_dns {
+    () => {
+        fn spawn(
+            &self,
+            future: ::std::pin::Pin<Box<dyn ::std::future::Future<Output = ()> + Send>>,
+        ) -> Box<dyn ::webrtc::runtime::JoinHandle> {
+            ::webrtc::runtime::TokioRuntime.spawn(future)
+        }
+
+        fn resolve_host<'a>(
+            &'a self,
+            host: &'a str,
+        ) -> ::std::pin::Pin<
+            Box<dyn ::std::future::Future<Output = ::std::io::Result<Vec<::std::net::SocketAddr>>> + Send + 'a>,
+        > {
+            ::webrtc::runtime::TokioRuntime.resolve_host(host)
+        }
+
+        fn now(&self) -> ::std::time::Instant {
+            ::webrtc::runtime::TokioRuntime.now()
+        }
+
+        fn sleep(
+            &self,
+            duration: ::std::time::Duration,
+        ) -> ::std::pin::Pin<Box<dyn ::std::future::Future<Output = ()> + Send + 'static>> {
+            ::webrtc::runtime::TokioRuntime.sleep(duration)
+        }
+
+        fn interval(&self, period: ::std::time::Duration) -> Box<dyn ::webrtc::runtime::AsyncInterval> {
+            ::webrtc::runtime::TokioRuntime.interval(period)
+        }
+
+        fn block_on(&self, future: ::std::pin::Pin<Box<dyn ::std::future::Future<Output = ()> + '_>>) {
+            ::webrtc::runtime::TokioRuntime.block_on(future)
+        }
+    };
+}
+pub(crate) use tokio_executor_and_dns;
 
 /// The Tokio runtime whose UDP sockets are plain (one datagram per receive, no GRO/GSO).
 #[derive(Debug, Default)]
 pub struct PlainUdpRuntime;
 
 impl Runtime for PlainUdpRuntime {
-    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) -> Box<dyn JoinHandle> {
-        TokioRuntime.spawn(future)
-    }
+    tokio_executor_and_dns!();
 
     fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
         socket.set_nonblocking(true)?;
@@ -49,29 +86,6 @@ impl Runtime for PlainUdpRuntime {
         remote_addr: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = io::Result<Arc<dyn AsyncTcpStream>>> + Send + 'a>> {
         TokioRuntime.connect_tcp(remote_addr)
-    }
-
-    fn resolve_host<'a>(
-        &'a self,
-        host: &'a str,
-    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
-        TokioRuntime.resolve_host(host)
-    }
-
-    fn now(&self) -> Instant {
-        TokioRuntime.now()
-    }
-
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
-        TokioRuntime.sleep(duration)
-    }
-
-    fn interval(&self, period: Duration) -> Box<dyn AsyncInterval> {
-        TokioRuntime.interval(period)
-    }
-
-    fn block_on(&self, future: Pin<Box<dyn Future<Output = ()> + '_>>) {
-        TokioRuntime.block_on(future)
     }
 
     fn name(&self) -> &'static str {

@@ -40,14 +40,11 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::{Config, ConfigError, MediaSettings};
 use futures::task::AtomicWaker;
-use webrtc::runtime::{
-    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, RecvMeta, Runtime, TokioRuntime,
-    Transmit,
-};
+use webrtc::runtime::{AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, RecvMeta, Runtime, TokioRuntime, Transmit};
 
 /// Datagrams queued per peer before the mux drops (20 ms of audio is one; DTLS flights are a few).
 pub const QUEUE_DATAGRAMS: usize = 256;
@@ -460,9 +457,7 @@ struct MuxRuntime {
 }
 
 impl Runtime for MuxRuntime {
-    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) -> Box<dyn JoinHandle> {
-        TokioRuntime.spawn(future)
-    }
+    crate::plain_udp::tokio_executor_and_dns!();
 
     fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
         // The driver's own socket only names a port for its candidates: close it now.
@@ -489,29 +484,6 @@ impl Runtime for MuxRuntime {
     ) -> Pin<Box<dyn Future<Output = io::Result<Arc<dyn AsyncTcpStream>>> + Send + 'a>> {
         // The server is ICE-TCP passive only: it never dials an address a client named.
         Box::pin(async { Err(io::Error::new(io::ErrorKind::PermissionDenied, "the server does not dial ICE-TCP")) })
-    }
-
-    fn resolve_host<'a>(
-        &'a self,
-        host: &'a str,
-    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
-        TokioRuntime.resolve_host(host)
-    }
-
-    fn now(&self) -> Instant {
-        TokioRuntime.now()
-    }
-
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
-        TokioRuntime.sleep(duration)
-    }
-
-    fn interval(&self, period: Duration) -> Box<dyn AsyncInterval> {
-        TokioRuntime.interval(period)
-    }
-
-    fn block_on(&self, future: Pin<Box<dyn Future<Output = ()> + '_>>) {
-        TokioRuntime.block_on(future)
     }
 
     fn name(&self) -> &'static str {
