@@ -81,7 +81,7 @@ async fn a_spoken_turn_with_server_activity_detection_over_binary_frames() {
     assert_eq!(user_finals[0]["text"], "What is the weather like?");
     assert!(count(&evs, |e| e["type"] == "transcript" && e["role"] == "user" && e["final"] == false) >= 2, "partials");
     assert_eq!(agent_finals(&evs), [text]);
-    let states: Vec<&str> = evs.iter().filter(|e| e["type"] == "state").map(|e| e["state"].as_str().unwrap()).collect();
+    let states = states(&evs);
     assert_eq!(states.last(), Some(&"listening"));
     assert!(states.contains(&"speaking"), "{states:?}");
     assert_eq!(count(&evs, |e| e["type"] == "error"), 0, "no errors: {evs:#?}");

@@ -83,11 +83,8 @@ async fn spoken_turn_over_the_ga_dialect_with_local_turn_detection() {
     let user_final = evs.iter().find(|e| e["type"] == "transcript" && e["role"] == "user" && e["final"] == true);
     assert_eq!(user_final.unwrap()["text"], "What is the weather like?");
     assert!(count(&evs, |e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == false) >= 3, "partials");
-    let finals: Vec<&Value> =
-        evs.iter().filter(|e| e["type"] == "transcript" && e["role"] == "agent" && e["final"] == true).collect();
-    assert_eq!(finals.len(), 1);
-    assert_eq!(finals[0]["text"], text.as_str());
-    let states: Vec<&str> = evs.iter().filter(|e| e["type"] == "state").map(|e| e["state"].as_str().unwrap()).collect();
+    assert_eq!(agent_finals(&evs), [text.as_str()]);
+    let states = states(&evs);
     assert_eq!(states, ["initializing", "listening", "thinking", "speaking", "listening"]);
     assert_eq!(count(&evs, |e| e["type"] == "error"), 0, "no errors: {evs:#?}");
     ts.server.shutdown().await.unwrap();
@@ -480,8 +477,7 @@ async fn a_requested_reply_that_never_starts_times_out_and_the_agent_listens_aga
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let evs = client.events();
-        let states: Vec<&str> =
-            evs.iter().filter(|e| e["type"] == "state").map(|e| e["state"].as_str().unwrap()).collect();
+        let states = states(&evs);
         if states.ends_with(&["thinking", "listening"]) {
             break;
         }

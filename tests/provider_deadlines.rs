@@ -38,7 +38,7 @@ async fn a_provider_that_accepts_the_socket_and_never_answers_is_replaced_then_t
     let timeouts: Vec<&Value> = evs.iter().filter(|e| is_error(e, "provider_timeout")).collect();
     assert_eq!(timeouts.len(), 2, "one per attempt: {evs:#?}");
     assert!(timeouts[1]["message"].as_str().unwrap().contains("ending the session"), "{}", timeouts[1]);
-    let states: Vec<&str> = evs.iter().filter(|e| e["type"] == "state").map(|e| e["state"].as_str().unwrap()).collect();
+    let states = states(&evs);
     assert_eq!(states, ["initializing"], "never claimed to listen");
     assert_eq!(fake.conns().len(), 2, "the silent session was replaced once");
     assert!(!fake.conn(1).of_type("session.update").is_empty(), "the replacement was configured");

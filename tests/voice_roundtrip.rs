@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::listen::states;
 use common::*;
 use serde_json::Value;
 
@@ -150,7 +151,7 @@ async fn speech_round_trip_barge_in_and_delete() {
     // Events in a sane order.
     let ty = types(&evs);
     assert_eq!(ty[0], "session.ready", "session.ready comes first: {ty:?}");
-    let states: Vec<&str> = evs.iter().filter(|e| e["type"] == "state").map(|e| e["state"].as_str().unwrap()).collect();
+    let states = states(&evs);
     assert_eq!(states, ["initializing", "listening", "thinking", "speaking", "listening"], "state sequence");
     let pos = |pred: &dyn Fn(&Value) -> bool| evs.iter().position(pred).unwrap();
     assert!(pos(&|e| e["type"] == "user.speech_started") < pos(&|e| e["type"] == "user.speech_stopped"));

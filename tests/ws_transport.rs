@@ -13,6 +13,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::listen::states;
 use common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -233,8 +234,7 @@ async fn round_trip_with_opus_and_pcm16_at_each_rate() {
         assert!(loud > 1000.0, "{format:?}: the agent's audio is speech (peak RMS {loud:.0})");
         let ty: Vec<&str> = evs.iter().map(|e| e["type"].as_str().unwrap()).collect();
         assert_eq!(ty[0], "session.ready", "{format:?}: {ty:?}");
-        let states: Vec<&str> =
-            evs.iter().filter(|e| e["type"] == "state").map(|e| e["state"].as_str().unwrap()).collect();
+        let states = states(&evs);
         assert_eq!(states, ["initializing", "listening", "thinking", "speaking", "listening"], "{format:?}");
         // Our VAD heard the question through this transport: its edges bracket the speech.
         let at = |t: &str| evs.iter().find(|e| e["type"] == t).map(|e| e["at_ms"].as_i64().unwrap());

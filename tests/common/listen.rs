@@ -119,6 +119,11 @@ pub fn character_with_voices() -> kotodama::config::Character {
     }
 }
 
+/// The `state` events' states (`"listening"`, `"speaking"`, ...), in order.
+pub fn states(evs: &[Value]) -> Vec<&str> {
+    evs.iter().filter(|e| e["type"] == "state").map(|e| e["state"].as_str().unwrap()).collect()
+}
+
 /// The agent's final transcripts, in order.
 pub fn agent_finals(evs: &[Value]) -> Vec<String> {
     evs.iter()
