@@ -514,7 +514,13 @@ impl Store for SqlStore {
 
     async fn delete_user(&self, user_id: &str, api_key_id: Option<&str>) -> Result<Vec<String>, StoreError> {
         let ids: Vec<String> = self.user_sessions(user_id, api_key_id).await?.into_iter().map(|s| s.id).collect();
-        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        // SQLite: take the write lock at BEGIN, where the busy timeout applies (a deferred BEGIN
+        // can fail at once with SQLITE_BUSY_SNAPSHOT when the writer commits in between).
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        };
+        let mut tx = tx.map_err(query_err)?;
         for id in &ids {
             sqlx::query("DELETE FROM turns WHERE session_id = $1")
                 .bind(id)
