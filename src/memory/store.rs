@@ -141,19 +141,6 @@ impl MemoryStore {
         Ok(Self { pool, backend, pgvector })
     }
 
-    /// A write transaction. SQLite: `BEGIN IMMEDIATE` takes the write lock at the start, where
-    /// the busy timeout waits for another writer; a deferred `BEGIN` failed at once with
-    /// `SQLITE_BUSY_SNAPSHOT` (517, "database is locked") when the store writer committed between
-    /// the transaction's first read and its first write (seen: a session's memories lost to its own
-    /// `ended` write, 1 run in 8).
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
-        match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
-        }
-        .map_err(query_err)
-    }
-
     /// Store `items` learnt in `session_id` for `owner`, each with its embedding when there is
     /// one; a text the owner already has (case-insensitive) is skipped, and nothing is stored
     /// once the session is gone (privacy delete). One transaction: a reader sees all of a
@@ -167,7 +154,10 @@ impl MemoryStore {
     ) -> Result<usize, StoreError> {
         let mut stored = 0;
         let now = to_ms(SystemTime::now());
-        let mut tx = self.begin_write().await?;
+        // IMMEDIATE on SQLite: the session's own `ended` write may commit meanwhile (seen: its
+        // memories lost to "database is locked", 1 run in 8).
+        let mut tx =
+            crate::store::sql::begin_write(&self.pool, self.backend == Backend::Sqlite).await.map_err(query_err)?;
         for (i, (kind, text, embedding)) in items.iter().enumerate() {
             let id = signaling::id::new_id("mem");
             // SQLite keeps a blob column; Postgres a pgvector one only when vectors are on.

@@ -143,6 +143,14 @@ impl SqlStore {
     }
 }
 
+/// A write transaction on `pool`. SQLite (`sqlite`): `BEGIN IMMEDIATE` takes the write lock at
+/// the start, where the busy timeout waits for another writer; a deferred `BEGIN` fails at once
+/// with `SQLITE_BUSY_SNAPSHOT` (517, "database is locked") when another connection (the store
+/// writer) commits between the transaction's first read and its first write. Postgres: `BEGIN`.
+pub(crate) async fn begin_write(pool: &AnyPool, sqlite: bool) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Any>> {
+    if sqlite { pool.begin_with("BEGIN IMMEDIATE").await } else { pool.begin().await }
+}
+
 /// `sqlite:` URL with the file's directory created and `mode=rwc` (create when missing).
 fn sqlite_url(rest: &str) -> Result<String, StoreError> {
     let path_and_query = rest.trim_start_matches("//");
@@ -514,13 +522,7 @@ impl Store for SqlStore {
 
     async fn delete_user(&self, user_id: &str, api_key_id: Option<&str>) -> Result<Vec<String>, StoreError> {
         let ids: Vec<String> = self.user_sessions(user_id, api_key_id).await?.into_iter().map(|s| s.id).collect();
-        // SQLite: take the write lock at BEGIN, where the busy timeout applies (a deferred BEGIN
-        // can fail at once with SQLITE_BUSY_SNAPSHOT when the writer commits in between).
-        let tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
-        };
-        let mut tx = tx.map_err(query_err)?;
+        let mut tx = begin_write(&self.pool, self.backend == Backend::Sqlite).await.map_err(query_err)?;
         for id in &ids {
             sqlx::query("DELETE FROM turns WHERE session_id = $1")
                 .bind(id)
