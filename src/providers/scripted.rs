@@ -39,6 +39,24 @@ pub struct ScriptedReply {
     pub audio: Pcm,
 }
 
+impl ScriptedReply {
+    /// The first `len` of this reply: the audio cut at `len`, the transcript cut to the words
+    /// released by then (words follow the audio in proportion, as [`ScriptedProvider`] streams
+    /// them). A `len` at or past the end leaves the reply whole.
+    pub fn truncated(mut self, len: Duration) -> Self {
+        let keep = usize::try_from(len.as_millis() * u128::from(self.audio.rate_hz) / 1000).unwrap_or(usize::MAX);
+        let total = self.audio.samples.len();
+        if keep >= total {
+            return self;
+        }
+        let words: Vec<&str> = self.text.split_whitespace().collect();
+        let kept_words = (words.len() * keep).div_ceil(total.max(1)).max(1).min(words.len());
+        self.text = words[..kept_words].join(" ");
+        self.audio.samples.truncate(keep);
+        self
+    }
+}
+
 /// Configuration of the scripted provider.
 #[derive(Debug, Clone)]
 pub struct ScriptedConfig {
@@ -352,5 +370,27 @@ impl ReplyState {
             });
         }
         Some(ProviderEvent::ResponseDone { item_id: self.item_id.clone() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_truncated_reply_keeps_the_audio_prefix_and_the_words_spoken_in_it() {
+        let whole = ScriptedConfig::builtin().unwrap().replies.remove(0);
+        let total_words = whole.text.split_whitespace().count();
+        let short = whole.clone().truncated(Duration::from_millis(2_200));
+        assert_eq!(short.audio.samples.len(), 2_200 * whole.audio.rate_hz as usize / 1000);
+        assert_eq!(short.audio.samples[..], whole.audio.samples[..short.audio.samples.len()]);
+        let words = short.text.split_whitespace().count();
+        assert!(words > 0 && words < total_words, "{words} of {total_words} words kept: {:?}", short.text);
+        assert!(whole.text.starts_with(&short.text), "{:?} is not a prefix of the reply", short.text);
+        // Words kept in proportion to the audio kept (the last one may be partly spoken).
+        let share = short.audio.samples.len() as f64 / whole.audio.samples.len() as f64;
+        assert_eq!(words, (total_words as f64 * share).ceil() as usize);
+        let same = whole.clone().truncated(Duration::from_secs(60));
+        assert_eq!((same.text, same.audio.samples.len()), (whole.text, whole.audio.samples.len()));
     }
 }

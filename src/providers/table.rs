@@ -154,6 +154,10 @@ pub fn build_all(c: &Config) -> Result<Vec<Arc<dyn RealtimeProvider>>, ProviderS
 fn build_scripted(c: &Config, _: &mut Built) -> BuildResult {
     let mut script = ScriptedConfig::builtin().map_err(setup_error("scripted", "scripted.*"))?;
     script.response_delay = Duration::from_millis(c.scripted.response_delay_ms);
+    if let Some(ms) = c.scripted.reply_ms {
+        let len = Duration::from_millis(ms);
+        script.replies = script.replies.into_iter().map(|r| r.truncated(len)).collect();
+    }
     Ok(Arc::new(ScriptedProvider::new(script)))
 }
 

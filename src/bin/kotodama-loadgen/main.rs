@@ -38,6 +38,10 @@ USAGE: kotodama-loadgen [options]
   --hold <secs>              measurement time per step (default 15)
   --model-delay-ms <ms>      the scripted provider's response delay (default 200; 0: server-only)
   --barge <fraction>         share of turns that barge in (default 0.25)
+  --question-ms <ms>         speak only the first <ms> of the 4.4 s question (issue 14's profile:
+                             2700, a 2.7 s sentence)
+  --reply-ms <ms>            a started server's scripted reply cut to <ms> (default: the whole
+                             7.5 s; issue 14's profile: 2200)
   --profile <talk|silent>    talk in turns, or stay connected and silent (default talk)
   --every <secs>             talk: start a question every <secs> s (e.g. 6) instead of taking
                              turns (ask, hear the reply, pause 0.5 s)
@@ -66,6 +70,8 @@ struct Opts {
     server_cpus: Option<String>,
     server_rt: Option<u8>,
     opus_complexity: Option<u8>,
+    question_ms: Option<u64>,
+    reply_ms: Option<u64>,
     api_key: Option<String>,
     json: PathBuf,
     png: PathBuf,
@@ -86,6 +92,8 @@ fn parse_args() -> anyhow::Result<Opts> {
         server_cpus: None,
         server_rt: None,
         opus_complexity: None,
+        question_ms: None,
+        reply_ms: None,
         api_key: None,
         json: "loadgen.json".into(),
         png: "loadgen.png".into(),
@@ -128,6 +136,8 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--server-cpus" => o.server_cpus = Some(val(i)?),
             "--server-rt" => o.server_rt = Some(val(i)?.parse()?),
             "--opus-complexity" => o.opus_complexity = Some(val(i)?.parse()?),
+            "--question-ms" => o.question_ms = Some(val(i)?.parse()?),
+            "--reply-ms" => o.reply_ms = Some(val(i)?.parse()?),
             "--api-key" => o.api_key = Some(val(i)?),
             "--json" => o.json = val(i)?.into(),
             "--png" => o.png = val(i)?.into(),
@@ -136,6 +146,11 @@ fn parse_args() -> anyhow::Result<Opts> {
         i += 2;
     }
     anyhow::ensure!(!o.steps.is_empty(), "--steps is empty");
+    anyhow::ensure!(o.question_ms.is_none_or(|ms| ms >= 200), "--question-ms must be at least 200");
+    anyhow::ensure!(
+        o.url.is_none() || o.reply_ms.is_none(),
+        "--reply-ms applies to a server the generator starts; with --url set scripted.reply_ms on that server"
+    );
     anyhow::ensure!((0.0..=1.0).contains(&o.barge), "--barge must be within 0..1");
     Ok(o)
 }
@@ -151,9 +166,13 @@ fn spawn_server(o: &Opts, max_sessions: usize) -> anyhow::Result<(Child, String)
     std::fs::write(
         &cfg,
         format!(
-            "provider = \"scripted\"\n[session]\nmax_sessions = {}\n[scripted]\nresponse_delay_ms = {}\n{}",
+            "provider = \"scripted\"\n[session]\nmax_sessions = {}\n{}[scripted]\nresponse_delay_ms = {}\n{}{}",
             max_sessions + 16,
+            // Every session comes from this one address within a minute or two: the per-IP and
+            // per-key creation rates (120 and 600 a minute by default) would stop the ramp.
+            "create_per_minute_per_ip = 0\ncreate_per_minute_per_key = 0\n",
             o.model_delay_ms,
+            o.reply_ms.map(|ms| format!("reply_ms = {ms}\n")).unwrap_or_default(),
             o.opus_complexity.map(|c| format!("[media]\nopus_complexity = {c}\n")).unwrap_or_default()
         ),
     )?;
@@ -180,6 +199,16 @@ fn spawn_server(o: &Opts, max_sessions: usize) -> anyhow::Result<(Child, String)
         .stderr(Stdio::inherit());
     let child = cmd.spawn().context("starting the server")?;
     Ok((child, format!("http://127.0.0.1:{port}")))
+}
+
+/// A line above the progress bar, or on stderr when the bar is hidden (not a terminal: indicatif's
+/// `println` then prints nothing, and connect failures and the reason a ramp stopped were lost).
+fn say(bar: &ProgressBar, line: impl AsRef<str>) {
+    if bar.is_hidden() {
+        eprintln!("{}", line.as_ref());
+    } else {
+        bar.println(line);
+    }
 }
 
 /// Sessions connecting at once while ramping.
@@ -235,7 +264,8 @@ async fn run(o: Opts) -> anyhow::Result<()> {
 
     let wav = include_bytes!("../../../tests/data/user_question.wav");
     let pcm = media::wav::parse(wav)?;
-    let speech = Arc::new(Speech::encode(&pcm.samples)?);
+    let question = o.question_ms.map_or(pcm.samples.len(), |ms| (ms as usize * 48).min(pcm.samples.len()));
+    let speech = Arc::new(Speech::encode(&pcm.samples[..question])?);
     let talk = TalkProfile { barge: o.barge, every: o.every };
     let (add_tx, add_rx) = tokio::sync::mpsc::channel(CONNECTS_AT_ONCE);
     let pacer = tokio::spawn(pace(add_rx, Arc::clone(&speech), talk));
@@ -264,7 +294,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                     }
                     Err(e) => {
                         failed += 1;
-                        bar.println(format!("session {} failed to connect: {e:#}", probes.len() + 1));
+                        say(&bar, format!("session {} failed to connect: {e:#}", probes.len() + 1));
                     }
                 }
             }
@@ -284,11 +314,11 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         let after = report::server_sample(&http, &base, pid).await;
         let samples: Vec<client::Sample> = probes.iter().map(|p| p.take(true)).collect();
         let step = StepReport::build(probes.len(), &samples, &before, &after, &idle, o.model_delay_ms);
-        bar.println(step.row());
+        say(&bar, step.row());
         let stop_now = step.lateness.p99_ms > o.max_lateness_ms || step.lost > 0 || failed > 5;
         reports.push(step);
         if stop_now {
-            bar.println("a bound broke: stopping the ramp");
+            say(&bar, format!("a bound broke at {n} sessions ({} connected): stopping the ramp", probes.len()));
             break;
         }
     }
