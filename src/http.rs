@@ -154,6 +154,7 @@ impl SessionHost for Host {
             user_id: request.user_id,
             api_key_id: request.api_key_id,
             record: request.record,
+            continues: Vec::new(),
         };
         let s = self.manager.create(options).await.map_err(to_api)?;
         Ok(CreatedSession { session_id: s.id.clone(), ice_servers: self.ice_servers.clone() })

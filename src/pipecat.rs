@@ -15,7 +15,8 @@
 //! `pc_id` names the peer connection: `<session id>.<peer id>.<etag>` (all `[A-Za-z0-9_-]`), so
 //! a trickle PATCH finds its session without server-side state. A new offer with `restart_pc:true`
 //! and the `pc_id` of a live session (the transport recreates its peer connection after ICE
-//! fails) ends that session and answers with a new one.
+//! fails) ends that session and answers with a new one that continues its conversation: the
+//! model opens with the old session's turns as prior history (same API key or user only).
 //!
 //! The offer goes through the same checks as `POST /v1/sessions/{id}/offer`
 //! ([`signaling::sdp::validate_offer`]): Pipecat's three m-lines (audio `sendrecv`, video
@@ -41,6 +42,7 @@ use signaling::problem::ApiError;
 use signaling::token::VerifyMode;
 use webrtc::peer_connection::RTCIceCandidateInit;
 
+use crate::providers::HistoryItem;
 use crate::session::rtvi::RtviCodec;
 use crate::session::{CreateOptions, EndReason, SessionManager, SessionState};
 
@@ -200,11 +202,26 @@ async fn answer(st: &PipecatState, id: &str, offer: signaling::sdp::ValidOffer) 
     Ok(response)
 }
 
-/// `restart_pc` with the `pc_id` of a live session: that peer connection is being replaced.
-async fn end_replaced(st: &PipecatState, request: &OfferRequest, session: Option<&str>) {
-    let Some(old) = request.pc_id.as_deref().filter(|_| request.restart_pc).and_then(PcId::parse) else { return };
-    if session.is_none_or(|s| s == old.session) {
-        let _ = st.manager.end(&old.session, Some(&old.peer), EndReason::ClientRequest).await;
+/// `restart_pc` with the `pc_id` of a live session: that peer connection is being replaced, and
+/// the session is ended. Returns the conversation the new session continues (Pipecat's own server
+/// keeps its bot, and so the conversation, across `restart_pc`): the old session's, when the
+/// `pc_id` named its current peer and `owner` (API key id, user id) created it; else nothing.
+async fn end_replaced(
+    st: &PipecatState,
+    request: &OfferRequest,
+    session: Option<&str>,
+    owner: (&Option<String>, &Option<String>),
+) -> Vec<HistoryItem> {
+    let Some(old) = request.pc_id.as_deref().filter(|_| request.restart_pc).and_then(PcId::parse) else {
+        return Vec::new();
+    };
+    if session.is_some_and(|s| s != old.session) {
+        return Vec::new();
+    }
+    let ended = st.manager.end(&old.session, Some(&old.peer), EndReason::ClientRequest).await;
+    match st.manager.get(&old.session) {
+        Some(s) if ended.is_ok() && (&s.api_key_id, &s.user_id) == owner => s.conversation(),
+        _ => Vec::new(),
     }
 }
 
@@ -233,9 +250,10 @@ async fn offer(
         user_id,
         api_key_id,
         record: data.and_then(|d| d.get("record")).and_then(Value::as_bool),
+        continues: Vec::new(),
     };
-    end_replaced(&st, &request, None).await;
-    let shared = st.manager.create(options).await.map_err(crate::http::to_api)?;
+    let continues = end_replaced(&st, &request, None, (&options.api_key_id, &options.user_id)).await;
+    let shared = st.manager.create(CreateOptions { continues, ..options }).await.map_err(crate::http::to_api)?;
     let result = answer(&st, &shared.id, offer).await;
     if result.is_err() {
         // Nobody else knows this session: do not leave it waiting for a connect timeout.
@@ -272,7 +290,8 @@ async fn session_offer(
     let (id, claims, request): SessionRequest<OfferRequest> =
         session_request(&st, path, &headers, body, (VerifyMode::Connect, MAX_OFFER_REQUEST_BYTES)).await?;
     let shared = st.manager.get(&id).ok_or_else(ApiError::unknown_session)?;
-    end_replaced(&st, &request, Some(&id)).await;
+    // The session itself is the one connecting: nothing to continue.
+    end_replaced(&st, &request, Some(&id), (&None, &None)).await;
     match shared.phase() {
         SessionState::Ended => return Err(ApiError::offer_after_end()),
         SessionState::Created => {}

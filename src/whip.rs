@@ -196,6 +196,7 @@ async fn publish(
             _ => None,
         },
         record: None,
+        continues: Vec::new(),
     };
     w.sweep();
     let started = w.manager.whip_publish(options, offer).await.map_err(crate::http::to_api)?;

@@ -13,6 +13,8 @@
 mod common;
 
 use common::*;
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
 fn pipecat_offer() -> String {
@@ -289,5 +291,66 @@ async fn the_per_session_route_claims_the_tokens_jti_like_the_offer() {
     assert_eq!(status, 200, "{answer}");
     let used: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut redis).await.unwrap();
     assert_eq!(used.as_deref(), Some("1"), "the token is used up for every node (single use)");
+    ts.server.shutdown().await.unwrap();
+}
+
+/// Pipecat's own server keeps its bot across `restart_pc`; here the replacing session continues
+/// the replaced one's conversation: its model opens with the old turns as prior history. A
+/// `pc_id` that does not name the old session's current peer carries nothing over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_pc_continues_the_conversation_of_the_replaced_session() {
+    use kotodama::providers::HistoryItem;
+    const KEY: &str = "pipecat-restart-test-api-key";
+    let ts = TestServer::start_with(|c| c.api_keys = vec![KEY.into()]).await;
+    let offer = json!({"sdp": pipecat_offer(), "type": "offer", "pc_id": null, "restart_pc": false});
+    let (status, first) = post(&ts, "/api/offer", offer.clone(), Some(KEY)).await;
+    assert_eq!(status, 200, "{first}");
+    let pc_id = first["pc_id"].as_str().unwrap().to_owned();
+    let session = pc_id.split('.').next().unwrap().to_owned();
+    let said = "My name is Kenji and I like tea.";
+    let (status, body) = post(&ts, &format!("/v1/sessions/{session}/messages"), json!({"text": said}), Some(KEY)).await;
+    assert_eq!(status, 202, "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let res =
+            ts.http.get(format!("{}/v1/sessions/{session}/transcript", ts.base)).bearer_auth(KEY).send().await.unwrap();
+        let transcript: Value = res.json().await.unwrap();
+        let turns = transcript.as_array().cloned().unwrap_or_default();
+        if turns.iter().any(|t| t["role"] == "user" && t["text"] == said) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the typed turn was not recorded: {transcript}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let opened = ts.recorder.histories().len();
+
+    // A forged pc_id (right session, wrong peer) ends nothing and carries nothing.
+    let mut forged = offer.clone();
+    forged["pc_id"] = json!(format!("{session}.peer_forged.e_x"));
+    forged["restart_pc"] = json!(true);
+    let (status, body) = post(&ts, "/api/offer", forged, Some(KEY)).await;
+    assert_eq!(status, 200, "{body}");
+    let histories = ts.recorder.histories();
+    assert_eq!(histories.len(), opened + 1, "one more provider session");
+    assert_eq!(histories.last().unwrap(), &Vec::<HistoryItem>::new(), "nothing carried over a forged pc_id");
+
+    let mut again = offer;
+    again["pc_id"] = json!(pc_id);
+    again["restart_pc"] = json!(true);
+    let (status, second) = post(&ts, "/api/offer", again, Some(KEY)).await;
+    assert_eq!(status, 200, "{second}");
+    let new_session = second["pc_id"].as_str().unwrap().split('.').next().unwrap().to_owned();
+    assert_ne!(new_session, session, "a new session replaces the old one");
+    let histories = ts.recorder.histories();
+    assert_eq!(histories.len(), opened + 2);
+    let carried = histories.last().unwrap();
+    assert_eq!(carried.first(), Some(&HistoryItem::User(said.into())), "the model hears the old turns: {carried:?}");
+    assert!(
+        carried.iter().all(|h| matches!(h, HistoryItem::User(t) if t == said) || matches!(h, HistoryItem::Agent(_))),
+        "only the old session's turns: {carried:?}"
+    );
+    let res = ts.http.get(format!("{}/v1/sessions/{session}", ts.base)).bearer_auth(KEY).send().await.unwrap();
+    let old: Value = res.json().await.unwrap();
+    assert_eq!(old["state"], "ended", "{old}");
     ts.server.shutdown().await.unwrap();
 }

@@ -481,7 +481,7 @@ impl SessionBuilder {
             voice: character.voice.clone(),
             voices: character.voices.clone().into_iter().collect(),
             language: character.language.clone(),
-            history: Vec::new(),
+            history: shared.continues.clone(),
             // Set to the conversation core's view once it is built (see `answered`).
             session_history: Default::default(),
             tools: Arc::new(tools.with_budget(Arc::clone(&budget.tool_calls))),

@@ -153,6 +153,9 @@ pub struct SessionShared {
     pub api_key_id: Option<String>,
     /// The session is recorded ([`crate::recording`]): asked at creation, or by configuration.
     pub record: bool,
+    /// The conversation it continues ([`CreateOptions::continues`]), bounded as the replayed
+    /// history is ([`crate::providers::MAX_HISTORY_ITEMS`], [`crate::providers::MAX_HISTORY_CHARS`]).
+    pub continues: Vec<crate::providers::HistoryItem>,
     created_instant: Instant,
     state: Mutex<SharedState>,
     writer: StoreWriter,
@@ -380,6 +383,17 @@ impl SessionShared {
     pub fn turns(&self) -> Vec<StoredTurn> {
         self.lock().turns.clone()
     }
+
+    /// The whole conversation for a session that continues this one: what this one continued,
+    /// then its own turns (an interrupted agent turn as heard), bounded as replayed history is.
+    pub fn conversation(&self) -> Vec<crate::providers::HistoryItem> {
+        use crate::providers::{History, HistoryItem};
+        let own = self.turns().into_iter().map(|t| match t.role {
+            Role::User => HistoryItem::User(t.text),
+            Role::Agent => HistoryItem::Agent(t.text),
+        });
+        History::from_items(self.continues.iter().cloned().chain(own)).to_vec()
+    }
 }
 
 /// Errors of session operations, mapped to HTTP statuses by the API layer.
@@ -518,6 +532,10 @@ pub struct CreateOptions {
     pub api_key_id: Option<String>,
     /// Record the session (`"record"` in the body); `None`: as configured (`[recording]`).
     pub record: Option<bool>,
+    /// The conversation this session continues (Pipecat's `restart_pc` replaces a failed peer
+    /// connection with a new session): the provider opens with it as prior history, as a
+    /// resumed provider session does ([`crate::providers::SessionConfig::history`]).
+    pub continues: Vec<crate::providers::HistoryItem>,
 }
 
 impl SessionManager {
@@ -697,6 +715,7 @@ impl SessionManager {
             user_id: options.user_id.clone(),
             api_key_id: options.api_key_id.clone(),
             record: options.record.unwrap_or_else(|| self.config.recording.records_character(&character.id)),
+            continues: crate::providers::History::from_items(options.continues.iter().cloned()).to_vec(),
             created_instant: Instant::now(),
             writer: self.writer.clone(),
             cluster: self.cluster.clone(),
@@ -1082,6 +1101,7 @@ mod tests {
             user_id: None,
             api_key_id: None,
             record: false,
+            continues: Vec::new(),
             created_instant: Instant::now(),
             state: Mutex::new(SharedState {
                 phase: SessionState::Connecting,
