@@ -67,6 +67,8 @@ pub fn routes(api: ApiState, manager: Arc<SessionManager>) -> Router {
         .route("/v1/sessions/{id}/api/offer", post(session_offer).patch(session_trickle).options(preflight))
         .method_not_allowed_fallback(signaling::api::method_not_allowed)
         .with_state(PipecatState { api, manager })
+        // 307 answers (placement, a session on another node) carry `Location`.
+        .layer(axum::middleware::from_fn(signaling::api::redirect_location))
         .layer(axum::middleware::map_response(allow_origin))
 }
 
@@ -232,10 +234,17 @@ async fn offer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let caller = caller(&st, &headers).await?;
+    let request: OfferRequest = read_json(&headers, body, MAX_OFFER_REQUEST_BYTES).await?;
+    // Placement as for `POST /v1/sessions` (307 to the same route on a less loaded node), except
+    // for a restart of a session held here: its conversation is here to continue.
+    let replaces_here = request.restart_pc
+        && request.pc_id.as_deref().and_then(PcId::parse).is_some_and(|old| st.manager.get(&old.session).is_some());
+    if !replaces_here {
+        st.manager.place().await.map_err(crate::http::to_api)?;
+    }
     // Draining and the creation limits as for `POST /v1/sessions` (per API key or user, else per
     // client IP).
     signaling::api::admit_creation(&st.api, caller.as_ref(), ip).await?;
-    let request: OfferRequest = read_json(&headers, body, MAX_OFFER_REQUEST_BYTES).await?;
     let offer = valid_offer(&request)?;
     let (api_key_id, user_id) = match caller {
         Some(Caller::Key(k)) => (Some(k.id), None),
@@ -289,7 +298,7 @@ async fn session_offer(
 ) -> Result<Response, ApiError> {
     let (id, claims, request): SessionRequest<OfferRequest> =
         session_request(&st, path, &headers, body, (VerifyMode::Connect, MAX_OFFER_REQUEST_BYTES)).await?;
-    let shared = st.manager.get(&id).ok_or_else(ApiError::unknown_session)?;
+    let shared = held_here(&st, &id).await?;
     // The session itself is the one connecting: nothing to continue.
     end_replaced(&st, &request, Some(&id), (&None, &None)).await;
     match shared.phase() {
@@ -310,6 +319,17 @@ async fn session_offer(
         signaling::api::release_token(&st.api, claims).await;
     }
     result
+}
+
+/// Session `id` as this node holds it; a session live on another node of the cluster is 307 to
+/// the same route there (the client's endpoint stays the node it first reached, so its offer and
+/// trickle for a session placed elsewhere land here), anything else 404 `unknown_session`.
+async fn held_here(st: &PipecatState, id: &str) -> Result<Arc<crate::session::SessionShared>, ApiError> {
+    if let Some(shared) = st.manager.get(id) {
+        return Ok(shared);
+    }
+    st.manager.locate(id).await.map_err(crate::http::to_api)?;
+    Err(ApiError::unknown_session())
 }
 
 /// Hand the candidates of `request` to its peer connection.
@@ -340,6 +360,7 @@ async fn add_candidates(
             ..Default::default()
         })
         .collect();
+    held_here(st, &pc.session).await.map_err(|e| if matches!(e, ApiError::Elsewhere(_)) { e } else { unknown_pc() })?;
     let tag = format!("\"{}\"", pc.etag);
     st.manager.trickle(&pc.session, &pc.peer, &tag, inits).await.map_err(|e| match e {
         crate::session::SessionError::NotFound

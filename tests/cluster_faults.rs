@@ -438,3 +438,61 @@ async fn a_node_that_was_declared_dead_while_cut_off_ends_its_own_sessions_node_
     assert_eq!(a.server.manager().live_count(), 1, "a notice for this incarnation acts once");
     a.server.shutdown().await.unwrap();
 }
+
+/// Pipecat's transport posts its offer and its trickle to one endpoint, the node the app names:
+/// the offer is placed like `POST /v1/sessions` (307 to `/api/offer` on the less loaded node), and
+/// a trickle or a per-session offer for a session another node holds is 307 to that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipecat_offers_are_placed_and_their_requests_follow_the_session_across_nodes() {
+    let redis = OwnRedis::start();
+    let db = PgTestDb::create().await;
+    let a = TestServer::start_with(in_process(db.url.clone(), redis.url(), Placement::LeastLoaded)).await;
+    let b = TestServer::start_with(in_process(db.url.clone(), redis.url(), Placement::LeastLoaded)).await;
+    let http = no_redirects();
+    let sdp =
+        std::fs::read_to_string(format!("{}/tests/data/offers/pipecat_small_webrtc.sdp", env!("CARGO_MANIFEST_DIR")))
+            .unwrap();
+    let offer = serde_json::json!({"sdp": sdp, "type": "offer", "pc_id": null, "restart_pc": false});
+    // A holds one session, B none: A places the next Pipecat offer on B.
+    let r = http.post(format!("{}/v1/sessions", a.base)).json(&serde_json::json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http.post(format!("{}/api/offer", a.base)).json(&offer).send().await.unwrap();
+    assert_eq!(r.status(), 307, "A (1) is above B (0)");
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    assert_eq!(location, format!("{}/api/offer", b.base), "the same route on the less loaded node");
+    assert_eq!(r.headers()["access-control-allow-origin"], "*", "a page on another origin may follow it");
+    let r = http.post(location).json(&offer).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    let pc_id = answer["pc_id"].as_str().unwrap().to_owned();
+    let session = pc_id.split('.').next().unwrap().to_owned();
+    assert!(b.server.manager().get(&session).is_some(), "the session is on B");
+
+    // The transport trickles to the endpoint it was given, A: 307 to B, which takes it.
+    let trickle = serde_json::json!({"pc_id": pc_id, "candidates": [{"candidate": "", "sdp_mid": "0"}]});
+    let r = http.patch(format!("{}/api/offer", a.base)).json(&trickle).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["location"], format!("{}/api/offer", b.base));
+    let r = http.patch(format!("{}/api/offer", b.base)).json(&trickle).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // A trickle for a session no node holds is still 404.
+    let unknown = serde_json::json!({"pc_id": "sess_nowhere.peer_x.e_y", "candidates": []});
+    let r = http.patch(format!("{}/api/offer", a.base)).json(&unknown).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    // A session created on B through `POST /v1/sessions`, its Pipecat offer sent to A (the app's
+    // `offerUrlTemplate` on the endpoint's node): 307 to the same path on B.
+    let r = http.post(format!("{}/v1/sessions", b.base)).json(&serde_json::json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    let (id, token) = (created["session_id"].as_str().unwrap(), created["token"].as_str().unwrap());
+    let path = format!("/v1/sessions/{id}/api/offer");
+    let r = http.post(format!("{}{path}", a.base)).bearer_auth(token).json(&offer).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["location"], format!("{}{path}", b.base));
+    let r = http.post(format!("{}{path}", b.base)).bearer_auth(token).json(&offer).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the token was not used up by the redirect");
+    for ts in [a, b] {
+        ts.server.shutdown().await.unwrap();
+    }
+}
