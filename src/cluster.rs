@@ -17,7 +17,7 @@
 //!   node agree. With SQLite every node has its own store: the survivor's update finds nothing,
 //!   and the dead node's sessions are ended `crash`, at its last heartbeat, when it restarts;
 //! * places new sessions (`cluster.placement = "least_loaded"`): `POST /v1/sessions` (and Pipecat's
-//!   `POST /api/offer`) on a node holding at least one session more than the least-loaded live,
+//!   `POST /api/offer`, a WHIP publish) on a node holding at least one session more than the least-loaded live,
 //!   accepting node is answered 307 to the same route on that node;
 //! * listens on its own control channel (and [`ALL_NODES`]) for messages other nodes send to the
 //!   sessions it hosts: end, inject a text turn, forget deleted sessions.

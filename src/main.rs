@@ -34,7 +34,7 @@ ENVIRONMENT (overrides the file):
     KOTODAMA_REDIS_PREFIX  prefix of every Redis key (default kotodama:)
     KOTODAMA_ADVERTISE_URL URL other nodes redirect this node's clients to (default http://<bind>)
     KOTODAMA_NODE_ID       stable node id in the store (default: the advertise URL)
-    KOTODAMA_CLUSTER_PLACEMENT  least_loaded (default: POST /v1/sessions and /api/offer may 307 to a less loaded node) or local
+    KOTODAMA_CLUSTER_PLACEMENT  least_loaded (default: a new session may 307 to a less loaded node) or local
     KOTODAMA_CLUSTER_HEARTBEAT_INTERVAL_MS, KOTODAMA_CLUSTER_HEARTBEAT_EXPIRY_MS  node heartbeat (default 5000, 15000)
     KOTODAMA_WEB_DEMO_DIR  serve the web demo from this directory (default: the built-in demo)
     KOTODAMA_LOG           log filter, e.g. info or kotodama=debug (default info)

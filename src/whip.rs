@@ -103,6 +103,8 @@ impl Whip {
             .route("/v1/sessions/{id}/whep", options(preflight).post(play))
             .route("/v1/sessions/{id}/whep/{player}", patch(player_patch).delete(player_delete).options(preflight))
             .route("/v1/sessions/{id}/events", axum::routing::get(events).options(preflight))
+            // 307 answers (placement, a session on another node) carry `Location`.
+            .layer(axum::middleware::from_fn(signaling::api::redirect_location))
             .layer(axum::middleware::map_response(with_cors))
             .with_state(self.clone())
     }
@@ -176,6 +178,9 @@ async fn publish(
     body: Body,
 ) -> Result<Response, ApiError> {
     let caller = signaling::api::authenticate(&w.api, &headers).await?;
+    // Placement as for `POST /v1/sessions`: 307 to this route on a less loaded node (a WHIP client
+    // follows it, RFC 9725 §4.5).
+    w.manager.place().await.map_err(crate::http::to_api)?;
     // Draining and the creation limits as for `POST /v1/sessions`.
     signaling::api::admit_creation(&w.api, caller.as_ref(), ip).await?;
     require_content_type(&headers, APPLICATION_SDP)?;
@@ -223,7 +228,7 @@ async fn play(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let players = whip_session(&w, &id, &headers)?;
+    let players = whip_session(&w, &id, &headers).await?;
     require_content_type(&headers, APPLICATION_SDP)?;
     let bytes = read_body(body, MAX_OFFER_BYTES).await?;
     let offer = validate_whip_offer(&bytes, WhipRole::Play)?;
@@ -252,11 +257,17 @@ async fn play(
     Ok(response)
 }
 
-/// A WHIP session this request may act on, live: its players' sender. 404 for ids that are not
-/// WHIP sessions, 401 for the wrong credentials, 404 `session_ended` once it has ended.
-fn whip_session(w: &Whip, id: &str, headers: &HeaderMap) -> Result<mpsc::Sender<PlayerCmd>, ApiError> {
+/// A WHIP session this request may act on, live: its players' sender. 307 to the same route on
+/// the node holding it when that is another node of the cluster (players and watchers are sent
+/// to the node the publisher first reached, and placement may have put the session elsewhere;
+/// that node checks the credentials), 404 for ids that are not WHIP sessions, 401 for the wrong
+/// credentials, 404 `session_ended` once it has ended.
+async fn whip_session(w: &Whip, id: &str, headers: &HeaderMap) -> Result<mpsc::Sender<PlayerCmd>, ApiError> {
     if !signaling::id::is_valid_id(id) {
         return Err(ApiError::unknown_session());
+    }
+    if !w.lock().contains_key(id) && w.manager.get(id).is_none() {
+        w.manager.locate(id).await.map_err(crate::http::to_api)?;
     }
     w.authorize(id, headers)?;
     let players = w.lock().get(id).map(|e| e.players.clone()).ok_or_else(ApiError::unknown_session)?;
@@ -274,7 +285,7 @@ async fn player_patch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let players = whip_session(&w, &id, &headers)?;
+    let players = whip_session(&w, &id, &headers).await?;
     require_content_type(&headers, TRICKLE_ICE_SDPFRAG)?;
     let if_match = if_match(&headers)?;
     let etag =
@@ -301,7 +312,7 @@ async fn player_delete(
     Path((id, player)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let players = whip_session(&w, &id, &headers)?;
+    let players = whip_session(&w, &id, &headers).await?;
     w.lock().get_mut(&id).and_then(|e| e.player_etags.remove(&player)).ok_or_else(ApiError::unknown_peer)?;
     let _ = players.send(PlayerCmd::Detach { id: player.clone() }).await;
     Ok(json(StatusCode::OK, serde_json::json!({ "session_id": id, "player_id": player, "state": "ended" })))
@@ -315,7 +326,7 @@ async fn player_delete(
 /// session already has [`MAX_WATCHERS`] watchers.
 async fn events(State(w): State<Whip>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    let players = whip_session(&w, &id, &headers)?;
+    let players = whip_session(&w, &id, &headers).await?;
     let (tx, rx) = mpsc::channel(WATCHER_QUEUE);
     let (reply, live) = tokio::sync::oneshot::channel();
     let watch = players.send(PlayerCmd::Watch { tx }).await.and(players.send(PlayerCmd::Live { reply }).await);

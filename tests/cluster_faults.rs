@@ -496,3 +496,48 @@ async fn pipecat_offers_are_placed_and_their_requests_follow_the_session_across_
         ts.server.shutdown().await.unwrap();
     }
 }
+
+/// A WHIP publish is placed like `POST /v1/sessions` (307 to the same route on the less loaded
+/// node, which a WHIP client follows, RFC 9725 §4.5), and a WHEP player or event watcher sent to
+/// the node the publisher first reached is 307 to the node holding the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_publishers_are_placed_and_players_follow_the_session_across_nodes() {
+    use common::whip::{player_offer, publisher_offer};
+    let redis = OwnRedis::start();
+    let db = PgTestDb::create().await;
+    let a = TestServer::start_with(in_process(db.url.clone(), redis.url(), Placement::LeastLoaded)).await;
+    let b = TestServer::start_with(in_process(db.url.clone(), redis.url(), Placement::LeastLoaded)).await;
+    let http = no_redirects();
+    let r = http.post(format!("{}/v1/sessions", a.base)).json(&serde_json::json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let (_publisher, offer) = publisher_offer().await;
+    let path = "/v1/characters/aiko/whip";
+    let post = |url: String, sdp: String| http.post(url).header("Content-Type", "application/sdp").body(sdp).send();
+    let r = post(format!("{}{path}", a.base), offer.clone()).await.unwrap();
+    assert_eq!(r.status(), 307, "A (1) is above B (0)");
+    assert_eq!(r.headers()["location"], format!("{}{path}", b.base));
+    let r = post(format!("{}{path}", b.base), offer).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let resource = r.headers()["location"].to_str().unwrap().to_owned();
+    let id = resource.rsplit('/').next().unwrap().to_owned();
+    assert!(b.server.manager().get(&id).is_some(), "the session is on B");
+
+    // A player and an event watcher pointed at A: 307 to B.
+    let player = player_offer(false).await;
+    let whep = format!("/v1/sessions/{id}/whep");
+    let r = post(format!("{}{whep}", a.base), player.5.clone()).await.unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["location"], format!("{}{whep}", b.base));
+    let r = post(format!("{}{whep}", b.base), player.5).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let events = format!("/v1/sessions/{id}/events");
+    let r = http.get(format!("{}{events}", a.base)).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["location"], format!("{}{events}", b.base));
+    // An id no node holds is still 404.
+    let r = post(format!("{}/v1/sessions/sess_nowhere/whep", a.base), "v=0\r\n".into()).await.unwrap();
+    assert_eq!(r.status(), 404);
+    for ts in [a, b] {
+        ts.server.shutdown().await.unwrap();
+    }
+}

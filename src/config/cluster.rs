@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use super::{ConfigError, Section, env, err};
 
-/// Where `POST /v1/sessions` and Pipecat's `POST /api/offer` create a session (`cluster.placement`,
+/// Where `POST /v1/sessions`, Pipecat's `POST /api/offer` and a WHIP publish create a session (`cluster.placement`,
 /// `KOTODAMA_CLUSTER_PLACEMENT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
