@@ -164,6 +164,16 @@ fn in_process(db_url: String, redis_url: String, placement: Placement) -> impl F
     }
 }
 
+/// Two in-process nodes with least-loaded placement on their own Redis and Postgres (kept alive
+/// by the caller).
+async fn two_least_loaded_nodes() -> (OwnRedis, PgTestDb, TestServer, TestServer) {
+    let redis = OwnRedis::start();
+    let db = PgTestDb::create().await;
+    let a = TestServer::start_with(in_process(db.url.clone(), redis.url(), Placement::LeastLoaded)).await;
+    let b = TestServer::start_with(in_process(db.url.clone(), redis.url(), Placement::LeastLoaded)).await;
+    (redis, db, a, b)
+}
+
 /// A client that follows no redirect (credentials must be re-sent to the other node by hand).
 fn no_redirects() -> reqwest::Client {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
@@ -326,10 +336,7 @@ async fn after_redis_restarts_empty_live_sessions_are_routable_again_from_every_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_loaded_placement_fills_two_nodes_evenly() {
-    let redis = OwnRedis::start();
-    let db = PgTestDb::create().await;
-    let a = TestServer::start_with(in_process(db.url.clone(), redis.url(), Placement::LeastLoaded)).await;
-    let b = TestServer::start_with(in_process(db.url.clone(), redis.url(), Placement::LeastLoaded)).await;
+    let (redis, db, a, b) = two_least_loaded_nodes().await;
     let http = no_redirects();
     let mut redirects = 0;
     for _ in 0..6 {
@@ -444,10 +451,7 @@ async fn a_node_that_was_declared_dead_while_cut_off_ends_its_own_sessions_node_
 /// a trickle or a per-session offer for a session another node holds is 307 to that node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipecat_offers_are_placed_and_their_requests_follow_the_session_across_nodes() {
-    let redis = OwnRedis::start();
-    let db = PgTestDb::create().await;
-    let a = TestServer::start_with(in_process(db.url.clone(), redis.url(), Placement::LeastLoaded)).await;
-    let b = TestServer::start_with(in_process(db.url.clone(), redis.url(), Placement::LeastLoaded)).await;
+    let (_redis, _db, a, b) = two_least_loaded_nodes().await;
     let http = no_redirects();
     let sdp =
         std::fs::read_to_string(format!("{}/tests/data/offers/pipecat_small_webrtc.sdp", env!("CARGO_MANIFEST_DIR")))
@@ -503,10 +507,7 @@ async fn pipecat_offers_are_placed_and_their_requests_follow_the_session_across_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whip_publishers_are_placed_and_players_follow_the_session_across_nodes() {
     use common::whip::{player_offer, publisher_offer};
-    let redis = OwnRedis::start();
-    let db = PgTestDb::create().await;
-    let a = TestServer::start_with(in_process(db.url.clone(), redis.url(), Placement::LeastLoaded)).await;
-    let b = TestServer::start_with(in_process(db.url.clone(), redis.url(), Placement::LeastLoaded)).await;
+    let (_redis, _db, a, b) = two_least_loaded_nodes().await;
     let http = no_redirects();
     let r = http.post(format!("{}/v1/sessions", a.base)).json(&serde_json::json!({})).send().await.unwrap();
     assert_eq!(r.status(), 201);
