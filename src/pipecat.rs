@@ -235,12 +235,16 @@ async fn offer(
 ) -> Result<Response, ApiError> {
     let caller = caller(&st, &headers).await?;
     let request: OfferRequest = read_json(&headers, body, MAX_OFFER_REQUEST_BYTES).await?;
-    // Placement as for `POST /v1/sessions` (307 to the same route on a less loaded node), except
-    // for a restart of a session held here: its conversation is here to continue.
-    let replaces_here = request.restart_pc
-        && request.pc_id.as_deref().and_then(PcId::parse).is_some_and(|old| st.manager.get(&old.session).is_some());
-    if !replaces_here {
-        st.manager.place().await.map_err(crate::http::to_api)?;
+    // A restart goes where the replaced session is, whose conversation it continues (307 to the
+    // node holding it); anything else is placed as `POST /v1/sessions` is (307 to the same route
+    // on a less loaded node).
+    match request.pc_id.as_deref().filter(|_| request.restart_pc).and_then(PcId::parse) {
+        Some(old) if st.manager.get(&old.session).is_some() => {}
+        Some(old) => {
+            st.manager.locate(&old.session).await.map_err(crate::http::to_api)?;
+            st.manager.place().await.map_err(crate::http::to_api)?;
+        }
+        None => st.manager.place().await.map_err(crate::http::to_api)?,
     }
     // Draining and the creation limits as for `POST /v1/sessions` (per API key or user, else per
     // client IP).

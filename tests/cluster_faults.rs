@@ -496,6 +496,22 @@ async fn pipecat_offers_are_placed_and_their_requests_follow_the_session_across_
     assert_eq!(r.headers()["location"], format!("{}{path}", b.base));
     let r = http.post(format!("{}{path}", b.base)).bearer_auth(token).json(&offer).send().await.unwrap();
     assert_eq!(r.status(), 200, "the token was not used up by the redirect");
+
+    // The transport's restart of the session on B, sent to A: 307 to B, where its conversation is,
+    // and B (holding it) takes it there without placing it elsewhere.
+    let mut restart = offer.clone();
+    restart["pc_id"] = serde_json::json!(pc_id);
+    restart["restart_pc"] = serde_json::json!(true);
+    let r = http.post(format!("{}/api/offer", a.base)).json(&restart).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["location"], format!("{}/api/offer", b.base));
+    assert!(b.server.manager().live_count() > a.server.manager().live_count(), "B is the more loaded node");
+    let r = http.post(format!("{}/api/offer", b.base)).json(&restart).send().await.unwrap();
+    assert_eq!(r.status(), 200, "B holds more sessions than A, yet the restart stays with its session");
+    let replaced: Value = r.json().await.unwrap();
+    let new_session = replaced["pc_id"].as_str().unwrap().split('.').next().unwrap().to_owned();
+    assert!(b.server.manager().get(&new_session).is_some(), "the new session is on B");
+    assert_eq!(b.server.manager().get(&session).unwrap().phase(), kotodama::session::SessionState::Ended);
     for ts in [a, b] {
         ts.server.shutdown().await.unwrap();
     }
