@@ -42,7 +42,6 @@ use signaling::problem::ApiError;
 use signaling::token::VerifyMode;
 use webrtc::peer_connection::RTCIceCandidateInit;
 
-use crate::providers::HistoryItem;
 use crate::session::rtvi::RtviCodec;
 use crate::session::{CreateOptions, EndReason, SessionManager, SessionState};
 
@@ -205,26 +204,18 @@ async fn answer(st: &PipecatState, id: &str, offer: signaling::sdp::ValidOffer) 
 }
 
 /// `restart_pc` with the `pc_id` of a live session: that peer connection is being replaced, and
-/// the session is ended. Returns the conversation the new session continues (Pipecat's own server
-/// keeps its bot, and so the conversation, across `restart_pc`): the old session's, when the
-/// `pc_id` named its current peer and `owner` (API key id, user id) created it; else nothing.
+/// the session is ended. Returns it when the `pc_id` named its current peer (and so it ended).
 async fn end_replaced(
     st: &PipecatState,
     request: &OfferRequest,
     session: Option<&str>,
-    owner: (&Option<String>, &Option<String>),
-) -> Vec<HistoryItem> {
-    let Some(old) = request.pc_id.as_deref().filter(|_| request.restart_pc).and_then(PcId::parse) else {
-        return Vec::new();
-    };
+) -> Option<Arc<crate::session::SessionShared>> {
+    let old = request.pc_id.as_deref().filter(|_| request.restart_pc).and_then(PcId::parse)?;
     if session.is_some_and(|s| s != old.session) {
-        return Vec::new();
+        return None;
     }
-    let ended = st.manager.end(&old.session, Some(&old.peer), EndReason::ClientRequest).await;
-    match st.manager.get(&old.session) {
-        Some(s) if ended.is_ok() && (&s.api_key_id, &s.user_id) == owner => s.conversation(),
-        _ => Vec::new(),
-    }
+    st.manager.end(&old.session, Some(&old.peer), EndReason::ClientRequest).await.ok()?;
+    st.manager.get(&old.session)
 }
 
 async fn offer(
@@ -265,7 +256,13 @@ async fn offer(
         record: data.and_then(|d| d.get("record")).and_then(Value::as_bool),
         continues: Vec::new(),
     };
-    let continues = end_replaced(&st, &request, None, (&options.api_key_id, &options.user_id)).await;
+    // The new session continues the replaced one's conversation (Pipecat's own server keeps its
+    // bot, and so the conversation, across `restart_pc`), for the same API key or user only.
+    let continues = end_replaced(&st, &request, None)
+        .await
+        .filter(|old| (&old.api_key_id, &old.user_id) == (&options.api_key_id, &options.user_id))
+        .map(|old| old.conversation())
+        .unwrap_or_default();
     let shared = st.manager.create(CreateOptions { continues, ..options }).await.map_err(crate::http::to_api)?;
     let result = answer(&st, &shared.id, offer).await;
     if result.is_err() {
@@ -303,8 +300,7 @@ async fn session_offer(
     let (id, claims, request): SessionRequest<OfferRequest> =
         session_request(&st, path, &headers, body, (VerifyMode::Connect, MAX_OFFER_REQUEST_BYTES)).await?;
     let shared = held_here(&st, &id).await?;
-    // The session itself is the one connecting: nothing to continue.
-    end_replaced(&st, &request, Some(&id), (&None, &None)).await;
+    end_replaced(&st, &request, Some(&id)).await;
     match shared.phase() {
         SessionState::Ended => return Err(ApiError::offer_after_end()),
         SessionState::Created => {}

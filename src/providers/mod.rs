@@ -129,6 +129,14 @@ pub enum HistoryItem {
 }
 
 impl HistoryItem {
+    /// `text` as said by `role`.
+    pub fn said(role: signaling::events::Role, text: String) -> Self {
+        match role {
+            signaling::events::Role::User => HistoryItem::User(text),
+            signaling::events::Role::Agent => HistoryItem::Agent(text),
+        }
+    }
+
     /// The turn's text.
     pub fn text(&self) -> &str {
         match self {

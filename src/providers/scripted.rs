@@ -44,13 +44,13 @@ impl ScriptedReply {
     /// released by then (words follow the audio in proportion, as [`ScriptedProvider`] streams
     /// them). A `len` at or past the end leaves the reply whole.
     pub fn truncated(mut self, len: Duration) -> Self {
-        let keep = usize::try_from(len.as_millis() * u128::from(self.audio.rate_hz) / 1000).unwrap_or(usize::MAX);
+        let keep = usize::try_from(media::pcm::duration_to_samples(len, self.audio.rate_hz)).unwrap_or(usize::MAX);
         let total = self.audio.samples.len();
         if keep >= total {
             return self;
         }
         let words: Vec<&str> = self.text.split_whitespace().collect();
-        let kept_words = (words.len() * keep).div_ceil(total.max(1)).max(1).min(words.len());
+        let kept_words = words_due(words.len(), keep, total).max(1);
         self.text = words[..kept_words].join(" ");
         self.audio.samples.truncate(keep);
         self
@@ -297,6 +297,12 @@ async fn run(
     let _ = events.try_send(ProviderEvent::Closed);
 }
 
+/// Words of a `words`-word transcript released once `pos` of its `total` audio samples are: in
+/// proportion, rounded up (a word is out as soon as its audio starts), never more than all.
+fn words_due(words: usize, pos: usize, total: usize) -> usize {
+    (words * pos).div_ceil(total.max(1)).min(words)
+}
+
 /// Progress through one reply.
 struct ReplyState {
     item_id: String,
@@ -338,10 +344,9 @@ impl ReplyState {
             return Some(ProviderEvent::Emotion { item_id: Some(self.item_id.clone()), emotion: r.emotion.clone() });
         }
         let words: Vec<&str> = r.text.split_whitespace().collect();
-        let total = r.audio.samples.len().max(1);
-        let due_words = (words.len() * self.pos).div_ceil(total);
-        if self.words_sent < due_words.min(words.len()) && self.words_sent < words.len() {
-            self.words_sent = due_words.min(words.len());
+        let due_words = words_due(words.len(), self.pos, r.audio.samples.len());
+        if self.words_sent < due_words {
+            self.words_sent = due_words;
             return Some(ProviderEvent::Transcript {
                 speaker: Speaker::Agent,
                 item_id: self.item_id.clone(),

@@ -778,15 +778,9 @@ impl RecCommand {
             Self::Truncate { item_id, audio_end_ms, heard } => {
                 ProviderCommand::Truncate { item_id, audio_end: Duration::from_millis(audio_end_ms), heard }
             }
-            Self::AppendHistory { items } => ProviderCommand::AppendHistory(
-                items
-                    .into_iter()
-                    .map(|(role, t)| match role {
-                        Role::User => HistoryItem::User(t),
-                        Role::Agent => HistoryItem::Agent(t),
-                    })
-                    .collect(),
-            ),
+            Self::AppendHistory { items } => {
+                ProviderCommand::AppendHistory(items.into_iter().map(|(role, t)| HistoryItem::said(role, t)).collect())
+            }
             Self::Restart => ProviderCommand::Restart,
             Self::UpdateSession { instructions, voice, tools } => ProviderCommand::UpdateSession(SessionUpdate {
                 instructions,

@@ -573,11 +573,7 @@ impl Conversation {
             return;
         }
         self.budget.on_text(text);
-        let item = match role {
-            Role::User => HistoryItem::User(text.to_owned()),
-            Role::Agent => HistoryItem::Agent(text.to_owned()),
-        };
-        self.history.push(item, item_id);
+        self.history.push(HistoryItem::said(role, text.to_owned()), item_id);
         self.out.push_back(Queued::Turn { role, text: text.to_owned(), interrupted });
     }
 

@@ -388,10 +388,7 @@ impl SessionShared {
     /// then its own turns (an interrupted agent turn as heard), bounded as replayed history is.
     pub fn conversation(&self) -> Vec<crate::providers::HistoryItem> {
         use crate::providers::{History, HistoryItem};
-        let own = self.turns().into_iter().map(|t| match t.role {
-            Role::User => HistoryItem::User(t.text),
-            Role::Agent => HistoryItem::Agent(t.text),
-        });
+        let own = self.turns().into_iter().map(|t| HistoryItem::said(t.role, t.text));
         History::from_items(self.continues.iter().cloned().chain(own)).to_vec()
     }
 }

@@ -264,9 +264,10 @@ async fn run(o: Opts) -> anyhow::Result<()> {
 
     let wav = include_bytes!("../../../tests/data/user_question.wav");
     let pcm = media::wav::parse(wav)?;
-    let question = o
-        .question_ms
-        .map_or(pcm.samples.len(), |ms| (ms as usize * pcm.rate_hz as usize / 1000).min(pcm.samples.len()));
+    let question = o.question_ms.map_or(pcm.samples.len(), |ms| {
+        let n = media::pcm::duration_to_samples(Duration::from_millis(ms), pcm.rate_hz);
+        usize::try_from(n).unwrap_or(usize::MAX).min(pcm.samples.len())
+    });
     let speech = Arc::new(Speech::encode(&pcm.samples[..question])?);
     let talk = TalkProfile { barge: o.barge, every: o.every };
     let (add_tx, add_rx) = tokio::sync::mpsc::channel(CONNECTS_AT_ONCE);
