@@ -296,6 +296,18 @@ fn metrics(
         u8::from(m.accepting()),
     ));
     use std::sync::atomic::Ordering;
+    if let Some(pl) = m.peer_loop() {
+        body.push_str(&format!(
+            "# HELP kotodama_peer_loop_peers Peer connections the node's peer loop drives.\n\
+             # TYPE kotodama_peer_loop_peers gauge\n\
+             kotodama_peer_loop_peers {}\n\
+             # HELP kotodama_peer_loop_unrouted_total Datagrams on the peer loop's socket that matched no peer.\n\
+             # TYPE kotodama_peer_loop_unrouted_total counter\n\
+             kotodama_peer_loop_unrouted_total {}\n",
+            pl.peers(),
+            pl.unrouted.load(Ordering::Relaxed),
+        ));
+    }
     let w = m.writer().stats();
     body.push_str(&format!(
         "# HELP kotodama_store_writes_total Session and transcript writes by outcome (dropped: queue full, \

@@ -51,6 +51,7 @@ pub mod moderation;
 pub mod oidc;
 pub mod otlp;
 pub mod peer;
+pub mod peer_loop;
 pub mod pipecat;
 pub mod plain_udp;
 pub mod providers;

@@ -69,7 +69,7 @@ pub enum PeerEvent {
         payload: Bytes,
     },
     /// The `events` data channel opened.
-    ChannelOpen(Arc<dyn DataChannel>),
+    ChannelOpen(EventChannel),
     /// A message on the `events` channel.
     Message(BytesMut),
     /// The `events` channel closed.
@@ -106,6 +106,55 @@ pub struct PeerCounters {
     pub rtp_dropped: AtomicU64,
     /// Data-channel messages dropped (session behind or message too large).
     pub messages_dropped: AtomicU64,
+    /// RTP packets of the character's voice dropped because the peer loop's queue was full
+    /// (`media.peer_driver = "loop"` only).
+    pub rtp_out_dropped: AtomicU64,
+}
+
+/// The session's data channel (`events`, `chat` or `oai-events`), on either driver.
+#[derive(Clone)]
+pub enum EventChannel {
+    /// A channel of webrtc-rs' per-peer driver.
+    Task(Arc<dyn DataChannel>),
+    /// A channel of the node's peer loop.
+    Loop(crate::peer_loop::LoopChannel),
+}
+
+impl EventChannel {
+    /// Queue a text message without waiting. Errors (the message is dropped): the channel is
+    /// closed, or its send buffer (1 MB) is full because the client does not acknowledge.
+    pub async fn try_send_text(&self, text: &str) -> Result<(), String> {
+        match self {
+            EventChannel::Task(dc) => dc.try_send_text(text).await.map_err(|e| e.to_string()),
+            EventChannel::Loop(dc) => dc.try_send_text(text).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Bytes sent and not yet acknowledged by the client (0 when unknown).
+    pub async fn outstanding_bytes(&self) -> usize {
+        match self {
+            EventChannel::Task(dc) => dc.outstanding_bytes().await.unwrap_or(0),
+            EventChannel::Loop(dc) => dc.outstanding_bytes().await,
+        }
+    }
+
+    /// Close the channel (idempotent).
+    pub async fn close(&self) {
+        match self {
+            EventChannel::Task(dc) => {
+                let _ = dc.close().await;
+            }
+            EventChannel::Loop(dc) => dc.close().await,
+        }
+    }
+}
+
+/// Whether a data channel with this label is the session's: `events` (api-v1), Pipecat's `chat`
+/// (RTVI) or `oai-events` (OpenAI Realtime calls); the session's codec speaks the dialect.
+pub(crate) fn is_session_channel(label: &str) -> bool {
+    label == EVENTS_LABEL
+        || label == crate::session::rtvi::DATA_CHANNEL_LABEL
+        || label == crate::session::oai_events::OAI_EVENTS_LABEL
 }
 
 /// Settings shared by every peer of a node.
@@ -121,6 +170,8 @@ pub struct PeerSettings {
     pub ports: Option<Arc<PortRange>>,
     /// One UDP socket for every peer (`KOTODAMA_UDP_PORT`); takes precedence over `ports`.
     pub mux: Option<Arc<crate::udp_mux::UdpMux>>,
+    /// One loop driving every peer (`media.peer_driver = "loop"`); takes precedence over both.
+    pub peer_loop: Option<Arc<crate::peer_loop::PeerLoop>>,
 }
 
 /// A range of UDP ports handed out round-robin to new peers (for firewalls and TURN allow-lists).
@@ -154,16 +205,26 @@ impl PortRange {
 
 /// One live peer connection.
 pub struct Peer {
-    pc: Arc<dyn PeerConnection>,
-    track: Arc<TrackLocalStaticRTP>,
-    sender: Arc<dyn RtpSender>,
+    driver: Driver,
     ssrc: u32,
     payload_type: u8,
     seq: u16,
     counters: Arc<PeerCounters>,
-    handler: Arc<Forwarder>,
-    /// This peer's routes on the shared socket, when there is one (dropped with the peer).
-    lease: Option<Arc<crate::udp_mux::MuxLease>>,
+}
+
+/// What drives the peer's WebRTC stack.
+enum Driver {
+    /// webrtc-rs' driver task of its own (`media.peer_driver = "task"`).
+    Task {
+        pc: Arc<dyn PeerConnection>,
+        track: Arc<TrackLocalStaticRTP>,
+        sender: Arc<dyn RtpSender>,
+        handler: Arc<Forwarder>,
+        /// This peer's routes on the shared socket, when there is one (dropped with the peer).
+        lease: Option<Arc<crate::udp_mux::MuxLease>>,
+    },
+    /// The node's peer loop (`media.peer_driver = "loop"`).
+    Loop(Arc<crate::peer_loop::LoopPeer>),
 }
 
 /// The client's side of an ICE restart (RFC 9725 §4.3.2: a PATCH with `If-Match: *` and a new
@@ -185,46 +246,11 @@ impl Peer {
         offer: &signaling::sdp::ValidOffer,
         events: mpsc::Sender<PeerEvent>,
     ) -> Result<(Peer, String), PeerError> {
-        let setup = |e: webrtc::error::Error| PeerError::Setup(e.to_string());
-        let mut media_engine = MediaEngine::default();
-        let opus = RTCRtpCodec {
-            mime_type: "audio/opus".to_owned(),
-            clock_rate: OPUS_CLOCK_HZ,
-            channels: 2,
-            // `usedtx=1` (RFC 7587 §6.1): the client may stop sending during silence; the uplink
-            // takes its DTX packets as silence and fills the pause on the clock while an
-            // utterance is open, so turns still end on time (media::uplink, "DTX").
-            sdp_fmtp_line: "minptime=10;useinbandfec=1;usedtx=1".to_owned(),
-            rtcp_feedback: vec![],
-        };
-        media_engine
-            .register_codec(RTCRtpCodecParameters { rtp_codec: opus.clone(), payload_type: 111 }, RtpCodecKind::Audio)
-            .map_err(setup)?;
-        // Voice only needs RTCP sender/receiver reports (A/V sync, loss stats). NACK retransmission
-        // is not used for Opus (FEC/PLC cover loss) and TWCC feeds bandwidth estimation we do not
-        // do at a fixed 32 kbit/s: both cost per-packet work and timers on every session.
-        // Audio of any SSRC on the one audio m-line is the microphone (issue 12 kind 2).
-        let registry = configure_rtcp_reports(Registry::new())
-            .with(crate::ssrc_demux::SLOT.into(), crate::ssrc_demux::SsrcDemux::default());
-
-        let disconnected = Duration::from_secs(5);
-        let mut se = SettingEngineBuilder::new()
-            .with_ice_timeouts(
-                Some(disconnected),
-                Some(settings.peer_timeout.saturating_sub(disconnected).max(Duration::from_secs(1))),
-                Some(Duration::from_secs(2)),
-            )
-            .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(MAX_DC_MESSAGE))
-            // No mDNS: no multicast socket per peer (binding one fails where the network has no
-            // multicast route, as in many containers), host candidates carry IPs, and a client's
-            // `.local` candidates are ignored: it connects through its other candidates or
-            // through peer-reflexive learning from its connectivity checks (RFC 8445 §7.3.1.3).
-            .with_multicast_dns_mode(MulticastDnsMode::Disabled)
-            .with_include_loopback_candidate(settings.bind_ip.is_loopback())
-            .with_answering_dtls_role(answering_dtls_role(offer.setup()));
-        if settings.public_ip != settings.bind_ip {
-            se = se.with_nat_1to1_ips(vec![settings.public_ip.to_string()], RTCIceCandidateType::Host);
+        let (media_engine, registry, se, opus) = stack_parts(settings, offer)?;
+        if let Some(peer_loop) = &settings.peer_loop {
+            return answer_in_loop(peer_loop, (media_engine, registry, se, opus), offer, events).await;
         }
+        let setup = |e: webrtc::error::Error| PeerError::Setup(e.to_string());
 
         let (gathered_tx, gathered_rx) = oneshot::channel();
         let counters = Arc::new(PeerCounters::default());
@@ -268,17 +294,7 @@ impl Peer {
         let pc: Arc<dyn PeerConnection> = Arc::new(pc);
 
         let ssrc: u32 = rand::random();
-        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-            "kotodama".to_owned(),
-            "agent-voice".to_owned(),
-            "agent-voice".to_owned(),
-            RtpCodecKind::Audio,
-            vec![RTCRtpEncodingParameters {
-                rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
-                codec: opus,
-                ..Default::default()
-            }],
-        )));
+        let track = Arc::new(TrackLocalStaticRTP::new(voice_track(ssrc, opus)));
 
         let result = async {
             // Past the validator, whatever the stack refuses is caused by the offer's shape.
@@ -311,7 +327,8 @@ impl Peer {
             None => answer,
         };
         let payload_type = opus_payload_type(&answer).unwrap_or(111);
-        Ok((Peer { pc, track, sender, ssrc, payload_type, seq: rand::random(), counters, handler, lease }, answer))
+        let driver = Driver::Task { pc, track, sender, handler, lease };
+        Ok((Peer { driver, ssrc, payload_type, seq: rand::random(), counters }, answer))
     }
 
     /// Restart ICE as the answerer: the current offer with the client's new credentials is set
@@ -328,8 +345,15 @@ impl Peer {
         &self,
         restart: IceRestart,
     ) -> impl std::future::Future<Output = Result<String, PeerError>> + Send + 'static {
-        let (pc, handler, lease) = (Arc::clone(&self.pc), Arc::clone(&self.handler), self.lease.clone());
+        let driver = match &self.driver {
+            Driver::Task { pc, handler, lease, .. } => Ok((Arc::clone(pc), Arc::clone(handler), lease.clone())),
+            Driver::Loop(lp) => Err(Arc::clone(lp)),
+        };
         async move {
+            let (pc, handler, lease) = match driver {
+                Ok(task) => task,
+                Err(lp) => return restart_in_loop(&lp, restart).await,
+            };
             let offer_err = |e: webrtc::error::Error| PeerError::Offer(e.to_string());
             let current = pc.remote_description().await.ok_or_else(|| PeerError::Offer("no remote offer".into()))?;
             let offer = restarted_offer(&current.sdp, &restart.ufrag, &restart.pwd);
@@ -359,7 +383,8 @@ impl Peer {
     }
 
     /// Send one Opus frame of the character's voice. `timestamp` is in 48 kHz units of the
-    /// playout clock; `marker` starts a talk spurt.
+    /// playout clock; `marker` starts a talk spurt. With the peer loop the packet is queued (a
+    /// full queue drops it and counts it in [`PeerCounters::rtp_out_dropped`]).
     pub async fn write_opus(&mut self, payload: &[u8], timestamp: u32, marker: bool) -> Result<(), PeerError> {
         self.seq = self.seq.wrapping_add(1);
         let packet = rtp::Packet {
@@ -374,28 +399,59 @@ impl Peer {
             },
             payload: Bytes::copy_from_slice(payload),
         };
-        self.track.write_rtp(packet).await.map_err(|e| PeerError::Setup(e.to_string()))
+        match &self.driver {
+            Driver::Task { track, .. } => track.write_rtp(packet).await.map_err(|e| PeerError::Setup(e.to_string())),
+            Driver::Loop(lp) => match lp.write_rtp(packet) {
+                Err(crate::peer_loop::LoopError::Closed) => Err(PeerError::Setup("the peer is closed".into())),
+                Err(crate::peer_loop::LoopError::Full) => {
+                    self.counters.rtp_out_dropped.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Ok(()) => Ok(()),
+            },
+        }
     }
 
     /// The share of our packets the client reports lost (RTCP receiver reports), 0.0..=1.0.
     pub async fn remote_fraction_lost(&self) -> Option<f64> {
-        let report = self.sender.get_stats(Instant::now()).await.ok()?;
-        report.iter().find_map(|e| match e {
-            webrtc::peer_connection::RTCStatsReportEntry::RemoteInboundRtp(r) => Some(r.fraction_lost),
-            _ => None,
-        })
+        let fraction = |report: &webrtc::peer_connection::RTCStatsReport| {
+            report.iter().find_map(|e| match e {
+                webrtc::peer_connection::RTCStatsReportEntry::RemoteInboundRtp(r) => Some(r.fraction_lost),
+                _ => None,
+            })
+        };
+        match &self.driver {
+            Driver::Task { sender, .. } => fraction(&sender.get_stats(Instant::now()).await.ok()?),
+            Driver::Loop(lp) => {
+                let sender = lp.sender();
+                let selector = rtc::statistics::StatsSelector::Sender(sender);
+                lp.run(move |pc, now| fraction(&pc.get_stats(now, selector))).await.ok()?
+            }
+        }
     }
 
     /// Add a remote candidate trickled by the client. TCP candidates are ignored: the server is
     /// ICE-TCP passive only (clients dial it), and webrtc-rs would otherwise open a TCP connection
     /// to whatever address a client names (a `tcptype passive` candidate for 127.0.0.1:6379...).
     pub async fn add_candidate(&self, candidate: RTCIceCandidateInit) -> Result<(), PeerError> {
-        add_remote_candidate(self.pc.as_ref(), candidate).await
+        match &self.driver {
+            Driver::Task { pc, .. } => add_remote_candidate(pc.as_ref(), candidate).await,
+            Driver::Loop(_) if is_tcp_candidate(&candidate.candidate) => Ok(()),
+            Driver::Loop(lp) => lp
+                .run(move |pc, _| pc.add_remote_candidate(candidate).map_err(|e| PeerError::Offer(e.to_string())))
+                .await
+                .map_err(|e| PeerError::Setup(e.to_string()))?,
+        }
     }
 
     /// The ICE ufrag of the client's current offer (for trickle validation).
     pub async fn remote_ufrag(&self) -> Option<String> {
-        ice_ufrag(&self.pc.remote_description().await?.sdp)
+        match &self.driver {
+            Driver::Task { pc, .. } => ice_ufrag(&pc.remote_description().await?.sdp),
+            Driver::Loop(lp) => {
+                lp.run(|pc, _| pc.remote_description().and_then(|d| ice_ufrag(&d.sdp))).await.ok().flatten()
+            }
+        }
     }
 
     /// The forwarding counters.
@@ -405,8 +461,164 @@ impl Peer {
 
     /// Close the connection (idempotent).
     pub async fn close(&self) {
-        let _ = self.pc.close().await;
+        match &self.driver {
+            Driver::Task { pc, .. } => {
+                let _ = pc.close().await;
+            }
+            Driver::Loop(lp) => lp.close().await,
+        }
     }
+}
+
+/// The stack's parts every driver shares: Opus (`usedtx=1`), RTCP reports and the SSRC demux,
+/// ICE timeouts from `peer_timeout`, no mDNS, the answering DTLS role for the offer's `a=setup`.
+fn stack_parts(
+    settings: &PeerSettings,
+    offer: &signaling::sdp::ValidOffer,
+) -> Result<(MediaEngine, Registry, SettingEngineBuilder, RTCRtpCodec), PeerError> {
+    let mut media_engine = MediaEngine::default();
+    let opus = RTCRtpCodec {
+        mime_type: "audio/opus".to_owned(),
+        clock_rate: OPUS_CLOCK_HZ,
+        channels: 2,
+        // `usedtx=1` (RFC 7587 §6.1): the client may stop sending during silence; the uplink
+        // takes its DTX packets as silence and fills the pause on the clock while an
+        // utterance is open, so turns still end on time (media::uplink, "DTX").
+        sdp_fmtp_line: "minptime=10;useinbandfec=1;usedtx=1".to_owned(),
+        rtcp_feedback: vec![],
+    };
+    media_engine
+        .register_codec(RTCRtpCodecParameters { rtp_codec: opus.clone(), payload_type: 111 }, RtpCodecKind::Audio)
+        .map_err(|e| PeerError::Setup(e.to_string()))?;
+    // Voice only needs RTCP sender/receiver reports (A/V sync, loss stats). NACK retransmission
+    // is not used for Opus (FEC/PLC cover loss) and TWCC feeds bandwidth estimation we do not
+    // do at a fixed 32 kbit/s: both cost per-packet work and timers on every session.
+    // Audio of any SSRC on the one audio m-line is the microphone (issue 12 kind 2).
+    let registry = configure_rtcp_reports(Registry::new())
+        .with(crate::ssrc_demux::SLOT.into(), crate::ssrc_demux::SsrcDemux::default());
+
+    let disconnected = Duration::from_secs(5);
+    let mut se = SettingEngineBuilder::new()
+        .with_ice_timeouts(
+            Some(disconnected),
+            Some(settings.peer_timeout.saturating_sub(disconnected).max(Duration::from_secs(1))),
+            Some(Duration::from_secs(2)),
+        )
+        .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(MAX_DC_MESSAGE))
+        // No mDNS: no multicast socket per peer (binding one fails where the network has no
+        // multicast route, as in many containers), host candidates carry IPs, and a client's
+        // `.local` candidates are ignored: it connects through its other candidates or
+        // through peer-reflexive learning from its connectivity checks (RFC 8445 §7.3.1.3).
+        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+        .with_include_loopback_candidate(settings.bind_ip.is_loopback())
+        .with_answering_dtls_role(answering_dtls_role(offer.setup()));
+    if settings.public_ip != settings.bind_ip {
+        se = se.with_nat_1to1_ips(vec![settings.public_ip.to_string()], RTCIceCandidateType::Host);
+    }
+
+    Ok((media_engine, registry, se, opus))
+}
+
+/// [`Peer::answer`] on the node's peer loop: the offer/answer runs here on the caller's task
+/// (the core is sans-IO), with one host candidate for the loop's socket; the loop then takes the
+/// peer over.
+async fn answer_in_loop(
+    peer_loop: &Arc<crate::peer_loop::PeerLoop>,
+    (media_engine, registry, se, opus): (MediaEngine, Registry, SettingEngineBuilder, RTCRtpCodec),
+    offer: &signaling::sdp::ValidOffer,
+    events: mpsc::Sender<PeerEvent>,
+) -> Result<(Peer, String), PeerError> {
+    use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+    let setup = |e: rtc::shared::error::Error| PeerError::Setup(e.to_string());
+    let refused = |e: rtc::shared::error::Error| PeerError::Offer(e.to_string());
+    let now = Instant::now();
+    let mut pc = rtc::peer_connection::RTCPeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(media_engine)
+        .with_setting_engine(se.build())
+        .with_interceptor_registry(registry)
+        .build(now)
+        .map_err(setup)?;
+    pc.set_remote_description(now, RTCSessionDescription::offer(offer.sdp().to_owned()).map_err(refused)?)
+        .map_err(refused)?;
+    let ssrc: u32 = rand::random();
+    let sender = pc.add_track(voice_track(ssrc, opus)).map_err(refused)?;
+    let at = peer_loop.candidate_addr();
+    let host = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "udp".to_owned(),
+            address: at.ip().to_string(),
+            port: at.port(),
+            component: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .new_candidate_host()
+    .map_err(|e| PeerError::Setup(e.to_string()))?;
+    let host = RTCIceCandidate::from(&host).to_json().map_err(setup)?;
+    pc.add_local_candidate(host).map_err(setup)?;
+    let answer = pc.create_answer(None).map_err(refused)?;
+    pc.set_local_description(now, answer).map_err(refused)?;
+    let local = pc.local_description().ok_or_else(|| PeerError::Setup("no local description".into()))?.sdp.clone();
+    signaling::answer::check_answer(offer, &local)?;
+    let ufrag = ice_ufrag(&local).ok_or_else(|| PeerError::Setup("own answer has no ICE ufrag".into()))?;
+    let payload_type = opus_payload_type(&local).unwrap_or(111);
+    let counters = Arc::new(PeerCounters::default());
+    let lp = peer_loop
+        .adopt(pc, ufrag, sender, events, Arc::clone(&counters))
+        .await
+        .map_err(|()| PeerError::Setup("the peer loop has stopped".into()))?;
+    let driver = Driver::Loop(Arc::new(lp));
+    Ok((Peer { driver, ssrc, payload_type, seq: rand::random(), counters }, local))
+}
+
+/// [`Peer::restart_ice`] on the peer loop: the same steps on the core, run inside the loop; the
+/// loop's host candidate is added to the new generation.
+async fn restart_in_loop(lp: &crate::peer_loop::LoopPeer, restart: IceRestart) -> Result<String, PeerError> {
+    lp.run(move |pc, now| {
+        let offer_err = |e: rtc::shared::error::Error| PeerError::Offer(e.to_string());
+        let host = pc.local_description().and_then(|d| {
+            d.sdp
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("a=").filter(|l| l.starts_with("candidate:")).map(str::to_owned))
+        });
+        let current = pc.remote_description().ok_or_else(|| PeerError::Offer("no remote offer".into()))?.sdp.clone();
+        let offer = restarted_offer(&current, &restart.ufrag, &restart.pwd);
+        pc.set_remote_description(now, RTCSessionDescription::offer(offer).map_err(offer_err)?).map_err(offer_err)?;
+        let answer = pc.create_answer(None).map_err(offer_err)?;
+        pc.set_local_description(now, answer).map_err(|e| PeerError::Setup(e.to_string()))?;
+        if let Some(candidate) = host {
+            let init = RTCIceCandidateInit { candidate, ..Default::default() };
+            if let Err(e) = pc.add_local_candidate(init) {
+                tracing::debug!(error = %e, "host candidate not re-added after the restart");
+            }
+        }
+        for c in restart.candidates.into_iter().filter(|c| !is_tcp_candidate(&c.candidate)) {
+            if let Err(e) = pc.add_remote_candidate(c) {
+                tracing::debug!(error = %e, "restart candidate rejected");
+            }
+        }
+        let local = pc.local_description().ok_or_else(|| PeerError::Setup("no local description".into()))?;
+        answer_sdpfrag(&local.sdp)
+    })
+    .await
+    .map_err(|e| PeerError::Setup(e.to_string()))?
+}
+
+/// The character's voice: one Opus track with its SSRC.
+fn voice_track(ssrc: u32, opus: RTCRtpCodec) -> MediaStreamTrack {
+    MediaStreamTrack::new(
+        "kotodama".to_owned(),
+        "agent-voice".to_owned(),
+        "agent-voice".to_owned(),
+        RtpCodecKind::Audio,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+            codec: opus,
+            ..Default::default()
+        }],
+    )
 }
 
 /// The DTLS role that complements the offer's `a=setup` (RFC 8842 §5.2): webrtc-rs answers
@@ -440,7 +652,7 @@ fn is_tcp_candidate(candidate: &str) -> bool {
 }
 
 /// The first `a=ice-ufrag` of an SDP.
-fn ice_ufrag(sdp: &str) -> Option<String> {
+pub(crate) fn ice_ufrag(sdp: &str) -> Option<String> {
     sdp.lines().find_map(|l| l.trim().strip_prefix("a=ice-ufrag:").map(|s| s.trim().to_owned()))
 }
 
@@ -532,12 +744,7 @@ impl PeerConnectionEventHandler for Forwarder {
         let counters = Arc::clone(&self.counters);
         tokio::spawn(async move {
             let label = dc.label().await.unwrap_or_default();
-            // `events` (api-v1), Pipecat's `chat` (RTVI) or `oai-events` (OpenAI Realtime calls): the
-            // session's codec speaks the dialect.
-            if label != EVENTS_LABEL
-                && label != crate::session::rtvi::DATA_CHANNEL_LABEL
-                && label != crate::session::oai_events::OAI_EVENTS_LABEL
-            {
+            if !is_session_channel(&label) {
                 tracing::debug!(%label, "ignoring data channel with an unknown label");
                 return;
             }
@@ -546,7 +753,7 @@ impl PeerConnectionEventHandler for Forwarder {
                 #[allow(clippy::collapsible_match)]
                 match ev {
                     DataChannelEvent::OnOpen => {
-                        if events.send(PeerEvent::ChannelOpen(Arc::clone(&dc))).await.is_err() {
+                        if events.send(PeerEvent::ChannelOpen(EventChannel::Task(Arc::clone(&dc)))).await.is_err() {
                             break;
                         }
                     }

@@ -239,6 +239,7 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
     let memory = crate::memory::Memory::new(&config, store.pool().clone(), store.backend())
         .await
         .map_err(store_error("long-term memory (memory.embeddings needs pgvector on Postgres)"))?;
+    let peer_loop = crate::peer_loop::bind_configured(&config)?;
     let manager = SessionManager::new(
         Arc::clone(&config),
         providers,
@@ -248,7 +249,11 @@ pub async fn start(config: Config, providers: Vec<Arc<dyn RealtimeProvider>>) ->
             node_id,
             advertise_url: advertise_url.clone(),
             redis: redis.clone(),
-            udp_mux: crate::udp_mux::bind_configured(&config)?,
+            udp_mux: match peer_loop {
+                Some(_) => None,
+                None => crate::udp_mux::bind_configured(&config)?,
+            },
+            peer_loop,
             memory,
         },
     );

@@ -367,7 +367,7 @@ fn webrtc_retryable(e: &io::Error) -> bool {
 
 /// The local ufrag of a STUN request: the part of `USERNAME` before `:` (RFC 8445 §7.2.2).
 /// `None` for anything that is not STUN with a USERNAME.
-fn stun_local_ufrag(d: &[u8]) -> Option<&str> {
+pub(crate) fn stun_local_ufrag(d: &[u8]) -> Option<&str> {
     if d.len() < 20 || d[0] > 3 || d[4..8] != [0x21, 0x12, 0xa4, 0x42] {
         return None;
     }

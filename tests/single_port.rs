@@ -12,6 +12,7 @@ use common::fake_openai::{FakeOpenAi, FakeOptions, Reply};
 use common::ice::own_udp_sockets;
 use common::*;
 use futures::future::join_all;
+use kotodama::config::PeerDriver;
 
 const SESSIONS: usize = 50;
 
@@ -77,11 +78,25 @@ async fn ask(client: &TestClient, finals_before: usize) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_sessions_share_one_udp_port_and_each_hears_only_its_own_agent() {
+    fifty_sessions_on_one_port(PeerDriver::Task).await;
+}
+
+/// The same with `media.peer_driver = "loop"`: one loop drives every peer on the one socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_sessions_in_the_peer_loop_share_its_socket_and_each_hears_only_its_own_agent() {
+    fifty_sessions_on_one_port(PeerDriver::Loop).await;
+}
+
+async fn fifty_sessions_on_one_port(driver: PeerDriver) {
     let _serial = SERIAL.lock().await;
     let replies = (0..SESSIONS + SESSIONS / 2).map(|k| Reply::Speech { text: format!("tone {k}"), audio: tone(k) });
     let fake = FakeOpenAi::start(FakeOptions::default(), replies.collect()).await;
     let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let ts = TestServer::start_openai(&fake.url(), |c| c.media.udp_port = Some(port)).await;
+    let ts = TestServer::start_openai(&fake.url(), |c| {
+        c.media.udp_port = Some(port);
+        c.media.peer_driver = driver;
+    })
+    .await;
 
     let mut clients = Vec::new();
     let mut ids = Vec::new();
@@ -129,14 +144,28 @@ async fn fifty_sessions_share_one_udp_port_and_each_hears_only_its_own_agent() {
     }
     let sockets = own_udp_sockets();
     assert_eq!(sockets.iter().filter(|a| a.port() == port).count(), 1, "the shared socket stays: {sockets:?}");
+    if driver == PeerDriver::Loop {
+        // The ended sessions' peers left the loop; the survivors are still in it.
+        let peers = ts.metric("kotodama_peer_loop_peers").await;
+        assert_eq!(peers as usize, SESSIONS - SESSIONS / 2, "peers in the loop after half ended");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_shared_port_a_candidate_less_offer_connects_and_ice_restarts() {
+    candidate_less_offer_and_ice_restart(PeerDriver::Task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_peer_loop_a_candidate_less_offer_connects_and_ice_restarts() {
+    candidate_less_offer_and_ice_restart(PeerDriver::Loop).await;
+}
+
+async fn candidate_less_offer_and_ice_restart(driver: PeerDriver) {
     let _serial = SERIAL.lock().await;
     // Peer-reflexive learning: the server knows the client only from its checks, routed by ufrag.
     let net = ClientNet { offer_candidates: false, ..ClientNet::default() };
-    let (ts, port, token, mut client) = client_over_shared_port(net).await;
+    let (ts, port, token, mut client) = client_over_shared_port(net, driver).await;
     client.wait_event("session.ready", Duration::from_secs(15), |e| e["type"] == "session.ready").await;
     reply_heard(&client, 0).await;
 
@@ -156,9 +185,13 @@ async fn over_the_shared_port_a_candidate_less_offer_connects_and_ice_restarts()
 
 /// A server whose sessions all use one free UDP port (`media.udp_port`), and a client of a new
 /// session connected to it over `net`: (server, port, the session's token, client).
-async fn client_over_shared_port(net: ClientNet) -> (TestServer, u16, String, TestClient) {
+async fn client_over_shared_port(net: ClientNet, driver: PeerDriver) -> (TestServer, u16, String, TestClient) {
     let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let ts = TestServer::start_with(|c| c.media.udp_port = Some(port)).await;
+    let ts = TestServer::start_with(|c| {
+        c.media.udp_port = Some(port);
+        c.media.peer_driver = driver;
+    })
+    .await;
     let (_, token, offer_url) = ts.create_session().await;
     let client = TestClient::connect_on(&net, &ts.base, &ts.http, &offer_url, &token).await;
     (ts, port, token, client)
@@ -177,7 +210,8 @@ async fn reply_heard(c: &TestClient, before: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_without_udp_connects_over_ice_tcp_on_the_same_port() {
     let _serial = SERIAL.lock().await;
-    let (_ts, port, _, client) = client_over_shared_port(ClientNet { tcp_only: true, ..ClientNet::default() }).await;
+    let (_ts, port, _, client) =
+        client_over_shared_port(ClientNet { tcp_only: true, ..ClientNet::default() }, PeerDriver::Task).await;
     assert!(
         client.answer.contains(" tcp ")
             && client.answer.contains(&format!(" 127.0.0.1 {port} typ host tcptype passive")),

@@ -22,6 +22,21 @@ pub struct MediaSettings {
     pub udp_ports: Option<String>,
     /// One UDP port for the media of every session (`KOTODAMA_UDP_PORT`); excludes `udp_ports`.
     pub udp_port: Option<u16>,
+    /// What drives the peers' WebRTC stacks (`KOTODAMA_PEER_DRIVER`): `task` (webrtc-rs' driver
+    /// task per peer, the default) or `loop` (one loop and one UDP socket for every peer, about a
+    /// tenth of the per-packet cost; no ICE-TCP, no `udp_ports`). See BENCHMARKS.md.
+    pub peer_driver: PeerDriver,
+}
+
+/// `media.peer_driver`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerDriver {
+    /// webrtc-rs' own driver task per peer connection.
+    #[default]
+    Task,
+    /// One event loop for every peer connection of the node ([`crate::peer_loop`]).
+    Loop,
 }
 
 impl Default for MediaSettings {
@@ -34,6 +49,7 @@ impl Default for MediaSettings {
             opus_complexity: 1,
             udp_ports: None,
             udp_port: None,
+            peer_driver: PeerDriver::Task,
         }
     }
 }
@@ -58,6 +74,15 @@ impl Section for MediaSettings {
         if let Some(v) = env::value(get, "KOTODAMA_UDP_PORTS") {
             self.udp_ports = Some(v);
         }
+        if let Some(v) = env::value(get, "KOTODAMA_PEER_DRIVER") {
+            self.peer_driver = match v.to_ascii_lowercase().as_str() {
+                "task" => PeerDriver::Task,
+                "loop" => PeerDriver::Loop,
+                _ => {
+                    return Err(err("KOTODAMA_PEER_DRIVER", format!("`{v}` is not a peer driver"), "use task or loop"));
+                }
+            };
+        }
         Ok(())
     }
 
@@ -71,6 +96,13 @@ impl Section for MediaSettings {
         }
         if self.min_speech_ms < 10 || self.min_silence_ms < 10 {
             return Err(err("media.min_speech_ms", "below one 10 ms VAD frame", "use at least 10"));
+        }
+        if self.peer_driver == PeerDriver::Loop && self.udp_ports.is_some() {
+            return Err(err(
+                "media.peer_driver (KOTODAMA_PEER_DRIVER) and media.udp_ports (KOTODAMA_UDP_PORTS)",
+                "the peer loop runs every peer on one socket, not a port per session",
+                "unset media.udp_ports (set media.udp_port for a fixed port), or use peer_driver = \"task\"",
+            ));
         }
         self.udp_port_range().map(drop)
     }

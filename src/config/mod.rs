@@ -62,7 +62,7 @@ pub use self::cascade::{CascadeSettings, EndpointSettings};
 pub use self::characters::Character;
 pub use self::cluster::{ClusterSettings, Placement};
 pub use self::local::LocalSettings;
-pub use self::media::MediaSettings;
+pub use self::media::{MediaSettings, PeerDriver};
 pub use self::memory::MemorySettings;
 pub use self::moderation::{CharacterModeration, ModerationSettings};
 pub use self::oidc::OidcSettings;
@@ -491,6 +491,23 @@ pub(crate) mod tests {
         assert_eq!(c.validate().unwrap_err().key, "media.udp_ports");
         c.media.udp_ports = Some("9-1".into());
         assert_eq!(c.udp_port_range().unwrap_err().key, "media.udp_ports");
+    }
+
+    #[test]
+    fn the_peer_driver_is_read_from_the_environment_and_the_loop_refuses_a_port_range() {
+        assert_eq!(Config::default().media.peer_driver, PeerDriver::Task);
+        let c = from_env(&[("KOTODAMA_PEER_DRIVER", "loop")]);
+        assert_eq!(c.media.peer_driver, PeerDriver::Loop);
+        c.validate().unwrap();
+        let mut bad = Config::default();
+        let e = bad.apply_env(env(&[("KOTODAMA_PEER_DRIVER", "threads")])).unwrap_err();
+        assert_eq!(e.key, "KOTODAMA_PEER_DRIVER");
+        assert!(e.problem.contains("threads") && e.fix.contains("task or loop"), "{e:?}");
+        let mut both = from_env(&[("KOTODAMA_PEER_DRIVER", "loop"), ("KOTODAMA_UDP_PORTS", "40000-40999")]);
+        let e = both.validate().unwrap_err();
+        assert!(e.key.contains("media.peer_driver") && e.key.contains("media.udp_ports"), "{e:?}");
+        both.media.peer_driver = PeerDriver::Task;
+        both.validate().unwrap();
     }
 
     #[test]

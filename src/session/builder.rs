@@ -69,11 +69,17 @@ pub(crate) struct SessionBuilder {
 }
 
 impl SessionBuilder {
+    /// The node's peer loop (`media.peer_driver = "loop"`).
+    pub fn peer_loop(&self) -> Option<&Arc<crate::peer_loop::PeerLoop>> {
+        self.peer_settings.peer_loop.as_ref()
+    }
+
     /// A builder for `config` with these providers (by name).
     pub fn new(
         config: Arc<Config>,
         providers: Vec<Arc<dyn RealtimeProvider>>,
         udp_mux: Option<Arc<crate::udp_mux::UdpMux>>,
+        peer_loop: Option<Arc<crate::peer_loop::PeerLoop>>,
     ) -> Self {
         let providers = providers.into_iter().map(|p| (p.name().to_owned(), p)).collect();
         let peer_settings = PeerSettings {
@@ -83,6 +89,7 @@ impl SessionBuilder {
             // Validated at start: a bad range never reaches here.
             ports: config.udp_port_range().ok().flatten().map(|(a, b)| Arc::new(crate::peer::PortRange::new(a, b))),
             mux: udp_mux,
+            peer_loop,
         };
         let m = &config.media;
         let vad = media::VadConfig {

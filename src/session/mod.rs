@@ -512,6 +512,8 @@ pub struct Backends {
     pub redis: Option<Redis>,
     /// The one media UDP socket every session shares (`KOTODAMA_UDP_PORT`), when configured.
     pub udp_mux: Option<Arc<crate::udp_mux::UdpMux>>,
+    /// The node's peer loop (`media.peer_driver = "loop"`).
+    pub peer_loop: Option<Arc<crate::peer_loop::PeerLoop>>,
     /// Long-term memory per user and character.
     pub memory: Arc<crate::memory::Memory>,
 }
@@ -540,9 +542,14 @@ impl SessionManager {
     pub fn new(config: Arc<Config>, providers: Vec<Arc<dyn RealtimeProvider>>, backends: Backends) -> Arc<Self> {
         let default_provider = config.provider_name().to_owned();
         let config_limits = config.session.clone();
-        let builder = builder::SessionBuilder::new(Arc::clone(&config), providers, backends.udp_mux.clone())
-            .with_memory(Arc::clone(&backends.memory))
-            .with_usage_store(Arc::clone(&backends.store));
+        let builder = builder::SessionBuilder::new(
+            Arc::clone(&config),
+            providers,
+            backends.udp_mux.clone(),
+            backends.peer_loop.clone(),
+        )
+        .with_memory(Arc::clone(&backends.memory))
+        .with_usage_store(Arc::clone(&backends.store));
         let cluster = backends
             .redis
             .map(|r| Cluster::new(r, backends.advertise_url.clone(), backends.node_id.clone(), config.cluster.clone()));
@@ -659,6 +666,11 @@ impl SessionManager {
     /// The moderation policies new sessions use (the admin API replaces them after an edit).
     pub fn policies(&self) -> &Arc<crate::moderation::policies::Policies> {
         self.builder.policies()
+    }
+
+    /// The node's peer loop (`media.peer_driver = "loop"`).
+    pub fn peer_loop(&self) -> Option<&Arc<crate::peer_loop::PeerLoop>> {
+        self.builder.peer_loop()
     }
 
     /// Whether new sessions are accepted.

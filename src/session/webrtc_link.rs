@@ -9,13 +9,11 @@
 //! [`LinkEvent`]s. It never waits on the client: a data-channel write that cannot go is dropped and
 //! counted.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use signaling::events::ServerEvent;
 use tokio::sync::mpsc;
-use webrtc::data_channel::DataChannel;
 use webrtc::peer_connection::{RTCIceCandidateInit, RTCPeerConnectionState};
 
 use super::EndReason;
@@ -27,7 +25,7 @@ use crate::peer::{Peer, PeerEvent};
 pub struct WebRtcLink<C: EventCodec> {
     peer: Peer,
     rx: mpsc::Receiver<PeerEvent>,
-    dc: Option<Arc<dyn DataChannel>>,
+    dc: Option<crate::peer::EventChannel>,
     codec: C,
     /// Encoded wire messages (reused buffer).
     wire: Vec<String>,
@@ -166,7 +164,7 @@ impl<C: EventCodec> ClientLink for WebRtcLink<C> {
             audio_dropped: c.rtp_dropped.load(Ordering::Relaxed),
             messages_dropped: c.messages_dropped.load(Ordering::Relaxed),
             events_dropped: self.events_dropped,
-            audio_out_dropped: 0,
+            audio_out_dropped: c.rtp_out_dropped.load(Ordering::Relaxed),
         }
     }
 
@@ -176,12 +174,12 @@ impl<C: EventCodec> ClientLink for WebRtcLink<C> {
             // until SCTP has them acknowledged.
             let steps = (grace.as_millis() / 10).max(1);
             for _ in 0..steps {
-                if dc.outstanding_bytes().await.map_or(true, |n| n == 0) {
+                if dc.outstanding_bytes().await == 0 {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let _ = dc.close().await;
+            dc.close().await;
         }
         self.peer.close().await;
     }

@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use signaling::events::ServerEvent;
 use tokio::sync::mpsc;
-use webrtc::data_channel::DataChannel;
 use webrtc::peer_connection::{RTCIceCandidateInit, RTCPeerConnectionState};
 
 use super::conversation::AudioFrame;
@@ -81,7 +80,7 @@ pub enum PlayerCmd {
 struct Player {
     id: String,
     peer: Peer,
-    dc: Option<Arc<dyn DataChannel>>,
+    dc: Option<crate::peer::EventChannel>,
 }
 
 /// A WHIP publisher's session: uplink from the publisher, downlink to the WHEP players.
@@ -191,7 +190,7 @@ impl WhipLink {
         if let Some(i) = self.players.iter().position(|p| p.id == id) {
             let p = self.players.swap_remove(i);
             if let Some(dc) = p.dc {
-                let _ = dc.close().await;
+                dc.close().await;
             }
             p.peer.close().await;
         }
@@ -319,7 +318,11 @@ impl ClientLink for WhipLink {
             audio_dropped: c.rtp_dropped.load(Ordering::Relaxed),
             messages_dropped: player_drops,
             events_dropped: self.events_dropped,
-            audio_out_dropped: 0,
+            audio_out_dropped: self
+                .players
+                .iter()
+                .map(|p| p.peer.counters().rtp_out_dropped.load(Ordering::Relaxed))
+                .sum(),
         }
     }
 
@@ -329,7 +332,7 @@ impl ClientLink for WhipLink {
         for _ in 0..steps {
             let mut pending = false;
             for dc in self.players.iter().filter_map(|p| p.dc.as_ref()) {
-                pending |= dc.outstanding_bytes().await.is_ok_and(|n| n > 0);
+                pending |= dc.outstanding_bytes().await > 0;
             }
             if !pending {
                 break;
@@ -339,7 +342,7 @@ impl ClientLink for WhipLink {
         self.watchers.clear();
         for p in self.players.drain(..) {
             if let Some(dc) = p.dc {
-                let _ = dc.close().await;
+                dc.close().await;
             }
             p.peer.close().await;
         }

@@ -42,6 +42,7 @@ USAGE: kotodama-loadgen [options]
                              2700, a 2.7 s sentence)
   --reply-ms <ms>            a started server's scripted reply cut to <ms> (default: the whole
                              7.5 s; issue 14's profile: 2200)
+  --peer-driver <task|loop>  a started server's media.peer_driver (default task)
   --profile <talk|silent>    talk in turns, or stay connected and silent (default talk)
   --every <secs>             talk: start a question every <secs> s (e.g. 6) instead of taking
                              turns (ask, hear the reply, pause 0.5 s)
@@ -72,6 +73,7 @@ struct Opts {
     opus_complexity: Option<u8>,
     question_ms: Option<u64>,
     reply_ms: Option<u64>,
+    peer_driver: Option<String>,
     api_key: Option<String>,
     json: PathBuf,
     png: PathBuf,
@@ -94,6 +96,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         opus_complexity: None,
         question_ms: None,
         reply_ms: None,
+        peer_driver: None,
         api_key: None,
         json: "loadgen.json".into(),
         png: "loadgen.png".into(),
@@ -138,6 +141,11 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--opus-complexity" => o.opus_complexity = Some(val(i)?.parse()?),
             "--question-ms" => o.question_ms = Some(val(i)?.parse()?),
             "--reply-ms" => o.reply_ms = Some(val(i)?.parse()?),
+            "--peer-driver" => {
+                let driver = val(i)?;
+                anyhow::ensure!(driver == "task" || driver == "loop", "--peer-driver {driver}: use task or loop");
+                o.peer_driver = Some(driver);
+            }
             "--api-key" => o.api_key = Some(val(i)?),
             "--json" => o.json = val(i)?.into(),
             "--png" => o.png = val(i)?.into(),
@@ -192,6 +200,7 @@ fn spawn_server(o: &Opts, max_sessions: usize) -> anyhow::Result<(Child, String)
         .arg(&cfg)
         .env("KOTODAMA_BIND", format!("127.0.0.1:{port}"))
         .env("KOTODAMA_LOG", "warn")
+        .env("KOTODAMA_PEER_DRIVER", o.peer_driver.as_deref().unwrap_or("task"))
         .env_remove("OPENAI_API_KEY")
         .env_remove("KOTODAMA_PROVIDER")
         .current_dir(&dir)
