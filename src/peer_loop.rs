@@ -40,6 +40,9 @@ use crate::peer::{EventChannel, PeerCounters, PeerEvent};
 
 /// Commands queued from sessions to the loop (all sessions of a node share the queue).
 pub const COMMAND_QUEUE: usize = 8192;
+/// Datagrams or commands handled per wake before the loop yields to the sessions it woke (so a
+/// burst of every client's packet at once does not hold one worker for the whole burst).
+const BATCH: usize = 32;
 /// Largest UDP datagram read (a DTLS flight or an Opus packet fits; larger ones are cut, and fail
 /// their checks).
 const MAX_DATAGRAM: usize = 2048;
@@ -302,7 +305,7 @@ struct Hub {
 impl Hub {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut buf = vec![0u8; MAX_DATAGRAM];
-        let mut batch = Vec::with_capacity(256);
+        let mut batch = Vec::with_capacity(BATCH);
         let sleep = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(sleep);
         loop {
@@ -311,8 +314,8 @@ impl Hub {
                 sleep.as_mut().reset(tokio::time::Instant::from_std(at));
             }
             // Unbiased: a steady stream of commands must not starve the socket, nor the reverse.
-            tokio::select! {
-                n = rx.recv_many(&mut batch, 256) => {
+            let more = tokio::select! {
+                n = rx.recv_many(&mut batch, BATCH) => {
                     if n == 0 {
                         return;
                     }
@@ -320,34 +323,35 @@ impl Hub {
                     for cmd in batch.drain(..) {
                         self.command(cmd, now);
                     }
+                    n == BATCH
                 }
-                ready = self.socket.readable() => {
-                    if ready.is_ok() {
-                        self.read_all(&mut buf);
-                    }
-                }
-                () = &mut sleep, if next.is_some() => {}
-            }
+                ready = self.socket.readable() => ready.is_ok() && self.read_some(&mut buf),
+                () = &mut sleep, if next.is_some() => false,
+            };
             // Deadlines are checked after every wake (a heap peek when none is due), so a busy
             // loop never lets them slip.
             self.expire(Instant::now());
+            if more {
+                tokio::task::yield_now().await;
+            }
         }
     }
 
-    /// Read every datagram waiting on the socket and feed each to its peer.
-    fn read_all(&mut self, buf: &mut [u8]) {
+    /// Read up to [`BATCH`] datagrams waiting on the socket and feed each to its peer. Returns
+    /// whether more may be waiting.
+    fn read_some(&mut self, buf: &mut [u8]) -> bool {
         let mut errors = 0;
-        loop {
+        for _ in 0..BATCH {
             let (n, from) = match self.socket.try_recv_from(buf) {
                 Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 // ICMP errors of earlier sends surface here (one each): not fatal. Bounded, so a
                 // socket that keeps failing cannot hold the loop.
                 Err(e) => {
                     errors += 1;
                     if errors > 64 {
                         tracing::warn!(error = %e, "peer loop socket keeps failing");
-                        return;
+                        return false;
                     }
                     continue;
                 }
@@ -374,6 +378,7 @@ impl Hub {
             }
             self.service(id, now);
         }
+        true
     }
 
     /// The peer a datagram from `from` belongs to: by the ufrag of a STUN request, else by the
@@ -430,10 +435,14 @@ impl Hub {
             }
             Command::Text { peer, channel, text } => {
                 let Some(entry) = self.peers.get_mut(&peer) else { return };
-                if let Some(mut dc) = entry.pc.data_channel(channel)
-                    && let Err(e) = dc.send_text(now, text)
-                {
-                    tracing::trace!(error = %e, "event not sent");
+                if let Some(mut dc) = entry.pc.data_channel(channel) {
+                    if let Err(e) = dc.send_text(now, text) {
+                        tracing::trace!(error = %e, "event not sent");
+                    }
+                    let queued = dc.outstanding_bytes();
+                    if let Some((_, outstanding)) = entry.channels.iter().find(|(c, _)| *c == channel) {
+                        outstanding.store(queued, Ordering::Relaxed);
+                    }
                 }
                 self.service(peer, now);
             }
@@ -564,8 +573,11 @@ impl Hub {
             // A full send buffer drops the datagram, as the network would.
             let _ = socket.try_send_to(&msg.message, msg.transport.peer_addr);
         }
+        // Only channels with something queued can change (a send sets it non-zero first).
         for (channel, outstanding) in &entry.channels {
-            if let Some(dc) = entry.pc.data_channel(*channel) {
+            if outstanding.load(Ordering::Relaxed) > 0
+                && let Some(dc) = entry.pc.data_channel(*channel)
+            {
                 outstanding.store(dc.outstanding_bytes(), Ordering::Relaxed);
             }
         }

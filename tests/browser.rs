@@ -45,8 +45,13 @@ struct DemoRun {
 
 impl DemoRun {
     async fn ask(mode: &str) -> DemoRun {
+        DemoRun::ask_with(mode, |_| {}).await
+    }
+
+    /// [`DemoRun::ask`] on a server configured by `tweak`.
+    async fn ask_with(mode: &str, tweak: impl FnOnce(&mut kotodama::config::Config)) -> DemoRun {
         let _serial = SERIAL.lock().await;
-        let ts = TestServer::start().await;
+        let ts = TestServer::start_with(tweak).await;
         let (_, speech) = wav("user_question.wav");
         let page = run_page_mode(&ts, &mic(&speech), mode, mode).await;
         DemoRun { _serial, ts, page }
@@ -203,6 +208,27 @@ async fn the_web_demo_restarts_ice_says_so_and_keeps_talking() {
         .count();
     assert!(finals >= 2, "a second reply after the restart: {finals}");
     assert!(ts.recorder.turns().len() >= 2, "the second question reached the provider after the restart");
+}
+
+/// The same in Chromium with `media.peer_driver = "loop"` (one loop and one socket for every
+/// peer): the page connects (DTLS, SCTP, the events channel), is heard, restarts ICE, and the
+/// second question reaches the provider; the loop holds no peer once the browser is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_demo_talks_and_restarts_ice_through_the_peer_loop() {
+    let DemoRun { _serial, ts, page } =
+        DemoRun::ask_with("restart", |c| c.media.peer_driver = kotodama::config::PeerDriver::Loop).await;
+    let log = page["log"].as_str().unwrap_or_default();
+    assert!(log.contains("Hi! I am Aiko"), "the agent's reply is in the transcript: {log}");
+    assert!(log.contains("Connection lost: reconnecting") && log.contains("Reconnected."), "log: {log}");
+    let loud = loud_samples(&page);
+    assert!(loud > 200, "the replies were heard: {loud} loud 10 ms samples");
+    assert!(ts.recorder.turns().len() >= 2, "the second question reached the provider after the restart");
+    let peer_loop = ts.server.manager().peer_loop().expect("the server runs a peer loop").clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while (ts.server.manager().live_count() > 0 || peer_loop.peers() > 0) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(peer_loop.peers(), 0, "the ended session's peer left the loop");
 }
 
 /// Issue 15, item 7: on a network where WebRTC cannot use UDP (no proxy, no TURN), ICE cannot
