@@ -93,6 +93,19 @@ pub struct PeerLoop {
     live: Arc<AtomicUsize>,
 }
 
+impl Command {
+    /// The peer the command is for.
+    fn peer(&self) -> u64 {
+        match self {
+            Command::Adopt(a) => a.id,
+            Command::Rtp { peer, .. }
+            | Command::Text { peer, .. }
+            | Command::Run { peer, .. }
+            | Command::Close { peer } => *peer,
+        }
+    }
+}
+
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Command")
@@ -321,7 +334,8 @@ impl Hub {
                     }
                     let now = Instant::now();
                     for cmd in batch.drain(..) {
-                        self.command(cmd, now);
+                        let id = cmd.peer();
+                        self.isolate(id, |hub| hub.command(cmd, now));
                     }
                     n == BATCH
                 }
@@ -362,7 +376,6 @@ impl Hub {
                 continue;
             };
             let now = Instant::now();
-            let Some(entry) = self.peers.get_mut(&id) else { continue };
             let msg = TaggedBytesMut {
                 now,
                 transport: TransportContext {
@@ -373,10 +386,13 @@ impl Hub {
                 },
                 message: BytesMut::from(datagram),
             };
-            if let Err(e) = entry.pc.handle_read(msg) {
-                tracing::trace!(error = %e, "datagram refused by the peer");
-            }
-            self.service(id, now);
+            self.isolate(id, |hub| {
+                let Some(entry) = hub.peers.get_mut(&id) else { return };
+                if let Err(e) = entry.pc.handle_read(msg) {
+                    tracing::trace!(error = %e, "datagram refused by the peer");
+                }
+                hub.service(id, now);
+            });
         }
         true
     }
@@ -460,19 +476,38 @@ impl Hub {
                 self.service(peer, now);
             }
             Command::Close { peer } => {
-                let Some(mut entry) = self.peers.remove(&peer) else { return };
+                let Some(mut entry) = self.forget(peer) else { return };
                 let _ = entry.pc.close();
                 // The close's own datagrams (DTLS close_notify) still go out.
                 while let Some(msg) = entry.pc.poll_write() {
                     let _ = self.socket.try_send_to(&msg.message, msg.transport.peer_addr);
                 }
-                self.by_ufrag.remove(&entry.ufrag);
-                for a in &entry.addrs {
-                    if self.by_addr.get(a) == Some(&peer) {
-                        self.by_addr.remove(a);
-                    }
-                }
-                self.live.store(self.peers.len(), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Remove a peer and its routes.
+    fn forget(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.peers.remove(&id)?;
+        self.by_ufrag.remove(&entry.ufrag);
+        for a in &entry.addrs {
+            if self.by_addr.get(a) == Some(&id) {
+                self.by_addr.remove(a);
+            }
+        }
+        self.live.store(self.peers.len(), Ordering::Relaxed);
+        Some(entry)
+    }
+
+    /// Run `f`, work on peer `id`, so that a panic inside the WebRTC stack (a bug reached by a
+    /// hostile packet, say) fails that peer alone: it is dropped and its session told the
+    /// connection failed, and the loop goes on for every other peer.
+    fn isolate(&mut self, id: u64, f: impl FnOnce(&mut Self)) {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))).is_err() {
+            tracing::error!(peer = id, "the WebRTC stack panicked on this peer; dropping it");
+            if let Some(entry) = self.forget(id) {
+                use rtc::peer_connection::state::RTCPeerConnectionState as S;
+                deliver(&entry.events, PeerEvent::State(S::Failed));
             }
         }
     }
@@ -492,10 +527,13 @@ impl Hub {
             match entry.deadline {
                 Some(d) if d <= now => {
                     entry.deadline = None;
-                    if let Err(e) = entry.pc.handle_timeout(now) {
-                        tracing::trace!(error = %e, "peer timeout handling failed");
-                    }
-                    self.service(id, now);
+                    self.isolate(id, |hub| {
+                        let Some(entry) = hub.peers.get_mut(&id) else { return };
+                        if let Err(e) = entry.pc.handle_timeout(now) {
+                            tracing::trace!(error = %e, "peer timeout handling failed");
+                        }
+                        hub.service(id, now);
+                    });
                 }
                 // Moved later since it was filed: file the later one.
                 Some(d) => {
@@ -620,4 +658,79 @@ pub fn bind_configured(config: &crate::config::Config) -> Result<Option<Arc<Peer
     })?;
     tracing::info!(candidate = %peer_loop.candidate_addr(), "one loop and one UDP socket for every peer");
     Ok(Some(peer_loop))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtc::media_stream::MediaStreamTrack;
+    use rtc::peer_connection::RTCPeerConnectionBuilder;
+    use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+    use rtc::peer_connection::configuration::media_engine::MediaEngine;
+    use rtc::peer_connection::state::RTCPeerConnectionState;
+    use rtc::rtp_transceiver::rtp_sender::{
+        RTCRtpCodec, RTCRtpCodecParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    };
+
+    /// A peer with an Opus track and an offer set (what the loop adopts), its ufrag and sender.
+    fn peer() -> (RTCPeerConnection, String, RTCRtpSenderId) {
+        let opus = RTCRtpCodec {
+            mime_type: "audio/opus".into(),
+            clock_rate: 48_000,
+            channels: 2,
+            sdp_fmtp_line: String::new(),
+            rtcp_feedback: vec![],
+        };
+        let mut me = MediaEngine::default();
+        me.register_codec(RTCRtpCodecParameters { rtp_codec: opus.clone(), payload_type: 111 }, RtpCodecKind::Audio)
+            .unwrap();
+        let now = Instant::now();
+        let mut pc = RTCPeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(me)
+            .build(now)
+            .unwrap();
+        let encodings = vec![RTCRtpEncodingParameters { codec: opus, ..Default::default() }];
+        let track = MediaStreamTrack::new("s".into(), "t".into(), "l".into(), RtpCodecKind::Audio, encodings);
+        let sender = pc.add_track(track).unwrap();
+        let offer = pc.create_offer(None).unwrap();
+        pc.set_local_description(now, offer).unwrap();
+        let ufrag = crate::peer::ice_ufrag(&pc.local_description().unwrap().sdp).unwrap();
+        (pc, ufrag, sender)
+    }
+
+    async fn peers_become(pl: &PeerLoop, n: usize) {
+        for _ in 0..200 {
+            if pl.peers() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(pl.peers(), n);
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_one_peers_stack_fails_that_peer_alone_and_a_dropped_handle_frees_its_peer() {
+        let pl = PeerLoop::bind("127.0.0.1:0".parse().unwrap(), "127.0.0.1".parse().unwrap()).unwrap();
+        let counters = Arc::new(PeerCounters::default());
+        let (a_tx, mut a_rx) = mpsc::channel(16);
+        let (pc, ufrag, sender) = peer();
+        let a = pl.adopt(pc, ufrag, sender, a_tx, Arc::clone(&counters)).await.unwrap();
+        let (b_tx, _b_rx) = mpsc::channel(16);
+        let (pc, ufrag, sender) = peer();
+        let b = pl.adopt(pc, ufrag, sender, b_tx, counters).await.unwrap();
+        peers_become(&pl, 2).await;
+
+        let crashed = a.run(|_, _| -> bool { panic!("a bug in the stack") }).await;
+        assert!(matches!(crashed, Err(LoopError::Closed)), "{crashed:?}");
+        let told = tokio::time::timeout(Duration::from_secs(5), a_rx.recv()).await.unwrap();
+        assert!(matches!(told, Some(PeerEvent::State(RTCPeerConnectionState::Failed))), "the session hears it failed");
+        peers_become(&pl, 1).await;
+        // The other peer is served on as before.
+        assert!(b.run(|pc, _| pc.local_description().is_some()).await.unwrap());
+        assert!(matches!(a.write_rtp(rtp::Packet::default()), Ok(())), "a queued packet for a gone peer is harmless");
+
+        drop(b);
+        peers_become(&pl, 0).await;
+    }
 }
