@@ -41,11 +41,7 @@ fn opus() -> RTCRtpCodec {
 
 fn peer(role: RTCDtlsRole, now: Instant) -> RTCPeerConnection {
     let mut me = MediaEngine::default();
-    me.register_codec(
-        RTCRtpCodecParameters { rtp_codec: opus(), payload_type: 111, ..Default::default() },
-        RtpCodecKind::Audio,
-    )
-    .unwrap();
+    me.register_codec(RTCRtpCodecParameters { rtp_codec: opus(), payload_type: 111 }, RtpCodecKind::Audio).unwrap();
     let reg = configure_rtcp_reports(Registry::new())
         .with(kotodama::ssrc_demux::SLOT.into(), kotodama::ssrc_demux::SsrcDemux::default());
     RTCPeerConnectionBuilder::new()
