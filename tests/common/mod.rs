@@ -343,7 +343,15 @@ impl TestServer {
             ..Config::default()
         };
         config.scripted.response_delay_ms = 100;
+        // `KOTODAMA_TEST_PEER_DRIVER=loop`: every in-process server of the suite runs its peers on
+        // the peer loop (a test that sets a driver or a port range itself keeps it).
+        if std::env::var("KOTODAMA_TEST_PEER_DRIVER").is_ok_and(|v| v == "loop") {
+            config.media.peer_driver = kotodama::config::PeerDriver::Loop;
+        }
         tweak(&mut config);
+        if config.media.udp_ports.is_some() {
+            config.media.peer_driver = kotodama::config::PeerDriver::Task;
+        }
         config.validate().expect("test config valid");
         let providers = make(&config);
         let server = kotodama::server::start(config, providers).await.expect("server starts");
