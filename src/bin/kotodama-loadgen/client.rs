@@ -357,7 +357,7 @@ impl Voice {
             MicMode::Silence => Some(speech.silence.clone()),
             MicMode::Dtx if k < 10 => Some(speech.silence.clone()),
             MicMode::Dtx if k == 10 || (k > 10 && (k - 10) % 20 == 1) => Some(speech.dtx.clone()),
-            MicMode::Dtx if k > 10 && (k - 10) % 20 == 0 => Some(speech.silence.clone()),
+            MicMode::Dtx if k > 10 && (k - 10).is_multiple_of(20) => Some(speech.silence.clone()),
             MicMode::Dtx => None,
         }
     }
