@@ -5,10 +5,10 @@
 //! (`rtc::peer_connection::RTCPeerConnection`, an offerer) with a UDP socket of its own (the
 //! server tells clients apart by their address), and one thread drives them all: one `epoll` set
 //! (mio) over every client's socket, one timer heap for the cores' deadlines, and the 20 ms
-//! pacing tick that sends each client's next packet ([`Voice::frame`]). A readable socket is
-//! drained and only its client is serviced (events, reads, writes, next deadline); nothing is
-//! decoded, and lateness and loss come from the RTP headers with the instant each datagram was
-//! read.
+//! pacing tick that sends each client's next packet ([`Voice::frame`]), spread over the period in
+//! 2 ms slots ([`SLOTS`]). A readable socket is drained and only its client is serviced (events,
+//! reads, writes, next deadline); nothing is decoded, and lateness and loss come from the RTP
+//! headers with the instant each datagram was read.
 //!
 //! Connecting (`POST /v1/sessions`, the offer, the answer) runs on the caller's Tokio task; the
 //! connected core is then handed to the loop through a bounded queue.
@@ -52,6 +52,10 @@ const ADOPT_QUEUE: usize = 64;
 const MAX_DATAGRAM: usize = 2048;
 /// The pacing period: one packet per client per tick.
 const TICK: Duration = Duration::from_millis(20);
+/// The tick is spread over this many slots (client `i` sends in slot `i % SLOTS`, 2 ms apart), so
+/// that the clients' packets reach the server spread over the period as independent users' do,
+/// not as one burst that the server's loop would queue (and count as its own uplink latency).
+const SLOTS: usize = 10;
 /// The waker's token (client tokens are their index).
 const WAKER: Token = Token(usize::MAX);
 /// Socket errors (ICMP errors of earlier sends) read per wake before giving up on a socket.
@@ -225,7 +229,9 @@ impl Hub {
     fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         let mut buf = vec![0u8; MAX_DATAGRAM];
-        let mut next_tick = Instant::now() + TICK;
+        let slot_len = TICK / SLOTS as u32;
+        let mut next_tick = Instant::now() + slot_len;
+        let mut slot = 0;
         loop {
             let wake_at = self.timers.peek().map_or(next_tick, |Reverse((at, _))| (*at).min(next_tick));
             let timeout = wake_at.saturating_duration_since(Instant::now());
@@ -258,11 +264,12 @@ impl Hub {
             }
             let now = Instant::now();
             if now >= next_tick {
-                self.tick(now);
-                next_tick += TICK;
-                // Late (the loop was behind): the next tick a period from now, not a burst.
+                self.tick(slot, now);
+                slot = (slot + 1) % SLOTS;
+                next_tick += slot_len;
+                // Late (the loop was behind): the next slot a slot from now, not a burst.
                 if next_tick <= now {
-                    next_tick = now + TICK;
+                    next_tick = now + slot_len;
                 }
             }
             self.expire(Instant::now());
@@ -311,9 +318,9 @@ impl Hub {
         self.service(i);
     }
 
-    /// One 20 ms frame of every client.
-    fn tick(&mut self, now: Instant) {
-        for i in 0..self.clients.len() {
+    /// One 20 ms frame of every client in `slot` (see [`SLOTS`]).
+    fn tick(&mut self, slot: usize, now: Instant) {
+        for i in (slot..self.clients.len()).step_by(SLOTS) {
             let c = &mut self.clients[i];
             let Some(payload) = c.voice.frame(now, &self.speech, &self.talk) else {
                 c.ts = c.ts.wrapping_add(FRAME_TICKS);
