@@ -19,7 +19,7 @@ use webrtc::peer_connection::{
     PeerConnection, PeerConnectionEventHandler, RTCIceGatheringState, RTCSessionDescription,
 };
 
-use crate::client_peer::{ClientPeer, GatheringDone, MicSender, OPUS_PT, answered_opus_pt, load_peer};
+use crate::client_peer::{ClientPeer, FRAME_TICKS, GatheringDone, MicSender, OPUS_PT, answered_opus_pt, load_peer};
 
 /// Pre-encoded audio shared by every client (encoding is not what we measure).
 pub struct Speech {
@@ -78,8 +78,9 @@ pub struct Sample {
     pub barge_ms: Vec<f32>,
 }
 
+/// What a client has received (shared with its [`Probe`]).
 #[derive(Default)]
-struct Recv {
+pub(crate) struct Recv {
     sample: Sample,
     last_seq: Option<u16>,
     last_packet_at: Option<Instant>,
@@ -104,15 +105,15 @@ impl PeerConnectionEventHandler for Handler {
         tokio::spawn(async move {
             while let Some(ev) = track.poll().await {
                 if let TrackRemoteEvent::OnRtpPacket(p) = ev {
-                    on_packet(&recv, &p.header);
+                    on_packet(&recv, &p.header, Instant::now());
                 }
             }
         });
     }
 }
 
-fn on_packet(recv: &Mutex<Recv>, h: &rtp::header::Header) {
-    let now = Instant::now();
+/// Account one agent packet whose header is `h`, received at `now`.
+pub(crate) fn on_packet(recv: &Mutex<Recv>, h: &rtp::header::Header, now: Instant) {
     let mut r = recv.lock().unwrap_or_else(|p| p.into_inner());
     // A new talk spurt: the marker bit, or a pause of more than 200 ms.
     let new_spurt = h.marker || r.last_packet_at.is_none_or(|t| now - t > Duration::from_millis(200));
@@ -306,11 +307,9 @@ impl Talker {
     }
 }
 
-/// A connected simulated user.
-pub struct Client {
-    pc: Arc<dyn PeerConnection>,
-    _dc: Arc<dyn DataChannel>,
-    mic: MicSender,
+/// What one client sends, frame by frame: its [`Talker`], its microphone's silence mode, and
+/// the measures it records (shared by both client drivers).
+pub(crate) struct Voice {
     recv: Arc<Mutex<Recv>>,
     mode: MicMode,
     talker: Talker,
@@ -318,50 +317,15 @@ pub struct Client {
     silent_frames: u32,
 }
 
-impl Client {
-    /// Create a session on `base` and connect to it.
-    pub async fn connect(http: &reqwest::Client, base: &str, api_key: Option<&str>) -> anyhow::Result<Client> {
-        let mut req = http.post(format!("{base}/v1/sessions")).json(&serde_json::json!({ "provider": "scripted" }));
-        if let Some(k) = api_key {
-            req = req.bearer_auth(k);
-        }
-        let res = req.send().await?;
-        anyhow::ensure!(res.status().as_u16() == 201, "POST /v1/sessions: {}", res.status());
-        let v: serde_json::Value = res.json().await?;
-        let token = v["token"].as_str().unwrap_or_default().to_owned();
-        let offer_url = v["offer_url"].as_str().unwrap_or_default().to_owned();
-
-        let recv = Arc::new(Mutex::new(Recv::default()));
-        let (gathered, grx) = GatheringDone::new();
-        let handler = Arc::new(Handler { recv: Arc::clone(&recv), gathered });
-        let ClientPeer { pc, track, dc, ssrc, offer: sdp } =
-            load_peer(handler, grx).await.map_err(|e| anyhow::anyhow!("client peer: {e}"))?;
-        let (track, dc) = track.zip(dc).context("the peer has its track and data channel")?;
-        let res = http
-            .post(format!("{base}{offer_url}"))
-            .header("Content-Type", "application/sdp")
-            .bearer_auth(&token)
-            .body(sdp)
-            .send()
-            .await?;
-        anyhow::ensure!(res.status().as_u16() == 201, "POST offer: {}", res.status());
-        let answer = res.text().await?;
-        let pt = answered_opus_pt(&answer).unwrap_or(OPUS_PT);
-        pc.set_remote_description(RTCSessionDescription::answer(answer)?).await?;
-        Ok(Client {
-            pc,
-            _dc: dc,
-            mic: MicSender::new(track, ssrc, pt),
-            recv,
-            mode: MicMode::Silence,
-            talker: Talker::new(Instant::now(), None),
-            silent_frames: 0,
-        })
+impl Voice {
+    /// A voice that records into `recv`; silent until [`Voice::with_profile`].
+    pub(crate) fn new(recv: Arc<Mutex<Recv>>) -> Self {
+        Self { recv, mode: MicMode::Silence, talker: Talker::new(Instant::now(), None), silent_frames: 0 }
     }
 
     /// Send silence as `mode` says and act as `profile` says (talk: start after a random part of
     /// a silent second, or of the period with `every`, so that sessions do not speak in step).
-    pub fn with_profile(mut self, mode: MicMode, profile: Profile, every: Option<Duration>) -> Self {
+    pub(crate) fn with_profile(mut self, mode: MicMode, profile: Profile, every: Option<Duration>) -> Self {
         self.mode = mode;
         let spread = every.map_or(50, |e| (e.as_millis() / 20).clamp(1, u128::from(u32::MAX)) as u32);
         let stagger = (profile == Profile::Talk).then(|| rand::random_range(0..spread));
@@ -369,9 +333,9 @@ impl Client {
         self
     }
 
-    /// One 20 ms frame at `now`: send the talker's next packet, or silence as the microphone
-    /// mode sends it.
-    pub async fn frame(&mut self, now: Instant, speech: &Speech, profile: &TalkProfile) {
+    /// One 20 ms frame at `now`: the payload to send as the next RTP packet, or `None` for a
+    /// frame not sent (DTX: the RTP timestamp runs on by one frame).
+    pub(crate) fn frame(&mut self, now: Instant, speech: &Speech, profile: &TalkProfile) -> Option<Bytes> {
         let last_packet = self.recv.lock().unwrap_or_else(|p| p.into_inner()).last_packet_at;
         let (send, measure) = self.talker.step(now, last_packet, speech, profile);
         if let Some(m) = measure {
@@ -383,35 +347,108 @@ impl Client {
                 }
             }
         }
-        match send {
-            Some(i) => {
-                self.silent_frames = 0;
-                self.mic.send(speech.question[i].clone()).await;
-            }
-            None => self.silence(speech).await,
+        if let Some(i) = send {
+            self.silent_frames = 0;
+            return Some(speech.question[i].clone());
+        }
+        let k = self.silent_frames;
+        self.silent_frames = k.saturating_add(1);
+        match self.mode {
+            MicMode::Silence => Some(speech.silence.clone()),
+            MicMode::Dtx if k < 10 => Some(speech.silence.clone()),
+            MicMode::Dtx if k == 10 || (k > 10 && (k - 10) % 20 == 1) => Some(speech.dtx.clone()),
+            MicMode::Dtx if k > 10 && (k - 10).is_multiple_of(20) => Some(speech.silence.clone()),
+            MicMode::Dtx => None,
         }
     }
 
-    /// The next 20 ms of silence, as the microphone mode sends it.
-    async fn silence(&mut self, speech: &Speech) {
-        let k = self.silent_frames;
-        self.silent_frames = k.saturating_add(1);
-        let payload = match self.mode {
-            MicMode::Silence => speech.silence.clone(),
-            MicMode::Dtx if k < 10 => speech.silence.clone(),
-            MicMode::Dtx if k == 10 || (k > 10 && (k - 10) % 20 == 1) => speech.dtx.clone(),
-            MicMode::Dtx if k > 10 && (k - 10) % 20 == 0 => speech.silence.clone(),
-            MicMode::Dtx => {
-                self.mic.skip(960);
-                return;
-            }
-        };
-        self.mic.send(payload).await;
+    /// A handle to this voice's measurements.
+    pub(crate) fn probe(&self) -> Probe {
+        Probe(Arc::clone(&self.recv))
+    }
+}
+
+/// The session a client is to connect to (`POST /v1/sessions`).
+pub(crate) struct NewSession {
+    /// The session's bearer token.
+    pub token: String,
+    /// Where the offer goes (a path on the server).
+    pub offer_url: String,
+}
+
+impl NewSession {
+    /// Create a session on `base` with the scripted provider. Errors: HTTP, or a status other
+    /// than 201.
+    pub(crate) async fn create(http: &reqwest::Client, base: &str, api_key: Option<&str>) -> anyhow::Result<Self> {
+        let mut req = http.post(format!("{base}/v1/sessions")).json(&serde_json::json!({ "provider": "scripted" }));
+        if let Some(k) = api_key {
+            req = req.bearer_auth(k);
+        }
+        let res = req.send().await?;
+        anyhow::ensure!(res.status().as_u16() == 201, "POST /v1/sessions: {}", res.status());
+        let v: serde_json::Value = res.json().await?;
+        let token = v["token"].as_str().unwrap_or_default().to_owned();
+        let offer_url = v["offer_url"].as_str().unwrap_or_default().to_owned();
+        Ok(Self { token, offer_url })
+    }
+
+    /// Post the offer `sdp`; returns the answer SDP. Errors: HTTP, or a status other than 201.
+    pub(crate) async fn offer(&self, http: &reqwest::Client, base: &str, sdp: String) -> anyhow::Result<String> {
+        let res = http
+            .post(format!("{base}{}", self.offer_url))
+            .header("Content-Type", "application/sdp")
+            .bearer_auth(&self.token)
+            .body(sdp)
+            .send()
+            .await?;
+        anyhow::ensure!(res.status().as_u16() == 201, "POST offer: {}", res.status());
+        Ok(res.text().await?)
+    }
+}
+
+/// A connected simulated user on a webrtc-rs peer with its own driver task
+/// (`--client-driver task`).
+pub struct Client {
+    pc: Arc<dyn PeerConnection>,
+    _dc: Arc<dyn DataChannel>,
+    mic: MicSender,
+    voice: Voice,
+}
+
+impl Client {
+    /// Create a session on `base` and connect to it. Errors: HTTP, the peer's set-up.
+    pub async fn connect(http: &reqwest::Client, base: &str, api_key: Option<&str>) -> anyhow::Result<Client> {
+        let session = NewSession::create(http, base, api_key).await?;
+        let recv = Arc::new(Mutex::new(Recv::default()));
+        let (gathered, grx) = GatheringDone::new();
+        let handler = Arc::new(Handler { recv: Arc::clone(&recv), gathered });
+        let ClientPeer { pc, track, dc, ssrc, offer: sdp } =
+            load_peer(handler, grx).await.map_err(|e| anyhow::anyhow!("client peer: {e}"))?;
+        let (track, dc) = track.zip(dc).context("the peer has its track and data channel")?;
+        let answer = session.offer(http, base, sdp).await?;
+        let pt = answered_opus_pt(&answer).unwrap_or(OPUS_PT);
+        pc.set_remote_description(RTCSessionDescription::answer(answer)?).await?;
+        Ok(Client { pc, _dc: dc, mic: MicSender::new(track, ssrc, pt), voice: Voice::new(recv) })
+    }
+
+    /// See [`Voice::with_profile`].
+    pub fn with_profile(mut self, mode: MicMode, profile: Profile, every: Option<Duration>) -> Self {
+        self.voice = self.voice.with_profile(mode, profile, every);
+        self
+    }
+
+    /// One 20 ms frame at `now`: send the talker's next packet, or silence as the microphone
+    /// mode sends it.
+    pub async fn frame(&mut self, now: Instant, speech: &Speech, profile: &TalkProfile) {
+        match self.voice.frame(now, speech, profile) {
+            Some(payload) => self.mic.send(payload).await,
+            None => self.mic.skip(FRAME_TICKS),
+        }
     }
 
     /// A handle to this client's measurements.
     pub fn probe(&self) -> Probe {
-        Probe(Arc::clone(&self.recv))
+        self.voice.probe()
     }
 
     /// Hang up.

@@ -1,17 +1,21 @@
 //! `kotodama-loadgen`: how many live voice sessions does one machine hold?
 //!
 //! It starts a kotodama server (or targets a running one), then ramps the number of concurrent
-//! WebRTC client sessions (10, 20, 40, ...). Each client is a real webrtc-rs peer sending real Opus
-//! speech in a loop of turns (or a question every `--every` seconds), a quarter of them barging
-//! in; the server answers through its `scripted` provider after a configurable model delay. One
-//! pacing loop sends every client's next 20 ms packet per tick (no task or timer per client for
-//! sending); the speech is encoded once and nothing received is decoded. Every step is held and measured: agent
-//! packet lateness and loss as the clients receive them, turn and barge-in latency, the server's own
-//! per-stage latency histograms (scraped from `/metrics`), and the server's CPU and RSS (from
-//! `/proc`). It stops when p99 lateness passes the bound or loss appears, prints a table, and writes
-//! JSON and a PNG plot.
+//! WebRTC client sessions (10, 20, 40, ...). Each client is a real WebRTC peer (ICE, DTLS-SRTP,
+//! SCTP and the `events` data channel) sending real Opus speech in a loop of turns (or a question
+//! every `--every` seconds), a quarter of them barging in; the server answers through its
+//! `scripted` provider after a configurable model delay. By default every client is a sans-IO
+//! `rtc` core driven by one loop thread that also paces them (`client_loop.rs`); with
+//! `--client-driver task` each is a webrtc-rs peer with its own driver task, paced by one loop.
+//! Either way there is no task or timer per client for sending, the speech is encoded once and
+//! nothing received is decoded. Every step is held and measured: agent packet lateness and loss
+//! as the clients receive them, turn and barge-in latency, the server's own per-stage latency
+//! histograms (scraped from `/metrics`), the server's CPU and RSS (from `/proc`) and the
+//! generator's own CPU. It stops when p99 lateness passes the bound or loss appears, prints a
+//! table, and writes JSON and a PNG plot.
 
 mod client;
+mod client_loop;
 #[path = "../../../tests/common/client_peer.rs"]
 mod client_peer;
 mod plot;
@@ -43,6 +47,8 @@ USAGE: kotodama-loadgen [options]
   --reply-ms <ms>            a started server's scripted reply cut to <ms> (default: the whole
                              7.5 s; issue 14's profile: 2200)
   --peer-driver <task|loop>  a started server's media.peer_driver (default task)
+  --client-driver <loop|task> the simulated clients: sans-IO cores driven by one loop thread
+                             (default), or webrtc-rs peers with a driver task each
   --profile <talk|silent>    talk in turns, or stay connected and silent (default talk)
   --every <secs>             talk: start a question every <secs> s (e.g. 6) instead of taking
                              turns (ask, hear the reply, pause 0.5 s)
@@ -56,6 +62,15 @@ USAGE: kotodama-loadgen [options]
   --json <file>              write the report as JSON (default loadgen.json)
   --png <file>               write a plot (default loadgen.png)
 ";
+
+/// How the simulated clients are driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientDriver {
+    /// Sans-IO cores in one loop thread ([`client_loop`]).
+    Loop,
+    /// A webrtc-rs peer per client with its driver task, paced by [`pace`].
+    Task,
+}
 
 struct Opts {
     url: Option<String>,
@@ -74,6 +89,7 @@ struct Opts {
     question_ms: Option<u64>,
     reply_ms: Option<u64>,
     peer_driver: Option<String>,
+    client_driver: ClientDriver,
     api_key: Option<String>,
     json: PathBuf,
     png: PathBuf,
@@ -97,6 +113,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         question_ms: None,
         reply_ms: None,
         peer_driver: None,
+        client_driver: ClientDriver::Loop,
         api_key: None,
         json: "loadgen.json".into(),
         png: "loadgen.png".into(),
@@ -145,6 +162,13 @@ fn parse_args() -> anyhow::Result<Opts> {
                 let driver = val(i)?;
                 anyhow::ensure!(driver == "task" || driver == "loop", "--peer-driver {driver}: use task or loop");
                 o.peer_driver = Some(driver);
+            }
+            "--client-driver" => {
+                o.client_driver = match val(i)?.as_str() {
+                    "loop" => ClientDriver::Loop,
+                    "task" => ClientDriver::Task,
+                    other => anyhow::bail!("--client-driver {other}: use loop or task"),
+                }
             }
             "--api-key" => o.api_key = Some(val(i)?),
             "--json" => o.json = val(i)?.into(),
@@ -248,6 +272,39 @@ async fn pace(mut add: tokio::sync::mpsc::Receiver<Client>, speech: Arc<Speech>,
     }
 }
 
+/// The running clients, by driver.
+enum Clients {
+    Loop(client_loop::ClientLoop),
+    Task { add_tx: tokio::sync::mpsc::Sender<Client>, pacer: tokio::task::JoinHandle<()> },
+}
+
+impl Clients {
+    /// Connect one more client and start it talking; returns its measurements' handle.
+    async fn connect(&self, http: &reqwest::Client, base: &str, o: &Opts) -> anyhow::Result<Probe> {
+        let key = o.api_key.as_deref();
+        match self {
+            Clients::Loop(l) => l.connect(http, base, key, (o.mic, o.profile, o.every)).await,
+            Clients::Task { add_tx, .. } => {
+                let c = Client::connect(http, base, key).await?.with_profile(o.mic, o.profile, o.every);
+                let probe = c.probe();
+                add_tx.send(c).await.map_err(|_| anyhow::anyhow!("the pacing loop has stopped"))?;
+                Ok(probe)
+            }
+        }
+    }
+
+    /// Hang up every client.
+    async fn stop(self) {
+        match self {
+            Clients::Loop(l) => l.stop().await,
+            Clients::Task { add_tx, pacer } => {
+                drop(add_tx);
+                let _ = pacer.await;
+            }
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let opts = parse_args()?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -279,8 +336,14 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     });
     let speech = Arc::new(Speech::encode(&pcm.samples[..question])?);
     let talk = TalkProfile { barge: o.barge, every: o.every };
-    let (add_tx, add_rx) = tokio::sync::mpsc::channel(CONNECTS_AT_ONCE);
-    let pacer = tokio::spawn(pace(add_rx, Arc::clone(&speech), talk));
+    let clients = match o.client_driver {
+        ClientDriver::Loop => Clients::Loop(client_loop::ClientLoop::start(Arc::clone(&speech), talk)?),
+        ClientDriver::Task => {
+            let (add_tx, add_rx) = tokio::sync::mpsc::channel(CONNECTS_AT_ONCE);
+            let pacer = tokio::spawn(pace(add_rx, Arc::clone(&speech), talk));
+            Clients::Task { add_tx, pacer }
+        }
+    };
     let mut probes: Vec<Probe> = Vec::new();
     let mut reports: Vec<StepReport> = Vec::new();
     let idle = report::server_sample(&http, &base, pid).await;
@@ -297,13 +360,10 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         while probes.len() < n && failed <= 5 {
             // A few connects at a time: each waits on ICE gathering and two HTTP round trips.
             let batch = (n - probes.len()).min(CONNECTS_AT_ONCE);
-            let connects = (0..batch).map(|_| Client::connect(&http, &base, o.api_key.as_deref()));
+            let connects = (0..batch).map(|_| clients.connect(&http, &base, &o));
             for r in futures::future::join_all(connects).await {
                 match r {
-                    Ok(c) => {
-                        probes.push(c.probe());
-                        let _ = add_tx.send(c.with_profile(o.mic, o.profile, o.every)).await;
-                    }
+                    Ok(probe) => probes.push(probe),
                     Err(e) => {
                         failed += 1;
                         say(&bar, format!("session {} failed to connect: {e:#}", probes.len() + 1));
@@ -335,8 +395,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         }
     }
     bar.finish_and_clear();
-    drop(add_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(30), pacer).await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), clients.stop()).await;
 
     println!("{}", StepReport::header());
     for r in &reports {
