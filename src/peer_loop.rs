@@ -4,14 +4,14 @@
 //! task per peer: per packet it runs its whole loop (every component's `poll_write`, events,
 //! reads and timeouts behind locks, a new timer and a `select!` over futures), ~36 us per packet
 //! on this project's VM (BENCHMARKS.md, "Fourth round"). The same core driven directly costs
-//! 3-6 us per 20 ms frame each way (BENCHMARKS.md, "One loop for every peer").
+//! 3-6 us per 20 ms frame each way (BENCHMARKS.md, "Fifth round").
 //!
 //! [`PeerLoop`] owns one UDP socket and every peer's core. A datagram goes to its peer by the
 //! ufrag in a STUN request's `USERNAME` (RFC 8445 §7.2.2), and by source address once the peer
 //! has been reached from it; only that peer is then serviced (its writes sent, its events and
 //! reads forwarded, its next deadline filed in one timer heap). Sessions talk to the loop through
 //! one bounded command queue: an RTP packet to send, a data-channel text, or a job run on the
-//! peer's core (candidates, stats, ICE restart). Nothing is allocated per datagram but the
+//! peer's core (candidates, stats, ICE restart). The loop itself allocates nothing per datagram but the
 //! packet's own buffer.
 //!
 //! What it does not do (use `media.peer_driver = "task"`): ICE-TCP (RFC 6544) candidates and a
@@ -297,8 +297,6 @@ struct Entry {
     filed: Option<Instant>,
     /// The session's channels (by id) and their outstanding-bytes mirrors.
     channels: Vec<(RTCDataChannelId, Arc<AtomicUsize>)>,
-    /// Whether the session has been told the connection closed or failed.
-    ended: bool,
 }
 
 struct Hub {
@@ -434,7 +432,6 @@ impl Hub {
                     deadline: None,
                     filed: None,
                     channels: Vec::new(),
-                    ended: false,
                 };
                 self.peers.insert(id, entry);
                 self.live.store(self.peers.len(), Ordering::Relaxed);
@@ -553,10 +550,6 @@ impl Hub {
         while let Some(ev) = entry.pc.poll_event() {
             match ev {
                 RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
-                    use rtc::peer_connection::state::RTCPeerConnectionState as S;
-                    if matches!(state, S::Failed | S::Closed) {
-                        entry.ended = true;
-                    }
                     deliver(&entry.events, PeerEvent::State(state));
                 }
                 RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(channel)) => {
