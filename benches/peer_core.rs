@@ -18,7 +18,7 @@ use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::state::RTCPeerConnectionState;
-use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCDtlsRole, RTCIceCandidate};
+use rtc::peer_connection::transport::RTCDtlsRole;
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -69,19 +69,7 @@ fn track(pc: &mut RTCPeerConnection, ssrc: u32) -> RTCRtpSenderId {
 }
 
 fn host(pc: &mut RTCPeerConnection, a: SocketAddr) {
-    let c = CandidateHostConfig {
-        base_config: CandidateConfig {
-            network: "udp".into(),
-            address: a.ip().to_string(),
-            port: a.port(),
-            component: 1,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-    .new_candidate_host()
-    .unwrap();
-    pc.add_local_candidate(RTCIceCandidate::from(&c).to_json().unwrap()).unwrap();
+    pc.add_local_candidate(kotodama::peer_loop::host_candidate(a).unwrap()).unwrap();
 }
 
 fn pump(from: &mut RTCPeerConnection, to: &mut RTCPeerConnection, now: Instant, to_addr: SocketAddr) -> usize {

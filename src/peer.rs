@@ -528,7 +528,6 @@ async fn answer_in_loop(
     offer: &signaling::sdp::ValidOffer,
     events: mpsc::Sender<PeerEvent>,
 ) -> Result<(Peer, String), PeerError> {
-    use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
     let setup = |e: rtc::shared::error::Error| PeerError::Setup(e.to_string());
     let refused = |e: rtc::shared::error::Error| PeerError::Offer(e.to_string());
     let now = Instant::now();
@@ -543,20 +542,7 @@ async fn answer_in_loop(
         .map_err(refused)?;
     let ssrc: u32 = rand::random();
     let sender = pc.add_track(voice_track(ssrc, opus)).map_err(refused)?;
-    let at = peer_loop.candidate_addr();
-    let host = CandidateHostConfig {
-        base_config: CandidateConfig {
-            network: "udp".to_owned(),
-            address: at.ip().to_string(),
-            port: at.port(),
-            component: 1,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-    .new_candidate_host()
-    .map_err(|e| PeerError::Setup(e.to_string()))?;
-    let host = RTCIceCandidate::from(&host).to_json().map_err(setup)?;
+    let host = crate::peer_loop::host_candidate(peer_loop.candidate_addr()).map_err(PeerError::Setup)?;
     pc.add_local_candidate(host).map_err(setup)?;
     let answer = pc.create_answer(None).map_err(refused)?;
     pc.set_local_description(now, answer).map_err(refused)?;

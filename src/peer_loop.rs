@@ -634,6 +634,26 @@ fn deliver(events: &mpsc::Sender<PeerEvent>, ev: PeerEvent) {
     }
 }
 
+/// The host candidate (RFC 8445 §5.1.1.1) of a UDP socket at `addr`, as a sans-IO `rtc` peer
+/// takes it in `add_local_candidate`: what the loop's peers and the generator's clients announce.
+/// Errors: the stack's, as text.
+pub fn host_candidate(addr: SocketAddr) -> Result<rtc::peer_connection::transport::RTCIceCandidateInit, String> {
+    use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+    let host = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "udp".to_owned(),
+            address: addr.ip().to_string(),
+            port: addr.port(),
+            component: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .new_candidate_host()
+    .map_err(|e| e.to_string())?;
+    RTCIceCandidate::from(&host).to_json().map_err(|e| e.to_string())
+}
+
 /// Start the node's peer loop when `media.peer_driver = "loop"`: one UDP socket on the HTTP bind's
 /// address and `media.udp_port` (unset: an ephemeral port). Errors name the key and the bind's
 /// cause.

@@ -212,9 +212,9 @@ pub async fn client_peer_on(
     Ok(ClientPeer { pc, track, dc, ssrc, offer })
 }
 
-/// The microphone track (Opus, `ssrc`) added to `pc`.
-pub async fn mic_track(pc: &Arc<dyn PeerConnection>, ssrc: u32) -> Result<Arc<TrackLocalStaticRTP>, PeerError> {
-    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+/// The microphone's track description: Opus, one encoding with `ssrc`.
+pub fn mic_stream_track(ssrc: u32) -> MediaStreamTrack {
+    MediaStreamTrack::new(
         "mic".into(),
         "mic".into(),
         "mic".into(),
@@ -224,7 +224,12 @@ pub async fn mic_track(pc: &Arc<dyn PeerConnection>, ssrc: u32) -> Result<Arc<Tr
             codec: opus_codec(),
             ..Default::default()
         }],
-    )));
+    )
+}
+
+/// The microphone track (Opus, `ssrc`) added to `pc`.
+pub async fn mic_track(pc: &Arc<dyn PeerConnection>, ssrc: u32) -> Result<Arc<TrackLocalStaticRTP>, PeerError> {
+    let track = Arc::new(TrackLocalStaticRTP::new(mic_stream_track(ssrc)));
     pc.add_track(Arc::clone(&track) as Arc<dyn TrackLocal>).await?;
     Ok(track)
 }

@@ -25,20 +25,17 @@ use bytes::BytesMut;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rtc::interceptor::Registry;
-use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::configure_rtcp_reports;
 use rtc::peer_connection::configuration::media_engine::MediaEngine;
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
-use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit};
+use rtc::peer_connection::transport::RTCIceCandidateInit;
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp;
 use rtc::rtp_transceiver::RTCRtpSenderId;
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
-};
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodecParameters, RtpCodecKind};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::sync::{mpsc, oneshot};
@@ -183,30 +180,9 @@ fn offerer(local: SocketAddr) -> anyhow::Result<Offerer> {
         .with_interceptor_registry(configure_rtcp_reports(Registry::new()))
         .build(now)?;
     let ssrc: u32 = rand::random();
-    let sender = pc.add_track(MediaStreamTrack::new(
-        "mic".into(),
-        "mic".into(),
-        "mic".into(),
-        RtpCodecKind::Audio,
-        vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
-            codec: opus_codec(),
-            ..Default::default()
-        }],
-    ))?;
+    let sender = pc.add_track(crate::client_peer::mic_stream_track(ssrc))?;
     pc.create_data_channel("events", None)?;
-    let host = CandidateHostConfig {
-        base_config: CandidateConfig {
-            network: "udp".to_owned(),
-            address: local.ip().to_string(),
-            port: local.port(),
-            component: 1,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-    .new_candidate_host()?;
-    pc.add_local_candidate(RTCIceCandidate::from(&host).to_json()?)?;
+    pc.add_local_candidate(kotodama::peer_loop::host_candidate(local).map_err(anyhow::Error::msg)?)?;
     // End of gathering: the offer is complete.
     pc.add_local_candidate(RTCIceCandidateInit::default())?;
     let offer = pc.create_offer(None)?;
