@@ -91,7 +91,7 @@ pub fn packet_samples(packet: &[u8]) -> Option<usize> {
     }
 }
 
-/// Opus decoder, 48 kHz mono.
+/// Opus decoder, mono, at 48 kHz or another rate libopus decodes to.
 pub struct OpusDecoder {
     dec: opus::Decoder,
 }
@@ -103,9 +103,23 @@ impl std::fmt::Debug for OpusDecoder {
 }
 
 impl OpusDecoder {
-    /// A fresh decoder.
+    /// A fresh decoder at 48 kHz.
     pub fn new() -> Result<Self, CodecError> {
-        let dec = opus::Decoder::new(OPUS_RATE, opus::Channels::Mono).map_err(opus_err("decoder_create"))?;
+        Self::with_rate(OPUS_RATE)
+    }
+
+    /// A fresh decoder whose output is `rate_hz` (8000, 12000, 16000, 24000 or 48000: any
+    /// decoder may output at any of these rates whatever bandwidth the packets were coded with,
+    /// RFC 6716 §2). Sample counts in and out of the decoder are then at `rate_hz`.
+    /// Errors: another rate.
+    pub fn with_rate(rate_hz: u32) -> Result<Self, CodecError> {
+        if !matches!(rate_hz, 8_000 | 12_000 | 16_000 | 24_000 | 48_000) {
+            return Err(CodecError::InvalidSetting {
+                key: "decoder rate",
+                reason: "must be 8000, 12000, 16000, 24000 or 48000 Hz",
+            });
+        }
+        let dec = opus::Decoder::new(rate_hz, opus::Channels::Mono).map_err(opus_err("decoder_create"))?;
         Ok(Self { dec })
     }
 
@@ -118,8 +132,8 @@ impl OpusDecoder {
         self.dec.decode(packet, out, false).map_err(opus_err("decode"))
     }
 
-    /// Conceals `samples` of lost audio (PLC) into `out[..samples]`. `samples` must be a
-    /// multiple of 2.5 ms (120 samples) and at most [`MAX_PACKET_SAMPLES`].
+    /// Conceals `samples` of lost audio (PLC) into `out[..samples]`, at the decoder's rate.
+    /// `samples` must be a multiple of 2.5 ms (120 samples at 48 kHz) and at most 120 ms.
     pub fn conceal(&mut self, samples: usize, out: &mut [i16]) -> Result<usize, CodecError> {
         let n = samples.min(out.len());
         self.dec.decode(&[], &mut out[..n], false).map_err(opus_err("plc"))

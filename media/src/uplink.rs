@@ -39,6 +39,16 @@
 //! before the next frame it decodes. Inside an utterance every frame is decoded, so a pause in
 //! speech is heard as it was sent.
 //!
+//! Decode rate ([`UplinkConfig::decode_at_output_rate`]): the decoder outputs at the provider's
+//! rate when libopus can (24 kHz for OpenAI Realtime, 16 kHz for Gemini Live, Nova Sonic and the
+//! local cascade), which drops the 48 kHz -> provider resampler and, at 16 kHz, the decoder's own
+//! upsampling of SILK's wideband output (measured per 20 ms speech frame, BENCHMARKS.md, sixth
+//! round: decode + VAD + resampler 69 us at 48 kHz, 54 us at 24 kHz, 28 us at 16 kHz). The VAD
+//! (libfvad, which classifies at 8 kHz whatever rate it is given) runs at the decode rate when
+//! libfvad takes it (8, 16, 32, 48 kHz), else on the decoded audio resampled to 8 kHz; its edges
+//! are moved back by that resampler's delay. Every position, duration and count stays in RTP
+//! units (48 kHz samples, RFC 7587 §4.1) whatever the decode rate.
+//!
 //! Loss handling, by 16-bit RTP sequence number with wraparound, after the reorder window:
 //! - next in order: decode;
 //! - a gap of `n` packets: conceal up to [`UplinkConfig::max_concealment`] (default 100 ms):
@@ -114,6 +124,12 @@ pub struct UplinkConfig {
     /// Between utterances, take frames the sender's SILK encoder flagged as inactive as silence
     /// without decoding them (see the module docs). Default true.
     pub skip_inactive_frames: bool,
+    /// Decode at `output_rate_hz` when libopus can (8, 12, 16, 24 or 48 kHz; RFC 6716 §2: any
+    /// decoder may output at any of these rates whatever the coded bandwidth), so no resampler
+    /// runs between the decoder and the provider; other output rates are decoded at 48 kHz and
+    /// resampled. Default true. False: always decode at 48 kHz (the pipeline of recordings made
+    /// before this setting existed). See the module docs, "Decode rate".
+    pub decode_at_output_rate: bool,
 }
 
 impl Default for UplinkConfig {
@@ -126,6 +142,7 @@ impl Default for UplinkConfig {
             max_reorder_delay: Duration::from_millis(100),
             max_silence_fill: Duration::from_secs(2),
             skip_inactive_frames: true,
+            decode_at_output_rate: true,
         }
     }
 }
@@ -199,11 +216,21 @@ pub struct UplinkStats {
 pub struct Uplink {
     cfg: UplinkConfig,
     dec: OpusDecoder,
+    /// The decoder's output rate, Hz, and 48 kHz samples per decoded sample (1, 2, 3, 4 or 6).
+    decode_rate: u32,
+    per_decoded: usize,
     vad: Vad,
+    /// Decode rate -> 8 kHz for the VAD when libfvad does not take the decode rate (12, 24 kHz),
+    /// with the 10 ms frame it is filling.
+    vad_rs: Option<VadResampler>,
+    /// Decode rate -> output rate (a passthrough when they are equal).
     rs: Resampler,
-    pcm48: Vec<i16>,
+    /// Decoded audio at the decode rate.
+    pcm: Vec<i16>,
+    /// The 10 ms frame being filled, `chunk` samples at the decode rate.
     carry: [i16; CHUNK_SAMPLES],
     carry_len: usize,
+    chunk: usize,
     out: Vec<i16>,
     out_read: usize,
     edges: VecDeque<(usize, VadEdge)>,
@@ -256,8 +283,15 @@ impl Uplink {
             return Err(MediaError::InvalidConfig { key: "uplink.max_silence_fill", reason: "must be 0 ..= 60 s" });
         }
         let silence_cap = cfg.max_silence_fill.max(cfg.vad.min_silence + Duration::from_millis(100));
-        let vad = Vad::new(cfg.vad, OPUS_RATE)?;
-        let rs = Resampler::new(OPUS_RATE, cfg.output_rate_hz, Alignment::Stream)?;
+        let decode_rate = match cfg.output_rate_hz {
+            r @ (8_000 | 12_000 | 16_000 | 24_000 | 48_000) if cfg.decode_at_output_rate => r,
+            _ => OPUS_RATE,
+        };
+        let (vad, vad_rs) = match decode_rate {
+            8_000 | 16_000 | 32_000 | 48_000 => (Vad::new(cfg.vad, decode_rate)?, None),
+            _ => (Vad::new(cfg.vad, VAD_RATE)?, Some(VadResampler::new(decode_rate)?)),
+        };
+        let rs = Resampler::new(decode_rate, cfg.output_rate_hz, Alignment::Stream)?;
         // Worst case per push: the concealment cap (rounded up to one max packet) + one FEC frame
         // + the packet itself + a partial 10 ms carry, at 48 kHz; the output rate is <= 48 kHz.
         let max_in =
@@ -265,12 +299,16 @@ impl Uplink {
         let out_cap = max_in + rs.chunk_out().max(CHUNK_SAMPLES);
         Ok(Self {
             cfg,
-            dec: OpusDecoder::new()?,
+            dec: OpusDecoder::with_rate(decode_rate)?,
+            decode_rate,
+            per_decoded: (OPUS_RATE / decode_rate) as usize,
             vad,
+            vad_rs,
             rs,
-            pcm48: vec![0; MAX_PACKET_SAMPLES],
+            pcm: vec![0; MAX_PACKET_SAMPLES],
             carry: [0; CHUNK_SAMPLES],
             carry_len: 0,
+            chunk: (decode_rate / 100) as usize,
             out: Vec::with_capacity(out_cap),
             out_read: 0,
             edges: VecDeque::with_capacity(max_in / CHUNK_SAMPLES + 4),
@@ -389,6 +427,12 @@ impl Uplink {
         s
     }
 
+    /// The decoder's output rate, Hz: the output rate, or 48 kHz (see the module docs,
+    /// "Decode rate").
+    pub fn decode_rate_hz(&self) -> u32 {
+        self.decode_rate
+    }
+
     /// Algorithmic delay of the resampler (output lags the stream position by this much).
     pub fn resampler_delay(&self) -> Duration {
         self.rs.delay()
@@ -438,12 +482,17 @@ impl Uplink {
         self.out.clear();
         self.out_read = 0;
         if self.pending_silence > 0 {
-            let n = self.pending_silence.min(MAX_PACKET_SAMPLES as u64) as usize;
-            self.pending_silence -= n as u64;
-            self.pcm48[..n].fill(0);
-            self.stats.silence += samples_to_duration(n as u64, OPUS_RATE);
-            self.feed_decoded(n);
-            return true;
+            // Whole decoded samples; a remainder below one (a timestamp step that is not a
+            // multiple of 48 kHz / decode rate) is dropped.
+            let n = self.pending_silence.min(MAX_PACKET_SAMPLES as u64) as usize / self.per_decoded;
+            let n48 = n * self.per_decoded;
+            self.pending_silence = if n == 0 { 0 } else { self.pending_silence - n48 as u64 };
+            if n > 0 {
+                self.pcm[..n].fill(0);
+                self.stats.silence += samples_to_duration(n48 as u64, OPUS_RATE);
+                self.feed_decoded(n);
+                return true;
+            }
         }
         if let Some(len) = self.staged_len.take() {
             self.decode_staged(len);
@@ -498,8 +547,7 @@ impl Uplink {
             // the classifier too).
             self.stats.dtx_packets += 1;
             self.last_packet_samples = n;
-            self.pcm48[..n].fill(0);
-            self.feed_decoded(n);
+            self.feed_silence(n);
             return;
         }
         if self.cfg.skip_inactive_frames
@@ -510,17 +558,16 @@ impl Uplink {
             self.stats.inactive_packets += 1;
             self.decoder_stale = true;
             self.last_packet_samples = n;
-            self.pcm48[..n].fill(0);
-            self.feed_decoded(n);
+            self.feed_silence(n);
             return;
         }
         if std::mem::take(&mut self.decoder_stale) {
             self.dec.reset();
         }
-        let decoded = if len == 0 { None } else { self.dec.decode(&self.staged[..len], &mut self.pcm48).ok() };
+        let decoded = if len == 0 { None } else { self.dec.decode(&self.staged[..len], &mut self.pcm).ok() };
         match decoded {
             Some(n) if n > 0 => {
-                self.last_packet_samples = n.min(MAX_PACKET_SAMPLES);
+                self.last_packet_samples = (n * self.per_decoded).min(MAX_PACKET_SAMPLES);
                 self.feed_decoded(n);
             }
             _ => {
@@ -544,22 +591,24 @@ impl Uplink {
         let fec = if packet_has_fec(next) { packet_samples(next) } else { None };
         for i in 0..n {
             match fec {
-                Some(len) if i + 1 == n => match self.dec.decode_fec(&self.staged[..next_len], len, &mut self.pcm48) {
-                    Ok(got) if got > 0 => {
-                        self.stats.fec_frames += 1;
-                        self.emit_concealed(got);
+                Some(len) if i + 1 == n => {
+                    match self.dec.decode_fec(&self.staged[..next_len], len / self.per_decoded, &mut self.pcm) {
+                        Ok(got) if got > 0 => {
+                            self.stats.fec_frames += 1;
+                            self.emit_concealed(got);
+                        }
+                        _ => self.stats.decode_errors += 1,
                     }
-                    _ => self.stats.decode_errors += 1,
-                },
+                }
                 _ => self.plc(plc_frame),
             }
         }
         (self.stream_samples - before) as usize
     }
 
-    /// One frame of packet-loss concealment.
+    /// One frame of packet-loss concealment, `frame` 48 kHz samples long.
     fn plc(&mut self, frame: usize) {
-        match self.dec.conceal(frame, &mut self.pcm48) {
+        match self.dec.conceal(frame / self.per_decoded, &mut self.pcm) {
             Ok(got) if got > 0 => {
                 self.stats.plc_frames += 1;
                 self.emit_concealed(got);
@@ -568,26 +617,40 @@ impl Uplink {
         }
     }
 
+    /// `n` decoded samples of concealment (PLC or FEC) in `pcm`.
     fn emit_concealed(&mut self, n: usize) {
-        self.stats.concealed += samples_to_duration(n as u64, OPUS_RATE);
+        self.stats.concealed += samples_to_duration((n * self.per_decoded) as u64, OPUS_RATE);
         self.feed_decoded(n);
     }
 
-    /// Runs `pcm48[..n]` through 10 ms framing, VAD and the resampler.
+    /// `n48` samples (48 kHz) of silence: a DTX or skipped packet's duration.
+    fn feed_silence(&mut self, n48: usize) {
+        let n = n48 / self.per_decoded;
+        self.pcm[..n].fill(0);
+        self.feed_decoded(n);
+    }
+
+    /// Runs `pcm[..n]` (decode rate) through 10 ms framing, VAD and the resampler.
     fn feed_decoded(&mut self, n: usize) {
-        let n = n.min(self.pcm48.len());
-        self.stream_samples += n as u64;
+        let n = n.min(self.pcm.len());
+        self.stream_samples += (n * self.per_decoded) as u64;
+        let chunk = self.chunk;
         let mut i = 0;
         while i < n {
-            let take = (CHUNK_SAMPLES - self.carry_len).min(n - i);
-            self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&self.pcm48[i..i + take]);
+            let take = (chunk - self.carry_len).min(n - i);
+            self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&self.pcm[i..i + take]);
             self.carry_len += take;
             i += take;
-            if self.carry_len < CHUNK_SAMPLES {
+            if self.carry_len < chunk {
                 break;
             }
             self.carry_len = 0;
-            if let Some(edge) = self.vad.process(&self.carry) {
+            let frame = &self.carry[..chunk];
+            let edge = match self.vad_rs.as_mut() {
+                None => self.vad.process(frame),
+                Some(vr) => vr.process(frame, &mut self.vad),
+            };
+            if let Some(edge) = edge {
                 if matches!(edge, VadEdge::Started { .. }) {
                     self.stats.utterances += 1;
                 }
@@ -596,7 +659,58 @@ impl Uplink {
             let out = &mut self.out;
             // Sizes are fixed at construction; a failure here would be a bug, and losing 10 ms
             // of audio is the right degradation (no panic on the media path).
-            let _ = self.rs.process(&self.carry, &mut |s: &[i16]| out.extend_from_slice(s));
+            let _ = self.rs.process(frame, &mut |s: &[i16]| out.extend_from_slice(s));
         }
+    }
+}
+
+/// The VAD's input when libfvad does not take the decode rate: the decoded 10 ms frames
+/// resampled to 8 kHz (the rate libfvad classifies at whatever it is given) and cut into 10 ms
+/// VAD frames. Edges are moved back by the resampler's delay, so their positions match the
+/// decoded stream's.
+struct VadResampler {
+    rs: Resampler,
+    frame: [i16; VAD_FRAME_SAMPLES],
+    fill: usize,
+}
+
+/// libfvad's classification rate, Hz.
+const VAD_RATE: u32 = 8_000;
+/// One 10 ms VAD frame at [`VAD_RATE`].
+const VAD_FRAME_SAMPLES: usize = (VAD_RATE / 100) as usize;
+
+impl VadResampler {
+    fn new(decode_rate: u32) -> Result<Self, MediaError> {
+        Ok(Self {
+            rs: Resampler::new(decode_rate, VAD_RATE, Alignment::Stream)?,
+            frame: [0; VAD_FRAME_SAMPLES],
+            fill: 0,
+        })
+    }
+
+    /// Feeds one decoded 10 ms frame; returns the edge of the VAD frames it completed (at most
+    /// one frame per call at the usual 10 ms resampler chunks; the last edge if more).
+    fn process(&mut self, decoded: &[i16], vad: &mut Vad) -> Option<VadEdge> {
+        let delay = self.rs.delay();
+        let (frame, fill) = (&mut self.frame, &mut self.fill);
+        let mut edge = None;
+        let _ = self.rs.process(decoded, &mut |mut s: &[i16]| {
+            while !s.is_empty() {
+                let take = (VAD_FRAME_SAMPLES - *fill).min(s.len());
+                frame[*fill..*fill + take].copy_from_slice(&s[..take]);
+                *fill += take;
+                s = &s[take..];
+                if *fill == VAD_FRAME_SAMPLES {
+                    *fill = 0;
+                    if let Some(e) = vad.process(&frame[..]) {
+                        edge = Some(match e {
+                            VadEdge::Started { at } => VadEdge::Started { at: at.saturating_sub(delay) },
+                            VadEdge::Stopped { at } => VadEdge::Stopped { at: at.saturating_sub(delay) },
+                        });
+                    }
+                }
+            }
+        });
+        edge
     }
 }

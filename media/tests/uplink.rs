@@ -80,6 +80,23 @@ fn envelope_similarity(a: &[f64], b: &[f64], max_lag: usize) -> f64 {
     best
 }
 
+/// [`envelope_similarity`] at the best alignment of the two signals in 1 ms steps, `heard`
+/// up to 10 ms later or up to 80 ms earlier than `reference` (packets dropped as late at the
+/// start of a jittery stream): the 10 ms envelopes of two signals a fraction of a window apart
+/// (the codec's 6.5 ms lookahead, a resampler's 5 ms) correlate less than the same signals a
+/// whole window apart.
+fn aligned_similarity(reference: &[i16], ref_rate: u32, heard: &[i16], rate: u32) -> f64 {
+    let heard_later = (0..10).map(|skip_ms| {
+        let skip = (rate / 1000 * skip_ms) as usize;
+        envelope_similarity(&envelope(reference, ref_rate), &envelope(&heard[skip.min(heard.len())..], rate), 3)
+    });
+    let heard_earlier = (1..=80).map(|skip_ms| {
+        let skip = (ref_rate / 1000 * skip_ms) as usize;
+        envelope_similarity(&envelope(&reference[skip.min(reference.len())..], ref_rate), &envelope(heard, rate), 0)
+    });
+    heard_later.chain(heard_earlier).fold(0.0, f64::max)
+}
+
 #[test]
 fn speech_round_trips_through_opus_and_resampler_at_24k_16k_and_48k() {
     let speech = pad(&user_question().samples, 48_000, ms(300), ms(700));
@@ -87,21 +104,56 @@ fn speech_round_trips_through_opus_and_resampler_at_24k_16k_and_48k() {
     let list: Vec<(u16, &[u8])> = packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect();
     let in_secs = packets.len() as f64 * 0.02;
     let in_rms = rms(&speech);
-    for rate in [24_000u32, 16_000, 48_000] {
-        let (h, s, up) = run(cfg(rate), &list);
+    // Decoded at the output rate (no resampler), at 48 kHz and resampled (as recordings made
+    // before the decode rate replay), and a rate libopus does not decode to (48 kHz + resampler).
+    let cases = [
+        (24_000u32, true, 24_000, Duration::ZERO),
+        (16_000, true, 16_000, Duration::ZERO),
+        (48_000, true, 48_000, Duration::ZERO),
+        (24_000, false, 48_000, ms(5)),
+        (16_000, false, 48_000, ms(5)),
+        (22_050, true, 48_000, Duration::from_nanos(6_666_666)),
+    ];
+    for (rate, at_rate, decode_rate, delay) in cases {
+        let (h, s, up) = run(UplinkConfig { decode_at_output_rate: at_rate, ..cfg(rate) }, &list);
+        let case = format!("{rate} Hz, decode_at_output_rate {at_rate}");
+        assert_eq!(up.decode_rate_hz(), decode_rate, "{case}");
         let out_secs = h.audio.len() as f64 / f64::from(rate);
-        assert!((out_secs - in_secs).abs() / in_secs < 0.10, "{rate} Hz: heard {out_secs:.3} s of {in_secs:.3} s");
+        assert!((out_secs - in_secs).abs() / in_secs < 0.10, "{case}: heard {out_secs:.3} s of {in_secs:.3} s");
         // Only one 10 ms chunk may sit in the resampler.
-        assert!(in_secs - out_secs <= 0.0101, "{rate} Hz: {out_secs} s out of {in_secs} s");
+        assert!(in_secs - out_secs <= 0.0101, "{case}: {out_secs} s out of {in_secs} s");
         let out_rms = rms(&h.audio);
-        assert!((out_rms - in_rms).abs() / in_rms < 0.10, "{rate} Hz: rms {out_rms:.1} vs input {in_rms:.1}");
-        let sim = envelope_similarity(&envelope(&speech, 48_000), &envelope(&h.audio, rate), 3);
-        assert!(sim > 0.95, "{rate} Hz: heard envelope correlates only {sim:.3} with the speech");
+        assert!((out_rms - in_rms).abs() / in_rms < 0.10, "{case}: rms {out_rms:.1} vs input {in_rms:.1}");
+        let sim = aligned_similarity(&speech, 48_000, &h.audio, rate);
+        assert!(sim > 0.95, "{case}: heard envelope correlates only {sim:.3} with the speech");
         assert_eq!(s.lost + s.plc_frames + s.fec_frames + s.decode_errors + s.late_or_duplicate, 0, "{s:?}");
-        assert_eq!(s.decoded, FRAME * packets.len() as u32);
-        let expect_delay = if rate == 48_000 { Duration::ZERO } else { ms(5) };
-        assert_eq!(up.resampler_delay(), expect_delay);
+        assert_eq!(s.decoded, FRAME * packets.len() as u32, "{case}");
+        assert_eq!(up.resampler_delay(), delay, "{case}");
+        assert_eq!((h.starts.len(), h.stops.len()), (1, 1), "{case}: one utterance: {h:?}");
     }
+}
+
+#[test]
+fn decoding_at_24k_is_the_48k_decode_resampled_without_its_delay() {
+    // What the provider hears is the same speech either way: the 24 kHz decode is the 48 kHz
+    // decode + resampler, 5 ms (the resampler's delay, 120 samples) earlier.
+    let speech = pad(&user_question().samples, 48_000, ms(300), ms(700));
+    let packets = encode_packets(&speech, client_encoder());
+    let list: Vec<(u16, &[u8])> = packets.iter().enumerate().map(|(i, p)| (i as u16, p.as_slice())).collect();
+    let (direct, _, _) = run(cfg(24_000), &list);
+    let (resampled, _, _) = run(UplinkConfig { decode_at_output_rate: false, ..cfg(24_000) }, &list);
+    let corr = |lag: usize| {
+        let n = resampled.audio.len() - lag;
+        let (x, y) = (&resampled.audio[lag..], &direct.audio[..n]);
+        let dot: f64 = x.iter().zip(y).map(|(&p, &q)| f64::from(p) * f64::from(q)).sum();
+        let ex: f64 = x.iter().map(|&p| f64::from(p).powi(2)).sum();
+        let ey: f64 = y.iter().map(|&q| f64::from(q).powi(2)).sum();
+        dot / (ex * ey).sqrt()
+    };
+    let (best_lag, best) = (0..240).map(|lag| (lag, corr(lag))).fold((0, 0.0), |b, c| if c.1 > b.1 { c } else { b });
+    assert!(best > 0.99, "waveforms correlate only {best:.3} (at lag {best_lag})");
+    assert!((115..=125).contains(&best_lag), "the 24 kHz decode leads by {best_lag} samples, not the resampler's 120");
+    assert!(corr(0) < 0.9, "without the lag the two differ ({:.3}): the test would not see a shift", corr(0));
 }
 
 #[test]
@@ -456,7 +508,7 @@ fn sixty_plus_minus_fifty_ms_of_jitter_is_reordered_not_concealed() {
     let concealed = (s.plc_frames + s.fec_frames) as f64 / packets.len() as f64;
     assert!(concealed < 0.03, "{:.1} % concealed (40-50 % without a reorder window): {s:?}", concealed * 100.0);
     assert_eq!(h.starts.len(), 1, "one utterance heard: {h:?}");
-    let sim = envelope_similarity(&envelope(&speech, 48_000), &envelope(&h.audio, 24_000), 3);
+    let sim = aligned_similarity(&speech, 48_000, &h.audio, 24_000);
     assert!(sim > 0.95, "heard envelope correlates only {sim:.3} with the speech");
 }
 
