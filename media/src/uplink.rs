@@ -1,5 +1,5 @@
-//! The uplink: RTP Opus packets from the client's microphone -> decoded, concealed 48 kHz PCM
-//! -> 10 ms frames -> VAD -> resampled to the provider's input rate.
+//! The uplink: RTP Opus packets from the client's microphone -> decoded, concealed PCM at the
+//! provider's input rate (or 48 kHz, then resampled to it) -> 10 ms frames -> VAD -> out.
 //!
 //! Drive it with [`Uplink::push`] per packet, then [`Uplink::poll`] until `None`; when
 //! [`Uplink::next_timeout`] passes without a packet, call [`Uplink::handle_timeout`] and poll
