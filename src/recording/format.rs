@@ -171,6 +171,11 @@ pub struct MediaSpec {
     /// recordings made before DTX (false).
     #[serde(default)]
     pub dtx: bool,
+    /// The uplink decodes at the provider's input rate when libopus can
+    /// (`media::UplinkConfig::decode_at_output_rate`); absent in recordings made before it
+    /// (false: decoded at 48 kHz and resampled, as they were recorded).
+    #[serde(default)]
+    pub decode_at_input_rate: bool,
 }
 
 impl MediaSpec {
@@ -195,6 +200,7 @@ impl MediaSpec {
             output_rate_hz: self.input_rate_hz,
             vad: self.vad(),
             opus_payload_type: self.opus_payload_type,
+            decode_at_output_rate: self.decode_at_input_rate,
             ..Default::default()
         })?;
         let encoder = media::EncoderConfig {

@@ -427,6 +427,9 @@ impl SessionBuilder {
             // Each reply ends with an Opus DTX frame: browsers play the pause as comfort noise,
             // not as concealment of a lost stream (media::playout, "Silence (DTX)").
             dtx: true,
+            // No resampler between the Opus decoder and a 24 or 16 kHz provider (media::uplink,
+            // "Decode rate").
+            decode_at_input_rate: true,
         }
     }
 
