@@ -78,8 +78,22 @@ impl<L: ClientLink> SessionTask<L> {
         let mut flush = tokio::time::interval(Duration::from_secs(1));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let deadline = tokio::time::Instant::from_std(self.deadline);
+        // Both timers live as long as the task: a `Sleep` made per iteration would be inserted
+        // into and removed from tokio's timer wheel (under its lock) twice per packet and frame;
+        // the core's timer is only re-armed when its instant changes.
+        let max_duration = tokio::time::sleep_until(deadline);
+        tokio::pin!(max_duration);
+        let core_timer = tokio::time::sleep_until(deadline);
+        tokio::pin!(core_timer);
+        let mut armed: Option<tokio::time::Instant> = None;
         let reason = loop {
             let wake = self.conv.poll_timeout().map(|d| tokio::time::Instant::from_std(self.start + d));
+            if wake != armed {
+                if let Some(at) = wake {
+                    core_timer.as_mut().reset(at);
+                }
+                armed = wake;
+            }
             let provider_room = self.conv.wants_provider_events();
             let gate_waiting = self.gate.is_waiting();
             let step = tokio::select! {
@@ -105,7 +119,7 @@ impl<L: ClientLink> SessionTask<L> {
                 // Before media and provider events (biased): a final held for the journal goes
                 // out as soon as it is durable, not when the provider's stream pauses.
                 durable = self.gate.next(), if gate_waiting => self.release(Some(durable)).await,
-                _ = sleep_until_opt(wake) => self.input(Input::Timeout, &mut counters).await,
+                _ = &mut core_timer, if armed.is_some() => self.input(Input::Timeout, &mut counters).await,
                 ev = self.link.recv() => match ev {
                     Some(ev) => self.on_link_event(ev, &mut counters).await,
                     None => break EndReason::PeerDisconnected,
@@ -124,7 +138,7 @@ impl<L: ClientLink> SessionTask<L> {
                         Drained::default()
                     }
                 },
-                _ = tokio::time::sleep_until(deadline) => break EndReason::MaxDuration,
+                _ = &mut max_duration => break EndReason::MaxDuration,
                 _ = flush.tick() => {
                     self.export_stats(&counters, &mut exported);
                     self.adapt_fec(&mut counters).await;
@@ -358,12 +372,5 @@ impl<L: ClientLink> SessionTask<L> {
                 memory.remember(ended).await;
             }));
         }
-    }
-}
-
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
