@@ -318,7 +318,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         None => {
             let (c, b) = spawn_server(&o, max_n)?;
             let pid = c.id();
-            (Some(c), b, Some(pid))
+            (Some(StartedServer(c)), b, Some(pid))
         }
     };
     let http = reqwest::Client::new();
@@ -404,9 +404,25 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     std::fs::write(&o.json, serde_json::to_string_pretty(&reports)?)?;
     plot::draw(&o.png, &reports)?;
     println!("wrote {} and {}", o.json.display(), o.png.display());
-    if let Some(c) = child.as_mut() {
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-        let _ = c.wait();
-    }
+    drop(child.take());
     Ok(())
+}
+
+/// The server the generator started: stopped (SIGTERM, then SIGKILL after 10 s) when the run
+/// ends, on every path out of [`run`] (an error writing the report left it running before).
+struct StartedServer(Child);
+
+impl Drop for StartedServer {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(self.0.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
