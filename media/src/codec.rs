@@ -1,15 +1,27 @@
-//! Opus at 48 kHz mono: a decoder with packet-loss concealment (PLC) and in-band FEC (LBRR),
-//! and a VOIP encoder with in-band FEC that writes 20 ms frames into a caller-provided buffer.
+//! Opus mono: a 48 kHz decoder with packet-loss concealment (PLC) and in-band FEC (LBRR), and a
+//! VOIP encoder with in-band FEC that writes 20 ms frames into a caller-provided buffer. The
+//! encoder takes PCM at any rate libopus accepts ([`ENCODER_INPUT_RATES_HZ`]); the packets are
+//! the same Opus whatever the input rate, and their RTP clock is always 48 kHz (RFC 7587 §4.1).
 
 use std::time::Duration;
 
-use crate::pcm::{FRAME_SAMPLES, OPUS_RATE, samples_to_duration};
+use crate::pcm::{OPUS_RATE, samples_to_duration};
 
 /// Largest Opus packet duration: 120 ms at 48 kHz.
 pub const MAX_PACKET_SAMPLES: usize = 5_760;
 /// Largest single-frame Opus packet (RFC 6716 §3.4). An `out` buffer of this size always fits
 /// one 20 ms frame from [`OpusEncoder::encode`]; 1500 bytes (an MTU) is a comfortable choice.
 pub const MAX_FRAME_BYTES: usize = 1_275;
+
+/// The PCM rates, Hz, libopus' encoder takes as input (RFC 6716 §2: Opus codes audio sampled at
+/// these rates; a lower rate only bounds the coded bandwidth, e.g. 24 kHz is super-wideband,
+/// everything such a source holds).
+pub const ENCODER_INPUT_RATES_HZ: [u32; 5] = [8_000, 12_000, 16_000, 24_000, 48_000];
+
+/// Whether libopus' encoder takes PCM at `rate_hz` as input ([`ENCODER_INPUT_RATES_HZ`]).
+pub fn is_encoder_input_rate(rate_hz: u32) -> bool {
+    ENCODER_INPUT_RATES_HZ.contains(&rate_hz)
+}
 
 /// Errors of the codec layer.
 #[derive(Debug, thiserror::Error)]
@@ -24,8 +36,8 @@ pub enum CodecError {
         #[source]
         source: opus::Error,
     },
-    /// The encoder only takes whole 20 ms frames.
-    #[error("encode needs exactly {expected} samples (20 ms at 48 kHz), got {got}")]
+    /// The encoder only takes whole 20 ms frames (at its input rate).
+    #[error("encode needs exactly {expected} samples (20 ms at the encoder's input rate), got {got}")]
     FrameSize {
         /// Samples given.
         got: usize,
@@ -157,7 +169,8 @@ impl OpusDecoder {
     }
 }
 
-/// Encoder settings. Defaults: 32 kbps, complexity 5, in-band FEC on, 0 % expected loss.
+/// Encoder settings. Defaults: 48 kHz input, 32 kbps, complexity 5, in-band FEC on, 0 %
+/// expected loss.
 ///
 /// In-band FEC is enabled, but libopus only codes LBRR (and spends its CPU and bits) while the
 /// expected loss is above zero. Like libwebrtc, feed the loss the client reports in RTCP
@@ -166,6 +179,11 @@ impl OpusDecoder {
 /// the 2-core dev machines (see BENCHMARKS.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EncoderConfig {
+    /// Sample rate of the PCM given to [`OpusEncoder::encode`], Hz: one of
+    /// [`ENCODER_INPUT_RATES_HZ`]. Default 48000. Encoding a 24 kHz source at 24 kHz skips a
+    /// resampler and codes super-wideband (all that source holds) instead of fullband; the
+    /// packets' RTP clock stays 48 kHz (a 20 ms frame is 960 ticks, RFC 7587 §4.1).
+    pub input_rate_hz: u32,
     /// Target bitrate in bits per second (6000..=510000). Default 32000.
     pub bitrate_bps: u32,
     /// 0 (fastest) ..= 10 (best). Default 5.
@@ -179,11 +197,20 @@ pub struct EncoderConfig {
 
 impl Default for EncoderConfig {
     fn default() -> Self {
-        Self { bitrate_bps: 32_000, complexity: 5, fec: true, expected_loss_pct: 0 }
+        Self { input_rate_hz: OPUS_RATE, bitrate_bps: 32_000, complexity: 5, fec: true, expected_loss_pct: 0 }
     }
 }
 
-/// Opus encoder, 48 kHz mono, `Application::Voip`, 20 ms frames.
+impl EncoderConfig {
+    /// Samples of one 20 ms frame at [`EncoderConfig::input_rate_hz`] (960 at 48 kHz, 480 at
+    /// 24 kHz).
+    pub fn frame_samples(&self) -> usize {
+        (self.input_rate_hz / 50) as usize
+    }
+}
+
+/// Opus encoder, mono, `Application::Voip`, 20 ms frames of PCM at
+/// [`EncoderConfig::input_rate_hz`].
 pub struct OpusEncoder {
     enc: opus::Encoder,
     cfg: EncoderConfig,
@@ -198,6 +225,12 @@ impl std::fmt::Debug for OpusEncoder {
 impl OpusEncoder {
     /// Builds an encoder with `cfg` (validated).
     pub fn new(cfg: EncoderConfig) -> Result<Self, CodecError> {
+        if !is_encoder_input_rate(cfg.input_rate_hz) {
+            return Err(CodecError::InvalidSetting {
+                key: "input_rate_hz",
+                reason: "must be a rate libopus encodes: 8000, 12000, 16000, 24000 or 48000 Hz",
+            });
+        }
         if !(6_000..=510_000).contains(&cfg.bitrate_bps) {
             return Err(CodecError::InvalidSetting { key: "bitrate_bps", reason: "must be 6000..=510000" });
         }
@@ -207,7 +240,7 @@ impl OpusEncoder {
         if cfg.expected_loss_pct > 100 {
             return Err(CodecError::InvalidSetting { key: "expected_loss_pct", reason: "must be 0..=100" });
         }
-        let mut enc = opus::Encoder::new(OPUS_RATE, opus::Channels::Mono, opus::Application::Voip)
+        let mut enc = opus::Encoder::new(cfg.input_rate_hz, opus::Channels::Mono, opus::Application::Voip)
             .map_err(opus_err("encoder_create"))?;
         enc.set_bitrate(opus::Bitrate::Bits(cfg.bitrate_bps as i32)).map_err(opus_err("set_bitrate"))?;
         enc.set_complexity(i32::from(cfg.complexity)).map_err(opus_err("set_complexity"))?;
@@ -222,11 +255,14 @@ impl OpusEncoder {
         self.cfg
     }
 
-    /// Encodes exactly one 20 ms frame (960 samples) into `out`; returns the packet length.
+    /// Encodes exactly one 20 ms frame into `out`: [`EncoderConfig::frame_samples`] samples at
+    /// the input rate (960 at 48 kHz, 480 at 24 kHz); returns the packet length. The packet
+    /// lasts 20 ms, 960 ticks of the 48 kHz RTP clock, whatever the input rate (RFC 7587 §4.1).
     /// `out` of [`MAX_FRAME_BYTES`] always suffices. No allocation.
     pub fn encode(&mut self, pcm: &[i16], out: &mut [u8]) -> Result<usize, CodecError> {
-        if pcm.len() != FRAME_SAMPLES {
-            return Err(CodecError::FrameSize { got: pcm.len(), expected: FRAME_SAMPLES });
+        let expected = self.cfg.frame_samples();
+        if pcm.len() != expected {
+            return Err(CodecError::FrameSize { got: pcm.len(), expected });
         }
         self.enc.encode(pcm, out).map_err(opus_err("encode"))
     }
@@ -240,10 +276,10 @@ impl OpusEncoder {
         Ok(())
     }
 
-    /// Encoder lookahead (6.5 ms for VOIP at 48 kHz).
+    /// Encoder lookahead (6.5 ms for VOIP; libopus reports it in samples at the input rate).
     pub fn lookahead(&mut self) -> Duration {
         let n = self.enc.get_lookahead().unwrap_or(0).max(0);
-        samples_to_duration(n as u64, OPUS_RATE)
+        samples_to_duration(n as u64, self.cfg.input_rate_hz)
     }
 
     /// Back to the initial state (start of a new talk spurt after `clear`).
@@ -256,6 +292,7 @@ impl OpusEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pcm::FRAME_SAMPLES;
 
     #[test]
     fn silk_vad_flags_are_the_first_payload_bits() {
@@ -368,6 +405,56 @@ mod tests {
         assert!(OpusEncoder::new(EncoderConfig { bitrate_bps: 10, ..EncoderConfig::default() }).is_err());
         let la = enc.lookahead();
         assert!(la >= Duration::from_micros(2_500) && la <= Duration::from_micros(6_500), "lookahead {la:?}");
+    }
+
+    #[test]
+    fn encoder_input_rate_is_validated_and_sets_the_frame_size() {
+        for bad in [0, 22_050, 32_000, 44_100, 96_000] {
+            let cfg = EncoderConfig { input_rate_hz: bad, ..EncoderConfig::default() };
+            assert!(
+                matches!(OpusEncoder::new(cfg), Err(CodecError::InvalidSetting { key: "input_rate_hz", .. })),
+                "{bad} Hz must be refused"
+            );
+        }
+        let mut pkt = [0u8; 1500];
+        for rate in ENCODER_INPUT_RATES_HZ {
+            let mut enc = OpusEncoder::new(EncoderConfig { input_rate_hz: rate, ..EncoderConfig::default() })
+                .expect("a libopus rate");
+            let n = rate as usize / 50;
+            assert_eq!(enc.config().frame_samples(), n);
+            let len = enc.encode(&vec![0; n], &mut pkt).expect("20 ms at the input rate");
+            // 20 ms on the wire (960 samples of the 48 kHz RTP clock) whatever the input rate.
+            assert_eq!(packet_samples(&pkt[..len]), Some(FRAME_SAMPLES), "{rate} Hz");
+            let wrong = if n == FRAME_SAMPLES { 480 } else { FRAME_SAMPLES };
+            assert!(
+                matches!(enc.encode(&vec![0; wrong], &mut pkt), Err(CodecError::FrameSize { got, expected }) if got == wrong && expected == n),
+                "{rate} Hz took {wrong} samples"
+            );
+        }
+    }
+
+    #[test]
+    fn a_24_khz_encoder_decodes_at_48_khz_with_the_same_energy() {
+        let cfg = EncoderConfig { input_rate_hz: 24_000, ..EncoderConfig::default() };
+        let mut enc = OpusEncoder::new(cfg).expect("encoder");
+        let mut dec = OpusDecoder::new().expect("decoder");
+        let mut pkt = [0u8; 1500];
+        let mut out = vec![0i16; MAX_PACKET_SAMPLES];
+        let (mut e_in, mut e_out) = (0f64, 0f64);
+        for k in 0..50 {
+            // A 220 Hz tone at 24 kHz: every other sample of the 48 kHz one.
+            let pcm: Vec<i16> = tone(2 * 480, 2 * k * 480).into_iter().step_by(2).collect();
+            let len = enc.encode(&pcm, &mut pkt).expect("encode");
+            let n = dec.decode(&pkt[..len], &mut out).expect("decode");
+            assert_eq!(n, FRAME_SAMPLES, "20 ms at 48 kHz");
+            if k >= 5 {
+                // Per second: 24 kHz input vs 48 kHz output samples.
+                e_in += 2.0 * pcm.iter().map(|&s| f64::from(s).powi(2)).sum::<f64>();
+                e_out += out[..n].iter().map(|&s| f64::from(s).powi(2)).sum::<f64>();
+            }
+        }
+        let ratio = e_out / e_in;
+        assert!((0.7..1.3).contains(&ratio), "decoded energy ratio {ratio}");
     }
 
     #[test]

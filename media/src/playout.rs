@@ -1,5 +1,11 @@
-//! The downlink: agent speech (PCM at any rate, per item) -> 48 kHz queue -> one Opus frame
-//! every 20 ms against the caller's clock.
+//! The downlink: agent speech (PCM at any rate, per item) -> queue at the encoder's input rate
+//! -> one Opus frame every 20 ms against the caller's clock.
+//!
+//! The queue runs at [`EncoderConfig::input_rate_hz`] (48 kHz by default). PCM pushed at that
+//! rate goes in as is; any other rate is resampled to it. A session whose provider speaks at
+//! 24 kHz encodes at 24 kHz: no resampler, half the queue, and the same packets on the wire
+//! (20 ms frames of the 48 kHz RTP clock, RFC 7587 §4.1; coded super-wideband, all a 24 kHz
+//! source holds).
 //!
 //! # Run loop
 //! ```text
@@ -51,7 +57,7 @@ use std::time::Duration;
 
 use crate::MediaError;
 use crate::codec::{EncoderConfig, OpusEncoder};
-use crate::pcm::{FRAME, FRAME_SAMPLES, OPUS_RATE, PcmRef, duration_to_samples, samples_to_duration};
+use crate::pcm::{FRAME, FRAME_SAMPLES, PcmRef, duration_to_samples, samples_to_duration};
 use crate::resample::{Alignment, Resampler};
 
 /// Frames later than this after their due time count as late.
@@ -65,15 +71,16 @@ pub const DTX_REFRESH: Duration = Duration::from_millis(400);
 /// How many recently cleared item ids are remembered so their stragglers are dropped.
 const CLEARED_MEMORY: usize = 8;
 
-/// Samples the queue holds before its first growth: 500 ms at 48 kHz (48 KB). A provider that
-/// streams at real time never needs more; one that sends a reply faster grows it (see
-/// [`Playout::push`]).
-const INITIAL_RING_SAMPLES: usize = OPUS_RATE as usize / 2;
+/// Audio the queue holds before its first growth: 500 ms (48 KB at 48 kHz, 24 KB at 24 kHz).
+/// A provider that streams at real time never needs more; one that sends a reply faster grows
+/// it (see [`Playout::push`]).
+const INITIAL_RING: Duration = Duration::from_millis(500);
 
 /// Playout settings. Defaults: encoder defaults, 10 s queue, 0 ms jitter tolerance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlayoutConfig {
-    /// Opus encoder settings.
+    /// Opus encoder settings. Its [`EncoderConfig::input_rate_hz`] is the queue's rate: set it
+    /// to the rate the agent's audio comes at (when libopus takes it) to skip the resampler.
     pub encoder: EncoderConfig,
     /// Most agent audio held in the queue. Default 10 s.
     pub max_buffered: Duration,
@@ -173,6 +180,11 @@ pub struct Playout {
     cfg: PlayoutConfig,
     enc: OpusEncoder,
     rs: Option<Resampler>,
+    /// The queue's (and encoder's input) sample rate, Hz.
+    rate: u32,
+    /// Samples of one 20 ms frame at `rate`.
+    frame_samples: usize,
+    /// Audio queued at `rate`.
     ring: VecDeque<i16>,
     max_samples: usize,
     /// The most the ring is ever grown to: `max_samples` plus headroom for padding and one
@@ -180,6 +192,7 @@ pub struct Playout {
     max_ring: usize,
     items: VecDeque<Item>,
     cleared: VecDeque<String>,
+    /// The frame being encoded: its first `frame_samples` (sized for the largest, 48 kHz).
     frame: [i16; FRAME_SAMPLES],
     in_spurt: bool,
     anchor: Duration,
@@ -207,8 +220,9 @@ impl std::fmt::Debug for Playout {
 }
 
 impl Playout {
-    /// Builds the encoder and a queue of [`INITIAL_RING_SAMPLES`]; the queue grows (by half,
-    /// never past `max_buffered` plus a few frames) only when a push needs more.
+    /// Builds the encoder and a queue of [`INITIAL_RING`] at the encoder's input rate; the
+    /// queue grows (by half, never past `max_buffered` plus a few frames) only when a push
+    /// needs more.
     pub fn new(cfg: PlayoutConfig) -> Result<Self, MediaError> {
         if cfg.max_buffered < FRAME * 5 || cfg.max_buffered > Duration::from_secs(120) {
             return Err(MediaError::InvalidConfig { key: "playout.max_buffered", reason: "must be 100 ms ..= 120 s" });
@@ -216,16 +230,23 @@ impl Playout {
         if cfg.jitter_tolerance > Duration::from_millis(5) {
             return Err(MediaError::InvalidConfig { key: "playout.jitter_tolerance", reason: "must be 0 ..= 5 ms" });
         }
-        let max_samples = duration_to_samples(cfg.max_buffered, OPUS_RATE) as usize;
-        let max_ring = max_samples + 4 * FRAME_SAMPLES;
+        // Validates the rate: one libopus encodes, so 20 ms is a whole number of samples.
+        let enc = OpusEncoder::new(cfg.encoder)?;
+        let rate = cfg.encoder.input_rate_hz;
+        let frame_samples = cfg.encoder.frame_samples();
+        let max_samples = duration_to_samples(cfg.max_buffered, rate) as usize;
+        let max_ring = max_samples + 4 * frame_samples;
         // Not the whole `max_buffered` up front: a ring's head walks through all of its capacity,
-        // so every page of a 10 s queue (960 KB) ends up resident in every talking session,
-        // although replies streamed at real time never hold more than a few frames.
-        let ring = VecDeque::with_capacity(INITIAL_RING_SAMPLES.min(max_ring));
+        // so every page of a 10 s queue (960 KB at 48 kHz) ends up resident in every talking
+        // session, although replies streamed at real time never hold more than a few frames.
+        let initial = duration_to_samples(INITIAL_RING, rate) as usize;
+        let ring = VecDeque::with_capacity(initial.min(max_ring));
         Ok(Self {
-            enc: OpusEncoder::new(cfg.encoder)?,
+            enc,
             cfg,
             rs: None,
+            rate,
+            frame_samples,
             ring,
             max_samples,
             max_ring,
@@ -244,7 +265,8 @@ impl Playout {
         })
     }
 
-    /// Queues `pcm` (any rate; resampled to 48 kHz) as the continuation of item `item_id`.
+    /// Queues `pcm` (any rate; resampled to the encoder's input rate unless it is that rate)
+    /// as the continuation of item `item_id`.
     /// A new id finishes the previous item. Returns the number of input samples accepted:
     /// less than `pcm.samples.len()` when the queue is full, and the caller must offer the rest
     /// again later (backpressure). Pushes for an item removed by [`Playout::clear`] are
@@ -275,11 +297,12 @@ impl Playout {
         if self.rs.as_ref().is_none_or(|r| r.in_rate() != pcm.rate_hz) {
             // A rate change mid-item: flush what the old rate owes, then switch.
             self.flush_resampler();
-            self.rs = Some(Resampler::new(pcm.rate_hz, OPUS_RATE, Alignment::Trimmed)?);
+            // At the queue's rate this is a passthrough (no delay, no copy beyond the queue's).
+            self.rs = Some(Resampler::new(pcm.rate_hz, self.rate, Alignment::Trimmed)?);
         }
         let room_out = self.max_samples.saturating_sub(self.committed());
         // Input samples whose output fits, minus one for rounding.
-        let room_in = ((room_out as u64 * u64::from(pcm.rate_hz)) / u64::from(OPUS_RATE)).saturating_sub(1) as usize;
+        let room_in = ((room_out as u64 * u64::from(pcm.rate_hz)) / u64::from(self.rate)).saturating_sub(1) as usize;
         let take = pcm.samples.len().min(room_in);
         if take == 0 {
             return Ok(0);
@@ -393,13 +416,14 @@ impl Playout {
 
         // Take the frame from the front item: `pop_done` + `frame_ready` put it at index 0
         // and guarantee it holds a whole frame at the front of the ring.
-        let take = FRAME_SAMPLES.min(self.ring.len());
+        let fs = self.frame_samples;
+        let take = fs.min(self.ring.len());
         let (a, b) = self.ring.as_slices();
         let from_a = take.min(a.len());
         self.frame[..from_a].copy_from_slice(&a[..from_a]);
         self.frame[from_a..take].copy_from_slice(&b[..take - from_a]);
         self.ring.drain(..take);
-        let enc = self.enc.encode(&self.frame, out);
+        let enc = self.enc.encode(&self.frame[..fs], out);
         if let Ok(len) = enc
             && len > 0
         {
@@ -407,7 +431,7 @@ impl Playout {
         }
         let (item_offset, ok) = match self.items.front_mut() {
             Some(item) => {
-                item.queued = item.queued.saturating_sub(FRAME_SAMPLES);
+                item.queued = item.queued.saturating_sub(fs);
                 let offset = FRAME * item.frames as u32;
                 item.frames += 1;
                 (offset, true)
@@ -433,7 +457,7 @@ impl Playout {
     /// are discarded; the next item starts a new talk spurt on a fresh encoder.
     pub fn clear(&mut self) -> Option<Cleared> {
         self.pop_done();
-        let dropped = samples_to_duration(self.ring.len() as u64, OPUS_RATE);
+        let dropped = samples_to_duration(self.ring.len() as u64, self.rate);
         self.stats.dropped += dropped;
         self.ring.clear();
         if let Some(rs) = self.rs.as_mut() {
@@ -466,14 +490,19 @@ impl Playout {
         self.items.iter().any(|i| !i.done())
     }
 
-    /// Whether `dur` more audio (at 48 kHz) fits in the queue now.
+    /// Whether `dur` more audio fits in the queue now.
     pub fn has_room_for(&self, dur: Duration) -> bool {
-        self.committed() + duration_to_samples(dur, OPUS_RATE) as usize <= self.max_samples
+        self.committed() + duration_to_samples(dur, self.rate) as usize <= self.max_samples
     }
 
-    /// Audio queued at 48 kHz (not counting the resampler's few ms in flight).
+    /// Audio queued (not counting the resampler's few ms in flight).
     pub fn buffered(&self) -> Duration {
-        samples_to_duration(self.ring.len() as u64, OPUS_RATE)
+        samples_to_duration(self.ring.len() as u64, self.rate)
+    }
+
+    /// The queue's sample rate, Hz: the encoder's input rate ([`EncoderConfig::input_rate_hz`]).
+    pub fn rate_hz(&self) -> u32 {
+        self.rate
     }
 
     /// The item currently playing (or next to play) and how much of it was sent.
@@ -531,7 +560,7 @@ impl Playout {
     /// its capacity (a few growths per session, amortised over pushes, never in `poll`; doubling
     /// would reserve up to twice the audio held), at most `max_ring`.
     fn reserve_for(&mut self, input: usize, rate_hz: u32) {
-        let out = (input as u64 * u64::from(OPUS_RATE)).div_ceil(u64::from(rate_hz.max(1))) as usize;
+        let out = (input as u64 * u64::from(self.rate)).div_ceil(u64::from(rate_hz.max(1))) as usize;
         let chunk = self.rs.as_ref().map_or(0, Resampler::chunk_out);
         let needed = (self.committed() + out + chunk).min(self.max_ring);
         let cap = self.ring.capacity();
@@ -544,12 +573,12 @@ impl Playout {
     /// Samples queued plus samples the resampler still owes, plus one frame of padding.
     fn committed(&self) -> usize {
         let owed = self.rs.as_ref().map_or(0, |r| r.owed_output() as usize + r.chunk_out());
-        self.ring.len() + owed + FRAME_SAMPLES
+        self.ring.len() + owed + self.frame_samples
     }
 
     fn frame_ready(&self) -> bool {
         for item in &self.items {
-            if item.queued >= FRAME_SAMPLES {
+            if item.queued >= self.frame_samples {
                 return true;
             }
             if !item.done() {
@@ -586,7 +615,8 @@ impl Playout {
         }
         self.flush_resampler();
         if let Some(item) = self.items.back_mut() {
-            let pad = (FRAME_SAMPLES - item.queued % FRAME_SAMPLES) % FRAME_SAMPLES;
+            let fs = self.frame_samples;
+            let pad = (fs - item.queued % fs) % fs;
             self.ring.extend(std::iter::repeat_n(0i16, pad));
             item.queued += pad;
             item.finished = true;

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use media::codec::{MAX_PACKET_SAMPLES, OpusDecoder};
+use media::codec::{EncoderConfig, MAX_PACKET_SAMPLES, OpusDecoder};
 use media::pcm::{FRAME, FRAME_SAMPLES, PcmRef};
 use media::{BargeIn, BargeInConfig, InterruptReason, Playout, PlayoutConfig};
 
@@ -53,6 +53,15 @@ fn drain_ideal_until(p: &mut Playout, mut now: Duration, until: Duration, out: &
         while poll_once(p, now, out) {}
     }
     now
+}
+
+/// The encoder input (queue) rates the behaviour tests run at: the default 48 kHz, and 24 kHz,
+/// the rate of the agent speech they push (no resampler).
+const RATES: [u32; 2] = [48_000, 24_000];
+
+/// `cfg` with its encoder (and queue) at `rate_hz`.
+fn at_rate(rate_hz: u32, cfg: PlayoutConfig) -> PlayoutConfig {
+    PlayoutConfig { encoder: EncoderConfig { input_rate_hz: rate_hz, ..cfg.encoder }, ..cfg }
 }
 
 fn agent_3s() -> Vec<i16> {
@@ -217,9 +226,124 @@ fn pearson(x: &[f64], y: &[f64]) -> f64 {
     cov / (vx * vy).sqrt()
 }
 
+/// Whole 24 kHz reply pushed as a provider would (100 ms deltas, backpressure) into a playout
+/// encoding at `rate`, then drained on the ideal clock.
+fn play_reply_at(rate: u32, reply: &[i16]) -> (Vec<Sent>, Playout) {
+    let mut p = Playout::new(at_rate(rate, PlayoutConfig::default())).expect("playout");
+    assert_eq!(p.rate_hz(), rate);
+    let mut now = ms(0);
+    let mut sent = Vec::new();
+    for chunk in reply.chunks(2_400) {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let n = p.push("r1", PcmRef::new(24_000, rest)).expect("push");
+            rest = &rest[n..];
+            if n == 0 {
+                now = now.max(p.next_due().expect("queue full means frames are due"));
+                poll_once(&mut p, now, &mut sent);
+            }
+        }
+    }
+    p.finish_item("r1");
+    drain_ideal(&mut p, now, &mut sent);
+    (sent, p)
+}
+
+fn decode_all(sent: &[Sent]) -> Vec<i16> {
+    let mut dec = OpusDecoder::new().expect("decoder");
+    let mut pcm = vec![0i16; MAX_PACKET_SAMPLES];
+    let mut heard = Vec::new();
+    for s in sent {
+        let n = dec.decode(&s.bytes, &mut pcm).expect("decodable");
+        assert_eq!(n, FRAME_SAMPLES, "every frame is 20 ms at 48 kHz");
+        heard.extend_from_slice(&pcm[..n]);
+    }
+    heard
+}
+
+/// Opus bandwidth of a packet from its TOC config (RFC 6716 §3.1, Table 2): fullband?
+fn is_fullband(packet: &[u8]) -> bool {
+    matches!(packet[0] >> 3, 14 | 15 | 28..=31)
+}
+
+#[test]
+fn a_24_khz_playout_sends_what_the_48_khz_one_does_without_resampling() {
+    let reply = agent_reply();
+    let (full, _) = play_reply_at(48_000, &reply.samples);
+    let (swb, p) = play_reply_at(24_000, &reply.samples);
+    // Same frames on the same grid, for the same items and offsets: only the coding differs.
+    assert_eq!(swb.len(), full.len());
+    assert_eq!(swb.len(), reply.samples.len().div_ceil(480), "20 ms = 480 samples at 24 kHz");
+    for (a, b) in full.iter().zip(&swb) {
+        assert_eq!((a.at, a.due, a.offset, a.spurt, &a.item), (b.at, b.due, b.offset, b.spurt, &b.item));
+    }
+    assert_eq!(p.stats().frames_out, swb.len() as u64);
+    // Encoded from 48 kHz, speech is coded fullband; from 24 kHz never (nothing above 12 kHz).
+    assert!(full.iter().filter(|s| is_fullband(&s.bytes)).count() * 2 > full.len(), "the 48 kHz path codes fullband");
+    assert!(swb.iter().all(|s| !is_fullband(&s.bytes)), "a 24 kHz encoder coded fullband");
+    let (heard_full, heard) = (decode_all(&full), decode_all(&swb));
+    let dur = heard.len() as f64 / 48_000.0;
+    let want = reply.samples.len() as f64 / 24_000.0;
+    assert!((dur - want).abs() < 0.021, "heard {dur} s of {want} s");
+    let (ri, rf, rs) = (rms(&reply.samples), rms(&heard_full), rms(&heard));
+    assert!((rs - ri).abs() / ri < 0.10, "rms {rs:.1} vs input {ri:.1}");
+    assert!((rs - rf).abs() / rf < 0.05, "rms {rs:.1} vs the 48 kHz path's {rf:.1}");
+    // In time with the input: 10 ms envelopes line up (no resampler delay to add).
+    let env_in: Vec<f64> = reply.samples.chunks(240).map(rms).collect();
+    let env_out: Vec<f64> = heard.chunks(480).map(rms).collect();
+    let n = env_in.len().min(env_out.len());
+    let corr = pearson(&env_in[..n], &env_out[..n]);
+    assert!(corr > 0.95, "envelope correlation {corr:.3}");
+}
+
+#[test]
+fn a_24_khz_playout_queues_24_khz_audio_as_is_and_resamples_other_rates() {
+    let mut p = Playout::new(at_rate(24_000, PlayoutConfig::default())).expect("playout");
+    let pcm = agent_3s();
+    // No resampler delay: all 200 ms pushed are queued and go out while the item is open.
+    assert_eq!(p.push("a", PcmRef::new(24_000, &pcm[..4_800])).expect("push"), 4_800);
+    assert_eq!(p.buffered(), ms(200));
+    let mut sent = Vec::new();
+    let now = drain_ideal(&mut p, ms(0), &mut sent);
+    assert_eq!(sent.len(), 10);
+    assert!(p.is_active(), "open item");
+    // 48 kHz audio (a rate change mid-item) is resampled to 24 kHz: 500 ms more, 25 frames.
+    let tone: Vec<i16> = (0..24_000).map(|i| (6000.0 * (i as f64 * 0.05).sin()) as i16).collect();
+    assert_eq!(p.push("a", PcmRef::new(48_000, &tone)).expect("push"), 24_000);
+    p.finish_item("a");
+    drain_ideal(&mut p, now, &mut sent);
+    assert_eq!(sent.len(), 35, "200 ms + 500 ms (+ the resampler's tail, padded) = 35 frames");
+    let heard = decode_all(&sent[10..]);
+    let (ri, ro) = (rms(&tone), rms(&heard[4_800..heard.len() - 4_800]));
+    assert!((ro - ri).abs() / ri < 0.15, "rms {ro:.1} vs {ri:.1}");
+    // Bounded at the queue's rate: 10 s of 24 kHz audio fits the default queue, 11 s does not.
+    let mut q = Playout::new(at_rate(24_000, PlayoutConfig::default())).expect("playout");
+    let long = vec![100i16; 24_000 * 11];
+    let n = q.push("b", PcmRef::new(24_000, &long)).expect("push");
+    assert!((239_000..240_000).contains(&n), "accepted {n} samples of 24 kHz (~10 s)");
+    assert!(q.buffered() <= Duration::from_secs(10) && q.buffered() > ms(9_900));
+    let c = q.clear().expect("active");
+    assert_eq!((c.item_id.as_str(), c.played), ("b", Duration::ZERO));
+    assert!(q.stats().dropped > ms(9_900), "{:?}", q.stats());
+}
+
+#[test]
+fn a_playout_refuses_an_encoder_rate_libopus_does_not_take() {
+    for bad in [22_050, 44_100, 32_000] {
+        let err = Playout::new(at_rate(bad, PlayoutConfig::default())).expect_err("refused");
+        assert!(err.to_string().contains("input_rate_hz"), "{err}");
+    }
+}
+
 #[test]
 fn clear_reports_frames_emitted_for_the_current_item_and_next_item_starts_clean() {
-    let mut p = Playout::new(PlayoutConfig::default()).expect("playout");
+    for rate in RATES {
+        clear_reports_frames_emitted_at(rate);
+    }
+}
+
+fn clear_reports_frames_emitted_at(rate: u32) {
+    let mut p = Playout::new(at_rate(rate, PlayoutConfig::default())).expect("playout");
     let pcm = agent_3s();
     p.push("a", PcmRef::new(24_000, &pcm[..48_000])).expect("push"); // 2 s, still open
     let mut sent = Vec::new();
@@ -290,7 +414,13 @@ fn items_in_sequence_have_their_own_offsets_and_played_accounting() {
 
 #[test]
 fn queue_is_bounded_and_push_reports_partial_acceptance() {
-    let cfg = PlayoutConfig { max_buffered: ms(1_000), ..PlayoutConfig::default() };
+    for rate in RATES {
+        queue_is_bounded_at(rate);
+    }
+}
+
+fn queue_is_bounded_at(rate: u32) {
+    let cfg = at_rate(rate, PlayoutConfig { max_buffered: ms(1_000), ..PlayoutConfig::default() });
     let mut p = Playout::new(cfg).expect("playout");
     let pcm = agent_3s();
     let n = p.push("a", PcmRef::new(24_000, &pcm)).expect("push");
@@ -416,7 +546,11 @@ fn fec_is_coded_once_loss_is_reported() {
 }
 
 fn dtx_playout() -> Playout {
-    Playout::new(PlayoutConfig { dtx: true, ..PlayoutConfig::default() }).expect("playout")
+    dtx_playout_at(48_000)
+}
+
+fn dtx_playout_at(rate: u32) -> Playout {
+    Playout::new(at_rate(rate, PlayoutConfig { dtx: true, ..PlayoutConfig::default() })).expect("playout")
 }
 
 /// Two replies separated by a pause, as a receiver sees them: each spurt is its audio frames on
@@ -425,7 +559,13 @@ fn dtx_playout() -> Playout {
 /// RTP timestamps advance by the pause.
 #[test]
 fn dtx_ends_each_spurt_with_one_toc_only_frame_and_the_pause_sends_nothing() {
-    let mut p = dtx_playout();
+    for rate in RATES {
+        dtx_ends_each_spurt_at(rate);
+    }
+}
+
+fn dtx_ends_each_spurt_at(rate: u32) {
+    let mut p = dtx_playout_at(rate);
     let pcm = agent_3s();
     p.push("a", PcmRef::new(24_000, &pcm[..9_600])).expect("push"); // 400 ms
     p.finish_item("a");
@@ -466,7 +606,13 @@ fn dtx_ends_each_spurt_with_one_toc_only_frame_and_the_pause_sends_nothing() {
 
 #[test]
 fn dtx_follows_a_barge_in_unless_the_next_reply_comes_first() {
-    let mut p = dtx_playout();
+    for rate in RATES {
+        dtx_follows_a_barge_in_at(rate);
+    }
+}
+
+fn dtx_follows_a_barge_in_at(rate: u32) {
+    let mut p = dtx_playout_at(rate);
     let pcm = agent_3s();
     p.push("a", PcmRef::new(24_000, &pcm)).expect("push");
     let mut sent = Vec::new();

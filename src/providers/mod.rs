@@ -37,7 +37,8 @@ pub const EVENT_CHANNEL_CAPACITY: usize = 32;
 
 pub use media::Pcm;
 
-/// The audio format a provider takes as input.
+/// The audio format a provider takes as input ([`RealtimeProvider::input_format`]) or sends
+/// its replies in ([`RealtimeProvider::output_format`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AudioFormat {
     /// Samples per second, mono s16.
@@ -575,6 +576,12 @@ pub trait RealtimeProvider: Send + Sync {
     fn capabilities(&self) -> Capabilities;
     /// The input audio format it expects.
     fn input_format(&self) -> AudioFormat;
+    /// The format of its reply audio ([`ProviderEvent::AudioDelta`]) when it is fixed and known;
+    /// the session encodes the downlink at this rate when libopus can (no resampler). Default
+    /// 48 kHz: unknown, encode at 48 kHz. Audio at any other rate still plays (resampled).
+    fn output_format(&self) -> AudioFormat {
+        AudioFormat { rate_hz: media::OPUS_RATE }
+    }
     /// Open a provider session.
     fn connect(&self, cfg: SessionConfig) -> BoxFuture<'static, Result<ProviderSession, ProviderError>>;
 }

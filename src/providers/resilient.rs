@@ -156,6 +156,11 @@ impl RealtimeProvider for ResilientProvider {
         self.chain[0].input_format()
     }
 
+    /// The preferred provider's (a failover to one that speaks at another rate is resampled).
+    fn output_format(&self) -> AudioFormat {
+        self.chain[0].output_format()
+    }
+
     fn connect(&self, cfg: SessionConfig) -> BoxFuture<'static, Result<ProviderSession, ProviderError>> {
         let chain = self.chain.clone();
         let policy = self.policy.clone();

@@ -187,6 +187,15 @@ impl RealtimeProvider for ScriptedProvider {
         AudioFormat { rate_hz: self.config.input_rate_hz }
     }
 
+    /// Its replies' rate when they all share one (the built-in reply is 24 kHz), else unknown.
+    fn output_format(&self) -> AudioFormat {
+        let mut rates = self.config.replies.iter().map(|r| r.audio.rate_hz);
+        match rates.next() {
+            Some(first) if rates.all(|r| r == first) => AudioFormat { rate_hz: first },
+            _ => AudioFormat { rate_hz: media::OPUS_RATE },
+        }
+    }
+
     fn connect(&self, cfg: SessionConfig) -> BoxFuture<'static, Result<ProviderSession, ProviderError>> {
         let config = Arc::clone(&self.config);
         let recorder = self.recorder.clone();

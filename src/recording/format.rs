@@ -176,6 +176,15 @@ pub struct MediaSpec {
     /// (false: decoded at 48 kHz and resampled, as they were recorded).
     #[serde(default)]
     pub decode_at_input_rate: bool,
+    /// The Opus encoder's input rate, Hz (`media::EncoderConfig::input_rate_hz`): the provider's
+    /// output rate when libopus encodes it, so its audio is not resampled. Absent in recordings
+    /// made before it: 48000, what they were encoded at.
+    #[serde(default = "encoder_input_rate_default")]
+    pub encoder_input_rate_hz: u32,
+}
+
+fn encoder_input_rate_default() -> u32 {
+    media::OPUS_RATE
 }
 
 impl MediaSpec {
@@ -204,6 +213,7 @@ impl MediaSpec {
             ..Default::default()
         })?;
         let encoder = media::EncoderConfig {
+            input_rate_hz: self.encoder_input_rate_hz,
             bitrate_bps: self.opus_bitrate_bps,
             complexity: self.opus_complexity,
             ..Default::default()
@@ -899,6 +909,27 @@ mod tests {
             let back: Line = serde_json::from_str(&text).unwrap();
             assert_eq!(back, line, "{text}");
         }
+    }
+
+    #[test]
+    fn media_specs_recorded_before_the_encoder_and_decoder_rates_replay_at_48_khz() {
+        // The media spec of tests/data/recordings/barge-in (no `dtx`, no encoder or decode rate).
+        let old = r#"{"input_rate_hz":24000,"opus_payload_type":111,"vad_mode":2,"vad_min_speech_ms":100,
+            "vad_min_silence_ms":500,"vad_energy_floor_dbfs":-55.0,"opus_bitrate_bps":32000,
+            "opus_complexity":1,"jitter_tolerance_ms":2,"estimate_visemes":true}"#;
+        let spec: MediaSpec = serde_json::from_str(old).unwrap();
+        assert_eq!((spec.encoder_input_rate_hz, spec.dtx, spec.decode_at_input_rate), (48_000, false, false));
+        let parts = spec.parts().unwrap();
+        assert_eq!((parts.playout.rate_hz(), parts.uplink.decode_rate_hz()), (48_000, 48_000));
+        // A new recording keeps its rates, and the replay's playout and uplink run at them.
+        let new = MediaSpec { encoder_input_rate_hz: 24_000, decode_at_input_rate: true, ..spec };
+        let text = serde_json::to_string(&new).unwrap();
+        assert!(text.contains(r#""encoder_input_rate_hz":24000"#), "{text}");
+        assert!(text.contains(r#""decode_at_input_rate":true"#), "{text}");
+        let back: MediaSpec = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, new);
+        let parts = back.parts().unwrap();
+        assert_eq!((parts.playout.rate_hz(), parts.uplink.decode_rate_hz()), (24_000, 24_000));
     }
 
     #[test]

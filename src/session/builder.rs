@@ -255,7 +255,7 @@ impl SessionBuilder {
         link: impl FnOnce(Peer, mpsc::Receiver<crate::peer::PeerEvent>) -> L,
     ) -> Result<(SessionTask<L>, String, mpsc::Sender<Control>), SessionError> {
         let provider = self.provider_chain(&shared.provider, character)?;
-        let spec = self.media_spec(provider.input_format().rate_hz, Some(offer.opus_payload_type()));
+        let spec = self.media_spec(&provider, Some(offer.opus_payload_type()));
         let media = spec.parts().map_err(|e| SessionError::Internal(e.to_string()))?;
         let (peer_tx, peer_rx) = mpsc::channel(PEER_CHANNEL_CAPACITY);
         let (cfg, conv, moderator) = self.prepare(shared, character, &provider, media).await;
@@ -299,7 +299,7 @@ impl SessionBuilder {
     ) -> Result<(SessionTask<L>, mpsc::Sender<Control>), SessionError> {
         let provider = self.provider_chain(&shared.provider, character)?;
         // A WebSocket carries only Opus frames (its own framing): no payload type to filter.
-        let spec = self.media_spec(provider.input_format().rate_hz, None);
+        let spec = self.media_spec(&provider, None);
         let media = spec.parts().map_err(|e| SessionError::Internal(e.to_string()))?;
         let (cfg, conv, moderator) = self.prepare(shared, character, &provider, media).await;
         let session = provider.connect(cfg).await;
@@ -407,12 +407,14 @@ impl SessionBuilder {
     }
 
     /// Uplink (to the provider's input rate, decoding only the offer's Opus payload type),
-    /// playout, barge-in and timed speech: built from one [`MediaSpec`], which a recording keeps
-    /// so a replay builds the same parts.
-    fn media_spec(&self, input_rate_hz: u32, opus_payload_type: Option<u8>) -> MediaSpec {
+    /// playout (encoding at the provider's output rate, see [`encoder_rate_for`]), barge-in and
+    /// timed speech: built from one [`MediaSpec`], which a recording keeps so a replay builds the
+    /// same parts.
+    fn media_spec(&self, provider: &dyn RealtimeProvider, opus_payload_type: Option<u8>) -> MediaSpec {
         let m = &self.config.media;
         MediaSpec {
-            input_rate_hz,
+            input_rate_hz: provider.input_format().rate_hz,
+            encoder_input_rate_hz: encoder_rate_for(provider.output_format().rate_hz),
             opus_payload_type,
             vad_mode: m.vad_mode.min(3),
             vad_min_speech_ms: m.min_speech_ms,
@@ -509,5 +511,38 @@ fn peer_error(e: crate::peer::PeerError) -> SessionError {
         crate::peer::PeerError::Answer(e) => SessionError::OfferRefused(e),
         crate::peer::PeerError::NoMediaPort => SessionError::NoMediaPort,
         other => SessionError::Internal(other.to_string()),
+    }
+}
+
+/// The Opus encoder's input rate for a provider that speaks at `output_rate_hz`: that rate when
+/// libopus encodes it (8, 12, 16, 24 or 48 kHz), so the playout queues the provider's audio as
+/// is; else 48 kHz, and the playout resamples. The RTP clock is 48 kHz either way (RFC 7587
+/// §4.1).
+pub(crate) fn encoder_rate_for(output_rate_hz: u32) -> u32 {
+    if media::codec::is_encoder_input_rate(output_rate_hz) { output_rate_hz } else { media::OPUS_RATE }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::AudioFormat;
+    use crate::providers::scripted::{ScriptedConfig, ScriptedProvider};
+
+    #[test]
+    fn the_encoder_runs_at_the_provider_output_rate_when_libopus_takes_it() {
+        assert_eq!(encoder_rate_for(24_000), 24_000);
+        assert_eq!(encoder_rate_for(16_000), 16_000);
+        assert_eq!(encoder_rate_for(48_000), 48_000);
+        // eSpeak's 22.05 kHz, CD rate, 32 kHz, nonsense: 48 kHz and the playout resamples.
+        for rate in [22_050, 44_100, 32_000, 96_000, 0] {
+            assert_eq!(encoder_rate_for(rate), 48_000, "{rate} Hz");
+        }
+    }
+
+    #[test]
+    fn the_built_in_scripted_provider_is_encoded_at_24_khz() {
+        let scripted = ScriptedProvider::new(ScriptedConfig::builtin().expect("built-in script"));
+        assert_eq!(scripted.output_format(), AudioFormat { rate_hz: 24_000 });
+        assert_eq!(encoder_rate_for(scripted.output_format().rate_hz), 24_000);
     }
 }

@@ -159,6 +159,9 @@ impl RealtimeProvider for CascadeProvider {
         AudioFormat { rate_hz: STT_RATE_HZ }
     }
 
+    // `output_format`: the default (unknown, 48 kHz). The TTS engines fail over to one another
+    // and differ in rate (eSpeak 22.05 kHz, an HTTP endpoint's WAV says its own).
+
     fn connect(&self, cfg: SessionConfig) -> BoxFuture<'static, Result<ProviderSession, ProviderError>> {
         let stages = Arc::clone(&self.stages);
         // Engines load on first use: a session of this provider warms them while it connects.

@@ -79,6 +79,11 @@ impl RealtimeProvider for GeminiProvider {
         AudioFormat { rate_hz: protocol::INPUT_RATE_HZ }
     }
 
+    /// Gemini Live speaks 24 kHz PCM (a chunk whose MIME type says otherwise is resampled).
+    fn output_format(&self) -> AudioFormat {
+        AudioFormat { rate_hz: protocol::OUTPUT_RATE_HZ }
+    }
+
     fn connect(&self, cfg: SessionConfig) -> BoxFuture<'static, Result<ProviderSession, ProviderError>> {
         let settings = Arc::clone(&self.settings);
         async move {

@@ -111,6 +111,11 @@ impl RealtimeProvider for NovaSonicProvider {
         AudioFormat { rate_hz: protocol::INPUT_RATE_HZ }
     }
 
+    /// The session's `audioOutputConfiguration` asks for 24 kHz LPCM.
+    fn output_format(&self) -> AudioFormat {
+        AudioFormat { rate_hz: protocol::OUTPUT_RATE_HZ }
+    }
+
     fn connect(&self, cfg: SessionConfig) -> BoxFuture<'static, Result<ProviderSession, ProviderError>> {
         let this = self.clone();
         async move {

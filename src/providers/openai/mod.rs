@@ -196,6 +196,11 @@ impl RealtimeProvider for OpenAiProvider {
         AudioFormat { rate_hz: self.settings.input_rate_hz }
     }
 
+    /// The session asks for `audio/pcm` at 24 kHz (the only PCM rate the Realtime API sends).
+    fn output_format(&self) -> AudioFormat {
+        AudioFormat { rate_hz: protocol::OUTPUT_RATE_HZ }
+    }
+
     fn connect(&self, cfg: SessionConfig) -> BoxFuture<'static, Result<ProviderSession, ProviderError>> {
         let settings = Arc::clone(&self.settings);
         async move {
