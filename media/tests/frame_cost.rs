@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Scenarios (BENCHMARKS.md, issue 14): both sides talking (the encoder at the media crate's
-//! default complexity 5, and at the server's `media.opus_complexity` 1); a connected silent session whose
+//! default complexity 5 and 48 kHz input, and as the server runs it for a 24 kHz provider:
+//! `media.opus_complexity` 1, 24 kHz input); a connected silent session whose
 //! client sends coded silence every 20 ms (aiortc) with and without the uplink's skip of
 //! frames the sender flagged inactive; a DTX client (libwebrtc's pattern). While the agent is
 //! silent the playout is polled every 20 ms, as the session's pacing does. Without callgrind the
@@ -40,8 +41,11 @@ struct Session {
 }
 
 /// The server's Opus encoder complexity (`media.opus_complexity`, default 1); the media crate's
-/// own default ([`EncoderConfig::default`], 5) is the other talking scenario.
+/// own default ([`EncoderConfig::default`], 5, 48 kHz input) is the other talking scenario.
 const SERVER_COMPLEXITY: u8 = 1;
+/// The server's encoder input rate for a 24 kHz provider (the reply here is 24 kHz): the
+/// provider's output rate, no resampler (`MediaSpec::encoder_input_rate_hz`).
+const SERVER_ENCODER_RATE_HZ: u32 = 24_000;
 
 impl Session {
     fn new(skip_inactive_frames: bool) -> Self {
@@ -138,7 +142,11 @@ fn talking_session_hears_and_sends_speech() {
     cost_talking(&mut s, &speech, &reply);
     assert_eq!(s.heard, FRAMES * 480, "30 s heard at 24 kHz");
     assert!(s.sent_bytes > FRAMES * 40, "speech sent every frame: {} bytes", s.sent_bytes);
-    let server = EncoderConfig { complexity: SERVER_COMPLEXITY, ..EncoderConfig::default() };
+    let server = EncoderConfig {
+        complexity: SERVER_COMPLEXITY,
+        input_rate_hz: SERVER_ENCODER_RATE_HZ,
+        ..EncoderConfig::default()
+    };
     let mut s = Session::with_encoder(true, server);
     cost_talking_server(&mut s, &speech, &reply);
     assert_eq!(s.heard, FRAMES * 480, "30 s heard at 24 kHz");
