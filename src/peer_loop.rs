@@ -395,11 +395,13 @@ impl Hub {
         true
     }
 
-    /// The peer a datagram from `from` belongs to: by the ufrag of a STUN request, else by the
-    /// address it came from.
+    /// The peer a datagram from `from` belongs to: by the ufrag of a STUN request (which also
+    /// files `from` for that peer), else by the address it came from. A STUN response is routed by
+    /// address: libnice echoes the request's USERNAME in it, which names the client's ufrag first.
     fn route(&mut self, datagram: &[u8], from: SocketAddr) -> Option<u64> {
-        if let Some(ufrag) = crate::udp_mux::stun_local_ufrag(datagram) {
-            let id = *self.by_ufrag.get(ufrag)?;
+        if let Some(ufrag) = crate::udp_mux::stun_local_ufrag(datagram)
+            && let Some(&id) = self.by_ufrag.get(ufrag)
+        {
             if self.by_addr.get(&from) != Some(&id) {
                 let entry = self.peers.get_mut(&id)?;
                 if entry.addrs.len() >= MAX_ADDRS_PER_PEER {

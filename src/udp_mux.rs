@@ -366,9 +366,16 @@ fn webrtc_retryable(e: &io::Error) -> bool {
 }
 
 /// The local ufrag of a STUN request: the part of `USERNAME` before `:` (RFC 8445 §7.2.2).
-/// `None` for anything that is not STUN with a USERNAME.
+/// `None` for anything that is not a STUN request with a USERNAME: a response's USERNAME (libnice
+/// puts the request's in its responses) names the other side first, so responses are routed by
+/// their source address.
 pub(crate) fn stun_local_ufrag(d: &[u8]) -> Option<&str> {
     if d.len() < 20 || d[0] > 3 || d[4..8] != [0x21, 0x12, 0xa4, 0x42] {
+        return None;
+    }
+    // The class bits C1 (0x0100) and C0 (0x0010) of the message type are 0 for a request
+    // (RFC 8489 §5).
+    if u16::from_be_bytes([d[0], d[1]]) & 0x0110 != 0 {
         return None;
     }
     let len = usize::from(u16::from_be_bytes([d[2], d[3]]));
@@ -656,6 +663,10 @@ mod tests {
     #[test]
     fn the_local_ufrag_is_read_from_a_stun_username() {
         assert_eq!(stun_local_ufrag(&stun_request("srvU:cliX")), Some("srvU"));
+        // A success response (0x0101) carrying the request's USERNAME, as libnice sends them.
+        let mut response = stun_request("cliX:srvU");
+        response[0..2].copy_from_slice(&0x0101u16.to_be_bytes());
+        assert_eq!(stun_local_ufrag(&response), None);
         assert_eq!(stun_local_ufrag(&stun_request("abcde:f")), Some("abcde"));
         // DTLS, RTP, truncated or hostile STUN: no ufrag, no panic.
         assert_eq!(stun_local_ufrag(&[22, 254, 253, 0, 0]), None);
