@@ -216,8 +216,8 @@ pub struct UplinkStats {
 pub struct Uplink {
     cfg: UplinkConfig,
     dec: OpusDecoder,
-    /// The decoder's output rate, Hz, and 48 kHz samples per decoded sample (1, 2, 3, 4 or 6).
-    decode_rate: u32,
+    /// 48 kHz samples per decoded sample (1, 2, 3, 4 or 6): the decoder's output rate is
+    /// 48 kHz / this.
     per_decoded: usize,
     vad: Vad,
     /// Decode rate -> 8 kHz for the VAD when libfvad does not take the decode rate (12, 24 kHz),
@@ -300,7 +300,6 @@ impl Uplink {
         Ok(Self {
             cfg,
             dec: OpusDecoder::with_rate(decode_rate)?,
-            decode_rate,
             per_decoded: (OPUS_RATE / decode_rate) as usize,
             vad,
             vad_rs,
@@ -430,7 +429,7 @@ impl Uplink {
     /// The decoder's output rate, Hz: the output rate, or 48 kHz (see the module docs,
     /// "Decode rate").
     pub fn decode_rate_hz(&self) -> u32 {
-        self.decode_rate
+        OPUS_RATE / self.per_decoded as u32
     }
 
     /// Algorithmic delay of the resampler (output lags the stream position by this much).
@@ -484,13 +483,12 @@ impl Uplink {
         if self.pending_silence > 0 {
             // Whole decoded samples; a remainder below one (a timestamp step that is not a
             // multiple of 48 kHz / decode rate) is dropped.
-            let n = self.pending_silence.min(MAX_PACKET_SAMPLES as u64) as usize / self.per_decoded;
-            let n48 = n * self.per_decoded;
-            self.pending_silence = if n == 0 { 0 } else { self.pending_silence - n48 as u64 };
-            if n > 0 {
-                self.pcm[..n].fill(0);
+            let n48 =
+                self.pending_silence.min(MAX_PACKET_SAMPLES as u64) as usize / self.per_decoded * self.per_decoded;
+            self.pending_silence = if n48 == 0 { 0 } else { self.pending_silence - n48 as u64 };
+            if n48 > 0 {
                 self.stats.silence += samples_to_duration(n48 as u64, OPUS_RATE);
-                self.feed_decoded(n);
+                self.feed_silence(n48);
                 return true;
             }
         }
