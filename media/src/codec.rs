@@ -1,6 +1,6 @@
 //! Opus mono: a 48 kHz decoder with packet-loss concealment (PLC) and in-band FEC (LBRR), and a
 //! VOIP encoder with in-band FEC that writes 20 ms frames into a caller-provided buffer. The
-//! encoder takes PCM at any rate libopus accepts ([`ENCODER_INPUT_RATES_HZ`]); the packets are
+//! encoder takes PCM at any rate libopus accepts ([`OPUS_PCM_RATES_HZ`]); the packets are
 //! the same Opus whatever the input rate, and their RTP clock is always 48 kHz (RFC 7587 §4.1).
 
 use std::time::Duration;
@@ -13,14 +13,15 @@ pub const MAX_PACKET_SAMPLES: usize = 5_760;
 /// one 20 ms frame from [`OpusEncoder::encode`]; 1500 bytes (an MTU) is a comfortable choice.
 pub const MAX_FRAME_BYTES: usize = 1_275;
 
-/// The PCM rates, Hz, libopus' encoder takes as input (RFC 6716 §2: Opus codes audio sampled at
-/// these rates; a lower rate only bounds the coded bandwidth, e.g. 24 kHz is super-wideband,
-/// everything such a source holds).
-pub const ENCODER_INPUT_RATES_HZ: [u32; 5] = [8_000, 12_000, 16_000, 24_000, 48_000];
+/// The PCM rates, Hz, libopus' encoder takes as input and its decoder outputs (RFC 6716 §2: Opus
+/// codes audio sampled at these rates, and any decoder may output at any of them; a lower rate
+/// only bounds the coded bandwidth, e.g. 24 kHz is super-wideband, everything such a source
+/// holds).
+pub const OPUS_PCM_RATES_HZ: [u32; 5] = [8_000, 12_000, 16_000, 24_000, 48_000];
 
-/// Whether libopus' encoder takes PCM at `rate_hz` as input ([`ENCODER_INPUT_RATES_HZ`]).
-pub fn is_encoder_input_rate(rate_hz: u32) -> bool {
-    ENCODER_INPUT_RATES_HZ.contains(&rate_hz)
+/// Whether libopus encodes from and decodes to PCM at `rate_hz` ([`OPUS_PCM_RATES_HZ`]).
+pub fn is_opus_pcm_rate(rate_hz: u32) -> bool {
+    OPUS_PCM_RATES_HZ.contains(&rate_hz)
 }
 
 /// Errors of the codec layer.
@@ -125,7 +126,7 @@ impl OpusDecoder {
     /// RFC 6716 §2). Sample counts in and out of the decoder are then at `rate_hz`.
     /// Errors: another rate.
     pub fn with_rate(rate_hz: u32) -> Result<Self, CodecError> {
-        if !matches!(rate_hz, 8_000 | 12_000 | 16_000 | 24_000 | 48_000) {
+        if !is_opus_pcm_rate(rate_hz) {
             return Err(CodecError::InvalidSetting {
                 key: "decoder rate",
                 reason: "must be 8000, 12000, 16000, 24000 or 48000 Hz",
@@ -180,7 +181,7 @@ impl OpusDecoder {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EncoderConfig {
     /// Sample rate of the PCM given to [`OpusEncoder::encode`], Hz: one of
-    /// [`ENCODER_INPUT_RATES_HZ`]. Default 48000. Encoding a 24 kHz source at 24 kHz skips a
+    /// [`OPUS_PCM_RATES_HZ`]. Default 48000. Encoding a 24 kHz source at 24 kHz skips a
     /// resampler and codes super-wideband (all that source holds) instead of fullband; the
     /// packets' RTP clock stays 48 kHz (a 20 ms frame is 960 ticks, RFC 7587 §4.1).
     pub input_rate_hz: u32,
@@ -225,7 +226,7 @@ impl std::fmt::Debug for OpusEncoder {
 impl OpusEncoder {
     /// Builds an encoder with `cfg` (validated).
     pub fn new(cfg: EncoderConfig) -> Result<Self, CodecError> {
-        if !is_encoder_input_rate(cfg.input_rate_hz) {
+        if !is_opus_pcm_rate(cfg.input_rate_hz) {
             return Err(CodecError::InvalidSetting {
                 key: "input_rate_hz",
                 reason: "must be a rate libopus encodes: 8000, 12000, 16000, 24000 or 48000 Hz",
@@ -417,7 +418,7 @@ mod tests {
             );
         }
         let mut pkt = [0u8; 1500];
-        for rate in ENCODER_INPUT_RATES_HZ {
+        for rate in OPUS_PCM_RATES_HZ {
             let mut enc = OpusEncoder::new(EncoderConfig { input_rate_hz: rate, ..EncoderConfig::default() })
                 .expect("a libopus rate");
             let n = rate as usize / 50;

@@ -65,7 +65,9 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::MediaError;
-use crate::codec::{MAX_PACKET_SAMPLES, OpusDecoder, packet_has_fec, packet_samples, silk_voice_inactive};
+use crate::codec::{
+    MAX_PACKET_SAMPLES, OpusDecoder, is_opus_pcm_rate, packet_has_fec, packet_samples, silk_voice_inactive,
+};
 use crate::pcm::{CHUNK_SAMPLES, FRAME_SAMPLES, OPUS_RATE, PcmRef, duration_to_samples, samples_to_duration};
 use crate::reorder::{Inserted, MAX_PAYLOAD, ReorderWindow};
 use crate::resample::{Alignment, Resampler};
@@ -284,7 +286,7 @@ impl Uplink {
         }
         let silence_cap = cfg.max_silence_fill.max(cfg.vad.min_silence + Duration::from_millis(100));
         let decode_rate = match cfg.output_rate_hz {
-            r @ (8_000 | 12_000 | 16_000 | 24_000 | 48_000) if cfg.decode_at_output_rate => r,
+            r if cfg.decode_at_output_rate && is_opus_pcm_rate(r) => r,
             _ => OPUS_RATE,
         };
         let (vad, vad_rs) = match decode_rate {

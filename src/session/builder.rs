@@ -519,7 +519,7 @@ fn peer_error(e: crate::peer::PeerError) -> SessionError {
 /// is; else 48 kHz, and the playout resamples. The RTP clock is 48 kHz either way (RFC 7587
 /// §4.1).
 pub(crate) fn encoder_rate_for(output_rate_hz: u32) -> u32 {
-    if media::codec::is_encoder_input_rate(output_rate_hz) { output_rate_hz } else { media::OPUS_RATE }
+    if media::codec::is_opus_pcm_rate(output_rate_hz) { output_rate_hz } else { media::OPUS_RATE }
 }
 
 #[cfg(test)]
